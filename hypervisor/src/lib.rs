@@ -1,1 +1,156 @@
-//! placeholder
+//! `husk-hypervisor`: one small interface for starting and stopping a husk microVM, its
+//! backends, and the host checks that choose between them.
+//!
+//! - [`Hypervisor`] starts a VM from a [`VmConfig`]; the [`Vm`] it returns is paused,
+//!   resumed, stopped, killed and waited for. Nothing else: the trait grows only when a caller
+//!   needs it (Kata's forty-method trait is what we avoid).
+//! - [`qemu::Qemu`]: QEMU's `microvm` machine, with KVM where the host runs our guest natively
+//!   and TCG elsewhere. The `husk-vmm` backend joins it under the VMM issue.
+//! - [`host`]: what kind of host this is (hardware KVM, PVM, none) and so which backend husk
+//!   uses by default; `cargo xtask doctor` prints the same verdict.
+//! - [`console`]: reading the guest's serial console log, and the agent's ready line.
+//!
+//! Every process a backend starts is reaped: on stop, on kill, and when the [`Vm`] is dropped.
+
+pub mod console;
+pub mod host;
+pub mod kernel;
+pub mod process;
+pub mod qemu;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitStatus;
+use std::time::Duration;
+
+/// Errors of the hypervisor layer.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Input that cannot make a VM: a missing kernel, a bad size.
+    #[error("{0}")]
+    Config(String),
+    /// A program the backend needs is not installed.
+    #[error("{program} not found — {fix}")]
+    MissingProgram { program: String, fix: String },
+    #[error("starting {program}")]
+    Spawn {
+        program: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{what} (console log: {console})")]
+    Guest { what: String, console: PathBuf },
+    #[error("QEMU monitor (QMP) at {socket}: {what}")]
+    Qmp { socket: PathBuf, what: String },
+    #[error("{what}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl Error {
+    pub(crate) fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
+        let what = what.into();
+        move |source| Error::Io { what, source }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Which accelerator a backend runs the guest with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accel {
+    /// Hardware virtualisation through /dev/kvm.
+    Kvm,
+    /// QEMU's software emulator: slow, but a real VM boundary on any host.
+    Tcg,
+}
+
+/// What to boot and with what.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    /// Uncompressed `vmlinux` (ELF, with a PVH note).
+    pub kernel: PathBuf,
+    /// Uncompressed newc cpio whose `/init` is `husk-agent`.
+    pub initramfs: PathBuf,
+    /// Appended to the backend's own kernel command line.
+    pub cmdline_extra: String,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    /// Directory for this VM's sockets and console log (e.g. `/run/husk/<sandbox-id>`). It
+    /// must exist; the backend creates files in it but never removes the directory.
+    pub state_dir: PathBuf,
+}
+
+/// The smallest guest memory our kernel boots in.
+pub const MIN_MEMORY_MIB: u32 = 64;
+/// The most vCPUs a husk guest gets (the guest kernel's NR_CPUS is 64; be modest).
+pub const MAX_VCPUS: u32 = 32;
+
+impl VmConfig {
+    /// Checks what can be checked before starting anything.
+    pub fn validate(&self) -> Result<()> {
+        if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
+            return Err(Error::Config(format!(
+                "vcpus = {}: must be between 1 and {MAX_VCPUS}",
+                self.vcpus
+            )));
+        }
+        if self.memory_mib < MIN_MEMORY_MIB {
+            return Err(Error::Config(format!(
+                "memory = {} MiB: too small for the guest kernel, give at least {MIN_MEMORY_MIB} MiB",
+                self.memory_mib
+            )));
+        }
+        kernel::check_elf(&self.kernel)?;
+        if !self.initramfs.is_file() {
+            return Err(Error::Config(format!(
+                "initramfs {}: not found — build it with `cargo xtask rootfs`",
+                self.initramfs.display()
+            )));
+        }
+        if !self.state_dir.is_dir() {
+            return Err(Error::Config(format!(
+                "state directory {}: not a directory — create it before starting the VM",
+                self.state_dir.display()
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// A backend that can start VMs.
+pub trait Hypervisor {
+    /// Short name for logs and reports, e.g. `qemu-tcg`.
+    fn name(&self) -> String;
+
+    /// Starts a VM. Returns once the VM process runs; the guest boots asynchronously (wait for
+    /// the agent's ready line with [`console::wait_for_ready`]).
+    ///
+    /// The VM process is tied to the *calling thread* (`PR_SET_PDEATHSIG`): if that thread
+    /// ends, the VM is killed. Call it from a thread that lives as long as the VM.
+    fn start(&self, config: &VmConfig) -> Result<Box<dyn Vm>>;
+}
+
+/// A running VM.
+pub trait Vm: Send + std::fmt::Debug {
+    /// PID of the VM process (the VMM or QEMU).
+    fn pid(&self) -> u32;
+    /// The guest's serial console, as a log file on the host.
+    fn console_log(&self) -> &Path;
+    /// Writes to the guest's serial console input.
+    fn console_write(&mut self, bytes: &[u8]) -> Result<()>;
+    /// Stops the vCPUs.
+    fn pause(&mut self) -> Result<()>;
+    /// Continues after [`Vm::pause`].
+    fn resume(&mut self) -> Result<()>;
+    /// Waits for the VM to end by itself (the guest powered off), up to `timeout` if given.
+    /// `Ok(None)`: still running when the timeout passed.
+    fn wait(&mut self, timeout: Option<Duration>) -> Result<Option<ExitStatus>>;
+    /// Ends the VM in order (the monitor is asked to quit), killing it if it has not ended
+    /// after `grace`; every helper process is ended and reaped.
+    fn stop(&mut self, grace: Duration) -> Result<ExitStatus>;
+    /// Kills the VM and its helpers at once and reaps them.
+    fn kill(&mut self) -> Result<ExitStatus>;
+}

@@ -1,0 +1,191 @@
+//! What kind of host this is, and so which backend runs husk's guests by default.
+//!
+//! 1. hardware KVM (VT-x/AMD-V, bare metal or nested): our Linux guest runs natively;
+//! 2. PVM (`kvm_pvm`): KVM ioctls work, but only PVM-enlightened guest kernels run at speed — a
+//!    stock kernel's ring-0 code is emulated and dies at its first system call;
+//! 3. no usable KVM.
+//!
+//! Hosts 2 and 3 run our guest under QEMU's TCG emulator: slow, but a real VM boundary.
+
+use std::path::Path;
+
+use kvm_ioctls::Kvm;
+
+use crate::Accel;
+
+/// What /dev/kvm gave when probed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KvmProbe {
+    /// A VM and a vCPU were created.
+    Usable { api_version: i32 },
+    /// Not usable, with the reason and the fix.
+    Unusable(String),
+}
+
+/// The kind of host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostKind {
+    /// KVM backed by VT-x or AMD-V.
+    HardwareKvm { vendor: &'static str },
+    /// KVM backed by `kvm_pvm` (software virtualisation).
+    Pvm,
+    /// No usable KVM.
+    NoKvm,
+}
+
+/// The backend a host gets by default.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendChoice {
+    Qemu(Accel),
+}
+
+impl std::fmt::Display for BackendChoice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BackendChoice::Qemu(Accel::Kvm) => f.write_str("qemu-kvm"),
+            BackendChoice::Qemu(Accel::Tcg) => f.write_str("qemu-tcg"),
+        }
+    }
+}
+
+/// Everything `doctor` and the shim need to decide.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostReport {
+    pub kvm: KvmProbe,
+    pub kind: HostKind,
+    pub backend: BackendChoice,
+    /// Why that backend, in one sentence.
+    pub why: String,
+}
+
+/// Opens /dev/kvm and creates a VM with one vCPU.
+pub fn probe_kvm() -> KvmProbe {
+    if !Path::new("/dev/kvm").exists() {
+        return KvmProbe::Unusable(
+            "/dev/kvm: not present — enable virtualisation (VT-x/AMD-V, or nested virtualisation for a cloud VM) and load kvm_intel or kvm_amd".into(),
+        );
+    }
+    let kvm = match Kvm::new() {
+        Ok(k) => k,
+        Err(e) if e.errno() == libc::EACCES => {
+            return KvmProbe::Unusable(
+                "/dev/kvm: permission denied — run as root or add the user to group kvm".into(),
+            )
+        }
+        Err(e) => return KvmProbe::Unusable(format!("/dev/kvm: cannot open: {e}")),
+    };
+    let vm = match kvm.create_vm() {
+        Ok(vm) => vm,
+        Err(e) => return KvmProbe::Unusable(format!("/dev/kvm: KVM_CREATE_VM failed: {e}")),
+    };
+    if let Err(e) = vm.create_vcpu(0) {
+        return KvmProbe::Unusable(format!("/dev/kvm: KVM_CREATE_VCPU failed: {e}"));
+    }
+    KvmProbe::Usable {
+        api_version: kvm.get_api_version(),
+    }
+}
+
+/// Classifies the host from what the probe, sysfs and /proc/cpuinfo say.
+pub fn classify(kvm: &KvmProbe, sys_module: &Path, cpuinfo: &str) -> HostKind {
+    if !matches!(kvm, KvmProbe::Usable { .. }) {
+        return HostKind::NoKvm;
+    }
+    // kvm_pvm serves /dev/kvm whenever it is loaded: check it first.
+    if sys_module.join("kvm_pvm").exists() {
+        return HostKind::Pvm;
+    }
+    let flags: Vec<&str> = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("flags"))
+        .map(|l| l.split_whitespace().collect())
+        .unwrap_or_default();
+    if flags.contains(&"vmx") || sys_module.join("kvm_intel").exists() {
+        HostKind::HardwareKvm { vendor: "Intel VT-x" }
+    } else if flags.contains(&"svm") || sys_module.join("kvm_amd").exists() {
+        HostKind::HardwareKvm { vendor: "AMD-V" }
+    } else {
+        // KVM works but nothing says how: treat it like PVM, the cautious choice.
+        HostKind::Pvm
+    }
+}
+
+/// The default backend for a kind of host, and why.
+pub fn choose_backend(kind: &HostKind) -> (BackendChoice, String) {
+    match kind {
+        HostKind::HardwareKvm { vendor } => (
+            BackendChoice::Qemu(Accel::Kvm),
+            format!("{vendor} runs our guest natively; QEMU microvm with KVM until husk-vmm boots Linux guests"),
+        ),
+        HostKind::Pvm => (
+            BackendChoice::Qemu(Accel::Tcg),
+            "kvm_pvm runs only PVM-enlightened guest kernels and ours is a stock 6.1, so QEMU emulates the guest (TCG); husk-vmm still runs synthetic guests here".into(),
+        ),
+        HostKind::NoKvm => (
+            BackendChoice::Qemu(Accel::Tcg),
+            "no usable KVM, so QEMU emulates the guest (TCG): slow, but still a VM boundary".into(),
+        ),
+    }
+}
+
+/// Probes and classifies this host.
+pub fn detect() -> HostReport {
+    let kvm = probe_kvm();
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let kind = classify(&kvm, Path::new("/sys/module"), &cpuinfo);
+    let (backend, why) = choose_backend(&kind);
+    HostReport {
+        kvm,
+        kind,
+        backend,
+        why,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn modules(names: &[&str]) -> tempfile::TempDir {
+        let d = tempfile::tempdir().unwrap();
+        for n in names {
+            std::fs::create_dir(d.path().join(n)).unwrap();
+        }
+        d
+    }
+
+    const USABLE: KvmProbe = KvmProbe::Usable { api_version: 12 };
+
+    #[test]
+    fn pvm_wins_over_cpu_flags() {
+        let m = modules(&["kvm", "kvm_pvm"]);
+        assert_eq!(classify(&USABLE, m.path(), "flags : fpu vmx sse"), HostKind::Pvm);
+        assert_eq!(choose_backend(&HostKind::Pvm).0.to_string(), "qemu-tcg");
+    }
+
+    #[test]
+    fn hardware_kvm_from_flags_or_modules() {
+        let m = modules(&["kvm"]);
+        assert_eq!(
+            classify(&USABLE, m.path(), "flags\t\t: fpu svm sse"),
+            HostKind::HardwareKvm { vendor: "AMD-V" }
+        );
+        let m = modules(&["kvm", "kvm_intel"]);
+        assert_eq!(
+            classify(&USABLE, m.path(), "flags : fpu"),
+            HostKind::HardwareKvm { vendor: "Intel VT-x" }
+        );
+        assert_eq!(
+            choose_backend(&HostKind::HardwareKvm { vendor: "AMD-V" }).0.to_string(),
+            "qemu-kvm"
+        );
+    }
+
+    #[test]
+    fn unusable_kvm_means_tcg() {
+        let m = modules(&["kvm_intel"]);
+        let k = KvmProbe::Unusable("x".into());
+        assert_eq!(classify(&k, m.path(), "flags : vmx"), HostKind::NoKvm);
+        assert_eq!(choose_backend(&HostKind::NoKvm).0, BackendChoice::Qemu(Accel::Tcg));
+    }
+}

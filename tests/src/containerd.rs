@@ -1,0 +1,120 @@
+//! A private containerd for one test: its own root, state, sockets and config in a temporary
+//! directory, stopped (by PID) and removed when dropped.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::require_program;
+
+#[derive(Debug)]
+pub struct PrivateContainerd {
+    dir: tempfile::TempDir,
+    child: Child,
+    /// A namespace unique to this instance (containerd's /run/containerd/{s,fifo} are shared
+    /// by every containerd on the machine).
+    pub namespace: String,
+}
+
+impl PrivateContainerd {
+    /// Starts containerd with the CRI plugin disabled and waits for its socket.
+    pub fn start() -> Self {
+        let bin = require_program("containerd", "containerd");
+        require_program("ctr", "containerd");
+        let dir = tempfile::Builder::new()
+            .prefix("husk-ctd-")
+            .tempdir()
+            .expect("creating a temporary directory");
+        let base = dir.path();
+        let config = base.join("config.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "version = 2\nroot = \"{0}/root\"\nstate = \"{0}/state\"\n\
+                 disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
+                 [grpc]\n  address = \"{0}/containerd.sock\"\n\
+                 [ttrpc]\n  address = \"{0}/containerd.sock.ttrpc\"\n",
+                base.display()
+            ),
+        )
+        .expect("writing containerd's config");
+        let log = std::fs::File::create(base.join("containerd.log")).expect("creating the log");
+        let child = Command::new(bin)
+            .arg("--config")
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log fd"))
+            .stderr(log)
+            .spawn()
+            .expect("starting containerd");
+        let me = Self {
+            namespace: format!("husk-test-{}-{}", std::process::id(), child.id()),
+            dir,
+            child,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !me.socket().exists() {
+            assert!(
+                Instant::now() < deadline,
+                "containerd did not open {} within 30 s; its log:\n{}",
+                me.socket().display(),
+                me.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        me
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.dir.path().join("containerd.sock")
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("containerd.log")).unwrap_or_default()
+    }
+
+    /// Runs `ctr` against this containerd in its namespace.
+    pub fn ctr(&self, args: &[&str]) -> Output {
+        Command::new("ctr")
+            .arg("--address")
+            .arg(self.socket())
+            .arg("--namespace")
+            .arg(&self.namespace)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("running ctr")
+    }
+
+    /// Like [`Self::ctr`], failing the test with ctr's output unless it succeeds.
+    pub fn ctr_ok(&self, args: &[&str]) -> String {
+        let out = self.ctr(args);
+        assert!(
+            out.status.success(),
+            "ctr {args:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for PrivateContainerd {
+    fn drop(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).unwrap_or(i32::MAX));
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
