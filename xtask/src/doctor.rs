@@ -1,0 +1,115 @@
+//! `cargo xtask doctor`: checks this host the way `kata-runtime check` does — one line per
+//! check, and a fix for every failure.
+
+use std::path::Path;
+use std::process::Command;
+
+use anyhow::{bail, Result};
+use husk_hypervisor::host::{self, HostKind, KvmProbe};
+
+use crate::paths;
+
+#[derive(Debug)]
+pub struct Check {
+    pub ok: bool,
+    pub what: String,
+    pub detail: String,
+}
+
+fn check(ok: bool, what: &str, detail: impl Into<String>) -> Check {
+    Check {
+        ok,
+        what: what.into(),
+        detail: detail.into(),
+    }
+}
+
+fn version_of(program: &Path, arg: &str) -> String {
+    Command::new(program)
+        .arg(arg)
+        .output()
+        .ok()
+        .map(|o| {
+            let s = String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr);
+            s.lines().next().unwrap_or("").trim().to_string()
+        })
+        .unwrap_or_default()
+}
+
+fn program(name: &str, arg: &str, fix: &str) -> Check {
+    match paths::find_program(name) {
+        Some(p) => check(true, name, format!("{} ({})", p.display(), version_of(&p, arg))),
+        None => check(false, name, format!("not found — {fix}")),
+    }
+}
+
+pub fn checks() -> Vec<Check> {
+    let report = host::detect();
+    let mut v = Vec::new();
+    v.push(match &report.kvm {
+        KvmProbe::Usable { api_version } => check(
+            true,
+            "/dev/kvm",
+            format!("present; a VM and a vCPU were created (KVM API {api_version})"),
+        ),
+        KvmProbe::Unusable(why) => check(false, "/dev/kvm", why.clone()),
+    });
+    let kind = match &report.kind {
+        HostKind::HardwareKvm { vendor } => format!("hardware KVM ({vendor})"),
+        HostKind::Pvm => "PVM (kvm_pvm: software virtualisation, no VT-x/AMD-V)".into(),
+        HostKind::NoKvm => "no usable KVM".into(),
+    };
+    v.push(check(true, "host kind", kind));
+    v.push(check(true, "backend", format!("{} — {}", report.backend, report.why)));
+    v.push(program("qemu-system-x86_64", "--version", "apt-get install qemu-system-x86 (cargo xtask setup)"));
+    v.push(program("containerd", "--version", "apt-get install containerd (cargo xtask setup)"));
+    v.push(program("ctr", "--version", "apt-get install containerd (cargo xtask setup)"));
+    v.push(program("runc", "--version", "apt-get install runc (cargo xtask setup)"));
+    v.push(program("virtiofsd", "--version", "cargo install --locked virtiofsd (cargo xtask setup)"));
+    v.push(program("vhost-device-vsock", "--version", "cargo install --locked vhost-device-vsock (cargo xtask setup)"));
+    let cni = Path::new("/usr/lib/cni/bridge");
+    v.push(check(
+        cni.is_file(),
+        "CNI plugins",
+        if cni.is_file() {
+            "/usr/lib/cni (bridge, host-local, loopback)".to_string()
+        } else {
+            "/usr/lib/cni/bridge not found — apt-get install containernetworking-plugins (cargo xtask setup)".into()
+        },
+    ));
+    let kernel = paths::vmlinux();
+    v.push(match husk_hypervisor::kernel::pvh_entry(&kernel) {
+        Ok(Some(entry)) => check(
+            true,
+            "guest kernel",
+            format!("{} (PVH entry {entry:#x})", std::fs::canonicalize(&kernel).unwrap_or(kernel).display()),
+        ),
+        Ok(None) => check(false, "guest kernel", format!("{}: no PVH entry note — rebuild with `cargo xtask kernel`", kernel.display())),
+        Err(_) => check(false, "guest kernel", format!("{}: missing — build it with `cargo xtask kernel`", kernel.display())),
+    });
+    let initramfs = paths::initramfs();
+    let magic = std::fs::read(&initramfs).ok().map(|b| b.starts_with(b"070701"));
+    v.push(match magic {
+        Some(true) => check(true, "guest initramfs", format!("{} (newc, uncompressed)", initramfs.display())),
+        Some(false) => check(false, "guest initramfs", format!("{}: not an uncompressed newc cpio — rebuild with `cargo xtask rootfs`", initramfs.display())),
+        None => check(false, "guest initramfs", format!("{}: missing — build it with `cargo xtask rootfs`", initramfs.display())),
+    });
+    v
+}
+
+pub fn print(checks: &[Check]) {
+    for c in checks {
+        println!("[{}] {}: {}", if c.ok { " ok " } else { "FAIL" }, c.what, c.detail);
+    }
+}
+
+pub fn run() -> Result<()> {
+    let c = checks();
+    print(&c);
+    let failed = c.iter().filter(|c| !c.ok).count();
+    if failed > 0 {
+        bail!("{failed} check(s) failed; `cargo xtask setup`, `cargo xtask kernel` and `cargo xtask rootfs` fix most");
+    }
+    println!("husk can run on this host.");
+    Ok(())
+}

@@ -1,0 +1,99 @@
+//! `cargo xtask setup`: install what husk needs on a Debian 12 machine, skipping what is there.
+
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+
+use crate::paths;
+use crate::run::{self, elapsed, output, step};
+
+/// Debian packages, and why each is needed.
+pub const APT_PACKAGES: &[(&str, &str)] = &[
+    ("containerd", "the container manager husk plugs into (ctr, CRI)"),
+    ("runc", "the baseline runtime of tests and benchmarks"),
+    ("containernetworking-plugins", "CNI bridge/host-local/loopback for pod networks"),
+    ("busybox-static", "the test and demo images"),
+    ("linux-source-6.1", "the guest kernel source"),
+    ("build-essential", "the kernel build (gcc, make) and C parts of crates"),
+    ("bc", "the kernel build"),
+    ("bison", "the kernel build (Kconfig)"),
+    ("flex", "the kernel build (Kconfig)"),
+    ("libelf-dev", "the kernel build (objtool)"),
+    ("libssl-dev", "the kernel build (sign-file, extract-cert)"),
+    ("xz-utils", "unpacking linux-source-6.1.tar.xz"),
+    ("qemu-system-x86", "the qemu backend (microvm machine)"),
+    ("libseccomp-dev", "building virtiofsd"),
+    ("libcap-ng-dev", "building virtiofsd"),
+    ("pkg-config", "building virtiofsd"),
+    ("cpio", "reading initramfs archives back in tests"),
+    ("iproute2", "network namespaces in tests"),
+];
+
+/// Programs installed with `cargo install --locked`.
+pub const CARGO_PROGRAMS: &[(&str, &str)] = &[
+    ("virtiofsd", "virtio-fs backend: shares container root file systems with the guest"),
+    ("vhost-device-vsock", "vsock backend of the qemu backend (hybrid vsock on a unix socket)"),
+];
+
+fn apt_installed(pkg: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${db:Status-Abbrev}", pkg])
+        .output()
+        .map(|o| o.status.success() && o.stdout.starts_with(b"ii"))
+        .unwrap_or(false)
+}
+
+pub fn missing_apt() -> Vec<&'static str> {
+    APT_PACKAGES
+        .iter()
+        .map(|(p, _)| *p)
+        .filter(|p| !apt_installed(p))
+        .collect()
+}
+
+pub fn run() -> Result<()> {
+    let start = Instant::now();
+    step("setup: Debian packages");
+    let missing = missing_apt();
+    if missing.is_empty() {
+        println!("    all {} packages present", APT_PACKAGES.len());
+    } else {
+        if !nix_is_root() {
+            bail!(
+                "packages missing ({}) and installing them needs root: run `cargo xtask setup` as root",
+                missing.join(" ")
+            );
+        }
+        for p in &missing {
+            let why = APT_PACKAGES.iter().find(|(n, _)| n == p).map_or("", |(_, w)| w);
+            println!("    installing {p}: {why}");
+        }
+        run::run(Command::new("apt-get").args(["update", "-q"]))?;
+        run::run(Command::new("apt-get")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing))?;
+        let still = missing_apt();
+        if !still.is_empty() {
+            bail!("apt-get did not install: {}", still.join(" "));
+        }
+    }
+    step("setup: programs from crates.io");
+    for (prog, why) in CARGO_PROGRAMS {
+        if let Some(p) = paths::find_program(prog) {
+            println!("    {prog}: {}", p.display());
+            continue;
+        }
+        println!("    installing {prog} ({why}); takes a minute");
+        run::run(Command::new(paths::cargo()).args(["install", "--locked", prog]))?;
+    }
+    println!("    setup done in {}", elapsed(start));
+    Ok(())
+}
+
+fn nix_is_root() -> bool {
+    output(Command::new("id").arg("-u"))
+        .map(|s| s.trim() == "0")
+        .unwrap_or(false)
+}
