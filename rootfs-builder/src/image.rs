@@ -85,7 +85,10 @@ pub fn busybox_tree(busybox: &Path) -> Result<Tree, ImageError> {
         path: busybox.display().to_string(),
         source,
     };
-    let out = Command::new(busybox).arg("--list").output().map_err(bb_err)?;
+    let out = Command::new(busybox)
+        .arg("--list")
+        .output()
+        .map_err(bb_err)?;
     if !out.status.success() {
         return Err(bb_err(io::Error::other("exited with an error")));
     }
@@ -109,7 +112,11 @@ pub fn pause_tree(busybox: &Path) -> Result<Tree, ImageError> {
 
 fn base_tree(busybox: &Path) -> Result<Tree, ImageError> {
     let mut t = Tree::new();
-    t.file("bin/busybox", Content::HostFile(busybox.to_path_buf()), 0o755)?;
+    t.file(
+        "bin/busybox",
+        Content::HostFile(busybox.to_path_buf()),
+        0o755,
+    )?;
     for d in ["dev", "proc", "sys", "etc", "root", "run", "var"] {
         t.dir(d, 0o755)?;
     }
@@ -117,7 +124,10 @@ fn base_tree(busybox: &Path) -> Result<Tree, ImageError> {
     t.dir("tmp", 0o1777)?;
     t.file(
         "etc/passwd",
-        Content::Bytes(b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n".to_vec()),
+        Content::Bytes(
+            b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n"
+                .to_vec(),
+        ),
         0o644,
     )?;
     t.file(
@@ -211,7 +221,11 @@ pub struct WrittenImage {
 }
 
 /// Writes `tree` as an OCI image-layout tarball named `spec.name`.
-pub fn write_image<W: Write>(tree: &Tree, spec: &ImageSpec, out: W) -> Result<(W, WrittenImage), ImageError> {
+pub fn write_image<W: Write>(
+    tree: &Tree,
+    spec: &ImageSpec,
+    out: W,
+) -> Result<(W, WrittenImage), ImageError> {
     let layer = Blob::new(layer_tar(tree)?);
     let mut cfg = ConfigBuilder::default()
         .env(spec.env.clone())
@@ -247,7 +261,10 @@ pub fn write_image<W: Write>(tree: &Tree, spec: &ImageSpec, out: W) -> Result<(W
     let mut mdesc = manifest.descriptor(MediaType::ImageManifest)?;
     mdesc.set_annotations(Some(HashMap::from([
         (ANNOTATION_REF_NAME.to_string(), spec.name.clone()),
-        (ANNOTATION_CONTAINERD_IMAGE_NAME.to_string(), spec.name.clone()),
+        (
+            ANNOTATION_CONTAINERD_IMAGE_NAME.to_string(),
+            spec.name.clone(),
+        ),
     ])));
     let index = ImageIndexBuilder::default()
         .schema_version(2u32)
@@ -316,7 +333,12 @@ mod tests {
 
     fn small_tree() -> Tree {
         let mut t = Tree::new();
-        t.file("bin/hello", Content::Bytes(b"#!/bin/sh\necho hi\n".to_vec()), 0o755).unwrap();
+        t.file(
+            "bin/hello",
+            Content::Bytes(b"#!/bin/sh\necho hi\n".to_vec()),
+            0o755,
+        )
+        .unwrap();
         t.symlink("bin/hi", "hello").unwrap();
         t.dir("tmp", 0o1777).unwrap();
         t
@@ -345,23 +367,51 @@ mod tests {
         let index: serde_json::Value = serde_json::from_slice(&files["index.json"]).unwrap();
         let m = &index["manifests"][0];
         assert_eq!(m["annotations"][ANNOTATION_REF_NAME], "husk.local/test:1");
-        assert_eq!(m["annotations"][ANNOTATION_CONTAINERD_IMAGE_NAME], "husk.local/test:1");
+        assert_eq!(
+            m["annotations"][ANNOTATION_CONTAINERD_IMAGE_NAME],
+            "husk.local/test:1"
+        );
         assert_eq!(m["digest"], written.manifest_digest.as_str());
         // Every blob's name is the sha256 of its bytes.
-        for (path, data) in files.iter().filter(|(p, _)| p.starts_with("blobs/sha256/") && !p.ends_with('/')) {
-            assert_eq!(path.rsplit('/').next().unwrap(), hex::encode(Sha256::digest(data)), "{path}");
+        for (path, data) in files
+            .iter()
+            .filter(|(p, _)| p.starts_with("blobs/sha256/") && !p.ends_with('/'))
+        {
+            assert_eq!(
+                path.rsplit('/').next().unwrap(),
+                hex::encode(Sha256::digest(data)),
+                "{path}"
+            );
         }
         let manifest: serde_json::Value = serde_json::from_slice(
-            &files[&format!("blobs/sha256/{}", written.manifest_digest.trim_start_matches("sha256:"))],
+            &files[&format!(
+                "blobs/sha256/{}",
+                written.manifest_digest.trim_start_matches("sha256:")
+            )],
         )
         .unwrap();
-        assert_eq!(manifest["layers"][0]["digest"], written.layer_digest.as_str());
-        assert_eq!(manifest["layers"][0]["mediaType"], "application/vnd.oci.image.layer.v1.tar");
+        assert_eq!(
+            manifest["layers"][0]["digest"],
+            written.layer_digest.as_str()
+        );
+        assert_eq!(
+            manifest["layers"][0]["mediaType"],
+            "application/vnd.oci.image.layer.v1.tar"
+        );
         let config: serde_json::Value = serde_json::from_slice(
-            &files[&format!("blobs/sha256/{}", manifest["config"]["digest"].as_str().unwrap().trim_start_matches("sha256:"))],
+            &files[&format!(
+                "blobs/sha256/{}",
+                manifest["config"]["digest"]
+                    .as_str()
+                    .unwrap()
+                    .trim_start_matches("sha256:")
+            )],
         )
         .unwrap();
-        assert_eq!(config["rootfs"]["diff_ids"][0], written.layer_digest.as_str());
+        assert_eq!(
+            config["rootfs"]["diff_ids"][0],
+            written.layer_digest.as_str()
+        );
         assert_eq!(config["config"]["Cmd"][0], "/bin/hello");
         assert_eq!(config["architecture"], "amd64");
     }
@@ -379,7 +429,9 @@ mod tests {
                 e.path().unwrap().to_string_lossy().into_owned(),
                 h.mode().unwrap(),
                 h.mtime().unwrap(),
-                e.link_name().unwrap().map(|l| l.to_string_lossy().into_owned()),
+                e.link_name()
+                    .unwrap()
+                    .map(|l| l.to_string_lossy().into_owned()),
             ));
         }
         assert_eq!(
@@ -405,7 +457,10 @@ mod tests {
     #[test]
     fn busybox_image_has_applets() {
         let bb = Path::new("/bin/busybox");
-        assert!(bb.exists(), "/bin/busybox missing: install busybox-static (cargo xtask setup)");
+        assert!(
+            bb.exists(),
+            "/bin/busybox missing: install busybox-static (cargo xtask setup)"
+        );
         let t = busybox_tree(bb).unwrap();
         for applet in ["sh", "echo", "cat", "sleep", "httpd", "id", "true"] {
             assert_eq!(

@@ -113,22 +113,47 @@ mod tests {
         std::fs::write(&archive, &bytes).unwrap();
         let list = |verbose: bool| {
             let mut c = Command::new("cpio");
-            c.args(if verbose { &["-t", "-v", "-F"][..] } else { &["-t", "-F"][..] }).arg(&archive);
+            c.args(if verbose {
+                &["-t", "-v", "-F"][..]
+            } else {
+                &["-t", "-F"][..]
+            })
+            .arg(&archive);
             let out = c
                 .output()
                 .expect("the cpio tool (Debian package cpio) must be installed: cargo xtask setup");
-            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
             String::from_utf8_lossy(&out.stdout).into_owned()
         };
         let names = list(false);
         assert_eq!(
             names.lines().collect::<Vec<_>>(),
-            ["dev", "dev/console", "init", "proc", "run", "sbin", "sbin/init", "sys", "tmp"]
+            [
+                "dev",
+                "dev/console",
+                "init",
+                "proc",
+                "run",
+                "sbin",
+                "sbin/init",
+                "sys",
+                "tmp"
+            ]
         );
         let listing = list(true);
-        let console = listing.lines().find(|l| l.ends_with("dev/console")).unwrap();
+        let console = listing
+            .lines()
+            .find(|l| l.ends_with("dev/console"))
+            .unwrap();
         assert!(console.starts_with("crw-------"), "{console}");
-        assert!(console.contains(" 5,") && console.contains(" 1 "), "{console}");
+        assert!(
+            console.contains(" 5,") && console.contains(" 1 "),
+            "{console}"
+        );
         let init = listing.lines().find(|l| l.ends_with(" init")).unwrap();
         assert!(init.starts_with("-rwxr-xr-x"), "{init}");
         assert!(listing.contains("sbin/init -> /init"));
@@ -142,6 +167,9 @@ mod tests {
             .status()
             .unwrap();
         assert!(st.success());
-        assert_eq!(std::fs::read(x.join("init")).unwrap(), b"\x7fELF pretend agent");
+        assert_eq!(
+            std::fs::read(x.join("init")).unwrap(),
+            b"\x7fELF pretend agent"
+        );
     }
 }

@@ -48,11 +48,23 @@ enum Cmd {
 fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
         Cmd::Initramfs { agent, out } => {
-            initramfs::build(&agent, &out)
-                .with_context(|| format!("building the initramfs {} from {}", out.display(), agent.display()))?;
+            initramfs::build(&agent, &out).with_context(|| {
+                format!(
+                    "building the initramfs {} from {}",
+                    out.display(),
+                    agent.display()
+                )
+            })?;
             println!("{}", out.display());
         }
-        Cmd::Image { name, out, from_dir, busybox, pause, cmd } => {
+        Cmd::Image {
+            name,
+            out,
+            from_dir,
+            busybox,
+            pause,
+            cmd,
+        } => {
             let (tree, default_cmd): (Tree, &[&str]) = match (from_dir, busybox, pause) {
                 (Some(dir), None, None) => (
                     Tree::from_dir(&dir).with_context(|| format!("reading {}", dir.display()))?,
@@ -68,7 +80,12 @@ fn main() -> anyhow::Result<()> {
             }
             let written = image::build(&tree, &spec, &out)
                 .with_context(|| format!("writing the image {}", out.display()))?;
-            println!("{} {} {}", out.display(), written.name, written.manifest_digest);
+            println!(
+                "{} {} {}",
+                out.display(),
+                written.name,
+                written.manifest_digest
+            );
         }
     }
     Ok(())

@@ -161,7 +161,13 @@ impl Tree {
         self.insert(path, Kind::Symlink(PathBuf::from(target)), 0o777)
     }
 
-    pub fn char_dev(&mut self, path: &str, major: u32, minor: u32, perm: u32) -> Result<(), TreeError> {
+    pub fn char_dev(
+        &mut self,
+        path: &str,
+        major: u32,
+        minor: u32,
+        perm: u32,
+    ) -> Result<(), TreeError> {
         self.insert(path, Kind::CharDev { major, minor }, perm)
     }
 
@@ -246,9 +252,13 @@ mod tests {
     #[test]
     fn parents_are_created_and_sorted_first() {
         let mut t = Tree::new();
-        t.file("usr/bin/x", Content::Bytes(b"x".to_vec()), 0o755).unwrap();
+        t.file("usr/bin/x", Content::Bytes(b"x".to_vec()), 0o755)
+            .unwrap();
         t.dir("a", 0o700).unwrap();
-        let paths: Vec<_> = t.iter().map(|(p, _)| p.to_string_lossy().into_owned()).collect();
+        let paths: Vec<_> = t
+            .iter()
+            .map(|(p, _)| p.to_string_lossy().into_owned())
+            .collect();
         assert_eq!(paths, ["a", "usr", "usr/bin", "usr/bin/x"]);
         assert_eq!(t.get("/usr/bin/x").unwrap().mode(), 0o100755);
     }

@@ -36,12 +36,20 @@ fn artifact(env: &str, name: &str, how: &str) -> PathBuf {
 
 /// The guest kernel (`HUSK_KERNEL`, else `target/husk/vmlinux`).
 pub fn kernel() -> PathBuf {
-    artifact("HUSK_KERNEL", "vmlinux", "build it with `cargo xtask kernel`")
+    artifact(
+        "HUSK_KERNEL",
+        "vmlinux",
+        "build it with `cargo xtask kernel`",
+    )
 }
 
 /// The guest initramfs (`HUSK_INITRAMFS`, else `target/husk/initramfs.cpio`).
 pub fn initramfs() -> PathBuf {
-    artifact("HUSK_INITRAMFS", "initramfs.cpio", "build it with `cargo xtask rootfs`")
+    artifact(
+        "HUSK_INITRAMFS",
+        "initramfs.cpio",
+        "build it with `cargo xtask rootfs`",
+    )
 }
 
 /// Asserts the test runs as root, with the reason.

@@ -30,12 +30,24 @@ fn ctr_imports_busybox_and_pause_images_and_runc_runs_them() {
     ctd.ctr_ok(&["images", "import", bb_tar.to_str().unwrap()]);
     ctd.ctr_ok(&["images", "import", pause_tar.to_str().unwrap()]);
     let names = ctd.ctr_ok(&["images", "ls", "-q"]);
-    assert!(names.lines().any(|l| l == "husk.local/test-busybox:latest"), "{names}");
-    assert!(names.lines().any(|l| l == "husk.local/test-pause:latest"), "{names}");
+    assert!(
+        names.lines().any(|l| l == "husk.local/test-busybox:latest"),
+        "{names}"
+    );
+    assert!(
+        names.lines().any(|l| l == "husk.local/test-pause:latest"),
+        "{names}"
+    );
 
     let id = format!("bb-{}", std::process::id());
     let out = ctd.ctr_ok(&[
-        "run", "--rm", "husk.local/test-busybox:latest", &id, "sh", "-c", "echo hello; id -u; cat /etc/passwd | head -1",
+        "run",
+        "--rm",
+        "husk.local/test-busybox:latest",
+        &id,
+        "sh",
+        "-c",
+        "echo hello; id -u; cat /etc/passwd | head -1",
     ]);
     assert_eq!(out, "hello\n0\nroot:x:0:0:root:/root:/bin/sh\n");
 
@@ -44,7 +56,12 @@ fn ctr_imports_busybox_and_pause_images_and_runc_runs_them() {
     ctd.ctr_ok(&["run", "-d", "husk.local/test-pause:latest", &pid_name]);
     std::thread::sleep(std::time::Duration::from_millis(300));
     let tasks = ctd.ctr_ok(&["tasks", "ls"]);
-    assert!(tasks.lines().any(|l| l.starts_with(&pid_name) && l.contains("RUNNING")), "{tasks}");
+    assert!(
+        tasks
+            .lines()
+            .any(|l| l.starts_with(&pid_name) && l.contains("RUNNING")),
+        "{tasks}"
+    );
     ctd.ctr_ok(&["tasks", "kill", "-s", "SIGKILL", &pid_name]);
     for _ in 0..100 {
         if ctd.ctr(&["tasks", "delete", &pid_name]).status.success() {

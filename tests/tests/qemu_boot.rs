@@ -33,7 +33,9 @@ fn config(dir: &Path, vcpus: u32, memory_mib: u32, extra: &str) -> VmConfig {
 }
 
 fn boot(dir: &Path, vcpus: u32, mem: u32, extra: &str) -> (Box<dyn Vm>, ReadyLine) {
-    let mut vm = backend().start(&config(dir, vcpus, mem, extra)).expect("starting the VM");
+    let mut vm = backend()
+        .start(&config(dir, vcpus, mem, extra))
+        .expect("starting the VM");
     let ready = wait_for_ready(vm.as_mut(), BOOT_TIMEOUT).expect("agent ready line");
     (vm, ready)
 }
@@ -50,8 +52,15 @@ fn guest_boots_to_agent_ready_and_powers_off_on_request() {
     assert_eq!(ready.agent_version, env!("CARGO_PKG_VERSION"));
     let pid = vm.pid();
     vm.console_write(b"poweroff\n").unwrap();
-    let status = vm.wait(Some(Duration::from_secs(60))).unwrap().expect("VM ended after poweroff");
-    assert!(status.success(), "QEMU exit {status}; console:\n{}", console(vm.as_ref()));
+    let status = vm
+        .wait(Some(Duration::from_secs(60)))
+        .unwrap()
+        .expect("VM ended after poweroff");
+    assert!(
+        status.success(),
+        "QEMU exit {status}; console:\n{}",
+        console(vm.as_ref())
+    );
     assert!(console(vm.as_ref()).contains("powering off: poweroff requested on the console"));
     assert!(!process_alive(pid));
     assert!(!dir.path().join("qmp.sock").exists() && !dir.path().join("console.sock").exists());
@@ -69,7 +78,10 @@ fn guest_sees_the_vcpus_and_memory_asked_for_and_honours_its_timeout() {
         "guest MemTotal {} KiB for {asked_kib} KiB asked",
         ready.mem_total_kib
     );
-    let status = vm.wait(Some(Duration::from_secs(60))).unwrap().expect("VM ended on its own");
+    let status = vm
+        .wait(Some(Duration::from_secs(60)))
+        .unwrap()
+        .expect("VM ended on its own");
     assert!(status.success());
     assert!(console(vm.as_ref()).contains("husk.timeout=3 expired"));
 }
@@ -107,12 +119,23 @@ fn bad_input_is_refused_before_anything_starts() {
     let mut c = config(dir.path(), 1, 256, "");
     c.kernel = dir.path().join("no-vmlinux");
     let e = backend().start(&c).unwrap_err().to_string();
-    assert!(e.contains("no-vmlinux") && e.contains("cargo xtask kernel"), "{e}");
+    assert!(
+        e.contains("no-vmlinux") && e.contains("cargo xtask kernel"),
+        "{e}"
+    );
     let mut c = config(dir.path(), 1, 16, "");
     let e = backend().start(&c).unwrap_err().to_string();
     assert!(e.contains("16 MiB") && e.contains("at least"), "{e}");
     c.memory_mib = 256;
     c.vcpus = 0;
-    assert!(backend().start(&c).unwrap_err().to_string().contains("vcpus"));
-    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "nothing created");
+    assert!(backend()
+        .start(&c)
+        .unwrap_err()
+        .to_string()
+        .contains("vcpus"));
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        0,
+        "nothing created"
+    );
 }

@@ -19,8 +19,20 @@ pub fn agent() -> Result<PathBuf> {
         .current_dir(paths::workspace())
         // Only the agent's own target gets crt-static; build scripts and proc macros stay
         // dynamic host programs.
-        .env("CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS", "-C target-feature=+crt-static")
-        .args(["build", "--quiet", "-p", "husk-agent", "--profile", "guest", "--target", HOST_TARGET]))?;
+        .env(
+            "CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS",
+            "-C target-feature=+crt-static",
+        )
+        .args([
+            "build",
+            "--quiet",
+            "-p",
+            "husk-agent",
+            "--profile",
+            "guest",
+            "--target",
+            HOST_TARGET,
+        ]))?;
     let bin = paths::workspace()
         .join("target")
         .join(HOST_TARGET)
@@ -45,7 +57,17 @@ pub fn host() -> Result<()> {
     step("build: host binaries (release)");
     run(Command::new(paths::cargo())
         .current_dir(paths::workspace())
-        .args(["build", "--quiet", "--release", "--bins", "--workspace", "--exclude", "xtask", "--exclude", "husk-agent"]))
+        .args([
+            "build",
+            "--quiet",
+            "--release",
+            "--bins",
+            "--workspace",
+            "--exclude",
+            "xtask",
+            "--exclude",
+            "husk-agent",
+        ]))
 }
 
 pub fn build_all() -> Result<PathBuf> {

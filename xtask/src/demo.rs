@@ -36,9 +36,16 @@ pub fn run() -> Result<()> {
     let report = host::detect();
     let BackendChoice::Qemu(accel) = report.backend;
     let backend = Qemu::new(accel)?;
-    step(&format!("demo: booting a husk guest on {} — {}", backend.name(), report.why));
+    step(&format!(
+        "demo: booting a husk guest on {} — {}",
+        backend.name(),
+        report.why
+    ));
 
-    let state = StateDir(PathBuf::from(format!("/run/husk/demo-{}", std::process::id())));
+    let state = StateDir(PathBuf::from(format!(
+        "/run/husk/demo-{}",
+        std::process::id()
+    )));
     std::fs::create_dir_all(&state.0).with_context(|| format!("creating {}", state.0.display()))?;
     let config = VmConfig {
         kernel: paths::vmlinux(),
@@ -52,7 +59,13 @@ pub fn run() -> Result<()> {
     let mut vm = backend.start(&config)?;
     let ready = wait_for_ready(vm.as_mut(), Duration::from_secs(120))?;
     let wall = started.elapsed();
-    println!("    guest console: {}", std::fs::read_to_string(vm.console_log())?.trim_end().replace('\n', "\n    guest console: ").replace('\r', ""));
+    println!(
+        "    guest console: {}",
+        std::fs::read_to_string(vm.console_log())?
+            .trim_end()
+            .replace('\n', "\n    guest console: ")
+            .replace('\r', "")
+    );
     println!(
         "    guest kernel {}, agent {} ready {} ms after kernel start ({} ms after starting {}), {} vCPU, {} MiB",
         ready.kernel_release,

@@ -30,7 +30,8 @@ fn version_of(program: &Path, arg: &str) -> String {
         .output()
         .ok()
         .map(|o| {
-            let s = String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr);
+            let s = String::from_utf8_lossy(&o.stdout).into_owned()
+                + &String::from_utf8_lossy(&o.stderr);
             s.lines().next().unwrap_or("").trim().to_string()
         })
         .unwrap_or_default()
@@ -38,7 +39,11 @@ fn version_of(program: &Path, arg: &str) -> String {
 
 fn program(name: &str, arg: &str, fix: &str) -> Check {
     match paths::find_program(name) {
-        Some(p) => check(true, name, format!("{} ({})", p.display(), version_of(&p, arg))),
+        Some(p) => check(
+            true,
+            name,
+            format!("{} ({})", p.display(), version_of(&p, arg)),
+        ),
         None => check(false, name, format!("not found — {fix}")),
     }
 }
@@ -60,13 +65,41 @@ pub fn checks() -> Vec<Check> {
         HostKind::NoKvm => "no usable KVM".into(),
     };
     v.push(check(true, "host kind", kind));
-    v.push(check(true, "backend", format!("{} — {}", report.backend, report.why)));
-    v.push(program("qemu-system-x86_64", "--version", "apt-get install qemu-system-x86 (cargo xtask setup)"));
-    v.push(program("containerd", "--version", "apt-get install containerd (cargo xtask setup)"));
-    v.push(program("ctr", "--version", "apt-get install containerd (cargo xtask setup)"));
-    v.push(program("runc", "--version", "apt-get install runc (cargo xtask setup)"));
-    v.push(program("virtiofsd", "--version", "cargo install --locked virtiofsd (cargo xtask setup)"));
-    v.push(program("vhost-device-vsock", "--version", "cargo install --locked vhost-device-vsock (cargo xtask setup)"));
+    v.push(check(
+        true,
+        "backend",
+        format!("{} — {}", report.backend, report.why),
+    ));
+    v.push(program(
+        "qemu-system-x86_64",
+        "--version",
+        "apt-get install qemu-system-x86 (cargo xtask setup)",
+    ));
+    v.push(program(
+        "containerd",
+        "--version",
+        "apt-get install containerd (cargo xtask setup)",
+    ));
+    v.push(program(
+        "ctr",
+        "--version",
+        "apt-get install containerd (cargo xtask setup)",
+    ));
+    v.push(program(
+        "runc",
+        "--version",
+        "apt-get install runc (cargo xtask setup)",
+    ));
+    v.push(program(
+        "virtiofsd",
+        "--version",
+        "cargo install --locked virtiofsd (cargo xtask setup)",
+    ));
+    v.push(program(
+        "vhost-device-vsock",
+        "--version",
+        "cargo install --locked vhost-device-vsock (cargo xtask setup)",
+    ));
     let cni = Path::new("/usr/lib/cni/bridge");
     v.push(check(
         cni.is_file(),
@@ -82,24 +115,66 @@ pub fn checks() -> Vec<Check> {
         Ok(Some(entry)) => check(
             true,
             "guest kernel",
-            format!("{} (PVH entry {entry:#x})", std::fs::canonicalize(&kernel).unwrap_or(kernel).display()),
+            format!(
+                "{} (PVH entry {entry:#x})",
+                std::fs::canonicalize(&kernel).unwrap_or(kernel).display()
+            ),
         ),
-        Ok(None) => check(false, "guest kernel", format!("{}: no PVH entry note — rebuild with `cargo xtask kernel`", kernel.display())),
-        Err(_) => check(false, "guest kernel", format!("{}: missing — build it with `cargo xtask kernel`", kernel.display())),
+        Ok(None) => check(
+            false,
+            "guest kernel",
+            format!(
+                "{}: no PVH entry note — rebuild with `cargo xtask kernel`",
+                kernel.display()
+            ),
+        ),
+        Err(_) => check(
+            false,
+            "guest kernel",
+            format!(
+                "{}: missing — build it with `cargo xtask kernel`",
+                kernel.display()
+            ),
+        ),
     });
     let initramfs = paths::initramfs();
-    let magic = std::fs::read(&initramfs).ok().map(|b| b.starts_with(b"070701"));
+    let magic = std::fs::read(&initramfs)
+        .ok()
+        .map(|b| b.starts_with(b"070701"));
     v.push(match magic {
-        Some(true) => check(true, "guest initramfs", format!("{} (newc, uncompressed)", initramfs.display())),
-        Some(false) => check(false, "guest initramfs", format!("{}: not an uncompressed newc cpio — rebuild with `cargo xtask rootfs`", initramfs.display())),
-        None => check(false, "guest initramfs", format!("{}: missing — build it with `cargo xtask rootfs`", initramfs.display())),
+        Some(true) => check(
+            true,
+            "guest initramfs",
+            format!("{} (newc, uncompressed)", initramfs.display()),
+        ),
+        Some(false) => check(
+            false,
+            "guest initramfs",
+            format!(
+                "{}: not an uncompressed newc cpio — rebuild with `cargo xtask rootfs`",
+                initramfs.display()
+            ),
+        ),
+        None => check(
+            false,
+            "guest initramfs",
+            format!(
+                "{}: missing — build it with `cargo xtask rootfs`",
+                initramfs.display()
+            ),
+        ),
     });
     v
 }
 
 pub fn print(checks: &[Check]) {
     for c in checks {
-        println!("[{}] {}: {}", if c.ok { " ok " } else { "FAIL" }, c.what, c.detail);
+        println!(
+            "[{}] {}: {}",
+            if c.ok { " ok " } else { "FAIL" },
+            c.what,
+            c.detail
+        );
     }
 }
 

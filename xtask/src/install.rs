@@ -16,8 +16,10 @@ const BINARIES: &[&str] = &["husk-vmm", "containerd-shim-husk-v2", "husk-rootfs-
 
 fn copy(from: &Path, to: &Path) -> Result<()> {
     let tmp = to.with_extension("husk-new");
-    std::fs::copy(from, &tmp).with_context(|| format!("copying {} to {}", from.display(), tmp.display()))?;
-    std::fs::rename(&tmp, to).with_context(|| format!("renaming {} to {}", tmp.display(), to.display()))?;
+    std::fs::copy(from, &tmp)
+        .with_context(|| format!("copying {} to {}", from.display(), tmp.display()))?;
+    std::fs::rename(&tmp, to)
+        .with_context(|| format!("renaming {} to {}", tmp.display(), to.display()))?;
     println!("    {} -> {}", from.display(), to.display());
     Ok(())
 }
@@ -29,7 +31,10 @@ pub fn run() -> Result<()> {
     step("install");
     std::fs::create_dir_all(SHARE_DIR).with_context(|| format!("creating {SHARE_DIR}"))?;
     copy(&vmlinux, &Path::new(SHARE_DIR).join("vmlinux"))?;
-    copy(&paths::initramfs(), &Path::new(SHARE_DIR).join("initramfs.cpio"))?;
+    copy(
+        &paths::initramfs(),
+        &Path::new(SHARE_DIR).join("initramfs.cpio"),
+    )?;
     let release: PathBuf = paths::workspace().join("target").join("release");
     for b in BINARIES {
         let from = release.join(b);

@@ -166,7 +166,12 @@ mod tests {
         // symbol absent from the config (renamed in this kernel) is honoured.
         assert_eq!(names, ["CONFIG_VIRTIO", "CONFIG_PCI"]);
         let msg = dropped[0].to_string();
-        assert!(msg.contains("CONFIG_VIRTIO=y") && msg.contains("10-x.config") && msg.contains("not set"), "{msg}");
+        assert!(
+            msg.contains("CONFIG_VIRTIO=y")
+                && msg.contains("10-x.config")
+                && msg.contains("not set"),
+            "{msg}"
+        );
         assert!(dropped[1].to_string().contains("got CONFIG_PCI=y"));
     }
 
@@ -187,10 +192,17 @@ mod tests {
         .unwrap();
         let known = known_symbols(src.path()).unwrap();
         assert!(known.contains("CONFIG_CPU_MITIGATIONS") && known.contains("CONFIG_VIRTIO"));
-        let reqs = parse("00-base.config", "CONFIG_SPECULATION_MITIGATIONS=n\n# CONFIG_CPU_MITIGATIONS is not set\n");
+        let reqs = parse(
+            "00-base.config",
+            "CONFIG_SPECULATION_MITIGATIONS=n\n# CONFIG_CPU_MITIGATIONS is not set\n",
+        );
         let dropped = check(&reqs, &BTreeMap::new(), Some(&known));
         assert_eq!(dropped.len(), 1);
-        assert!(dropped[0].to_string().contains("no such symbol"), "{}", dropped[0]);
+        assert!(
+            dropped[0].to_string().contains("no such symbol"),
+            "{}",
+            dropped[0]
+        );
     }
 
     #[test]

@@ -83,19 +83,29 @@ fn source_tree(version: &str) -> Result<PathBuf> {
     if done.exists() {
         return Ok(tree);
     }
-    step(&format!("kernel: unpacking {SOURCE_TARBALL} into {}", base.display()));
+    step(&format!(
+        "kernel: unpacking {SOURCE_TARBALL} into {}",
+        base.display()
+    ));
     if tree.exists() {
-        std::fs::remove_dir_all(&tree).with_context(|| format!("removing partial {}", tree.display()))?;
+        std::fs::remove_dir_all(&tree)
+            .with_context(|| format!("removing partial {}", tree.display()))?;
     }
     std::fs::create_dir_all(&base).with_context(|| format!("creating {}", base.display()))?;
-    run(Command::new("tar").arg("-xf").arg(SOURCE_TARBALL).arg("-C").arg(&base))?;
+    run(Command::new("tar")
+        .arg("-xf")
+        .arg(SOURCE_TARBALL)
+        .arg("-C")
+        .arg(&base))?;
     std::fs::write(&done, version)?;
     Ok(tree)
 }
 
 fn make(src: &Path, build: &Path) -> Command {
     let mut c = Command::new("make");
-    c.current_dir(src).arg(format!("O={}", build.display())).arg("ARCH=x86_64");
+    c.current_dir(src)
+        .arg(format!("O={}", build.display()))
+        .arg("ARCH=x86_64");
     c
 }
 
@@ -107,7 +117,10 @@ pub fn build(debug: bool) -> Result<PathBuf> {
     let out_dir = paths::cache().join("kernel").join(&hash);
     let vmlinux = out_dir.join("vmlinux");
     if vmlinux.is_file() {
-        step(&format!("kernel: cached {} (inputs {hash})", vmlinux.display()));
+        step(&format!(
+            "kernel: cached {} (inputs {hash})",
+            vmlinux.display()
+        ));
     } else {
         build_into(&version, &frags, &out_dir)?;
     }
@@ -140,13 +153,21 @@ fn build_into(version: &str, frags: &[PathBuf], out_dir: &Path) -> Result<()> {
     check_config(&src, frags, &config)?;
 
     let jobs = std::thread::available_parallelism().map_or(2, |n| n.get());
-    step(&format!("kernel: building vmlinux with {jobs} jobs (a cold build takes minutes)"));
-    compile_with_progress(make(&src, &build).arg(format!("-j{jobs}")).arg("vmlinux"), start)?;
+    step(&format!(
+        "kernel: building vmlinux with {jobs} jobs (a cold build takes minutes)"
+    ));
+    compile_with_progress(
+        make(&src, &build).arg(format!("-j{jobs}")).arg("vmlinux"),
+        start,
+    )?;
 
     let built = build.join("vmlinux");
     match husk_hypervisor::kernel::pvh_entry(&built) {
         Ok(Some(_)) => {}
-        Ok(None) => bail!("{}: no PVH entry note — is CONFIG_PVH set?", built.display()),
+        Ok(None) => bail!(
+            "{}: no PVH entry note — is CONFIG_PVH set?",
+            built.display()
+        ),
         Err(e) => bail!("{}: {e}", built.display()),
     }
     std::fs::copy(&config, out_dir.join("config"))?;
@@ -168,7 +189,11 @@ fn build_into(version: &str, frags: &[PathBuf], out_dir: &Path) -> Result<()> {
 fn check_config(src: &Path, frags: &[PathBuf], config: &Path) -> Result<()> {
     let mut requests = Vec::new();
     for f in frags {
-        let name = f.file_name().unwrap_or_default().to_string_lossy().into_owned();
+        let name = f
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned();
         requests.extend(kconfig::parse(&name, &std::fs::read_to_string(f)?));
     }
     let final_config = kconfig::parse_config(&std::fs::read_to_string(config)?);
@@ -185,7 +210,10 @@ fn check_config(src: &Path, frags: &[PathBuf], config: &Path) -> Result<()> {
             config.display()
         );
     }
-    println!("    all {} requested symbols are set as asked", requests.len());
+    println!(
+        "    all {} requested symbols are set as asked",
+        requests.len()
+    );
     Ok(())
 }
 
@@ -209,7 +237,10 @@ fn compile_with_progress(cmd: &mut Command, start: Instant) -> Result<()> {
     let mut objects = 0usize;
     let mut tail: Vec<String> = Vec::new();
     let mut last_report = Instant::now();
-    for line in BufReader::new(child.stdout.take().expect("piped")).lines().map_while(|l| l.ok()) {
+    for line in BufReader::new(child.stdout.take().expect("piped"))
+        .lines()
+        .map_while(|l| l.ok())
+    {
         if line.trim_start().starts_with("CC ") || line.trim_start().starts_with("AS ") {
             objects += 1;
         }
@@ -253,9 +284,9 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let a = d.path().join("00-a.config");
         std::fs::write(&a, "CONFIG_X=y\n").unwrap();
-        let h1 = input_hash("6.1.192-3", &[a.clone()]).unwrap();
-        assert_eq!(h1, input_hash("6.1.192-3", &[a.clone()]).unwrap());
-        assert_ne!(h1, input_hash("6.1.193-1", &[a.clone()]).unwrap());
+        let h1 = input_hash("6.1.192-3", std::slice::from_ref(&a)).unwrap();
+        assert_eq!(h1, input_hash("6.1.192-3", std::slice::from_ref(&a)).unwrap());
+        assert_ne!(h1, input_hash("6.1.193-1", std::slice::from_ref(&a)).unwrap());
         std::fs::write(&a, "CONFIG_X=n\n").unwrap();
         assert_ne!(h1, input_hash("6.1.192-3", &[a]).unwrap());
     }

@@ -21,7 +21,10 @@ mod testing;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "cargo xtask", about = "Set up, build, demo, test and install husk")]
+#[command(
+    name = "cargo xtask",
+    about = "Set up, build, demo, test and install husk"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,

@@ -26,12 +26,26 @@ pub fn build(agent: &Path) -> Result<()> {
     ));
     let bb = Path::new(BUSYBOX);
     for (tree, spec, file) in [
-        (image::busybox_tree(bb)?, ImageSpec::new(BUSYBOX_IMAGE, &["sh"]), "busybox.tar"),
-        (image::pause_tree(bb)?, ImageSpec::new(PAUSE_IMAGE, &["/bin/sleep", "infinity"]), "pause.tar"),
+        (
+            image::busybox_tree(bb)?,
+            ImageSpec::new(BUSYBOX_IMAGE, &["sh"]),
+            "busybox.tar",
+        ),
+        (
+            image::pause_tree(bb)?,
+            ImageSpec::new(PAUSE_IMAGE, &["/bin/sleep", "infinity"]),
+            "pause.tar",
+        ),
     ] {
         let dest = paths::images().join(file);
-        let w = image::build(&tree, &spec, &dest).with_context(|| format!("writing {}", dest.display()))?;
-        step(&format!("rootfs: {} = {} ({})", dest.display(), w.name, w.manifest_digest));
+        let w = image::build(&tree, &spec, &dest)
+            .with_context(|| format!("writing {}", dest.display()))?;
+        step(&format!(
+            "rootfs: {} = {} ({})",
+            dest.display(),
+            w.name,
+            w.manifest_digest
+        ));
     }
     Ok(())
 }

@@ -10,12 +10,21 @@ use crate::run::{self, elapsed, output, step};
 
 /// Debian packages, and why each is needed.
 pub const APT_PACKAGES: &[(&str, &str)] = &[
-    ("containerd", "the container manager husk plugs into (ctr, CRI)"),
+    (
+        "containerd",
+        "the container manager husk plugs into (ctr, CRI)",
+    ),
     ("runc", "the baseline runtime of tests and benchmarks"),
-    ("containernetworking-plugins", "CNI bridge/host-local/loopback for pod networks"),
+    (
+        "containernetworking-plugins",
+        "CNI bridge/host-local/loopback for pod networks",
+    ),
     ("busybox-static", "the test and demo images"),
     ("linux-source-6.1", "the guest kernel source"),
-    ("build-essential", "the kernel build (gcc, make) and C parts of crates"),
+    (
+        "build-essential",
+        "the kernel build (gcc, make) and C parts of crates",
+    ),
     ("bc", "the kernel build"),
     ("bison", "the kernel build (Kconfig)"),
     ("flex", "the kernel build (Kconfig)"),
@@ -32,8 +41,14 @@ pub const APT_PACKAGES: &[(&str, &str)] = &[
 
 /// Programs installed with `cargo install --locked`.
 pub const CARGO_PROGRAMS: &[(&str, &str)] = &[
-    ("virtiofsd", "virtio-fs backend: shares container root file systems with the guest"),
-    ("vhost-device-vsock", "vsock backend of the qemu backend (hybrid vsock on a unix socket)"),
+    (
+        "virtiofsd",
+        "virtio-fs backend: shares container root file systems with the guest",
+    ),
+    (
+        "vhost-device-vsock",
+        "vsock backend of the qemu backend (hybrid vsock on a unix socket)",
+    ),
 ];
 
 fn apt_installed(pkg: &str) -> bool {
@@ -66,14 +81,19 @@ pub fn run() -> Result<()> {
             );
         }
         for p in &missing {
-            let why = APT_PACKAGES.iter().find(|(n, _)| n == p).map_or("", |(_, w)| w);
+            let why = APT_PACKAGES
+                .iter()
+                .find(|(n, _)| n == p)
+                .map_or("", |(_, w)| w);
             println!("    installing {p}: {why}");
         }
         run::run(Command::new("apt-get").args(["update", "-q"]))?;
-        run::run(Command::new("apt-get")
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .args(["install", "-y", "-q", "--no-install-recommends"])
-            .args(&missing))?;
+        run::run(
+            Command::new("apt-get")
+                .env("DEBIAN_FRONTEND", "noninteractive")
+                .args(["install", "-y", "-q", "--no-install-recommends"])
+                .args(&missing),
+        )?;
         let still = missing_apt();
         if !still.is_empty() {
             bail!("apt-get did not install: {}", still.join(" "));

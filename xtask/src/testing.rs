@@ -39,7 +39,14 @@ impl Tally {
                 self.failures.push(name.to_string());
             } else if let Some(reason) = outcome.strip_prefix("ignored") {
                 let reason = reason.trim_start_matches(',').trim();
-                self.not_run.push((name.to_string(), if reason.is_empty() { "ignored".into() } else { reason.into() }));
+                self.not_run.push((
+                    name.to_string(),
+                    if reason.is_empty() {
+                        "ignored".into()
+                    } else {
+                        reason.into()
+                    },
+                ));
             }
         }
     }
@@ -51,7 +58,11 @@ pub fn run(with_setup: bool, filter: Option<&str>) -> Result<()> {
     let hardware = matches!(host::detect().kind, HostKind::HardwareKvm { .. });
     step(&format!(
         "test: cargo test --workspace{}",
-        if hardware { " (including tier 4: this host has hardware KVM)" } else { "" }
+        if hardware {
+            " (including tier 4: this host has hardware KVM)"
+        } else {
+            ""
+        }
     ));
     let mut cmd = Command::new(paths::cargo());
     cmd.current_dir(paths::workspace())
@@ -71,7 +82,10 @@ pub fn run(with_setup: bool, filter: Option<&str>) -> Result<()> {
     }
     let mut child = cmd.spawn().context("starting cargo test")?;
     let mut tally = Tally::default();
-    for line in BufReader::new(child.stdout.take().expect("piped")).lines().map_while(|l| l.ok()) {
+    for line in BufReader::new(child.stdout.take().expect("piped"))
+        .lines()
+        .map_while(|l| l.ok())
+    {
         println!("{line}");
         tally.line(&line);
     }
@@ -85,7 +99,12 @@ pub fn run(with_setup: bool, filter: Option<&str>) -> Result<()> {
     for (name, why) in &tally.not_run {
         println!("    not run: {name} — {why}");
     }
-    println!("summary: {} passed, {} failed, {} skipped", tally.passed, tally.failed, tally.not_run.len());
+    println!(
+        "summary: {} passed, {} failed, {} skipped",
+        tally.passed,
+        tally.failed,
+        tally.not_run.len()
+    );
     if !status.success() || tally.failed > 0 {
         bail!("the test suite failed");
     }
@@ -118,7 +137,10 @@ mod tests {
         assert_eq!(
             t.not_run,
             [
-                ("linux_on_husk_vmm".to_string(), "tier 4: needs hardware KVM".to_string()),
+                (
+                    "linux_on_husk_vmm".to_string(),
+                    "tier 4: needs hardware KVM".to_string()
+                ),
                 ("plain".to_string(), "ignored".to_string())
             ]
         );
