@@ -17,6 +17,7 @@ pub mod host;
 pub mod kernel;
 pub mod process;
 pub mod qemu;
+pub mod vsock;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
@@ -41,6 +42,15 @@ pub enum Error {
     Guest { what: String, console: PathBuf },
     #[error("QEMU monitor (QMP) at {socket}: {what}")]
     Qmp { socket: PathBuf, what: String },
+    /// A device helper (virtiofsd, vhost-device-vsock) ended while its VM ran; the VM was
+    /// stopped because of it.
+    #[error("{program} (pid {pid}) ended while the VM ran ({status}); the VM was stopped — see {log}")]
+    HelperExited {
+        program: String,
+        pid: u32,
+        status: ExitStatus,
+        log: PathBuf,
+    },
     #[error("{what}")]
     Io {
         what: String,
@@ -81,7 +91,18 @@ pub struct VmConfig {
     /// Directory for this VM's sockets and console log (e.g. `/run/husk/<sandbox-id>`). It
     /// must exist; the backend creates files in it but never removes the directory.
     pub state_dir: PathBuf,
+    /// A host directory the guest mounts over virtio-fs (tag [`SHARED_FS_TAG`]), served by a
+    /// sandboxed virtiofsd the backend runs. `None`: no virtio-fs device.
+    pub shared_dir: Option<PathBuf>,
+    /// Give the guest a vsock device (CID [`GUEST_CID`]); the host reaches its ports through
+    /// the hybrid-vsock socket [`Vm::vsock_socket`] (see [`vsock`]).
+    pub vsock: bool,
 }
+
+/// The virtio-fs tag of [`VmConfig::shared_dir`]; the agent mounts it at `/run/husk/shared`.
+pub const SHARED_FS_TAG: &str = "husk-shared";
+/// The guest's vsock CID (each VM has its own device, so every guest can use the same one).
+pub const GUEST_CID: u32 = 3;
 
 /// The smallest guest memory our kernel boots in.
 pub const MIN_MEMORY_MIB: u32 = 64;
@@ -116,6 +137,14 @@ impl VmConfig {
                 self.state_dir.display()
             )));
         }
+        if let Some(dir) = &self.shared_dir {
+            if !dir.is_dir() {
+                return Err(Error::Config(format!(
+                    "shared directory {}: not a directory — create it before starting the VM",
+                    dir.display()
+                )));
+            }
+        }
         Ok(())
     }
 }
@@ -139,6 +168,9 @@ pub trait Vm: Send + std::fmt::Debug {
     fn pid(&self) -> u32;
     /// The guest's serial console, as a log file on the host.
     fn console_log(&self) -> &Path;
+    /// The hybrid-vsock unix socket through which the host reaches the guest's vsock ports
+    /// (`None` if the VM has no vsock device). Connect with [`vsock::connect`].
+    fn vsock_socket(&self) -> Option<&Path>;
     /// Writes to the guest's serial console input.
     fn console_write(&mut self, bytes: &[u8]) -> Result<()>;
     /// Stops the vCPUs.

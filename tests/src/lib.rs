@@ -6,6 +6,7 @@
 //! builds everything first.
 
 pub mod containerd;
+pub mod procs;
 
 use std::path::{Path, PathBuf};
 

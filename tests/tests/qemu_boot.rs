@@ -29,6 +29,8 @@ fn config(dir: &Path, vcpus: u32, memory_mib: u32, extra: &str) -> VmConfig {
         vcpus,
         memory_mib,
         state_dir: dir.to_path_buf(),
+        shared_dir: None,
+        vsock: false,
     }
 }
 

@@ -9,12 +9,15 @@
 //! - `reboot=t panic=-1` in the guest and `-no-reboot` here: a guest reboot (the agent's
 //!   power-off) or panic ends QEMU;
 //! - under KVM, `-cpu host,-arch-capabilities` (QEMU aborts setting MSR 0x10a otherwise);
-//!   under TCG, `-cpu max`.
+//!   under TCG, `-cpu max`;
+//! - virtio-fs is `vhost-user-fs-device` with the tag set here: virtiofsd's own `--tag` makes
+//!   QEMU 7.x crash; vsock is `vhost-user-vsock-device` (no /dev/vhost-vsock needed). QEMU is
+//!   the vhost-user client: the helpers listen on the sockets before QEMU starts.
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
-use crate::{Accel, VmConfig};
+use crate::{Accel, VmConfig, SHARED_FS_TAG};
 
 /// The kernel command line every husk guest gets before the caller's extras.
 pub const BASE_CMDLINE: &str = "console=ttyS0 reboot=t panic=-1 quiet";
@@ -26,6 +29,15 @@ pub struct Paths {
     pub console_sock: PathBuf,
     pub qmp_sock: PathBuf,
     pub qemu_log: PathBuf,
+    /// virtiofsd's vhost-user socket.
+    pub virtiofsd_sock: PathBuf,
+    pub virtiofsd_log: PathBuf,
+    /// vhost-device-vsock's vhost-user socket.
+    pub vhost_vsock_sock: PathBuf,
+    pub vhost_vsock_log: PathBuf,
+    /// The hybrid-vsock socket the host connects to (vhost-device-vsock's `uds-path`); guest
+    /// connections to host port P arrive on `<vsock_sock>_P`.
+    pub vsock_sock: PathBuf,
 }
 
 impl Paths {
@@ -35,12 +47,23 @@ impl Paths {
             console_sock: state_dir.join("console.sock"),
             qmp_sock: state_dir.join("qmp.sock"),
             qemu_log: state_dir.join("qemu.log"),
+            virtiofsd_sock: state_dir.join("virtiofsd.sock"),
+            virtiofsd_log: state_dir.join("virtiofsd.log"),
+            vhost_vsock_sock: state_dir.join("vhost-vsock.sock"),
+            vhost_vsock_log: state_dir.join("vhost-vsock.log"),
+            vsock_sock: state_dir.join("vsock.sock"),
         }
     }
 
-    /// The sockets, which the VM's end leaves behind when QEMU is killed.
-    pub fn sockets(&self) -> [&Path; 2] {
-        [&self.console_sock, &self.qmp_sock]
+    /// The sockets, which the VM's end leaves behind when QEMU or a helper is killed.
+    pub fn sockets(&self) -> [&Path; 5] {
+        [
+            &self.console_sock,
+            &self.qmp_sock,
+            &self.virtiofsd_sock,
+            &self.vhost_vsock_sock,
+            &self.vsock_sock,
+        ]
     }
 }
 
@@ -83,6 +106,18 @@ pub fn args(config: &VmConfig, accel: Accel, paths: &Paths) -> Vec<OsString> {
     push("chardev:con0");
     push("-qmp");
     push(&format!("unix:{},server=on,wait=off", paths.qmp_sock.display()));
+    if config.shared_dir.is_some() {
+        push("-chardev");
+        push(&format!("socket,id=fs0,path={}", paths.virtiofsd_sock.display()));
+        push("-device");
+        push(&format!("vhost-user-fs-device,chardev=fs0,tag={SHARED_FS_TAG}"));
+    }
+    if config.vsock {
+        push("-chardev");
+        push(&format!("socket,id=vs0,path={}", paths.vhost_vsock_sock.display()));
+        push("-device");
+        push("vhost-user-vsock-device,chardev=vs0");
+    }
     push("-append");
     push(&cmdline);
     a.push("-kernel".into());
@@ -104,6 +139,8 @@ mod tests {
             vcpus: 2,
             memory_mib: 384,
             state_dir: "/run/husk/abc".into(),
+            shared_dir: None,
+            vsock: false,
         }
     }
 
@@ -128,6 +165,28 @@ mod tests {
             "logfile=/run/husk/abc/console.log",
             "-append console=ttyS0 reboot=t panic=-1 quiet husk.timeout=5 -kernel",
             "-kernel /k/vmlinux -initrd /k/initramfs.cpio",
+        ] {
+            assert!(l.contains(want), "missing {want:?} in {l}");
+        }
+    }
+
+    #[test]
+    fn devices_only_when_asked_and_the_tag_is_set_on_the_qemu_side() {
+        let mut c = cfg();
+        let line = |c: &VmConfig| {
+            args(c, Accel::Tcg, &Paths::new(&c.state_dir))
+                .iter()
+                .map(|s| s.to_string_lossy().into_owned())
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        assert!(!line(&c).contains("vhost-user"));
+        c.shared_dir = Some("/run/husk/abc/shared".into());
+        c.vsock = true;
+        let l = line(&c);
+        for want in [
+            "-chardev socket,id=fs0,path=/run/husk/abc/virtiofsd.sock -device vhost-user-fs-device,chardev=fs0,tag=husk-shared",
+            "-chardev socket,id=vs0,path=/run/husk/abc/vhost-vsock.sock -device vhost-user-vsock-device,chardev=vs0",
         ] {
             assert!(l.contains(want), "missing {want:?} in {l}");
         }

@@ -1,12 +1,22 @@
-//! The `qemu` backend: QEMU's `microvm` machine, KVM or TCG.
+//! The `qemu` backend: QEMU's `microvm` machine, KVM or TCG, with the vhost-user devices the
+//! agent needs (virtio-fs through virtiofsd, vsock through vhost-device-vsock).
+//!
+//! A [`QemuVm`] owns QEMU and its helpers. A watcher thread notices a helper that ends while
+//! QEMU runs and stops QEMU (SIGTERM, which QEMU handles as a clean shutdown); `wait` then
+//! reports [`Error::HelperExited`]. When QEMU ends, for whatever reason, the helpers are ended
+//! and reaped and every socket is removed.
 
 pub mod cmdline;
+pub mod helpers;
 pub mod qmp;
 
 use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::process::Supervised;
@@ -74,34 +84,169 @@ impl Hypervisor for Qemu {
                 )));
             }
         }
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&paths.qemu_log)
-            .map_err(Error::io(format!("creating {}", paths.qemu_log.display())))?;
-        let log2 = log
-            .try_clone()
-            .map_err(Error::io(format!("opening {}", paths.qemu_log.display())))?;
-        let mut cmd = Command::new(&self.program);
-        cmd.args(cmdline::args(config, self.accel, &paths))
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log2);
-        let mut process = Supervised::spawn(QEMU_PROGRAM, cmd)?;
-        let qmp = match connect_monitor(&mut process, &paths) {
-            Ok(q) => q,
+        // Helpers first: QEMU connects to their sockets at start.
+        let mut helpers = Vec::new();
+        let started = (|| -> Result<()> {
+            if let Some(dir) = &config.shared_dir {
+                helpers.push(Helper {
+                    process: helpers::start_virtiofsd(dir, &paths)?,
+                    log: paths.virtiofsd_log.clone(),
+                });
+            }
+            if config.vsock {
+                helpers.push(Helper {
+                    process: helpers::start_vhost_vsock(&paths)?,
+                    log: paths.vhost_vsock_log.clone(),
+                });
+            }
+            Ok(())
+        })();
+        if let Err(e) = started {
+            end_helpers(&mut helpers);
+            remove_sockets(&paths);
+            return Err(e);
+        }
+        let spawned = (|| -> Result<Supervised> {
+            let log = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&paths.qemu_log)
+                .map_err(Error::io(format!("creating {}", paths.qemu_log.display())))?;
+            let log2 = log
+                .try_clone()
+                .map_err(Error::io(format!("opening {}", paths.qemu_log.display())))?;
+            let mut cmd = Command::new(&self.program);
+            cmd.args(cmdline::args(config, self.accel, &paths))
+                .stdin(Stdio::null())
+                .stdout(log)
+                .stderr(log2);
+            Supervised::spawn(QEMU_PROGRAM, cmd)
+        })();
+        let mut process = match spawned {
+            Ok(p) => p,
             Err(e) => {
-                let _ = process.kill();
+                end_helpers(&mut helpers);
                 remove_sockets(&paths);
                 return Err(e);
             }
         };
-        tracing::debug!(pid = process.pid(), backend = %self.name(), "VM started");
+        let qmp = match connect_monitor(&mut process, &paths) {
+            Ok(q) => q,
+            Err(e) => {
+                let _ = process.kill();
+                end_helpers(&mut helpers);
+                remove_sockets(&paths);
+                return Err(e);
+            }
+        };
+        tracing::debug!(pid = process.pid(), backend = %self.name(), helpers = helpers.len(), "VM started");
+        let procs = Arc::new(Mutex::new(Procs {
+            qemu: process,
+            helpers,
+            helper_exit: None,
+        }));
+        let quit = Arc::new(AtomicBool::new(false));
+        let watcher = {
+            let (procs, quit) = (procs.clone(), quit.clone());
+            std::thread::Builder::new()
+                .name("qemu-helper-watch".into())
+                .spawn(move || watch(&procs, &quit))
+                .map_err(Error::io("starting the helper watcher thread"))?
+        };
+        let pid = procs.lock().map(|p| p.qemu.pid()).unwrap_or(0);
         Ok(Box::new(QemuVm {
-            process,
+            pid,
+            procs,
+            quit,
+            watcher: Some(watcher),
             qmp: Some(qmp),
+            vsock: config.vsock.then(|| paths.vsock_sock.clone()),
             paths,
+            finished: false,
         }))
+    }
+}
+
+/// A device helper and where it logs.
+#[derive(Debug)]
+struct Helper {
+    process: Supervised,
+    log: PathBuf,
+}
+
+/// What the watcher saw end while QEMU ran.
+#[derive(Debug, Clone)]
+struct HelperExit {
+    program: String,
+    pid: u32,
+    status: ExitStatus,
+    log: PathBuf,
+}
+
+/// QEMU and its helpers, shared by the VM handle and the watcher thread.
+#[derive(Debug)]
+struct Procs {
+    qemu: Supervised,
+    helpers: Vec<Helper>,
+    helper_exit: Option<HelperExit>,
+}
+
+/// How often the watcher looks at the helpers.
+const WATCH_INTERVAL: Duration = Duration::from_millis(50);
+/// After a helper ends, how long QEMU gets to end by itself before it counts as a crash
+/// (virtiofsd ends when QEMU disconnects, slightly before QEMU is reaped).
+const HELPER_EXIT_GRACE: Duration = Duration::from_millis(500);
+
+fn lock(procs: &Mutex<Procs>) -> MutexGuard<'_, Procs> {
+    // A panic while holding the lock leaves plain process handles behind: still usable.
+    procs.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn watch(procs: &Mutex<Procs>, quit: &AtomicBool) {
+    let mut first_seen: Option<Instant> = None;
+    while !quit.load(Ordering::SeqCst) {
+        {
+            let mut p = lock(procs);
+            if !matches!(p.qemu.try_wait(), Ok(None)) {
+                return;
+            }
+            let mut ended = None;
+            for h in &mut p.helpers {
+                if let Ok(Some(status)) = h.process.try_wait() {
+                    ended = Some(HelperExit {
+                        program: h.process.name().to_string(),
+                        pid: h.process.pid(),
+                        status,
+                        log: h.log.clone(),
+                    });
+                    break;
+                }
+            }
+            if let Some(exit) = ended {
+                let since = *first_seen.get_or_insert_with(Instant::now);
+                if since.elapsed() >= HELPER_EXIT_GRACE {
+                    tracing::warn!(program = %exit.program, status = %exit.status, "device helper ended; stopping the VM");
+                    p.helper_exit = Some(exit);
+                    let _ = p.qemu.signal(nix::sys::signal::Signal::SIGTERM);
+                    return;
+                }
+            }
+        }
+        std::thread::sleep(WATCH_INTERVAL);
+    }
+}
+
+/// Ends every helper: vhost-device-vsock would outlive QEMU, virtiofsd gets a moment to end
+/// by itself (it does once QEMU is gone) and is killed after that.
+fn end_helpers(helpers: &mut [Helper]) {
+    for h in helpers.iter_mut() {
+        if h.process.name() == helpers::VIRTIOFSD {
+            if let Ok(None) = h.process.wait(Some(Duration::from_secs(2))) {
+                let _ = h.process.kill();
+            }
+        } else {
+            let _ = h.process.terminate(Duration::from_secs(2));
+        }
     }
 }
 
@@ -136,14 +281,34 @@ fn remove_sockets(paths: &Paths) {
     for s in paths.sockets() {
         let _ = std::fs::remove_file(s);
     }
+    // virtiofsd's pid file (its lock is released once virtiofsd is gone, which it is here).
+    let mut pid_file = paths.virtiofsd_sock.clone().into_os_string();
+    pid_file.push(".pid");
+    let _ = std::fs::remove_file(pid_file);
+    // Listening sockets for guest-initiated vsock connections: `<vsock_sock>_<port>`.
+    if let (Some(dir), Some(name)) = (paths.vsock_sock.parent(), paths.vsock_sock.file_name()) {
+        let prefix = format!("{}_", name.to_string_lossy());
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            for e in entries.flatten() {
+                if e.file_name().to_string_lossy().starts_with(&prefix) {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+    }
 }
 
-/// A VM run by QEMU.
+/// A VM run by QEMU, with its device helpers.
 #[derive(Debug)]
 pub struct QemuVm {
-    process: Supervised,
+    pid: u32,
+    procs: Arc<Mutex<Procs>>,
+    quit: Arc<AtomicBool>,
+    watcher: Option<JoinHandle<()>>,
     qmp: Option<Qmp>,
     paths: Paths,
+    vsock: Option<PathBuf>,
+    finished: bool,
 }
 
 impl QemuVm {
@@ -154,20 +319,37 @@ impl QemuVm {
         })
     }
 
-    fn finish(&mut self, status: ExitStatus) -> ExitStatus {
+    /// QEMU has ended: end the helpers, stop the watcher, remove the sockets. Idempotent.
+    fn finish(&mut self) {
+        if self.finished {
+            return;
+        }
+        self.finished = true;
         self.qmp = None;
+        self.quit.store(true, Ordering::SeqCst);
+        if let Some(w) = self.watcher.take() {
+            let _ = w.join();
+        }
+        end_helpers(&mut lock(&self.procs).helpers);
         remove_sockets(&self.paths);
-        status
+    }
+
+    fn helper_exit(&self) -> Option<HelperExit> {
+        lock(&self.procs).helper_exit.clone()
     }
 }
 
 impl Vm for QemuVm {
     fn pid(&self) -> u32 {
-        self.process.pid()
+        self.pid
     }
 
     fn console_log(&self) -> &Path {
         &self.paths.console_log
+    }
+
+    fn vsock_socket(&self) -> Option<&Path> {
+        self.vsock.as_deref()
     }
 
     fn console_write(&mut self, bytes: &[u8]) -> Result<()> {
@@ -192,35 +374,69 @@ impl Vm for QemuVm {
     }
 
     fn wait(&mut self, timeout: Option<Duration>) -> Result<Option<ExitStatus>> {
-        let status = self.process.wait(timeout)?;
-        Ok(status.map(|s| self.finish(s)))
+        // Polled, not blocking: the watcher thread needs the lock in between.
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let mut pause = Duration::from_millis(1);
+        let status = loop {
+            if let Some(s) = lock(&self.procs).qemu.try_wait()? {
+                break s;
+            }
+            let now = Instant::now();
+            if deadline.is_some_and(|d| now >= d) {
+                return Ok(None);
+            }
+            let left = deadline.map_or(pause, |d| d - now);
+            std::thread::sleep(pause.min(left));
+            pause = (pause * 2).min(Duration::from_millis(20));
+        };
+        self.finish();
+        if let Some(h) = self.helper_exit() {
+            return Err(Error::HelperExited {
+                program: h.program,
+                pid: h.pid,
+                status: h.status,
+                log: h.log,
+            });
+        }
+        Ok(Some(status))
     }
 
     fn stop(&mut self, grace: Duration) -> Result<ExitStatus> {
-        if self.process.try_wait()?.is_none() {
+        let running = lock(&self.procs).qemu.try_wait()?.is_none();
+        if running {
             // "quit" ends QEMU at once; it may close the connection before answering.
             let asked = self.qmp().and_then(|q| q.execute("quit")).is_ok();
             if !asked {
-                self.process.signal(nix::sys::signal::Signal::SIGTERM)?;
+                lock(&self.procs).qemu.signal(nix::sys::signal::Signal::SIGTERM)?;
             }
         }
-        let status = match self.process.wait(Some(grace))? {
-            Some(s) => s,
-            None => self.process.kill()?,
+        let status = match self.wait(Some(grace)) {
+            Ok(Some(s)) => s,
+            Ok(None) => {
+                let s = lock(&self.procs).qemu.kill()?;
+                self.finish();
+                s
+            }
+            // A helper crashed meanwhile; the VM is stopped, which is what was asked.
+            Err(Error::HelperExited { .. }) => lock(&self.procs).qemu.try_wait()?.unwrap_or_else(|| {
+                unreachable!("wait reports a helper exit only after QEMU ended")
+            }),
+            Err(e) => return Err(e),
         };
-        Ok(self.finish(status))
+        Ok(status)
     }
 
     fn kill(&mut self) -> Result<ExitStatus> {
-        let status = self.process.kill()?;
-        Ok(self.finish(status))
+        let status = lock(&self.procs).qemu.kill()?;
+        self.finish();
+        Ok(status)
     }
 }
 
 impl Drop for QemuVm {
     fn drop(&mut self) {
-        // `Supervised` kills and reaps QEMU; the sockets it leaves are ours to remove.
-        let _ = self.process.kill();
-        remove_sockets(&self.paths);
+        let _ = lock(&self.procs).qemu.kill();
+        self.finish();
+        // `Supervised` kills and reaps whatever is left when `procs` goes.
     }
 }
