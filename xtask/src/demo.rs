@@ -54,6 +54,8 @@ pub fn run() -> Result<()> {
         vcpus: 1,
         memory_mib: 256,
         state_dir: state.0.clone(),
+        shared_dir: None,
+        vsock: false,
     };
     let started = Instant::now();
     let mut vm = backend.start(&config)?;
