@@ -2,6 +2,23 @@
 //! microVM per sandbox.
 //!
 //! Owns the sandbox's life on the host: `/run/husk/<sandbox-id>/`, the VM (started through
-//! `husk-hypervisor`), sharing rootfs and volumes with the guest, wiring the pod network
-//! namespace to a tap, relaying stdio fifos, publishing events, and cleaning up on every path.
-//! It lands with the shim issue.
+//! `husk-hypervisor`), sharing rootfs and volumes with the guest, relaying stdio fifos,
+//! publishing events, and cleaning up on every path (the `delete` command included).
+//!
+//! - [`shim`]: start/delete and the bootstrap containerd drives;
+//! - [`task`]: the task API;
+//! - [`sandbox`]: the VM, its agent connection, bring-up and teardown;
+//! - [`sandbox_dir`] and [`share`]: the state directory and what is mounted in it;
+//! - [`io`]: stdio relays; [`agent`]: the agent client; [`config`]: `/etc/husk/config.toml`.
+
+pub mod agent;
+pub mod config;
+pub mod io;
+pub mod sandbox;
+pub mod sandbox_dir;
+pub mod share;
+pub mod shim;
+pub mod task;
+
+/// The runtime name containerd resolves to this binary.
+pub const RUNTIME_ID: &str = "io.containerd.husk.v2";

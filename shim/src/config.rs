@@ -1,0 +1,187 @@
+//! `/etc/husk/config.toml`: what the shim boots and with how much.
+//!
+//! Every field has a default that works after `cargo xtask install`. A different file can be
+//! named per runtime in containerd's config (`options.ConfigPath`, delivered to the shim as
+//! `runtimeoptions.v1.Options`), per `ctr run --runtime-config-path`, or with `HUSK_CONFIG`.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// The default configuration file.
+pub const DEFAULT_PATH: &str = "/etc/husk/config.toml";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: invalid configuration: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{path}: backend = {value:?} — use one of auto, qemu-tcg, qemu-kvm")]
+    Backend { path: PathBuf, value: String },
+}
+
+/// Which backend starts the VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// What `cargo xtask doctor` says this host runs best.
+    Auto,
+    QemuTcg,
+    QemuKvm,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Guest kernel (uncompressed vmlinux with a PVH note).
+    pub kernel: PathBuf,
+    /// Guest initramfs (husk-agent as /init).
+    pub initramfs: PathBuf,
+    /// `auto`, `qemu-tcg` or `qemu-kvm`.
+    pub backend: String,
+    /// vCPUs of a sandbox before its pod's CPU limits are added.
+    pub vcpus: u32,
+    /// Guest memory of a sandbox, MiB, before its pod's memory limit is added.
+    pub memory_mib: u32,
+    /// How long the agent may take to answer after the VM starts (TCG boots in ~1 s).
+    pub agent_timeout_secs: u64,
+    /// Extra guest kernel command line.
+    pub kernel_params: String,
+    /// Log level of the shim (error, warn, info, debug, trace).
+    pub log_level: String,
+    /// Where per-sandbox state lives.
+    pub state_root: PathBuf,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            kernel: "/usr/share/husk/vmlinux".into(),
+            initramfs: "/usr/share/husk/initramfs.cpio".into(),
+            backend: "auto".into(),
+            vcpus: 1,
+            memory_mib: 256,
+            agent_timeout_secs: 60,
+            kernel_params: String::new(),
+            log_level: "info".into(),
+            state_root: "/run/husk".into(),
+        }
+    }
+}
+
+impl Config {
+    /// Reads `path`; a missing default file means the defaults.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let env = std::env::var_os("HUSK_CONFIG").map(PathBuf::from);
+        let (path, explicit) = match (path, env) {
+            (Some(p), _) => (p.to_path_buf(), true),
+            (None, Some(p)) => (p, true),
+            (None, None) => (PathBuf::from(DEFAULT_PATH), false),
+        };
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if !explicit && e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(Self::default())
+            }
+            Err(source) => return Err(ConfigError::Read { path, source }),
+        };
+        let config: Config = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+        config.backend_kind().map_err(|value| ConfigError::Backend { path, value })?;
+        Ok(config)
+    }
+
+    pub fn backend_kind(&self) -> Result<Backend, String> {
+        match self.backend.as_str() {
+            "auto" | "" => Ok(Backend::Auto),
+            "qemu-tcg" => Ok(Backend::QemuTcg),
+            "qemu-kvm" => Ok(Backend::QemuKvm),
+            other => Err(other.to_string()),
+        }
+    }
+}
+
+/// The config path in containerd's runtime options: a protobuf `runtimeoptions.v1.Options`
+/// (`type_url` = 1, `config_path` = 2). Decoded by hand: the message is not among
+/// containerd-shim-protos' types, and two string fields do not justify generating code.
+pub fn config_path_from_options(value: &[u8]) -> Option<PathBuf> {
+    let mut i = 0;
+    while i < value.len() {
+        let (key, n) = varint(&value[i..])?;
+        i += n;
+        match key & 7 {
+            0 => i += varint(&value[i..])?.1,
+            2 => {
+                let (len, n) = varint(&value[i..])?;
+                i += n;
+                let end = i.checked_add(usize::try_from(len).ok()?)?;
+                let bytes = value.get(i..end)?;
+                if key >> 3 == 2 && !bytes.is_empty() {
+                    return Some(PathBuf::from(String::from_utf8_lossy(bytes).into_owned()));
+                }
+                i = end;
+            }
+            1 => i += 8,
+            5 => i += 4,
+            _ => return None,
+        }
+    }
+    None
+}
+
+fn varint(b: &[u8]) -> Option<(u64, usize)> {
+    let mut v = 0u64;
+    for (i, byte) in b.iter().enumerate().take(10) {
+        v |= u64::from(byte & 0x7f) << (7 * i);
+        if byte & 0x80 == 0 {
+            return Some((v, i + 1));
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_overrides() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("c.toml");
+        std::fs::write(&p, "vcpus = 2\nbackend = \"qemu-tcg\"\n").unwrap();
+        let c = Config::load(Some(&p)).unwrap();
+        assert_eq!(c.vcpus, 2);
+        assert_eq!(c.memory_mib, 256);
+        assert_eq!(c.backend_kind(), Ok(Backend::QemuTcg));
+    }
+
+    #[test]
+    fn bad_files_are_named() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("c.toml");
+        std::fs::write(&p, "vcpu = 2\n").unwrap();
+        let e = Config::load(Some(&p)).unwrap_err().to_string();
+        assert!(e.contains("c.toml") && e.contains("vcpu"), "{e}");
+        std::fs::write(&p, "backend = \"firecracker\"\n").unwrap();
+        let e = Config::load(Some(&p)).unwrap_err().to_string();
+        assert!(e.contains("qemu-tcg"), "{e}");
+        let e = Config::load(Some(&d.path().join("none.toml"))).unwrap_err().to_string();
+        assert!(e.contains("none.toml"), "{e}");
+    }
+
+    #[test]
+    fn runtime_options_config_path() {
+        // type_url = "x", config_path = "/etc/husk/t.toml"
+        let mut m = vec![0x0a, 1, b'x', 0x12, 16];
+        m.extend_from_slice(b"/etc/husk/t.toml");
+        assert_eq!(config_path_from_options(&m), Some(PathBuf::from("/etc/husk/t.toml")));
+        assert_eq!(config_path_from_options(&[0x0a, 1, b'x']), None);
+        assert_eq!(config_path_from_options(&[0x12, 200]), None, "truncated");
+    }
+}

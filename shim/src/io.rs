@@ -1,0 +1,171 @@
+//! Stdio of one process: containerd's fifos on the host side, the agent's stdio RPCs on the
+//! guest side (see `husk-protocols` for why RPCs).
+//!
+//! - stdout/stderr: a thread per stream long-polls `ReadStdout`/`ReadStderr` and writes what
+//!   arrives to the fifo, byte for byte, until the agent says `eof`. If the fifo's reader has
+//!   gone, output is still drained (and dropped) so the process never blocks on a full pipe.
+//! - stdin: a thread reads the fifo and calls `WriteStdin`; EOF on the fifo becomes
+//!   `CloseStdin`, so EOF reaches the process.
+//! - the waiter calls `WaitProcess`, then joins the output threads: the exit is reported only
+//!   after all output has been written.
+
+use std::fs::OpenOptions;
+use std::io::{ErrorKind, Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::PathBuf;
+use std::thread::JoinHandle;
+
+use husk_protocols::agent::{ProcessRef, ReadStreamRequest, WaitProcessResponse, WriteStdinRequest};
+use husk_protocols::agent_ttrpc::AgentClient;
+
+use crate::agent::{describe, long_poll, short};
+
+/// The fifos containerd gave for a process (empty: none).
+#[derive(Debug, Clone, Default)]
+pub struct StdioPaths {
+    pub stdin: String,
+    pub stdout: String,
+    pub stderr: String,
+    pub terminal: bool,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Stream {
+    Stdout,
+    Stderr,
+}
+
+fn relay_output(client: AgentClient, cid: String, eid: String, stream: Stream, path: String) -> JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut fifo = if path.is_empty() {
+            None
+        } else {
+            // Blocks until containerd has the read end open (it opened it before Create).
+            match OpenOptions::new().write(true).open(&path) {
+                Ok(f) => Some(f),
+                Err(e) => {
+                    log::warn!("{cid}/{eid}: opening {path}: {e}; output is dropped");
+                    None
+                }
+            }
+        };
+        let req = ReadStreamRequest {
+            container_id: cid.clone(),
+            exec_id: eid.clone(),
+            max_len: 0,
+            ..Default::default()
+        };
+        loop {
+            let resp = match stream {
+                Stream::Stdout => client.read_stdout(long_poll(), &req),
+                Stream::Stderr => client.read_stderr(long_poll(), &req),
+            };
+            match resp {
+                Ok(r) => {
+                    if !r.data.is_empty() {
+                        if let Some(f) = fifo.as_mut() {
+                            if let Err(e) = f.write_all(&r.data) {
+                                log::warn!("{cid}/{eid}: writing {path}: {e}; further output is dropped");
+                                fifo = None;
+                            }
+                        }
+                    }
+                    if r.eof {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    log::warn!("{cid}/{eid}: {stream:?}: {}", describe(&e));
+                    return;
+                }
+            }
+        }
+    })
+}
+
+fn relay_stdin(client: AgentClient, cid: String, eid: String, path: String) {
+    std::thread::spawn(move || {
+        // Blocks until a writer opens the fifo; `unblock_stdin` opens it when the process has
+        // ended without anyone having done so, so this thread never outlives its process.
+        let mut fifo = match OpenOptions::new().read(true).open(&path) {
+            Ok(f) => f,
+            Err(e) => {
+                log::warn!("{cid}/{eid}: opening {path}: {e}");
+                return;
+            }
+        };
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match fifo.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    let req = WriteStdinRequest {
+                        container_id: cid.clone(),
+                        exec_id: eid.clone(),
+                        data: buf[..n].to_vec(),
+                        ..Default::default()
+                    };
+                    if let Err(e) = client.write_stdin(short(), &req) {
+                        log::debug!("{cid}/{eid}: stdin: {}", describe(&e));
+                        return;
+                    }
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => {
+                    log::warn!("{cid}/{eid}: reading {path}: {e}");
+                    break;
+                }
+            }
+        }
+        let req = ProcessRef {
+            container_id: cid.clone(),
+            exec_id: eid.clone(),
+            ..Default::default()
+        };
+        if let Err(e) = client.close_stdin(short(), &req) {
+            log::debug!("{cid}/{eid}: closing stdin: {}", describe(&e));
+        }
+    });
+}
+
+/// Opens and closes the write end of a stdin fifo, waking a relay blocked in `open`.
+pub fn unblock_stdin(path: &str) {
+    if !path.is_empty() {
+        let _ = OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(PathBuf::from(path));
+    }
+}
+
+/// Starts the relays and the waiter of a started process. `on_exit` runs once, with the
+/// agent's answer to `WaitProcess`, after all output reached the fifos.
+pub fn start(
+    client: AgentClient,
+    cid: &str,
+    eid: &str,
+    stdio: &StdioPaths,
+    on_exit: impl FnOnce(Result<WaitProcessResponse, String>) + Send + 'static,
+) {
+    let out = relay_output(client.clone(), cid.into(), eid.into(), Stream::Stdout, stdio.stdout.clone());
+    // With a terminal the pty merges stderr into stdout.
+    let err = (!stdio.terminal).then(|| relay_output(client.clone(), cid.into(), eid.into(), Stream::Stderr, stdio.stderr.clone()));
+    if !stdio.stdin.is_empty() {
+        relay_stdin(client.clone(), cid.into(), eid.into(), stdio.stdin.clone());
+    }
+    let req = ProcessRef {
+        container_id: cid.into(),
+        exec_id: eid.into(),
+        ..Default::default()
+    };
+    let stdin = stdio.stdin.clone();
+    std::thread::spawn(move || {
+        let result = client.wait_process(long_poll(), &req).map_err(|e| describe(&e));
+        let _ = out.join();
+        if let Some(err) = err {
+            let _ = err.join();
+        }
+        unblock_stdin(&stdin);
+        on_exit(result);
+    });
+}

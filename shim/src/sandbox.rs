@@ -1,0 +1,275 @@
+//! A sandbox: one VM, its state directory and its agent.
+//!
+//! Bring-up on the first container: create `/run/husk/<sid>/` and its shared mount, start the
+//! VM through `husk-hypervisor` (backend from the configuration; `auto` is what `doctor` says),
+//! connect to the agent with a deadline, `CreateSandbox`. A failure at any step tears down
+//! everything started before it, and its error carries the tail of the guest console.
+
+use std::path::PathBuf;
+use std::process::ExitStatus;
+use std::sync::mpsc;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use husk_hypervisor::host::{self, BackendChoice};
+use husk_hypervisor::qemu::Qemu;
+use husk_hypervisor::{Accel, Hypervisor, Vm, VmConfig};
+use husk_protocols::agent::{CreateSandboxRequest, DestroySandboxRequest};
+use serde_json::Value;
+
+use crate::agent::{self, Agent};
+use crate::config::{Backend, Config};
+use crate::sandbox_dir::SandboxDir;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    #[error("sandbox {sid}: {step}: {message}")]
+    Step {
+        sid: String,
+        step: &'static str,
+        message: String,
+    },
+    #[error("sandbox {sid}: {step}: {message}\n--- last lines of the guest console ({console}) ---\n{tail}")]
+    Guest {
+        sid: String,
+        step: &'static str,
+        message: String,
+        console: PathBuf,
+        tail: String,
+    },
+}
+
+/// vCPUs and memory for a sandbox: the configured base plus the pod's limits.
+pub fn size_for(config: &Config, spec: &Value) -> (u32, u32) {
+    let res = &spec["linux"]["resources"];
+    let quota = res["cpu"]["quota"].as_i64().unwrap_or(0);
+    let period = res["cpu"]["period"].as_u64().unwrap_or(0);
+    let extra_cpus = if quota > 0 && period > 0 {
+        u32::try_from((quota.unsigned_abs()).div_ceil(period)).unwrap_or(0)
+    } else {
+        0
+    };
+    let limit = res["memory"]["limit"].as_i64().unwrap_or(0);
+    let extra_mib = if limit > 0 {
+        u32::try_from(limit.unsigned_abs().div_ceil(1 << 20)).unwrap_or(0)
+    } else {
+        0
+    };
+    (
+        (config.vcpus + extra_cpus).clamp(1, husk_hypervisor::MAX_VCPUS),
+        config.memory_mib.saturating_add(extra_mib),
+    )
+}
+
+fn backend(config: &Config) -> Result<Qemu, husk_hypervisor::Error> {
+    let accel = match config.backend_kind() {
+        Ok(Backend::QemuKvm) => Accel::Kvm,
+        Ok(Backend::QemuTcg) => Accel::Tcg,
+        Ok(Backend::Auto) | Err(_) => {
+            let BackendChoice::Qemu(a) = host::detect().backend;
+            a
+        }
+    };
+    Qemu::new(accel)
+}
+
+pub struct Sandbox {
+    pub id: String,
+    pub dir: SandboxDir,
+    vm: Mutex<Box<dyn Vm>>,
+    pub vm_pid: u32,
+    pub agent: Agent,
+    pub backend: String,
+    /// Dropping it ends the thread the VM processes are tied to (see `Hypervisor::start`).
+    keeper: Mutex<Option<mpsc::Sender<()>>>,
+    destroyed: std::sync::atomic::AtomicBool,
+}
+
+impl std::fmt::Debug for Sandbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sandbox").field("id", &self.id).field("vm_pid", &self.vm_pid).finish()
+    }
+}
+
+impl Sandbox {
+    pub fn start(config: &Config, id: &str, spec: &Value, hostname: &str) -> Result<Self, SandboxError> {
+        let step_err = |step: &'static str| {
+            let sid = id.to_string();
+            move |e: &dyn std::fmt::Display| SandboxError::Step {
+                sid,
+                step,
+                message: e.to_string(),
+            }
+        };
+        let dir = SandboxDir::new(&config.state_root, id).map_err(|e| step_err("state directory")(&e))?;
+        if dir.root().exists() {
+            return Err(step_err("state directory")(&format!(
+                "{} exists: another shim runs this sandbox, or a dead one was not cleaned up (`ctr task delete` runs the cleanup)",
+                dir.root().display()
+            )));
+        }
+        dir.create().map_err(|e| {
+            let _ = dir.destroy();
+            step_err("state directory")(&e)
+        })?;
+        match Self::start_in(config, id, spec, hostname, dir.clone()) {
+            Ok(s) => Ok(s),
+            Err(e) => {
+                let _ = dir.destroy();
+                Err(e)
+            }
+        }
+    }
+
+    fn start_in(config: &Config, id: &str, spec: &Value, hostname: &str, dir: SandboxDir) -> Result<Self, SandboxError> {
+        let sid = id.to_string();
+        let (vcpus, memory_mib) = size_for(config, spec);
+        let backend = backend(config).map_err(|e| SandboxError::Step {
+            sid: sid.clone(),
+            step: "choosing the hypervisor",
+            message: e.to_string(),
+        })?;
+        let vm_config = VmConfig {
+            kernel: config.kernel.clone(),
+            initramfs: config.initramfs.clone(),
+            cmdline_extra: config.kernel_params.clone(),
+            vcpus,
+            memory_mib,
+            state_dir: dir.root().to_path_buf(),
+            shared_dir: Some(dir.shared()),
+            vsock: true,
+        };
+        // The VM's processes die with the thread that started them: give them a thread that
+        // lives exactly as long as the sandbox.
+        let (vm_tx, vm_rx) = mpsc::channel();
+        let (keep_tx, keep_rx) = mpsc::channel::<()>();
+        let b = backend.clone();
+        std::thread::Builder::new()
+            .name(format!("vm-{id}"))
+            .spawn(move || {
+                let _ = vm_tx.send(b.start(&vm_config));
+                let _ = keep_rx.recv();
+            })
+            .map_err(|e| SandboxError::Step {
+                sid: sid.clone(),
+                step: "starting the VM thread",
+                message: e.to_string(),
+            })?;
+        let started = vm_rx.recv().map_err(|e| SandboxError::Step {
+            sid: sid.clone(),
+            step: "starting the VM",
+            message: e.to_string(),
+        });
+        let mut vm = match started {
+            Ok(Ok(vm)) => vm,
+            Ok(Err(e)) => {
+                return Err(SandboxError::Step {
+                    sid,
+                    step: "starting the VM",
+                    message: e.to_string(),
+                })
+            }
+            Err(e) => return Err(e),
+        };
+        let console = vm.console_log().to_path_buf();
+        let guest_err = |step: &'static str, message: String| SandboxError::Guest {
+            sid: id.to_string(),
+            step,
+            message,
+            tail: husk_hypervisor::console::tail(&console, 20),
+            console: console.clone(),
+        };
+        let vm_pid = vm.pid();
+        let _ = dir.write_pids(&[vm_pid]);
+        let Some(socket) = vm.vsock_socket().map(PathBuf::from) else {
+            let _ = vm.kill();
+            return Err(guest_err("connecting to the agent", "the VM has no vsock device".into()));
+        };
+        let agent = match Agent::connect(&socket, Duration::from_secs(config.agent_timeout_secs)) {
+            Ok(a) => a,
+            Err(e) => {
+                let _ = vm.kill();
+                return Err(guest_err("connecting to the agent", e.to_string()));
+            }
+        };
+        let req = CreateSandboxRequest {
+            sandbox_id: id.to_string(),
+            hostname: hostname.to_string(),
+            ..Default::default()
+        };
+        if let Err(e) = agent.client().create_sandbox(agent::short(), &req) {
+            let _ = vm.kill();
+            return Err(guest_err("CreateSandbox", agent::describe(&e)));
+        }
+        log::info!("sandbox {id}: VM {vm_pid} on {} with {vcpus} vCPU, {memory_mib} MiB; agent {}", backend.name(), agent.agent_version);
+        Ok(Self {
+            id: id.to_string(),
+            dir,
+            vm: Mutex::new(vm),
+            vm_pid,
+            agent,
+            backend: backend.name(),
+            keeper: Mutex::new(Some(keep_tx)),
+            destroyed: std::sync::atomic::AtomicBool::new(false),
+        })
+    }
+
+    /// The VM's exit status if it has ended.
+    pub fn vm_exited(&self) -> Option<ExitStatus> {
+        let mut vm = self.vm.lock().unwrap_or_else(|e| e.into_inner());
+        vm.wait(Some(Duration::ZERO)).ok().flatten()
+    }
+
+    pub fn console_tail(&self) -> String {
+        let vm = self.vm.lock().unwrap_or_else(|e| e.into_inner());
+        husk_hypervisor::console::tail(vm.console_log(), 20)
+    }
+
+    pub fn pause(&self) -> Result<(), husk_hypervisor::Error> {
+        self.vm.lock().unwrap_or_else(|e| e.into_inner()).pause()
+    }
+
+    pub fn resume(&self) -> Result<(), husk_hypervisor::Error> {
+        self.vm.lock().unwrap_or_else(|e| e.into_inner()).resume()
+    }
+
+    pub fn is_destroyed(&self) -> bool {
+        self.destroyed.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Asks the agent to end the sandbox, stops the VM, removes the state directory.
+    pub fn destroy(&self) {
+        self.destroyed.store(true, std::sync::atomic::Ordering::SeqCst);
+        let mut vm = self.vm.lock().unwrap_or_else(|e| e.into_inner());
+        if vm.wait(Some(Duration::ZERO)).ok().flatten().is_none() {
+            let ctx = husk_protocols::ttrpc::context::with_duration(Duration::from_secs(5));
+            let _ = self.agent.client().destroy_sandbox(ctx, &DestroySandboxRequest::default());
+            // The agent powers the VM off after answering; give it a moment, then stop it.
+            if vm.wait(Some(Duration::from_secs(3))).ok().flatten().is_none() {
+                let _ = vm.stop(Duration::from_secs(3));
+            }
+        }
+        let _ = vm.kill();
+        drop(vm);
+        self.keeper.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Err(e) = self.dir.destroy() {
+            log::error!("sandbox {}: cleaning up: {e}", self.id);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn pod_limits_grow_the_vm() {
+        let c = Config::default();
+        assert_eq!(size_for(&c, &json!({})), (1, 256));
+        let spec = json!({"linux": {"resources": {"cpu": {"quota": 150000, "period": 100000}, "memory": {"limit": 134217728}}}});
+        assert_eq!(size_for(&c, &spec), (3, 384));
+        let neg = json!({"linux": {"resources": {"cpu": {"quota": -1, "period": 100000}, "memory": {"limit": -1}}}});
+        assert_eq!(size_for(&c, &neg), (1, 256));
+    }
+}

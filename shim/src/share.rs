@@ -1,0 +1,201 @@
+//! Sharing a container's file systems with the guest: containerd's rootfs mounts under
+//! `shared/<cid>/rootfs`, each OCI bind mount (volumes, /etc/hosts, /etc/resolv.conf,
+//! /etc/hostname, secrets) under `shared/<cid>/mounts/<n>`, and the spec the agent gets
+//! rewritten to point at the guest's view of them.
+
+use std::path::{Path, PathBuf};
+
+use containerd_shim::protos::types::mount::Mount as ContainerdMount;
+use nix::mount::{mount, MsFlags};
+use serde_json::Value;
+
+use crate::sandbox_dir::{DirError, SandboxDir, GUEST_SHARED};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ShareError {
+    #[error(transparent)]
+    Dir(#[from] DirError),
+    #[error("{cid}: mounting the rootfs ({fstype} from {source_path}) on {target}: {message}")]
+    Rootfs {
+        cid: String,
+        fstype: String,
+        source_path: String,
+        target: PathBuf,
+        message: String,
+    },
+    #[error("{cid}: bind mount {source_path} -> {destination}: {message}")]
+    Bind {
+        cid: String,
+        source_path: String,
+        destination: String,
+        message: String,
+    },
+    #[error("{cid}: config.json: {message}")]
+    Spec { cid: String, message: String },
+}
+
+/// Mounts containerd's rootfs mounts for `cid` (or binds the bundle's `rootfs/` when
+/// containerd mounted it already) under `shared/<cid>/rootfs`.
+pub fn mount_rootfs(dir: &SandboxDir, cid: &str, mounts: &[ContainerdMount], bundle: &Path) -> Result<PathBuf, ShareError> {
+    let target = dir.rootfs(cid);
+    std::fs::create_dir_all(&target).map_err(|e| ShareError::Rootfs {
+        cid: cid.into(),
+        fstype: "-".into(),
+        source_path: "-".into(),
+        target: target.clone(),
+        message: e.to_string(),
+    })?;
+    let fail = |fstype: &str, source: &str, message: String| ShareError::Rootfs {
+        cid: cid.into(),
+        fstype: fstype.into(),
+        source_path: source.into(),
+        target: target.clone(),
+        message,
+    };
+    if mounts.is_empty() {
+        let src = bundle.join("rootfs");
+        mount(Some(&src), &target, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>)
+            .map_err(|e| fail("bind", &src.display().to_string(), e.to_string()))?;
+        return Ok(target);
+    }
+    for m in mounts {
+        containerd_shim::mount::mount_rootfs(Some(m.type_.as_str()), Some(m.source.as_str()), &m.options, &target)
+            .map_err(|e| fail(&m.type_, &m.source, e.to_string()))?;
+    }
+    Ok(target)
+}
+
+fn is_bind(m: &Value) -> bool {
+    m.get("type").and_then(Value::as_str) == Some("bind")
+        || m
+            .get("options")
+            .and_then(Value::as_array)
+            .is_some_and(|o| o.iter().any(|x| matches!(x.as_str(), Some("bind" | "rbind"))))
+}
+
+/// Shares every bind mount of `spec` with the guest and rewrites its source to the guest's
+/// path. Returns the rewritten spec as JSON for the agent.
+pub fn share_bind_mounts(dir: &SandboxDir, cid: &str, spec: &mut Value) -> Result<(), ShareError> {
+    let Some(mounts) = spec.get_mut("mounts").and_then(Value::as_array_mut) else {
+        return Ok(());
+    };
+    let host_dir = dir.container(cid).join("mounts");
+    for (n, m) in mounts.iter_mut().enumerate() {
+        if !is_bind(m) {
+            continue;
+        }
+        let source = m.get("source").and_then(Value::as_str).unwrap_or("").to_string();
+        let destination = m.get("destination").and_then(Value::as_str).unwrap_or("").to_string();
+        let fail = |message: String| ShareError::Bind {
+            cid: cid.into(),
+            source_path: source.clone(),
+            destination: destination.clone(),
+            message,
+        };
+        if !source.starts_with('/') {
+            return Err(fail("the source must be an absolute host path".into()));
+        }
+        let meta = std::fs::metadata(&source).map_err(|e| fail(e.to_string()))?;
+        std::fs::create_dir_all(&host_dir).map_err(|e| fail(e.to_string()))?;
+        let name = n.to_string();
+        let target = host_dir.join(&name);
+        if meta.is_dir() {
+            std::fs::create_dir(&target).map_err(|e| fail(e.to_string()))?;
+        } else {
+            std::fs::File::create(&target).map_err(|e| fail(e.to_string()))?;
+        }
+        mount(Some(source.as_str()), &target, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>)
+            .map_err(|e| fail(e.to_string()))?;
+        let readonly = m
+            .get("options")
+            .and_then(Value::as_array)
+            .is_some_and(|o| o.iter().any(|x| x.as_str() == Some("ro")));
+        if readonly {
+            // Read-only on the host side too: a compromised guest cannot write through it.
+            mount(
+                None::<&str>,
+                &target,
+                None::<&str>,
+                MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+                None::<&str>,
+            )
+            .map_err(|e| fail(format!("remounting read-only: {e}")))?;
+        }
+        m["source"] = Value::String(format!("{GUEST_SHARED}/{cid}/mounts/{name}"));
+    }
+    Ok(())
+}
+
+/// Reads the bundle's config.json.
+pub fn read_spec(bundle: &Path, cid: &str) -> Result<Value, ShareError> {
+    let path = bundle.join("config.json");
+    let text = std::fs::read(&path).map_err(|e| ShareError::Spec {
+        cid: cid.into(),
+        message: format!("{}: {e}", path.display()),
+    })?;
+    serde_json::from_slice(&text).map_err(|e| ShareError::Spec {
+        cid: cid.into(),
+        message: format!("{}: not valid JSON: {e}", path.display()),
+    })
+}
+
+/// The sandbox a container belongs to, from its annotations (CRI's, or `io.husk.sandbox-id`
+/// for ctr users); `None` when the container is its own sandbox.
+pub fn sandbox_of(spec: &Value) -> Option<String> {
+    let ann = spec.get("annotations")?;
+    let get = |k: &str| ann.get(k).and_then(Value::as_str).filter(|s| !s.is_empty());
+    if get("io.kubernetes.cri.container-type") == Some("container") {
+        if let Some(id) = get("io.kubernetes.cri.sandbox-id") {
+            return Some(id.to_string());
+        }
+    }
+    get("io.husk.sandbox-id").map(str::to_string)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn sandbox_grouping_annotations() {
+        let cri = json!({"annotations": {"io.kubernetes.cri.container-type": "container", "io.kubernetes.cri.sandbox-id": "sb"}});
+        assert_eq!(sandbox_of(&cri).as_deref(), Some("sb"));
+        let pause = json!({"annotations": {"io.kubernetes.cri.container-type": "sandbox", "io.kubernetes.cri.sandbox-id": "sb"}});
+        assert_eq!(sandbox_of(&pause), None);
+        assert_eq!(sandbox_of(&json!({"annotations": {"io.husk.sandbox-id": "x"}})).as_deref(), Some("x"));
+        assert_eq!(sandbox_of(&json!({})), None);
+    }
+
+    #[test]
+    fn binds_are_shared_and_rewritten() {
+        if !nix::unistd::Uid::effective().is_root() {
+            panic!("this test mounts: run it as root (cargo xtask test)");
+        }
+        let base = tempfile::tempdir().unwrap();
+        let vol = tempfile::tempdir().unwrap();
+        std::fs::write(vol.path().join("f"), "data").unwrap();
+        let hosts = vol.path().join("hosts");
+        std::fs::write(&hosts, "127.0.0.1 localhost\n").unwrap();
+        let d = SandboxDir::new(base.path(), "sb").unwrap();
+        d.create().unwrap();
+        let mut spec = json!({"mounts": [
+            {"destination": "/proc", "type": "proc", "source": "proc"},
+            {"destination": "/data", "type": "bind", "source": vol.path(), "options": ["rbind", "rw"]},
+            {"destination": "/etc/hosts", "type": "bind", "source": hosts, "options": ["rbind", "ro"]},
+        ]});
+        share_bind_mounts(&d, "c1", &mut spec).unwrap();
+        assert_eq!(spec["mounts"][0]["source"], "proc");
+        assert_eq!(spec["mounts"][1]["source"], "/run/husk/shared/c1/mounts/1");
+        assert_eq!(spec["mounts"][2]["source"], "/run/husk/shared/c1/mounts/2");
+        let shared_dir = d.container("c1").join("mounts");
+        assert_eq!(std::fs::read_to_string(shared_dir.join("1/f")).unwrap(), "data");
+        assert!(std::fs::write(shared_dir.join("2"), "x").is_err(), "read-only bind must refuse writes");
+        let e = share_bind_mounts(&d, "c2", &mut json!({"mounts": [{"destination": "/x", "type": "bind", "source": "/nonexistent/v"}]}))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("c2") && e.contains("/nonexistent/v"), "{e}");
+        d.destroy().unwrap();
+        assert!(!d.root().exists());
+    }
+}

@@ -1,0 +1,817 @@
+//! containerd's task API (shim v2) mapped onto the sandbox's VM and agent.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Duration;
+
+use containerd_shim::api::{
+    CloseIORequest, ConnectRequest, ConnectResponse, CreateTaskRequest, CreateTaskResponse, DeleteRequest,
+    DeleteResponse, Empty, ExecProcessRequest, KillRequest, PauseRequest, PidsRequest, PidsResponse,
+    ResizePtyRequest, ResumeRequest, ShutdownRequest, StartRequest, StartResponse, StateRequest, StateResponse,
+    StatsRequest, StatsResponse, Status, UpdateTaskRequest, WaitRequest, WaitResponse,
+};
+use containerd_shim::protos::cgroups_v2::metrics::{CPUStat, IOEntry, IOStat, MemoryEvents, MemoryStat, Metrics, PidsStat};
+use containerd_shim::protos::events::task::{
+    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskOOM, TaskPaused, TaskResumed,
+    TaskStart,
+};
+use containerd_shim::protos::protobuf::well_known_types::any::Any;
+use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
+use containerd_shim::protos::protobuf::{Message, MessageDyn, MessageField};
+use containerd_shim::protos::topics;
+use containerd_shim::protos::types::task::ProcessInfo;
+use containerd_shim::publisher::RemotePublisher;
+use containerd_shim::{Context, ExitSignal, Task, TtrpcContext, TtrpcResult};
+use husk_protocols::agent::{
+    ContainerRef, CreateContainerRequest, ExecProcessRequest as AgentExec, GetOOMEventRequest, ProcessRef,
+    RemoveContainerRequest, SignalProcessRequest, TtyWinResizeRequest, UpdateContainerRequest, WaitProcessResponse,
+};
+use husk_protocols::ttrpc::{self, Code};
+
+use crate::agent::{describe, long_poll, short};
+use crate::config::{config_path_from_options, Config};
+use crate::io::{self, StdioPaths};
+use crate::sandbox::Sandbox;
+use crate::share;
+
+/// Exit status reported for a process whose VM died under it (Kata and runc use 255 too when
+/// the real status is unknown).
+pub const UNKNOWN_EXIT: u32 = 255;
+
+fn err(code: Code, msg: impl Into<String>) -> ttrpc::Error {
+    ttrpc::Error::RpcStatus(ttrpc::get_status(code, msg.into()))
+}
+
+fn now() -> Timestamp {
+    Timestamp::now()
+}
+
+#[derive(Debug, Clone)]
+struct ProcState {
+    pid: u32,
+    status: Status,
+    exit: Option<(u32, Timestamp)>,
+}
+
+/// One process (a container's init, exec id "", or an exec).
+#[derive(Debug)]
+struct Proc {
+    cid: String,
+    eid: String,
+    stdio: StdioPaths,
+    /// For execs: the OCI process as JSON.
+    process_json: Vec<u8>,
+    state: Mutex<ProcState>,
+    exited: Condvar,
+}
+
+impl Proc {
+    fn new(cid: &str, eid: &str, stdio: StdioPaths, process_json: Vec<u8>) -> Arc<Self> {
+        Arc::new(Self {
+            cid: cid.into(),
+            eid: eid.into(),
+            stdio,
+            process_json,
+            state: Mutex::new(ProcState {
+                pid: 0,
+                status: Status::CREATED,
+                exit: None,
+            }),
+            exited: Condvar::new(),
+        })
+    }
+
+    fn state(&self) -> MutexGuard<'_, ProcState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records the exit once; returns false if it was already recorded.
+    fn set_exit(&self, status: u32) -> bool {
+        let mut s = self.state();
+        if s.exit.is_some() {
+            return false;
+        }
+        s.exit = Some((status, now()));
+        s.status = Status::STOPPED;
+        self.exited.notify_all();
+        true
+    }
+
+    fn id(&self) -> &str {
+        if self.eid.is_empty() {
+            &self.cid
+        } else {
+            &self.eid
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Container {
+    bundle: String,
+    init: Arc<Proc>,
+    execs: HashMap<String, Arc<Proc>>,
+}
+
+#[derive(Default)]
+struct Inner {
+    sandbox: Option<Arc<Sandbox>>,
+    containers: HashMap<String, Container>,
+}
+
+pub struct Service {
+    namespace: String,
+    publisher: Arc<RemotePublisher>,
+    exit: Arc<ExitSignal>,
+    inner: Arc<Mutex<Inner>>,
+}
+
+impl Service {
+    pub fn new(namespace: &str, publisher: RemotePublisher, exit: Arc<ExitSignal>) -> Self {
+        Self {
+            namespace: namespace.into(),
+            publisher: Arc::new(publisher),
+            exit,
+            inner: Arc::new(Mutex::new(Inner::default())),
+        }
+    }
+
+    fn inner(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn publish(&self, topic: &str, event: Box<dyn MessageDyn>) {
+        publish(&self.publisher, &self.namespace, topic, event);
+    }
+
+    fn lookup(&self, id: &str, exec_id: &str) -> TtrpcResult<(Arc<Proc>, Arc<Sandbox>)> {
+        let inner = self.inner();
+        let c = inner
+            .containers
+            .get(id)
+            .ok_or_else(|| err(Code::NOT_FOUND, format!("container {id}: not found in this shim")))?;
+        let p = if exec_id.is_empty() {
+            c.init.clone()
+        } else {
+            c.execs
+                .get(exec_id)
+                .cloned()
+                .ok_or_else(|| err(Code::NOT_FOUND, format!("container {id}: exec {exec_id}: not found")))?
+        };
+        let sb = inner
+            .sandbox
+            .clone()
+            .ok_or_else(|| err(Code::FAILED_PRECONDITION, format!("container {id}: the sandbox is gone")))?;
+        Ok((p, sb))
+    }
+
+    fn sandbox(&self, id: &str) -> TtrpcResult<Arc<Sandbox>> {
+        self.lookup(id, "").map(|(_, s)| s)
+    }
+
+    /// Brings the sandbox up and starts the threads that watch it.
+    fn start_sandbox(&self, config: &Config, sid: &str, spec: &serde_json::Value) -> TtrpcResult<Arc<Sandbox>> {
+        let hostname = spec["hostname"].as_str().unwrap_or("");
+        let sb = Arc::new(Sandbox::start(config, sid, spec, hostname).map_err(|e| err(Code::INTERNAL, e.to_string()))?);
+        self.watch_oom(&sb);
+        watch_vm(sb.clone(), self.inner.clone(), self.publisher.clone(), self.namespace.clone());
+        Ok(sb)
+    }
+
+    fn watch_oom(&self, sb: &Arc<Sandbox>) {
+        let Ok(client) = sb.agent.connection() else {
+            log::warn!("sandbox {}: no connection for OOM events", sb.id);
+            return;
+        };
+        let publisher = self.publisher.clone();
+        let ns = self.namespace.clone();
+        std::thread::spawn(move || {
+            while let Ok(ev) = client.get_oom_event(long_poll(), &GetOOMEventRequest::default()) {
+                let e = TaskOOM {
+                    container_id: ev.container_id,
+                    ..Default::default()
+                };
+                publish(&publisher, &ns, topics::TASK_OOM_EVENT_TOPIC, Box::new(e));
+            }
+        });
+    }
+
+    /// Starts the stdio relays and the waiter of a started process.
+    fn run_process(&self, sb: &Arc<Sandbox>, p: &Arc<Proc>) -> TtrpcResult<()> {
+        let client = sb
+            .agent
+            .connection()
+            .map_err(|e| err(Code::UNAVAILABLE, format!("container {}: {e}", p.cid)))?;
+        let proc_ = p.clone();
+        let publisher = self.publisher.clone();
+        let ns = self.namespace.clone();
+        let sandbox = sb.clone();
+        io::start(client, &p.cid, &p.eid, &p.stdio, move |result: Result<WaitProcessResponse, String>| {
+            let status = match result {
+                Ok(r) => u32::try_from(r.exit_status).unwrap_or(UNKNOWN_EXIT),
+                Err(e) => {
+                    log::warn!(
+                        "{}/{}: waiting for the process failed ({e}); VM exit: {:?}",
+                        proc_.cid,
+                        proc_.eid,
+                        sandbox.vm_exited()
+                    );
+                    UNKNOWN_EXIT
+                }
+            };
+            if proc_.set_exit(status) {
+                let s = proc_.state();
+                let ev = TaskExit {
+                    container_id: proc_.cid.clone(),
+                    id: proc_.id().to_string(),
+                    pid: s.pid,
+                    exit_status: status,
+                    exited_at: MessageField::some(s.exit.as_ref().map(|e| e.1.clone()).unwrap_or_else(now)),
+                    ..Default::default()
+                };
+                drop(s);
+                publish(&publisher, &ns, topics::TASK_EXIT_EVENT_TOPIC, Box::new(ev));
+            }
+        });
+        Ok(())
+    }
+
+    /// Ends the sandbox when no container is left.
+    fn shutdown_if_empty(&self) {
+        let sb = {
+            let mut inner = self.inner();
+            if !inner.containers.is_empty() {
+                return;
+            }
+            inner.sandbox.take()
+        };
+        if let Some(sb) = sb {
+            sb.destroy();
+        }
+        self.exit.signal();
+    }
+}
+
+pub fn publish(publisher: &RemotePublisher, ns: &str, topic: &str, event: Box<dyn MessageDyn>) {
+    if let Err(e) = publisher.publish(Context::default(), topic, ns, event) {
+        log::warn!("publishing {topic}: {e}");
+    }
+}
+
+fn exit_of(s: &ProcState) -> (u32, MessageField<Timestamp>) {
+    match &s.exit {
+        Some((code, at)) => (*code, MessageField::some(at.clone())),
+        None => (0, MessageField::none()),
+    }
+}
+
+impl Task for Service {
+    fn create(&self, _ctx: &TtrpcContext, req: CreateTaskRequest) -> TtrpcResult<CreateTaskResponse> {
+        let cid = req.id.clone();
+        crate::sandbox_dir::check_id(&cid).map_err(|e| err(Code::INVALID_ARGUMENT, e.to_string()))?;
+        let bundle = PathBuf::from(&req.bundle);
+        let mut spec = share::read_spec(&bundle, &cid).map_err(|e| err(Code::INVALID_ARGUMENT, e.to_string()))?;
+        let config_path = req.options.as_ref().and_then(|o| config_path_from_options(&o.value));
+        let config = Config::load(config_path.as_deref()).map_err(|e| err(Code::INVALID_ARGUMENT, e.to_string()))?;
+        if self.inner().containers.contains_key(&cid) {
+            return Err(err(Code::ALREADY_EXISTS, format!("container {cid}: already exists")));
+        }
+        let sid = share::sandbox_of(&spec).unwrap_or_else(|| cid.clone());
+
+        let (sb, new_sandbox) = match self.inner().sandbox.clone() {
+            Some(sb) => (sb, false),
+            None => (self.start_sandbox(&config, &sid, &spec)?, true),
+        };
+        if sb.id != sid {
+            return Err(err(
+                Code::INVALID_ARGUMENT,
+                format!("container {cid}: belongs to sandbox {sid}, but this shim runs sandbox {}", sb.id),
+            ));
+        }
+        let undo = |sb: &Arc<Sandbox>| {
+            let _ = sb.dir.remove_container(&cid);
+            if new_sandbox {
+                sb.destroy();
+            }
+        };
+        let shared = share::mount_rootfs(&sb.dir, &cid, &req.rootfs, &bundle)
+            .and_then(|_| share::share_bind_mounts(&sb.dir, &cid, &mut spec));
+        if let Err(e) = shared {
+            undo(&sb);
+            return Err(err(Code::INTERNAL, e.to_string()));
+        }
+        let agent_req = CreateContainerRequest {
+            container_id: cid.clone(),
+            oci_spec_json: serde_json::to_vec(&spec).unwrap_or_default(),
+            terminal: req.terminal,
+            ..Default::default()
+        };
+        if let Err(e) = sb.agent.client().create_container(short(), &agent_req) {
+            undo(&sb);
+            return Err(err(Code::INTERNAL, format!("container {cid}: CreateContainer: {}", describe(&e))));
+        }
+        let stdio = StdioPaths {
+            stdin: req.stdin.clone(),
+            stdout: req.stdout.clone(),
+            stderr: req.stderr.clone(),
+            terminal: req.terminal,
+        };
+        let init = Proc::new(&cid, "", stdio, Vec::new());
+        {
+            let mut inner = self.inner();
+            if new_sandbox {
+                inner.sandbox = Some(sb.clone());
+            }
+            inner.containers.insert(
+                cid.clone(),
+                Container {
+                    bundle: req.bundle.clone(),
+                    init,
+                    execs: HashMap::new(),
+                },
+            );
+        }
+        self.publish(
+            topics::TASK_CREATE_EVENT_TOPIC,
+            Box::new(TaskCreate {
+                container_id: cid,
+                bundle: req.bundle,
+                rootfs: req.rootfs,
+                io: MessageField::some(TaskIO {
+                    stdin: req.stdin,
+                    stdout: req.stdout,
+                    stderr: req.stderr,
+                    terminal: req.terminal,
+                    ..Default::default()
+                }),
+                pid: sb.vm_pid,
+                ..Default::default()
+            }),
+        );
+        Ok(CreateTaskResponse {
+            pid: sb.vm_pid,
+            ..Default::default()
+        })
+    }
+
+    fn start(&self, _ctx: &TtrpcContext, req: StartRequest) -> TtrpcResult<StartResponse> {
+        let (p, sb) = self.lookup(&req.id, &req.exec_id)?;
+        if p.state().status != Status::CREATED {
+            return Err(err(Code::FAILED_PRECONDITION, format!("{}/{}: already started", req.id, req.exec_id)));
+        }
+        let started = if req.exec_id.is_empty() {
+            let r = ContainerRef {
+                container_id: req.id.clone(),
+                ..Default::default()
+            };
+            sb.agent.client().start_container(short(), &r)
+        } else {
+            let r = AgentExec {
+                container_id: req.id.clone(),
+                exec_id: req.exec_id.clone(),
+                oci_process_json: p.process_json.clone(),
+                ..Default::default()
+            };
+            sb.agent.client().exec_process(short(), &r)
+        }
+        .map_err(|e| err(Code::INTERNAL, format!("{}/{}: start: {}", req.id, req.exec_id, describe(&e))))?;
+        {
+            let mut s = p.state();
+            s.pid = started.pid;
+            s.status = Status::RUNNING;
+        }
+        self.run_process(&sb, &p)?;
+        if req.exec_id.is_empty() {
+            self.publish(
+                topics::TASK_START_EVENT_TOPIC,
+                Box::new(TaskStart {
+                    container_id: req.id,
+                    pid: started.pid,
+                    ..Default::default()
+                }),
+            );
+        } else {
+            self.publish(
+                topics::TASK_EXEC_STARTED_EVENT_TOPIC,
+                Box::new(TaskExecStarted {
+                    container_id: req.id,
+                    exec_id: req.exec_id,
+                    pid: started.pid,
+                    ..Default::default()
+                }),
+            );
+        }
+        Ok(StartResponse {
+            pid: started.pid,
+            ..Default::default()
+        })
+    }
+
+    fn state(&self, _ctx: &TtrpcContext, req: StateRequest) -> TtrpcResult<StateResponse> {
+        let (p, _) = self.lookup(&req.id, &req.exec_id)?;
+        let bundle = self.inner().containers.get(&req.id).map(|c| c.bundle.clone()).unwrap_or_default();
+        let s = p.state();
+        let (exit_status, exited_at) = exit_of(&s);
+        Ok(StateResponse {
+            id: req.id,
+            bundle,
+            pid: s.pid,
+            status: s.status.into(),
+            stdin: p.stdio.stdin.clone(),
+            stdout: p.stdio.stdout.clone(),
+            stderr: p.stdio.stderr.clone(),
+            terminal: p.stdio.terminal,
+            exit_status,
+            exited_at,
+            exec_id: req.exec_id,
+            ..Default::default()
+        })
+    }
+
+    fn wait(&self, _ctx: &TtrpcContext, req: WaitRequest) -> TtrpcResult<WaitResponse> {
+        let (p, _) = self.lookup(&req.id, &req.exec_id)?;
+        let mut s = p.state();
+        while s.exit.is_none() {
+            s = p.exited.wait(s).unwrap_or_else(|e| e.into_inner());
+        }
+        let (exit_status, exited_at) = exit_of(&s);
+        Ok(WaitResponse {
+            exit_status,
+            exited_at,
+            ..Default::default()
+        })
+    }
+
+    fn kill(&self, _ctx: &TtrpcContext, req: KillRequest) -> TtrpcResult<Empty> {
+        let (p, sb) = self.lookup(&req.id, &req.exec_id)?;
+        let status = p.state().status;
+        match status {
+            Status::STOPPED if !req.all => {
+                return Err(err(Code::NOT_FOUND, format!("{}/{}: process already finished", req.id, req.exec_id)))
+            }
+            Status::CREATED => {
+                // Never started in the guest: nothing to signal, the process simply ends.
+                if p.set_exit(128 + req.signal) {
+                    self.publish(
+                        topics::TASK_EXIT_EVENT_TOPIC,
+                        Box::new(TaskExit {
+                            container_id: p.cid.clone(),
+                            id: p.id().to_string(),
+                            exit_status: 128 + req.signal,
+                            exited_at: MessageField::some(now()),
+                            ..Default::default()
+                        }),
+                    );
+                }
+                return Ok(Empty::new());
+            }
+            _ => {}
+        }
+        let r = SignalProcessRequest {
+            container_id: req.id.clone(),
+            exec_id: req.exec_id.clone(),
+            signal: req.signal,
+            all: req.all,
+            ..Default::default()
+        };
+        sb.agent
+            .client()
+            .signal_process(short(), &r)
+            .map_err(|e| err(Code::INTERNAL, format!("{}/{}: signal {}: {}", req.id, req.exec_id, req.signal, describe(&e))))?;
+        Ok(Empty::new())
+    }
+
+    fn exec(&self, _ctx: &TtrpcContext, req: ExecProcessRequest) -> TtrpcResult<Empty> {
+        let spec = req
+            .spec
+            .as_ref()
+            .map(|a| a.value.clone())
+            .ok_or_else(|| err(Code::INVALID_ARGUMENT, format!("{}/{}: exec without a process spec", req.id, req.exec_id)))?;
+        {
+            let mut inner = self.inner();
+            let c = inner
+                .containers
+                .get_mut(&req.id)
+                .ok_or_else(|| err(Code::NOT_FOUND, format!("container {}: not found", req.id)))?;
+            if c.execs.contains_key(&req.exec_id) {
+                return Err(err(Code::ALREADY_EXISTS, format!("{}/{}: exec id already in use", req.id, req.exec_id)));
+            }
+            let stdio = StdioPaths {
+                stdin: req.stdin.clone(),
+                stdout: req.stdout.clone(),
+                stderr: req.stderr.clone(),
+                terminal: req.terminal,
+            };
+            c.execs.insert(req.exec_id.clone(), Proc::new(&req.id, &req.exec_id, stdio, spec));
+        }
+        self.publish(
+            topics::TASK_EXEC_ADDED_EVENT_TOPIC,
+            Box::new(TaskExecAdded {
+                container_id: req.id,
+                exec_id: req.exec_id,
+                ..Default::default()
+            }),
+        );
+        Ok(Empty::new())
+    }
+
+    fn resize_pty(&self, _ctx: &TtrpcContext, req: ResizePtyRequest) -> TtrpcResult<Empty> {
+        let (_, sb) = self.lookup(&req.id, &req.exec_id)?;
+        let r = TtyWinResizeRequest {
+            container_id: req.id.clone(),
+            exec_id: req.exec_id.clone(),
+            rows: req.height,
+            columns: req.width,
+            ..Default::default()
+        };
+        sb.agent
+            .client()
+            .tty_win_resize(short(), &r)
+            .map_err(|e| err(Code::INTERNAL, format!("{}/{}: resize: {}", req.id, req.exec_id, describe(&e))))?;
+        Ok(Empty::new())
+    }
+
+    fn close_io(&self, _ctx: &TtrpcContext, req: CloseIORequest) -> TtrpcResult<Empty> {
+        let (p, sb) = self.lookup(&req.id, &req.exec_id)?;
+        if req.stdin && p.state().status == Status::RUNNING {
+            let r = ProcessRef {
+                container_id: req.id.clone(),
+                exec_id: req.exec_id.clone(),
+                ..Default::default()
+            };
+            sb.agent
+                .client()
+                .close_stdin(short(), &r)
+                .map_err(|e| err(Code::INTERNAL, format!("{}/{}: close stdin: {}", req.id, req.exec_id, describe(&e))))?;
+        }
+        Ok(Empty::new())
+    }
+
+    fn pids(&self, _ctx: &TtrpcContext, req: PidsRequest) -> TtrpcResult<PidsResponse> {
+        let sb = self.sandbox(&req.id)?;
+        let r = ContainerRef {
+            container_id: req.id.clone(),
+            ..Default::default()
+        };
+        let list = sb
+            .agent
+            .client()
+            .list_processes(short(), &r)
+            .map_err(|e| err(Code::INTERNAL, format!("container {}: pids: {}", req.id, describe(&e))))?;
+        Ok(PidsResponse {
+            processes: list
+                .pids
+                .into_iter()
+                .map(|pid| ProcessInfo {
+                    pid,
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        })
+    }
+
+    fn pause(&self, _ctx: &TtrpcContext, req: PauseRequest) -> TtrpcResult<Empty> {
+        let (p, sb) = self.lookup(&req.id, "")?;
+        let r = ContainerRef {
+            container_id: req.id.clone(),
+            ..Default::default()
+        };
+        sb.agent
+            .client()
+            .pause_container(short(), &r)
+            .map_err(|e| err(Code::INTERNAL, format!("container {}: pause: {}", req.id, describe(&e))))?;
+        p.state().status = Status::PAUSED;
+        self.publish(
+            topics::TASK_PAUSED_EVENT_TOPIC,
+            Box::new(TaskPaused {
+                container_id: req.id,
+                ..Default::default()
+            }),
+        );
+        Ok(Empty::new())
+    }
+
+    fn resume(&self, _ctx: &TtrpcContext, req: ResumeRequest) -> TtrpcResult<Empty> {
+        let (p, sb) = self.lookup(&req.id, "")?;
+        let r = ContainerRef {
+            container_id: req.id.clone(),
+            ..Default::default()
+        };
+        sb.agent
+            .client()
+            .resume_container(short(), &r)
+            .map_err(|e| err(Code::INTERNAL, format!("container {}: resume: {}", req.id, describe(&e))))?;
+        {
+            let mut s = p.state();
+            if s.status == Status::PAUSED {
+                s.status = Status::RUNNING;
+            }
+        }
+        self.publish(
+            topics::TASK_RESUMED_EVENT_TOPIC,
+            Box::new(TaskResumed {
+                container_id: req.id,
+                ..Default::default()
+            }),
+        );
+        Ok(Empty::new())
+    }
+
+    fn stats(&self, _ctx: &TtrpcContext, req: StatsRequest) -> TtrpcResult<StatsResponse> {
+        let sb = self.sandbox(&req.id)?;
+        let r = ContainerRef {
+            container_id: req.id.clone(),
+            ..Default::default()
+        };
+        let s = sb
+            .agent
+            .client()
+            .stats_container(short(), &r)
+            .map_err(|e| err(Code::INTERNAL, format!("container {}: stats: {}", req.id, describe(&e))))?;
+        let m = Metrics {
+            pids: MessageField::some(PidsStat {
+                current: s.pids_current,
+                limit: s.pids_max,
+                ..Default::default()
+            }),
+            cpu: MessageField::some(CPUStat {
+                usage_usec: s.cpu_usage_usec,
+                user_usec: s.cpu_user_usec,
+                system_usec: s.cpu_system_usec,
+                ..Default::default()
+            }),
+            memory: MessageField::some(MemoryStat {
+                usage: s.memory_current_bytes,
+                usage_limit: s.memory_max_bytes,
+                ..Default::default()
+            }),
+            io: MessageField::some(IOStat {
+                usage: vec![IOEntry {
+                    rbytes: s.io_read_bytes,
+                    wbytes: s.io_write_bytes,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            memory_events: MessageField::some(MemoryEvents {
+                oom_kill: s.oom_kills,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let any = Any {
+            type_url: "io.containerd.cgroups.v2.Metrics".into(),
+            value: m.write_to_bytes().map_err(|e| err(Code::INTERNAL, e.to_string()))?,
+            ..Default::default()
+        };
+        Ok(StatsResponse {
+            stats: MessageField::some(any),
+            ..Default::default()
+        })
+    }
+
+    fn update(&self, _ctx: &TtrpcContext, req: UpdateTaskRequest) -> TtrpcResult<Empty> {
+        let sb = self.sandbox(&req.id)?;
+        let resources = req
+            .resources
+            .as_ref()
+            .map(|a| a.value.clone())
+            .ok_or_else(|| err(Code::INVALID_ARGUMENT, format!("container {}: update without resources", req.id)))?;
+        let r = UpdateContainerRequest {
+            container_id: req.id.clone(),
+            oci_resources_json: resources,
+            ..Default::default()
+        };
+        sb.agent
+            .client()
+            .update_container(short(), &r)
+            .map_err(|e| err(Code::INTERNAL, format!("container {}: update: {}", req.id, describe(&e))))?;
+        Ok(Empty::new())
+    }
+
+    fn delete(&self, _ctx: &TtrpcContext, req: DeleteRequest) -> TtrpcResult<DeleteResponse> {
+        let (p, sb) = self.lookup(&req.id, &req.exec_id)?;
+        let s = p.state().clone();
+        if matches!(s.status, Status::RUNNING | Status::PAUSED) {
+            return Err(err(
+                Code::FAILED_PRECONDITION,
+                format!("{}/{}: still running; kill it before deleting", req.id, req.exec_id),
+            ));
+        }
+        let (exit_status, exited_at) = exit_of(&s);
+        if req.exec_id.is_empty() {
+            let r = RemoveContainerRequest {
+                container_id: req.id.clone(),
+                force: true,
+                ..Default::default()
+            };
+            // A dead VM has nothing left to remove.
+            if sb.vm_exited().is_none() {
+                if let Err(e) = sb.agent.client().remove_container(short(), &r) {
+                    log::warn!("container {}: RemoveContainer: {}", req.id, describe(&e));
+                }
+            }
+            if let Err(e) = sb.dir.remove_container(&req.id) {
+                return Err(err(Code::INTERNAL, e.to_string()));
+            }
+            self.inner().containers.remove(&req.id);
+            self.publish(
+                topics::TASK_DELETE_EVENT_TOPIC,
+                Box::new(TaskDelete {
+                    container_id: req.id.clone(),
+                    id: req.id.clone(),
+                    pid: s.pid,
+                    exit_status,
+                    exited_at: exited_at.clone(),
+                    ..Default::default()
+                }),
+            );
+        } else if let Some(c) = self.inner().containers.get_mut(&req.id) {
+            c.execs.remove(&req.exec_id);
+        }
+        Ok(DeleteResponse {
+            pid: s.pid,
+            exit_status,
+            exited_at,
+            ..Default::default()
+        })
+    }
+
+    fn connect(&self, _ctx: &TtrpcContext, req: ConnectRequest) -> TtrpcResult<ConnectResponse> {
+        let task_pid = self.sandbox(&req.id).map(|s| s.vm_pid).unwrap_or(0);
+        Ok(ConnectResponse {
+            shim_pid: std::process::id(),
+            task_pid,
+            version: "2".into(),
+            ..Default::default()
+        })
+    }
+
+    fn shutdown(&self, _ctx: &TtrpcContext, _req: ShutdownRequest) -> TtrpcResult<Empty> {
+        self.shutdown_if_empty();
+        Ok(Empty::new())
+    }
+
+    fn checkpoint(
+        &self,
+        _ctx: &TtrpcContext,
+        req: containerd_shim::api::CheckpointTaskRequest,
+    ) -> TtrpcResult<Empty> {
+        Err(err(
+            Code::UNIMPLEMENTED,
+            format!(
+                "container {}: checkpoint is not supported by husk (the container runs inside a VM; CRIU on the host cannot reach it)",
+                req.id
+            ),
+        ))
+    }
+}
+
+/// Watches the VM: if it ends while containers run, every unfinished process exits with
+/// [`UNKNOWN_EXIT`] (its waiter also sees the broken connection) — this thread makes sure even
+/// processes that never started are released, and logs why. Ends with the sandbox.
+fn watch_vm(sb: Arc<Sandbox>, inner: Arc<Mutex<Inner>>, publisher: Arc<RemotePublisher>, ns: String) {
+    let weak = Arc::downgrade(&sb);
+    drop(sb);
+    std::thread::spawn(move || loop {
+        std::thread::sleep(Duration::from_millis(250));
+        let Some(sb) = weak.upgrade() else {
+            return;
+        };
+        if sb.is_destroyed() {
+            return;
+        }
+        let Some(status) = sb.vm_exited() else {
+            continue;
+        };
+        log::error!("sandbox {}: the VM ended ({status}); console:\n{}", sb.id, sb.console_tail());
+        let procs: Vec<Arc<Proc>> = inner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .containers
+            .values()
+            .flat_map(|c| std::iter::once(c.init.clone()).chain(c.execs.values().cloned()))
+            .collect();
+        for p in procs {
+            if p.set_exit(UNKNOWN_EXIT) {
+                let pid = p.state().pid;
+                publish(
+                    &publisher,
+                    &ns,
+                    topics::TASK_EXIT_EVENT_TOPIC,
+                    Box::new(TaskExit {
+                        container_id: p.cid.clone(),
+                        id: p.id().to_string(),
+                        pid,
+                        exit_status: UNKNOWN_EXIT,
+                        exited_at: MessageField::some(now()),
+                        ..Default::default()
+                    }),
+                );
+            }
+        }
+        return;
+    });
+}
