@@ -7,6 +7,7 @@
 
 pub mod containerd;
 pub mod procs;
+pub mod agent;
 
 use std::path::{Path, PathBuf};
 
