@@ -30,9 +30,9 @@ pub fn busybox() -> PathBuf {
 }
 
 /// Applets linked in the test rootfs.
-const APPLETS: [&str; 22] = [
+const APPLETS: [&str; 25] = [
     "sh", "cat", "echo", "true", "false", "sleep", "id", "hostname", "head", "dd", "wc", "ls", "mkdir", "touch",
-    "kill", "grep", "stty", "tr", "readlink", "ps", "sha256sum", "yes",
+    "kill", "grep", "stty", "tr", "readlink", "ps", "sha256sum", "yes", "tail", "usleep", "cut",
 ];
 
 /// Makes `<shared>/<id>/rootfs` a busybox root (bin/, proc/, dev/, sys/, tmp/, etc/).

@@ -8,6 +8,7 @@
 pub mod containerd;
 pub mod procs;
 pub mod agent;
+pub mod guest;
 
 use std::path::{Path, PathBuf};
 
