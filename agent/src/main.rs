@@ -1,34 +1,89 @@
 //! `husk-agent`: the guest's PID 1.
 //!
-//! Owns everything inside the VM: it mounts the basic file systems, reaps every orphan,
-//! reports readiness on the console and stops the VM. The agent API (ttrpc on vsock, OCI
-//! containers) is built on top of this under the agent issue; until then the agent answers
-//! one request on its console, `poweroff`, and powers off by itself after `husk.timeout=SECS`
-//! from the kernel command line.
-//!
+//! Owns everything inside the VM: it moves itself onto a tmpfs root, mounts the basic file
+//! systems and the shared virtio-fs, reaps every orphan, serves the agent API (ttrpc on vsock
+//! port 1024) and runs the containers, reports readiness on the console and stops the VM.
 //! It must never exit: when PID 1 exits the kernel panics. Every fatal error therefore ends
 //! in a clean power-off, with the reason on the console.
+//!
+//! The same binary has three more roles:
+//! - `husk-agent init|exec|pause`: the container helper, re-executed by the agent inside a
+//!   container's namespaces (see `container::spawn`);
+//! - `husk-agent serve --listen unix:///PATH --shared-dir DIR [--cgroup-root DIR]`: the API
+//!   on a unix socket outside a VM, for the host-side container tests (root needed).
 
+mod container;
 mod guest_info;
 mod pid1;
 mod power;
+mod reaper;
+mod server;
 
 use std::io::BufRead;
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
+use husk_protocols::agent_ttrpc::create_agent;
+use husk_protocols::ttrpc;
+use husk_protocols::AGENT_VSOCK_PORT;
+
 fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    match args.get(1).map(String::as_str) {
+        Some(mode @ ("init" | "exec" | "pause")) => container::helper::main(mode),
+        Some("serve") => serve(&args[2..]),
+        _ => {}
+    }
     if std::process::id() != 1 {
-        eprintln!("husk-agent: must run as PID 1 inside a husk guest (it is the initramfs's /init)");
+        eprintln!("husk-agent: must run as PID 1 inside a husk guest (it is the initramfs's /init); `husk-agent serve --help` runs the API outside a VM");
         std::process::exit(2);
+    }
+    pid1_main();
+}
+
+fn pid1_main() -> ! {
+    if let Err(e) = pid1::switch_to_tmpfs_root() {
+        power::fatal(&format!("moving to a tmpfs root: {e}"));
     }
     if let Err(e) = pid1::mount_basics() {
         power::fatal(&format!("mounting the basic file systems: {e}"));
     }
-    if let Err(e) = pid1::start_reaper() {
+    if let Err(e) = reaper::start() {
         power::fatal(&format!("starting the zombie reaper: {e}"));
     }
+    if let Err(e) = pid1::loopback_up() {
+        println!("husk-agent: warning: {e}");
+    }
+    let controllers = match pid1::enable_controllers(std::path::Path::new(pid1::CGROUP_ROOT)) {
+        Ok(c) => c,
+        Err(e) => power::fatal(&format!("cgroup v2: {e}")),
+    };
+    match pid1::mount_shared() {
+        Ok(true) => {}
+        Ok(false) => println!("husk-agent: no virtio-fs device tagged {}: containers cannot be created", pid1::SHARED_FS_TAG),
+        Err(e) => power::fatal(&e),
+    }
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    let engine = container::Engine::new(container::Config {
+        shared_dir: PathBuf::from(pid1::SHARED_DIR),
+        cgroup_root: Some(PathBuf::from(pid1::CGROUP_ROOT)),
+    });
     let info = guest_info::GuestInfo::read();
+    let service = server::Service {
+        engine,
+        ready_ms: info.since_boot_ms,
+        on_destroy: server::OnDestroy::PowerOff,
+        cgroup_controllers: controllers,
+    };
+    // No vsock device (a VM without one): the console requests below still work.
+    let server = match start_server(&format!("vsock://-1:{AGENT_VSOCK_PORT}"), service) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            println!("husk-agent: not serving the API: {e}");
+            None
+        }
+    };
     println!("{}", info.ready_line());
 
     if let Some(secs) = guest_info::timeout_from_cmdline(&cmdline) {
@@ -51,7 +106,70 @@ fn main() {
             }
         }
     }
-    // No console input (closed or unreadable): wait for the timeout, if any, forever.
+    // No console input (closed or unreadable): serve until DestroySandbox or the timeout.
+    let _keep = server;
+    loop {
+        std::thread::park();
+    }
+}
+
+fn start_server(addr: &str, service: server::Service) -> Result<ttrpc::Server, String> {
+    let mut s = ttrpc::Server::new()
+        .bind(addr)
+        .map_err(|e| format!("binding {addr}: {e}"))?
+        .register_service(create_agent(Arc::new(service)))
+        // Reads and waits block in their handler: keep enough threads for a pod's streams.
+        .set_thread_count_max(256);
+    s.start().map_err(|e| format!("starting the ttrpc server on {addr}: {e}"))?;
+    Ok(s)
+}
+
+/// `husk-agent serve`: the API outside a VM (host tests). Exits on DestroySandbox.
+fn serve(args: &[String]) -> ! {
+    let mut listen = None;
+    let mut shared = None;
+    let mut cgroup_root = None;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--listen" => listen = it.next().cloned(),
+            "--shared-dir" => shared = it.next().map(PathBuf::from),
+            "--cgroup-root" => cgroup_root = it.next().map(PathBuf::from),
+            _ => {
+                eprintln!("usage: husk-agent serve --listen unix:///PATH --shared-dir DIR [--cgroup-root CGROUP2_DIR]");
+                std::process::exit(2);
+            }
+        }
+    }
+    let (Some(listen), Some(shared)) = (listen, shared) else {
+        eprintln!("husk-agent serve: --listen and --shared-dir are required");
+        std::process::exit(2);
+    };
+    if let Err(e) = reaper::start() {
+        eprintln!("husk-agent serve: {e}");
+        std::process::exit(1);
+    }
+    // Orphans of exec helpers come back to us, not to init.
+    // SAFETY: prctl with integer arguments only.
+    unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    let engine = container::Engine::new(container::Config {
+        shared_dir: shared,
+        cgroup_root,
+    });
+    let service = server::Service {
+        engine,
+        ready_ms: 0,
+        on_destroy: server::OnDestroy::Exit,
+        cgroup_controllers: Vec::new(),
+    };
+    let _server = match start_server(&listen, service) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("husk-agent serve: {e}");
+            std::process::exit(1);
+        }
+    };
+    eprintln!("husk-agent serve: listening on {listen}");
     loop {
         std::thread::park();
     }

@@ -1,46 +1,115 @@
-//! What every PID 1 must do: mount the kernel file systems and reap orphans.
+//! What the agent does as the guest's PID 1 before serving: the kernel file systems,
+//! cgroup v2 with its controllers handed down, loopback, and the shared virtio-fs.
+
+use std::path::Path;
 
 use nix::mount::{mount, MsFlags};
-use nix::sys::signal::{SigSet, Signal};
-use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
-use nix::unistd::Pid;
 
-/// Mounts proc, sysfs, devtmpfs and tmpfs on /run and /tmp (all but /dev `nosuid,nodev`).
+/// Where the shim's shared directory (virtio-fs) is mounted in the guest.
+pub const SHARED_DIR: &str = "/run/husk/shared";
+/// The virtio-fs tag the host's VMM gives the shared directory (`husk_hypervisor::SHARED_FS_TAG`).
+pub const SHARED_FS_TAG: &str = "husk-shared";
+/// Where cgroup2 is mounted.
+pub const CGROUP_ROOT: &str = "/sys/fs/cgroup";
+
+fn mount_one(fstype: &str, target: &str, flags: MsFlags, data: Option<&str>) -> Result<(), String> {
+    std::fs::create_dir_all(target).map_err(|e| format!("creating {target}: {e}"))?;
+    mount(Some(fstype), target, Some(fstype), flags, data).map_err(|e| format!("mount {fstype} on {target}: {e}"))
+}
+
+/// Mounts proc, sysfs, devtmpfs, devpts, tmpfs on /run and /tmp, /dev/shm, and cgroup2.
 pub fn mount_basics() -> Result<(), String> {
     let common = MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC | MsFlags::MS_NODEV;
-    let mounts: [(&str, &str, MsFlags, Option<&str>); 5] = [
-        ("proc", "/proc", common, None),
-        ("sysfs", "/sys", common, None),
-        ("devtmpfs", "/dev", MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC, Some("mode=0755")),
-        ("tmpfs", "/run", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=0755")),
-        ("tmpfs", "/tmp", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=1777")),
-    ];
-    for (fstype, target, flags, data) in mounts {
-        mount(Some(fstype), target, Some(fstype), flags, data)
-            .map_err(|e| format!("mount {fstype} on {target}: {e}"))?;
-    }
+    mount_one("proc", "/proc", common, None)?;
+    mount_one("sysfs", "/sys", common, None)?;
+    mount_one("devtmpfs", "/dev", MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC, Some("mode=0755"))?;
+    mount_one("devpts", "/dev/pts", MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC, Some("newinstance,ptmxmode=0666,mode=0620"))?;
+    mount_one("tmpfs", "/dev/shm", common, Some("mode=1777"))?;
+    mount_one("tmpfs", "/run", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=0755"))?;
+    mount_one("tmpfs", "/tmp", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=1777"))?;
+    mount_one("cgroup2", CGROUP_ROOT, common, Some("nsdelegate"))?;
     Ok(())
 }
 
-/// Blocks SIGCHLD in every thread and reaps children on a dedicated thread as they exit.
-/// Must run before any other thread is started (the mask is inherited).
-pub fn start_reaper() -> Result<(), String> {
-    let mut set = SigSet::empty();
-    set.add(Signal::SIGCHLD);
-    set.thread_block().map_err(|e| format!("blocking SIGCHLD: {e}"))?;
-    std::thread::Builder::new()
-        .name("reaper".into())
-        .spawn(move || loop {
-            if set.wait().is_err() {
-                continue;
-            }
-            // One SIGCHLD may stand for several exits: reap until none is left.
-            while let Ok(status) = waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
-                if matches!(status, WaitStatus::StillAlive) {
-                    break;
-                }
-            }
-        })
-        .map_err(|e| format!("spawning the reaper thread: {e}"))?;
+/// Mounts the shared virtio-fs at [`SHARED_DIR`], if the VM has one (`Ok(false)` if not).
+pub fn mount_shared() -> Result<bool, String> {
+    // Linux 6.1 does not list virtio-fs tags in sysfs; trying the mount is the test. The
+    // virtiofs driver answers EINVAL for an unknown tag ("tag <…> not found" in dmesg).
+    std::fs::create_dir_all(SHARED_DIR).map_err(|e| format!("creating {SHARED_DIR}: {e}"))?;
+    match mount(Some(SHARED_FS_TAG), SHARED_DIR, Some("virtiofs"), MsFlags::empty(), None::<&str>) {
+        Ok(()) => Ok(true),
+        Err(nix::errno::Errno::ENOENT | nix::errno::Errno::ENODEV | nix::errno::Errno::EINVAL) => Ok(false),
+        Err(e) => Err(format!("mount virtio-fs tag {SHARED_FS_TAG} on {SHARED_DIR}: {e}")),
+    }
+}
+
+/// Brings `lo` up (an ioctl; netlink is for the real interfaces).
+pub fn loopback_up() -> Result<(), String> {
+    // SAFETY: plain socket(2); the fd is owned and closed below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(format!("socket for lo: {}", std::io::Error::last_os_error()));
+    }
+    // SAFETY: ifreq is plain old data; all-zero is a valid value.
+    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (d, s) in ifr.ifr_name.iter_mut().zip(b"lo\0") {
+        *d = *s as libc::c_char;
+    }
+    let res = (|| {
+        // SAFETY: SIOCGIFFLAGS reads into our ifreq, which outlives the call.
+        if unsafe { libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut ifr) } < 0 {
+            return Err(format!("SIOCGIFFLAGS lo: {}", std::io::Error::last_os_error()));
+        }
+        // SAFETY: the union member ifru_flags is the one SIOCGIFFLAGS filled in.
+        unsafe {
+            ifr.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+        }
+        // SAFETY: SIOCSIFFLAGS reads our ifreq.
+        if unsafe { libc::ioctl(fd, libc::SIOCSIFFLAGS, &ifr) } < 0 {
+            return Err(format!("SIOCSIFFLAGS lo: {}", std::io::Error::last_os_error()));
+        }
+        Ok(())
+    })();
+    // SAFETY: fd is ours and not used after.
+    unsafe { libc::close(fd) };
+    res
+}
+
+/// Hands every controller the root offers down to the `husk` cgroup that holds the
+/// containers. Returns the controllers.
+pub fn enable_controllers(root: &Path) -> Result<Vec<String>, String> {
+    let avail = std::fs::read_to_string(root.join("cgroup.controllers"))
+        .map_err(|e| format!("reading {}/cgroup.controllers: {e} — is cgroup2 mounted there?", root.display()))?;
+    let ctrls: Vec<String> = avail.split_whitespace().map(String::from).collect();
+    let enable: String = ctrls.iter().map(|c| format!("+{c} ")).collect();
+    let husk = root.join("husk");
+    std::fs::create_dir_all(&husk).map_err(|e| format!("creating {}: {e}", husk.display()))?;
+    for dir in [root, husk.as_path()] {
+        std::fs::write(dir.join("cgroup.subtree_control"), enable.trim())
+            .map_err(|e| format!("enabling {} in {}: {e}", enable.trim(), dir.display()))?;
+    }
+    Ok(ctrls)
+}
+
+/// Moves the agent from the initramfs (rootfs) onto a tmpfs root, as `switch_root` does.
+///
+/// Why: `pivot_root(2)` refuses to work while the caller's root is the initial rootfs (it has
+/// no parent mount), and containers pivot_root into their rootfs. The initramfs holds only
+/// `/init` (this binary) and empty mount points, so the move costs one copy of the binary.
+pub fn switch_to_tmpfs_root() -> Result<(), String> {
+    let new = "/.husk-root";
+    std::fs::create_dir_all(new).map_err(|e| format!("creating {new}: {e}"))?;
+    mount(Some("tmpfs"), new, Some("tmpfs"), MsFlags::MS_NOSUID, Some("mode=0755"))
+        .map_err(|e| format!("mount tmpfs on {new}: {e}"))?;
+    for d in ["dev", "proc", "sys", "run", "tmp"] {
+        std::fs::create_dir_all(format!("{new}/{d}")).map_err(|e| format!("creating {new}/{d}: {e}"))?;
+    }
+    std::fs::copy("/init", format!("{new}/init")).map_err(|e| format!("copying /init to {new}: {e}"))?;
+    // The initramfs copy is no longer needed; its memory is the guest's.
+    let _ = std::fs::remove_file("/init");
+    std::env::set_current_dir(new).map_err(|e| format!("chdir {new}: {e}"))?;
+    mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>).map_err(|e| format!("moving {new} onto /: {e}"))?;
+    nix::unistd::chroot(".").map_err(|e| format!("chroot into the new root: {e}"))?;
+    std::env::set_current_dir("/").map_err(|e| format!("chdir /: {e}"))?;
     Ok(())
 }

@@ -7,6 +7,8 @@
 
 pub mod containerd;
 pub mod procs;
+pub mod agent;
+pub mod guest;
 
 use std::path::{Path, PathBuf};
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 use husk_hypervisor::console::wait_for_ready;
 use husk_hypervisor::host::{self, BackendChoice};
 use husk_hypervisor::qemu::Qemu;
-use husk_hypervisor::{Error, Hypervisor, Vm, VmConfig};
+use husk_hypervisor::{Error, Hypervisor, VmConfig};
 use husk_tests::procs::children_named;
 use husk_tests::{initramfs, kernel, process_alive, require_program, require_root};
 

@@ -1,0 +1,328 @@
+//! The container helper: the agent's binary re-executed as `husk-agent init|exec|pause` in a
+//! container's namespaces (see `spawn`). Single-threaded; everything it does ends in the
+//! container's process image or in `error <message>` on the sync socket and exit 1.
+//!
+//! - `init`: PID 1 of the container's new PID namespace. Joins the cgroup and the namespaces
+//!   it is told to, builds the mount view, pivot_roots, reports `ready`, waits for `start`,
+//!   applies the process settings and execs the container's process.
+//! - `exec`: joins a running container's namespaces and cgroup, forks (entering a PID
+//!   namespace takes effect for children only), reports `pid <global pid>` and mirrors the
+//!   process's exit so the agent can wait for it.
+//! - `pause`: holds the sandbox's shared namespaces (uts, ipc) for the pod's life.
+
+use std::ffi::CString;
+use std::io::Write;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+
+use nix::sched::{setns, CloneFlags};
+use oci_spec::runtime::{PosixRlimitType, Process, Spec};
+use serde::{Deserialize, Serialize};
+
+use super::{caps, mounts, spawn};
+
+/// What `init` is told.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct InitConfig {
+    pub id: String,
+    pub spec: Spec,
+    pub rootfs: PathBuf,
+    /// The container's cgroup directory, joined first.
+    pub cgroup: Option<PathBuf>,
+    /// Namespaces to enter (`/proc/<pid>/ns/<type>` or a spec path), as (clone flag bits, path).
+    pub join: Vec<(i32, PathBuf)>,
+    /// Set the spec's hostname (the container has its own uts namespace).
+    pub set_hostname: bool,
+    pub terminal: bool,
+}
+
+/// What `exec` is told.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ExecConfig {
+    pub id: String,
+    pub init_pid: i32,
+    pub process: Process,
+    pub cgroup: Option<PathBuf>,
+    pub terminal: bool,
+}
+
+fn sync_stream() -> UnixStream {
+    // SAFETY: the agent put the sync socket on fd 3 before exec; we take ownership once.
+    unsafe { UnixStream::from_raw_fd(spawn::SYNC_FD) }
+}
+
+fn fail(sync: &mut UnixStream, msg: &str) -> ! {
+    let _ = sync.write_all(format!("error {}\n", msg.replace('\n', " ")).as_bytes());
+    std::process::exit(1)
+}
+
+/// Signals as a fresh process expects them: the agent blocks SIGCHLD and Rust ignores SIGPIPE,
+/// and both would be inherited by the container's process.
+fn reset_signals() {
+    let _ = nix::sys::signal::SigSet::empty().thread_set_mask();
+    // SAFETY: restoring the default disposition of SIGPIPE; no handler is involved.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+}
+
+fn set_cloexec(fd: i32) {
+    let _ = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC));
+}
+
+fn join_cgroup(cg: &Option<PathBuf>) -> Result<(), String> {
+    if let Some(dir) = cg {
+        std::fs::write(dir.join("cgroup.procs"), "0").map_err(|e| format!("joining cgroup {}: {e}", dir.display()))?;
+    }
+    Ok(())
+}
+
+pub fn main(mode: &str) -> ! {
+    reset_signals();
+    set_cloexec(spawn::SYNC_FD);
+    let mut sync = sync_stream();
+    let r = match mode {
+        "init" => init(&mut sync),
+        "exec" => exec(&mut sync),
+        "pause" => pause(&mut sync),
+        other => Err(format!("unknown helper mode {other:?}")),
+    };
+    match r {
+        Err(e) => fail(&mut sync, &e),
+        Ok(never) => match never {},
+    }
+}
+
+enum Never {}
+
+fn init(sync: &mut UnixStream) -> Result<Never, String> {
+    let cfg: InitConfig = serde_json::from_slice(&spawn::read_config(sync)?).map_err(|e| format!("helper config: {e}"))?;
+    join_cgroup(&cfg.cgroup)?;
+    for (flag, path) in &cfg.join {
+        let f = std::fs::File::open(path).map_err(|e| format!("opening namespace {}: {e}", path.display()))?;
+        setns(f, CloneFlags::from_bits_truncate(*flag)).map_err(|e| format!("entering namespace {}: {e}", path.display()))?;
+    }
+    if cfg.spec.linux().as_ref().and_then(|l| l.namespaces().as_ref()).is_some_and(|ns| {
+        ns.iter().any(|n| n.typ() == oci_spec::runtime::LinuxNamespaceType::Cgroup && n.path().is_none())
+    }) {
+        nix::sched::unshare(CloneFlags::CLONE_NEWCGROUP).map_err(|e| format!("new cgroup namespace: {e}"))?;
+    }
+    if cfg.set_hostname {
+        if let Some(h) = cfg.spec.hostname() {
+            nix::unistd::sethostname(h).map_err(|e| format!("sethostname {h:?}: {e}"))?;
+        }
+    }
+    let process = cfg.spec.process().clone().ok_or("the spec has no process")?;
+    // Things that need the guest's /proc, before it is gone with the old root.
+    if let Some(adj) = process.oom_score_adj() {
+        std::fs::write("/proc/self/oom_score_adj", adj.to_string()).map_err(|e| format!("oom_score_adj {adj}: {e}"))?;
+    }
+    if let Some(sysctl) = cfg.spec.linux().as_ref().and_then(|l| l.sysctl().as_ref()) {
+        for (k, v) in sysctl {
+            let path = Path::new("/proc/sys").join(k.replace('.', "/"));
+            std::fs::write(&path, v).map_err(|e| format!("sysctl {k}={v}: {e}"))?;
+        }
+    }
+    mounts::build(&cfg.spec, &cfg.rootfs)?;
+    if cfg.terminal {
+        controlling_tty()?;
+    }
+    sync.write_all(b"ready\n").map_err(|e| format!("reporting ready: {e}"))?;
+    let mut line = [0u8; 6];
+    std::io::Read::read_exact(sync, &mut line).map_err(|_| "the agent went away before start".to_string())?;
+    if &line != b"start\n" {
+        return Err(format!("expected start, got {:?}", String::from_utf8_lossy(&line)));
+    }
+    exec_process(&process, cfg.spec.linux().as_ref().and_then(|l| l.seccomp().as_ref()))
+}
+
+fn controlling_tty() -> Result<(), String> {
+    nix::unistd::setsid().map_err(|e| format!("setsid: {e}"))?;
+    // SAFETY: TIOCSCTTY on our stdin (the pty slave), integer argument.
+    if unsafe { libc::ioctl(0, libc::TIOCSCTTY, 0) } != 0 {
+        return Err(format!("making the pty the controlling terminal: {}", std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+fn exec(sync: &mut UnixStream) -> Result<Never, String> {
+    let cfg: ExecConfig = serde_json::from_slice(&spawn::read_config(sync)?).map_err(|e| format!("helper config: {e}"))?;
+    join_cgroup(&cfg.cgroup)?;
+    // Open them all first: after entering the mount namespace /proc is the container's.
+    let kinds = [
+        ("ipc", CloneFlags::CLONE_NEWIPC),
+        ("uts", CloneFlags::CLONE_NEWUTS),
+        ("net", CloneFlags::CLONE_NEWNET),
+        ("cgroup", CloneFlags::CLONE_NEWCGROUP),
+        ("pid", CloneFlags::CLONE_NEWPID),
+        ("mnt", CloneFlags::CLONE_NEWNS),
+    ];
+    let mut opened = Vec::new();
+    for (name, flag) in kinds {
+        let path = format!("/proc/{}/ns/{name}", cfg.init_pid);
+        let f = std::fs::File::open(&path).map_err(|e| format!("opening {path}: {e} — has the container's init exited?"))?;
+        opened.push((name, flag, f));
+    }
+    for (name, flag, f) in opened {
+        // Entering our own namespace again is a no-op, but EINVAL for some kinds: skip those.
+        let own = std::fs::read_link(format!("/proc/self/ns/{name}")).ok();
+        let theirs = std::fs::read_link(format!("/proc/{}/ns/{name}", cfg.init_pid)).ok();
+        if own.is_some() && own == theirs {
+            continue;
+        }
+        setns(f, flag).map_err(|e| format!("entering the container's {name} namespace: {e}"))?;
+    }
+    // SAFETY: this helper is single-threaded, so fork is safe; the child only runs our code.
+    match unsafe { nix::unistd::fork() }.map_err(|e| format!("fork: {e}"))? {
+        nix::unistd::ForkResult::Child => {
+            if cfg.terminal {
+                if let Err(e) = controlling_tty() {
+                    fail(sync, &e);
+                }
+            }
+            match exec_process(&cfg.process, None) {
+                Err(e) => fail(sync, &e),
+                Ok(never) => match never {},
+            }
+        }
+        nix::unistd::ForkResult::Parent { child } => {
+            let _ = sync.write_all(format!("pid {child}\n").as_bytes());
+            // Our copy must close so the agent sees EOF when the child execs.
+            // SAFETY: closing the fd the UnixStream wraps; it is not used after (we exit).
+            unsafe { libc::close(sync.as_raw_fd()) };
+            // Forward the signals a shim sends to the exec'd process's group leader? No: the
+            // agent signals the process itself (by its global PID). We only mirror its end.
+            loop {
+                match nix::sys::wait::waitpid(child, None) {
+                    Ok(nix::sys::wait::WaitStatus::Exited(_, code)) => std::process::exit(code),
+                    Ok(nix::sys::wait::WaitStatus::Signaled(_, sig, _)) => {
+                        // Die the same way, so the agent sees the same status.
+                        // SAFETY: restoring the default action, then raising it on ourselves.
+                        unsafe {
+                            libc::signal(sig as i32, libc::SIG_DFL);
+                            libc::raise(sig as i32);
+                        }
+                        std::process::exit(128 + sig as i32)
+                    }
+                    Ok(_) => {}
+                    Err(nix::errno::Errno::EINTR) => {}
+                    Err(_) => std::process::exit(255),
+                }
+            }
+        }
+    }
+}
+
+fn pause(sync: &mut UnixStream) -> Result<Never, String> {
+    let hostname = String::from_utf8(spawn::read_config(sync)?).map_err(|_| "hostname is not UTF-8".to_string())?;
+    if !hostname.is_empty() {
+        nix::unistd::sethostname(&hostname).map_err(|e| format!("sethostname {hostname:?}: {e}"))?;
+    }
+    sync.write_all(b"ready\n").map_err(|e| format!("reporting ready: {e}"))?;
+    loop {
+        nix::unistd::pause();
+    }
+}
+
+fn rlimit_resource(t: PosixRlimitType) -> Option<libc::__rlimit_resource_t> {
+    let name = serde_json::to_value(t).ok()?;
+    Some(match name.as_str()? {
+        "RLIMIT_CPU" => libc::RLIMIT_CPU,
+        "RLIMIT_FSIZE" => libc::RLIMIT_FSIZE,
+        "RLIMIT_DATA" => libc::RLIMIT_DATA,
+        "RLIMIT_STACK" => libc::RLIMIT_STACK,
+        "RLIMIT_CORE" => libc::RLIMIT_CORE,
+        "RLIMIT_RSS" => libc::RLIMIT_RSS,
+        "RLIMIT_NPROC" => libc::RLIMIT_NPROC,
+        "RLIMIT_NOFILE" => libc::RLIMIT_NOFILE,
+        "RLIMIT_MEMLOCK" => libc::RLIMIT_MEMLOCK,
+        "RLIMIT_AS" => libc::RLIMIT_AS,
+        "RLIMIT_LOCKS" => libc::RLIMIT_LOCKS,
+        "RLIMIT_SIGPENDING" => libc::RLIMIT_SIGPENDING,
+        "RLIMIT_MSGQUEUE" => libc::RLIMIT_MSGQUEUE,
+        "RLIMIT_NICE" => libc::RLIMIT_NICE,
+        "RLIMIT_RTPRIO" => libc::RLIMIT_RTPRIO,
+        "RLIMIT_RTTIME" => libc::RLIMIT_RTTIME,
+        _ => return None,
+    })
+}
+
+const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// `args[0]` as execve wants it: as is with a `/`, else the first match on PATH.
+pub fn resolve(arg0: &str, env: &[String]) -> Result<PathBuf, String> {
+    if arg0.contains('/') {
+        return Ok(PathBuf::from(arg0));
+    }
+    let path = env.iter().find_map(|e| e.strip_prefix("PATH=")).unwrap_or(DEFAULT_PATH);
+    for dir in path.split(':').filter(|d| !d.is_empty()) {
+        let p = Path::new(dir).join(arg0);
+        if let Ok(m) = std::fs::metadata(&p) {
+            use std::os::unix::fs::PermissionsExt;
+            if m.is_file() && m.permissions().mode() & 0o111 != 0 {
+                return Ok(p);
+            }
+        }
+    }
+    Err(format!("exec {arg0}: not found on PATH {path}"))
+}
+
+fn cstrings(v: &[String], what: &str) -> Result<Vec<CString>, String> {
+    v.iter().map(|s| CString::new(s.as_bytes()).map_err(|_| format!("{what} {s:?} contains a NUL"))).collect()
+}
+
+/// Applies a process's settings (rlimits, user, capabilities, cwd, no_new_privileges,
+/// seccomp) and execs it.
+fn exec_process(p: &Process, seccomp: Option<&oci_spec::runtime::LinuxSeccomp>) -> Result<Never, String> {
+    for r in p.rlimits().as_deref().unwrap_or(&[]) {
+        let res = rlimit_resource(r.typ()).ok_or_else(|| format!("unknown rlimit {:?}", r.typ()))?;
+        let lim = libc::rlimit {
+            rlim_cur: r.soft(),
+            rlim_max: r.hard(),
+        };
+        // SAFETY: setrlimit reads the struct we own.
+        if unsafe { libc::setrlimit(res, &lim) } != 0 {
+            return Err(format!("setrlimit {:?}: {}", r.typ(), std::io::Error::last_os_error()));
+        }
+    }
+    let nnp = p.no_new_privileges().unwrap_or(false);
+    // Without no_new_privileges, installing a filter needs CAP_SYS_ADMIN, which the user
+    // switch may drop: install it first then (the profile must allow the setup syscalls that
+    // follow, as with runc).
+    if let (Some(profile), false) = (seccomp, nnp) {
+        super::seccomp::install(profile)?;
+    }
+    let user = p.user();
+    caps::drop_bounding(p.capabilities().as_ref())?;
+    let gids: Vec<nix::unistd::Gid> = user.additional_gids().as_deref().unwrap_or(&[]).iter().map(|g| nix::unistd::Gid::from_raw(*g)).collect();
+    nix::unistd::setgroups(&gids).map_err(|e| format!("setgroups {gids:?}: {e}"))?;
+    // SAFETY: prctl with integer arguments; keeps the permitted set across the uid change.
+    unsafe { libc::prctl(libc::PR_SET_KEEPCAPS, 1, 0, 0, 0) };
+    let gid = nix::unistd::Gid::from_raw(user.gid());
+    let uid = nix::unistd::Uid::from_raw(user.uid());
+    nix::unistd::setresgid(gid, gid, gid).map_err(|e| format!("setgid {gid}: {e}"))?;
+    nix::unistd::setresuid(uid, uid, uid).map_err(|e| format!("setuid {uid}: {e}"))?;
+    caps::apply(p.capabilities().as_ref())?;
+    if let Some(mask) = user.umask() {
+        nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(mask));
+    }
+    let cwd = p.cwd();
+    nix::unistd::chdir(cwd.as_path()).map_err(|e| format!("chdir {}: {e}", cwd.display()))?;
+    if nnp {
+        // SAFETY: prctl with integer arguments only.
+        if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
+            return Err(format!("no_new_privileges: {}", std::io::Error::last_os_error()));
+        }
+    }
+    let args = p.args().clone().unwrap_or_default();
+    let arg0 = args.first().ok_or("the process has no args")?;
+    let env = p.env().clone().unwrap_or_default();
+    let path = resolve(arg0, &env)?;
+    let c_path = CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| "path contains a NUL".to_string())?;
+    let c_args = cstrings(&args, "argument")?;
+    let c_env = cstrings(&env, "environment entry")?;
+    if let (Some(profile), true) = (seccomp, nnp) {
+        super::seccomp::install(profile)?;
+    }
+    let err = nix::unistd::execve(&c_path, &c_args, &c_env).unwrap_err();
+    Err(format!("exec {}: {err}", path.display()))
+}

@@ -1,0 +1,561 @@
+//! Containers from OCI runtime specs, written by hand with one module per concern:
+//! [`spawn`] (clone + re-exec), [`helper`] (the in-namespace setup), [`mounts`], [`caps`],
+//! [`seccomp`], [`cgroup`], [`stdio`].
+//!
+//! Why not youki's libcontainer: it brings its own process model (a main/intermediate/init
+//! triple with its own state directory and sync protocol, systemd and cgroup v1 managers,
+//! hooks, rootless) that the guest does not need, and doubles the static agent's size. The
+//! guest has exactly one case: root, cgroup v2, rootfs on virtio-fs; this is ~1,500 lines.
+//!
+//! Namespaces: each container gets new PID and mount namespaces. Its uts and ipc namespaces
+//! are the sandbox's (CreateSandbox) when the spec asks for them, so a pod's containers share
+//! them, as with Kata. The network namespace is the VM's: the guest *is* the pod's network
+//! namespace, so `network` entries (whose paths name host namespaces) are ignored. `user` and
+//! `time` namespaces are refused.
+
+pub mod caps;
+pub mod cgroup;
+pub mod helper;
+pub mod mounts;
+pub mod seccomp;
+pub mod spawn;
+pub mod stdio;
+
+use std::collections::{HashMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Duration;
+
+use nix::sched::CloneFlags;
+use nix::sys::signal::Signal;
+use nix::unistd::Pid;
+use oci_spec::runtime::{LinuxNamespaceType, LinuxResources, Process as OciProcess, Spec};
+
+use crate::reaper::{exits, Exit};
+use cgroup::Cgroup;
+use helper::{ExecConfig, InitConfig};
+use spawn::Sync;
+use stdio::Stdio;
+
+/// How long a helper may take to set a container up.
+const SETUP_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Errors of the container engine; each names the container (and process) and the step.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The request itself is wrong (bad spec, bad id): INVALID_ARGUMENT.
+    #[error("{id}: {what}")]
+    Invalid { id: String, what: String },
+    #[error("{0}: no such container")]
+    NotFound(String),
+    #[error("{id}: no such process {exec_id:?}")]
+    NoProcess { id: String, exec_id: String },
+    #[error("{0}: already exists")]
+    Exists(String),
+    /// Not in a state that allows it (start twice, remove a running one): FAILED_PRECONDITION.
+    #[error("{id}: {what}")]
+    State { id: String, what: String },
+    /// A step failed in the guest: INTERNAL.
+    #[error("{id}: {what}")]
+    Failed { id: String, what: String },
+}
+
+type Result<T> = std::result::Result<T, Error>;
+
+fn failed(id: &str) -> impl Fn(String) -> Error + '_ {
+    move |what| Error::Failed { id: id.into(), what }
+}
+
+/// A process of a container: its init, or an exec.
+#[derive(Debug)]
+pub struct Process {
+    /// The PID the agent waits for (an exec's mirroring helper).
+    pub wait_pid: i32,
+    /// The PID signals go to (the process itself).
+    pub pid: i32,
+    pub stdio: Stdio,
+}
+
+impl Process {
+    fn signal(&self, sig: Signal) -> std::result::Result<(), String> {
+        if exits().exited(self.wait_pid).is_some() {
+            return Err("the process has exited".into());
+        }
+        nix::sys::signal::kill(Pid::from_raw(self.pid), sig).map_err(|e| format!("kill {sig}: {e}"))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    Created,
+    Running,
+    Paused,
+}
+
+#[derive(Debug)]
+pub struct Container {
+    pub id: String,
+    init: Arc<Process>,
+    execs: Mutex<HashMap<String, Arc<Process>>>,
+    cgroup: Option<Cgroup>,
+    state: Mutex<State>,
+    /// The init helper's sync socket until StartContainer.
+    sync: Mutex<Option<Sync>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Container {
+    fn process(&self, exec_id: &str) -> Result<Arc<Process>> {
+        if exec_id.is_empty() {
+            return Ok(self.init.clone());
+        }
+        lock(&self.execs).get(exec_id).cloned().ok_or_else(|| Error::NoProcess {
+            id: self.id.clone(),
+            exec_id: exec_id.into(),
+        })
+    }
+
+    fn init_exited(&self) -> bool {
+        exits().exited(self.init.wait_pid).is_some()
+    }
+}
+
+/// Where the engine finds things.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The shared directory: a container's rootfs is `<shared>/<id>/rootfs`.
+    pub shared_dir: PathBuf,
+    /// The cgroup2 mount whose `husk` child holds the containers; `None` runs without cgroups
+    /// (the host tests, whose hosts use cgroup v1).
+    pub cgroup_root: Option<PathBuf>,
+}
+
+#[derive(Debug)]
+struct Sandbox {
+    pause_pid: i32,
+}
+
+/// All containers of the sandbox.
+#[derive(Debug)]
+pub struct Engine {
+    config: Config,
+    containers: Mutex<HashMap<String, Arc<Container>>>,
+    sandbox: Mutex<Option<Sandbox>>,
+    oom: Mutex<VecDeque<String>>,
+    oom_ready: Condvar,
+}
+
+/// Container and exec ids become paths: a conservative alphabet, as runc's.
+pub fn valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 128
+        && !id.starts_with('.')
+        && id.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
+}
+
+impl Engine {
+    pub fn new(config: Config) -> Arc<Self> {
+        let e = Arc::new(Self {
+            config,
+            containers: Mutex::new(HashMap::new()),
+            sandbox: Mutex::new(None),
+            oom: Mutex::new(VecDeque::new()),
+            oom_ready: Condvar::new(),
+        });
+        let w = Arc::downgrade(&e);
+        let _ = std::thread::Builder::new().name("oom-watch".into()).spawn(move || oom_watch(&w));
+        e
+    }
+
+    fn get(&self, id: &str) -> Result<Arc<Container>> {
+        lock(&self.containers).get(id).cloned().ok_or_else(|| Error::NotFound(id.into()))
+    }
+
+    /// Starts the holder of the pod's shared uts and ipc namespaces.
+    pub fn create_sandbox(&self, id: &str, hostname: &str) -> Result<()> {
+        let mut sb = lock(&self.sandbox);
+        if sb.is_some() {
+            return Err(Error::Exists(format!("sandbox {id}")));
+        }
+        let null = std::fs::File::open("/dev/null").map_err(|e| failed(id)(format!("opening /dev/null: {e}")))?;
+        use std::os::fd::AsRawFd;
+        let fd = null.as_raw_fd();
+        let (pid, sock) = spawn::spawn("pause", CloneFlags::CLONE_NEWUTS | CloneFlags::CLONE_NEWIPC, [fd, fd, fd]).map_err(failed(id))?;
+        let mut sync = Sync::new(sock).map_err(failed(id))?;
+        let r = sync.send_config(hostname.as_bytes()).and_then(|()| sync.recv(SETUP_TIMEOUT));
+        match r {
+            Ok(Some(l)) if l == "ready" => {}
+            other => {
+                kill_and_reap(pid);
+                let what = match other {
+                    Err(e) => e,
+                    Ok(l) => format!("sandbox holder answered {l:?}"),
+                };
+                return Err(Error::Failed {
+                    id: id.into(),
+                    what: format!("starting the sandbox namespaces: {what}"),
+                });
+            }
+        }
+        *sb = Some(Sandbox { pause_pid: pid });
+        Ok(())
+    }
+
+    /// Kills every container and the sandbox holder.
+    pub fn destroy_all(&self) {
+        let ids: Vec<String> = lock(&self.containers).keys().cloned().collect();
+        for id in ids {
+            let _ = self.remove(&id, true);
+        }
+        if let Some(sb) = lock(&self.sandbox).take() {
+            kill_and_reap(sb.pause_pid);
+        }
+    }
+
+    /// CreateContainer: everything up to the point where the process would exec.
+    pub fn create(&self, id: &str, spec_json: &[u8], terminal: bool) -> Result<()> {
+        let invalid = |what: String| Error::Invalid { id: id.into(), what };
+        if !valid_id(id) {
+            return Err(invalid("container id must be 1-128 of [A-Za-z0-9_.-], not starting with '.'".into()));
+        }
+        let spec: Spec = serde_json::from_slice(spec_json).map_err(|e| invalid(format!("parsing the OCI spec: {e}")))?;
+        if spec.root().is_none() {
+            return Err(invalid("the OCI spec has no root".into()));
+        }
+        let process = spec.process().clone().ok_or_else(|| invalid("the OCI spec has no process".into()))?;
+        if process.args().as_ref().is_none_or(|a| a.is_empty()) {
+            return Err(invalid("the OCI spec's process has no args".into()));
+        }
+        let rootfs = self.config.shared_dir.join(id).join("rootfs");
+        if !rootfs.is_dir() {
+            return Err(invalid(format!("rootfs {}: no such directory — the shim shares it before CreateContainer", rootfs.display())));
+        }
+        let rootfs = rootfs.canonicalize().map_err(|e| invalid(format!("rootfs {}: {e}", rootfs.display())))?;
+        let mut containers = lock(&self.containers);
+        if containers.contains_key(id) {
+            return Err(Error::Exists(id.into()));
+        }
+        let (flags, join, set_hostname) = self.namespaces(id, &spec)?;
+        let cgroup = match &self.config.cgroup_root {
+            Some(root) => Some(
+                Cgroup::create(root, id, spec.linux().as_ref().and_then(|l| l.resources().as_ref()))
+                    .map_err(|e| invalid(format!("cgroup: {e}")))?,
+            ),
+            None => None,
+        };
+        let made = self.spawn_init(id, spec, rootfs, cgroup.clone(), join, set_hostname, terminal, flags);
+        match made {
+            Ok(c) => {
+                containers.insert(id.into(), Arc::new(c));
+                Ok(())
+            }
+            Err(e) => {
+                if let Some(cg) = &cgroup {
+                    let _ = cg.remove();
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Clone flags, namespaces to join, and whether to set the hostname.
+    fn namespaces(&self, id: &str, spec: &Spec) -> Result<(CloneFlags, Vec<(i32, PathBuf)>, bool)> {
+        let mut flags = CloneFlags::CLONE_NEWPID | CloneFlags::CLONE_NEWNS;
+        let mut join = Vec::new();
+        let mut set_hostname = false;
+        let sandbox = lock(&self.sandbox).as_ref().map(|s| s.pause_pid);
+        let nss = spec.linux().as_ref().and_then(|l| l.namespaces().clone()).unwrap_or_default();
+        for ns in nss {
+            let path = ns.path().clone();
+            match ns.typ() {
+                LinuxNamespaceType::Pid | LinuxNamespaceType::Mount if path.is_some() => {
+                    return Err(Error::Invalid {
+                        id: id.into(),
+                        what: format!("joining a {:?} namespace by path is not supported: each container gets its own", ns.typ()),
+                    })
+                }
+                LinuxNamespaceType::Pid | LinuxNamespaceType::Mount | LinuxNamespaceType::Network => {}
+                LinuxNamespaceType::Cgroup => {} // unshared by the helper after joining the cgroup
+                t @ (LinuxNamespaceType::Uts | LinuxNamespaceType::Ipc) => {
+                    let (flag, name) = if t == LinuxNamespaceType::Uts {
+                        (CloneFlags::CLONE_NEWUTS, "uts")
+                    } else {
+                        (CloneFlags::CLONE_NEWIPC, "ipc")
+                    };
+                    match (path, sandbox) {
+                        (Some(p), _) => join.push((flag.bits(), p)),
+                        (None, Some(pause)) => join.push((flag.bits(), PathBuf::from(format!("/proc/{pause}/ns/{name}")))),
+                        (None, None) => {
+                            flags |= flag;
+                            set_hostname |= t == LinuxNamespaceType::Uts;
+                        }
+                    }
+                }
+                other => {
+                    return Err(Error::Invalid {
+                        id: id.into(),
+                        what: format!("{other:?} namespaces are not supported in the husk guest"),
+                    })
+                }
+            }
+        }
+        Ok((flags, join, set_hostname))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn spawn_init(
+        &self,
+        id: &str,
+        spec: Spec,
+        rootfs: PathBuf,
+        cgroup: Option<Cgroup>,
+        join: Vec<(i32, PathBuf)>,
+        set_hostname: bool,
+        terminal: bool,
+        flags: CloneFlags,
+    ) -> Result<Container> {
+        let (stdio, ends) = if terminal { Stdio::pty() } else { Stdio::pipes() }.map_err(failed(id))?;
+        use std::os::fd::AsRawFd;
+        let fds = [ends.fds[0].as_raw_fd(), ends.fds[1].as_raw_fd(), ends.fds[2].as_raw_fd()];
+        let (pid, sock) = spawn::spawn("init", flags, fds).map_err(failed(id))?;
+        drop(ends);
+        let cfg = InitConfig {
+            id: id.into(),
+            spec,
+            rootfs,
+            cgroup: cgroup.as_ref().map(|c| c.path.clone()),
+            join,
+            set_hostname,
+            terminal,
+        };
+        let setup = (|| -> std::result::Result<Sync, String> {
+            let mut sync = Sync::new(sock)?;
+            let json = serde_json::to_vec(&cfg).map_err(|e| format!("encoding the helper config: {e}"))?;
+            sync.send_config(&json)?;
+            match sync.recv(SETUP_TIMEOUT)? {
+                Some(l) if l == "ready" => Ok(sync),
+                Some(l) => Err(format!("the container helper answered {l:?}")),
+                None => Err(format!("the container helper ended during setup ({:?})", exits().wait(pid, Some(Duration::from_secs(5))))),
+            }
+        })();
+        match setup {
+            Ok(sync) => Ok(Container {
+                id: id.into(),
+                init: Arc::new(Process { wait_pid: pid, pid, stdio }),
+                execs: Mutex::new(HashMap::new()),
+                cgroup,
+                state: Mutex::new(State::Created),
+                sync: Mutex::new(Some(sync)),
+            }),
+            Err(e) => {
+                kill_and_reap(pid);
+                Err(Error::Failed { id: id.into(), what: e })
+            }
+        }
+    }
+
+    /// StartContainer: the init helper execs the container's process.
+    pub fn start(&self, id: &str) -> Result<u32> {
+        let c = self.get(id)?;
+        let mut sync = lock(&c.sync).take().ok_or_else(|| Error::State {
+            id: id.into(),
+            what: "already started".into(),
+        })?;
+        sync.send("start").map_err(failed(id))?;
+        match sync.recv(SETUP_TIMEOUT) {
+            Ok(None) => {}
+            Ok(Some(l)) => return Err(failed(id)(format!("the container helper answered {l:?}"))),
+            Err(e) => return Err(failed(id)(format!("starting the process: {e}"))),
+        }
+        *lock(&c.state) = State::Running;
+        Ok(u32::try_from(c.init.pid).unwrap_or(0))
+    }
+
+    /// ExecProcess: a new process in a running container's namespaces and cgroup.
+    pub fn exec(&self, id: &str, exec_id: &str, process_json: &[u8]) -> Result<u32> {
+        let c = self.get(id)?;
+        let invalid = |what: String| Error::Invalid { id: id.into(), what };
+        if !valid_id(exec_id) {
+            return Err(invalid(format!("exec id {exec_id:?}: must be 1-128 of [A-Za-z0-9_.-]")));
+        }
+        let process: OciProcess = serde_json::from_slice(process_json).map_err(|e| invalid(format!("exec {exec_id}: parsing the OCI process: {e}")))?;
+        if *lock(&c.state) == State::Created || c.init_exited() {
+            return Err(Error::State { id: id.into(), what: format!("exec {exec_id}: the container is not running") });
+        }
+        let mut execs = lock(&c.execs);
+        if execs.contains_key(exec_id) {
+            return Err(Error::Exists(format!("{id}: exec {exec_id}")));
+        }
+        let terminal = process.terminal().unwrap_or(false);
+        let (stdio, ends) = if terminal { Stdio::pty() } else { Stdio::pipes() }.map_err(failed(id))?;
+        use std::os::fd::AsRawFd;
+        let fds = [ends.fds[0].as_raw_fd(), ends.fds[1].as_raw_fd(), ends.fds[2].as_raw_fd()];
+        let (helper_pid, sock) = spawn::spawn("exec", CloneFlags::empty(), fds).map_err(failed(id))?;
+        drop(ends);
+        let cfg = ExecConfig {
+            id: id.into(),
+            init_pid: c.init.pid,
+            process,
+            cgroup: c.cgroup.as_ref().map(|g| g.path.clone()),
+            terminal,
+        };
+        let r = (|| -> std::result::Result<i32, String> {
+            let mut sync = Sync::new(sock)?;
+            sync.send_config(&serde_json::to_vec(&cfg).map_err(|e| e.to_string())?)?;
+            let pid = match sync.recv(SETUP_TIMEOUT)? {
+                Some(l) => l.strip_prefix("pid ").and_then(|p| p.parse().ok()).ok_or_else(|| format!("exec helper answered {l:?}"))?,
+                None => return Err("the exec helper ended during setup".into()),
+            };
+            // EOF: the process exec'd; a line: it failed before.
+            match sync.recv(SETUP_TIMEOUT)? {
+                None => Ok(pid),
+                Some(l) => Err(format!("exec helper answered {l:?}")),
+            }
+        })();
+        match r {
+            Ok(pid) => {
+                execs.insert(exec_id.into(), Arc::new(Process { wait_pid: helper_pid, pid, stdio }));
+                Ok(u32::try_from(pid).unwrap_or(0))
+            }
+            Err(e) => {
+                kill_and_reap(helper_pid);
+                Err(failed(id)(format!("exec {exec_id}: {e}")))
+            }
+        }
+    }
+
+    pub fn signal(&self, id: &str, exec_id: &str, sig: u32, all: bool) -> Result<()> {
+        let c = self.get(id)?;
+        let sig = i32::try_from(sig).ok().and_then(|s| Signal::try_from(s).ok()).ok_or_else(|| Error::Invalid {
+            id: id.into(),
+            what: format!("signal {sig}: not a signal"),
+        })?;
+        if all {
+            let pids = match &c.cgroup {
+                Some(cg) => cg.pids().map_err(failed(id))?,
+                None => vec![u32::try_from(c.init.pid).unwrap_or(0)],
+            };
+            for p in pids {
+                let _ = nix::sys::signal::kill(Pid::from_raw(i32::try_from(p).unwrap_or(0)), sig);
+            }
+            return Ok(());
+        }
+        let p = c.process(exec_id)?;
+        p.signal(sig).map_err(|e| Error::State { id: id.into(), what: format!("signal {exec_id:?}: {e}") })
+    }
+
+    pub fn wait(&self, id: &str, exec_id: &str) -> Result<Exit> {
+        let c = self.get(id)?;
+        let p = c.process(exec_id)?;
+        exits().wait(p.wait_pid, None).ok_or_else(|| failed(id)(format!("waiting for {exec_id:?}: the process is not known to the reaper")))
+    }
+
+    pub fn stdio(&self, id: &str, exec_id: &str) -> Result<Arc<Process>> {
+        self.get(id)?.process(exec_id)
+    }
+
+    pub fn pause(&self, id: &str, frozen: bool) -> Result<()> {
+        let c = self.get(id)?;
+        let cg = c.cgroup.as_ref().ok_or_else(|| Error::State { id: id.into(), what: "no cgroup: pause needs cgroup v2".into() })?;
+        let mut st = lock(&c.state);
+        match (*st, frozen) {
+            (State::Running, true) | (State::Paused, false) => {}
+            (s, _) => return Err(Error::State { id: id.into(), what: format!("cannot {} a container that is {s:?}", if frozen { "pause" } else { "resume" }) }),
+        }
+        cg.freeze(frozen).map_err(failed(id))?;
+        *st = if frozen { State::Paused } else { State::Running };
+        Ok(())
+    }
+
+    pub fn update(&self, id: &str, resources_json: &[u8]) -> Result<()> {
+        let c = self.get(id)?;
+        let r: LinuxResources = serde_json::from_slice(resources_json).map_err(|e| Error::Invalid { id: id.into(), what: format!("parsing linux.resources: {e}") })?;
+        let cg = c.cgroup.as_ref().ok_or_else(|| Error::State { id: id.into(), what: "no cgroup to update".into() })?;
+        cg.update(&r).map_err(failed(id))
+    }
+
+    pub fn stats(&self, id: &str) -> Result<cgroup::Stats> {
+        let c = self.get(id)?;
+        let cg = c.cgroup.as_ref().ok_or_else(|| Error::State { id: id.into(), what: "no cgroup: stats need cgroup v2".into() })?;
+        Ok(cg.stats())
+    }
+
+    pub fn pids(&self, id: &str) -> Result<Vec<u32>> {
+        let c = self.get(id)?;
+        match &c.cgroup {
+            Some(cg) => cg.pids().map_err(failed(id)),
+            None => Ok(vec![u32::try_from(c.init.pid).unwrap_or(0)]),
+        }
+    }
+
+    /// RemoveContainer: only a stopped (or never started) container unless `force`.
+    pub fn remove(&self, id: &str, force: bool) -> Result<()> {
+        let c = self.get(id)?;
+        let started = lock(&c.sync).is_none();
+        if started && !c.init_exited() && !force {
+            return Err(Error::State { id: id.into(), what: "still running — stop it first or remove with force".into() });
+        }
+        if *lock(&c.state) == State::Paused {
+            if let Some(cg) = &c.cgroup {
+                let _ = cg.freeze(false);
+            }
+        }
+        if let Some(cg) = &c.cgroup {
+            let _ = std::fs::write(cg.path.join("cgroup.kill"), "1");
+        }
+        kill_and_reap(c.init.wait_pid);
+        for p in lock(&c.execs).values() {
+            kill_and_reap(p.wait_pid);
+        }
+        if let Some(cg) = &c.cgroup {
+            cg.remove().map_err(failed(id))?;
+        }
+        lock(&self.containers).remove(id);
+        Ok(())
+    }
+
+    /// Blocks until a container is OOM-killed; its id.
+    pub fn next_oom(&self) -> String {
+        let mut q = lock(&self.oom);
+        loop {
+            if let Some(id) = q.pop_front() {
+                return id;
+            }
+            q = self.oom_ready.wait(q).unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+    }
+}
+
+/// Polls each container's memory.events for new OOM kills. (inotify would save the polling;
+/// 100 ms is far below what a shim reporting OOM events needs.)
+fn oom_watch(engine: &std::sync::Weak<Engine>) {
+    let mut seen: HashMap<String, u64> = HashMap::new();
+    loop {
+        std::thread::sleep(Duration::from_millis(100));
+        let Some(e) = engine.upgrade() else { return };
+        let cs: Vec<Arc<Container>> = lock(&e.containers).values().cloned().collect();
+        seen.retain(|id, _| cs.iter().any(|c| &c.id == id));
+        for c in cs {
+            let Some(cg) = &c.cgroup else { continue };
+            let n = cg.oom_kills();
+            let last = seen.entry(c.id.clone()).or_insert(0);
+            if n > *last {
+                *last = n;
+                lock(&e.oom).push_back(c.id.clone());
+                e.oom_ready.notify_all();
+            }
+        }
+    }
+}
+
+/// SIGKILL, then wait for the reaper to see the end (bounded), then forget the status.
+fn kill_and_reap(pid: i32) {
+    if exits().exited(pid).is_none() {
+        let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
+    }
+    let _ = exits().wait(pid, Some(Duration::from_secs(10)));
+    exits().forget(pid);
+}

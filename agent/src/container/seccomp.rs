@@ -1,0 +1,141 @@
+//! OCI seccomp profiles, compiled to BPF with `seccompiler` (rust-vmm, pure Rust; no
+//! libseccomp in a static guest binary).
+//!
+//! seccompiler's filter has one action on match and one on mismatch, while an OCI profile
+//! gives each rule its own action. The profile becomes a stack of filters, which the kernel
+//! evaluates together, taking the most severe result (KILL > TRAP > ERRNO > TRACE > LOG >
+//! ALLOW):
+//! - for each action A other than ALLOW: "A on the rules with action A, else ALLOW";
+//! - if the default action D is not ALLOW: "ALLOW on any rule, else D".
+//!
+//! A syscall no rule names gets D (every other filter allows it); one a rule names gets that
+//! rule's action, because the "else D" filter allows it. Names unknown to this architecture's
+//! table are skipped, as runc does.
+
+use std::collections::BTreeMap;
+
+use oci_spec::runtime::{LinuxSeccomp, LinuxSeccompAction, LinuxSeccompOperator, LinuxSyscall};
+use serde_json::{json, Value};
+
+fn action(a: LinuxSeccompAction, errno: Option<u32>) -> Result<Value, String> {
+    let name = serde_json::to_value(a).map_err(|e| e.to_string())?;
+    Ok(match name.as_str().unwrap_or("") {
+        "SCMP_ACT_ALLOW" => json!("allow"),
+        "SCMP_ACT_ERRNO" => json!({ "errno": errno.unwrap_or(libc::EPERM as u32) }),
+        "SCMP_ACT_KILL" | "SCMP_ACT_KILL_THREAD" => json!("kill_thread"),
+        "SCMP_ACT_KILL_PROCESS" => json!("kill_process"),
+        "SCMP_ACT_TRAP" => json!("trap"),
+        "SCMP_ACT_LOG" => json!("log"),
+        "SCMP_ACT_TRACE" => json!({ "trace": errno.unwrap_or(0) }),
+        other => return Err(format!("seccomp action {other} is not supported")),
+    })
+}
+
+fn rules(sc: &LinuxSyscall, skip: &[String]) -> Vec<Value> {
+    let args: Vec<Value> = sc
+        .args()
+        .as_deref()
+        .unwrap_or(&[])
+        .iter()
+        .map(|a| {
+            let (op, val) = match a.op() {
+                LinuxSeccompOperator::ScmpCmpNe => (json!("ne"), a.value()),
+                LinuxSeccompOperator::ScmpCmpLt => (json!("lt"), a.value()),
+                LinuxSeccompOperator::ScmpCmpLe => (json!("le"), a.value()),
+                LinuxSeccompOperator::ScmpCmpEq => (json!("eq"), a.value()),
+                LinuxSeccompOperator::ScmpCmpGe => (json!("ge"), a.value()),
+                LinuxSeccompOperator::ScmpCmpGt => (json!("gt"), a.value()),
+                LinuxSeccompOperator::ScmpCmpMaskedEq => (json!({ "masked_eq": a.value() }), a.value_two().unwrap_or(0)),
+            };
+            json!({ "index": a.index(), "type": "qword", "op": op, "val": val })
+        })
+        .collect();
+    sc.names()
+        .iter()
+        .filter(|n| !skip.contains(n))
+        .map(|n| {
+            if args.is_empty() {
+                json!({ "syscall": n })
+            } else {
+                json!({ "syscall": n, "args": args })
+            }
+        })
+        .collect()
+}
+
+/// The filters, in the seccompiler JSON form, skipping the `skip` names.
+fn filters(p: &LinuxSeccomp, skip: &[String]) -> Result<Value, String> {
+    let default = action(p.default_action(), p.default_errno_ret())?;
+    let mut by_action: BTreeMap<String, (Value, Vec<Value>)> = BTreeMap::new();
+    let mut all = Vec::new();
+    for sc in p.syscalls().as_deref().unwrap_or(&[]) {
+        let a = action(sc.action(), sc.errno_ret())?;
+        let r = rules(sc, skip);
+        all.extend(r.iter().cloned());
+        if a != json!("allow") {
+            by_action.entry(a.to_string()).or_insert_with(|| (a.clone(), Vec::new())).1.extend(r);
+        }
+    }
+    let mut out = serde_json::Map::new();
+    for (i, (_, (a, r))) in by_action.into_iter().enumerate() {
+        if !r.is_empty() {
+            out.insert(format!("f{i}"), json!({ "mismatch_action": "allow", "match_action": a, "filter": r }));
+        }
+    }
+    if default != json!("allow") {
+        out.insert("default".into(), json!({ "mismatch_action": default, "match_action": "allow", "filter": all }));
+    }
+    Ok(Value::Object(out))
+}
+
+/// Compiles the profile; returns the BPF programs to install.
+pub fn compile(p: &LinuxSeccomp) -> Result<Vec<seccompiler::BpfProgram>, String> {
+    let mut skip: Vec<String> = Vec::new();
+    loop {
+        let f = filters(p, &skip)?;
+        let text = f.to_string();
+        match seccompiler::compile_from_json(text.as_bytes(), seccompiler::TargetArch::x86_64) {
+            Ok(map) => return Ok(map.into_values().filter(|p| !p.is_empty()).collect()),
+            // The frontend's error type is private; its message names the syscall.
+            Err(e) => match unknown_name(&e.to_string()) {
+                Some(name) if !skip.contains(&name) => skip.push(name),
+                _ => return Err(format!("compiling the seccomp profile: {e}")),
+            },
+        }
+    }
+}
+
+/// The syscall in seccompiler's "Invalid syscall name: NAME for given arch: …" message.
+fn unknown_name(msg: &str) -> Option<String> {
+    let rest = msg.split("Invalid syscall name: ").nth(1)?;
+    Some(rest.split(" for given arch").next()?.to_string())
+}
+
+/// Compiles and installs the profile on the calling thread (inherited across execve).
+pub fn install(p: &LinuxSeccomp) -> Result<(), String> {
+    for prog in compile(p)? {
+        seccompiler::apply_filter(&prog).map_err(|e| format!("installing the seccomp filter: {e}"))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn profile_becomes_a_stack_and_unknown_names_are_skipped() {
+        let p: LinuxSeccomp = serde_json::from_str(
+            r#"{"defaultAction":"SCMP_ACT_ERRNO","syscalls":[
+                {"names":["read","write","no_such_syscall"],"action":"SCMP_ACT_ALLOW"},
+                {"names":["mkdir"],"action":"SCMP_ACT_ERRNO","errnoRet":13},
+                {"names":["personality"],"action":"SCMP_ACT_ALLOW","args":[{"index":0,"value":8,"op":"SCMP_CMP_EQ"}]}]}"#,
+        )
+        .unwrap();
+        let progs = compile(&p).unwrap();
+        assert_eq!(progs.len(), 2, "one errno(13) filter and the default filter");
+        let f = filters(&p, &["no_such_syscall".into()]).unwrap();
+        assert_eq!(f["default"]["mismatch_action"], json!({"errno": 1}));
+        assert_eq!(f["f0"]["match_action"], json!({"errno": 13}));
+    }
+}

@@ -1,0 +1,262 @@
+//! Driving husk-agent from a test: the static agent binary, a busybox rootfs in a shared
+//! directory, OCI specs for it, and a small client over the agent API (on the host through
+//! `husk-agent serve` on a unix socket, in a VM through hybrid vsock).
+
+use std::os::fd::IntoRawFd;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use husk_protocols::agent::*;
+use husk_protocols::agent_ttrpc::AgentClient;
+use husk_protocols::ttrpc::{self, context};
+use serde_json::{json, Value};
+
+/// The static agent (`HUSK_AGENT`, else the guest build's output).
+pub fn agent_binary() -> PathBuf {
+    let p = std::env::var_os("HUSK_AGENT").map(PathBuf::from).unwrap_or_else(|| {
+        crate::workspace().join("target/x86_64-unknown-linux-gnu/guest/husk-agent")
+    });
+    assert!(
+        p.is_file(),
+        "{}: missing — build it with CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS=\"-C target-feature=+crt-static\" cargo build -p husk-agent --profile guest --target x86_64-unknown-linux-gnu (or point HUSK_AGENT at one)",
+        p.display()
+    );
+    p
+}
+
+/// The static busybox the rootfs is made of.
+pub fn busybox() -> PathBuf {
+    crate::require_program("busybox", "busybox-static")
+}
+
+/// Applets linked in the test rootfs.
+const APPLETS: [&str; 25] = [
+    "sh", "cat", "echo", "true", "false", "sleep", "id", "hostname", "head", "dd", "wc", "ls", "mkdir", "touch",
+    "kill", "grep", "stty", "tr", "readlink", "ps", "sha256sum", "yes", "tail", "usleep", "cut",
+];
+
+/// Makes `<shared>/<id>/rootfs` a busybox root (bin/, proc/, dev/, sys/, tmp/, etc/).
+pub fn busybox_rootfs(shared: &Path, id: &str) -> PathBuf {
+    let root = shared.join(id).join("rootfs");
+    for d in ["bin", "proc", "dev", "sys", "tmp", "etc", "root"] {
+        std::fs::create_dir_all(root.join(d)).unwrap();
+    }
+    std::fs::copy(busybox(), root.join("bin/busybox")).unwrap();
+    for a in APPLETS {
+        std::os::unix::fs::symlink("busybox", root.join("bin").join(a)).unwrap();
+    }
+    std::fs::write(root.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").unwrap();
+    std::fs::write(root.join("etc/group"), "root:x:0:\n").unwrap();
+    root
+}
+
+/// A runc-like spec for `args` on the busybox rootfs: new pid, mount, ipc, uts namespaces,
+/// proc/dev/devpts/shm/mqueue/sys mounts, default masked and read-only paths.
+pub fn spec(args: &[&str]) -> Value {
+    json!({
+        "ociVersion": "1.0.2",
+        "root": { "path": "rootfs" },
+        "hostname": "husk-test",
+        "process": {
+            "terminal": false,
+            "user": { "uid": 0, "gid": 0 },
+            "args": args,
+            "env": ["PATH=/bin", "HOME=/root"],
+            "cwd": "/",
+            "capabilities": {
+                "bounding": ["CAP_CHOWN", "CAP_KILL", "CAP_SETUID", "CAP_SETGID", "CAP_NET_BIND_SERVICE"],
+                "effective": ["CAP_CHOWN", "CAP_KILL", "CAP_SETUID", "CAP_SETGID", "CAP_NET_BIND_SERVICE"],
+                "permitted": ["CAP_CHOWN", "CAP_KILL", "CAP_SETUID", "CAP_SETGID", "CAP_NET_BIND_SERVICE"]
+            }
+        },
+        "mounts": [
+            { "destination": "/proc", "type": "proc", "source": "proc" },
+            { "destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "strictatime", "mode=755", "size=65536k"] },
+            { "destination": "/dev/pts", "type": "devpts", "source": "devpts", "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"] },
+            { "destination": "/dev/shm", "type": "tmpfs", "source": "shm", "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"] },
+            { "destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue", "options": ["nosuid", "noexec", "nodev"] },
+            { "destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"] }
+        ],
+        "linux": {
+            "namespaces": [ { "type": "pid" }, { "type": "ipc" }, { "type": "uts" }, { "type": "mount" } ],
+            "maskedPaths": ["/proc/kcore", "/proc/keys", "/proc/timer_list", "/sys/firmware"],
+            "readonlyPaths": ["/proc/sys", "/proc/sysrq-trigger"]
+        }
+    })
+}
+
+/// A client with a default per-call timeout.
+pub struct Agent {
+    pub client: AgentClient,
+}
+
+/// Per-call timeout: TCG is slow, and WaitProcess/ReadStdout block on purpose.
+const CALL_TIMEOUT: Duration = Duration::from_secs(120);
+
+fn ctx() -> context::Context {
+    context::with_timeout(CALL_TIMEOUT.as_nanos() as i64)
+}
+
+/// A finished process: exit status and its output.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Output {
+    pub status: i32,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+}
+
+impl Output {
+    pub fn stdout_str(&self) -> String {
+        String::from_utf8_lossy(&self.stdout).into_owned()
+    }
+}
+
+impl Agent {
+    /// Over a unix socket (`husk-agent serve`), retrying until `timeout`.
+    pub fn connect_unix(sock: &Path, timeout: Duration) -> Self {
+        let deadline = Instant::now() + timeout;
+        loop {
+            match std::os::unix::net::UnixStream::connect(sock) {
+                Ok(s) => return Self::from_fd(s.into_raw_fd()),
+                Err(e) if Instant::now() >= deadline => panic!("connecting to the agent at {}: {e}", sock.display()),
+                Err(_) => std::thread::sleep(Duration::from_millis(10)),
+            }
+        }
+    }
+
+    /// Over the VM's hybrid-vsock socket, port 1024.
+    pub fn connect_vsock(sock: &Path, timeout: Duration) -> Self {
+        let s = husk_hypervisor::vsock::connect_retry(sock, husk_protocols::AGENT_VSOCK_PORT, timeout)
+            .unwrap_or_else(|e| panic!("reaching the agent: {e}"));
+        Self::from_fd(s.into_raw_fd())
+    }
+
+    fn from_fd(fd: i32) -> Self {
+        Self {
+            client: AgentClient::new(ttrpc::Client::new(fd).expect("ttrpc client")),
+        }
+    }
+
+    pub fn check(&self) -> CheckResponse {
+        self.client.check(ctx(), &CheckRequest { api_version: husk_protocols::API_VERSION, ..Default::default() }).expect("Check")
+    }
+
+    pub fn create(&self, id: &str, spec: &Value, terminal: bool) -> ttrpc::Result<Empty> {
+        self.client.create_container(
+            ctx(),
+            &CreateContainerRequest {
+                container_id: id.into(),
+                oci_spec_json: serde_json::to_vec(spec).unwrap(),
+                terminal,
+                ..Default::default()
+            },
+        )
+    }
+
+    pub fn create_raw(&self, id: &str, json: &[u8]) -> ttrpc::Result<Empty> {
+        self.client.create_container(
+            ctx(),
+            &CreateContainerRequest { container_id: id.into(), oci_spec_json: json.to_vec(), ..Default::default() },
+        )
+    }
+
+    pub fn start(&self, id: &str) -> u32 {
+        self.client
+            .start_container(ctx(), &ContainerRef { container_id: id.into(), ..Default::default() })
+            .unwrap_or_else(|e| panic!("StartContainer {id}: {e:?}"))
+            .pid
+    }
+
+    pub fn exec(&self, id: &str, exec_id: &str, process: &Value) -> ttrpc::Result<ProcessStarted> {
+        self.client.exec_process(
+            ctx(),
+            &ExecProcessRequest {
+                container_id: id.into(),
+                exec_id: exec_id.into(),
+                oci_process_json: serde_json::to_vec(process).unwrap(),
+                ..Default::default()
+            },
+        )
+    }
+
+    pub fn wait(&self, id: &str, exec_id: &str) -> WaitProcessResponse {
+        self.client
+            .wait_process(ctx(), &ProcessRef { container_id: id.into(), exec_id: exec_id.into(), ..Default::default() })
+            .unwrap_or_else(|e| panic!("WaitProcess {id}/{exec_id}: {e:?}"))
+    }
+
+    pub fn signal(&self, id: &str, exec_id: &str, sig: i32) {
+        self.client
+            .signal_process(
+                ctx(),
+                &SignalProcessRequest { container_id: id.into(), exec_id: exec_id.into(), signal: sig as u32, ..Default::default() },
+            )
+            .unwrap_or_else(|e| panic!("SignalProcess {id}/{exec_id}: {e:?}"));
+    }
+
+    /// One chunk (or `None` at EOF).
+    pub fn read(&self, id: &str, exec_id: &str, stderr: bool) -> Option<Vec<u8>> {
+        let req = ReadStreamRequest { container_id: id.into(), exec_id: exec_id.into(), ..Default::default() };
+        let r = if stderr { self.client.read_stderr(ctx(), &req) } else { self.client.read_stdout(ctx(), &req) }
+            .unwrap_or_else(|e| panic!("Read {id}/{exec_id}: {e:?}"));
+        (!r.eof).then_some(r.data)
+    }
+
+    pub fn read_all(&self, id: &str, exec_id: &str, stderr: bool) -> Vec<u8> {
+        let mut out = Vec::new();
+        while let Some(chunk) = self.read(id, exec_id, stderr) {
+            out.extend(chunk);
+        }
+        out
+    }
+
+    pub fn write_stdin(&self, id: &str, exec_id: &str, data: &[u8]) {
+        self.client
+            .write_stdin(ctx(), &WriteStdinRequest { container_id: id.into(), exec_id: exec_id.into(), data: data.to_vec(), ..Default::default() })
+            .unwrap_or_else(|e| panic!("WriteStdin {id}/{exec_id}: {e:?}"));
+    }
+
+    pub fn close_stdin(&self, id: &str, exec_id: &str) {
+        self.client
+            .close_stdin(ctx(), &ProcessRef { container_id: id.into(), exec_id: exec_id.into(), ..Default::default() })
+            .unwrap_or_else(|e| panic!("CloseStdin {id}/{exec_id}: {e:?}"));
+    }
+
+    pub fn remove(&self, id: &str, force: bool) -> ttrpc::Result<Empty> {
+        self.client.remove_container(ctx(), &RemoveContainerRequest { container_id: id.into(), force, ..Default::default() })
+    }
+
+    /// Starts the (already created) container, collects stdout and stderr to EOF on two
+    /// threads, waits, and returns everything.
+    pub fn run_created(&self, id: &str) -> Output {
+        self.start(id);
+        self.collect(id, "")
+    }
+
+    /// Reads both streams to EOF concurrently, then waits for the process.
+    pub fn collect(&self, id: &str, exec_id: &str) -> Output {
+        std::thread::scope(|s| {
+            let err = s.spawn(|| self.read_all(id, exec_id, true));
+            let stdout = self.read_all(id, exec_id, false);
+            let stderr = err.join().unwrap();
+            let status = self.wait(id, exec_id).exit_status;
+            Output { status, stdout, stderr }
+        })
+    }
+
+    /// Create + start + collect + remove.
+    pub fn run(&self, id: &str, spec: &Value) -> Output {
+        self.create(id, spec, false).unwrap_or_else(|e| panic!("CreateContainer {id}: {e:?}"));
+        let out = self.run_created(id);
+        self.remove(id, false).unwrap_or_else(|e| panic!("RemoveContainer {id}: {e:?}"));
+        out
+    }
+}
+
+/// The ttrpc status of a failed call: (code, message).
+pub fn status_of<T: std::fmt::Debug>(r: ttrpc::Result<T>) -> (ttrpc::Code, String) {
+    match r {
+        Err(ttrpc::Error::RpcStatus(s)) => (s.code(), s.message().to_string()),
+        other => panic!("expected an error status, got {other:?}"),
+    }
+}

@@ -1,0 +1,72 @@
+//! A booted guest with the agent reachable over vsock: the VM (qemu backend, virtio-fs on
+//! `<state>/shared`, vsock), its state directory, and a connected agent client.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use husk_hypervisor::console::{wait_for_ready, ReadyLine};
+use husk_hypervisor::host::{self, BackendChoice};
+use husk_hypervisor::qemu::Qemu;
+use husk_hypervisor::{Hypervisor, Vm, VmConfig};
+
+use crate::agent::{busybox_rootfs, Agent};
+
+/// TCG boots our kernel in ~1 s here; leave room for a loaded 2-core machine.
+pub const BOOT_TIMEOUT: Duration = Duration::from_secs(90);
+
+pub struct Guest {
+    pub vm: Box<dyn Vm>,
+    pub agent: Agent,
+    pub ready: ReadyLine,
+    /// Boot to ready as the host saw it.
+    pub boot: Duration,
+    pub dir: tempfile::TempDir,
+}
+
+impl Guest {
+    /// Boots a guest (`memory_mib`) and connects to its agent.
+    pub fn boot(memory_mib: u32) -> Self {
+        crate::require_root("virtiofsd's sandbox and the guest's containers need root");
+        crate::require_program("qemu-system-x86_64", "qemu-system-x86");
+        let BackendChoice::Qemu(accel) = host::detect().backend;
+        let dir = tempfile::tempdir().unwrap();
+        let shared = dir.path().join("shared");
+        std::fs::create_dir(&shared).unwrap();
+        let cfg = VmConfig {
+            kernel: crate::kernel(),
+            initramfs: crate::initramfs(),
+            cmdline_extra: String::new(),
+            vcpus: 1,
+            memory_mib,
+            state_dir: dir.path().to_path_buf(),
+            shared_dir: Some(shared),
+            vsock: true,
+        };
+        let t0 = std::time::Instant::now();
+        let mut vm = Qemu::new(accel).expect("qemu backend").start(&cfg).expect("starting the VM");
+        let ready = wait_for_ready(vm.as_mut(), BOOT_TIMEOUT).expect("agent ready line");
+        let boot = t0.elapsed();
+        let sock = vm.vsock_socket().expect("vsock socket").to_path_buf();
+        let agent = Agent::connect_vsock(&sock, Duration::from_secs(30));
+        Self { vm, agent, ready, boot, dir }
+    }
+
+    pub fn shared(&self) -> PathBuf {
+        self.dir.path().join("shared")
+    }
+
+    /// A busybox rootfs for container `id` in the shared directory.
+    pub fn rootfs(&self, id: &str) -> PathBuf {
+        busybox_rootfs(&self.shared(), id)
+    }
+
+    pub fn console(&self) -> String {
+        std::fs::read_to_string(self.vm.console_log()).unwrap_or_default()
+    }
+}
+
+impl Drop for Guest {
+    fn drop(&mut self) {
+        let _ = self.vm.kill();
+    }
+}

@@ -1,0 +1,239 @@
+//! Container creation on the host: the static agent runs as `husk-agent serve` on a unix
+//! socket (root needed), with busybox rootfses in a temp dir, and each OCI field takes effect
+//! in the container. Host cgroups are v1 here, so the cgroup features are tested in the guest
+//! (agent_vm.rs); these run without a cgroup.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use husk_protocols::ttrpc::Code;
+use husk_tests::agent::{agent_binary, busybox_rootfs, spec, status_of, Agent};
+use husk_tests::require_root;
+use serde_json::json;
+
+struct HostAgent {
+    child: Child,
+    dir: tempfile::TempDir,
+    agent: Agent,
+}
+
+impl HostAgent {
+    fn start() -> Self {
+        require_root("creating containers needs root");
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("shared")).unwrap();
+        let sock = dir.path().join("agent.sock");
+        let child = Command::new(agent_binary())
+            .arg("serve")
+            .arg("--listen")
+            .arg(format!("unix://{}", sock.display()))
+            .arg("--shared-dir")
+            .arg(dir.path().join("shared"))
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("starting husk-agent serve");
+        let agent = Agent::connect_unix(&sock, Duration::from_secs(10));
+        Self { child, dir, agent }
+    }
+
+    fn shared(&self) -> std::path::PathBuf {
+        self.dir.path().join("shared")
+    }
+
+    fn rootfs(&self, id: &str) -> std::path::PathBuf {
+        busybox_rootfs(&self.shared(), id)
+    }
+
+    fn run(&self, id: &str, spec: &serde_json::Value) -> husk_tests::agent::Output {
+        self.rootfs(id);
+        self.agent.run(id, spec)
+    }
+}
+
+impl Drop for HostAgent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn sh(script: &str) -> serde_json::Value {
+    spec(&["sh", "-c", script])
+}
+
+#[test]
+fn id_hostname_env_and_cwd() {
+    let h = HostAgent::start();
+    let mut s = sh("id; hostname; echo \"$FOO\"; pwd");
+    s["process"]["env"] = json!(["PATH=/bin", "FOO=bar baz"]);
+    s["process"]["cwd"] = json!("/tmp");
+    let out = h.run("c1", &s);
+    assert_eq!(out.status, 0, "{out:?}");
+    assert_eq!(out.stdout_str(), "uid=0(root) gid=0(root)\nhusk-test\nbar baz\n/tmp\n", "{out:?}");
+}
+
+#[test]
+fn user_and_additional_groups() {
+    let h = HostAgent::start();
+    let mut s = sh("id -u; id -g; id -G");
+    s["process"]["user"] = json!({ "uid": 1000, "gid": 1001, "additionalGids": [10, 20] });
+    let out = h.run("u1", &s);
+    assert_eq!(out.status, 0, "{out:?}");
+    let lines: Vec<&str> = out.stdout_str().leak().lines().collect();
+    assert_eq!(lines[0], "1000");
+    assert_eq!(lines[1], "1001");
+    let groups: Vec<&str> = lines[2].split_whitespace().collect();
+    assert!(groups.contains(&"10") && groups.contains(&"20"), "{lines:?}");
+}
+
+#[test]
+fn capabilities_and_no_new_privileges() {
+    let h = HostAgent::start();
+    let mut s = sh("grep -E '^(CapEff|CapPrm|CapBnd|NoNewPrivs)' /proc/self/status");
+    s["process"]["noNewPrivileges"] = json!(true);
+    let out = h.run("caps", &s);
+    assert_eq!(out.status, 0, "{out:?}");
+    // CHOWN(0) KILL(5) SETGID(6) SETUID(7) NET_BIND_SERVICE(10)
+    let want = format!("{:016x}", (1u64 << 0) | (1 << 5) | (1 << 6) | (1 << 7) | (1 << 10));
+    let text = out.stdout_str();
+    for key in ["CapEff", "CapPrm", "CapBnd"] {
+        assert!(text.contains(&format!("{key}:\t{want}")), "{key} should be {want}:\n{text}");
+    }
+    assert!(text.contains("NoNewPrivs:\t1"), "{text}");
+
+    let mut s = sh("grep NoNewPrivs /proc/self/status");
+    s["process"]["noNewPrivileges"] = json!(false);
+    assert!(h.run("caps2", &s).stdout_str().contains("NoNewPrivs:\t0"));
+}
+
+#[test]
+fn seccomp_rule_gives_eperm() {
+    let h = HostAgent::start();
+    let mut s = sh("mkdir /tmp/denied; echo mkdir=$?; touch /tmp/allowed; echo touch=$?");
+    s["process"]["noNewPrivileges"] = json!(true);
+    s["linux"]["seccomp"] = json!({
+        "defaultAction": "SCMP_ACT_ALLOW",
+        "syscalls": [ { "names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1 } ]
+    });
+    let out = h.run("sc1", &s);
+    assert_eq!(out.stdout_str(), "mkdir=1\ntouch=0\n", "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Operation not permitted"), "{out:?}");
+    assert!(!h.shared().join("sc1/rootfs/tmp/denied").exists());
+}
+
+#[test]
+fn rlimits_apply() {
+    let h = HostAgent::start();
+    let mut s = sh("ulimit -n; ulimit -Hn");
+    s["process"]["rlimits"] = json!([{ "type": "RLIMIT_NOFILE", "soft": 123, "hard": 456 }]);
+    let out = h.run("rl", &s);
+    assert_eq!(out.stdout_str(), "123\n456\n", "{out:?}");
+}
+
+#[test]
+fn readonly_root_masked_and_readonly_paths() {
+    let h = HostAgent::start();
+    let mut s = sh("touch /x 2>&1; echo touch=$?; wc -c < /proc/timer_list; echo h > /proc/sys/kernel/hostname; echo sysctl=$?");
+    s["root"]["readonly"] = json!(true);
+    let out = h.run("ro", &s);
+    let text = out.stdout_str();
+    assert!(text.contains("Read-only file system") && text.contains("touch=1"), "{out:?}");
+    assert!(text.contains("\n0\n"), "/proc/timer_list must read empty (masked): {out:?}");
+    assert!(text.contains("sysctl=1"), "/proc/sys must be read-only: {out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Read-only file system"), "{out:?}");
+    assert!(!h.shared().join("ro/rootfs/x").exists());
+}
+
+#[test]
+fn default_devices_and_mounts() {
+    let h = HostAgent::start();
+    let s = sh("for d in null zero full random urandom tty; do test -c /dev/$d && echo $d; done; readlink /dev/ptmx; head -c 4 /dev/zero | wc -c; grep -c ' /dev/mqueue ' /proc/self/mountinfo");
+    let out = h.run("dev", &s);
+    assert_eq!(out.stdout_str(), "null\nzero\nfull\nrandom\nurandom\ntty\npts/ptmx\n4\n1\n", "{out:?}");
+}
+
+#[test]
+fn stdin_reaches_the_process_and_eof_ends_it_with_its_exit_code() {
+    let h = HostAgent::start();
+    h.rootfs("io");
+    h.agent.create("io", &sh("cat; echo done >&2; exit 3"), false).unwrap();
+    h.agent.start("io");
+    h.agent.write_stdin("io", "", b"hello\nworld");
+    h.agent.close_stdin("io", "");
+    let out = h.agent.collect("io", "");
+    assert_eq!(out, husk_tests::agent::Output { status: 3, stdout: b"hello\nworld".to_vec(), stderr: b"done\n".to_vec() });
+    h.agent.remove("io", false).unwrap();
+}
+
+#[test]
+fn exec_and_signals() {
+    let h = HostAgent::start();
+    h.rootfs("ex");
+    h.agent.create("ex", &spec(&["sleep", "1000"]), false).unwrap();
+    let pid = h.agent.start("ex");
+    assert!(Path::new(&format!("/proc/{pid}")).exists());
+    h.agent.exec("ex", "e1", &json!({ "user": {"uid": 0, "gid": 0}, "args": ["sh", "-c", "echo $$; hostname; exit 7"], "env": ["PATH=/bin"], "cwd": "/" })).unwrap();
+    let out = h.agent.collect("ex", "e1");
+    assert_eq!(out.status, 7, "{out:?}");
+    // The exec runs in the container's PID namespace (sleep is PID 1 there).
+    let text = out.stdout_str();
+    let mut lines = text.lines();
+    let inner_pid: u32 = lines.next().unwrap().parse().unwrap();
+    assert!(inner_pid > 1 && inner_pid < 100, "exec's PID in the container: {inner_pid}");
+    assert_eq!(lines.next(), Some("husk-test"));
+    // A running container refuses a plain remove.
+    let (code, msg) = status_of(h.agent.remove("ex", false));
+    assert_eq!(code, Code::FAILED_PRECONDITION);
+    assert!(msg.starts_with("ex: ") && msg.contains("still running"), "{msg}");
+    h.agent.signal("ex", "", 9);
+    let w = h.agent.wait("ex", "");
+    assert_eq!((w.exit_status, w.signal), (128 + 9, 9));
+    h.agent.remove("ex", false).unwrap();
+    assert!(!Path::new(&format!("/proc/{pid}/status")).exists() || !std::fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap_or_default().contains("sleep"));
+}
+
+#[test]
+fn malformed_specs_are_refused_and_leave_nothing_behind() {
+    let h = HostAgent::start();
+    h.rootfs("bad");
+    let mounts_before = std::fs::read_to_string("/proc/self/mountinfo").unwrap().lines().count();
+    let (code, msg) = status_of(h.agent.create_raw("bad", b"{ not json"));
+    assert_eq!(code, Code::INVALID_ARGUMENT);
+    assert!(msg.starts_with("bad: parsing the OCI spec"), "{msg}");
+
+    let mut s = spec(&["true"]);
+    s.as_object_mut().unwrap().remove("root");
+    let (code, msg) = status_of(h.agent.create("bad", &s, false));
+    assert_eq!(code, Code::INVALID_ARGUMENT);
+    assert_eq!(msg, "bad: the OCI spec has no root");
+
+    let mut s = spec(&["true"]);
+    s["linux"]["namespaces"] = json!([{ "type": "pid" }, { "type": "bogus" }]);
+    let (code, msg) = status_of(h.agent.create("bad", &s, false));
+    assert_eq!(code, Code::INVALID_ARGUMENT);
+    assert!(msg.contains("bogus"), "{msg}");
+
+    let mut s = spec(&["true"]);
+    s["process"]["user"]["uid"] = json!(-1);
+    let (code, msg) = status_of(h.agent.create("bad", &s, false));
+    assert_eq!(code, Code::INVALID_ARGUMENT);
+    assert!(msg.contains("-1"), "{msg}");
+
+    let (code, msg) = status_of(h.agent.create("nope", &spec(&["true"]), false));
+    assert_eq!(code, Code::INVALID_ARGUMENT);
+    assert!(msg.contains("nope/rootfs: no such directory"), "{msg}");
+
+    // A failure inside the helper (a mount that cannot work) leaves no container behind.
+    let mut s = spec(&["true"]);
+    s["mounts"] = json!([{ "destination": "/data", "type": "bind", "source": "/nonexistent/husk", "options": ["rbind"] }]);
+    let (code, msg) = status_of(h.agent.create("bad", &s, false));
+    assert_eq!(code, Code::INTERNAL);
+    assert!(msg.starts_with("bad: ") && msg.contains("/nonexistent/husk"), "{msg}");
+
+    // None of these left a container: the id is free and a good spec runs.
+    let out = h.agent.run("bad", &sh("echo ok"));
+    assert_eq!(out.stdout_str(), "ok\n");
+    let mounts_after = std::fs::read_to_string("/proc/self/mountinfo").unwrap().lines().count();
+    assert_eq!(mounts_before, mounts_after, "mounts leaked into the host's namespace");
+}
