@@ -59,10 +59,53 @@ pub fn mount_rootfs(dir: &SandboxDir, cid: &str, mounts: &[ContainerdMount], bun
         return Ok(target);
     }
     for m in mounts {
-        containerd_shim::mount::mount_rootfs(Some(m.type_.as_str()), Some(m.source.as_str()), &m.options, &target)
-            .map_err(|e| fail(&m.type_, &m.source, e.to_string()))?;
+        mount_one(&m.type_, &m.source, &m.options, &target).map_err(|e| fail(&m.type_, &m.source, e))?;
     }
     Ok(target)
+}
+
+/// Mount flags among containerd's mount options; the rest is file-system data.
+fn split_options(options: &[String]) -> (MsFlags, Vec<&str>) {
+    let mut flags = MsFlags::empty();
+    let mut data = Vec::new();
+    for o in options {
+        match o.as_str() {
+            "ro" => flags |= MsFlags::MS_RDONLY,
+            "rw" | "defaults" => flags &= !MsFlags::MS_RDONLY,
+            "bind" => flags |= MsFlags::MS_BIND,
+            "rbind" => flags |= MsFlags::MS_BIND | MsFlags::MS_REC,
+            "nosuid" => flags |= MsFlags::MS_NOSUID,
+            "nodev" => flags |= MsFlags::MS_NODEV,
+            "noexec" => flags |= MsFlags::MS_NOEXEC,
+            "noatime" => flags |= MsFlags::MS_NOATIME,
+            "relatime" => flags |= MsFlags::MS_RELATIME,
+            other => data.push(other),
+        }
+    }
+    (flags, data)
+}
+
+/// One of containerd's rootfs mounts (overlay from the snapshotter, or a bind), done in this
+/// process. containerd-shim's `mount_rootfs` is not used: it forks and waits for the child
+/// through the crate's reaper, which this shim does not run (it reaps its own children).
+fn mount_one(fstype: &str, source: &str, options: &[String], target: &Path) -> Result<(), String> {
+    let (flags, data) = split_options(options);
+    let data = data.join(",");
+    // The kernel takes one page of mount data; containerd-shim compacts longer overlay
+    // lowerdir lists by chdir-ing, which a multi-threaded shim cannot do safely.
+    if data.len() >= 4096 {
+        return Err(format!(
+            "mount options are {} bytes, more than the kernel's one page (an image with very many layers)",
+            data.len()
+        ));
+    }
+    let fstype_opt = (!flags.contains(MsFlags::MS_BIND)).then_some(fstype);
+    mount(Some(source), target, fstype_opt, flags, (!data.is_empty()).then_some(data.as_str())).map_err(|e| e.to_string())?;
+    if flags.contains(MsFlags::MS_BIND) && flags.contains(MsFlags::MS_RDONLY) {
+        mount(None::<&str>, target, None::<&str>, flags | MsFlags::MS_REMOUNT, None::<&str>)
+            .map_err(|e| format!("remounting read-only: {e}"))?;
+    }
+    Ok(())
 }
 
 fn is_bind(m: &Value) -> bool {
@@ -156,6 +199,14 @@ pub fn sandbox_of(spec: &Value) -> Option<String> {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn mount_options_split_into_flags_and_data() {
+        let opts: Vec<String> = ["ro", "index=off", "lowerdir=/a:/b", "nosuid"].iter().map(|s| s.to_string()).collect();
+        let (flags, data) = split_options(&opts);
+        assert_eq!(flags, MsFlags::MS_RDONLY | MsFlags::MS_NOSUID);
+        assert_eq!(data, ["index=off", "lowerdir=/a:/b"]);
+    }
 
     #[test]
     fn sandbox_grouping_annotations() {

@@ -1,14 +1,27 @@
 //! The shim's life as containerd drives it: `start` (one shim per sandbox), `delete` (cleanup
 //! after every teardown, and after a crash), and serving the task API.
+//!
+//! containerd-shim's own bootstrap (`containerd_shim::run`) is not used: version 0.12 speaks
+//! only what containerd ≥ 2.0 expects — `start` answers in JSON and the task service is
+//! registered as `containerd.task.v3.Task` — while containerd 1.6 (Debian 12's) reads a bare
+//! address and calls `containerd.task.v2.Task`. The messages of both versions are the same, so
+//! the task service is registered under both names and `start` prints the bare address, which
+//! every containerd understands. The crate's pieces (flags, spawn, logger, publisher, the
+//! generated service) are still used.
 
+use std::io::Write;
+use std::os::fd::IntoRawFd;
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use containerd_shim::api::DeleteResponse;
 use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
-use containerd_shim::protos::protobuf::MessageField;
+use containerd_shim::protos::protobuf::{Message, MessageField};
+use containerd_shim::protos::shim::shim_ttrpc::create_task;
+use containerd_shim::protos::ttrpc::Server;
 use containerd_shim::publisher::RemotePublisher;
-use containerd_shim::{Config as ShimConfig, ExitSignal, Flags, Shim, StartOpts};
+use containerd_shim::{ExitSignal, Flags, StartOpts, Task};
 
 use crate::config::Config;
 use crate::sandbox_dir::SandboxDir;
@@ -19,21 +32,26 @@ use crate::task::Service;
 /// containerd's own shims do.
 pub const DELETED_EXIT: u32 = 137;
 
-pub struct HuskShim {
-    namespace: String,
-    id: String,
-    bundle: String,
-    exit: Arc<ExitSignal>,
+const TASK_V3: &str = "/containerd.task.v3.Task/";
+const TASK_V2: &str = "/containerd.task.v2.Task/";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ShimError {
+    #[error("{0}")]
+    Shim(#[from] containerd_shim::Error),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Other(String),
 }
 
-impl HuskShim {
-    fn bundle(&self) -> PathBuf {
-        if self.bundle.is_empty() {
-            std::env::current_dir().unwrap_or_default()
-        } else {
-            PathBuf::from(&self.bundle)
-        }
-    }
+fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ShimError {
+    let what = what.into();
+    move |source| ShimError::Io { what, source }
 }
 
 /// Whether `pid` is (still) one of our VM processes, so a recycled PID is never killed.
@@ -54,7 +72,10 @@ pub fn cleanup(id: &str, bundle: &Path, config: &Config) -> Result<(), String> {
     if sid == id {
         for pid in dir.read_pids() {
             if is_vm_process(pid) {
-                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap_or(0)), nix::sys::signal::Signal::SIGKILL);
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap_or(0)),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
             }
         }
         dir.destroy().map_err(|e| e.to_string())?;
@@ -62,57 +83,158 @@ pub fn cleanup(id: &str, bundle: &Path, config: &Config) -> Result<(), String> {
     Ok(())
 }
 
-impl Shim for HuskShim {
-    type T = Service;
+/// `start`: spawns the sandbox's shim and returns its address. Containers of one sandbox
+/// share its shim, and so its VM: the socket is keyed by the sandbox id, and a second shim
+/// for the same sandbox finds the socket served and exits.
+pub fn start(flags: &Flags) -> Result<String, ShimError> {
+    let bundle = std::env::current_dir().map_err(io_err("the bundle directory"))?;
+    let spec = share::read_spec(&bundle, &flags.id).map_err(|e| ShimError::Other(e.to_string()))?;
+    let grouping = share::sandbox_of(&spec).unwrap_or_else(|| flags.id.clone());
+    let opts = StartOpts {
+        id: flags.id.clone(),
+        publish_binary: flags.publish_binary.clone(),
+        address: flags.address.clone(),
+        ttrpc_address: std::env::var("TTRPC_ADDRESS").unwrap_or_default(),
+        namespace: flags.namespace.clone(),
+        debug: flags.debug,
+        ..Default::default()
+    };
+    let (_, address) = containerd_shim::spawn(opts, &grouping, Vec::new())?;
+    containerd_shim::util::write_address(&address)?;
+    Ok(address)
+}
 
-    fn new(_runtime_id: &str, args: &Flags, _config: &mut ShimConfig) -> Self {
-        Self {
-            namespace: args.namespace.clone(),
-            id: args.id.clone(),
-            bundle: args.bundle.clone(),
-            exit: Arc::new(ExitSignal::default()),
-        }
+/// `delete`: cleans up and answers with a valid exit record, even when there was nothing to
+/// clean (it runs on every teardown).
+pub fn delete(flags: &Flags) -> DeleteResponse {
+    let bundle = if flags.bundle.is_empty() {
+        std::env::current_dir().unwrap_or_default()
+    } else {
+        PathBuf::from(&flags.bundle)
+    };
+    let config = Config::load(None).unwrap_or_default();
+    if let Err(e) = cleanup(&flags.id, &bundle, &config) {
+        // containerd logs stderr; the response stays valid so its teardown goes on.
+        eprintln!("containerd-shim-husk-v2: cleaning up {}: {e}", flags.id);
     }
-
-    fn start_shim(&mut self, opts: StartOpts) -> containerd_shim::Result<String> {
-        // Containers of one sandbox share its shim (and so its VM): group by sandbox id.
-        let bundle = std::env::current_dir().map_err(|e| containerd_shim::Error::Other(format!("bundle directory: {e}")))?;
-        let spec = share::read_spec(&bundle, &opts.id).map_err(|e| containerd_shim::Error::InvalidArgument(e.to_string()))?;
-        let grouping = share::sandbox_of(&spec).unwrap_or_else(|| opts.id.clone());
-        let (_, address) = containerd_shim::spawn(opts, &grouping, Vec::new())?;
-        containerd_shim::util::write_address(&address)?;
-        Ok(address)
-    }
-
-    fn delete_shim(&mut self) -> containerd_shim::Result<DeleteResponse> {
-        let config = Config::load(None).unwrap_or_default();
-        if let Err(e) = cleanup(&self.id, &self.bundle(), &config) {
-            // containerd shows this; the response stays valid so its teardown goes on.
-            eprintln!("containerd-shim-husk-v2: cleaning up {}: {e}", self.id);
-        }
-        Ok(DeleteResponse {
-            pid: 0,
-            exit_status: DELETED_EXIT,
-            exited_at: MessageField::some(Timestamp::now()),
-            ..Default::default()
-        })
-    }
-
-    fn wait(&mut self) {
-        self.exit.wait();
-    }
-
-    fn create_task_service(&self, publisher: RemotePublisher) -> Self::T {
-        Service::new(&self.namespace, publisher, self.exit.clone())
+    DeleteResponse {
+        pid: 0,
+        exit_status: DELETED_EXIT,
+        exited_at: MessageField::some(Timestamp::now()),
+        ..Default::default()
     }
 }
 
-/// Options for containerd-shim's bootstrap: the shim reaps its own children (the VM
-/// processes, through `husk-hypervisor`), so the crate's reaper must not steal their exits.
-pub fn shim_config() -> ShimConfig {
-    ShimConfig {
-        no_reaper: true,
-        no_sub_reaper: true,
-        ..Default::default()
+fn socket_path(address: &str) -> &str {
+    address.strip_prefix("unix://").unwrap_or(address)
+}
+
+/// Serves the task API on `flags.socket` until the service says the sandbox is gone.
+pub fn serve(flags: &Flags) -> Result<(), ShimError> {
+    let path = socket_path(&flags.socket).to_string();
+    // Whatever happens next, the `start` process waiting on our stdout must be released.
+    let _release = ReleaseOnDrop;
+    if let Some(parent) = Path::new(&path).parent() {
+        std::fs::create_dir_all(parent).map_err(io_err(format!("creating {}", parent.display())))?;
+    }
+    let listener = match std::os::unix::net::UnixListener::bind(&path) {
+        Ok(l) => l,
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+            // Another container of a sandbox whose shim already runs: that shim serves it.
+            if UnixStream::connect(&path).is_ok() {
+                return Ok(());
+            }
+            std::fs::remove_file(&path).map_err(io_err(format!("removing the stale socket {path}")))?;
+            std::os::unix::net::UnixListener::bind(&path).map_err(io_err(format!("binding {path}")))?
+        }
+        Err(e) => return Err(io_err(format!("binding {path}"))(e)),
+    };
+    containerd_shim::logger::init(flags.debug, "info", &flags.namespace, &flags.id)?;
+    let ttrpc_address = std::env::var("TTRPC_ADDRESS")
+        .map_err(|_| ShimError::Other("TTRPC_ADDRESS is not set: the shim must be started by containerd".into()))?;
+    let publisher = RemotePublisher::new(&ttrpc_address)?;
+    let exit = Arc::new(ExitSignal::default());
+    let task: Arc<dyn Task + Send + Sync> = Arc::new(Service::new(&flags.namespace, publisher, exit.clone()));
+    let mut methods = create_task(task.clone());
+    let v2: Vec<_> = create_task(task)
+        .into_iter()
+        .map(|(name, handler)| (name.replacen(TASK_V3, TASK_V2, 1), handler))
+        .collect();
+    methods.extend(v2);
+    let mut server = Server::new()
+        .add_listener(listener.into_raw_fd())
+        .map_err(|e| ShimError::Other(format!("ttrpc listener on {path}: {e}")))?
+        .register_service(methods);
+    server.start().map_err(|e| ShimError::Other(format!("starting the ttrpc server on {path}: {e}")))?;
+    release_starter();
+    log::info!("shim {} serving on {path}", flags.id);
+    exit.wait();
+    server.shutdown();
+    let _ = std::fs::remove_file(&path);
+    Ok(())
+}
+
+/// `start` waits until the served shim closes its stdout (containerd-shim's `spawn` copies
+/// it): point fd 1 at stderr, as containerd's own shims do, once the server is up.
+fn release_starter() {
+    // SAFETY: dup2 on the process's own standard descriptors; no Rust object owns fd 1
+    // (stdout is only ever written through std's lock, which tolerates the swap).
+    unsafe {
+        libc::dup2(libc::STDERR_FILENO, libc::STDOUT_FILENO);
+    }
+}
+
+struct ReleaseOnDrop;
+
+impl Drop for ReleaseOnDrop {
+    fn drop(&mut self) {
+        release_starter();
+    }
+}
+
+/// The whole binary: dispatches containerd's actions. Returns the exit code.
+pub fn main(args: &[std::ffi::OsString]) -> i32 {
+    let flags = match containerd_shim::parse(args.get(1..).unwrap_or_default()) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("containerd-shim-husk-v2: {e}");
+            return 2;
+        }
+    };
+    if flags.version {
+        println!("containerd-shim-husk-v2 {}", env!("CARGO_PKG_VERSION"));
+        return 0;
+    }
+    match flags.action.as_str() {
+        "start" => match start(&flags) {
+            Ok(address) => {
+                print!("{address}");
+                0
+            }
+            Err(e) => {
+                eprintln!("containerd-shim-husk-v2 start: {e}");
+                1
+            }
+        },
+        "delete" => {
+            let resp = delete(&flags);
+            let mut out = std::io::stdout().lock();
+            match resp.write_to_bytes() {
+                Ok(bytes) if out.write_all(&bytes).is_ok() => 0,
+                _ => 1,
+            }
+        }
+        _ if flags.namespace.is_empty() || flags.socket.is_empty() => {
+            eprintln!("containerd-shim-husk-v2: started by hand? containerd runs it with -namespace, -id, -address and -socket");
+            2
+        }
+        _ => match serve(&flags) {
+            Ok(()) => 0,
+            Err(e) => {
+                log::error!("shim {}: {e}", flags.id);
+                eprintln!("containerd-shim-husk-v2: {e}");
+                1
+            }
+        },
     }
 }

@@ -534,17 +534,26 @@ impl Task for Service {
 
     fn close_io(&self, _ctx: &TtrpcContext, req: CloseIORequest) -> TtrpcResult<Empty> {
         let (p, sb) = self.lookup(&req.id, &req.exec_id)?;
-        if req.stdin && p.state().status == Status::RUNNING {
-            let r = ProcessRef {
-                container_id: req.id.clone(),
-                exec_id: req.exec_id.clone(),
-                ..Default::default()
-            };
-            sb.agent
-                .client()
-                .close_stdin(short(), &r)
-                .map_err(|e| err(Code::INTERNAL, format!("{}/{}: close stdin: {}", req.id, req.exec_id, describe(&e))))?;
+        if !req.stdin || p.state().status != Status::RUNNING {
+            return Ok(Empty::new());
         }
+        if !p.stdio.stdin.is_empty() {
+            // containerd closes its end of the fifo before asking; the stdin relay still has
+            // to forward what is buffered in the fifo, and it closes the process's stdin when
+            // it reads EOF. Closing here would race it and lose that data. (If the relay is
+            // still waiting to open the fifo, this open-and-close lets it through.)
+            io::unblock_stdin(&p.stdio.stdin);
+            return Ok(Empty::new());
+        }
+        let r = ProcessRef {
+            container_id: req.id.clone(),
+            exec_id: req.exec_id.clone(),
+            ..Default::default()
+        };
+        sb.agent
+            .client()
+            .close_stdin(short(), &r)
+            .map_err(|e| err(Code::INTERNAL, format!("{}/{}: close stdin: {}", req.id, req.exec_id, describe(&e))))?;
         Ok(Empty::new())
     }
 

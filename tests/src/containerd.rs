@@ -19,6 +19,12 @@ pub struct PrivateContainerd {
 impl PrivateContainerd {
     /// Starts containerd with the CRI plugin disabled and waits for its socket.
     pub fn start() -> Self {
+        Self::start_with_env(&[])
+    }
+
+    /// Like [`Self::start`], with extra environment for containerd (and so for the shims it
+    /// starts: `PATH` to find them, `HUSK_CONFIG`).
+    pub fn start_with_env(env: &[(&str, std::ffi::OsString)]) -> Self {
         let bin = require_program("containerd", "containerd");
         require_program("ctr", "containerd");
         let dir = tempfile::Builder::new()
@@ -40,6 +46,7 @@ impl PrivateContainerd {
         .expect("writing containerd's config");
         let log = std::fs::File::create(base.join("containerd.log")).expect("creating the log");
         let child = Command::new(bin)
+            .envs(env.iter().map(|(k, v)| (*k, v)))
             .arg("--config")
             .arg(&config)
             .stdin(Stdio::null())

@@ -9,6 +9,7 @@ pub mod containerd;
 pub mod procs;
 pub mod agent;
 pub mod guest;
+pub mod husk;
 
 use std::path::{Path, PathBuf};
 

@@ -1,0 +1,93 @@
+//! husk as containerd sees it: the shim binary under its runtime names, a configuration that
+//! points at this checkout's kernel and initramfs, and a private containerd that finds both.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+
+use crate::containerd::PrivateContainerd;
+use crate::{initramfs, kernel, workspace};
+
+/// `containerd-shim-husk-v2` (`HUSK_SHIM`, else `target/release/`, which `cargo xtask build`
+/// makes).
+pub fn shim_binary() -> PathBuf {
+    let p = std::env::var_os("HUSK_SHIM")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace().join("target/release/containerd-shim-husk-v2"));
+    assert!(
+        p.is_file(),
+        "{}: missing — build it with `cargo xtask build` (or point HUSK_SHIM at one); `cargo xtask test` does",
+        p.display()
+    );
+    p
+}
+
+/// The test images `cargo xtask rootfs` writes (`HUSK_IMAGES`, else `target/husk/images`).
+pub fn image(name: &str) -> PathBuf {
+    let dir = std::env::var_os("HUSK_IMAGES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| crate::artifacts_dir().join("images"));
+    let p = dir.join(name);
+    assert!(p.is_file(), "{}: missing — build it with `cargo xtask rootfs`", p.display());
+    p
+}
+
+pub const BUSYBOX: &str = "husk.local/busybox:latest";
+
+/// A private containerd that runs husk, plus the files that make it so.
+pub struct HuskContainerd {
+    pub ctd: PrivateContainerd,
+    _bin: tempfile::TempDir,
+}
+
+impl HuskContainerd {
+    pub fn start() -> Self {
+        let bin = tempfile::Builder::new().prefix("husk-bin-").tempdir().unwrap();
+        let shim = shim_binary();
+        for name in ["containerd-shim-husk-v2", "containerd-shim-kata-v2"] {
+            std::os::unix::fs::symlink(&shim, bin.path().join(name)).unwrap();
+        }
+        let config = bin.path().join("config.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "kernel = \"{}\"\ninitramfs = \"{}\"\n",
+                kernel().display(),
+                initramfs().display()
+            ),
+        )
+        .unwrap();
+        let path = std::env::var_os("PATH").unwrap_or_default();
+        let mut new_path = OsString::from(bin.path());
+        new_path.push(":");
+        new_path.push(path);
+        let ctd = PrivateContainerd::start_with_env(&[("PATH", new_path), ("HUSK_CONFIG", config.into_os_string())]);
+        ctd.ctr_ok(&["images", "import", image("busybox.tar").to_str().unwrap()]);
+        Self { ctd, _bin: bin }
+    }
+}
+
+/// PIDs of processes whose command line mentions `needle` (e.g. a sandbox's state dir).
+pub fn processes_mentioning(needle: &str) -> Vec<u32> {
+    let mut v = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        if String::from_utf8_lossy(&cmd).contains(needle) && crate::process_alive(pid) {
+            v.push(pid);
+        }
+    }
+    v
+}
+
+/// Mount points under `dir`.
+pub fn mounts_under(dir: &Path) -> Vec<String> {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|m| Path::new(m).starts_with(dir))
+        .map(str::to_string)
+        .collect()
+}
