@@ -64,7 +64,7 @@ fn stdout_byte_exact_exit_codes_stdin_eof_exec_and_signals() {
     let g = Guest::boot(256);
     // 10 MiB of non-repeating bytes through stdout.
     let root = g.rootfs("big");
-    let payload: Vec<u8> = (0u32..10 << 20).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    let payload: Vec<u8> = (0u32..10 << 20).map(|i| (i.wrapping_mul(2654435761) >> 13).to_le_bytes()[0]).collect();
     std::fs::write(root.join("payload"), &payload).unwrap();
     let t = Instant::now();
     let out = g.agent.run("big", &sh("cat /payload; echo -n err >&2; exit 42"));

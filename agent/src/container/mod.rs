@@ -123,6 +123,10 @@ impl Container {
     }
 }
 
+/// Clone flags for the new namespaces, namespaces to join (flag bits, path), and whether
+/// the container sets its hostname.
+type Namespaces = (CloneFlags, Vec<(i32, PathBuf)>, bool);
+
 /// Where the engine finds things.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -262,7 +266,7 @@ impl Engine {
     }
 
     /// Clone flags, namespaces to join, and whether to set the hostname.
-    fn namespaces(&self, id: &str, spec: &Spec) -> Result<(CloneFlags, Vec<(i32, PathBuf)>, bool)> {
+    fn namespaces(&self, id: &str, spec: &Spec) -> Result<Namespaces> {
         let mut flags = CloneFlags::CLONE_NEWPID | CloneFlags::CLONE_NEWNS;
         let mut join = Vec::new();
         let mut set_hostname = false;
