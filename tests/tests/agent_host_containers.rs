@@ -237,3 +237,40 @@ fn malformed_specs_are_refused_and_leave_nothing_behind() {
     let mounts_after = std::fs::read_to_string("/proc/self/mountinfo").unwrap().lines().count();
     assert_eq!(mounts_before, mounts_after, "mounts leaked into the host's namespace");
 }
+
+#[test]
+fn sysctls_and_oom_score_adj() {
+    let h = HostAgent::start();
+    // kernel.msgmax belongs to the container's own ipc namespace: the host's stays as it was.
+    let host_msgmax = std::fs::read_to_string("/proc/sys/kernel/msgmax").unwrap();
+    let mut s = sh("cat /proc/sys/kernel/msgmax /proc/self/oom_score_adj");
+    s["linux"]["sysctl"] = json!({ "kernel.msgmax": "12345" });
+    // Raising the score needs no privilege (lowering needs CAP_SYS_RESOURCE, which hosts of
+    // this kind lack).
+    s["process"]["oomScoreAdj"] = json!(500);
+    let out = h.run("sys", &s);
+    assert_eq!(out.stdout_str(), "12345\n500\n", "{out:?}");
+    assert_eq!(std::fs::read_to_string("/proc/sys/kernel/msgmax").unwrap(), host_msgmax);
+}
+
+#[test]
+fn bind_mounts_read_only_and_propagation() {
+    let h = HostAgent::start();
+    let data = h.shared().join("vol");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::write(data.join("f"), "from the host\n").unwrap();
+    let mut s = sh("cat /ro/f; echo x > /ro/g; echo w=$?; echo y > /rw/g; grep -E ' /(ro|rw) ' /proc/self/mountinfo | cut -d' ' -f5,6,7");
+    s["mounts"].as_array_mut().unwrap().extend([
+        json!({ "destination": "/ro", "type": "bind", "source": data, "options": ["rbind", "ro", "rprivate"] }),
+        json!({ "destination": "/rw", "type": "bind", "source": data, "options": ["rbind", "rw", "rslave"] }),
+    ]);
+    let out = h.run("bind", &s);
+    let text = out.stdout_str();
+    assert!(text.starts_with("from the host\nw=1\n"), "{out:?}");
+    assert_eq!(std::fs::read_to_string(data.join("g")).unwrap(), "y\n");
+    let lines: Vec<&str> = text.lines().skip(2).collect();
+    let ro = lines.iter().find(|l| l.starts_with("/ro ")).expect("/ro in mountinfo");
+    let rw = lines.iter().find(|l| l.starts_with("/rw ")).expect("/rw in mountinfo");
+    assert!(ro.contains("ro,") && !ro.contains("master:") && !ro.contains("shared:"), "{ro}");
+    assert!(rw.contains("rw,"), "{rw}");
+}

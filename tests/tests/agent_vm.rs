@@ -266,3 +266,37 @@ fn malformed_specs_leave_no_container_mount_or_cgroup_behind() {
     // And the id is free again.
     assert_eq!(g.agent.run("bad", &sh("echo fine")).stdout_str(), "fine\n");
 }
+
+#[test]
+fn cpu_cpuset_limits_and_update_container() {
+    let g = Guest::boot(256);
+    g.rootfs("lim");
+    g.rootfs("look");
+    let mut s = spec(&["sleep", "1000"]);
+    s["linux"]["resources"] = json!({
+        "cpu": { "shares": 512, "quota": 25000, "period": 100000, "cpus": "0", "mems": "0" },
+        "memory": { "limit": 64 << 20 }
+    });
+    g.agent.create("lim", &s, false).unwrap();
+    g.agent.start("lim");
+    let look = |g: &Guest| {
+        let mut s = sh("cd /cg/husk/lim && cat cpu.max cpu.weight cpuset.cpus memory.max");
+        s["mounts"].as_array_mut().unwrap().push(json!({ "destination": "/cg", "type": "bind", "source": "/sys/fs/cgroup", "options": ["rbind", "ro"] }));
+        g.agent.run("look", &s).stdout_str()
+    };
+    assert_eq!(look(&g), "25000 100000\n20\n0\n67108864\n");
+    let r = json!({ "memory": { "limit": 96 << 20 }, "pids": { "limit": 50 } });
+    g.agent
+        .client
+        .update_container(ctx(), &UpdateContainerRequest { container_id: "lim".into(), oci_resources_json: serde_json::to_vec(&r).unwrap(), ..Default::default() })
+        .unwrap();
+    let st = g.agent.client.stats_container(ctx(), &ContainerRef { container_id: "lim".into(), ..Default::default() }).unwrap();
+    assert_eq!((st.memory_max_bytes, st.pids_max), (96 << 20, 50), "{st:?}");
+    let (code, msg) = status_of(g.agent.client.update_container(
+        ctx(),
+        &UpdateContainerRequest { container_id: "lim".into(), oci_resources_json: b"{\"memory\": 5}".to_vec(), ..Default::default() },
+    ));
+    assert_eq!(code, Code::INVALID_ARGUMENT);
+    assert!(msg.starts_with("lim: parsing linux.resources"), "{msg}");
+    g.agent.remove("lim", true).unwrap();
+}
