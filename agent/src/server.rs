@@ -38,6 +38,8 @@ fn map(e: Error) -> ttrpc::Error {
         Error::State { .. } => Code::FAILED_PRECONDITION,
         Error::Failed { .. } => Code::INTERNAL,
     };
+    // The console is the guest's log: every refused or failed request is on it.
+    println!("husk-agent: request failed ({code:?}): {e}");
     status(code, e.to_string())
 }
 

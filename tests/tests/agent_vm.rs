@@ -133,6 +133,11 @@ fn tty_round_trip_and_resize() {
     g.agent.write_stdin("tty", "", b"stty size; test -t 0 && echo TTY-$((6*7))\n");
     let seen = read_until(&g, "tty", "TTY-42\r\n");
     assert!(seen.contains("41 101\r\n"), "{seen:?}");
+    // An exec with its own terminal.
+    let p = json!({ "terminal": true, "user": {"uid": 0, "gid": 0}, "args": ["sh", "-c", "test -t 0 && test -t 1 && echo EXEC-TTY"], "env": ["PATH=/bin"], "cwd": "/" });
+    g.agent.exec("tty", "t2", &p).unwrap();
+    let out = g.agent.collect("tty", "t2");
+    assert_eq!((out.status, out.stdout_str().as_str()), (0, "EXEC-TTY\r\n"), "{out:?}");
     g.agent.write_stdin("tty", "", b"exit 5\n");
     assert_eq!(g.agent.wait("tty", "").exit_status, 5);
     g.agent.remove("tty", false).unwrap();

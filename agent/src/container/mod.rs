@@ -147,6 +147,8 @@ struct Sandbox {
 pub struct Engine {
     config: Config,
     containers: Mutex<HashMap<String, Arc<Container>>>,
+    /// Ids being created (reserved, not yet in `containers`).
+    creating: Mutex<std::collections::HashSet<String>>,
     sandbox: Mutex<Option<Sandbox>>,
     oom: Mutex<VecDeque<String>>,
     oom_ready: Condvar,
@@ -165,6 +167,7 @@ impl Engine {
         let e = Arc::new(Self {
             config,
             containers: Mutex::new(HashMap::new()),
+            creating: Mutex::new(std::collections::HashSet::new()),
             sandbox: Mutex::new(None),
             oom: Mutex::new(VecDeque::new()),
             oom_ready: Condvar::new(),
@@ -238,10 +241,22 @@ impl Engine {
             return Err(invalid(format!("rootfs {}: no such directory — the shim shares it before CreateContainer", rootfs.display())));
         }
         let rootfs = rootfs.canonicalize().map_err(|e| invalid(format!("rootfs {}: {e}", rootfs.display())))?;
-        let mut containers = lock(&self.containers);
-        if containers.contains_key(id) {
-            return Err(Error::Exists(id.into()));
+        // Reserve the id, and do the slow part without holding the table: other containers'
+        // RPCs go on meanwhile.
+        {
+            let containers = lock(&self.containers);
+            let mut creating = lock(&self.creating);
+            if containers.contains_key(id) || !creating.insert(id.to_string()) {
+                return Err(Error::Exists(id.into()));
+            }
         }
+        let r = self.create_reserved(id, spec, rootfs, terminal);
+        lock(&self.creating).remove(id);
+        r
+    }
+
+    fn create_reserved(&self, id: &str, spec: Spec, rootfs: PathBuf, terminal: bool) -> Result<()> {
+        let invalid = |what: String| Error::Invalid { id: id.into(), what };
         let (flags, join, set_hostname) = self.namespaces(id, &spec)?;
         let cgroup = match &self.config.cgroup_root {
             Some(root) => Some(
@@ -253,7 +268,7 @@ impl Engine {
         let made = self.spawn_init(id, spec, rootfs, cgroup.clone(), join, set_hostname, terminal, flags);
         match made {
             Ok(c) => {
-                containers.insert(id.into(), Arc::new(c));
+                lock(&self.containers).insert(id.into(), Arc::new(c));
                 Ok(())
             }
             Err(e) => {
