@@ -74,6 +74,24 @@ fn stdout_byte_exact_exit_codes_stdin_eof_exec_and_signals() {
     assert!(out.stdout == payload, "10 MiB stdout differs (got {} bytes)", out.stdout.len());
     eprintln!("10 MiB container stdout over vsock (virtio-fs read included): {took:?}");
 
+    // Figures: stdout throughput alone, and a virtio-fs write.
+    g.rootfs("fig");
+    let t = Instant::now();
+    let out = g.agent.run("fig", &sh("head -c 33554432 /dev/zero"));
+    let stdout_took = t.elapsed();
+    assert_eq!(out.stdout.len(), 32 << 20);
+    let t = Instant::now();
+    let out = g.agent.run("fig", &sh("dd if=/dev/zero of=/written bs=1048576 count=32 2>/dev/null; sync"));
+    let write_took = t.elapsed();
+    assert_eq!(out.status, 0);
+    assert_eq!(std::fs::metadata(g.shared().join("fig/rootfs/written")).unwrap().len(), 32 << 20);
+    let mibs = |d: Duration| 32.0 / d.as_secs_f64();
+    eprintln!(
+        "32 MiB container stdout: {stdout_took:?} ({:.0} MiB/s); 32 MiB virtio-fs write: {write_took:?} ({:.0} MiB/s), both including container start",
+        mibs(stdout_took),
+        mibs(write_took)
+    );
+
     // stdin reaches the process and EOF ends it.
     g.rootfs("io");
     g.agent.create("io", &sh("cat; echo eof >&2"), false).unwrap();
@@ -121,10 +139,15 @@ fn read_until(g: &Guest, id: &str, want: &str) -> String {
 fn tty_round_trip_and_resize() {
     let g = Guest::boot(256);
     g.rootfs("tty");
+    // The spec's terminal flag and console size are enough (the request's flag is false).
     let mut s = spec(&["sh"]);
     s["process"]["terminal"] = json!(true);
-    g.agent.create("tty", &s, true).unwrap();
+    s["process"]["consoleSize"] = json!({ "height": 24, "width": 77 });
+    g.agent.create("tty", &s, false).unwrap();
     g.agent.start("tty");
+    g.agent.write_stdin("tty", "", b"stty size; echo SZ-$((1+1))\n");
+    let seen = read_until(&g, "tty", "SZ-2\r\n");
+    assert!(seen.contains("24 77\r\n"), "{seen:?}");
     g.agent
         .client
         .tty_win_resize(ctx(), &TtyWinResizeRequest { container_id: "tty".into(), rows: 41, columns: 101, ..Default::default() })
@@ -261,13 +284,14 @@ fn malformed_specs_leave_no_container_mount_or_cgroup_behind() {
     assert!(msg.starts_with("bad: ") && msg.contains("/run/husk/shared/none"), "{msg}");
     // Look from inside the guest: no cgroup "bad", no mount of bad's rootfs in the agent's view.
     g.rootfs("look");
-    let mut s = sh("ls /cg/husk | grep -v '[.]'; grep -c /bad/ /hostproc/1/mountinfo");
+    // And no zombie anywhere in the guest: PID 1 reaps.
+    let mut s = sh("ls /cg/husk | grep -v '[.]'; grep -c /bad/ /hostproc/1/mountinfo; cat /hostproc/[0-9]*/stat | grep -c ') Z '");
     s["mounts"].as_array_mut().unwrap().extend([
         json!({ "destination": "/cg", "type": "bind", "source": "/sys/fs/cgroup", "options": ["rbind", "ro"] }),
         json!({ "destination": "/hostproc", "type": "bind", "source": "/proc", "options": ["rbind", "ro"] }),
     ]);
     let out = g.agent.run("look", &s);
-    assert_eq!(out.stdout_str(), "look\n0\n", "{out:?}");
+    assert_eq!(out.stdout_str(), "look\n0\n0\n", "{out:?}");
     // And the id is free again.
     assert_eq!(g.agent.run("bad", &sh("echo fine")).stdout_str(), "fine\n");
 }

@@ -233,6 +233,8 @@ impl Engine {
             return Err(invalid("the OCI spec has no root".into()));
         }
         let process = spec.process().clone().ok_or_else(|| invalid("the OCI spec has no process".into()))?;
+        // The request's flag or the spec's own `process.terminal`.
+        let terminal = terminal || process.terminal().unwrap_or(false);
         if process.args().as_ref().is_none_or(|a| a.is_empty()) {
             return Err(invalid("the OCI spec's process has no args".into()));
         }
@@ -337,6 +339,10 @@ impl Engine {
         flags: CloneFlags,
     ) -> Result<Container> {
         let (stdio, ends) = if terminal { Stdio::pty() } else { Stdio::pipes() }.map_err(failed(id))?;
+        if let (true, Some(size)) = (terminal, spec.process().as_ref().and_then(|p| p.console_size())) {
+            let clamp = |v: u64| u16::try_from(v).unwrap_or(u16::MAX);
+            stdio.resize(clamp(size.height()), clamp(size.width())).map_err(failed(id))?;
+        }
         use std::os::fd::AsRawFd;
         let fds = [ends.fds[0].as_raw_fd(), ends.fds[1].as_raw_fd(), ends.fds[2].as_raw_fd()];
         let (pid, sock) = spawn::spawn("init", flags, fds).map_err(failed(id))?;
