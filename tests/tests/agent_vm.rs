@@ -292,8 +292,16 @@ fn malformed_specs_leave_no_container_mount_or_cgroup_behind() {
     ]);
     let out = g.agent.run("look", &s);
     assert_eq!(out.stdout_str(), "look\n0\n0\n", "{out:?}");
-    // And the id is free again.
-    assert_eq!(g.agent.run("bad", &sh("echo fine")).stdout_str(), "fine\n");
+    // And the id is free again; seccomp and capabilities work in the guest kernel too.
+    let mut s = sh("echo fine; mkdir /denied || true; grep CapEff /proc/self/status");
+    s["process"]["noNewPrivileges"] = json!(true);
+    s["linux"]["seccomp"] = json!({
+        "defaultAction": "SCMP_ACT_ALLOW",
+        "syscalls": [ { "names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO" } ]
+    });
+    let out = g.agent.run("bad", &s);
+    assert_eq!(out.stdout_str(), "fine\nCapEff:\t00000000000004e1\n", "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Operation not permitted"), "{out:?}");
 }
 
 #[test]
