@@ -52,10 +52,36 @@ impl HostAgent {
 }
 
 impl Drop for HostAgent {
+    /// DestroySandbox first, so that containers a failed test left running are killed by the
+    /// agent (they are not its children's children only: each is PID 1 of its own namespace);
+    /// then the agent, which exits after it, is reaped (killed if it has not exited).
     fn drop(&mut self) {
+        let _ = self.agent.client.destroy_sandbox(
+            husk_protocols::ttrpc::context::with_timeout(10_000_000_000),
+            &husk_protocols::agent::DestroySandboxRequest::new(),
+        );
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+#[test]
+fn destroy_sandbox_kills_what_runs_and_ends_the_agent() {
+    let mut h = HostAgent::start();
+    h.rootfs("left");
+    h.agent.create("left", &spec(&["sleep", "1000"]), false).unwrap();
+    let pid = h.agent.start("left");
+    h.agent.client.destroy_sandbox(husk_protocols::ttrpc::context::with_timeout(10_000_000_000), &husk_protocols::agent::DestroySandboxRequest::new()).unwrap();
+    let status = h.child.wait().unwrap();
+    assert!(status.success(), "{status}");
+    assert!(!husk_tests::process_alive(pid), "container init {pid} outlived DestroySandbox");
 }
 
 fn sh(script: &str) -> serde_json::Value {
