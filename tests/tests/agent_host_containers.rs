@@ -300,3 +300,32 @@ fn bind_mounts_read_only_and_propagation() {
     assert!(ro.contains("ro,") && !ro.contains("master:") && !ro.contains("shared:"), "{ro}");
     assert!(rw.contains("rw,"), "{rw}");
 }
+
+#[test]
+fn namespace_paths_mean_the_sandboxs_namespaces() {
+    let h = HostAgent::start();
+    h.rootfs("cri");
+    let mut s = sh("hostname; readlink /proc/self/ns/ipc");
+    // As containerd's CRI writes them: the host's pause process.
+    s["linux"]["namespaces"] = json!([
+        { "type": "pid" }, { "type": "mount" },
+        { "type": "ipc", "path": "/proc/999999/ns/ipc" }, { "type": "uts", "path": "/proc/999999/ns/uts" },
+        { "type": "network", "path": "/var/run/netns/cni-0000" }
+    ]);
+    let (code, msg) = status_of(h.agent.create("cri", &s, false));
+    assert_eq!(code, Code::INVALID_ARGUMENT);
+    assert!(msg.contains("CreateSandbox"), "{msg}");
+    h.agent
+        .client
+        .create_sandbox(
+            husk_protocols::ttrpc::context::with_timeout(10_000_000_000),
+            &husk_protocols::agent::CreateSandboxRequest { sandbox_id: "pod".into(), hostname: "pod-host".into(), ..Default::default() },
+        )
+        .unwrap();
+    let out = h.agent.run("cri", &s);
+    let text = out.stdout_str();
+    let mut lines = text.lines();
+    assert_eq!(lines.next(), Some("pod-host"), "{out:?}");
+    let host_ipc = std::fs::read_link("/proc/self/ns/ipc").unwrap();
+    assert_ne!(lines.next().map(std::path::PathBuf::from), Some(host_ipc), "the container must not be in the host's ipc namespace");
+}

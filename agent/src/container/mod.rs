@@ -9,7 +9,8 @@
 //!
 //! Namespaces: each container gets new PID and mount namespaces. Its uts and ipc namespaces
 //! are the sandbox's (CreateSandbox) when the spec asks for them, so a pod's containers share
-//! them, as with Kata. The network namespace is the VM's: the guest *is* the pod's network
+//! them, as with Kata; a namespace *path* in the spec names a host process's namespace (CRI
+//! writes the pause container's) and so also means the sandbox's. The network namespace is the VM's: the guest *is* the pod's network
 //! namespace, so `network` entries (whose paths name host namespaces) are ignored. `user` and
 //! `time` namespaces are refused.
 
@@ -307,8 +308,18 @@ impl Engine {
                         (CloneFlags::CLONE_NEWIPC, "ipc")
                     };
                     match (path, sandbox) {
-                        (Some(p), _) => join.push((flag.bits(), p)),
-                        (None, Some(pause)) => join.push((flag.bits(), PathBuf::from(format!("/proc/{pause}/ns/{name}")))),
+                        // A path names a namespace of the *host* (the pod's pause process, as
+                        // containerd's CRI writes it): in the guest, the sandbox's is that.
+                        (_, Some(pause)) => join.push((flag.bits(), PathBuf::from(format!("/proc/{pause}/ns/{name}")))),
+                        (Some(p), None) => {
+                            return Err(Error::Invalid {
+                                id: id.into(),
+                                what: format!(
+                                    "{name} namespace path {}: names a host namespace, which the guest cannot enter — create the sandbox (CreateSandbox) first, whose namespaces such containers share",
+                                    p.display()
+                                ),
+                            })
+                        }
                         (None, None) => {
                             flags |= flag;
                             set_hostname |= t == LinuxNamespaceType::Uts;
