@@ -185,6 +185,10 @@ fn pause_resume_and_stats() {
     assert_eq!(tick(), frozen, "ticks went on while paused");
     let (code, msg) = status_of(g.agent.client.pause_container(ctx(), &r));
     assert_eq!(code, Code::FAILED_PRECONDITION, "{msg}");
+    let p = json!({ "user": {"uid": 0, "gid": 0}, "args": ["true"], "env": ["PATH=/bin"], "cwd": "/" });
+    let (code, msg) = status_of(g.agent.exec("p", "x", &p));
+    assert_eq!(code, Code::FAILED_PRECONDITION);
+    assert!(msg.contains("paused — resume it first"), "{msg}");
     g.agent.client.resume_container(ctx(), &r).unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
     while tick() <= frozen {

@@ -418,8 +418,14 @@ impl Engine {
             return Err(invalid(format!("exec id {exec_id:?}: must be 1-128 of [A-Za-z0-9_.-]")));
         }
         let process: OciProcess = serde_json::from_slice(process_json).map_err(|e| invalid(format!("exec {exec_id}: parsing the OCI process: {e}")))?;
-        if *lock(&c.state) == State::Created || c.init_exited() {
-            return Err(Error::State { id: id.into(), what: format!("exec {exec_id}: the container is not running") });
+        match *lock(&c.state) {
+            // The helper would join the frozen cgroup and freeze with it.
+            State::Paused => return Err(Error::State { id: id.into(), what: format!("exec {exec_id}: the container is paused — resume it first") }),
+            State::Created => return Err(Error::State { id: id.into(), what: format!("exec {exec_id}: the container is not started") }),
+            State::Running if c.init_exited() => {
+                return Err(Error::State { id: id.into(), what: format!("exec {exec_id}: the container has exited") })
+            }
+            State::Running => {}
         }
         let mut execs = lock(&c.execs);
         if execs.contains_key(exec_id) {
