@@ -14,6 +14,7 @@
 
 mod container;
 mod guest_info;
+mod network;
 mod pid1;
 mod power;
 mod reaper;

@@ -62,7 +62,8 @@ pub fn loopback_up() -> Result<(), String> {
         }
         // SAFETY: the union member ifru_flags is the one SIOCGIFFLAGS filled in.
         unsafe {
-            ifr.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+            // IFF_UP | IFF_RUNNING is 0x41: it fits the short.
+            ifr.ifr_ifru.ifru_flags |= libc::c_short::try_from(libc::IFF_UP | libc::IFF_RUNNING).unwrap_or(1);
         }
         // SAFETY: SIOCSIFFLAGS reads our ifreq.
         if unsafe { libc::ioctl(fd, libc::SIOCSIFFLAGS, &ifr) } < 0 {

@@ -38,6 +38,16 @@ fn map(e: Error) -> ttrpc::Error {
         Error::State { .. } => Code::FAILED_PRECONDITION,
         Error::Failed { .. } => Code::INTERNAL,
     };
+    // The console is the guest's log: every refused or failed request is on it.
+    println!("husk-agent: request failed ({code:?}): {e}");
+    status(code, e.to_string())
+}
+
+fn net(e: crate::network::Error) -> ttrpc::Error {
+    let code = match e {
+        crate::network::Error::Invalid(_) => Code::INVALID_ARGUMENT,
+        _ => Code::INTERNAL,
+    };
     status(code, e.to_string())
 }
 
@@ -193,6 +203,20 @@ impl Agent for Service {
             .resize(rows, cols)
             .map_err(|e| status(Code::FAILED_PRECONDITION, format!("{} {:?}: {e}", r.container_id, r.exec_id)))?;
         Ok(Empty::new())
+    }
+
+    fn update_interface(&self, _: &TtrpcContext, r: UpdateInterfaceRequest) -> R<Interface> {
+        let want = r.interface.into_option().ok_or_else(|| status(Code::INVALID_ARGUMENT, "UpdateInterface: no interface given"))?;
+        crate::network::update_interface(&want).map_err(net)
+    }
+
+    fn update_routes(&self, _: &TtrpcContext, r: UpdateRoutesRequest) -> R<Routes> {
+        let routes = crate::network::update_routes(&r.routes).map_err(net)?;
+        Ok(Routes { routes, ..Default::default() })
+    }
+
+    fn list_interfaces(&self, _: &TtrpcContext, _: ListInterfacesRequest) -> R<Interfaces> {
+        Ok(Interfaces { interfaces: crate::network::list_interfaces().map_err(net)?, ..Default::default() })
     }
 
     fn set_guest_date_time(&self, _: &TtrpcContext, r: SetGuestDateTimeRequest) -> R<Empty> {

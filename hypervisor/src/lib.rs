@@ -9,6 +9,12 @@
 //! - [`host`]: what kind of host this is (hardware KVM, PVM, none) and so which backend husk
 //!   uses by default; `cargo xtask doctor` prints the same verdict.
 //! - [`console`]: reading the guest's serial console log, and the agent's ready line.
+//! - [`vsock`]: the host side of hybrid vsock (`CONNECT <port>\n` → `OK …\n`), how the shim
+//!   reaches the agent on any backend.
+//!
+//! The qemu backend runs the two vhost-user helpers a husk guest needs next to QEMU
+//! (virtiofsd for [`VmConfig::shared_dir`], vhost-device-vsock for [`VmConfig::vsock`]); a
+//! helper that dies stops its VM, and [`Vm::wait`] says which one ([`Error::HelperExited`]).
 //!
 //! Every process a backend starts is reaped: on stop, on kill, and when the [`Vm`] is dropped.
 

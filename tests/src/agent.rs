@@ -94,7 +94,7 @@ pub struct Agent {
 const CALL_TIMEOUT: Duration = Duration::from_secs(120);
 
 fn ctx() -> context::Context {
-    context::with_timeout(CALL_TIMEOUT.as_nanos() as i64)
+    context::with_timeout(i64::try_from(CALL_TIMEOUT.as_nanos()).unwrap_or(i64::MAX))
 }
 
 /// A finished process: exit status and its output.
@@ -189,7 +189,7 @@ impl Agent {
         self.client
             .signal_process(
                 ctx(),
-                &SignalProcessRequest { container_id: id.into(), exec_id: exec_id.into(), signal: sig as u32, ..Default::default() },
+                &SignalProcessRequest { container_id: id.into(), exec_id: exec_id.into(), signal: u32::try_from(sig).expect("signal numbers are positive"), ..Default::default() },
             )
             .unwrap_or_else(|e| panic!("SignalProcess {id}/{exec_id}: {e:?}"));
     }

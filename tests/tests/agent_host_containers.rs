@@ -52,10 +52,36 @@ impl HostAgent {
 }
 
 impl Drop for HostAgent {
+    /// DestroySandbox first, so that containers a failed test left running are killed by the
+    /// agent (they are not its children's children only: each is PID 1 of its own namespace);
+    /// then the agent, which exits after it, is reaped (killed if it has not exited).
     fn drop(&mut self) {
+        let _ = self.agent.client.destroy_sandbox(
+            husk_protocols::ttrpc::context::with_timeout(10_000_000_000),
+            &husk_protocols::agent::DestroySandboxRequest::new(),
+        );
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+#[test]
+fn destroy_sandbox_kills_what_runs_and_ends_the_agent() {
+    let mut h = HostAgent::start();
+    h.rootfs("left");
+    h.agent.create("left", &spec(&["sleep", "1000"]), false).unwrap();
+    let pid = h.agent.start("left");
+    h.agent.client.destroy_sandbox(husk_protocols::ttrpc::context::with_timeout(10_000_000_000), &husk_protocols::agent::DestroySandboxRequest::new()).unwrap();
+    let status = h.child.wait().unwrap();
+    assert!(status.success(), "{status}");
+    assert!(!husk_tests::process_alive(pid), "container init {pid} outlived DestroySandbox");
 }
 
 fn sh(script: &str) -> serde_json::Value {
@@ -236,4 +262,70 @@ fn malformed_specs_are_refused_and_leave_nothing_behind() {
     assert_eq!(out.stdout_str(), "ok\n");
     let mounts_after = std::fs::read_to_string("/proc/self/mountinfo").unwrap().lines().count();
     assert_eq!(mounts_before, mounts_after, "mounts leaked into the host's namespace");
+}
+
+#[test]
+fn sysctls_and_oom_score_adj() {
+    let h = HostAgent::start();
+    // kernel.msgmax belongs to the container's own ipc namespace: the host's stays as it was.
+    let host_msgmax = std::fs::read_to_string("/proc/sys/kernel/msgmax").unwrap();
+    let mut s = sh("cat /proc/sys/kernel/msgmax /proc/self/oom_score_adj");
+    s["linux"]["sysctl"] = json!({ "kernel.msgmax": "12345" });
+    // Raising the score needs no privilege (lowering needs CAP_SYS_RESOURCE, which hosts of
+    // this kind lack).
+    s["process"]["oomScoreAdj"] = json!(500);
+    let out = h.run("sys", &s);
+    assert_eq!(out.stdout_str(), "12345\n500\n", "{out:?}");
+    assert_eq!(std::fs::read_to_string("/proc/sys/kernel/msgmax").unwrap(), host_msgmax);
+}
+
+#[test]
+fn bind_mounts_read_only_and_propagation() {
+    let h = HostAgent::start();
+    let data = h.shared().join("vol");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::write(data.join("f"), "from the host\n").unwrap();
+    let mut s = sh("cat /ro/f; echo x > /ro/g; echo w=$?; echo y > /rw/g; grep -E ' /(ro|rw) ' /proc/self/mountinfo | cut -d' ' -f5,6,7");
+    s["mounts"].as_array_mut().unwrap().extend([
+        json!({ "destination": "/ro", "type": "bind", "source": data, "options": ["rbind", "ro", "rprivate"] }),
+        json!({ "destination": "/rw", "type": "bind", "source": data, "options": ["rbind", "rw", "rslave"] }),
+    ]);
+    let out = h.run("bind", &s);
+    let text = out.stdout_str();
+    assert!(text.starts_with("from the host\nw=1\n"), "{out:?}");
+    assert_eq!(std::fs::read_to_string(data.join("g")).unwrap(), "y\n");
+    let lines: Vec<&str> = text.lines().skip(2).collect();
+    let ro = lines.iter().find(|l| l.starts_with("/ro ")).expect("/ro in mountinfo");
+    let rw = lines.iter().find(|l| l.starts_with("/rw ")).expect("/rw in mountinfo");
+    assert!(ro.contains("ro,") && !ro.contains("master:") && !ro.contains("shared:"), "{ro}");
+    assert!(rw.contains("rw,"), "{rw}");
+}
+
+#[test]
+fn namespace_paths_mean_the_sandboxs_namespaces() {
+    let h = HostAgent::start();
+    h.rootfs("cri");
+    let mut s = sh("hostname; readlink /proc/self/ns/ipc");
+    // As containerd's CRI writes them: the host's pause process.
+    s["linux"]["namespaces"] = json!([
+        { "type": "pid" }, { "type": "mount" },
+        { "type": "ipc", "path": "/proc/999999/ns/ipc" }, { "type": "uts", "path": "/proc/999999/ns/uts" },
+        { "type": "network", "path": "/var/run/netns/cni-0000" }
+    ]);
+    let (code, msg) = status_of(h.agent.create("cri", &s, false));
+    assert_eq!(code, Code::INVALID_ARGUMENT);
+    assert!(msg.contains("CreateSandbox"), "{msg}");
+    h.agent
+        .client
+        .create_sandbox(
+            husk_protocols::ttrpc::context::with_timeout(10_000_000_000),
+            &husk_protocols::agent::CreateSandboxRequest { sandbox_id: "pod".into(), hostname: "pod-host".into(), ..Default::default() },
+        )
+        .unwrap();
+    let out = h.agent.run("cri", &s);
+    let text = out.stdout_str();
+    let mut lines = text.lines();
+    assert_eq!(lines.next(), Some("pod-host"), "{out:?}");
+    let host_ipc = std::fs::read_link("/proc/self/ns/ipc").unwrap();
+    assert_ne!(lines.next().map(std::path::PathBuf::from), Some(host_ipc), "the container must not be in the host's ipc namespace");
 }

@@ -64,7 +64,7 @@ fn stdout_byte_exact_exit_codes_stdin_eof_exec_and_signals() {
     let g = Guest::boot(256);
     // 10 MiB of non-repeating bytes through stdout.
     let root = g.rootfs("big");
-    let payload: Vec<u8> = (0u32..10 << 20).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    let payload: Vec<u8> = (0u32..10 << 20).map(|i| (i.wrapping_mul(2654435761) >> 13).to_le_bytes()[0]).collect();
     std::fs::write(root.join("payload"), &payload).unwrap();
     let t = Instant::now();
     let out = g.agent.run("big", &sh("cat /payload; echo -n err >&2; exit 42"));
@@ -73,6 +73,24 @@ fn stdout_byte_exact_exit_codes_stdin_eof_exec_and_signals() {
     assert_eq!(out.stderr, b"err");
     assert!(out.stdout == payload, "10 MiB stdout differs (got {} bytes)", out.stdout.len());
     eprintln!("10 MiB container stdout over vsock (virtio-fs read included): {took:?}");
+
+    // Figures: stdout throughput alone, and a virtio-fs write.
+    g.rootfs("fig");
+    let t = Instant::now();
+    let out = g.agent.run("fig", &sh("head -c 33554432 /dev/zero"));
+    let stdout_took = t.elapsed();
+    assert_eq!(out.stdout.len(), 32 << 20);
+    let t = Instant::now();
+    let out = g.agent.run("fig", &sh("dd if=/dev/zero of=/written bs=1048576 count=32 2>/dev/null; sync"));
+    let write_took = t.elapsed();
+    assert_eq!(out.status, 0);
+    assert_eq!(std::fs::metadata(g.shared().join("fig/rootfs/written")).unwrap().len(), 32 << 20);
+    let mibs = |d: Duration| 32.0 / d.as_secs_f64();
+    eprintln!(
+        "32 MiB container stdout: {stdout_took:?} ({:.0} MiB/s); 32 MiB virtio-fs write: {write_took:?} ({:.0} MiB/s), both including container start",
+        mibs(stdout_took),
+        mibs(write_took)
+    );
 
     // stdin reaches the process and EOF ends it.
     g.rootfs("io");
@@ -121,10 +139,15 @@ fn read_until(g: &Guest, id: &str, want: &str) -> String {
 fn tty_round_trip_and_resize() {
     let g = Guest::boot(256);
     g.rootfs("tty");
+    // The spec's terminal flag and console size are enough (the request's flag is false).
     let mut s = spec(&["sh"]);
     s["process"]["terminal"] = json!(true);
-    g.agent.create("tty", &s, true).unwrap();
+    s["process"]["consoleSize"] = json!({ "height": 24, "width": 77 });
+    g.agent.create("tty", &s, false).unwrap();
     g.agent.start("tty");
+    g.agent.write_stdin("tty", "", b"stty size; echo SZ-$((1+1))\n");
+    let seen = read_until(&g, "tty", "SZ-2\r\n");
+    assert!(seen.contains("24 77\r\n"), "{seen:?}");
     g.agent
         .client
         .tty_win_resize(ctx(), &TtyWinResizeRequest { container_id: "tty".into(), rows: 41, columns: 101, ..Default::default() })
@@ -133,6 +156,11 @@ fn tty_round_trip_and_resize() {
     g.agent.write_stdin("tty", "", b"stty size; test -t 0 && echo TTY-$((6*7))\n");
     let seen = read_until(&g, "tty", "TTY-42\r\n");
     assert!(seen.contains("41 101\r\n"), "{seen:?}");
+    // An exec with its own terminal.
+    let p = json!({ "terminal": true, "user": {"uid": 0, "gid": 0}, "args": ["sh", "-c", "test -t 0 && test -t 1 && echo EXEC-TTY"], "env": ["PATH=/bin"], "cwd": "/" });
+    g.agent.exec("tty", "t2", &p).unwrap();
+    let out = g.agent.collect("tty", "t2");
+    assert_eq!((out.status, out.stdout_str().as_str()), (0, "EXEC-TTY\r\n"), "{out:?}");
     g.agent.write_stdin("tty", "", b"exit 5\n");
     assert_eq!(g.agent.wait("tty", "").exit_status, 5);
     g.agent.remove("tty", false).unwrap();
@@ -157,6 +185,10 @@ fn pause_resume_and_stats() {
     assert_eq!(tick(), frozen, "ticks went on while paused");
     let (code, msg) = status_of(g.agent.client.pause_container(ctx(), &r));
     assert_eq!(code, Code::FAILED_PRECONDITION, "{msg}");
+    let p = json!({ "user": {"uid": 0, "gid": 0}, "args": ["true"], "env": ["PATH=/bin"], "cwd": "/" });
+    let (code, msg) = status_of(g.agent.exec("p", "x", &p));
+    assert_eq!(code, Code::FAILED_PRECONDITION);
+    assert!(msg.contains("paused — resume it first"), "{msg}");
     g.agent.client.resume_container(ctx(), &r).unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
     while tick() <= frozen {
@@ -256,13 +288,56 @@ fn malformed_specs_leave_no_container_mount_or_cgroup_behind() {
     assert!(msg.starts_with("bad: ") && msg.contains("/run/husk/shared/none"), "{msg}");
     // Look from inside the guest: no cgroup "bad", no mount of bad's rootfs in the agent's view.
     g.rootfs("look");
-    let mut s = sh("ls /cg/husk | grep -v '[.]'; grep -c /bad/ /hostproc/1/mountinfo");
+    // And no zombie anywhere in the guest: PID 1 reaps.
+    let mut s = sh("ls /cg/husk | grep -v '[.]'; grep -c /bad/ /hostproc/1/mountinfo; cat /hostproc/[0-9]*/stat | grep -c ') Z '");
     s["mounts"].as_array_mut().unwrap().extend([
         json!({ "destination": "/cg", "type": "bind", "source": "/sys/fs/cgroup", "options": ["rbind", "ro"] }),
         json!({ "destination": "/hostproc", "type": "bind", "source": "/proc", "options": ["rbind", "ro"] }),
     ]);
     let out = g.agent.run("look", &s);
-    assert_eq!(out.stdout_str(), "look\n0\n", "{out:?}");
-    // And the id is free again.
-    assert_eq!(g.agent.run("bad", &sh("echo fine")).stdout_str(), "fine\n");
+    assert_eq!(out.stdout_str(), "look\n0\n0\n", "{out:?}");
+    // And the id is free again; seccomp and capabilities work in the guest kernel too.
+    let mut s = sh("echo fine; mkdir /denied || true; grep CapEff /proc/self/status");
+    s["process"]["noNewPrivileges"] = json!(true);
+    s["linux"]["seccomp"] = json!({
+        "defaultAction": "SCMP_ACT_ALLOW",
+        "syscalls": [ { "names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO" } ]
+    });
+    let out = g.agent.run("bad", &s);
+    assert_eq!(out.stdout_str(), "fine\nCapEff:\t00000000000004e1\n", "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Operation not permitted"), "{out:?}");
+}
+
+#[test]
+fn cpu_cpuset_limits_and_update_container() {
+    let g = Guest::boot(256);
+    g.rootfs("lim");
+    g.rootfs("look");
+    let mut s = spec(&["sleep", "1000"]);
+    s["linux"]["resources"] = json!({
+        "cpu": { "shares": 512, "quota": 25000, "period": 100000, "cpus": "0", "mems": "0" },
+        "memory": { "limit": 64 << 20 }
+    });
+    g.agent.create("lim", &s, false).unwrap();
+    g.agent.start("lim");
+    let look = |g: &Guest| {
+        let mut s = sh("cd /cg/husk/lim && cat cpu.max cpu.weight cpuset.cpus memory.max");
+        s["mounts"].as_array_mut().unwrap().push(json!({ "destination": "/cg", "type": "bind", "source": "/sys/fs/cgroup", "options": ["rbind", "ro"] }));
+        g.agent.run("look", &s).stdout_str()
+    };
+    assert_eq!(look(&g), "25000 100000\n20\n0\n67108864\n");
+    let r = json!({ "memory": { "limit": 96 << 20 }, "pids": { "limit": 50 } });
+    g.agent
+        .client
+        .update_container(ctx(), &UpdateContainerRequest { container_id: "lim".into(), oci_resources_json: serde_json::to_vec(&r).unwrap(), ..Default::default() })
+        .unwrap();
+    let st = g.agent.client.stats_container(ctx(), &ContainerRef { container_id: "lim".into(), ..Default::default() }).unwrap();
+    assert_eq!((st.memory_max_bytes, st.pids_max), (96 << 20, 50), "{st:?}");
+    let (code, msg) = status_of(g.agent.client.update_container(
+        ctx(),
+        &UpdateContainerRequest { container_id: "lim".into(), oci_resources_json: b"{\"memory\": 5}".to_vec(), ..Default::default() },
+    ));
+    assert_eq!(code, Code::INVALID_ARGUMENT);
+    assert!(msg.starts_with("lim: parsing linux.resources"), "{msg}");
+    g.agent.remove("lim", true).unwrap();
 }

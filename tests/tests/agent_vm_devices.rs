@@ -106,3 +106,22 @@ fn dropping_the_vm_ends_the_helpers() {
     }
     no_sockets_left(dir.path());
 }
+
+#[test]
+fn a_crashed_virtiofsd_stops_the_vm_too() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let mut vm = backend().start(&config(dir.path())).unwrap();
+    wait_for_ready(vm.as_mut(), BOOT_TIMEOUT).unwrap();
+    let (fs, vs) = helpers();
+    assert_eq!(fs.len(), 1);
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(fs[0] as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+    match vm.wait(Some(Duration::from_secs(30))) {
+        Err(Error::HelperExited { program, .. }) => assert_eq!(program, "virtiofsd"),
+        other => panic!("expected HelperExited, got {other:?}"),
+    }
+    for pid in &vs {
+        assert!(!process_alive(*pid), "vhost-device-vsock {pid} survived");
+    }
+    no_sockets_left(dir.path());
+}

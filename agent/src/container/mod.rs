@@ -9,7 +9,8 @@
 //!
 //! Namespaces: each container gets new PID and mount namespaces. Its uts and ipc namespaces
 //! are the sandbox's (CreateSandbox) when the spec asks for them, so a pod's containers share
-//! them, as with Kata. The network namespace is the VM's: the guest *is* the pod's network
+//! them, as with Kata; a namespace *path* in the spec names a host process's namespace (CRI
+//! writes the pause container's) and so also means the sandbox's. The network namespace is the VM's: the guest *is* the pod's network
 //! namespace, so `network` entries (whose paths name host namespaces) are ignored. `user` and
 //! `time` namespaces are refused.
 
@@ -123,6 +124,10 @@ impl Container {
     }
 }
 
+/// Clone flags for the new namespaces, namespaces to join (flag bits, path), and whether
+/// the container sets its hostname.
+type Namespaces = (CloneFlags, Vec<(i32, PathBuf)>, bool);
+
 /// Where the engine finds things.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -143,6 +148,8 @@ struct Sandbox {
 pub struct Engine {
     config: Config,
     containers: Mutex<HashMap<String, Arc<Container>>>,
+    /// Ids being created (reserved, not yet in `containers`).
+    creating: Mutex<std::collections::HashSet<String>>,
     sandbox: Mutex<Option<Sandbox>>,
     oom: Mutex<VecDeque<String>>,
     oom_ready: Condvar,
@@ -161,6 +168,7 @@ impl Engine {
         let e = Arc::new(Self {
             config,
             containers: Mutex::new(HashMap::new()),
+            creating: Mutex::new(std::collections::HashSet::new()),
             sandbox: Mutex::new(None),
             oom: Mutex::new(VecDeque::new()),
             oom_ready: Condvar::new(),
@@ -226,6 +234,8 @@ impl Engine {
             return Err(invalid("the OCI spec has no root".into()));
         }
         let process = spec.process().clone().ok_or_else(|| invalid("the OCI spec has no process".into()))?;
+        // The request's flag or the spec's own `process.terminal`.
+        let terminal = terminal || process.terminal().unwrap_or(false);
         if process.args().as_ref().is_none_or(|a| a.is_empty()) {
             return Err(invalid("the OCI spec's process has no args".into()));
         }
@@ -234,10 +244,22 @@ impl Engine {
             return Err(invalid(format!("rootfs {}: no such directory — the shim shares it before CreateContainer", rootfs.display())));
         }
         let rootfs = rootfs.canonicalize().map_err(|e| invalid(format!("rootfs {}: {e}", rootfs.display())))?;
-        let mut containers = lock(&self.containers);
-        if containers.contains_key(id) {
-            return Err(Error::Exists(id.into()));
+        // Reserve the id, and do the slow part without holding the table: other containers'
+        // RPCs go on meanwhile.
+        {
+            let containers = lock(&self.containers);
+            let mut creating = lock(&self.creating);
+            if containers.contains_key(id) || !creating.insert(id.to_string()) {
+                return Err(Error::Exists(id.into()));
+            }
         }
+        let r = self.create_reserved(id, spec, rootfs, terminal);
+        lock(&self.creating).remove(id);
+        r
+    }
+
+    fn create_reserved(&self, id: &str, spec: Spec, rootfs: PathBuf, terminal: bool) -> Result<()> {
+        let invalid = |what: String| Error::Invalid { id: id.into(), what };
         let (flags, join, set_hostname) = self.namespaces(id, &spec)?;
         let cgroup = match &self.config.cgroup_root {
             Some(root) => Some(
@@ -249,7 +271,7 @@ impl Engine {
         let made = self.spawn_init(id, spec, rootfs, cgroup.clone(), join, set_hostname, terminal, flags);
         match made {
             Ok(c) => {
-                containers.insert(id.into(), Arc::new(c));
+                lock(&self.containers).insert(id.into(), Arc::new(c));
                 Ok(())
             }
             Err(e) => {
@@ -262,7 +284,7 @@ impl Engine {
     }
 
     /// Clone flags, namespaces to join, and whether to set the hostname.
-    fn namespaces(&self, id: &str, spec: &Spec) -> Result<(CloneFlags, Vec<(i32, PathBuf)>, bool)> {
+    fn namespaces(&self, id: &str, spec: &Spec) -> Result<Namespaces> {
         let mut flags = CloneFlags::CLONE_NEWPID | CloneFlags::CLONE_NEWNS;
         let mut join = Vec::new();
         let mut set_hostname = false;
@@ -286,8 +308,18 @@ impl Engine {
                         (CloneFlags::CLONE_NEWIPC, "ipc")
                     };
                     match (path, sandbox) {
-                        (Some(p), _) => join.push((flag.bits(), p)),
-                        (None, Some(pause)) => join.push((flag.bits(), PathBuf::from(format!("/proc/{pause}/ns/{name}")))),
+                        // A path names a namespace of the *host* (the pod's pause process, as
+                        // containerd's CRI writes it): in the guest, the sandbox's is that.
+                        (_, Some(pause)) => join.push((flag.bits(), PathBuf::from(format!("/proc/{pause}/ns/{name}")))),
+                        (Some(p), None) => {
+                            return Err(Error::Invalid {
+                                id: id.into(),
+                                what: format!(
+                                    "{name} namespace path {}: names a host namespace, which the guest cannot enter — create the sandbox (CreateSandbox) first, whose namespaces such containers share",
+                                    p.display()
+                                ),
+                            })
+                        }
                         (None, None) => {
                             flags |= flag;
                             set_hostname |= t == LinuxNamespaceType::Uts;
@@ -318,6 +350,10 @@ impl Engine {
         flags: CloneFlags,
     ) -> Result<Container> {
         let (stdio, ends) = if terminal { Stdio::pty() } else { Stdio::pipes() }.map_err(failed(id))?;
+        if let (true, Some(size)) = (terminal, spec.process().as_ref().and_then(|p| p.console_size())) {
+            let clamp = |v: u64| u16::try_from(v).unwrap_or(u16::MAX);
+            stdio.resize(clamp(size.height()), clamp(size.width())).map_err(failed(id))?;
+        }
         use std::os::fd::AsRawFd;
         let fds = [ends.fds[0].as_raw_fd(), ends.fds[1].as_raw_fd(), ends.fds[2].as_raw_fd()];
         let (pid, sock) = spawn::spawn("init", flags, fds).map_err(failed(id))?;
@@ -382,8 +418,14 @@ impl Engine {
             return Err(invalid(format!("exec id {exec_id:?}: must be 1-128 of [A-Za-z0-9_.-]")));
         }
         let process: OciProcess = serde_json::from_slice(process_json).map_err(|e| invalid(format!("exec {exec_id}: parsing the OCI process: {e}")))?;
-        if *lock(&c.state) == State::Created || c.init_exited() {
-            return Err(Error::State { id: id.into(), what: format!("exec {exec_id}: the container is not running") });
+        match *lock(&c.state) {
+            // The helper would join the frozen cgroup and freeze with it.
+            State::Paused => return Err(Error::State { id: id.into(), what: format!("exec {exec_id}: the container is paused — resume it first") }),
+            State::Created => return Err(Error::State { id: id.into(), what: format!("exec {exec_id}: the container is not started") }),
+            State::Running if c.init_exited() => {
+                return Err(Error::State { id: id.into(), what: format!("exec {exec_id}: the container has exited") })
+            }
+            State::Running => {}
         }
         let mut execs = lock(&c.execs);
         if execs.contains_key(exec_id) {

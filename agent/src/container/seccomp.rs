@@ -15,6 +15,7 @@
 use std::collections::BTreeMap;
 
 use oci_spec::runtime::{LinuxSeccomp, LinuxSeccompAction, LinuxSeccompOperator, LinuxSyscall};
+
 use serde_json::{json, Value};
 
 fn action(a: LinuxSeccompAction, errno: Option<u32>) -> Result<Value, String> {
@@ -31,9 +32,9 @@ fn action(a: LinuxSeccompAction, errno: Option<u32>) -> Result<Value, String> {
     })
 }
 
-fn rules(sc: &LinuxSyscall, skip: &[String]) -> Vec<Value> {
-    let args: Vec<Value> = sc
-        .args()
+/// One OCI entry's argument conditions in seccompiler's JSON form (empty: unconditional).
+fn conditions(sc: &LinuxSyscall) -> Vec<Value> {
+    sc.args()
         .as_deref()
         .unwrap_or(&[])
         .iter()
@@ -49,41 +50,61 @@ fn rules(sc: &LinuxSyscall, skip: &[String]) -> Vec<Value> {
             };
             json!({ "index": a.index(), "type": "qword", "op": op, "val": val })
         })
-        .collect();
-    sc.names()
-        .iter()
-        .filter(|n| !skip.contains(n))
-        .map(|n| {
-            if args.is_empty() {
-                json!({ "syscall": n })
-            } else {
-                json!({ "syscall": n, "args": args })
-            }
-        })
         .collect()
+}
+
+/// Rules of one filter: per syscall, `None` = unconditional, else the alternatives (each an
+/// AND of conditions). seccompiler reads "no conditions" as "match always" only when the
+/// syscall has no conditional rule at all, so an unconditional entry absorbs the others.
+#[derive(Default)]
+struct Group(BTreeMap<String, Option<Vec<Vec<Value>>>>);
+
+impl Group {
+    fn add(&mut self, name: &str, conds: &[Value]) {
+        let slot = self.0.entry(name.to_string()).or_insert_with(|| Some(Vec::new()));
+        match (slot.as_mut(), conds.is_empty()) {
+            (None, _) => {}
+            (Some(_), true) => *slot = None,
+            (Some(alts), false) => alts.push(conds.to_vec()),
+        }
+    }
+
+    fn json(&self) -> Vec<Value> {
+        let mut out = Vec::new();
+        for (name, alts) in &self.0 {
+            match alts {
+                None => out.push(json!({ "syscall": name })),
+                Some(alts) => out.extend(alts.iter().map(|c| json!({ "syscall": name, "args": c }))),
+            }
+        }
+        out
+    }
 }
 
 /// The filters, in the seccompiler JSON form, skipping the `skip` names.
 fn filters(p: &LinuxSeccomp, skip: &[String]) -> Result<Value, String> {
     let default = action(p.default_action(), p.default_errno_ret())?;
-    let mut by_action: BTreeMap<String, (Value, Vec<Value>)> = BTreeMap::new();
-    let mut all = Vec::new();
+    let mut by_action: BTreeMap<String, (Value, Group)> = BTreeMap::new();
+    let mut all = Group::default();
     for sc in p.syscalls().as_deref().unwrap_or(&[]) {
         let a = action(sc.action(), sc.errno_ret())?;
-        let r = rules(sc, skip);
-        all.extend(r.iter().cloned());
-        if a != json!("allow") {
-            by_action.entry(a.to_string()).or_insert_with(|| (a.clone(), Vec::new())).1.extend(r);
+        let conds = conditions(sc);
+        for name in sc.names().iter().filter(|n| !skip.contains(n)) {
+            all.add(name, &conds);
+            if a != json!("allow") {
+                by_action.entry(a.to_string()).or_insert_with(|| (a.clone(), Group::default())).1.add(name, &conds);
+            }
         }
     }
     let mut out = serde_json::Map::new();
-    for (i, (_, (a, r))) in by_action.into_iter().enumerate() {
-        if !r.is_empty() {
-            out.insert(format!("f{i}"), json!({ "mismatch_action": "allow", "match_action": a, "filter": r }));
+    for (i, (_, (a, g))) in by_action.into_iter().enumerate() {
+        let rules = g.json();
+        if !rules.is_empty() {
+            out.insert(format!("f{i}"), json!({ "mismatch_action": "allow", "match_action": a, "filter": rules }));
         }
     }
     if default != json!("allow") {
-        out.insert("default".into(), json!({ "mismatch_action": default, "match_action": "allow", "filter": all }));
+        out.insert("default".into(), json!({ "mismatch_action": default, "match_action": "allow", "filter": all.json() }));
     }
     Ok(Value::Object(out))
 }
@@ -137,5 +158,23 @@ mod tests {
         let f = filters(&p, &["no_such_syscall".into()]).unwrap();
         assert_eq!(f["default"]["mismatch_action"], json!({"errno": 1}));
         assert_eq!(f["f0"]["match_action"], json!({"errno": 13}));
+    }
+
+    #[test]
+    fn an_unconditional_entry_absorbs_conditional_ones_for_the_same_syscall() {
+        let p: LinuxSeccomp = serde_json::from_str(
+            r#"{"defaultAction":"SCMP_ACT_ERRNO","syscalls":[
+                {"names":["personality"],"action":"SCMP_ACT_ALLOW","args":[{"index":0,"value":0,"op":"SCMP_CMP_EQ"}]},
+                {"names":["personality"],"action":"SCMP_ACT_ALLOW","args":[{"index":0,"value":8,"op":"SCMP_CMP_EQ"}]},
+                {"names":["clone"],"action":"SCMP_ACT_ALLOW","args":[{"index":0,"value":2114060288,"valueTwo":0,"op":"SCMP_CMP_MASKED_EQ"}]},
+                {"names":["clone"],"action":"SCMP_ACT_ALLOW"}]}"#,
+        )
+        .unwrap();
+        let f = filters(&p, &[]).unwrap();
+        let rules = f["default"]["filter"].as_array().unwrap();
+        let clone: Vec<&Value> = rules.iter().filter(|r| r["syscall"] == "clone").collect();
+        assert_eq!(clone, vec![&json!({"syscall": "clone"})]);
+        assert_eq!(rules.iter().filter(|r| r["syscall"] == "personality").count(), 2);
+        assert_eq!(compile(&p).unwrap().len(), 1);
     }
 }

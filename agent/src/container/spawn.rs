@@ -48,9 +48,9 @@ pub fn spawn(mode: &str, flags: CloneFlags, stdio: [RawFd; 3]) -> Result<(i32, U
     let mut stack = vec![0u8; STACK_SIZE];
     let child = Box::new(|| -> isize {
         // Only async-signal-safe calls from here to execve.
-        for (target, fd) in raw.iter().enumerate() {
+        for (target, fd) in (0 as libc::c_int..).zip(raw.iter()) {
             // SAFETY: dup2 on fds this process holds; target < 4.
-            if unsafe { libc::dup2(*fd, target as libc::c_int) } < 0 {
+            if unsafe { libc::dup2(*fd, target) } < 0 {
                 // SAFETY: _exit is async-signal-safe and ends only this child.
                 unsafe { libc::_exit(126) };
             }

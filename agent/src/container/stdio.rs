@@ -7,6 +7,7 @@ use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 /// The agent's ends.
 #[derive(Debug)]
@@ -25,8 +26,33 @@ pub struct ChildEnds {
     pub fds: [OwnedFd; 3],
 }
 
+/// Pipe buffer for stdout/stderr: big enough that the process keeps writing while a read
+/// RPC is in flight (the default 64 KiB stalls it every few round trips).
+const PIPE_SIZE: libc::c_int = 1 << 20;
+
+/// After the first bytes of a read, how long to wait for more before replying: coalesces a
+/// writer's small writes into large replies (bulk output is bound by RPC round trips
+/// otherwise) at the cost of at most this much latency per reply.
+const COALESCE: Duration = Duration::from_millis(2);
+
 fn pipe() -> Result<(OwnedFd, OwnedFd), String> {
-    nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))
+    let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
+    // Best effort: a smaller pipe only costs throughput.
+    // SAFETY: F_SETPIPE_SZ on a pipe fd we own, integer argument.
+    unsafe { libc::fcntl(w.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE_SIZE) };
+    Ok((r, w))
+}
+
+/// Whether `fd` has bytes (or EOF) within `timeout`.
+fn readable(fd: &File, timeout: Duration) -> bool {
+    let mut p = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
+    // SAFETY: poll on one pollfd we own.
+    unsafe { libc::poll(&mut p, 1, ms) > 0 }
 }
 
 impl Stdio {
@@ -98,23 +124,35 @@ impl Stdio {
             return Ok(None);
         };
         let mut buf = vec![0u8; max];
+        let mut len = 0;
+        let mut deadline: Option<Instant> = None;
         loop {
-            match f.read(&mut buf) {
-                Ok(0) => {
-                    *g = None;
-                    return Ok(None);
-                }
-                Ok(n) => {
-                    buf.truncate(n);
+            if let Some(d) = deadline {
+                let now = Instant::now();
+                if len == max || now >= d || !readable(f, d - now) {
+                    buf.truncate(len);
                     return Ok(Some(buf));
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) if e.raw_os_error() == Some(libc::EIO) && self.pty.is_some() => {
-                    *g = None;
-                    return Ok(None);
+            }
+            match f.read(&mut buf[len..]) {
+                // EOF (or a pty whose slave is gone): reply with what we have; the next read
+                // sees the end again and reports it.
+                Ok(0) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EIO) && self.pty.is_some() => {}
+                Ok(n) => {
+                    len += n;
+                    deadline.get_or_insert_with(|| Instant::now() + COALESCE);
+                    continue;
                 }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(format!("reading {}: {e}", if err { "stderr" } else { "stdout" })),
             }
+            if len == 0 {
+                *g = None;
+                return Ok(None);
+            }
+            buf.truncate(len);
+            return Ok(Some(buf));
         }
     }
 
