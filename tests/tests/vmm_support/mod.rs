@@ -1,0 +1,166 @@
+//! Shared helpers for the husk-vmm tests: find (build) the `husk-vmm` binary, find the
+//! synthetic guests, run a VM with a deadline and capture what it printed.
+//!
+//! Prerequisites are checked, not assumed: without /dev/kvm or root a test fails with a
+//! message saying so; it never passes silently.
+
+#![allow(dead_code)] // each test file uses its own subset
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// The workspace root.
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
+}
+
+/// Fails the test unless this machine can run husk-vmm guests.
+pub fn require_kvm() {
+    assert!(
+        Path::new("/dev/kvm").exists(),
+        "prerequisite missing: /dev/kvm — these tests need KVM (hardware or kvm_pvm)"
+    );
+    assert!(
+        std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok(),
+        "prerequisite missing: cannot open /dev/kvm read-write — run the tests as root or in group kvm"
+    );
+}
+
+/// The `husk-vmm` binary: `$HUSK_VMM` if set, else built from this workspace (once per
+/// test process) into the same target directory and profile as the tests.
+pub fn vmm_binary() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Some(p) = std::env::var_os("HUSK_VMM") {
+            return PathBuf::from(p);
+        }
+        // The test executable is <target>/<profile>/deps/<name>.
+        let exe = std::env::current_exe().expect("current_exe");
+        let profile_dir = exe.parent().and_then(Path::parent).expect("test binary lives in <target>/<profile>/deps");
+        let target = profile_dir.parent().expect("<target>/<profile>");
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "--quiet", "-p", "husk-vmm", "--bin", "husk-vmm"])
+            .arg("--manifest-path")
+            .arg(workspace().join("Cargo.toml"))
+            .env("CARGO_TARGET_DIR", target);
+        if profile_dir.file_name().is_some_and(|n| n == "release") {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().expect("running cargo to build husk-vmm");
+        assert!(status.success(), "building husk-vmm failed: {status}");
+        let bin = profile_dir.join("husk-vmm");
+        assert!(bin.exists(), "husk-vmm was built but {} is missing", bin.display());
+        bin
+    })
+    .clone()
+}
+
+/// A synthetic guest built from `tests/guests/<name>.s`.
+pub fn guest(name: &str) -> PathBuf {
+    let p = Path::new(env!("HUSK_GUESTS_DIR")).join(format!("{name}.elf"));
+    assert!(p.exists(), "synthetic guest {} was not built", p.display());
+    p
+}
+
+/// What a finished VMM run left behind.
+#[derive(Debug)]
+pub struct Run {
+    /// Exit status.
+    pub status: ExitStatus,
+    /// Everything on stdout (the serial console by default).
+    pub stdout: String,
+    /// Everything on stderr.
+    pub stderr: String,
+    /// From spawning the process to the first byte on stdout.
+    pub first_byte: Option<Duration>,
+    /// From spawning the process to its exit.
+    pub total: Duration,
+}
+
+/// Kills (by pid, it is our own child) and reaps a VMM that overran its deadline.
+pub fn kill_child(child: &mut Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// Runs husk-vmm with `args`, failing the test if it does not end within `deadline`.
+pub fn run_vmm(args: &[&str], deadline: Duration) -> Run {
+    let bin = vmm_binary();
+    let start = Instant::now();
+    let mut child = Command::new(&bin)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawning {}: {e}", bin.display()));
+    let mut out = child.stdout.take().expect("piped stdout");
+    let mut err = child.stderr.take().expect("piped stderr");
+    let (first_tx, first_rx) = mpsc::channel();
+    let out_thread = std::thread::spawn(move || {
+        let mut all = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            match out.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if all.is_empty() {
+                        let _ = first_tx.send(start.elapsed());
+                    }
+                    all.extend_from_slice(&buf[..n]);
+                }
+            }
+        }
+        all
+    });
+    let err_thread = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        let _ = err.read_to_end(&mut s);
+        s
+    });
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("waiting for husk-vmm") {
+            break status;
+        }
+        if start.elapsed() > deadline {
+            kill_child(&mut child);
+            let so = out_thread.join().unwrap_or_default();
+            let se = err_thread.join().unwrap_or_default();
+            panic!(
+                "husk-vmm {args:?} did not end within {deadline:?}\nstdout: {}\nstderr: {}",
+                String::from_utf8_lossy(&so),
+                String::from_utf8_lossy(&se)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    let total = start.elapsed();
+    let stdout = String::from_utf8_lossy(&out_thread.join().expect("stdout reader")).into_owned();
+    let stderr = String::from_utf8_lossy(&err_thread.join().expect("stderr reader")).into_owned();
+    Run { status, stdout, stderr, first_byte: first_rx.try_recv().ok(), total }
+}
+
+/// A temporary directory removed when dropped.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    /// A fresh directory under the system temp dir.
+    pub fn new(tag: &str) -> Self {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let p = std::env::temp_dir().join(format!("husk-{tag}-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&p).expect("create temp dir");
+        Self(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}

@@ -1,0 +1,182 @@
+//! Putting a VM together from a [`VmConfig`] and running it to its end.
+
+use std::fs::OpenOptions;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex, Once};
+use std::thread;
+use std::time::Duration;
+
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+
+use crate::arch::layout::SERIAL_IRQ;
+use crate::arch::mptable;
+use crate::boot::{self, BootSource};
+use crate::config::VmConfig;
+use crate::devices::bus::Bus;
+use crate::devices::legacy::i8042::{I8042, I8042_BASE, I8042_LEN};
+use crate::devices::legacy::rtc::{Rtc, RTC_BASE, RTC_LEN};
+use crate::devices::legacy::serial::{ConsoleOut, SerialDevice, COM1_BASE, COM1_LEN};
+use crate::exit::ExitReason;
+use crate::vstate::memory::{create_guest_ram, GuestRam};
+use crate::vstate::vcpu::{ExitCounters, Vcpu, VcpuShared};
+use crate::vstate::vm::{open_kvm, Vm};
+
+/// Errors while building a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// KVM or the VM.
+    #[error(transparent)]
+    Vm(#[from] crate::vstate::vm::VmError),
+    /// Guest memory.
+    #[error(transparent)]
+    Memory(#[from] crate::vstate::memory::MemoryError),
+    /// Kernel, initramfs, command line.
+    #[error(transparent)]
+    Boot(#[from] boot::BootError),
+    /// The MP table.
+    #[error(transparent)]
+    Mptable(#[from] mptable::MptableError),
+    /// A vCPU.
+    #[error(transparent)]
+    Vcpu(#[from] crate::vstate::vcpu::VcpuError),
+    /// The console log cannot be created.
+    #[error("console log {path}: {source} — give a writable path with --console-log")]
+    ConsoleLog {
+        /// The path.
+        path: std::path::PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Creating an eventfd or registering an irqfd failed.
+    #[error("wiring {what}: {source}")]
+    Irq {
+        /// Which interrupt.
+        what: &'static str,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A device range clash (a bug in the VMM's layout).
+    #[error("placing a device: {0}")]
+    Bus(#[from] crate::devices::bus::BusError),
+    /// A vCPU thread could not be started.
+    #[error("starting a vCPU thread: {0}")]
+    Thread(#[source] std::io::Error),
+}
+
+/// A built VM, ready to run. Field order matters: the VM is dropped before its RAM.
+#[derive(Debug)]
+pub struct Vmm {
+    vcpus: Vec<Vcpu>,
+    shared: VcpuShared,
+    vm: Vm,
+    ram: GuestRam,
+}
+
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// The signal that knocks a vCPU thread out of KVM_RUN.
+fn kick_signal() -> libc::c_int {
+    SIGRTMIN()
+}
+
+impl Vmm {
+    /// Builds the VM described by `cfg`.
+    pub fn build(cfg: &VmConfig) -> Result<Self, BuildError> {
+        let kvm = open_kvm()?;
+        let ram = create_guest_ram(cfg.memory_mib)?;
+        let vm = Vm::new(kvm, &ram)?;
+
+        let (exit_tx, exit_rx) = mpsc::channel();
+        let mut pio = Bus::new();
+        let console_file = match &cfg.console_log {
+            Some(path) => Some(
+                OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .map_err(|source| BuildError::ConsoleLog { path: path.clone(), source })?,
+            ),
+            None => None,
+        };
+        let irq_err = |what| move |source| BuildError::Irq { what, source };
+        let serial_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(irq_err("COM1 eventfd"))?;
+        vm.fd
+            .register_irqfd(&serial_evt, SERIAL_IRQ)
+            .map_err(|e| BuildError::Irq { what: "COM1 irqfd", source: e.into() })?;
+        let out = ConsoleOut::new(console_file, cfg.console_stdout || cfg.console_log.is_none());
+        pio.insert(COM1_BASE, COM1_LEN, Arc::new(Mutex::new(SerialDevice::new(serial_evt, out))))?;
+        pio.insert(I8042_BASE, I8042_LEN, Arc::new(Mutex::new(I8042::new(exit_tx.clone()))))?;
+        pio.insert(RTC_BASE, RTC_LEN, Arc::new(Mutex::new(Rtc::default())))?;
+        let mmio = Bus::new();
+
+        let src = BootSource { kernel: cfg.kernel.clone(), initrd: cfg.initrd.clone(), cmdline: cfg.cmdline(&[]) };
+        let entry = boot::load(&ram.mem, &src)?;
+        mptable::setup_mptable(&ram.mem, cfg.vcpus)?;
+
+        let supported = vm
+            .kvm
+            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .map_err(|source| crate::vstate::vm::VmError::Kvm { what: "get supported CPUID", source })?;
+        let vcpus = (0..cfg.vcpus)
+            .map(|i| Vcpu::new(&vm, &ram.mem, &supported, i, cfg.vcpus, entry))
+            .collect::<Result<Vec<_>, _>>()?;
+
+        let shared = VcpuShared {
+            pio: Arc::new(pio),
+            mmio: Arc::new(mmio),
+            stop: Arc::new(AtomicBool::new(false)),
+            counters: Arc::new(ExitCounters::default()),
+            exit_tx,
+            exit_rx: Arc::new(Mutex::new(exit_rx)),
+        };
+        Ok(Self { vcpus, shared, vm, ram })
+    }
+
+    /// Guest RAM size in bytes.
+    pub fn memory_size(&self) -> u64 {
+        self.ram.size
+    }
+
+    /// Runs the vCPUs until the guest or the host ends the VM; returns why.
+    pub fn run(self) -> Result<ExitReason, BuildError> {
+        static HANDLER: Once = Once::new();
+        HANDLER.call_once(|| {
+            // Registration only fails for an invalid signal number, and SIGRTMIN is valid.
+            register_signal_handler(kick_signal(), kick_handler).expect("SIGRTMIN handler");
+        });
+        let Vmm { vcpus, shared, vm, ram } = self;
+        let mut handles = Vec::new();
+        for vcpu in vcpus {
+            let s = shared.clone();
+            let h = thread::Builder::new()
+                .name(format!("vcpu{}", vcpu.index()))
+                .spawn(move || vcpu.run(&s.pio, &s.mmio, &s.exit_tx, &s.stop, &s.counters))
+                .map_err(BuildError::Thread)?;
+            handles.push(h);
+        }
+        let reason = shared
+            .exit_rx
+            .lock()
+            .expect("exit receiver lock")
+            .recv()
+            .unwrap_or_else(|_| ExitReason::Fatal("all vCPU threads ended without a reason".into()));
+        shared.stop.store(true, Ordering::Release);
+        // A kick can land just before a thread enters KVM_RUN and be lost, so repeat it
+        // until every thread has seen the stop flag.
+        while handles.iter().any(|h| !h.is_finished()) {
+            for h in handles.iter().filter(|h| !h.is_finished()) {
+                let _ = h.kill(kick_signal());
+            }
+            thread::sleep(Duration::from_millis(1));
+        }
+        for h in handles {
+            let _ = h.join();
+        }
+        drop(vm);
+        drop(ram);
+        Ok(reason)
+    }
+}

@@ -1,0 +1,4 @@
+//! Devices: the bus that dispatches exits, legacy PC devices, virtio.
+
+pub mod bus;
+pub mod legacy;

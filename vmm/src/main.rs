@@ -1,0 +1,71 @@
+//! The `husk-vmm` binary: parse the CLI, build the VM, run it, exit with its status.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use husk_vmm::config::{DEFAULT_MEMORY_MIB, DEFAULT_VCPUS};
+use husk_vmm::{ExitReason, VmConfig, Vmm};
+
+/// husk's KVM microVM monitor.
+#[derive(Debug, Parser)]
+#[command(name = "husk-vmm", version)]
+struct Cli {
+    /// The guest kernel: an uncompressed ELF vmlinux (PVH note preferred).
+    #[arg(long)]
+    kernel: PathBuf,
+    /// An initramfs (uncompressed cpio) handed to the kernel.
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    /// Extra kernel command-line arguments, appended to the defaults.
+    #[arg(long)]
+    cmdline: Option<String>,
+    /// Use --cmdline as the whole command line instead of appending it to the defaults.
+    #[arg(long, requires = "cmdline")]
+    cmdline_replace: bool,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = DEFAULT_VCPUS, value_parser = clap::value_parser!(u8).range(1..=254))]
+    vcpus: u8,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = DEFAULT_MEMORY_MIB)]
+    memory: u64,
+    /// Append the serial console to this file (then stdout only with --console-stdout).
+    #[arg(long)]
+    console_log: Option<PathBuf>,
+    /// Copy the serial console to stdout too when --console-log is given.
+    #[arg(long)]
+    console_stdout: bool,
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitReason> {
+    let cfg = VmConfig {
+        kernel: cli.kernel,
+        initrd: cli.initrd,
+        cmdline_extra: cli.cmdline,
+        cmdline_replace: cli.cmdline_replace,
+        vcpus: cli.vcpus,
+        memory_mib: cli.memory,
+        console_stdout: cli.console_stdout || cli.console_log.is_none(),
+        console_log: cli.console_log,
+    };
+    let vmm = Vmm::build(&cfg)?;
+    Ok(vmm.run()?)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(reason) => {
+            if let ExitReason::Fatal(msg) = &reason {
+                eprintln!("husk-vmm: guest stopped: {msg}");
+            }
+            ExitCode::from(u8::try_from(reason.exit_code()).unwrap_or(1))
+        }
+        Err(e) => {
+            // Every error message of the library already names its cause; printing the
+            // source chain too would repeat it.
+            eprintln!("husk-vmm: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
