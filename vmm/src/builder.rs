@@ -135,6 +135,11 @@ impl Vmm {
         Ok(Self { vcpus, shared, vm, ram })
     }
 
+    /// Where to report an exit reason from outside the VM (signals, the control API).
+    pub fn exit_sender(&self) -> crate::exit::ExitSender {
+        self.shared.exit_tx.clone()
+    }
+
     /// Guest RAM size in bytes.
     pub fn memory_size(&self) -> u64 {
         self.ram.size

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use husk_vmm::config::{DEFAULT_MEMORY_MIB, DEFAULT_VCPUS};
+use husk_vmm::exit::forward_termination_signals;
 use husk_vmm::{ExitReason, VmConfig, Vmm};
 
 /// husk's KVM microVM monitor.
@@ -49,6 +50,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitReason> {
         console_log: cli.console_log,
     };
     let vmm = Vmm::build(&cfg)?;
+    forward_termination_signals(vmm.exit_sender())
+        .map_err(|e| anyhow::anyhow!("handling SIGTERM/SIGINT: {e}"))?;
     Ok(vmm.run()?)
 }
 

@@ -164,3 +164,113 @@ impl Drop for TempDir {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// A husk-vmm process the test watches line by line. Dropping it kills the process (our
+/// own child, by pid) if it is still running.
+pub struct Running {
+    /// The process.
+    pub child: Child,
+    /// When it was spawned.
+    pub start: Instant,
+    lines: mpsc::Receiver<(Duration, String)>,
+    /// Every line seen so far.
+    pub seen: Vec<String>,
+}
+
+/// Spawns husk-vmm with `args`; its stdout is read line by line.
+pub fn spawn_vmm(args: &[&str]) -> Running {
+    let bin = vmm_binary();
+    let start = Instant::now();
+    let mut child = Command::new(&bin)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawning {}: {e}", bin.display()));
+    let out = child.stdout.take().expect("piped stdout");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        let mut reader = std::io::BufReader::new(out);
+        let mut buf = Vec::new();
+        while matches!(reader.read_until(b'\n', &mut buf), Ok(n) if n > 0) {
+            let line = String::from_utf8_lossy(&buf).trim_end_matches(['\n', '\r']).to_owned();
+            if tx.send((start.elapsed(), line)).is_err() {
+                break;
+            }
+            buf.clear();
+        }
+    });
+    Running { child, start, lines: rx, seen: Vec::new() }
+}
+
+impl Running {
+    /// Waits for a line satisfying `pred`; returns it and when it arrived after spawning.
+    /// Fails the test on timeout or if the process ends first.
+    pub fn wait_line(&mut self, what: &str, timeout: Duration, pred: impl Fn(&str) -> bool) -> (Duration, String) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok((at, line)) => {
+                    self.seen.push(line.clone());
+                    if pred(&line) {
+                        return (at, line);
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    panic!("no {what} within {timeout:?}; console so far:\n{}", self.seen.join("\n"))
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    let status = self.child.wait().ok();
+                    panic!("husk-vmm ended ({status:?}) before {what}; console:\n{}", self.seen.join("\n"))
+                }
+            }
+        }
+    }
+
+    /// Sends SIGTERM and waits (up to `timeout`) for the exit status.
+    pub fn terminate(&mut self, timeout: Duration) -> ExitStatus {
+        let pid = i32::try_from(self.child.id()).expect("pid fits i32");
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM)
+            .expect("SIGTERM to our husk-vmm");
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "husk-vmm did not exit within {timeout:?} of SIGTERM");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// A field of /proc/<pid>/status, in kB (e.g. "VmRSS").
+    pub fn status_kb(&self, key: &str) -> u64 {
+        let s = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).expect("read /proc status");
+        s.lines()
+            .find_map(|l| l.strip_prefix(&format!("{key}:")))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {key} in /proc status"))
+    }
+
+    /// CPU time (user + system, all threads) the process has used so far.
+    pub fn cpu_time(&self) -> Duration {
+        let s = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).expect("read /proc stat");
+        // Fields after the ")" that closes the command name; utime and stime are 14 and 15.
+        let rest = &s[s.rfind(')').expect("stat has a comm") + 2..];
+        let f: Vec<u64> = rest.split_whitespace().map(|x| x.parse().unwrap_or(0)).collect();
+        // /proc counts in USER_HZ, which is 100 on x86-64 Linux (a fixed ABI value).
+        let ticks = f[11] + f[12];
+        Duration::from_millis(ticks * 10)
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            kill_child(&mut self.child);
+        }
+    }
+}
