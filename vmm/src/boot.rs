@@ -291,7 +291,8 @@ mod tests {
         write_boot_params(&m, entry, "console=ttyS0", None).unwrap();
         let bp: boot_params = m.read_obj(GuestAddress(ZERO_PAGE_START)).unwrap();
         assert_eq!({ bp.hdr.boot_flag }, KERNEL_BOOT_FLAG_MAGIC);
-        assert_eq!(u64::from({ bp.hdr.cmd_line_ptr }), CMDLINE_START);
+        let ptr = bp.hdr.cmd_line_ptr;
+        assert_eq!(u64::from(ptr), CMDLINE_START);
         assert_eq!(bp.e820_entries, 2);
         assert_eq!({ bp.e820_table[1].size }, (32 << 20) - HIMEM_START);
     }
