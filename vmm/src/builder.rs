@@ -13,7 +13,9 @@ use crate::arch::layout::SERIAL_IRQ;
 use crate::arch::mptable;
 use crate::boot::{self, BootSource};
 use crate::config::VmConfig;
+use crate::device_manager::MmioDeviceManager;
 use crate::devices::bus::Bus;
+use crate::devices::virtio::rng::Rng;
 use crate::devices::legacy::i8042::{I8042, I8042_BASE, I8042_LEN};
 use crate::devices::legacy::rtc::{Rtc, RTC_BASE, RTC_LEN};
 use crate::devices::legacy::serial::{ConsoleOut, SerialDevice, COM1_BASE, COM1_LEN};
@@ -61,6 +63,12 @@ pub enum BuildError {
     /// A device range clash (a bug in the VMM's layout).
     #[error("placing a device: {0}")]
     Bus(#[from] crate::devices::bus::BusError),
+    /// A virtio device.
+    #[error(transparent)]
+    Devices(#[from] crate::device_manager::DeviceManagerError),
+    /// The host entropy source for virtio-rng.
+    #[error("virtio-rng: opening /dev/urandom: {0}")]
+    Entropy(#[source] std::io::Error),
     /// A vCPU thread could not be started.
     #[error("starting a vCPU thread: {0}")]
     Thread(#[source] std::io::Error),
@@ -110,9 +118,18 @@ impl Vmm {
         pio.insert(COM1_BASE, COM1_LEN, Arc::new(Mutex::new(SerialDevice::new(serial_evt, out))))?;
         pio.insert(I8042_BASE, I8042_LEN, Arc::new(Mutex::new(I8042::new(exit_tx.clone()))))?;
         pio.insert(RTC_BASE, RTC_LEN, Arc::new(Mutex::new(Rtc::default())))?;
-        let mmio = Bus::new();
+        let mut mmio = Bus::new();
+        let mut devices = MmioDeviceManager::new();
+        if cfg.rng {
+            let rng = Rng::from_urandom().map_err(BuildError::Entropy)?;
+            devices.add(&vm.fd, &mut mmio, &ram.mem, Box::new(rng))?;
+        }
 
-        let src = BootSource { kernel: cfg.kernel.clone(), initrd: cfg.initrd.clone(), cmdline: cfg.cmdline(&[]) };
+        let src = BootSource {
+            kernel: cfg.kernel.clone(),
+            initrd: cfg.initrd.clone(),
+            cmdline: cfg.cmdline(&devices.cmdline_args()),
+        };
         let entry = boot::load(&ram.mem, &src)?;
         mptable::setup_mptable(&ram.mem, cfg.vcpus)?;
 

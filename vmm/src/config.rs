@@ -31,6 +31,8 @@ pub struct VmConfig {
     pub console_log: Option<PathBuf>,
     /// Also (or only) copy the serial console to stdout.
     pub console_stdout: bool,
+    /// Give the guest a virtio-rng device.
+    pub rng: bool,
 }
 
 impl VmConfig {
@@ -45,6 +47,7 @@ impl VmConfig {
             memory_mib: DEFAULT_MEMORY_MIB,
             console_log: None,
             console_stdout: true,
+            rng: false,
         }
     }
 

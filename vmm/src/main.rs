@@ -36,6 +36,9 @@ struct Cli {
     /// Copy the serial console to stdout too when --console-log is given.
     #[arg(long)]
     console_stdout: bool,
+    /// Give the guest a virtio-rng device (fed from the host's /dev/urandom).
+    #[arg(long)]
+    rng: bool,
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitReason> {
@@ -48,6 +51,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitReason> {
         memory_mib: cli.memory,
         console_stdout: cli.console_stdout || cli.console_log.is_none(),
         console_log: cli.console_log,
+        rng: cli.rng,
     };
     let vmm = Vmm::build(&cfg)?;
     forward_termination_signals(vmm.exit_sender())
