@@ -1,13 +1,10 @@
 //! Putting a VM together from a [`VmConfig`] and running it to its end.
 
 use std::fs::OpenOptions;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc, Mutex, Once};
+use std::sync::{mpsc, Arc, Mutex};
 use std::thread;
-use std::time::Duration;
 
 use vmm_sys_util::eventfd::EventFd;
-use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::arch::layout::SERIAL_IRQ;
 use crate::arch::mptable;
@@ -21,6 +18,7 @@ use crate::devices::legacy::rtc::{Rtc, RTC_BASE, RTC_LEN};
 use crate::devices::legacy::serial::{ConsoleOut, SerialDevice, COM1_BASE, COM1_LEN};
 use crate::exit::ExitReason;
 use crate::vstate::memory::{create_guest_ram, GuestRam};
+use crate::vstate::run_state::{install_kick_handler, RunState};
 use crate::vstate::vcpu::{ExitCounters, Vcpu, VcpuShared};
 use crate::vstate::vm::{open_kvm, Vm};
 
@@ -83,13 +81,6 @@ pub struct Vmm {
     ram: GuestRam,
 }
 
-extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
-
-/// The signal that knocks a vCPU thread out of KVM_RUN.
-fn kick_signal() -> libc::c_int {
-    SIGRTMIN()
-}
-
 impl Vmm {
     /// Builds the VM described by `cfg`.
     pub fn build(cfg: &VmConfig) -> Result<Self, BuildError> {
@@ -144,12 +135,23 @@ impl Vmm {
         let shared = VcpuShared {
             pio: Arc::new(pio),
             mmio: Arc::new(mmio),
-            stop: Arc::new(AtomicBool::new(false)),
+            run_state: Arc::new(RunState::default()),
             counters: Arc::new(ExitCounters::default()),
             exit_tx,
             exit_rx: Arc::new(Mutex::new(exit_rx)),
         };
         Ok(Self { vcpus, shared, vm, ram })
+    }
+
+    /// What the control API needs to act on this VM.
+    pub fn api_context(&self) -> crate::api::ApiContext {
+        crate::api::ApiContext {
+            run_state: self.shared.run_state.clone(),
+            exit_tx: self.shared.exit_tx.clone(),
+            exits: self.shared.counters.clone(),
+            pio: self.shared.pio.clone(),
+            mmio: self.shared.mmio.clone(),
+        }
     }
 
     /// Where to report an exit reason from outside the VM (signals, the control API).
@@ -164,18 +166,14 @@ impl Vmm {
 
     /// Runs the vCPUs until the guest or the host ends the VM; returns why.
     pub fn run(self) -> Result<ExitReason, BuildError> {
-        static HANDLER: Once = Once::new();
-        HANDLER.call_once(|| {
-            // Registration only fails for an invalid signal number, and SIGRTMIN is valid.
-            register_signal_handler(kick_signal(), kick_handler).expect("SIGRTMIN handler");
-        });
+        install_kick_handler();
         let Vmm { vcpus, shared, vm, ram } = self;
         let mut handles = Vec::new();
         for vcpu in vcpus {
             let s = shared.clone();
             let h = thread::Builder::new()
                 .name(format!("vcpu{}", vcpu.index()))
-                .spawn(move || vcpu.run(&s.pio, &s.mmio, &s.exit_tx, &s.stop, &s.counters))
+                .spawn(move || vcpu.run(&s))
                 .map_err(BuildError::Thread)?;
             handles.push(h);
         }
@@ -185,15 +183,7 @@ impl Vmm {
             .expect("exit receiver lock")
             .recv()
             .unwrap_or_else(|_| ExitReason::Fatal("all vCPU threads ended without a reason".into()));
-        shared.stop.store(true, Ordering::Release);
-        // A kick can land just before a thread enters KVM_RUN and be lost, so repeat it
-        // until every thread has seen the stop flag.
-        while handles.iter().any(|h| !h.is_finished()) {
-            for h in handles.iter().filter(|h| !h.is_finished()) {
-                let _ = h.kill(kick_signal());
-            }
-            thread::sleep(Duration::from_millis(1));
-        }
+        shared.run_state.stop(|| handles.iter().all(|h| h.is_finished()));
         for h in handles {
             let _ = h.join();
         }

@@ -7,6 +7,7 @@
 //! It must never trust the guest: every address, length and index read from guest memory
 //! or an MMIO register is validated, and a bad one fails that request, never the VMM.
 
+pub mod api;
 pub mod arch;
 pub mod boot;
 pub mod builder;

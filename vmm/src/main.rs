@@ -36,9 +36,21 @@ struct Cli {
     /// Copy the serial console to stdout too when --console-log is given.
     #[arg(long)]
     console_stdout: bool,
+    /// Serve the control API (pause, resume, shutdown, counters) on this unix socket.
+    #[arg(long)]
+    api_sock: Option<PathBuf>,
     /// Give the guest a virtio-rng device (fed from the host's /dev/urandom).
     #[arg(long)]
     rng: bool,
+}
+
+/// Removes a file when dropped.
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitReason> {
@@ -53,9 +65,19 @@ fn run(cli: Cli) -> anyhow::Result<ExitReason> {
         console_log: cli.console_log,
         rng: cli.rng,
     };
+    // Bind first: a taken socket path is reported before any VM exists.
+    let api = cli.api_sock.as_deref().map(husk_vmm::api::bind).transpose()?;
+    // Once bound the socket file is ours: remove it however this function ends.
+    let _api_file = cli.api_sock.clone().filter(|_| api.is_some()).map(RemoveOnDrop);
     let vmm = Vmm::build(&cfg)?;
+    // Before any other thread starts, so that every thread has these signals blocked.
     forward_termination_signals(vmm.exit_sender())
         .map_err(|e| anyhow::anyhow!("handling SIGTERM/SIGINT: {e}"))?;
+    if let Some(listener) = api {
+        vmm.api_context()
+            .serve(listener)
+            .map_err(|e| anyhow::anyhow!("starting the API thread: {e}"))?;
+    }
     Ok(vmm.run()?)
 }
 

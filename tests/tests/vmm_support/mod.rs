@@ -230,6 +230,25 @@ impl Running {
         }
     }
 
+    /// The next line within `timeout`, if any (recorded in `seen`).
+    pub fn try_line(&mut self, timeout: Duration) -> Option<String> {
+        let (_, line) = self.lines.recv_timeout(timeout).ok()?;
+        self.seen.push(line.clone());
+        Some(line)
+    }
+
+    /// Waits (up to `timeout`) for the process to end by itself.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "husk-vmm did not exit within {timeout:?}");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
     /// Sends SIGTERM and waits (up to `timeout`) for the exit status.
     pub fn terminate(&mut self, timeout: Duration) -> ExitStatus {
         let pid = i32::try_from(self.child.id()).expect("pid fits i32");

@@ -10,6 +10,25 @@ pub trait BusDevice: Send {
     fn read(&mut self, offset: u64, data: &mut [u8]);
     /// A write of `data` at `offset` within the device's range.
     fn write(&mut self, offset: u64, data: &[u8]);
+    /// A short name for counters and logs.
+    fn name(&self) -> &'static str {
+        "device"
+    }
+    /// The device's counters (bytes, requests, ...), for the control API.
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        Vec::new()
+    }
+}
+
+/// One device's counters, as [`Bus::counters`] reports them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceCounters {
+    /// Where the device sits on its bus.
+    pub base: u64,
+    /// Its name.
+    pub name: &'static str,
+    /// Its counters.
+    pub counters: Vec<(&'static str, u64)>,
 }
 
 /// Errors while placing a device on a bus.
@@ -62,6 +81,17 @@ impl Bus {
     fn find(&self, addr: u64) -> Option<(u64, &Arc<Mutex<dyn BusDevice>>)> {
         let (base, (len, dev)) = self.devices.range(..=addr).next_back()?;
         (addr - base < *len).then_some((addr - base, dev))
+    }
+
+    /// Every device's counters, in address order.
+    pub fn counters(&self) -> Vec<DeviceCounters> {
+        self.devices
+            .iter()
+            .map(|(base, (_, dev))| {
+                let d = dev.lock().expect("device lock poisoned");
+                DeviceCounters { base: *base, name: d.name(), counters: d.counters() }
+            })
+            .collect()
     }
 
     /// Dispatches a read; false if no device is there.

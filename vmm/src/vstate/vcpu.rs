@@ -2,7 +2,7 @@
 //! thread per vCPU. The run loop turns exits into bus accesses and exit reasons; it never
 //! decides policy (the VMM's main thread does).
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use kvm_bindings::CpuId;
@@ -13,6 +13,7 @@ use crate::arch::{cpuid, regs};
 use crate::boot::KernelEntry;
 use crate::devices::bus::Bus;
 use crate::exit::{ExitReason, ExitSender};
+use crate::vstate::run_state::RunState;
 
 /// Errors while creating or configuring a vCPU.
 #[derive(Debug, thiserror::Error)]
@@ -111,10 +112,17 @@ impl Vcpu {
         s
     }
 
-    /// Runs until the VM stops: returns after reporting an exit reason, or when `stop` is
-    /// set and the thread is kicked with a signal.
-    pub fn run(mut self, pio: &Bus, mmio: &Bus, exit: &ExitSender, stop: &AtomicBool, counters: &ExitCounters) {
-        while !stop.load(Ordering::Acquire) {
+    /// Runs until the VM stops: returns after reporting an exit reason, or when the run
+    /// state says stop (the thread is kicked out of KVM_RUN with a signal). Parks while
+    /// the VM is paused.
+    pub fn run(mut self, shared: &VcpuShared) {
+        let VcpuShared { pio, mmio, exit_tx: exit, run_state, counters, .. } = shared;
+        run_state.register_current_thread();
+        while !run_state.stopping() {
+            if run_state.pause_requested() {
+                run_state.park();
+                continue;
+            }
             let reason = match self.fd.run() {
                 Ok(VcpuExit::IoIn(port, data)) => {
                     counters.pio.fetch_add(1, Ordering::Relaxed);
@@ -189,8 +197,8 @@ pub struct VcpuShared {
     pub pio: Arc<Bus>,
     /// MMIO devices.
     pub mmio: Arc<Bus>,
-    /// Set when the VM is stopping.
-    pub stop: Arc<AtomicBool>,
+    /// Run, pause or stop.
+    pub run_state: Arc<RunState>,
     /// Exit counters.
     pub counters: Arc<ExitCounters>,
     /// Where exit reasons are sent.

@@ -33,6 +33,14 @@ impl I8042 {
 }
 
 impl BusDevice for I8042 {
+    fn name(&self) -> &'static str {
+        "i8042"
+    }
+
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        vec![("resets", self.resets)]
+    }
+
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         // Status 0: output buffer empty, input buffer empty. Data reads as 0.
         let _ = offset;

@@ -121,6 +121,10 @@ impl Rtc {
 }
 
 impl BusDevice for Rtc {
+    fn name(&self) -> &'static str {
+        "rtc"
+    }
+
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         let v = if offset == 1 { self.register(self.index) } else { 0xff };
         data.fill(v);

@@ -91,7 +91,33 @@ impl<W: Write + Send> SerialDevice<W> {
     }
 }
 
-impl<W: Write + Send> BusDevice for SerialDevice<W> {
+/// Something that counts the bytes written through it.
+pub trait CountingSink {
+    /// Bytes written so far.
+    fn bytes_written(&self) -> u64;
+}
+
+impl CountingSink for ConsoleOut {
+    fn bytes_written(&self) -> u64 {
+        self.bytes
+    }
+}
+
+impl CountingSink for Vec<u8> {
+    fn bytes_written(&self) -> u64 {
+        self.len() as u64
+    }
+}
+
+impl<W: Write + Send + CountingSink> BusDevice for SerialDevice<W> {
+    fn name(&self) -> &'static str {
+        "serial"
+    }
+
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        vec![("bytes_out", self.uart.writer().bytes_written())]
+    }
+
     #[allow(clippy::cast_possible_truncation)] // offsets are < COM1_LEN
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         if offset < COM1_LEN && !data.is_empty() {

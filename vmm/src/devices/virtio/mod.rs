@@ -58,6 +58,12 @@ pub trait VirtioDevice<M>: Send {
     fn process_queue(&mut self, index: usize, queue: &mut Queue, mem: &M) -> Result<bool, QueueError>;
     /// The driver reset the device.
     fn reset(&mut self) {}
+    /// A short name for counters and logs.
+    fn name(&self) -> &'static str;
+    /// The device's own counters (requests, bytes, ...).
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        Vec::new()
+    }
 }
 
 /// The device's interrupt: the MMIO InterruptStatus bits plus an eventfd KVM injects.

@@ -268,6 +268,21 @@ impl<M: GuestMemory + Send> MmioTransport<M> {
 }
 
 impl<M: GuestMemory + Send> BusDevice for MmioTransport<M> {
+    fn name(&self) -> &'static str {
+        self.device.name()
+    }
+
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        let c = self.counters;
+        let mut v = vec![
+            ("notifications", c.notifications),
+            ("needs_reset", c.needs_reset),
+            ("refused_writes", c.refused_writes),
+        ];
+        v.extend(self.device.counters());
+        v
+    }
+
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         if offset >= CONFIG_SPACE_OFFSET {
             return self.device.read_config(offset - CONFIG_SPACE_OFFSET, data);

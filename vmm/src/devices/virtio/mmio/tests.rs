@@ -55,6 +55,9 @@ impl VirtioDevice<GuestMemoryMmap> for Fake {
     fn reset(&mut self) {
         self.0.lock().unwrap().resets += 1;
     }
+    fn name(&self) -> &'static str {
+        "fake"
+    }
 }
 
 fn mem() -> GuestMemoryMmap {

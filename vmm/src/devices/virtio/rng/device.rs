@@ -100,6 +100,20 @@ impl<M: GuestMemory, S: EntropySource> VirtioDevice<M> for Rng<S> {
     fn reset(&mut self) {
         self.acked_features = 0;
     }
+
+    fn name(&self) -> &'static str {
+        "virtio-rng"
+    }
+
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        let c = self.counters;
+        vec![
+            ("requests", c.requests),
+            ("bytes", c.bytes),
+            ("bad_descriptors", c.bad_descriptors),
+            ("source_errors", c.source_errors),
+        ]
+    }
 }
 
 #[cfg(test)]
