@@ -25,3 +25,24 @@ fn idle_guest_costs_no_cpu_and_sigterm_ends_the_vmm_with_status_0() {
     let status = vm.terminate(Duration::from_secs(5));
     assert_eq!(status.code(), Some(0), "SIGTERM should end husk-vmm cleanly: {status:?}");
 }
+
+#[test]
+fn triple_fault_ends_the_vmm_with_status_0() {
+    require_kvm();
+    let g = guest("triplefault");
+    let run = vmm_support::run_vmm(&["--kernel", g.to_str().unwrap()], Duration::from_secs(30));
+    assert_eq!(run.stdout, "husk triplefault: faulting\n");
+    assert_eq!(run.status.code(), Some(0), "stderr: {}", run.stderr);
+}
+
+#[test]
+fn kvm_internal_error_is_fatal_with_a_register_dump() {
+    require_kvm();
+    let g = guest("mmiojump");
+    let run = vmm_support::run_vmm(&["--kernel", g.to_str().unwrap()], Duration::from_secs(30));
+    assert_eq!(run.stdout, "husk mmiojump: jumping to 0xe0000000\n");
+    assert_eq!(run.status.code(), Some(1), "stderr: {}", run.stderr);
+    assert!(run.stderr.contains("KVM internal error"), "{}", run.stderr);
+    assert!(run.stderr.contains("rip=0x00000000e0000000"), "no register dump: {}", run.stderr);
+    assert!(run.stderr.contains("cr0="), "no special registers: {}", run.stderr);
+}
