@@ -13,6 +13,8 @@ use crate::config::VmConfig;
 use crate::device_manager::MmioDeviceManager;
 use crate::devices::bus::Bus;
 use crate::devices::virtio::rng::Rng;
+use crate::devices::virtio::vsock::unix::Muxer;
+use crate::devices::virtio::vsock::{event_handler as vsock_event_handler, Vsock};
 use crate::devices::legacy::i8042::{I8042, I8042_BASE, I8042_LEN};
 use crate::devices::legacy::rtc::{Rtc, RTC_BASE, RTC_LEN};
 use crate::devices::legacy::serial::{ConsoleOut, SerialDevice, COM1_BASE, COM1_LEN};
@@ -64,6 +66,12 @@ pub enum BuildError {
     /// A virtio device.
     #[error(transparent)]
     Devices(#[from] crate::device_manager::DeviceManagerError),
+    /// The vsock socket.
+    #[error(transparent)]
+    Vsock(#[from] crate::devices::virtio::vsock::unix::MuxerError),
+    /// The vsock CID is reserved.
+    #[error("vsock CID {0} is reserved (0-2): give 3 or more with --vsock-cid")]
+    VsockCid(u64),
     /// The host entropy source for virtio-rng.
     #[error("virtio-rng: opening /dev/urandom: {0}")]
     Entropy(#[source] std::io::Error),
@@ -114,6 +122,15 @@ impl Vmm {
         if cfg.rng {
             let rng = Rng::from_urandom().map_err(BuildError::Entropy)?;
             devices.add(&vm.fd, &mut mmio, &ram.mem, Box::new(rng))?;
+        }
+        if let Some(path) = &cfg.vsock_sock {
+            if cfg.vsock_cid <= 2 || cfg.vsock_cid > u64::from(u32::MAX) {
+                return Err(BuildError::VsockCid(cfg.vsock_cid));
+            }
+            let muxer = Arc::new(Mutex::new(Muxer::new(cfg.vsock_cid, path)?));
+            let vsock = Vsock::new(cfg.vsock_cid, muxer.clone());
+            let (_, transport) = devices.add(&vm.fd, &mut mmio, &ram.mem, Box::new(vsock))?;
+            vsock_event_handler::spawn(muxer, transport).map_err(BuildError::Thread)?;
         }
 
         let src = BootSource {

@@ -9,6 +9,8 @@ pub const DEFAULT_CMDLINE: &str =
 
 /// Default vCPU count.
 pub const DEFAULT_VCPUS: u8 = 1;
+/// Default guest CID (0-2 are reserved).
+pub const DEFAULT_VSOCK_CID: u64 = 3;
 /// Default memory size in MiB.
 pub const DEFAULT_MEMORY_MIB: u64 = 128;
 
@@ -33,6 +35,10 @@ pub struct VmConfig {
     pub console_stdout: bool,
     /// Give the guest a virtio-rng device.
     pub rng: bool,
+    /// Give the guest a hybrid virtio-vsock device served on this unix socket.
+    pub vsock_sock: Option<PathBuf>,
+    /// The guest's vsock CID.
+    pub vsock_cid: u64,
 }
 
 impl VmConfig {
@@ -48,6 +54,8 @@ impl VmConfig {
             console_log: None,
             console_stdout: true,
             rng: false,
+            vsock_sock: None,
+            vsock_cid: DEFAULT_VSOCK_CID,
         }
     }
 

@@ -14,6 +14,9 @@ use crate::devices::bus::{Bus, BusError};
 use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::{IrqTrigger, VirtioDevice};
 
+/// A transport as the bus and a device's event thread share it.
+pub type SharedTransport = Arc<Mutex<MmioTransport<GuestMemoryMmap>>>;
+
 /// Errors while adding a virtio device.
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceManagerError {
@@ -69,23 +72,24 @@ impl MmioDeviceManager {
         (irq < IOAPIC_PINS).then(|| MmioSlot { addr: MMIO_DEVICES_START + u64::from(n) * MMIO_DEVICE_SIZE, irq })
     }
 
-    /// Adds `device`: interrupt wired through KVM, transport on `bus`.
+    /// Adds `device`: interrupt wired through KVM, transport on `bus`. Returns where it
+    /// went and the transport (for devices with an event thread of their own).
     pub fn add(
         &mut self,
         vm: &VmFd,
         bus: &mut Bus,
         mem: &GuestMemoryMmap,
         device: Box<dyn VirtioDevice<GuestMemoryMmap>>,
-    ) -> Result<MmioSlot, DeviceManagerError> {
+    ) -> Result<(MmioSlot, SharedTransport), DeviceManagerError> {
         let slot = self.next_slot().ok_or(DeviceManagerError::NoIrq)?;
         let index = u32::try_from(self.slots.len()).unwrap_or(u32::MAX);
         let irq_err = |source| DeviceManagerError::Irq { index, source };
         let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(irq_err)?;
         vm.register_irqfd(&evt, slot.irq).map_err(|e| irq_err(e.into()))?;
-        let transport = MmioTransport::new(device, mem.clone(), Arc::new(IrqTrigger::new(evt)));
-        bus.insert(slot.addr, MMIO_DEVICE_SIZE, Arc::new(Mutex::new(transport)))?;
+        let transport = Arc::new(Mutex::new(MmioTransport::new(device, mem.clone(), Arc::new(IrqTrigger::new(evt)))));
+        bus.insert(slot.addr, MMIO_DEVICE_SIZE, transport.clone())?;
         self.slots.push(slot);
-        Ok(slot)
+        Ok((slot, transport))
     }
 
     /// Kernel arguments for every device.

@@ -39,6 +39,13 @@ struct Cli {
     /// Serve the control API (pause, resume, shutdown, counters) on this unix socket.
     #[arg(long)]
     api_sock: Option<PathBuf>,
+    /// Give the guest a hybrid virtio-vsock device: the host connects to this unix socket
+    /// and writes `CONNECT <port>\n`; guest connections to host port P go to `<path>_P`.
+    #[arg(long)]
+    vsock_sock: Option<PathBuf>,
+    /// The guest's vsock CID.
+    #[arg(long, default_value_t = husk_vmm::config::DEFAULT_VSOCK_CID)]
+    vsock_cid: u64,
     /// Give the guest a virtio-rng device (fed from the host's /dev/urandom).
     #[arg(long)]
     rng: bool,
@@ -64,12 +71,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitReason> {
         console_stdout: cli.console_stdout || cli.console_log.is_none(),
         console_log: cli.console_log,
         rng: cli.rng,
+        vsock_sock: cli.vsock_sock,
+        vsock_cid: cli.vsock_cid,
     };
     // Bind first: a taken socket path is reported before any VM exists.
     let api = cli.api_sock.as_deref().map(husk_vmm::api::bind).transpose()?;
     // Once bound the socket file is ours: remove it however this function ends.
     let _api_file = cli.api_sock.clone().filter(|_| api.is_some()).map(RemoveOnDrop);
     let vmm = Vmm::build(&cfg)?;
+    // The vsock socket is ours once the VM is built (a taken path fails the build first).
+    let _vsock_file = cfg.vsock_sock.clone().map(RemoveOnDrop);
     // Before any other thread starts, so that every thread has these signals blocked.
     forward_termination_signals(vmm.exit_sender())
         .map_err(|e| anyhow::anyhow!("handling SIGTERM/SIGINT: {e}"))?;

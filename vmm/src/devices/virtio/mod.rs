@@ -16,6 +16,7 @@ use virtio_queue::Queue;
 
 pub mod mmio;
 pub mod rng;
+pub mod vsock;
 
 /// Feature bit: the device speaks virtio 1.x (no legacy interface). Every device offers it.
 pub const VIRTIO_F_VERSION_1: u64 = 1 << virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
@@ -55,7 +56,20 @@ pub trait VirtioDevice<M>: Send {
     }
     /// Processes what the driver made available on queue `index`; returns whether the
     /// driver must be interrupted. An `Err` marks the device DEVICE_NEEDS_RESET.
-    fn process_queue(&mut self, index: usize, queue: &mut Queue, mem: &M) -> Result<bool, QueueError>;
+    fn process_queue(&mut self, index: usize, queue: &mut Queue, mem: &M) -> Result<bool, QueueError> {
+        let _ = (index, queue, mem);
+        Ok(false)
+    }
+    /// Processes the device's queues: after the driver notified queue `notified`, or when
+    /// the device's own backend has work (`None`). Devices whose queues depend on each
+    /// other (vsock) override this; the default hands the notified queue to
+    /// [`process_queue`](Self::process_queue).
+    fn process(&mut self, notified: Option<usize>, queues: &mut [Queue], mem: &M) -> Result<bool, QueueError> {
+        match notified.and_then(|i| queues.get_mut(i).map(|q| (i, q))) {
+            Some((i, q)) => self.process_queue(i, q, mem),
+            None => Ok(false),
+        }
+    }
     /// The driver reset the device.
     fn reset(&mut self) {}
     /// A short name for counters and logs.

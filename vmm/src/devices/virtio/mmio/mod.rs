@@ -186,12 +186,27 @@ impl<M: GuestMemory + Send> MmioTransport<M> {
             return self.refuse();
         }
         self.counters.notifications += 1;
-        match self.device.process_queue(i, &mut self.queues[i], &self.mem) {
+        let result = self.device.process(Some(i), &mut self.queues, &self.mem);
+        self.after_processing(result);
+    }
+
+    fn after_processing(&mut self, result: Result<bool, super::QueueError>) {
+        match result {
             Ok(true) => {
                 let _ = self.irq.trigger(INT_VRING);
             }
             Ok(false) => {}
             Err(_) => self.mark_needs_reset(),
+        }
+    }
+
+    /// Lets the device work on its queues because its backend has something for the
+    /// driver (called from the device's event thread). Nothing happens before DRIVER_OK
+    /// or once the device needs a reset.
+    pub fn service(&mut self) {
+        if self.status & (DRIVER_OK | NEEDS_RESET | FAILED) == DRIVER_OK {
+            let result = self.device.process(None, &mut self.queues, &self.mem);
+            self.after_processing(result);
         }
     }
 
