@@ -28,34 +28,46 @@ impl ExitReason {
 /// Where exit reasons go.
 pub type ExitSender = mpsc::Sender<ExitReason>;
 
-/// Turns SIGTERM, SIGINT and SIGHUP into [`ExitReason::HostShutdown`]: the signals are
-/// blocked in the calling thread (and so in every thread it starts afterwards) and a
-/// dedicated thread waits for them. Call it before the vCPU threads start.
-pub fn forward_termination_signals(tx: ExitSender) -> std::io::Result<()> {
-    // SAFETY: an all-zero sigset_t is a valid value to pass to sigemptyset.
-    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
-    // SAFETY: `set` is a valid, exclusively borrowed sigset_t and the signal numbers are valid.
-    unsafe {
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        libc::sigaddset(&mut set, libc::SIGHUP);
+/// SIGTERM, SIGINT and SIGHUP, blocked in every thread and turned into
+/// [`ExitReason::HostShutdown`] by a thread of their own.
+#[derive(Debug)]
+pub struct TerminationSignals(libc::sigset_t);
+
+impl TerminationSignals {
+    /// Blocks the signals in the calling thread and so in every thread it starts later:
+    /// call it first thing, before any thread exists.
+    pub fn block() -> std::io::Result<Self> {
+        // SAFETY: an all-zero sigset_t is a valid value to pass to sigemptyset.
+        let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+        // SAFETY: `set` is a valid, exclusively borrowed sigset_t and the signals are valid.
+        unsafe {
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, libc::SIGTERM);
+            libc::sigaddset(&mut set, libc::SIGINT);
+            libc::sigaddset(&mut set, libc::SIGHUP);
+        }
+        // SAFETY: `set` is initialised above; a null old-set pointer is allowed.
+        let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+        if rc != 0 {
+            return Err(std::io::Error::from_raw_os_error(rc));
+        }
+        Ok(Self(set))
     }
-    // SAFETY: `set` is initialised above; a null old-set pointer is allowed.
-    let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
-    if rc != 0 {
-        return Err(std::io::Error::from_raw_os_error(rc));
+
+    /// Starts the thread that waits for the signals and reports them on `tx`.
+    pub fn forward_to(self, tx: ExitSender) -> std::io::Result<()> {
+        let set = self.0;
+        std::thread::Builder::new().name("signals".into()).spawn(move || {
+            let mut sig: libc::c_int = 0;
+            // SAFETY: `set` holds blocked signals and `sig` is a valid out pointer.
+            let rc = unsafe { libc::sigwait(&set, &mut sig) };
+            let reason = if rc == 0 {
+                ExitReason::HostShutdown
+            } else {
+                ExitReason::Fatal(format!("waiting for termination signals: {}", std::io::Error::from_raw_os_error(rc)))
+            };
+            let _ = tx.send(reason);
+        })?;
+        Ok(())
     }
-    std::thread::Builder::new().name("signals".into()).spawn(move || {
-        let mut sig: libc::c_int = 0;
-        // SAFETY: `set` holds blocked signals and `sig` is a valid out pointer.
-        let rc = unsafe { libc::sigwait(&set, &mut sig) };
-        let reason = if rc == 0 {
-            ExitReason::HostShutdown
-        } else {
-            ExitReason::Fatal(format!("waiting for termination signals: {}", std::io::Error::from_raw_os_error(rc)))
-        };
-        let _ = tx.send(reason);
-    })?;
-    Ok(())
 }

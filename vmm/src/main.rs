@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use husk_vmm::config::{DEFAULT_MEMORY_MIB, DEFAULT_VCPUS};
-use husk_vmm::exit::forward_termination_signals;
+use husk_vmm::exit::TerminationSignals;
 use husk_vmm::{ExitReason, VmConfig, Vmm};
 
 /// husk's KVM microVM monitor.
@@ -61,6 +61,9 @@ impl Drop for RemoveOnDrop {
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitReason> {
+    // First, before any thread starts: every thread then has these signals blocked and
+    // only the signal thread takes them.
+    let signals = TerminationSignals::block().map_err(|e| anyhow::anyhow!("blocking SIGTERM/SIGINT: {e}"))?;
     let cfg = VmConfig {
         kernel: cli.kernel,
         initrd: cli.initrd,
@@ -81,9 +84,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitReason> {
     let vmm = Vmm::build(&cfg)?;
     // The vsock socket is ours once the VM is built (a taken path fails the build first).
     let _vsock_file = cfg.vsock_sock.clone().map(RemoveOnDrop);
-    // Before any other thread starts, so that every thread has these signals blocked.
-    forward_termination_signals(vmm.exit_sender())
-        .map_err(|e| anyhow::anyhow!("handling SIGTERM/SIGINT: {e}"))?;
+    signals.forward_to(vmm.exit_sender()).map_err(|e| anyhow::anyhow!("handling SIGTERM/SIGINT: {e}"))?;
     if let Some(listener) = api {
         vmm.api_context()
             .serve(listener)
