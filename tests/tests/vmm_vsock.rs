@@ -63,7 +63,7 @@ fn hybrid_vsock_echoes_over_several_connections_at_once() {
                 let mut s = connect(&sock, 1024 + u32::from(i));
                 echo(&mut s, format!("hello from connection {i}").as_bytes());
                 // 12 KiB: three times the guest's credit, so credit updates must flow.
-                let big: Vec<u8> = (0..12 * 1024).map(|n| (n % 251) as u8 ^ i).collect();
+                let big: Vec<u8> = (0..12 * 1024u32).map(|n| u8::try_from(n % 251).unwrap() ^ i).collect();
                 echo(&mut s, &big);
             })
         })
