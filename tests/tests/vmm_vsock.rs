@@ -1,6 +1,7 @@
 //! Hybrid vsock end to end: a synthetic guest runs a virtio-vsock echo server; the host
 //! talks to it through husk-vmm's unix socket (`CONNECT <port>\n` → `OK <port>\n`), over
-//! several connections at once, with payloads larger than the guest's 4 KiB credit.
+//! several connections at once, with payloads larger than the guest's 4 KiB credit;
+//! and a synthetic guest client connects out to a host unix socket `<path>_<port>`.
 
 mod vmm_support;
 
@@ -119,4 +120,42 @@ fn a_taken_vsock_socket_path_is_refused_in_one_line() {
     let mut s = connect(&sock, 1024);
     echo(&mut s, b"first is fine");
     assert_eq!(first.terminate(Duration::from_secs(5)).code(), Some(0));
+}
+
+#[test]
+fn guest_connections_reach_the_unix_socket_path_underscore_port() {
+    require_kvm();
+    let dir = TempDir::new("vmm-vsock-guest");
+    let sock = dir.0.join("vsock.sock");
+    let listener = std::os::unix::net::UnixListener::bind(dir.0.join("vsock.sock_5000")).unwrap();
+    let server = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut got = [0u8; 21];
+        s.read_exact(&mut got).unwrap();
+        s.write_all(b"hello from the host").unwrap();
+        // The guest shuts down: we see EOF.
+        let mut rest = Vec::new();
+        s.read_to_end(&mut rest).unwrap();
+        (got, rest)
+    });
+    let g = guest("vsock_client");
+    let run = run_vmm(&["--kernel", g.to_str().unwrap(), "--vsock-sock", sock.to_str().unwrap()], Duration::from_secs(30));
+    assert!(run.status.success(), "{:?} {}", run.status, run.stderr);
+    assert_eq!(run.stdout, "husk vsock-client: got hello from the host");
+    let (got, rest) = server.join().unwrap();
+    assert_eq!(&got, b"hello from the guest\n");
+    assert!(rest.is_empty());
+    assert!(!sock.exists());
+}
+
+#[test]
+fn a_guest_connection_nobody_serves_is_refused() {
+    require_kvm();
+    let dir = TempDir::new("vmm-vsock-refused");
+    let sock = dir.0.join("vsock.sock");
+    let g = guest("vsock_client");
+    let run = run_vmm(&["--kernel", g.to_str().unwrap(), "--vsock-sock", sock.to_str().unwrap()], Duration::from_secs(30));
+    assert!(run.status.success(), "{:?} {}", run.status, run.stderr);
+    assert_eq!(run.stdout, "husk vsock-client: refused\n");
 }
