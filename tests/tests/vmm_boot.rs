@@ -111,3 +111,17 @@ fn console_log_receives_serial_output_and_stdout_stays_quiet() {
     assert_eq!(both.stdout, "husk guest: hello\n");
     assert_eq!(std::fs::read_to_string(&log).unwrap(), "husk guest: hello\nhusk guest: hello\n");
 }
+
+#[test]
+fn application_processors_come_up_on_init_sipi_sipi() {
+    require_kvm();
+    let g = guest("smp");
+    for vcpus in [1u8, 2, 4] {
+        let v = vcpus.to_string();
+        let run = run_vmm(&["--kernel", s(&g), "--vcpus", &v], DEADLINE);
+        assert!(run.status.success(), "status {:?}, stderr: {}", run.status, run.stderr);
+        let line = run.stdout.lines().next().unwrap_or_default();
+        assert_eq!(field(line, "cpus"), u64::from(vcpus), "{line}");
+        assert_eq!(field(line, "aps_up"), u64::from(vcpus - 1), "not every AP ran: {line}");
+    }
+}
