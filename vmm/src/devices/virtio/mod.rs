@@ -18,6 +18,9 @@ pub mod mmio;
 pub mod rng;
 pub mod vsock;
 
+#[cfg(test)]
+mod randomized_tests;
+
 /// Feature bit: the device speaks virtio 1.x (no legacy interface). Every device offers it.
 pub const VIRTIO_F_VERSION_1: u64 = 1 << virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 

@@ -16,6 +16,10 @@ use super::super::packet::{op, Pkt, HOST_CID, SHUTDOWN_BOTH, TYPE_STREAM};
 
 /// Longest `CONNECT <port>\n` line accepted.
 const MAX_HANDSHAKE: usize = 32;
+/// Most control packets (RST, RESPONSE, ...) queued for the guest. A guest that floods us
+/// with bad packets while posting no rx buffers must not grow host memory without bound:
+/// beyond this, new resets are dropped (the guest is misbehaving anyway).
+const MAX_CONTROL: usize = 1024;
 /// Host ports handed out for host-initiated connections start here (as Firecracker's do).
 const FIRST_LOCAL_PORT: u32 = 1 << 30;
 
@@ -190,8 +194,10 @@ impl Muxer {
         if let Some(c) = self.conns.remove(&key) {
             self.unwatch(c.stream.as_raw_fd());
         }
-        self.counters.resets_sent += 1;
-        self.control.push_back(self.control_pkt(key, op::RST, 0, 0));
+        if self.control.len() < MAX_CONTROL {
+            self.counters.resets_sent += 1;
+            self.control.push_back(self.control_pkt(key, op::RST, 0, 0));
+        }
     }
 
     fn remove(&mut self, key: Key) {

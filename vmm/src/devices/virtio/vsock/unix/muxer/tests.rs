@@ -193,3 +193,12 @@ fn a_live_socket_path_is_refused_and_the_file_is_removed_on_drop() {
     assert!(!p.exists());
     drop(d);
 }
+
+#[test]
+fn a_reset_flood_without_rx_buffers_stays_bounded() {
+    let (_d, mut m) = setup("flood");
+    for port in 0..u32::try_from(MAX_CONTROL * 4).unwrap() {
+        m.send_pkt(&from_guest(op::RW, port, 1, b"x"));
+    }
+    assert_eq!(m.control.len(), MAX_CONTROL);
+}
