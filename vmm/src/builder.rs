@@ -12,6 +12,7 @@ use crate::boot::{self, BootSource};
 use crate::config::VmConfig;
 use crate::device_manager::MmioDeviceManager;
 use crate::devices::bus::Bus;
+use crate::devices::virtio::net::{event_handler as net_event_handler, FrameIo, Net, Tap};
 use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::vsock::unix::Muxer;
 use crate::devices::virtio::vsock::{event_handler as vsock_event_handler, Vsock};
@@ -69,14 +70,17 @@ pub enum BuildError {
     /// The vsock socket.
     #[error(transparent)]
     Vsock(#[from] crate::devices::virtio::vsock::unix::MuxerError),
+    /// The tap.
+    #[error(transparent)]
+    Tap(#[from] crate::devices::virtio::net::TapError),
     /// The vsock CID is reserved.
     #[error("vsock CID {0} is reserved (0-2): give 3 or more with --vsock-cid")]
     VsockCid(u64),
     /// The host entropy source for virtio-rng.
     #[error("virtio-rng: opening /dev/urandom: {0}")]
     Entropy(#[source] std::io::Error),
-    /// A vCPU thread could not be started.
-    #[error("starting a vCPU thread: {0}")]
+    /// A device or vCPU thread (or its eventfd) could not be set up.
+    #[error("starting a VMM thread: {0}")]
     Thread(#[source] std::io::Error),
 }
 
@@ -131,6 +135,14 @@ impl Vmm {
             let vsock = Vsock::new(cfg.vsock_cid, muxer.clone());
             let (_, transport) = devices.add(&vm.fd, &mut mmio, &ram.mem, Box::new(vsock))?;
             vsock_event_handler::spawn(muxer, transport).map_err(BuildError::Thread)?;
+        }
+        if let Some(net_cfg) = &cfg.net {
+            let tap = Tap::open(&net_cfg.tap)?;
+            let tap_fd = tap.poll_fd().expect("a tap has an fd");
+            let net = Net::new(tap, net_cfg.mac).map_err(BuildError::Thread)?;
+            let (_, blocked, kick) = net.event_parts().map_err(BuildError::Thread)?;
+            let (_, transport) = devices.add(&vm.fd, &mut mmio, &ram.mem, Box::new(net))?;
+            net_event_handler::spawn(tap_fd, blocked, kick, transport).map_err(BuildError::Thread)?;
         }
 
         let src = BootSource {

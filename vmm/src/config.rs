@@ -39,7 +39,21 @@ pub struct VmConfig {
     pub vsock_sock: Option<PathBuf>,
     /// The guest's vsock CID.
     pub vsock_cid: u64,
+    /// A virtio-net card on this tap, with this MAC.
+    pub net: Option<NetConfig>,
 }
+
+/// A virtio-net card.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetConfig {
+    /// Tap name (opened, or created if missing).
+    pub tap: String,
+    /// The guest's MAC address.
+    pub mac: [u8; 6],
+}
+
+/// The MAC a card gets when none is given: locally administered, "husk".
+pub const DEFAULT_MAC: [u8; 6] = [0x02, 0x68, 0x75, 0x73, 0x6b, 0x00];
 
 impl VmConfig {
     /// A configuration with every default, booting `kernel`.
@@ -56,6 +70,7 @@ impl VmConfig {
             rng: false,
             vsock_sock: None,
             vsock_cid: DEFAULT_VSOCK_CID,
+            net: None,
         }
     }
 

@@ -46,6 +46,12 @@ struct Cli {
     /// The guest's vsock CID.
     #[arg(long, default_value_t = husk_vmm::config::DEFAULT_VSOCK_CID)]
     vsock_cid: u64,
+    /// Give the guest a virtio-net card on this tap (opened by name, created if missing).
+    #[arg(long)]
+    net_tap: Option<String>,
+    /// The card's MAC address (default 02:68:75:73:6b:00).
+    #[arg(long, requires = "net_tap")]
+    net_mac: Option<String>,
     /// Give the guest a virtio-rng device (fed from the host's /dev/urandom).
     #[arg(long)]
     rng: bool,
@@ -61,6 +67,16 @@ impl Drop for RemoveOnDrop {
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitReason> {
+    let net = match &cli.net_tap {
+        Some(tap) => {
+            let mac = match &cli.net_mac {
+                Some(m) => husk_vmm::devices::virtio::net::parse_mac(m)?,
+                None => husk_vmm::config::DEFAULT_MAC,
+            };
+            Some(husk_vmm::config::NetConfig { tap: tap.clone(), mac })
+        }
+        None => None,
+    };
     // First, before any thread starts: every thread then has these signals blocked and
     // only the signal thread takes them.
     let signals = TerminationSignals::block().map_err(|e| anyhow::anyhow!("blocking SIGTERM/SIGINT: {e}"))?;
@@ -76,6 +92,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitReason> {
         rng: cli.rng,
         vsock_sock: cli.vsock_sock,
         vsock_cid: cli.vsock_cid,
+        net,
     };
     // Bind first: a taken socket path is reported before any VM exists.
     let api = cli.api_sock.as_deref().map(husk_vmm::api::bind).transpose()?;

@@ -15,6 +15,7 @@ use vmm_sys_util::eventfd::EventFd;
 use virtio_queue::Queue;
 
 pub mod mmio;
+pub mod net;
 pub mod rng;
 pub mod vsock;
 
