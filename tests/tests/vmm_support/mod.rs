@@ -90,9 +90,23 @@ pub fn kill_child(child: &mut Child) {
 
 /// Runs husk-vmm with `args`, failing the test if it does not end within `deadline`.
 pub fn run_vmm(args: &[&str], deadline: Duration) -> Run {
+    run_vmm_via(&[], args, deadline)
+}
+
+/// Like [`run_vmm`], but through a launcher (e.g. `ip netns exec NS`), which must exec
+/// husk-vmm in its own process.
+pub fn run_vmm_via(launcher: &[&str], args: &[&str], deadline: Duration) -> Run {
     let bin = vmm_binary();
+    let mut cmd = match launcher.split_first() {
+        Some((program, rest)) => {
+            let mut c = Command::new(program);
+            c.args(rest).arg(&bin);
+            c
+        }
+        None => Command::new(&bin),
+    };
     let start = Instant::now();
-    let mut child = Command::new(&bin)
+    let mut child = cmd
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
