@@ -13,6 +13,7 @@ use crate::config::VmConfig;
 use crate::device_manager::MmioDeviceManager;
 use crate::devices::bus::Bus;
 use crate::devices::virtio::net::{event_handler as net_event_handler, FrameIo, Net, Tap};
+use crate::devices::virtio::fs::{event_handler as fs_event_handler, VhostUserFs};
 use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::vsock::unix::Muxer;
 use crate::devices::virtio::vsock::{event_handler as vsock_event_handler, Vsock};
@@ -70,6 +71,9 @@ pub enum BuildError {
     /// The vsock socket.
     #[error(transparent)]
     Vsock(#[from] crate::devices::virtio::vsock::unix::MuxerError),
+    /// virtio-fs.
+    #[error(transparent)]
+    Fs(#[from] crate::devices::virtio::fs::FsError),
     /// The tap.
     #[error(transparent)]
     Tap(#[from] crate::devices::virtio::net::TapError),
@@ -135,6 +139,13 @@ impl Vmm {
             let vsock = Vsock::new(cfg.vsock_cid, muxer.clone());
             let (_, transport) = devices.add(&vm.fd, &mut mmio, &ram.mem, Box::new(vsock))?;
             vsock_event_handler::spawn(muxer, transport).map_err(BuildError::Thread)?;
+        }
+        if let Some((tag, socket)) = &cfg.fs {
+            let fs = VhostUserFs::connect(socket, tag)?;
+            let calls = fs.call_fds().map_err(BuildError::Thread)?;
+            let (_, transport) = devices.add(&vm.fd, &mut mmio, &ram.mem, Box::new(fs))?;
+            let irq = transport.lock().expect("transport lock").irq();
+            fs_event_handler::spawn(calls, irq).map_err(BuildError::Thread)?;
         }
         if let Some(net_cfg) = &cfg.net {
             let tap = Tap::open(&net_cfg.tap)?;

@@ -41,6 +41,8 @@ pub struct VmConfig {
     pub vsock_cid: u64,
     /// A virtio-net card on this tap, with this MAC.
     pub net: Option<NetConfig>,
+    /// A virtio-fs device: (tag, vhost-user socket of its backend).
+    pub fs: Option<(String, PathBuf)>,
 }
 
 /// A virtio-net card.
@@ -71,6 +73,7 @@ impl VmConfig {
             vsock_sock: None,
             vsock_cid: DEFAULT_VSOCK_CID,
             net: None,
+            fs: None,
         }
     }
 

@@ -46,6 +46,13 @@ struct Cli {
     /// The guest's vsock CID.
     #[arg(long, default_value_t = husk_vmm::config::DEFAULT_VSOCK_CID)]
     vsock_cid: u64,
+    /// Give the guest a virtio-fs device served by the vhost-user backend (virtiofsd)
+    /// listening on this socket.
+    #[arg(long, requires = "fs_tag")]
+    fs_sock: Option<PathBuf>,
+    /// The virtio-fs tag the guest mounts.
+    #[arg(long, requires = "fs_sock")]
+    fs_tag: Option<String>,
     /// Give the guest a virtio-net card on this tap (opened by name, created if missing).
     #[arg(long)]
     net_tap: Option<String>,
@@ -93,6 +100,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitReason> {
         vsock_sock: cli.vsock_sock,
         vsock_cid: cli.vsock_cid,
         net,
+        fs: cli.fs_tag.clone().zip(cli.fs_sock.clone()),
     };
     // Bind first: a taken socket path is reported before any VM exists.
     let api = cli.api_sock.as_deref().map(husk_vmm::api::bind).transpose()?;

@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use vmm_sys_util::eventfd::EventFd;
 use virtio_queue::Queue;
 
+pub mod fs;
 pub mod mmio;
 pub mod net;
 pub mod rng;
@@ -57,6 +58,14 @@ pub trait VirtioDevice<M>: Send {
     /// The driver set DRIVER_OK with these features.
     fn activate(&mut self, acked_features: u64) {
         let _ = acked_features;
+    }
+    /// DRIVER_OK, for devices that hand their queues to someone else (a vhost-user
+    /// backend): they get the queues as the driver set them up. Returns false when the
+    /// device cannot start, which marks it DEVICE_NEEDS_RESET.
+    fn activate_queues(&mut self, acked_features: u64, queues: &[Queue], mem: &M) -> bool {
+        let _ = (queues, mem);
+        self.activate(acked_features);
+        true
     }
     /// Processes what the driver made available on queue `index`; returns whether the
     /// driver must be interrupted. An `Err` marks the device DEVICE_NEEDS_RESET.

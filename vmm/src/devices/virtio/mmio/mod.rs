@@ -96,6 +96,11 @@ impl<M: GuestMemory + Send> MmioTransport<M> {
         self.acked_features
     }
 
+    /// The device's interrupt (for devices whose backend signals used buffers itself).
+    pub fn irq(&self) -> Arc<IrqTrigger> {
+        self.irq.clone()
+    }
+
     /// Transport counters.
     pub fn counters(&self) -> TransportCounters {
         self.counters
@@ -168,10 +173,10 @@ impl<M: GuestMemory + Send> MmioTransport<M> {
             }
             (b, DRIVER_OK) if b == ACKNOWLEDGE | DRIVER | FEATURES_OK => {
                 self.status |= DRIVER_OK;
-                if self.queues.iter().any(|q| q.ready() && !q.is_valid(&self.mem)) {
+                if self.queues.iter().any(|q| q.ready() && !q.is_valid(&self.mem))
+                    || !self.device.activate_queues(self.acked_features, &self.queues, &self.mem)
+                {
                     self.mark_needs_reset();
-                } else {
-                    self.device.activate(self.acked_features);
                 }
             }
             _ => self.refuse(),
