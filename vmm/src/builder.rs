@@ -140,14 +140,14 @@ impl Vmm {
             let (_, transport) = devices.add(&vm.fd, &mut mmio, &ram.mem, Box::new(vsock))?;
             vsock_event_handler::spawn(muxer, transport).map_err(BuildError::Thread)?;
         }
-        if let Some((tag, socket)) = &cfg.fs {
+        for (tag, socket) in &cfg.fs {
             let fs = VhostUserFs::connect(socket, tag)?;
             let calls = fs.call_fds().map_err(BuildError::Thread)?;
             let (_, transport) = devices.add(&vm.fd, &mut mmio, &ram.mem, Box::new(fs))?;
             let irq = transport.lock().expect("transport lock").irq();
             fs_event_handler::spawn(calls, irq).map_err(BuildError::Thread)?;
         }
-        if let Some(net_cfg) = &cfg.net {
+        for net_cfg in &cfg.net {
             let tap = Tap::open(&net_cfg.tap)?;
             let tap_fd = tap.poll_fd().expect("a tap has an fd");
             let net = Net::new(tap, net_cfg.mac).map_err(BuildError::Thread)?;

@@ -39,10 +39,10 @@ pub struct VmConfig {
     pub vsock_sock: Option<PathBuf>,
     /// The guest's vsock CID.
     pub vsock_cid: u64,
-    /// A virtio-net card on this tap, with this MAC.
-    pub net: Option<NetConfig>,
-    /// A virtio-fs device: (tag, vhost-user socket of its backend).
-    pub fs: Option<(String, PathBuf)>,
+    /// virtio-net cards, each on its tap with its MAC.
+    pub net: Vec<NetConfig>,
+    /// virtio-fs devices: (tag, vhost-user socket of its backend).
+    pub fs: Vec<(String, PathBuf)>,
 }
 
 /// A virtio-net card.
@@ -72,8 +72,8 @@ impl VmConfig {
             rng: false,
             vsock_sock: None,
             vsock_cid: DEFAULT_VSOCK_CID,
-            net: None,
-            fs: None,
+            net: Vec::new(),
+            fs: Vec::new(),
         }
     }
 

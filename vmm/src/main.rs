@@ -47,18 +47,19 @@ struct Cli {
     #[arg(long, default_value_t = husk_vmm::config::DEFAULT_VSOCK_CID)]
     vsock_cid: u64,
     /// Give the guest a virtio-fs device served by the vhost-user backend (virtiofsd)
-    /// listening on this socket.
+    /// listening on this socket. Repeatable, paired in order with --fs-tag.
     #[arg(long, requires = "fs_tag")]
-    fs_sock: Option<PathBuf>,
-    /// The virtio-fs tag the guest mounts.
+    fs_sock: Vec<PathBuf>,
+    /// The tag the guest mounts the matching --fs-sock by.
     #[arg(long, requires = "fs_sock")]
-    fs_tag: Option<String>,
+    fs_tag: Vec<String>,
     /// Give the guest a virtio-net card on this tap (opened by name, created if missing).
+    /// Repeatable.
     #[arg(long)]
-    net_tap: Option<String>,
-    /// The card's MAC address (default 02:68:75:73:6b:00).
+    net_tap: Vec<String>,
+    /// The MAC of the matching --net-tap (default 02:68:75:73:6b:NN, NN = card index).
     #[arg(long, requires = "net_tap")]
-    net_mac: Option<String>,
+    net_mac: Vec<String>,
     /// Give the guest a virtio-rng device (fed from the host's /dev/urandom).
     #[arg(long)]
     rng: bool,
@@ -74,16 +75,24 @@ impl Drop for RemoveOnDrop {
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitReason> {
-    let net = match &cli.net_tap {
-        Some(tap) => {
-            let mac = match &cli.net_mac {
-                Some(m) => husk_vmm::devices::virtio::net::parse_mac(m)?,
-                None => husk_vmm::config::DEFAULT_MAC,
-            };
-            Some(husk_vmm::config::NetConfig { tap: tap.clone(), mac })
-        }
-        None => None,
-    };
+    if cli.fs_sock.len() != cli.fs_tag.len() {
+        anyhow::bail!("give one --fs-tag for each --fs-sock ({} sockets, {} tags)", cli.fs_sock.len(), cli.fs_tag.len());
+    }
+    if cli.net_mac.len() > cli.net_tap.len() {
+        anyhow::bail!("more --net-mac than --net-tap: give at most one MAC per tap");
+    }
+    let mut net = Vec::new();
+    for (i, tap) in cli.net_tap.iter().enumerate() {
+        let mac = match cli.net_mac.get(i) {
+            Some(m) => husk_vmm::devices::virtio::net::parse_mac(m)?,
+            None => {
+                let mut mac = husk_vmm::config::DEFAULT_MAC;
+                mac[5] = u8::try_from(i).map_err(|_| anyhow::anyhow!("too many --net-tap"))?;
+                mac
+            }
+        };
+        net.push(husk_vmm::config::NetConfig { tap: tap.clone(), mac });
+    }
     // First, before any thread starts: every thread then has these signals blocked and
     // only the signal thread takes them.
     let signals = TerminationSignals::block().map_err(|e| anyhow::anyhow!("blocking SIGTERM/SIGINT: {e}"))?;
@@ -100,7 +109,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitReason> {
         vsock_sock: cli.vsock_sock,
         vsock_cid: cli.vsock_cid,
         net,
-        fs: cli.fs_tag.clone().zip(cli.fs_sock.clone()),
+        fs: cli.fs_tag.iter().cloned().zip(cli.fs_sock.iter().cloned()).collect(),
     };
     // Bind first: a taken socket path is reported before any VM exists.
     let api = cli.api_sock.as_deref().map(husk_vmm::api::bind).transpose()?;
