@@ -46,3 +46,35 @@ fn kvm_internal_error_is_fatal_with_a_register_dump() {
     assert!(run.stderr.contains("rip=0x00000000e0000000"), "no register dump: {}", run.stderr);
     assert!(run.stderr.contains("cr0="), "no special registers: {}", run.stderr);
 }
+
+#[test]
+fn the_vmm_dies_with_its_parent() {
+    require_kvm();
+    let dir = vmm_support::TempDir::new("vmm-orphan");
+    let log = dir.0.join("console.log");
+    let g = guest("idle");
+    // A shell stands in for the shim: it starts husk-vmm, reports its pid, and exits.
+    let script = format!(
+        "'{}' --kernel '{}' --console-log '{}' --die-with-parent </dev/null >/dev/null 2>&1 & echo $!; sleep 1",
+        vmm_support::vmm_binary().display(),
+        g.display(),
+        log.display()
+    );
+    let out = std::process::Command::new("sh").arg("-c").arg(&script).output().expect("running sh");
+    let pid: i32 = String::from_utf8_lossy(&out.stdout).trim().parse().expect("the vmm's pid");
+    let alive = || {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| !s[s.rfind(')').unwrap() + 2..].starts_with('Z'))
+            .unwrap_or(false)
+    };
+    let start = std::time::Instant::now();
+    while alive() {
+        if start.elapsed() > Duration::from_secs(10) {
+            // Our own (grand)child: end it before failing.
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+            panic!("husk-vmm {pid} outlived its parent by 10 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(std::fs::read_to_string(&log).unwrap(), "husk idle: ready\n", "the guest had started");
+}

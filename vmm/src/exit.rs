@@ -28,6 +28,21 @@ impl ExitReason {
 /// Where exit reasons go.
 pub type ExitSender = mpsc::Sender<ExitReason>;
 
+/// Asks the kernel to send SIGTERM when the parent process (the shim) dies, so a VMM never
+/// outlives the process that supervises it. Returns false if the parent is already gone.
+pub fn die_with_parent() -> std::io::Result<bool> {
+    // SAFETY: getppid has no preconditions.
+    let parent = unsafe { libc::getppid() };
+    // SAFETY: PR_SET_PDEATHSIG takes a signal number; the unused arguments are 0.
+    let rc = unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM, 0, 0, 0) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // The parent may have died before prctl took effect: then we were reparented.
+    // SAFETY: getppid has no preconditions.
+    Ok(unsafe { libc::getppid() } == parent)
+}
+
 /// SIGTERM, SIGINT and SIGHUP, blocked in every thread and turned into
 /// [`ExitReason::HostShutdown`] by a thread of their own.
 #[derive(Debug)]

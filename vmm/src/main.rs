@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use husk_vmm::config::{DEFAULT_MEMORY_MIB, DEFAULT_VCPUS};
-use husk_vmm::exit::TerminationSignals;
+use husk_vmm::exit::{die_with_parent, TerminationSignals};
 use husk_vmm::{ExitReason, VmConfig, Vmm};
 
 /// husk's KVM microVM monitor.
@@ -60,6 +60,11 @@ struct Cli {
     /// The MAC of the matching --net-tap (default 02:68:75:73:6b:NN, NN = card index).
     #[arg(long, requires = "net_tap")]
     net_mac: Vec<String>,
+    /// End the VM (as on SIGTERM) when the parent process dies. The kernel ties this to the
+    /// parent *thread* that spawned us: spawn husk-vmm from a thread that lives as long as
+    /// the parent (not a pool thread), or the VM ends when that thread does.
+    #[arg(long)]
+    die_with_parent: bool,
     /// Give the guest a virtio-rng device (fed from the host's /dev/urandom).
     #[arg(long)]
     rng: bool,
@@ -96,6 +101,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitReason> {
     // First, before any thread starts: every thread then has these signals blocked and
     // only the signal thread takes them.
     let signals = TerminationSignals::block().map_err(|e| anyhow::anyhow!("blocking SIGTERM/SIGINT: {e}"))?;
+    // The VMM is the shim's child and must not outlive it (DESIGN.md): its death is a SIGTERM.
+    if cli.die_with_parent && !die_with_parent().map_err(|e| anyhow::anyhow!("PR_SET_PDEATHSIG: {e}"))? {
+        return Ok(ExitReason::HostShutdown);
+    }
     let cfg = VmConfig {
         kernel: cli.kernel,
         initrd: cli.initrd,
