@@ -57,14 +57,15 @@ fn hybrid_vsock_echoes_over_several_connections_at_once() {
     require_kvm();
     let dir = TempDir::new("vmm-vsock");
     let (mut vm, sock) = start(&dir, &[]);
-    let workers: Vec<_> = (0..4u8)
+    let workers: Vec<_> = (0..8u8)
         .map(|i| {
             let sock = sock.clone();
             std::thread::spawn(move || {
                 let mut s = connect(&sock, 1024 + u32::from(i));
                 echo(&mut s, format!("hello from connection {i}").as_bytes());
-                // 12 KiB: three times the guest's credit, so credit updates must flow.
-                let big: Vec<u8> = (0..12 * 1024u32).map(|n| u8::try_from(n % 251).unwrap() ^ i).collect();
+                // 48 KiB: twelve times the guest's credit, so credit updates must flow; eight
+                // connections share the guest's eight rx buffers.
+                let big: Vec<u8> = (0..48 * 1024u32).map(|n| u8::try_from(n % 251).unwrap() ^ i).collect();
                 echo(&mut s, &big);
             })
         })
