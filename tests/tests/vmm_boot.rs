@@ -125,3 +125,18 @@ fn application_processors_come_up_on_init_sipi_sipi() {
         assert_eq!(field(line, "aps_up"), u64::from(vcpus - 1), "not every AP ran: {line}");
     }
 }
+
+#[test]
+fn console_input_on_stdin_reaches_the_guest() {
+    use std::io::Write;
+    require_kvm();
+    let g = guest("serial_echo");
+    let mut vm = vmm_support::spawn_vmm_with_stdin(&["--kernel", s(&g)], std::process::Stdio::piped());
+    vm.wait_line("the ready line", DEADLINE, |l| l == "husk serial: ready");
+    // More than the UART's FIFO holds, so the input thread must wait for the guest.
+    let line = format!("typed on the host {}\n", "x".repeat(150));
+    vm.child.stdin.as_mut().unwrap().write_all(line.as_bytes()).unwrap();
+    let (_, got) = vm.wait_line("the echoed line", DEADLINE, |l| l.starts_with("husk serial: got "));
+    assert_eq!(got, format!("husk serial: got {}", line.trim_end()));
+    assert_eq!(vm.wait_exit(DEADLINE).code(), Some(0));
+}

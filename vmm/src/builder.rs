@@ -19,7 +19,7 @@ use crate::devices::virtio::vsock::unix::Muxer;
 use crate::devices::virtio::vsock::{event_handler as vsock_event_handler, Vsock};
 use crate::devices::legacy::i8042::{I8042, I8042_BASE, I8042_LEN};
 use crate::devices::legacy::rtc::{Rtc, RTC_BASE, RTC_LEN};
-use crate::devices::legacy::serial::{ConsoleOut, SerialDevice, COM1_BASE, COM1_LEN};
+use crate::devices::legacy::serial::{spawn_input, ConsoleOut, SerialDevice, COM1_BASE, COM1_LEN};
 use crate::exit::ExitReason;
 use crate::vstate::memory::{create_guest_ram, GuestRam};
 use crate::vstate::run_state::{install_kick_handler, RunState};
@@ -121,8 +121,14 @@ impl Vmm {
         vm.fd
             .register_irqfd(&serial_evt, SERIAL_IRQ)
             .map_err(|e| BuildError::Irq { what: "COM1 irqfd", source: e.into() })?;
-        let out = ConsoleOut::new(console_file, cfg.console_stdout || cfg.console_log.is_none());
-        pio.insert(COM1_BASE, COM1_LEN, Arc::new(Mutex::new(SerialDevice::new(serial_evt, out))))?;
+        let console_stdout = cfg.console_stdout || cfg.console_log.is_none();
+        let out = ConsoleOut::new(console_file, console_stdout);
+        let serial = Arc::new(Mutex::new(SerialDevice::new(serial_evt, out)));
+        pio.insert(COM1_BASE, COM1_LEN, serial.clone())?;
+        if console_stdout {
+            // The console is on the terminal: what is typed there goes to the guest.
+            spawn_input(serial, std::io::stdin()).map_err(BuildError::Thread)?;
+        }
         pio.insert(I8042_BASE, I8042_LEN, Arc::new(Mutex::new(I8042::new(exit_tx.clone()))))?;
         pio.insert(RTC_BASE, RTC_LEN, Arc::new(Mutex::new(Rtc::default())))?;
         let mut mmio = Bus::new();

@@ -193,11 +193,16 @@ pub struct Running {
 
 /// Spawns husk-vmm with `args`; its stdout is read line by line.
 pub fn spawn_vmm(args: &[&str]) -> Running {
+    spawn_vmm_with_stdin(args, Stdio::null())
+}
+
+/// Like [`spawn_vmm`], with the given stdin (`Stdio::piped()` to type into the console).
+pub fn spawn_vmm_with_stdin(args: &[&str], stdin: Stdio) -> Running {
     let bin = vmm_binary();
     let start = Instant::now();
     let mut child = Command::new(&bin)
         .args(args)
-        .stdin(Stdio::null())
+        .stdin(stdin)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()

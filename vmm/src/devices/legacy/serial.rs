@@ -89,6 +89,38 @@ impl<W: Write + Send> SerialDevice<W> {
     pub fn out(&self) -> &W {
         self.uart.writer()
     }
+
+    /// Queues console input for the guest; returns how many bytes fit in the receive
+    /// FIFO (0 when it is full: the guest has not read what came before).
+    pub fn enqueue_input(&mut self, bytes: &[u8]) -> usize {
+        self.uart.enqueue_raw_bytes(bytes).unwrap_or(0)
+    }
+}
+
+/// Feeds `input` (stdin) to the guest's COM1 on a thread of its own until EOF. Input the
+/// guest does not read waits: the thread retries while the FIFO is full.
+pub fn spawn_input<W: Write + Send + 'static, R: std::io::Read + Send + 'static>(
+    serial: std::sync::Arc<std::sync::Mutex<SerialDevice<W>>>,
+    mut input: R,
+) -> io::Result<()> {
+    std::thread::Builder::new().name("console-in".into()).spawn(move || {
+        let mut buf = [0u8; 256];
+        loop {
+            let n = match input.read(&mut buf) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            let mut rest = &buf[..n];
+            while !rest.is_empty() {
+                let taken = serial.lock().expect("serial lock").enqueue_input(rest);
+                rest = &rest[taken..];
+                if taken == 0 {
+                    std::thread::sleep(std::time::Duration::from_millis(2));
+                }
+            }
+        }
+    })?;
+    Ok(())
 }
 
 /// Something that counts the bytes written through it.
@@ -151,6 +183,23 @@ mod tests {
         let mut lsr = [0u8];
         dev.read(5, &mut lsr);
         assert_ne!(lsr[0] & 0x20, 0, "THR empty");
+    }
+
+    #[test]
+    fn input_fills_the_fifo_and_the_guest_reads_it() {
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut dev = SerialDevice::new(irq, Vec::new());
+        let big = [b'x'; 100];
+        let taken = dev.enqueue_input(&big);
+        assert!(taken > 0 && taken < 100, "the FIFO takes part of it: {taken}");
+        assert_eq!(dev.enqueue_input(&big), 0, "full");
+        let mut lsr = [0u8];
+        dev.read(5, &mut lsr);
+        assert_ne!(lsr[0] & 0x01, 0, "data ready");
+        let mut rbr = [0u8];
+        dev.read(0, &mut rbr);
+        assert_eq!(rbr[0], b'x');
+        assert_eq!(dev.enqueue_input(b"y"), 1, "room again after a read");
     }
 
     #[test]
