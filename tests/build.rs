@@ -7,7 +7,10 @@ use std::process::Command;
 
 fn run(cmd: &mut Command, what: &str) {
     let status = cmd.status().unwrap_or_else(|e| {
-        panic!("{what}: cannot run {:?}: {e} — install binutils (as, ld)", cmd.get_program())
+        panic!(
+            "{what}: cannot run {:?}: {e} — install binutils (as, ld)",
+            cmd.get_program()
+        )
     });
     assert!(status.success(), "{what}: {cmd:?} failed with {status}");
 }
@@ -18,12 +21,19 @@ fn main() {
     std::fs::create_dir_all(&out).expect("create guest output dir");
     println!("cargo:rerun-if-changed={}", src.display());
     let script = src.join("guest.ld");
-    let mut entries: Vec<_> = std::fs::read_dir(&src).expect("read tests/guests").flatten().collect();
+    let mut entries: Vec<_> = std::fs::read_dir(&src)
+        .expect("read tests/guests")
+        .flatten()
+        .collect();
     entries.sort_by_key(|e| e.path());
     for entry in entries {
         let path = entry.path();
         println!("cargo:rerun-if-changed={}", path.display());
-        let Some(name) = path.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_suffix(".s")) else {
+        let Some(name) = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_suffix(".s"))
+        else {
             continue;
         };
         if name == "common" {
@@ -31,10 +41,26 @@ fn main() {
         }
         let obj = out.join(format!("{name}.o"));
         let elf = out.join(format!("{name}.elf"));
-        run(Command::new("as").arg("--64").arg("-I").arg(&src).arg("-o").arg(&obj).arg(&path), name);
+        run(
+            Command::new("as")
+                .arg("--64")
+                .arg("-I")
+                .arg(&src)
+                .arg("-o")
+                .arg(&obj)
+                .arg(&path),
+            name,
+        );
         run(
             Command::new("ld")
-                .args(["-m", "elf_x86_64", "-nostdlib", "--build-id=none", "-z", "max-page-size=0x1000"])
+                .args([
+                    "-m",
+                    "elf_x86_64",
+                    "-nostdlib",
+                    "--build-id=none",
+                    "-z",
+                    "max-page-size=0x1000",
+                ])
                 .arg("--no-warn-rwx-segments")
                 .arg("-T")
                 .arg(&script)

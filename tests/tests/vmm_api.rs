@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 use vmm_support::{guest, require_kvm, run_vmm, spawn_vmm, Running, TempDir};
 
 fn request(sock: &Path, req: &str) -> String {
-    let mut s = UnixStream::connect(sock).unwrap_or_else(|e| panic!("connect {}: {e}", sock.display()));
+    let mut s =
+        UnixStream::connect(sock).unwrap_or_else(|e| panic!("connect {}: {e}", sock.display()));
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     writeln!(s, "{req}").unwrap();
     let mut line = String::new();
@@ -22,14 +23,25 @@ fn request(sock: &Path, req: &str) -> String {
 
 /// The number after `"key":` in a JSON reply (first occurrence).
 fn number(reply: &str, key: &str) -> u64 {
-    let at = reply.find(&format!("\"{key}\":")).unwrap_or_else(|| panic!("no {key} in {reply}"));
-    reply[at + key.len() + 3..].chars().take_while(char::is_ascii_digit).collect::<String>().parse().unwrap()
+    let at = reply
+        .find(&format!("\"{key}\":"))
+        .unwrap_or_else(|| panic!("no {key} in {reply}"));
+    reply[at + key.len() + 3..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect::<String>()
+        .parse()
+        .unwrap()
 }
 
 fn wait_for_socket(p: &Path) {
     let start = Instant::now();
     while UnixStream::connect(p).is_err() {
-        assert!(start.elapsed() < Duration::from_secs(10), "api socket {} never came up", p.display());
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "api socket {} never came up",
+            p.display()
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
 }
@@ -39,7 +51,10 @@ fn ticks_within(vm: &mut Running, window: Duration) -> usize {
     let before = vm.seen.len();
     let end = Instant::now() + window;
     while Instant::now() < end {
-        if vm.try_line(end.saturating_duration_since(Instant::now())).is_none() {
+        if vm
+            .try_line(end.saturating_duration_since(Instant::now()))
+            .is_none()
+        {
             break;
         }
     }
@@ -52,8 +67,17 @@ fn pause_resume_counters_and_shutdown_over_the_api_socket() {
     let dir = TempDir::new("vmm-api");
     let sock = dir.0.join("api.sock");
     let g = guest("ticker");
-    let mut vm = spawn_vmm(&["--kernel", g.to_str().unwrap(), "--vcpus", "2", "--api-sock", sock.to_str().unwrap()]);
-    vm.wait_line("a first tick", Duration::from_secs(30), |l| l.starts_with("husk tick "));
+    let mut vm = spawn_vmm(&[
+        "--kernel",
+        g.to_str().unwrap(),
+        "--vcpus",
+        "2",
+        "--api-sock",
+        sock.to_str().unwrap(),
+    ]);
+    vm.wait_line("a first tick", Duration::from_secs(30), |l| {
+        l.starts_with("husk tick ")
+    });
     wait_for_socket(&sock);
     assert_eq!(request(&sock, "state"), r#"{"ok":true,"state":"running"}"#);
 
@@ -65,11 +89,19 @@ fn pause_resume_counters_and_shutdown_over_the_api_socket() {
     let bytes_paused = number(&request(&sock, "counters"), "bytes_out");
 
     assert_eq!(request(&sock, "resume"), r#"{"ok":true}"#);
-    vm.wait_line("a tick after resume", Duration::from_secs(10), |l| l.starts_with("husk tick "));
+    vm.wait_line("a tick after resume", Duration::from_secs(10), |l| {
+        l.starts_with("husk tick ")
+    });
     let counters = request(&sock, "counters");
-    assert!(counters.contains(r#""ok":true"#) && counters.contains(r#""counters":{"#), "{counters}");
+    assert!(
+        counters.contains(r#""ok":true"#) && counters.contains(r#""counters":{"#),
+        "{counters}"
+    );
     assert!(number(&counters, "bytes_out") > bytes_paused, "{counters}");
-    assert!(number(&counters, "pio") >= number(&counters, "bytes_out"), "every byte is a PIO exit: {counters}");
+    assert!(
+        number(&counters, "pio") >= number(&counters, "bytes_out"),
+        "every byte is a PIO exit: {counters}"
+    );
 
     assert!(request(&sock, "reboot").contains(r#""ok":false"#));
     assert_eq!(request(&sock, "shutdown"), r#"{"ok":true}"#);
@@ -84,14 +116,36 @@ fn a_taken_api_socket_path_is_refused_in_one_line() {
     let dir = TempDir::new("vmm-api-taken");
     let sock = dir.0.join("api.sock");
     let g = guest("idle");
-    let mut first = spawn_vmm(&["--kernel", g.to_str().unwrap(), "--api-sock", sock.to_str().unwrap()]);
-    first.wait_line("the idle guest", Duration::from_secs(30), |l| l == "husk idle: ready");
+    let mut first = spawn_vmm(&[
+        "--kernel",
+        g.to_str().unwrap(),
+        "--api-sock",
+        sock.to_str().unwrap(),
+    ]);
+    first.wait_line("the idle guest", Duration::from_secs(30), |l| {
+        l == "husk idle: ready"
+    });
     wait_for_socket(&sock);
-    let second = run_vmm(&["--kernel", g.to_str().unwrap(), "--api-sock", sock.to_str().unwrap()], Duration::from_secs(30));
+    let second = run_vmm(
+        &[
+            "--kernel",
+            g.to_str().unwrap(),
+            "--api-sock",
+            sock.to_str().unwrap(),
+        ],
+        Duration::from_secs(30),
+    );
     assert_eq!(second.status.code(), Some(1));
     assert_eq!(second.stderr.lines().count(), 1, "{}", second.stderr);
-    assert!(second.stderr.contains("in use") && second.stderr.contains("--api-sock"), "{}", second.stderr);
-    assert!(sock.exists(), "the refused VMM must leave the other's socket alone");
+    assert!(
+        second.stderr.contains("in use") && second.stderr.contains("--api-sock"),
+        "{}",
+        second.stderr
+    );
+    assert!(
+        sock.exists(),
+        "the refused VMM must leave the other's socket alone"
+    );
     let status = first.terminate(Duration::from_secs(5));
     assert_eq!(status.code(), Some(0));
     assert!(!sock.exists());

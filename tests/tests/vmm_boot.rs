@@ -18,7 +18,12 @@ fn hello_guest_prints_on_com1_and_resets_with_status_0() {
     require_kvm();
     let g = guest("hello");
     let run = run_vmm(&["--kernel", s(&g)], DEADLINE);
-    assert!(run.status.success(), "status {:?}, stderr: {}", run.status, run.stderr);
+    assert!(
+        run.status.success(),
+        "status {:?}, stderr: {}",
+        run.status,
+        run.stderr
+    );
     assert_eq!(run.stdout, "husk guest: hello\n");
     assert_eq!(run.stderr, "");
     println!(
@@ -40,11 +45,30 @@ fn field(line: &str, key: &str) -> u64 {
 fn sysinfo(vcpus: u8, memory_mib: u64, extra: &str) -> String {
     let g = guest("sysinfo");
     let (v, m) = (vcpus.to_string(), memory_mib.to_string());
-    let run = run_vmm(&["--kernel", s(&g), "--vcpus", &v, "--memory", &m, "--cmdline", extra], DEADLINE);
-    assert!(run.status.success(), "status {:?}, stderr: {}", run.status, run.stderr);
-    let line = run.stdout.lines().find(|l| l.starts_with("husk sysinfo:")).unwrap_or_else(|| {
-        panic!("no sysinfo line in {:?}", run.stdout)
-    });
+    let run = run_vmm(
+        &[
+            "--kernel",
+            s(&g),
+            "--vcpus",
+            &v,
+            "--memory",
+            &m,
+            "--cmdline",
+            extra,
+        ],
+        DEADLINE,
+    );
+    assert!(
+        run.status.success(),
+        "status {:?}, stderr: {}",
+        run.status,
+        run.stderr
+    );
+    let line = run
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("husk sysinfo:"))
+        .unwrap_or_else(|| panic!("no sysinfo line in {:?}", run.stdout));
     assert!(!line.contains("bad boot information"), "{line}");
     line.to_owned()
 }
@@ -59,11 +83,25 @@ fn sysinfo_guest_sees_the_vcpus_memory_and_cmdline_handed_over() {
     require_kvm();
     for (vcpus, mib) in [(1u8, 32u64), (2, 128), (4, 256)] {
         let line = sysinfo(vcpus, mib, "husk.marker=sysinfo");
-        assert_eq!(field(&line, "mp_cpus"), u64::from(vcpus), "MP table: {line}");
-        assert_eq!(field(&line, "cpuid_cpus"), u64::from(vcpus), "CPUID: {line}");
+        assert_eq!(
+            field(&line, "mp_cpus"),
+            u64::from(vcpus),
+            "MP table: {line}"
+        );
+        assert_eq!(
+            field(&line, "cpuid_cpus"),
+            u64::from(vcpus),
+            "CPUID: {line}"
+        );
         assert_eq!(field(&line, "ram"), expected_ram(mib), "PVH memmap: {line}");
-        assert!(line.contains("console=ttyS0"), "default cmdline missing: {line}");
-        assert!(line.ends_with(" husk.marker=sysinfo>"), "extra cmdline missing: {line}");
+        assert!(
+            line.contains("console=ttyS0"),
+            "default cmdline missing: {line}"
+        );
+        assert!(
+            line.ends_with(" husk.marker=sysinfo>"),
+            "extra cmdline missing: {line}"
+        );
     }
 }
 
@@ -79,10 +117,21 @@ fn ram_beyond_the_mmio_hole_is_mapped_above_4gib() {
 fn elf_without_pvh_note_boots_through_the_64_bit_protocol() {
     require_kvm();
     let g = guest("boot64");
-    let run = run_vmm(&["--kernel", s(&g), "--cmdline", "husk.marker=boot64"], DEADLINE);
-    assert!(run.status.success(), "status {:?}, stderr: {}", run.status, run.stderr);
+    let run = run_vmm(
+        &["--kernel", s(&g), "--cmdline", "husk.marker=boot64"],
+        DEADLINE,
+    );
+    assert!(
+        run.status.success(),
+        "status {:?}, stderr: {}",
+        run.status,
+        run.stderr
+    );
     let line = run.stdout.lines().next().unwrap_or_default();
-    assert!(line.starts_with("husk boot64: e820=0x00000002 cmdline=<console=ttyS0"), "{line}");
+    assert!(
+        line.starts_with("husk boot64: e820=0x00000002 cmdline=<console=ttyS0"),
+        "{line}"
+    );
     assert!(line.ends_with("husk.marker=boot64>"), "{line}");
 }
 
@@ -90,7 +139,16 @@ fn elf_without_pvh_note_boots_through_the_64_bit_protocol() {
 fn cmdline_replace_hands_over_exactly_the_given_line() {
     require_kvm();
     let g = guest("sysinfo");
-    let run = run_vmm(&["--kernel", s(&g), "--cmdline", "only=this", "--cmdline-replace"], DEADLINE);
+    let run = run_vmm(
+        &[
+            "--kernel",
+            s(&g),
+            "--cmdline",
+            "only=this",
+            "--cmdline-replace",
+        ],
+        DEADLINE,
+    );
     assert!(run.status.success(), "{}", run.stderr);
     assert!(run.stdout.contains("cmdline=<only=this>"), "{}", run.stdout);
 }
@@ -104,12 +162,27 @@ fn console_log_receives_serial_output_and_stdout_stays_quiet() {
     let run = run_vmm(&["--kernel", s(&g), "--console-log", s(&log)], DEADLINE);
     assert!(run.status.success(), "{}", run.stderr);
     assert_eq!(run.stdout, "");
-    assert_eq!(std::fs::read_to_string(&log).unwrap(), "husk guest: hello\n");
+    assert_eq!(
+        std::fs::read_to_string(&log).unwrap(),
+        "husk guest: hello\n"
+    );
 
-    let both = run_vmm(&["--kernel", s(&g), "--console-log", s(&log), "--console-stdout"], DEADLINE);
+    let both = run_vmm(
+        &[
+            "--kernel",
+            s(&g),
+            "--console-log",
+            s(&log),
+            "--console-stdout",
+        ],
+        DEADLINE,
+    );
     assert!(both.status.success(), "{}", both.stderr);
     assert_eq!(both.stdout, "husk guest: hello\n");
-    assert_eq!(std::fs::read_to_string(&log).unwrap(), "husk guest: hello\nhusk guest: hello\n");
+    assert_eq!(
+        std::fs::read_to_string(&log).unwrap(),
+        "husk guest: hello\nhusk guest: hello\n"
+    );
 }
 
 #[test]
@@ -119,10 +192,19 @@ fn application_processors_come_up_on_init_sipi_sipi() {
     for vcpus in [1u8, 2, 4] {
         let v = vcpus.to_string();
         let run = run_vmm(&["--kernel", s(&g), "--vcpus", &v], DEADLINE);
-        assert!(run.status.success(), "status {:?}, stderr: {}", run.status, run.stderr);
+        assert!(
+            run.status.success(),
+            "status {:?}, stderr: {}",
+            run.status,
+            run.stderr
+        );
         let line = run.stdout.lines().next().unwrap_or_default();
         assert_eq!(field(line, "cpus"), u64::from(vcpus), "{line}");
-        assert_eq!(field(line, "aps_up"), u64::from(vcpus - 1), "not every AP ran: {line}");
+        assert_eq!(
+            field(line, "aps_up"),
+            u64::from(vcpus - 1),
+            "not every AP ran: {line}"
+        );
     }
 }
 
@@ -131,12 +213,20 @@ fn console_input_on_stdin_reaches_the_guest() {
     use std::io::Write;
     require_kvm();
     let g = guest("serial_echo");
-    let mut vm = vmm_support::spawn_vmm_with_stdin(&["--kernel", s(&g)], std::process::Stdio::piped());
+    let mut vm =
+        vmm_support::spawn_vmm_with_stdin(&["--kernel", s(&g)], std::process::Stdio::piped());
     vm.wait_line("the ready line", DEADLINE, |l| l == "husk serial: ready");
     // More than the UART's FIFO holds, so the input thread must wait for the guest.
     let line = format!("typed on the host {}\n", "x".repeat(150));
-    vm.child.stdin.as_mut().unwrap().write_all(line.as_bytes()).unwrap();
-    let (_, got) = vm.wait_line("the echoed line", DEADLINE, |l| l.starts_with("husk serial: got "));
+    vm.child
+        .stdin
+        .as_mut()
+        .unwrap()
+        .write_all(line.as_bytes())
+        .unwrap();
+    let (_, got) = vm.wait_line("the echoed line", DEADLINE, |l| {
+        l.starts_with("husk serial: got ")
+    });
     assert_eq!(got, format!("husk serial: got {}", line.trim_end()));
     assert_eq!(vm.wait_exit(DEADLINE).code(), Some(0));
 }

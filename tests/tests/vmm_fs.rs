@@ -16,7 +16,11 @@ fn virtiofsd() -> PathBuf {
         return PathBuf::from(p);
     }
     let candidates = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).map(|d| d.join("virtiofsd")).collect::<Vec<_>>())
+        .map(|p| {
+            std::env::split_paths(&p)
+                .map(|d| d.join("virtiofsd"))
+                .collect::<Vec<_>>()
+        })
         .unwrap_or_default()
         .into_iter()
         .chain(std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo/bin/virtiofsd")));
@@ -57,7 +61,11 @@ fn start_virtiofsd(dir: &TempDir) -> (Virtiofsd, PathBuf, PathBuf) {
     // probe for husk-vmm. Wait until the kernel lists the socket as listening instead.
     let start = Instant::now();
     while !listening(&sock) {
-        assert!(start.elapsed() < Duration::from_secs(10), "virtiofsd never listened on {}", sock.display());
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "virtiofsd never listened on {}",
+            sock.display()
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
     (d, sock, share)
@@ -82,11 +90,21 @@ fn guest_reads_and_writes_a_host_file_through_virtiofsd() {
     std::fs::write(share.join("hello.txt"), "hello from the host\n").unwrap();
     let g = guest("fs_rw");
     let run = run_vmm(
-        &["--kernel", g.to_str().unwrap(), "--fs-sock", sock.to_str().unwrap(), "--fs-tag", "husk"],
+        &[
+            "--kernel",
+            g.to_str().unwrap(),
+            "--fs-sock",
+            sock.to_str().unwrap(),
+            "--fs-tag",
+            "husk",
+        ],
         Duration::from_secs(60),
     );
     assert!(run.status.success(), "{:?} {}", run.status, run.stderr);
-    assert_eq!(run.stdout, "husk fs: read hello from the host\nhusk fs: wrote 0x00000015\n");
+    assert_eq!(
+        run.stdout,
+        "husk fs: read hello from the host\nhusk fs: wrote 0x00000015\n"
+    );
     assert_eq!(
         std::fs::read_to_string(share.join("hello.txt")).unwrap(),
         "hello from the host\nwritten by the guest\n"
@@ -94,7 +112,10 @@ fn guest_reads_and_writes_a_host_file_through_virtiofsd() {
     // virtiofsd ends when its frontend goes away.
     let start = Instant::now();
     while fsd.0.try_wait().unwrap().is_none() {
-        assert!(start.elapsed() < Duration::from_secs(10), "virtiofsd outlived husk-vmm");
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "virtiofsd outlived husk-vmm"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
 }
@@ -106,10 +127,21 @@ fn a_missing_virtiofsd_socket_says_to_start_it() {
     let sock = dir.0.join("nobody.sock");
     let g = guest("hello");
     let run = run_vmm(
-        &["--kernel", g.to_str().unwrap(), "--fs-sock", sock.to_str().unwrap(), "--fs-tag", "husk"],
+        &[
+            "--kernel",
+            g.to_str().unwrap(),
+            "--fs-sock",
+            sock.to_str().unwrap(),
+            "--fs-tag",
+            "husk",
+        ],
         Duration::from_secs(30),
     );
     assert_eq!(run.status.code(), Some(1));
     assert_eq!(run.stderr.lines().count(), 1, "{}", run.stderr);
-    assert!(run.stderr.contains("nobody.sock") && run.stderr.contains("virtiofsd"), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("nobody.sock") && run.stderr.contains("virtiofsd"),
+        "{}",
+        run.stderr
+    );
 }

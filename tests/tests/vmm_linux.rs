@@ -36,16 +36,35 @@ fn linux_prints_its_banner_and_echoes_the_command_line() {
     let k = kernel();
     let marker = format!("husk.test={}", std::process::id());
     let cmdline = format!("{PVM_SAFE_CMDLINE} {marker}");
-    let mut vm = spawn_vmm(&["--kernel", k.to_str().unwrap(), "--memory", "256", "--rng", "--cmdline", &cmdline]);
-    let (banner_at, banner) =
-        vm.wait_line("`Linux version`", Duration::from_secs(60), |l| l.starts_with("Linux version "));
-    let (_, echoed) = vm.wait_line("`Command line:`", Duration::from_secs(60), |l| l.starts_with("Command line: "));
+    let mut vm = spawn_vmm(&[
+        "--kernel",
+        k.to_str().unwrap(),
+        "--memory",
+        "256",
+        "--rng",
+        "--cmdline",
+        &cmdline,
+    ]);
+    let (banner_at, banner) = vm.wait_line("`Linux version`", Duration::from_secs(60), |l| {
+        l.starts_with("Linux version ")
+    });
+    let (_, echoed) = vm.wait_line("`Command line:`", Duration::from_secs(60), |l| {
+        l.starts_with("Command line: ")
+    });
     println!("{banner}\n`Linux version` after {banner_at:?}");
-    assert!(echoed.contains("console=ttyS0"), "default arguments missing: {echoed}");
+    assert!(
+        echoed.contains("console=ttyS0"),
+        "default arguments missing: {echoed}"
+    );
     assert!(echoed.ends_with(&marker), "our arguments missing: {echoed}");
-    assert!(echoed.contains(" virtio_mmio.device=4K@0xd0000000:5 "), "virtio-rng not announced: {echoed}");
+    assert!(
+        echoed.contains(" virtio_mmio.device=4K@0xd0000000:5 "),
+        "virtio-rng not announced: {echoed}"
+    );
     // The MP table and memory map reached the kernel too.
-    vm.wait_line("the MP table", Duration::from_secs(60), |l| l.starts_with("found SMP MP-table at"));
+    vm.wait_line("the MP table", Duration::from_secs(60), |l| {
+        l.starts_with("found SMP MP-table at")
+    });
     let status = vm.terminate(Duration::from_secs(10));
     assert_eq!(status.code(), Some(0), "{status:?}");
 }

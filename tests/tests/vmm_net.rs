@@ -36,7 +36,10 @@ impl Netns {
 
     fn tap_mac(&self) -> String {
         let out = ip(&["-n", &self.0, "link", "show", "hk0"]);
-        let at = out.find("link/ether ").expect("a tap has an ethernet address") + "link/ether ".len();
+        let at = out
+            .find("link/ether ")
+            .expect("a tap has an ethernet address")
+            + "link/ether ".len();
         out[at..at + 17].to_owned()
     }
 }
@@ -54,23 +57,45 @@ fn guest_arp_request_is_answered_through_the_tap() {
     let g = guest("net_arp");
     let run = run_vmm_via(
         &["ip", "netns", "exec", &ns.0],
-        &["--kernel", g.to_str().unwrap(), "--net-tap", "hk0", "--net-mac", "02:00:00:00:00:02"],
+        &[
+            "--kernel",
+            g.to_str().unwrap(),
+            "--net-tap",
+            "hk0",
+            "--net-mac",
+            "02:00:00:00:00:02",
+        ],
         Duration::from_secs(60),
     );
     assert!(run.status.success(), "{:?} {}", run.status, run.stderr);
-    assert_eq!(run.stdout.trim_end(), format!("husk net: arp reply from {}", ns.tap_mac()));
+    assert_eq!(
+        run.stdout.trim_end(),
+        format!("husk net: arp reply from {}", ns.tap_mac())
+    );
     // The host side saw the guest's frame: one 42-byte ARP request (at least; the guest
     // resends when a reply is slow). Neighbour entries cannot be checked here: they are
     // flushed when the tap loses its carrier as husk-vmm exits.
     let stat = |name: &str| -> u64 {
         let out = Command::new("ip")
-            .args(["netns", "exec", &ns.0, "cat", &format!("/sys/class/net/hk0/statistics/{name}")])
+            .args([
+                "netns",
+                "exec",
+                &ns.0,
+                "cat",
+                &format!("/sys/class/net/hk0/statistics/{name}"),
+            ])
             .output()
             .unwrap();
-        String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or_else(|_| panic!("{name}: {out:?}"))
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("{name}: {out:?}"))
     };
     let (packets, bytes) = (stat("rx_packets"), stat("rx_bytes"));
-    assert!(packets >= 1 && bytes == 42 * packets, "host saw {packets} frames, {bytes} bytes");
+    assert!(
+        packets >= 1 && bytes == 42 * packets,
+        "host saw {packets} frames, {bytes} bytes"
+    );
 }
 
 #[test]
@@ -79,7 +104,10 @@ fn bad_tap_names_and_macs_are_refused_in_one_line() {
     let g = guest("hello");
     for (args, needle) in [
         (vec!["--net-tap", "a-very-long-tap-name"], "--net-tap"),
-        (vec!["--net-tap", "hk0", "--net-mac", "02:00:00:00:00"], "--net-mac"),
+        (
+            vec!["--net-tap", "hk0", "--net-mac", "02:00:00:00:00"],
+            "--net-mac",
+        ),
     ] {
         let mut all = vec!["--kernel", g.to_str().unwrap()];
         all.extend(args.iter());

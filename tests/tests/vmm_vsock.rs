@@ -15,18 +15,28 @@ use vmm_support::{guest, require_kvm, run_vmm, spawn_vmm, Running, TempDir};
 fn start(dir: &TempDir, extra: &[&str]) -> (Running, std::path::PathBuf) {
     let sock = dir.0.join("vsock.sock");
     let g = guest("vsock_echo");
-    let mut args = vec!["--kernel", g.to_str().unwrap(), "--vsock-sock", sock.to_str().unwrap()];
+    let mut args = vec![
+        "--kernel",
+        g.to_str().unwrap(),
+        "--vsock-sock",
+        sock.to_str().unwrap(),
+    ];
     args.extend_from_slice(extra);
     let args: Vec<String> = args.iter().map(|s| (*s).to_owned()).collect();
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut vm = spawn_vmm(&refs);
-    vm.wait_line("the echo guest's ready line", Duration::from_secs(30), |l| l == "husk vsock: ready");
+    vm.wait_line(
+        "the echo guest's ready line",
+        Duration::from_secs(30),
+        |l| l == "husk vsock: ready",
+    );
     (vm, sock)
 }
 
 /// Connects through the hybrid socket to guest `port`; returns the stream after `OK`.
 fn connect(sock: &Path, port: u32) -> UnixStream {
-    let mut s = UnixStream::connect(sock).unwrap_or_else(|e| panic!("connect {}: {e}", sock.display()));
+    let mut s =
+        UnixStream::connect(sock).unwrap_or_else(|e| panic!("connect {}: {e}", sock.display()));
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     writeln!(s, "CONNECT {port}").unwrap();
     // Read the reply byte by byte so no echoed data is taken with it.
@@ -37,7 +47,10 @@ fn connect(sock: &Path, port: u32) -> UnixStream {
         line.push(b[0]);
     }
     let line = String::from_utf8(line).unwrap();
-    assert!(line.starts_with("OK ") && line.trim_end()[3..].parse::<u32>().is_ok(), "{line:?}");
+    assert!(
+        line.starts_with("OK ") && line.trim_end()[3..].parse::<u32>().is_ok(),
+        "{line:?}"
+    );
     s
 }
 
@@ -65,7 +78,9 @@ fn hybrid_vsock_echoes_over_several_connections_at_once() {
                 echo(&mut s, format!("hello from connection {i}").as_bytes());
                 // 48 KiB: twelve times the guest's credit, so credit updates must flow; eight
                 // connections share the guest's eight rx buffers.
-                let big: Vec<u8> = (0..48 * 1024u32).map(|n| u8::try_from(n % 251).unwrap() ^ i).collect();
+                let big: Vec<u8> = (0..48 * 1024u32)
+                    .map(|n| u8::try_from(n % 251).unwrap() ^ i)
+                    .collect();
                 echo(&mut s, &big);
             })
         })
@@ -98,8 +113,15 @@ fn closed_connections_are_cleaned_up_and_counted() {
     let mut reply = String::new();
     BufReader::new(c).read_line(&mut reply).unwrap();
     let count = |key: &str| -> u64 {
-        let at = reply.find(&format!("\"{key}\":")).unwrap_or_else(|| panic!("no {key} in {reply}"));
-        reply[at + key.len() + 3..].chars().take_while(char::is_ascii_digit).collect::<String>().parse().unwrap()
+        let at = reply
+            .find(&format!("\"{key}\":"))
+            .unwrap_or_else(|| panic!("no {key} in {reply}"));
+        reply[at + key.len() + 3..]
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect::<String>()
+            .parse()
+            .unwrap()
     };
     assert_eq!(count("connections"), 4, "{reply}");
     assert_eq!(count("bytes_to_host"), count("bytes_to_guest"), "{reply}");
@@ -113,10 +135,22 @@ fn a_taken_vsock_socket_path_is_refused_in_one_line() {
     let dir = TempDir::new("vmm-vsock-taken");
     let (mut first, sock) = start(&dir, &[]);
     let g = guest("vsock_echo");
-    let second = run_vmm(&["--kernel", g.to_str().unwrap(), "--vsock-sock", sock.to_str().unwrap()], Duration::from_secs(30));
+    let second = run_vmm(
+        &[
+            "--kernel",
+            g.to_str().unwrap(),
+            "--vsock-sock",
+            sock.to_str().unwrap(),
+        ],
+        Duration::from_secs(30),
+    );
     assert_eq!(second.status.code(), Some(1));
     assert_eq!(second.stderr.lines().count(), 1, "{}", second.stderr);
-    assert!(second.stderr.contains("in use") && second.stderr.contains("--vsock-sock"), "{}", second.stderr);
+    assert!(
+        second.stderr.contains("in use") && second.stderr.contains("--vsock-sock"),
+        "{}",
+        second.stderr
+    );
     // The first VMM still serves.
     let mut s = connect(&sock, 1024);
     echo(&mut s, b"first is fine");
@@ -141,7 +175,15 @@ fn guest_connections_reach_the_unix_socket_path_underscore_port() {
         (got, rest)
     });
     let g = guest("vsock_client");
-    let run = run_vmm(&["--kernel", g.to_str().unwrap(), "--vsock-sock", sock.to_str().unwrap()], Duration::from_secs(30));
+    let run = run_vmm(
+        &[
+            "--kernel",
+            g.to_str().unwrap(),
+            "--vsock-sock",
+            sock.to_str().unwrap(),
+        ],
+        Duration::from_secs(30),
+    );
     assert!(run.status.success(), "{:?} {}", run.status, run.stderr);
     assert_eq!(run.stdout, "husk vsock-client: got hello from the host");
     let (got, rest) = server.join().unwrap();
@@ -156,7 +198,15 @@ fn a_guest_connection_nobody_serves_is_refused() {
     let dir = TempDir::new("vmm-vsock-refused");
     let sock = dir.0.join("vsock.sock");
     let g = guest("vsock_client");
-    let run = run_vmm(&["--kernel", g.to_str().unwrap(), "--vsock-sock", sock.to_str().unwrap()], Duration::from_secs(30));
+    let run = run_vmm(
+        &[
+            "--kernel",
+            g.to_str().unwrap(),
+            "--vsock-sock",
+            sock.to_str().unwrap(),
+        ],
+        Duration::from_secs(30),
+    );
     assert!(run.status.success(), "{:?} {}", run.status, run.stderr);
     assert_eq!(run.stdout, "husk vsock-client: refused\n");
 }

@@ -57,9 +57,15 @@ pub fn bind(path: &Path) -> Result<UnixListener, ApiError> {
         if UnixStream::connect(path).is_ok() {
             return Err(ApiError::InUse(path.to_owned()));
         }
-        std::fs::remove_file(path).map_err(|source| ApiError::Bind { path: path.to_owned(), source })?;
+        std::fs::remove_file(path).map_err(|source| ApiError::Bind {
+            path: path.to_owned(),
+            source,
+        })?;
     }
-    UnixListener::bind(path).map_err(|source| ApiError::Bind { path: path.to_owned(), source })
+    UnixListener::bind(path).map_err(|source| ApiError::Bind {
+        path: path.to_owned(),
+        source,
+    })
 }
 
 /// What the API acts on.
@@ -79,7 +85,11 @@ pub struct ApiContext {
 
 fn bus_counters(bus: &Bus, out: &mut Map<String, Value>) {
     for d in bus.counters() {
-        let fields: Map<String, Value> = d.counters.iter().map(|(k, v)| ((*k).to_owned(), json!(v))).collect();
+        let fields: Map<String, Value> = d
+            .counters
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), json!(v)))
+            .collect();
         out.insert(format!("{}@{:#x}", d.name, d.base), Value::Object(fields));
     }
 }
@@ -130,7 +140,9 @@ impl ApiContext {
                 };
                 json!({"ok": true, "state": state})
             }
-            other => fail(format!("unknown request {other:?}: use pause, resume, shutdown, counters or state")),
+            other => fail(format!(
+                "unknown request {other:?}: use pause, resume, shutdown, counters or state"
+            )),
         }
     }
 
@@ -145,12 +157,14 @@ impl ApiContext {
 
     /// Serves `listener` on a thread of its own for the life of the process.
     pub fn serve(self, listener: UnixListener) -> std::io::Result<()> {
-        std::thread::Builder::new().name("api".into()).spawn(move || {
-            for stream in listener.incoming().flatten() {
-                // A client that goes away mid-request only ends its own connection.
-                let _ = self.serve_client(stream);
-            }
-        })?;
+        std::thread::Builder::new()
+            .name("api".into())
+            .spawn(move || {
+                for stream in listener.incoming().flatten() {
+                    // A client that goes away mid-request only ends its own connection.
+                    let _ = self.serve_client(stream);
+                }
+            })?;
         Ok(())
     }
 }
@@ -184,7 +198,10 @@ mod tests {
         let (c, _rx) = ctx();
         let r = c.handle("reboot");
         assert_eq!(r["ok"], json!(false));
-        assert!(r["error"].as_str().unwrap().contains("pause, resume, shutdown, counters or state"));
+        assert!(r["error"]
+            .as_str()
+            .unwrap()
+            .contains("pause, resume, shutdown, counters or state"));
     }
 
     #[test]

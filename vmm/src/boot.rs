@@ -10,10 +10,14 @@ use linux_loader::configurator::linux::LinuxBootConfigurator;
 use linux_loader::configurator::pvh::PvhBootConfigurator;
 use linux_loader::configurator::{BootConfigurator, BootParams};
 use linux_loader::loader::bootparam::boot_params;
-use linux_loader::loader::elf::start_info::{hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info};
+use linux_loader::loader::elf::start_info::{
+    hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info,
+};
 use linux_loader::loader::elf::{Elf, PvhBootCapability};
 use linux_loader::loader::{load_cmdline, Cmdline, KernelLoader};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{
+    Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+};
 
 use crate::arch::layout::{
     CMDLINE_MAX_SIZE, CMDLINE_START, EBDA_START, HIMEM_START, MMIO_GAP_START, PVH_INFO_START,
@@ -99,19 +103,31 @@ pub struct BootSource {
 
 /// Loads the ELF kernel at its physical addresses and picks the boot protocol.
 pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<(KernelEntry, u64), BootError> {
-    let open_err = |source| BootError::KernelOpen { path: path.to_owned(), source };
+    let open_err = |source| BootError::KernelOpen {
+        path: path.to_owned(),
+        source,
+    };
     let mut file = File::open(path).map_err(open_err)?;
     let mut magic = [0u8; 4];
     if file.read_exact(&mut magic).is_err() || magic != *b"\x7fELF" {
         return Err(BootError::KernelNotElf(path.to_owned()));
     }
-    let result = Elf::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START)))
-        .map_err(|source| BootError::KernelLoad { path: path.to_owned(), source })?;
+    let result =
+        Elf::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START))).map_err(|source| {
+            BootError::KernelLoad {
+                path: path.to_owned(),
+                source,
+            }
+        })?;
     let entry = match result.pvh_boot_cap {
-        PvhBootCapability::PvhEntryPresent(addr) => {
-            KernelEntry { protocol: BootProtocol::Pvh, entry: addr.raw_value() }
-        }
-        _ => KernelEntry { protocol: BootProtocol::Linux64, entry: result.kernel_load.raw_value() },
+        PvhBootCapability::PvhEntryPresent(addr) => KernelEntry {
+            protocol: BootProtocol::Pvh,
+            entry: addr.raw_value(),
+        },
+        _ => KernelEntry {
+            protocol: BootProtocol::Linux64,
+            entry: result.kernel_load.raw_value(),
+        },
     };
     Ok((entry, result.kernel_end))
 }
@@ -131,17 +147,26 @@ pub fn load_initrd(
     path: &Path,
     kernel_end: u64,
 ) -> Result<(u64, u64), BootError> {
-    let open_err = |source| BootError::InitrdOpen { path: path.to_owned(), source };
+    let open_err = |source| BootError::InitrdOpen {
+        path: path.to_owned(),
+        source,
+    };
     let mut file = File::open(path).map_err(open_err)?;
     let size = file.metadata().map_err(open_err)?.len();
-    let too_big = || BootError::InitrdTooBig { path: path.to_owned(), size };
+    let too_big = || BootError::InitrdTooBig {
+        path: path.to_owned(),
+        size,
+    };
     let addr = low_ram_end(mem).checked_sub(size).ok_or_else(too_big)? & !0xfff;
     if addr < kernel_end {
         return Err(too_big());
     }
     let len = usize::try_from(size).map_err(|_| too_big())?;
     mem.read_exact_volatile_from(GuestAddress(addr), &mut file, len)
-        .map_err(|e| BootError::InitrdOpen { path: path.to_owned(), source: std::io::Error::other(e) })?;
+        .map_err(|e| BootError::InitrdOpen {
+            path: path.to_owned(),
+            source: std::io::Error::other(e),
+        })?;
     Ok((addr, size))
 }
 
@@ -167,7 +192,8 @@ pub fn write_boot_params(
 ) -> Result<(), BootError> {
     let mut cl = Cmdline::new(CMDLINE_MAX_SIZE)?;
     cl.insert_str(cmdline)?;
-    load_cmdline(mem, GuestAddress(CMDLINE_START), &cl).map_err(|e| BootError::Params(e.to_string()))?;
+    load_cmdline(mem, GuestAddress(CMDLINE_START), &cl)
+        .map_err(|e| BootError::Params(e.to_string()))?;
     let cmdline_len = cl.as_cstring().map(|c| c.as_bytes().len()).unwrap_or(0);
     let map = memory_map(mem);
     let params_err = |e: linux_loader::configurator::Error| BootError::Params(e.to_string());
@@ -176,7 +202,12 @@ pub fn write_boot_params(
         BootProtocol::Pvh => {
             let memmap: Vec<hvm_memmap_table_entry> = map
                 .iter()
-                .map(|(addr, size)| hvm_memmap_table_entry { addr: *addr, size: *size, type_: E820_RAM, reserved: 0 })
+                .map(|(addr, size)| hvm_memmap_table_entry {
+                    addr: *addr,
+                    size: *size,
+                    type_: E820_RAM,
+                    reserved: 0,
+                })
                 .collect();
             let mut info = hvm_start_info {
                 magic: XEN_HVM_START_MAGIC,
@@ -191,7 +222,11 @@ pub fn write_boot_params(
                 info.nr_modules = 1;
                 info.modlist_paddr = PVH_MODLIST_START;
                 params = BootParams::new(&info, GuestAddress(PVH_INFO_START));
-                let module = hvm_modlist_entry { paddr: addr, size, ..Default::default() };
+                let module = hvm_modlist_entry {
+                    paddr: addr,
+                    size,
+                    ..Default::default()
+                };
                 params.set_modules(&[module], GuestAddress(PVH_MODLIST_START));
             }
             params.set_sections(&memmap, GuestAddress(PVH_MEMMAP_START));
@@ -244,7 +279,10 @@ mod tests {
     fn missing_kernel_names_the_file_and_the_fix() {
         let e = load_kernel(&mem(16), Path::new("/nonexistent/vmlinux")).unwrap_err();
         let s = e.to_string();
-        assert!(s.contains("/nonexistent/vmlinux") && s.contains("--kernel"), "{s}");
+        assert!(
+            s.contains("/nonexistent/vmlinux") && s.contains("--kernel"),
+            "{s}"
+        );
     }
 
     #[test]
@@ -261,25 +299,35 @@ mod tests {
 
     #[test]
     fn memory_map_skips_the_legacy_hole() {
-        assert_eq!(memory_map(&mem(64)), vec![(0, EBDA_START), (HIMEM_START, (64 << 20) - HIMEM_START)]);
+        assert_eq!(
+            memory_map(&mem(64)),
+            vec![(0, EBDA_START), (HIMEM_START, (64 << 20) - HIMEM_START)]
+        );
     }
 
     #[test]
     fn pvh_start_info_points_at_cmdline_and_memmap() {
         let m = mem(32);
-        let entry = KernelEntry { protocol: BootProtocol::Pvh, entry: 0x100000 };
+        let entry = KernelEntry {
+            protocol: BootProtocol::Pvh,
+            entry: 0x100000,
+        };
         write_boot_params(&m, entry, "console=ttyS0 quiet", Some((0x1f0_0000, 0x1000))).unwrap();
         let info: hvm_start_info = m.read_obj(GuestAddress(PVH_INFO_START)).unwrap();
         assert_eq!(info.magic, XEN_HVM_START_MAGIC);
         assert_eq!(info.memmap_entries, 2);
         assert_eq!(info.nr_modules, 1);
-        let second: hvm_memmap_table_entry =
-            m.read_obj(GuestAddress(info.memmap_paddr + std::mem::size_of::<hvm_memmap_table_entry>() as u64)).unwrap();
+        let second: hvm_memmap_table_entry = m
+            .read_obj(GuestAddress(
+                info.memmap_paddr + std::mem::size_of::<hvm_memmap_table_entry>() as u64,
+            ))
+            .unwrap();
         assert_eq!(second.addr + second.size, 32 << 20);
         let module: hvm_modlist_entry = m.read_obj(GuestAddress(info.modlist_paddr)).unwrap();
         assert_eq!((module.paddr, module.size), (0x1f0_0000, 0x1000));
         let mut cl = [0u8; 20];
-        m.read_slice(&mut cl, GuestAddress(info.cmdline_paddr)).unwrap();
+        m.read_slice(&mut cl, GuestAddress(info.cmdline_paddr))
+            .unwrap();
         assert_eq!(&cl[..19], b"console=ttyS0 quiet");
         assert_eq!(cl[19], 0);
     }
@@ -287,7 +335,10 @@ mod tests {
     #[test]
     fn zero_page_carries_e820_and_cmdline() {
         let m = mem(32);
-        let entry = KernelEntry { protocol: BootProtocol::Linux64, entry: 0x100_0000 };
+        let entry = KernelEntry {
+            protocol: BootProtocol::Linux64,
+            entry: 0x100_0000,
+        };
         write_boot_params(&m, entry, "console=ttyS0", None).unwrap();
         let bp: boot_params = m.read_obj(GuestAddress(ZERO_PAGE_START)).unwrap();
         assert_eq!({ bp.hdr.boot_flag }, KERNEL_BOOT_FLAG_MAGIC);
@@ -302,7 +353,10 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("husk-vmm-initrd-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let p = dir.join("big.cpio");
-        std::fs::File::create(&p).unwrap().set_len(20 << 20).unwrap();
+        std::fs::File::create(&p)
+            .unwrap()
+            .set_len(20 << 20)
+            .unwrap();
         let e = load_initrd(&mem(16), &p, 0x100_0000).unwrap_err();
         std::fs::remove_dir_all(&dir).unwrap();
         assert!(e.to_string().contains("--memory"), "{e}");

@@ -12,14 +12,14 @@ use crate::boot::{self, BootSource};
 use crate::config::VmConfig;
 use crate::device_manager::MmioDeviceManager;
 use crate::devices::bus::Bus;
-use crate::devices::virtio::net::{event_handler as net_event_handler, FrameIo, Net, Tap};
-use crate::devices::virtio::fs::{event_handler as fs_event_handler, VhostUserFs};
-use crate::devices::virtio::rng::Rng;
-use crate::devices::virtio::vsock::unix::Muxer;
-use crate::devices::virtio::vsock::{event_handler as vsock_event_handler, Vsock};
 use crate::devices::legacy::i8042::{I8042, I8042_BASE, I8042_LEN};
 use crate::devices::legacy::rtc::{Rtc, RTC_BASE, RTC_LEN};
 use crate::devices::legacy::serial::{spawn_input, ConsoleOut, SerialDevice, COM1_BASE, COM1_LEN};
+use crate::devices::virtio::fs::{event_handler as fs_event_handler, VhostUserFs};
+use crate::devices::virtio::net::{event_handler as net_event_handler, FrameIo, Net, Tap};
+use crate::devices::virtio::rng::Rng;
+use crate::devices::virtio::vsock::unix::Muxer;
+use crate::devices::virtio::vsock::{event_handler as vsock_event_handler, Vsock};
 use crate::exit::ExitReason;
 use crate::vstate::memory::{create_guest_ram, GuestRam};
 use crate::vstate::run_state::{install_kick_handler, RunState};
@@ -112,7 +112,10 @@ impl Vmm {
                     .create(true)
                     .append(true)
                     .open(path)
-                    .map_err(|source| BuildError::ConsoleLog { path: path.clone(), source })?,
+                    .map_err(|source| BuildError::ConsoleLog {
+                        path: path.clone(),
+                        source,
+                    })?,
             ),
             None => None,
         };
@@ -120,7 +123,10 @@ impl Vmm {
         let serial_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(irq_err("COM1 eventfd"))?;
         vm.fd
             .register_irqfd(&serial_evt, SERIAL_IRQ)
-            .map_err(|e| BuildError::Irq { what: "COM1 irqfd", source: e.into() })?;
+            .map_err(|e| BuildError::Irq {
+                what: "COM1 irqfd",
+                source: e.into(),
+            })?;
         let console_stdout = cfg.console_stdout || cfg.console_log.is_none();
         let out = ConsoleOut::new(console_file, console_stdout);
         let serial = Arc::new(Mutex::new(SerialDevice::new(serial_evt, out)));
@@ -129,7 +135,11 @@ impl Vmm {
             // The console is on the terminal: what is typed there goes to the guest.
             spawn_input(serial, std::io::stdin()).map_err(BuildError::Thread)?;
         }
-        pio.insert(I8042_BASE, I8042_LEN, Arc::new(Mutex::new(I8042::new(exit_tx.clone()))))?;
+        pio.insert(
+            I8042_BASE,
+            I8042_LEN,
+            Arc::new(Mutex::new(I8042::new(exit_tx.clone()))),
+        )?;
         pio.insert(RTC_BASE, RTC_LEN, Arc::new(Mutex::new(Rtc::default())))?;
         let mut mmio = Bus::new();
         let mut devices = MmioDeviceManager::new();
@@ -159,7 +169,8 @@ impl Vmm {
             let net = Net::new(tap, net_cfg.mac).map_err(BuildError::Thread)?;
             let (_, blocked, kick) = net.event_parts().map_err(BuildError::Thread)?;
             let (_, transport) = devices.add(&vm.fd, &mut mmio, &ram.mem, Box::new(net))?;
-            net_event_handler::spawn(tap_fd, blocked, kick, transport).map_err(BuildError::Thread)?;
+            net_event_handler::spawn(tap_fd, blocked, kick, transport)
+                .map_err(BuildError::Thread)?;
         }
 
         let src = BootSource {
@@ -173,7 +184,10 @@ impl Vmm {
         let supported = vm
             .kvm
             .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
-            .map_err(|source| crate::vstate::vm::VmError::Kvm { what: "get supported CPUID", source })?;
+            .map_err(|source| crate::vstate::vm::VmError::Kvm {
+                what: "get supported CPUID",
+                source,
+            })?;
         let vcpus = (0..cfg.vcpus)
             .map(|i| Vcpu::new(&vm, &ram.mem, &supported, i, cfg.vcpus, entry))
             .collect::<Result<Vec<_>, _>>()?;
@@ -186,7 +200,12 @@ impl Vmm {
             exit_tx,
             exit_rx: Arc::new(Mutex::new(exit_rx)),
         };
-        Ok(Self { vcpus, shared, vm, ram })
+        Ok(Self {
+            vcpus,
+            shared,
+            vm,
+            ram,
+        })
     }
 
     /// What the control API needs to act on this VM.
@@ -213,7 +232,12 @@ impl Vmm {
     /// Runs the vCPUs until the guest or the host ends the VM; returns why.
     pub fn run(self) -> Result<ExitReason, BuildError> {
         install_kick_handler();
-        let Vmm { vcpus, shared, vm, ram } = self;
+        let Vmm {
+            vcpus,
+            shared,
+            vm,
+            ram,
+        } = self;
         let mut handles = Vec::new();
         for vcpu in vcpus {
             let s = shared.clone();
@@ -228,8 +252,12 @@ impl Vmm {
             .lock()
             .expect("exit receiver lock")
             .recv()
-            .unwrap_or_else(|_| ExitReason::Fatal("all vCPU threads ended without a reason".into()));
-        shared.run_state.stop(|| handles.iter().all(|h| h.is_finished()));
+            .unwrap_or_else(|_| {
+                ExitReason::Fatal("all vCPU threads ended without a reason".into())
+            });
+        shared
+            .run_state
+            .stop(|| handles.iter().all(|h| h.is_finished()));
         for h in handles {
             let _ = h.join();
         }

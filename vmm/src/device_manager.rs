@@ -49,7 +49,12 @@ pub struct MmioSlot {
 impl MmioSlot {
     /// The kernel argument announcing this device.
     pub fn cmdline_arg(&self) -> String {
-        format!("virtio_mmio.device={}K@{:#x}:{}", MMIO_DEVICE_SIZE >> 10, self.addr, self.irq)
+        format!(
+            "virtio_mmio.device={}K@{:#x}:{}",
+            MMIO_DEVICE_SIZE >> 10,
+            self.addr,
+            self.irq
+        )
     }
 }
 
@@ -69,7 +74,10 @@ impl MmioDeviceManager {
     pub fn next_slot(&self) -> Option<MmioSlot> {
         let n = u32::try_from(self.slots.len()).ok()?;
         let irq = VIRTIO_IRQ_BASE + n;
-        (irq < IOAPIC_PINS).then(|| MmioSlot { addr: MMIO_DEVICES_START + u64::from(n) * MMIO_DEVICE_SIZE, irq })
+        (irq < IOAPIC_PINS).then(|| MmioSlot {
+            addr: MMIO_DEVICES_START + u64::from(n) * MMIO_DEVICE_SIZE,
+            irq,
+        })
     }
 
     /// Adds `device`: interrupt wired through KVM, transport on `bus`. Returns where it
@@ -85,8 +93,13 @@ impl MmioDeviceManager {
         let index = u32::try_from(self.slots.len()).unwrap_or(u32::MAX);
         let irq_err = |source| DeviceManagerError::Irq { index, source };
         let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(irq_err)?;
-        vm.register_irqfd(&evt, slot.irq).map_err(|e| irq_err(e.into()))?;
-        let transport = Arc::new(Mutex::new(MmioTransport::new(device, mem.clone(), Arc::new(IrqTrigger::new(evt)))));
+        vm.register_irqfd(&evt, slot.irq)
+            .map_err(|e| irq_err(e.into()))?;
+        let transport = Arc::new(Mutex::new(MmioTransport::new(
+            device,
+            mem.clone(),
+            Arc::new(IrqTrigger::new(evt)),
+        )));
         bus.insert(slot.addr, MMIO_DEVICE_SIZE, transport.clone())?;
         self.slots.push(slot);
         Ok((slot, transport))
@@ -106,10 +119,22 @@ mod tests {
     fn slots_are_consecutive_windows_and_pins() {
         let mut m = MmioDeviceManager::new();
         let first = m.next_slot().unwrap();
-        assert_eq!(first, MmioSlot { addr: 0xd000_0000, irq: 5 });
+        assert_eq!(
+            first,
+            MmioSlot {
+                addr: 0xd000_0000,
+                irq: 5
+            }
+        );
         assert_eq!(first.cmdline_arg(), "virtio_mmio.device=4K@0xd0000000:5");
         m.slots.push(first);
-        assert_eq!(m.next_slot().unwrap(), MmioSlot { addr: 0xd000_1000, irq: 6 });
+        assert_eq!(
+            m.next_slot().unwrap(),
+            MmioSlot {
+                addr: 0xd000_1000,
+                irq: 6
+            }
+        );
         for _ in 1..(IOAPIC_PINS - VIRTIO_IRQ_BASE) {
             let s = m.next_slot().unwrap();
             m.slots.push(s);

@@ -72,17 +72,22 @@ impl TerminationSignals {
     /// Starts the thread that waits for the signals and reports them on `tx`.
     pub fn forward_to(self, tx: ExitSender) -> std::io::Result<()> {
         let set = self.0;
-        std::thread::Builder::new().name("signals".into()).spawn(move || {
-            let mut sig: libc::c_int = 0;
-            // SAFETY: `set` holds blocked signals and `sig` is a valid out pointer.
-            let rc = unsafe { libc::sigwait(&set, &mut sig) };
-            let reason = if rc == 0 {
-                ExitReason::HostShutdown
-            } else {
-                ExitReason::Fatal(format!("waiting for termination signals: {}", std::io::Error::from_raw_os_error(rc)))
-            };
-            let _ = tx.send(reason);
-        })?;
+        std::thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || {
+                let mut sig: libc::c_int = 0;
+                // SAFETY: `set` holds blocked signals and `sig` is a valid out pointer.
+                let rc = unsafe { libc::sigwait(&set, &mut sig) };
+                let reason = if rc == 0 {
+                    ExitReason::HostShutdown
+                } else {
+                    ExitReason::Fatal(format!(
+                        "waiting for termination signals: {}",
+                        std::io::Error::from_raw_os_error(rc)
+                    ))
+                };
+                let _ = tx.send(reason);
+            })?;
         Ok(())
     }
 }

@@ -81,7 +81,11 @@ impl Drop for RemoveOnDrop {
 
 fn run(cli: Cli) -> anyhow::Result<ExitReason> {
     if cli.fs_sock.len() != cli.fs_tag.len() {
-        anyhow::bail!("give one --fs-tag for each --fs-sock ({} sockets, {} tags)", cli.fs_sock.len(), cli.fs_tag.len());
+        anyhow::bail!(
+            "give one --fs-tag for each --fs-sock ({} sockets, {} tags)",
+            cli.fs_sock.len(),
+            cli.fs_tag.len()
+        );
     }
     if cli.net_mac.len() > cli.net_tap.len() {
         anyhow::bail!("more --net-mac than --net-tap: give at most one MAC per tap");
@@ -96,13 +100,19 @@ fn run(cli: Cli) -> anyhow::Result<ExitReason> {
                 mac
             }
         };
-        net.push(husk_vmm::config::NetConfig { tap: tap.clone(), mac });
+        net.push(husk_vmm::config::NetConfig {
+            tap: tap.clone(),
+            mac,
+        });
     }
     // First, before any thread starts: every thread then has these signals blocked and
     // only the signal thread takes them.
-    let signals = TerminationSignals::block().map_err(|e| anyhow::anyhow!("blocking SIGTERM/SIGINT: {e}"))?;
+    let signals =
+        TerminationSignals::block().map_err(|e| anyhow::anyhow!("blocking SIGTERM/SIGINT: {e}"))?;
     // The VMM is the shim's child and must not outlive it (DESIGN.md): its death is a SIGTERM.
-    if cli.die_with_parent && !die_with_parent().map_err(|e| anyhow::anyhow!("PR_SET_PDEATHSIG: {e}"))? {
+    if cli.die_with_parent
+        && !die_with_parent().map_err(|e| anyhow::anyhow!("PR_SET_PDEATHSIG: {e}"))?
+    {
         return Ok(ExitReason::HostShutdown);
     }
     let cfg = VmConfig {
@@ -118,16 +128,31 @@ fn run(cli: Cli) -> anyhow::Result<ExitReason> {
         vsock_sock: cli.vsock_sock,
         vsock_cid: cli.vsock_cid,
         net,
-        fs: cli.fs_tag.iter().cloned().zip(cli.fs_sock.iter().cloned()).collect(),
+        fs: cli
+            .fs_tag
+            .iter()
+            .cloned()
+            .zip(cli.fs_sock.iter().cloned())
+            .collect(),
     };
     // Bind first: a taken socket path is reported before any VM exists.
-    let api = cli.api_sock.as_deref().map(husk_vmm::api::bind).transpose()?;
+    let api = cli
+        .api_sock
+        .as_deref()
+        .map(husk_vmm::api::bind)
+        .transpose()?;
     // Once bound the socket file is ours: remove it however this function ends.
-    let _api_file = cli.api_sock.clone().filter(|_| api.is_some()).map(RemoveOnDrop);
+    let _api_file = cli
+        .api_sock
+        .clone()
+        .filter(|_| api.is_some())
+        .map(RemoveOnDrop);
     let vmm = Vmm::build(&cfg)?;
     // The vsock socket is ours once the VM is built (a taken path fails the build first).
     let _vsock_file = cfg.vsock_sock.clone().map(RemoveOnDrop);
-    signals.forward_to(vmm.exit_sender()).map_err(|e| anyhow::anyhow!("handling SIGTERM/SIGINT: {e}"))?;
+    signals
+        .forward_to(vmm.exit_sender())
+        .map_err(|e| anyhow::anyhow!("handling SIGTERM/SIGINT: {e}"))?;
     if let Some(listener) = api {
         vmm.api_context()
             .serve(listener)

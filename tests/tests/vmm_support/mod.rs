@@ -15,7 +15,10 @@ use std::time::{Duration, Instant};
 
 /// The workspace root.
 pub fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
 }
 
 /// Fails the test unless this machine can run husk-vmm guests.
@@ -40,7 +43,10 @@ pub fn vmm_binary() -> PathBuf {
         }
         // The test executable is <target>/<profile>/deps/<name>.
         let exe = std::env::current_exe().expect("current_exe");
-        let profile_dir = exe.parent().and_then(Path::parent).expect("test binary lives in <target>/<profile>/deps");
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("test binary lives in <target>/<profile>/deps");
         let target = profile_dir.parent().expect("<target>/<profile>");
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
         let mut cmd = Command::new(cargo);
@@ -54,7 +60,11 @@ pub fn vmm_binary() -> PathBuf {
         let status = cmd.status().expect("running cargo to build husk-vmm");
         assert!(status.success(), "building husk-vmm failed: {status}");
         let bin = profile_dir.join("husk-vmm");
-        assert!(bin.exists(), "husk-vmm was built but {} is missing", bin.display());
+        assert!(
+            bin.exists(),
+            "husk-vmm was built but {} is missing",
+            bin.display()
+        );
         bin
     })
     .clone()
@@ -156,7 +166,13 @@ pub fn run_vmm_via(launcher: &[&str], args: &[&str], deadline: Duration) -> Run 
     let total = start.elapsed();
     let stdout = String::from_utf8_lossy(&out_thread.join().expect("stdout reader")).into_owned();
     let stderr = String::from_utf8_lossy(&err_thread.join().expect("stderr reader")).into_owned();
-    Run { status, stdout, stderr, first_byte: first_rx.try_recv().ok(), total }
+    Run {
+        status,
+        stdout,
+        stderr,
+        first_byte: first_rx.try_recv().ok(),
+        total,
+    }
 }
 
 /// A temporary directory removed when dropped.
@@ -214,20 +230,32 @@ pub fn spawn_vmm_with_stdin(args: &[&str], stdin: Stdio) -> Running {
         let mut reader = std::io::BufReader::new(out);
         let mut buf = Vec::new();
         while matches!(reader.read_until(b'\n', &mut buf), Ok(n) if n > 0) {
-            let line = String::from_utf8_lossy(&buf).trim_end_matches(['\n', '\r']).to_owned();
+            let line = String::from_utf8_lossy(&buf)
+                .trim_end_matches(['\n', '\r'])
+                .to_owned();
             if tx.send((start.elapsed(), line)).is_err() {
                 break;
             }
             buf.clear();
         }
     });
-    Running { child, start, lines: rx, seen: Vec::new() }
+    Running {
+        child,
+        start,
+        lines: rx,
+        seen: Vec::new(),
+    }
 }
 
 impl Running {
     /// Waits for a line satisfying `pred`; returns it and when it arrived after spawning.
     /// Fails the test on timeout or if the process ends first.
-    pub fn wait_line(&mut self, what: &str, timeout: Duration, pred: impl Fn(&str) -> bool) -> (Duration, String) {
+    pub fn wait_line(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&str) -> bool,
+    ) -> (Duration, String) {
         let deadline = Instant::now() + timeout;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -239,11 +267,17 @@ impl Running {
                     }
                 }
                 Err(mpsc::RecvTimeoutError::Timeout) => {
-                    panic!("no {what} within {timeout:?}; console so far:\n{}", self.seen.join("\n"))
+                    panic!(
+                        "no {what} within {timeout:?}; console so far:\n{}",
+                        self.seen.join("\n")
+                    )
                 }
                 Err(mpsc::RecvTimeoutError::Disconnected) => {
                     let status = self.child.wait().ok();
-                    panic!("husk-vmm ended ({status:?}) before {what}; console:\n{}", self.seen.join("\n"))
+                    panic!(
+                        "husk-vmm ended ({status:?}) before {what}; console:\n{}",
+                        self.seen.join("\n")
+                    )
                 }
             }
         }
@@ -263,7 +297,10 @@ impl Running {
             if let Some(status) = self.child.try_wait().expect("wait") {
                 return status;
             }
-            assert!(Instant::now() < deadline, "husk-vmm did not exit within {timeout:?}");
+            assert!(
+                Instant::now() < deadline,
+                "husk-vmm did not exit within {timeout:?}"
+            );
             std::thread::sleep(Duration::from_millis(2));
         }
     }
@@ -271,21 +308,28 @@ impl Running {
     /// Sends SIGTERM and waits (up to `timeout`) for the exit status.
     pub fn terminate(&mut self, timeout: Duration) -> ExitStatus {
         let pid = i32::try_from(self.child.id()).expect("pid fits i32");
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM)
-            .expect("SIGTERM to our husk-vmm");
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .expect("SIGTERM to our husk-vmm");
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = self.child.try_wait().expect("wait") {
                 return status;
             }
-            assert!(Instant::now() < deadline, "husk-vmm did not exit within {timeout:?} of SIGTERM");
+            assert!(
+                Instant::now() < deadline,
+                "husk-vmm did not exit within {timeout:?} of SIGTERM"
+            );
             std::thread::sleep(Duration::from_millis(2));
         }
     }
 
     /// A field of /proc/<pid>/status, in kB (e.g. "VmRSS").
     pub fn status_kb(&self, key: &str) -> u64 {
-        let s = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).expect("read /proc status");
+        let s = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .expect("read /proc status");
         s.lines()
             .find_map(|l| l.strip_prefix(&format!("{key}:")))
             .and_then(|v| v.split_whitespace().next())
@@ -295,10 +339,14 @@ impl Running {
 
     /// CPU time (user + system, all threads) the process has used so far.
     pub fn cpu_time(&self) -> Duration {
-        let s = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).expect("read /proc stat");
+        let s = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))
+            .expect("read /proc stat");
         // Fields after the ")" that closes the command name; utime and stime are 14 and 15.
         let rest = &s[s.rfind(')').expect("stat has a comm") + 2..];
-        let f: Vec<u64> = rest.split_whitespace().map(|x| x.parse().unwrap_or(0)).collect();
+        let f: Vec<u64> = rest
+            .split_whitespace()
+            .map(|x| x.parse().unwrap_or(0))
+            .collect();
         // /proc counts in USER_HZ, which is 100 on x86-64 Linux (a fixed ABI value).
         let ticks = f[11] + f[12];
         Duration::from_millis(ticks * 10)

@@ -60,8 +60,8 @@ fn normalise_entry(e: &mut kvm_cpuid_entry2, t: Topology) {
         }
         LEAF_EXT_TOPOLOGY | LEAF_V2_EXT_TOPOLOGY => {
             let (eax, ebx, level_type) = match e.index {
-                0 => (0, 1, 1),                                   // SMT: one thread per core
-                1 => (id_bits(t.cpu_count), n, 2),                // core: all vCPUs
+                0 => (0, 1, 1),                    // SMT: one thread per core
+                1 => (id_bits(t.cpu_count), n, 2), // core: all vCPUs
                 _ => (0, 0, 0),
             };
             e.eax = eax;
@@ -85,18 +85,35 @@ mod tests {
     use super::*;
 
     fn entry(function: u32, index: u32) -> kvm_cpuid_entry2 {
-        kvm_cpuid_entry2 { function, index, eax: !0, ebx: !0, ecx: 0, edx: 0, ..Default::default() }
+        kvm_cpuid_entry2 {
+            function,
+            index,
+            eax: !0,
+            ebx: !0,
+            ecx: 0,
+            edx: 0,
+            ..Default::default()
+        }
     }
 
     #[test]
     fn id_bits_is_ceil_log2() {
-        assert_eq!([id_bits(1), id_bits(2), id_bits(3), id_bits(4), id_bits(5)], [0, 1, 2, 2, 3]);
+        assert_eq!(
+            [id_bits(1), id_bits(2), id_bits(3), id_bits(4), id_bits(5)],
+            [0, 1, 2, 2, 3]
+        );
     }
 
     #[test]
     fn leaf1_carries_apic_id_count_and_hypervisor_bit() {
         let mut e = entry(1, 0);
-        normalise_entry(&mut e, Topology { cpu_index: 3, cpu_count: 4 });
+        normalise_entry(
+            &mut e,
+            Topology {
+                cpu_index: 3,
+                cpu_count: 4,
+            },
+        );
         assert_eq!(e.ebx >> 24, 3);
         assert_eq!((e.ebx >> 16) & 0xff, 4);
         assert_ne!(e.ecx & ECX_HYPERVISOR, 0);
@@ -105,7 +122,10 @@ mod tests {
 
     #[test]
     fn leaf_b_reports_the_vm_topology() {
-        let t = Topology { cpu_index: 1, cpu_count: 3 };
+        let t = Topology {
+            cpu_index: 1,
+            cpu_count: 3,
+        };
         let mut smt = entry(0xb, 0);
         let mut core = entry(0xb, 1);
         let mut end = entry(0xb, 2);
@@ -120,7 +140,13 @@ mod tests {
     #[test]
     fn pmu_is_hidden() {
         let mut e = entry(0xa, 0);
-        normalise_entry(&mut e, Topology { cpu_index: 0, cpu_count: 1 });
+        normalise_entry(
+            &mut e,
+            Topology {
+                cpu_index: 0,
+                cpu_count: 1,
+            },
+        );
         assert_eq!((e.eax, e.ebx), (0, 0));
     }
 }

@@ -144,6 +144,9 @@ mod tests {
     #[test]
     fn bad_cpu_counts_are_refused() {
         assert!(matches!(build(0, EBDA_START), Err(MptableError::NoCpus)));
-        assert!(matches!(build(255, EBDA_START), Err(MptableError::TooManyCpus(255))));
+        assert!(matches!(
+            build(255, EBDA_START),
+            Err(MptableError::TooManyCpus(255))
+        ));
     }
 }

@@ -65,7 +65,11 @@ pub fn segment_from_gdt(entry: u64, selector: u16) -> kvm_segment {
     let base = ((entry >> 16) & 0x00ff_ffff) | ((entry >> 32) & 0xff00_0000);
     let raw_limit = (entry & 0xffff) | ((entry >> 32) & 0x000f_0000);
     let g = ((entry >> 55) & 1) as u8;
-    let limit = if g == 1 { (raw_limit << 12) | 0xfff } else { raw_limit };
+    let limit = if g == 1 {
+        (raw_limit << 12) | 0xfff
+    } else {
+        raw_limit
+    };
     kvm_segment {
         base,
         limit: limit as u32,
@@ -163,7 +167,12 @@ pub fn setup_sregs(
 /// Sets the general registers: entry point, and the pointer the protocol hands over.
 pub fn setup_regs(vcpu: &VcpuFd, protocol: BootProtocol, entry: u64) -> Result<(), RegsError> {
     let regs = match protocol {
-        BootProtocol::Pvh => kvm_regs { rflags: 0x2, rip: entry, rbx: PVH_INFO_START, ..Default::default() },
+        BootProtocol::Pvh => kvm_regs {
+            rflags: 0x2,
+            rip: entry,
+            rbx: PVH_INFO_START,
+            ..Default::default()
+        },
         BootProtocol::Linux64 => kvm_regs {
             rflags: 0x2,
             rip: entry,
@@ -178,7 +187,11 @@ pub fn setup_regs(vcpu: &VcpuFd, protocol: BootProtocol, entry: u64) -> Result<(
 
 /// Sets the x87/SSE control words to their reset values.
 pub fn setup_fpu(vcpu: &VcpuFd) -> Result<(), RegsError> {
-    let fpu = kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() };
+    let fpu = kvm_fpu {
+        fcw: 0x37f,
+        mxcsr: 0x1f80,
+        ..Default::default()
+    };
     vcpu.set_fpu(&fpu).map_err(kvm("FPU"))
 }
 
@@ -197,7 +210,11 @@ const MSR_KERNEL_GS_BASE: u32 = 0xc000_0102;
 /// The MSRs every boot starts from. Only architectural ones: an MSR the host rejects
 /// (QEMU's ARCH_CAPABILITIES trap) is never passed through.
 pub fn boot_msr_entries() -> Vec<kvm_msr_entry> {
-    let e = |index, data| kvm_msr_entry { index, data, ..Default::default() };
+    let e = |index, data| kvm_msr_entry {
+        index,
+        data,
+        ..Default::default()
+    };
     vec![
         e(MSR_IA32_SYSENTER_CS, 0),
         e(MSR_IA32_SYSENTER_ESP, 0),
@@ -208,7 +225,7 @@ pub fn boot_msr_entries() -> Vec<kvm_msr_entry> {
         e(MSR_SYSCALL_MASK, 0),
         e(MSR_LSTAR, 0),
         e(MSR_IA32_TSC, 0),
-        e(MSR_IA32_MISC_ENABLE, 1), // fast strings
+        e(MSR_IA32_MISC_ENABLE, 1),          // fast strings
         e(MSR_MTRR_DEF_TYPE, (1 << 11) | 6), // MTRRs on, default write-back
     ]
 }
@@ -219,7 +236,10 @@ pub fn setup_msrs(vcpu: &VcpuFd) -> Result<(), RegsError> {
     let msrs = Msrs::from_entries(&entries).expect("a handful of MSRs fits a Msrs");
     let set = vcpu.set_msrs(&msrs).map_err(kvm("MSRs"))?;
     if set != entries.len() {
-        return Err(RegsError::Msrs { set, wanted: entries.len() });
+        return Err(RegsError::Msrs {
+            set,
+            wanted: entries.len(),
+        });
     }
     Ok(())
 }
@@ -230,7 +250,10 @@ const APIC_MODE_NMI: u32 = 0x4;
 const APIC_MODE_EXTINT: u32 = 0x7;
 
 fn lapic_reg(regs: &[std::os::raw::c_char], off: usize) -> u32 {
-    let b: Vec<u8> = regs[off..off + 4].iter().map(|c| c.to_ne_bytes()[0]).collect();
+    let b: Vec<u8> = regs[off..off + 4]
+        .iter()
+        .map(|c| c.to_ne_bytes()[0])
+        .collect();
     u32::from_le_bytes([b[0], b[1], b[2], b[3]])
 }
 
@@ -244,9 +267,17 @@ fn set_lapic_reg(regs: &mut [std::os::raw::c_char], off: usize, v: u32) {
 pub fn setup_lapic(vcpu: &VcpuFd) -> Result<(), RegsError> {
     let mut lapic = vcpu.get_lapic().map_err(kvm("LAPIC"))?;
     let lvt0 = lapic_reg(&lapic.regs, APIC_LVT0);
-    set_lapic_reg(&mut lapic.regs, APIC_LVT0, (lvt0 & !0x700) | (APIC_MODE_EXTINT << 8));
+    set_lapic_reg(
+        &mut lapic.regs,
+        APIC_LVT0,
+        (lvt0 & !0x700) | (APIC_MODE_EXTINT << 8),
+    );
     let lvt1 = lapic_reg(&lapic.regs, APIC_LVT1);
-    set_lapic_reg(&mut lapic.regs, APIC_LVT1, (lvt1 & !0x700) | (APIC_MODE_NMI << 8));
+    set_lapic_reg(
+        &mut lapic.regs,
+        APIC_LVT1,
+        (lvt1 & !0x700) | (APIC_MODE_NMI << 8),
+    );
     vcpu.set_lapic(&lapic).map_err(kvm("LAPIC"))
 }
 
@@ -264,12 +295,18 @@ mod tests {
     #[test]
     fn segments_decode_their_gdt_entry() {
         let cs = segment_from_gdt(gdt_entry(0xa09b, 0, 0xfffff), 0x8);
-        assert_eq!((cs.l, cs.db, cs.g, cs.present, cs.s, cs.type_), (1, 0, 1, 1, 1, 0xb));
+        assert_eq!(
+            (cs.l, cs.db, cs.g, cs.present, cs.s, cs.type_),
+            (1, 0, 1, 1, 1, 0xb)
+        );
         assert_eq!(cs.limit, 0xffff_ffff);
         let pvh_cs = segment_from_gdt(boot_gdt(BootProtocol::Pvh)[1], 0x8);
         assert_eq!((pvh_cs.l, pvh_cs.db), (0, 1));
         let tss = segment_from_gdt(gdt_entry(0x008b, 0x1000, 0x67), 0x18);
-        assert_eq!((tss.base, tss.limit, tss.g, tss.type_), (0x1000, 0x67, 0, 0xb));
+        assert_eq!(
+            (tss.base, tss.limit, tss.g, tss.type_),
+            (0x1000, 0x67, 0, 0xb)
+        );
         let null = segment_from_gdt(0, 0);
         assert_eq!(null.unusable, 1);
     }

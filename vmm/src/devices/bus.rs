@@ -66,8 +66,16 @@ impl Bus {
     }
 
     /// Places `dev` at `base..base+len`.
-    pub fn insert(&mut self, base: u64, len: u64, dev: Arc<Mutex<dyn BusDevice>>) -> Result<(), BusError> {
-        let end = base.checked_add(len).filter(|_| len > 0).ok_or(BusError::Overlap { base, len })?;
+    pub fn insert(
+        &mut self,
+        base: u64,
+        len: u64,
+        dev: Arc<Mutex<dyn BusDevice>>,
+    ) -> Result<(), BusError> {
+        let end = base
+            .checked_add(len)
+            .filter(|_| len > 0)
+            .ok_or(BusError::Overlap { base, len })?;
         let before = self.devices.range(..end).next_back();
         if let Some((b, (l, _))) = before {
             if b + l > base {
@@ -89,7 +97,11 @@ impl Bus {
             .iter()
             .map(|(base, (_, dev))| {
                 let d = dev.lock().expect("device lock poisoned");
-                DeviceCounters { base: *base, name: d.name(), counters: d.counters() }
+                DeviceCounters {
+                    base: *base,
+                    name: d.name(),
+                    counters: d.counters(),
+                }
             })
             .collect()
     }

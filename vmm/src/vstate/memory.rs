@@ -81,7 +81,11 @@ pub fn create_guest_ram(size_mib: u64) -> Result<GuestRam, MemoryError> {
     let mut ranges = Vec::new();
     for (addr, len) in ram_ranges(size) {
         // The file offset of a range is its offset in RAM, so the memfd holds RAM contiguously.
-        let offset = if addr.0 >= MMIO_GAP_END { addr.0 - MMIO_GAP_END + MMIO_GAP_START } else { addr.0 };
+        let offset = if addr.0 >= MMIO_GAP_END {
+            addr.0 - MMIO_GAP_END + MMIO_GAP_START
+        } else {
+            addr.0
+        };
         let clone = file.try_clone().map_err(memfd_err)?;
         let len = usize::try_from(len).map_err(|_| MemoryError::TooLarge(size_mib))?;
         ranges.push((addr, len, Some(FileOffset::new(clone, offset))));
@@ -103,7 +107,10 @@ mod tests {
     #[test]
     fn ram_skips_the_mmio_hole() {
         let r = ram_ranges(4 << 30);
-        assert_eq!(r, vec![(GuestAddress(0), 3 << 30), (GuestAddress(4 << 30), 1 << 30)]);
+        assert_eq!(
+            r,
+            vec![(GuestAddress(0), 3 << 30), (GuestAddress(4 << 30), 1 << 30)]
+        );
     }
 
     #[test]
@@ -117,7 +124,9 @@ mod tests {
         let ram = create_guest_ram(16).unwrap();
         assert_eq!(ram.mem.num_regions(), 1);
         assert_eq!(ram.mem.iter().next().unwrap().len(), 16 << 20);
-        ram.mem.write_obj(0xdead_beef_u32, GuestAddress(0x1000)).unwrap();
+        ram.mem
+            .write_obj(0xdead_beef_u32, GuestAddress(0x1000))
+            .unwrap();
         // The write is visible through the memfd, which only holds for a shared mapping.
         let mut buf = [0u8; 4];
         use std::os::unix::fs::FileExt;

@@ -110,7 +110,11 @@ impl RunState {
         let total = self.thread_count();
         while self.parked() < total {
             if start.elapsed() > timeout {
-                return Err(RunStateError::PauseTimeout { parked: self.parked(), total, waited: timeout });
+                return Err(RunStateError::PauseTimeout {
+                    parked: self.parked(),
+                    total,
+                    waited: timeout,
+                });
             }
             self.kick_all();
             std::thread::sleep(Duration::from_millis(1));
@@ -181,7 +185,10 @@ mod tests {
         }
         state.pause(Duration::from_secs(5)).unwrap();
         state.stop(|| threads.iter().all(|t| t.is_finished()));
-        assert_eq!(state.pause(Duration::from_secs(1)), Err(RunStateError::Stopping));
+        assert_eq!(
+            state.pause(Duration::from_secs(1)),
+            Err(RunStateError::Stopping)
+        );
         for t in threads {
             assert_eq!(t.join().unwrap(), 2);
         }
@@ -202,7 +209,17 @@ mod tests {
             std::thread::sleep(Duration::from_millis(1));
         }
         let e = state.pause(Duration::from_millis(50)).unwrap_err();
-        assert!(matches!(e, RunStateError::PauseTimeout { parked: 0, total: 1, .. }), "{e}");
+        assert!(
+            matches!(
+                e,
+                RunStateError::PauseTimeout {
+                    parked: 0,
+                    total: 1,
+                    ..
+                }
+            ),
+            "{e}"
+        );
         state.stop(|| stuck.is_finished());
         stuck.join().unwrap();
     }

@@ -72,11 +72,26 @@ impl Vcpu {
         count: u8,
         entry: KernelEntry,
     ) -> Result<Self, VcpuError> {
-        let kvm_err = |what| move |source| VcpuError::Kvm { index, what, source };
+        let kvm_err = |what| {
+            move |source| VcpuError::Kvm {
+                index,
+                what,
+                source,
+            }
+        };
         let regs_err = |source| VcpuError::Regs { index, source };
-        let fd = vm.fd.create_vcpu(u64::from(index)).map_err(kvm_err("create vCPU"))?;
+        let fd = vm
+            .fd
+            .create_vcpu(u64::from(index))
+            .map_err(kvm_err("create vCPU"))?;
         let mut cpuid = supported_cpuid.clone();
-        cpuid::normalise(&mut cpuid, cpuid::Topology { cpu_index: index, cpu_count: count });
+        cpuid::normalise(
+            &mut cpuid,
+            cpuid::Topology {
+                cpu_index: index,
+                cpu_count: count,
+            },
+        );
         fd.set_cpuid2(&cpuid).map_err(kvm_err("set CPUID"))?;
         regs::setup_msrs(&fd).map_err(regs_err)?;
         regs::setup_fpu(&fd).map_err(regs_err)?;
@@ -116,7 +131,14 @@ impl Vcpu {
     /// state says stop (the thread is kicked out of KVM_RUN with a signal). Parks while
     /// the VM is paused.
     pub fn run(mut self, shared: &VcpuShared) {
-        let VcpuShared { pio, mmio, exit_tx: exit, run_state, counters, .. } = shared;
+        let VcpuShared {
+            pio,
+            mmio,
+            exit_tx: exit,
+            run_state,
+            counters,
+            ..
+        } = shared;
         run_state.register_current_thread();
         while !run_state.stopping() {
             if run_state.pause_requested() {
@@ -161,7 +183,10 @@ impl Vcpu {
                         // member of the union is the one KVM filled in.
                         unsafe { run.__bindgen_anon_1.internal.suberror }
                     };
-                    Some(ExitReason::Fatal(format!("KVM internal error (suberror {suberror})\n{}", self.dump())))
+                    Some(ExitReason::Fatal(format!(
+                        "KVM internal error (suberror {suberror})\n{}",
+                        self.dump()
+                    )))
                 }
                 Ok(VcpuExit::FailEntry(reason, cpu)) => Some(ExitReason::Fatal(format!(
                     "KVM entry failure (hardware reason {reason:#x} on cpu {cpu})\n{}",
@@ -174,13 +199,19 @@ impl Vcpu {
                 Ok(other) => {
                     counters.other.fetch_add(1, Ordering::Relaxed);
                     let what = format!("{other:?}");
-                    Some(ExitReason::Fatal(format!("unexpected vCPU exit {what}\n{}", self.dump())))
+                    Some(ExitReason::Fatal(format!(
+                        "unexpected vCPU exit {what}\n{}",
+                        self.dump()
+                    )))
                 }
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                     counters.interrupted.fetch_add(1, Ordering::Relaxed);
                     None
                 }
-                Err(e) => Some(ExitReason::Fatal(format!("KVM_RUN failed: {e}\n{}", self.dump()))),
+                Err(e) => Some(ExitReason::Fatal(format!(
+                    "KVM_RUN failed: {e}\n{}",
+                    self.dump()
+                ))),
             };
             if let Some(r) = reason {
                 let _ = exit.send(r);

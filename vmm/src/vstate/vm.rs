@@ -67,15 +67,22 @@ impl Vm {
     /// Creates the VM, its irqchip and PIT, and registers `ram`.
     pub fn new(kvm: Kvm, ram: &GuestRam) -> Result<Self, VmError> {
         let fd = kvm.create_vm().map_err(kvm_op("create VM"))?;
-        fd.set_tss_address(TSS_ADDRESS).map_err(kvm_op("set TSS address"))?;
+        fd.set_tss_address(TSS_ADDRESS)
+            .map_err(kvm_op("set TSS address"))?;
         fd.create_irq_chip().map_err(kvm_op("create irqchip"))?;
-        let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
         fd.create_pit2(pit).map_err(kvm_op("create PIT"))?;
         for (slot, region) in ram.mem.iter().enumerate() {
             let host = ram
                 .mem
                 .get_host_address(region.start_addr())
-                .map_err(|_| VmError::Kvm { what: "map guest RAM", source: kvm_ioctls::Error::new(libc::EFAULT) })?;
+                .map_err(|_| VmError::Kvm {
+                    what: "map guest RAM",
+                    source: kvm_ioctls::Error::new(libc::EFAULT),
+                })?;
             let region_desc = kvm_userspace_memory_region {
                 slot: u32::try_from(slot).expect("a few slots"),
                 flags: 0,
@@ -85,12 +92,12 @@ impl Vm {
             };
             // SAFETY: the host range belongs to `ram`'s mapping, which the caller keeps alive
             // for as long as the VM (the Vmm owns both and drops the VM first).
-            unsafe { fd.set_user_memory_region(region_desc) }.map_err(kvm_op("register guest RAM"))?;
+            unsafe { fd.set_user_memory_region(region_desc) }
+                .map_err(kvm_op("register guest RAM"))?;
         }
         Ok(Self { kvm, fd })
     }
 }
-
 
 #[cfg(test)]
 mod tests {

@@ -85,7 +85,10 @@ pub struct Rtc {
 }
 
 fn system_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 impl Default for Rtc {
@@ -97,7 +100,11 @@ impl Default for Rtc {
 impl Rtc {
     /// An RTC reading time from `now` (seconds since the epoch); tests pass a fixed clock.
     pub fn with_clock(now: fn() -> u64) -> Self {
-        Self { index: 0, nvram: [0; CMOS_SIZE], now }
+        Self {
+            index: 0,
+            nvram: [0; CMOS_SIZE],
+            now,
+        }
     }
 
     fn register(&self, index: u8) -> u8 {
@@ -126,7 +133,11 @@ impl BusDevice for Rtc {
     }
 
     fn read(&mut self, offset: u64, data: &mut [u8]) {
-        let v = if offset == 1 { self.register(self.index) } else { 0xff };
+        let v = if offset == 1 {
+            self.register(self.index)
+        } else {
+            0xff
+        };
         data.fill(v);
     }
 
@@ -148,10 +159,16 @@ mod tests {
     #[test]
     fn epoch_and_known_dates_convert() {
         let e = datetime_from_unix(0);
-        assert_eq!((e.year, e.month, e.day, e.hour, e.weekday), (1970, 1, 1, 0, 5));
+        assert_eq!(
+            (e.year, e.month, e.day, e.hour, e.weekday),
+            (1970, 1, 1, 0, 5)
+        );
         // 2024-02-29 12:34:56 UTC, a Thursday.
         let d = datetime_from_unix(1_709_210_096);
-        assert_eq!((d.year, d.month, d.day, d.hour, d.minute, d.second), (2024, 2, 29, 12, 34, 56));
+        assert_eq!(
+            (d.year, d.month, d.day, d.hour, d.minute, d.second),
+            (2024, 2, 29, 12, 34, 56)
+        );
         assert_eq!(d.weekday, 5);
         // 2026-11-29 was a Sunday.
         let s = datetime_from_unix(1_795_910_400);
@@ -175,7 +192,11 @@ mod tests {
         assert_eq!(read_reg(&mut rtc, REG_MONTH), 0x02);
         assert_eq!(read_reg(&mut rtc, REG_YEAR), 0x24);
         assert_eq!(read_reg(&mut rtc, REG_CENTURY), 0x20);
-        assert_eq!(read_reg(&mut rtc, REG_STATUS_A) & 0x80, 0, "UIP must be clear");
+        assert_eq!(
+            read_reg(&mut rtc, REG_STATUS_A) & 0x80,
+            0,
+            "UIP must be clear"
+        );
         assert_eq!(read_reg(&mut rtc, REG_STATUS_B) & 0x06, 0x02, "24h BCD");
     }
 

@@ -37,7 +37,11 @@ pub struct ConsoleOut {
 impl ConsoleOut {
     /// Output to `file` (if any) and to stdout (if `stdout`).
     pub fn new(file: Option<File>, stdout: bool) -> Self {
-        Self { file, stdout, bytes: 0 }
+        Self {
+            file,
+            stdout,
+            bytes: 0,
+        }
     }
 
     /// Bytes the guest has written so far.
@@ -82,7 +86,9 @@ impl<W: Write + Send> std::fmt::Debug for SerialDevice<W> {
 impl<W: Write + Send> SerialDevice<W> {
     /// A UART raising `irq` and writing to `out`.
     pub fn new(irq: EventFd, out: W) -> Self {
-        Self { uart: Serial::new(EventFdTrigger(irq), out) }
+        Self {
+            uart: Serial::new(EventFdTrigger(irq), out),
+        }
     }
 
     /// The output sink.
@@ -103,23 +109,25 @@ pub fn spawn_input<W: Write + Send + 'static, R: std::io::Read + Send + 'static>
     serial: std::sync::Arc<std::sync::Mutex<SerialDevice<W>>>,
     mut input: R,
 ) -> io::Result<()> {
-    std::thread::Builder::new().name("console-in".into()).spawn(move || {
-        let mut buf = [0u8; 256];
-        loop {
-            let n = match input.read(&mut buf) {
-                Ok(0) | Err(_) => return,
-                Ok(n) => n,
-            };
-            let mut rest = &buf[..n];
-            while !rest.is_empty() {
-                let taken = serial.lock().expect("serial lock").enqueue_input(rest);
-                rest = &rest[taken..];
-                if taken == 0 {
-                    std::thread::sleep(std::time::Duration::from_millis(2));
+    std::thread::Builder::new()
+        .name("console-in".into())
+        .spawn(move || {
+            let mut buf = [0u8; 256];
+            loop {
+                let n = match input.read(&mut buf) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                };
+                let mut rest = &buf[..n];
+                while !rest.is_empty() {
+                    let taken = serial.lock().expect("serial lock").enqueue_input(rest);
+                    rest = &rest[taken..];
+                    if taken == 0 {
+                        std::thread::sleep(std::time::Duration::from_millis(2));
+                    }
                 }
             }
-        }
-    })?;
+        })?;
     Ok(())
 }
 
@@ -191,7 +199,10 @@ mod tests {
         let mut dev = SerialDevice::new(irq, Vec::new());
         let big = [b'x'; 100];
         let taken = dev.enqueue_input(&big);
-        assert!(taken > 0 && taken < 100, "the FIFO takes part of it: {taken}");
+        assert!(
+            taken > 0 && taken < 100,
+            "the FIFO takes part of it: {taken}"
+        );
         assert_eq!(dev.enqueue_input(&big), 0, "full");
         let mut lsr = [0u8];
         dev.read(5, &mut lsr);

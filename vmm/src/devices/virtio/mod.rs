@@ -11,8 +11,8 @@
 use std::io;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use vmm_sys_util::eventfd::EventFd;
 use virtio_queue::Queue;
+use vmm_sys_util::eventfd::EventFd;
 
 pub mod fs;
 pub mod mmio;
@@ -69,7 +69,12 @@ pub trait VirtioDevice<M>: Send {
     }
     /// Processes what the driver made available on queue `index`; returns whether the
     /// driver must be interrupted. An `Err` marks the device DEVICE_NEEDS_RESET.
-    fn process_queue(&mut self, index: usize, queue: &mut Queue, mem: &M) -> Result<bool, QueueError> {
+    fn process_queue(
+        &mut self,
+        index: usize,
+        queue: &mut Queue,
+        mem: &M,
+    ) -> Result<bool, QueueError> {
         let _ = (index, queue, mem);
         Ok(false)
     }
@@ -77,7 +82,12 @@ pub trait VirtioDevice<M>: Send {
     /// the device's own backend has work (`None`). Devices whose queues depend on each
     /// other (vsock) override this; the default hands the notified queue to
     /// [`process_queue`](Self::process_queue).
-    fn process(&mut self, notified: Option<usize>, queues: &mut [Queue], mem: &M) -> Result<bool, QueueError> {
+    fn process(
+        &mut self,
+        notified: Option<usize>,
+        queues: &mut [Queue],
+        mem: &M,
+    ) -> Result<bool, QueueError> {
         match notified.and_then(|i| queues.get_mut(i).map(|q| (i, q))) {
             Some((i, q)) => self.process_queue(i, q, mem),
             None => Ok(false),
@@ -108,7 +118,10 @@ pub const INT_CONFIG: u32 = virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_CONFIG
 impl IrqTrigger {
     /// A trigger raising `evt`.
     pub fn new(evt: EventFd) -> Self {
-        Self { status: AtomicU32::new(0), evt }
+        Self {
+            status: AtomicU32::new(0),
+            evt,
+        }
     }
 
     /// Sets `bits` in InterruptStatus and raises the interrupt.

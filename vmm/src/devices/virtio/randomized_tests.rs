@@ -79,10 +79,18 @@ fn rng_survives_garbage_rings() {
         let mq = MockSplitQueue::create(&mem, GuestAddress(0), 16);
         let mut q: Queue = mq.create_queue().unwrap();
         scramble(&mem, &mut r, &[mq.avail_addr().0 + 2]);
-        let _ = VirtioDevice::<GuestMemoryMmap>::process(&mut dev, Some(0), std::slice::from_mut(&mut q), &mem);
+        let _ = VirtioDevice::<GuestMemoryMmap>::process(
+            &mut dev,
+            Some(0),
+            std::slice::from_mut(&mut q),
+            &mem,
+        );
     }
     let c = dev.counters();
-    assert!(c.requests > ROUNDS as u64 && c.bytes > 0 && c.bad_descriptors > 0, "garbage was not exercised: {c:?}");
+    assert!(
+        c.requests > ROUNDS as u64 && c.bytes > 0 && c.bad_descriptors > 0,
+        "garbage was not exercised: {c:?}"
+    );
 }
 
 /// Half the vsock rounds get one well-formed tx packet with random fields (mostly the
@@ -96,7 +104,11 @@ fn plausible_vsock_round(
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
     let mut hdr = [0u8; 44];
     r.fill(&mut hdr);
-    let (src_cid, dst_cid) = if r.next() % 4 == 0 { (r.next() % 5, r.next() % 5) } else { (3, 2) };
+    let (src_cid, dst_cid) = if r.next() % 4 == 0 {
+        (r.next() % 5, r.next() % 5)
+    } else {
+        (3, 2)
+    };
     let len = u32::try_from(r.next() % 64).unwrap();
     hdr[0..8].copy_from_slice(&src_cid.to_le_bytes());
     hdr[8..16].copy_from_slice(&dst_cid.to_le_bytes());
@@ -107,8 +119,10 @@ fn plausible_vsock_round(
     hdr[30..32].copy_from_slice(&u16::try_from(r.next() % 9).unwrap().to_le_bytes());
     mem.write_slice(&hdr, GuestAddress(0x8000)).unwrap();
     let to_raw = |addr, len, flags| RawDescriptor::from(SplitDescriptor::new(addr, len, flags, 0));
-    tx.add_desc_chains(&[to_raw(0x8000, 44 + len, 0)], 0).unwrap();
-    rx.add_desc_chains(&[to_raw(0x9000, 0x1000, 2), to_raw(0xa000, 0x1000, 2)], 0).unwrap();
+    tx.add_desc_chains(&[to_raw(0x8000, 44 + len, 0)], 0)
+        .unwrap();
+    rx.add_desc_chains(&[to_raw(0x9000, 0x1000, 2), to_raw(0xa000, 0x1000, 2)], 0)
+        .unwrap();
 }
 
 #[test]
@@ -124,21 +138,33 @@ fn vsock_survives_garbage_rings() {
         let rx = MockSplitQueue::create(&mem, GuestAddress(0), 16);
         let tx = MockSplitQueue::create(&mem, GuestAddress(0x1000), 16);
         let ev = MockSplitQueue::create(&mem, GuestAddress(0x2000), 16);
-        let mut qs: Vec<Queue> = vec![rx.create_queue().unwrap(), tx.create_queue().unwrap(), ev.create_queue().unwrap()];
-        scramble(&mem, &mut r, &[rx.avail_addr().0 + 2, tx.avail_addr().0 + 2]);
+        let mut qs: Vec<Queue> = vec![
+            rx.create_queue().unwrap(),
+            tx.create_queue().unwrap(),
+            ev.create_queue().unwrap(),
+        ];
+        scramble(
+            &mem,
+            &mut r,
+            &[rx.avail_addr().0 + 2, tx.avail_addr().0 + 2],
+        );
         if r.next() % 2 == 0 {
             plausible_vsock_round(&mem, &mut r, &rx, &tx);
         }
         let _ = dev.process(Some(1), &mut qs, &mem);
     }
     let c = dev.counters();
-    assert!(c.tx_packets > 0 && c.rx_packets > 0 && c.bad_descriptors > 0, "garbage was not exercised: {c:?}");
+    assert!(
+        c.tx_packets > 0 && c.rx_packets > 0 && c.bad_descriptors > 0,
+        "garbage was not exercised: {c:?}"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
 fn transport_survives_random_register_traffic() {
-    let mem: GuestMemoryMmap = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+    let mem: GuestMemoryMmap =
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
     let irq = Arc::new(IrqTrigger::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()));
     let mut t = MmioTransport::new(Box::new(Rng::new(Zeros)), mem.clone(), irq);
     let mut r = XorShift(0xdead_beef_cafe_f00d);

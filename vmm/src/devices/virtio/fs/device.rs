@@ -66,7 +66,10 @@ pub struct VhostUserFs {
 
 impl std::fmt::Debug for VhostUserFs {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("VhostUserFs").field("path", &self.path).field("tag", &self.tag).finish()
+        f.debug_struct("VhostUserFs")
+            .field("path", &self.path)
+            .field("tag", &self.tag)
+            .finish()
     }
 }
 
@@ -76,9 +79,18 @@ impl VhostUserFs {
         if tag.is_empty() || tag.len() > FS_TAG_LEN {
             return Err(FsError::BadTag(tag.to_owned()));
         }
-        let frontend = Frontend::connect(path, NUM_QUEUES as u64)
-            .map_err(|source| FsError::Connect { path: path.to_owned(), source })?;
-        let hs = |what| move |source| FsError::Handshake { path: path.to_owned(), what, source };
+        let frontend =
+            Frontend::connect(path, NUM_QUEUES as u64).map_err(|source| FsError::Connect {
+                path: path.to_owned(),
+                source,
+            })?;
+        let hs = |what| {
+            move |source| FsError::Handshake {
+                path: path.to_owned(),
+                what,
+                source,
+            }
+        };
         frontend.set_owner().map_err(hs("SET_OWNER"))?;
         let backend_features = frontend.get_features().map_err(hs("GET_FEATURES"))?;
         let mut kicks = Vec::new();
@@ -87,7 +99,15 @@ impl VhostUserFs {
             kicks.push(EventFd::new(libc::EFD_NONBLOCK).map_err(FsError::EventFd)?);
             calls.push(EventFd::new(libc::EFD_NONBLOCK).map_err(FsError::EventFd)?);
         }
-        Ok(Self { frontend, path: path.to_owned(), tag: tag.to_owned(), backend_features, kicks, calls, activated: false })
+        Ok(Self {
+            frontend,
+            path: path.to_owned(),
+            tag: tag.to_owned(),
+            backend_features,
+            kicks,
+            calls,
+            activated: false,
+        })
     }
 
     /// Clones of the call eventfds (the backend signals used buffers on them).
@@ -96,10 +116,17 @@ impl VhostUserFs {
     }
 
     fn hva(mem: &GuestMemoryMmap, gpa: u64) -> Option<u64> {
-        mem.get_host_address(GuestAddress(gpa)).ok().map(|p| p as u64)
+        mem.get_host_address(GuestAddress(gpa))
+            .ok()
+            .map(|p| p as u64)
     }
 
-    fn start_backend(&mut self, acked: u64, queues: &[Queue], mem: &GuestMemoryMmap) -> Result<(), vhost::Error> {
+    fn start_backend(
+        &mut self,
+        acked: u64,
+        queues: &[Queue],
+        mem: &GuestMemoryMmap,
+    ) -> Result<(), vhost::Error> {
         let protocol = self.backend_features & VHOST_USER_F_PROTOCOL_FEATURES != 0;
         let mut features = acked;
         if protocol {
@@ -109,7 +136,8 @@ impl VhostUserFs {
         if protocol {
             let offered = self.frontend.get_protocol_features()?;
             // Nothing optional is needed; REPLY_ACK, if offered, makes errors visible sooner.
-            self.frontend.set_protocol_features(offered & VhostUserProtocolFeatures::REPLY_ACK)?;
+            self.frontend
+                .set_protocol_features(offered & VhostUserProtocolFeatures::REPLY_ACK)?;
         }
         let regions: Vec<VhostUserMemoryRegionInfo> = mem
             .iter()
@@ -159,7 +187,11 @@ impl VirtioDevice<GuestMemoryMmap> for VhostUserFs {
         cfg[..self.tag.len()].copy_from_slice(self.tag.as_bytes());
         cfg[FS_TAG_LEN..].copy_from_slice(&1u32.to_le_bytes());
         for (i, b) in data.iter_mut().enumerate() {
-            *b = usize::try_from(offset).ok().and_then(|o| cfg.get(o + i)).copied().unwrap_or(0);
+            *b = usize::try_from(offset)
+                .ok()
+                .and_then(|o| cfg.get(o + i))
+                .copied()
+                .unwrap_or(0);
         }
     }
 
@@ -172,7 +204,12 @@ impl VirtioDevice<GuestMemoryMmap> for VhostUserFs {
         self.activated
     }
 
-    fn process(&mut self, notified: Option<usize>, _queues: &mut [Queue], _mem: &GuestMemoryMmap) -> Result<bool, QueueError> {
+    fn process(
+        &mut self,
+        notified: Option<usize>,
+        _queues: &mut [Queue],
+        _mem: &GuestMemoryMmap,
+    ) -> Result<bool, QueueError> {
         if let Some(kick) = notified.and_then(|i| self.kicks.get(i)) {
             // The backend watches this eventfd; a full counter still wakes it.
             let _ = kick.write(1);

@@ -107,7 +107,8 @@ impl<M: GuestMemory + Send> MmioTransport<M> {
     }
 
     fn selected_queue(&mut self) -> Option<&mut Queue> {
-        self.queues.get_mut(usize::try_from(self.queue_select).ok()?)
+        self.queues
+            .get_mut(usize::try_from(self.queue_select).ok()?)
     }
 
     /// Queue registers may change only between FEATURES_OK and DRIVER_OK, on a queue the
@@ -163,7 +164,8 @@ impl<M: GuestMemory + Send> MmioTransport<M> {
             (ACKNOWLEDGE, DRIVER) => self.status |= DRIVER,
             (b, FEATURES_OK) if b == ACKNOWLEDGE | DRIVER => {
                 let offered = self.device.features();
-                let ok = self.acked_features & !offered == 0 && self.acked_features & VIRTIO_F_VERSION_1 != 0;
+                let ok = self.acked_features & !offered == 0
+                    && self.acked_features & VIRTIO_F_VERSION_1 != 0;
                 // Refused features leave FEATURES_OK clear: the driver reads it back.
                 if ok {
                     self.status |= FEATURES_OK;
@@ -173,8 +175,13 @@ impl<M: GuestMemory + Send> MmioTransport<M> {
             }
             (b, DRIVER_OK) if b == ACKNOWLEDGE | DRIVER | FEATURES_OK => {
                 self.status |= DRIVER_OK;
-                if self.queues.iter().any(|q| q.ready() && !q.is_valid(&self.mem))
-                    || !self.device.activate_queues(self.acked_features, &self.queues, &self.mem)
+                if self
+                    .queues
+                    .iter()
+                    .any(|q| q.ready() && !q.is_valid(&self.mem))
+                    || !self
+                        .device
+                        .activate_queues(self.acked_features, &self.queues, &self.mem)
                 {
                     self.mark_needs_reset();
                 }
@@ -184,10 +191,14 @@ impl<M: GuestMemory + Send> MmioTransport<M> {
     }
 
     fn notify(&mut self, index: u32) {
-        let Some(i) = usize::try_from(index).ok().filter(|i| *i < self.queues.len()) else {
+        let Some(i) = usize::try_from(index)
+            .ok()
+            .filter(|i| *i < self.queues.len())
+        else {
             return self.refuse();
         };
-        if self.status & (DRIVER_OK | NEEDS_RESET | FAILED) != DRIVER_OK || !self.queues[i].ready() {
+        if self.status & (DRIVER_OK | NEEDS_RESET | FAILED) != DRIVER_OK || !self.queues[i].ready()
+        {
             return self.refuse();
         }
         self.counters.notifications += 1;
@@ -230,8 +241,12 @@ impl<M: GuestMemory + Send> MmioTransport<M> {
                     _ => 0,
                 }
             }
-            reg::VIRTIO_MMIO_QUEUE_NUM_MAX => self.selected_queue().map_or(0, |q| u32::from(q.max_size())),
-            reg::VIRTIO_MMIO_QUEUE_READY => self.selected_queue().map_or(0, |q| u32::from(q.ready())),
+            reg::VIRTIO_MMIO_QUEUE_NUM_MAX => {
+                self.selected_queue().map_or(0, |q| u32::from(q.max_size()))
+            }
+            reg::VIRTIO_MMIO_QUEUE_READY => {
+                self.selected_queue().map_or(0, |q| u32::from(q.ready()))
+            }
             reg::VIRTIO_MMIO_INTERRUPT_STATUS => self.irq.status(),
             reg::VIRTIO_MMIO_STATUS => self.status,
             reg::VIRTIO_MMIO_CONFIG_GENERATION => self.config_generation,
@@ -244,12 +259,17 @@ impl<M: GuestMemory + Send> MmioTransport<M> {
             reg::VIRTIO_MMIO_DEVICE_FEATURES_SEL => self.features_select = v,
             reg::VIRTIO_MMIO_DRIVER_FEATURES_SEL => self.acked_features_select = v,
             reg::VIRTIO_MMIO_DRIVER_FEATURES => {
-                if self.status & (ACKNOWLEDGE | DRIVER | FEATURES_OK | FAILED) != ACKNOWLEDGE | DRIVER {
+                if self.status & (ACKNOWLEDGE | DRIVER | FEATURES_OK | FAILED)
+                    != ACKNOWLEDGE | DRIVER
+                {
                     return self.refuse();
                 }
                 match self.acked_features_select {
                     0 => self.acked_features = (self.acked_features & !0xffff_ffff) | u64::from(v),
-                    1 => self.acked_features = (self.acked_features & 0xffff_ffff) | (u64::from(v) << 32),
+                    1 => {
+                        self.acked_features =
+                            (self.acked_features & 0xffff_ffff) | (u64::from(v) << 32)
+                    }
                     _ => self.refuse(),
                 }
             }
@@ -268,7 +288,9 @@ impl<M: GuestMemory + Send> MmioTransport<M> {
                 if !self.queue_config_allowed() {
                     return self.refuse();
                 }
-                let q = self.selected_queue().expect("checked by queue_config_allowed");
+                let q = self
+                    .selected_queue()
+                    .expect("checked by queue_config_allowed");
                 match offset {
                     // Sizes that are not a power of two up to the maximum are ignored by
                     // set_size; is_valid() catches what remains at DRIVER_OK.
@@ -309,7 +331,9 @@ impl<M: GuestMemory + Send> BusDevice for MmioTransport<M> {
         }
         // Registers are 32 bits wide and must be accessed as such.
         match (u32::try_from(offset), data.len()) {
-            (Ok(off), 4) if off % 4 == 0 => data.copy_from_slice(&self.read_register(off).to_le_bytes()),
+            (Ok(off), 4) if off % 4 == 0 => {
+                data.copy_from_slice(&self.read_register(off).to_le_bytes())
+            }
             _ => data.fill(0),
         }
     }
@@ -319,7 +343,9 @@ impl<M: GuestMemory + Send> BusDevice for MmioTransport<M> {
             return self.device.write_config(offset - CONFIG_SPACE_OFFSET, data);
         }
         match (u32::try_from(offset), <[u8; 4]>::try_from(data)) {
-            (Ok(off), Ok(bytes)) if off % 4 == 0 => self.write_register(off, u32::from_le_bytes(bytes)),
+            (Ok(off), Ok(bytes)) if off % 4 == 0 => {
+                self.write_register(off, u32::from_le_bytes(bytes))
+            }
             _ => self.refuse(),
         }
     }

@@ -44,11 +44,18 @@ impl VirtioDevice<GuestMemoryMmap> for Fake {
     fn activate(&mut self, acked: u64) {
         self.0.lock().unwrap().activated = Some(acked);
     }
-    fn process_queue(&mut self, index: usize, _: &mut Queue, _: &GuestMemoryMmap) -> Result<bool, QueueError> {
+    fn process_queue(
+        &mut self,
+        index: usize,
+        _: &mut Queue,
+        _: &GuestMemoryMmap,
+    ) -> Result<bool, QueueError> {
         let mut log = self.0.lock().unwrap();
         log.processed.push(index);
         if std::mem::take(&mut log.fail_next) {
-            return Err(QueueError::Queue(virtio_queue::Error::InvalidAvailRingIndex));
+            return Err(QueueError::Queue(
+                virtio_queue::Error::InvalidAvailRingIndex,
+            ));
         }
         Ok(true)
     }
@@ -91,13 +98,32 @@ fn negotiate(t: &mut MmioTransport<GuestMemoryMmap>, features: u64) {
     w(t, reg::VIRTIO_MMIO_STATUS, ACKNOWLEDGE);
     w(t, reg::VIRTIO_MMIO_STATUS, ACKNOWLEDGE | DRIVER);
     w(t, reg::VIRTIO_MMIO_DRIVER_FEATURES_SEL, 0);
-    w(t, reg::VIRTIO_MMIO_DRIVER_FEATURES, u32::try_from(features & 0xffff_ffff).unwrap());
+    w(
+        t,
+        reg::VIRTIO_MMIO_DRIVER_FEATURES,
+        u32::try_from(features & 0xffff_ffff).unwrap(),
+    );
     w(t, reg::VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
-    w(t, reg::VIRTIO_MMIO_DRIVER_FEATURES, u32::try_from(features >> 32).unwrap());
-    w(t, reg::VIRTIO_MMIO_STATUS, ACKNOWLEDGE | DRIVER | FEATURES_OK);
+    w(
+        t,
+        reg::VIRTIO_MMIO_DRIVER_FEATURES,
+        u32::try_from(features >> 32).unwrap(),
+    );
+    w(
+        t,
+        reg::VIRTIO_MMIO_STATUS,
+        ACKNOWLEDGE | DRIVER | FEATURES_OK,
+    );
 }
 
-fn setup_queue(t: &mut MmioTransport<GuestMemoryMmap>, sel: u32, desc: u64, avail: u64, used: u64, size: u32) {
+fn setup_queue(
+    t: &mut MmioTransport<GuestMemoryMmap>,
+    sel: u32,
+    desc: u64,
+    avail: u64,
+    used: u64,
+    size: u32,
+) {
     let lo = |a: u64| u32::try_from(a & 0xffff_ffff).unwrap();
     let hi = |a: u64| u32::try_from(a >> 32).unwrap();
     w(t, reg::VIRTIO_MMIO_QUEUE_SEL, sel);
@@ -132,7 +158,10 @@ fn identity_registers() {
 fn full_negotiation_activates_and_notify_interrupts() {
     let mut x = rig();
     negotiate(&mut x.t, VIRTIO_F_VERSION_1 | 0b1);
-    assert_eq!(r(&mut x.t, reg::VIRTIO_MMIO_STATUS), ACKNOWLEDGE | DRIVER | FEATURES_OK);
+    assert_eq!(
+        r(&mut x.t, reg::VIRTIO_MMIO_STATUS),
+        ACKNOWLEDGE | DRIVER | FEATURES_OK
+    );
     w(&mut x.t, reg::VIRTIO_MMIO_QUEUE_SEL, 0);
     assert_eq!(r(&mut x.t, reg::VIRTIO_MMIO_QUEUE_NUM_MAX), 16);
     assert_eq!(r(&mut x.t, reg::VIRTIO_MMIO_QUEUE_READY), 0);
@@ -140,7 +169,10 @@ fn full_negotiation_activates_and_notify_interrupts() {
     assert_eq!(r(&mut x.t, reg::VIRTIO_MMIO_QUEUE_READY), 1);
     w(&mut x.t, reg::VIRTIO_MMIO_STATUS, FULL);
     assert_eq!(r(&mut x.t, reg::VIRTIO_MMIO_STATUS), FULL);
-    assert_eq!(x.log.lock().unwrap().activated, Some(VIRTIO_F_VERSION_1 | 0b1));
+    assert_eq!(
+        x.log.lock().unwrap().activated,
+        Some(VIRTIO_F_VERSION_1 | 0b1)
+    );
 
     w(&mut x.t, reg::VIRTIO_MMIO_QUEUE_NOTIFY, 0);
     assert_eq!(x.log.lock().unwrap().processed, vec![0]);
@@ -156,9 +188,17 @@ fn features_not_offered_or_without_version_1_are_refused() {
     for bad in [VIRTIO_F_VERSION_1 | 0b10, 0b1] {
         let mut x = rig();
         negotiate(&mut x.t, bad);
-        assert_eq!(r(&mut x.t, reg::VIRTIO_MMIO_STATUS), ACKNOWLEDGE | DRIVER, "features {bad:#x}");
+        assert_eq!(
+            r(&mut x.t, reg::VIRTIO_MMIO_STATUS),
+            ACKNOWLEDGE | DRIVER,
+            "features {bad:#x}"
+        );
         // Without FEATURES_OK, DRIVER_OK is refused too.
-        w(&mut x.t, reg::VIRTIO_MMIO_STATUS, ACKNOWLEDGE | DRIVER | DRIVER_OK);
+        w(
+            &mut x.t,
+            reg::VIRTIO_MMIO_STATUS,
+            ACKNOWLEDGE | DRIVER | DRIVER_OK,
+        );
         assert_eq!(r(&mut x.t, reg::VIRTIO_MMIO_STATUS), ACKNOWLEDGE | DRIVER);
         assert_eq!(x.log.lock().unwrap().activated, None);
     }
@@ -177,8 +217,15 @@ fn status_steps_out_of_order_or_clearing_bits_are_refused() {
     w(&mut x.t, reg::VIRTIO_MMIO_STATUS, DRIVER | FEATURES_OK);
     assert_eq!(r(&mut x.t, reg::VIRTIO_MMIO_STATUS), ACKNOWLEDGE | DRIVER);
     // FAILED can always be added.
-    w(&mut x.t, reg::VIRTIO_MMIO_STATUS, ACKNOWLEDGE | DRIVER | FAILED);
-    assert_eq!(r(&mut x.t, reg::VIRTIO_MMIO_STATUS), ACKNOWLEDGE | DRIVER | FAILED);
+    w(
+        &mut x.t,
+        reg::VIRTIO_MMIO_STATUS,
+        ACKNOWLEDGE | DRIVER | FAILED,
+    );
+    assert_eq!(
+        r(&mut x.t, reg::VIRTIO_MMIO_STATUS),
+        ACKNOWLEDGE | DRIVER | FAILED
+    );
     assert!(x.t.counters().refused_writes >= 3);
 }
 
@@ -190,7 +237,11 @@ fn driver_features_are_only_taken_in_the_driver_state() {
     negotiate(&mut x.t, VIRTIO_F_VERSION_1);
     w(&mut x.t, reg::VIRTIO_MMIO_DRIVER_FEATURES_SEL, 0);
     w(&mut x.t, reg::VIRTIO_MMIO_DRIVER_FEATURES, 0b101);
-    assert_eq!(x.t.acked_features(), VIRTIO_F_VERSION_1, "changed after FEATURES_OK");
+    assert_eq!(
+        x.t.acked_features(),
+        VIRTIO_F_VERSION_1,
+        "changed after FEATURES_OK"
+    );
 }
 
 #[test]
@@ -199,10 +250,18 @@ fn queue_registers_only_change_between_features_ok_and_driver_ok() {
     w(&mut x.t, reg::VIRTIO_MMIO_STATUS, ACKNOWLEDGE);
     w(&mut x.t, reg::VIRTIO_MMIO_STATUS, ACKNOWLEDGE | DRIVER);
     setup_queue(&mut x.t, 0, 0x1000, 0x2000, 0x3000, 16);
-    assert_eq!(r(&mut x.t, reg::VIRTIO_MMIO_QUEUE_READY), 0, "queue set up before FEATURES_OK");
+    assert_eq!(
+        r(&mut x.t, reg::VIRTIO_MMIO_QUEUE_READY),
+        0,
+        "queue set up before FEATURES_OK"
+    );
     w(&mut x.t, reg::VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
     w(&mut x.t, reg::VIRTIO_MMIO_DRIVER_FEATURES, 1);
-    w(&mut x.t, reg::VIRTIO_MMIO_STATUS, ACKNOWLEDGE | DRIVER | FEATURES_OK);
+    w(
+        &mut x.t,
+        reg::VIRTIO_MMIO_STATUS,
+        ACKNOWLEDGE | DRIVER | FEATURES_OK,
+    );
     setup_queue(&mut x.t, 0, 0x1000, 0x2000, 0x3000, 16);
     w(&mut x.t, reg::VIRTIO_MMIO_STATUS, FULL);
     // After DRIVER_OK the rings cannot move.
@@ -225,17 +284,31 @@ fn driver_ok_with_an_invalid_queue_marks_needs_reset() {
     // Descriptor table beyond guest memory; available ring above 4 GiB; used ring running
     // off the end of RAM. (Misaligned addresses and sizes that are not a power of two never
     // reach the queue: virtio-queue ignores such writes.)
-    for (desc, avail, used) in [(0x4000_0000u64, 0x2000u64, 0x3000u64), (0x1000, 0x1_0000_2000, 0x3000), (0x1000, 0x2000, 0xf_ffc0)] {
+    for (desc, avail, used) in [
+        (0x4000_0000u64, 0x2000u64, 0x3000u64),
+        (0x1000, 0x1_0000_2000, 0x3000),
+        (0x1000, 0x2000, 0xf_ffc0),
+    ] {
         let mut x = rig();
         negotiate(&mut x.t, VIRTIO_F_VERSION_1);
         setup_queue(&mut x.t, 0, desc, avail, used, 16);
         w(&mut x.t, reg::VIRTIO_MMIO_STATUS, FULL);
         let status = r(&mut x.t, reg::VIRTIO_MMIO_STATUS);
-        assert_ne!(status & NEEDS_RESET, 0, "desc {desc:#x} avail {avail:#x} used {used:#x}: {status:#x}");
-        assert_ne!(r(&mut x.t, reg::VIRTIO_MMIO_INTERRUPT_STATUS) & INT_CONFIG, 0);
+        assert_ne!(
+            status & NEEDS_RESET,
+            0,
+            "desc {desc:#x} avail {avail:#x} used {used:#x}: {status:#x}"
+        );
+        assert_ne!(
+            r(&mut x.t, reg::VIRTIO_MMIO_INTERRUPT_STATUS) & INT_CONFIG,
+            0
+        );
         assert_eq!(x.log.lock().unwrap().activated, None);
         w(&mut x.t, reg::VIRTIO_MMIO_QUEUE_NOTIFY, 0);
-        assert!(x.log.lock().unwrap().processed.is_empty(), "a broken device must not process");
+        assert!(
+            x.log.lock().unwrap().processed.is_empty(),
+            "a broken device must not process"
+        );
     }
 }
 
@@ -251,7 +324,11 @@ fn a_failing_queue_marks_needs_reset_and_reset_recovers() {
     assert_eq!(r(&mut x.t, reg::VIRTIO_MMIO_CONFIG_GENERATION), 1);
     assert_eq!(x.t.counters().needs_reset, 1);
     w(&mut x.t, reg::VIRTIO_MMIO_QUEUE_NOTIFY, 0);
-    assert_eq!(x.log.lock().unwrap().processed, vec![0], "no processing while NEEDS_RESET");
+    assert_eq!(
+        x.log.lock().unwrap().processed,
+        vec![0],
+        "no processing while NEEDS_RESET"
+    );
 
     w(&mut x.t, reg::VIRTIO_MMIO_STATUS, 0);
     assert_eq!(r(&mut x.t, reg::VIRTIO_MMIO_STATUS), 0);
@@ -301,16 +378,32 @@ fn rng_behind_the_transport_fills_a_driver_buffer() {
     let mut t = MmioTransport::new(Box::new(rng), m.clone(), irq.clone());
     let mq = MockSplitQueue::create(&m, GuestAddress(0x1000), 16);
     negotiate(&mut t, VIRTIO_F_VERSION_1);
-    setup_queue(&mut t, 0, mq.desc_table_addr().0, mq.avail_addr().0, mq.used_addr().0, 16);
+    setup_queue(
+        &mut t,
+        0,
+        mq.desc_table_addr().0,
+        mq.avail_addr().0,
+        mq.used_addr().0,
+        16,
+    );
     w(&mut t, reg::VIRTIO_MMIO_STATUS, FULL);
     assert_eq!(r(&mut t, reg::VIRTIO_MMIO_STATUS), FULL);
     let flags = u16::try_from(VRING_DESC_F_WRITE).unwrap();
-    mq.add_desc_chains(&[RawDescriptor::from(SplitDescriptor::new(0x8000, 64, flags, 0))], 0).unwrap();
+    mq.add_desc_chains(
+        &[RawDescriptor::from(SplitDescriptor::new(
+            0x8000, 64, flags, 0,
+        ))],
+        0,
+    )
+    .unwrap();
     w(&mut t, reg::VIRTIO_MMIO_QUEUE_NOTIFY, 0);
     assert_eq!(mq.used().idx().load(), 1);
     assert_eq!(mq.used().ring().ref_at(0).unwrap().load().len(), 64);
     let mut buf = [0u8; 64];
     m.read_slice(&mut buf, GuestAddress(0x8000)).unwrap();
-    assert!(buf.iter().any(|b| *b != 0), "64 random bytes are not all zero");
+    assert!(
+        buf.iter().any(|b| *b != 0),
+        "64 random bytes are not all zero"
+    );
     assert_eq!(irq.status(), INT_VRING);
 }

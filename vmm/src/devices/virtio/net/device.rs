@@ -52,7 +52,10 @@ pub struct Net<T: FrameIo> {
 
 impl<T: FrameIo> std::fmt::Debug for Net<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Net").field("mac", &self.mac).field("counters", &self.counters).finish()
+        f.debug_struct("Net")
+            .field("mac", &self.mac)
+            .field("counters", &self.counters)
+            .finish()
     }
 }
 
@@ -70,8 +73,14 @@ impl<T: FrameIo> Net<T> {
     }
 
     /// What the event thread needs: the frame fd, the "don't poll the tap" flag, the kick.
-    pub fn event_parts(&self) -> io::Result<(Option<std::os::fd::RawFd>, Arc<AtomicBool>, EventFd)> {
-        Ok((self.io.poll_fd(), self.rx_blocked.clone(), self.kick.try_clone()?))
+    pub fn event_parts(
+        &self,
+    ) -> io::Result<(Option<std::os::fd::RawFd>, Arc<AtomicBool>, EventFd)> {
+        Ok((
+            self.io.poll_fd(),
+            self.rx_blocked.clone(),
+            self.kick.try_clone()?,
+        ))
     }
 
     /// Counters so far.
@@ -185,7 +194,11 @@ impl<T: FrameIo> VirtioDevice<GuestMemoryMmap> for Net<T> {
         cfg[..6].copy_from_slice(&self.mac);
         cfg[6..8].copy_from_slice(&1u16.to_le_bytes());
         for (i, b) in data.iter_mut().enumerate() {
-            *b = usize::try_from(offset).ok().and_then(|o| cfg.get(o + i)).copied().unwrap_or(0);
+            *b = usize::try_from(offset)
+                .ok()
+                .and_then(|o| cfg.get(o + i))
+                .copied()
+                .unwrap_or(0);
         }
     }
 
@@ -193,7 +206,12 @@ impl<T: FrameIo> VirtioDevice<GuestMemoryMmap> for Net<T> {
         self.unblock_rx();
     }
 
-    fn process(&mut self, _notified: Option<usize>, queues: &mut [Queue], mem: &GuestMemoryMmap) -> Result<bool, QueueError> {
+    fn process(
+        &mut self,
+        _notified: Option<usize>,
+        queues: &mut [Queue],
+        mem: &GuestMemoryMmap,
+    ) -> Result<bool, QueueError> {
         let mut irq = false;
         if queues[TX].ready() && self.process_tx(&mut queues[TX], mem)? {
             irq |= queues[TX].needs_notification(mem)?;

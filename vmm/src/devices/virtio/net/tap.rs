@@ -91,7 +91,10 @@ impl Tap {
             .map_err(|e| match e.kind() {
                 io::ErrorKind::NotFound => TapError::NoTun,
                 io::ErrorKind::PermissionDenied => TapError::Denied(name.to_owned()),
-                _ => TapError::Io { name: name.to_owned(), source: e },
+                _ => TapError::Io {
+                    name: name.to_owned(),
+                    source: e,
+                },
             })?;
         // struct ifreq: the name, then the flags as the first member of the union.
         let mut ifreq = [0u8; 40];
@@ -105,10 +108,16 @@ impl Tap {
             return Err(match e.raw_os_error() {
                 Some(libc::EPERM) | Some(libc::EACCES) => TapError::Denied(name.to_owned()),
                 Some(libc::EBUSY) => TapError::Busy(name.to_owned()),
-                _ => TapError::Io { name: name.to_owned(), source: e },
+                _ => TapError::Io {
+                    name: name.to_owned(),
+                    source: e,
+                },
             });
         }
-        Ok(Self { file, name: name.to_owned() })
+        Ok(Self {
+            file,
+            name: name.to_owned(),
+        })
     }
 
     /// The interface name.
@@ -138,8 +147,16 @@ mod tests {
 
     #[test]
     fn macs_parse_and_bad_ones_say_how_to_write_them() {
-        assert_eq!(parse_mac("02:00:0a:ff:00:01").unwrap(), [2, 0, 10, 255, 0, 1]);
-        for bad in ["02:00:00:00:00", "02:00:00:00:00:001", "zz:00:00:00:00:00", ""] {
+        assert_eq!(
+            parse_mac("02:00:0a:ff:00:01").unwrap(),
+            [2, 0, 10, 255, 0, 1]
+        );
+        for bad in [
+            "02:00:00:00:00",
+            "02:00:00:00:00:001",
+            "zz:00:00:00:00:00",
+            "",
+        ] {
             let e = parse_mac(bad).unwrap_err();
             assert!(e.to_string().contains("six hex bytes"), "{e}");
         }
@@ -148,6 +165,9 @@ mod tests {
     #[test]
     fn bad_tap_names_are_refused_before_any_syscall() {
         assert!(matches!(Tap::open(""), Err(TapError::BadName(_))));
-        assert!(matches!(Tap::open("a-very-long-tap-name"), Err(TapError::BadName(_))));
+        assert!(matches!(
+            Tap::open("a-very-long-tap-name"),
+            Err(TapError::BadName(_))
+        ));
     }
 }

@@ -49,7 +49,9 @@ pub struct Rng<S: EntropySource = File> {
 
 impl<S: EntropySource> std::fmt::Debug for Rng<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Rng").field("counters", &self.counters).finish()
+        f.debug_struct("Rng")
+            .field("counters", &self.counters)
+            .finish()
     }
 }
 
@@ -63,7 +65,11 @@ impl Rng<File> {
 impl<S: EntropySource> Rng<S> {
     /// An rng reading `source`.
     pub fn new(source: S) -> Self {
-        Self { source, counters: RngCounters::default(), acked_features: 0 }
+        Self {
+            source,
+            counters: RngCounters::default(),
+            acked_features: 0,
+        }
     }
 
     /// Counters so far.
@@ -89,7 +95,12 @@ impl<M: GuestMemory, S: EntropySource> VirtioDevice<M> for Rng<S> {
         self.acked_features = acked_features;
     }
 
-    fn process_queue(&mut self, index: usize, queue: &mut Queue, mem: &M) -> Result<bool, QueueError> {
+    fn process_queue(
+        &mut self,
+        index: usize,
+        queue: &mut Queue,
+        mem: &M,
+    ) -> Result<bool, QueueError> {
         if index != 0 {
             return Ok(false);
         }
@@ -119,11 +130,11 @@ impl<M: GuestMemory, S: EntropySource> VirtioDevice<M> for Rng<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
     use virtio_queue::QueueOwnedT;
     use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
-    use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 
     /// A deterministic source: 0, 1, 2, ... (wrapping).
     struct Counting(u8);
@@ -163,7 +174,11 @@ mod tests {
         (e.id(), e.len())
     }
 
-    fn run<S: EntropySource>(rng: &mut Rng<S>, mem: &GuestMemoryMmap, mq: &MockSplitQueue<GuestMemoryMmap>) -> (Queue, Result<bool, QueueError>) {
+    fn run<S: EntropySource>(
+        rng: &mut Rng<S>,
+        mem: &GuestMemoryMmap,
+        mq: &MockSplitQueue<GuestMemoryMmap>,
+    ) -> (Queue, Result<bool, QueueError>) {
         let mut queue: Queue = mq.create_queue().unwrap();
         let r = VirtioDevice::<GuestMemoryMmap>::process_queue(rng, 0, &mut queue, mem);
         (queue, r)
@@ -173,7 +188,8 @@ mod tests {
     fn fills_write_only_buffers_and_reports_their_length() {
         let m = mem();
         let mq = MockSplitQueue::new(&m, 16);
-        mq.add_desc_chains(&[desc(0x8000, 16, W | N, 1), desc(0x9000, 8, W, 0)], 0).unwrap();
+        mq.add_desc_chains(&[desc(0x8000, 16, W | N, 1), desc(0x9000, 8, W, 0)], 0)
+            .unwrap();
         let mut rng = Rng::new(Counting(0));
         let (_, r) = run(&mut rng, &m, &mq);
         assert!(r.unwrap(), "the driver must be interrupted");
@@ -181,18 +197,39 @@ mod tests {
         assert_eq!(used(&m, &mq, 0), (0, 24));
         let mut a = [0u8; 16];
         m.read_slice(&mut a, GuestAddress(0x8000)).unwrap();
-        assert_eq!(a, core::array::from_fn::<u8, 16, _>(|i| u8::try_from(i).unwrap()));
+        assert_eq!(
+            a,
+            core::array::from_fn::<u8, 16, _>(|i| u8::try_from(i).unwrap())
+        );
         let mut b = [0u8; 8];
         m.read_slice(&mut b, GuestAddress(0x9000)).unwrap();
-        assert_eq!(b, core::array::from_fn::<u8, 8, _>(|i| 16 + u8::try_from(i).unwrap()));
-        assert_eq!(rng.counters(), RngCounters { requests: 1, bytes: 24, ..Default::default() });
+        assert_eq!(
+            b,
+            core::array::from_fn::<u8, 8, _>(|i| 16 + u8::try_from(i).unwrap())
+        );
+        assert_eq!(
+            rng.counters(),
+            RngCounters {
+                requests: 1,
+                bytes: 24,
+                ..Default::default()
+            }
+        );
     }
 
     #[test]
     fn several_chains_are_all_served() {
         let m = mem();
         let mq = MockSplitQueue::new(&m, 16);
-        mq.add_desc_chains(&[desc(0x8000, 4, W, 0), desc(0x8100, 4, W, 0), desc(0x8200, 4, W, 0)], 0).unwrap();
+        mq.add_desc_chains(
+            &[
+                desc(0x8000, 4, W, 0),
+                desc(0x8100, 4, W, 0),
+                desc(0x8200, 4, W, 0),
+            ],
+            0,
+        )
+        .unwrap();
         let mut rng = Rng::new(Counting(0));
         let (_, r) = run(&mut rng, &m, &mq);
         assert!(r.unwrap());
@@ -222,7 +259,11 @@ mod tests {
         let mq = MockSplitQueue::new(&m, 16);
         // Straddles the end of RAM, then lies wholly beyond it, then wraps the address space.
         mq.add_desc_chains(
-            &[desc(0xf_fff0, 0x100, W, 0), desc(0x4000_0000, 16, W, 0), desc(u64::MAX - 4, 16, W, 0)],
+            &[
+                desc(0xf_fff0, 0x100, W, 0),
+                desc(0x4000_0000, 16, W, 0),
+                desc(u64::MAX - 4, 16, W, 0),
+            ],
             0,
         )
         .unwrap();
@@ -240,11 +281,15 @@ mod tests {
     fn huge_buffer_is_filled_only_up_to_the_per_request_cap() {
         let m = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap();
         let mq = MockSplitQueue::new(&m, 16);
-        mq.add_desc_chains(&[desc(0x10_0000, 0x20_0000, W, 0)], 0).unwrap();
+        mq.add_desc_chains(&[desc(0x10_0000, 0x20_0000, W, 0)], 0)
+            .unwrap();
         let mut rng = Rng::new(Counting(0));
         let (_, r) = run(&mut rng, &m, &mq);
         assert!(r.is_ok());
-        assert_eq!(used(&m, &mq, 0).1, super::super::handler::MAX_BYTES_PER_REQUEST);
+        assert_eq!(
+            used(&m, &mq, 0).1,
+            super::super::handler::MAX_BYTES_PER_REQUEST
+        );
     }
 
     #[test]
@@ -252,7 +297,8 @@ mod tests {
         let m = mem();
         let mq = MockSplitQueue::new(&m, 16);
         // next = 200 is beyond the 16-entry table; the second chain loops on itself.
-        mq.add_desc_chains(&[desc(0x8000, 4, W | N, 200)], 0).unwrap();
+        mq.add_desc_chains(&[desc(0x8000, 4, W | N, 200)], 0)
+            .unwrap();
         mq.add_desc_chains(&[desc(0x8100, 4, W | N, 1)], 1).unwrap();
         let mut rng = Rng::new(Counting(0));
         let (_, r) = run(&mut rng, &m, &mq);

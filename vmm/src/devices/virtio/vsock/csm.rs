@@ -113,7 +113,9 @@ impl Connection {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => {
                     self.to_host.drain(..n);
-                    self.fwd_cnt = self.fwd_cnt.wrapping_add(u32::try_from(n).expect("bounded by CONN_BUF_ALLOC"));
+                    self.fwd_cnt = self
+                        .fwd_cnt
+                        .wrapping_add(u32::try_from(n).expect("bounded by CONN_BUF_ALLOC"));
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -138,7 +140,9 @@ impl Connection {
                     if got == 0 {
                         self.host_readable = false;
                     }
-                    self.tx_cnt = self.tx_cnt.wrapping_add(u32::try_from(got).expect("at most MAX_PKT_DATA"));
+                    self.tx_cnt = self
+                        .tx_cnt
+                        .wrapping_add(u32::try_from(got).expect("at most MAX_PKT_DATA"));
                     return Ok(Some(buf));
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -166,7 +170,11 @@ mod tests {
         let (mut c, mut host) = pair();
         host.write_all(b"0123456789").unwrap();
         c.host_readable = true;
-        assert_eq!(c.read_from_host(1000).unwrap(), None, "no credit announced yet");
+        assert_eq!(
+            c.read_from_host(1000).unwrap(),
+            None,
+            "no credit announced yet"
+        );
         c.update_peer_credit(4, 0);
         assert_eq!(c.read_from_host(1000).unwrap().unwrap(), b"0123");
         assert_eq!(c.peer_credit(), 0);
@@ -205,7 +213,10 @@ mod tests {
             sent += chunk.len();
         }
         assert!(c.has_pending_to_host());
-        assert!(c.send_to_host(&chunk).is_err(), "the guest overran the credit we gave");
+        assert!(
+            c.send_to_host(&chunk).is_err(),
+            "the guest overran the credit we gave"
+        );
         // Draining the host side lets the rest through and raises fwd_cnt.
         host.set_nonblocking(true).unwrap();
         let mut total = 0;

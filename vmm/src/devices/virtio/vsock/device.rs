@@ -44,7 +44,11 @@ pub struct Vsock {
 impl Vsock {
     /// A device for guest `cid` backed by `muxer`.
     pub fn new(cid: u64, muxer: Arc<Mutex<Muxer>>) -> Self {
-        Self { cid, muxer, counters: VsockCounters::default() }
+        Self {
+            cid,
+            muxer,
+            counters: VsockCounters::default(),
+        }
     }
 
     /// The muxer (shared with the event thread).
@@ -99,11 +103,15 @@ impl Vsock {
         let mut used = false;
         let mut muxer = self.muxer.lock().expect("muxer lock");
         while muxer.has_pending_rx() {
-            let Some(mut chain) = queue.pop_descriptor_chain(mem) else { break };
+            let Some(mut chain) = queue.pop_descriptor_chain(mem) else {
+                break;
+            };
             let head = chain.head_index();
             let len = match VsockPacket::from_rx_virtq_chain(mem, &mut chain, MAX_PKT_DATA) {
                 Ok(mut vp) => {
-                    let room = vp.data_slice().map_or(0, |s| u32::try_from(s.len()).unwrap_or(u32::MAX));
+                    let room = vp
+                        .data_slice()
+                        .map_or(0, |s| u32::try_from(s.len()).unwrap_or(u32::MAX));
                     let Some(pkt) = muxer.recv_pkt(room) else {
                         // Nothing after all (e.g. the stream would block): give the buffer back.
                         queue.go_to_previous_position();
@@ -156,11 +164,20 @@ impl VirtioDevice<GuestMemoryMmap> for Vsock {
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         let cid = self.cid.to_le_bytes();
         for (i, b) in data.iter_mut().enumerate() {
-            *b = usize::try_from(offset).ok().and_then(|o| cid.get(o + i)).copied().unwrap_or(0);
+            *b = usize::try_from(offset)
+                .ok()
+                .and_then(|o| cid.get(o + i))
+                .copied()
+                .unwrap_or(0);
         }
     }
 
-    fn process(&mut self, _notified: Option<usize>, queues: &mut [Queue], mem: &GuestMemoryMmap) -> Result<bool, QueueError> {
+    fn process(
+        &mut self,
+        _notified: Option<usize>,
+        queues: &mut [Queue],
+        mem: &GuestMemoryMmap,
+    ) -> Result<bool, QueueError> {
         let mut irq = false;
         if queues[TX].ready() && self.process_tx(&mut queues[TX], mem)? {
             irq |= queues[TX].needs_notification(mem)?;

@@ -14,25 +14,31 @@ use crate::device_manager::SharedTransport;
 /// Starts the thread for `muxer`, whose device sits in `transport`.
 pub fn spawn(muxer: Arc<Mutex<Muxer>>, transport: SharedTransport) -> std::io::Result<()> {
     let fd: RawFd = muxer.lock().expect("muxer lock").epoll_fd();
-    std::thread::Builder::new().name("vsock".into()).spawn(move || loop {
-        let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
-        // SAFETY: `pfd` is one valid pollfd; the epoll fd lives as long as the muxer, which
-        // this thread keeps alive through its Arc.
-        let rc = unsafe { libc::poll(&mut pfd, 1, -1) };
-        if rc < 0 {
-            if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
-                continue;
+    std::thread::Builder::new()
+        .name("vsock".into())
+        .spawn(move || loop {
+            let mut pfd = libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: `pfd` is one valid pollfd; the epoll fd lives as long as the muxer, which
+            // this thread keeps alive through its Arc.
+            let rc = unsafe { libc::poll(&mut pfd, 1, -1) };
+            if rc < 0 {
+                if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return;
             }
-            return;
-        }
-        let pending = {
-            let mut m = muxer.lock().expect("muxer lock");
-            m.poll_host();
-            m.has_pending_rx()
-        };
-        if pending {
-            transport.lock().expect("transport lock").service();
-        }
-    })?;
+            let pending = {
+                let mut m = muxer.lock().expect("muxer lock");
+                m.poll_host();
+                m.has_pending_rx()
+            };
+            if pending {
+                transport.lock().expect("transport lock").service();
+            }
+        })?;
     Ok(())
 }

@@ -35,7 +35,11 @@ fn rig(tag: &str) -> Rig {
     std::fs::create_dir_all(&dir).unwrap();
     let muxer = Muxer::new(GUEST_CID, &dir.join("v.sock")).unwrap();
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
-    Rig { dir, mem, dev: Vsock::new(GUEST_CID, Arc::new(Mutex::new(muxer))) }
+    Rig {
+        dir,
+        mem,
+        dev: Vsock::new(GUEST_CID, Arc::new(Mutex::new(muxer))),
+    }
 }
 
 fn header(src_port: u32, dst_port: u32, op: u16, len: u32) -> [u8; 44] {
@@ -70,15 +74,27 @@ fn guest_connects_sends_data_and_gets_a_reply() {
     let rxq = MockSplitQueue::create(&r.mem, GuestAddress(0x0), 16);
     let txq = MockSplitQueue::create(&r.mem, GuestAddress(0x1000), 16);
     let evq = MockSplitQueue::create(&r.mem, GuestAddress(0x2000), 16);
-    let mut queues: Vec<Queue> =
-        vec![rxq.create_queue().unwrap(), txq.create_queue().unwrap(), evq.create_queue().unwrap()];
+    let mut queues: Vec<Queue> = vec![
+        rxq.create_queue().unwrap(),
+        txq.create_queue().unwrap(),
+        evq.create_queue().unwrap(),
+    ];
     // Two rx buffers, header + 4 KiB each.
-    rxq.add_desc_chains(&[desc(0x40000, 44 + 4096, W), desc(0x42000, 44 + 4096, W)], 0).unwrap();
+    rxq.add_desc_chains(
+        &[desc(0x40000, 44 + 4096, W), desc(0x42000, 44 + 4096, W)],
+        0,
+    )
+    .unwrap();
 
     // REQUEST from guest port 40000 to host port 5000.
-    r.mem.write_slice(&header(40000, 5000, op::REQUEST, 0), GuestAddress(0x30000)).unwrap();
+    r.mem
+        .write_slice(&header(40000, 5000, op::REQUEST, 0), GuestAddress(0x30000))
+        .unwrap();
     txq.add_desc_chains(&[desc(0x30000, 44, 0)], 0).unwrap();
-    assert!(r.dev.process(Some(TX), &mut queues, &r.mem).unwrap(), "the guest must be interrupted");
+    assert!(
+        r.dev.process(Some(TX), &mut queues, &r.mem).unwrap(),
+        "the guest must be interrupted"
+    );
     assert_eq!(txq.used().idx().load(), 1);
     assert_eq!(rxq.used().idx().load(), 1);
     assert_eq!(u16_at(&r.mem, 0x40000 + 30), op::RESPONSE);
@@ -87,8 +103,12 @@ fn guest_connects_sends_data_and_gets_a_reply() {
     let (mut server, _) = listener.accept().unwrap();
 
     // RW "hi" from the guest, header and data in one buffer.
-    r.mem.write_slice(&header(40000, 5000, op::RW, 2), GuestAddress(0x31000)).unwrap();
-    r.mem.write_slice(b"hi", GuestAddress(0x31000 + 44)).unwrap();
+    r.mem
+        .write_slice(&header(40000, 5000, op::RW, 2), GuestAddress(0x31000))
+        .unwrap();
+    r.mem
+        .write_slice(b"hi", GuestAddress(0x31000 + 44))
+        .unwrap();
     txq.add_desc_chains(&[desc(0x31000, 46, 0)], 1).unwrap();
     r.dev.process(Some(TX), &mut queues, &r.mem).unwrap();
     let mut buf = [0u8; 2];
@@ -105,7 +125,9 @@ fn guest_connects_sends_data_and_gets_a_reply() {
     assert_eq!(u16_at(&r.mem, 0x42000 + 30), op::RW);
     assert_eq!(u32_at(&r.mem, 0x42000 + 24), 11);
     let mut got = [0u8; 11];
-    r.mem.read_slice(&mut got, GuestAddress(0x42000 + 44)).unwrap();
+    r.mem
+        .read_slice(&mut got, GuestAddress(0x42000 + 44))
+        .unwrap();
     assert_eq!(&got, b"hello guest");
     assert_eq!(rxq.used().ring().ref_at(1).unwrap().load().len(), 44 + 11);
     let c = r.dev.counters();
@@ -118,13 +140,23 @@ fn malformed_tx_chains_are_returned_empty() {
     let rxq = MockSplitQueue::create(&r.mem, GuestAddress(0x0), 16);
     let txq = MockSplitQueue::create(&r.mem, GuestAddress(0x1000), 16);
     let evq = MockSplitQueue::create(&r.mem, GuestAddress(0x2000), 16);
-    let mut queues: Vec<Queue> =
-        vec![rxq.create_queue().unwrap(), txq.create_queue().unwrap(), evq.create_queue().unwrap()];
+    let mut queues: Vec<Queue> = vec![
+        rxq.create_queue().unwrap(),
+        txq.create_queue().unwrap(),
+        evq.create_queue().unwrap(),
+    ];
     // Write-only tx buffer; header shorter than 44 bytes; header outside guest memory;
     // a length field far beyond the buffer.
-    r.mem.write_slice(&header(1, 2, op::RW, 60000), GuestAddress(0x33000)).unwrap();
+    r.mem
+        .write_slice(&header(1, 2, op::RW, 60000), GuestAddress(0x33000))
+        .unwrap();
     txq.add_desc_chains(
-        &[desc(0x30000, 44, W), desc(0x31000, 20, 0), desc(0x4000_0000, 44, 0), desc(0x33000, 44, 0)],
+        &[
+            desc(0x30000, 44, W),
+            desc(0x31000, 20, 0),
+            desc(0x4000_0000, 44, 0),
+            desc(0x33000, 44, 0),
+        ],
         0,
     )
     .unwrap();
@@ -140,15 +172,25 @@ fn read_only_rx_buffers_are_returned_empty() {
     let rxq = MockSplitQueue::create(&r.mem, GuestAddress(0x0), 16);
     let txq = MockSplitQueue::create(&r.mem, GuestAddress(0x1000), 16);
     let evq = MockSplitQueue::create(&r.mem, GuestAddress(0x2000), 16);
-    let mut queues: Vec<Queue> =
-        vec![rxq.create_queue().unwrap(), txq.create_queue().unwrap(), evq.create_queue().unwrap()];
-    rxq.add_desc_chains(&[desc(0x40000, 4096, 0), desc(0x42000, 4096, W)], 0).unwrap();
+    let mut queues: Vec<Queue> = vec![
+        rxq.create_queue().unwrap(),
+        txq.create_queue().unwrap(),
+        evq.create_queue().unwrap(),
+    ];
+    rxq.add_desc_chains(&[desc(0x40000, 4096, 0), desc(0x42000, 4096, W)], 0)
+        .unwrap();
     // A REQUEST to a port nobody serves: the RST needs an rx buffer.
-    r.mem.write_slice(&header(40000, 6000, op::REQUEST, 0), GuestAddress(0x30000)).unwrap();
+    r.mem
+        .write_slice(&header(40000, 6000, op::REQUEST, 0), GuestAddress(0x30000))
+        .unwrap();
     txq.add_desc_chains(&[desc(0x30000, 44, 0)], 0).unwrap();
     r.dev.process(Some(TX), &mut queues, &r.mem).unwrap();
     assert_eq!(rxq.used().idx().load(), 2);
-    assert_eq!(rxq.used().ring().ref_at(0).unwrap().load().len(), 0, "read-only buffer refused");
+    assert_eq!(
+        rxq.used().ring().ref_at(0).unwrap().load().len(),
+        0,
+        "read-only buffer refused"
+    );
     assert_eq!(u16_at(&r.mem, 0x42000 + 30), op::RST);
     assert_eq!(r.dev.counters().bad_descriptors, 1);
 }

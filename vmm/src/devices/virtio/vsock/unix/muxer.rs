@@ -83,7 +83,10 @@ pub struct Muxer {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> MuxerError + '_ {
-    move |source| MuxerError::Io { path: path.to_owned(), source }
+    move |source| MuxerError::Io {
+        path: path.to_owned(),
+        source,
+    }
 }
 
 /// Binds `path`, replacing a stale socket but refusing a live one or any other file.
@@ -120,7 +123,8 @@ impl Muxer {
             counters: MuxerCounters::default(),
         };
         let fd = m.listener.as_raw_fd();
-        m.watch(fd, Source::Listener, EventSet::IN).map_err(io_err(path))?;
+        m.watch(fd, Source::Listener, EventSet::IN)
+            .map_err(io_err(path))?;
         Ok(m)
     }
 
@@ -146,7 +150,8 @@ impl Muxer {
 
     fn watch(&mut self, fd: RawFd, src: Source, events: EventSet) -> io::Result<()> {
         let fd_u64 = u64::try_from(fd).expect("fds are non-negative");
-        self.epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(events, fd_u64))?;
+        self.epoll
+            .ctl(ControlOperation::Add, fd, EpollEvent::new(events, fd_u64))?;
         self.sources.insert(fd, src);
         Ok(())
     }
@@ -154,11 +159,17 @@ impl Muxer {
     fn rewatch(&self, fd: RawFd, events: EventSet) {
         let fd_u64 = u64::try_from(fd).expect("fds are non-negative");
         // Only fails for an fd not in the set, which the bookkeeping rules out.
-        let _ = self.epoll.ctl(ControlOperation::Modify, fd, EpollEvent::new(events, fd_u64));
+        let _ = self.epoll.ctl(
+            ControlOperation::Modify,
+            fd,
+            EpollEvent::new(events, fd_u64),
+        );
     }
 
     fn unwatch(&mut self, fd: RawFd) {
-        let _ = self.epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default());
+        let _ = self
+            .epoll
+            .ctl(ControlOperation::Delete, fd, EpollEvent::default());
         self.sources.remove(&fd);
     }
 
@@ -237,7 +248,9 @@ impl Muxer {
                 _ => self.reset(key),
             },
             op::RW => {
-                let Some(c) = self.conns.get_mut(&key) else { return self.reset(key) };
+                let Some(c) = self.conns.get_mut(&key) else {
+                    return self.reset(key);
+                };
                 if c.state != ConnState::Established {
                     return; // data after our SHUTDOWN: dropped
                 }
@@ -273,7 +286,8 @@ impl Muxer {
             return self.reset(key);
         }
         let target = PathBuf::from(format!("{}_{}", self.path.display(), key.0));
-        let conn = UnixStream::connect(&target).and_then(|s| Connection::new(s, ConnState::Established));
+        let conn =
+            UnixStream::connect(&target).and_then(|s| Connection::new(s, ConnState::Established));
         match conn {
             Ok(mut c) => {
                 c.update_peer_credit(pkt.buf_alloc, pkt.fwd_cnt);
@@ -283,7 +297,8 @@ impl Muxer {
                 }
                 self.conns.insert(key, c);
                 self.counters.connections += 1;
-                self.control.push_back(self.control_pkt(key, op::RESPONSE, 0, 0));
+                self.control
+                    .push_back(self.control_pkt(key, op::RESPONSE, 0, 0));
             }
             Err(_) => self.reset(key),
         }
@@ -310,7 +325,9 @@ impl Muxer {
     /// Reads what a host client sent of its `CONNECT <port>\n` line; on a full line,
     /// starts the connection to the guest.
     fn handshake(&mut self, fd: RawFd) {
-        let Some((stream, buf)) = self.handshakes.get_mut(&fd) else { return };
+        let Some((stream, buf)) = self.handshakes.get_mut(&fd) else {
+            return;
+        };
         let mut byte = [0u8; 1];
         // Byte by byte, so nothing after the newline (the client's first data) is eaten.
         let line = loop {
@@ -325,8 +342,13 @@ impl Muxer {
             }
         };
         self.unwatch(fd);
-        let Some((stream, _)) = self.handshakes.remove(&fd) else { return };
-        let port = line.ok().and_then(|l| l.strip_prefix("CONNECT ").and_then(|p| p.trim().parse::<u32>().ok()));
+        let Some((stream, _)) = self.handshakes.remove(&fd) else {
+            return;
+        };
+        let port = line.ok().and_then(|l| {
+            l.strip_prefix("CONNECT ")
+                .and_then(|p| p.trim().parse::<u32>().ok())
+        });
         let Some(port) = port else {
             // Bad greeting: the client gets closed, the guest never hears of it.
             return;
@@ -334,13 +356,19 @@ impl Muxer {
         let local = self.next_local_port;
         self.next_local_port = self.next_local_port.wrapping_add(1).max(FIRST_LOCAL_PORT);
         let key = (local, port);
-        let Ok(c) = Connection::new(stream, ConnState::Connecting) else { return };
+        let Ok(c) = Connection::new(stream, ConnState::Connecting) else {
+            return;
+        };
         // Not readable until the guest answers: no IN interest yet.
-        if self.watch(c.stream.as_raw_fd(), Source::Conn(key), EventSet::empty()).is_err() {
+        if self
+            .watch(c.stream.as_raw_fd(), Source::Conn(key), EventSet::empty())
+            .is_err()
+        {
             return;
         }
         self.conns.insert(key, c);
-        self.control.push_back(self.control_pkt(key, op::REQUEST, 0, 0));
+        self.control
+            .push_back(self.control_pkt(key, op::REQUEST, 0, 0));
     }
 
     /// Takes the host-side events that are ready (without blocking).
@@ -353,7 +381,9 @@ impl Muxer {
                 Err(_) => return,
             };
             for ev in &events[..n] {
-                let Ok(fd) = RawFd::try_from(ev.data()) else { continue };
+                let Ok(fd) = RawFd::try_from(ev.data()) else {
+                    continue;
+                };
                 let set = ev.event_set();
                 match self.sources.get(&fd).copied() {
                     Some(Source::Listener) => self.accept_all(),
@@ -369,7 +399,9 @@ impl Muxer {
     }
 
     fn conn_event(&mut self, key: Key, set: EventSet) {
-        let Some(c) = self.conns.get_mut(&key) else { return };
+        let Some(c) = self.conns.get_mut(&key) else {
+            return;
+        };
         let hangup = set.intersects(EventSet::HANG_UP | EventSet::ERROR);
         match c.state {
             // The client left before the guest answered: cancel towards the guest.
@@ -402,7 +434,8 @@ impl Muxer {
     pub fn has_pending_rx(&self) -> bool {
         !self.control.is_empty()
             || self.conns.values().any(|c| {
-                c.state == ConnState::Established && ((c.host_readable && c.peer_credit() > 0) || c.needs_credit_update())
+                c.state == ConnState::Established
+                    && ((c.host_readable && c.peer_credit() > 0) || c.needs_credit_update())
             })
     }
 

@@ -49,7 +49,10 @@ fn next_for_guest(m: &mut Muxer) -> Pkt {
                 return p;
             }
         }
-        assert!(start.elapsed() < Duration::from_secs(5), "no packet for the guest");
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "no packet for the guest"
+        );
         std::thread::sleep(Duration::from_millis(1));
     }
 }
@@ -57,15 +60,23 @@ fn next_for_guest(m: &mut Muxer) -> Pkt {
 fn quiet(m: &mut Muxer) {
     std::thread::sleep(Duration::from_millis(20));
     m.poll_host();
-    assert!(m.recv_pkt(64 * 1024).is_none(), "unexpected packet for the guest");
+    assert!(
+        m.recv_pkt(64 * 1024).is_none(),
+        "unexpected packet for the guest"
+    );
 }
 
 /// Host client: connect + CONNECT line; the muxer sends REQUEST; returns (client, local port).
 fn host_connect(m: &mut Muxer, guest_port: u32) -> (UnixStream, u32) {
     let mut client = UnixStream::connect(m.path()).unwrap();
-    client.write_all(format!("CONNECT {guest_port}\n").as_bytes()).unwrap();
+    client
+        .write_all(format!("CONNECT {guest_port}\n").as_bytes())
+        .unwrap();
     let req = next_for_guest(m);
-    assert_eq!((req.op, req.dst_port, req.dst_cid, req.src_cid), (op::REQUEST, guest_port, GUEST_CID, HOST_CID));
+    assert_eq!(
+        (req.op, req.dst_port, req.dst_cid, req.src_cid),
+        (op::REQUEST, guest_port, GUEST_CID, HOST_CID)
+    );
     assert!(req.src_port >= FIRST_LOCAL_PORT);
     (client, req.src_port)
 }
@@ -82,7 +93,10 @@ fn host_initiated_connection_carries_data_both_ways_until_reset() {
 
     (&client).write_all(b"ping").unwrap();
     let rw = next_for_guest(&mut m);
-    assert_eq!((rw.op, rw.src_port, rw.dst_port, rw.data.as_slice()), (op::RW, local, 1024, &b"ping"[..]));
+    assert_eq!(
+        (rw.op, rw.src_port, rw.dst_port, rw.data.as_slice()),
+        (op::RW, local, 1024, &b"ping"[..])
+    );
 
     m.send_pkt(&from_guest(op::RW, 1024, local, b"pong"));
     let mut buf = [0u8; 4];
@@ -102,7 +116,10 @@ fn guest_initiated_connection_reaches_path_underscore_port() {
     let listener = UnixListener::bind(d.0.join("vsock.sock_5000")).unwrap();
     m.send_pkt(&from_guest(op::REQUEST, 40000, 5000, b""));
     let resp = next_for_guest(&mut m);
-    assert_eq!((resp.op, resp.src_port, resp.dst_port), (op::RESPONSE, 5000, 40000));
+    assert_eq!(
+        (resp.op, resp.src_port, resp.dst_port),
+        (op::RESPONSE, 5000, 40000)
+    );
     let (mut server, _) = listener.accept().unwrap();
     m.send_pkt(&from_guest(op::RW, 40000, 5000, b"hello host"));
     let mut buf = [0u8; 10];
@@ -150,7 +167,9 @@ fn the_guest_never_gets_more_than_its_credit() {
     resp.buf_alloc = 3;
     m.send_pkt(&resp);
     let mut line = String::new();
-    BufReader::new(client.try_clone().unwrap()).read_line(&mut line).unwrap();
+    BufReader::new(client.try_clone().unwrap())
+        .read_line(&mut line)
+        .unwrap();
     (&client).write_all(b"abcdef").unwrap();
     assert_eq!(next_for_guest(&mut m).data, b"abc");
     quiet(&mut m);
@@ -171,7 +190,10 @@ fn credit_request_is_answered_and_bad_greetings_are_dropped() {
         m.poll_host();
         std::thread::sleep(Duration::from_millis(2));
     }
-    assert!(m.recv_pkt(64 * 1024).is_none(), "a bad greeting never reaches the guest");
+    assert!(
+        m.recv_pkt(64 * 1024).is_none(),
+        "a bad greeting never reaches the guest"
+    );
     let mut buf = [0u8; 1];
     bad.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     assert_eq!(bad.read(&mut buf).unwrap(), 0, "a bad greeting is closed");
