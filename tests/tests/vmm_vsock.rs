@@ -210,3 +210,32 @@ fn a_guest_connection_nobody_serves_is_refused() {
     assert!(run.status.success(), "{:?} {}", run.status, run.stderr);
     assert_eq!(run.stdout, "husk vsock-client: refused\n");
 }
+
+#[test]
+fn a_host_connection_the_guest_never_answers_ends_in_eof() {
+    require_kvm();
+    let dir = TempDir::new("vmm-vsock-noanswer");
+    let sock = dir.0.join("vsock.sock");
+    let g = guest("idle"); // no vsock driver: nobody will answer
+    let mut vm = spawn_vmm(&[
+        "--kernel",
+        g.to_str().unwrap(),
+        "--vsock-sock",
+        sock.to_str().unwrap(),
+    ]);
+    vm.wait_line("the idle guest", Duration::from_secs(30), |l| {
+        l == "husk idle: ready"
+    });
+    let mut s = UnixStream::connect(&sock).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    writeln!(s, "CONNECT 1024").unwrap();
+    let start = std::time::Instant::now();
+    let mut buf = [0u8; 16];
+    assert_eq!(s.read(&mut buf).expect("EOF, not a read timeout"), 0);
+    let waited = start.elapsed();
+    assert!(
+        waited >= Duration::from_millis(1500) && waited < Duration::from_secs(5),
+        "{waited:?}"
+    );
+    assert_eq!(vm.terminate(Duration::from_secs(5)).code(), Some(0));
+}

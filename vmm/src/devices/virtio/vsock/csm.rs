@@ -44,6 +44,8 @@ pub struct Connection {
     to_host: Vec<u8>,
     /// The host stream may have data for the guest.
     pub host_readable: bool,
+    /// When the connection was created (host-initiated ones time out unanswered).
+    pub since: std::time::Instant,
 }
 
 impl Connection {
@@ -60,6 +62,7 @@ impl Connection {
             last_fwd_cnt_sent: 0,
             to_host: Vec::new(),
             host_readable: false,
+            since: std::time::Instant::now(),
         })
     }
 

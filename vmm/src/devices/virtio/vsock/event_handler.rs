@@ -22,9 +22,17 @@ pub fn spawn(muxer: Arc<Mutex<Muxer>>, transport: SharedTransport) -> std::io::R
                 events: libc::POLLIN,
                 revents: 0,
             };
+            // Wake up for the next connect timeout too, not only for socket events.
+            let timeout = muxer
+                .lock()
+                .expect("muxer lock")
+                .next_timeout()
+                .map_or(-1, |d| {
+                    libc::c_int::try_from(d.as_millis() + 1).unwrap_or(libc::c_int::MAX)
+                });
             // SAFETY: `pfd` is one valid pollfd; the epoll fd lives as long as the muxer, which
             // this thread keeps alive through its Arc.
-            let rc = unsafe { libc::poll(&mut pfd, 1, -1) };
+            let rc = unsafe { libc::poll(&mut pfd, 1, timeout) };
             if rc < 0 {
                 if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
                     continue;

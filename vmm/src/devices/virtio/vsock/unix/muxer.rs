@@ -8,6 +8,7 @@ use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
@@ -20,6 +21,10 @@ const MAX_HANDSHAKE: usize = 32;
 /// with bad packets while posting no rx buffers must not grow host memory without bound:
 /// beyond this, new resets are dropped (the guest is misbehaving anyway).
 const MAX_CONTROL: usize = 1024;
+/// How long a host-initiated connection waits for the guest's answer. Until the guest's
+/// vsock driver is up nobody answers; the client then sees EOF and retries rather than
+/// hanging on a request the guest may never see.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Host ports handed out for host-initiated connections start here (as Firecracker's do).
 const FIRST_LOCAL_PORT: u32 = 1 << 30;
 
@@ -80,6 +85,7 @@ pub struct Muxer {
     control: VecDeque<Pkt>,
     next_local_port: u32,
     counters: MuxerCounters,
+    connect_timeout: Duration,
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> MuxerError + '_ {
@@ -121,6 +127,7 @@ impl Muxer {
             control: VecDeque::new(),
             next_local_port: FIRST_LOCAL_PORT,
             counters: MuxerCounters::default(),
+            connect_timeout: CONNECT_TIMEOUT,
         };
         let fd = m.listener.as_raw_fd();
         m.watch(fd, Source::Listener, EventSet::IN)
@@ -371,8 +378,49 @@ impl Muxer {
             .push_back(self.control_pkt(key, op::REQUEST, 0, 0));
     }
 
+    /// Sets how long host-initiated connections wait for the guest (tests use a short one).
+    pub fn set_connect_timeout(&mut self, timeout: Duration) {
+        self.connect_timeout = timeout;
+    }
+
+    /// How long until the next unanswered host connection times out, if any waits.
+    pub fn next_timeout(&self) -> Option<Duration> {
+        self.conns
+            .values()
+            .filter(|c| c.state == ConnState::Connecting)
+            .map(|c| self.connect_timeout.saturating_sub(c.since.elapsed()))
+            .min()
+    }
+
+    /// Closes host-initiated connections the guest has not answered in time: the client
+    /// sees EOF; a REQUEST still queued is withdrawn, one already delivered is reset.
+    fn expire_connecting(&mut self) {
+        let expired: Vec<Key> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| {
+                c.state == ConnState::Connecting && c.since.elapsed() >= self.connect_timeout
+            })
+            .map(|(k, _)| *k)
+            .collect();
+        for key in expired {
+            let queued = self
+                .control
+                .iter()
+                .position(|p| p.op == op::REQUEST && (p.src_port, p.dst_port) == key);
+            match queued {
+                Some(i) => {
+                    self.control.remove(i);
+                    self.remove(key);
+                }
+                None => self.reset(key),
+            }
+        }
+    }
+
     /// Takes the host-side events that are ready (without blocking).
     pub fn poll_host(&mut self) {
+        self.expire_connecting();
         let mut events = vec![EpollEvent::default(); 32];
         loop {
             let n = match self.epoll.wait(0, &mut events) {

@@ -224,3 +224,46 @@ fn a_reset_flood_without_rx_buffers_stays_bounded() {
     }
     assert_eq!(m.control.len(), MAX_CONTROL);
 }
+
+#[test]
+fn unanswered_host_connections_time_out_and_the_client_sees_eof() {
+    let (_d, mut m) = setup("timeout");
+    m.set_connect_timeout(Duration::from_millis(50));
+    // The guest got the REQUEST but never answers: after the timeout it gets a RST.
+    let (delivered, local) = host_connect(&mut m, 1024);
+    assert!(m.next_timeout().is_some());
+    std::thread::sleep(Duration::from_millis(80));
+    let rst = next_for_guest(&mut m);
+    assert_eq!((rst.op, rst.src_port, rst.dst_port), (op::RST, local, 1024));
+    delivered
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut buf = [0u8; 8];
+    assert_eq!(
+        (&delivered).read(&mut buf).unwrap(),
+        0,
+        "the client sees EOF"
+    );
+    assert_eq!(m.connection_count(), 0);
+    assert_eq!(m.next_timeout(), None);
+
+    // The REQUEST never left the queue (no rx buffers): it is withdrawn, no RST follows.
+    let mut queued = UnixStream::connect(m.path()).unwrap();
+    queued.write_all(b"CONNECT 7\n").unwrap();
+    let start = Instant::now();
+    while m.connection_count() == 0 {
+        m.poll_host();
+        assert!(start.elapsed() < Duration::from_secs(5));
+    }
+    std::thread::sleep(Duration::from_millis(80));
+    m.poll_host();
+    assert_eq!(m.connection_count(), 0);
+    assert!(
+        m.recv_pkt(64 * 1024).is_none(),
+        "a withdrawn request needs no reset"
+    );
+    queued
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    assert_eq!(queued.read(&mut buf).unwrap(), 0);
+}
