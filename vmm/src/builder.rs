@@ -224,11 +224,6 @@ impl Vmm {
         self.shared.exit_tx.clone()
     }
 
-    /// Guest RAM size in bytes.
-    pub fn memory_size(&self) -> u64 {
-        self.ram.size
-    }
-
     /// Runs the vCPUs until the guest or the host ends the VM; returns why.
     pub fn run(self) -> Result<ExitReason, BuildError> {
         install_kick_handler();

@@ -42,9 +42,13 @@ impl BusDevice for I8042 {
     }
 
     fn read(&mut self, offset: u64, data: &mut [u8]) {
-        // Status 0: output buffer empty, input buffer empty. Data reads as 0.
-        let _ = offset;
-        data.fill(0);
+        // Data (0x60): nothing was typed. Status (0x64): output and input buffers empty.
+        // Both read as 0, which ends the guest's keyboard probe at once.
+        let value = match offset {
+            DATA_OFFSET | COMMAND_OFFSET => 0,
+            _ => 0xff,
+        };
+        data.fill(value);
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
@@ -53,7 +57,6 @@ impl BusDevice for I8042 {
             // The receiver only goes away when the VMM is already stopping.
             let _ = self.exit.send(ExitReason::Reset);
         }
-        let _ = DATA_OFFSET;
     }
 }
 
