@@ -127,9 +127,17 @@ fn plausible_vsock_round(
 
 #[test]
 fn vsock_survives_garbage_rings() {
-    let dir = std::env::temp_dir().join(format!("husk-vsock-rand-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    /// Removes the directory even when the test fails.
+    struct Dir(std::path::PathBuf);
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let dir = Dir(std::env::temp_dir().join(format!("husk-vsock-rand-{}", std::process::id())));
+    let _ = std::fs::remove_dir_all(&dir.0);
+    std::fs::create_dir_all(&dir.0).unwrap();
+    let dir = &dir.0;
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
     let muxer = Arc::new(Mutex::new(Muxer::new(3, &dir.join("v.sock")).unwrap()));
     let mut dev = Vsock::new(3, muxer);
@@ -158,7 +166,6 @@ fn vsock_survives_garbage_rings() {
         c.tx_packets > 0 && c.rx_packets > 0 && c.bad_descriptors > 0,
         "garbage was not exercised: {c:?}"
     );
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
