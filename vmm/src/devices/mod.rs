@@ -1,0 +1,5 @@
+//! Devices: the bus that dispatches exits, legacy PC devices, virtio.
+
+pub mod bus;
+pub mod legacy;
+pub mod virtio;
