@@ -172,7 +172,13 @@ impl Service {
 
     /// Brings the sandbox up and starts the threads that watch it.
     fn start_sandbox(&self, config: &Config, sid: &str, spec: &serde_json::Value) -> TtrpcResult<Arc<Sandbox>> {
-        let hostname = spec["hostname"].as_str().unwrap_or("");
+        // Without a hostname in the spec the guest would be "(none)"; runc would show the
+        // host's name, which a VM must not leak. Use the sandbox id, as Docker does.
+        let hostname = match spec["hostname"].as_str() {
+            Some(h) if !h.is_empty() => h.to_string(),
+            _ => sid.chars().take(63).collect(),
+        };
+        let hostname = hostname.as_str();
         let sb = Arc::new(Sandbox::start(config, sid, spec, hostname).map_err(|e| err(Code::INTERNAL, e.to_string()))?);
         self.watch_oom(&sb);
         watch_vm(sb.clone(), self.inner.clone(), self.publisher.clone(), self.namespace.clone());
