@@ -176,6 +176,12 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_config_spells_out_the_defaults() {
+        let shipped: Config = toml::from_str(include_str!("../../deploy/config.toml")).unwrap();
+        assert_eq!(format!("{shipped:?}"), format!("{:?}", Config::default()));
+    }
+
+    #[test]
     fn runtime_options_config_path() {
         // type_url = "x", config_path = "/etc/husk/t.toml"
         let mut m = vec![0x0a, 1, b'x', 0x12, 16];
