@@ -13,6 +13,7 @@
 
 pub mod agent;
 pub mod config;
+pub mod host_cgroup;
 pub mod io;
 pub mod sandbox;
 pub mod sandbox_dir;

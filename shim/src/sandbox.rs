@@ -19,6 +19,7 @@ use serde_json::Value;
 
 use crate::agent::{self, Agent};
 use crate::config::{Backend, Config};
+use crate::host_cgroup::HostCgroup;
 use crate::sandbox_dir::SandboxDir;
 
 #[derive(Debug, thiserror::Error)]
@@ -83,6 +84,7 @@ pub struct Sandbox {
     /// Dropping it ends the thread the VM processes are tied to (see `Hypervisor::start`).
     keeper: Mutex<Option<mpsc::Sender<()>>>,
     destroyed: std::sync::atomic::AtomicBool,
+    cgroup: Mutex<Option<HostCgroup>>,
 }
 
 impl std::fmt::Debug for Sandbox {
@@ -112,9 +114,26 @@ impl Sandbox {
             let _ = dir.destroy();
             step_err("state directory")(&e)
         })?;
+        // Join the pod's host cgroup first: the VM's processes inherit it.
+        let cgroup = match spec["linux"]["cgroupsPath"].as_str().filter(|p| !p.is_empty()) {
+            Some(p) => match HostCgroup::join(p) {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    let _ = dir.destroy();
+                    return Err(step_err("host cgroup")(&e));
+                }
+            },
+            None => None,
+        };
         match Self::start_in(config, id, spec, hostname, dir.clone()) {
-            Ok(s) => Ok(s),
+            Ok(mut s) => {
+                s.cgroup = Mutex::new(cgroup);
+                Ok(s)
+            }
             Err(e) => {
+                if let Some(mut c) = cgroup {
+                    c.leave();
+                }
                 let _ = dir.destroy();
                 Err(e)
             }
@@ -211,6 +230,7 @@ impl Sandbox {
             backend: backend.name(),
             keeper: Mutex::new(Some(keep_tx)),
             destroyed: std::sync::atomic::AtomicBool::new(false),
+            cgroup: Mutex::new(None),
         })
     }
 
@@ -252,6 +272,9 @@ impl Sandbox {
         let _ = vm.kill();
         drop(vm);
         self.keeper.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(mut c) = self.cgroup.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            c.leave();
+        }
         if let Err(e) = self.dir.destroy() {
             log::error!("sandbox {}: cleaning up: {e}", self.id);
         }

@@ -79,6 +79,9 @@ pub fn cleanup(id: &str, bundle: &Path, config: &Config) -> Result<(), String> {
             }
         }
         dir.destroy().map_err(|e| e.to_string())?;
+        if let Some(p) = spec.as_ref().and_then(|s| s["linux"]["cgroupsPath"].as_str()) {
+            crate::host_cgroup::remove(p);
+        }
     }
     Ok(())
 }

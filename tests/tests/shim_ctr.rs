@@ -88,6 +88,17 @@ fn exec_pause_resume_stats_kill_and_the_kata_name() {
     let id = unique("long");
     h.ctd.ctr_ok(&["run", "-d", "--runtime", "io.containerd.kata.v2", BUSYBOX, &id, "sleep", "1000"]);
     assert!(Path::new("/run/husk").join(&id).join("shared").is_dir());
+    // The VM's processes live in the sandbox's host cgroup (ctr's cgroupsPath: /<ns>/<id>).
+    let cgroup = format!("/{}/{id}", h.ctd.namespace);
+    let vm_procs = processes_mentioning(&format!("/run/husk/{id}/"));
+    assert!(!vm_procs.is_empty());
+    for pid in &vm_procs {
+        let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+        assert!(
+            cg.lines().any(|l| l.contains(":memory:") && l.ends_with(&cgroup)) || cg.lines().any(|l| l.starts_with("0::") && l.ends_with(&cgroup)),
+            "process {pid} is not in {cgroup}: {cg}"
+        );
+    }
     let out = h.ctd.ctr_ok(&["task", "exec", "--exec-id", "e1", &id, "sh", "-c", "echo exec-ok; exit 0"]);
     assert_eq!(out, "exec-ok\n");
     let out = h.ctd.ctr(&["task", "exec", "--exec-id", "e2", &id, "sh", "-c", "exit 7"]);
@@ -107,6 +118,10 @@ fn exec_pause_resume_stats_kill_and_the_kata_name() {
     }
     h.ctd.ctr_ok(&["containers", "delete", &id]);
     assert_gone(&id);
+    for root in ["/sys/fs/cgroup/memory", "/sys/fs/cgroup/unified", "/sys/fs/cgroup"] {
+        let leaf = Path::new(root).join(cgroup.trim_start_matches('/'));
+        assert!(!leaf.exists(), "{} left behind", leaf.display());
+    }
 }
 
 #[test]
