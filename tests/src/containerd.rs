@@ -112,6 +112,18 @@ impl PrivateContainerd {
 
 impl Drop for PrivateContainerd {
     fn drop(&mut self) {
+        // runc (and containerd) remove a task's leaf cgroup but not the namespace's parent
+        // directory; this namespace is ours alone, so remove it once it is empty.
+        struct CgroupSweep(String);
+        impl Drop for CgroupSweep {
+            fn drop(&mut self) {
+                for entry in std::fs::read_dir("/sys/fs/cgroup").into_iter().flatten().flatten() {
+                    let _ = std::fs::remove_dir(entry.path().join(&self.0));
+                }
+                let _ = std::fs::remove_dir(Path::new("/sys/fs/cgroup").join(&self.0));
+            }
+        }
+        let _sweep = CgroupSweep(self.namespace.clone());
         let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).unwrap_or(i32::MAX));
         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
         let deadline = Instant::now() + Duration::from_secs(10);

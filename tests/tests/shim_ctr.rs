@@ -148,3 +148,26 @@ fn a_vm_that_dies_ends_its_task_and_delete_cleans_up() {
     h.ctd.ctr_ok(&["containers", "delete", &id]);
     assert_gone(&id);
 }
+
+#[test]
+fn a_killed_shim_is_cleaned_up_by_delete() {
+    require_root("containerd");
+    let h = HuskContainerd::start();
+    let id = unique("shimkill");
+    h.ctd.ctr_ok(&["run", "-d", "--runtime", RUNTIME, BUSYBOX, &id, "sleep", "1000"]);
+    assert!(!mounts_under(&Path::new("/run/husk").join(&id)).is_empty());
+    let shim = processes_mentioning(&id)
+        .into_iter()
+        .find(|p| std::fs::read_link(format!("/proc/{p}/exe")).is_ok_and(|e| e.ends_with("containerd-shim-husk-v2")))
+        .expect("the sandbox's shim process");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(shim as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+    // containerd sees the shim go, runs `containerd-shim-husk-v2 delete`, and that removes the
+    // mounts and the state directory; the VM died with its shim.
+    assert_gone(&id);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !h.ctd.ctr(&["task", "delete", &id]).status.success() && h.ctd.ctr_ok(&["task", "ls"]).contains(&id) {
+        assert!(Instant::now() < deadline, "task still listed: {}", h.ctd.ctr_ok(&["task", "ls"]));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    h.ctd.ctr_ok(&["containers", "delete", &id]);
+}
