@@ -41,6 +41,12 @@ pub struct HuskContainerd {
 
 impl HuskContainerd {
     pub fn start() -> Self {
+        Self::start_with_config("")
+    }
+
+    /// With extra lines for the shim's config.toml (after `kernel` and `initramfs`, which they
+    /// may override).
+    pub fn start_with_config(extra: &str) -> Self {
         let bin = tempfile::Builder::new().prefix("husk-bin-").tempdir().unwrap();
         let shim = shim_binary();
         for name in ["containerd-shim-husk-v2", "containerd-shim-kata-v2"] {
@@ -50,9 +56,10 @@ impl HuskContainerd {
         std::fs::write(
             &config,
             format!(
-                "kernel = \"{}\"\ninitramfs = \"{}\"\n",
+                "{}\nkernel = \"{}\"\n{}",
+                extra,
                 kernel().display(),
-                initramfs().display()
+                if extra.contains("initramfs") { String::new() } else { format!("initramfs = \"{}\"\n", initramfs().display()) }
             ),
         )
         .unwrap();
