@@ -141,3 +141,18 @@ fn an_agent_that_never_answers_is_a_deadline_error_and_leaves_nothing() {
     wait_gone(&id);
     let _ = h.ctd.ctr(&["containers", "delete", &id]);
 }
+
+#[test]
+fn shims_left_running_are_cleaned_up_without_their_bundle() {
+    require_root("containerd");
+    let id = unique("orphan");
+    {
+        let h = HuskContainerd::start();
+        h.ctd.ctr_ok(&["run", "-d", "--runtime", RUNTIME, BUSYBOX, &id, "sleep", "1000"]);
+        assert!(Path::new("/run/husk").join(&id).is_dir());
+        // Dropped with the task running: its containerd goes, the shim stays, and the
+        // harness ends it and runs `containerd-shim-husk-v2 delete` with no bundle at hand.
+    }
+    wait_gone(&id);
+    assert!(mounts_under(&Path::new("/run/husk").join(&id)).is_empty());
+}
