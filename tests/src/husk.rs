@@ -75,40 +75,42 @@ impl HuskContainerd {
 
 impl Drop for HuskContainerd {
     /// A test that failed half-way leaves tasks behind, and their shims outlive containerd (as
-    /// they must: containerd reconnects to them after a restart). End this containerd's shims
-    /// (by PID, found by their `-namespace`), then let the shim's own `delete` clean up after
-    /// each sandbox, as containerd would have.
+    /// they must: containerd reconnects to them after a restart).
     fn drop(&mut self) {
-        let ns = format!("-namespace\0{}\0", self.ctd.namespace);
-        let mut ids = Vec::new();
-        for pid in processes_mentioning("containerd-shim-husk-v2") {
-            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            let cmd = String::from_utf8_lossy(&cmd).into_owned();
-            if !cmd.contains(&ns) {
-                continue;
-            }
-            let args: Vec<&str> = cmd.split('\0').collect();
-            if let Some(i) = args.iter().position(|a| *a == "-id") {
-                if let Some(id) = args.get(i + 1) {
-                    ids.push(id.to_string());
-                }
-            }
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
+        end_shims(&format!("-namespace\0{}\0", self.ctd.namespace), &self.ctd.namespace);
+    }
+}
+
+/// Ends the husk shims whose command line contains `marker` (by PID; they were started by the
+/// test's own containerd), then runs the shim's own `delete` for each sandbox, as containerd
+/// would have, and removes its host cgroup.
+pub fn end_shims(marker: &str, namespace: &str) {
+    let mut ids = Vec::new();
+    for pid in processes_mentioning("containerd-shim-husk-v2") {
+        let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let cmd = String::from_utf8_lossy(&cmd).into_owned();
+        if !cmd.contains(marker) {
+            continue;
         }
-        for id in ids {
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-            while !processes_mentioning(&format!("/run/husk/{id}/")).is_empty() && std::time::Instant::now() < deadline {
-                std::thread::sleep(std::time::Duration::from_millis(50));
-            }
-            let _ = std::process::Command::new(shim_binary())
-                .args(["-namespace", &self.ctd.namespace, "-id", &id, "delete"])
-                .current_dir("/")
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .status();
-            for entry in std::fs::read_dir("/sys/fs/cgroup").into_iter().flatten().flatten() {
-                let _ = std::fs::remove_dir(entry.path().join(&self.ctd.namespace).join(&id));
-            }
+        let args: Vec<&str> = cmd.split('\0').collect();
+        if let Some(id) = args.iter().position(|a| *a == "-id").and_then(|i| args.get(i + 1)) {
+            ids.push(id.to_string());
+        }
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
+    }
+    for id in ids {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !processes_mentioning(&format!("/run/husk/{id}/")).is_empty() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        let _ = std::process::Command::new(shim_binary())
+            .args(["-namespace", namespace, "-id", &id, "delete"])
+            .current_dir("/")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status();
+        for entry in std::fs::read_dir("/sys/fs/cgroup").into_iter().flatten().flatten() {
+            let _ = std::fs::remove_dir(entry.path().join(namespace).join(&id));
         }
     }
 }

@@ -10,6 +10,7 @@ pub mod procs;
 pub mod agent;
 pub mod guest;
 pub mod husk;
+pub mod cri;
 
 use std::path::{Path, PathBuf};
 

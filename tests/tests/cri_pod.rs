@@ -1,0 +1,282 @@
+//! Tier 3, Kubernetes' path: pods through containerd's CRI plugin with runtime handler
+//! `husk` — and, in the same test, with `runc` as the baseline, to show the two behave alike.
+//! A pod of two app containers on a CNI bridge: pod IP, localhost shared between them, one
+//! kernel, exit codes and logs through CRI, volumes as the kubelet gives them, stats, resource
+//! updates, and nothing left after RemovePodSandbox.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use k8s_cri::v1::*;
+use husk_tests::cri::CriContainerd;
+use husk_tests::husk::{mounts_under, processes_mentioning, BUSYBOX};
+use husk_tests::require_root;
+
+struct Pod<'a> {
+    cri: &'a mut CriContainerd,
+    id: String,
+    config: PodSandboxConfig,
+}
+
+fn sandbox_config(cri: &CriContainerd, name: &str) -> PodSandboxConfig {
+    PodSandboxConfig {
+        metadata: Some(PodSandboxMetadata {
+            name: name.into(),
+            uid: format!("uid-{name}-{}", std::process::id()),
+            namespace: "default".into(),
+            attempt: 0,
+        }),
+        hostname: name.into(),
+        log_directory: cri.logs_dir(name).display().to_string(),
+        linux: Some(LinuxPodSandboxConfig {
+            security_context: Some(LinuxSandboxSecurityContext {
+                namespace_options: Some(NamespaceOption {
+                    network: NamespaceMode::Pod as i32,
+                    pid: NamespaceMode::Container as i32,
+                    ipc: NamespaceMode::Pod as i32,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+impl<'a> Pod<'a> {
+    fn run(cri: &'a mut CriContainerd, name: &str, handler: &str) -> Self {
+        let config = sandbox_config(cri, name);
+        let req = RunPodSandboxRequest {
+            config: Some(config.clone()),
+            runtime_handler: handler.into(),
+        };
+        let mut rt = cri.rt.clone();
+        let id = match cri.block_on(rt.run_pod_sandbox(req)) {
+            Ok(r) => r.into_inner().pod_sandbox_id,
+            Err(e) => panic!("RunPodSandbox ({handler}): {e}\ncontainerd log:\n{}", cri.log()),
+        };
+        Self { cri, id, config }
+    }
+
+    fn container(&mut self, name: &str, command: &[&str], mounts: Vec<Mount>) -> String {
+        let req = CreateContainerRequest {
+            pod_sandbox_id: self.id.clone(),
+            config: Some(ContainerConfig {
+                metadata: Some(ContainerMetadata { name: name.into(), attempt: 0 }),
+                image: Some(ImageSpec { image: BUSYBOX.into(), ..Default::default() }),
+                command: command.iter().map(|s| s.to_string()).collect(),
+                log_path: format!("{name}.log"),
+                mounts,
+                // As the kubelet does for pods without shareProcessNamespace.
+                linux: Some(LinuxContainerConfig {
+                    security_context: Some(LinuxContainerSecurityContext {
+                        namespace_options: Some(NamespaceOption {
+                            network: NamespaceMode::Pod as i32,
+                            pid: NamespaceMode::Container as i32,
+                            ipc: NamespaceMode::Pod as i32,
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            sandbox_config: Some(self.config.clone()),
+        };
+        let mut rt = self.cri.rt.clone();
+        let id = match self.cri.block_on(rt.create_container(req)) {
+            Ok(r) => r.into_inner().container_id,
+            Err(e) => panic!("CreateContainer {name}: {e}\ncontainerd log:\n{}", self.cri.log()),
+        };
+        self.cri
+            .block_on(rt.start_container(StartContainerRequest { container_id: id.clone() }))
+            .unwrap_or_else(|e| panic!("StartContainer {name}: {e}"));
+        id
+    }
+
+    fn exec(&mut self, cid: &str, cmd: &[&str]) -> ExecSyncResponse {
+        let mut rt = self.cri.rt.clone();
+        let req = ExecSyncRequest {
+            container_id: cid.into(),
+            cmd: cmd.iter().map(|s| s.to_string()).collect(),
+            timeout: 60,
+        };
+        self.cri.block_on(rt.exec_sync(req)).unwrap_or_else(|e| panic!("ExecSync {cmd:?}: {e}")).into_inner()
+    }
+
+    fn exec_ok(&mut self, cid: &str, cmd: &[&str]) -> String {
+        let r = self.exec(cid, cmd);
+        assert_eq!(r.exit_code, 0, "{cmd:?}: {}", String::from_utf8_lossy(&r.stderr));
+        String::from_utf8_lossy(&r.stdout).into_owned()
+    }
+
+    fn status(&mut self, cid: &str) -> ContainerStatus {
+        let mut rt = self.cri.rt.clone();
+        self.cri
+            .block_on(rt.container_status(ContainerStatusRequest { container_id: cid.into(), verbose: false }))
+            .unwrap()
+            .into_inner()
+            .status
+            .unwrap()
+    }
+
+    fn wait_exited(&mut self, cid: &str) -> ContainerStatus {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let s = self.status(cid);
+            if s.state == ContainerState::ContainerExited as i32 {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "{cid} did not exit: {s:?}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn remove(self) -> String {
+        let mut rt = self.cri.rt.clone();
+        let list = self.cri.block_on(rt.list_containers(ListContainersRequest { filter: None })).unwrap().into_inner();
+        for c in list.containers.iter().filter(|c| c.pod_sandbox_id == self.id) {
+            self.cri.block_on(rt.stop_container(StopContainerRequest { container_id: c.id.clone(), timeout: 2 })).unwrap();
+            self.cri.block_on(rt.remove_container(RemoveContainerRequest { container_id: c.id.clone() })).unwrap();
+        }
+        self.cri.block_on(rt.stop_pod_sandbox(StopPodSandboxRequest { pod_sandbox_id: self.id.clone() })).unwrap();
+        self.cri.block_on(rt.remove_pod_sandbox(RemovePodSandboxRequest { pod_sandbox_id: self.id.clone() })).unwrap();
+        self.id
+    }
+}
+
+/// What the pod flow observed, to compare husk with runc.
+#[derive(Debug, PartialEq)]
+struct Observed {
+    localhost_http: String,
+    same_kernel_boot: bool,
+    exit_code: i32,
+    log_has_stdout_and_stderr: bool,
+    volume_write_on_host: String,
+    configmap_read_only: bool,
+    termination_log_written: String,
+}
+
+fn pod_flow(cri: &mut CriContainerd, handler: &str) -> (Observed, String) {
+    let name = format!("{handler}-pod");
+    let empty_dir = tempfile::tempdir().unwrap();
+    let configmap = tempfile::tempdir().unwrap();
+    std::fs::write(configmap.path().join("key"), "value\n").unwrap();
+    let termination = tempfile::NamedTempFile::new().unwrap();
+    let subnet_prefix = cri.bridge.gateway.rsplit_once('.').unwrap().0.to_string();
+    let mut pod = Pod::run(cri, &name, handler);
+
+    // The pod IP comes from our CNI bridge's subnet.
+    let mut rt = pod.cri.rt.clone();
+    let st = pod
+        .cri
+        .block_on(rt.pod_sandbox_status(PodSandboxStatusRequest { pod_sandbox_id: pod.id.clone(), verbose: false }))
+        .unwrap()
+        .into_inner()
+        .status
+        .unwrap();
+    let ip = st.network.map(|n| n.ip).unwrap_or_default();
+    assert!(ip.starts_with(&format!("{subnet_prefix}.")), "{handler}: pod IP {ip:?} not in the test bridge's subnet");
+
+    let web = pod.container(
+        "web",
+        &["sh", "-c", "mkdir -p /www && echo hello-from-web > /www/index.html && exec httpd -f -p 8080 -h /www"],
+        vec![],
+    );
+    let mounts = vec![
+        Mount { container_path: "/data".into(), host_path: empty_dir.path().display().to_string(), ..Default::default() },
+        Mount { container_path: "/config".into(), host_path: configmap.path().display().to_string(), readonly: true, ..Default::default() },
+        Mount { container_path: "/dev/termination-log".into(), host_path: termination.path().display().to_string(), ..Default::default() },
+    ];
+    let app = pod.container("app", &["sleep", "1000"], mounts);
+
+    // Two containers of the pod share localhost.
+    let mut localhost_http = String::new();
+    for _ in 0..50 {
+        let r = pod.exec(&app, &["wget", "-q", "-O", "-", "http://127.0.0.1:8080/"]);
+        if r.exit_code == 0 {
+            localhost_http = String::from_utf8_lossy(&r.stdout).into_owned();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let boot = |pod: &mut Pod, c: &str| pod.exec_ok(c, &["cat", "/proc/sys/kernel/random/boot_id"]);
+    let same_kernel_boot = boot(&mut pod, &web) == boot(&mut pod, &app);
+
+    // Volumes as the kubelet gives them.
+    pod.exec_ok(&app, &["sh", "-c", "echo from-pod > /data/file; echo terminated-ok > /dev/termination-log"]);
+    let volume_write_on_host = std::fs::read_to_string(empty_dir.path().join("file")).unwrap_or_default();
+    let configmap_read_only = pod.exec(&app, &["sh", "-c", "cat /config/key && touch /config/new"]).exit_code != 0
+        && pod.exec_ok(&app, &["cat", "/config/key"]) == "value\n";
+    let termination_log_written = std::fs::read_to_string(termination.path()).unwrap_or_default();
+    // CRI's own files are there too.
+    assert!(pod.exec_ok(&app, &["cat", "/etc/hosts"]).contains("localhost"), "{handler}: /etc/hosts");
+
+    // Stats and resource updates reach the container.
+    let mut rt = pod.cri.rt.clone();
+    let stats = pod
+        .cri
+        .block_on(rt.container_stats(ContainerStatsRequest { container_id: app.clone() }))
+        .unwrap_or_else(|e| panic!("{handler}: ContainerStats: {e}"))
+        .into_inner()
+        .stats
+        .unwrap();
+    assert!(stats.memory.and_then(|m| m.working_set_bytes).map(|v| v.value).unwrap_or(0) > 0, "{handler}: no memory stats");
+    pod.cri
+        .block_on(rt.update_container_resources(UpdateContainerResourcesRequest {
+            container_id: app.clone(),
+            linux: Some(LinuxContainerResources { memory_limit_in_bytes: 96 << 20, ..Default::default() }),
+            ..Default::default()
+        }))
+        .unwrap_or_else(|e| panic!("{handler}: UpdateContainerResources: {e}"));
+
+    // A container's exit code and logs come back through CRI.
+    let job = pod.container("job", &["sh", "-c", "echo to-stdout; echo to-stderr >&2; exit 3"], vec![]);
+    let s = pod.wait_exited(&job);
+    let log = std::fs::read_to_string(Path::new(&pod.config.log_directory).join("job.log")).unwrap_or_default();
+    let log_has_stdout_and_stderr = log.lines().any(|l| l.contains(" stdout ") && l.ends_with("to-stdout"))
+        && log.lines().any(|l| l.contains(" stderr ") && l.ends_with("to-stderr"));
+
+    let observed = Observed {
+        localhost_http,
+        same_kernel_boot,
+        exit_code: s.exit_code,
+        log_has_stdout_and_stderr,
+        volume_write_on_host,
+        configmap_read_only,
+        termination_log_written,
+    };
+    (observed, pod.remove())
+}
+
+#[test]
+fn a_pod_of_two_containers_runs_alike_on_husk_and_runc() {
+    require_root("containerd with CRI, CNI");
+    let mut cri = CriContainerd::start();
+    let expected = Observed {
+        localhost_http: "hello-from-web\n".into(),
+        same_kernel_boot: true,
+        exit_code: 3,
+        log_has_stdout_and_stderr: true,
+        volume_write_on_host: "from-pod\n".into(),
+        configmap_read_only: true,
+        termination_log_written: "terminated-ok\n".into(),
+    };
+    let (runc, _) = pod_flow(&mut cri, "runc");
+    assert_eq!(runc, expected, "runc baseline");
+    let (husk, sid) = pod_flow(&mut cri, "husk");
+    assert_eq!(husk, expected, "husk behaves like runc");
+
+    // RemovePodSandbox left nothing: no sandbox, no VM processes, no mounts, no /run/husk.
+    let mut rt = cri.rt.clone();
+    let pods = cri.block_on(rt.list_pod_sandbox(ListPodSandboxRequest { filter: None })).unwrap().into_inner();
+    assert!(pods.items.is_empty(), "{:?}", pods.items);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let dir = Path::new("/run/husk").join(&sid);
+    while dir.exists() || !processes_mentioning(&format!("/run/husk/{sid}/")).is_empty() {
+        assert!(Instant::now() < deadline, "sandbox {sid} left: {:?}", mounts_under(&dir));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
