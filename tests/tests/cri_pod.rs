@@ -108,7 +108,7 @@ impl<'a> Pod<'a> {
 
     fn exec_ok(&mut self, cid: &str, cmd: &[&str]) -> String {
         let r = self.exec(cid, cmd);
-        assert_eq!(r.exit_code, 0, "{cmd:?}: {}", String::from_utf8_lossy(&r.stderr));
+        assert_eq!(r.exit_code, 0, "{cmd:?}: stdout {:?} stderr {:?}", String::from_utf8_lossy(&r.stdout), String::from_utf8_lossy(&r.stderr));
         String::from_utf8_lossy(&r.stdout).into_owned()
     }
 
@@ -157,6 +157,7 @@ struct Observed {
     volume_write_on_host: String,
     configmap_read_only: bool,
     termination_log_written: String,
+    memory_limit_after_update: String,
 }
 
 fn pod_flow(cri: &mut CriContainerd, handler: &str) -> (Observed, String) {
@@ -231,6 +232,16 @@ fn pod_flow(cri: &mut CriContainerd, handler: &str) -> (Observed, String) {
             ..Default::default()
         }))
         .unwrap_or_else(|e| panic!("{handler}: UpdateContainerResources: {e}"));
+    // husk: the container's cgroup v2 in the guest; runc: the container's cgroup on this
+    // (cgroup v1) host, as CRI names it.
+    let memory_limit_after_update = if handler == "husk" {
+        // The container's own cgroup, whether or not the agent gives it a cgroup namespace.
+        pod.exec_ok(&app, &["sh", "-c", "cat /sys/fs/cgroup$(cut -d: -f3 /proc/self/cgroup)/memory.max"])
+    } else {
+        std::fs::read_to_string(format!("/sys/fs/cgroup/memory/k8s.io/{app}/memory.limit_in_bytes"))
+            .or_else(|_| std::fs::read_to_string(format!("/sys/fs/cgroup/k8s.io/{app}/memory.max")))
+            .unwrap_or_default()
+    };
 
     // A container's exit code and logs come back through CRI.
     let job = pod.container("job", &["sh", "-c", "echo to-stdout; echo to-stderr >&2; exit 3"], vec![]);
@@ -247,6 +258,7 @@ fn pod_flow(cri: &mut CriContainerd, handler: &str) -> (Observed, String) {
         volume_write_on_host,
         configmap_read_only,
         termination_log_written,
+        memory_limit_after_update,
     };
     (observed, pod.remove())
 }
@@ -263,6 +275,7 @@ fn a_pod_of_two_containers_runs_alike_on_husk_and_runc() {
         volume_write_on_host: "from-pod\n".into(),
         configmap_read_only: true,
         termination_log_written: "terminated-ok\n".into(),
+        memory_limit_after_update: format!("{}\n", 96u64 << 20),
     };
     let (runc, _) = pod_flow(&mut cri, "runc");
     assert_eq!(runc, expected, "runc baseline");
