@@ -8,7 +8,7 @@ use husk_hypervisor::host;
 use husk_tests::husk::{HuskContainerd, BUSYBOX};
 
 use crate::run::step;
-use crate::{binaries, kernel, rootfs, setup};
+use crate::{binaries, deploy_image, kernel, rootfs, setup};
 
 /// Prepares everything the demo and the tests need.
 pub fn prepare(with_setup: bool) -> Result<()> {
@@ -17,7 +17,8 @@ pub fn prepare(with_setup: bool) -> Result<()> {
     }
     kernel::build(false)?;
     let agent = binaries::build_all()?;
-    rootfs::build(&agent)
+    rootfs::build(&agent)?;
+    deploy_image::build().map(drop)
 }
 
 const SCRIPT: &str = "echo \"Hello from a container in a husk microVM\"; \

@@ -8,6 +8,7 @@
 
 mod binaries;
 mod demo;
+mod deploy_image;
 mod doctor;
 mod install;
 mod kconfig;
@@ -44,6 +45,8 @@ enum Cmd {
     Rootfs,
     /// Build husk's binaries (the static agent included).
     Build,
+    /// Build the node installer image (husk.local/husk-deploy:latest) → target/husk/images/.
+    DeployImage,
     /// Set everything up and run the demo.
     Demo,
     /// Set everything up and run the whole test suite.
@@ -69,6 +72,7 @@ fn main() {
         Cmd::Kernel { debug } => kernel::build(debug).map(drop),
         Cmd::Rootfs => binaries::agent().and_then(|a| rootfs::build(&a)),
         Cmd::Build => binaries::build_all().map(drop),
+        Cmd::DeployImage => binaries::build_all().and_then(|_| deploy_image::build()).map(drop),
         Cmd::Demo => demo::run(),
         Cmd::Test { no_setup, filter } => testing::run(!no_setup, filter.as_deref()),
         Cmd::Bench => Err(anyhow::anyhow!(
