@@ -56,7 +56,9 @@ pub struct Agent {
 
 impl std::fmt::Debug for Agent {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Agent").field("socket", &self.socket).finish()
+        f.debug_struct("Agent")
+            .field("socket", &self.socket)
+            .finish()
     }
 }
 

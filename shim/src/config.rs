@@ -93,7 +93,9 @@ impl Config {
             path: path.clone(),
             message: e.to_string(),
         })?;
-        config.backend_kind().map_err(|value| ConfigError::Backend { path, value })?;
+        config
+            .backend_kind()
+            .map_err(|value| ConfigError::Backend { path, value })?;
         Ok(config)
     }
 
@@ -171,7 +173,9 @@ mod tests {
         std::fs::write(&p, "backend = \"firecracker\"\n").unwrap();
         let e = Config::load(Some(&p)).unwrap_err().to_string();
         assert!(e.contains("qemu-tcg"), "{e}");
-        let e = Config::load(Some(&d.path().join("none.toml"))).unwrap_err().to_string();
+        let e = Config::load(Some(&d.path().join("none.toml")))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("none.toml"), "{e}");
     }
 
@@ -186,7 +190,10 @@ mod tests {
         // type_url = "x", config_path = "/etc/husk/t.toml"
         let mut m = vec![0x0a, 1, b'x', 0x12, 16];
         m.extend_from_slice(b"/etc/husk/t.toml");
-        assert_eq!(config_path_from_options(&m), Some(PathBuf::from("/etc/husk/t.toml")));
+        assert_eq!(
+            config_path_from_options(&m),
+            Some(PathBuf::from("/etc/husk/t.toml"))
+        );
         assert_eq!(config_path_from_options(&[0x0a, 1, b'x']), None);
         assert_eq!(config_path_from_options(&[0x12, 200]), None, "truncated");
     }

@@ -43,8 +43,17 @@ pub fn normalise(cgroups_path: &str) -> Result<String, CgroupError> {
     }
     let parts: Vec<&str> = cgroups_path.split(':').collect();
     match parts.as_slice() {
-        [slice, prefix, name] if !name.is_empty() && !slice.contains('/') && !name.contains('/') && !prefix.contains('/') => {
-            let slice = if slice.is_empty() { "system.slice" } else { slice };
+        [slice, prefix, name]
+            if !name.is_empty()
+                && !slice.contains('/')
+                && !name.contains('/')
+                && !prefix.contains('/') =>
+        {
+            let slice = if slice.is_empty() {
+                "system.slice"
+            } else {
+                slice
+            };
             Ok(format!("/{slice}/{prefix}-{name}.scope"))
         }
         _ => Err(CgroupError::BadPath(cgroups_path.into())),
@@ -70,7 +79,10 @@ fn hierarchies() -> Vec<Hierarchy> {
             .unwrap_or_else(|| "/".into())
     };
     let mut v = Vec::new();
-    for line in std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default().lines() {
+    for line in std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+    {
         let Some((pre, post)) = line.split_once(" - ") else {
             continue;
         };
@@ -85,7 +97,12 @@ fn hierarchies() -> Vec<Hierarchy> {
                 original: own_for(true, &[]),
             }),
             "cgroup" => {
-                let controllers: Vec<&str> = opts.split(',').filter(|o| !matches!(*o, "rw" | "ro" | "nosuid" | "nodev" | "noexec" | "relatime")).collect();
+                let controllers: Vec<&str> = opts
+                    .split(',')
+                    .filter(|o| {
+                        !matches!(*o, "rw" | "ro" | "nosuid" | "nodev" | "noexec" | "relatime")
+                    })
+                    .collect();
                 // The named systemd hierarchy has no controller to account with.
                 if controllers.iter().all(|c| c.starts_with("name=")) {
                     continue;
@@ -161,7 +178,10 @@ impl HostCgroup {
     /// Moves this process back where it was and removes the directories `join` created.
     pub fn leave(&mut self) {
         for (h, created) in self.joined.drain(..) {
-            let back = h.mount.join(h.original.trim_start_matches('/')).join("cgroup.procs");
+            let back = h
+                .mount
+                .join(h.original.trim_start_matches('/'))
+                .join("cgroup.procs");
             let _ = std::fs::write(&back, std::process::id().to_string());
             for dir in created.iter().rev() {
                 let _ = std::fs::remove_dir(dir);
@@ -187,7 +207,10 @@ mod tests {
     #[test]
     fn paths_in_both_driver_styles() {
         assert_eq!(normalise("/default/c1/").unwrap(), "/default/c1");
-        assert_eq!(normalise("kubepods.slice:cri-containerd:abc").unwrap(), "/kubepods.slice/cri-containerd-abc.scope");
+        assert_eq!(
+            normalise("kubepods.slice:cri-containerd:abc").unwrap(),
+            "/kubepods.slice/cri-containerd-abc.scope"
+        );
         assert!(normalise("../x").is_err());
         assert!(normalise("/a/../../x").is_err());
         assert!(normalise("a:b").is_err());

@@ -15,7 +15,9 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::thread::JoinHandle;
 
-use husk_protocols::agent::{ProcessRef, ReadStreamRequest, WaitProcessResponse, WriteStdinRequest};
+use husk_protocols::agent::{
+    ProcessRef, ReadStreamRequest, WaitProcessResponse, WriteStdinRequest,
+};
 use husk_protocols::agent_ttrpc::AgentClient;
 
 use crate::agent::{describe, long_poll, short};
@@ -35,7 +37,13 @@ enum Stream {
     Stderr,
 }
 
-fn relay_output(client: AgentClient, cid: String, eid: String, stream: Stream, path: String) -> JoinHandle<()> {
+fn relay_output(
+    client: AgentClient,
+    cid: String,
+    eid: String,
+    stream: Stream,
+    path: String,
+) -> JoinHandle<()> {
     std::thread::spawn(move || {
         let mut fifo = if path.is_empty() {
             None
@@ -65,7 +73,9 @@ fn relay_output(client: AgentClient, cid: String, eid: String, stream: Stream, p
                     if !r.data.is_empty() {
                         if let Some(f) = fifo.as_mut() {
                             if let Err(e) = f.write_all(&r.data) {
-                                log::warn!("{cid}/{eid}: writing {path}: {e}; further output is dropped");
+                                log::warn!(
+                                    "{cid}/{eid}: writing {path}: {e}; further output is dropped"
+                                );
                                 fifo = None;
                             }
                         }
@@ -147,9 +157,23 @@ pub fn start(
     stdio: &StdioPaths,
     on_exit: impl FnOnce(Result<WaitProcessResponse, String>) + Send + 'static,
 ) {
-    let out = relay_output(client.clone(), cid.into(), eid.into(), Stream::Stdout, stdio.stdout.clone());
+    let out = relay_output(
+        client.clone(),
+        cid.into(),
+        eid.into(),
+        Stream::Stdout,
+        stdio.stdout.clone(),
+    );
     // With a terminal the pty merges stderr into stdout.
-    let err = (!stdio.terminal).then(|| relay_output(client.clone(), cid.into(), eid.into(), Stream::Stderr, stdio.stderr.clone()));
+    let err = (!stdio.terminal).then(|| {
+        relay_output(
+            client.clone(),
+            cid.into(),
+            eid.into(),
+            Stream::Stderr,
+            stdio.stderr.clone(),
+        )
+    });
     if !stdio.stdin.is_empty() {
         relay_stdin(client.clone(), cid.into(), eid.into(), stdio.stdin.clone());
     }
@@ -160,7 +184,9 @@ pub fn start(
     };
     let stdin = stdio.stdin.clone();
     std::thread::spawn(move || {
-        let result = client.wait_process(long_poll(), &req).map_err(|e| describe(&e));
+        let result = client
+            .wait_process(long_poll(), &req)
+            .map_err(|e| describe(&e));
         let _ = out.join();
         if let Some(err) = err {
             let _ = err.join();

@@ -89,12 +89,20 @@ pub struct Sandbox {
 
 impl std::fmt::Debug for Sandbox {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Sandbox").field("id", &self.id).field("vm_pid", &self.vm_pid).finish()
+        f.debug_struct("Sandbox")
+            .field("id", &self.id)
+            .field("vm_pid", &self.vm_pid)
+            .finish()
     }
 }
 
 impl Sandbox {
-    pub fn start(config: &Config, id: &str, spec: &Value, hostname: &str) -> Result<Self, SandboxError> {
+    pub fn start(
+        config: &Config,
+        id: &str,
+        spec: &Value,
+        hostname: &str,
+    ) -> Result<Self, SandboxError> {
         let step_err = |step: &'static str| {
             let sid = id.to_string();
             move |e: &dyn std::fmt::Display| SandboxError::Step {
@@ -103,7 +111,8 @@ impl Sandbox {
                 message: e.to_string(),
             }
         };
-        let dir = SandboxDir::new(&config.state_root, id).map_err(|e| step_err("state directory")(&e))?;
+        let dir =
+            SandboxDir::new(&config.state_root, id).map_err(|e| step_err("state directory")(&e))?;
         if dir.root().exists() {
             return Err(step_err("state directory")(&format!(
                 "{} exists: another shim runs this sandbox, or a dead one was not cleaned up (`ctr task delete` runs the cleanup)",
@@ -115,7 +124,10 @@ impl Sandbox {
             step_err("state directory")(&e)
         })?;
         // Join the pod's host cgroup first: the VM's processes inherit it.
-        let cgroup = match spec["linux"]["cgroupsPath"].as_str().filter(|p| !p.is_empty()) {
+        let cgroup = match spec["linux"]["cgroupsPath"]
+            .as_str()
+            .filter(|p| !p.is_empty())
+        {
             Some(p) => match HostCgroup::join(p) {
                 Ok(c) => Some(c),
                 Err(e) => {
@@ -140,7 +152,13 @@ impl Sandbox {
         }
     }
 
-    fn start_in(config: &Config, id: &str, spec: &Value, hostname: &str, dir: SandboxDir) -> Result<Self, SandboxError> {
+    fn start_in(
+        config: &Config,
+        id: &str,
+        spec: &Value,
+        hostname: &str,
+        dir: SandboxDir,
+    ) -> Result<Self, SandboxError> {
         let sid = id.to_string();
         let (vcpus, memory_mib) = size_for(config, spec);
         let backend = backend(config).map_err(|e| SandboxError::Step {
@@ -202,7 +220,10 @@ impl Sandbox {
         let _ = dir.write_pids(&[vm_pid]);
         let Some(socket) = vm.vsock_socket().map(PathBuf::from) else {
             let _ = vm.kill();
-            return Err(guest_err("connecting to the agent", "the VM has no vsock device".into()));
+            return Err(guest_err(
+                "connecting to the agent",
+                "the VM has no vsock device".into(),
+            ));
         };
         let agent = match Agent::connect(&socket, Duration::from_secs(config.agent_timeout_secs)) {
             Ok(a) => a,
@@ -220,7 +241,11 @@ impl Sandbox {
             let _ = vm.kill();
             return Err(guest_err("CreateSandbox", agent::describe(&e)));
         }
-        log::info!("sandbox {id}: VM {vm_pid} on {} with {vcpus} vCPU, {memory_mib} MiB; agent {}", backend.name(), agent.agent_version);
+        log::info!(
+            "sandbox {id}: VM {vm_pid} on {} with {vcpus} vCPU, {memory_mib} MiB; agent {}",
+            backend.name(),
+            agent.agent_version
+        );
         Ok(Self {
             id: id.to_string(),
             dir,
@@ -259,13 +284,22 @@ impl Sandbox {
 
     /// Asks the agent to end the sandbox, stops the VM, removes the state directory.
     pub fn destroy(&self) {
-        self.destroyed.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.destroyed
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         let mut vm = self.vm.lock().unwrap_or_else(|e| e.into_inner());
         if vm.wait(Some(Duration::ZERO)).ok().flatten().is_none() {
             let ctx = husk_protocols::ttrpc::context::with_duration(Duration::from_secs(5));
-            let _ = self.agent.client().destroy_sandbox(ctx, &DestroySandboxRequest::default());
+            let _ = self
+                .agent
+                .client()
+                .destroy_sandbox(ctx, &DestroySandboxRequest::default());
             // The agent powers the VM off after answering; give it a moment, then stop it.
-            if vm.wait(Some(Duration::from_secs(3))).ok().flatten().is_none() {
+            if vm
+                .wait(Some(Duration::from_secs(3)))
+                .ok()
+                .flatten()
+                .is_none()
+            {
                 let _ = vm.stop(Duration::from_secs(3));
             }
         }

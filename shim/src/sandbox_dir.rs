@@ -52,7 +52,13 @@ fn sys(what: &'static str, path: &Path) -> impl FnOnce(nix::Error) -> DirError {
 
 /// Ids become path components: refuse anything that could climb out.
 pub fn check_id(id: &str) -> Result<(), DirError> {
-    if id.is_empty() || id == "." || id == ".." || id.contains('/') || id.contains('\0') || id.len() > 128 {
+    if id.is_empty()
+        || id == "."
+        || id == ".."
+        || id.contains('/')
+        || id.contains('\0')
+        || id.len() > 128
+    {
         return Err(DirError::BadId(id.to_string()));
     }
     Ok(())
@@ -103,10 +109,22 @@ impl SandboxDir {
             .map_err(io("creating", &self.root))?;
         let shared = self.shared();
         std::fs::create_dir(&shared).map_err(io("creating", &shared))?;
-        mount(Some(&shared), &shared, None::<&str>, MsFlags::MS_BIND, None::<&str>)
-            .map_err(sys("bind-mounting", &shared))?;
-        mount(None::<&str>, &shared, None::<&str>, MsFlags::MS_SHARED | MsFlags::MS_REC, None::<&str>)
-            .map_err(sys("making a shared mount of", &shared))?;
+        mount(
+            Some(&shared),
+            &shared,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .map_err(sys("bind-mounting", &shared))?;
+        mount(
+            None::<&str>,
+            &shared,
+            None::<&str>,
+            MsFlags::MS_SHARED | MsFlags::MS_REC,
+            None::<&str>,
+        )
+        .map_err(sys("making a shared mount of", &shared))?;
         Ok(())
     }
 
@@ -165,7 +183,10 @@ fn unescape_mountinfo(s: &str) -> String {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
             let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
             out.push(v);
             i += 4;
@@ -226,7 +247,14 @@ mod tests {
         d.create().unwrap();
         let rootfs = d.rootfs("c1");
         std::fs::create_dir_all(&rootfs).unwrap();
-        mount(Some("tmpfs"), &rootfs, Some("tmpfs"), MsFlags::empty(), None::<&str>).unwrap();
+        mount(
+            Some("tmpfs"),
+            &rootfs,
+            Some("tmpfs"),
+            MsFlags::empty(),
+            None::<&str>,
+        )
+        .unwrap();
         assert_eq!(mounts_under(d.root()).len(), 2);
         d.remove_container("c1").unwrap();
         assert!(!d.container("c1").exists());

@@ -36,7 +36,12 @@ pub enum ShareError {
 
 /// Mounts containerd's rootfs mounts for `cid` (or binds the bundle's `rootfs/` when
 /// containerd mounted it already) under `shared/<cid>/rootfs`.
-pub fn mount_rootfs(dir: &SandboxDir, cid: &str, mounts: &[ContainerdMount], bundle: &Path) -> Result<PathBuf, ShareError> {
+pub fn mount_rootfs(
+    dir: &SandboxDir,
+    cid: &str,
+    mounts: &[ContainerdMount],
+    bundle: &Path,
+) -> Result<PathBuf, ShareError> {
     let target = dir.rootfs(cid);
     std::fs::create_dir_all(&target).map_err(|e| ShareError::Rootfs {
         cid: cid.into(),
@@ -54,12 +59,19 @@ pub fn mount_rootfs(dir: &SandboxDir, cid: &str, mounts: &[ContainerdMount], bun
     };
     if mounts.is_empty() {
         let src = bundle.join("rootfs");
-        mount(Some(&src), &target, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>)
-            .map_err(|e| fail("bind", &src.display().to_string(), e.to_string()))?;
+        mount(
+            Some(&src),
+            &target,
+            None::<&str>,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            None::<&str>,
+        )
+        .map_err(|e| fail("bind", &src.display().to_string(), e.to_string()))?;
         return Ok(target);
     }
     for m in mounts {
-        mount_one(&m.type_, &m.source, &m.options, &target).map_err(|e| fail(&m.type_, &m.source, e))?;
+        mount_one(&m.type_, &m.source, &m.options, &target)
+            .map_err(|e| fail(&m.type_, &m.source, e))?;
     }
     Ok(target)
 }
@@ -100,20 +112,33 @@ fn mount_one(fstype: &str, source: &str, options: &[String], target: &Path) -> R
         ));
     }
     let fstype_opt = (!flags.contains(MsFlags::MS_BIND)).then_some(fstype);
-    mount(Some(source), target, fstype_opt, flags, (!data.is_empty()).then_some(data.as_str())).map_err(|e| e.to_string())?;
+    mount(
+        Some(source),
+        target,
+        fstype_opt,
+        flags,
+        (!data.is_empty()).then_some(data.as_str()),
+    )
+    .map_err(|e| e.to_string())?;
     if flags.contains(MsFlags::MS_BIND) && flags.contains(MsFlags::MS_RDONLY) {
-        mount(None::<&str>, target, None::<&str>, flags | MsFlags::MS_REMOUNT, None::<&str>)
-            .map_err(|e| format!("remounting read-only: {e}"))?;
+        mount(
+            None::<&str>,
+            target,
+            None::<&str>,
+            flags | MsFlags::MS_REMOUNT,
+            None::<&str>,
+        )
+        .map_err(|e| format!("remounting read-only: {e}"))?;
     }
     Ok(())
 }
 
 fn is_bind(m: &Value) -> bool {
     m.get("type").and_then(Value::as_str) == Some("bind")
-        || m
-            .get("options")
-            .and_then(Value::as_array)
-            .is_some_and(|o| o.iter().any(|x| matches!(x.as_str(), Some("bind" | "rbind"))))
+        || m.get("options").and_then(Value::as_array).is_some_and(|o| {
+            o.iter()
+                .any(|x| matches!(x.as_str(), Some("bind" | "rbind")))
+        })
 }
 
 /// Shares every bind mount of `spec` with the guest and rewrites its source to the guest's
@@ -127,8 +152,16 @@ pub fn share_bind_mounts(dir: &SandboxDir, cid: &str, spec: &mut Value) -> Resul
         if !is_bind(m) {
             continue;
         }
-        let source = m.get("source").and_then(Value::as_str).unwrap_or("").to_string();
-        let destination = m.get("destination").and_then(Value::as_str).unwrap_or("").to_string();
+        let source = m
+            .get("source")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string();
+        let destination = m
+            .get("destination")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string();
         let fail = |message: String| ShareError::Bind {
             cid: cid.into(),
             source_path: source.clone(),
@@ -147,8 +180,14 @@ pub fn share_bind_mounts(dir: &SandboxDir, cid: &str, spec: &mut Value) -> Resul
         } else {
             std::fs::File::create(&target).map_err(|e| fail(e.to_string()))?;
         }
-        mount(Some(source.as_str()), &target, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>)
-            .map_err(|e| fail(e.to_string()))?;
+        mount(
+            Some(source.as_str()),
+            &target,
+            None::<&str>,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            None::<&str>,
+        )
+        .map_err(|e| fail(e.to_string()))?;
         let readonly = m
             .get("options")
             .and_then(Value::as_array)
@@ -202,7 +241,10 @@ mod tests {
 
     #[test]
     fn mount_options_split_into_flags_and_data() {
-        let opts: Vec<String> = ["ro", "index=off", "lowerdir=/a:/b", "nosuid"].iter().map(|s| s.to_string()).collect();
+        let opts: Vec<String> = ["ro", "index=off", "lowerdir=/a:/b", "nosuid"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
         let (flags, data) = split_options(&opts);
         assert_eq!(flags, MsFlags::MS_RDONLY | MsFlags::MS_NOSUID);
         assert_eq!(data, ["index=off", "lowerdir=/a:/b"]);
@@ -214,7 +256,10 @@ mod tests {
         assert_eq!(sandbox_of(&cri).as_deref(), Some("sb"));
         let pause = json!({"annotations": {"io.kubernetes.cri.container-type": "sandbox", "io.kubernetes.cri.sandbox-id": "sb"}});
         assert_eq!(sandbox_of(&pause), None);
-        assert_eq!(sandbox_of(&json!({"annotations": {"io.husk.sandbox-id": "x"}})).as_deref(), Some("x"));
+        assert_eq!(
+            sandbox_of(&json!({"annotations": {"io.husk.sandbox-id": "x"}})).as_deref(),
+            Some("x")
+        );
         assert_eq!(sandbox_of(&json!({})), None);
     }
 
@@ -240,8 +285,14 @@ mod tests {
         assert_eq!(spec["mounts"][1]["source"], "/run/husk/shared/c1/mounts/1");
         assert_eq!(spec["mounts"][2]["source"], "/run/husk/shared/c1/mounts/2");
         let shared_dir = d.container("c1").join("mounts");
-        assert_eq!(std::fs::read_to_string(shared_dir.join("1/f")).unwrap(), "data");
-        assert!(std::fs::write(shared_dir.join("2"), "x").is_err(), "read-only bind must refuse writes");
+        assert_eq!(
+            std::fs::read_to_string(shared_dir.join("1/f")).unwrap(),
+            "data"
+        );
+        assert!(
+            std::fs::write(shared_dir.join("2"), "x").is_err(),
+            "read-only bind must refuse writes"
+        );
         let e = share_bind_mounts(&d, "c2", &mut json!({"mounts": [{"destination": "/x", "type": "bind", "source": "/nonexistent/v"}]}))
             .unwrap_err()
             .to_string();

@@ -57,8 +57,14 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ShimError {
 /// Whether `pid` is (still) one of our VM processes, so a recycled PID is never killed.
 fn is_vm_process(pid: u32) -> bool {
     let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap_or_default();
-    let name = exe.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    name.starts_with("qemu-system") || name == "husk-vmm" || name == "virtiofsd" || name == "vhost-device-vsock"
+    let name = exe
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    name.starts_with("qemu-system")
+        || name == "husk-vmm"
+        || name == "virtiofsd"
+        || name == "vhost-device-vsock"
 }
 
 /// Cleans up after container `id` of the bundle, whatever state the shim left: unmounts its
@@ -66,7 +72,10 @@ fn is_vm_process(pid: u32) -> bool {
 /// removes `/run/husk/<sid>/`. Idempotent.
 pub fn cleanup(id: &str, bundle: &Path, config: &Config) -> Result<(), String> {
     let spec = share::read_spec(bundle, id).ok();
-    let sid = spec.as_ref().and_then(share::sandbox_of).unwrap_or_else(|| id.to_string());
+    let sid = spec
+        .as_ref()
+        .and_then(share::sandbox_of)
+        .unwrap_or_else(|| id.to_string());
     let dir = SandboxDir::new(&config.state_root, &sid).map_err(|e| e.to_string())?;
     dir.remove_container(id).map_err(|e| e.to_string())?;
     if sid == id {
@@ -79,7 +88,10 @@ pub fn cleanup(id: &str, bundle: &Path, config: &Config) -> Result<(), String> {
             }
         }
         dir.destroy().map_err(|e| e.to_string())?;
-        if let Some(p) = spec.as_ref().and_then(|s| s["linux"]["cgroupsPath"].as_str()) {
+        if let Some(p) = spec
+            .as_ref()
+            .and_then(|s| s["linux"]["cgroupsPath"].as_str())
+        {
             crate::host_cgroup::remove(p);
         }
     }
@@ -138,7 +150,8 @@ pub fn serve(flags: &Flags) -> Result<(), ShimError> {
     // Whatever happens next, the `start` process waiting on our stdout must be released.
     let _release = ReleaseOnDrop;
     if let Some(parent) = Path::new(&path).parent() {
-        std::fs::create_dir_all(parent).map_err(io_err(format!("creating {}", parent.display())))?;
+        std::fs::create_dir_all(parent)
+            .map_err(io_err(format!("creating {}", parent.display())))?;
     }
     let listener = match std::os::unix::net::UnixListener::bind(&path) {
         Ok(l) => l,
@@ -147,17 +160,21 @@ pub fn serve(flags: &Flags) -> Result<(), ShimError> {
             if UnixStream::connect(&path).is_ok() {
                 return Ok(());
             }
-            std::fs::remove_file(&path).map_err(io_err(format!("removing the stale socket {path}")))?;
-            std::os::unix::net::UnixListener::bind(&path).map_err(io_err(format!("binding {path}")))?
+            std::fs::remove_file(&path)
+                .map_err(io_err(format!("removing the stale socket {path}")))?;
+            std::os::unix::net::UnixListener::bind(&path)
+                .map_err(io_err(format!("binding {path}")))?
         }
         Err(e) => return Err(io_err(format!("binding {path}"))(e)),
     };
     containerd_shim::logger::init(flags.debug, "info", &flags.namespace, &flags.id)?;
-    let ttrpc_address = std::env::var("TTRPC_ADDRESS")
-        .map_err(|_| ShimError::Other("TTRPC_ADDRESS is not set: the shim must be started by containerd".into()))?;
+    let ttrpc_address = std::env::var("TTRPC_ADDRESS").map_err(|_| {
+        ShimError::Other("TTRPC_ADDRESS is not set: the shim must be started by containerd".into())
+    })?;
     let publisher = RemotePublisher::new(&ttrpc_address)?;
     let exit = Arc::new(ExitSignal::default());
-    let task: Arc<dyn Task + Send + Sync> = Arc::new(Service::new(&flags.namespace, publisher, exit.clone()));
+    let task: Arc<dyn Task + Send + Sync> =
+        Arc::new(Service::new(&flags.namespace, publisher, exit.clone()));
     let mut methods = create_task(task.clone());
     let v2: Vec<_> = create_task(task)
         .into_iter()
@@ -168,7 +185,9 @@ pub fn serve(flags: &Flags) -> Result<(), ShimError> {
         .add_listener(listener.into_raw_fd())
         .map_err(|e| ShimError::Other(format!("ttrpc listener on {path}: {e}")))?
         .register_service(methods);
-    server.start().map_err(|e| ShimError::Other(format!("starting the ttrpc server on {path}: {e}")))?;
+    server
+        .start()
+        .map_err(|e| ShimError::Other(format!("starting the ttrpc server on {path}: {e}")))?;
     release_starter();
     log::info!("shim {} serving on {path}", flags.id);
     exit.wait();

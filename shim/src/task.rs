@@ -6,15 +6,18 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
 use containerd_shim::api::{
-    CloseIORequest, ConnectRequest, ConnectResponse, CreateTaskRequest, CreateTaskResponse, DeleteRequest,
-    DeleteResponse, Empty, ExecProcessRequest, KillRequest, PauseRequest, PidsRequest, PidsResponse,
-    ResizePtyRequest, ResumeRequest, ShutdownRequest, StartRequest, StartResponse, StateRequest, StateResponse,
-    StatsRequest, StatsResponse, Status, UpdateTaskRequest, WaitRequest, WaitResponse,
+    CloseIORequest, ConnectRequest, ConnectResponse, CreateTaskRequest, CreateTaskResponse,
+    DeleteRequest, DeleteResponse, Empty, ExecProcessRequest, KillRequest, PauseRequest,
+    PidsRequest, PidsResponse, ResizePtyRequest, ResumeRequest, ShutdownRequest, StartRequest,
+    StartResponse, StateRequest, StateResponse, StatsRequest, StatsResponse, Status,
+    UpdateTaskRequest, WaitRequest, WaitResponse,
 };
-use containerd_shim::protos::cgroups_v2::metrics::{CPUStat, IOEntry, IOStat, MemoryEvents, MemoryStat, Metrics, PidsStat};
+use containerd_shim::protos::cgroups_v2::metrics::{
+    CPUStat, IOEntry, IOStat, MemoryEvents, MemoryStat, Metrics, PidsStat,
+};
 use containerd_shim::protos::events::task::{
-    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskOOM, TaskPaused, TaskResumed,
-    TaskStart,
+    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskOOM, TaskPaused,
+    TaskResumed, TaskStart,
 };
 use containerd_shim::protos::protobuf::well_known_types::any::Any;
 use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
@@ -24,8 +27,9 @@ use containerd_shim::protos::types::task::ProcessInfo;
 use containerd_shim::publisher::RemotePublisher;
 use containerd_shim::{Context, ExitSignal, Task, TtrpcContext, TtrpcResult};
 use husk_protocols::agent::{
-    ContainerRef, CreateContainerRequest, ExecProcessRequest as AgentExec, GetOOMEventRequest, ProcessRef,
-    RemoveContainerRequest, SignalProcessRequest, TtyWinResizeRequest, UpdateContainerRequest, WaitProcessResponse,
+    ContainerRef, CreateContainerRequest, ExecProcessRequest as AgentExec, GetOOMEventRequest,
+    ProcessRef, RemoveContainerRequest, SignalProcessRequest, TtyWinResizeRequest,
+    UpdateContainerRequest, WaitProcessResponse,
 };
 use husk_protocols::ttrpc::{self, Code};
 
@@ -41,6 +45,29 @@ pub const UNKNOWN_EXIT: u32 = 255;
 
 fn err(code: Code, msg: impl Into<String>) -> ttrpc::Error {
     ttrpc::Error::RpcStatus(ttrpc::get_status(code, msg.into()))
+}
+
+/// An agent call for `id` (and exec `exec`) failed.
+fn failed<'a>(
+    id: &'a str,
+    exec: &'a str,
+    what: &'a str,
+) -> impl FnOnce(ttrpc::Error) -> ttrpc::Error + 'a {
+    move |e| {
+        let who = if exec.is_empty() {
+            format!("container {id}")
+        } else {
+            format!("{id}/{exec}")
+        };
+        err(Code::INTERNAL, format!("{who}: {what}: {}", describe(&e)))
+    }
+}
+
+fn container_ref(id: &str) -> ContainerRef {
+    ContainerRef {
+        container_id: id.to_string(),
+        ..Default::default()
+    }
 }
 
 fn now() -> Timestamp {
@@ -98,6 +125,24 @@ impl Proc {
         true
     }
 
+    /// Records the exit and tells containerd (once, whoever sees the end first).
+    fn finish(&self, status: u32, publisher: &RemotePublisher, ns: &str) {
+        if !self.set_exit(status) {
+            return;
+        }
+        let s = self.state();
+        let ev = TaskExit {
+            container_id: self.cid.clone(),
+            id: self.id().to_string(),
+            pid: s.pid,
+            exit_status: status,
+            exited_at: MessageField::some(s.exit.as_ref().map(|e| e.1.clone()).unwrap_or_else(now)),
+            ..Default::default()
+        };
+        drop(s);
+        publish(publisher, ns, topics::TASK_EXIT_EVENT_TOPIC, Box::new(ev));
+    }
+
     fn id(&self) -> &str {
         if self.eid.is_empty() {
             &self.cid
@@ -147,22 +192,28 @@ impl Service {
 
     fn lookup(&self, id: &str, exec_id: &str) -> TtrpcResult<(Arc<Proc>, Arc<Sandbox>)> {
         let inner = self.inner();
-        let c = inner
-            .containers
-            .get(id)
-            .ok_or_else(|| err(Code::NOT_FOUND, format!("container {id}: not found in this shim")))?;
+        let c = inner.containers.get(id).ok_or_else(|| {
+            err(
+                Code::NOT_FOUND,
+                format!("container {id}: not found in this shim"),
+            )
+        })?;
         let p = if exec_id.is_empty() {
             c.init.clone()
         } else {
-            c.execs
-                .get(exec_id)
-                .cloned()
-                .ok_or_else(|| err(Code::NOT_FOUND, format!("container {id}: exec {exec_id}: not found")))?
+            c.execs.get(exec_id).cloned().ok_or_else(|| {
+                err(
+                    Code::NOT_FOUND,
+                    format!("container {id}: exec {exec_id}: not found"),
+                )
+            })?
         };
-        let sb = inner
-            .sandbox
-            .clone()
-            .ok_or_else(|| err(Code::FAILED_PRECONDITION, format!("container {id}: the sandbox is gone")))?;
+        let sb = inner.sandbox.clone().ok_or_else(|| {
+            err(
+                Code::FAILED_PRECONDITION,
+                format!("container {id}: the sandbox is gone"),
+            )
+        })?;
         Ok((p, sb))
     }
 
@@ -171,7 +222,12 @@ impl Service {
     }
 
     /// Brings the sandbox up and starts the threads that watch it.
-    fn start_sandbox(&self, config: &Config, sid: &str, spec: &serde_json::Value) -> TtrpcResult<Arc<Sandbox>> {
+    fn start_sandbox(
+        &self,
+        config: &Config,
+        sid: &str,
+        spec: &serde_json::Value,
+    ) -> TtrpcResult<Arc<Sandbox>> {
         // Without a hostname in the spec the guest would be "(none)"; runc would show the
         // host's name, which a VM must not leak. Use the sandbox id, as Docker does.
         let hostname = match spec["hostname"].as_str() {
@@ -179,9 +235,17 @@ impl Service {
             _ => sid.chars().take(63).collect(),
         };
         let hostname = hostname.as_str();
-        let sb = Arc::new(Sandbox::start(config, sid, spec, hostname).map_err(|e| err(Code::INTERNAL, e.to_string()))?);
+        let sb = Arc::new(
+            Sandbox::start(config, sid, spec, hostname)
+                .map_err(|e| err(Code::INTERNAL, e.to_string()))?,
+        );
         self.watch_oom(&sb);
-        watch_vm(sb.clone(), self.inner.clone(), self.publisher.clone(), self.namespace.clone());
+        watch_vm(
+            sb.clone(),
+            self.inner.clone(),
+            self.publisher.clone(),
+            self.namespace.clone(),
+        );
         Ok(sb)
     }
 
@@ -213,33 +277,27 @@ impl Service {
         let publisher = self.publisher.clone();
         let ns = self.namespace.clone();
         let sandbox = sb.clone();
-        io::start(client, &p.cid, &p.eid, &p.stdio, move |result: Result<WaitProcessResponse, String>| {
-            let status = match result {
-                Ok(r) => u32::try_from(r.exit_status).unwrap_or(UNKNOWN_EXIT),
-                Err(e) => {
-                    log::warn!(
-                        "{}/{}: waiting for the process failed ({e}); VM exit: {:?}",
-                        proc_.cid,
-                        proc_.eid,
-                        sandbox.vm_exited()
-                    );
-                    UNKNOWN_EXIT
-                }
-            };
-            if proc_.set_exit(status) {
-                let s = proc_.state();
-                let ev = TaskExit {
-                    container_id: proc_.cid.clone(),
-                    id: proc_.id().to_string(),
-                    pid: s.pid,
-                    exit_status: status,
-                    exited_at: MessageField::some(s.exit.as_ref().map(|e| e.1.clone()).unwrap_or_else(now)),
-                    ..Default::default()
+        io::start(
+            client,
+            &p.cid,
+            &p.eid,
+            &p.stdio,
+            move |result: Result<WaitProcessResponse, String>| {
+                let status = match result {
+                    Ok(r) => u32::try_from(r.exit_status).unwrap_or(UNKNOWN_EXIT),
+                    Err(e) => {
+                        log::warn!(
+                            "{}/{}: waiting for the process failed ({e}); VM exit: {:?}",
+                            proc_.cid,
+                            proc_.eid,
+                            sandbox.vm_exited()
+                        );
+                        UNKNOWN_EXIT
+                    }
                 };
-                drop(s);
-                publish(&publisher, &ns, topics::TASK_EXIT_EVENT_TOPIC, Box::new(ev));
-            }
-        });
+                proc_.finish(status, &publisher, &ns);
+            },
+        );
         Ok(())
     }
 
@@ -273,15 +331,28 @@ fn exit_of(s: &ProcState) -> (u32, MessageField<Timestamp>) {
 }
 
 impl Task for Service {
-    fn create(&self, _ctx: &TtrpcContext, req: CreateTaskRequest) -> TtrpcResult<CreateTaskResponse> {
+    fn create(
+        &self,
+        _ctx: &TtrpcContext,
+        req: CreateTaskRequest,
+    ) -> TtrpcResult<CreateTaskResponse> {
         let cid = req.id.clone();
-        crate::sandbox_dir::check_id(&cid).map_err(|e| err(Code::INVALID_ARGUMENT, e.to_string()))?;
+        crate::sandbox_dir::check_id(&cid)
+            .map_err(|e| err(Code::INVALID_ARGUMENT, e.to_string()))?;
         let bundle = PathBuf::from(&req.bundle);
-        let mut spec = share::read_spec(&bundle, &cid).map_err(|e| err(Code::INVALID_ARGUMENT, e.to_string()))?;
-        let config_path = req.options.as_ref().and_then(|o| config_path_from_options(&o.value));
-        let config = Config::load(config_path.as_deref()).map_err(|e| err(Code::INVALID_ARGUMENT, e.to_string()))?;
+        let mut spec = share::read_spec(&bundle, &cid)
+            .map_err(|e| err(Code::INVALID_ARGUMENT, e.to_string()))?;
+        let config_path = req
+            .options
+            .as_ref()
+            .and_then(|o| config_path_from_options(&o.value));
+        let config = Config::load(config_path.as_deref())
+            .map_err(|e| err(Code::INVALID_ARGUMENT, e.to_string()))?;
         if self.inner().containers.contains_key(&cid) {
-            return Err(err(Code::ALREADY_EXISTS, format!("container {cid}: already exists")));
+            return Err(err(
+                Code::ALREADY_EXISTS,
+                format!("container {cid}: already exists"),
+            ));
         }
         let sid = share::sandbox_of(&spec).unwrap_or_else(|| cid.clone());
 
@@ -292,7 +363,10 @@ impl Task for Service {
         if sb.id != sid {
             return Err(err(
                 Code::INVALID_ARGUMENT,
-                format!("container {cid}: belongs to sandbox {sid}, but this shim runs sandbox {}", sb.id),
+                format!(
+                    "container {cid}: belongs to sandbox {sid}, but this shim runs sandbox {}",
+                    sb.id
+                ),
             ));
         }
         let undo = |sb: &Arc<Sandbox>| {
@@ -315,7 +389,10 @@ impl Task for Service {
         };
         if let Err(e) = sb.agent.client().create_container(short(), &agent_req) {
             undo(&sb);
-            return Err(err(Code::INTERNAL, format!("container {cid}: CreateContainer: {}", describe(&e))));
+            return Err(err(
+                Code::INTERNAL,
+                format!("container {cid}: CreateContainer: {}", describe(&e)),
+            ));
         }
         let stdio = StdioPaths {
             stdin: req.stdin.clone(),
@@ -364,13 +441,13 @@ impl Task for Service {
     fn start(&self, _ctx: &TtrpcContext, req: StartRequest) -> TtrpcResult<StartResponse> {
         let (p, sb) = self.lookup(&req.id, &req.exec_id)?;
         if p.state().status != Status::CREATED {
-            return Err(err(Code::FAILED_PRECONDITION, format!("{}/{}: already started", req.id, req.exec_id)));
+            return Err(err(
+                Code::FAILED_PRECONDITION,
+                format!("{}/{}: already started", req.id, req.exec_id),
+            ));
         }
         let started = if req.exec_id.is_empty() {
-            let r = ContainerRef {
-                container_id: req.id.clone(),
-                ..Default::default()
-            };
+            let r = container_ref(&req.id);
             sb.agent.client().start_container(short(), &r)
         } else {
             let r = AgentExec {
@@ -381,7 +458,7 @@ impl Task for Service {
             };
             sb.agent.client().exec_process(short(), &r)
         }
-        .map_err(|e| err(Code::INTERNAL, format!("{}/{}: start: {}", req.id, req.exec_id, describe(&e))))?;
+        .map_err(failed(&req.id, &req.exec_id, "start"))?;
         {
             let mut s = p.state();
             s.pid = started.pid;
@@ -416,7 +493,12 @@ impl Task for Service {
 
     fn state(&self, _ctx: &TtrpcContext, req: StateRequest) -> TtrpcResult<StateResponse> {
         let (p, _) = self.lookup(&req.id, &req.exec_id)?;
-        let bundle = self.inner().containers.get(&req.id).map(|c| c.bundle.clone()).unwrap_or_default();
+        let bundle = self
+            .inner()
+            .containers
+            .get(&req.id)
+            .map(|c| c.bundle.clone())
+            .unwrap_or_default();
         let s = p.state();
         let (exit_status, exited_at) = exit_of(&s);
         Ok(StateResponse {
@@ -454,22 +536,14 @@ impl Task for Service {
         let status = p.state().status;
         match status {
             Status::STOPPED if !req.all => {
-                return Err(err(Code::NOT_FOUND, format!("{}/{}: process already finished", req.id, req.exec_id)))
+                return Err(err(
+                    Code::NOT_FOUND,
+                    format!("{}/{}: process already finished", req.id, req.exec_id),
+                ))
             }
             Status::CREATED => {
                 // Never started in the guest: nothing to signal, the process simply ends.
-                if p.set_exit(128 + req.signal) {
-                    self.publish(
-                        topics::TASK_EXIT_EVENT_TOPIC,
-                        Box::new(TaskExit {
-                            container_id: p.cid.clone(),
-                            id: p.id().to_string(),
-                            exit_status: 128 + req.signal,
-                            exited_at: MessageField::some(now()),
-                            ..Default::default()
-                        }),
-                    );
-                }
+                p.finish(128 + req.signal, &self.publisher, &self.namespace);
                 return Ok(Empty::new());
             }
             _ => {}
@@ -481,19 +555,28 @@ impl Task for Service {
             all: req.all,
             ..Default::default()
         };
-        sb.agent
-            .client()
-            .signal_process(short(), &r)
-            .map_err(|e| err(Code::INTERNAL, format!("{}/{}: signal {}: {}", req.id, req.exec_id, req.signal, describe(&e))))?;
+        sb.agent.client().signal_process(short(), &r).map_err(|e| {
+            err(
+                Code::INTERNAL,
+                format!(
+                    "{}/{}: signal {}: {}",
+                    req.id,
+                    req.exec_id,
+                    req.signal,
+                    describe(&e)
+                ),
+            )
+        })?;
         Ok(Empty::new())
     }
 
     fn exec(&self, _ctx: &TtrpcContext, req: ExecProcessRequest) -> TtrpcResult<Empty> {
-        let spec = req
-            .spec
-            .as_ref()
-            .map(|a| a.value.clone())
-            .ok_or_else(|| err(Code::INVALID_ARGUMENT, format!("{}/{}: exec without a process spec", req.id, req.exec_id)))?;
+        let spec = req.spec.as_ref().map(|a| a.value.clone()).ok_or_else(|| {
+            err(
+                Code::INVALID_ARGUMENT,
+                format!("{}/{}: exec without a process spec", req.id, req.exec_id),
+            )
+        })?;
         {
             let mut inner = self.inner();
             let c = inner
@@ -501,7 +584,10 @@ impl Task for Service {
                 .get_mut(&req.id)
                 .ok_or_else(|| err(Code::NOT_FOUND, format!("container {}: not found", req.id)))?;
             if c.execs.contains_key(&req.exec_id) {
-                return Err(err(Code::ALREADY_EXISTS, format!("{}/{}: exec id already in use", req.id, req.exec_id)));
+                return Err(err(
+                    Code::ALREADY_EXISTS,
+                    format!("{}/{}: exec id already in use", req.id, req.exec_id),
+                ));
             }
             let stdio = StdioPaths {
                 stdin: req.stdin.clone(),
@@ -509,7 +595,10 @@ impl Task for Service {
                 stderr: req.stderr.clone(),
                 terminal: req.terminal,
             };
-            c.execs.insert(req.exec_id.clone(), Proc::new(&req.id, &req.exec_id, stdio, spec));
+            c.execs.insert(
+                req.exec_id.clone(),
+                Proc::new(&req.id, &req.exec_id, stdio, spec),
+            );
         }
         self.publish(
             topics::TASK_EXEC_ADDED_EVENT_TOPIC,
@@ -534,7 +623,7 @@ impl Task for Service {
         sb.agent
             .client()
             .tty_win_resize(short(), &r)
-            .map_err(|e| err(Code::INTERNAL, format!("{}/{}: resize: {}", req.id, req.exec_id, describe(&e))))?;
+            .map_err(failed(&req.id, &req.exec_id, "resize"))?;
         Ok(Empty::new())
     }
 
@@ -556,24 +645,22 @@ impl Task for Service {
             exec_id: req.exec_id.clone(),
             ..Default::default()
         };
-        sb.agent
-            .client()
-            .close_stdin(short(), &r)
-            .map_err(|e| err(Code::INTERNAL, format!("{}/{}: close stdin: {}", req.id, req.exec_id, describe(&e))))?;
+        sb.agent.client().close_stdin(short(), &r).map_err(failed(
+            &req.id,
+            &req.exec_id,
+            "close stdin",
+        ))?;
         Ok(Empty::new())
     }
 
     fn pids(&self, _ctx: &TtrpcContext, req: PidsRequest) -> TtrpcResult<PidsResponse> {
         let sb = self.sandbox(&req.id)?;
-        let r = ContainerRef {
-            container_id: req.id.clone(),
-            ..Default::default()
-        };
+        let r = container_ref(&req.id);
         let list = sb
             .agent
             .client()
             .list_processes(short(), &r)
-            .map_err(|e| err(Code::INTERNAL, format!("container {}: pids: {}", req.id, describe(&e))))?;
+            .map_err(failed(&req.id, "", "pids"))?;
         Ok(PidsResponse {
             processes: list
                 .pids
@@ -589,14 +676,11 @@ impl Task for Service {
 
     fn pause(&self, _ctx: &TtrpcContext, req: PauseRequest) -> TtrpcResult<Empty> {
         let (p, sb) = self.lookup(&req.id, "")?;
-        let r = ContainerRef {
-            container_id: req.id.clone(),
-            ..Default::default()
-        };
+        let r = container_ref(&req.id);
         sb.agent
             .client()
             .pause_container(short(), &r)
-            .map_err(|e| err(Code::INTERNAL, format!("container {}: pause: {}", req.id, describe(&e))))?;
+            .map_err(failed(&req.id, "", "pause"))?;
         p.state().status = Status::PAUSED;
         self.publish(
             topics::TASK_PAUSED_EVENT_TOPIC,
@@ -610,14 +694,11 @@ impl Task for Service {
 
     fn resume(&self, _ctx: &TtrpcContext, req: ResumeRequest) -> TtrpcResult<Empty> {
         let (p, sb) = self.lookup(&req.id, "")?;
-        let r = ContainerRef {
-            container_id: req.id.clone(),
-            ..Default::default()
-        };
+        let r = container_ref(&req.id);
         sb.agent
             .client()
             .resume_container(short(), &r)
-            .map_err(|e| err(Code::INTERNAL, format!("container {}: resume: {}", req.id, describe(&e))))?;
+            .map_err(failed(&req.id, "", "resume"))?;
         {
             let mut s = p.state();
             if s.status == Status::PAUSED {
@@ -636,15 +717,12 @@ impl Task for Service {
 
     fn stats(&self, _ctx: &TtrpcContext, req: StatsRequest) -> TtrpcResult<StatsResponse> {
         let sb = self.sandbox(&req.id)?;
-        let r = ContainerRef {
-            container_id: req.id.clone(),
-            ..Default::default()
-        };
+        let r = container_ref(&req.id);
         let s = sb
             .agent
             .client()
             .stats_container(short(), &r)
-            .map_err(|e| err(Code::INTERNAL, format!("container {}: stats: {}", req.id, describe(&e))))?;
+            .map_err(failed(&req.id, "", "stats"))?;
         let m = Metrics {
             pids: MessageField::some(PidsStat {
                 current: s.pids_current,
@@ -678,7 +756,9 @@ impl Task for Service {
         };
         let any = Any {
             type_url: "io.containerd.cgroups.v2.Metrics".into(),
-            value: m.write_to_bytes().map_err(|e| err(Code::INTERNAL, e.to_string()))?,
+            value: m
+                .write_to_bytes()
+                .map_err(|e| err(Code::INTERNAL, e.to_string()))?,
             ..Default::default()
         };
         Ok(StatsResponse {
@@ -693,7 +773,12 @@ impl Task for Service {
             .resources
             .as_ref()
             .map(|a| a.value.clone())
-            .ok_or_else(|| err(Code::INVALID_ARGUMENT, format!("container {}: update without resources", req.id)))?;
+            .ok_or_else(|| {
+                err(
+                    Code::INVALID_ARGUMENT,
+                    format!("container {}: update without resources", req.id),
+                )
+            })?;
         let r = UpdateContainerRequest {
             container_id: req.id.clone(),
             oci_resources_json: resources,
@@ -702,7 +787,7 @@ impl Task for Service {
         sb.agent
             .client()
             .update_container(short(), &r)
-            .map_err(|e| err(Code::INTERNAL, format!("container {}: update: {}", req.id, describe(&e))))?;
+            .map_err(failed(&req.id, "", "update"))?;
         Ok(Empty::new())
     }
 
@@ -712,7 +797,10 @@ impl Task for Service {
         if matches!(s.status, Status::RUNNING | Status::PAUSED) {
             return Err(err(
                 Code::FAILED_PRECONDITION,
-                format!("{}/{}: still running; kill it before deleting", req.id, req.exec_id),
+                format!(
+                    "{}/{}: still running; kill it before deleting",
+                    req.id, req.exec_id
+                ),
             ));
         }
         let (exit_status, exited_at) = exit_of(&s);
@@ -787,7 +875,12 @@ impl Task for Service {
 /// Watches the VM: if it ends while containers run, every unfinished process exits with
 /// [`UNKNOWN_EXIT`] (its waiter also sees the broken connection) — this thread makes sure even
 /// processes that never started are released, and logs why. Ends with the sandbox.
-fn watch_vm(sb: Arc<Sandbox>, inner: Arc<Mutex<Inner>>, publisher: Arc<RemotePublisher>, ns: String) {
+fn watch_vm(
+    sb: Arc<Sandbox>,
+    inner: Arc<Mutex<Inner>>,
+    publisher: Arc<RemotePublisher>,
+    ns: String,
+) {
     let weak = Arc::downgrade(&sb);
     drop(sb);
     std::thread::spawn(move || loop {
@@ -801,7 +894,11 @@ fn watch_vm(sb: Arc<Sandbox>, inner: Arc<Mutex<Inner>>, publisher: Arc<RemotePub
         let Some(status) = sb.vm_exited() else {
             continue;
         };
-        log::error!("sandbox {}: the VM ended ({status}); console:\n{}", sb.id, sb.console_tail());
+        log::error!(
+            "sandbox {}: the VM ended ({status}); console:\n{}",
+            sb.id,
+            sb.console_tail()
+        );
         let procs: Vec<Arc<Proc>> = inner
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -810,22 +907,7 @@ fn watch_vm(sb: Arc<Sandbox>, inner: Arc<Mutex<Inner>>, publisher: Arc<RemotePub
             .flat_map(|c| std::iter::once(c.init.clone()).chain(c.execs.values().cloned()))
             .collect();
         for p in procs {
-            if p.set_exit(UNKNOWN_EXIT) {
-                let pid = p.state().pid;
-                publish(
-                    &publisher,
-                    &ns,
-                    topics::TASK_EXIT_EVENT_TOPIC,
-                    Box::new(TaskExit {
-                        container_id: p.cid.clone(),
-                        id: p.id().to_string(),
-                        pid,
-                        exit_status: UNKNOWN_EXIT,
-                        exited_at: MessageField::some(now()),
-                        ..Default::default()
-                    }),
-                );
-            }
+            p.finish(UNKNOWN_EXIT, &publisher, &ns);
         }
         return;
     });

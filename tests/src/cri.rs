@@ -36,7 +36,10 @@ impl TestBridge {
 
 impl Drop for TestBridge {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["link", "del", &self.name]).stderr(Stdio::null()).status();
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.name])
+            .stderr(Stdio::null())
+            .status();
     }
 }
 
@@ -60,7 +63,10 @@ impl CriContainerd {
             Path::new("/usr/lib/cni/bridge").exists(),
             "/usr/lib/cni/bridge: missing — install containernetworking-plugins (cargo xtask setup)"
         );
-        let dir = tempfile::Builder::new().prefix("husk-cri-").tempdir().unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("husk-cri-")
+            .tempdir()
+            .unwrap();
         let netns_before = netns();
         let base = dir.path().to_path_buf();
         let bridge = TestBridge::new();
@@ -71,7 +77,11 @@ impl CriContainerd {
         let husk_config = base.join("husk.toml");
         std::fs::write(
             &husk_config,
-            format!("kernel = \"{}\"\ninitramfs = \"{}\"\n", kernel().display(), initramfs().display()),
+            format!(
+                "kernel = \"{}\"\ninitramfs = \"{}\"\n",
+                kernel().display(),
+                initramfs().display()
+            ),
         )
         .unwrap();
         let cni = base.join("cni");
@@ -134,7 +144,11 @@ state = "{b}/state"
         let sock = base.join("containerd.sock");
         let deadline = Instant::now() + Duration::from_secs(30);
         while !sock.exists() {
-            assert!(Instant::now() < deadline, "containerd did not start; log:\n{}", std::fs::read_to_string(base.join("containerd.log")).unwrap_or_default());
+            assert!(
+                Instant::now() < deadline,
+                "containerd did not start; log:\n{}",
+                std::fs::read_to_string(base.join("containerd.log")).unwrap_or_default()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         // CRI only sees images in namespace k8s.io.
@@ -146,16 +160,27 @@ state = "{b}/state"
                 .arg(image(img))
                 .output()
                 .unwrap();
-            assert!(out.status.success(), "importing {img}: {}", String::from_utf8_lossy(&out.stderr));
+            assert!(
+                out.status.success(),
+                "importing {img}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
         let channel = runtime.block_on(async {
             let sock = sock.clone();
             Endpoint::try_from("http://[::]:50051")
                 .unwrap()
                 .connect_with_connector(tower::service_fn(move |_: Uri| {
                     let sock = sock.clone();
-                    async move { Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(sock).await?)) }
+                    async move {
+                        Ok::<_, std::io::Error>(TokioIo::new(
+                            tokio::net::UnixStream::connect(sock).await?,
+                        ))
+                    }
                 }))
                 .await
                 .expect("connecting to containerd's CRI")
@@ -216,7 +241,10 @@ impl Drop for CriContainerd {
         // After a failure half-way: pods' shims and VMs, and CNI's network namespaces.
         let sock = self.dir.path().join("containerd.sock");
         crate::husk::end_shims(&format!("-address\0{}\0", sock.display()), "k8s.io");
-        for ns in netns().into_iter().filter(|n| n.starts_with("cni-") && !self.netns_before.contains(n)) {
+        for ns in netns()
+            .into_iter()
+            .filter(|n| n.starts_with("cni-") && !self.netns_before.contains(n))
+        {
             let _ = Command::new("ip").args(["netns", "del", &ns]).status();
         }
         // CRI's mounts (sandbox shm) and runc's cgroups of k8s.io pods are under our root or

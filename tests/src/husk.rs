@@ -27,7 +27,11 @@ pub fn image(name: &str) -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_else(|| crate::artifacts_dir().join("images"));
     let p = dir.join(name);
-    assert!(p.is_file(), "{}: missing — build it with `cargo xtask rootfs`", p.display());
+    assert!(
+        p.is_file(),
+        "{}: missing — build it with `cargo xtask rootfs`",
+        p.display()
+    );
     p
 }
 
@@ -47,7 +51,10 @@ impl HuskContainerd {
     /// With extra lines for the shim's config.toml (after `kernel` and `initramfs`, which they
     /// may override).
     pub fn start_with_config(extra: &str) -> Self {
-        let bin = tempfile::Builder::new().prefix("husk-bin-").tempdir().unwrap();
+        let bin = tempfile::Builder::new()
+            .prefix("husk-bin-")
+            .tempdir()
+            .unwrap();
         let shim = shim_binary();
         for name in ["containerd-shim-husk-v2", "containerd-shim-kata-v2"] {
             std::os::unix::fs::symlink(&shim, bin.path().join(name)).unwrap();
@@ -59,7 +66,11 @@ impl HuskContainerd {
                 "{}\nkernel = \"{}\"\n{}",
                 extra,
                 kernel().display(),
-                if extra.contains("initramfs") { String::new() } else { format!("initramfs = \"{}\"\n", initramfs().display()) }
+                if extra.contains("initramfs") {
+                    String::new()
+                } else {
+                    format!("initramfs = \"{}\"\n", initramfs().display())
+                }
             ),
         )
         .unwrap();
@@ -67,7 +78,10 @@ impl HuskContainerd {
         let mut new_path = OsString::from(bin.path());
         new_path.push(":");
         new_path.push(path);
-        let ctd = PrivateContainerd::start_with_env(&[("PATH", new_path), ("HUSK_CONFIG", config.into_os_string())]);
+        let ctd = PrivateContainerd::start_with_env(&[
+            ("PATH", new_path),
+            ("HUSK_CONFIG", config.into_os_string()),
+        ]);
         ctd.ctr_ok(&["images", "import", image("busybox.tar").to_str().unwrap()]);
         Self { ctd, _bin: bin }
     }
@@ -77,7 +91,10 @@ impl Drop for HuskContainerd {
     /// A test that failed half-way leaves tasks behind, and their shims outlive containerd (as
     /// they must: containerd reconnects to them after a restart).
     fn drop(&mut self) {
-        end_shims(&format!("-namespace\0{}\0", self.ctd.namespace), &self.ctd.namespace);
+        end_shims(
+            &format!("-namespace\0{}\0", self.ctd.namespace),
+            &self.ctd.namespace,
+        );
     }
 }
 
@@ -93,14 +110,23 @@ pub fn end_shims(marker: &str, namespace: &str) {
             continue;
         }
         let args: Vec<&str> = cmd.split('\0').collect();
-        if let Some(id) = args.iter().position(|a| *a == "-id").and_then(|i| args.get(i + 1)) {
+        if let Some(id) = args
+            .iter()
+            .position(|a| *a == "-id")
+            .and_then(|i| args.get(i + 1))
+        {
             ids.push(id.to_string());
         }
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
     }
     for id in ids {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while !processes_mentioning(&format!("/run/husk/{id}/")).is_empty() && std::time::Instant::now() < deadline {
+        while !processes_mentioning(&format!("/run/husk/{id}/")).is_empty()
+            && std::time::Instant::now() < deadline
+        {
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
         let _ = std::process::Command::new(shim_binary())
@@ -109,7 +135,11 @@ pub fn end_shims(marker: &str, namespace: &str) {
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .status();
-        for entry in std::fs::read_dir("/sys/fs/cgroup").into_iter().flatten().flatten() {
+        for entry in std::fs::read_dir("/sys/fs/cgroup")
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
             let _ = std::fs::remove_dir(entry.path().join(namespace).join(&id));
         }
     }

@@ -7,10 +7,10 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use k8s_cri::v1::*;
 use husk_tests::cri::CriContainerd;
 use husk_tests::husk::{mounts_under, processes_mentioning, BUSYBOX};
 use husk_tests::require_root;
+use k8s_cri::v1::*;
 
 struct Pod<'a> {
     cri: &'a mut CriContainerd,
@@ -54,7 +54,10 @@ impl<'a> Pod<'a> {
         let mut rt = cri.rt.clone();
         let id = match cri.block_on(rt.run_pod_sandbox(req)) {
             Ok(r) => r.into_inner().pod_sandbox_id,
-            Err(e) => panic!("RunPodSandbox ({handler}): {e}\ncontainerd log:\n{}", cri.log()),
+            Err(e) => panic!(
+                "RunPodSandbox ({handler}): {e}\ncontainerd log:\n{}",
+                cri.log()
+            ),
         };
         Self { cri, id, config }
     }
@@ -63,8 +66,14 @@ impl<'a> Pod<'a> {
         let req = CreateContainerRequest {
             pod_sandbox_id: self.id.clone(),
             config: Some(ContainerConfig {
-                metadata: Some(ContainerMetadata { name: name.into(), attempt: 0 }),
-                image: Some(ImageSpec { image: BUSYBOX.into(), ..Default::default() }),
+                metadata: Some(ContainerMetadata {
+                    name: name.into(),
+                    attempt: 0,
+                }),
+                image: Some(ImageSpec {
+                    image: BUSYBOX.into(),
+                    ..Default::default()
+                }),
                 command: command.iter().map(|s| s.to_string()).collect(),
                 log_path: format!("{name}.log"),
                 mounts,
@@ -88,10 +97,15 @@ impl<'a> Pod<'a> {
         let mut rt = self.cri.rt.clone();
         let id = match self.cri.block_on(rt.create_container(req)) {
             Ok(r) => r.into_inner().container_id,
-            Err(e) => panic!("CreateContainer {name}: {e}\ncontainerd log:\n{}", self.cri.log()),
+            Err(e) => panic!(
+                "CreateContainer {name}: {e}\ncontainerd log:\n{}",
+                self.cri.log()
+            ),
         };
         self.cri
-            .block_on(rt.start_container(StartContainerRequest { container_id: id.clone() }))
+            .block_on(rt.start_container(StartContainerRequest {
+                container_id: id.clone(),
+            }))
             .unwrap_or_else(|e| panic!("StartContainer {name}: {e}"));
         id
     }
@@ -103,19 +117,31 @@ impl<'a> Pod<'a> {
             cmd: cmd.iter().map(|s| s.to_string()).collect(),
             timeout: 60,
         };
-        self.cri.block_on(rt.exec_sync(req)).unwrap_or_else(|e| panic!("ExecSync {cmd:?}: {e}")).into_inner()
+        self.cri
+            .block_on(rt.exec_sync(req))
+            .unwrap_or_else(|e| panic!("ExecSync {cmd:?}: {e}"))
+            .into_inner()
     }
 
     fn exec_ok(&mut self, cid: &str, cmd: &[&str]) -> String {
         let r = self.exec(cid, cmd);
-        assert_eq!(r.exit_code, 0, "{cmd:?}: stdout {:?} stderr {:?}", String::from_utf8_lossy(&r.stdout), String::from_utf8_lossy(&r.stderr));
+        assert_eq!(
+            r.exit_code,
+            0,
+            "{cmd:?}: stdout {:?} stderr {:?}",
+            String::from_utf8_lossy(&r.stdout),
+            String::from_utf8_lossy(&r.stderr)
+        );
         String::from_utf8_lossy(&r.stdout).into_owned()
     }
 
     fn status(&mut self, cid: &str) -> ContainerStatus {
         let mut rt = self.cri.rt.clone();
         self.cri
-            .block_on(rt.container_status(ContainerStatusRequest { container_id: cid.into(), verbose: false }))
+            .block_on(rt.container_status(ContainerStatusRequest {
+                container_id: cid.into(),
+                verbose: false,
+            }))
             .unwrap()
             .into_inner()
             .status
@@ -136,13 +162,38 @@ impl<'a> Pod<'a> {
 
     fn remove(self) -> String {
         let mut rt = self.cri.rt.clone();
-        let list = self.cri.block_on(rt.list_containers(ListContainersRequest { filter: None })).unwrap().into_inner();
-        for c in list.containers.iter().filter(|c| c.pod_sandbox_id == self.id) {
-            self.cri.block_on(rt.stop_container(StopContainerRequest { container_id: c.id.clone(), timeout: 2 })).unwrap();
-            self.cri.block_on(rt.remove_container(RemoveContainerRequest { container_id: c.id.clone() })).unwrap();
+        let list = self
+            .cri
+            .block_on(rt.list_containers(ListContainersRequest { filter: None }))
+            .unwrap()
+            .into_inner();
+        for c in list
+            .containers
+            .iter()
+            .filter(|c| c.pod_sandbox_id == self.id)
+        {
+            self.cri
+                .block_on(rt.stop_container(StopContainerRequest {
+                    container_id: c.id.clone(),
+                    timeout: 2,
+                }))
+                .unwrap();
+            self.cri
+                .block_on(rt.remove_container(RemoveContainerRequest {
+                    container_id: c.id.clone(),
+                }))
+                .unwrap();
         }
-        self.cri.block_on(rt.stop_pod_sandbox(StopPodSandboxRequest { pod_sandbox_id: self.id.clone() })).unwrap();
-        self.cri.block_on(rt.remove_pod_sandbox(RemovePodSandboxRequest { pod_sandbox_id: self.id.clone() })).unwrap();
+        self.cri
+            .block_on(rt.stop_pod_sandbox(StopPodSandboxRequest {
+                pod_sandbox_id: self.id.clone(),
+            }))
+            .unwrap();
+        self.cri
+            .block_on(rt.remove_pod_sandbox(RemovePodSandboxRequest {
+                pod_sandbox_id: self.id.clone(),
+            }))
+            .unwrap();
         self.id
     }
 }
@@ -173,13 +224,19 @@ fn pod_flow(cri: &mut CriContainerd, handler: &str) -> (Observed, String) {
     let mut rt = pod.cri.rt.clone();
     let st = pod
         .cri
-        .block_on(rt.pod_sandbox_status(PodSandboxStatusRequest { pod_sandbox_id: pod.id.clone(), verbose: false }))
+        .block_on(rt.pod_sandbox_status(PodSandboxStatusRequest {
+            pod_sandbox_id: pod.id.clone(),
+            verbose: false,
+        }))
         .unwrap()
         .into_inner()
         .status
         .unwrap();
     let ip = st.network.map(|n| n.ip).unwrap_or_default();
-    assert!(ip.starts_with(&format!("{subnet_prefix}.")), "{handler}: pod IP {ip:?} not in the test bridge's subnet");
+    assert!(
+        ip.starts_with(&format!("{subnet_prefix}.")),
+        "{handler}: pod IP {ip:?} not in the test bridge's subnet"
+    );
 
     let web = pod.container(
         "web",
@@ -187,9 +244,22 @@ fn pod_flow(cri: &mut CriContainerd, handler: &str) -> (Observed, String) {
         vec![],
     );
     let mounts = vec![
-        Mount { container_path: "/data".into(), host_path: empty_dir.path().display().to_string(), ..Default::default() },
-        Mount { container_path: "/config".into(), host_path: configmap.path().display().to_string(), readonly: true, ..Default::default() },
-        Mount { container_path: "/dev/termination-log".into(), host_path: termination.path().display().to_string(), ..Default::default() },
+        Mount {
+            container_path: "/data".into(),
+            host_path: empty_dir.path().display().to_string(),
+            ..Default::default()
+        },
+        Mount {
+            container_path: "/config".into(),
+            host_path: configmap.path().display().to_string(),
+            readonly: true,
+            ..Default::default()
+        },
+        Mount {
+            container_path: "/dev/termination-log".into(),
+            host_path: termination.path().display().to_string(),
+            ..Default::default()
+        },
     ];
     let app = pod.container("app", &["sleep", "1000"], mounts);
 
@@ -207,48 +277,96 @@ fn pod_flow(cri: &mut CriContainerd, handler: &str) -> (Observed, String) {
     let same_kernel_boot = boot(&mut pod, &web) == boot(&mut pod, &app);
 
     // Volumes as the kubelet gives them.
-    pod.exec_ok(&app, &["sh", "-c", "echo from-pod > /data/file; echo terminated-ok > /dev/termination-log"]);
-    let volume_write_on_host = std::fs::read_to_string(empty_dir.path().join("file")).unwrap_or_default();
-    let configmap_read_only = pod.exec(&app, &["sh", "-c", "cat /config/key && touch /config/new"]).exit_code != 0
+    pod.exec_ok(
+        &app,
+        &[
+            "sh",
+            "-c",
+            "echo from-pod > /data/file; echo terminated-ok > /dev/termination-log",
+        ],
+    );
+    let volume_write_on_host =
+        std::fs::read_to_string(empty_dir.path().join("file")).unwrap_or_default();
+    let configmap_read_only = pod
+        .exec(&app, &["sh", "-c", "cat /config/key && touch /config/new"])
+        .exit_code
+        != 0
         && pod.exec_ok(&app, &["cat", "/config/key"]) == "value\n";
     let termination_log_written = std::fs::read_to_string(termination.path()).unwrap_or_default();
     // CRI's own files are there too.
-    assert!(pod.exec_ok(&app, &["cat", "/etc/hosts"]).contains("localhost"), "{handler}: /etc/hosts");
+    assert!(
+        pod.exec_ok(&app, &["cat", "/etc/hosts"])
+            .contains("localhost"),
+        "{handler}: /etc/hosts"
+    );
 
     // Stats and resource updates reach the container.
     let mut rt = pod.cri.rt.clone();
     let stats = pod
         .cri
-        .block_on(rt.container_stats(ContainerStatsRequest { container_id: app.clone() }))
+        .block_on(rt.container_stats(ContainerStatsRequest {
+            container_id: app.clone(),
+        }))
         .unwrap_or_else(|e| panic!("{handler}: ContainerStats: {e}"))
         .into_inner()
         .stats
         .unwrap();
-    assert!(stats.memory.and_then(|m| m.working_set_bytes).map(|v| v.value).unwrap_or(0) > 0, "{handler}: no memory stats");
+    assert!(
+        stats
+            .memory
+            .and_then(|m| m.working_set_bytes)
+            .map(|v| v.value)
+            .unwrap_or(0)
+            > 0,
+        "{handler}: no memory stats"
+    );
     pod.cri
-        .block_on(rt.update_container_resources(UpdateContainerResourcesRequest {
-            container_id: app.clone(),
-            linux: Some(LinuxContainerResources { memory_limit_in_bytes: 96 << 20, ..Default::default() }),
-            ..Default::default()
-        }))
+        .block_on(
+            rt.update_container_resources(UpdateContainerResourcesRequest {
+                container_id: app.clone(),
+                linux: Some(LinuxContainerResources {
+                    memory_limit_in_bytes: 96 << 20,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+        )
         .unwrap_or_else(|e| panic!("{handler}: UpdateContainerResources: {e}"));
     // husk: the container's cgroup v2 in the guest; runc: the container's cgroup on this
     // (cgroup v1) host, as CRI names it.
     let memory_limit_after_update = if handler == "husk" {
         // The container's own cgroup, whether or not the agent gives it a cgroup namespace.
-        pod.exec_ok(&app, &["sh", "-c", "cat /sys/fs/cgroup$(cut -d: -f3 /proc/self/cgroup)/memory.max"])
+        pod.exec_ok(
+            &app,
+            &[
+                "sh",
+                "-c",
+                "cat /sys/fs/cgroup$(cut -d: -f3 /proc/self/cgroup)/memory.max",
+            ],
+        )
     } else {
-        std::fs::read_to_string(format!("/sys/fs/cgroup/memory/k8s.io/{app}/memory.limit_in_bytes"))
-            .or_else(|_| std::fs::read_to_string(format!("/sys/fs/cgroup/k8s.io/{app}/memory.max")))
-            .unwrap_or_default()
+        std::fs::read_to_string(format!(
+            "/sys/fs/cgroup/memory/k8s.io/{app}/memory.limit_in_bytes"
+        ))
+        .or_else(|_| std::fs::read_to_string(format!("/sys/fs/cgroup/k8s.io/{app}/memory.max")))
+        .unwrap_or_default()
     };
 
     // A container's exit code and logs come back through CRI.
-    let job = pod.container("job", &["sh", "-c", "echo to-stdout; echo to-stderr >&2; exit 3"], vec![]);
+    let job = pod.container(
+        "job",
+        &["sh", "-c", "echo to-stdout; echo to-stderr >&2; exit 3"],
+        vec![],
+    );
     let s = pod.wait_exited(&job);
-    let log = std::fs::read_to_string(Path::new(&pod.config.log_directory).join("job.log")).unwrap_or_default();
-    let log_has_stdout_and_stderr = log.lines().any(|l| l.contains(" stdout ") && l.ends_with("to-stdout"))
-        && log.lines().any(|l| l.contains(" stderr ") && l.ends_with("to-stderr"));
+    let log = std::fs::read_to_string(Path::new(&pod.config.log_directory).join("job.log"))
+        .unwrap_or_default();
+    let log_has_stdout_and_stderr = log
+        .lines()
+        .any(|l| l.contains(" stdout ") && l.ends_with("to-stdout"))
+        && log
+            .lines()
+            .any(|l| l.contains(" stderr ") && l.ends_with("to-stderr"));
 
     let observed = Observed {
         localhost_http,
@@ -284,12 +402,19 @@ fn a_pod_of_two_containers_runs_alike_on_husk_and_runc() {
 
     // RemovePodSandbox left nothing: no sandbox, no VM processes, no mounts, no /run/husk.
     let mut rt = cri.rt.clone();
-    let pods = cri.block_on(rt.list_pod_sandbox(ListPodSandboxRequest { filter: None })).unwrap().into_inner();
+    let pods = cri
+        .block_on(rt.list_pod_sandbox(ListPodSandboxRequest { filter: None }))
+        .unwrap()
+        .into_inner();
     assert!(pods.items.is_empty(), "{:?}", pods.items);
     let deadline = Instant::now() + Duration::from_secs(20);
     let dir = Path::new("/run/husk").join(&sid);
     while dir.exists() || !processes_mentioning(&format!("/run/husk/{sid}/")).is_empty() {
-        assert!(Instant::now() < deadline, "sandbox {sid} left: {:?}", mounts_under(&dir));
+        assert!(
+            Instant::now() < deadline,
+            "sandbox {sid} left: {:?}",
+            mounts_under(&dir)
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }

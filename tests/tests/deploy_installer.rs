@@ -23,8 +23,16 @@ fn payload(dir: &Path) -> PathBuf {
     std::fs::copy(&shim, p.join("bin/containerd-shim-husk-v2")).unwrap();
     std::fs::copy(husk_tests::kernel(), p.join("share/vmlinux")).unwrap();
     std::fs::copy(husk_tests::initramfs(), p.join("share/initramfs.cpio")).unwrap();
-    std::fs::copy(workspace().join("deploy/config.toml"), p.join("config.toml")).unwrap();
-    std::fs::copy(workspace().join("deploy/containerd-husk.toml"), p.join("containerd-husk.toml")).unwrap();
+    std::fs::copy(
+        workspace().join("deploy/config.toml"),
+        p.join("config.toml"),
+    )
+    .unwrap();
+    std::fs::copy(
+        workspace().join("deploy/containerd-husk.toml"),
+        p.join("containerd-husk.toml"),
+    )
+    .unwrap();
     p
 }
 
@@ -37,14 +45,29 @@ fn run(host: &Path, payload: &Path, action: &str) -> String {
         .env("HUSK_RESTART", "0")
         .output()
         .unwrap();
-    assert!(out.status.success(), "{action}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{action}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// containerd's own reading of the config (`containerd config dump`).
 fn containerd_reads(config: &Path) -> String {
-    let out = Command::new("containerd").arg("--config").arg(config).args(["config", "dump"]).output().unwrap();
-    assert!(out.status.success(), "containerd rejects {}: {}", config.display(), String::from_utf8_lossy(&out.stderr));
+    let out = Command::new("containerd")
+        .arg("--config")
+        .arg(config)
+        .args(["config", "dump"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "containerd rejects {}: {}",
+        config.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -64,10 +87,20 @@ fn installer_is_idempotent_and_uninstall_takes_back_exactly_its_part() {
     let second = run(&host, &payload, "install");
     assert!(second.contains("nothing to change"), "{second}");
     let config = std::fs::read_to_string(etc.join("config.toml")).unwrap();
-    assert_eq!(config.matches("husk runtime (husk-deploy) >>>").count(), 1, "{config}");
-    assert!(config.starts_with(original), "the admin's config is kept as it was");
+    assert_eq!(
+        config.matches("husk runtime (husk-deploy) >>>").count(),
+        1,
+        "{config}"
+    );
+    assert!(
+        config.starts_with(original),
+        "the admin's config is kept as it was"
+    );
     let dumped = containerd_reads(&etc.join("config.toml"));
-    assert!(dumped.contains("runtimes.husk") && dumped.contains("io.containerd.husk.v2"), "{dumped}");
+    assert!(
+        dumped.contains("runtimes.husk") && dumped.contains("io.containerd.husk.v2"),
+        "{dumped}"
+    );
     assert!(dumped.contains("registry.local/pause:3.9"));
     assert_eq!(
         std::fs::read_link(host.join("usr/local/bin/containerd-shim-kata-v2")).unwrap(),
@@ -75,10 +108,18 @@ fn installer_is_idempotent_and_uninstall_takes_back_exactly_its_part() {
     );
     assert!(host.join("opt/husk/share/vmlinux").is_file());
     let husk_config = std::fs::read_to_string(host.join("etc/husk/config.toml")).unwrap();
-    assert!(husk_config.contains("kernel = \"/opt/husk/share/vmlinux\""), "{husk_config}");
+    assert!(
+        husk_config.contains("kernel = \"/opt/husk/share/vmlinux\""),
+        "{husk_config}"
+    );
 
     run(&host, &payload, "uninstall");
-    assert_eq!(std::fs::read_to_string(etc.join("config.toml")).unwrap().trim_end(), original.trim_end());
+    assert_eq!(
+        std::fs::read_to_string(etc.join("config.toml"))
+            .unwrap()
+            .trim_end(),
+        original.trim_end()
+    );
     assert!(!host.join("opt/husk").exists());
     assert!(std::fs::symlink_metadata(host.join("usr/local/bin/containerd-shim-husk-v2")).is_err());
 }
@@ -87,16 +128,36 @@ fn installer_is_idempotent_and_uninstall_takes_back_exactly_its_part() {
 fn the_installer_image_runs_under_containerd() {
     require_root("containerd");
     let ctd = PrivateContainerd::start();
-    ctd.ctr_ok(&["images", "import", image("husk-deploy.tar").to_str().unwrap()]);
+    ctd.ctr_ok(&[
+        "images",
+        "import",
+        image("husk-deploy.tar").to_str().unwrap(),
+    ]);
     let host = tempfile::tempdir().unwrap();
-    let mount = format!("type=bind,src={},dst=/host,options=rbind:rw", host.path().display());
+    let mount = format!(
+        "type=bind,src={},dst=/host,options=rbind:rw",
+        host.path().display()
+    );
     let id = format!("husk-deploy-{}", std::process::id());
     let out = ctd.ctr_ok(&[
-        "run", "--rm", "--mount", &mount, "--env", "HUSK_RESTART=0", "--env", "HUSK_WAIT=0",
-        "husk.local/husk-deploy:latest", &id,
+        "run",
+        "--rm",
+        "--mount",
+        &mount,
+        "--env",
+        "HUSK_RESTART=0",
+        "--env",
+        "HUSK_WAIT=0",
+        "husk.local/husk-deploy:latest",
+        &id,
     ]);
     assert!(out.contains("added the husk runtime handler"), "{out}");
-    for f in ["opt/husk/bin/containerd-shim-husk-v2", "opt/husk/bin/husk-vmm", "opt/husk/bin/virtiofsd", "opt/husk/share/initramfs.cpio"] {
+    for f in [
+        "opt/husk/bin/containerd-shim-husk-v2",
+        "opt/husk/bin/husk-vmm",
+        "opt/husk/bin/virtiofsd",
+        "opt/husk/share/initramfs.cpio",
+    ] {
         assert!(host.path().join(f).is_file(), "{f} not installed");
     }
     containerd_reads(&host.path().join("etc/containerd/config.toml"));

@@ -41,11 +41,24 @@ fn ctr_run_runs_in_a_microvm_with_exact_output_and_exit_codes() {
     let h = HuskContainerd::start();
     let id = unique("run");
     let out = h.ctd.ctr(&[
-        "run", "--rm", "--runtime", RUNTIME, BUSYBOX, &id, "sh", "-c",
+        "run",
+        "--rm",
+        "--runtime",
+        RUNTIME,
+        BUSYBOX,
+        &id,
+        "sh",
+        "-c",
         "echo hello from husk; uname -r; echo to-stderr >&2; exit 3",
     ]);
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(3), "stdout {stdout}\nstderr {}\ncontainerd log:\n{}", String::from_utf8_lossy(&out.stderr), h.ctd.log());
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "stdout {stdout}\nstderr {}\ncontainerd log:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        h.ctd.log()
+    );
     // The guest's kernel, not the host's: the container ran in the VM.
     assert!(stdout.starts_with("hello from husk\n6.1."), "{stdout}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("to-stderr"));
@@ -53,8 +66,22 @@ fn ctr_run_runs_in_a_microvm_with_exact_output_and_exit_codes() {
 
     // A megabyte of binary-safe output arrives byte for byte.
     let id = unique("bulk");
-    let out = h.ctd.ctr(&["run", "--rm", "--runtime", RUNTIME, BUSYBOX, &id, "sh", "-c", "head -c 1048576 /dev/zero | tr '\\0' 'x'; echo; echo end"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = h.ctd.ctr(&[
+        "run",
+        "--rm",
+        "--runtime",
+        RUNTIME,
+        BUSYBOX,
+        &id,
+        "sh",
+        "-c",
+        "head -c 1048576 /dev/zero | tr '\\0' 'x'; echo; echo end",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(out.stdout.len(), 1048576 + 1 + 4);
     assert!(out.stdout.ends_with(b"x\nend\n"));
     assert_gone(&id);
@@ -68,16 +95,40 @@ fn stdin_reaches_the_container_and_eof_ends_it() {
     let mut child = Command::new("ctr")
         .arg("--address")
         .arg(h.ctd.socket())
-        .args(["--namespace", &h.ctd.namespace, "run", "--rm", "--runtime", RUNTIME, BUSYBOX, &id, "sh", "-c", "cat; echo done"])
+        .args([
+            "--namespace",
+            &h.ctd.namespace,
+            "run",
+            "--rm",
+            "--runtime",
+            RUNTIME,
+            BUSYBOX,
+            &id,
+            "sh",
+            "-c",
+            "cat; echo done",
+        ])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    child.stdin.take().unwrap().write_all(b"line one\nline two\n").unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"line one\nline two\n")
+        .unwrap();
     let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "line one\nline two\ndone\n");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "line one\nline two\ndone\n"
+    );
     assert_gone(&id);
 }
 
@@ -86,7 +137,16 @@ fn exec_pause_resume_stats_kill_and_the_kata_name() {
     require_root("containerd");
     let h = HuskContainerd::start();
     let id = unique("long");
-    h.ctd.ctr_ok(&["run", "-d", "--runtime", "io.containerd.kata.v2", BUSYBOX, &id, "sleep", "1000"]);
+    h.ctd.ctr_ok(&[
+        "run",
+        "-d",
+        "--runtime",
+        "io.containerd.kata.v2",
+        BUSYBOX,
+        &id,
+        "sleep",
+        "1000",
+    ]);
     assert!(Path::new("/run/husk").join(&id).join("shared").is_dir());
     // The VM's processes live in the sandbox's host cgroup (ctr's cgroupsPath: /<ns>/<id>).
     let cgroup = format!("/{}/{id}", h.ctd.namespace);
@@ -95,30 +155,60 @@ fn exec_pause_resume_stats_kill_and_the_kata_name() {
     for pid in &vm_procs {
         let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
         assert!(
-            cg.lines().any(|l| l.contains(":memory:") && l.ends_with(&cgroup)) || cg.lines().any(|l| l.starts_with("0::") && l.ends_with(&cgroup)),
+            cg.lines()
+                .any(|l| l.contains(":memory:") && l.ends_with(&cgroup))
+                || cg
+                    .lines()
+                    .any(|l| l.starts_with("0::") && l.ends_with(&cgroup)),
             "process {pid} is not in {cgroup}: {cg}"
         );
     }
-    let out = h.ctd.ctr_ok(&["task", "exec", "--exec-id", "e1", &id, "sh", "-c", "echo exec-ok; exit 0"]);
+    let out = h.ctd.ctr_ok(&[
+        "task",
+        "exec",
+        "--exec-id",
+        "e1",
+        &id,
+        "sh",
+        "-c",
+        "echo exec-ok; exit 0",
+    ]);
     assert_eq!(out, "exec-ok\n");
-    let out = h.ctd.ctr(&["task", "exec", "--exec-id", "e2", &id, "sh", "-c", "exit 7"]);
+    let out = h
+        .ctd
+        .ctr(&["task", "exec", "--exec-id", "e2", &id, "sh", "-c", "exit 7"]);
     assert_eq!(out.status.code(), Some(7));
     let ps = h.ctd.ctr_ok(&["task", "ps", &id]);
     assert!(ps.lines().count() >= 2, "{ps}");
     h.ctd.ctr_ok(&["task", "pause", &id]);
-    assert!(h.ctd.ctr_ok(&["task", "ls"]).lines().any(|l| l.starts_with(&id) && l.contains("PAUSED")));
+    assert!(h
+        .ctd
+        .ctr_ok(&["task", "ls"])
+        .lines()
+        .any(|l| l.starts_with(&id) && l.contains("PAUSED")));
     h.ctd.ctr_ok(&["task", "resume", &id]);
     let metrics = h.ctd.ctr_ok(&["task", "metrics", &id]);
-    assert!(metrics.contains("memory") || metrics.contains("pids"), "{metrics}");
+    assert!(
+        metrics.contains("memory") || metrics.contains("pids"),
+        "{metrics}"
+    );
     h.ctd.ctr_ok(&["task", "kill", "-s", "SIGKILL", &id]);
     let deadline = Instant::now() + Duration::from_secs(30);
     while !h.ctd.ctr(&["task", "delete", &id]).status.success() {
-        assert!(Instant::now() < deadline, "task did not stop after SIGKILL: {}", h.ctd.ctr_ok(&["task", "ls"]));
+        assert!(
+            Instant::now() < deadline,
+            "task did not stop after SIGKILL: {}",
+            h.ctd.ctr_ok(&["task", "ls"])
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     h.ctd.ctr_ok(&["containers", "delete", &id]);
     assert_gone(&id);
-    for root in ["/sys/fs/cgroup/memory", "/sys/fs/cgroup/unified", "/sys/fs/cgroup"] {
+    for root in [
+        "/sys/fs/cgroup/memory",
+        "/sys/fs/cgroup/unified",
+        "/sys/fs/cgroup",
+    ] {
         let leaf = Path::new(root).join(cgroup.trim_start_matches('/'));
         assert!(!leaf.exists(), "{} left behind", leaf.display());
     }
@@ -129,19 +219,41 @@ fn a_vm_that_dies_ends_its_task_and_delete_cleans_up() {
     require_root("containerd");
     let h = HuskContainerd::start();
     let id = unique("crash");
-    h.ctd.ctr_ok(&["run", "-d", "--runtime", RUNTIME, BUSYBOX, &id, "sleep", "1000"]);
+    h.ctd.ctr_ok(&[
+        "run",
+        "-d",
+        "--runtime",
+        RUNTIME,
+        BUSYBOX,
+        &id,
+        "sleep",
+        "1000",
+    ]);
     let vm = processes_mentioning(&format!("/run/husk/{id}/"))
         .into_iter()
-        .find(|p| std::fs::read_link(format!("/proc/{p}/exe")).is_ok_and(|e| e.to_string_lossy().contains("qemu-system")))
+        .find(|p| {
+            std::fs::read_link(format!("/proc/{p}/exe"))
+                .is_ok_and(|e| e.to_string_lossy().contains("qemu-system"))
+        })
         .expect("the sandbox's QEMU process");
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(vm as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(vm as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let ls = h.ctd.ctr_ok(&["task", "ls"]);
-        if ls.lines().any(|l| l.starts_with(&id) && l.contains("STOPPED")) {
+        if ls
+            .lines()
+            .any(|l| l.starts_with(&id) && l.contains("STOPPED"))
+        {
             break;
         }
-        assert!(Instant::now() < deadline, "the task did not stop after its VM died: {ls}");
+        assert!(
+            Instant::now() < deadline,
+            "the task did not stop after its VM died: {ls}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     h.ctd.ctr_ok(&["task", "delete", &id]);
@@ -154,19 +266,41 @@ fn a_killed_shim_is_cleaned_up_by_delete() {
     require_root("containerd");
     let h = HuskContainerd::start();
     let id = unique("shimkill");
-    h.ctd.ctr_ok(&["run", "-d", "--runtime", RUNTIME, BUSYBOX, &id, "sleep", "1000"]);
+    h.ctd.ctr_ok(&[
+        "run",
+        "-d",
+        "--runtime",
+        RUNTIME,
+        BUSYBOX,
+        &id,
+        "sleep",
+        "1000",
+    ]);
     assert!(!mounts_under(&Path::new("/run/husk").join(&id)).is_empty());
     let shim = processes_mentioning(&id)
         .into_iter()
-        .find(|p| std::fs::read_link(format!("/proc/{p}/exe")).is_ok_and(|e| e.ends_with("containerd-shim-husk-v2")))
+        .find(|p| {
+            std::fs::read_link(format!("/proc/{p}/exe"))
+                .is_ok_and(|e| e.ends_with("containerd-shim-husk-v2"))
+        })
         .expect("the sandbox's shim process");
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(shim as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(shim as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
     // containerd sees the shim go, runs `containerd-shim-husk-v2 delete`, and that removes the
     // mounts and the state directory; the VM died with its shim.
     assert_gone(&id);
     let deadline = Instant::now() + Duration::from_secs(30);
-    while !h.ctd.ctr(&["task", "delete", &id]).status.success() && h.ctd.ctr_ok(&["task", "ls"]).contains(&id) {
-        assert!(Instant::now() < deadline, "task still listed: {}", h.ctd.ctr_ok(&["task", "ls"]));
+    while !h.ctd.ctr(&["task", "delete", &id]).status.success()
+        && h.ctd.ctr_ok(&["task", "ls"]).contains(&id)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "task still listed: {}",
+            h.ctd.ctr_ok(&["task", "ls"])
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     h.ctd.ctr_ok(&["containers", "delete", &id]);

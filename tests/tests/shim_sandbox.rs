@@ -22,7 +22,11 @@ fn wait_gone(id: &str) {
     let dir = Path::new("/run/husk").join(id);
     let deadline = Instant::now() + Duration::from_secs(20);
     while dir.exists() || !processes_mentioning(&format!("/run/husk/{id}/")).is_empty() {
-        assert!(Instant::now() < deadline, "sandbox {id} left behind: {:?}", mounts_under(&dir));
+        assert!(
+            Instant::now() < deadline,
+            "sandbox {id} left behind: {:?}",
+            mounts_under(&dir)
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -31,7 +35,11 @@ fn stop(h: &HuskContainerd, id: &str) {
     let _ = h.ctd.ctr(&["task", "kill", "-s", "SIGKILL", id]);
     let deadline = Instant::now() + Duration::from_secs(30);
     while !h.ctd.ctr(&["task", "delete", id]).status.success() {
-        assert!(Instant::now() < deadline, "{id} did not stop: {}", h.ctd.ctr_ok(&["task", "ls"]));
+        assert!(
+            Instant::now() < deadline,
+            "{id} did not stop: {}",
+            h.ctd.ctr_ok(&["task", "ls"])
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     h.ctd.ctr_ok(&["containers", "delete", id]);
@@ -45,32 +53,89 @@ fn volumes_reach_the_guest_and_annotated_containers_share_the_sandbox_vm() {
     let ro = tempfile::tempdir().unwrap();
     std::fs::write(ro.path().join("config"), "from the host\n").unwrap();
     let sb = unique("pod");
-    let rw_mount = format!("type=bind,src={},dst=/data,options=rbind:rw", vol.path().display());
-    let ro_mount = format!("type=bind,src={},dst=/config,options=rbind:ro", ro.path().display());
-    h.ctd.ctr_ok(&["run", "-d", "--runtime", RUNTIME, "--mount", &rw_mount, "--mount", &ro_mount, BUSYBOX, &sb, "sleep", "1000"]);
+    let rw_mount = format!(
+        "type=bind,src={},dst=/data,options=rbind:rw",
+        vol.path().display()
+    );
+    let ro_mount = format!(
+        "type=bind,src={},dst=/config,options=rbind:ro",
+        ro.path().display()
+    );
+    h.ctd.ctr_ok(&[
+        "run",
+        "-d",
+        "--runtime",
+        RUNTIME,
+        "--mount",
+        &rw_mount,
+        "--mount",
+        &ro_mount,
+        BUSYBOX,
+        &sb,
+        "sleep",
+        "1000",
+    ]);
 
     let out = h.ctd.ctr_ok(&["task", "exec", "--exec-id", "w", &sb, "sh", "-c", "echo written-in-guest > /data/out; cat /config/config; touch /config/x 2>/dev/null || echo read-only"]);
     assert_eq!(out, "from the host\nread-only\n");
-    assert_eq!(std::fs::read_to_string(vol.path().join("out")).unwrap(), "written-in-guest\n");
+    assert_eq!(
+        std::fs::read_to_string(vol.path().join("out")).unwrap(),
+        "written-in-guest\n"
+    );
 
     // A second container naming the sandbox joins its VM: same guest boot id, one VM process.
     let c2 = unique("pod-c2");
     let ann = format!("io.husk.sandbox-id={sb}");
-    h.ctd.ctr_ok(&["run", "-d", "--runtime", RUNTIME, "--annotation", &ann, BUSYBOX, &c2, "sleep", "1000"]);
-    let boot = |id: &str, e: &str| h.ctd.ctr_ok(&["task", "exec", "--exec-id", e, id, "cat", "/proc/sys/kernel/random/boot_id"]);
+    h.ctd.ctr_ok(&[
+        "run",
+        "-d",
+        "--runtime",
+        RUNTIME,
+        "--annotation",
+        &ann,
+        BUSYBOX,
+        &c2,
+        "sleep",
+        "1000",
+    ]);
+    let boot = |id: &str, e: &str| {
+        h.ctd.ctr_ok(&[
+            "task",
+            "exec",
+            "--exec-id",
+            e,
+            id,
+            "cat",
+            "/proc/sys/kernel/random/boot_id",
+        ])
+    };
     assert_eq!(boot(&sb, "b1"), boot(&c2, "b2"));
     let vms: Vec<u32> = processes_mentioning(&format!("/run/husk/{sb}/"))
         .into_iter()
-        .filter(|p| std::fs::read_link(format!("/proc/{p}/exe")).is_ok_and(|e| e.to_string_lossy().contains("qemu-system")))
+        .filter(|p| {
+            std::fs::read_link(format!("/proc/{p}/exe"))
+                .is_ok_and(|e| e.to_string_lossy().contains("qemu-system"))
+        })
         .collect();
     assert_eq!(vms.len(), 1, "one VM for the sandbox: {vms:?}");
-    assert!(!Path::new("/run/husk").join(&c2).exists(), "the second container must not get a sandbox of its own");
+    assert!(
+        !Path::new("/run/husk").join(&c2).exists(),
+        "the second container must not get a sandbox of its own"
+    );
     // Each container sees its own processes only.
-    let ps = h.ctd.ctr_ok(&["task", "exec", "--exec-id", "p", &c2, "ps", "-o", "args"]);
-    assert!(!ps.contains("/data") && ps.lines().filter(|l| l.contains("sleep")).count() == 1, "{ps}");
+    let ps = h
+        .ctd
+        .ctr_ok(&["task", "exec", "--exec-id", "p", &c2, "ps", "-o", "args"]);
+    assert!(
+        !ps.contains("/data") && ps.lines().filter(|l| l.contains("sleep")).count() == 1,
+        "{ps}"
+    );
 
     stop(&h, &c2);
-    assert!(Path::new("/run/husk").join(&sb).is_dir(), "the sandbox outlives its other containers");
+    assert!(
+        Path::new("/run/husk").join(&sb).is_dir(),
+        "the sandbox outlives its other containers"
+    );
     stop(&h, &sb);
     wait_gone(&sb);
     assert!(mounts_under(vol.path()).is_empty());
@@ -90,8 +155,18 @@ fn task_events_reach_containerd() {
         .unwrap();
     std::thread::sleep(Duration::from_millis(300));
     let id = unique("ev");
-    h.ctd.ctr_ok(&["run", "-d", "--runtime", RUNTIME, BUSYBOX, &id, "sleep", "1000"]);
-    h.ctd.ctr_ok(&["task", "exec", "--exec-id", "e1", &id, "true"]);
+    h.ctd.ctr_ok(&[
+        "run",
+        "-d",
+        "--runtime",
+        RUNTIME,
+        BUSYBOX,
+        &id,
+        "sleep",
+        "1000",
+    ]);
+    h.ctd
+        .ctr_ok(&["task", "exec", "--exec-id", "e1", &id, "true"]);
     h.ctd.ctr_ok(&["task", "pause", &id]);
     h.ctd.ctr_ok(&["task", "resume", &id]);
     stop(&h, &id);
@@ -99,7 +174,12 @@ fn task_events_reach_containerd() {
     std::thread::sleep(Duration::from_millis(300));
     let _ = events.kill();
     let mut out = String::new();
-    events.stdout.take().unwrap().read_to_string(&mut out).unwrap();
+    events
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
     let _ = events.wait();
     for topic in [
         "/tasks/create",
@@ -111,7 +191,10 @@ fn task_events_reach_containerd() {
         "/tasks/exit",
         "/tasks/delete",
     ] {
-        assert!(out.lines().any(|l| l.contains(topic) && l.contains(&id)), "no {topic} event for {id}:\n{out}");
+        assert!(
+            out.lines().any(|l| l.contains(topic) && l.contains(&id)),
+            "no {topic} event for {id}:\n{out}"
+        );
     }
 }
 
@@ -122,22 +205,40 @@ fn an_agent_that_never_answers_is_a_deadline_error_and_leaves_nothing() {
     // A guest whose /init boots but never serves the agent API.
     let dir = tempfile::tempdir().unwrap();
     let mut t = Tree::new();
-    t.file("init", Content::Bytes(b"#!/bin/sh\necho silent-init-up\nexec sleep 1000\n".to_vec()), 0o755).unwrap();
-    t.file("bin/busybox", Content::HostFile(busybox), 0o755).unwrap();
+    t.file(
+        "init",
+        Content::Bytes(b"#!/bin/sh\necho silent-init-up\nexec sleep 1000\n".to_vec()),
+        0o755,
+    )
+    .unwrap();
+    t.file("bin/busybox", Content::HostFile(busybox), 0o755)
+        .unwrap();
     t.symlink("bin/sh", "busybox").unwrap();
     t.symlink("bin/sleep", "busybox").unwrap();
     t.char_dev("dev/console", 5, 1, 0o600).unwrap();
     let cpio = dir.path().join("silent.cpio");
     std::fs::write(&cpio, write_cpio(&t, Vec::new()).unwrap()).unwrap();
-    let h = HuskContainerd::start_with_config(&format!("initramfs = \"{}\"\nagent_timeout_secs = 5\n", cpio.display()));
+    let h = HuskContainerd::start_with_config(&format!(
+        "initramfs = \"{}\"\nagent_timeout_secs = 5\n",
+        cpio.display()
+    ));
     let id = unique("silent");
     let started = Instant::now();
-    let out = h.ctd.ctr(&["run", "--rm", "--runtime", RUNTIME, BUSYBOX, &id, "true"]);
+    let out = h
+        .ctd
+        .ctr(&["run", "--rm", "--runtime", RUNTIME, BUSYBOX, &id, "true"]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(started.elapsed() < Duration::from_secs(60), "took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "took {:?}",
+        started.elapsed()
+    );
     assert!(err.contains("not reachable within 5s"), "{err}");
-    assert!(err.contains("silent-init-up"), "the error carries the console tail: {err}");
+    assert!(
+        err.contains("silent-init-up"),
+        "the error carries the console tail: {err}"
+    );
     wait_gone(&id);
     let _ = h.ctd.ctr(&["containers", "delete", &id]);
 }
@@ -148,7 +249,16 @@ fn shims_left_running_are_cleaned_up_without_their_bundle() {
     let id = unique("orphan");
     {
         let h = HuskContainerd::start();
-        h.ctd.ctr_ok(&["run", "-d", "--runtime", RUNTIME, BUSYBOX, &id, "sleep", "1000"]);
+        h.ctd.ctr_ok(&[
+            "run",
+            "-d",
+            "--runtime",
+            RUNTIME,
+            BUSYBOX,
+            &id,
+            "sleep",
+            "1000",
+        ]);
         assert!(Path::new("/run/husk").join(&id).is_dir());
         // Dropped with the task running: its containerd goes, the shim stays, and the
         // harness ends it and runs `containerd-shim-husk-v2 delete` with no bundle at hand.

@@ -28,11 +28,24 @@ const SCRIPT: &str = "echo \"Hello from a container in a husk microVM\"; \
 pub fn run() -> Result<()> {
     prepare(true)?;
     let report = host::detect();
-    step(&format!("demo: this host runs husk guests on {} — {}", report.backend, report.why));
+    step(&format!(
+        "demo: this host runs husk guests on {} — {}",
+        report.backend, report.why
+    ));
     step("demo: starting a private containerd and importing husk.local/busybox:latest");
     let h = HuskContainerd::start();
     let id = format!("husk-demo-{}", std::process::id());
-    let cmd = ["run", "--rm", "--runtime", "io.containerd.husk.v2", BUSYBOX, &id, "sh", "-c", SCRIPT];
+    let cmd = [
+        "run",
+        "--rm",
+        "--runtime",
+        "io.containerd.husk.v2",
+        BUSYBOX,
+        &id,
+        "sh",
+        "-c",
+        SCRIPT,
+    ];
     step(&format!("demo: ctr {}", cmd[..5].join(" ")));
     let started = Instant::now();
     let out = h.ctd.ctr(&cmd);
@@ -40,12 +53,18 @@ pub fn run() -> Result<()> {
     print!("{}", String::from_utf8_lossy(&out.stdout));
     eprint!("{}", String::from_utf8_lossy(&out.stderr));
     if !out.status.success() {
-        bail!("the demo container failed ({}); containerd's log:\n{}", out.status, h.ctd.log());
+        bail!(
+            "the demo container failed ({}); containerd's log:\n{}",
+            out.status,
+            h.ctd.log()
+        );
     }
     println!(
         "    ran in {:.2} s: VM boot, agent, container and teardown (host kernel: {})",
         took.as_secs_f64(),
-        std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim()
+        std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap_or_default()
+            .trim()
     );
     Ok(())
 }

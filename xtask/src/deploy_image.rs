@@ -18,26 +18,49 @@ pub fn build() -> Result<PathBuf> {
     let ws = paths::workspace();
     let mut t = image::busybox_tree(Path::new(rootfs::BUSYBOX))?;
     let file = |p: &Path| Content::HostFile(p.to_path_buf());
-    t.file("usr/local/bin/husk-install.sh", file(&ws.join("deploy/installer/husk-install.sh")), 0o755)?;
+    t.file(
+        "usr/local/bin/husk-install.sh",
+        file(&ws.join("deploy/installer/husk-install.sh")),
+        0o755,
+    )?;
     let release = ws.join("target/release");
     for b in ["containerd-shim-husk-v2", "husk-vmm"] {
-        t.file(&format!("opt/husk-payload/bin/{b}"), file(&release.join(b)), 0o755)?;
+        t.file(
+            &format!("opt/husk-payload/bin/{b}"),
+            file(&release.join(b)),
+            0o755,
+        )?;
     }
     for h in ["virtiofsd", "vhost-device-vsock"] {
-        let p = paths::find_program(h).with_context(|| format!("{h} not found — run `cargo xtask setup`"))?;
+        let p = paths::find_program(h)
+            .with_context(|| format!("{h} not found — run `cargo xtask setup`"))?;
         let p = std::fs::canonicalize(&p).unwrap_or(p);
         t.file(&format!("opt/husk-payload/bin/{h}"), file(&p), 0o755)?;
     }
-    let vmlinux = std::fs::canonicalize(paths::vmlinux()).context("the guest kernel: run `cargo xtask kernel`")?;
+    let vmlinux = std::fs::canonicalize(paths::vmlinux())
+        .context("the guest kernel: run `cargo xtask kernel`")?;
     t.file("opt/husk-payload/share/vmlinux", file(&vmlinux), 0o644)?;
-    t.file("opt/husk-payload/share/initramfs.cpio", file(&paths::initramfs()), 0o644)?;
-    t.file("opt/husk-payload/config.toml", file(&ws.join("deploy/config.toml")), 0o644)?;
-    t.file("opt/husk-payload/containerd-husk.toml", file(&ws.join("deploy/containerd-husk.toml")), 0o644)?;
+    t.file(
+        "opt/husk-payload/share/initramfs.cpio",
+        file(&paths::initramfs()),
+        0o644,
+    )?;
+    t.file(
+        "opt/husk-payload/config.toml",
+        file(&ws.join("deploy/config.toml")),
+        0o644,
+    )?;
+    t.file(
+        "opt/husk-payload/containerd-husk.toml",
+        file(&ws.join("deploy/containerd-husk.toml")),
+        0o644,
+    )?;
     let mut spec = ImageSpec::new(DEPLOY_IMAGE, &["/usr/local/bin/husk-install.sh", "install"]);
     spec.env.push("HUSK_WAIT=1".into());
     std::fs::create_dir_all(paths::images())?;
     let dest = paths::images().join("husk-deploy.tar");
-    let w = image::build(&t, &spec, &dest).with_context(|| format!("writing {}", dest.display()))?;
+    let w =
+        image::build(&t, &spec, &dest).with_context(|| format!("writing {}", dest.display()))?;
     step(&format!(
         "deploy image: {} = {} ({} MB)",
         dest.display(),

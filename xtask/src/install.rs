@@ -21,8 +21,10 @@ const HELPERS: &[&str] = &["virtiofsd", "vhost-device-vsock"];
 
 fn copy(from: &Path, to: &Path) -> Result<()> {
     let tmp = to.with_extension("husk-new");
-    std::fs::copy(from, &tmp).with_context(|| format!("copying {} to {}", from.display(), tmp.display()))?;
-    std::fs::rename(&tmp, to).with_context(|| format!("renaming {} to {}", tmp.display(), to.display()))?;
+    std::fs::copy(from, &tmp)
+        .with_context(|| format!("copying {} to {}", from.display(), tmp.display()))?;
+    std::fs::rename(&tmp, to)
+        .with_context(|| format!("renaming {} to {}", tmp.display(), to.display()))?;
     println!("    {} -> {}", from.display(), to.display());
     Ok(())
 }
@@ -42,7 +44,10 @@ pub fn run() -> Result<()> {
     step("install");
     std::fs::create_dir_all(SHARE_DIR).with_context(|| format!("creating {SHARE_DIR}"))?;
     copy(&vmlinux, &Path::new(SHARE_DIR).join("vmlinux"))?;
-    copy(&paths::initramfs(), &Path::new(SHARE_DIR).join("initramfs.cpio"))?;
+    copy(
+        &paths::initramfs(),
+        &Path::new(SHARE_DIR).join("initramfs.cpio"),
+    )?;
     let release: PathBuf = paths::workspace().join("target").join("release");
     for b in BINARIES {
         copy(&release.join(b), &Path::new(BIN_DIR).join(b))?;
@@ -62,9 +67,12 @@ pub fn run() -> Result<()> {
         println!("    {CONFIG} exists; left as it is (defaults: deploy/config.toml)");
     } else {
         std::fs::create_dir_all("/etc/husk")?;
-        std::fs::write(CONFIG, include_str!("../../deploy/config.toml")).with_context(|| format!("writing {CONFIG}"))?;
+        std::fs::write(CONFIG, include_str!("../../deploy/config.toml"))
+            .with_context(|| format!("writing {CONFIG}"))?;
         println!("    {CONFIG} written");
     }
-    println!("    for Kubernetes, add deploy/containerd-husk.toml to containerd's config and restart it");
+    println!(
+        "    for Kubernetes, add deploy/containerd-husk.toml to containerd's config and restart it"
+    );
     Ok(())
 }

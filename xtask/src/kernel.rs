@@ -285,8 +285,14 @@ mod tests {
         let a = d.path().join("00-a.config");
         std::fs::write(&a, "CONFIG_X=y\n").unwrap();
         let h1 = input_hash("6.1.192-3", std::slice::from_ref(&a)).unwrap();
-        assert_eq!(h1, input_hash("6.1.192-3", std::slice::from_ref(&a)).unwrap());
-        assert_ne!(h1, input_hash("6.1.193-1", std::slice::from_ref(&a)).unwrap());
+        assert_eq!(
+            h1,
+            input_hash("6.1.192-3", std::slice::from_ref(&a)).unwrap()
+        );
+        assert_ne!(
+            h1,
+            input_hash("6.1.193-1", std::slice::from_ref(&a)).unwrap()
+        );
         std::fs::write(&a, "CONFIG_X=n\n").unwrap();
         assert_ne!(h1, input_hash("6.1.192-3", &[a]).unwrap());
     }

@@ -72,7 +72,9 @@ fn main() {
         Cmd::Kernel { debug } => kernel::build(debug).map(drop),
         Cmd::Rootfs => binaries::agent().and_then(|a| rootfs::build(&a)),
         Cmd::Build => binaries::build_all().map(drop),
-        Cmd::DeployImage => binaries::build_all().and_then(|_| deploy_image::build()).map(drop),
+        Cmd::DeployImage => binaries::build_all()
+            .and_then(|_| deploy_image::build())
+            .map(drop),
         Cmd::Demo => demo::run(),
         Cmd::Test { no_setup, filter } => testing::run(!no_setup, filter.as_deref()),
         Cmd::Bench => Err(anyhow::anyhow!(

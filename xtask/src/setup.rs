@@ -37,7 +37,10 @@ pub const APT_PACKAGES: &[(&str, &str)] = &[
     ("pkg-config", "building virtiofsd"),
     ("cpio", "reading initramfs archives back in tests"),
     ("iproute2", "network namespaces in tests"),
-    ("protobuf-compiler", "protoc, for the Kubernetes CRI client the tests use"),
+    (
+        "protobuf-compiler",
+        "protoc, for the Kubernetes CRI client the tests use",
+    ),
 ];
 
 /// Programs installed with `cargo install --locked`.
