@@ -2,8 +2,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use containerd_shim::api::{
     CloseIORequest, ConnectRequest, ConnectResponse, CreateTaskRequest, CreateTaskResponse,
@@ -16,11 +15,10 @@ use containerd_shim::protos::cgroups_v2::metrics::{
     CPUStat, IOEntry, IOStat, MemoryEvents, MemoryStat, Metrics, PidsStat,
 };
 use containerd_shim::protos::events::task::{
-    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskOOM, TaskPaused,
+    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskIO, TaskOOM, TaskPaused,
     TaskResumed, TaskStart,
 };
 use containerd_shim::protos::protobuf::well_known_types::any::Any;
-use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
 use containerd_shim::protos::protobuf::{Message, MessageDyn, MessageField};
 use containerd_shim::protos::topics;
 use containerd_shim::protos::types::task::ProcessInfo;
@@ -38,6 +36,12 @@ use crate::config::{config_path_from_options, Config};
 use crate::io::{self, StdioPaths};
 use crate::sandbox::Sandbox;
 use crate::share;
+
+mod process;
+mod watch;
+
+use process::{exit_of, Container, Proc};
+use watch::watch_vm;
 
 /// Exit status reported for a process whose VM died under it (Kata and runc use 255 too when
 /// the real status is unknown).
@@ -68,95 +72,6 @@ fn container_ref(id: &str) -> ContainerRef {
         container_id: id.to_string(),
         ..Default::default()
     }
-}
-
-fn now() -> Timestamp {
-    Timestamp::now()
-}
-
-#[derive(Debug, Clone)]
-struct ProcState {
-    pid: u32,
-    status: Status,
-    exit: Option<(u32, Timestamp)>,
-}
-
-/// One process (a container's init, exec id "", or an exec).
-#[derive(Debug)]
-struct Proc {
-    cid: String,
-    eid: String,
-    stdio: StdioPaths,
-    /// For execs: the OCI process as JSON.
-    process_json: Vec<u8>,
-    state: Mutex<ProcState>,
-    exited: Condvar,
-}
-
-impl Proc {
-    fn new(cid: &str, eid: &str, stdio: StdioPaths, process_json: Vec<u8>) -> Arc<Self> {
-        Arc::new(Self {
-            cid: cid.into(),
-            eid: eid.into(),
-            stdio,
-            process_json,
-            state: Mutex::new(ProcState {
-                pid: 0,
-                status: Status::CREATED,
-                exit: None,
-            }),
-            exited: Condvar::new(),
-        })
-    }
-
-    fn state(&self) -> MutexGuard<'_, ProcState> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Records the exit once; returns false if it was already recorded.
-    fn set_exit(&self, status: u32) -> bool {
-        let mut s = self.state();
-        if s.exit.is_some() {
-            return false;
-        }
-        s.exit = Some((status, now()));
-        s.status = Status::STOPPED;
-        self.exited.notify_all();
-        true
-    }
-
-    /// Records the exit and tells containerd (once, whoever sees the end first).
-    fn finish(&self, status: u32, publisher: &RemotePublisher, ns: &str) {
-        if !self.set_exit(status) {
-            return;
-        }
-        let s = self.state();
-        let ev = TaskExit {
-            container_id: self.cid.clone(),
-            id: self.id().to_string(),
-            pid: s.pid,
-            exit_status: status,
-            exited_at: MessageField::some(s.exit.as_ref().map(|e| e.1.clone()).unwrap_or_else(now)),
-            ..Default::default()
-        };
-        drop(s);
-        publish(publisher, ns, topics::TASK_EXIT_EVENT_TOPIC, Box::new(ev));
-    }
-
-    fn id(&self) -> &str {
-        if self.eid.is_empty() {
-            &self.cid
-        } else {
-            &self.eid
-        }
-    }
-}
-
-#[derive(Debug)]
-struct Container {
-    bundle: String,
-    init: Arc<Proc>,
-    execs: HashMap<String, Arc<Proc>>,
 }
 
 #[derive(Default)]
@@ -320,13 +235,6 @@ impl Service {
 pub fn publish(publisher: &RemotePublisher, ns: &str, topic: &str, event: Box<dyn MessageDyn>) {
     if let Err(e) = publisher.publish(Context::default(), topic, ns, event) {
         log::warn!("publishing {topic}: {e}");
-    }
-}
-
-fn exit_of(s: &ProcState) -> (u32, MessageField<Timestamp>) {
-    match &s.exit {
-        Some((code, at)) => (*code, MessageField::some(at.clone())),
-        None => (0, MessageField::none()),
     }
 }
 
@@ -870,45 +778,4 @@ impl Task for Service {
             ),
         ))
     }
-}
-
-/// Watches the VM: if it ends while containers run, every unfinished process exits with
-/// [`UNKNOWN_EXIT`] (its waiter also sees the broken connection) — this thread makes sure even
-/// processes that never started are released, and logs why. Ends with the sandbox.
-fn watch_vm(
-    sb: Arc<Sandbox>,
-    inner: Arc<Mutex<Inner>>,
-    publisher: Arc<RemotePublisher>,
-    ns: String,
-) {
-    let weak = Arc::downgrade(&sb);
-    drop(sb);
-    std::thread::spawn(move || loop {
-        std::thread::sleep(Duration::from_millis(250));
-        let Some(sb) = weak.upgrade() else {
-            return;
-        };
-        if sb.is_destroyed() {
-            return;
-        }
-        let Some(status) = sb.vm_exited() else {
-            continue;
-        };
-        log::error!(
-            "sandbox {}: the VM ended ({status}); console:\n{}",
-            sb.id,
-            sb.console_tail()
-        );
-        let procs: Vec<Arc<Proc>> = inner
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .containers
-            .values()
-            .flat_map(|c| std::iter::once(c.init.clone()).chain(c.execs.values().cloned()))
-            .collect();
-        for p in procs {
-            p.finish(UNKNOWN_EXIT, &publisher, &ns);
-        }
-        return;
-    });
 }
