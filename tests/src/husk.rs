@@ -63,14 +63,9 @@ impl HuskContainerd {
         std::fs::write(
             &config,
             format!(
-                "{}\nkernel = \"{}\"\n{}",
-                extra,
-                kernel().display(),
-                if extra.contains("initramfs") {
-                    String::new()
-                } else {
-                    format!("initramfs = \"{}\"\n", initramfs().display())
-                }
+                "{extra}\n{}{}",
+                if extra.contains("kernel =") { String::new() } else { format!("kernel = \"{}\"\n", kernel().display()) },
+                if extra.contains("initramfs =") { String::new() } else { format!("initramfs = \"{}\"\n", initramfs().display()) }
             ),
         )
         .unwrap();

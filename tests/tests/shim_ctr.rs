@@ -305,3 +305,42 @@ fn a_killed_shim_is_cleaned_up_by_delete() {
     }
     h.ctd.ctr_ok(&["containers", "delete", &id]);
 }
+
+#[test]
+fn sigkill_gives_exit_status_137() {
+    require_root("containerd");
+    let h = HuskContainerd::start();
+    // A container killed with SIGKILL exits 137, as under runc.
+    let id = unique("sigkill");
+    let child = std::process::Command::new("ctr")
+        .arg("--address")
+        .arg(h.ctd.socket())
+        .args(["--namespace", &h.ctd.namespace, "run", "--rm", "--runtime", RUNTIME, BUSYBOX, &id, "sleep", "1000"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !h.ctd.ctr_ok(&["task", "ls"]).lines().any(|l| l.starts_with(&id) && l.contains("RUNNING")) {
+        assert!(Instant::now() < deadline, "the container did not start");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    h.ctd.ctr_ok(&["task", "kill", "-s", "SIGKILL", &id]);
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(137), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_gone(&id);
+}
+
+#[test]
+fn a_missing_kernel_fails_ctr_run_with_the_reason() {
+    require_root("containerd");
+    let h = HuskContainerd::start_with_config("kernel = \"/nonexistent/vmlinux\"\n");
+    let id = unique("nokernel");
+    let out = h.ctd.ctr(&["run", "--rm", "--runtime", RUNTIME, BUSYBOX, &id, "true"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("/nonexistent/vmlinux") && err.contains("cargo xtask kernel"), "{err}");
+    assert_gone(&id);
+    let _ = h.ctd.ctr(&["containers", "delete", &id]);
+}
