@@ -56,6 +56,7 @@ pub fn run() -> Result<()> {
         state_dir: state.0.clone(),
         shared_dir: None,
         vsock: false,
+        nets: Vec::new(),
     };
     let started = Instant::now();
     let mut vm = backend.start(&config)?;
