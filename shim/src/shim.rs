@@ -79,6 +79,9 @@ pub fn cleanup(id: &str, bundle: &Path, config: &Config) -> Result<(), String> {
             }
         }
         dir.destroy().map_err(|e| e.to_string())?;
+        if let Some(spec) = &spec {
+            crate::network::cleanup_leftovers(spec).map_err(|e| crate::network::chain(&e))?;
+        }
     }
     Ok(())
 }
