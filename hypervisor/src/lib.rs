@@ -25,8 +25,10 @@ pub mod process;
 pub mod qemu;
 pub mod vsock;
 
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Errors of the hypervisor layer.
@@ -103,6 +105,29 @@ pub struct VmConfig {
     /// Give the guest a vsock device (CID [`GUEST_CID`]); the host reaches its ports through
     /// the hybrid-vsock socket [`Vm::vsock_socket`] (see [`vsock`]).
     pub vsock: bool,
+    /// One virtio-net device per entry, in order (the guest sees them as eth0, eth1, …
+    /// before the agent renames them). Empty: the guest has loopback only.
+    pub nets: Vec<NetConfig>,
+}
+
+/// A virtio-net device backed by a tap the caller opened (in whatever network namespace the
+/// tap must live in). The backend hands the open file to the VM process; it never opens a
+/// tap by name, so the VM process needs neither CAP_NET_ADMIN nor the namespace.
+#[derive(Debug, Clone)]
+pub struct NetConfig {
+    /// The tap's file descriptor (from `TUNSETIFF` with `IFF_TAP | IFF_NO_PI`, with or
+    /// without `IFF_VNET_HDR`). Close-on-exec in the caller; the backend makes it inherited
+    /// by the VM process only.
+    pub tap: Arc<OwnedFd>,
+    /// The guest NIC's MAC address.
+    pub mac: [u8; 6],
+}
+
+impl NetConfig {
+    /// The MAC as QEMU and `ip` write it: `aa:bb:cc:dd:ee:ff`.
+    pub fn mac_string(&self) -> String {
+        self.mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+    }
 }
 
 /// The virtio-fs tag of [`VmConfig::shared_dir`]; the agent mounts it at `/run/husk/shared`.
@@ -148,6 +173,14 @@ impl VmConfig {
                 return Err(Error::Config(format!(
                     "shared directory {}: not a directory — create it before starting the VM",
                     dir.display()
+                )));
+            }
+        }
+        for (i, n) in self.nets.iter().enumerate() {
+            if n.mac[0] & 1 != 0 || n.mac == [0; 6] {
+                return Err(Error::Config(format!(
+                    "network device {i}: MAC {} is multicast or zero — give the guest NIC a unicast MAC (the veth's)",
+                    n.mac_string()
                 )));
             }
         }

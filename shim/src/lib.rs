@@ -9,12 +9,14 @@
 //! - [`task`]: the task API;
 //! - [`sandbox`]: the VM, its agent connection, bring-up and teardown;
 //! - [`sandbox_dir`] and [`share`]: the state directory and what is mounted in it;
+//! - [`network`]: the pod netns mirrored to the guest's NICs (taps + tc redirects);
 //! - [`io`]: stdio relays; [`agent`]: the agent client; [`config`]: `/etc/husk/config.toml`.
 
 pub mod agent;
 pub mod config;
 pub mod host_cgroup;
 pub mod io;
+pub mod network;
 pub mod sandbox;
 pub mod sandbox_dir;
 pub mod share;

@@ -20,6 +20,7 @@ use serde_json::Value;
 use crate::agent::{self, Agent};
 use crate::config::{Backend, Config};
 use crate::host_cgroup::HostCgroup;
+use crate::network::Network;
 use crate::sandbox_dir::SandboxDir;
 
 #[derive(Debug, thiserror::Error)]
@@ -81,6 +82,8 @@ pub struct Sandbox {
     pub vm_pid: u32,
     pub agent: Agent,
     pub backend: String,
+    /// Taps and tc redirects in the pod netns (empty without one).
+    network: Mutex<Network>,
     /// Dropping it ends the thread the VM processes are tied to (see `Hypervisor::start`).
     keeper: Mutex<Option<mpsc::Sender<()>>>,
     destroyed: std::sync::atomic::AtomicBool,
@@ -166,6 +169,12 @@ impl Sandbox {
             step: "choosing the hypervisor",
             message: e.to_string(),
         })?;
+        // Before the VM: it gets the taps. Dropped (torn down) on any failure below.
+        let network = Network::setup(spec).map_err(|e| SandboxError::Step {
+            sid: sid.clone(),
+            step: "setting up the pod network",
+            message: crate::network::chain(&e),
+        })?;
         let vm_config = VmConfig {
             kernel: config.kernel.clone(),
             initramfs: config.initramfs.clone(),
@@ -175,6 +184,7 @@ impl Sandbox {
             state_dir: dir.root().to_path_buf(),
             shared_dir: Some(dir.shared()),
             vsock: true,
+            nets: network.vm_nets(),
         };
         // The VM's processes die with the thread that started them: give them a thread that
         // lives exactly as long as the sandbox.
@@ -241,6 +251,10 @@ impl Sandbox {
             let _ = vm.kill();
             return Err(guest_err("CreateSandbox", agent::describe(&e)));
         }
+        if let Err(e) = network.configure_guest(agent.client()) {
+            let _ = vm.kill();
+            return Err(guest_err("configuring the guest network", crate::network::chain(&e)));
+        }
         log::info!(
             "sandbox {id}: VM {vm_pid} on {} with {vcpus} vCPU, {memory_mib} MiB; agent {}",
             backend.name(),
@@ -253,6 +267,7 @@ impl Sandbox {
             vm_pid,
             agent,
             backend: backend.name(),
+            network: Mutex::new(network),
             keeper: Mutex::new(Some(keep_tx)),
             destroyed: std::sync::atomic::AtomicBool::new(false),
             cgroup: Mutex::new(None),
@@ -308,6 +323,9 @@ impl Sandbox {
         self.keeper.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(mut c) = self.cgroup.lock().unwrap_or_else(|e| e.into_inner()).take() {
             c.leave();
+        }
+        if let Err(e) = self.network.lock().unwrap_or_else(|e| e.into_inner()).teardown() {
+            log::error!("sandbox {}: removing the pod network plumbing: {}", self.id, crate::network::chain(&e));
         }
         if let Err(e) = self.dir.destroy() {
             log::error!("sandbox {}: cleaning up: {e}", self.id);

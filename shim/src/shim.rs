@@ -94,6 +94,9 @@ pub fn cleanup(id: &str, bundle: &Path, config: &Config) -> Result<(), String> {
         {
             crate::host_cgroup::remove(p);
         }
+        if let Some(spec) = &spec {
+            crate::network::cleanup_leftovers(spec).map_err(|e| crate::network::chain(&e))?;
+        }
     }
     Ok(())
 }

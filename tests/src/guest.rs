@@ -41,6 +41,7 @@ impl Guest {
             state_dir: dir.path().to_path_buf(),
             shared_dir: Some(shared),
             vsock: true,
+            nets: Vec::new(),
         };
         let t0 = std::time::Instant::now();
         let mut vm = Qemu::new(accel).expect("qemu backend").start(&cfg).expect("starting the VM");

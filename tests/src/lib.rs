@@ -5,6 +5,7 @@
 //! with a message naming it and the fix, never a silent pass: `cargo xtask test` installs and
 //! builds everything first.
 
+pub mod cni;
 pub mod containerd;
 pub mod procs;
 pub mod agent;

@@ -26,6 +26,7 @@ fn config(dir: &Path) -> VmConfig {
         state_dir: dir.to_path_buf(),
         shared_dir: Some(shared),
         vsock: true,
+        nets: Vec::new(),
     }
 }
 

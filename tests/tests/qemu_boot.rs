@@ -31,6 +31,7 @@ fn config(dir: &Path, vcpus: u32, memory_mib: u32, extra: &str) -> VmConfig {
         state_dir: dir.to_path_buf(),
         shared_dir: None,
         vsock: false,
+        nets: Vec::new(),
     }
 }
 

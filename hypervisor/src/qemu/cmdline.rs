@@ -13,8 +13,12 @@
 //! - virtio-fs is `vhost-user-fs-device` with the tag set here: virtiofsd's own `--tag` makes
 //!   QEMU 7.x crash; vsock is `vhost-user-vsock-device` (no /dev/vhost-vsock needed). QEMU is
 //!   the vhost-user client: the helpers listen on the sockets before QEMU starts.
+//! - network: `-netdev tap,fd=N` with the caller's open tap (inherited by QEMU under the same
+//!   number, see `Qemu::start`) + `virtio-net-device` on virtio-mmio; no vhost-net (the host
+//!   has no /dev/vhost-net), so QEMU's own thread moves the packets.
 
 use std::ffi::OsString;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use crate::{Accel, VmConfig, SHARED_FS_TAG};
@@ -118,6 +122,12 @@ pub fn args(config: &VmConfig, accel: Accel, paths: &Paths) -> Vec<OsString> {
         push("-device");
         push("vhost-user-vsock-device,chardev=vs0");
     }
+    for (i, net) in config.nets.iter().enumerate() {
+        push("-netdev");
+        push(&format!("tap,fd={},id=net{i}", net.tap.as_raw_fd()));
+        push("-device");
+        push(&format!("virtio-net-device,netdev=net{i},mac={}", net.mac_string()));
+    }
     push("-append");
     push(&cmdline);
     a.push("-kernel".into());
@@ -141,6 +151,7 @@ mod tests {
             state_dir: "/run/husk/abc".into(),
             shared_dir: None,
             vsock: false,
+            nets: Vec::new(),
         }
     }
 
@@ -190,6 +201,38 @@ mod tests {
         ] {
             assert!(l.contains(want), "missing {want:?} in {l}");
         }
+    }
+
+    #[test]
+    fn one_netdev_and_virtio_net_device_per_tap_with_its_fd_and_mac() {
+        use std::os::fd::{AsRawFd, OwnedFd};
+        use std::sync::Arc;
+        let mut c = cfg();
+        let f = |path: &str| Arc::new(OwnedFd::from(std::fs::File::open(path).unwrap()));
+        let (a, b) = (f("/dev/null"), f("/dev/null"));
+        let (fa, fb) = (a.as_raw_fd(), b.as_raw_fd());
+        c.nets = vec![
+            crate::NetConfig { tap: a, mac: [0x02, 0, 0, 0, 0, 0x0a] },
+            crate::NetConfig { tap: b, mac: [0xaa, 0xbb, 0xcc, 0xdd, 0xee, 0xff] },
+        ];
+        let l = args(&c, Accel::Tcg, &Paths::new(&c.state_dir))
+            .iter()
+            .map(|s| s.to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+            .join(" ");
+        for want in [
+            format!("-netdev tap,fd={fa},id=net0 -device virtio-net-device,netdev=net0,mac=02:00:00:00:00:0a"),
+            format!("-netdev tap,fd={fb},id=net1 -device virtio-net-device,netdev=net1,mac=aa:bb:cc:dd:ee:ff"),
+        ] {
+            assert!(l.contains(&want), "missing {want:?} in {l}");
+        }
+        c.nets.clear();
+        let l = args(&c, Accel::Tcg, &Paths::new(&c.state_dir))
+            .iter()
+            .map(|s| s.to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+            .join(" ");
+        assert!(!l.contains("netdev"), "no tap, no NIC: {l}");
     }
 
     #[test]

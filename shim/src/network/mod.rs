@@ -1,0 +1,381 @@
+//! Pod networking on the host: the CNI network namespace reaches the guest through a tap.
+//!
+//! Owns, per sandbox: one tap per CNI interface in the pod netns, the ingress qdiscs and
+//! mirred redirect filters that tie each veth to its tap (see [`tc`]), and the guest NIC
+//! configuration copied from the veth (see [`guest`]). It never touches the veths
+//! themselves beyond their ingress qdisc: they, their addresses and the netns belong to CNI.
+//!
+//! - no network namespace path in the spec (plain `ctr run`): nothing is made and the guest
+//!   has loopback only, as with runc;
+//! - [`Network::setup`] before the VM starts (the VM needs the tap fds),
+//!   [`Network::configure_guest`] once the agent answers, [`Network::teardown`] on delete
+//!   (also run when a [`Network`] is dropped, so a failed bring-up leaves nothing).
+//!
+//! Modules: [`netns`] (running netlink work in the pod netns), [`endpoint`] (what CNI made),
+//! [`tap`] (creating taps), [`tc`] (the redirects), [`guest`] (the agent calls).
+
+pub mod endpoint;
+pub mod guest;
+pub mod netns;
+pub mod tap;
+pub mod tc;
+
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use husk_hypervisor::NetConfig;
+use husk_protocols::agent_ttrpc::AgentClient;
+use rtnetlink::LinkUnspec;
+use serde_json::Value;
+
+use endpoint::Link;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetworkError {
+    #[error("network namespace {path}: cannot enter it — check that the netns exists (CNI made it) and that the shim runs as root")]
+    Netns {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{what}")]
+    Netlink {
+        what: String,
+        #[source]
+        source: rtnetlink::Error,
+    },
+    #[error("{what}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    Unsupported(String),
+    #[error("configuring the guest network: {what}: {message}")]
+    Guest { what: String, message: String },
+}
+
+/// `e` with its sources, `outer: inner: …`, for messages that travel as strings (to
+/// containerd, through `ctr`).
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(x) = src {
+        s.push_str(": ");
+        s.push_str(&x.to_string());
+        src = x.source();
+    }
+    s
+}
+
+/// The network namespace path of an OCI spec (`linux.namespaces[]` of type `network` with a
+/// `path`), as containerd's CRI and `ctr run --with-ns network:<path>` write it. `None`: the
+/// container would get a new, empty netns — for us, a guest with loopback only.
+pub fn netns_path(spec: &Value) -> Option<PathBuf> {
+    spec["linux"]["namespaces"]
+        .as_array()?
+        .iter()
+        .find_map(|ns| {
+            let path = ns["path"].as_str().filter(|p| !p.is_empty())?;
+            (ns["type"].as_str() == Some("network")).then(|| PathBuf::from(path))
+        })
+}
+
+/// One CNI interface mirrored to a tap.
+#[derive(Debug)]
+pub struct Endpoint {
+    pub veth: Link,
+    pub tap_name: String,
+    pub tap_index: u32,
+    pub tap: Arc<OwnedFd>,
+}
+
+/// The sandbox's network on the host side.
+#[derive(Debug, Default)]
+pub struct Network {
+    netns: Option<PathBuf>,
+    endpoints: Vec<Endpoint>,
+}
+
+/// The tap of the `i`-th interface (Kata names them `tap<i>_kata`).
+fn tap_name(i: usize) -> String {
+    format!("tap{i}_husk")
+}
+
+impl Network {
+    /// Mirrors each interface of the spec's network namespace to a new tap. Without a netns
+    /// path, an empty network (loopback only in the guest).
+    pub fn setup(spec: &Value) -> Result<Self, NetworkError> {
+        let Some(path) = netns_path(spec) else {
+            return Ok(Self::default());
+        };
+        let endpoints = netns::run_in(&path, async move |h| {
+            let links = endpoint::scan(&h).await?;
+            let mut made: Vec<Endpoint> = Vec::new();
+            let r = async {
+                for (i, veth) in links.into_iter().enumerate() {
+                    let name = tap_name(i);
+                    let fd = tap::create(&name)?;
+                    let index = endpoint::index_of(&h, &name).await?.ok_or_else(|| {
+                        NetworkError::Invalid(format!("tap {name}: created but not listed"))
+                    })?;
+                    made.push(Endpoint {
+                        veth,
+                        tap_name: name,
+                        tap_index: index,
+                        tap: Arc::new(fd),
+                    });
+                    let e = made.last().expect("just pushed");
+                    h.link()
+                        .set(
+                            LinkUnspec::new_with_index(index)
+                                .mtu(e.veth.mtu)
+                                .up()
+                                .build(),
+                        )
+                        .execute()
+                        .await
+                        .map_err(|source| NetworkError::Netlink {
+                            what: format!("setting tap {} up with MTU {}", e.tap_name, e.veth.mtu),
+                            source,
+                        })?;
+                    tc::redirect(&h, (&e.veth.name, e.veth.index), (&e.tap_name, e.tap_index))
+                        .await?;
+                    tc::redirect(&h, (&e.tap_name, e.tap_index), (&e.veth.name, e.veth.index))
+                        .await?;
+                }
+                Ok::<(), NetworkError>(())
+            }
+            .await;
+            match r {
+                Ok(()) => Ok(made),
+                Err(e) => {
+                    remove(&h, &made).await;
+                    Err(e)
+                }
+            }
+        })?;
+        let n = Self {
+            netns: Some(path),
+            endpoints,
+        };
+        for e in &n.endpoints {
+            log::info!(
+                "network: {} ({}, mtu {}, {:?}) ↔ {} in {}",
+                e.veth.name,
+                guest::mac_string(&e.veth.mac),
+                e.veth.mtu,
+                e.veth.addresses,
+                e.tap_name,
+                n.netns
+                    .as_deref()
+                    .map(Path::display)
+                    .map(|d| d.to_string())
+                    .unwrap_or_default()
+            );
+        }
+        Ok(n)
+    }
+
+    pub fn netns(&self) -> Option<&Path> {
+        self.netns.as_deref()
+    }
+
+    pub fn endpoints(&self) -> &[Endpoint] {
+        &self.endpoints
+    }
+
+    /// The VM's NICs: each tap, with its veth's MAC.
+    pub fn vm_nets(&self) -> Vec<NetConfig> {
+        self.endpoints
+            .iter()
+            .map(|e| NetConfig {
+                tap: e.tap.clone(),
+                mac: e.veth.mac,
+            })
+            .collect()
+    }
+
+    /// Gives the guest NICs the veths' addresses, MTU and routes.
+    pub fn configure_guest(&self, client: &AgentClient) -> Result<(), NetworkError> {
+        let links: Vec<Link> = self.endpoints.iter().map(|e| e.veth.clone()).collect();
+        guest::configure(client, &links)
+    }
+
+    /// Removes the redirects, the ingress qdiscs and the taps. Idempotent; a netns that is
+    /// already gone (CNI deleted it) took all of it along.
+    pub fn teardown(&mut self) -> Result<(), NetworkError> {
+        let Some(path) = self.netns.take() else {
+            return Ok(());
+        };
+        let endpoints = std::mem::take(&mut self.endpoints);
+        if endpoints.is_empty() || !path.exists() {
+            return Ok(());
+        }
+        let desc: Vec<(String, u32, String, u32)> = endpoints
+            .iter()
+            .map(|e| {
+                (
+                    e.veth.name.clone(),
+                    e.veth.index,
+                    e.tap_name.clone(),
+                    e.tap_index,
+                )
+            })
+            .collect();
+        // Our copies of the tap fds go first; the VM's went with the VM.
+        drop(endpoints);
+        netns::run_in(&path, async move |h| {
+            let mut first_err = None;
+            for (veth, veth_index, tap, tap_index) in &desc {
+                if let Err(e) = tc::remove_ingress(&h, (veth, *veth_index)).await {
+                    first_err.get_or_insert(e);
+                }
+                if let Err(e) = delete_tap(&h, tap, *tap_index).await {
+                    first_err.get_or_insert(e);
+                }
+            }
+            first_err.map_or(Ok(()), Err)
+        })
+    }
+}
+
+/// After a shim that died without its teardown (the `delete` command): in the spec's netns,
+/// deletes our taps (`tap<i>_husk`) and the ingress qdisc of each interface whose ingress
+/// filters redirect to one of them or to an interface that no longer exists (the tap went with
+/// the VM). Interfaces without such a redirect are not touched. Idempotent.
+pub fn cleanup_leftovers(spec: &Value) -> Result<(), NetworkError> {
+    let Some(path) = netns_path(spec) else {
+        return Ok(());
+    };
+    if !path.exists() {
+        return Ok(());
+    }
+    netns::run_in(&path, async move |h| {
+        use futures_util::TryStreamExt;
+        use rtnetlink::packet_route::link::{LinkAttribute, LinkMessage};
+        let links: Vec<LinkMessage> =
+            h.link()
+                .get()
+                .execute()
+                .try_collect()
+                .await
+                .map_err(|source| NetworkError::Netlink {
+                    what: "listing the interfaces".into(),
+                    source,
+                })?;
+        let name = |l: &LinkMessage| {
+            l.attributes
+                .iter()
+                .find_map(|a| {
+                    if let LinkAttribute::IfName(n) = a {
+                        Some(n.clone())
+                    } else {
+                        None
+                    }
+                })
+                .unwrap_or_default()
+        };
+        let ours = |n: &str| n.starts_with("tap") && n.ends_with("_husk");
+        let taps: Vec<(String, u32)> = links
+            .iter()
+            .filter(|l| ours(&name(l)))
+            .map(|l| (name(l), l.header.index))
+            .collect();
+        for l in links.iter().filter(|l| !ours(&name(l))) {
+            let targets = tc::mirred_targets(&h, l.header.index).await?;
+            let stale = targets.iter().any(|t| {
+                taps.iter().any(|(_, i)| i == t) || !links.iter().any(|x| x.header.index == *t)
+            });
+            if stale {
+                tc::remove_ingress(&h, (&name(l), l.header.index)).await?;
+            }
+        }
+        for (n, i) in &taps {
+            delete_tap(&h, n, *i).await?;
+        }
+        Ok(())
+    })
+}
+
+impl Drop for Network {
+    fn drop(&mut self) {
+        if let Err(e) = self.teardown() {
+            log::error!("network teardown: {e}");
+        }
+    }
+}
+
+/// Deletes tap `name` if it still exists under `index` (it vanishes by itself once every
+/// file on it is closed, so "not there" is success).
+async fn delete_tap(h: &rtnetlink::Handle, name: &str, index: u32) -> Result<(), NetworkError> {
+    if endpoint::index_of(h, name).await? != Some(index) {
+        return Ok(());
+    }
+    match h.link().del(index).execute().await {
+        Ok(()) => Ok(()),
+        Err(rtnetlink::Error::NetlinkError(e))
+            if matches!(e.raw_code().abs(), libc::ENODEV | libc::ENOENT) =>
+        {
+            Ok(())
+        }
+        Err(source) => Err(NetworkError::Netlink {
+            what: format!("deleting tap {name}"),
+            source,
+        }),
+    }
+}
+
+/// Best-effort removal of what a failed setup made.
+async fn remove(h: &rtnetlink::Handle, made: &[Endpoint]) {
+    for e in made {
+        let _ = tc::remove_ingress(h, (&e.veth.name, e.veth.index)).await;
+        let _ = delete_tap(h, &e.tap_name, e.tap_index).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn netns_path_only_from_a_network_namespace_with_a_path() {
+        assert_eq!(netns_path(&json!({})), None);
+        let plain = json!({"linux": {"namespaces": [{"type": "pid"}, {"type": "network"}]}});
+        assert_eq!(netns_path(&plain), None);
+        let empty = json!({"linux": {"namespaces": [{"type": "network", "path": ""}]}});
+        assert_eq!(netns_path(&empty), None);
+        let cni = json!({"linux": {"namespaces": [
+            {"type": "ipc", "path": "/proc/1/ns/ipc"},
+            {"type": "network", "path": "/var/run/netns/cni-1234"}
+        ]}});
+        assert_eq!(
+            netns_path(&cni),
+            Some(PathBuf::from("/var/run/netns/cni-1234"))
+        );
+    }
+
+    #[test]
+    fn no_netns_means_no_nics_and_nothing_to_tear_down() {
+        let mut n =
+            Network::setup(&json!({"linux": {"namespaces": [{"type": "network"}]}})).unwrap();
+        assert!(n.vm_nets().is_empty() && n.netns().is_none());
+        n.teardown().unwrap();
+    }
+
+    #[test]
+    fn a_missing_netns_is_named_with_the_fix() {
+        let spec = json!({"linux": {"namespaces": [{"type": "network", "path": "/var/run/netns/husk-no-such-ns"}]}});
+        let e = Network::setup(&spec).unwrap_err().to_string();
+        assert!(
+            e.contains("/var/run/netns/husk-no-such-ns")
+                && e.contains("check that the netns exists"),
+            "{e}"
+        );
+    }
+}
