@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use husk_hypervisor::console::wait_for_ready;
-use husk_hypervisor::host::{self, BackendChoice};
+use husk_hypervisor::host;
 use husk_hypervisor::qemu::Qemu;
 use husk_hypervisor::{Hypervisor, VmConfig};
 
@@ -34,7 +34,7 @@ impl Drop for StateDir {
 pub fn run() -> Result<()> {
     prepare(true)?;
     let report = host::detect();
-    let BackendChoice::Qemu(accel) = report.backend;
+    let accel = report.backend.qemu_accel();
     let backend = Qemu::new(accel)?;
     step(&format!(
         "demo: booting a husk guest on {} — {}",
