@@ -5,7 +5,9 @@
 //!    stock kernel's ring-0 code is emulated and dies at its first system call;
 //! 3. no usable KVM.
 //!
-//! Hosts 2 and 3 run our guest under QEMU's TCG emulator: slow, but a real VM boundary.
+//! Host 1 runs our guest on husk-vmm. Hosts 2 and 3 run it under QEMU's TCG emulator: slow,
+//! but a real VM boundary (our stock Linux guest cannot run under kvm_pvm; husk-vmm still
+//! runs the synthetic test guests there).
 
 use std::path::Path;
 
@@ -37,6 +39,19 @@ pub enum HostKind {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BackendChoice {
     Qemu(Accel),
+    /// husk's own VMM: only where the host runs our Linux guest natively (hardware KVM).
+    HuskVmm,
+}
+
+impl BackendChoice {
+    /// The accelerator for callers that run only the qemu backend: husk-vmm is chosen where
+    /// the host has hardware KVM, so there QEMU runs with KVM too.
+    pub fn qemu_accel(self) -> Accel {
+        match self {
+            BackendChoice::Qemu(a) => a,
+            BackendChoice::HuskVmm => Accel::Kvm,
+        }
+    }
 }
 
 impl std::fmt::Display for BackendChoice {
@@ -44,6 +59,7 @@ impl std::fmt::Display for BackendChoice {
         match self {
             BackendChoice::Qemu(Accel::Kvm) => f.write_str("qemu-kvm"),
             BackendChoice::Qemu(Accel::Tcg) => f.write_str("qemu-tcg"),
+            BackendChoice::HuskVmm => f.write_str(crate::husk_vmm::PROGRAM),
         }
     }
 }
@@ -114,8 +130,8 @@ pub fn classify(kvm: &KvmProbe, sys_module: &Path, cpuinfo: &str) -> HostKind {
 pub fn choose_backend(kind: &HostKind) -> (BackendChoice, String) {
     match kind {
         HostKind::HardwareKvm { vendor } => (
-            BackendChoice::Qemu(Accel::Kvm),
-            format!("{vendor} runs our guest natively; QEMU microvm with KVM until husk-vmm boots Linux guests"),
+            BackendChoice::HuskVmm,
+            format!("{vendor} runs our guest natively, so husk's own VMM runs it (QEMU microvm with KVM remains available)"),
         ),
         HostKind::Pvm => (
             BackendChoice::Qemu(Accel::Tcg),
@@ -177,8 +193,9 @@ mod tests {
         );
         assert_eq!(
             choose_backend(&HostKind::HardwareKvm { vendor: "AMD-V" }).0.to_string(),
-            "qemu-kvm"
+            "husk-vmm"
         );
+        assert_eq!(BackendChoice::HuskVmm.qemu_accel(), Accel::Kvm);
     }
 
     #[test]
@@ -187,5 +204,6 @@ mod tests {
         let k = KvmProbe::Unusable("x".into());
         assert_eq!(classify(&k, m.path(), "flags : vmx"), HostKind::NoKvm);
         assert_eq!(choose_backend(&HostKind::NoKvm).0, BackendChoice::Qemu(Accel::Tcg));
+        assert_eq!(choose_backend(&HostKind::NoKvm).0.qemu_accel(), Accel::Tcg);
     }
 }

@@ -5,7 +5,9 @@
 //!   resumed, stopped, killed and waited for. Nothing else: the trait grows only when a caller
 //!   needs it (Kata's forty-method trait is what we avoid).
 //! - [`qemu::Qemu`]: QEMU's `microvm` machine, with KVM where the host runs our guest natively
-//!   and TCG elsewhere. The `husk-vmm` backend joins it under the VMM issue.
+//!   and TCG elsewhere.
+//! - [`husk_vmm::HuskVmm`]: husk's own VMM (`vmm/`), the default where the host has hardware
+//!   KVM; it serves hybrid vsock itself and runs virtiofsd for the shared directory.
 //! - [`host`]: what kind of host this is (hardware KVM, PVM, none) and so which backend husk
 //!   uses by default; `cargo xtask doctor` prints the same verdict.
 //! - [`console`]: reading the guest's serial console log, and the agent's ready line.
@@ -19,7 +21,9 @@
 //! Every process a backend starts is reaped: on stop, on kill, and when the [`Vm`] is dropped.
 
 pub mod console;
+pub mod helpers;
 pub mod host;
+pub mod husk_vmm;
 pub mod kernel;
 pub mod process;
 pub mod qemu;
@@ -50,6 +54,13 @@ pub enum Error {
     Guest { what: String, console: PathBuf },
     #[error("QEMU monitor (QMP) at {socket}: {what}")]
     Qmp { socket: PathBuf, what: String },
+    /// husk-vmm's control API refused or did not answer a request.
+    #[error("husk-vmm API at {socket}, request {request:?}: {what}")]
+    Api {
+        socket: PathBuf,
+        request: String,
+        what: String,
+    },
     /// A device helper (virtiofsd, vhost-device-vsock) ended while its VM ran; the VM was
     /// stopped because of it.
     #[error("{program} (pid {pid}) ended while the VM ran ({status}); the VM was stopped — see {log}")]

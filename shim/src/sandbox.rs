@@ -11,7 +11,7 @@ use std::sync::mpsc;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use husk_hypervisor::host::{self, BackendChoice};
+use husk_hypervisor::host;
 use husk_hypervisor::qemu::Qemu;
 use husk_hypervisor::{Accel, Hypervisor, Vm, VmConfig};
 use husk_protocols::agent::{CreateSandboxRequest, DestroySandboxRequest};
@@ -67,10 +67,7 @@ fn backend(config: &Config) -> Result<Qemu, husk_hypervisor::Error> {
     let accel = match config.backend_kind() {
         Ok(Backend::QemuKvm) => Accel::Kvm,
         Ok(Backend::QemuTcg) => Accel::Tcg,
-        Ok(Backend::Auto) | Err(_) => {
-            let BackendChoice::Qemu(a) = host::detect().backend;
-            a
-        }
+        Ok(Backend::Auto) | Err(_) => host::detect().backend.qemu_accel(),
     };
     Qemu::new(accel)
 }

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use husk_hypervisor::console::{wait_for_ready, ReadyLine};
-use husk_hypervisor::host::{self, BackendChoice};
+use husk_hypervisor::host;
 use husk_hypervisor::qemu::Qemu;
 use husk_hypervisor::{Hypervisor, Vm, VmConfig};
 
@@ -28,7 +28,7 @@ impl Guest {
     pub fn boot(memory_mib: u32) -> Self {
         crate::require_root("virtiofsd's sandbox and the guest's containers need root");
         crate::require_program("qemu-system-x86_64", "qemu-system-x86");
-        let BackendChoice::Qemu(accel) = host::detect().backend;
+        let accel = host::detect().backend.qemu_accel();
         let dir = tempfile::tempdir().unwrap();
         let shared = dir.path().join("shared");
         std::fs::create_dir(&shared).unwrap();

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use husk_hypervisor::console::wait_for_ready;
-use husk_hypervisor::host::{self, BackendChoice};
+use husk_hypervisor::host;
 use husk_hypervisor::qemu::Qemu;
 use husk_hypervisor::{Error, Hypervisor, VmConfig};
 use husk_tests::procs::children_named;
@@ -33,7 +33,7 @@ fn config(dir: &Path) -> VmConfig {
 fn backend() -> Qemu {
     require_root("virtiofsd's namespace sandbox needs root");
     require_program("qemu-system-x86_64", "qemu-system-x86");
-    let BackendChoice::Qemu(accel) = host::detect().backend;
+    let accel = host::detect().backend.qemu_accel();
     Qemu::new(accel).expect("qemu backend")
 }
 

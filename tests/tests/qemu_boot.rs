@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use husk_hypervisor::console::{wait_for_ready, ReadyLine};
-use husk_hypervisor::host::{self, BackendChoice};
+use husk_hypervisor::host;
 use husk_hypervisor::qemu::Qemu;
 use husk_hypervisor::{Hypervisor, Vm, VmConfig};
 use husk_tests::{initramfs, kernel, process_alive, require_program};
@@ -17,7 +17,7 @@ const BOOT_TIMEOUT: Duration = Duration::from_secs(90);
 
 fn backend() -> Qemu {
     require_program("qemu-system-x86_64", "qemu-system-x86");
-    let BackendChoice::Qemu(accel) = host::detect().backend;
+    let accel = host::detect().backend.qemu_accel();
     Qemu::new(accel).expect("qemu backend")
 }
 

@@ -1,0 +1,249 @@
+//! Tier 2: the husk-vmm backend through the `Hypervisor` trait, with synthetic guests: the
+//! hybrid-vsock socket the trait hands out reaches the guest's echo server; pause, resume
+//! and stop go through husk-vmm's API; the console is written and read; virtio-fs is served
+//! by the virtiofsd the backend starts; stop, kill, drop and a guest power-off leave no
+//! process or socket behind.
+
+mod vmm_support;
+
+use std::io::{Read, Write};
+use std::path::Path;
+use std::time::Duration;
+
+use husk_hypervisor::console::wait_for_line;
+use husk_hypervisor::husk_vmm::HuskVmm;
+use husk_hypervisor::{vsock, Hypervisor, Vm, VmConfig};
+use husk_tests::process_alive;
+use vmm_support::{guest, require_kvm, vmm_binary};
+
+const DEADLINE: Duration = Duration::from_secs(30);
+
+fn backend() -> HuskVmm {
+    require_kvm();
+    HuskVmm::with_program(vmm_binary()).expect("husk-vmm backend")
+}
+
+/// A config booting synthetic guest `name`; the initramfs is a small file the guest ignores.
+fn config(dir: &Path, name: &str, vsock: bool) -> VmConfig {
+    let initramfs = dir.join("initramfs.cpio");
+    std::fs::write(&initramfs, b"not read by synthetic guests").unwrap();
+    VmConfig {
+        kernel: guest(name),
+        initramfs,
+        cmdline_extra: String::new(),
+        vcpus: 1,
+        memory_mib: 64,
+        state_dir: dir.to_path_buf(),
+        shared_dir: None,
+        vsock,
+    }
+}
+
+fn console(vm: &dyn Vm) -> String {
+    std::fs::read_to_string(vm.console_log()).unwrap_or_default()
+}
+
+fn wait_console(vm: &mut dyn Vm, what: &str, want: &str) -> String {
+    let log = vm.console_log().to_path_buf();
+    let got = wait_for_line(
+        &log,
+        DEADLINE,
+        || matches!(vm.wait(Some(Duration::ZERO)), Ok(None)),
+        |l| l.contains(want).then(|| l.to_string()),
+    );
+    got.unwrap_or_else(|e| panic!("{what}: {e}; console:\n{}", console(vm)))
+}
+
+/// Every file the VM left in `dir` that is a socket or virtiofsd's pid file.
+fn leftovers(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".sock"))
+        .collect()
+}
+
+fn echo(s: &mut std::os::unix::net::UnixStream, payload: &[u8]) {
+    s.set_read_timeout(Some(DEADLINE)).unwrap();
+    s.write_all(payload).unwrap();
+    let mut back = vec![0u8; payload.len()];
+    s.read_exact(&mut back).unwrap();
+    assert_eq!(back, payload);
+}
+
+#[test]
+fn vsock_socket_reaches_the_echo_guest_and_stop_reaps_everything() {
+    let dir = tempfile::tempdir().unwrap();
+    let hv = backend();
+    assert_eq!(hv.name(), "husk-vmm");
+    let mut vm = hv
+        .start(&config(dir.path(), "vsock_echo", true))
+        .expect("starting the VM");
+    wait_console(
+        vm.as_mut(),
+        "the echo guest's ready line",
+        "husk vsock: ready",
+    );
+    let sock = vm.vsock_socket().expect("a vsock socket").to_path_buf();
+    assert_eq!(sock, dir.path().join("vsock.sock"));
+
+    let mut s =
+        vsock::connect(&sock, 1024, DEADLINE).expect("CONNECT 1024 through the trait's socket");
+    echo(&mut s, b"hello through husk-vmm's hybrid vsock");
+    // Paused, the guest cannot answer; resumed, the same connection works again.
+    vm.pause().unwrap();
+    s.write_all(b"while paused").unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let mut b = [0u8; 1];
+    assert!(s.read(&mut b).is_err(), "a paused guest echoed");
+    vm.resume().unwrap();
+    let mut back = [0u8; 12];
+    s.set_read_timeout(Some(DEADLINE)).unwrap();
+    s.read_exact(&mut back).unwrap();
+    assert_eq!(&back, b"while paused");
+    echo(&mut s, &[0x5a; 10_000]);
+    drop(s);
+
+    let pid = vm.pid();
+    let status = vm.stop(Duration::from_secs(10)).unwrap();
+    assert!(
+        status.success(),
+        "husk-vmm exit {status} after an API shutdown"
+    );
+    assert!(!process_alive(pid), "husk-vmm {pid} survived stop");
+    assert!(
+        leftovers(dir.path()).is_empty(),
+        "{:?}",
+        leftovers(dir.path())
+    );
+    assert!(vm.pause().is_err(), "pause after stop must fail, not hang");
+    assert!(vm.console_write(b"x").is_err());
+}
+
+#[test]
+fn kill_and_drop_reap_husk_vmm() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut vm = backend().start(&config(dir.path(), "idle", true)).unwrap();
+    wait_console(
+        vm.as_mut(),
+        "the idle guest's ready line",
+        "husk idle: ready",
+    );
+    let pid = vm.pid();
+    let status = vm.kill().unwrap();
+    assert!(!status.success());
+    assert!(!process_alive(pid), "husk-vmm {pid} survived kill");
+    assert!(
+        leftovers(dir.path()).is_empty(),
+        "{:?}",
+        leftovers(dir.path())
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let vm = backend().start(&config(dir.path(), "idle", true)).unwrap();
+    let pid = vm.pid();
+    drop(vm);
+    assert!(!process_alive(pid), "husk-vmm {pid} survived drop");
+    assert!(
+        leftovers(dir.path()).is_empty(),
+        "{:?}",
+        leftovers(dir.path())
+    );
+}
+
+#[test]
+fn console_write_reaches_the_guest_and_its_power_off_ends_wait() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut vm = backend()
+        .start(&config(dir.path(), "serial_echo", false))
+        .unwrap();
+    assert!(vm.vsock_socket().is_none());
+    wait_console(vm.as_mut(), "the ready line", "husk serial: ready");
+    vm.console_write(b"typed through the trait\n").unwrap();
+    let got = wait_console(vm.as_mut(), "the echoed line", "husk serial: got ");
+    assert_eq!(got.trim_end(), "husk serial: got typed through the trait");
+    let status = vm
+        .wait(Some(DEADLINE))
+        .unwrap()
+        .expect("the guest powered off");
+    assert!(status.success(), "{status}");
+    assert!(
+        leftovers(dir.path()).is_empty(),
+        "{:?}",
+        leftovers(dir.path())
+    );
+}
+
+#[test]
+fn shared_dir_is_served_by_the_virtiofsd_the_backend_starts() {
+    husk_tests::require_root("virtiofsd's namespace sandbox needs root");
+    let dir = tempfile::tempdir().unwrap();
+    let shared = dir.path().join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    std::fs::write(shared.join("hello.txt"), "hello from the host\n").unwrap();
+    let mut c = config(dir.path(), "fs_rw", false);
+    c.shared_dir = Some(shared.clone());
+    let mut vm = backend().start(&c).unwrap();
+    let status = vm
+        .wait(Some(Duration::from_secs(60)))
+        .unwrap()
+        .expect("the guest powered off");
+    assert!(
+        status.success(),
+        "{status}; console:\n{}",
+        console(vm.as_ref())
+    );
+    assert_eq!(
+        console(vm.as_ref()),
+        "husk fs: read hello from the host\nhusk fs: wrote 0x00000015\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(shared.join("hello.txt")).unwrap(),
+        "hello from the host\nwritten by the guest\n"
+    );
+    assert!(
+        leftovers(dir.path()).is_empty(),
+        "{:?}",
+        leftovers(dir.path())
+    );
+    let no_virtiofsd = std::process::Command::new("pgrep")
+        .args(["-f", &format!("virtiofsd.*{}", shared.display())])
+        .output()
+        .unwrap();
+    assert!(no_virtiofsd.stdout.is_empty(), "virtiofsd outlived its VM");
+}
+
+#[test]
+fn a_taken_socket_and_a_failing_vmm_are_reported_and_clean_up() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("api.sock"), b"").unwrap();
+    let e = backend()
+        .start(&config(dir.path(), "idle", false))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("api.sock") && e.contains("already exists"),
+        "{e}"
+    );
+    std::fs::remove_file(dir.path().join("api.sock")).unwrap();
+
+    // An ELF file husk-vmm cannot load: the start fails with what husk-vmm said.
+    let bad = dir.path().join("bad.elf");
+    let mut elf = b"\x7fELF".to_vec();
+    elf.extend_from_slice(&[0u8; 60]);
+    std::fs::write(&bad, elf).unwrap();
+    let mut c = config(dir.path(), "idle", true);
+    c.kernel = bad;
+    let e = backend().start(&c).unwrap_err().to_string();
+    assert!(
+        e.contains("husk-vmm exited at start") && e.contains("bad.elf"),
+        "{e}"
+    );
+    assert!(
+        leftovers(dir.path()).is_empty(),
+        "{:?}",
+        leftovers(dir.path())
+    );
+}
