@@ -36,6 +36,7 @@ fn config(dir: &Path, name: &str, vsock: bool) -> VmConfig {
         state_dir: dir.to_path_buf(),
         shared_dir: None,
         vsock,
+        nets: Vec::new(),
     }
 }
 

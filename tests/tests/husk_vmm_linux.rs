@@ -44,6 +44,7 @@ fn linux_guest_on_husk_vmm_reaches_the_agent_over_vsock() {
         state_dir: dir.path().to_path_buf(),
         shared_dir: Some(shared),
         vsock: true,
+        nets: Vec::new(),
     };
     let hv = HuskVmm::with_program(vmm_support::vmm_binary()).expect("husk-vmm backend");
     let mut vm = hv.start(&cfg).expect("starting the VM on husk-vmm");
