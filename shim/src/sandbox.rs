@@ -96,6 +96,31 @@ impl std::fmt::Debug for Sandbox {
     }
 }
 
+/// The console tail, followed by what the VM's helpers logged (QEMU, virtiofsd,
+/// vhost-device-vsock, husk-vmm): the state directory goes with the failed sandbox.
+fn helper_logs(state: &std::path::Path, console_tail: &str) -> String {
+    let mut out = console_tail.to_string();
+    let Ok(entries) = std::fs::read_dir(state) else {
+        return out;
+    };
+    let mut logs: Vec<PathBuf> = entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "log") && !p.ends_with("console.log"))
+        .collect();
+    logs.sort();
+    for log in logs {
+        let tail = husk_hypervisor::console::tail(&log, 10);
+        if !tail.trim().is_empty() {
+            out.push_str(&format!(
+                "\n--- {} ---\n{tail}",
+                log.file_name().unwrap_or_default().to_string_lossy()
+            ));
+        }
+    }
+    out
+}
+
 impl Sandbox {
     pub fn start(
         config: &Config,
@@ -216,11 +241,12 @@ impl Sandbox {
             Err(e) => return Err(e),
         };
         let console = vm.console_log().to_path_buf();
+        let root = dir.root().to_path_buf();
         let guest_err = |step: &'static str, message: String| SandboxError::Guest {
             sid: id.to_string(),
             step,
             message,
-            tail: husk_hypervisor::console::tail(&console, 20),
+            tail: helper_logs(&root, &husk_hypervisor::console::tail(&console, 20)),
             console: console.clone(),
         };
         let vm_pid = vm.pid();
@@ -250,7 +276,10 @@ impl Sandbox {
         }
         if let Err(e) = network.configure_guest(agent.client()) {
             let _ = vm.kill();
-            return Err(guest_err("configuring the guest network", crate::network::chain(&e)));
+            return Err(guest_err(
+                "configuring the guest network",
+                crate::network::chain(&e),
+            ));
         }
         log::info!(
             "sandbox {id}: VM {vm_pid} on {} with {vcpus} vCPU, {memory_mib} MiB; agent {}",
@@ -321,8 +350,17 @@ impl Sandbox {
         if let Some(mut c) = self.cgroup.lock().unwrap_or_else(|e| e.into_inner()).take() {
             c.leave();
         }
-        if let Err(e) = self.network.lock().unwrap_or_else(|e| e.into_inner()).teardown() {
-            log::error!("sandbox {}: removing the pod network plumbing: {}", self.id, crate::network::chain(&e));
+        if let Err(e) = self
+            .network
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .teardown()
+        {
+            log::error!(
+                "sandbox {}: removing the pod network plumbing: {}",
+                self.id,
+                crate::network::chain(&e)
+            );
         }
         if let Err(e) = self.dir.destroy() {
             log::error!("sandbox {}: cleaning up: {e}", self.id);

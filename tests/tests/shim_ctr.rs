@@ -82,7 +82,18 @@ fn ctr_run_runs_in_a_microvm_with_exact_output_and_exit_codes() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(out.stdout.len(), 1048576 + 1 + 4);
+    assert_eq!(
+        out.stdout.len(),
+        1048576 + 1 + 4,
+        "ctr stderr: {}\ncontainerd's warnings:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        h.ctd
+            .log()
+            .lines()
+            .filter(|l| l.contains("level=warn") || l.contains("level=error"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
     assert!(out.stdout.ends_with(b"x\nend\n"));
     assert_gone(&id);
 }
@@ -315,20 +326,41 @@ fn sigkill_gives_exit_status_137() {
     let child = std::process::Command::new("ctr")
         .arg("--address")
         .arg(h.ctd.socket())
-        .args(["--namespace", &h.ctd.namespace, "run", "--rm", "--runtime", RUNTIME, BUSYBOX, &id, "sleep", "1000"])
+        .args([
+            "--namespace",
+            &h.ctd.namespace,
+            "run",
+            "--rm",
+            "--runtime",
+            RUNTIME,
+            BUSYBOX,
+            &id,
+            "sleep",
+            "1000",
+        ])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
-    while !h.ctd.ctr_ok(&["task", "ls"]).lines().any(|l| l.starts_with(&id) && l.contains("RUNNING")) {
+    while !h
+        .ctd
+        .ctr_ok(&["task", "ls"])
+        .lines()
+        .any(|l| l.starts_with(&id) && l.contains("RUNNING"))
+    {
         assert!(Instant::now() < deadline, "the container did not start");
         std::thread::sleep(Duration::from_millis(100));
     }
     h.ctd.ctr_ok(&["task", "kill", "-s", "SIGKILL", &id]);
     let out = child.wait_with_output().unwrap();
-    assert_eq!(out.status.code(), Some(137), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(137),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_gone(&id);
 }
 
@@ -337,10 +369,15 @@ fn a_missing_kernel_fails_ctr_run_with_the_reason() {
     require_root("containerd");
     let h = HuskContainerd::start_with_config("kernel = \"/nonexistent/vmlinux\"\n");
     let id = unique("nokernel");
-    let out = h.ctd.ctr(&["run", "--rm", "--runtime", RUNTIME, BUSYBOX, &id, "true"]);
+    let out = h
+        .ctd
+        .ctr(&["run", "--rm", "--runtime", RUNTIME, BUSYBOX, &id, "true"]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("/nonexistent/vmlinux") && err.contains("cargo xtask kernel"), "{err}");
+    assert!(
+        err.contains("/nonexistent/vmlinux") && err.contains("cargo xtask kernel"),
+        "{err}"
+    );
     assert_gone(&id);
     let _ = h.ctd.ctr(&["containers", "delete", &id]);
 }
