@@ -381,3 +381,35 @@ fn a_missing_kernel_fails_ctr_run_with_the_reason() {
     assert_gone(&id);
     let _ = h.ctd.ctr(&["containers", "delete", &id]);
 }
+
+#[test]
+fn ctr_run_t_gives_the_container_a_terminal() {
+    require_root("containerd");
+    husk_tests::require_program("script", "bsdutils");
+    let h = HuskContainerd::start();
+    let id = unique("tty");
+    // `ctr run -t` needs a terminal of its own: `script` gives it one. (Its size is 0x0 here,
+    // as script's own input is a pipe, so `stty size` has nothing to report.)
+    let ctr = format!(
+        "ctr --address {} --namespace {} run --rm -t --runtime {RUNTIME} {BUSYBOX} {id} sh -c 'test -t 0 && test -t 1 && echo TTY-$((6*7)); stty -a | head -1'",
+        h.ctd.socket().display(),
+        h.ctd.namespace
+    );
+    let mut child = std::process::Command::new("script")
+        .args(["-qec", &ctr, "/dev/null"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Keep script's stdin open, as a user at a terminal would: its EOF would reach the
+    // container's terminal as ^D.
+    let stdin = child.stdin.take();
+    let out = child.wait_with_output().unwrap();
+    drop(stdin);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("TTY-42"), "{text}");
+    assert!(text.contains("speed 38400 baud"), "{text}");
+    assert_gone(&id);
+}
