@@ -15,6 +15,7 @@ pub mod config;
 pub mod device_manager;
 pub mod devices;
 pub mod exit;
+pub mod seccomp;
 pub mod vstate;
 
 pub use builder::{BuildError, Vmm};

@@ -68,6 +68,10 @@ struct Cli {
     /// Give the guest a virtio-rng device (fed from the host's /dev/urandom).
     #[arg(long)]
     rng: bool,
+    /// Run without the seccomp filter (which, once the VM is built, allows each thread only
+    /// the system calls a running VM makes). For debugging only.
+    #[arg(long)]
+    no_seccomp: bool,
 }
 
 /// Removes a file when dropped.
@@ -157,6 +161,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitReason> {
         vmm.api_context()
             .serve(listener)
             .map_err(|e| anyhow::anyhow!("starting the API thread: {e}"))?;
+    }
+    // Last: everything that opens files or binds sockets is done.
+    if !cli.no_seccomp {
+        husk_vmm::seccomp::install()?;
     }
     Ok(vmm.run()?)
 }
