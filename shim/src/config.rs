@@ -21,7 +21,7 @@ pub enum ConfigError {
     },
     #[error("{path}: invalid configuration: {message}")]
     Parse { path: PathBuf, message: String },
-    #[error("{path}: backend = {value:?} — use one of auto, qemu-tcg, qemu-kvm")]
+    #[error("{path}: backend = {value:?} — use one of auto, qemu-tcg, qemu-kvm, husk-vmm")]
     Backend { path: PathBuf, value: String },
 }
 
@@ -32,6 +32,8 @@ pub enum Backend {
     Auto,
     QemuTcg,
     QemuKvm,
+    /// husk's own VMM (hardware KVM only).
+    HuskVmm,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -41,7 +43,7 @@ pub struct Config {
     pub kernel: PathBuf,
     /// Guest initramfs (husk-agent as /init).
     pub initramfs: PathBuf,
-    /// `auto`, `qemu-tcg` or `qemu-kvm`.
+    /// `auto`, `qemu-tcg`, `qemu-kvm` or `husk-vmm`.
     pub backend: String,
     /// vCPUs of a sandbox before its pod's CPU limits are added.
     pub vcpus: u32,
@@ -104,6 +106,7 @@ impl Config {
             "auto" | "" => Ok(Backend::Auto),
             "qemu-tcg" => Ok(Backend::QemuTcg),
             "qemu-kvm" => Ok(Backend::QemuKvm),
+            "husk-vmm" => Ok(Backend::HuskVmm),
             other => Err(other.to_string()),
         }
     }
@@ -161,6 +164,11 @@ mod tests {
         assert_eq!(c.vcpus, 2);
         assert_eq!(c.memory_mib, 256);
         assert_eq!(c.backend_kind(), Ok(Backend::QemuTcg));
+        std::fs::write(&p, "backend = \"husk-vmm\"\n").unwrap();
+        assert_eq!(
+            Config::load(Some(&p)).unwrap().backend_kind(),
+            Ok(Backend::HuskVmm)
+        );
     }
 
     #[test]

@@ -11,7 +11,8 @@ use std::sync::mpsc;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use husk_hypervisor::host;
+use husk_hypervisor::host::{self, BackendChoice};
+use husk_hypervisor::husk_vmm::HuskVmm;
 use husk_hypervisor::qemu::Qemu;
 use husk_hypervisor::{Accel, Hypervisor, Vm, VmConfig};
 use husk_protocols::agent::{CreateSandboxRequest, DestroySandboxRequest};
@@ -63,13 +64,29 @@ pub fn size_for(config: &Config, spec: &Value) -> (u32, u32) {
     )
 }
 
-fn backend(config: &Config) -> Result<Qemu, husk_hypervisor::Error> {
-    let accel = match config.backend_kind() {
-        Ok(Backend::QemuKvm) => Accel::Kvm,
-        Ok(Backend::QemuTcg) => Accel::Tcg,
-        Ok(Backend::Auto) | Err(_) => host::detect().backend.qemu_accel(),
+/// The backend for a sandbox: the configured one, or for `auto` what `doctor` says this host
+/// runs best — except that husk-vmm cannot take a pod's tap devices yet, so a sandbox with a
+/// network runs on QEMU with KVM there.
+fn backend(
+    config: &Config,
+    has_network: bool,
+) -> Result<Box<dyn Hypervisor + Send>, husk_hypervisor::Error> {
+    let choice = match config.backend_kind() {
+        Ok(Backend::QemuKvm) => BackendChoice::Qemu(Accel::Kvm),
+        Ok(Backend::QemuTcg) => BackendChoice::Qemu(Accel::Tcg),
+        Ok(Backend::HuskVmm) => BackendChoice::HuskVmm,
+        Ok(Backend::Auto) | Err(_) => match host::detect().backend {
+            BackendChoice::HuskVmm if has_network => {
+                log::info!("the pod has a network: qemu-kvm instead of husk-vmm, which cannot take tap fds yet");
+                BackendChoice::Qemu(Accel::Kvm)
+            }
+            other => other,
+        },
     };
-    Qemu::new(accel)
+    Ok(match choice {
+        BackendChoice::Qemu(accel) => Box::new(Qemu::new(accel)?),
+        BackendChoice::HuskVmm => Box::new(HuskVmm::new()?),
+    })
 }
 
 pub struct Sandbox {
@@ -186,16 +203,17 @@ impl Sandbox {
     ) -> Result<Self, SandboxError> {
         let sid = id.to_string();
         let (vcpus, memory_mib) = size_for(config, spec);
-        let backend = backend(config).map_err(|e| SandboxError::Step {
-            sid: sid.clone(),
-            step: "choosing the hypervisor",
-            message: e.to_string(),
-        })?;
         // Before the VM: it gets the taps. Dropped (torn down) on any failure below.
         let network = Network::setup(spec).map_err(|e| SandboxError::Step {
             sid: sid.clone(),
             step: "setting up the pod network",
             message: crate::network::chain(&e),
+        })?;
+        let nets = network.vm_nets();
+        let backend = backend(config, !nets.is_empty()).map_err(|e| SandboxError::Step {
+            sid: sid.clone(),
+            step: "choosing the hypervisor",
+            message: e.to_string(),
         })?;
         let vm_config = VmConfig {
             kernel: config.kernel.clone(),
@@ -206,17 +224,17 @@ impl Sandbox {
             state_dir: dir.root().to_path_buf(),
             shared_dir: Some(dir.shared()),
             vsock: true,
-            nets: network.vm_nets(),
+            nets,
         };
         // The VM's processes die with the thread that started them: give them a thread that
         // lives exactly as long as the sandbox.
+        let backend_name = backend.name();
         let (vm_tx, vm_rx) = mpsc::channel();
         let (keep_tx, keep_rx) = mpsc::channel::<()>();
-        let b = backend.clone();
         std::thread::Builder::new()
             .name(format!("vm-{id}"))
             .spawn(move || {
-                let _ = vm_tx.send(b.start(&vm_config));
+                let _ = vm_tx.send(backend.start(&vm_config));
                 let _ = keep_rx.recv();
             })
             .map_err(|e| SandboxError::Step {
@@ -283,7 +301,7 @@ impl Sandbox {
         }
         log::info!(
             "sandbox {id}: VM {vm_pid} on {} with {vcpus} vCPU, {memory_mib} MiB; agent {}",
-            backend.name(),
+            backend_name,
             agent.agent_version
         );
         Ok(Self {
@@ -292,7 +310,7 @@ impl Sandbox {
             vm: Mutex::new(vm),
             vm_pid,
             agent,
-            backend: backend.name(),
+            backend: backend_name,
             network: Mutex::new(network),
             keeper: Mutex::new(Some(keep_tx)),
             destroyed: std::sync::atomic::AtomicBool::new(false),
