@@ -83,12 +83,21 @@ impl<'a> Pod<'a> {
     /// Kills, deletes, and waits until the sandbox's processes and state are gone.
     fn delete(&mut self) {
         self.deleted = true;
-        let _ = self.ctd.ctr(&["task", "kill", "-s", "SIGKILL", &self.id]);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !self.ctd.ctr(&["task", "delete", &self.id]).status.success() {
-            if Instant::now() > deadline {
+        let kill = self.ctd.ctr(&["task", "kill", "-s", "SIGKILL", &self.id]);
+        let kill = format!(
+            "{:?} {}",
+            kill.status.code(),
+            String::from_utf8_lossy(&kill.stderr)
+        );
+        // Generous: on a shared 2-core machine a TCG guest can take a while to report the exit.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut last = String::new();
+        loop {
+            let out = self.ctd.ctr(&["task", "delete", &self.id]);
+            if out.status.success() || Instant::now() > deadline {
                 break;
             }
+            last = String::from_utf8_lossy(&out.stderr).into_owned();
             std::thread::sleep(Duration::from_millis(100));
         }
         let _ = self.ctd.ctr(&["containers", "delete", &self.id]);
@@ -99,7 +108,15 @@ impl<'a> Pod<'a> {
         {
             std::thread::sleep(Duration::from_millis(100));
         }
-        assert!(!dir.exists(), "{} left behind", dir.display());
+        if dir.exists() && !std::thread::panicking() {
+            let log = self.ctd.log();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            panic!(
+                "{} left behind; `ctr task kill`: {kill}; last `ctr task delete`: {last}\ncontainerd log (newest first):\n{}",
+                dir.display(),
+                tail.join("\n")
+            );
+        }
     }
 }
 
@@ -304,4 +321,67 @@ fn net_without_a_netns_the_guest_has_loopback_only() {
         !nics.lines().any(|l| l.ends_with(" 1")),
         "an Ethernet NIC without a netns: {nics}"
     );
+}
+
+/// The pod netns holds nothing of ours: no tap, no ingress qdisc or filter on the veth.
+fn assert_netns_clean(ns: &Netns, when: &str) {
+    eventually(&format!("tap0_husk still in the pod netns {when}"), || {
+        !ns.ip(&["link"]).contains("tap0_husk")
+    });
+    let q = ns.tc(&["qdisc", "show", "dev", "eth0"]);
+    assert!(
+        !q.contains("ingress"),
+        "the veth's ingress qdisc outlived the sandbox {when}: {q}"
+    );
+    assert!(
+        ns.ip(&["link", "show", "eth0"]).contains("eth0"),
+        "the veth is CNI's and stays"
+    );
+}
+
+/// The PID of the process of `exe_name` whose command line mentions `needle`.
+fn process_of(exe_name: &str, needle: &str) -> u32 {
+    processes_mentioning(needle)
+        .into_iter()
+        .find(|p| {
+            std::fs::read_link(format!("/proc/{p}/exe"))
+                .is_ok_and(|e| e.to_string_lossy().contains(exe_name))
+        })
+        .unwrap_or_else(|| panic!("no {exe_name} process mentioning {needle}"))
+}
+
+fn sigkill(pid: u32) {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap()),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+}
+
+#[test]
+fn net_a_dead_vm_or_a_dead_shim_leaves_nothing_in_the_netns() {
+    require_root("network namespaces, CNI and containerd");
+    let h = HuskContainerd::start();
+    let mut net = BridgeNetwork::new(1500);
+    let ns = Netns::new("hsknk");
+    net.attach(&ns);
+
+    // The VM dies: the shim ends the task and removes the plumbing itself.
+    let mut pod = Pod::run(&h.ctd, "netvmdie", Some(&ns), "exec sleep 1000");
+    assert!(ns.tc(&["qdisc", "show", "dev", "eth0"]).contains("ingress"));
+    sigkill(process_of("qemu-system", &format!("/run/husk/{}/", pod.id)));
+    pod.delete();
+    assert_netns_clean(&ns, "after its VM was killed");
+
+    // The shim dies (its VM with it): `delete` (containerd runs the shim's delete command)
+    // finds the redirect to a tap that is gone and removes it.
+    let mut pod = Pod::run(&h.ctd, "netshimdie", Some(&ns), "exec sleep 1000");
+    assert!(ns.ip(&["link"]).contains("tap0_husk"));
+    let shim = process_of("containerd-shim-husk-v2", &pod.id);
+    sigkill(shim);
+    // The VM goes with the shim and the tap with the VM, but the kernel keeps the veth's
+    // ingress qdisc and its mirred filter (pointing at the vanished tap): only the shim's
+    // `delete` command, which containerd runs as soon as it sees the shim gone, removes them.
+    pod.delete();
+    assert_netns_clean(&ns, "after its shim was killed");
 }
