@@ -234,6 +234,67 @@ fn net_pod_serves_http_reaches_its_gateway_and_mirrors_the_veth() {
             started.elapsed()
         );
 
+        // A figure for the report, not a pass mark: HTTP/1.0 request latency host → guest.
+        let mut times: Vec<Duration> = (0..20)
+            .map(|_| {
+                let t = Instant::now();
+                http_get(a.ip, 8080, Duration::from_secs(30));
+                t.elapsed()
+            })
+            .collect();
+        times.sort();
+        eprintln!(
+            "HTTP GET host → pod under TCG: median {:?} over 20",
+            times[10]
+        );
+
+        // And bulk TCP host → guest (busybox nc into /dev/null), same caveat.
+        let sink = pod.ctd.ctr(&[
+            "task",
+            "exec",
+            "-d",
+            "--exec-id",
+            "sink",
+            &pod.id,
+            "sh",
+            "-c",
+            "nc -l -p 9000 > /dev/null",
+        ]);
+        assert!(
+            sink.status.success(),
+            "{}",
+            String::from_utf8_lossy(&sink.stderr)
+        );
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut conn = loop {
+            match TcpStream::connect_timeout(
+                &SocketAddr::from((a.ip, 9000)),
+                Duration::from_secs(5),
+            ) {
+                Ok(c) => break c,
+                Err(e) => {
+                    assert!(
+                        Instant::now() < deadline,
+                        "the guest's nc -l never answered: {e}"
+                    );
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+        };
+        let chunk = vec![0x5au8; 1 << 20];
+        let t = Instant::now();
+        for _ in 0..32 {
+            conn.write_all(&chunk).unwrap();
+        }
+        conn.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut rest = Vec::new();
+        let _ = conn.read_to_end(&mut rest);
+        let secs = t.elapsed().as_secs_f64();
+        eprintln!(
+            "TCP host → pod under TCG: 32 MiB in {secs:.2} s = {:.0} MiB/s",
+            32.0 / secs
+        );
+
         // The guest NIC is the veth's twin: MAC, MTU, address, routes (default included).
         let guest = pod.exec_ok(
             "cat /sys/class/net/eth0/address /sys/class/net/eth0/mtu; ip -4 -o addr show dev eth0",
