@@ -123,18 +123,25 @@ pub struct BridgeNetwork {
     attached: Vec<(String, PathBuf)>,
 }
 
-/// A 10.213.N.0/24 not seen in the host's addresses or routes.
+/// Subnets this process has handed out (their bridges appear only at the first attach, so
+/// the host's routes do not show them yet).
+static TAKEN: std::sync::Mutex<Vec<u8>> = std::sync::Mutex::new(Vec::new());
+
+/// A 10.213.N.0/24 not seen in the host's addresses or routes nor taken by this process.
 fn free_subnet() -> u8 {
     let used = format!(
         "{}{}",
         ip(&["-4", "addr"]),
         ip(&["-4", "route", "show", "table", "all"])
     );
+    let mut taken = TAKEN.lock().unwrap_or_else(|e| e.into_inner());
     let start = u8::try_from(std::process::id() % 200).unwrap_or(0);
-    (0..250u8)
+    let n = (0..250u8)
         .map(|i| start.wrapping_add(i) % 250 + 1)
-        .find(|n| !used.contains(&format!("10.213.{n}.")))
-        .expect("no free 10.213.x.0/24 on this host")
+        .find(|n| !taken.contains(n) && !used.contains(&format!("10.213.{n}.")))
+        .expect("no free 10.213.x.0/24 on this host");
+    taken.push(n);
+    n
 }
 
 impl BridgeNetwork {
