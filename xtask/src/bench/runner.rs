@@ -1,0 +1,110 @@
+//! Alternation and progress: each round runs husk then the baseline (A B A B …), so the
+//! drift of a shared machine hits both sides; a line per round shows where the run is.
+
+use std::io::{Read, Write};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{bail, Context, Result};
+
+/// Runs `rounds` rounds of `f(side)` for sides 0 (husk) and 1 (baseline), alternating, after
+/// `warmup` unrecorded rounds; prints one progress line per round. Returns each side's values.
+pub fn alternate(
+    what: &str,
+    labels: [&str; 2],
+    unit: &str,
+    warmup: usize,
+    rounds: usize,
+    mut f: impl FnMut(usize) -> Result<f64>,
+) -> Result<[Vec<f64>; 2]> {
+    for w in 0..warmup {
+        for side in 0..2 {
+            f(side).with_context(|| format!("{what}: warm-up {} on {}", w + 1, labels[side]))?;
+        }
+    }
+    let mut out = [Vec::with_capacity(rounds), Vec::with_capacity(rounds)];
+    for r in 0..rounds {
+        let mut shown = String::new();
+        for side in 0..2 {
+            let v = f(side).with_context(|| format!("{what}: run {} on {}", r + 1, labels[side]))?;
+            shown.push_str(&format!("  {} {}", labels[side], fmt(v, unit)));
+            out[side].push(v);
+        }
+        println!("    {what} {:>2}/{rounds}:{shown}", r + 1);
+        let _ = std::io::stdout().flush();
+    }
+    Ok(out)
+}
+
+fn fmt(v: f64, unit: &str) -> String {
+    format!("{} {unit}", super::report::fmt_num(v))
+}
+
+pub fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// One timed command: wall time to exit, and to its first stdout byte.
+#[derive(Debug, Clone)]
+pub struct Timed {
+    /// Wall clock at spawn, to line up with log timestamps.
+    pub started_at: SystemTime,
+    pub first_byte: Option<Duration>,
+    pub total: Duration,
+    pub stdout: Vec<u8>,
+}
+
+/// Spawns `cmd` (stdout piped, stderr captured) and times it; fails unless it exits 0.
+pub fn timed(cmd: &mut Command, deadline: Duration) -> Result<Timed> {
+    let started_at = SystemTime::now();
+    let start = Instant::now();
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting `{}`", crate::run::show(cmd)))?;
+    let mut stdout = child.stdout.take().context("piped stdout")?;
+    let mut stderr = child.stderr.take().context("piped stderr")?;
+    let reader = std::thread::spawn(move || {
+        let mut all = Vec::new();
+        let mut first = None;
+        let mut buf = [0u8; 8192];
+        while let Ok(n) = stdout.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            first.get_or_insert_with(|| start.elapsed());
+            all.extend_from_slice(&buf[..n]);
+        }
+        (first, all)
+    });
+    let err_reader = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        let _ = stderr.read_to_end(&mut s);
+        s
+    });
+    let status = loop {
+        if let Some(s) = child.try_wait()? {
+            break s;
+        }
+        if start.elapsed() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("`{}` did not end within {deadline:?}", crate::run::show(cmd));
+        }
+        std::thread::sleep(Duration::from_micros(500));
+    };
+    let total = start.elapsed();
+    let (first_byte, out) = reader.join().unwrap_or_default();
+    let err = err_reader.join().unwrap_or_default();
+    if !status.success() {
+        bail!(
+            "`{}` failed ({status}): {}{}",
+            crate::run::show(cmd),
+            String::from_utf8_lossy(&out),
+            String::from_utf8_lossy(&err)
+        );
+    }
+    Ok(Timed { started_at, first_byte, total, stdout: out })
+}
