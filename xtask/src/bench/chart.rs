@@ -54,6 +54,8 @@ pub fn write_svg(path: &Path, title: &str, series: &[(String, Vec<f64>)]) -> Res
         .configure_mesh()
         .x_desc("latency, ms (log scale)")
         .y_desc("fraction of runs ≤ x")
+        .x_label_formatter(&|v| format!("{v:.0}"))
+        .y_label_formatter(&|v| format!("{v:.1}"))
         .draw()
         .map_err(|x| e(&x))?;
     for (i, (label, samples)) in series.iter().enumerate() {

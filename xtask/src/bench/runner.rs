@@ -9,6 +9,7 @@ use anyhow::{bail, Context, Result};
 
 /// Runs `rounds` rounds of `f(side)` for sides 0 (husk) and 1 (baseline), alternating, after
 /// `warmup` unrecorded rounds; prints one progress line per round. Returns each side's values.
+#[allow(clippy::needless_range_loop)] // side indexes labels and results together
 pub fn alternate(
     what: &str,
     labels: [&str; 2],

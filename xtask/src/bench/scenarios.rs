@@ -52,7 +52,7 @@ fn run_args<'a>(env: &'a Env, runtime: &'a str, id: &'a str, cmd: &[&'a str]) ->
     a
 }
 
-/// 1. `ctr run --rm … /bin/true`, wall time.
+/// Scenario 1: `ctr run --rm … /bin/true`, wall time.
 pub fn container_start(env: &Env, sides: &Sides, rounds: usize) -> Result<Scenario> {
     let mut sc = Scenario::new(
         1,
@@ -83,7 +83,7 @@ pub const PHASES: [&str; 8] = [
     "first output → ctr exit (exit, delete, VM teardown)",
 ];
 
-/// 2. Time to first output, and 4. husk's boot breakdown from the same runs.
+/// Scenarios 2 and 4: time to first output, and husk's boot breakdown from the same runs.
 pub fn first_output(env: &Env, sides: &Sides, rounds: usize) -> Result<(Scenario, Scenario)> {
     let mut s2 = Scenario::new(
         2,
@@ -170,13 +170,15 @@ fn measure_pod(side: usize, id: &str) -> Result<PodMem> {
     };
     let mut total = shim_mem.pss_kib;
     let mut guest_touched = 0;
-    let mut parts = Vec::new();
+    // Summed per executable: virtiofsd, for one, runs as two processes.
+    let mut parts: std::collections::BTreeMap<String, u64> = Default::default();
     for p in others {
         let m: Mem = procfs::mem(p.pid).unwrap_or_default();
         total += m.pss_kib;
         guest_touched = guest_touched.max(m.guest_rss_kib);
-        parts.push((p.exe.clone(), m.pss_kib));
+        *parts.entry(p.exe.clone()).or_default() += m.pss_kib;
     }
+    let parts = parts.into_iter().collect();
     Ok(PodMem {
         total,
         guest_touched,
@@ -191,7 +193,8 @@ fn mib(kib: u64) -> f64 {
     kib as f64 / 1024.0
 }
 
-/// 3, 5, 9: idle pods (one `sleep` container each), measured, then exec'd into.
+/// Scenarios 3, 5 and 9: idle pods (one `sleep` container each), measured, then exec'd into.
+#[allow(clippy::needless_range_loop)] // side indexes several arrays at once
 pub fn idle_pods(env: &Env, sides: &Sides, rounds: usize, execs: usize) -> Result<[Scenario; 3]> {
     let mut s3 = Scenario::new(
         3,
@@ -278,7 +281,7 @@ pub fn idle_pods(env: &Env, sides: &Sides, rounds: usize, execs: usize) -> Resul
     Ok([s3, s5, s9])
 }
 
-/// 6. Density: `pods` idle pods started one after another, total time and host memory
+/// Scenario 6, density: `pods` idle pods started one after another, total time and host memory
 /// (outside guest RAM, and guest RAM touched), then all removed; husk's batch, then runc's.
 pub fn density(env: &Env, sides: &Sides, pods: usize) -> Result<Scenario> {
     let mut sc = Scenario::new(
