@@ -11,6 +11,7 @@
 pub mod breakdown;
 pub mod chart;
 pub mod env;
+pub mod io;
 pub mod procfs;
 pub mod report;
 pub mod results;
@@ -39,12 +40,14 @@ struct Plan {
     idle_pods: usize,
     execs: usize,
     density: usize,
+    io_rounds: usize,
+    io_mib: u32,
     vmm: usize,
     vmm_mem: usize,
 }
 
-const FULL: Plan = Plan { start: 30, first_output: 20, idle_pods: 5, execs: 6, density: 10, vmm: 30, vmm_mem: 5 };
-const QUICK: Plan = Plan { start: 3, first_output: 2, idle_pods: 1, execs: 3, density: 2, vmm: 3, vmm_mem: 1 };
+const FULL: Plan = Plan { start: 30, first_output: 20, idle_pods: 5, execs: 6, density: 10, io_rounds: 3, io_mib: 256, vmm: 30, vmm_mem: 5 };
+const QUICK: Plan = Plan { start: 3, first_output: 2, idle_pods: 1, execs: 3, density: 2, io_rounds: 1, io_mib: 32, vmm: 3, vmm_mem: 1 };
 
 /// Compilers and other benchmarks running beside us (they share the 2 cores).
 fn busy_processes() -> Vec<String> {
@@ -142,6 +145,12 @@ pub fn run(quick: bool) -> Result<()> {
             Err(e) => not_done.push(format!("6. Density: failed in this run: {e:#}")),
         }
         note_busy(&mut busy);
+        step(&format!("bench 7: I/O, {} MiB, {} run(s) each", plan.io_mib, plan.io_rounds));
+        match io::run(&env, &sides, plan.io_rounds, plan.io_mib) {
+            Ok(s) => done.push(s),
+            Err(e) => not_done.push(format!("7. I/O: failed in this run: {e:#}")),
+        }
+        note_busy(&mut busy);
         step("bench: stopping containerd, removing what the bench made");
     }
     step(&format!("bench 8: VMM alone, {} runs each", plan.vmm));
@@ -151,11 +160,6 @@ pub fn run(quick: bool) -> Result<()> {
     }
     note_busy(&mut busy);
     let load_end = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    not_done.push(
-        "7. I/O (sequential read/write of a 256 MiB file on the rootfs, virtio-fs against overlay; \
-         stdout throughput): not built yet."
-            .into(),
-    );
     not_done.push("Pod network throughput and latency (issue 5's benchmark): not built yet; it needs the CNI set-up of the network tests.".into());
     not_done.push(format!(
         "8 on our Linux guest: husk-vmm does not boot Linux on this host ({kvm_kind}); it runs where the host has hardware KVM."

@@ -51,9 +51,15 @@ pub struct Timed {
     /// Wall clock at spawn, to line up with log timestamps.
     pub started_at: SystemTime,
     pub first_byte: Option<Duration>,
+    pub last_byte: Option<Duration>,
     pub total: Duration,
+    /// Bytes on stdout in all.
+    pub bytes: u64,
+    /// The first MiB of stdout.
     pub stdout: Vec<u8>,
 }
+
+const KEEP: usize = 1 << 20;
 
 /// Spawns `cmd` (stdout piped, stderr captured) and times it; fails unless it exits 0.
 pub fn timed(cmd: &mut Command, deadline: Duration) -> Result<Timed> {
@@ -69,16 +75,20 @@ pub fn timed(cmd: &mut Command, deadline: Duration) -> Result<Timed> {
     let mut stderr = child.stderr.take().context("piped stderr")?;
     let reader = std::thread::spawn(move || {
         let mut all = Vec::new();
-        let mut first = None;
-        let mut buf = [0u8; 8192];
+        let (mut first, mut last, mut bytes) = (None, None, 0u64);
+        let mut buf = vec![0u8; 1 << 16];
         while let Ok(n) = stdout.read(&mut buf) {
             if n == 0 {
                 break;
             }
             first.get_or_insert_with(|| start.elapsed());
-            all.extend_from_slice(&buf[..n]);
+            last = Some(start.elapsed());
+            bytes += n as u64;
+            if all.len() < KEEP {
+                all.extend_from_slice(&buf[..n.min(KEEP - all.len())]);
+            }
         }
-        (first, all)
+        (first, last, bytes, all)
     });
     let err_reader = std::thread::spawn(move || {
         let mut s = Vec::new();
@@ -97,7 +107,7 @@ pub fn timed(cmd: &mut Command, deadline: Duration) -> Result<Timed> {
         std::thread::sleep(Duration::from_micros(500));
     };
     let total = start.elapsed();
-    let (first_byte, out) = reader.join().unwrap_or_default();
+    let (first_byte, last_byte, bytes, out) = reader.join().unwrap_or_default();
     let err = err_reader.join().unwrap_or_default();
     if !status.success() {
         bail!(
@@ -107,5 +117,5 @@ pub fn timed(cmd: &mut Command, deadline: Duration) -> Result<Timed> {
             String::from_utf8_lossy(&err)
         );
     }
-    Ok(Timed { started_at, first_byte, total, stdout: out })
+    Ok(Timed { started_at, first_byte, last_byte, total, bytes, stdout: out })
 }

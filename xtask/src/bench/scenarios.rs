@@ -21,13 +21,13 @@ pub struct Sides {
 }
 
 impl Sides {
-    fn labels(&self) -> [&str; 2] {
+    pub fn labels(&self) -> [&str; 2] {
         [&self.husk, &self.runc]
     }
-    fn runtime(side: usize) -> &'static str {
+    pub fn runtime(side: usize) -> &'static str {
         if side == 0 { HUSK_RUNTIME } else { RUNC_RUNTIME }
     }
-    fn row(&self, metric: &str, unit: &str, v: [Vec<f64>; 2]) -> Row {
+    pub fn row(&self, metric: &str, unit: &str, v: [Vec<f64>; 2]) -> Row {
         let [h, b] = v;
         Row {
             metric: metric.into(),
