@@ -14,6 +14,10 @@ pub struct Mem {
     pub guest_pss_kib: u64,
     /// RSS of guest-RAM mappings: the guest pages touched so far.
     pub guest_rss_kib: u64,
+    /// The anonymous mapping (no path) with the most RSS: its RSS and size (under TCG, this
+    /// is QEMU's translated-code buffer).
+    pub anon_max_rss_kib: u64,
+    pub anon_max_size_kib: u64,
 }
 
 /// Whether a smaps mapping is guest RAM: a memfd (`/memfd:husk-guest-ram`, QEMU's
@@ -25,7 +29,7 @@ fn is_guest_ram(path: &str) -> bool {
 /// Splits the text of /proc/PID/smaps into [`Mem`].
 pub fn parse_smaps(text: &str) -> Mem {
     let mut m = Mem::default();
-    let mut guest = false;
+    let (mut guest, mut anon, mut size) = (false, false, 0);
     for line in text.lines() {
         let mut words = line.split_whitespace();
         let Some(first) = words.next() else { continue };
@@ -33,12 +37,20 @@ pub fn parse_smaps(text: &str) -> Mem {
             // A mapping header: range perms offset dev inode [path].
             let path = line.split_whitespace().nth(5).unwrap_or("");
             guest = is_guest_ram(path);
+            anon = path.is_empty();
             continue;
         }
         let kib = || words.clone().next().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
         match (first, guest) {
+            ("Size:", _) => size = kib(),
             ("Pss:", false) => m.pss_kib += kib(),
-            ("Rss:", false) => m.rss_kib += kib(),
+            ("Rss:", false) => {
+                m.rss_kib += kib();
+                if anon && kib() > m.anon_max_rss_kib {
+                    m.anon_max_rss_kib = kib();
+                    m.anon_max_size_kib = size;
+                }
+            }
             ("Pss:", true) => m.guest_pss_kib += kib(),
             ("Rss:", true) => m.guest_rss_kib += kib(),
             _ => {}
@@ -118,12 +130,24 @@ Size:             262144 kB
 Rss:               40000 kB
 Pss:               20000 kB
 7f0020000000-7f0020001000 rw-p 00000000 00:00 0
+Size:                  8 kB
 Rss:                   4 kB
 Pss:                   4 kB
+7f0030000000-7f0070000000 rw-p 00000000 00:00 0
+Size:            1048576 kB
+Rss:               36000 kB
+Pss:               36000 kB
 ";
         assert_eq!(
             parse_smaps(t),
-            Mem { pss_kib: 404, rss_kib: 804, guest_pss_kib: 20000, guest_rss_kib: 40000 }
+            Mem {
+                pss_kib: 36404,
+                rss_kib: 36804,
+                guest_pss_kib: 20000,
+                guest_rss_kib: 40000,
+                anon_max_rss_kib: 36000,
+                anon_max_size_kib: 1048576
+            }
         );
     }
 }

@@ -155,6 +155,8 @@ struct PodMem {
     shim_threads: u64,
     /// (executable, PSS KiB) of each other process.
     parts: Vec<(String, u64)>,
+    /// The VMM's largest anonymous mapping: (RSS, size) KiB.
+    vmm_anon: (u64, u64),
 }
 
 fn measure_pod(side: usize, id: &str) -> Result<PodMem> {
@@ -170,6 +172,7 @@ fn measure_pod(side: usize, id: &str) -> Result<PodMem> {
     };
     let mut total = shim_mem.pss_kib;
     let mut guest_touched = 0;
+    let mut vmm_anon = (0, 0);
     // Summed per executable: virtiofsd, for one, runs as two processes.
     let mut parts: std::collections::BTreeMap<String, u64> = Default::default();
     for p in others {
@@ -177,6 +180,9 @@ fn measure_pod(side: usize, id: &str) -> Result<PodMem> {
         total += m.pss_kib;
         guest_touched = guest_touched.max(m.guest_rss_kib);
         *parts.entry(p.exe.clone()).or_default() += m.pss_kib;
+        if p.exe.starts_with("qemu-system") || p.exe == "husk-vmm" {
+            vmm_anon = (m.anon_max_rss_kib, m.anon_max_size_kib);
+        }
     }
     let parts = parts.into_iter().collect();
     Ok(PodMem {
@@ -185,6 +191,7 @@ fn measure_pod(side: usize, id: &str) -> Result<PodMem> {
         shim_pss: shim_mem.pss_kib,
         shim_threads: procfs::status_field(shim, "Threads").unwrap_or(0),
         parts,
+        vmm_anon,
     })
 }
 
@@ -222,6 +229,7 @@ pub fn idle_pods(env: &Env, sides: &Sides, rounds: usize, execs: usize) -> Resul
     let mut shim_pss = [Vec::new(), Vec::new()];
     let mut threads = [Vec::new(), Vec::new()];
     let mut guest = Vec::new();
+    let mut anon = (Vec::new(), Vec::new());
     let mut parts: std::collections::BTreeMap<String, Vec<f64>> = Default::default();
     let mut exec = [Vec::new(), Vec::new()];
     for r in 0..rounds {
@@ -239,6 +247,8 @@ pub fn idle_pods(env: &Env, sides: &Sides, rounds: usize, execs: usize) -> Resul
                 threads[side].push(m.shim_threads as f64);
                 if side == 0 {
                     guest.push(mib(m.guest_touched));
+                    anon.0.push(mib(m.vmm_anon.0));
+                    anon.1.push(mib(m.vmm_anon.1));
                     for (exe, kib) in m.parts {
                         parts.entry(exe).or_default().push(mib(kib));
                     }
@@ -276,6 +286,8 @@ pub fn idle_pods(env: &Env, sides: &Sides, rounds: usize, execs: usize) -> Resul
     for (exe, v) in parts {
         s5.rows.push(sides.husk_row(&format!("of which {exe} PSS"), "MiB", v));
     }
+    s5.rows.push(sides.husk_row("VMM's largest anonymous mapping, RSS", "MiB", anon.0));
+    s5.rows.push(sides.husk_row("VMM's largest anonymous mapping, size", "MiB", anon.1));
     s9.rows.push(sides.row("shim PSS", "MiB", shim_pss));
     s9.rows.push(sides.row("shim threads", "threads", threads));
     Ok([s3, s5, s9])
