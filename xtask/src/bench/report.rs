@@ -7,6 +7,7 @@ use std::path::Path;
 use anyhow::{Context, Result};
 
 use super::results::{Results, Row};
+use super::scenarios::one_line;
 
 /// Rounds for reading: three significant figures, at most two decimals.
 pub fn fmt_num(v: f64) -> String {
@@ -84,7 +85,7 @@ pub fn render(r: &Results, json_name: &str, svg_name: &str) -> String {
             out.push('\n');
         }
         for n in &s.notes {
-            let _ = writeln!(out, "- {n}");
+            let _ = writeln!(out, "- {}", one_line(n));
         }
         if !s.notes.is_empty() {
             out.push('\n');
@@ -93,7 +94,7 @@ pub fn render(r: &Results, json_name: &str, svg_name: &str) -> String {
     if !r.not_done.is_empty() {
         let _ = writeln!(out, "## Not measured yet\n");
         for n in &r.not_done {
-            let _ = writeln!(out, "- {n}");
+            let _ = writeln!(out, "- {}", one_line(n));
         }
         out.push('\n');
     }
@@ -129,6 +130,7 @@ mod tests {
             baseline: Some(Series { backend: "runc".into(), samples: vec![150.0, 100.0, 200.0, 120.0] }),
         });
         s.notes.push("missed by a lot".into());
+        s.notes.push("an error\n--- console ---\nlast line\n".into());
         Results {
             date: "2026-11-29 05:00".into(),
             machine: "test box".into(),
@@ -146,6 +148,7 @@ mod tests {
         assert!(md.contains("| wall time (ms) | runc | 135 | 200 | 100 | 200 | 4 |  |"), "{md}");
         assert!(md.contains("`cargo xtask bench --quick` on 2026-11-29 05:00 UTC, on test box."));
         assert!(md.contains("- missed by a lot"));
+        assert!(md.contains("- an error ⏎ --- console --- ⏎ last line\n"), "{md}");
         assert!(md.contains("## Not measured yet\n\n- 7. I/O: later"));
     }
 

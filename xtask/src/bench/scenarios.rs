@@ -293,8 +293,10 @@ pub fn idle_pods(env: &Env, sides: &Sides, rounds: usize, execs: usize) -> Resul
     Ok([s3, s5, s9])
 }
 
-/// Scenario 6, density: `pods` idle pods started one after another, total time and host memory
-/// (outside guest RAM, and guest RAM touched), then all removed; husk's batch, then runc's.
+/// Scenario 6, density: `pods` idle pods started one after another, total time and host
+/// memory (outside guest RAM, and guest RAM touched), then all removed; husk's batch, then
+/// runc's. A pod that fails to start is a result too: it is counted, its error kept, and the
+/// batch goes on.
 pub fn density(env: &Env, sides: &Sides, pods: usize) -> Result<Scenario> {
     let mut sc = Scenario::new(
         6,
@@ -302,27 +304,38 @@ pub fn density(env: &Env, sides: &Sides, pods: usize) -> Result<Scenario> {
         format!(
             "{pods} idle pods (`ctr run -d … sleep`) started one after another on one side, \
              measured 3 s after the last, then all removed; then the other side. One batch per \
-             side: the figures are single measurements (runs = 1) and per-pod start times."
+             side: the totals are single measurements (runs = 1); the per-pod start times are \
+             one sample per pod."
         ),
     );
     let mut start_each = [Vec::new(), Vec::new()];
     let mut totals = [Vec::new(), Vec::new()];
     let mut mem_total = [Vec::new(), Vec::new()];
     let mut guest_total = Vec::new();
+    let mut failures: [Vec<String>; 2] = [Vec::new(), Vec::new()];
     for side in 0..2 {
         let ids: Vec<String> = (0..pods).map(|_| env.new_id("dense")).collect();
+        let mut started = Vec::new();
         let res = (|| -> Result<()> {
             let t0 = Instant::now();
             for (i, id) in ids.iter().enumerate() {
                 let t = Instant::now();
-                env.ctr_ok(&["run", "-d", "--runtime", Sides::runtime(side), env.image(), id, "sleep", "100000"])?;
-                start_each[side].push(ms(t.elapsed()));
-                println!("    density {}: pod {}/{pods} in {:.0} ms", sides.labels()[side], i + 1, ms(t.elapsed()));
+                match env.ctr_ok(&["run", "-d", "--runtime", Sides::runtime(side), env.image(), id, "sleep", "100000"]) {
+                    Ok(_) => {
+                        start_each[side].push(ms(t.elapsed()));
+                        started.push(id.clone());
+                        println!("    density {}: pod {}/{pods} in {:.0} ms", sides.labels()[side], i + 1, ms(t.elapsed()));
+                    }
+                    Err(e) => {
+                        println!("    density {}: pod {}/{pods} FAILED after {:.0} ms", sides.labels()[side], i + 1, ms(t.elapsed()));
+                        failures[side].push(format!("pod {} after {:.0} ms: {}", i + 1, ms(t.elapsed()), one_line(&format!("{e:#}"))));
+                    }
+                }
             }
             totals[side].push(t0.elapsed().as_secs_f64());
             std::thread::sleep(Duration::from_secs(3));
             let (mut sum, mut g) = (0u64, 0u64);
-            for id in &ids {
+            for id in &started {
                 let m = measure_pod(side, id)?;
                 sum += m.total;
                 g += m.guest_touched;
@@ -338,9 +351,21 @@ pub fn density(env: &Env, sides: &Sides, pods: usize) -> Result<Scenario> {
         }
         res?;
     }
-    sc.rows.push(sides.row(&format!("start of each of {pods} pods"), "ms", start_each));
-    sc.rows.push(sides.row(&format!("all {pods} pods started"), "s", totals));
-    sc.rows.push(sides.row(&format!("{pods} pods, PSS outside guest RAM"), "MiB", mem_total));
-    sc.rows.push(sides.husk_row(&format!("{pods} pods, guest RAM touched"), "MiB", guest_total));
+    let n = [pods - failures[0].len(), pods - failures[1].len()];
+    sc.rows.push(sides.row("start of each pod", "ms", start_each));
+    sc.rows.push(sides.row(&format!("all {pods} attempts made"), "s", totals));
+    sc.rows.push(sides.row(&format!("pods started of {pods}"), "pods", [vec![n[0] as f64], vec![n[1] as f64]]));
+    sc.rows.push(sides.row("all started pods, PSS outside guest RAM", "MiB", mem_total));
+    sc.rows.push(sides.husk_row("all started pods, guest RAM touched", "MiB", guest_total));
+    for (label, fs) in sides.labels().iter().zip(&failures) {
+        for f in fs {
+            sc.notes.push(format!("{label} failed to start {f}"));
+        }
+    }
     Ok(sc)
+}
+
+/// An error message on one line, for a Markdown list item.
+pub fn one_line(s: &str) -> String {
+    s.lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join(" ⏎ ")
 }
