@@ -7,6 +7,7 @@
 use std::collections::BTreeSet;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
+use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -25,6 +26,7 @@ pub struct Env {
     /// Every container id the bench handed out, for the cleanup.
     ids: Mutex<BTreeSet<String>>,
     counter: Mutex<u32>,
+    torn_down: bool,
 }
 
 impl Env {
@@ -66,7 +68,10 @@ impl Env {
         path.push(":");
         path.push(std::env::var_os("PATH").unwrap_or_default());
         let log = std::fs::File::create(dir.join("containerd.log"))?;
+        // Its own process group: a Ctrl-C on the terminal reaches the bench, which then stops
+        // containerd itself after the cleanup that needs it.
         let child = Command::new(containerd)
+            .process_group(0)
             .env("PATH", path)
             .env("HUSK_CONFIG", &husk_config)
             .arg("--config")
@@ -82,6 +87,7 @@ impl Env {
             child,
             ids: Mutex::new(BTreeSet::new()),
             counter: Mutex::new(0),
+            torn_down: false,
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         while !env.socket().exists() {
@@ -195,11 +201,37 @@ fn mounts_under(dir: &Path) -> Vec<PathBuf> {
     v
 }
 
-impl Drop for Env {
-    fn drop(&mut self) {
-        for l in self.cleanup() {
-            eprintln!("bench cleanup: {l}");
+/// Ends `pids` (processes our containerd's shims started): SIGTERM, then SIGKILL after 5 s.
+fn end_processes(pids: &[u32]) {
+    use nix::sys::signal::{kill, Signal};
+    let pid = |p: u32| nix::unistd::Pid::from_raw(i32::try_from(p).unwrap_or(i32::MAX));
+    for p in pids {
+        let _ = kill(pid(*p), Signal::SIGTERM);
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline && pids.iter().any(|p| Path::new(&format!("/proc/{p}")).exists()) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for p in pids {
+        if Path::new(&format!("/proc/{p}")).exists() {
+            let _ = kill(pid(*p), Signal::SIGKILL);
         }
+    }
+}
+
+impl Env {
+    /// Removes everything the bench made and stops containerd; returns what it found left
+    /// behind by the runtimes (a finding in itself: the report says so).
+    pub fn shutdown(mut self) -> Vec<String> {
+        self.teardown()
+    }
+
+    fn teardown(&mut self) -> Vec<String> {
+        if self.torn_down {
+            return Vec::new();
+        }
+        self.torn_down = true;
+        let mut found = self.cleanup();
         // containerd: SIGTERM, then SIGKILL; it is our child.
         if let Ok(pid) = i32::try_from(self.child.id()) {
             let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM);
@@ -213,12 +245,28 @@ impl Drop for Env {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        // A sandbox directory a shim failed to remove: unmount and delete it.
+        // Shims, VMs and helpers of our containers still running now that their containerd
+        // is gone (they are ours: our containerd started them), and sandbox directories a
+        // shim did not remove.
         let ids: Vec<String> = self.ids.lock().unwrap_or_else(|e| e.into_inner()).iter().cloned().collect();
+        let all = super::procfs::processes();
         for id in ids {
+            let needle = format!("/run/husk/{id}/");
+            let left: Vec<&super::procfs::Proc> = all
+                .iter()
+                .filter(|p| {
+                    p.argv.iter().any(|a| a.contains(&needle))
+                        || (p.exe.starts_with("containerd-shim") && p.argv.windows(2).any(|w| w[0] == "-id" && w[1] == id))
+                })
+                .collect();
+            if !left.is_empty() {
+                let names: Vec<String> = left.iter().map(|p| format!("{} ({})", p.exe, p.pid)).collect();
+                found.push(format!("{id}: still running after its container was removed: {}; ended", names.join(", ")));
+                end_processes(&left.iter().map(|p| p.pid).collect::<Vec<_>>());
+            }
             let d = Path::new("/run/husk").join(&id);
             if d.exists() {
-                eprintln!("bench cleanup: {} was left behind; removing it", d.display());
+                found.push(format!("{} was left behind; removed", d.display()));
                 for m in mounts_under(&d) {
                     let _ = nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH);
                 }
@@ -229,5 +277,15 @@ impl Drop for Env {
             let _ = nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH);
         }
         let _ = std::fs::remove_dir_all(&self.dir);
+        for f in &found {
+            eprintln!("bench cleanup: {f}");
+        }
+        found
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        self.teardown();
     }
 }

@@ -96,6 +96,7 @@ pub fn run(quick: bool) -> Result<()> {
     }
     let plan = if quick { QUICK } else { FULL };
     demo::prepare(false)?;
+    runner::catch_interrupts()?;
     let began = Instant::now();
     let BackendChoice::Qemu(accel) = host::detect().backend;
     let backend = match accel {
@@ -108,6 +109,7 @@ pub fn run(quick: bool) -> Result<()> {
     let mut busy = busy_processes();
     let load_start = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
 
+    let leftovers: Vec<String>;
     let mut done: Vec<Scenario> = Vec::new();
     let mut not_done: Vec<String> = Vec::new();
     let note_busy = |busy: &mut Vec<String>| {
@@ -152,6 +154,10 @@ pub fn run(quick: bool) -> Result<()> {
         }
         note_busy(&mut busy);
         step("bench: stopping containerd, removing what the bench made");
+        leftovers = env.shutdown();
+    }
+    if runner::interrupted() {
+        bail!("interrupted: everything the bench started was removed; no report written");
     }
     step(&format!("bench 8: VMM alone, {} runs each", plan.vmm));
     match vmm::run(plan.vmm, plan.vmm_mem, kvm_kind) {
@@ -159,6 +165,9 @@ pub fn run(quick: bool) -> Result<()> {
         Err(e) => not_done.push(format!("8. VMM alone: failed in this run: {e:#}")),
     }
     note_busy(&mut busy);
+    if runner::interrupted() {
+        bail!("interrupted: everything the bench started was removed; no report written");
+    }
     let load_end = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     not_done.push("Pod network throughput and latency (issue 5's benchmark): not built yet; it needs the CNI set-up of the network tests.".into());
     not_done.push(format!(
@@ -178,6 +187,14 @@ pub fn run(quick: bool) -> Result<()> {
         },
         elapsed(began)
     );
+    let load_note = if leftovers.is_empty() {
+        format!("{load_note} At the end no shim, VM, helper or /run/husk directory of the bench's containers was left.")
+    } else {
+        format!(
+            "{load_note} **Left behind by the runtime** (found and removed by the bench's cleanup): {}.",
+            leftovers.join("; ")
+        )
+    };
     let results = Results { date, machine: machine(), quick, load_note, scenarios: done, not_done };
 
     let (md, dir) = if quick {

@@ -5,7 +5,40 @@ use std::io::{Read, Write};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use anyhow::{bail, Context, Result};
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_interrupt(_: nix::libc::c_int) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+/// Ctrl-C and SIGTERM no longer end the bench at once: they set a flag that every run checks,
+/// so the bench stops at the next run and its cleanup (containers, VMs, containerd) still
+/// happens.
+pub fn catch_interrupts() -> Result<()> {
+    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
+    let action = SigAction::new(SigHandler::Handler(on_interrupt), SaFlags::empty(), SigSet::empty());
+    for sig in [Signal::SIGINT, Signal::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        unsafe { sigaction(sig, &action) }.with_context(|| format!("installing a {sig} handler"))?;
+    }
+    Ok(())
+}
+
+pub fn interrupted() -> bool {
+    INTERRUPTED.load(Ordering::SeqCst)
+}
+
+/// Fails once Ctrl-C (or SIGTERM) was received.
+pub fn check_interrupt() -> Result<()> {
+    if interrupted() {
+        bail!("interrupted");
+    }
+    Ok(())
+}
 
 /// Runs `rounds` rounds of `f(side)` for sides 0 (husk) and 1 (baseline), alternating, after
 /// `warmup` unrecorded rounds; prints one progress line per round. Returns each side's values.
@@ -20,6 +53,7 @@ pub fn alternate(
 ) -> Result<[Vec<f64>; 2]> {
     for w in 0..warmup {
         for side in 0..2 {
+            check_interrupt()?;
             f(side).with_context(|| format!("{what}: warm-up {} on {}", w + 1, labels[side]))?;
         }
     }
@@ -27,6 +61,7 @@ pub fn alternate(
     for r in 0..rounds {
         let mut shown = String::new();
         for side in 0..2 {
+            check_interrupt()?;
             let v = f(side).with_context(|| format!("{what}: run {} on {}", r + 1, labels[side]))?;
             shown.push_str(&format!("  {} {}", labels[side], fmt(v, unit)));
             out[side].push(v);

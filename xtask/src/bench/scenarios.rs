@@ -236,6 +236,7 @@ pub fn idle_pods(env: &Env, sides: &Sides, rounds: usize, execs: usize) -> Resul
         let ids = [env.new_id("idle"), env.new_id("idle")];
         let res = (|| -> Result<()> {
             for side in 0..2 {
+                super::runner::check_interrupt()?;
                 env.ctr_ok(&["run", "-d", "--runtime", Sides::runtime(side), env.image(), &ids[side], "sleep", "100000"])?;
             }
             std::thread::sleep(Duration::from_secs(3));
@@ -319,6 +320,7 @@ pub fn density(env: &Env, sides: &Sides, pods: usize) -> Result<Scenario> {
         let res = (|| -> Result<()> {
             let t0 = Instant::now();
             for (i, id) in ids.iter().enumerate() {
+                super::runner::check_interrupt()?;
                 let t = Instant::now();
                 match env.ctr_ok(&["run", "-d", "--runtime", Sides::runtime(side), env.image(), id, "sleep", "100000"]) {
                     Ok(_) => {

@@ -160,6 +160,7 @@ fn run_in(dir: &Path, rounds: usize, mem_rounds: usize, kvm_kind: &str) -> Resul
     let mut pss = [Vec::new(), Vec::new()];
     for r in 0..mem_rounds {
         for side in 0..2 {
+            super::runner::check_interrupt()?;
             let c = if side == 0 { husk_vmm(&idle)? } else { qemu(&idle)? };
             let m = idle_mem(c).with_context(|| format!("idle guest on {}", labels[side]))?;
             #[allow(clippy::cast_precision_loss)]
