@@ -23,7 +23,14 @@ pub struct Seen {
 
 pub struct Watcher {
     stop: Arc<AtomicBool>,
-    handle: JoinHandle<Seen>,
+    handle: Option<JoinHandle<Seen>>,
+}
+
+impl Drop for Watcher {
+    /// A run that failed drops its watcher unfinished: stop the thread all the same.
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
 }
 
 impl Watcher {
@@ -33,12 +40,12 @@ impl Watcher {
         let stop = Arc::new(AtomicBool::new(false));
         let s = stop.clone();
         let handle = std::thread::spawn(move || watch(&dir, t0, &s));
-        Self { stop, handle }
+        Self { stop, handle: Some(handle) }
     }
 
-    pub fn finish(self) -> Seen {
+    pub fn finish(mut self) -> Seen {
         self.stop.store(true, Ordering::SeqCst);
-        self.handle.join().unwrap_or_default()
+        self.handle.take().and_then(|h| h.join().ok()).unwrap_or_default()
     }
 }
 

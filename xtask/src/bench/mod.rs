@@ -84,6 +84,15 @@ fn procfs_meminfo_gib() -> f64 {
         .map_or(0.0, |kib| kib / 1024.0 / 1024.0)
 }
 
+/// At most `n` characters of `s`, with an ellipsis if cut.
+fn truncate(s: &str, n: usize) -> String {
+    if s.chars().count() <= n {
+        s.to_string()
+    } else {
+        format!("{}…", s.chars().take(n).collect::<String>())
+    }
+}
+
 fn utc_now() -> String {
     crate::run::output(std::process::Command::new("date").args(["-u", "+%Y-%m-%d %H:%M"]))
         .map(|s| s.trim().to_string())
@@ -117,6 +126,15 @@ pub fn run(quick: bool) -> Result<()> {
         busy.sort();
         busy.dedup();
     };
+    // Failed runs go to the first scenario of the step that just ran.
+    let note_failures = |done: &mut Vec<Scenario>, first: u32| {
+        let f = runner::take_failures();
+        if let Some(s) = done.iter_mut().find(|s| s.number == first) {
+            for e in f {
+                s.notes.push(format!("A failed run, left out of the figures: {}", truncate(&e, 900)));
+            }
+        }
+    };
     {
         step("bench: private containerd with husk and runc");
         let env = env::Env::start()?;
@@ -125,6 +143,7 @@ pub fn run(quick: bool) -> Result<()> {
             Ok(s) => done.push(s),
             Err(e) => not_done.push(format!("1. Container start: failed in this run: {e:#}")),
         }
+        note_failures(&mut done, 1);
         note_busy(&mut busy);
         step(&format!("bench 2 + 4: time to first output and husk's boot breakdown, {} runs each", plan.first_output));
         match scenarios::first_output(&env, &sides, plan.first_output) {
@@ -134,12 +153,14 @@ pub fn run(quick: bool) -> Result<()> {
             }
             Err(e) => not_done.push(format!("2 and 4. Time to first output, boot breakdown: failed in this run: {e:#}")),
         }
+        note_failures(&mut done, 2);
         note_busy(&mut busy);
         step(&format!("bench 3 + 5 + 9: {} idle pod(s) per side, {} execs each", plan.idle_pods, plan.execs));
         match scenarios::idle_pods(&env, &sides, plan.idle_pods, plan.execs) {
             Ok(s) => done.extend(s),
             Err(e) => not_done.push(format!("3, 5 and 9. Exec latency, pod memory, shim alone: failed in this run: {e:#}")),
         }
+        note_failures(&mut done, 3);
         note_busy(&mut busy);
         step(&format!("bench 6: density, {} pods per side", plan.density));
         match scenarios::density(&env, &sides, plan.density) {
@@ -152,6 +173,7 @@ pub fn run(quick: bool) -> Result<()> {
             Ok(s) => done.push(s),
             Err(e) => not_done.push(format!("7. I/O: failed in this run: {e:#}")),
         }
+        note_failures(&mut done, 7);
         note_busy(&mut busy);
         step("bench: stopping containerd, removing what the bench made");
         leftovers = env.shutdown();
@@ -164,6 +186,7 @@ pub fn run(quick: bool) -> Result<()> {
         Ok(s) => done.push(s),
         Err(e) => not_done.push(format!("8. VMM alone: failed in this run: {e:#}")),
     }
+    note_failures(&mut done, 8);
     note_busy(&mut busy);
     if runner::interrupted() {
         bail!("interrupted: everything the bench started was removed; no report written");

@@ -11,6 +11,18 @@ use anyhow::{bail, Context, Result};
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
+/// Runs that failed since the last [`take_failures`]: a failed run is a result (left out of
+/// the figures, named in the report), not the end of the scenario.
+static FAILURES: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+/// A side may fail this many runs of one scenario before the scenario gives up.
+const MAX_FAILURES: usize = 3;
+
+/// The failed runs recorded since the last call.
+pub fn take_failures() -> Vec<String> {
+    std::mem::take(&mut *FAILURES.lock().unwrap_or_else(|e| e.into_inner()))
+}
+
 extern "C" fn on_interrupt(_: nix::libc::c_int) {
     INTERRUPTED.store(true, Ordering::SeqCst);
 }
@@ -58,13 +70,26 @@ pub fn alternate(
         }
     }
     let mut out = [Vec::with_capacity(rounds), Vec::with_capacity(rounds)];
+    let mut failed = [0usize; 2];
     for r in 0..rounds {
         let mut shown = String::new();
         for side in 0..2 {
             check_interrupt()?;
-            let v = f(side).with_context(|| format!("{what}: run {} on {}", r + 1, labels[side]))?;
-            shown.push_str(&format!("  {} {}", labels[side], fmt(v, unit)));
-            out[side].push(v);
+            match f(side) {
+                Ok(v) => {
+                    shown.push_str(&format!("  {} {}", labels[side], fmt(v, unit)));
+                    out[side].push(v);
+                }
+                Err(e) => {
+                    let e = e.context(format!("{what}: run {} on {}", r + 1, labels[side]));
+                    failed[side] += 1;
+                    if failed[side] >= MAX_FAILURES {
+                        return Err(e.context(format!("{MAX_FAILURES} runs failed on {}", labels[side])));
+                    }
+                    shown.push_str(&format!("  {} FAILED", labels[side]));
+                    FAILURES.lock().unwrap_or_else(|e| e.into_inner()).push(format!("{e:#}"));
+                }
+            }
         }
         println!("    {what} {:>2}/{rounds}:{shown}", r + 1);
         let _ = std::io::stdout().flush();
@@ -153,4 +178,32 @@ pub fn timed(cmd: &mut Command, deadline: Duration) -> Result<Timed> {
         );
     }
     Ok(Timed { started_at, first_byte, last_byte, total, bytes, stdout: out })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn alternates_and_keeps_going_past_a_failed_run() {
+        let mut order = Vec::new();
+        let mut n = 0;
+        let v = alternate("t", ["a", "b"], "ms", 1, 3, |side| {
+            n += 1;
+            order.push(side);
+            if n == 4 {
+                bail!("boom");
+            }
+            Ok(f64::from(n))
+        })
+        .unwrap();
+        assert_eq!(order, [0, 1, 0, 1, 0, 1, 0, 1]);
+        // Warm-up (1, 2) is not recorded; run 4 failed on side b.
+        assert_eq!(v, [vec![3.0, 5.0, 7.0], vec![6.0, 8.0]]);
+        let f = take_failures();
+        assert!(f.len() == 1 && f[0].contains("t: run 1 on b") && f[0].contains("boom"), "{f:?}");
+        let e = alternate("u", ["a", "b"], "ms", 0, 5, |side| if side == 0 { bail!("no") } else { Ok(1.0) }).unwrap_err();
+        assert!(format!("{e:#}").contains("3 runs failed on a"), "{e:#}");
+        take_failures();
+    }
 }
