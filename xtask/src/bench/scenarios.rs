@@ -218,7 +218,9 @@ pub fn idle_pods(env: &Env, sides: &Sides, rounds: usize, execs: usize) -> Resul
          outside guest RAM summed over containerd-shim-husk-v2, QEMU, virtiofsd and \
          vhost-device-vsock (guest RAM is the shared memfd they all map; its touched pages \
          are shown separately, as the RSS of that memfd). runc: PSS of containerd-shim-runc-v2 \
-         plus the container's processes. From /proc/PID/smaps.",
+         plus the container's processes. From /proc/PID/smaps. PSS splits each shared page \
+         among every process that maps it, other engineers' QEMUs on this machine included, \
+         so it moves with what else runs.",
     );
     let mut s9 = Scenario::new(
         9,
