@@ -1,0 +1,291 @@
+//! The bench's private world: a containerd of its own (root, state, sockets in a temporary
+//! directory, CRI off) that finds `containerd-shim-husk-v2` from this checkout and runc's shim
+//! from the system, with the busybox image imported. Everything it made — containers, tasks,
+//! VMs, /run/husk/<id> directories, mounts, containerd itself — is removed when it is dropped,
+//! on success and on failure. Only processes it started (by PID) are ended.
+
+use std::collections::BTreeSet;
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use crate::{paths, rootfs};
+
+pub const HUSK_RUNTIME: &str = "io.containerd.husk.v2";
+pub const RUNC_RUNTIME: &str = "io.containerd.runc.v2";
+
+pub struct Env {
+    dir: PathBuf,
+    child: Child,
+    pub namespace: String,
+    /// Every container id the bench handed out, for the cleanup.
+    ids: Mutex<BTreeSet<String>>,
+    counter: Mutex<u32>,
+    torn_down: bool,
+}
+
+impl Env {
+    pub fn start() -> Result<Self> {
+        let containerd = paths::find_program("containerd")
+            .context("containerd: not found — run `cargo xtask setup`")?;
+        paths::find_program("ctr").context("ctr: not found — run `cargo xtask setup`")?;
+        paths::find_program("containerd-shim-runc-v2")
+            .context("containerd-shim-runc-v2: not found — run `cargo xtask setup` (Debian's containerd)")?;
+        let shim = paths::workspace().join("target/release/containerd-shim-husk-v2");
+        if !shim.is_file() {
+            bail!("{}: missing — `cargo xtask build` makes it", shim.display());
+        }
+        let dir = PathBuf::from(format!("/tmp/husk-bench-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("bin"))?;
+        std::os::unix::fs::symlink(&shim, dir.join("bin/containerd-shim-husk-v2"))?;
+        let husk_config = dir.join("husk.toml");
+        std::fs::write(
+            &husk_config,
+            format!(
+                "kernel = \"{}\"\ninitramfs = \"{}\"\n",
+                paths::vmlinux().display(),
+                paths::initramfs().display()
+            ),
+        )?;
+        let config = dir.join("containerd.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "version = 2\nroot = \"{0}/root\"\nstate = \"{0}/state\"\n\
+                 disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
+                 [grpc]\n  address = \"{0}/containerd.sock\"\n\
+                 [ttrpc]\n  address = \"{0}/containerd.sock.ttrpc\"\n",
+                dir.display()
+            ),
+        )?;
+        let mut path = OsString::from(dir.join("bin"));
+        path.push(":");
+        path.push(std::env::var_os("PATH").unwrap_or_default());
+        let log = std::fs::File::create(dir.join("containerd.log"))?;
+        // Its own process group: a Ctrl-C on the terminal reaches the bench, which then stops
+        // containerd itself after the cleanup that needs it.
+        let child = Command::new(containerd)
+            .process_group(0)
+            .env("PATH", path)
+            .env("HUSK_CONFIG", &husk_config)
+            .arg("--config")
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting containerd")?;
+        let env = Self {
+            namespace: format!("husk-bench-{}", std::process::id()),
+            dir,
+            child,
+            ids: Mutex::new(BTreeSet::new()),
+            counter: Mutex::new(0),
+            torn_down: false,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !env.socket().exists() {
+            if Instant::now() > deadline {
+                bail!("containerd did not open {} within 30 s; see {}", env.socket().display(), env.log_path().display());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let image = paths::images().join("busybox.tar");
+        env.ctr_ok(&["images", "import", image.to_str().context("image path")?])?;
+        Ok(env)
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.dir.join("containerd.sock")
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.join("containerd.log")
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    pub fn image(&self) -> &'static str {
+        rootfs::BUSYBOX_IMAGE
+    }
+
+    /// A fresh container id, remembered for the cleanup.
+    pub fn new_id(&self, tag: &str) -> String {
+        let mut n = self.counter.lock().unwrap_or_else(|e| e.into_inner());
+        *n += 1;
+        let id = format!("bench-{}-{tag}-{}", std::process::id(), *n);
+        self.ids.lock().unwrap_or_else(|e| e.into_inner()).insert(id.clone());
+        id
+    }
+
+    /// `ctr` against this containerd, in its namespace, with `args` still to add.
+    pub fn ctr_cmd(&self) -> Command {
+        let mut c = Command::new("ctr");
+        c.arg("--address").arg(self.socket()).arg("--namespace").arg(&self.namespace);
+        c
+    }
+
+    pub fn ctr(&self, args: &[&str]) -> Result<Output> {
+        self.ctr_cmd().args(args).stdin(Stdio::null()).output().context("running ctr")
+    }
+
+    pub fn ctr_ok(&self, args: &[&str]) -> Result<String> {
+        let out = self.ctr(args)?;
+        if !out.status.success() {
+            bail!(
+                "ctr {} failed ({}): {}{}",
+                args.join(" "),
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Kills and deletes the task and container `id`, waiting for the task to stop.
+    pub fn remove(&self, id: &str) -> Result<()> {
+        let _ = self.ctr(&["task", "kill", "-s", "SIGKILL", id]);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let out = self.ctr(&["task", "delete", id])?;
+            let err = String::from_utf8_lossy(&out.stderr);
+            if out.status.success() || err.contains("not found") {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("task {id} did not stop within 30 s of SIGKILL: {err}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let out = self.ctr(&["containers", "delete", id])?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        if !out.status.success() && !err.contains("not found") {
+            bail!("deleting container {id}: {err}");
+        }
+        Ok(())
+    }
+
+    /// Cleans up every container the bench made; returns what it could not remove.
+    fn cleanup(&self) -> Vec<String> {
+        let mut left = Vec::new();
+        let ids: Vec<String> = self.ids.lock().unwrap_or_else(|e| e.into_inner()).iter().cloned().collect();
+        let listed = self.ctr_ok(&["containers", "ls", "-q"]).unwrap_or_default();
+        for id in listed.lines().filter(|l| ids.iter().any(|i| i == l.trim())) {
+            if let Err(e) = self.remove(id.trim()) {
+                left.push(format!("{id}: {e:#}"));
+            }
+        }
+        left
+    }
+}
+
+/// Mount points under `dir` (from /proc/self/mountinfo), deepest first.
+fn mounts_under(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(PathBuf::from)
+        .filter(|m| m.starts_with(dir))
+        .collect();
+    v.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    v
+}
+
+/// Ends `pids` (processes our containerd's shims started): SIGTERM, then SIGKILL after 5 s.
+fn end_processes(pids: &[u32]) {
+    use nix::sys::signal::{kill, Signal};
+    let pid = |p: u32| nix::unistd::Pid::from_raw(i32::try_from(p).unwrap_or(i32::MAX));
+    for p in pids {
+        let _ = kill(pid(*p), Signal::SIGTERM);
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline && pids.iter().any(|p| Path::new(&format!("/proc/{p}")).exists()) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for p in pids {
+        if Path::new(&format!("/proc/{p}")).exists() {
+            let _ = kill(pid(*p), Signal::SIGKILL);
+        }
+    }
+}
+
+impl Env {
+    /// Removes everything the bench made and stops containerd; returns what it found left
+    /// behind by the runtimes (a finding in itself: the report says so).
+    pub fn shutdown(mut self) -> Vec<String> {
+        self.teardown()
+    }
+
+    fn teardown(&mut self) -> Vec<String> {
+        if self.torn_down {
+            return Vec::new();
+        }
+        self.torn_down = true;
+        let mut found = self.cleanup();
+        // containerd: SIGTERM, then SIGKILL; it is our child.
+        if let Ok(pid) = i32::try_from(self.child.id()) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !matches!(self.child.try_wait(), Ok(Some(_))) {
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // Shims, VMs and helpers of our containers still running now that their containerd
+        // is gone (they are ours: our containerd started them), and sandbox directories a
+        // shim did not remove.
+        let ids: Vec<String> = self.ids.lock().unwrap_or_else(|e| e.into_inner()).iter().cloned().collect();
+        let all = super::procfs::processes();
+        for id in ids {
+            let needle = format!("/run/husk/{id}/");
+            let left: Vec<&super::procfs::Proc> = all
+                .iter()
+                .filter(|p| {
+                    p.argv.iter().any(|a| a.contains(&needle))
+                        || (p.exe.starts_with("containerd-shim") && p.argv.windows(2).any(|w| w[0] == "-id" && w[1] == id))
+                })
+                .collect();
+            if !left.is_empty() {
+                let names: Vec<String> = left.iter().map(|p| format!("{} ({})", p.exe, p.pid)).collect();
+                found.push(format!("{id}: still running after its container was removed: {}; ended", names.join(", ")));
+                end_processes(&left.iter().map(|p| p.pid).collect::<Vec<_>>());
+            }
+            let d = Path::new("/run/husk").join(&id);
+            if d.exists() {
+                found.push(format!("{} was left behind; removed", d.display()));
+                for m in mounts_under(&d) {
+                    let _ = nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH);
+                }
+                let _ = std::fs::remove_dir_all(&d);
+            }
+        }
+        for m in mounts_under(&self.dir) {
+            let _ = nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH);
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+        for f in &found {
+            eprintln!("bench cleanup: {f}");
+        }
+        found
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        self.teardown();
+    }
+}

@@ -1,0 +1,252 @@
+//! `cargo xtask bench`: husk against runc (both under one private containerd) and husk-vmm
+//! against QEMU `microvm`, each scenario alternating the two sides, written to
+//! `BENCHMARKS.md`, `benchmarks/bench.json` (every sample) and `benchmarks/start-latency.svg`.
+//!
+//! Modules: [`env`] (the private containerd and its cleanup), [`runner`] (alternation,
+//! progress, timing a command), [`scenarios`] and [`vmm`] (what is measured), [`breakdown`]
+//! (scenario 4's instruments), [`procfs`] (processes and their memory), [`stats`],
+//! [`results`], [`report`] (Markdown + JSON) and [`chart`] (SVG). Figures are never written
+//! by hand: the report is rendered from the samples of the run.
+
+pub mod breakdown;
+pub mod chart;
+pub mod env;
+pub mod io;
+pub mod procfs;
+pub mod report;
+pub mod results;
+pub mod runner;
+pub mod scenarios;
+pub mod stats;
+pub mod vmm;
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use husk_hypervisor::host::{self, BackendChoice};
+use husk_hypervisor::Accel;
+
+use crate::run::{elapsed, step};
+use crate::{demo, paths};
+use results::{Results, Scenario};
+use scenarios::Sides;
+
+/// How many runs of what: the full bench, or `--quick` for a CI smoke run.
+#[derive(Debug, Clone, Copy)]
+struct Plan {
+    start: usize,
+    first_output: usize,
+    idle_pods: usize,
+    execs: usize,
+    density: usize,
+    io_rounds: usize,
+    io_mib: u32,
+    vmm: usize,
+    vmm_mem: usize,
+}
+
+const FULL: Plan = Plan { start: 30, first_output: 20, idle_pods: 5, execs: 6, density: 10, io_rounds: 3, io_mib: 256, vmm: 30, vmm_mem: 5 };
+const QUICK: Plan = Plan { start: 3, first_output: 2, idle_pods: 1, execs: 3, density: 2, io_rounds: 1, io_mib: 32, vmm: 3, vmm_mem: 1 };
+
+/// Compilers and other benchmarks running beside us (they share the 2 cores).
+fn busy_processes() -> Vec<String> {
+    // Not us, nor the `cargo xtask` that runs us.
+    let me = [std::process::id(), std::os::unix::process::parent_id()];
+    let mut v: Vec<String> = procfs::processes()
+        .into_iter()
+        .filter(|p| !me.contains(&p.pid))
+        .filter(|p| ["rustc", "cc1", "cc1plus", "ld", "cargo", "make"].contains(&p.exe.as_str()))
+        .map(|p| p.exe)
+        .collect();
+    v.sort();
+    v.dedup();
+    v
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| c.lines().find_map(|l| l.strip_prefix("model name")?.split_once(':').map(|(_, v)| v.trim().to_string())))
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(0, usize::from);
+    let mem_gib = procfs_meminfo_gib();
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let os = std::fs::read_to_string("/etc/debian_version").map(|v| format!("Debian {}", v.trim())).unwrap_or_default();
+    let kvm = if std::path::Path::new("/sys/module/kvm_pvm").exists() { "/dev/kvm is kvm_pvm" } else { "/dev/kvm present" };
+    format!("{cores} × {cpu}, {mem_gib:.0} GiB RAM, {os}, host kernel {}; {kvm}", kernel.trim())
+}
+
+fn procfs_meminfo_gib() -> f64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| m.lines().find_map(|l| l.strip_prefix("MemTotal:")?.split_whitespace().next()?.parse::<f64>().ok()))
+        .map_or(0.0, |kib| kib / 1024.0 / 1024.0)
+}
+
+/// At most `n` characters of `s`, with an ellipsis if cut.
+fn truncate(s: &str, n: usize) -> String {
+    if s.chars().count() <= n {
+        s.to_string()
+    } else {
+        format!("{}…", s.chars().take(n).collect::<String>())
+    }
+}
+
+fn utc_now() -> String {
+    crate::run::output(std::process::Command::new("date").args(["-u", "+%Y-%m-%d %H:%M"]))
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+pub fn run(quick: bool) -> Result<()> {
+    if !nix::unistd::Uid::effective().is_root() {
+        bail!("cargo xtask bench needs root (containerd, virtiofsd, /run/husk) — run it as root");
+    }
+    let plan = if quick { QUICK } else { FULL };
+    demo::prepare(false)?;
+    runner::catch_interrupts()?;
+    let began = Instant::now();
+    let BackendChoice::Qemu(accel) = host::detect().backend;
+    let backend = match accel {
+        Accel::Kvm => "qemu/KVM",
+        Accel::Tcg => "qemu/TCG",
+    };
+    let kvm_kind = if std::path::Path::new("/sys/module/kvm_pvm").exists() { "KVM, kvm_pvm" } else { "KVM" };
+    let sides = Sides { husk: format!("husk ({backend})"), runc: "runc".into() };
+    let date = utc_now();
+    let mut busy = busy_processes();
+    let load_start = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+
+    let leftovers: Vec<String>;
+    let mut done: Vec<Scenario> = Vec::new();
+    let mut not_done: Vec<String> = Vec::new();
+    let note_busy = |busy: &mut Vec<String>| {
+        busy.extend(busy_processes());
+        busy.sort();
+        busy.dedup();
+    };
+    // Failed runs go to the first scenario of the step that just ran.
+    let note_failures = |done: &mut Vec<Scenario>, first: u32| {
+        let f = runner::take_failures();
+        if let Some(s) = done.iter_mut().find(|s| s.number == first) {
+            for e in f {
+                s.notes.push(format!("A failed run, left out of the figures: {}", truncate(&e, 900)));
+            }
+        }
+    };
+    {
+        step("bench: private containerd with husk and runc");
+        let env = env::Env::start()?;
+        step(&format!("bench 1: container start, {} runs each", plan.start));
+        match scenarios::container_start(&env, &sides, plan.start) {
+            Ok(s) => done.push(s),
+            Err(e) => not_done.push(format!("1. Container start: failed in this run: {e:#}")),
+        }
+        note_failures(&mut done, 1);
+        note_busy(&mut busy);
+        step(&format!("bench 2 + 4: time to first output and husk's boot breakdown, {} runs each", plan.first_output));
+        match scenarios::first_output(&env, &sides, plan.first_output) {
+            Ok((s2, s4)) => {
+                done.push(s2);
+                done.push(s4);
+            }
+            Err(e) => not_done.push(format!("2 and 4. Time to first output, boot breakdown: failed in this run: {e:#}")),
+        }
+        note_failures(&mut done, 2);
+        note_busy(&mut busy);
+        step(&format!("bench 3 + 5 + 9: {} idle pod(s) per side, {} execs each", plan.idle_pods, plan.execs));
+        match scenarios::idle_pods(&env, &sides, plan.idle_pods, plan.execs) {
+            Ok(s) => done.extend(s),
+            Err(e) => not_done.push(format!("3, 5 and 9. Exec latency, pod memory, shim alone: failed in this run: {e:#}")),
+        }
+        note_failures(&mut done, 3);
+        note_busy(&mut busy);
+        step(&format!("bench 6: density, {} pods per side", plan.density));
+        match scenarios::density(&env, &sides, plan.density) {
+            Ok(s) => done.push(s),
+            Err(e) => not_done.push(format!("6. Density: failed in this run: {e:#}")),
+        }
+        note_busy(&mut busy);
+        step(&format!("bench 7: I/O, {} MiB, {} run(s) each", plan.io_mib, plan.io_rounds));
+        match io::run(&env, &sides, plan.io_rounds, plan.io_mib) {
+            Ok(s) => done.push(s),
+            Err(e) => not_done.push(format!("7. I/O: failed in this run: {e:#}")),
+        }
+        note_failures(&mut done, 7);
+        note_busy(&mut busy);
+        step("bench: stopping containerd, removing what the bench made");
+        leftovers = env.shutdown();
+    }
+    if runner::interrupted() {
+        bail!("interrupted: everything the bench started was removed; no report written");
+    }
+    step(&format!("bench 8: VMM alone, {} runs each", plan.vmm));
+    match vmm::run(plan.vmm, plan.vmm_mem, kvm_kind) {
+        Ok(s) => done.push(s),
+        Err(e) => not_done.push(format!("8. VMM alone: failed in this run: {e:#}")),
+    }
+    note_failures(&mut done, 8);
+    note_busy(&mut busy);
+    if runner::interrupted() {
+        bail!("interrupted: everything the bench started was removed; no report written");
+    }
+    let load_end = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    not_done.push("Pod network throughput and latency (issue 5's benchmark): not built yet; it needs the CNI set-up of the network tests.".into());
+    not_done.push(format!(
+        "8 on our Linux guest: husk-vmm does not boot Linux on this host ({kvm_kind}); it runs where the host has hardware KVM."
+    ));
+
+    done.sort_by_key(|s| s.number);
+    targets::annotate(&mut done);
+    let load_note = format!(
+        "The machine is shared: load average {} at the start, {} at the end{}. Total bench time {}.",
+        load_start.split_whitespace().take(3).collect::<Vec<_>>().join(" "),
+        load_end.split_whitespace().take(3).collect::<Vec<_>>().join(" "),
+        if busy.is_empty() {
+            "; no compiler was seen running beside it".to_string()
+        } else {
+            format!("; seen running beside it at some point (other engineers' builds): {}", busy.join(", "))
+        },
+        elapsed(began)
+    );
+    let load_note = if leftovers.is_empty() {
+        format!("{load_note} At the end no shim, VM, helper or /run/husk directory of the bench's containers was left.")
+    } else {
+        format!(
+            "{load_note} **Left behind by the runtime** (found and removed by the bench's cleanup): {}.",
+            leftovers.join("; ")
+        )
+    };
+    let results = Results { date, machine: machine(), quick, load_note, scenarios: done, not_done };
+
+    let (md, dir) = if quick {
+        let d = paths::artifacts().join("bench");
+        (d.join("BENCHMARKS.md"), d.join("benchmarks"))
+    } else {
+        (paths::workspace().join("BENCHMARKS.md"), paths::workspace().join("benchmarks"))
+    };
+    std::fs::create_dir_all(&dir)?;
+    let json: PathBuf = dir.join("bench.json");
+    let svg_name = "start-latency.svg";
+    let chart_series: Vec<(String, Vec<f64>)> = results
+        .scenarios
+        .iter()
+        .filter(|s| [1, 2].contains(&s.number))
+        .flat_map(|s| {
+            let what = if s.number == 1 { "ctr run /bin/true" } else { "first output" };
+            s.rows.iter().take(1).flat_map(move |r| {
+                std::iter::once(&r.husk).chain(r.baseline.as_ref()).map(move |x| (format!("{what}: {}", x.backend), x.samples.clone()))
+            })
+        })
+        .collect();
+    if let Err(e) = chart::write_svg(&dir.join(svg_name), "Start latency: husk and runc under one containerd (empirical CDF)", &chart_series) {
+        eprintln!("bench: no chart: {e:#}");
+    }
+    report::write(&results, &md, &json, svg_name)?;
+    step(&format!("bench: wrote {}, {} and {}", md.display(), json.display(), dir.join(svg_name).display()));
+    print!("{}", report::render(&results, "bench.json", svg_name));
+    Ok(())
+}
+
+mod targets;

@@ -1,0 +1,171 @@
+//! BENCHMARKS.md and the JSON file of every sample. The Markdown is rendered from
+//! [`Results`] alone, so every figure in it comes from a run.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+
+use super::results::{Results, Row};
+use super::scenarios::one_line;
+
+/// Rounds for reading: three significant figures, at most two decimals.
+pub fn fmt_num(v: f64) -> String {
+    let a = v.abs();
+    if a >= 100.0 {
+        format!("{v:.0}")
+    } else if a >= 10.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+fn row_lines(out: &mut String, row: &Row) {
+    let ratio = row.ratio().map_or_else(|| "—".to_string(), |r| format!("{r:.2}×"));
+    let mut line = |series: &super::results::Series, ratio: &str| {
+        match series.summary() {
+            Some(s) => {
+                let _ = writeln!(
+                    out,
+                    "| {} | {} | {} | {} | {} | {} | {} | {} |",
+                    row.metric,
+                    series.backend,
+                    fmt_num(s.median),
+                    fmt_num(s.p95),
+                    fmt_num(s.min),
+                    fmt_num(s.max),
+                    s.runs,
+                    ratio
+                );
+            }
+            None => {
+                let _ = writeln!(out, "| {} | {} | no sample | | | | 0 | |", row.metric, series.backend);
+            }
+        }
+    };
+    line(&row.husk, &ratio);
+    if let Some(b) = &row.baseline {
+        line(b, "");
+    }
+}
+
+/// The Markdown of BENCHMARKS.md.
+pub fn render(r: &Results, json_name: &str, svg_name: &str) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "# husk benchmarks\n");
+    let _ = writeln!(
+        out,
+        "Written by `cargo xtask bench{}` on {} UTC, on {}.\n{}\n",
+        if r.quick { " --quick" } else { "" },
+        r.date,
+        r.machine,
+        r.load_note
+    );
+    let _ = writeln!(
+        out,
+        "Every sample is in [`benchmarks/{json_name}`](benchmarks/{json_name}); the start-latency \
+         distributions are charted in [`benchmarks/{svg_name}`](benchmarks/{svg_name}). Each \
+         scenario alternates husk and the baseline (A B A B …) so that drift of a shared \
+         machine hits both. Medians and p95 (nearest rank) are over the runs shown; the ratio is \
+         husk's median over the baseline's. Targets are goals, not assertions.\n"
+    );
+    let _ = writeln!(out, "![start latency](benchmarks/{svg_name})\n");
+    for s in &r.scenarios {
+        let _ = writeln!(out, "## {}. {}\n", s.number, s.title);
+        let _ = writeln!(out, "{}\n", s.method);
+        if !s.rows.is_empty() {
+            let _ = writeln!(out, "| metric | backend | median | p95 | min | max | runs | husk/baseline |");
+            let _ = writeln!(out, "|---|---|---:|---:|---:|---:|---:|---:|");
+            for row in &s.rows {
+                let mut m = row.clone();
+                m.metric = format!("{} ({})", row.metric, row.unit);
+                row_lines(&mut out, &m);
+            }
+            out.push('\n');
+        }
+        for n in &s.notes {
+            let _ = writeln!(out, "- {}", one_line(n));
+        }
+        if !s.notes.is_empty() {
+            out.push('\n');
+        }
+    }
+    if !r.not_done.is_empty() {
+        let _ = writeln!(out, "## Not measured yet\n");
+        for n in &r.not_done {
+            let _ = writeln!(out, "- {}", one_line(n));
+        }
+        out.push('\n');
+    }
+    let _ = writeln!(
+        out,
+        "## Reproduce\n\n`cargo xtask bench` (as root; it builds what it needs, starts a private \
+         containerd with husk and runc, and removes every container, VM and directory it made). \
+         `cargo xtask bench --quick` runs fewer iterations."
+    );
+    out
+}
+
+/// Writes BENCHMARKS.md at `md` and the samples as pretty JSON at `json`.
+pub fn write(r: &Results, md: &Path, json: &Path, svg_name: &str) -> Result<()> {
+    let json_name = json.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    std::fs::write(md, render(r, &json_name, svg_name)).with_context(|| format!("writing {}", md.display()))?;
+    let text = serde_json::to_string_pretty(r)?;
+    std::fs::write(json, text + "\n").with_context(|| format!("writing {}", json.display()))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bench::results::{Scenario, Series};
+
+    fn results() -> Results {
+        let mut s = Scenario::new(1, "Container start", "ctr run --rm … /bin/true");
+        s.rows.push(Row {
+            metric: "wall time".into(),
+            unit: "ms".into(),
+            husk: Series { backend: "husk (qemu/TCG)".into(), samples: vec![2000.0, 1800.0, 2200.0] },
+            baseline: Some(Series { backend: "runc".into(), samples: vec![150.0, 100.0, 200.0, 120.0] }),
+        });
+        s.notes.push("missed by a lot".into());
+        s.notes.push("an error\n--- console ---\nlast line\n".into());
+        Results {
+            date: "2026-11-29 05:00".into(),
+            machine: "test box".into(),
+            quick: true,
+            load_note: "quiet".into(),
+            scenarios: vec![s],
+            not_done: vec!["7. I/O: later".into()],
+        }
+    }
+
+    #[test]
+    fn the_table_names_backends_and_gives_the_ratio_of_medians() {
+        let md = render(&results(), "b.json", "b.svg");
+        assert!(md.contains("| wall time (ms) | husk (qemu/TCG) | 2000 | 2200 | 1800 | 2200 | 3 | 14.81× |"), "{md}");
+        assert!(md.contains("| wall time (ms) | runc | 135 | 200 | 100 | 200 | 4 |  |"), "{md}");
+        assert!(md.contains("`cargo xtask bench --quick` on 2026-11-29 05:00 UTC, on test box."));
+        assert!(md.contains("- missed by a lot"));
+        assert!(md.contains("- an error ⏎ --- console --- ⏎ last line\n"), "{md}");
+        assert!(md.contains("## Not measured yet\n\n- 7. I/O: later"));
+    }
+
+    #[test]
+    fn json_keeps_every_sample() {
+        let d = tempfile::tempdir().unwrap();
+        let (md, json) = (d.path().join("B.md"), d.path().join("b.json"));
+        write(&results(), &md, &json, "b.svg").unwrap();
+        let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+        assert_eq!(v["scenarios"][0]["rows"][0]["baseline"]["samples"].as_array().unwrap().len(), 4);
+        assert!(std::fs::read_to_string(&md).unwrap().contains("benchmarks/b.json"));
+    }
+
+    #[test]
+    fn numbers_round_for_reading() {
+        assert_eq!(fmt_num(1834.4), "1834");
+        assert_eq!(fmt_num(12.345), "12.3");
+        assert_eq!(fmt_num(2.345), "2.35");
+    }
+}
