@@ -276,11 +276,29 @@ impl Sandbox {
                 "the VM has no vsock device".into(),
             ));
         };
-        let agent = match Agent::connect(&socket, Duration::from_secs(config.agent_timeout_secs)) {
-            Ok(a) => a,
-            Err(e) => {
-                let _ = vm.kill();
-                return Err(guest_err("connecting to the agent", e.to_string()));
+        // Try in short rounds, so a VM that dies while booting (a kernel panic, a crashed
+        // helper) is reported at once rather than after the whole deadline.
+        let timeout = Duration::from_secs(config.agent_timeout_secs);
+        let deadline = std::time::Instant::now() + timeout;
+        let agent = loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match Agent::connect(&socket, left.min(Duration::from_secs(2))) {
+                Ok(a) => break a,
+                Err(e) => {
+                    if let Ok(Some(status)) = vm.wait(Some(Duration::ZERO)) {
+                        return Err(guest_err(
+                            "connecting to the agent",
+                            format!("the VM ended ({status}) before its agent answered"),
+                        ));
+                    }
+                    if std::time::Instant::now() >= deadline {
+                        let _ = vm.kill();
+                        return Err(guest_err(
+                            "connecting to the agent",
+                            format!("the agent did not answer within {timeout:?} (agent_timeout_secs): {e}"),
+                        ));
+                    }
+                }
             }
         };
         let req = CreateSandboxRequest {

@@ -234,10 +234,37 @@ fn an_agent_that_never_answers_is_a_deadline_error_and_leaves_nothing() {
         "took {:?}",
         started.elapsed()
     );
-    assert!(err.contains("not reachable within 5s"), "{err}");
+    assert!(err.contains("did not answer within 5s"), "{err}");
     assert!(
         err.contains("silent-init-up"),
         "the error carries the console tail: {err}"
+    );
+    wait_gone(&id);
+    let _ = h.ctd.ctr(&["containers", "delete", &id]);
+}
+
+#[test]
+fn a_guest_that_dies_at_boot_is_reported_at_once() {
+    require_root("containerd");
+    // panic=-1 on the command line: a kernel that cannot find /init panics and the VM ends.
+    let h = HuskContainerd::start_with_config(
+        "kernel_params = \"rdinit=/nonexistent\"\nagent_timeout_secs = 300\n",
+    );
+    let id = unique("panic");
+    let started = Instant::now();
+    let out = h
+        .ctd
+        .ctr(&["run", "--rm", "--runtime", RUNTIME, BUSYBOX, &id, "true"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("the VM ended") && err.contains("before its agent answered"),
+        "{err}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(120),
+        "waited {:?}: the deadline, not the VM's end",
+        started.elapsed()
     );
     wait_gone(&id);
     let _ = h.ctd.ctr(&["containers", "delete", &id]);

@@ -16,7 +16,8 @@ use std::path::{Path, PathBuf};
 use crate::{VmConfig, GUEST_CID, SHARED_FS_TAG};
 
 /// Added to husk-vmm's default kernel command line before the caller's extras.
-pub const CMDLINE: &str = "quiet";
+/// (`no_timer_check`: see the qemu backend's command line.)
+pub const CMDLINE: &str = "quiet no_timer_check";
 
 /// Files this VM keeps in its state directory.
 #[derive(Debug, Clone)]
@@ -114,7 +115,7 @@ mod tests {
         for want in [
             "--kernel /k/vmlinux",
             "--initrd /k/initramfs.cpio",
-            "--cmdline quiet husk.timeout=3 --",
+            "--cmdline quiet no_timer_check husk.timeout=3 --",
             "--vcpus 2",
             "--memory 256",
             "--console-log /run/husk/x/console.log",
