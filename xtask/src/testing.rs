@@ -80,6 +80,10 @@ pub fn run(with_setup: bool, filter: Option<&str>) -> Result<()> {
     if hardware {
         cmd.arg("--include-ignored");
     }
+    // One test at a time within each test binary: the integration tests boot VMs, which under
+    // TCG keep a core busy each; two of them plus their helpers starve each other on a 2-core
+    // machine and turn deadlines into noise. (shim_density runs several VMs at once on purpose.)
+    cmd.arg("--test-threads=1");
     let mut child = cmd.spawn().context("starting cargo test")?;
     let mut tally = Tally::default();
     for line in BufReader::new(child.stdout.take().expect("piped"))
