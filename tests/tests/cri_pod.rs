@@ -12,6 +12,31 @@ use husk_tests::husk::{mounts_under, processes_mentioning, BUSYBOX};
 use husk_tests::require_root;
 use k8s_cri::v1::*;
 
+/// The test's own cgroup parent for its pods, removed at the end.
+fn cgroup_root() -> String {
+    format!("husk-cri-test-{}", std::process::id())
+}
+
+/// Removes the pods' (empty) cgroup parents the runtimes left.
+struct CgroupSweep;
+
+impl Drop for CgroupSweep {
+    fn drop(&mut self) {
+        for entry in std::fs::read_dir("/sys/fs/cgroup")
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let root = entry.path().join(cgroup_root());
+            for pod in std::fs::read_dir(&root).into_iter().flatten().flatten() {
+                let _ = std::fs::remove_dir(pod.path());
+            }
+            let _ = std::fs::remove_dir(root);
+        }
+        let _ = std::fs::remove_dir(Path::new("/sys/fs/cgroup").join(cgroup_root()));
+    }
+}
+
 struct Pod<'a> {
     cri: &'a mut CriContainerd,
     id: String,
@@ -29,6 +54,8 @@ fn sandbox_config(cri: &CriContainerd, name: &str) -> PodSandboxConfig {
         hostname: name.into(),
         log_directory: cri.logs_dir(name).display().to_string(),
         linux: Some(LinuxPodSandboxConfig {
+            // As the kubelet (cgroupfs driver) gives it; CRI's sandbox stats read this cgroup.
+            cgroup_parent: format!("/{}/pod-{name}", cgroup_root()),
             security_context: Some(LinuxSandboxSecurityContext {
                 namespace_options: Some(NamespaceOption {
                     network: NamespaceMode::Pod as i32,
@@ -209,6 +236,7 @@ struct Observed {
     configmap_read_only: bool,
     termination_log_written: String,
     memory_limit_after_update: String,
+    pod_stats_answered: bool,
 }
 
 fn pod_flow(cri: &mut CriContainerd, handler: &str) -> (Observed, String) {
@@ -345,12 +373,25 @@ fn pod_flow(cri: &mut CriContainerd, handler: &str) -> (Observed, String) {
             ],
         )
     } else {
-        std::fs::read_to_string(format!(
-            "/sys/fs/cgroup/memory/k8s.io/{app}/memory.limit_in_bytes"
-        ))
-        .or_else(|_| std::fs::read_to_string(format!("/sys/fs/cgroup/k8s.io/{app}/memory.max")))
-        .unwrap_or_default()
+        // No cgroup namespace under runc on this v1 host: /proc/self/cgroup names the host path.
+        let cg = pod.exec_ok(&app, &["cat", "/proc/self/cgroup"]);
+        let mem = cg
+            .lines()
+            .find_map(|l| l.split_once(":memory:").map(|(_, p)| p.to_string()))
+            .unwrap_or_default();
+        let unified = cg.lines().find_map(|l| l.strip_prefix("0::")).unwrap_or("").to_string();
+        std::fs::read_to_string(format!("/sys/fs/cgroup/memory{mem}/memory.limit_in_bytes"))
+            .or_else(|_| std::fs::read_to_string(format!("/sys/fs/cgroup{unified}/memory.max")))
+            .unwrap_or_default()
     };
+
+    let pod_stats_answered = pod
+        .cri
+        .block_on(rt.pod_sandbox_stats(PodSandboxStatsRequest {
+            pod_sandbox_id: pod.id.clone(),
+        }))
+        .map(|r| r.into_inner().stats.is_some())
+        .unwrap_or_else(|e| panic!("{handler}: PodSandboxStats: {e}"));
 
     // A container's exit code and logs come back through CRI.
     let job = pod.container(
@@ -377,6 +418,7 @@ fn pod_flow(cri: &mut CriContainerd, handler: &str) -> (Observed, String) {
         configmap_read_only,
         termination_log_written,
         memory_limit_after_update,
+        pod_stats_answered,
     };
     (observed, pod.remove())
 }
@@ -384,6 +426,7 @@ fn pod_flow(cri: &mut CriContainerd, handler: &str) -> (Observed, String) {
 #[test]
 fn a_pod_of_two_containers_runs_alike_on_husk_and_runc() {
     require_root("containerd with CRI, CNI");
+    let _sweep = CgroupSweep;
     let mut cri = CriContainerd::start();
     let expected = Observed {
         localhost_http: "hello-from-web\n".into(),
@@ -394,6 +437,7 @@ fn a_pod_of_two_containers_runs_alike_on_husk_and_runc() {
         configmap_read_only: true,
         termination_log_written: "terminated-ok\n".into(),
         memory_limit_after_update: format!("{}\n", 96u64 << 20),
+        pod_stats_answered: true,
     };
     let (runc, _) = pod_flow(&mut cri, "runc");
     assert_eq!(runc, expected, "runc baseline");
