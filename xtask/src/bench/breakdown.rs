@@ -40,12 +40,18 @@ impl Watcher {
         let stop = Arc::new(AtomicBool::new(false));
         let s = stop.clone();
         let handle = std::thread::spawn(move || watch(&dir, t0, &s));
-        Self { stop, handle: Some(handle) }
+        Self {
+            stop,
+            handle: Some(handle),
+        }
     }
 
     pub fn finish(mut self) -> Seen {
         self.stop.store(true, Ordering::SeqCst);
-        self.handle.take().and_then(|h| h.join().ok()).unwrap_or_default()
+        self.handle
+            .take()
+            .and_then(|h| h.join().ok())
+            .unwrap_or_default()
     }
 }
 
@@ -63,7 +69,10 @@ fn watch(dir: &Path, t0: Instant, stop: &AtomicBool) -> Seen {
             if seen.console.is_some() {
                 if let Ok(text) = std::fs::read(&console) {
                     let at = t0.elapsed();
-                    if let Some(r) = String::from_utf8_lossy(&text).lines().find_map(ReadyLine::parse) {
+                    if let Some(r) = String::from_utf8_lossy(&text)
+                        .lines()
+                        .find_map(ReadyLine::parse)
+                    {
                         seen.ready = Some((at, r.since_boot_ms));
                     }
                 }
@@ -98,7 +107,10 @@ pub fn parse_rfc3339(s: &str) -> Option<i128> {
         let (c, off) = time.split_at(i);
         let sign = if off.starts_with('-') { -1 } else { 1 };
         let (oh, om) = off[1..].split_once(':')?;
-        (c, sign * (oh.parse::<i64>().ok()? * 3600 + om.parse::<i64>().ok()? * 60))
+        (
+            c,
+            sign * (oh.parse::<i64>().ok()? * 3600 + om.parse::<i64>().ok()? * 60),
+        )
     };
     let (hms, frac) = clock.split_once('.').unwrap_or((clock, ""));
     let mut t = hms.split(':').map(|x| x.parse::<i64>().ok());
@@ -116,12 +128,14 @@ pub fn parse_rfc3339(s: &str) -> Option<i128> {
 /// one of `needles`, as ms after `since` (negative if before).
 pub fn log_offset_ms(log: &str, needles: &[&str], since: SystemTime) -> Option<f64> {
     let since_ns = i128::try_from(since.duration_since(UNIX_EPOCH).ok()?.as_nanos()).ok()?;
-    log.lines().filter(|l| needles.iter().all(|n| l.contains(n))).find_map(|l| {
-        let t = l.split("time=\"").nth(1)?.split('"').next()?;
-        let ns = parse_rfc3339(t)?;
-        #[allow(clippy::cast_precision_loss)]
-        Some((ns - since_ns) as f64 / 1e6)
-    })
+    log.lines()
+        .filter(|l| needles.iter().all(|n| l.contains(n)))
+        .find_map(|l| {
+            let t = l.split("time=\"").nth(1)?.split('"').next()?;
+            let ns = parse_rfc3339(t)?;
+            #[allow(clippy::cast_precision_loss)]
+            Some((ns - since_ns) as f64 / 1e6)
+        })
 }
 
 #[cfg(test)]
@@ -131,7 +145,10 @@ mod tests {
     #[test]
     fn rfc3339_to_epoch_nanos() {
         assert_eq!(parse_rfc3339("1970-01-01T00:00:01Z"), Some(1_000_000_000));
-        assert_eq!(parse_rfc3339("2000-03-01T00:00:00.5Z"), Some(951_868_800_500_000_000));
+        assert_eq!(
+            parse_rfc3339("2000-03-01T00:00:00.5Z"),
+            Some(951_868_800_500_000_000)
+        );
         assert_eq!(
             parse_rfc3339("2000-03-01T01:00:00.000000001+01:00"),
             Some(951_868_800_000_000_001)
@@ -143,7 +160,10 @@ mod tests {
     fn finds_a_shim_line_in_the_log() {
         let since = UNIX_EPOCH + Duration::from_secs(951_868_800);
         let log = "time=\"2000-03-01T00:00:00.250Z\" level=info msg=\"shim abc serving on /x\"\n";
-        assert_eq!(log_offset_ms(log, &["shim abc serving"], since), Some(250.0));
+        assert_eq!(
+            log_offset_ms(log, &["shim abc serving"], since),
+            Some(250.0)
+        );
         assert_eq!(log_offset_ms(log, &["shim xyz serving"], since), None);
     }
 }

@@ -105,10 +105,16 @@ mod tests {
         write_svg(
             &p,
             "start",
-            &[("husk".into(), vec![1800.0, 2100.0]), ("runc".into(), vec![120.0, 150.0, 140.0])],
+            &[
+                ("husk".into(), vec![1800.0, 2100.0]),
+                ("runc".into(), vec![120.0, 150.0, 140.0]),
+            ],
         )
         .unwrap();
         let svg = std::fs::read_to_string(&p).unwrap();
-        assert!(svg.starts_with("<svg") && svg.contains("runc") && svg.contains("<circle"), "{svg}");
+        assert!(
+            svg.starts_with("<svg") && svg.contains("runc") && svg.contains("<circle"),
+            "{svg}"
+        );
     }
 }

@@ -6,8 +6,8 @@
 
 use std::collections::BTreeSet;
 use std::ffi::OsString;
-use std::path::{Path, PathBuf};
 use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -34,8 +34,9 @@ impl Env {
         let containerd = paths::find_program("containerd")
             .context("containerd: not found — run `cargo xtask setup`")?;
         paths::find_program("ctr").context("ctr: not found — run `cargo xtask setup`")?;
-        paths::find_program("containerd-shim-runc-v2")
-            .context("containerd-shim-runc-v2: not found — run `cargo xtask setup` (Debian's containerd)")?;
+        paths::find_program("containerd-shim-runc-v2").context(
+            "containerd-shim-runc-v2: not found — run `cargo xtask setup` (Debian's containerd)",
+        )?;
         let shim = paths::workspace().join("target/release/containerd-shim-husk-v2");
         if !shim.is_file() {
             bail!("{}: missing — `cargo xtask build` makes it", shim.display());
@@ -92,7 +93,11 @@ impl Env {
         let deadline = Instant::now() + Duration::from_secs(30);
         while !env.socket().exists() {
             if Instant::now() > deadline {
-                bail!("containerd did not open {} within 30 s; see {}", env.socket().display(), env.log_path().display());
+                bail!(
+                    "containerd did not open {} within 30 s; see {}",
+                    env.socket().display(),
+                    env.log_path().display()
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -122,19 +127,29 @@ impl Env {
         let mut n = self.counter.lock().unwrap_or_else(|e| e.into_inner());
         *n += 1;
         let id = format!("bench-{}-{tag}-{}", std::process::id(), *n);
-        self.ids.lock().unwrap_or_else(|e| e.into_inner()).insert(id.clone());
+        self.ids
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id.clone());
         id
     }
 
     /// `ctr` against this containerd, in its namespace, with `args` still to add.
     pub fn ctr_cmd(&self) -> Command {
         let mut c = Command::new("ctr");
-        c.arg("--address").arg(self.socket()).arg("--namespace").arg(&self.namespace);
+        c.arg("--address")
+            .arg(self.socket())
+            .arg("--namespace")
+            .arg(&self.namespace);
         c
     }
 
     pub fn ctr(&self, args: &[&str]) -> Result<Output> {
-        self.ctr_cmd().args(args).stdin(Stdio::null()).output().context("running ctr")
+        self.ctr_cmd()
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .context("running ctr")
     }
 
     pub fn ctr_ok(&self, args: &[&str]) -> Result<String> {
@@ -177,7 +192,13 @@ impl Env {
     /// Cleans up every container the bench made; returns what it could not remove.
     fn cleanup(&self) -> Vec<String> {
         let mut left = Vec::new();
-        let ids: Vec<String> = self.ids.lock().unwrap_or_else(|e| e.into_inner()).iter().cloned().collect();
+        let ids: Vec<String> = self
+            .ids
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .cloned()
+            .collect();
         let listed = self.ctr_ok(&["containers", "ls", "-q"]).unwrap_or_default();
         for id in listed.lines().filter(|l| ids.iter().any(|i| i == l.trim())) {
             if let Err(e) = self.remove(id.trim()) {
@@ -209,7 +230,11 @@ fn end_processes(pids: &[u32]) {
         let _ = kill(pid(*p), Signal::SIGTERM);
     }
     let deadline = Instant::now() + Duration::from_secs(5);
-    while Instant::now() < deadline && pids.iter().any(|p| Path::new(&format!("/proc/{p}")).exists()) {
+    while Instant::now() < deadline
+        && pids
+            .iter()
+            .any(|p| Path::new(&format!("/proc/{p}")).exists())
+    {
         std::thread::sleep(Duration::from_millis(50));
     }
     for p in pids {
@@ -234,7 +259,10 @@ impl Env {
         let mut found = self.cleanup();
         // containerd: SIGTERM, then SIGKILL; it is our child.
         if let Ok(pid) = i32::try_from(self.child.id()) {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM);
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGTERM,
+            );
         }
         let deadline = Instant::now() + Duration::from_secs(10);
         while !matches!(self.child.try_wait(), Ok(Some(_))) {
@@ -248,7 +276,13 @@ impl Env {
         // Shims, VMs and helpers of our containers still running now that their containerd
         // is gone (they are ours: our containerd started them), and sandbox directories a
         // shim did not remove.
-        let ids: Vec<String> = self.ids.lock().unwrap_or_else(|e| e.into_inner()).iter().cloned().collect();
+        let ids: Vec<String> = self
+            .ids
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .cloned()
+            .collect();
         let all = super::procfs::processes();
         for id in ids {
             let needle = format!("/run/husk/{id}/");
@@ -256,12 +290,19 @@ impl Env {
                 .iter()
                 .filter(|p| {
                     p.argv.iter().any(|a| a.contains(&needle))
-                        || (p.exe.starts_with("containerd-shim") && p.argv.windows(2).any(|w| w[0] == "-id" && w[1] == id))
+                        || (p.exe.starts_with("containerd-shim")
+                            && p.argv.windows(2).any(|w| w[0] == "-id" && w[1] == id))
                 })
                 .collect();
             if !left.is_empty() {
-                let names: Vec<String> = left.iter().map(|p| format!("{} ({})", p.exe, p.pid)).collect();
-                found.push(format!("{id}: still running after its container was removed: {}; ended", names.join(", ")));
+                let names: Vec<String> = left
+                    .iter()
+                    .map(|p| format!("{} ({})", p.exe, p.pid))
+                    .collect();
+                found.push(format!(
+                    "{id}: still running after its container was removed: {}; ended",
+                    names.join(", ")
+                ));
                 end_processes(&left.iter().map(|p| p.pid).collect::<Vec<_>>());
             }
             let d = Path::new("/run/husk").join(&id);

@@ -53,36 +53,91 @@ pub fn run(env: &Env, sides: &Sides, rounds: usize, mib: u32) -> Result<Scenario
     };
     let mut reads = [Vec::new(), Vec::new()];
     let mut make = [Vec::new(), Vec::new()];
-    let writes = alternate("rootfs write+read", sides.labels(), "MiB/s written", 0, rounds, |side| {
-        let id = env.new_id("io");
-        let mut c = env.ctr_cmd();
-        c.args(["run", "--rm", "--runtime", Sides::runtime(side), env.image(), &id, "sh", "-c", &script(side)]);
-        let t = timed(&mut c, Duration::from_secs(600))?;
-        let out = String::from_utf8_lossy(&t.stdout).into_owned();
-        let mut secs = out.lines().filter_map(real_secs);
-        let w = secs.next().with_context(|| format!("no `real` time for the write: {out}"))?;
-        let r = secs.next().with_context(|| format!("no `real` time for the read: {out}"))?;
-        let m = secs.next().with_context(|| format!("no `real` time for head: {out}"))?;
-        reads[side].push(f64::from(mib * READ_PASSES) / r.max(0.005));
-        make[side].push(f64::from(mib) / m.max(0.005));
-        Ok(f64::from(mib) / w.max(0.005))
-    })?;
-    sc.rows.push(sides.row(&format!("rootfs sequential write, {mib} MiB"), "MiB/s", writes));
-    sc.rows.push(sides.row(&format!("rootfs sequential read (host page cache), {mib} MiB"), "MiB/s", reads));
+    let writes = alternate(
+        "rootfs write+read",
+        sides.labels(),
+        "MiB/s written",
+        0,
+        rounds,
+        |side| {
+            let id = env.new_id("io");
+            let mut c = env.ctr_cmd();
+            c.args([
+                "run",
+                "--rm",
+                "--runtime",
+                Sides::runtime(side),
+                env.image(),
+                &id,
+                "sh",
+                "-c",
+                &script(side),
+            ]);
+            let t = timed(&mut c, Duration::from_secs(600))?;
+            let out = String::from_utf8_lossy(&t.stdout).into_owned();
+            let mut secs = out.lines().filter_map(real_secs);
+            let w = secs
+                .next()
+                .with_context(|| format!("no `real` time for the write: {out}"))?;
+            let r = secs
+                .next()
+                .with_context(|| format!("no `real` time for the read: {out}"))?;
+            let m = secs
+                .next()
+                .with_context(|| format!("no `real` time for head: {out}"))?;
+            reads[side].push(f64::from(mib * READ_PASSES) / r.max(0.005));
+            make[side].push(f64::from(mib) / m.max(0.005));
+            Ok(f64::from(mib) / w.max(0.005))
+        },
+    )?;
+    sc.rows.push(sides.row(
+        &format!("rootfs sequential write, {mib} MiB"),
+        "MiB/s",
+        writes,
+    ));
+    sc.rows.push(sides.row(
+        &format!("rootfs sequential read (host page cache), {mib} MiB"),
+        "MiB/s",
+        reads,
+    ));
     let bytes = u64::from(mib) << 20;
     let stdout = alternate("stdout", sides.labels(), "MiB/s", 0, rounds, |side| {
         let id = env.new_id("cat");
         let mut c = env.ctr_cmd();
         let n = bytes.to_string();
-        c.args(["run", "--rm", "--runtime", Sides::runtime(side), env.image(), &id, "head", "-c", &n, "/dev/zero"]);
+        c.args([
+            "run",
+            "--rm",
+            "--runtime",
+            Sides::runtime(side),
+            env.image(),
+            &id,
+            "head",
+            "-c",
+            &n,
+            "/dev/zero",
+        ]);
         let t = timed(&mut c, Duration::from_secs(600))?;
-        anyhow::ensure!(t.bytes == bytes, "{} bytes on stdout, expected {bytes}", t.bytes);
-        let span = t.last_byte.zip(t.first_byte).map(|(l, f)| l.saturating_sub(f)).context("no output")?;
+        anyhow::ensure!(
+            t.bytes == bytes,
+            "{} bytes on stdout, expected {bytes}",
+            t.bytes
+        );
+        let span = t
+            .last_byte
+            .zip(t.first_byte)
+            .map(|(l, f)| l.saturating_sub(f))
+            .context("no output")?;
         #[allow(clippy::cast_precision_loss)]
         Ok(bytes as f64 / span.as_secs_f64().max(1e-6) / f64::from(1u32 << 20))
     })?;
-    sc.rows.push(sides.row(&format!("stdout to the host, {mib} MiB"), "MiB/s", stdout));
-    sc.rows.push(sides.row(&format!("head -c {mib}M >/dev/null in the container"), "MiB/s", make));
+    sc.rows
+        .push(sides.row(&format!("stdout to the host, {mib} MiB"), "MiB/s", stdout));
+    sc.rows.push(sides.row(
+        &format!("head -c {mib}M >/dev/null in the container"),
+        "MiB/s",
+        make,
+    ));
     Ok(sc)
 }
 

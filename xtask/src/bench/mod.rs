@@ -12,6 +12,7 @@ pub mod breakdown;
 pub mod chart;
 pub mod env;
 pub mod io;
+pub mod network;
 pub mod procfs;
 pub mod report;
 pub mod results;
@@ -41,13 +42,39 @@ struct Plan {
     execs: usize,
     density: usize,
     io_rounds: usize,
+    net_rounds: usize,
+    net_mib: usize,
     io_mib: u32,
     vmm: usize,
     vmm_mem: usize,
 }
 
-const FULL: Plan = Plan { start: 30, first_output: 20, idle_pods: 5, execs: 6, density: 10, io_rounds: 3, io_mib: 256, vmm: 30, vmm_mem: 5 };
-const QUICK: Plan = Plan { start: 3, first_output: 2, idle_pods: 1, execs: 3, density: 2, io_rounds: 1, io_mib: 32, vmm: 3, vmm_mem: 1 };
+const FULL: Plan = Plan {
+    start: 30,
+    first_output: 20,
+    idle_pods: 5,
+    execs: 6,
+    density: 10,
+    io_rounds: 3,
+    net_rounds: 20,
+    net_mib: 64,
+    io_mib: 256,
+    vmm: 30,
+    vmm_mem: 5,
+};
+const QUICK: Plan = Plan {
+    start: 3,
+    first_output: 2,
+    idle_pods: 1,
+    execs: 3,
+    density: 2,
+    io_rounds: 1,
+    net_rounds: 3,
+    net_mib: 8,
+    io_mib: 32,
+    vmm: 3,
+    vmm_mem: 1,
+};
 
 /// Compilers and other benchmarks running beside us (they share the 2 cores).
 fn busy_processes() -> Vec<String> {
@@ -67,20 +94,43 @@ fn busy_processes() -> Vec<String> {
 fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|c| c.lines().find_map(|l| l.strip_prefix("model name")?.split_once(':').map(|(_, v)| v.trim().to_string())))
+        .and_then(|c| {
+            c.lines().find_map(|l| {
+                l.strip_prefix("model name")?
+                    .split_once(':')
+                    .map(|(_, v)| v.trim().to_string())
+            })
+        })
         .unwrap_or_else(|| "unknown CPU".into());
     let cores = std::thread::available_parallelism().map_or(0, usize::from);
     let mem_gib = procfs_meminfo_gib();
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let os = std::fs::read_to_string("/etc/debian_version").map(|v| format!("Debian {}", v.trim())).unwrap_or_default();
-    let kvm = if std::path::Path::new("/sys/module/kvm_pvm").exists() { "/dev/kvm is kvm_pvm" } else { "/dev/kvm present" };
-    format!("{cores} × {cpu}, {mem_gib:.0} GiB RAM, {os}, host kernel {}; {kvm}", kernel.trim())
+    let os = std::fs::read_to_string("/etc/debian_version")
+        .map(|v| format!("Debian {}", v.trim()))
+        .unwrap_or_default();
+    let kvm = if std::path::Path::new("/sys/module/kvm_pvm").exists() {
+        "/dev/kvm is kvm_pvm"
+    } else {
+        "/dev/kvm present"
+    };
+    format!(
+        "{cores} × {cpu}, {mem_gib:.0} GiB RAM, {os}, host kernel {}; {kvm}",
+        kernel.trim()
+    )
 }
 
 fn procfs_meminfo_gib() -> f64 {
     std::fs::read_to_string("/proc/meminfo")
         .ok()
-        .and_then(|m| m.lines().find_map(|l| l.strip_prefix("MemTotal:")?.split_whitespace().next()?.parse::<f64>().ok()))
+        .and_then(|m| {
+            m.lines().find_map(|l| {
+                l.strip_prefix("MemTotal:")?
+                    .split_whitespace()
+                    .next()?
+                    .parse::<f64>()
+                    .ok()
+            })
+        })
         .map_or(0.0, |kib| kib / 1024.0 / 1024.0)
 }
 
@@ -113,8 +163,15 @@ pub fn run(quick: bool) -> Result<()> {
         BackendChoice::Qemu(Accel::Kvm) => "qemu/KVM",
         BackendChoice::Qemu(Accel::Tcg) => "qemu/TCG",
     };
-    let kvm_kind = if std::path::Path::new("/sys/module/kvm_pvm").exists() { "KVM, kvm_pvm" } else { "KVM" };
-    let sides = Sides { husk: format!("husk ({backend})"), runc: "runc".into() };
+    let kvm_kind = if std::path::Path::new("/sys/module/kvm_pvm").exists() {
+        "KVM, kvm_pvm"
+    } else {
+        "KVM"
+    };
+    let sides = Sides {
+        husk: format!("husk ({backend})"),
+        runc: "runc".into(),
+    };
     let date = utc_now();
     let mut busy = busy_processes();
     let load_start = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
@@ -132,34 +189,50 @@ pub fn run(quick: bool) -> Result<()> {
         let f = runner::take_failures();
         if let Some(s) = done.iter_mut().find(|s| s.number == first) {
             for e in f {
-                s.notes.push(format!("A failed run, left out of the figures: {}", truncate(&e, 900)));
+                s.notes.push(format!(
+                    "A failed run, left out of the figures: {}",
+                    truncate(&e, 900)
+                ));
             }
         }
     };
     {
         step("bench: private containerd with husk and runc");
         let env = env::Env::start()?;
-        step(&format!("bench 1: container start, {} runs each", plan.start));
+        step(&format!(
+            "bench 1: container start, {} runs each",
+            plan.start
+        ));
         match scenarios::container_start(&env, &sides, plan.start) {
             Ok(s) => done.push(s),
             Err(e) => not_done.push(format!("1. Container start: failed in this run: {e:#}")),
         }
         note_failures(&mut done, 1);
         note_busy(&mut busy);
-        step(&format!("bench 2 + 4: time to first output and husk's boot breakdown, {} runs each", plan.first_output));
+        step(&format!(
+            "bench 2 + 4: time to first output and husk's boot breakdown, {} runs each",
+            plan.first_output
+        ));
         match scenarios::first_output(&env, &sides, plan.first_output) {
             Ok((s2, s4)) => {
                 done.push(s2);
                 done.push(s4);
             }
-            Err(e) => not_done.push(format!("2 and 4. Time to first output, boot breakdown: failed in this run: {e:#}")),
+            Err(e) => not_done.push(format!(
+                "2 and 4. Time to first output, boot breakdown: failed in this run: {e:#}"
+            )),
         }
         note_failures(&mut done, 2);
         note_busy(&mut busy);
-        step(&format!("bench 3 + 5 + 9: {} idle pod(s) per side, {} execs each", plan.idle_pods, plan.execs));
+        step(&format!(
+            "bench 3 + 5 + 9: {} idle pod(s) per side, {} execs each",
+            plan.idle_pods, plan.execs
+        ));
         match scenarios::idle_pods(&env, &sides, plan.idle_pods, plan.execs) {
             Ok(s) => done.extend(s),
-            Err(e) => not_done.push(format!("3, 5 and 9. Exec latency, pod memory, shim alone: failed in this run: {e:#}")),
+            Err(e) => not_done.push(format!(
+                "3, 5 and 9. Exec latency, pod memory, shim alone: failed in this run: {e:#}"
+            )),
         }
         note_failures(&mut done, 3);
         note_busy(&mut busy);
@@ -169,12 +242,25 @@ pub fn run(quick: bool) -> Result<()> {
             Err(e) => not_done.push(format!("6. Density: failed in this run: {e:#}")),
         }
         note_busy(&mut busy);
-        step(&format!("bench 7: I/O, {} MiB, {} run(s) each", plan.io_mib, plan.io_rounds));
+        step(&format!(
+            "bench 7: I/O, {} MiB, {} run(s) each",
+            plan.io_mib, plan.io_rounds
+        ));
         match io::run(&env, &sides, plan.io_rounds, plan.io_mib) {
             Ok(s) => done.push(s),
             Err(e) => not_done.push(format!("7. I/O: failed in this run: {e:#}")),
         }
         note_failures(&mut done, 7);
+        note_busy(&mut busy);
+        step(&format!(
+            "bench 10: pod network, {} requests and {} MiB sends each",
+            plan.net_rounds, plan.net_mib
+        ));
+        match network::run(&env, &sides, plan.net_rounds, plan.net_mib) {
+            Ok(s) => done.push(s),
+            Err(e) => not_done.push(format!("10. Pod network: failed in this run: {e:#}")),
+        }
+        note_failures(&mut done, 10);
         note_busy(&mut busy);
         step("bench: stopping containerd, removing what the bench made");
         leftovers = env.shutdown();
@@ -193,7 +279,6 @@ pub fn run(quick: bool) -> Result<()> {
         bail!("interrupted: everything the bench started was removed; no report written");
     }
     let load_end = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    not_done.push("Pod network throughput and latency (issue 5's benchmark): not built yet; it needs the CNI set-up of the network tests.".into());
     not_done.push(format!(
         "8 on our Linux guest: husk-vmm does not boot Linux on this host ({kvm_kind}); it runs where the host has hardware KVM."
     ));
@@ -219,13 +304,23 @@ pub fn run(quick: bool) -> Result<()> {
             leftovers.join("; ")
         )
     };
-    let results = Results { date, machine: machine(), quick, load_note, scenarios: done, not_done };
+    let results = Results {
+        date,
+        machine: machine(),
+        quick,
+        load_note,
+        scenarios: done,
+        not_done,
+    };
 
     let (md, dir) = if quick {
         let d = paths::artifacts().join("bench");
         (d.join("BENCHMARKS.md"), d.join("benchmarks"))
     } else {
-        (paths::workspace().join("BENCHMARKS.md"), paths::workspace().join("benchmarks"))
+        (
+            paths::workspace().join("BENCHMARKS.md"),
+            paths::workspace().join("benchmarks"),
+        )
     };
     std::fs::create_dir_all(&dir)?;
     let json: PathBuf = dir.join("bench.json");
@@ -235,17 +330,32 @@ pub fn run(quick: bool) -> Result<()> {
         .iter()
         .filter(|s| [1, 2].contains(&s.number))
         .flat_map(|s| {
-            let what = if s.number == 1 { "ctr run /bin/true" } else { "first output" };
+            let what = if s.number == 1 {
+                "ctr run /bin/true"
+            } else {
+                "first output"
+            };
             s.rows.iter().take(1).flat_map(move |r| {
-                std::iter::once(&r.husk).chain(r.baseline.as_ref()).map(move |x| (format!("{what}: {}", x.backend), x.samples.clone()))
+                std::iter::once(&r.husk)
+                    .chain(r.baseline.as_ref())
+                    .map(move |x| (format!("{what}: {}", x.backend), x.samples.clone()))
             })
         })
         .collect();
-    if let Err(e) = chart::write_svg(&dir.join(svg_name), "Start latency: husk and runc under one containerd (empirical CDF)", &chart_series) {
+    if let Err(e) = chart::write_svg(
+        &dir.join(svg_name),
+        "Start latency: husk and runc under one containerd (empirical CDF)",
+        &chart_series,
+    ) {
         eprintln!("bench: no chart: {e:#}");
     }
     report::write(&results, &md, &json, svg_name)?;
-    step(&format!("bench: wrote {}, {} and {}", md.display(), json.display(), dir.join(svg_name).display()));
+    step(&format!(
+        "bench: wrote {}, {} and {}",
+        md.display(),
+        json.display(),
+        dir.join(svg_name).display()
+    ));
     print!("{}", report::render(&results, "bench.json", svg_name));
     Ok(())
 }

@@ -40,7 +40,13 @@ pub fn parse_smaps(text: &str) -> Mem {
             anon = path.is_empty();
             continue;
         }
-        let kib = || words.clone().next().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        let kib = || {
+            words
+                .clone()
+                .next()
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
         match (first, guest) {
             ("Size:", _) => size = kib(),
             ("Pss:", false) => m.pss_kib += kib(),
@@ -60,7 +66,9 @@ pub fn parse_smaps(text: &str) -> Mem {
 }
 
 pub fn mem(pid: u32) -> Option<Mem> {
-    std::fs::read_to_string(format!("/proc/{pid}/smaps")).ok().map(|t| parse_smaps(&t))
+    std::fs::read_to_string(format!("/proc/{pid}/smaps"))
+        .ok()
+        .map(|t| parse_smaps(&t))
 }
 
 /// A field of /proc/PID/status as a number (e.g. `Threads`, `VmRSS` in kB).
@@ -84,9 +92,15 @@ pub struct Proc {
 pub fn processes() -> Vec<Proc> {
     let mut v = Vec::new();
     for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
-        let Some((_, rest)) = stat.rsplit_once(')') else { continue };
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let Some((_, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
         let mut f = rest.split_whitespace();
         if f.next() == Some("Z") {
             continue;
@@ -102,7 +116,12 @@ pub fn processes() -> Vec<Proc> {
             .ok()
             .and_then(|p: PathBuf| p.file_name().map(|n| n.to_string_lossy().into_owned()))
             .unwrap_or_default();
-        v.push(Proc { pid, ppid, argv, exe });
+        v.push(Proc {
+            pid,
+            ppid,
+            argv,
+            exe,
+        });
     }
     v
 }

@@ -22,26 +22,30 @@ pub fn fmt_num(v: f64) -> String {
 }
 
 fn row_lines(out: &mut String, row: &Row) {
-    let ratio = row.ratio().map_or_else(|| "—".to_string(), |r| format!("{r:.2}×"));
-    let mut line = |series: &super::results::Series, ratio: &str| {
-        match series.summary() {
-            Some(s) => {
-                let _ = writeln!(
-                    out,
-                    "| {} | {} | {} | {} | {} | {} | {} | {} |",
-                    row.metric,
-                    series.backend,
-                    fmt_num(s.median),
-                    fmt_num(s.p95),
-                    fmt_num(s.min),
-                    fmt_num(s.max),
-                    s.runs,
-                    ratio
-                );
-            }
-            None => {
-                let _ = writeln!(out, "| {} | {} | no sample | | | | 0 | |", row.metric, series.backend);
-            }
+    let ratio = row
+        .ratio()
+        .map_or_else(|| "—".to_string(), |r| format!("{r:.2}×"));
+    let mut line = |series: &super::results::Series, ratio: &str| match series.summary() {
+        Some(s) => {
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {} | {} | {} | {} | {} |",
+                row.metric,
+                series.backend,
+                fmt_num(s.median),
+                fmt_num(s.p95),
+                fmt_num(s.min),
+                fmt_num(s.max),
+                s.runs,
+                ratio
+            );
+        }
+        None => {
+            let _ = writeln!(
+                out,
+                "| {} | {} | no sample | | | | 0 | |",
+                row.metric, series.backend
+            );
         }
     };
     line(&row.husk, &ratio);
@@ -75,7 +79,10 @@ pub fn render(r: &Results, json_name: &str, svg_name: &str) -> String {
         let _ = writeln!(out, "## {}. {}\n", s.number, s.title);
         let _ = writeln!(out, "{}\n", s.method);
         if !s.rows.is_empty() {
-            let _ = writeln!(out, "| metric | backend | median | p95 | min | max | runs | husk/baseline |");
+            let _ = writeln!(
+                out,
+                "| metric | backend | median | p95 | min | max | runs | husk/baseline |"
+            );
             let _ = writeln!(out, "|---|---|---:|---:|---:|---:|---:|---:|");
             for row in &s.rows {
                 let mut m = row.clone();
@@ -109,8 +116,12 @@ pub fn render(r: &Results, json_name: &str, svg_name: &str) -> String {
 
 /// Writes BENCHMARKS.md at `md` and the samples as pretty JSON at `json`.
 pub fn write(r: &Results, md: &Path, json: &Path, svg_name: &str) -> Result<()> {
-    let json_name = json.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    std::fs::write(md, render(r, &json_name, svg_name)).with_context(|| format!("writing {}", md.display()))?;
+    let json_name = json
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    std::fs::write(md, render(r, &json_name, svg_name))
+        .with_context(|| format!("writing {}", md.display()))?;
     let text = serde_json::to_string_pretty(r)?;
     std::fs::write(json, text + "\n").with_context(|| format!("writing {}", json.display()))?;
     Ok(())
@@ -126,11 +137,18 @@ mod tests {
         s.rows.push(Row {
             metric: "wall time".into(),
             unit: "ms".into(),
-            husk: Series { backend: "husk (qemu/TCG)".into(), samples: vec![2000.0, 1800.0, 2200.0] },
-            baseline: Some(Series { backend: "runc".into(), samples: vec![150.0, 100.0, 200.0, 120.0] }),
+            husk: Series {
+                backend: "husk (qemu/TCG)".into(),
+                samples: vec![2000.0, 1800.0, 2200.0],
+            },
+            baseline: Some(Series {
+                backend: "runc".into(),
+                samples: vec![150.0, 100.0, 200.0, 120.0],
+            }),
         });
         s.notes.push("missed by a lot".into());
-        s.notes.push("an error\n--- console ---\nlast line\n".into());
+        s.notes
+            .push("an error\n--- console ---\nlast line\n".into());
         Results {
             date: "2026-11-29 05:00".into(),
             machine: "test box".into(),
@@ -144,11 +162,22 @@ mod tests {
     #[test]
     fn the_table_names_backends_and_gives_the_ratio_of_medians() {
         let md = render(&results(), "b.json", "b.svg");
-        assert!(md.contains("| wall time (ms) | husk (qemu/TCG) | 2000 | 2200 | 1800 | 2200 | 3 | 14.81× |"), "{md}");
-        assert!(md.contains("| wall time (ms) | runc | 135 | 200 | 100 | 200 | 4 |  |"), "{md}");
+        assert!(
+            md.contains(
+                "| wall time (ms) | husk (qemu/TCG) | 2000 | 2200 | 1800 | 2200 | 3 | 14.81× |"
+            ),
+            "{md}"
+        );
+        assert!(
+            md.contains("| wall time (ms) | runc | 135 | 200 | 100 | 200 | 4 |  |"),
+            "{md}"
+        );
         assert!(md.contains("`cargo xtask bench --quick` on 2026-11-29 05:00 UTC, on test box."));
         assert!(md.contains("- missed by a lot"));
-        assert!(md.contains("- an error ⏎ --- console --- ⏎ last line\n"), "{md}");
+        assert!(
+            md.contains("- an error ⏎ --- console --- ⏎ last line\n"),
+            "{md}"
+        );
         assert!(md.contains("## Not measured yet\n\n- 7. I/O: later"));
     }
 
@@ -157,9 +186,18 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let (md, json) = (d.path().join("B.md"), d.path().join("b.json"));
         write(&results(), &md, &json, "b.svg").unwrap();
-        let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
-        assert_eq!(v["scenarios"][0]["rows"][0]["baseline"]["samples"].as_array().unwrap().len(), 4);
-        assert!(std::fs::read_to_string(&md).unwrap().contains("benchmarks/b.json"));
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+        assert_eq!(
+            v["scenarios"][0]["rows"][0]["baseline"]["samples"]
+                .as_array()
+                .unwrap()
+                .len(),
+            4
+        );
+        assert!(std::fs::read_to_string(&md)
+            .unwrap()
+            .contains("benchmarks/b.json"));
     }
 
     #[test]

@@ -52,7 +52,13 @@ pub struct Scenario {
 
 impl Scenario {
     pub fn new(number: u32, title: &str, method: impl Into<String>) -> Self {
-        Self { number, title: title.into(), method: method.into(), rows: Vec::new(), notes: Vec::new() }
+        Self {
+            number,
+            title: title.into(),
+            method: method.into(),
+            rows: Vec::new(),
+            notes: Vec::new(),
+        }
     }
 }
 

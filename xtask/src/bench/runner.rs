@@ -32,10 +32,15 @@ extern "C" fn on_interrupt(_: nix::libc::c_int) {
 /// happens.
 pub fn catch_interrupts() -> Result<()> {
     use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
-    let action = SigAction::new(SigHandler::Handler(on_interrupt), SaFlags::empty(), SigSet::empty());
+    let action = SigAction::new(
+        SigHandler::Handler(on_interrupt),
+        SaFlags::empty(),
+        SigSet::empty(),
+    );
     for sig in [Signal::SIGINT, Signal::SIGTERM] {
         // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
-        unsafe { sigaction(sig, &action) }.with_context(|| format!("installing a {sig} handler"))?;
+        unsafe { sigaction(sig, &action) }
+            .with_context(|| format!("installing a {sig} handler"))?;
     }
     Ok(())
 }
@@ -84,10 +89,15 @@ pub fn alternate(
                     let e = e.context(format!("{what}: run {} on {}", r + 1, labels[side]));
                     failed[side] += 1;
                     if failed[side] >= MAX_FAILURES {
-                        return Err(e.context(format!("{MAX_FAILURES} runs failed on {}", labels[side])));
+                        return Err(
+                            e.context(format!("{MAX_FAILURES} runs failed on {}", labels[side]))
+                        );
                     }
                     shown.push_str(&format!("  {} FAILED", labels[side]));
-                    FAILURES.lock().unwrap_or_else(|e| e.into_inner()).push(format!("{e:#}"));
+                    FAILURES
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push(format!("{e:#}"));
                 }
             }
         }
@@ -162,7 +172,10 @@ pub fn timed(cmd: &mut Command, deadline: Duration) -> Result<Timed> {
         if start.elapsed() > deadline {
             let _ = child.kill();
             let _ = child.wait();
-            bail!("`{}` did not end within {deadline:?}", crate::run::show(cmd));
+            bail!(
+                "`{}` did not end within {deadline:?}",
+                crate::run::show(cmd)
+            );
         }
         std::thread::sleep(Duration::from_micros(500));
     };
@@ -177,7 +190,14 @@ pub fn timed(cmd: &mut Command, deadline: Duration) -> Result<Timed> {
             String::from_utf8_lossy(&err)
         );
     }
-    Ok(Timed { started_at, first_byte, last_byte, total, bytes, stdout: out })
+    Ok(Timed {
+        started_at,
+        first_byte,
+        last_byte,
+        total,
+        bytes,
+        stdout: out,
+    })
 }
 
 #[cfg(test)]
@@ -201,8 +221,18 @@ mod tests {
         // Warm-up (1, 2) is not recorded; run 4 failed on side b.
         assert_eq!(v, [vec![3.0, 5.0, 7.0], vec![6.0, 8.0]]);
         let f = take_failures();
-        assert!(f.len() == 1 && f[0].contains("t: run 1 on b") && f[0].contains("boom"), "{f:?}");
-        let e = alternate("u", ["a", "b"], "ms", 0, 5, |side| if side == 0 { bail!("no") } else { Ok(1.0) }).unwrap_err();
+        assert!(
+            f.len() == 1 && f[0].contains("t: run 1 on b") && f[0].contains("boom"),
+            "{f:?}"
+        );
+        let e = alternate("u", ["a", "b"], "ms", 0, 5, |side| {
+            if side == 0 {
+                bail!("no")
+            } else {
+                Ok(1.0)
+            }
+        })
+        .unwrap_err();
         assert!(format!("{e:#}").contains("3 runs failed on a"), "{e:#}");
         take_failures();
     }

@@ -25,22 +25,35 @@ impl Sides {
         [&self.husk, &self.runc]
     }
     pub fn runtime(side: usize) -> &'static str {
-        if side == 0 { HUSK_RUNTIME } else { RUNC_RUNTIME }
+        if side == 0 {
+            HUSK_RUNTIME
+        } else {
+            RUNC_RUNTIME
+        }
     }
     pub fn row(&self, metric: &str, unit: &str, v: [Vec<f64>; 2]) -> Row {
         let [h, b] = v;
         Row {
             metric: metric.into(),
             unit: unit.into(),
-            husk: Series { backend: self.husk.clone(), samples: h },
-            baseline: Some(Series { backend: self.runc.clone(), samples: b }),
+            husk: Series {
+                backend: self.husk.clone(),
+                samples: h,
+            },
+            baseline: Some(Series {
+                backend: self.runc.clone(),
+                samples: b,
+            }),
         }
     }
     fn husk_row(&self, metric: &str, unit: &str, v: Vec<f64>) -> Row {
         Row {
             metric: metric.into(),
             unit: unit.into(),
-            husk: Series { backend: self.husk.clone(), samples: v },
+            husk: Series {
+                backend: self.husk.clone(),
+                samples: v,
+            },
             baseline: None,
         }
     }
@@ -161,12 +174,19 @@ struct PodMem {
 
 fn measure_pod(side: usize, id: &str) -> Result<PodMem> {
     let all = procfs::processes();
-    let shim_exe = if side == 0 { "containerd-shim-husk" } else { "containerd-shim-runc" };
-    let shim = procfs::shim_of(&all, shim_exe, id).with_context(|| format!("no {shim_exe} process for {id}"))?;
+    let shim_exe = if side == 0 {
+        "containerd-shim-husk"
+    } else {
+        "containerd-shim-runc"
+    };
+    let shim = procfs::shim_of(&all, shim_exe, id)
+        .with_context(|| format!("no {shim_exe} process for {id}"))?;
     let shim_mem = procfs::mem(shim).context("reading the shim's smaps")?;
     let others: Vec<&procfs::Proc> = if side == 0 {
         let needle = format!("/run/husk/{id}/");
-        all.iter().filter(|p| p.pid != shim && p.argv.iter().any(|a| a.contains(&needle))).collect()
+        all.iter()
+            .filter(|p| p.pid != shim && p.argv.iter().any(|a| a.contains(&needle)))
+            .collect()
     } else {
         all.iter().filter(|p| p.ppid == shim).collect()
     };
@@ -239,7 +259,16 @@ pub fn idle_pods(env: &Env, sides: &Sides, rounds: usize, execs: usize) -> Resul
         let res = (|| -> Result<()> {
             for side in 0..2 {
                 super::runner::check_interrupt()?;
-                env.ctr_ok(&["run", "-d", "--runtime", Sides::runtime(side), env.image(), &ids[side], "sleep", "100000"])?;
+                env.ctr_ok(&[
+                    "run",
+                    "-d",
+                    "--runtime",
+                    Sides::runtime(side),
+                    env.image(),
+                    &ids[side],
+                    "sleep",
+                    "100000",
+                ])?;
             }
             std::thread::sleep(Duration::from_secs(3));
             for side in 0..2 {
@@ -283,14 +312,20 @@ pub fn idle_pods(env: &Env, sides: &Sides, rounds: usize, execs: usize) -> Resul
         }
         res?;
     }
-    s3.rows.push(sides.row("ctr task exec /bin/true", "ms", exec));
-    s5.rows.push(sides.row("pod PSS outside guest RAM", "MiB", total));
-    s5.rows.push(sides.husk_row("guest RAM touched (memfd RSS)", "MiB", guest));
+    s3.rows
+        .push(sides.row("ctr task exec /bin/true", "ms", exec));
+    s5.rows
+        .push(sides.row("pod PSS outside guest RAM", "MiB", total));
+    s5.rows
+        .push(sides.husk_row("guest RAM touched (memfd RSS)", "MiB", guest));
     for (exe, v) in parts {
-        s5.rows.push(sides.husk_row(&format!("of which {exe} PSS"), "MiB", v));
+        s5.rows
+            .push(sides.husk_row(&format!("of which {exe} PSS"), "MiB", v));
     }
-    s5.rows.push(sides.husk_row("VMM's largest anonymous mapping, RSS", "MiB", anon.0));
-    s5.rows.push(sides.husk_row("VMM's largest anonymous mapping, size", "MiB", anon.1));
+    s5.rows
+        .push(sides.husk_row("VMM's largest anonymous mapping, RSS", "MiB", anon.0));
+    s5.rows
+        .push(sides.husk_row("VMM's largest anonymous mapping, size", "MiB", anon.1));
     s9.rows.push(sides.row("shim PSS", "MiB", shim_pss));
     s9.rows.push(sides.row("shim threads", "threads", threads));
     Ok([s3, s5, s9])
@@ -324,15 +359,39 @@ pub fn density(env: &Env, sides: &Sides, pods: usize) -> Result<Scenario> {
             for (i, id) in ids.iter().enumerate() {
                 super::runner::check_interrupt()?;
                 let t = Instant::now();
-                match env.ctr_ok(&["run", "-d", "--runtime", Sides::runtime(side), env.image(), id, "sleep", "100000"]) {
+                match env.ctr_ok(&[
+                    "run",
+                    "-d",
+                    "--runtime",
+                    Sides::runtime(side),
+                    env.image(),
+                    id,
+                    "sleep",
+                    "100000",
+                ]) {
                     Ok(_) => {
                         start_each[side].push(ms(t.elapsed()));
                         started.push(id.clone());
-                        println!("    density {}: pod {}/{pods} in {:.0} ms", sides.labels()[side], i + 1, ms(t.elapsed()));
+                        println!(
+                            "    density {}: pod {}/{pods} in {:.0} ms",
+                            sides.labels()[side],
+                            i + 1,
+                            ms(t.elapsed())
+                        );
                     }
                     Err(e) => {
-                        println!("    density {}: pod {}/{pods} FAILED after {:.0} ms", sides.labels()[side], i + 1, ms(t.elapsed()));
-                        failures[side].push(format!("pod {} after {:.0} ms: {}", i + 1, ms(t.elapsed()), one_line(&format!("{e:#}"))));
+                        println!(
+                            "    density {}: pod {}/{pods} FAILED after {:.0} ms",
+                            sides.labels()[side],
+                            i + 1,
+                            ms(t.elapsed())
+                        );
+                        failures[side].push(format!(
+                            "pod {} after {:.0} ms: {}",
+                            i + 1,
+                            ms(t.elapsed()),
+                            one_line(&format!("{e:#}"))
+                        ));
                     }
                 }
             }
@@ -356,11 +415,19 @@ pub fn density(env: &Env, sides: &Sides, pods: usize) -> Result<Scenario> {
         res?;
     }
     let n = [pods - failures[0].len(), pods - failures[1].len()];
-    sc.rows.push(sides.row("start of each pod", "ms", start_each));
-    sc.rows.push(sides.row(&format!("all {pods} attempts made"), "s", totals));
-    sc.rows.push(sides.row(&format!("pods started of {pods}"), "pods", [vec![n[0] as f64], vec![n[1] as f64]]));
-    sc.rows.push(sides.row("all started pods, PSS outside guest RAM", "MiB", mem_total));
-    sc.rows.push(sides.husk_row("all started pods, guest RAM touched", "MiB", guest_total));
+    sc.rows
+        .push(sides.row("start of each pod", "ms", start_each));
+    sc.rows
+        .push(sides.row(&format!("all {pods} attempts made"), "s", totals));
+    sc.rows.push(sides.row(
+        &format!("pods started of {pods}"),
+        "pods",
+        [vec![n[0] as f64], vec![n[1] as f64]],
+    ));
+    sc.rows
+        .push(sides.row("all started pods, PSS outside guest RAM", "MiB", mem_total));
+    sc.rows
+        .push(sides.husk_row("all started pods, guest RAM touched", "MiB", guest_total));
     for (label, fs) in sides.labels().iter().zip(&failures) {
         for f in fs {
             sc.notes.push(format!("{label} failed to start {f}"));
@@ -371,5 +438,9 @@ pub fn density(env: &Env, sides: &Sides, pods: usize) -> Result<Scenario> {
 
 /// An error message on one line, for a Markdown list item.
 pub fn one_line(s: &str) -> String {
-    s.lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join(" ⏎ ")
+    s.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ⏎ ")
 }

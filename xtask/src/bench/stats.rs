@@ -77,7 +77,13 @@ mod tests {
         let s = summarize(&[3.0, 1.0, 2.0, 10.0]).unwrap();
         assert_eq!(
             s,
-            Summary { median: 2.5, p95: 10.0, min: 1.0, max: 10.0, runs: 4 }
+            Summary {
+                median: 2.5,
+                p95: 10.0,
+                min: 1.0,
+                max: 10.0,
+                runs: 4
+            }
         );
         assert_eq!(summarize(&[]), None);
     }

@@ -22,12 +22,32 @@ const MEMORY_MIB: u32 = 128;
 /// Assembles `tests/guests/<name>.s` into `dir/<name>.elf`.
 fn guest(name: &str, dir: &Path) -> Result<PathBuf> {
     let src = paths::workspace().join("tests/guests");
-    let (obj, elf) = (dir.join(format!("{name}.o")), dir.join(format!("{name}.elf")));
-    output(Command::new("as").arg("--64").arg("-I").arg(&src).arg("-o").arg(&obj).arg(src.join(format!("{name}.s"))))
-        .context("assembling a synthetic guest (binutils' `as`)")?;
+    let (obj, elf) = (
+        dir.join(format!("{name}.o")),
+        dir.join(format!("{name}.elf")),
+    );
+    output(
+        Command::new("as")
+            .arg("--64")
+            .arg("-I")
+            .arg(&src)
+            .arg("-o")
+            .arg(&obj)
+            .arg(src.join(format!("{name}.s"))),
+    )
+    .context("assembling a synthetic guest (binutils' `as`)")?;
     output(
         Command::new("ld")
-            .args(["-m", "elf_x86_64", "-nostdlib", "--build-id=none", "-z", "max-page-size=0x1000", "--no-warn-rwx-segments", "-T"])
+            .args([
+                "-m",
+                "elf_x86_64",
+                "-nostdlib",
+                "--build-id=none",
+                "-z",
+                "max-page-size=0x1000",
+                "--no-warn-rwx-segments",
+                "-T",
+            ])
             .arg(src.join("guest.ld"))
             .arg("-o")
             .arg(&elf)
@@ -42,12 +62,15 @@ fn husk_vmm(kernel: &Path) -> Result<Command> {
         bail!("{}: missing — `cargo xtask build` makes it", bin.display());
     }
     let mut c = Command::new(bin);
-    c.arg("--kernel").arg(kernel).args(["--memory", &MEMORY_MIB.to_string()]);
+    c.arg("--kernel")
+        .arg(kernel)
+        .args(["--memory", &MEMORY_MIB.to_string()]);
     Ok(c)
 }
 
 fn qemu(kernel: &Path) -> Result<Command> {
-    let bin = paths::find_program("qemu-system-x86_64").context("qemu-system-x86_64: not found — run `cargo xtask setup`")?;
+    let bin = paths::find_program("qemu-system-x86_64")
+        .context("qemu-system-x86_64: not found — run `cargo xtask setup`")?;
     let mut c = Command::new(bin);
     c.args([
         "-M",
@@ -78,7 +101,11 @@ fn qemu(kernel: &Path) -> Result<Command> {
 
 /// Starts an idle guest, waits for its line, lets it settle, and reads its memory.
 fn idle_mem(mut cmd: Command) -> Result<procfs::Mem> {
-    let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null()).spawn()?;
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
     let out = child.stdout.take().context("stdout")?;
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -89,7 +116,8 @@ fn idle_mem(mut cmd: Command) -> Result<procfs::Mem> {
         }
     });
     let res = (|| {
-        rx.recv_timeout(Duration::from_secs(30)).context("the idle guest did not print its line within 30 s")?;
+        rx.recv_timeout(Duration::from_secs(30))
+            .context("the idle guest did not print its line within 30 s")?;
         std::thread::sleep(Duration::from_millis(500));
         procfs::mem(child.id()).context("reading smaps")
     })();
@@ -104,8 +132,14 @@ fn row(metric: &str, unit: &str, v: [Vec<f64>; 2], labels: [&str; 2]) -> Row {
     Row {
         metric: metric.into(),
         unit: unit.into(),
-        husk: Series { backend: labels[0].into(), samples: h },
-        baseline: Some(Series { backend: labels[1].into(), samples: b }),
+        husk: Series {
+            backend: labels[0].into(),
+            samples: h,
+        },
+        baseline: Some(Series {
+            backend: labels[1].into(),
+            samples: b,
+        }),
     }
 }
 
@@ -142,10 +176,17 @@ fn run_in(dir: &Path, rounds: usize, mem_rounds: usize, kvm_kind: &str) -> Resul
     );
     let mut exit = [Vec::new(), Vec::new()];
     let first = alternate("vmm hello", labels, "ms", 1, rounds, |side| {
-        let mut c = if side == 0 { husk_vmm(&hello)? } else { qemu(&hello)? };
+        let mut c = if side == 0 {
+            husk_vmm(&hello)?
+        } else {
+            qemu(&hello)?
+        };
         let t = timed(&mut c, Duration::from_secs(30))?;
         if !String::from_utf8_lossy(&t.stdout).contains("husk guest: hello") {
-            bail!("the guest did not print its line: {:?}", String::from_utf8_lossy(&t.stdout));
+            bail!(
+                "the guest did not print its line: {:?}",
+                String::from_utf8_lossy(&t.stdout)
+            );
         }
         exit[side].push(ms(t.total));
         Ok(ms(t.first_byte.context("no serial output")?))
@@ -154,14 +195,19 @@ fn run_in(dir: &Path, rounds: usize, mem_rounds: usize, kvm_kind: &str) -> Resul
     for e in &mut exit {
         e.remove(0);
     }
-    sc.rows.push(row("spawn → first serial byte", "ms", first, labels));
+    sc.rows
+        .push(row("spawn → first serial byte", "ms", first, labels));
     sc.rows.push(row("spawn → exit", "ms", exit, labels));
     let mut rss = [Vec::new(), Vec::new()];
     let mut pss = [Vec::new(), Vec::new()];
     for r in 0..mem_rounds {
         for side in 0..2 {
             super::runner::check_interrupt()?;
-            let c = if side == 0 { husk_vmm(&idle)? } else { qemu(&idle)? };
+            let c = if side == 0 {
+                husk_vmm(&idle)?
+            } else {
+                qemu(&idle)?
+            };
             let m = idle_mem(c).with_context(|| format!("idle guest on {}", labels[side]))?;
             #[allow(clippy::cast_precision_loss)]
             {
@@ -177,7 +223,9 @@ fn run_in(dir: &Path, rounds: usize, mem_rounds: usize, kvm_kind: &str) -> Resul
             );
         }
     }
-    sc.rows.push(row("RSS outside guest RAM, idle guest", "MiB", rss, labels));
-    sc.rows.push(row("PSS outside guest RAM, idle guest", "MiB", pss, labels));
+    sc.rows
+        .push(row("RSS outside guest RAM, idle guest", "MiB", rss, labels));
+    sc.rows
+        .push(row("PSS outside guest RAM, idle guest", "MiB", pss, labels));
     Ok(sc)
 }
