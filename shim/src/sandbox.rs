@@ -43,23 +43,39 @@ pub enum SandboxError {
 }
 
 /// vCPUs and memory for a sandbox: the configured base plus the pod's limits.
+/// Pod annotations (passed through containerd's `pod_annotations = ["io.husk.*"]`) that size a
+/// sandbox's VM: extra vCPUs and MiB on top of the configured base, for pods whose containers'
+/// limits are only known after the sandbox exists (the VM's size is fixed at boot).
+pub const ANNOTATION_EXTRA_VCPUS: &str = "io.husk.extra-vcpus";
+pub const ANNOTATION_EXTRA_MEMORY_MIB: &str = "io.husk.extra-memory-mib";
+
 pub fn size_for(config: &Config, spec: &Value) -> (u32, u32) {
     let res = &spec["linux"]["resources"];
     let quota = res["cpu"]["quota"].as_i64().unwrap_or(0);
     let period = res["cpu"]["period"].as_u64().unwrap_or(0);
-    let extra_cpus = if quota > 0 && period > 0 {
+    let mut extra_cpus = if quota > 0 && period > 0 {
         u32::try_from((quota.unsigned_abs()).div_ceil(period)).unwrap_or(0)
     } else {
         0
     };
     let limit = res["memory"]["limit"].as_i64().unwrap_or(0);
-    let extra_mib = if limit > 0 {
+    let mut extra_mib = if limit > 0 {
         u32::try_from(limit.unsigned_abs().div_ceil(1 << 20)).unwrap_or(0)
     } else {
         0
     };
+    let annotation = |key: &str| {
+        spec["annotations"][key]
+            .as_str()
+            .and_then(|v| v.trim().parse::<u32>().ok())
+    };
+    extra_cpus = extra_cpus.saturating_add(annotation(ANNOTATION_EXTRA_VCPUS).unwrap_or(0));
+    extra_mib = extra_mib.saturating_add(annotation(ANNOTATION_EXTRA_MEMORY_MIB).unwrap_or(0));
     (
-        (config.vcpus + extra_cpus).clamp(1, husk_hypervisor::MAX_VCPUS),
+        config
+            .vcpus
+            .saturating_add(extra_cpus)
+            .clamp(1, husk_hypervisor::MAX_VCPUS),
         config.memory_mib.saturating_add(extra_mib),
     )
 }
@@ -111,6 +127,10 @@ impl std::fmt::Debug for Sandbox {
             .field("vm_pid", &self.vm_pid)
             .finish()
     }
+}
+
+fn first_line(s: &str) -> &str {
+    s.lines().next().unwrap_or("")
 }
 
 /// The console tail, followed by what the VM's helpers logged (QEMU, virtiofsd,
@@ -276,29 +296,35 @@ impl Sandbox {
                 "the VM has no vsock device".into(),
             ));
         };
-        // Try in short rounds, so a VM that dies while booting (a kernel panic, a crashed
-        // helper) is reported at once rather than after the whole deadline.
+        // Connect only once the agent has said on the console that it serves: a connection
+        // attempted while the guest's vsock driver is still coming up has been seen to leave
+        // vhost-device-vsock never answering later ones. Waiting on the console also reports a
+        // VM that dies while booting (a kernel panic, a crashed helper) at once.
         let timeout = Duration::from_secs(config.agent_timeout_secs);
         let deadline = std::time::Instant::now() + timeout;
-        let agent = loop {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            match Agent::connect(&socket, left.min(Duration::from_secs(2))) {
-                Ok(a) => break a,
-                Err(e) => {
-                    if let Ok(Some(status)) = vm.wait(Some(Duration::ZERO)) {
-                        return Err(guest_err(
-                            "connecting to the agent",
-                            format!("the VM ended ({status}) before its agent answered"),
-                        ));
-                    }
-                    if std::time::Instant::now() >= deadline {
-                        let _ = vm.kill();
-                        return Err(guest_err(
-                            "connecting to the agent",
-                            format!("the agent did not answer within {timeout:?} (agent_timeout_secs): {e}"),
-                        ));
-                    }
-                }
+        if let Err(e) = husk_hypervisor::console::wait_for_ready(vm.as_mut(), timeout) {
+            let ended = vm.wait(Some(Duration::ZERO)).ok().flatten();
+            let _ = vm.kill();
+            let what = match ended {
+                Some(status) => format!("the VM ended ({status}) before its agent answered"),
+                None => format!(
+                    "the agent did not answer within {timeout:?} (agent_timeout_secs): {}",
+                    first_line(&e.to_string())
+                ),
+            };
+            return Err(guest_err("connecting to the agent", what));
+        }
+        let left = deadline
+            .saturating_duration_since(std::time::Instant::now())
+            .max(Duration::from_secs(5));
+        let agent = match Agent::connect(&socket, left) {
+            Ok(a) => a,
+            Err(e) => {
+                let _ = vm.kill();
+                return Err(guest_err(
+                    "connecting to the agent",
+                    format!("the agent said it was ready, but: {e}"),
+                ));
             }
         };
         let req = CreateSandboxRequest {
@@ -417,5 +443,10 @@ mod tests {
         assert_eq!(size_for(&c, &spec), (3, 384));
         let neg = json!({"linux": {"resources": {"cpu": {"quota": -1, "period": 100000}, "memory": {"limit": -1}}}});
         assert_eq!(size_for(&c, &neg), (1, 256));
+        let ann =
+            json!({"annotations": {"io.husk.extra-vcpus": "2", "io.husk.extra-memory-mib": "512"}});
+        assert_eq!(size_for(&c, &ann), (3, 768));
+        let bad = json!({"annotations": {"io.husk.extra-vcpus": "-1", "io.husk.extra-memory-mib": "lots"}});
+        assert_eq!(size_for(&c, &bad), (1, 256));
     }
 }

@@ -53,6 +53,8 @@ fn sandbox_config(cri: &CriContainerd, name: &str) -> PodSandboxConfig {
         }),
         hostname: name.into(),
         log_directory: cri.logs_dir(name).display().to_string(),
+        // husk sizes the pod's VM from it (containerd passes io.husk.* pod annotations on).
+        annotations: [("io.husk.extra-memory-mib".to_string(), "128".to_string())].into(),
         linux: Some(LinuxPodSandboxConfig {
             // As the kubelet (cgroupfs driver) gives it; CRI's sandbox stats read this cgroup.
             cgroup_parent: format!("/{}/pod-{name}", cgroup_root()),
@@ -392,6 +394,13 @@ fn pod_flow(cri: &mut CriContainerd, handler: &str) -> (Observed, String) {
         }))
         .map(|r| r.into_inner().stats.is_some())
         .unwrap_or_else(|e| panic!("{handler}: PodSandboxStats: {e}"));
+
+    if handler == "husk" {
+        // The VM was sized from the pod annotation: 256 MiB base + 128 MiB.
+        let meminfo = pod.exec_ok(&app, &["head", "-1", "/proc/meminfo"]);
+        let kib: u64 = meminfo.split_whitespace().nth(1).and_then(|v| v.parse().ok()).unwrap_or(0);
+        assert!(kib > 330 * 1024 && kib <= 384 * 1024, "guest MemTotal {kib} KiB for a 384 MiB VM");
+    }
 
     // A container's exit code and logs come back through CRI.
     let job = pod.container(
