@@ -64,8 +64,16 @@ impl HuskContainerd {
             &config,
             format!(
                 "{extra}\n{}{}",
-                if extra.contains("kernel =") { String::new() } else { format!("kernel = \"{}\"\n", kernel().display()) },
-                if extra.contains("initramfs =") { String::new() } else { format!("initramfs = \"{}\"\n", initramfs().display()) }
+                if extra.contains("kernel =") {
+                    String::new()
+                } else {
+                    format!("kernel = \"{}\"\n", kernel().display())
+                },
+                if extra.contains("initramfs =") {
+                    String::new()
+                } else {
+                    format!("initramfs = \"{}\"\n", initramfs().display())
+                }
             ),
         )
         .unwrap();
@@ -79,6 +87,31 @@ impl HuskContainerd {
         ]);
         ctd.ctr_ok(&["images", "import", image("busybox.tar").to_str().unwrap()]);
         Self { ctd, _bin: bin }
+    }
+}
+
+impl HuskContainerd {
+    /// `ctr run -d` on husk of an idle busybox (`sleep 1000`), with extra `ctr run` options.
+    pub fn run_idle(&self, id: &str, options: &[&str]) {
+        let mut args = vec!["run", "-d", "--runtime", "io.containerd.husk.v2"];
+        args.extend_from_slice(options);
+        args.extend_from_slice(&[BUSYBOX, id, "sleep", "1000"]);
+        self.ctd.ctr_ok(&args);
+    }
+
+    /// Kills task `id` (SIGKILL), waits until it can be deleted, deletes task and container.
+    pub fn remove(&self, id: &str) {
+        let _ = self.ctd.ctr(&["task", "kill", "-s", "SIGKILL", id]);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while !self.ctd.ctr(&["task", "delete", id]).status.success() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{id} did not stop within 30 s of SIGKILL: {}",
+                self.ctd.ctr_ok(&["task", "ls"])
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        self.ctd.ctr_ok(&["containers", "delete", id]);
     }
 }
 

@@ -230,16 +230,7 @@ fn a_vm_that_dies_ends_its_task_and_delete_cleans_up() {
     require_root("containerd");
     let h = HuskContainerd::start();
     let id = unique("crash");
-    h.ctd.ctr_ok(&[
-        "run",
-        "-d",
-        "--runtime",
-        RUNTIME,
-        BUSYBOX,
-        &id,
-        "sleep",
-        "1000",
-    ]);
+    h.run_idle(&id, &[]);
     let vm = processes_mentioning(&format!("/run/husk/{id}/"))
         .into_iter()
         .find(|p| {
@@ -277,16 +268,7 @@ fn a_killed_shim_is_cleaned_up_by_delete() {
     require_root("containerd");
     let h = HuskContainerd::start();
     let id = unique("shimkill");
-    h.ctd.ctr_ok(&[
-        "run",
-        "-d",
-        "--runtime",
-        RUNTIME,
-        BUSYBOX,
-        &id,
-        "sleep",
-        "1000",
-    ]);
+    h.run_idle(&id, &[]);
     assert!(!mounts_under(&Path::new("/run/husk").join(&id)).is_empty());
     let shim = processes_mentioning(&id)
         .into_iter()
@@ -408,7 +390,11 @@ fn ctr_run_t_gives_the_container_a_terminal() {
     let out = child.wait_with_output().unwrap();
     drop(stdin);
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(text.contains("TTY-42"), "{text}");
     assert!(text.contains("speed 38400 baud"), "{text}");
     assert_gone(&id);

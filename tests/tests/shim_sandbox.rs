@@ -31,20 +31,6 @@ fn wait_gone(id: &str) {
     }
 }
 
-fn stop(h: &HuskContainerd, id: &str) {
-    let _ = h.ctd.ctr(&["task", "kill", "-s", "SIGKILL", id]);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !h.ctd.ctr(&["task", "delete", id]).status.success() {
-        assert!(
-            Instant::now() < deadline,
-            "{id} did not stop: {}",
-            h.ctd.ctr_ok(&["task", "ls"])
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    h.ctd.ctr_ok(&["containers", "delete", id]);
-}
-
 #[test]
 fn volumes_reach_the_guest_and_annotated_containers_share_the_sandbox_vm() {
     require_root("containerd, mounts");
@@ -131,12 +117,12 @@ fn volumes_reach_the_guest_and_annotated_containers_share_the_sandbox_vm() {
         "{ps}"
     );
 
-    stop(&h, &c2);
+    h.remove(&c2);
     assert!(
         Path::new("/run/husk").join(&sb).is_dir(),
         "the sandbox outlives its other containers"
     );
-    stop(&h, &sb);
+    h.remove(&sb);
     wait_gone(&sb);
     assert!(mounts_under(vol.path()).is_empty());
 }
@@ -155,21 +141,12 @@ fn task_events_reach_containerd() {
         .unwrap();
     std::thread::sleep(Duration::from_millis(300));
     let id = unique("ev");
-    h.ctd.ctr_ok(&[
-        "run",
-        "-d",
-        "--runtime",
-        RUNTIME,
-        BUSYBOX,
-        &id,
-        "sleep",
-        "1000",
-    ]);
+    h.run_idle(&id, &[]);
     h.ctd
         .ctr_ok(&["task", "exec", "--exec-id", "e1", &id, "true"]);
     h.ctd.ctr_ok(&["task", "pause", &id]);
     h.ctd.ctr_ok(&["task", "resume", &id]);
-    stop(&h, &id);
+    h.remove(&id);
     wait_gone(&id);
     std::thread::sleep(Duration::from_millis(300));
     let _ = events.kill();
@@ -276,16 +253,7 @@ fn shims_left_running_are_cleaned_up_without_their_bundle() {
     let id = unique("orphan");
     {
         let h = HuskContainerd::start();
-        h.ctd.ctr_ok(&[
-            "run",
-            "-d",
-            "--runtime",
-            RUNTIME,
-            BUSYBOX,
-            &id,
-            "sleep",
-            "1000",
-        ]);
+        h.run_idle(&id, &[]);
         assert!(Path::new("/run/husk").join(&id).is_dir());
         // Dropped with the task running: its containerd goes, the shim stays, and the
         // harness ends it and runs `containerd-shim-husk-v2 delete` with no bundle at hand.
