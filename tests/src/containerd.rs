@@ -84,14 +84,21 @@ impl PrivateContainerd {
         std::fs::read_to_string(self.dir.path().join("containerd.log")).unwrap_or_default()
     }
 
-    /// Runs `ctr` against this containerd in its namespace.
-    pub fn ctr(&self, args: &[&str]) -> Output {
-        Command::new("ctr")
-            .arg("--address")
+    /// A `ctr` command against this containerd in its namespace, for callers that need its
+    /// stdio or want it running in the background.
+    pub fn ctr_command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new("ctr");
+        c.arg("--address")
             .arg(self.socket())
             .arg("--namespace")
             .arg(&self.namespace)
-            .args(args)
+            .args(args);
+        c
+    }
+
+    /// Runs `ctr` against this containerd in its namespace.
+    pub fn ctr(&self, args: &[&str]) -> Output {
+        self.ctr_command(args)
             .stdin(Stdio::null())
             .output()
             .expect("running ctr")
@@ -117,7 +124,11 @@ impl Drop for PrivateContainerd {
         struct CgroupSweep(String);
         impl Drop for CgroupSweep {
             fn drop(&mut self) {
-                for entry in std::fs::read_dir("/sys/fs/cgroup").into_iter().flatten().flatten() {
+                for entry in std::fs::read_dir("/sys/fs/cgroup")
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                {
                     let _ = std::fs::remove_dir(entry.path().join(&self.0));
                 }
                 let _ = std::fs::remove_dir(Path::new("/sys/fs/cgroup").join(&self.0));

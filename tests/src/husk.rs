@@ -173,6 +173,26 @@ pub fn end_shims(marker: &str, namespace: &str) {
     }
 }
 
+/// Waits (up to 20 s) until sandbox `id` has left nothing behind: no process naming its state
+/// directory, no mount under it, no directory. Fails the test with what is left.
+pub fn assert_sandbox_gone(id: &str) {
+    let dir = Path::new("/run/husk").join(id);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let procs = processes_mentioning(&format!("/run/husk/{id}/"));
+        let mounts = mounts_under(&dir);
+        if procs.is_empty() && mounts.is_empty() && !dir.exists() {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "sandbox {id} left behind: processes {procs:?}, mounts {mounts:?}, dir exists {}",
+            dir.exists()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
 /// PIDs of processes whose command line mentions `needle` (e.g. a sandbox's state dir).
 pub fn processes_mentioning(needle: &str) -> Vec<u32> {
     let mut v = Vec::new();

@@ -5,34 +5,18 @@
 
 use std::io::Write;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use husk_tests::husk::{mounts_under, processes_mentioning, HuskContainerd, BUSYBOX};
+use husk_tests::husk::{
+    assert_sandbox_gone, mounts_under, processes_mentioning, HuskContainerd, BUSYBOX,
+};
 use husk_tests::require_root;
 
 const RUNTIME: &str = "io.containerd.husk.v2";
 
 fn unique(name: &str) -> String {
     format!("{name}-{}", std::process::id())
-}
-
-fn assert_gone(id: &str) {
-    let dir = Path::new("/run/husk").join(id);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let procs = processes_mentioning(&format!("/run/husk/{id}/"));
-        let mounts = mounts_under(&dir);
-        if procs.is_empty() && mounts.is_empty() && !dir.exists() {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "sandbox {id} left behind: processes {procs:?}, mounts {mounts:?}, dir exists {}",
-            dir.exists()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 #[test]
@@ -62,7 +46,7 @@ fn ctr_run_runs_in_a_microvm_with_exact_output_and_exit_codes() {
     // The guest's kernel, not the host's: the container ran in the VM.
     assert!(stdout.starts_with("hello from husk\n6.1."), "{stdout}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("to-stderr"));
-    assert_gone(&id);
+    assert_sandbox_gone(&id);
 
     // A megabyte of binary-safe output arrives byte for byte.
     let id = unique("bulk");
@@ -95,7 +79,7 @@ fn ctr_run_runs_in_a_microvm_with_exact_output_and_exit_codes() {
             .join("\n")
     );
     assert!(out.stdout.ends_with(b"x\nend\n"));
-    assert_gone(&id);
+    assert_sandbox_gone(&id);
 }
 
 #[test]
@@ -103,12 +87,9 @@ fn stdin_reaches_the_container_and_eof_ends_it() {
     require_root("containerd");
     let h = HuskContainerd::start();
     let id = unique("stdin");
-    let mut child = Command::new("ctr")
-        .arg("--address")
-        .arg(h.ctd.socket())
-        .args([
-            "--namespace",
-            &h.ctd.namespace,
+    let mut child = h
+        .ctd
+        .ctr_command(&[
             "run",
             "--rm",
             "--runtime",
@@ -140,7 +121,7 @@ fn stdin_reaches_the_container_and_eof_ends_it() {
         String::from_utf8_lossy(&out.stdout),
         "line one\nline two\ndone\n"
     );
-    assert_gone(&id);
+    assert_sandbox_gone(&id);
 }
 
 #[test]
@@ -214,7 +195,7 @@ fn exec_pause_resume_stats_kill_and_the_kata_name() {
         std::thread::sleep(Duration::from_millis(100));
     }
     h.ctd.ctr_ok(&["containers", "delete", &id]);
-    assert_gone(&id);
+    assert_sandbox_gone(&id);
     for root in [
         "/sys/fs/cgroup/memory",
         "/sys/fs/cgroup/unified",
@@ -260,7 +241,7 @@ fn a_vm_that_dies_ends_its_task_and_delete_cleans_up() {
     }
     h.ctd.ctr_ok(&["task", "delete", &id]);
     h.ctd.ctr_ok(&["containers", "delete", &id]);
-    assert_gone(&id);
+    assert_sandbox_gone(&id);
 }
 
 #[test]
@@ -284,7 +265,7 @@ fn a_killed_shim_is_cleaned_up_by_delete() {
     .unwrap();
     // containerd sees the shim go, runs `containerd-shim-husk-v2 delete`, and that removes the
     // mounts and the state directory; the VM died with its shim.
-    assert_gone(&id);
+    assert_sandbox_gone(&id);
     let deadline = Instant::now() + Duration::from_secs(30);
     while !h.ctd.ctr(&["task", "delete", &id]).status.success()
         && h.ctd.ctr_ok(&["task", "ls"]).contains(&id)
@@ -305,12 +286,9 @@ fn sigkill_gives_exit_status_137() {
     let h = HuskContainerd::start();
     // A container killed with SIGKILL exits 137, as under runc.
     let id = unique("sigkill");
-    let child = std::process::Command::new("ctr")
-        .arg("--address")
-        .arg(h.ctd.socket())
-        .args([
-            "--namespace",
-            &h.ctd.namespace,
+    let child = h
+        .ctd
+        .ctr_command(&[
             "run",
             "--rm",
             "--runtime",
@@ -343,7 +321,7 @@ fn sigkill_gives_exit_status_137() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_gone(&id);
+    assert_sandbox_gone(&id);
 }
 
 #[test]
@@ -360,7 +338,7 @@ fn a_missing_kernel_fails_ctr_run_with_the_reason() {
         err.contains("/nonexistent/vmlinux") && err.contains("cargo xtask kernel"),
         "{err}"
     );
-    assert_gone(&id);
+    assert_sandbox_gone(&id);
     let _ = h.ctd.ctr(&["containers", "delete", &id]);
 }
 
@@ -397,5 +375,5 @@ fn ctr_run_t_gives_the_container_a_terminal() {
     );
     assert!(text.contains("TTY-42"), "{text}");
     assert!(text.contains("speed 38400 baud"), "{text}");
-    assert_gone(&id);
+    assert_sandbox_gone(&id);
 }

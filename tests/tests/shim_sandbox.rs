@@ -4,31 +4,20 @@
 
 use std::io::Read;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use husk_rootfs_builder::initramfs::write_cpio;
 use husk_rootfs_builder::tree::{Content, Tree};
-use husk_tests::husk::{mounts_under, processes_mentioning, HuskContainerd, BUSYBOX};
+use husk_tests::husk::{
+    assert_sandbox_gone, mounts_under, processes_mentioning, HuskContainerd, BUSYBOX,
+};
 use husk_tests::{require_program, require_root};
 
 const RUNTIME: &str = "io.containerd.husk.v2";
 
 fn unique(name: &str) -> String {
     format!("{name}-{}", std::process::id())
-}
-
-fn wait_gone(id: &str) {
-    let dir = Path::new("/run/husk").join(id);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while dir.exists() || !processes_mentioning(&format!("/run/husk/{id}/")).is_empty() {
-        assert!(
-            Instant::now() < deadline,
-            "sandbox {id} left behind: {:?}",
-            mounts_under(&dir)
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 #[test]
@@ -123,7 +112,7 @@ fn volumes_reach_the_guest_and_annotated_containers_share_the_sandbox_vm() {
         "the sandbox outlives its other containers"
     );
     h.remove(&sb);
-    wait_gone(&sb);
+    assert_sandbox_gone(&sb);
     assert!(mounts_under(vol.path()).is_empty());
 }
 
@@ -131,10 +120,9 @@ fn volumes_reach_the_guest_and_annotated_containers_share_the_sandbox_vm() {
 fn task_events_reach_containerd() {
     require_root("containerd");
     let h = HuskContainerd::start();
-    let mut events = Command::new("ctr")
-        .arg("--address")
-        .arg(h.ctd.socket())
-        .args(["--namespace", &h.ctd.namespace, "events"])
+    let mut events = h
+        .ctd
+        .ctr_command(&["events"])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -147,7 +135,7 @@ fn task_events_reach_containerd() {
     h.ctd.ctr_ok(&["task", "pause", &id]);
     h.ctd.ctr_ok(&["task", "resume", &id]);
     h.remove(&id);
-    wait_gone(&id);
+    assert_sandbox_gone(&id);
     std::thread::sleep(Duration::from_millis(300));
     let _ = events.kill();
     let mut out = String::new();
@@ -216,7 +204,7 @@ fn an_agent_that_never_answers_is_a_deadline_error_and_leaves_nothing() {
         err.contains("silent-init-up"),
         "the error carries the console tail: {err}"
     );
-    wait_gone(&id);
+    assert_sandbox_gone(&id);
     let _ = h.ctd.ctr(&["containers", "delete", &id]);
 }
 
@@ -243,7 +231,7 @@ fn a_guest_that_dies_at_boot_is_reported_at_once() {
         "waited {:?}: the deadline, not the VM's end",
         started.elapsed()
     );
-    wait_gone(&id);
+    assert_sandbox_gone(&id);
     let _ = h.ctd.ctr(&["containers", "delete", &id]);
 }
 
@@ -258,6 +246,6 @@ fn shims_left_running_are_cleaned_up_without_their_bundle() {
         // Dropped with the task running: its containerd goes, the shim stays, and the
         // harness ends it and runs `containerd-shim-husk-v2 delete` with no bundle at hand.
     }
-    wait_gone(&id);
+    assert_sandbox_gone(&id);
     assert!(mounts_under(&Path::new("/run/husk").join(&id)).is_empty());
 }
