@@ -264,6 +264,53 @@ fn sandbox_containers_share_uts_and_ipc_but_not_pids() {
 }
 
 #[test]
+fn a_pid_namespace_path_joins_the_sandbox_containers_pid_namespace() {
+    let g = Guest::boot(256);
+    g.agent
+        .client
+        .create_sandbox(ctx(), &CreateSandboxRequest { sandbox_id: "pod".into(), hostname: "pod-host".into(), ..Default::default() })
+        .unwrap();
+    // As CRI writes it for a shareProcessNamespace pod: the path names the *host* PID of the
+    // sandbox task (the VM), which means the sandbox container's namespace in the guest.
+    let shared = |args: &[&str]| {
+        let mut s = spec(args);
+        s["linux"]["namespaces"][0] = json!({ "type": "pid", "path": "/proc/4242/ns/pid" });
+        s
+    };
+    // Before the sandbox's container exists there is nothing to join: a clear error, and
+    // nothing made.
+    g.rootfs("app");
+    let (code, msg) = status_of(g.agent.create("app", &shared(&["true"]), false));
+    assert_eq!(code, Code::INVALID_ARGUMENT, "{msg}");
+    assert!(msg.starts_with("app: pid namespace path /proc/4242/ns/pid:") && msg.contains("container pod does not exist"), "{msg}");
+
+    g.rootfs("pod");
+    g.agent.create("pod", &spec(&["sleep", "1000"]), false).unwrap();
+    g.agent.start("pod");
+    g.agent.create("app", &shared(&["sleep", "1001"]), false).unwrap();
+    g.agent.start("app");
+    g.rootfs("probe");
+    let probe = "readlink /proc/self/ns/pid; tr '\\0' ' ' < /proc/1/cmdline; echo; for c in /proc/[0-9]*/cmdline; do tr '\\0' ' ' < $c; echo; done";
+    let out = g.agent.run("probe", &shared(&["sh", "-c", probe]));
+    assert_eq!(out.status, 0, "{out:?}");
+    let lines: Vec<String> = out.stdout_str().lines().map(String::from).collect();
+    // PID 1 is the sandbox container's process, and the app's process is visible.
+    assert_eq!(lines[1].trim_end(), "sleep 1000", "{lines:?}");
+    assert!(lines.iter().any(|l| l.trim_end() == "sleep 1001"), "{lines:?}");
+    // An exec into the app container is in the same namespace, and can signal its neighbour.
+    let p = json!({ "user": {"uid": 0, "gid": 0}, "args": ["sh", "-c", "readlink /proc/self/ns/pid; for c in /proc/[0-9]*; do grep -q '100[1]' $c/cmdline && kill -TERM ${c#/proc/}; done; true"], "env": ["PATH=/bin"], "cwd": "/" });
+    g.agent.exec("app", "kill", &p).unwrap();
+    let e = g.agent.collect("app", "kill");
+    assert_eq!(e.status, 0, "{e:?}");
+    assert_eq!(e.stdout_str().lines().next(), lines.first().map(String::as_str), "exec's PID namespace differs");
+    // The app's process ended by that signal (SIGTERM: 143).
+    assert_eq!(g.agent.wait("app", "").exit_status, 143);
+    for c in ["app", "pod"] {
+        g.agent.remove(c, true).unwrap();
+    }
+}
+
+#[test]
 fn malformed_specs_leave_no_container_mount_or_cgroup_behind() {
     let g = Guest::boot(256);
     g.rootfs("bad");

@@ -2,7 +2,9 @@
 //! `husk` — and, in the same test, with `runc` as the baseline, to show the two behave alike.
 //! A pod of two app containers on a CNI bridge: pod IP, localhost shared between them, one
 //! kernel, exit codes and logs through CRI, volumes as the kubelet gives them, stats, resource
-//! updates, and nothing left after RemovePodSandbox.
+//! updates, and nothing left after RemovePodSandbox. A second pod shares its process
+//! namespace (`shareProcessNamespace: true`): its containers see each other's processes and
+//! the pause process as PID 1, and can signal each other.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -41,9 +43,21 @@ struct Pod<'a> {
     cri: &'a mut CriContainerd,
     id: String,
     config: PodSandboxConfig,
+    /// `Pod` for a pod with shareProcessNamespace, else `Container`.
+    pid: NamespaceMode,
 }
 
-fn sandbox_config(cri: &CriContainerd, name: &str) -> PodSandboxConfig {
+/// The namespace options the kubelet gives a pod's sandbox and containers.
+fn namespace_options(pid: NamespaceMode) -> Option<NamespaceOption> {
+    Some(NamespaceOption {
+        network: NamespaceMode::Pod as i32,
+        pid: pid as i32,
+        ipc: NamespaceMode::Pod as i32,
+        ..Default::default()
+    })
+}
+
+fn sandbox_config(cri: &CriContainerd, name: &str, pid: NamespaceMode) -> PodSandboxConfig {
     PodSandboxConfig {
         metadata: Some(PodSandboxMetadata {
             name: name.into(),
@@ -59,12 +73,7 @@ fn sandbox_config(cri: &CriContainerd, name: &str) -> PodSandboxConfig {
             // As the kubelet (cgroupfs driver) gives it; CRI's sandbox stats read this cgroup.
             cgroup_parent: format!("/{}/pod-{name}", cgroup_root()),
             security_context: Some(LinuxSandboxSecurityContext {
-                namespace_options: Some(NamespaceOption {
-                    network: NamespaceMode::Pod as i32,
-                    pid: NamespaceMode::Container as i32,
-                    ipc: NamespaceMode::Pod as i32,
-                    ..Default::default()
-                }),
+                namespace_options: namespace_options(pid),
                 ..Default::default()
             }),
             ..Default::default()
@@ -75,7 +84,11 @@ fn sandbox_config(cri: &CriContainerd, name: &str) -> PodSandboxConfig {
 
 impl<'a> Pod<'a> {
     fn run(cri: &'a mut CriContainerd, name: &str, handler: &str) -> Self {
-        let config = sandbox_config(cri, name);
+        Self::run_with(cri, name, handler, NamespaceMode::Container)
+    }
+
+    fn run_with(cri: &'a mut CriContainerd, name: &str, handler: &str, pid: NamespaceMode) -> Self {
+        let config = sandbox_config(cri, name, pid);
         let req = RunPodSandboxRequest {
             config: Some(config.clone()),
             runtime_handler: handler.into(),
@@ -88,7 +101,7 @@ impl<'a> Pod<'a> {
                 cri.log()
             ),
         };
-        Self { cri, id, config }
+        Self { cri, id, config, pid }
     }
 
     fn container(&mut self, name: &str, command: &[&str], mounts: Vec<Mount>) -> String {
@@ -106,15 +119,11 @@ impl<'a> Pod<'a> {
                 command: command.iter().map(|s| s.to_string()).collect(),
                 log_path: format!("{name}.log"),
                 mounts,
-                // As the kubelet does for pods without shareProcessNamespace.
+                // As the kubelet does: the container's PID namespace is its own, or the pod's
+                // with shareProcessNamespace.
                 linux: Some(LinuxContainerConfig {
                     security_context: Some(LinuxContainerSecurityContext {
-                        namespace_options: Some(NamespaceOption {
-                            network: NamespaceMode::Pod as i32,
-                            pid: NamespaceMode::Container as i32,
-                            ipc: NamespaceMode::Pod as i32,
-                            ..Default::default()
-                        }),
+                        namespace_options: namespace_options(self.pid),
                         ..Default::default()
                     }),
                     ..Default::default()
@@ -453,7 +462,67 @@ fn a_pod_of_two_containers_runs_alike_on_husk_and_runc() {
     let (husk, sid) = pod_flow(&mut cri, "husk");
     assert_eq!(husk, expected, "husk behaves like runc");
 
-    // RemovePodSandbox left nothing: no sandbox, no VM processes, no mounts, no /run/husk.
+    assert_nothing_left(&mut cri, &sid);
+}
+
+/// What a pod sharing its process namespace observed.
+#[derive(Debug, PartialEq)]
+struct SharedPids {
+    /// PID 1 as a container sees it: the pod's pause process.
+    pid1: String,
+    /// Whether container b sees container a's process.
+    sees_neighbour: bool,
+    /// a's exit code after b sent it SIGTERM.
+    neighbour_exit_code: i32,
+}
+
+fn shared_pid_flow(cri: &mut CriContainerd, handler: &str) -> (SharedPids, String) {
+    let mut pod = Pod::run_with(cri, &format!("{handler}-shared-pid"), handler, NamespaceMode::Pod);
+    let a = pod.container("a", &["sleep", "1001"], vec![]);
+    let b = pod.container("b", &["sleep", "1002"], vec![]);
+    let pid1 = pod.exec_ok(&b, &["sh", "-c", "tr '\\0' ' ' < /proc/1/cmdline"]);
+    let procs = pod.exec_ok(
+        &b,
+        &["sh", "-c", "for c in /proc/[0-9]*/cmdline; do tr '\\0' ' ' < $c; echo; done"],
+    );
+    let sees_neighbour = procs.lines().any(|l| l.trim_end() == "sleep 1001");
+    // The pattern is written so that it does not match this shell's own command line.
+    pod.exec_ok(
+        &b,
+        &[
+            "sh",
+            "-c",
+            "for c in /proc/[0-9]*; do grep -q '100[1]' $c/cmdline && kill -TERM ${c#/proc/}; done; true",
+        ],
+    );
+    let neighbour_exit_code = pod.wait_exited(&a).exit_code;
+    let observed = SharedPids {
+        pid1: pid1.trim_end().to_string(),
+        sees_neighbour,
+        neighbour_exit_code,
+    };
+    (observed, pod.remove())
+}
+
+#[test]
+fn a_pod_sharing_its_process_namespace_runs_alike_on_husk_and_runc() {
+    require_root("containerd with CRI, CNI");
+    let _sweep = CgroupSweep;
+    let mut cri = CriContainerd::start();
+    let expected = SharedPids {
+        pid1: "/bin/sleep infinity".into(),
+        sees_neighbour: true,
+        neighbour_exit_code: 143,
+    };
+    let (runc, _) = shared_pid_flow(&mut cri, "runc");
+    assert_eq!(runc, expected, "runc baseline");
+    let (husk, sid) = shared_pid_flow(&mut cri, "husk");
+    assert_eq!(husk, expected, "husk behaves like runc");
+    assert_nothing_left(&mut cri, &sid);
+}
+
+/// RemovePodSandbox left nothing: no sandbox, no VM processes, no mounts, no /run/husk.
+fn assert_nothing_left(cri: &mut CriContainerd, sid: &str) {
     let mut rt = cri.rt.clone();
     let pods = cri
         .block_on(rt.list_pod_sandbox(ListPodSandboxRequest { filter: None }))
@@ -461,7 +530,7 @@ fn a_pod_of_two_containers_runs_alike_on_husk_and_runc() {
         .into_inner();
     assert!(pods.items.is_empty(), "{:?}", pods.items);
     let deadline = Instant::now() + Duration::from_secs(20);
-    let dir = Path::new("/run/husk").join(&sid);
+    let dir = Path::new("/run/husk").join(sid);
     while dir.exists() || !processes_mentioning(&format!("/run/husk/{sid}/")).is_empty() {
         assert!(
             Instant::now() < deadline,

@@ -7,12 +7,16 @@
 //! hooks, rootless) that the guest does not need, and doubles the static agent's size. The
 //! guest has exactly one case: root, cgroup v2, rootfs on virtio-fs; this is ~1,500 lines.
 //!
-//! Namespaces: each container gets new PID and mount namespaces. Its uts and ipc namespaces
-//! are the sandbox's (CreateSandbox) when the spec asks for them, so a pod's containers share
-//! them, as with Kata; a namespace *path* in the spec names a host process's namespace (CRI
-//! writes the pause container's) and so also means the sandbox's. The network namespace is the VM's: the guest *is* the pod's network
-//! namespace, so `network` entries (whose paths name host namespaces) are ignored. `user` and
-//! `time` namespaces are refused.
+//! Namespaces: each container gets a new mount namespace. Its uts and ipc namespaces are the
+//! sandbox's (CreateSandbox) when the spec asks for them, so a pod's containers share them, as
+//! with Kata; a namespace *path* in the spec names a host process's namespace (CRI writes the
+//! pause container's) and so also means the sandbox's. A PID namespace is new unless the spec
+//! gives a path: then (CRI's `shareProcessNamespace` pods) the container joins the PID
+//! namespace of the sandbox's own container (the pod's pause container, whose id is the
+//! sandbox id), which is PID 1 there, as under runc. The network namespace is the VM's: the
+//! guest *is* the pod's network namespace, so `network` entries (whose paths name host
+//! namespaces) are ignored. `user` and `time` namespaces are refused, and so is joining a mount
+//! namespace by path.
 
 pub mod caps;
 pub mod cgroup;
@@ -124,9 +128,19 @@ impl Container {
     }
 }
 
-/// Clone flags for the new namespaces, namespaces to join (flag bits, path), and whether
-/// the container sets its hostname.
-type Namespaces = (CloneFlags, Vec<(i32, PathBuf)>, bool);
+/// How a new container gets its namespaces.
+#[derive(Debug)]
+struct Namespaces {
+    /// New namespaces for the init helper's clone.
+    flags: CloneFlags,
+    /// Namespaces the helper enters after the clone: (clone flag bits, path).
+    join: Vec<(i32, PathBuf)>,
+    /// Whether the container sets its hostname (it has its own uts namespace).
+    set_hostname: bool,
+    /// A PID namespace to clone the helper into (entering one only affects children, so it
+    /// is entered before the clone, not by the helper).
+    pid: Option<PathBuf>,
+}
 
 /// Where the engine finds things.
 #[derive(Debug, Clone)]
@@ -140,6 +154,8 @@ pub struct Config {
 
 #[derive(Debug)]
 struct Sandbox {
+    /// The sandbox id: also the id of the pod's own (pause) container, if it runs here.
+    id: String,
     pause_pid: i32,
 }
 
@@ -208,7 +224,7 @@ impl Engine {
                 });
             }
         }
-        *sb = Some(Sandbox { pause_pid: pid });
+        *sb = Some(Sandbox { id: id.into(), pause_pid: pid });
         Ok(())
     }
 
@@ -260,7 +276,7 @@ impl Engine {
 
     fn create_reserved(&self, id: &str, spec: Spec, rootfs: PathBuf, terminal: bool) -> Result<()> {
         let invalid = |what: String| Error::Invalid { id: id.into(), what };
-        let (flags, join, set_hostname) = self.namespaces(id, &spec)?;
+        let ns = self.namespaces(id, &spec)?;
         let cgroup = match &self.config.cgroup_root {
             Some(root) => Some(
                 Cgroup::create(root, id, spec.linux().as_ref().and_then(|l| l.resources().as_ref()))
@@ -268,7 +284,7 @@ impl Engine {
             ),
             None => None,
         };
-        let made = self.spawn_init(id, spec, rootfs, cgroup.clone(), join, set_hostname, terminal, flags);
+        let made = self.spawn_init(id, spec, rootfs, cgroup.clone(), ns, terminal);
         match made {
             Ok(c) => {
                 lock(&self.containers).insert(id.into(), Arc::new(c));
@@ -288,16 +304,21 @@ impl Engine {
         let mut flags = CloneFlags::CLONE_NEWPID | CloneFlags::CLONE_NEWNS;
         let mut join = Vec::new();
         let mut set_hostname = false;
+        let mut pid_ns = None;
         let sandbox = lock(&self.sandbox).as_ref().map(|s| s.pause_pid);
         let nss = spec.linux().as_ref().and_then(|l| l.namespaces().clone()).unwrap_or_default();
         for ns in nss {
             let path = ns.path().clone();
             match ns.typ() {
-                LinuxNamespaceType::Pid | LinuxNamespaceType::Mount if path.is_some() => {
+                LinuxNamespaceType::Mount if path.is_some() => {
                     return Err(Error::Invalid {
                         id: id.into(),
-                        what: format!("joining a {:?} namespace by path is not supported: each container gets its own", ns.typ()),
+                        what: "joining a mount namespace by path is not supported: each container gets its own".into(),
                     })
+                }
+                LinuxNamespaceType::Pid if path.is_some() => {
+                    flags.remove(CloneFlags::CLONE_NEWPID);
+                    pid_ns = Some(self.sandbox_pid_namespace(id, path.as_deref().unwrap_or(std::path::Path::new("")))?);
                 }
                 LinuxNamespaceType::Pid | LinuxNamespaceType::Mount | LinuxNamespaceType::Network => {}
                 LinuxNamespaceType::Cgroup => {} // unshared by the helper after joining the cgroup
@@ -334,7 +355,28 @@ impl Engine {
                 }
             }
         }
-        Ok((flags, join, set_hostname))
+        Ok(Namespaces { flags, join, set_hostname, pid: pid_ns })
+    }
+
+    /// The PID namespace a container whose spec names `path` joins: the sandbox container's.
+    fn sandbox_pid_namespace(&self, id: &str, path: &std::path::Path) -> Result<PathBuf> {
+        let invalid = |why: String| Error::Invalid {
+            id: id.into(),
+            what: format!("pid namespace path {}: {why}", path.display()),
+        };
+        let sandbox = lock(&self.sandbox).as_ref().map(|s| s.id.clone()).ok_or_else(|| {
+            invalid("names a host namespace, which the guest cannot enter — create the sandbox (CreateSandbox) and its container first, whose PID namespace such containers share".into())
+        })?;
+        if sandbox == id {
+            return Err(invalid("the sandbox's own container cannot join another PID namespace".into()));
+        }
+        let c = lock(&self.containers).get(&sandbox).cloned().ok_or_else(|| {
+            invalid(format!("sharing the pod's PID namespace means joining the sandbox container's, and container {sandbox} does not exist in this guest"))
+        })?;
+        if c.init_exited() {
+            return Err(invalid(format!("the sandbox container {sandbox} has exited, and its PID namespace with it")));
+        }
+        Ok(PathBuf::from(format!("/proc/{}/ns/pid", c.init.pid)))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -344,10 +386,8 @@ impl Engine {
         spec: Spec,
         rootfs: PathBuf,
         cgroup: Option<Cgroup>,
-        join: Vec<(i32, PathBuf)>,
-        set_hostname: bool,
+        ns: Namespaces,
         terminal: bool,
-        flags: CloneFlags,
     ) -> Result<Container> {
         let (stdio, ends) = if terminal { Stdio::pty() } else { Stdio::pipes() }.map_err(failed(id))?;
         if let (true, Some(size)) = (terminal, spec.process().as_ref().and_then(|p| p.console_size())) {
@@ -356,15 +396,19 @@ impl Engine {
         }
         use std::os::fd::AsRawFd;
         let fds = [ends.fds[0].as_raw_fd(), ends.fds[1].as_raw_fd(), ends.fds[2].as_raw_fd()];
-        let (pid, sock) = spawn::spawn("init", flags, fds).map_err(failed(id))?;
+        let spawned = match &ns.pid {
+            Some(pid_ns) => spawn::spawn_in_pid_namespace(pid_ns, "init", ns.flags, fds),
+            None => spawn::spawn("init", ns.flags, fds),
+        };
+        let (pid, sock) = spawned.map_err(failed(id))?;
         drop(ends);
         let cfg = InitConfig {
             id: id.into(),
             spec,
             rootfs,
             cgroup: cgroup.as_ref().map(|c| c.path.clone()),
-            join,
-            set_hostname,
+            join: ns.join,
+            set_hostname: ns.set_hostname,
             terminal,
         };
         let setup = (|| -> std::result::Result<Sync, String> {

@@ -73,6 +73,24 @@ pub fn spawn(mode: &str, flags: CloneFlags, stdio: [RawFd; 3]) -> Result<(i32, U
     Ok((pid, ours))
 }
 
+/// [`spawn`], but the helper starts in the existing PID namespace `pid_ns` (a
+/// `/proc/<pid>/ns/pid` path) instead of a new one.
+///
+/// Entering a PID namespace only changes where a thread's *children* go, and it is allowed in
+/// a multi-threaded process (unlike a mount namespace); so a short-lived thread enters it and
+/// does the clone, and the agent's other threads stay where they are.
+pub fn spawn_in_pid_namespace(pid_ns: &std::path::Path, mode: &str, flags: CloneFlags, stdio: [RawFd; 3]) -> Result<(i32, UnixStream), String> {
+    let ns = std::fs::File::open(pid_ns).map_err(|e| format!("opening PID namespace {}: {e}", pid_ns.display()))?;
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            nix::sched::setns(&ns, CloneFlags::CLONE_NEWPID).map_err(|e| format!("entering PID namespace {}: {e}", pid_ns.display()))?;
+            spawn(mode, flags, stdio)
+        })
+        .join()
+        .map_err(|_| "the thread entering the PID namespace panicked".to_string())?
+    })
+}
+
 /// The agent's end of a helper's sync socket.
 #[derive(Debug)]
 pub struct Sync {
