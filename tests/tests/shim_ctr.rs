@@ -170,6 +170,41 @@ fn exec_pause_resume_stats_kill_and_the_kata_name() {
         .ctd
         .ctr(&["task", "exec", "--exec-id", "e2", &id, "sh", "-c", "exit 7"]);
     assert_eq!(out.status.code(), Some(7));
+    // An exec that leaves a background process holding its stdout still ends: its exit is
+    // reported once the output stops moving, as under runc (the sleep outlives the test
+    // only if that is broken; the SIGKILL below ends it).
+    let mut bg = h
+        .ctd
+        .ctr_command(&[
+            "task",
+            "exec",
+            "--exec-id",
+            "e3",
+            &id,
+            "sh",
+            "-c",
+            "sleep 600 & echo bg-started",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = bg.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = bg.kill();
+            let _ = bg.wait();
+            panic!("ctr task exec of a shell that left a background process did not return");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut out = String::new();
+    std::io::Read::read_to_string(&mut bg.stdout.take().unwrap(), &mut out).unwrap();
+    assert!(status.success(), "{status:?}");
+    assert_eq!(out, "bg-started\n");
     let ps = h.ctd.ctr_ok(&["task", "ps", &id]);
     assert!(ps.lines().count() >= 2, "{ps}");
     h.ctd.ctr_ok(&["task", "pause", &id]);

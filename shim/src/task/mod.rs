@@ -192,7 +192,7 @@ impl Service {
         let publisher = self.publisher.clone();
         let ns = self.namespace.clone();
         let sandbox = sb.clone();
-        io::start(
+        let outputs = io::start(
             client,
             &p.cid,
             &p.eid,
@@ -213,6 +213,7 @@ impl Service {
                 proc_.finish(status, &publisher, &ns);
             },
         );
+        *p.outputs.lock().unwrap_or_else(|e| e.into_inner()) = Some(outputs);
         Ok(())
     }
 
@@ -712,6 +713,7 @@ impl Task for Service {
             ));
         }
         let (exit_status, exited_at) = exit_of(&s);
+        p.close_output();
         if req.exec_id.is_empty() {
             let r = RemoveContainerRequest {
                 container_id: req.id.clone(),

@@ -35,6 +35,8 @@ pub(super) struct Proc {
     pub(super) process_json: Vec<u8>,
     pub(super) state: Mutex<ProcState>,
     pub(super) exited: Condvar,
+    /// The output fifos once the process runs; closed when containerd deletes it.
+    pub(super) outputs: Mutex<Option<crate::io::Outputs>>,
 }
 
 impl Proc {
@@ -50,6 +52,7 @@ impl Proc {
                 exit: None,
             }),
             exited: Condvar::new(),
+            outputs: Mutex::new(None),
         })
     }
 
@@ -85,6 +88,14 @@ impl Proc {
         };
         drop(s);
         publish(publisher, ns, topics::TASK_EXIT_EVENT_TOPIC, Box::new(ev));
+    }
+
+    /// Closes the output fifos (on Delete): what a lingering process still writes is
+    /// dropped, and containerd's reader of the fifos sees their end.
+    pub(super) fn close_output(&self) {
+        if let Some(o) = self.outputs.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            o.close();
+        }
     }
 
     pub(super) fn id(&self) -> &str {
