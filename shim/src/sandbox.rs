@@ -14,7 +14,7 @@ use std::time::Duration;
 use husk_hypervisor::host::{self, BackendChoice};
 use husk_hypervisor::husk_vmm::HuskVmm;
 use husk_hypervisor::qemu::Qemu;
-use husk_hypervisor::{Accel, Hypervisor, Vm, VmConfig};
+use husk_hypervisor::{Accel, Hypervisor, Programs, Vm, VmConfig};
 use husk_protocols::agent::{CreateSandboxRequest, DestroySandboxRequest};
 use serde_json::Value;
 
@@ -82,9 +82,10 @@ pub fn size_for(config: &Config, spec: &Value) -> (u32, u32) {
 
 /// The backend for a sandbox: the configured one, or for `auto` what `doctor` says this host
 /// runs best — except that husk-vmm cannot take a pod's tap devices yet, so a sandbox with a
-/// network runs on QEMU with KVM there.
+/// network runs on QEMU with KVM there. It runs the configured `programs`.
 fn backend(
     config: &Config,
+    programs: &Programs,
     has_network: bool,
 ) -> Result<Box<dyn Hypervisor + Send>, husk_hypervisor::Error> {
     let choice = match config.backend_kind() {
@@ -100,9 +101,14 @@ fn backend(
         },
     };
     Ok(match choice {
-        BackendChoice::Qemu(accel) => Box::new(Qemu::new(accel)?),
-        BackendChoice::HuskVmm => Box::new(HuskVmm::new()?),
+        BackendChoice::Qemu(accel) => Box::new(Qemu::with_programs(accel, programs)?),
+        BackendChoice::HuskVmm => Box::new(HuskVmm::with_programs(programs)?),
     })
+}
+
+/// What `start` checked before creating anything, for `start_in`.
+struct Prepared {
+    programs: Programs,
 }
 
 pub struct Sandbox {
@@ -173,6 +179,10 @@ impl Sandbox {
                 message: e.to_string(),
             }
         };
+        // The configuration's programs first: a wrong path fails here, before anything exists.
+        let programs = config
+            .programs()
+            .map_err(|e| step_err("configuration")(&e))?;
         let dir =
             SandboxDir::new(&config.state_root, id).map_err(|e| step_err("state directory")(&e))?;
         if dir.root().exists() {
@@ -199,7 +209,15 @@ impl Sandbox {
             },
             None => None,
         };
-        match Self::start_in(config, id, spec, hostname, dir.clone()) {
+        let started = Self::start_in(
+            config,
+            &Prepared { programs },
+            id,
+            spec,
+            hostname,
+            dir.clone(),
+        );
+        match started {
             Ok(mut s) => {
                 s.cgroup = Mutex::new(cgroup);
                 Ok(s)
@@ -216,6 +234,7 @@ impl Sandbox {
 
     fn start_in(
         config: &Config,
+        prepared: &Prepared,
         id: &str,
         spec: &Value,
         hostname: &str,
@@ -230,10 +249,12 @@ impl Sandbox {
             message: crate::network::chain(&e),
         })?;
         let nets = network.vm_nets();
-        let backend = backend(config, !nets.is_empty()).map_err(|e| SandboxError::Step {
-            sid: sid.clone(),
-            step: "choosing the hypervisor",
-            message: e.to_string(),
+        let backend = backend(config, &prepared.programs, !nets.is_empty()).map_err(|e| {
+            SandboxError::Step {
+                sid: sid.clone(),
+                step: "choosing the hypervisor",
+                message: e.to_string(),
+            }
         })?;
         let vm_config = VmConfig {
             kernel: config.kernel.clone(),
