@@ -35,6 +35,13 @@ pub enum ConfigError {
         program: &'static str,
         found: &'static str,
     },
+    /// The debug console's shell cannot run in the guest.
+    #[error("{file}: debug_shell = {path:?}: {reason} — the guest has no shell and no dynamic loader of its own: give a statically linked shell (Debian's busybox-static installs /bin/busybox), or set debug_console = false")]
+    DebugShell {
+        file: String,
+        path: PathBuf,
+        reason: String,
+    },
 }
 
 /// Which backend starts the VM.
@@ -75,6 +82,12 @@ pub struct Config {
     pub husk_vmm_path: PathBuf,
     pub virtiofsd_path: PathBuf,
     pub vhost_vsock_path: PathBuf,
+    /// A root shell in each guest on vsock port 1026 (`containerd-shim-husk-v2 console
+    /// <sandbox-id>`), the guest kernel at loglevel 7 and the agent logging at debug level.
+    pub debug_console: bool,
+    /// The statically linked shell shared into the guest for the debug console (a busybox
+    /// is run as `sh`).
+    pub debug_shell: PathBuf,
     /// The file this was read from; `None`: no file, the defaults.
     #[serde(skip)]
     pub source: Option<PathBuf>,
@@ -116,6 +129,8 @@ impl Default for Config {
             husk_vmm_path: PathBuf::new(),
             virtiofsd_path: PathBuf::new(),
             vhost_vsock_path: PathBuf::new(),
+            debug_console: false,
+            debug_shell: "/bin/busybox".into(),
             source: None,
         }
     }
@@ -197,6 +212,22 @@ impl Config {
         })
     }
 
+    /// With `debug_console`, the shell to share into the guest, checked: it must be a
+    /// statically linked x86-64 executable (the guest has no dynamic loader).
+    pub fn debug_shell(&self) -> Result<Option<PathBuf>, ConfigError> {
+        if !self.debug_console {
+            return Ok(None);
+        }
+        let path = &self.debug_shell;
+        check_program(path)
+            .and_then(|()| crate::debug_console::check_static(path))
+            .map_err(|reason| ConfigError::DebugShell {
+                file: self.source_name(),
+                path: path.clone(),
+                reason,
+            })?;
+        Ok(Some(path.clone()))
+    }
 
     pub fn backend_kind(&self) -> Result<Backend, String> {
         match self.backend.as_str() {
@@ -324,6 +355,47 @@ mod tests {
             .to_string();
         assert!(
             e.contains("qemu_path") && e.contains("not an absolute path"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn the_debug_shell_must_be_static() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("c.toml");
+        assert_eq!(
+            Config::default().debug_shell().unwrap(),
+            None,
+            "off by default"
+        );
+        // A dynamically linked program: the test binary itself.
+        let me = std::env::current_exe().unwrap();
+        std::fs::write(
+            &p,
+            format!("debug_console = true\ndebug_shell = \"{}\"\n", me.display()),
+        )
+        .unwrap();
+        let e = Config::load(Some(&p))
+            .unwrap()
+            .debug_shell()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("c.toml") && e.contains("debug_shell") && e.contains("dynamically linked"),
+            "{e}"
+        );
+        std::fs::write(
+            &p,
+            "debug_console = true\ndebug_shell = \"/nonexistent/sh\"\n",
+        )
+        .unwrap();
+        let e = Config::load(Some(&p))
+            .unwrap()
+            .debug_shell()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("/nonexistent/sh") && e.contains("no such file"),
             "{e}"
         );
     }

@@ -20,6 +20,7 @@ use serde_json::Value;
 
 use crate::agent::{self, Agent};
 use crate::config::{Backend, Config};
+use crate::debug_console;
 use crate::host_cgroup::HostCgroup;
 use crate::network::Network;
 use crate::sandbox_dir::SandboxDir;
@@ -109,6 +110,8 @@ fn backend(
 /// What `start` checked before creating anything, for `start_in`.
 struct Prepared {
     programs: Programs,
+    /// The debug console's shell, when `debug_console` is on.
+    debug_shell: Option<PathBuf>,
 }
 
 pub struct Sandbox {
@@ -183,6 +186,9 @@ impl Sandbox {
         let programs = config
             .programs()
             .map_err(|e| step_err("configuration")(&e))?;
+        let debug_shell = config
+            .debug_shell()
+            .map_err(|e| step_err("configuration")(&e))?;
         let dir =
             SandboxDir::new(&config.state_root, id).map_err(|e| step_err("state directory")(&e))?;
         if dir.root().exists() {
@@ -211,7 +217,10 @@ impl Sandbox {
         };
         let started = Self::start_in(
             config,
-            &Prepared { programs },
+            &Prepared {
+                programs,
+                debug_shell,
+            },
             id,
             spec,
             hostname,
@@ -242,6 +251,22 @@ impl Sandbox {
     ) -> Result<Self, SandboxError> {
         let sid = id.to_string();
         let (vcpus, memory_mib) = size_for(config, spec);
+        let mut cmdline_extra = String::new();
+        if let Some(shell) = &prepared.debug_shell {
+            debug_console::share_shell(&dir, shell).map_err(|e| SandboxError::Step {
+                sid: sid.clone(),
+                step: "sharing the debug console's shell",
+                message: format!("{}: {e}", shell.display()),
+            })?;
+            cmdline_extra = debug_console::kernel_params();
+        }
+        // The configured parameters last: they win over the debug console's loglevel.
+        if !config.kernel_params.trim().is_empty() {
+            if !cmdline_extra.is_empty() {
+                cmdline_extra.push(' ');
+            }
+            cmdline_extra.push_str(config.kernel_params.trim());
+        }
         // Before the VM: it gets the taps. Dropped (torn down) on any failure below.
         let network = Network::setup(spec).map_err(|e| SandboxError::Step {
             sid: sid.clone(),
@@ -259,7 +284,7 @@ impl Sandbox {
         let vm_config = VmConfig {
             kernel: config.kernel.clone(),
             initramfs: config.initramfs.clone(),
-            cmdline_extra: config.kernel_params.clone(),
+            cmdline_extra,
             vcpus,
             memory_mib,
             state_dir: dir.root().to_path_buf(),
@@ -310,6 +335,14 @@ impl Sandbox {
         };
         let vm_pid = vm.pid();
         let _ = dir.write_pids(&[vm_pid]);
+        let record = debug_console::Record {
+            debug_console: prepared.debug_shell.is_some(),
+            config: config.source_name(),
+            vsock_socket: vm.vsock_socket().map(PathBuf::from),
+        };
+        if let Err(e) = record.write(&dir) {
+            log::warn!("sandbox {id}: recording the debug console's state: {e}");
+        }
         let Some(socket) = vm.vsock_socket().map(PathBuf::from) else {
             let _ = vm.kill();
             return Err(guest_err(

@@ -5,6 +5,8 @@
 //!   console.log, *.sock       the VM's (see husk-hypervisor)
 //!   vm.pids                   PIDs of the VM's processes and their programs, for `delete`
 //!                             after a shim crash
+//!   debug-console.json        whether the debug console is on (see debug_console.rs)
+//!   shared/.husk-debug/sh     the debug console's shell, when it is on
 //!   shared/                   exported to the guest by virtiofsd (guest: /run/husk/shared)
 //!     <cid>/rootfs            containerd's rootfs mounts for container <cid>
 //!     <cid>/mounts/<n>        the container's bind mounts (volumes, /etc/hosts, …)
