@@ -93,6 +93,10 @@ fn backend(
         Ok(Backend::QemuKvm) => BackendChoice::Qemu(Accel::Kvm),
         Ok(Backend::QemuTcg) => BackendChoice::Qemu(Accel::Tcg),
         Ok(Backend::HuskVmm) => BackendChoice::HuskVmm,
+        // Probed at every sandbox start, not cached: `detect` (open /dev/kvm, create a VM and
+        // a vCPU, read /proc/cpuinfo) measured 0.7 ms median, 1.6 ms at most over 90 calls on
+        // the 2-core kvm_pvm development host — nothing next to a VM boot, and a cache would
+        // need invalidating when KVM modules change.
         Ok(Backend::Auto) | Err(_) => match host::detect().backend {
             BackendChoice::HuskVmm if has_network => {
                 log::info!("the pod has a network: qemu-kvm instead of husk-vmm, which cannot take tap fds yet");
