@@ -33,7 +33,8 @@ fn console(sid: &str, input: &[u8], deadline: Duration) -> Output {
         .stderr(Stdio::piped())
         .spawn()
         .expect("starting containerd-shim-husk-v2 console");
-    child.stdin.take().unwrap().write_all(input).unwrap();
+    // A console that refuses at once may be gone before its input is written (EPIPE).
+    let _ = child.stdin.take().unwrap().write_all(input);
     let mut stdout = child.stdout.take().unwrap();
     let mut stderr = child.stderr.take().unwrap();
     let out = std::thread::spawn(move || {
@@ -161,6 +162,19 @@ impl Drop for TerminalConsole {
 fn console_log(sid: &str) -> String {
     std::fs::read_to_string(Path::new("/run/husk").join(sid).join("console.log"))
         .unwrap_or_default()
+}
+
+/// The console log once it contains `needle` (the agent logs a session's end after the
+/// connection has closed, so a little after the client has ended), up to 20 s.
+fn console_log_with(sid: &str, needle: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let log = console_log(sid);
+        if log.contains(needle) || Instant::now() >= deadline {
+            return log;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 fn vsock_socket(sid: &str) -> PathBuf {
@@ -322,7 +336,7 @@ fn the_debug_console_is_a_root_shell_in_the_guest() {
     drop(t);
     // Debug mode: the kernel logs at loglevel 7 (its banner, which `quiet` hides, is on the
     // console) and the agent logs each request.
-    let log = console_log(&id);
+    let log = console_log_with(&id, "debug console: session 2 ended");
     assert!(log.contains("Linux version 6.1."), "{log}");
     assert!(log.contains("husk-agent: debug: CreateContainer"), "{log}");
     assert!(
