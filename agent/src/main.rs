@@ -13,7 +13,9 @@
 //!   on a unix socket outside a VM, for the host-side container tests (root needed).
 
 mod container;
+mod debug_console;
 mod guest_info;
+mod logging;
 mod network;
 mod pid1;
 mod power;
@@ -50,6 +52,8 @@ fn pid1_main() -> ! {
     if let Err(e) = pid1::mount_basics() {
         power::fatal(&format!("mounting the basic file systems: {e}"));
     }
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    logging::init_from_cmdline(&cmdline);
     if let Err(e) = reaper::start() {
         power::fatal(&format!("starting the zombie reaper: {e}"));
     }
@@ -65,7 +69,6 @@ fn pid1_main() -> ! {
         Ok(false) => println!("husk-agent: no virtio-fs device tagged {}: containers cannot be created", pid1::SHARED_FS_TAG),
         Err(e) => power::fatal(&e),
     }
-    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
     let engine = container::Engine::new(container::Config {
         shared_dir: PathBuf::from(pid1::SHARED_DIR),
         cgroup_root: Some(PathBuf::from(pid1::CGROUP_ROOT)),
@@ -85,6 +88,12 @@ fn pid1_main() -> ! {
             None
         }
     };
+    if debug_console::enabled(&cmdline) {
+        let shell = std::path::Path::new(pid1::SHARED_DIR).join(husk_protocols::DEBUG_SHELL_IN_SHARE);
+        if let Err(e) = debug_console::start(shell) {
+            println!("husk-agent: debug console not available: {e}");
+        }
+    }
     println!("{}", info.ready_line());
 
     if let Some(secs) = guest_info::timeout_from_cmdline(&cmdline) {
@@ -118,7 +127,7 @@ fn start_server(addr: &str, service: server::Service) -> Result<ttrpc::Server, S
     let mut s = ttrpc::Server::new()
         .bind(addr)
         .map_err(|e| format!("binding {addr}: {e}"))?
-        .register_service(create_agent(Arc::new(service)))
+        .register_service(logging::log_requests(create_agent(Arc::new(service))))
         // Reads and waits block in their handler: keep enough threads for a pod's streams.
         .set_thread_count_max(256);
     s.start().map_err(|e| format!("starting the ttrpc server on {addr}: {e}"))?;

@@ -4,8 +4,9 @@
 //!
 //! Facts behind the choices (FIELD-NOTES): virtiofsd gets no `--tag` (QEMU 7.x crashes on it;
 //! the tag is the VMM's); it runs in its own namespace sandbox as root, exits when its VMM
-//! disconnects, and holds a lock on `<socket>.pid` until it is fully gone. Helpers are found on
-//! PATH, then in `~/.cargo/bin` (where `cargo install` puts them).
+//! disconnects, and holds a lock on `<socket>.pid` until it is fully gone. Helpers are the
+//! programs the caller names ([`crate::Programs`]), else found on PATH, then in
+//! `~/.cargo/bin` (where `cargo install` puts them).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -35,6 +36,37 @@ pub fn find(name: &str) -> Result<PathBuf> {
         })
 }
 
+/// `configured` if given (the caller checked it with [`check_program`]), else [`find`]`(name)`.
+pub fn program(configured: Option<&Path>, name: &str) -> Result<PathBuf> {
+    match configured {
+        Some(p) => Ok(p.to_path_buf()),
+        None => find(name),
+    }
+}
+
+/// Why `path` cannot be run as a program, if it cannot: it must be absolute (a relative path
+/// would depend on the caller's working directory), exist, be a regular file (after
+/// symlinks) and be executable by someone. `Ok(())` says nothing about whether it is the
+/// right program.
+pub fn check_program(path: &Path) -> std::result::Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    if !path.is_absolute() {
+        return Err("not an absolute path".into());
+    }
+    let meta = std::fs::metadata(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => "no such file".to_string(),
+        _ => e.to_string(),
+    })?;
+    if !meta.is_file() {
+        return Err("not a regular file".into());
+    }
+    let mode = meta.permissions().mode();
+    if mode & 0o111 == 0 {
+        return Err(format!("not executable (mode {:o})", mode & 0o7777));
+    }
+    Ok(())
+}
+
 /// Opens `path` for appending, twice: a child's stdout and stderr.
 pub fn log_file(path: &Path) -> Result<(Stdio, Stdio)> {
     let f = std::fs::OpenOptions::new()
@@ -48,10 +80,16 @@ pub fn log_file(path: &Path) -> Result<(Stdio, Stdio)> {
     Ok((f.into(), g.into()))
 }
 
-/// Starts virtiofsd on `shared_dir`, sandboxed in its own namespaces, serving vhost-user on
-/// `socket` and logging to `log`; returns once the socket exists.
-pub fn start_virtiofsd(shared_dir: &Path, socket: &Path, log: &Path) -> Result<Supervised> {
-    let program = find(VIRTIOFSD)?;
+/// Starts virtiofsd (`program`, else the one [`find`] finds) on `shared_dir`, sandboxed in
+/// its own namespaces, serving vhost-user on `socket` and logging to `log`; returns once the
+/// socket exists.
+pub fn start_virtiofsd(
+    program: Option<&Path>,
+    shared_dir: &Path,
+    socket: &Path,
+    log: &Path,
+) -> Result<Supervised> {
+    let program = self::program(program, VIRTIOFSD)?;
     let (out, err) = log_file(log)?;
     let mut cmd = Command::new(program);
     cmd.arg("--shared-dir")
@@ -100,5 +138,39 @@ pub fn wait_for_socket(p: &mut Supervised, sock: &Path, log: &Path) -> Result<()
             )));
         }
         std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn programs_are_checked_before_use() {
+        let d = tempfile::tempdir().unwrap();
+        let exe = d.path().join("tool");
+        std::fs::write(&exe, b"#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
+        check_program(&exe).unwrap();
+        let link = d.path().join("link");
+        std::os::unix::fs::symlink(&exe, &link).unwrap();
+        check_program(&link).unwrap();
+
+        std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert_eq!(
+            check_program(&exe).unwrap_err(),
+            "not executable (mode 644)"
+        );
+        assert_eq!(check_program(d.path()).unwrap_err(), "not a regular file");
+        assert_eq!(
+            check_program(&d.path().join("none")).unwrap_err(),
+            "no such file"
+        );
+        assert_eq!(
+            check_program(Path::new("bin/virtiofsd")).unwrap_err(),
+            "not an absolute path"
+        );
+        assert_eq!(program(Some(&exe), VIRTIOFSD).unwrap(), exe);
     }
 }

@@ -11,6 +11,8 @@
 //! - [`host`]: what kind of host this is (hardware KVM, PVM, none) and so which backend husk
 //!   uses by default; `cargo xtask doctor` prints the same verdict.
 //! - [`console`]: reading the guest's serial console log, and the agent's ready line.
+//! - [`Programs`]: the QEMU, husk-vmm, virtiofsd and vhost-device-vsock a caller names instead
+//!   of the usual lookup ([`helpers::check_program`] checks such a path before use).
 //! - [`vsock`]: the host side of hybrid vsock (`CONNECT <port>\n` → `OK …\n`), how the shim
 //!   reaches the agent on any backend.
 //!
@@ -119,6 +121,19 @@ pub struct VmConfig {
     /// One virtio-net device per entry, in order (the guest sees them as eth0, eth1, …
     /// before the agent renames them). Empty: the guest has loopback only.
     pub nets: Vec<NetConfig>,
+}
+
+/// The programs a backend runs, where the caller names them (`/etc/husk/config.toml`'s
+/// `*_path` keys); `None` is the usual lookup: QEMU, virtiofsd and vhost-device-vsock on
+/// `PATH` (the helpers also in `~/.cargo/bin`), husk-vmm beside the calling program, then on
+/// `PATH`. A named program is used as it is: the caller checks it first
+/// ([`helpers::check_program`]), so a wrong path fails before anything starts.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Programs {
+    pub qemu: Option<PathBuf>,
+    pub husk_vmm: Option<PathBuf>,
+    pub virtiofsd: Option<PathBuf>,
+    pub vhost_vsock: Option<PathBuf>,
 }
 
 /// A virtio-net device backed by a tap the caller opened (in whatever network namespace the

@@ -9,7 +9,8 @@
 //! change of meaning bumps it.
 //!
 //! # Transport
-//! ttrpc over vsock port [`AGENT_VSOCK_PORT`]. The host reaches it through the VMM's
+//! ttrpc over vsock port [`AGENT_VSOCK_PORT`]; the optional debug console on
+//! [`DEBUG_CONSOLE_VSOCK_PORT`]. The host reaches it through the VMM's
 //! hybrid-vsock unix socket (`CONNECT 1024\n` → `OK …\n`), see `husk_hypervisor::vsock`.
 //!
 //! # Stdio: RPCs, not separate vsock streams
@@ -37,6 +38,24 @@ pub const API_VERSION: u32 = 1;
 
 /// The vsock port the agent serves ttrpc on.
 pub const AGENT_VSOCK_PORT: u32 = 1024;
+
+/// The vsock port of the guest's debug console: an interactive root shell in the guest's
+/// own namespaces, one per connection, offered only when the kernel command line carries
+/// [`DEBUG_CONSOLE_FLAG`] (the shim's `debug_console = true`). The stream is raw terminal
+/// bytes both ways (the agent runs the shell on a pty); nothing else is spoken on it.
+pub const DEBUG_CONSOLE_VSOCK_PORT: u32 = 1026;
+
+/// The kernel command line word that enables the debug console.
+pub const DEBUG_CONSOLE_FLAG: &str = "husk.debug_console=1";
+
+/// Where the shell of the debug console lives, relative to the shared virtio-fs directory
+/// (the host's `/run/husk/<sid>/shared`, the guest's `/run/husk/shared`): the guest's
+/// initramfs has no shell of its own, so the shim puts a static one there.
+pub const DEBUG_SHELL_IN_SHARE: &str = ".husk-debug/sh";
+
+/// The kernel command line word that makes the agent log at debug level (every API request
+/// on the console, with its duration).
+pub const DEBUG_LOG_FLAG: &str = "husk.log=debug";
 
 /// Largest stdio chunk one `ReadStdout`/`ReadStderr` reply carries (ttrpc messages are capped
 /// at 4 MiB).

@@ -6,7 +6,9 @@
 
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use husk_hypervisor::helpers::check_program;
+use husk_hypervisor::Programs;
+use serde::{Deserialize, Serialize};
 
 /// The default configuration file.
 pub const DEFAULT_PATH: &str = "/etc/husk/config.toml";
@@ -23,6 +25,23 @@ pub enum ConfigError {
     Parse { path: PathBuf, message: String },
     #[error("{path}: backend = {value:?} — use one of auto, qemu-tcg, qemu-kvm, husk-vmm")]
     Backend { path: PathBuf, value: String },
+    /// A configured program that cannot be run.
+    #[error("{file}: {key} = {path:?}: {reason} — correct the path, or remove the line to use the {program} {found}")]
+    Program {
+        file: String,
+        key: &'static str,
+        path: PathBuf,
+        reason: String,
+        program: &'static str,
+        found: &'static str,
+    },
+    /// The debug console's shell cannot run in the guest.
+    #[error("{file}: debug_shell = {path:?}: {reason} — the guest has no shell and no dynamic loader of its own: give a statically linked shell (Debian's busybox-static installs /bin/busybox), or set debug_console = false")]
+    DebugShell {
+        file: String,
+        path: PathBuf,
+        reason: String,
+    },
 }
 
 /// Which backend starts the VM.
@@ -36,7 +55,7 @@ pub enum Backend {
     HuskVmm,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// Guest kernel (uncompressed vmlinux with a PVH note).
@@ -57,7 +76,42 @@ pub struct Config {
     pub log_level: String,
     /// Where per-sandbox state lives.
     pub state_root: PathBuf,
+    /// The programs the backends run; empty: found as without this file (QEMU, virtiofsd and
+    /// vhost-device-vsock on PATH or in ~/.cargo/bin, husk-vmm beside the shim or on PATH).
+    pub qemu_path: PathBuf,
+    pub husk_vmm_path: PathBuf,
+    pub virtiofsd_path: PathBuf,
+    pub vhost_vsock_path: PathBuf,
+    /// A root shell in each guest on vsock port 1026 (`containerd-shim-husk-v2 console
+    /// <sandbox-id>`), the guest kernel at loglevel 7 and the agent logging at debug level.
+    pub debug_console: bool,
+    /// The statically linked shell shared into the guest for the debug console (a busybox
+    /// is run as `sh`).
+    pub debug_shell: PathBuf,
+    /// The file this was read from; `None`: no file, the defaults.
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
 }
+
+/// The `*_path` keys: (key, program, how it is found when the key is empty).
+const PROGRAM_KEYS: [(&str, &str, &str); 4] = [
+    ("qemu_path", "qemu-system-x86_64", "found on PATH"),
+    (
+        "husk_vmm_path",
+        "husk-vmm",
+        "found beside the shim or on PATH",
+    ),
+    (
+        "virtiofsd_path",
+        "virtiofsd",
+        "found on PATH or in ~/.cargo/bin",
+    ),
+    (
+        "vhost_vsock_path",
+        "vhost-device-vsock",
+        "found on PATH or in ~/.cargo/bin",
+    ),
+];
 
 impl Default for Config {
     fn default() -> Self {
@@ -71,6 +125,13 @@ impl Default for Config {
             kernel_params: String::new(),
             log_level: "info".into(),
             state_root: "/run/husk".into(),
+            qemu_path: PathBuf::new(),
+            husk_vmm_path: PathBuf::new(),
+            virtiofsd_path: PathBuf::new(),
+            vhost_vsock_path: PathBuf::new(),
+            debug_console: false,
+            debug_shell: "/bin/busybox".into(),
+            source: None,
         }
     }
 }
@@ -91,14 +152,81 @@ impl Config {
             }
             Err(source) => return Err(ConfigError::Read { path, source }),
         };
-        let config: Config = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        let mut config: Config = toml::from_str(&text).map_err(|e| ConfigError::Parse {
             path: path.clone(),
             message: e.to_string(),
         })?;
         config
             .backend_kind()
-            .map_err(|value| ConfigError::Backend { path, value })?;
+            .map_err(|value| ConfigError::Backend {
+                path: path.clone(),
+                value,
+            })?;
+        config.source = Some(path);
         Ok(config)
+    }
+
+    /// The file to name in messages: the one read, or the default path when there was none.
+    pub fn source_name(&self) -> String {
+        match &self.source {
+            Some(p) => p.display().to_string(),
+            None => format!("{DEFAULT_PATH} (absent: the defaults)"),
+        }
+    }
+
+    fn path_of(&self, key: &str) -> &Path {
+        match key {
+            "qemu_path" => &self.qemu_path,
+            "husk_vmm_path" => &self.husk_vmm_path,
+            "virtiofsd_path" => &self.virtiofsd_path,
+            _ => &self.vhost_vsock_path,
+        }
+    }
+
+    /// The programs the backends are to run, each configured one checked: a path that is
+    /// not absolute, does not exist or cannot be executed is an error naming the key, the
+    /// path and this file. Called before a sandbox starts anything.
+    pub fn programs(&self) -> Result<Programs, ConfigError> {
+        let mut checked = [None, None, None, None];
+        for (slot, (key, program, found)) in checked.iter_mut().zip(PROGRAM_KEYS) {
+            let path = self.path_of(key);
+            if path.as_os_str().is_empty() {
+                continue;
+            }
+            check_program(path).map_err(|reason| ConfigError::Program {
+                file: self.source_name(),
+                key,
+                path: path.to_path_buf(),
+                reason,
+                program,
+                found,
+            })?;
+            *slot = Some(path.to_path_buf());
+        }
+        let [qemu, husk_vmm, virtiofsd, vhost_vsock] = checked;
+        Ok(Programs {
+            qemu,
+            husk_vmm,
+            virtiofsd,
+            vhost_vsock,
+        })
+    }
+
+    /// With `debug_console`, the shell to share into the guest, checked: it must be a
+    /// statically linked x86-64 executable (the guest has no dynamic loader).
+    pub fn debug_shell(&self) -> Result<Option<PathBuf>, ConfigError> {
+        if !self.debug_console {
+            return Ok(None);
+        }
+        let path = &self.debug_shell;
+        check_program(path)
+            .and_then(|()| crate::debug_console::check_static(path))
+            .map_err(|reason| ConfigError::DebugShell {
+                file: self.source_name(),
+                path: path.clone(),
+                reason,
+            })?;
+        Ok(Some(path.clone()))
     }
 
     pub fn backend_kind(&self) -> Result<Backend, String> {
@@ -188,9 +316,102 @@ mod tests {
     }
 
     #[test]
+    fn program_paths_are_checked_and_named() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("c.toml");
+        let exe = d.path().join("virtiofsd-copy");
+        std::fs::copy("/bin/true", &exe).unwrap();
+        std::fs::write(&p, format!("virtiofsd_path = \"{}\"\n", exe.display())).unwrap();
+        let c = Config::load(Some(&p)).unwrap();
+        assert_eq!(c.source.as_deref(), Some(p.as_path()));
+        let programs = c.programs().unwrap();
+        assert_eq!(programs.virtiofsd.as_deref(), Some(exe.as_path()));
+        assert_eq!(programs.qemu, None, "empty: looked up as before");
+        assert_eq!(Config::default().programs().unwrap(), Programs::default());
+
+        std::fs::write(
+            &p,
+            "vhost_vsock_path = \"/nonexistent/vhost-device-vsock\"\n",
+        )
+        .unwrap();
+        // Loading still works (`delete` must clean up whatever the file says); using fails.
+        let e = Config::load(Some(&p))
+            .unwrap()
+            .programs()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("c.toml")
+                && e.contains("vhost_vsock_path")
+                && e.contains("/nonexistent/vhost-device-vsock")
+                && e.contains("no such file"),
+            "{e}"
+        );
+        std::fs::write(&p, "qemu_path = \"qemu-system-x86_64\"\n").unwrap();
+        let e = Config::load(Some(&p))
+            .unwrap()
+            .programs()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("qemu_path") && e.contains("not an absolute path"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn the_debug_shell_must_be_static() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("c.toml");
+        assert_eq!(
+            Config::default().debug_shell().unwrap(),
+            None,
+            "off by default"
+        );
+        // A dynamically linked program: the test binary itself.
+        let me = std::env::current_exe().unwrap();
+        std::fs::write(
+            &p,
+            format!("debug_console = true\ndebug_shell = \"{}\"\n", me.display()),
+        )
+        .unwrap();
+        let e = Config::load(Some(&p))
+            .unwrap()
+            .debug_shell()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("c.toml") && e.contains("debug_shell") && e.contains("dynamically linked"),
+            "{e}"
+        );
+        std::fs::write(
+            &p,
+            "debug_console = true\ndebug_shell = \"/nonexistent/sh\"\n",
+        )
+        .unwrap();
+        let e = Config::load(Some(&p))
+            .unwrap()
+            .debug_shell()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("/nonexistent/sh") && e.contains("no such file"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn the_shipped_config_spells_out_the_defaults() {
-        let shipped: Config = toml::from_str(include_str!("../../deploy/config.toml")).unwrap();
+        let text = include_str!("../../deploy/config.toml");
+        let shipped: Config = toml::from_str(text).unwrap();
         assert_eq!(format!("{shipped:?}"), format!("{:?}", Config::default()));
+        // Every key, not just the values of those it has.
+        let keys = |t: toml::Table| t.keys().cloned().collect::<Vec<_>>();
+        let mut listed = keys(text.parse().unwrap());
+        let mut all = keys(toml::Table::try_from(Config::default()).unwrap());
+        listed.sort();
+        all.sort();
+        assert_eq!(listed, all);
     }
 
     #[test]

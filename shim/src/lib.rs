@@ -10,10 +10,13 @@
 //! - [`sandbox`]: the VM, its agent connection, bring-up and teardown;
 //! - [`sandbox_dir`] and [`share`]: the state directory and what is mounted in it;
 //! - [`network`]: the pod netns mirrored to the guest's NICs (taps + tc redirects);
-//! - [`io`]: stdio relays; [`agent`]: the agent client; [`config`]: `/etc/husk/config.toml`.
+//! - [`io`]: stdio relays; [`agent`]: the agent client; [`config`]: `/etc/husk/config.toml`;
+//! - [`debug_console`]: the guest's root shell for debugging, and the `console` command that
+//!   attaches to it.
 
 pub mod agent;
 pub mod config;
+pub mod debug_console;
 pub mod host_cgroup;
 pub mod io;
 pub mod network;

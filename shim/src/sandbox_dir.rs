@@ -3,7 +3,10 @@
 //! ```text
 //! /run/husk/<sid>/            0700, removed with the sandbox
 //!   console.log, *.sock       the VM's (see husk-hypervisor)
-//!   vm.pids                   PIDs of the VM's processes, for `delete` after a shim crash
+//!   vm.pids                   PIDs of the VM's processes and their programs, for `delete`
+//!                             after a shim crash
+//!   debug-console.json        whether the debug console is on (see debug_console.rs)
+//!   shared/.husk-debug/sh     the debug console's shell, when it is on
 //!   shared/                   exported to the guest by virtiofsd (guest: /run/husk/shared)
 //!     <cid>/rootfs            containerd's rootfs mounts for container <cid>
 //!     <cid>/mounts/<n>        the container's bind mounts (volumes, /etc/hosts, …)
@@ -128,17 +131,28 @@ impl SandboxDir {
         Ok(())
     }
 
-    /// Records the PIDs of the VM's processes.
+    /// Records the PIDs of the VM's processes, each with the program it runs now.
     pub fn write_pids(&self, pids: &[u32]) -> Result<(), DirError> {
-        let text: String = pids.iter().map(|p| format!("{p}\n")).collect();
+        let text: String = pids
+            .iter()
+            .map(|p| match std::fs::read_link(format!("/proc/{p}/exe")) {
+                Ok(exe) => format!("{p} {}\n", exe.display()),
+                Err(_) => format!("{p}\n"),
+            })
+            .collect();
         std::fs::write(self.pids_file(), text).map_err(io("writing", &self.pids_file()))
     }
 
-    pub fn read_pids(&self) -> Vec<u32> {
+    /// The recorded PIDs, with their programs where known.
+    pub fn read_pids(&self) -> Vec<(u32, Option<PathBuf>)> {
         std::fs::read_to_string(self.pids_file())
             .unwrap_or_default()
             .lines()
-            .filter_map(|l| l.trim().parse().ok())
+            .filter_map(|l| {
+                let (pid, exe) = l.trim().split_once(' ').unwrap_or((l.trim(), ""));
+                let exe = (!exe.is_empty()).then(|| PathBuf::from(exe));
+                Some((pid.parse().ok()?, exe))
+            })
             .collect()
     }
 
@@ -256,6 +270,12 @@ mod tests {
         )
         .unwrap();
         assert_eq!(mounts_under(d.root()).len(), 2);
+        let me = std::process::id();
+        d.write_pids(&[me]).unwrap();
+        assert_eq!(
+            d.read_pids(),
+            vec![(me, Some(std::env::current_exe().unwrap()))]
+        );
         d.remove_container("c1").unwrap();
         assert!(!d.container("c1").exists());
         d.destroy().unwrap();

@@ -54,9 +54,14 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ShimError {
     move |source| ShimError::Io { what, source }
 }
 
-/// Whether `pid` is (still) one of our VM processes, so a recycled PID is never killed.
-fn is_vm_process(pid: u32) -> bool {
+/// Whether `pid` is (still) one of our VM processes, so a recycled PID is never killed: it
+/// runs the program recorded with its PID (a configured `qemu_path` may have any name), or
+/// one of the VM programs' usual names.
+fn is_vm_process(pid: u32, recorded: Option<&Path>) -> bool {
     let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap_or_default();
+    if recorded.is_some_and(|r| r == exe) {
+        return true;
+    }
     let name = exe
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -79,8 +84,8 @@ pub fn cleanup(id: &str, bundle: &Path, config: &Config) -> Result<(), String> {
     let dir = SandboxDir::new(&config.state_root, &sid).map_err(|e| e.to_string())?;
     dir.remove_container(id).map_err(|e| e.to_string())?;
     if sid == id {
-        for pid in dir.read_pids() {
-            if is_vm_process(pid) {
+        for (pid, exe) in dir.read_pids() {
+            if is_vm_process(pid, exe.as_deref()) {
                 let _ = nix::sys::signal::kill(
                     nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap_or(0)),
                     nix::sys::signal::Signal::SIGKILL,
@@ -220,8 +225,12 @@ impl Drop for ReleaseOnDrop {
     }
 }
 
-/// The whole binary: dispatches containerd's actions. Returns the exit code.
+/// The whole binary: dispatches containerd's actions, and `console` (for people, see
+/// [`crate::debug_console`]). Returns the exit code.
 pub fn main(args: &[std::ffi::OsString]) -> i32 {
+    if args.get(1).is_some_and(|a| a == "console") {
+        return crate::debug_console::main(args.get(2..).unwrap_or_default());
+    }
     let flags = match containerd_shim::parse(args.get(1..).unwrap_or_default()) {
         Ok(f) => f,
         Err(e) => {
@@ -253,7 +262,7 @@ pub fn main(args: &[std::ffi::OsString]) -> i32 {
             }
         }
         _ if flags.namespace.is_empty() || flags.socket.is_empty() => {
-            eprintln!("containerd-shim-husk-v2: started by hand? containerd runs it with -namespace, -id, -address and -socket");
+            eprintln!("containerd-shim-husk-v2: started by hand? containerd runs it with -namespace, -id, -address and -socket; `containerd-shim-husk-v2 console <sandbox-id>` attaches to a sandbox's debug console");
             2
         }
         _ => match serve(&flags) {

@@ -24,7 +24,7 @@ use nix::sys::signal::Signal;
 
 use crate::helpers;
 use crate::process::Supervised;
-use crate::{Error, Hypervisor, Result, Vm, VmConfig};
+use crate::{Error, Hypervisor, Programs, Result, Vm, VmConfig};
 use args::Paths;
 
 /// The program this backend runs.
@@ -44,12 +44,31 @@ const SUN_PATH_MAX: usize = 107;
 #[derive(Debug, Clone)]
 pub struct HuskVmm {
     pub program: PathBuf,
+    /// virtiofsd to run; `None`: found at each start.
+    pub virtiofsd: Option<PathBuf>,
 }
 
 impl HuskVmm {
     /// The backend with the `husk-vmm` found next to the calling program (its own directory,
     /// or the one above when it is a test in `target/<profile>/deps`), else on `PATH`.
     pub fn new() -> Result<Self> {
+        Self::with_programs(&Programs::default())
+    }
+
+    /// The backend with the husk-vmm and virtiofsd that `programs` names; the others are
+    /// found as usual ([`HuskVmm::new`]).
+    pub fn with_programs(programs: &Programs) -> Result<Self> {
+        let program = match &programs.husk_vmm {
+            Some(p) => p.clone(),
+            None => Self::find()?,
+        };
+        Ok(Self {
+            program,
+            virtiofsd: programs.virtiofsd.clone(),
+        })
+    }
+
+    fn find() -> Result<PathBuf> {
         let beside = std::env::current_exe().ok().and_then(|exe| {
             let dir = exe.parent()?.to_path_buf();
             let mut dirs = vec![dir.clone()];
@@ -66,7 +85,7 @@ impl HuskVmm {
                 program: PROGRAM.into(),
                 fix: "build it with `cargo xtask build` (it lands in target/release/) or put it on PATH".into(),
             })?;
-        Ok(Self { program })
+        Ok(program)
     }
 
     /// The backend with an explicit `husk-vmm` binary.
@@ -78,7 +97,10 @@ impl HuskVmm {
                 fix: "give the path of a built husk-vmm (`cargo xtask build` puts it in target/release/)".into(),
             });
         }
-        Ok(Self { program })
+        Ok(Self {
+            program,
+            virtiofsd: None,
+        })
     }
 }
 
@@ -114,7 +136,12 @@ impl Hypervisor for HuskVmm {
         // virtiofsd first: husk-vmm connects to its socket while building the VM.
         let virtiofsd = match &config.shared_dir {
             Some(dir) => {
-                match helpers::start_virtiofsd(dir, &paths.virtiofsd_sock, &paths.virtiofsd_log) {
+                match helpers::start_virtiofsd(
+                    self.virtiofsd.as_deref(),
+                    dir,
+                    &paths.virtiofsd_sock,
+                    &paths.virtiofsd_log,
+                ) {
                     Ok(p) => Some(p),
                     Err(e) => {
                         remove_sockets(&paths);

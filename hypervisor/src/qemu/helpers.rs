@@ -5,27 +5,40 @@
 //! Facts behind the choices (FIELD-NOTES): virtiofsd gets no `--tag` (QEMU 7.x crashes on
 //! it; the tag is set on QEMU's device); it runs in its own namespace sandbox as root, and
 //! exits when QEMU disconnects. vhost-device-vsock keeps running after QEMU is gone: the VM
-//! kills it. Both are found on PATH, then in `~/.cargo/bin` (where `cargo install` puts them).
+//! kills it. Both are the programs the caller named ([`crate::Programs`]), else found on PATH,
+//! then in `~/.cargo/bin` (where `cargo install` puts them).
 
+use std::path::Path;
 use std::process::{Command, Stdio};
 
 use super::cmdline::Paths;
-use crate::helpers::{log_file, wait_for_socket};
+use crate::helpers::{log_file, program, wait_for_socket};
 use crate::process::Supervised;
 use crate::{Result, GUEST_CID};
 
 pub use crate::helpers::{find, VIRTIOFSD};
 pub const VHOST_DEVICE_VSOCK: &str = "vhost-device-vsock";
 
-/// Starts virtiofsd on `shared_dir`, sandboxed in its own namespaces, and waits for its socket.
-pub fn start_virtiofsd(shared_dir: &std::path::Path, paths: &Paths) -> Result<Supervised> {
-    crate::helpers::start_virtiofsd(shared_dir, &paths.virtiofsd_sock, &paths.virtiofsd_log)
+/// Starts virtiofsd (`program`, else found) on `shared_dir`, sandboxed in its own namespaces,
+/// and waits for its socket.
+pub fn start_virtiofsd(
+    program: Option<&Path>,
+    shared_dir: &Path,
+    paths: &Paths,
+) -> Result<Supervised> {
+    crate::helpers::start_virtiofsd(
+        program,
+        shared_dir,
+        &paths.virtiofsd_sock,
+        &paths.virtiofsd_log,
+    )
 }
 
-/// Starts vhost-device-vsock with the hybrid-vsock socket at `paths.vsock_sock`, and waits for
-/// its vhost-user socket. One process per VM: guests of different VMs never see each other.
-pub fn start_vhost_vsock(paths: &Paths) -> Result<Supervised> {
-    let program = find(VHOST_DEVICE_VSOCK)?;
+/// Starts vhost-device-vsock (`program`, else found) with the hybrid-vsock socket at
+/// `paths.vsock_sock`, and waits for its vhost-user socket. One process per VM: guests of
+/// different VMs never see each other.
+pub fn start_vhost_vsock(program: Option<&Path>, paths: &Paths) -> Result<Supervised> {
+    let program = self::program(program, VHOST_DEVICE_VSOCK)?;
     let (out, err) = log_file(&paths.vhost_vsock_log)?;
     let mut cmd = Command::new(program);
     cmd.arg("--guest-cid")

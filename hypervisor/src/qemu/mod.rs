@@ -22,7 +22,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::process::Supervised;
-use crate::{Accel, Error, Hypervisor, Result, Vm, VmConfig};
+use crate::{Accel, Error, Hypervisor, Programs, Result, Vm, VmConfig};
 use cmdline::Paths;
 use qmp::Qmp;
 
@@ -40,16 +40,34 @@ const SUN_PATH_MAX: usize = 107;
 pub struct Qemu {
     pub program: PathBuf,
     pub accel: Accel,
+    /// virtiofsd to run; `None`: found at each start.
+    pub virtiofsd: Option<PathBuf>,
+    /// vhost-device-vsock to run; `None`: found at each start.
+    pub vhost_vsock: Option<PathBuf>,
 }
 
 impl Qemu {
-    /// The backend with `qemu-system-x86_64` from `PATH`.
+    /// The backend with `qemu-system-x86_64` from `PATH`, and the helpers found as usual.
     pub fn new(accel: Accel) -> Result<Self> {
-        let program = find_in_path(QEMU_PROGRAM).ok_or_else(|| Error::MissingProgram {
-            program: QEMU_PROGRAM.into(),
-            fix: "install Debian's qemu-system-x86 (cargo xtask setup does)".into(),
-        })?;
-        Ok(Self { program, accel })
+        Self::with_programs(accel, &Programs::default())
+    }
+
+    /// The backend with the QEMU, virtiofsd and vhost-device-vsock that `programs` names;
+    /// the others are found as usual.
+    pub fn with_programs(accel: Accel, programs: &Programs) -> Result<Self> {
+        let program = match &programs.qemu {
+            Some(p) => p.clone(),
+            None => find_in_path(QEMU_PROGRAM).ok_or_else(|| Error::MissingProgram {
+                program: QEMU_PROGRAM.into(),
+                fix: "install Debian's qemu-system-x86 (cargo xtask setup does)".into(),
+            })?,
+        };
+        Ok(Self {
+            program,
+            accel,
+            virtiofsd: programs.virtiofsd.clone(),
+            vhost_vsock: programs.vhost_vsock.clone(),
+        })
     }
 }
 
@@ -91,13 +109,13 @@ impl Hypervisor for Qemu {
         let started = (|| -> Result<()> {
             if let Some(dir) = &config.shared_dir {
                 helpers.push(Helper {
-                    process: helpers::start_virtiofsd(dir, &paths)?,
+                    process: helpers::start_virtiofsd(self.virtiofsd.as_deref(), dir, &paths)?,
                     log: paths.virtiofsd_log.clone(),
                 });
             }
             if config.vsock {
                 helpers.push(Helper {
-                    process: helpers::start_vhost_vsock(&paths)?,
+                    process: helpers::start_vhost_vsock(self.vhost_vsock.as_deref(), &paths)?,
                     log: paths.vhost_vsock_log.clone(),
                 });
             }

@@ -1,0 +1,102 @@
+//! The agent's log level. The agent logs to the guest console (the host keeps it as
+//! `/run/husk/<sid>/console.log`): one line per event, `husk-agent: …`. At the default level
+//! it prints what always matters (readiness, failed requests, fatal errors); with
+//! `husk.log=debug` on the kernel command line (the shim's `debug_console = true`) it also
+//! prints every API request with its duration.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use husk_protocols::ttrpc::{self, MethodHandler, Request, TtrpcContext};
+use husk_protocols::DEBUG_LOG_FLAG;
+
+static DEBUG: AtomicBool = AtomicBool::new(false);
+
+/// Sets the level from the kernel command line.
+pub fn init_from_cmdline(cmdline: &str) {
+    DEBUG.store(debug_in(cmdline), Ordering::Relaxed);
+}
+
+fn debug_in(cmdline: &str) -> bool {
+    cmdline.split_whitespace().any(|w| w == DEBUG_LOG_FLAG)
+}
+
+pub fn debug_enabled() -> bool {
+    DEBUG.load(Ordering::Relaxed)
+}
+
+/// A console line at debug level.
+macro_rules! debug {
+    ($($arg:tt)*) => {
+        if $crate::logging::debug_enabled() {
+            println!("husk-agent: debug: {}", format_args!($($arg)*));
+        }
+    };
+}
+pub(crate) use debug;
+
+/// Requests that are stream traffic, not events: a line per stdio chunk or long poll would
+/// flood the serial console (slow under TCG) and bury the requests that tell a story.
+const NOT_LOGGED: &[&str] = &["/ReadStdout", "/ReadStderr", "/WriteStdin", "/GetOOMEvent"];
+
+/// Wraps each method so that, at debug level, every request is logged once answered.
+pub fn log_requests(
+    methods: HashMap<String, Box<dyn MethodHandler + Send + Sync>>,
+) -> HashMap<String, Box<dyn MethodHandler + Send + Sync>> {
+    methods
+        .into_iter()
+        .map(|(name, inner)| {
+            if !is_logged(&name) {
+                return (name, inner);
+            }
+            let short = name.rsplit('/').next().unwrap_or(&name).to_string();
+            let logged: Box<dyn MethodHandler + Send + Sync> =
+                Box::new(Logged { name: short, inner });
+            (name, logged)
+        })
+        .collect()
+}
+
+fn is_logged(method: &str) -> bool {
+    !NOT_LOGGED.iter().any(|n| method.ends_with(n))
+}
+
+struct Logged {
+    name: String,
+    inner: Box<dyn MethodHandler + Send + Sync>,
+}
+
+impl MethodHandler for Logged {
+    fn handler(&self, ctx: TtrpcContext, req: Request) -> ttrpc::Result<()> {
+        let started = Instant::now();
+        let size = req.payload.len();
+        let r = self.inner.handler(ctx, req);
+        // Failed requests are on the console already (server::map); this is the trace.
+        debug!(
+            "{} ({size} bytes) answered in {:?}",
+            self.name,
+            started.elapsed()
+        );
+        r
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_level_from_the_cmdline() {
+        assert!(debug_in("console=ttyS0 husk.log=debug quiet"));
+        assert!(!debug_in("console=ttyS0 quiet"));
+        assert!(!debug_in("husk.log=debugx"));
+    }
+
+    #[test]
+    fn stream_requests_are_not_logged() {
+        assert!(is_logged("/husk.agent.v1.Agent/CreateContainer"));
+        assert!(!is_logged("/husk.agent.v1.Agent/ReadStdout"));
+        assert!(!is_logged("/husk.agent.v1.Agent/GetOOMEvent"));
+    }
+}

@@ -1,0 +1,382 @@
+//! The debug console, host side: `debug_console = true` in the configuration gives each
+//! sandbox's guest a root shell on vsock port 1026, and `containerd-shim-husk-v2 console
+//! <sandbox-id>` attaches a terminal to it.
+//!
+//! At sandbox start (only when enabled): the configured static shell is copied into the
+//! shared directory (`shared/.husk-debug/sh`; the guest's initramfs has no shell, and a copy
+//! — not a bind mount — keeps a guest that writes to its share away from the host's binary),
+//! and the kernel command line gets the agent's flag, `loglevel=7` and the agent's debug
+//! level. Every sandbox records in its state directory whether the console is on, and from
+//! which configuration file ([`Record`]), so that `console` can tell a user what to change.
+//!
+//! `console` connects to the sandbox's hybrid-vsock socket, does the `CONNECT 1026`
+//! handshake, puts the local terminal in raw mode when stdin is one, and relays bytes both
+//! ways until the guest closes the connection (the shell has exited). The end of a
+//! non-terminal stdin reaches the shell as the terminal's EOF character (^D), as it would from
+//! a keyboard.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use husk_protocols::{
+    DEBUG_CONSOLE_FLAG, DEBUG_CONSOLE_VSOCK_PORT, DEBUG_LOG_FLAG, DEBUG_SHELL_IN_SHARE,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::config::Config;
+use crate::sandbox_dir::SandboxDir;
+
+/// What the guest's kernel command line gets with the debug console.
+pub fn kernel_params() -> String {
+    format!("loglevel=7 {DEBUG_LOG_FLAG} {DEBUG_CONSOLE_FLAG}")
+}
+
+/// The record file in the sandbox's state directory.
+const RECORD: &str = "debug-console.json";
+
+/// What `console` needs to know about a running sandbox.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    pub debug_console: bool,
+    /// The configuration file the sandbox was started with (as [`Config::source_name`]).
+    pub config: String,
+    /// The VM's hybrid-vsock socket.
+    pub vsock_socket: Option<PathBuf>,
+}
+
+impl Record {
+    pub fn write(&self, dir: &SandboxDir) -> std::io::Result<()> {
+        let text = serde_json::to_string(self).map_err(std::io::Error::other)?;
+        std::fs::write(dir.root().join(RECORD), text)
+    }
+
+    pub fn read(dir: &SandboxDir) -> std::io::Result<Self> {
+        let text = std::fs::read_to_string(dir.root().join(RECORD))?;
+        serde_json::from_str(&text).map_err(std::io::Error::other)
+    }
+}
+
+/// ELF `e_machine` of x86-64, the guest's architecture.
+const EM_X86_64: u16 = 62;
+/// Program header type naming the dynamic loader.
+const PT_INTERP: u32 = 3;
+
+/// Why `path` cannot run in the guest without a dynamic loader, if it cannot: it must be a
+/// 64-bit little-endian x86-64 ELF without a `PT_INTERP` program header (static or
+/// static-pie). Reads the ELF and program headers only.
+pub fn check_static(path: &Path) -> Result<(), String> {
+    let mut f = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    let mut h = [0u8; 64];
+    if f.read_exact(&mut h).is_err() || &h[..4] != b"\x7fELF" {
+        return Err(
+            "not an ELF executable (a script needs an interpreter the guest does not have)".into(),
+        );
+    }
+    if h[4] != 2 || h[5] != 1 {
+        return Err("not a 64-bit little-endian ELF".into());
+    }
+    let u16_at = |b: &[u8], o: usize| u16::from_le_bytes([b[o], b[o + 1]]);
+    let u32_at = |b: &[u8], o: usize| u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
+    let u64_at = |b: &[u8], o: usize| {
+        let mut v = [0u8; 8];
+        v.copy_from_slice(&b[o..o + 8]);
+        u64::from_le_bytes(v)
+    };
+    let machine = u16_at(&h, 18);
+    if machine != EM_X86_64 {
+        return Err(format!("built for ELF machine {machine}, not x86-64"));
+    }
+    let phoff = u64_at(&h, 32);
+    let phentsize = usize::from(u16_at(&h, 54));
+    let phnum = usize::from(u16_at(&h, 56));
+    if phnum == 0 {
+        return Ok(());
+    }
+    if phentsize < 56 {
+        return Err(format!("malformed ELF (program header size {phentsize})"));
+    }
+    let mut table = vec![0u8; phentsize * phnum];
+    use std::io::Seek;
+    f.seek(std::io::SeekFrom::Start(phoff))
+        .and_then(|_| f.read_exact(&mut table))
+        .map_err(|e| format!("malformed ELF (program headers: {e})"))?;
+    for ph in table.chunks_exact(phentsize) {
+        if u32_at(ph, 0) == PT_INTERP {
+            let (offset, size) = (u64_at(ph, 8), u64_at(ph, 32).min(256));
+            let mut interp = vec![0u8; usize::try_from(size).unwrap_or(0)];
+            let _ = f
+                .seek(std::io::SeekFrom::Start(offset))
+                .and_then(|_| f.read_exact(&mut interp));
+            let interp = String::from_utf8_lossy(&interp)
+                .trim_end_matches('\0')
+                .to_string();
+            return Err(format!("dynamically linked (it needs the loader {interp})"));
+        }
+    }
+    Ok(())
+}
+
+/// Copies the shell into the sandbox's shared directory, where the agent looks for it.
+pub fn share_shell(dir: &SandboxDir, shell: &Path) -> std::io::Result<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let to = dir.shared().join(DEBUG_SHELL_IN_SHARE);
+    if let Some(parent) = to.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    std::fs::copy(shell, &to)?;
+    std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o555))?;
+    Ok(to)
+}
+
+const USAGE: &str = "usage: containerd-shim-husk-v2 console [--config FILE] <sandbox-id>\n\
+    Attaches this terminal to a root shell in the sandbox's guest (needs debug_console = true\n\
+    in the configuration the sandbox was started with). `exit` in the shell ends it.";
+
+/// `containerd-shim-husk-v2 console …` (`args` after `console`). Returns the exit code.
+pub fn main(args: &[std::ffi::OsString]) -> i32 {
+    let mut config_path = None;
+    let mut sid = None;
+    let mut it = args.iter().map(|a| a.to_string_lossy().into_owned());
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                return 0;
+            }
+            "--config" => config_path = it.next().map(PathBuf::from),
+            _ if sid.is_none() && !a.starts_with('-') => sid = Some(a),
+            _ => {
+                eprintln!("{USAGE}");
+                return 2;
+            }
+        }
+    }
+    let Some(sid) = sid else {
+        eprintln!("{USAGE}");
+        return 2;
+    };
+    match attach(config_path.as_deref(), &sid) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("containerd-shim-husk-v2 console: {e}");
+            1
+        }
+    }
+}
+
+/// Finds the sandbox's console and relays this process's stdin/stdout to it.
+fn attach(config_path: Option<&Path>, sid: &str) -> Result<(), String> {
+    let config = Config::load(config_path).map_err(|e| e.to_string())?;
+    let dir = SandboxDir::new(&config.state_root, sid).map_err(|e| e.to_string())?;
+    if !dir.root().is_dir() {
+        return Err(format!(
+            "no sandbox {sid} in {} — is it running (`ctr task ls`)? For a sandbox under another state_root, give its configuration with --config",
+            config.state_root.display()
+        ));
+    }
+    let record = Record::read(&dir).map_err(|e| {
+        format!(
+            "sandbox {sid}: {}: {e} — the sandbox is still starting, or its shim predates the debug console",
+            dir.root().join(RECORD).display()
+        )
+    })?;
+    if !record.debug_console {
+        return Err(format!(
+            "debug console is not enabled for sandbox {sid}: set debug_console = true in {} and start the sandbox again",
+            record.config
+        ));
+    }
+    let socket = record
+        .vsock_socket
+        .ok_or_else(|| format!("sandbox {sid}: its VM has no vsock device"))?;
+    let conn =
+        husk_hypervisor::vsock::connect(&socket, DEBUG_CONSOLE_VSOCK_PORT, Duration::from_secs(10))
+            .map_err(|e| format!("sandbox {sid}: {}", error_chain(&e)))?;
+    let _raw = RawTerminal::enter();
+    if _raw.is_some() {
+        eprint!("[husk: root shell in sandbox {sid}'s guest; `exit` ends it]\r\n");
+    }
+    relay(conn)
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(c) = source {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        source = c.source();
+    }
+    s
+}
+
+/// Relays stdin to the guest (its end as ^D) and the guest to stdout, until the guest closes.
+fn relay(conn: std::os::unix::net::UnixStream) -> Result<(), String> {
+    let mut to_guest = conn
+        .try_clone()
+        .map_err(|e| format!("dup connection: {e}"))?;
+    // Not joined: a blocked read of the terminal must not keep us once the shell has gone.
+    std::thread::spawn(move || {
+        let mut stdin = std::io::stdin().lock();
+        let mut buf = [0u8; 4096];
+        loop {
+            match stdin.read(&mut buf) {
+                Ok(0) => {
+                    // EOF as a terminal sends it: the shell sees the end of its input.
+                    let _ = to_guest.write_all(b"\x04");
+                    return;
+                }
+                Ok(n) => {
+                    if to_guest.write_all(&buf[..n]).is_err() {
+                        return;
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => return,
+            }
+        }
+    });
+    let mut from_guest = conn;
+    let mut stdout = std::io::stdout().lock();
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        match from_guest.read(&mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(n) => {
+                stdout
+                    .write_all(&buf[..n])
+                    .and_then(|()| stdout.flush())
+                    .map_err(|e| format!("writing to stdout: {e}"))?;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            // The guest side went away abruptly (the VM ended): the session is over.
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return Ok(()),
+            Err(e) => return Err(format!("reading from the guest: {e}")),
+        }
+    }
+}
+
+/// The local terminal in raw mode (no echo, no line editing, ^C and ^D passed through to the
+/// guest's shell) for as long as this lives; restored when dropped.
+struct RawTerminal {
+    saved: nix::sys::termios::Termios,
+}
+
+impl RawTerminal {
+    /// `None` when stdin is not a terminal (then it is left as it is).
+    fn enter() -> Option<Self> {
+        use nix::sys::termios::{cfmakeraw, tcgetattr, tcsetattr, SetArg};
+        let stdin = std::io::stdin();
+        let saved = tcgetattr(&stdin).ok()?;
+        let mut raw = saved.clone();
+        cfmakeraw(&mut raw);
+        tcsetattr(&stdin, SetArg::TCSANOW, &raw).ok()?;
+        Some(Self { saved })
+    }
+}
+
+impl Drop for RawTerminal {
+    fn drop(&mut self) {
+        let _ = nix::sys::termios::tcsetattr(
+            std::io::stdin(),
+            nix::sys::termios::SetArg::TCSANOW,
+            &self.saved,
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A minimal ELF64 x86-64 header with `phdrs` program header types.
+    fn elf(machine: u16, phdrs: &[u32]) -> Vec<u8> {
+        let mut b = vec![0u8; 64];
+        b[..4].copy_from_slice(b"\x7fELF");
+        b[4] = 2;
+        b[5] = 1;
+        b[18..20].copy_from_slice(&machine.to_le_bytes());
+        b[32..40].copy_from_slice(&64u64.to_le_bytes());
+        b[54..56].copy_from_slice(&56u16.to_le_bytes());
+        b[56..58].copy_from_slice(&u16::try_from(phdrs.len()).unwrap().to_le_bytes());
+        let interp_at = 64 + 56 * phdrs.len();
+        for t in phdrs {
+            let mut ph = vec![0u8; 56];
+            ph[..4].copy_from_slice(&t.to_le_bytes());
+            ph[8..16].copy_from_slice(&(interp_at as u64).to_le_bytes());
+            ph[32..40].copy_from_slice(&28u64.to_le_bytes());
+            b.extend_from_slice(&ph);
+        }
+        b.extend_from_slice(b"/lib64/ld-linux-x86-64.so.2\0");
+        b
+    }
+
+    #[test]
+    fn static_and_dynamic_executables_are_told_apart() {
+        let d = tempfile::tempdir().unwrap();
+        let check = |bytes: &[u8]| {
+            let p = d.path().join("x");
+            std::fs::write(&p, bytes).unwrap();
+            check_static(&p)
+        };
+        // PT_LOAD (1) and PT_GNU_STACK: static.
+        check(&elf(EM_X86_64, &[1, 0x6474_e551])).unwrap();
+        let e = check(&elf(EM_X86_64, &[6, PT_INTERP, 1])).unwrap_err();
+        assert_eq!(
+            e,
+            "dynamically linked (it needs the loader /lib64/ld-linux-x86-64.so.2)"
+        );
+        let e = check(&elf(183, &[1])).unwrap_err();
+        assert!(e.contains("machine 183"), "{e}");
+        let e = check(b"#!/bin/sh\necho hi\n").unwrap_err();
+        assert!(e.contains("not an ELF"), "{e}");
+        // A real dynamically linked program: this test.
+        let me = std::env::current_exe().unwrap();
+        assert!(check_static(&me)
+            .unwrap_err()
+            .starts_with("dynamically linked"));
+    }
+
+    #[test]
+    fn the_record_round_trips() {
+        let base = tempfile::tempdir().unwrap();
+        let dir = SandboxDir::new(base.path(), "sb").unwrap();
+        std::fs::create_dir(dir.root()).unwrap();
+        assert!(Record::read(&dir).is_err());
+        let r = Record {
+            debug_console: true,
+            config: "/etc/husk/config.toml".into(),
+            vsock_socket: Some(dir.root().join("vsock.sock")),
+        };
+        r.write(&dir).unwrap();
+        assert_eq!(Record::read(&dir).unwrap(), r);
+    }
+
+    #[test]
+    fn a_sandbox_without_the_console_says_what_to_set() {
+        let base = tempfile::tempdir().unwrap();
+        let cfg = base.path().join("c.toml");
+        std::fs::write(
+            &cfg,
+            format!("state_root = \"{}\"\n", base.path().display()),
+        )
+        .unwrap();
+        let e = attach(Some(&cfg), "nosuch").unwrap_err();
+        assert!(e.contains("no sandbox nosuch"), "{e}");
+        let dir = SandboxDir::new(base.path(), "sb").unwrap();
+        std::fs::create_dir(dir.root()).unwrap();
+        Record {
+            debug_console: false,
+            config: "/etc/husk/other.toml".into(),
+            vsock_socket: None,
+        }
+        .write(&dir)
+        .unwrap();
+        let e = attach(Some(&cfg), "sb").unwrap_err();
+        assert_eq!(
+            e,
+            "debug console is not enabled for sandbox sb: set debug_console = true in /etc/husk/other.toml and start the sandbox again"
+        );
+    }
+}
