@@ -1,7 +1,8 @@
 //! The node installer (`deploy/installer/husk-install.sh`, shipped in the husk-deploy image):
 //! it puts husk on a node root, adds the `husk` runtime to containerd's config exactly once
-//! (containerd itself loads the result), and `uninstall` takes exactly that back. Also run
-//! from its image under containerd, as the DaemonSet would.
+//! (containerd itself loads the result), and `uninstall` takes exactly that back; containerd
+//! is restarted through the node's PID 1 (nsenter + systemctl) only when its config changed.
+//! Also run from its image under containerd, as the DaemonSet would.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -161,4 +162,67 @@ fn the_installer_image_runs_under_containerd() {
         assert!(host.path().join(f).is_file(), "{f} not installed");
     }
     containerd_reads(&host.path().join("etc/containerd/config.toml"));
+}
+
+/// Runs the installer the way the DaemonSet pod does (hostPID): in a mount namespace of its
+/// own, while the node's service manager lives in PID 1's. Here PID 1 is a shell in a new PID
+/// and mount namespace whose `systemctl` (bind-mounted over /usr/local/sbin in *its* mount
+/// namespace only) records what it was asked and exits with `systemctl_exit`; so the restart
+/// can only be seen if the installer really entered PID 1's namespaces to run it.
+fn run_as_daemonset(host: &Path, payload: &Path, action: &str, systemctl_exit: i32, log: &Path) -> std::process::Output {
+    let stub = log.parent().unwrap().join("stub-sbin");
+    std::fs::create_dir_all(&stub).unwrap();
+    let systemctl = stub.join("systemctl");
+    std::fs::write(
+        &systemctl,
+        format!("#!/bin/sh\necho \"$*\" >> {}\nexit {systemctl_exit}\n", log.display()),
+    )
+    .unwrap();
+    std::fs::set_permissions(&systemctl, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let init = format!(
+        "mount --bind {stub} /usr/local/sbin && unshare --mount sh -c 'umount /usr/local/sbin && exec sh {script} {action}'",
+        stub = stub.display(),
+        script = script().display(),
+    );
+    Command::new("unshare")
+        .args(["--pid", "--fork", "--mount", "--mount-proc", "sh", "-c", &init])
+        .env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+        .env("HUSK_HOST_ROOT", host)
+        .env("HUSK_PAYLOAD", payload)
+        .env_remove("HUSK_RESTART")
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn the_installer_restarts_containerd_through_the_nodes_pid_1_only_when_its_config_changed() {
+    require_root("mount and PID namespaces");
+    require_program("unshare", "util-linux");
+    require_program("nsenter", "util-linux");
+    let dir = tempfile::tempdir().unwrap();
+    let host = dir.path().join("host");
+    std::fs::create_dir_all(host.join("etc/containerd")).unwrap();
+    std::fs::write(host.join("etc/containerd/config.toml"), "version = 2\n").unwrap();
+    let payload = payload(dir.path());
+    let log = dir.path().join("systemctl.log");
+    let calls = || std::fs::read_to_string(&log).unwrap_or_default();
+    let text = |o: &std::process::Output| format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+
+    let first = run_as_daemonset(&host, &payload, "install", 0, &log);
+    assert!(first.status.success(), "{}", text(&first));
+    assert!(text(&first).contains("containerd restarted"), "{}", text(&first));
+    assert_eq!(calls(), "restart containerd\n");
+    // Nothing changed: no restart.
+    let second = run_as_daemonset(&host, &payload, "install", 0, &log);
+    assert!(second.status.success(), "{}", text(&second));
+    assert_eq!(calls(), "restart containerd\n");
+    // The config changes back: restarted again, and a failing restart is an error that says
+    // what to do.
+    let failed = run_as_daemonset(&host, &payload, "uninstall", 1, &log);
+    assert!(!failed.status.success());
+    assert!(text(&failed).contains("restarting containerd failed; restart it by hand"), "{}", text(&failed));
+    assert_eq!(calls(), "restart containerd\nrestart containerd\n");
+    // The stub was only ever mounted inside the test's namespaces.
+    let here = std::fs::read_to_string("/usr/local/sbin/systemctl").unwrap_or_default();
+    assert!(!here.contains("systemctl.log"), "the stub leaked into this mount namespace");
 }
