@@ -1,5 +1,10 @@
 //! A container's cgroup v2: created by the agent under `<root>/husk/<id>`, limits written from
 //! OCI `linux.resources`, frozen and thawed, read for stats and OOM kills, removed with it.
+//! Device rules become an eBPF program attached to it ([`devices`]).
+
+mod bpf;
+mod bpf_syscall;
+pub mod devices;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -133,12 +138,21 @@ impl Cgroup {
     }
 
     pub fn update(&self, r: &LinuxResources) -> Result<(), String> {
+        // Checked before anything is written: a bad rule changes nothing. No rules: the
+        // device program (if any) stays as it is.
+        let devices = match r.devices().as_deref() {
+            Some(d) if !d.is_empty() => Some(devices::compile(d)?),
+            _ => None,
+        };
         for (file, value) in resource_writes(r) {
             // memory.swap.max is absent without swap support: nothing to limit then.
             if file == "memory.swap.max" && !self.path.join(file).exists() {
                 continue;
             }
             write(&self.path, file, &value)?;
+        }
+        if let Some(prog) = devices {
+            devices::install(&self.path, &prog)?;
         }
         Ok(())
     }

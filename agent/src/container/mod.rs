@@ -559,6 +559,9 @@ impl Engine {
     pub fn update(&self, id: &str, resources_json: &[u8]) -> Result<()> {
         let c = self.get(id)?;
         let r: LinuxResources = serde_json::from_slice(resources_json).map_err(|e| Error::Invalid { id: id.into(), what: format!("parsing linux.resources: {e}") })?;
+        if let Some(d) = r.devices().as_deref() {
+            cgroup::devices::compile(d).map_err(|what| Error::Invalid { id: id.into(), what })?;
+        }
         let cg = c.cgroup.as_ref().ok_or_else(|| Error::State { id: id.into(), what: "no cgroup to update".into() })?;
         cg.update(&r).map_err(failed(id))
     }
