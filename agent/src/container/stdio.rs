@@ -1,11 +1,13 @@
 //! A process's stdio on the agent's side: pipes, or a pty whose master carries both ways.
+//! The pty comes from the container's own devpts: the helper opens it and passes the master
+//! back over the sync socket, as runc does.
 //!
 //! Reads block until bytes are there or the stream ends (long-poll RPCs, see
 //! `husk_protocols`). A pty master returns EIO once the last slave is closed: that is EOF.
 
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -72,27 +74,32 @@ impl Stdio {
         ))
     }
 
-    /// A pty: the slave is the child's stdin, stdout and stderr.
-    pub fn pty() -> Result<(Self, ChildEnds), String> {
-        let p = nix::pty::openpty(None, None).map_err(|e| format!("openpty: {e}"))?;
-        for fd in [p.master.as_raw_fd(), p.slave.as_raw_fd()] {
-            nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC))
-                .map_err(|e| format!("pty cloexec: {e}"))?;
-        }
-        let master = File::from(p.master);
+    /// A terminal: `master` is the pty master the helper opened from the container's own
+    /// devpts and passed back (see `helper`; received close-on-exec); it carries stdin and
+    /// stdout, there is no stderr.
+    pub fn pty(master: OwnedFd) -> Result<Self, String> {
+        let master = File::from(master);
         let m2 = master.try_clone().map_err(|e| format!("dup pty master: {e}"))?;
         let m3 = master.try_clone().map_err(|e| format!("dup pty master: {e}"))?;
-        let s1 = p.slave.try_clone().map_err(|e| format!("dup pty slave: {e}"))?;
-        let s2 = p.slave.try_clone().map_err(|e| format!("dup pty slave: {e}"))?;
-        Ok((
-            Self {
-                stdin: Mutex::new(Some(m2)),
-                stdout: Mutex::new(Some(master)),
-                stderr: Mutex::new(None),
-                pty: Some(m3),
-            },
-            ChildEnds { fds: [p.slave, s1, s2] },
-        ))
+        Ok(Self {
+            stdin: Mutex::new(Some(m2)),
+            stdout: Mutex::new(Some(master)),
+            stderr: Mutex::new(None),
+            pty: Some(m3),
+        })
+    }
+
+    /// What a helper starts with: pipes (and our ends of them), or for a terminal, which the
+    /// helper opens itself, nothing yet and `/dev/null` as its fds 0-2.
+    pub fn for_helper(terminal: bool) -> Result<(Option<Self>, ChildEnds), String> {
+        if !terminal {
+            return Self::pipes().map(|(s, e)| (Some(s), e));
+        }
+        let open = || -> Result<OwnedFd, String> {
+            let f = std::fs::OpenOptions::new().read(true).write(true).open("/dev/null").map_err(|e| format!("opening /dev/null: {e}"))?;
+            Ok(OwnedFd::from(f))
+        };
+        Ok((None, ChildEnds { fds: [open()?, open()?, open()?] }))
     }
 
     pub fn write_stdin(&self, data: &[u8]) -> Result<usize, String> {
@@ -158,16 +165,21 @@ impl Stdio {
 
     pub fn resize(&self, rows: u16, cols: u16) -> Result<(), String> {
         let fd = self.pty.as_ref().ok_or("the process has no terminal")?.as_raw_fd();
-        let ws = libc::winsize {
-            ws_row: rows,
-            ws_col: cols,
-            ws_xpixel: 0,
-            ws_ypixel: 0,
-        };
-        // SAFETY: TIOCSWINSZ reads a winsize we own; fd is the pty master this struct owns.
-        if unsafe { libc::ioctl(fd, libc::TIOCSWINSZ, &ws) } != 0 {
-            return Err(format!("resizing the terminal: {}", std::io::Error::last_os_error()));
-        }
-        Ok(())
+        set_winsize(fd, rows, cols)
     }
+}
+
+/// Sets the window size of the pty `fd` (master or slave).
+pub fn set_winsize(fd: RawFd, rows: u16, cols: u16) -> Result<(), String> {
+    let ws = libc::winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCSWINSZ reads a winsize we own; fd is open for the duration of the call.
+    if unsafe { libc::ioctl(fd, libc::TIOCSWINSZ, &ws) } != 0 {
+        return Err(format!("resizing the terminal: {}", std::io::Error::last_os_error()));
+    }
+    Ok(())
 }
