@@ -22,13 +22,14 @@ pub mod caps;
 pub mod cgroup;
 pub mod helper;
 pub mod mounts;
+pub mod oom;
 pub mod seccomp;
 pub mod spawn;
 pub mod stdio;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use nix::sched::CloneFlags;
@@ -167,8 +168,7 @@ pub struct Engine {
     /// Ids being created (reserved, not yet in `containers`).
     creating: Mutex<std::collections::HashSet<String>>,
     sandbox: Mutex<Option<Sandbox>>,
-    oom: Mutex<VecDeque<String>>,
-    oom_ready: Condvar,
+    oom: Arc<oom::OomWatch>,
 }
 
 /// Container and exec ids become paths: a conservative alphabet, as runc's.
@@ -181,17 +181,13 @@ pub fn valid_id(id: &str) -> bool {
 
 impl Engine {
     pub fn new(config: Config) -> Arc<Self> {
-        let e = Arc::new(Self {
+        Arc::new(Self {
             config,
             containers: Mutex::new(HashMap::new()),
             creating: Mutex::new(std::collections::HashSet::new()),
             sandbox: Mutex::new(None),
-            oom: Mutex::new(VecDeque::new()),
-            oom_ready: Condvar::new(),
-        });
-        let w = Arc::downgrade(&e);
-        let _ = std::thread::Builder::new().name("oom-watch".into()).spawn(move || oom_watch(&w));
-        e
+            oom: oom::OomWatch::start(),
+        })
     }
 
     fn get(&self, id: &str) -> Result<Arc<Container>> {
@@ -284,6 +280,12 @@ impl Engine {
             ),
             None => None,
         };
+        if let Some(cg) = &cgroup {
+            if let Err(e) = self.oom.add(id, &cg.path) {
+                let _ = cg.remove();
+                return Err(failed(id)(format!("cgroup: {e}")));
+            }
+        }
         let made = self.spawn_init(id, spec, rootfs, cgroup.clone(), ns, terminal);
         match made {
             Ok(c) => {
@@ -292,6 +294,7 @@ impl Engine {
             }
             Err(e) => {
                 if let Some(cg) = &cgroup {
+                    self.oom.remove(id);
                     let _ = cg.remove();
                 }
                 Err(e)
@@ -611,6 +614,7 @@ impl Engine {
             kill_and_reap(p.wait_pid);
         }
         if let Some(cg) = &c.cgroup {
+            self.oom.remove(id);
             cg.remove().map_err(failed(id))?;
         }
         lock(&self.containers).remove(id);
@@ -619,35 +623,7 @@ impl Engine {
 
     /// Blocks until a container is OOM-killed; its id.
     pub fn next_oom(&self) -> String {
-        let mut q = lock(&self.oom);
-        loop {
-            if let Some(id) = q.pop_front() {
-                return id;
-            }
-            q = self.oom_ready.wait(q).unwrap_or_else(std::sync::PoisonError::into_inner);
-        }
-    }
-}
-
-/// Polls each container's memory.events for new OOM kills. (inotify would save the polling;
-/// 100 ms is far below what a shim reporting OOM events needs.)
-fn oom_watch(engine: &std::sync::Weak<Engine>) {
-    let mut seen: HashMap<String, u64> = HashMap::new();
-    loop {
-        std::thread::sleep(Duration::from_millis(100));
-        let Some(e) = engine.upgrade() else { return };
-        let cs: Vec<Arc<Container>> = lock(&e.containers).values().cloned().collect();
-        seen.retain(|id, _| cs.iter().any(|c| &c.id == id));
-        for c in cs {
-            let Some(cg) = &c.cgroup else { continue };
-            let n = cg.oom_kills();
-            let last = seen.entry(c.id.clone()).or_insert(0);
-            if n > *last {
-                *last = n;
-                lock(&e.oom).push_back(c.id.clone());
-                e.oom_ready.notify_all();
-            }
-        }
+        self.oom.next()
     }
 }
 
