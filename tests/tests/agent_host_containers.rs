@@ -231,6 +231,17 @@ fn terminals_come_from_the_containers_own_devpts() {
 }
 
 #[test]
+fn containers_get_a_cgroup_namespace_by_default() {
+    let h = HostAgent::start();
+    // Every hierarchy (v1 here, and the unified one) is rooted at the container's cgroup.
+    let out = h.run("cgns", &sh("grep -c . /proc/self/cgroup; grep -v ':/$' /proc/self/cgroup; readlink /proc/self/ns/cgroup"));
+    let text = out.stdout_str();
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(lines.len() == 2 && lines[0].parse::<u32>().unwrap() > 0, "{out:?}");
+    assert_ne!(Some(std::fs::read_link("/proc/self/ns/cgroup").unwrap()), lines.get(1).map(std::path::PathBuf::from), "{out:?}");
+}
+
+#[test]
 fn stdin_reaches_the_process_and_eof_ends_it_with_its_exit_code() {
     let h = HostAgent::start();
     h.rootfs("io");

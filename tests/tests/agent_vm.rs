@@ -228,6 +228,40 @@ fn memory_limit_oom_kill_is_reported_and_pids_limit_holds() {
 }
 
 #[test]
+fn cgroup_namespace_shows_the_containers_own_subtree() {
+    let g = Guest::boot(256);
+    g.rootfs("cg");
+    let mut s = spec(&["sleep", "1000"]);
+    s["linux"]["resources"] = json!({ "memory": { "limit": 48 << 20 } });
+    // The spec lists no cgroup namespace: the container gets one all the same.
+    s["mounts"].as_array_mut().unwrap().push(json!({ "destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup", "options": ["nosuid", "noexec", "nodev", "relatime", "ro"] }));
+    g.agent.create("cg", &s, false).unwrap();
+    g.agent.start("cg");
+    let probe = "cat /proc/self/cgroup /sys/fs/cgroup/memory.max; test -e /sys/fs/cgroup/husk || echo own-subtree";
+    let p = json!({ "user": {"uid": 0, "gid": 0}, "args": ["sh", "-c", probe], "env": ["PATH=/bin"], "cwd": "/" });
+    g.agent.exec("cg", "look", &p).unwrap();
+    let out = g.agent.collect("cg", "look");
+    assert_eq!((out.status, out.stdout_str().as_str()), (0, "0::/\n50331648\nown-subtree\n"), "{out:?}");
+    // It is the live cgroup: an update shows inside.
+    let r = json!({ "memory": { "limit": 80 << 20 } });
+    g.agent
+        .client
+        .update_container(ctx(), &UpdateContainerRequest { container_id: "cg".into(), oci_resources_json: serde_json::to_vec(&r).unwrap(), ..Default::default() })
+        .unwrap();
+    g.agent.exec("cg", "look2", &p).unwrap();
+    let out = g.agent.collect("cg", "look2");
+    assert_eq!(out.stdout_str(), "0::/\n83886080\nown-subtree\n", "{out:?}");
+    g.agent.remove("cg", true).unwrap();
+
+    // A cgroup namespace by path (the host's, as CRI writes it) keeps the guest's view.
+    g.rootfs("host-ns");
+    let mut s = sh("cat /proc/self/cgroup");
+    s["linux"]["namespaces"].as_array_mut().unwrap().push(json!({ "type": "cgroup", "path": "/proc/4242/ns/cgroup" }));
+    let out = g.agent.run("host-ns", &s);
+    assert_eq!(out.stdout_str(), "0::/husk/host-ns\n", "{out:?}");
+}
+
+#[test]
 fn sandbox_containers_share_uts_and_ipc_but_not_pids() {
     let g = Guest::boot(256);
     g.agent

@@ -3,9 +3,9 @@
 //! container's process image or in `error <message>` on the sync socket and exit 1.
 //!
 //! - `init`: PID 1 of the container's new PID namespace. Joins the cgroup and the namespaces
-//!   it is told to, builds the mount view, pivot_roots, opens the terminal if it has one,
-//!   reports `ready`, waits for `start`, applies the process settings and execs the
-//!   container's process.
+//!   it is told to, makes its own cgroup namespace (rooted at the container's cgroup), builds
+//!   the mount view, pivot_roots, opens the terminal if it has one, reports `ready`, waits for
+//!   `start`, applies the process settings and execs the container's process.
 //! - `exec`: joins a running container's namespaces and cgroup, opens the terminal if it has
 //!   one, forks (entering a PID namespace takes effect for children only), reports
 //!   `pid <global pid>` and mirrors the process's exit so the agent can wait for it.
@@ -107,9 +107,7 @@ fn init(sync: &mut UnixStream) -> Result<Never, String> {
         let f = std::fs::File::open(path).map_err(|e| format!("opening namespace {}: {e}", path.display()))?;
         setns(f, CloneFlags::from_bits_truncate(*flag)).map_err(|e| format!("entering namespace {}: {e}", path.display()))?;
     }
-    if cfg.spec.linux().as_ref().and_then(|l| l.namespaces().as_ref()).is_some_and(|ns| {
-        ns.iter().any(|n| n.typ() == oci_spec::runtime::LinuxNamespaceType::Cgroup && n.path().is_none())
-    }) {
+    if private_cgroup_namespace(&cfg.spec) {
         nix::sched::unshare(CloneFlags::CLONE_NEWCGROUP).map_err(|e| format!("new cgroup namespace: {e}"))?;
     }
     if cfg.set_hostname {
@@ -144,6 +142,15 @@ fn init(sync: &mut UnixStream) -> Result<Never, String> {
         return Err(format!("expected start, got {:?}", String::from_utf8_lossy(&line)));
     }
     exec_process(&process, cfg.spec.linux().as_ref().and_then(|l| l.seccomp().as_ref()))
+}
+
+/// Whether the container gets a cgroup namespace of its own: yes, as containerd and Docker
+/// default to on cgroup v2, unless the spec names one by path. Such a path is the host's (CRI
+/// writes the pause container's), which the guest cannot enter: the container stays in the
+/// guest's, as a spec without a cgroup namespace once did.
+pub fn private_cgroup_namespace(spec: &Spec) -> bool {
+    let nss = spec.linux().as_ref().and_then(|l| l.namespaces().as_ref());
+    !nss.is_some_and(|ns| ns.iter().any(|n| n.typ() == oci_spec::runtime::LinuxNamespaceType::Cgroup && n.path().is_some()))
 }
 
 /// A pty of the container's own devpts: `/dev/ptmx` as the container sees it (after
@@ -394,3 +401,20 @@ fn exec_process(p: &Process, seccomp: Option<&oci_spec::runtime::LinuxSeccomp>) 
     Err(format!("exec {}: {err}", path.display()))
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec_with(namespaces: serde_json::Value) -> Spec {
+        serde_json::from_value(serde_json::json!({ "ociVersion": "1.0.2", "linux": { "namespaces": namespaces } })).unwrap()
+    }
+
+    #[test]
+    fn a_cgroup_namespace_unless_the_spec_names_one_by_path() {
+        assert!(private_cgroup_namespace(&spec_with(serde_json::json!([{ "type": "pid" }]))));
+        assert!(private_cgroup_namespace(&spec_with(serde_json::json!([{ "type": "cgroup" }]))));
+        assert!(!private_cgroup_namespace(&spec_with(serde_json::json!([{ "type": "cgroup", "path": "/proc/42/ns/cgroup" }]))));
+        let no_linux: Spec = serde_json::from_value(serde_json::json!({ "ociVersion": "1.0.2" })).unwrap();
+        assert!(private_cgroup_namespace(&no_linux));
+    }
+}
