@@ -241,7 +241,7 @@ impl Service {
     fn read(&self, r: ReadStreamRequest, err: bool) -> R<ReadStreamResponse> {
         let p = self.engine.stdio(&r.container_id, &r.exec_id).map_err(map)?;
         let max = if r.max_len == 0 { MAX_READ_CHUNK } else { r.max_len.min(MAX_READ_CHUNK) } as usize;
-        match p.stdio.read(err, max) {
+        match p.stdio.read(err, max, || crate::reaper::exits().exited(p.wait_pid).is_some()) {
             Ok(Some(data)) => Ok(ReadStreamResponse { data, eof: false, ..Default::default() }),
             Ok(None) => Ok(ReadStreamResponse { eof: true, ..Default::default() }),
             Err(e) => Err(status(Code::INTERNAL, format!("{} {:?}: {e}", r.container_id, r.exec_id))),

@@ -6,23 +6,17 @@
 //!   gone, output is still drained (and dropped) so the process never blocks on a full pipe.
 //! - stdin: a thread reads the fifo and calls `WriteStdin`; EOF on the fifo becomes
 //!   `CloseStdin`, so EOF reaches the process.
-//! - the waiter calls `WaitProcess`, then waits for the output threads: the exit is reported
-//!   only after all output has been written — unless the streams stay open with nothing moving
-//!   for [`DRAIN_IDLE`] after the process ended (a background process it left behind holds its
-//!   stdout): then the exit is reported anyway and the relays go on until the streams end, as
-//!   containerd's runc shim does, so such a process cannot keep a task RUNNING forever. Its
-//!   fifos are closed when containerd deletes the process ([`Outputs::close`]), which is what
-//!   lets containerd's own copy of them end.
+//! - the waiter calls `WaitProcess`, then joins the output threads: the exit is reported only
+//!   after all output has been written. (A stream a leftover background process holds open
+//!   still ends: the agent ends it once the process has ended and the stream is drained.) The
+//!   fifos are closed when containerd deletes the process ([`Outputs::close`]) in any case.
 
-use std::fs::OpenOptions;
+use std::fs::{File, OpenOptions};
 use std::io::{ErrorKind, Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::fs::File;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
 
 use husk_protocols::agent::{
     ProcessRef, ReadStreamRequest, WaitProcessResponse, WriteStdinRequest,
@@ -38,52 +32,6 @@ pub struct StdioPaths {
     pub stdout: String,
     pub stderr: String,
     pub terminal: bool,
-}
-
-/// After a process ended, how long its output streams may stay open with no bytes moving
-/// before its exit is reported anyway.
-pub const DRAIN_IDLE: Duration = Duration::from_secs(2);
-
-/// When an output relay last moved bytes (ms since `epoch`), shared by a process's relays.
-#[derive(Debug)]
-struct Progress {
-    epoch: Instant,
-    last_ms: AtomicU64,
-}
-
-impl Progress {
-    fn new() -> Arc<Self> {
-        Arc::new(Self {
-            epoch: Instant::now(),
-            last_ms: AtomicU64::new(0),
-        })
-    }
-
-    fn touch(&self) {
-        let ms = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.last_ms.store(ms, Ordering::Relaxed);
-    }
-
-    fn idle(&self) -> Duration {
-        self.epoch
-            .elapsed()
-            .saturating_sub(Duration::from_millis(self.last_ms.load(Ordering::Relaxed)))
-    }
-}
-
-/// Waits until every relay has finished, or none has moved a byte for `idle` (then returns
-/// false and leaves them running).
-fn drained(relays: &[JoinHandle<()>], progress: &Progress, idle: Duration) -> bool {
-    progress.touch();
-    loop {
-        if relays.iter().all(JoinHandle::is_finished) {
-            return true;
-        }
-        if progress.idle() >= idle {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
 }
 
 /// The host ends (fifos) of a process's output relays.
@@ -113,7 +61,6 @@ fn relay_output(
     eid: String,
     stream: Stream,
     path: String,
-    progress: Arc<Progress>,
     fifo_slot: Arc<Mutex<Option<File>>>,
 ) -> JoinHandle<()> {
     std::thread::spawn(move || {
@@ -143,7 +90,6 @@ fn relay_output(
             };
             match resp {
                 Ok(r) => {
-                    progress.touch();
                     if !r.data.is_empty() {
                         let mut fifo = fifo_slot.lock().unwrap_or_else(|e| e.into_inner());
                         if let Some(f) = fifo.as_mut() {
@@ -224,7 +170,7 @@ pub fn unblock_stdin(path: &str) {
 }
 
 /// Starts the relays and the waiter of a started process. `on_exit` runs once, with the
-/// agent's answer to `WaitProcess`, after all output reached the fifos (see [`DRAIN_IDLE`]).
+/// agent's answer to `WaitProcess`, after all output reached the fifos.
 /// Returns the handle that closes the fifos.
 pub fn start(
     client: AgentClient,
@@ -233,7 +179,6 @@ pub fn start(
     stdio: &StdioPaths,
     on_exit: impl FnOnce(Result<WaitProcessResponse, String>) + Send + 'static,
 ) -> Outputs {
-    let progress = Progress::new();
     let mut outputs = Outputs::default();
     outputs.fifos.push(Arc::default());
     let mut relays = vec![relay_output(
@@ -242,7 +187,6 @@ pub fn start(
         eid.into(),
         Stream::Stdout,
         stdio.stdout.clone(),
-        progress.clone(),
         outputs.fifos[0].clone(),
     )];
     // With a terminal the pty merges stderr into stdout.
@@ -253,7 +197,6 @@ pub fn start(
             eid.into(),
             Stream::Stderr,
             stdio.stderr.clone(),
-            progress.clone(),
             {
                 outputs.fifos.push(Arc::default());
                 outputs.fifos[1].clone()
@@ -269,53 +212,15 @@ pub fn start(
         ..Default::default()
     };
     let stdin = stdio.stdin.clone();
-    let (cid, eid) = (cid.to_string(), eid.to_string());
     std::thread::spawn(move || {
         let result = client
             .wait_process(long_poll(), &req)
             .map_err(|e| describe(&e));
-        if !drained(&relays, &progress, DRAIN_IDLE) {
-            log::warn!(
-                "{cid}/{eid}: ended, but its output is still open {DRAIN_IDLE:?} later (a process it started holds it); reporting the exit"
-            );
+        for r in relays {
+            let _ = r.join();
         }
         unblock_stdin(&stdin);
         on_exit(result);
     });
     outputs
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn drained_waits_for_finished_relays() {
-        let p = Progress::new();
-        let relays = vec![std::thread::spawn(|| std::thread::sleep(Duration::from_millis(50)))];
-        assert!(drained(&relays, &p, Duration::from_secs(10)));
-        assert!(relays[0].is_finished());
-    }
-
-    #[test]
-    fn drained_gives_up_on_idle_streams_but_not_on_busy_ones() {
-        let p = Progress::new();
-        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let (p2, stop2) = (p.clone(), stop.clone());
-        // Busy for 300 ms (bytes every 10 ms), then silent but open.
-        let relays = vec![std::thread::spawn(move || {
-            let start = Instant::now();
-            while start.elapsed() < Duration::from_millis(300) {
-                p2.touch();
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            while !stop2.load(Ordering::Relaxed) {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-        })];
-        let t = Instant::now();
-        assert!(!drained(&relays, &p, Duration::from_millis(100)));
-        assert!(t.elapsed() >= Duration::from_millis(300), "gave up while bytes moved");
-        stop.store(true, Ordering::Relaxed);
-    }
 }

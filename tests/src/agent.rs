@@ -210,6 +210,20 @@ impl Agent {
         out
     }
 
+    /// Reads stdout (a terminal's output) until `want` shows up within `timeout`; all of it.
+    pub fn read_until(&self, id: &str, exec_id: &str, want: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        let mut seen = Vec::new();
+        while !String::from_utf8_lossy(&seen).contains(want) {
+            assert!(Instant::now() < deadline, "no {want:?} from {id}/{exec_id}; saw {:?}", String::from_utf8_lossy(&seen));
+            match self.read(id, exec_id, false) {
+                Some(c) => seen.extend(c),
+                None => panic!("{id}/{exec_id}: output ended before {want:?}; saw {:?}", String::from_utf8_lossy(&seen)),
+            }
+        }
+        String::from_utf8_lossy(&seen).into_owned()
+    }
+
     pub fn write_stdin(&self, id: &str, exec_id: &str, data: &[u8]) {
         self.client
             .write_stdin(ctx(), &WriteStdinRequest { container_id: id.into(), exec_id: exec_id.into(), data: data.to_vec(), ..Default::default() })

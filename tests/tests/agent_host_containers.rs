@@ -180,6 +180,68 @@ fn default_devices_and_mounts() {
 }
 
 #[test]
+fn terminals_come_from_the_containers_own_devpts() {
+    let h = HostAgent::start();
+    h.rootfs("tty");
+    let mut s = spec(&["sh"]);
+    s["process"]["terminal"] = json!(true);
+    s["process"]["consoleSize"] = json!({ "height": 24, "width": 77 });
+    h.agent.create("tty", &s, false).unwrap();
+    h.agent.start("tty");
+    // The tty echoes the typed line: each marker is computed so only the output matches.
+    h.agent.write_stdin("tty", "", b"echo TTY=$(tty) PTS=$(ls /dev/pts) SIZE=$(stty size); test -t 0 && echo T-$((6*7))\n");
+    let seen = h.agent.read_until("tty", "", "T-42\r\n", Duration::from_secs(30));
+    assert!(seen.contains("TTY=/dev/pts/0 PTS=0 ptmx SIZE=24 77\r\n"), "{seen:?}");
+    h.agent
+        .client
+        .tty_win_resize(
+            husk_protocols::ttrpc::context::with_timeout(10_000_000_000),
+            &husk_protocols::agent::TtyWinResizeRequest { container_id: "tty".into(), rows: 41, columns: 101, ..Default::default() },
+        )
+        .unwrap();
+    h.agent.write_stdin("tty", "", b"echo SIZE=$(stty size)-$((1+1))\n");
+    let seen = h.agent.read_until("tty", "", "-2\r\n", Duration::from_secs(30));
+    assert!(seen.contains("SIZE=41 101-2\r\n"), "{seen:?}");
+    // An exec's terminal: the next pty of the same devpts, of the exec's own size.
+    let p = json!({ "terminal": true, "consoleSize": { "height": 30, "width": 90 }, "user": {"uid": 0, "gid": 0}, "args": ["sh", "-c", "test -t 0 && echo $(tty) $(ls /dev/pts) $(stty size)"], "env": ["PATH=/bin"], "cwd": "/" });
+    h.agent.exec("tty", "t2", &p).unwrap();
+    let out = h.agent.collect("tty", "t2");
+    assert_eq!((out.status, out.stdout_str().as_str()), (0, "/dev/pts/1 0 1 ptmx 30 90\r\n"), "{out:?}");
+    // ^D ends the shell; its pty then reads to the end (EIO is EOF).
+    h.agent.close_stdin("tty", "");
+    assert_eq!(h.agent.wait("tty", "").exit_status, 0);
+    h.agent.read_all("tty", "", false);
+    h.agent.remove("tty", false).unwrap();
+
+    // No devpts in the container: no terminal, and the error says where it failed.
+    h.rootfs("nopty");
+    let mut s = spec(&["sleep", "1000"]);
+    s["mounts"].as_array_mut().unwrap().retain(|m| m["type"] != "devpts");
+    s["process"]["terminal"] = json!(true);
+    let (code, msg) = status_of(h.agent.create("nopty", &s, false));
+    assert_eq!(code, Code::INTERNAL);
+    assert!(msg.starts_with("nopty: opening the container's /dev/ptmx for its terminal: "), "{msg}");
+    s["process"]["terminal"] = json!(false);
+    h.agent.create("nopty", &s, false).unwrap();
+    h.agent.start("nopty");
+    let (code, msg) = status_of(h.agent.exec("nopty", "t", &p));
+    assert_eq!(code, Code::INTERNAL);
+    assert!(msg.starts_with("nopty: exec t: opening the container's /dev/ptmx for its terminal: "), "{msg}");
+    h.agent.remove("nopty", true).unwrap();
+}
+
+#[test]
+fn containers_get_a_cgroup_namespace_by_default() {
+    let h = HostAgent::start();
+    // Every hierarchy (v1 here, and the unified one) is rooted at the container's cgroup.
+    let out = h.run("cgns", &sh("grep -c . /proc/self/cgroup; grep -v ':/$' /proc/self/cgroup; readlink /proc/self/ns/cgroup"));
+    let text = out.stdout_str();
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(lines.len() == 2 && lines[0].parse::<u32>().unwrap() > 0, "{out:?}");
+    assert_ne!(Some(std::fs::read_link("/proc/self/ns/cgroup").unwrap()), lines.get(1).map(std::path::PathBuf::from), "{out:?}");
+}
+
+#[test]
 fn stdin_reaches_the_process_and_eof_ends_it_with_its_exit_code() {
     let h = HostAgent::start();
     h.rootfs("io");

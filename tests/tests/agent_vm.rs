@@ -123,16 +123,7 @@ fn stdout_byte_exact_exit_codes_stdin_eof_exec_and_signals() {
 
 /// Reads the TTY until `want` shows up.
 fn read_until(g: &Guest, id: &str, want: &str) -> String {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut seen = Vec::new();
-    while !String::from_utf8_lossy(&seen).contains(want) {
-        assert!(Instant::now() < deadline, "no {want:?} on the tty; saw {:?}", String::from_utf8_lossy(&seen));
-        match g.agent.read(id, "", false) {
-            Some(c) => seen.extend(c),
-            None => panic!("tty ended before {want:?}; saw {:?}", String::from_utf8_lossy(&seen)),
-        }
-    }
-    String::from_utf8_lossy(&seen).into_owned()
+    g.agent.read_until(id, "", want, Duration::from_secs(60))
 }
 
 #[test]
@@ -145,9 +136,11 @@ fn tty_round_trip_and_resize() {
     s["process"]["consoleSize"] = json!({ "height": 24, "width": 77 });
     g.agent.create("tty", &s, false).unwrap();
     g.agent.start("tty");
-    g.agent.write_stdin("tty", "", b"stty size; echo SZ-$((1+1))\n");
+    // The pty is the container's own: its devpts has it, `tty` names it.
+    g.agent.write_stdin("tty", "", b"stty size; echo TTY=$(tty) PTS=$(ls /dev/pts); echo SZ-$((1+1))\n");
     let seen = read_until(&g, "tty", "SZ-2\r\n");
     assert!(seen.contains("24 77\r\n"), "{seen:?}");
+    assert!(seen.contains("TTY=/dev/pts/0 PTS=0 ptmx\r\n"), "{seen:?}");
     g.agent
         .client
         .tty_win_resize(ctx(), &TtyWinResizeRequest { container_id: "tty".into(), rows: 41, columns: 101, ..Default::default() })
@@ -156,11 +149,11 @@ fn tty_round_trip_and_resize() {
     g.agent.write_stdin("tty", "", b"stty size; test -t 0 && echo TTY-$((6*7))\n");
     let seen = read_until(&g, "tty", "TTY-42\r\n");
     assert!(seen.contains("41 101\r\n"), "{seen:?}");
-    // An exec with its own terminal.
-    let p = json!({ "terminal": true, "user": {"uid": 0, "gid": 0}, "args": ["sh", "-c", "test -t 0 && test -t 1 && echo EXEC-TTY"], "env": ["PATH=/bin"], "cwd": "/" });
+    // An exec with its own terminal, a second pty of the container's devpts, of its own size.
+    let p = json!({ "terminal": true, "consoleSize": { "height": 30, "width": 90 }, "user": {"uid": 0, "gid": 0}, "args": ["sh", "-c", "test -t 0 && test -t 1 && echo EXEC-TTY $(tty) $(ls /dev/pts) $(stty size)"], "env": ["PATH=/bin"], "cwd": "/" });
     g.agent.exec("tty", "t2", &p).unwrap();
     let out = g.agent.collect("tty", "t2");
-    assert_eq!((out.status, out.stdout_str().as_str()), (0, "EXEC-TTY\r\n"), "{out:?}");
+    assert_eq!((out.status, out.stdout_str().as_str()), (0, "EXEC-TTY /dev/pts/1 0 1 ptmx 30 90\r\n"), "{out:?}");
     g.agent.write_stdin("tty", "", b"exit 5\n");
     assert_eq!(g.agent.wait("tty", "").exit_status, 5);
     g.agent.remove("tty", false).unwrap();
@@ -232,6 +225,40 @@ fn memory_limit_oom_kill_is_reported_and_pids_limit_holds() {
     assert!(st.pids_current <= 4, "{st:?}");
     assert!(text.contains("fork") || text.contains("Resource temporarily unavailable"), "expected fork failures: {text:?}");
     g.agent.remove("pids", true).unwrap();
+}
+
+#[test]
+fn cgroup_namespace_shows_the_containers_own_subtree() {
+    let g = Guest::boot(256);
+    g.rootfs("cg");
+    let mut s = spec(&["sleep", "1000"]);
+    s["linux"]["resources"] = json!({ "memory": { "limit": 48 << 20 } });
+    // The spec lists no cgroup namespace: the container gets one all the same.
+    s["mounts"].as_array_mut().unwrap().push(json!({ "destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup", "options": ["nosuid", "noexec", "nodev", "relatime", "ro"] }));
+    g.agent.create("cg", &s, false).unwrap();
+    g.agent.start("cg");
+    let probe = "cat /proc/self/cgroup /sys/fs/cgroup/memory.max; test -e /sys/fs/cgroup/husk || echo own-subtree";
+    let p = json!({ "user": {"uid": 0, "gid": 0}, "args": ["sh", "-c", probe], "env": ["PATH=/bin"], "cwd": "/" });
+    g.agent.exec("cg", "look", &p).unwrap();
+    let out = g.agent.collect("cg", "look");
+    assert_eq!((out.status, out.stdout_str().as_str()), (0, "0::/\n50331648\nown-subtree\n"), "{out:?}");
+    // It is the live cgroup: an update shows inside.
+    let r = json!({ "memory": { "limit": 80 << 20 } });
+    g.agent
+        .client
+        .update_container(ctx(), &UpdateContainerRequest { container_id: "cg".into(), oci_resources_json: serde_json::to_vec(&r).unwrap(), ..Default::default() })
+        .unwrap();
+    g.agent.exec("cg", "look2", &p).unwrap();
+    let out = g.agent.collect("cg", "look2");
+    assert_eq!(out.stdout_str(), "0::/\n83886080\nown-subtree\n", "{out:?}");
+    g.agent.remove("cg", true).unwrap();
+
+    // A cgroup namespace by path (the host's, as CRI writes it) keeps the guest's view.
+    g.rootfs("host-ns");
+    let mut s = sh("cat /proc/self/cgroup");
+    s["linux"]["namespaces"].as_array_mut().unwrap().push(json!({ "type": "cgroup", "path": "/proc/4242/ns/cgroup" }));
+    let out = g.agent.run("host-ns", &s);
+    assert_eq!(out.stdout_str(), "0::/husk/host-ns\n", "{out:?}");
 }
 
 #[test]

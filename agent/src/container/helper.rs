@@ -3,16 +3,22 @@
 //! container's process image or in `error <message>` on the sync socket and exit 1.
 //!
 //! - `init`: PID 1 of the container's new PID namespace. Joins the cgroup and the namespaces
-//!   it is told to, builds the mount view, pivot_roots, reports `ready`, waits for `start`,
-//!   applies the process settings and execs the container's process.
-//! - `exec`: joins a running container's namespaces and cgroup, forks (entering a PID
-//!   namespace takes effect for children only), reports `pid <global pid>` and mirrors the
-//!   process's exit so the agent can wait for it.
+//!   it is told to, makes its own cgroup namespace (rooted at the container's cgroup), builds
+//!   the mount view, pivot_roots, opens the terminal if it has one, reports `ready`, waits for
+//!   `start`, applies the process settings and execs the container's process.
+//! - `exec`: joins a running container's namespaces and cgroup, opens the terminal if it has
+//!   one, forks (entering a PID namespace takes effect for children only), reports
+//!   `pid <global pid>` and mirrors the process's exit so the agent can wait for it.
 //! - `pause`: holds the sandbox's shared namespaces (uts, ipc) for the pod's life.
+//!
+//! A terminal is a pty of the container's own devpts, as with runc: the helper opens the
+//! container's `/dev/ptmx` (so `tty` names a `/dev/pts/N` the container sees), makes the slave
+//! fds 0-2 and the controlling terminal, and passes the master to the agent with its `pty`
+//! line (`SCM_RIGHTS`, see [`spawn::send_fd`]).
 
 use std::ffi::CString;
 use std::io::Write;
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 
@@ -101,9 +107,7 @@ fn init(sync: &mut UnixStream) -> Result<Never, String> {
         let f = std::fs::File::open(path).map_err(|e| format!("opening namespace {}: {e}", path.display()))?;
         setns(f, CloneFlags::from_bits_truncate(*flag)).map_err(|e| format!("entering namespace {}: {e}", path.display()))?;
     }
-    if cfg.spec.linux().as_ref().and_then(|l| l.namespaces().as_ref()).is_some_and(|ns| {
-        ns.iter().any(|n| n.typ() == oci_spec::runtime::LinuxNamespaceType::Cgroup && n.path().is_none())
-    }) {
+    if private_cgroup_namespace(&cfg.spec) {
         nix::sched::unshare(CloneFlags::CLONE_NEWCGROUP).map_err(|e| format!("new cgroup namespace: {e}"))?;
     }
     if cfg.set_hostname {
@@ -124,7 +128,12 @@ fn init(sync: &mut UnixStream) -> Result<Never, String> {
     }
     mounts::build(&cfg.spec, &cfg.rootfs)?;
     if cfg.terminal {
+        // After pivot_root: the container's /dev/ptmx.
+        let (master, slave) = open_pty()?;
+        slave_as_stdio(&slave)?;
+        drop(slave);
         controlling_tty()?;
+        spawn::send_fd(sync, "pty", master.as_raw_fd())?;
     }
     sync.write_all(b"ready\n").map_err(|e| format!("reporting ready: {e}"))?;
     let mut line = [0u8; 6];
@@ -133,6 +142,50 @@ fn init(sync: &mut UnixStream) -> Result<Never, String> {
         return Err(format!("expected start, got {:?}", String::from_utf8_lossy(&line)));
     }
     exec_process(&process, cfg.spec.linux().as_ref().and_then(|l| l.seccomp().as_ref()))
+}
+
+/// Whether the container gets a cgroup namespace of its own: yes, as containerd and Docker
+/// default to on cgroup v2, unless the spec names one by path. Such a path is the host's (CRI
+/// writes the pause container's), which the guest cannot enter: the container stays in the
+/// guest's, as a spec without a cgroup namespace once did.
+pub fn private_cgroup_namespace(spec: &Spec) -> bool {
+    let nss = spec.linux().as_ref().and_then(|l| l.namespaces().as_ref());
+    !nss.is_some_and(|ns| ns.iter().any(|n| n.typ() == oci_spec::runtime::LinuxNamespaceType::Cgroup && n.path().is_some()))
+}
+
+/// A pty of the container's own devpts: `/dev/ptmx` as the container sees it (after
+/// pivot_root, or after entering its mount namespace), unlocked, and its slave.
+fn open_pty() -> Result<(OwnedFd, OwnedFd), String> {
+    use nix::fcntl::OFlag;
+    let flags = OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC;
+    let fd = nix::fcntl::open("/dev/ptmx", flags, nix::sys::stat::Mode::empty()).map_err(|e| {
+        format!("opening the container's /dev/ptmx for its terminal: {e} — the container needs a devpts mounted at /dev/pts (the OCI default mounts have one) or a /dev/ptmx of its own")
+    })?;
+    // SAFETY: open just returned this fd; nothing else owns it.
+    let master = unsafe { OwnedFd::from_raw_fd(fd) };
+    let unlock: libc::c_int = 0;
+    // SAFETY: TIOCSPTLCK reads an int we own; master is an open pty master.
+    if unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSPTLCK, &unlock) } != 0 {
+        return Err(format!("unlocking the container's pty: {}", std::io::Error::last_os_error()));
+    }
+    // TIOCGPTPEER opens the slave through the master's own devpts mount: no lookup of
+    // /dev/pts/N by name, which the container's processes could have mounted over.
+    // SAFETY: TIOCGPTPEER takes open flags as its integer argument and returns a new fd.
+    let fd = unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCGPTPEER, flags.bits()) };
+    if fd < 0 {
+        return Err(format!("opening the slave of the container's pty: {}", std::io::Error::last_os_error()));
+    }
+    // SAFETY: the ioctl just returned this new fd; nothing else owns it.
+    let slave = unsafe { OwnedFd::from_raw_fd(fd) };
+    Ok((master, slave))
+}
+
+/// Makes the pty slave our fds 0, 1 and 2 (the process's stdio).
+fn slave_as_stdio(slave: &OwnedFd) -> Result<(), String> {
+    for target in 0..3 {
+        nix::unistd::dup2(slave.as_raw_fd(), target).map_err(|e| format!("making the pty slave fd {target}: {e}"))?;
+    }
+    Ok(())
 }
 
 fn controlling_tty() -> Result<(), String> {
@@ -171,11 +224,24 @@ fn exec(sync: &mut UnixStream) -> Result<Never, String> {
         }
         setns(f, flag).map_err(|e| format!("entering the container's {name} namespace: {e}"))?;
     }
+    // In the container's mount namespace (and at its root) now: its /dev/ptmx.
+    let pty = if cfg.terminal {
+        let (master, slave) = open_pty()?;
+        // Here, not in the agent after the pass: the process may ask for its size at once.
+        if let Some(size) = cfg.process.console_size() {
+            let clamp = |v: u64| u16::try_from(v).unwrap_or(u16::MAX);
+            super::stdio::set_winsize(master.as_raw_fd(), clamp(size.height()), clamp(size.width()))?;
+        }
+        Some((master, slave))
+    } else {
+        None
+    };
     // SAFETY: this helper is single-threaded, so fork is safe; the child only runs our code.
     match unsafe { nix::unistd::fork() }.map_err(|e| format!("fork: {e}"))? {
         nix::unistd::ForkResult::Child => {
-            if cfg.terminal {
-                if let Err(e) = controlling_tty() {
+            if let Some((master, slave)) = pty {
+                drop(master);
+                if let Err(e) = slave_as_stdio(&slave).and_then(|()| controlling_tty()) {
                     fail(sync, &e);
                 }
             }
@@ -185,6 +251,14 @@ fn exec(sync: &mut UnixStream) -> Result<Never, String> {
             }
         }
         nix::unistd::ForkResult::Parent { child } => {
+            if let Some((master, slave)) = pty {
+                // Only the process holds the slave, so the master reads EOF (EIO) when it ends.
+                drop(slave);
+                if let Err(e) = spawn::send_fd(sync, "pty", master.as_raw_fd()) {
+                    let _ = nix::sys::signal::kill(child, nix::sys::signal::Signal::SIGKILL);
+                    fail(sync, &e);
+                }
+            }
             let _ = sync.write_all(format!("pid {child}\n").as_bytes());
             // Our copy must close so the agent sees EOF when the child execs.
             // SAFETY: closing the fd the UnixStream wraps; it is not used after (we exit).
@@ -325,4 +399,22 @@ fn exec_process(p: &Process, seccomp: Option<&oci_spec::runtime::LinuxSeccomp>) 
     }
     let err = nix::unistd::execve(&c_path, &c_args, &c_env).unwrap_err();
     Err(format!("exec {}: {err}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec_with(namespaces: serde_json::Value) -> Spec {
+        serde_json::from_value(serde_json::json!({ "ociVersion": "1.0.2", "linux": { "namespaces": namespaces } })).unwrap()
+    }
+
+    #[test]
+    fn a_cgroup_namespace_unless_the_spec_names_one_by_path() {
+        assert!(private_cgroup_namespace(&spec_with(serde_json::json!([{ "type": "pid" }]))));
+        assert!(private_cgroup_namespace(&spec_with(serde_json::json!([{ "type": "cgroup" }]))));
+        assert!(!private_cgroup_namespace(&spec_with(serde_json::json!([{ "type": "cgroup", "path": "/proc/42/ns/cgroup" }]))));
+        let no_linux: Spec = serde_json::from_value(serde_json::json!({ "ociVersion": "1.0.2" })).unwrap();
+        assert!(private_cgroup_namespace(&no_linux));
+    }
 }

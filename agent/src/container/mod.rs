@@ -22,13 +22,14 @@ pub mod caps;
 pub mod cgroup;
 pub mod helper;
 pub mod mounts;
+pub mod oom;
 pub mod seccomp;
 pub mod spawn;
 pub mod stdio;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use nix::sched::CloneFlags;
@@ -167,8 +168,7 @@ pub struct Engine {
     /// Ids being created (reserved, not yet in `containers`).
     creating: Mutex<std::collections::HashSet<String>>,
     sandbox: Mutex<Option<Sandbox>>,
-    oom: Mutex<VecDeque<String>>,
-    oom_ready: Condvar,
+    oom: Arc<oom::OomWatch>,
 }
 
 /// Container and exec ids become paths: a conservative alphabet, as runc's.
@@ -181,17 +181,13 @@ pub fn valid_id(id: &str) -> bool {
 
 impl Engine {
     pub fn new(config: Config) -> Arc<Self> {
-        let e = Arc::new(Self {
+        Arc::new(Self {
             config,
             containers: Mutex::new(HashMap::new()),
             creating: Mutex::new(std::collections::HashSet::new()),
             sandbox: Mutex::new(None),
-            oom: Mutex::new(VecDeque::new()),
-            oom_ready: Condvar::new(),
-        });
-        let w = Arc::downgrade(&e);
-        let _ = std::thread::Builder::new().name("oom-watch".into()).spawn(move || oom_watch(&w));
-        e
+            oom: oom::OomWatch::start(),
+        })
     }
 
     fn get(&self, id: &str) -> Result<Arc<Container>> {
@@ -284,6 +280,12 @@ impl Engine {
             ),
             None => None,
         };
+        if let Some(cg) = &cgroup {
+            if let Err(e) = self.oom.add(id, &cg.path) {
+                let _ = cg.remove();
+                return Err(failed(id)(format!("cgroup: {e}")));
+            }
+        }
         let made = self.spawn_init(id, spec, rootfs, cgroup.clone(), ns, terminal);
         match made {
             Ok(c) => {
@@ -292,6 +294,7 @@ impl Engine {
             }
             Err(e) => {
                 if let Some(cg) = &cgroup {
+                    self.oom.remove(id);
                     let _ = cg.remove();
                 }
                 Err(e)
@@ -389,11 +392,9 @@ impl Engine {
         ns: Namespaces,
         terminal: bool,
     ) -> Result<Container> {
-        let (stdio, ends) = if terminal { Stdio::pty() } else { Stdio::pipes() }.map_err(failed(id))?;
-        if let (true, Some(size)) = (terminal, spec.process().as_ref().and_then(|p| p.console_size())) {
-            let clamp = |v: u64| u16::try_from(v).unwrap_or(u16::MAX);
-            stdio.resize(clamp(size.height()), clamp(size.width())).map_err(failed(id))?;
-        }
+        // A terminal comes from the helper, out of the container's devpts (see `recv_pty`).
+        let (pipes, ends) = Stdio::for_helper(terminal).map_err(failed(id))?;
+        let console_size = spec.process().as_ref().and_then(|p| p.console_size());
         use std::os::fd::AsRawFd;
         let fds = [ends.fds[0].as_raw_fd(), ends.fds[1].as_raw_fd(), ends.fds[2].as_raw_fd()];
         let spawned = match &ns.pid {
@@ -411,18 +412,29 @@ impl Engine {
             set_hostname: ns.set_hostname,
             terminal,
         };
-        let setup = (|| -> std::result::Result<Sync, String> {
+        let setup = (|| -> std::result::Result<(Sync, Stdio), String> {
             let mut sync = Sync::new(sock)?;
             let json = serde_json::to_vec(&cfg).map_err(|e| format!("encoding the helper config: {e}"))?;
             sync.send_config(&json)?;
+            let stdio = match pipes {
+                Some(s) => s,
+                None => {
+                    let s = recv_pty(&mut sync)?;
+                    if let Some(size) = console_size {
+                        let clamp = |v: u64| u16::try_from(v).unwrap_or(u16::MAX);
+                        s.resize(clamp(size.height()), clamp(size.width()))?;
+                    }
+                    s
+                }
+            };
             match sync.recv(SETUP_TIMEOUT)? {
-                Some(l) if l == "ready" => Ok(sync),
+                Some(l) if l == "ready" => Ok((sync, stdio)),
                 Some(l) => Err(format!("the container helper answered {l:?}")),
                 None => Err(format!("the container helper ended during setup ({:?})", exits().wait(pid, Some(Duration::from_secs(5))))),
             }
         })();
         match setup {
-            Ok(sync) => Ok(Container {
+            Ok((sync, stdio)) => Ok(Container {
                 id: id.into(),
                 init: Arc::new(Process { wait_pid: pid, pid, stdio }),
                 execs: Mutex::new(HashMap::new()),
@@ -476,7 +488,7 @@ impl Engine {
             return Err(Error::Exists(format!("{id}: exec {exec_id}")));
         }
         let terminal = process.terminal().unwrap_or(false);
-        let (stdio, ends) = if terminal { Stdio::pty() } else { Stdio::pipes() }.map_err(failed(id))?;
+        let (pipes, ends) = Stdio::for_helper(terminal).map_err(failed(id))?;
         use std::os::fd::AsRawFd;
         let fds = [ends.fds[0].as_raw_fd(), ends.fds[1].as_raw_fd(), ends.fds[2].as_raw_fd()];
         let (helper_pid, sock) = spawn::spawn("exec", CloneFlags::empty(), fds).map_err(failed(id))?;
@@ -488,21 +500,26 @@ impl Engine {
             cgroup: c.cgroup.as_ref().map(|g| g.path.clone()),
             terminal,
         };
-        let r = (|| -> std::result::Result<i32, String> {
+        let r = (|| -> std::result::Result<(i32, Stdio), String> {
             let mut sync = Sync::new(sock)?;
             sync.send_config(&serde_json::to_vec(&cfg).map_err(|e| e.to_string())?)?;
+            // The helper set the terminal's consoleSize before the process could ask.
+            let stdio = match pipes {
+                Some(s) => s,
+                None => recv_pty(&mut sync)?,
+            };
             let pid = match sync.recv(SETUP_TIMEOUT)? {
                 Some(l) => l.strip_prefix("pid ").and_then(|p| p.parse().ok()).ok_or_else(|| format!("exec helper answered {l:?}"))?,
                 None => return Err("the exec helper ended during setup".into()),
             };
             // EOF: the process exec'd; a line: it failed before.
             match sync.recv(SETUP_TIMEOUT)? {
-                None => Ok(pid),
+                None => Ok((pid, stdio)),
                 Some(l) => Err(format!("exec helper answered {l:?}")),
             }
         })();
         match r {
-            Ok(pid) => {
+            Ok((pid, stdio)) => {
                 execs.insert(exec_id.into(), Arc::new(Process { wait_pid: helper_pid, pid, stdio }));
                 Ok(u32::try_from(pid).unwrap_or(0))
             }
@@ -600,6 +617,7 @@ impl Engine {
             kill_and_reap(p.wait_pid);
         }
         if let Some(cg) = &c.cgroup {
+            self.oom.remove(id);
             cg.remove().map_err(failed(id))?;
         }
         lock(&self.containers).remove(id);
@@ -608,36 +626,19 @@ impl Engine {
 
     /// Blocks until a container is OOM-killed; its id.
     pub fn next_oom(&self) -> String {
-        let mut q = lock(&self.oom);
-        loop {
-            if let Some(id) = q.pop_front() {
-                return id;
-            }
-            q = self.oom_ready.wait(q).unwrap_or_else(std::sync::PoisonError::into_inner);
-        }
+        self.oom.next()
     }
 }
 
-/// Polls each container's memory.events for new OOM kills. (inotify would save the polling;
-/// 100 ms is far below what a shim reporting OOM events needs.)
-fn oom_watch(engine: &std::sync::Weak<Engine>) {
-    let mut seen: HashMap<String, u64> = HashMap::new();
-    loop {
-        std::thread::sleep(Duration::from_millis(100));
-        let Some(e) = engine.upgrade() else { return };
-        let cs: Vec<Arc<Container>> = lock(&e.containers).values().cloned().collect();
-        seen.retain(|id, _| cs.iter().any(|c| &c.id == id));
-        for c in cs {
-            let Some(cg) = &c.cgroup else { continue };
-            let n = cg.oom_kills();
-            let last = seen.entry(c.id.clone()).or_insert(0);
-            if n > *last {
-                *last = n;
-                lock(&e.oom).push_back(c.id.clone());
-                e.oom_ready.notify_all();
-            }
-        }
+/// The terminal a helper opened in the container's devpts: its `pty` line carries the master.
+fn recv_pty(sync: &mut Sync) -> std::result::Result<Stdio, String> {
+    match sync.recv(SETUP_TIMEOUT)? {
+        Some(l) if l == "pty" => {}
+        Some(l) => return Err(format!("expected the terminal from the container helper, got {l:?}")),
+        None => return Err("the container helper ended before passing the terminal".into()),
     }
+    let master = sync.take_fd().ok_or("the container helper's pty line came without the terminal's fd")?;
+    Stdio::pty(master)
 }
 
 /// SIGKILL, then wait for the reaper to see the end (bounded), then forget the status.

@@ -6,8 +6,9 @@
 //! capabilities) needs allocation and file I/O. The fresh, single-threaded helper does it, and
 //! talks to the agent over a socketpair on fd 3 (see [`Sync`]).
 
+use std::collections::VecDeque;
 use std::ffi::CString;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
@@ -91,49 +92,128 @@ pub fn spawn_in_pid_namespace(pid_ns: &std::path::Path, mode: &str, flags: Clone
     })
 }
 
-/// The agent's end of a helper's sync socket.
+/// The agent's end of a helper's sync socket: lines from the helper, and the fds it passes
+/// along with them (a terminal's master).
+///
+/// Read with `recvmsg` into our own buffer rather than through a `BufReader`: a buffered
+/// `read` would take the bytes that carry an `SCM_RIGHTS` message and the kernel would
+/// close the fds with nobody to receive them.
 #[derive(Debug)]
 pub struct Sync {
-    reader: BufReader<UnixStream>,
-    writer: UnixStream,
+    sock: UnixStream,
+    /// Bytes received but not yet returned as a line.
+    buf: Vec<u8>,
+    /// Bytes received, and bytes returned as lines, since the start.
+    received: u64,
+    returned: u64,
+    /// Fds received, oldest first, until taken, each with the stream offset just past the
+    /// bytes of its message (a read that takes fds ends with the bytes sent with them).
+    fds: VecDeque<(u64, OwnedFd)>,
 }
+
+/// The most fds the helper passes in one message.
+const MAX_FDS: usize = 4;
 
 impl Sync {
     pub fn new(s: UnixStream) -> Result<Self, String> {
-        let writer = s.try_clone().map_err(|e| format!("dup sync socket: {e}"))?;
         Ok(Self {
-            reader: BufReader::new(s),
-            writer,
+            sock: s,
+            buf: Vec::new(),
+            received: 0,
+            returned: 0,
+            fds: VecDeque::new(),
         })
     }
 
     /// Sends the helper its configuration (length-prefixed JSON).
     pub fn send_config(&mut self, json: &[u8]) -> Result<(), String> {
         let len = u32::try_from(json.len()).map_err(|_| "helper config too large".to_string())?;
-        self.writer.write_all(&len.to_le_bytes()).and_then(|()| self.writer.write_all(json)).map_err(|e| format!("sending the helper its config: {e}"))
+        self.sock.write_all(&len.to_le_bytes()).and_then(|()| self.sock.write_all(json)).map_err(|e| format!("sending the helper its config: {e}"))
     }
 
     pub fn send(&mut self, line: &str) -> Result<(), String> {
-        self.writer.write_all(format!("{line}\n").as_bytes()).map_err(|e| format!("telling the helper {line:?}: {e}"))
+        self.sock.write_all(format!("{line}\n").as_bytes()).map_err(|e| format!("telling the helper {line:?}: {e}"))
     }
 
     /// The helper's next line: `Ok(None)` at EOF (the helper exec'd or died). A line
-    /// `error <message>` becomes `Err(message)`.
+    /// `error <message>` becomes `Err(message)`. Fds that came with it wait in [`Self::take_fd`].
     pub fn recv(&mut self, timeout: Duration) -> Result<Option<String>, String> {
-        self.reader.get_ref().set_read_timeout(Some(timeout)).map_err(|e| format!("sync timeout: {e}"))?;
-        let mut line = String::new();
-        match self.reader.read_line(&mut line) {
-            Ok(0) => Ok(None),
-            Ok(_) => {
-                let line = line.trim_end().to_string();
-                match line.strip_prefix("error ") {
-                    Some(msg) => Err(msg.to_string()),
-                    None => Ok(Some(line)),
-                }
+        self.sock.set_read_timeout(Some(timeout)).map_err(|e| format!("sync timeout: {e}"))?;
+        let mut line = loop {
+            if let Some(i) = self.buf.iter().position(|b| *b == b'\n') {
+                break self.buf.drain(..=i).collect::<Vec<u8>>();
             }
-            Err(e) => Err(format!("waiting for the container helper: {e}")),
+            if self.recv_some()? == 0 {
+                if self.buf.is_empty() {
+                    return Ok(None);
+                }
+                // A last line without its newline.
+                break std::mem::take(&mut self.buf);
+            }
+        };
+        self.returned += line.len() as u64;
+        if line.last() == Some(&b'\n') {
+            line.pop();
+        }
+        let line = String::from_utf8_lossy(&line).trim_end().to_string();
+        match line.strip_prefix("error ") {
+            Some(msg) => Err(msg.to_string()),
+            None => Ok(Some(line)),
         }
     }
+
+    /// The oldest fd that came with a line [`Self::recv`] returned and that nobody took yet.
+    pub fn take_fd(&mut self) -> Option<OwnedFd> {
+        match self.fds.front() {
+            Some((end, _)) if *end <= self.returned => self.fds.pop_front().map(|(_, fd)| fd),
+            _ => None,
+        }
+    }
+
+    /// One `recvmsg`: appends the bytes to `buf`, the fds to `fds`. Returns the byte count
+    /// (0 at EOF).
+    fn recv_some(&mut self) -> Result<usize, String> {
+        use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+        let mut chunk = [0u8; 4096];
+        let mut cmsg = nix::cmsg_space!([RawFd; MAX_FDS]);
+        loop {
+            let mut iov = [std::io::IoSliceMut::new(&mut chunk)];
+            let msg = match recvmsg::<()>(self.sock.as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC) {
+                Ok(m) => m,
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(nix::errno::Errno::EAGAIN) => return Err("waiting for the container helper: timed out".into()),
+                Err(e) => return Err(format!("waiting for the container helper: {e}")),
+            };
+            let n = msg.bytes;
+            self.received += n as u64;
+            let end = self.received;
+            // On MSG_CTRUNC the kernel closed what did not fit: an error, never silently less.
+            let cmsgs = msg.cmsgs().map_err(|_| format!("the container helper passed more than {MAX_FDS} fds at once"))?;
+            for c in cmsgs {
+                if let ControlMessageOwned::ScmRights(fds) = c {
+                    // SAFETY: the kernel just installed these fds in this process (close-on-exec)
+                    // for this message; nothing else owns them.
+                    self.fds.extend(fds.into_iter().map(|fd| (end, unsafe { OwnedFd::from_raw_fd(fd) })));
+                }
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+            return Ok(n);
+        }
+    }
+}
+
+/// Helper side: sends `line` with `fd` attached (`SCM_RIGHTS`) on the sync socket.
+pub fn send_fd(sync: &UnixStream, line: &str, fd: RawFd) -> Result<(), String> {
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+    let data = format!("{line}\n");
+    let fds = [fd];
+    let n = sendmsg::<()>(sync.as_raw_fd(), &[std::io::IoSlice::new(data.as_bytes())], &[ControlMessage::ScmRights(&fds)], MsgFlags::empty(), None)
+        .map_err(|e| format!("passing the agent the {line} fd: {e}"))?;
+    // A unix stream socket takes a short line whole; a short send would split the line.
+    if n != data.len() {
+        return Err(format!("passing the agent the {line} fd: short send ({n} of {} bytes)", data.len()));
+    }
+    Ok(())
 }
 
 /// Helper side: reads the configuration the agent sent on [`SYNC_FD`].
@@ -143,4 +223,51 @@ pub fn read_config(sync: &mut UnixStream) -> Result<Vec<u8>, String> {
     let mut buf = vec![0u8; u32::from_le_bytes(len) as usize];
     sync.read_exact(&mut buf).map_err(|e| format!("reading the config: {e}"))?;
     Ok(buf)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    fn inode(fd: &impl AsRawFd) -> (u64, u64) {
+        let m = std::fs::metadata(format!("/proc/self/fd/{}", fd.as_raw_fd())).unwrap();
+        (m.dev(), m.ino())
+    }
+
+    #[test]
+    fn lines_and_passed_fds_arrive_in_order() {
+        let (agent, mut helper) = UnixStream::pair().unwrap();
+        let mut sync = Sync::new(agent).unwrap();
+        let file = tempfile_like();
+        // Lines before and after the fd's, written so that they may arrive in one read.
+        helper.write_all(b"one\ntw").unwrap();
+        helper.write_all(b"o\n").unwrap();
+        send_fd(&helper, "pty", file.as_raw_fd()).unwrap();
+        helper.write_all(b"ready\nerror it broke\nlast").unwrap();
+        drop(helper);
+        let t = Duration::from_secs(5);
+        assert_eq!(sync.recv(t).unwrap().as_deref(), Some("one"));
+        assert_eq!(sync.recv(t).unwrap().as_deref(), Some("two"));
+        assert!(sync.take_fd().is_none(), "an fd before its line");
+        assert_eq!(sync.recv(t).unwrap().as_deref(), Some("pty"));
+        let fd = sync.take_fd().expect("the fd passed with the pty line");
+        assert_eq!(inode(&fd), inode(&file));
+        assert!(sync.take_fd().is_none());
+        assert_eq!(sync.recv(t).unwrap().as_deref(), Some("ready"));
+        assert_eq!(sync.recv(t), Err("it broke".into()));
+        assert_eq!(sync.recv(t).unwrap().as_deref(), Some("last"));
+        assert_eq!(sync.recv(t), Ok(None));
+    }
+
+    #[test]
+    fn a_silent_helper_times_out() {
+        let (agent, _helper) = UnixStream::pair().unwrap();
+        let e = Sync::new(agent).unwrap().recv(Duration::from_millis(50)).unwrap_err();
+        assert!(e.contains("timed out"), "{e}");
+    }
+
+    fn tempfile_like() -> std::fs::File {
+        std::fs::File::open("/proc/self/exe").unwrap()
+    }
 }

@@ -1,11 +1,20 @@
 //! A process's stdio on the agent's side: pipes, or a pty whose master carries both ways.
+//! The pty comes from the container's own devpts: the helper opens it and passes the master
+//! back over the sync socket, as runc does.
 //!
 //! Reads block until bytes are there or the stream ends (long-poll RPCs, see
 //! `husk_protocols`). A pty master returns EIO once the last slave is closed: that is EOF.
+//!
+//! A stream also ends when its process has ended and nothing more arrives for
+//! [`AFTER_EXIT_IDLE`]: a background process it left behind may hold the pipe (or the pty's
+//! slave) open for ever, and runc's shim likewise stops copying shortly after the exit. All
+//! the process itself wrote is in the pipe before it ends, so none of that is lost; only what
+//! a leftover process writes later is not relayed. Measured here in the guest, next to the
+//! pipe, so a slow host or a busy vsock cannot cut output short.
 
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -35,6 +44,14 @@ const PIPE_SIZE: libc::c_int = 1 << 20;
 /// otherwise) at the cost of at most this much latency per reply.
 const COALESCE: Duration = Duration::from_millis(2);
 
+/// After the process ended, how long its stream may stay silent before it counts as ended.
+/// (A pty's last bytes pass through the tty layer's work queue after the write returns; this
+/// leaves them ample time.)
+pub const AFTER_EXIT_IDLE: Duration = Duration::from_millis(250);
+
+/// How often a blocked read looks whether the process has ended.
+const EXIT_CHECK: Duration = Duration::from_millis(100);
+
 fn pipe() -> Result<(OwnedFd, OwnedFd), String> {
     let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
     // Best effort: a smaller pipe only costs throughput.
@@ -55,6 +72,22 @@ fn readable(fd: &File, timeout: Duration) -> bool {
     unsafe { libc::poll(&mut p, 1, ms) > 0 }
 }
 
+/// Waits until `f` is readable (bytes or EOF): true; false once the process has `ended` and
+/// `f` then stays silent for [`AFTER_EXIT_IDLE`].
+fn wait_readable(f: &File, ended: &impl Fn() -> bool) -> bool {
+    let mut silent_since: Option<Instant> = None;
+    loop {
+        if readable(f, EXIT_CHECK) {
+            return true;
+        }
+        match silent_since {
+            None if ended() => silent_since = Some(Instant::now()),
+            Some(t) if t.elapsed() >= AFTER_EXIT_IDLE => return false,
+            _ => {}
+        }
+    }
+}
+
 impl Stdio {
     /// Pipes for stdin, stdout and stderr.
     pub fn pipes() -> Result<(Self, ChildEnds), String> {
@@ -72,27 +105,32 @@ impl Stdio {
         ))
     }
 
-    /// A pty: the slave is the child's stdin, stdout and stderr.
-    pub fn pty() -> Result<(Self, ChildEnds), String> {
-        let p = nix::pty::openpty(None, None).map_err(|e| format!("openpty: {e}"))?;
-        for fd in [p.master.as_raw_fd(), p.slave.as_raw_fd()] {
-            nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC))
-                .map_err(|e| format!("pty cloexec: {e}"))?;
-        }
-        let master = File::from(p.master);
+    /// A terminal: `master` is the pty master the helper opened from the container's own
+    /// devpts and passed back (see `helper`; received close-on-exec); it carries stdin and
+    /// stdout, there is no stderr.
+    pub fn pty(master: OwnedFd) -> Result<Self, String> {
+        let master = File::from(master);
         let m2 = master.try_clone().map_err(|e| format!("dup pty master: {e}"))?;
         let m3 = master.try_clone().map_err(|e| format!("dup pty master: {e}"))?;
-        let s1 = p.slave.try_clone().map_err(|e| format!("dup pty slave: {e}"))?;
-        let s2 = p.slave.try_clone().map_err(|e| format!("dup pty slave: {e}"))?;
-        Ok((
-            Self {
-                stdin: Mutex::new(Some(m2)),
-                stdout: Mutex::new(Some(master)),
-                stderr: Mutex::new(None),
-                pty: Some(m3),
-            },
-            ChildEnds { fds: [p.slave, s1, s2] },
-        ))
+        Ok(Self {
+            stdin: Mutex::new(Some(m2)),
+            stdout: Mutex::new(Some(master)),
+            stderr: Mutex::new(None),
+            pty: Some(m3),
+        })
+    }
+
+    /// What a helper starts with: pipes (and our ends of them), or for a terminal, which the
+    /// helper opens itself, nothing yet and `/dev/null` as its fds 0-2.
+    pub fn for_helper(terminal: bool) -> Result<(Option<Self>, ChildEnds), String> {
+        if !terminal {
+            return Self::pipes().map(|(s, e)| (Some(s), e));
+        }
+        let open = || -> Result<OwnedFd, String> {
+            let f = std::fs::OpenOptions::new().read(true).write(true).open("/dev/null").map_err(|e| format!("opening /dev/null: {e}"))?;
+            Ok(OwnedFd::from(f))
+        };
+        Ok((None, ChildEnds { fds: [open()?, open()?, open()?] }))
     }
 
     pub fn write_stdin(&self, data: &[u8]) -> Result<usize, String> {
@@ -117,12 +155,17 @@ impl Stdio {
 
     /// Reads up to `max` bytes of stdout (`err`: stderr), blocking until there are some.
     /// `Ok(None)`: the stream has ended.
-    pub fn read(&self, err: bool, max: usize) -> Result<Option<Vec<u8>>, String> {
+    /// `ended` says whether the process has ended (see [`AFTER_EXIT_IDLE`]).
+    pub fn read(&self, err: bool, max: usize, ended: impl Fn() -> bool) -> Result<Option<Vec<u8>>, String> {
         let m = if err { &self.stderr } else { &self.stdout };
         let mut g = m.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let Some(f) = g.as_mut() else {
             return Ok(None);
         };
+        if !wait_readable(f, &ended) {
+            *g = None;
+            return Ok(None);
+        }
         let mut buf = vec![0u8; max];
         let mut len = 0;
         let mut deadline: Option<Instant> = None;
@@ -158,16 +201,57 @@ impl Stdio {
 
     pub fn resize(&self, rows: u16, cols: u16) -> Result<(), String> {
         let fd = self.pty.as_ref().ok_or("the process has no terminal")?.as_raw_fd();
-        let ws = libc::winsize {
-            ws_row: rows,
-            ws_col: cols,
-            ws_xpixel: 0,
-            ws_ypixel: 0,
-        };
-        // SAFETY: TIOCSWINSZ reads a winsize we own; fd is the pty master this struct owns.
-        if unsafe { libc::ioctl(fd, libc::TIOCSWINSZ, &ws) } != 0 {
-            return Err(format!("resizing the terminal: {}", std::io::Error::last_os_error()));
-        }
-        Ok(())
+        set_winsize(fd, rows, cols)
+    }
+}
+
+/// Sets the window size of the pty `fd` (master or slave).
+pub fn set_winsize(fd: RawFd, rows: u16, cols: u16) -> Result<(), String> {
+    let ws = libc::winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCSWINSZ reads a winsize we own; fd is open for the duration of the call.
+    if unsafe { libc::ioctl(fd, libc::TIOCSWINSZ, &ws) } != 0 {
+        return Err(format!("resizing the terminal: {}", std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write_child_stdout(ends: &ChildEnds, data: &[u8]) {
+        let mut f = File::from(ends.fds[1].try_clone().unwrap());
+        f.write_all(data).unwrap();
+    }
+
+    #[test]
+    fn a_stream_held_open_after_the_exit_ends_once_drained() {
+        let (stdio, ends) = Stdio::pipes().unwrap();
+        // The process wrote and ended; `ends` stands for a leftover process holding the pipe.
+        write_child_stdout(&ends, b"last words");
+        let t = Instant::now();
+        assert_eq!(stdio.read(false, 1024, || true).unwrap().as_deref(), Some(&b"last words"[..]));
+        assert_eq!(stdio.read(false, 1024, || true).unwrap(), None);
+        assert!(t.elapsed() >= AFTER_EXIT_IDLE, "ended before the idle time");
+        drop(ends);
+    }
+
+    #[test]
+    fn a_running_process_keeps_its_stream_across_silences() {
+        let (stdio, ends) = Stdio::pipes().unwrap();
+        let writer = std::thread::spawn(move || {
+            std::thread::sleep(AFTER_EXIT_IDLE * 2);
+            write_child_stdout(&ends, b"later");
+            ends
+        });
+        assert_eq!(stdio.read(false, 1024, || false).unwrap().as_deref(), Some(&b"later"[..]));
+        drop(writer.join().unwrap());
+        // All writers gone: a plain EOF.
+        assert_eq!(stdio.read(false, 1024, || false).unwrap(), None);
     }
 }
