@@ -102,15 +102,18 @@ fn relay_output(
                         }
                     }
                     if r.eof {
-                        return;
+                        break;
                     }
                 }
                 Err(e) => {
                     log::warn!("{cid}/{eid}: {stream:?}: {}", describe(&e));
-                    return;
+                    break;
                 }
             }
         }
+        // The stream has ended: close the fifo now, so its reader sees EOF (containerd's CRI
+        // waits for that before it deletes an exec), not only at Delete.
+        fifo_slot.lock().unwrap_or_else(|e| e.into_inner()).take();
     })
 }
 

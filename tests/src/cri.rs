@@ -205,8 +205,19 @@ state = "{b}/state"
     }
 
     /// Runs a future on the test's runtime.
+    /// Runs one CRI call; a call that has not answered after [`CRI_CALL_DEADLINE`] fails the
+    /// test (with containerd's log) instead of hanging it.
     pub fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
-        self.runtime.block_on(f)
+        match self
+            .runtime
+            .block_on(async { tokio::time::timeout(CRI_CALL_DEADLINE, f).await })
+        {
+            Ok(out) => out,
+            Err(_) => panic!(
+                "a CRI call did not answer within {CRI_CALL_DEADLINE:?}\ncontainerd log (tail):\n{}",
+                tail(&self.log(), 6000)
+            ),
+        }
     }
 
     pub fn logs_dir(&self, name: &str) -> PathBuf {
@@ -253,4 +264,14 @@ impl Drop for CriContainerd {
             let _ = nix::mount::umount2(m.as_str(), nix::mount::MntFlags::MNT_DETACH);
         }
     }
+}
+
+/// How long one CRI call may take (ExecSync itself times out after 60 s; a pod start under
+/// TCG takes seconds).
+pub const CRI_CALL_DEADLINE: std::time::Duration = std::time::Duration::from_secs(180);
+
+fn tail(s: &str, n: usize) -> &str {
+    let start = s.len().saturating_sub(n);
+    let start = (start..s.len()).find(|i| s.is_char_boundary(*i)).unwrap_or(s.len());
+    &s[start..]
 }

@@ -103,13 +103,14 @@ fn a_denied_dev_null_fails_with_eperm_and_no_rules_change_nothing() {
 fn containerd_defaults_let_a_tty_container_use_its_devices_and_a_deny_all_list_allows_only_the_listed() {
     let g = Guest::boot(256);
     // containerd's default list, in a TTY container as `ctr run -t` makes it. /dev/tty is the
-    // controlling terminal, /dev/stdout reopens the pty slave (char 136:N) through
-    // /proc/self/fd; a new pty's slave is locked, so opening it answers EIO ("Input/output error") once the device
+    // controlling terminal, /dev/stdout reopens the pty slave (char 136:N, /dev/pts/0 of the
+    // container's own devpts) through /proc/self/fd; the new pty from /dev/ptmx is /dev/pts/1,
+    // whose slave is locked, so opening it answers EIO ("Input/output error") once the device
     // cgroup let it through. /dev/kmsg is in no list: EPERM.
     g.rootfs("ctrd");
     let script = "echo x > /dev/null && head -c 4 /dev/zero | wc -c && head -c 4 /dev/urandom | wc -c \
         && echo via-tty > /dev/tty && echo via-pts > /dev/stdout && exec 3<>/dev/ptmx && ls /dev/pts | grep -c '^0$'; \
-        (exec 4<>/dev/pts/0); echo hi > /dev/kmsg; echo END-$((6*7))";
+        (exec 4<>/dev/pts/1); echo hi > /dev/kmsg; echo END-$((6*7))";
     let mut s = with_devices(script, Some(containerd_default_rules()), &[KMSG]);
     s["process"]["terminal"] = json!(true);
     g.agent.create("ctrd", &s, false).unwrap();
@@ -118,7 +119,7 @@ fn containerd_defaults_let_a_tty_container_use_its_devices_and_a_deny_all_list_a
     g.agent.remove("ctrd", false).unwrap();
     let tty = out.stdout_str();
     assert_eq!(out.status, 0, "{tty:?}");
-    for want in ["4\r\n4\r\nvia-tty\r\nvia-pts\r\n1\r\n", "/dev/pts/0: Input/output error", &format!("/dev/kmsg: {EPERM}"), "END-42"] {
+    for want in ["4\r\n4\r\nvia-tty\r\nvia-pts\r\n1\r\n", "/dev/pts/1: Input/output error", &format!("/dev/kmsg: {EPERM}"), "END-42"] {
         assert!(tty.contains(want), "{want:?} missing from {tty:?}");
     }
 
