@@ -55,6 +55,38 @@ enum Stream {
     Stderr,
 }
 
+/// Opens an output fifo for writing, without waiting for a reader: containerd and ctr open
+/// the read ends before the task is created, so a fifo without a reader at Start has lost it
+/// (`ctr run -d` exits right after Start) and `None` (drop the output) is the answer. A
+/// blocking open would wait for a reader that never comes, and with it the exit of the
+/// process, which is reported after its output. The fd is made blocking again for the writes.
+fn open_output_fifo(path: &str) -> std::io::Result<Option<File>> {
+    match OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+    {
+        Ok(f) => {
+            use std::os::fd::AsRawFd;
+            // SAFETY: F_GETFL/F_SETFL on an fd we own, integer arguments.
+            unsafe {
+                let flags = libc::fcntl(f.as_raw_fd(), libc::F_GETFL);
+                if flags < 0
+                    || libc::fcntl(f.as_raw_fd(), libc::F_SETFL, flags & !libc::O_NONBLOCK) < 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(Some(f))
+        }
+        Err(e) if e.raw_os_error() == Some(libc::ENXIO) => {
+            log::debug!("{path}: no reader (a detached client); this output is dropped");
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}
+
 fn relay_output(
     client: AgentClient,
     cid: String,
@@ -67,14 +99,10 @@ fn relay_output(
         let fifo = if path.is_empty() {
             None
         } else {
-            // Blocks until containerd has the read end open (it opened it before Create).
-            match OpenOptions::new().write(true).open(&path) {
-                Ok(f) => Some(f),
-                Err(e) => {
-                    log::warn!("{cid}/{eid}: opening {path}: {e}; output is dropped");
-                    None
-                }
-            }
+            open_output_fifo(&path).unwrap_or_else(|e| {
+                log::warn!("{cid}/{eid}: opening {path}: {e}; output is dropped");
+                None
+            })
         };
         *fifo_slot.lock().unwrap_or_else(|e| e.into_inner()) = fifo;
         let req = ReadStreamRequest {
@@ -226,4 +254,43 @@ pub fn start(
         on_exit(result);
     });
     outputs
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fifo(dir: &std::path::Path) -> String {
+        let p = dir.join("out");
+        nix::unistd::mkfifo(&p, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        p.display().to_string()
+    }
+
+    #[test]
+    fn an_output_fifo_without_a_reader_is_not_waited_for() {
+        let d = tempfile::tempdir().unwrap();
+        let p = fifo(d.path());
+        assert!(open_output_fifo(&p).unwrap().is_none());
+    }
+
+    #[test]
+    fn an_output_fifo_with_a_reader_gets_blocking_writes() {
+        let d = tempfile::tempdir().unwrap();
+        let p = fifo(d.path());
+        let mut reader = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&p)
+            .unwrap();
+        let mut w = open_output_fifo(&p).unwrap().expect("a reader is there");
+        use std::os::fd::AsRawFd;
+        // SAFETY: F_GETFL on an fd we own.
+        let flags = unsafe { libc::fcntl(w.as_raw_fd(), libc::F_GETFL) };
+        assert_eq!(flags & libc::O_NONBLOCK, 0, "writes must block, not fail with EAGAIN");
+        w.write_all(b"hello").unwrap();
+        drop(w);
+        let mut got = String::new();
+        reader.read_to_string(&mut got).unwrap();
+        assert_eq!(got, "hello");
+    }
 }

@@ -36,6 +36,10 @@ fn sandboxes_killed_together_all_stop_round_after_round() {
                 break;
             }
             if Instant::now() > deadline {
+                if std::env::var_os("HUSK_HOLD_ON_FAILURE").is_some() {
+                    eprintln!("HOLDING: {running:?}");
+                    std::thread::sleep(Duration::from_secs(900));
+                }
                 for id in &ids {
                     let d = format!("/run/husk/{id}/console.log");
                     eprintln!("{id}: {}", std::fs::read_to_string(&d).unwrap_or_default());
