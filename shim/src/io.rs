@@ -270,7 +270,11 @@ mod tests {
     fn an_output_fifo_without_a_reader_is_not_waited_for() {
         let d = tempfile::tempdir().unwrap();
         let p = fifo(d.path());
-        assert!(open_output_fifo(&p).unwrap().is_none());
+        // On a thread: a blocking open would hang, not fail.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || tx.send(open_output_fifo(&p).unwrap().is_none()));
+        let none = rx.recv_timeout(std::time::Duration::from_secs(10));
+        assert_eq!(none, Ok(true), "opening a fifo without a reader waited for one");
     }
 
     #[test]
