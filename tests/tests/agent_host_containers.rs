@@ -207,6 +207,11 @@ fn terminals_come_from_the_containers_own_devpts() {
     h.agent.exec("tty", "t2", &p).unwrap();
     let out = h.agent.collect("tty", "t2");
     assert_eq!((out.status, out.stdout_str().as_str()), (0, "/dev/pts/1 0 1 ptmx 30 90\r\n"), "{out:?}");
+    // A process that is not root owns its terminal, so it can reopen it (as under runc).
+    let p3 = json!({ "terminal": true, "user": {"uid": 1000, "gid": 1000}, "args": ["sh", "-c", "echo via-$((2+3)) > /dev/stdout"], "env": ["PATH=/bin"], "cwd": "/" });
+    h.agent.exec("tty", "t3", &p3).unwrap();
+    let out = h.agent.collect("tty", "t3");
+    assert_eq!((out.status, out.stdout_str().as_str()), (0, "via-5\r\n"), "{out:?}");
     // ^D ends the shell; its pty then reads to the end (EIO is EOF).
     h.agent.close_stdin("tty", "");
     assert_eq!(h.agent.wait("tty", "").exit_status, 0);

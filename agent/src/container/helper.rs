@@ -344,6 +344,28 @@ fn cstrings(v: &[String], what: &str) -> Result<Vec<CString>, String> {
     v.iter().map(|s| CString::new(s.as_bytes()).map_err(|_| format!("{what} {s:?} contains a NUL"))).collect()
 }
 
+/// Gives the process's user its own stdio (the pty slave, the pipes), as runc does, so a
+/// process that is not root can reopen them (`/dev/stdout`, `/proc/self/fd/1`, `tty`
+/// programs). The group stays (devpts gives slaves the tty group). /dev/null is left alone.
+fn own_stdio(uid: nix::unistd::Uid) -> Result<(), String> {
+    if uid.is_root() {
+        return Ok(());
+    }
+    let null = nix::sys::stat::stat("/dev/null").ok().map(|s| s.st_rdev);
+    for fd in 0..3 {
+        let Ok(st) = nix::sys::stat::fstat(fd) else { continue };
+        let is_char = st.st_mode & libc::S_IFMT == libc::S_IFCHR;
+        if is_char && Some(st.st_rdev) == null {
+            continue;
+        }
+        // SAFETY: fchown on one of our own fds, integer arguments (-1: keep the group).
+        if unsafe { libc::fchown(fd, uid.as_raw(), u32::MAX) } != 0 {
+            return Err(format!("giving fd {fd} to uid {uid}: {}", std::io::Error::last_os_error()));
+        }
+    }
+    Ok(())
+}
+
 /// Applies a process's settings (rlimits, user, capabilities, cwd, no_new_privileges,
 /// seccomp) and execs it.
 fn exec_process(p: &Process, seccomp: Option<&oci_spec::runtime::LinuxSeccomp>) -> Result<Never, String> {
@@ -373,6 +395,7 @@ fn exec_process(p: &Process, seccomp: Option<&oci_spec::runtime::LinuxSeccomp>) 
     unsafe { libc::prctl(libc::PR_SET_KEEPCAPS, 1, 0, 0, 0) };
     let gid = nix::unistd::Gid::from_raw(user.gid());
     let uid = nix::unistd::Uid::from_raw(user.uid());
+    own_stdio(uid)?;
     nix::unistd::setresgid(gid, gid, gid).map_err(|e| format!("setgid {gid}: {e}"))?;
     nix::unistd::setresuid(uid, uid, uid).map_err(|e| format!("setuid {uid}: {e}"))?;
     caps::apply(p.capabilities().as_ref())?;
