@@ -78,6 +78,8 @@ struct TerminalConsole {
     output: std::sync::mpsc::Receiver<Vec<u8>>,
     /// Kept to read the terminal's settings after the console has ended.
     slave: std::os::fd::OwnedFd,
+    /// The terminal's settings before the console started (it switches them to raw).
+    before: nix::sys::termios::Termios,
     seen: String,
 }
 
@@ -85,6 +87,7 @@ impl TerminalConsole {
     fn start(sid: &str) -> Self {
         use std::os::unix::process::CommandExt;
         let pty = nix::pty::openpty(None, None).unwrap();
+        let before = nix::sys::termios::tcgetattr(&pty.slave).unwrap();
         let dup = || Stdio::from(pty.slave.try_clone().unwrap());
         let mut cmd = Command::new(shim_binary());
         cmd.args(["console", sid])
@@ -123,6 +126,7 @@ impl TerminalConsole {
             master,
             output,
             slave: pty.slave,
+            before,
             seen: String::new(),
         }
     }
@@ -276,7 +280,7 @@ fn the_debug_console_is_a_root_shell_in_the_guest() {
     // At a terminal: raw mode passes ^C to the guest (it interrupts the guest's foreground
     // command, not the local console), and the terminal's settings come back at the end.
     let mut t = TerminalConsole::start(&id);
-    let before = nix::sys::termios::tcgetattr(&t.slave).unwrap();
+    let before = t.before.clone();
     let deadline = Instant::now() + Duration::from_secs(60);
     assert!(
         t.read_until(deadline, |s| s.contains("/ # ")),
