@@ -321,7 +321,7 @@ impl Engine {
                 }
                 LinuxNamespaceType::Pid if path.is_some() => {
                     flags.remove(CloneFlags::CLONE_NEWPID);
-                    pid_ns = Some(self.sandbox_pid_namespace(id, path.as_deref().unwrap_or(std::path::Path::new("")))?);
+                    pid_ns = path.as_deref().map(|p| self.sandbox_pid_namespace(id, p)).transpose()?;
                 }
                 LinuxNamespaceType::Pid | LinuxNamespaceType::Mount | LinuxNamespaceType::Network => {}
                 LinuxNamespaceType::Cgroup => {} // unshared by the helper after joining the cgroup
