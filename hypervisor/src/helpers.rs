@@ -2,7 +2,7 @@
 //! virtiofsd, waiting for a helper's socket. The qemu backend adds vhost-device-vsock on top;
 //! husk-vmm serves vsock itself and needs only virtiofsd.
 //!
-//! Facts behind the choices (FIELD-NOTES): virtiofsd gets no `--tag` (QEMU 7.x crashes on it;
+//! The facts behind it (docs/FIELD-NOTES.md): virtiofsd gets no `--tag` (QEMU 7.x crashes on it;
 //! the tag is the VMM's); it runs in its own namespace sandbox as root, exits when its VMM
 //! disconnects, and holds a lock on `<socket>.pid` until it is fully gone. Helpers are the
 //! programs the caller names ([`crate::Programs`]), else found on PATH, then in

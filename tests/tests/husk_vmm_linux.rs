@@ -4,7 +4,7 @@
 //! power-off from the console that ends the VM cleanly.
 //!
 //! Only hardware KVM runs our stock 6.1 kernel on husk-vmm (kvm_pvm emulates its ring-0
-//! code and it dies at the first system call, FIELD-NOTES), so this is `#[ignore]`d:
+//! code and it dies at the first system call, docs/FIELD-NOTES.md), so this is `#[ignore]`d:
 //! `cargo xtask test` runs it on hardware-KVM hosts and lists it as not run elsewhere.
 
 mod vmm_support;

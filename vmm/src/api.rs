@@ -3,7 +3,7 @@
 //!
 //! Protocol: one request per line (`pause`, `resume`, `shutdown`, `counters`, `state`),
 //! one JSON object per line in reply, always with `"ok"`; failures add `"error"`.
-//! DESIGN.md calls for ttrpc here; this line protocol stands in until the `protocols`
+//! docs/ARCHITECTURE.md: this line protocol stands in for ttrpc until the `protocols`
 //! crate carries a VMM service, and maps one to one onto it.
 //!
 //! Clients are served one at a time on the API thread; the API never touches guest

@@ -113,7 +113,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitReason> {
     // only the signal thread takes them.
     let signals =
         TerminationSignals::block().map_err(|e| anyhow::anyhow!("blocking SIGTERM/SIGINT: {e}"))?;
-    // The VMM is the shim's child and must not outlive it (DESIGN.md): its death is a SIGTERM.
+    // The VMM must not outlive the shim, its parent (docs/ARCHITECTURE.md): its death is a SIGTERM.
     if cli.die_with_parent
         && !die_with_parent().map_err(|e| anyhow::anyhow!("PR_SET_PDEATHSIG: {e}"))?
     {

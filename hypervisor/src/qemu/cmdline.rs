@@ -1,6 +1,6 @@
 //! The QEMU command line for a husk guest on the `microvm` machine.
 //!
-//! Facts behind each choice (QEMU 7.2, see FIELD-NOTES):
+//! Facts behind each choice (QEMU 7.2, see docs/FIELD-NOTES.md):
 //! - `acpi=off`: otherwise microvm does not put `virtio_mmio.device=` on the kernel command
 //!   line and our ACPI-less kernel sees no virtio devices;
 //! - `rtc=on`: without the CMOS clock Linux 6.1 waits ~1 s at boot;

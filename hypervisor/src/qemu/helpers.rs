@@ -2,7 +2,7 @@
 //! every backend shares, [`crate::helpers`]) and vhost-device-vsock (vsock). Each listens on
 //! its own socket in the VM's state directory before QEMU starts and connects to it.
 //!
-//! Facts behind the choices (FIELD-NOTES): virtiofsd gets no `--tag` (QEMU 7.x crashes on
+//! Facts behind the choices (docs/FIELD-NOTES.md): virtiofsd gets no `--tag` (QEMU 7.x crashes on
 //! it; the tag is set on QEMU's device); it runs in its own namespace sandbox as root, and
 //! exits when QEMU disconnects. vhost-device-vsock keeps running after QEMU is gone: the VM
 //! kills it. Both are the programs the caller named ([`crate::Programs`]), else found on PATH,
