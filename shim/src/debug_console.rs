@@ -120,7 +120,7 @@ pub fn check_static(path: &Path) -> Result<(), String> {
 /// Copies the shell into the sandbox's shared directory, where the agent looks for it.
 pub fn share_shell(dir: &SandboxDir, shell: &Path) -> std::io::Result<PathBuf> {
     use std::os::unix::fs::PermissionsExt;
-    let to = dir.shared().join(DEBUG_SHELL_IN_SHARE);
+    let to = dir.mounts().join(DEBUG_SHELL_IN_SHARE);
     if let Some(parent) = to.parent() {
         std::fs::create_dir_all(parent)?;
     }

@@ -18,6 +18,7 @@ pub mod agent;
 pub mod config;
 pub mod debug_console;
 pub mod host_cgroup;
+pub mod host_fs;
 pub mod io;
 pub mod network;
 pub mod sandbox;

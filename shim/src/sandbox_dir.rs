@@ -6,19 +6,33 @@
 //!   vm.pids                   PIDs of the VM's processes and their programs, for `delete`
 //!                             after a shim crash
 //!   debug-console.json        whether the debug console is on (see debug_console.rs)
-//!   shared/.husk-debug/sh     the debug console's shell, when it is on
-//!   shared/                   exported to the guest by virtiofsd (guest: /run/husk/shared)
+//!   mounts/                   host-only: every host-side mount happens here
+//!     .husk-debug/sh          the debug console's shell, when it is on
 //!     <cid>/rootfs            containerd's rootfs mounts for container <cid>
 //!     <cid>/mounts/<n>        the container's bind mounts (volumes, /etc/hosts, …)
+//!   shared/                   a read-only bind of mounts/, exported to the guest by
+//!                             virtiofsd (guest: /run/husk/shared)
 //! ```
 //!
-//! `shared/` is bind-mounted on itself and made a shared mount before virtiofsd starts:
-//! virtiofsd sandboxes itself in a mount namespace that is a slave of ours, so only through
-//! propagation does it see the container rootfs mounts made afterwards.
+//! The guest can write inside a container's rootfs and its read-write volumes (those are
+//! mounts of their own, which keep their flags in `shared/`), but it cannot create, rename or
+//! replace a single entry of `shared/` itself: so nothing it plants can redirect what the
+//! host later mounts for the pod's next container (Kata's CVE-2020-2026, fixed there the same
+//! way). And the shim never resolves a path inside `mounts/` by following a symlink
+//! (`host_fs`), as a second wall.
+//!
+//! Propagation: `mounts/` is a bind mount of itself made shared; `shared/` is a bind of it,
+//! made read-only, then a slave of `mounts/` (so mounts made later under `mounts/` appear
+//! under `shared/`) and shared in turn, because virtiofsd sandboxes itself in a mount
+//! namespace that is a slave of ours and sees new mounts only through propagation.
 
 use std::path::{Path, PathBuf};
 
+use std::os::fd::OwnedFd;
+
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
+
+use crate::host_fs;
 
 /// Where the guest sees `shared/`.
 pub const GUEST_SHARED: &str = "/run/husk/shared";
@@ -84,23 +98,36 @@ impl SandboxDir {
         &self.root
     }
 
+    /// The read-only view of [`Self::mounts`] that virtiofsd exports to the guest.
     pub fn shared(&self) -> PathBuf {
         self.root.join("shared")
+    }
+
+    /// The host-only directory where the shim mounts rootfs and volumes.
+    pub fn mounts(&self) -> PathBuf {
+        self.root.join("mounts")
+    }
+
+    /// An `O_PATH` fd of [`Self::mounts`], the base every host-side path is resolved from.
+    pub fn mounts_fd(&self) -> Result<OwnedFd, DirError> {
+        let path = self.mounts();
+        host_fs::open_dir(&path).map_err(io("opening", &path))
     }
 
     pub fn pids_file(&self) -> PathBuf {
         self.root.join("vm.pids")
     }
 
+    /// Container `cid`'s directory under [`Self::mounts`].
     pub fn container(&self, cid: &str) -> PathBuf {
-        self.shared().join(cid)
+        self.mounts().join(cid)
     }
 
     pub fn rootfs(&self, cid: &str) -> PathBuf {
         self.container(cid).join("rootfs")
     }
 
-    /// Creates the directory and the shared mount.
+    /// Creates the directory, the host-only `mounts/` and its read-only view `shared/`.
     pub fn create(&self) -> Result<(), DirError> {
         use std::os::unix::fs::DirBuilderExt;
         if let Some(parent) = self.root.parent() {
@@ -110,25 +137,39 @@ impl SandboxDir {
             .mode(0o700)
             .create(&self.root)
             .map_err(io("creating", &self.root))?;
-        let shared = self.shared();
-        std::fs::create_dir(&shared).map_err(io("creating", &shared))?;
-        mount(
-            Some(&shared),
-            &shared,
-            None::<&str>,
-            MsFlags::MS_BIND,
-            None::<&str>,
-        )
-        .map_err(sys("bind-mounting", &shared))?;
-        mount(
-            None::<&str>,
-            &shared,
-            None::<&str>,
-            MsFlags::MS_SHARED | MsFlags::MS_REC,
-            None::<&str>,
-        )
-        .map_err(sys("making a shared mount of", &shared))?;
+        let (mounts, shared) = (self.mounts(), self.shared());
+        for d in [&mounts, &shared] {
+            std::fs::DirBuilder::new()
+                .mode(0o755)
+                .create(d)
+                .map_err(io("creating", d))?;
+        }
+        let none = None::<&str>;
+        mount(Some(&mounts), &mounts, none, MsFlags::MS_BIND, none)
+            .map_err(sys("bind-mounting", &mounts))?;
+        mount(none, &mounts, none, MsFlags::MS_SHARED, none)
+            .map_err(sys("making a shared mount of", &mounts))?;
+        mount(Some(&mounts), &shared, none, MsFlags::MS_BIND, none)
+            .map_err(sys("bind-mounting mounts/ on", &shared))?;
+        let ro = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
+        mount(none, &shared, none, ro | MsFlags::MS_NOSUID | MsFlags::MS_NODEV, none)
+            .map_err(sys("making read-only", &shared))?;
+        mount(none, &shared, none, MsFlags::MS_SLAVE, none)
+            .map_err(sys("making a slave mount of", &shared))?;
+        mount(none, &shared, none, MsFlags::MS_SHARED, none)
+            .map_err(sys("making a shared mount of", &shared))?;
         Ok(())
+    }
+
+    /// Creates container `cid`'s directory and its empty `rootfs/` mount point under
+    /// `mounts/`, without following anything; returns an fd of the mount point.
+    pub fn create_container(&self, cid: &str) -> Result<OwnedFd, DirError> {
+        check_id(cid)?;
+        let base = self.mounts_fd()?;
+        let dir = self.container(cid);
+        host_fs::mkdir_beneath(&base, Path::new(cid), 0o755).map_err(io("creating", &dir))?;
+        host_fs::mkdir_beneath(&base, &Path::new(cid).join("rootfs"), 0o755)
+            .map_err(io("creating", &self.rootfs(cid)))
     }
 
     /// Records the PIDs of the VM's processes, each with the program it runs now.
@@ -158,7 +199,9 @@ impl SandboxDir {
 
     /// Unmounts everything under the container's directory and removes it.
     pub fn remove_container(&self, cid: &str) -> Result<(), DirError> {
+        check_id(cid)?;
         let dir = self.container(cid);
+        unmount_under(&self.shared().join(cid))?;
         unmount_under(&dir)?;
         if dir.exists() {
             std::fs::remove_dir_all(&dir).map_err(io("removing", &dir))?;
@@ -220,7 +263,7 @@ pub fn unmount_under(dir: &Path) -> Result<(), DirError> {
             return Ok(());
         }
         for m in mounts {
-            match umount2(&m, MntFlags::MNT_DETACH) {
+            match umount2(&m, MntFlags::MNT_DETACH | MntFlags::UMOUNT_NOFOLLOW) {
                 Ok(()) | Err(nix::Error::EINVAL) | Err(nix::Error::ENOENT) => {}
                 Err(e) => return Err(sys("unmounting", &m)(e)),
             }
@@ -259,8 +302,8 @@ mod tests {
         let base = tempfile::tempdir().unwrap();
         let d = SandboxDir::new(base.path(), "sb1").unwrap();
         d.create().unwrap();
-        let rootfs = d.rootfs("c1");
-        std::fs::create_dir_all(&rootfs).unwrap();
+        let point = d.create_container("c1").unwrap();
+        let rootfs = host_fs::proc_fd_path(&point);
         mount(
             Some("tmpfs"),
             &rootfs,
@@ -269,7 +312,8 @@ mod tests {
             None::<&str>,
         )
         .unwrap();
-        assert_eq!(mounts_under(d.root()).len(), 2);
+        // mounts/, shared/, the rootfs and its copy propagated into shared/.
+        assert_eq!(mounts_under(d.root()).len(), 4, "{:?}", mounts_under(d.root()));
         let me = std::process::id();
         d.write_pids(&[me]).unwrap();
         assert_eq!(
@@ -281,6 +325,38 @@ mod tests {
         d.destroy().unwrap();
         d.destroy().unwrap();
         assert!(!d.root().exists());
+        assert!(mounts_under(base.path()).is_empty());
+    }
+
+    /// What the guest sees (`shared/`) is read-only except inside the mounts the host made,
+    /// and those arrive there by propagation.
+    #[test]
+    fn the_guests_view_is_read_only_but_rootfs_stays_writable() {
+        if !nix::unistd::Uid::effective().is_root() {
+            panic!("this test mounts: run it as root (cargo xtask test)");
+        }
+        let base = tempfile::tempdir().unwrap();
+        let d = SandboxDir::new(base.path(), "sb2").unwrap();
+        d.create().unwrap();
+        let shared = d.shared();
+        for attempt in [
+            std::fs::create_dir(shared.join("c2")).err(),
+            std::os::unix::fs::symlink("/etc/shadow", shared.join("c2")).err(),
+            std::fs::write(shared.join("f"), "x").err(),
+        ] {
+            let e = attempt.expect("writing shared/ must fail");
+            assert_eq!(e.raw_os_error(), Some(libc::EROFS), "{e}");
+        }
+        let point = d.create_container("c1").unwrap();
+        let rootfs = host_fs::proc_fd_path(&point);
+        mount(Some("tmpfs"), &rootfs, Some("tmpfs"), MsFlags::empty(), None::<&str>).unwrap();
+        std::fs::write(shared.join("c1/rootfs/file"), "guest data").unwrap();
+        assert_eq!(
+            std::fs::read_to_string(d.rootfs("c1").join("file")).unwrap(),
+            "guest data"
+        );
+        assert!(std::fs::create_dir(shared.join("c1/mounts")).is_err());
+        d.destroy().unwrap();
         assert!(mounts_under(base.path()).is_empty());
     }
 }

@@ -1,14 +1,19 @@
 //! Sharing a container's file systems with the guest: containerd's rootfs mounts under
-//! `shared/<cid>/rootfs`, each OCI bind mount (volumes, /etc/hosts, /etc/resolv.conf,
-//! /etc/hostname, secrets) under `shared/<cid>/mounts/<n>`, and the spec the agent gets
-//! rewritten to point at the guest's view of them.
+//! `mounts/<cid>/rootfs`, each OCI bind mount (volumes, /etc/hosts, /etc/resolv.conf,
+//! /etc/hostname, secrets) under `mounts/<cid>/mounts/<n>`, and the spec the agent gets
+//! rewritten to point at the guest's view of them (`/run/husk/shared/…`, through the
+//! read-only `shared/` bind: see sandbox_dir.rs). Every mount point is created exclusively
+//! and without following symlinks, and mounted on its fd (`host_fs`).
 
 use std::path::{Path, PathBuf};
+
+use std::os::fd::OwnedFd;
 
 use containerd_shim::protos::types::mount::Mount as ContainerdMount;
 use nix::mount::{mount, MsFlags};
 use serde_json::Value;
 
+use crate::host_fs::{self, BindAttrs};
 use crate::sandbox_dir::{DirError, SandboxDir, GUEST_SHARED};
 
 #[derive(Debug, thiserror::Error)]
@@ -35,7 +40,7 @@ pub enum ShareError {
 }
 
 /// Mounts containerd's rootfs mounts for `cid` (or binds the bundle's `rootfs/` when
-/// containerd mounted it already) under `shared/<cid>/rootfs`.
+/// containerd mounted it already) under `mounts/<cid>/rootfs`.
 pub fn mount_rootfs(
     dir: &SandboxDir,
     cid: &str,
@@ -43,13 +48,6 @@ pub fn mount_rootfs(
     bundle: &Path,
 ) -> Result<PathBuf, ShareError> {
     let target = dir.rootfs(cid);
-    std::fs::create_dir_all(&target).map_err(|e| ShareError::Rootfs {
-        cid: cid.into(),
-        fstype: "-".into(),
-        source_path: "-".into(),
-        target: target.clone(),
-        message: e.to_string(),
-    })?;
     let fail = |fstype: &str, source: &str, message: String| ShareError::Rootfs {
         cid: cid.into(),
         fstype: fstype.into(),
@@ -57,20 +55,17 @@ pub fn mount_rootfs(
         target: target.clone(),
         message,
     };
+    let point = dir
+        .create_container(cid)
+        .map_err(|e| fail("-", "-", e.to_string()))?;
     if mounts.is_empty() {
         let src = bundle.join("rootfs");
-        mount(
-            Some(&src),
-            &target,
-            None::<&str>,
-            MsFlags::MS_BIND | MsFlags::MS_REC,
-            None::<&str>,
-        )
-        .map_err(|e| fail("bind", &src.display().to_string(), e.to_string()))?;
+        host_fs::bind_onto(&src, &point, true, BindAttrs::default())
+            .map_err(|e| fail("bind", &src.display().to_string(), e.to_string()))?;
         return Ok(target);
     }
     for m in mounts {
-        mount_one(&m.type_, &m.source, &m.options, &target)
+        mount_one(&m.type_, &m.source, &m.options, &point)
             .map_err(|e| fail(&m.type_, &m.source, e))?;
     }
     Ok(target)
@@ -98,10 +93,26 @@ fn split_options(options: &[String]) -> (MsFlags, Vec<&str>) {
 }
 
 /// One of containerd's rootfs mounts (overlay from the snapshotter, or a bind), done in this
-/// process. containerd-shim's `mount_rootfs` is not used: it forks and waits for the child
-/// through the crate's reaper, which this shim does not run (it reaps its own children).
-fn mount_one(fstype: &str, source: &str, options: &[String], target: &Path) -> Result<(), String> {
+/// process on the mount point `point`. containerd-shim's `mount_rootfs` is not used: it forks
+/// and waits for the child through the crate's reaper, which this shim does not run (it
+/// reaps its own children).
+fn mount_one(fstype: &str, source: &str, options: &[String], point: &OwnedFd) -> Result<(), String> {
     let (flags, data) = split_options(options);
+    if flags.contains(MsFlags::MS_BIND) {
+        let attrs = BindAttrs {
+            readonly: flags.contains(MsFlags::MS_RDONLY),
+            nosuid: flags.contains(MsFlags::MS_NOSUID),
+            nodev: flags.contains(MsFlags::MS_NODEV),
+            noexec: flags.contains(MsFlags::MS_NOEXEC),
+        };
+        return host_fs::bind_onto(
+            Path::new(source),
+            point,
+            flags.contains(MsFlags::MS_REC),
+            attrs,
+        )
+        .map_err(|e| e.to_string());
+    }
     let data = data.join(",");
     // The kernel takes one page of mount data; containerd-shim compacts longer overlay
     // lowerdir lists by chdir-ing, which a multi-threaded shim cannot do safely.
@@ -111,26 +122,14 @@ fn mount_one(fstype: &str, source: &str, options: &[String], target: &Path) -> R
             data.len()
         ));
     }
-    let fstype_opt = (!flags.contains(MsFlags::MS_BIND)).then_some(fstype);
     mount(
         Some(source),
-        target,
-        fstype_opt,
+        &host_fs::proc_fd_path(point),
+        Some(fstype),
         flags,
         (!data.is_empty()).then_some(data.as_str()),
     )
-    .map_err(|e| e.to_string())?;
-    if flags.contains(MsFlags::MS_BIND) && flags.contains(MsFlags::MS_RDONLY) {
-        mount(
-            None::<&str>,
-            target,
-            None::<&str>,
-            flags | MsFlags::MS_REMOUNT,
-            None::<&str>,
-        )
-        .map_err(|e| format!("remounting read-only: {e}"))?;
-    }
-    Ok(())
+    .map_err(|e| e.to_string())
 }
 
 fn is_bind(m: &Value) -> bool {
@@ -147,7 +146,9 @@ pub fn share_bind_mounts(dir: &SandboxDir, cid: &str, spec: &mut Value) -> Resul
     let Some(mounts) = spec.get_mut("mounts").and_then(Value::as_array_mut) else {
         return Ok(());
     };
-    let host_dir = dir.container(cid).join("mounts");
+    let base = dir.mounts_fd()?;
+    let rel_dir = Path::new(cid).join("mounts");
+    let mut made_dir = false;
     for (n, m) in mounts.iter_mut().enumerate() {
         if !is_bind(m) {
             continue;
@@ -172,37 +173,41 @@ pub fn share_bind_mounts(dir: &SandboxDir, cid: &str, spec: &mut Value) -> Resul
             return Err(fail("the source must be an absolute host path".into()));
         }
         let meta = std::fs::metadata(&source).map_err(|e| fail(e.to_string()))?;
-        std::fs::create_dir_all(&host_dir).map_err(|e| fail(e.to_string()))?;
-        let name = n.to_string();
-        let target = host_dir.join(&name);
-        if meta.is_dir() {
-            std::fs::create_dir(&target).map_err(|e| fail(e.to_string()))?;
-        } else {
-            std::fs::File::create(&target).map_err(|e| fail(e.to_string()))?;
+        if !made_dir {
+            // A directory that is there already is used, but only if it is one (no symlink).
+            host_fs::mkdir_beneath(&base, &rel_dir, 0o755)
+                .or_else(|e| match e.raw_os_error() {
+                    Some(libc::EEXIST) => host_fs::open_beneath(&base, &rel_dir, libc::O_PATH | libc::O_DIRECTORY),
+                    _ => Err(e),
+                })
+                .map_err(|e| fail(format!("creating {}: {e}", dir.container(cid).join("mounts").display())))?;
+            made_dir = true;
         }
-        mount(
-            Some(source.as_str()),
-            &target,
-            None::<&str>,
-            MsFlags::MS_BIND | MsFlags::MS_REC,
-            None::<&str>,
-        )
-        .map_err(|e| fail(e.to_string()))?;
-        let readonly = m
+        let name = n.to_string();
+        let rel = rel_dir.join(&name);
+        let point = if meta.is_dir() {
+            host_fs::mkdir_beneath(&base, &rel, 0o755)
+        } else {
+            host_fs::create_file_beneath(&base, &rel, 0o644)
+        }
+        .map_err(|e| fail(format!("creating the mount point: {e}")))?;
+        let options: Vec<&str> = m
             .get("options")
             .and_then(Value::as_array)
-            .is_some_and(|o| o.iter().any(|x| x.as_str() == Some("ro")));
-        if readonly {
-            // Read-only on the host side too: a compromised guest cannot write through it.
-            mount(
-                None::<&str>,
-                &target,
-                None::<&str>,
-                MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
-                None::<&str>,
-            )
-            .map_err(|e| fail(format!("remounting read-only: {e}")))?;
-        }
+            .map(|o| o.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        // runc: "bind" is one mount, "rbind" (or a bind-typed mount naming neither) the tree.
+        let recursive = !options.contains(&"bind") || options.contains(&"rbind");
+        // Read-only on the host side too, in every submount: a compromised guest cannot
+        // write through it. Devices and setuid bits of a volume never act on the host.
+        let attrs = BindAttrs {
+            readonly: options.contains(&"ro"),
+            nosuid: true,
+            nodev: true,
+            noexec: false,
+        };
+        host_fs::bind_onto(Path::new(&source), &point, recursive, attrs)
+            .map_err(|e| fail(e.to_string()))?;
         m["source"] = Value::String(format!("{GUEST_SHARED}/{cid}/mounts/{name}"));
     }
     Ok(())
@@ -275,6 +280,7 @@ mod tests {
         std::fs::write(&hosts, "127.0.0.1 localhost\n").unwrap();
         let d = SandboxDir::new(base.path(), "sb").unwrap();
         d.create().unwrap();
+        d.create_container("c1").unwrap();
         let mut spec = json!({"mounts": [
             {"destination": "/proc", "type": "proc", "source": "proc"},
             {"destination": "/data", "type": "bind", "source": vol.path(), "options": ["rbind", "rw"]},
@@ -293,11 +299,55 @@ mod tests {
             std::fs::write(shared_dir.join("2"), "x").is_err(),
             "read-only bind must refuse writes"
         );
+        assert_eq!(
+            std::fs::read_to_string(d.shared().join("c1/mounts/1/f")).unwrap(),
+            "data",
+            "the guest's view shows the volume"
+        );
+        std::fs::write(d.shared().join("c1/mounts/1/g"), "guest").unwrap();
+        assert_eq!(std::fs::read_to_string(vol.path().join("g")).unwrap(), "guest");
         let e = share_bind_mounts(&d, "c2", &mut json!({"mounts": [{"destination": "/x", "type": "bind", "source": "/nonexistent/v"}]}))
             .unwrap_err()
             .to_string();
         assert!(e.contains("c2") && e.contains("/nonexistent/v"), "{e}");
         d.destroy().unwrap();
         assert!(!d.root().exists());
+    }
+
+    /// Whatever sits where a mount point is to be made (a symlink to a host file, here) is
+    /// refused, never followed, truncated or mounted over.
+    #[test]
+    fn a_planted_symlink_is_never_followed() {
+        if !nix::unistd::Uid::effective().is_root() {
+            panic!("this test mounts: run it as root (cargo xtask test)");
+        }
+        let base = tempfile::tempdir().unwrap();
+        let victim_dir = tempfile::tempdir().unwrap();
+        let victim = victim_dir.path().join("shadow");
+        std::fs::write(&victim, "secret").unwrap();
+        let vol = tempfile::tempdir().unwrap();
+        let file = vol.path().join("hosts");
+        std::fs::write(&file, "guest-writable").unwrap();
+        let d = SandboxDir::new(base.path(), "sb").unwrap();
+        d.create().unwrap();
+        d.create_container("c1").unwrap();
+        std::fs::create_dir(d.container("c1").join("mounts")).unwrap();
+        std::os::unix::fs::symlink(&victim, d.container("c1").join("mounts/0")).unwrap();
+        let mut spec = json!({"mounts": [{"destination": "/etc/hosts", "type": "bind", "source": file, "options": ["rbind", "rw"]}]});
+        let e = share_bind_mounts(&d, "c1", &mut spec).unwrap_err().to_string();
+        assert!(e.contains("c1") && e.contains("mount point") && e.contains("File exists"), "{e}");
+        std::fs::remove_dir_all(d.container("c1").join("mounts")).unwrap();
+        std::os::unix::fs::symlink(victim_dir.path(), d.container("c1").join("mounts")).unwrap();
+        let e = share_bind_mounts(&d, "c1", &mut spec).unwrap_err().to_string();
+        assert!(e.contains("c1"), "{e}");
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "secret");
+        assert!(crate::sandbox_dir::mounts_under(victim_dir.path()).is_empty());
+        // A symlinked container directory is refused as well.
+        std::os::unix::fs::symlink(victim_dir.path(), d.container("c2")).unwrap();
+        let e = mount_rootfs(&d, "c2", &[], vol.path()).unwrap_err().to_string();
+        assert!(e.contains("c2"), "{e}");
+        assert!(crate::sandbox_dir::mounts_under(victim_dir.path()).is_empty());
+        d.destroy().unwrap();
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "secret");
     }
 }
