@@ -11,6 +11,7 @@ pub mod procs;
 pub mod agent;
 pub mod guest;
 pub mod husk;
+#[cfg(feature = "cri")]
 pub mod cri;
 
 use std::path::{Path, PathBuf};
