@@ -40,6 +40,10 @@ pub struct Connection {
     fwd_cnt: u32,
     /// The fwd_cnt the guest last heard from us.
     last_fwd_cnt_sent: u32,
+    /// The guest sent CREDIT_REQUEST and has not heard our credit since. A flag, not a
+    /// count: one CREDIT_UPDATE answers any number of requests, so a guest that keeps
+    /// asking while posting no rx buffers costs nothing more.
+    credit_requested: bool,
     /// Guest data the host stream has not taken yet.
     to_host: Vec<u8>,
     /// The host stream may have data for the guest.
@@ -60,6 +64,7 @@ impl Connection {
             tx_cnt: 0,
             fwd_cnt: 0,
             last_fwd_cnt_sent: 0,
+            credit_requested: false,
             to_host: Vec::new(),
             host_readable: false,
             since: std::time::Instant::now(),
@@ -78,15 +83,30 @@ impl Connection {
         self.peer_buf_alloc.saturating_sub(in_flight)
     }
 
-    /// Our fwd_cnt, to put in a header; remembers that the guest has heard it.
+    /// Our fwd_cnt, to put in a header; remembers that the guest has heard it (every
+    /// header carries our credit, so it also answers a pending CREDIT_REQUEST).
     pub fn fwd_cnt_for_header(&mut self) -> u32 {
         self.last_fwd_cnt_sent = self.fwd_cnt;
+        self.credit_requested = false;
         self.fwd_cnt
     }
 
-    /// Whether the guest should hear our fwd_cnt even without data to carry it.
+    /// The guest asked for our credit (CREDIT_REQUEST): the next packet for this
+    /// connection answers it, and until then at most one CREDIT_UPDATE is owed.
+    pub fn request_credit_update(&mut self) {
+        self.credit_requested = true;
+    }
+
+    /// Whether the guest should hear our fwd_cnt even without data to carry it: it asked,
+    /// or we have forwarded enough since it last heard.
     pub fn needs_credit_update(&self) -> bool {
-        self.fwd_cnt.wrapping_sub(self.last_fwd_cnt_sent) >= CREDIT_UPDATE_THRESHOLD
+        self.credit_requested
+            || self.fwd_cnt.wrapping_sub(self.last_fwd_cnt_sent) >= CREDIT_UPDATE_THRESHOLD
+    }
+
+    /// Guest bytes buffered for the host stream (never more than [`CONN_BUF_ALLOC`]).
+    pub fn pending_to_host(&self) -> usize {
+        self.to_host.len()
     }
 
     /// Whether guest data waits for the host stream.
@@ -236,6 +256,18 @@ mod tests {
         assert!(!c.has_pending_to_host());
         assert!(c.needs_credit_update());
         assert_eq!(c.fwd_cnt_for_header() as usize, sent);
+    }
+
+    #[test]
+    fn any_number_of_credit_requests_owe_one_update() {
+        let (mut c, _host) = pair();
+        assert!(!c.needs_credit_update());
+        for _ in 0..100_000 {
+            c.request_credit_update();
+        }
+        assert!(c.needs_credit_update());
+        assert_eq!(c.fwd_cnt_for_header(), 0);
+        assert!(!c.needs_credit_update(), "one header answers them all");
     }
 
     #[test]

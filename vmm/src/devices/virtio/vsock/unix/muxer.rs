@@ -2,6 +2,17 @@
 //! events into packets for the guest. It never touches guest memory (the device copies
 //! packets in and out) and never blocks: every stream is non-blocking, and readiness comes
 //! from its epoll set, which the device's event thread waits on.
+//!
+//! Everything the guest can make it hold is bounded, because a guest that sends packets
+//! and posts no rx buffers to take the answers must not grow husk-vmm without limit:
+//! - control packets for the guest (RST, RESPONSE, REQUEST): at most [`MAX_CONTROL`];
+//!   beyond that a reset is dropped and a new connection refused;
+//! - credit updates: a per-connection flag, never a queue ([`Connection::request_credit_update`]);
+//! - connections, in every state and both directions: at most [`MAX_CONNECTIONS`];
+//! - guest data waiting for a slow host stream: the credit we advertise,
+//!   [`CONN_BUF_ALLOC`] per connection (more is an overrun, and the connection is reset);
+//! - host clients still sending their `CONNECT` line: at most [`MAX_HANDSHAKES`], each
+//!   line at most [`MAX_HANDSHAKE`] bytes.
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, Read, Write};
@@ -16,11 +27,19 @@ use super::super::csm::{ConnState, Connection, CONN_BUF_ALLOC};
 use super::super::packet::{op, Pkt, HOST_CID, SHUTDOWN_BOTH, TYPE_STREAM};
 
 /// Longest `CONNECT <port>\n` line accepted.
-const MAX_HANDSHAKE: usize = 32;
-/// Most control packets (RST, RESPONSE, ...) queued for the guest. A guest that floods us
-/// with bad packets while posting no rx buffers must not grow host memory without bound:
-/// beyond this, new resets are dropped (the guest is misbehaving anyway).
-const MAX_CONTROL: usize = 1024;
+pub const MAX_HANDSHAKE: usize = 32;
+/// Most host clients that have connected but not yet sent their whole `CONNECT` line;
+/// more are closed at once (they see EOF and may retry).
+pub const MAX_HANDSHAKES: usize = 64;
+/// Most control packets (RST, RESPONSE, REQUEST) queued for the guest. A guest that floods
+/// us with bad packets, or opens and resets connections, while posting no rx buffers must
+/// not grow host memory without bound: beyond this, new resets are dropped and new
+/// connections refused (the guest is misbehaving anyway).
+pub const MAX_CONTROL: usize = 1024;
+/// Most connections at once, in any state and either direction. Each holds a host stream
+/// (an fd); a guest that opens connections and never closes them meets this limit, not
+/// husk-vmm's fd limit. The agent needs a handful.
+pub const MAX_CONNECTIONS: usize = 512;
 /// How long a host-initiated connection waits for the guest's answer. Until the guest's
 /// vsock driver is up nobody answers; the client then sees EOF and retries rather than
 /// hanging on a request the guest may never see.
@@ -86,6 +105,57 @@ pub struct Muxer {
     next_local_port: u32,
     counters: MuxerCounters,
     connect_timeout: Duration,
+}
+
+/// Connects to the host socket `path` without waiting: a server whose accept backlog is
+/// full refuses at once (EAGAIN) instead of stalling the thread that handles the guest's
+/// packets (a vCPU's, on its queue notification) in a blocking connect.
+fn connect_nonblocking(path: &Path) -> io::Result<UnixStream> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    use std::os::unix::ffi::OsStrExt;
+
+    let bytes = path.as_os_str().as_bytes();
+    // SAFETY: all-zero is a valid sockaddr_un (family and path are filled in below).
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    if bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "socket path too long for sun_path",
+        ));
+    }
+    addr.sun_family = libc::sa_family_t::try_from(libc::AF_UNIX).expect("AF_UNIX fits");
+    for (dst, src) in addr.sun_path.iter_mut().zip(bytes) {
+        *dst = libc::c_char::from_ne_bytes([*src]);
+    }
+    // SAFETY: plain socket(2) call; the result is checked before use.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a socket just created here and owned by nothing else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let len = libc::socklen_t::try_from(std::mem::size_of::<libc::sockaddr_un>())
+        .expect("sockaddr_un fits socklen_t");
+    // SAFETY: `addr` is a valid, NUL-terminated sockaddr_un of `len` bytes that outlives
+    // the call; `fd` is an open socket.
+    let rc = unsafe {
+        libc::connect(
+            fd.as_raw_fd(),
+            std::ptr::addr_of!(addr).cast::<libc::sockaddr>(),
+            len,
+        )
+    };
+    if rc != 0 {
+        // Unix stream sockets connect at once or fail (EAGAIN: backlog full).
+        return Err(io::Error::last_os_error());
+    }
+    Ok(UnixStream::from(fd))
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> MuxerError + '_ {
@@ -208,13 +278,27 @@ impl Muxer {
         }
     }
 
+    /// Queues a control packet for the guest unless [`MAX_CONTROL`] already wait; says
+    /// whether it was queued.
+    fn push_control(&mut self, pkt: Pkt) -> bool {
+        if self.control.len() >= MAX_CONTROL {
+            return false;
+        }
+        self.control.push_back(pkt);
+        true
+    }
+
+    /// Whether a new connection fits: a free slot, and room for the packet that opens it.
+    fn room_for_connection(&self) -> bool {
+        self.conns.len() < MAX_CONNECTIONS && self.control.len() < MAX_CONTROL
+    }
+
     fn reset(&mut self, key: Key) {
         if let Some(c) = self.conns.remove(&key) {
             self.unwatch(c.stream.as_raw_fd());
         }
-        if self.control.len() < MAX_CONTROL {
+        if self.push_control(self.control_pkt(key, op::RST, 0, 0)) {
             self.counters.resets_sent += 1;
-            self.control.push_back(self.control_pkt(key, op::RST, 0, 0));
         }
     }
 
@@ -270,10 +354,9 @@ impl Muxer {
             }
             op::CREDIT_UPDATE => {}
             op::CREDIT_REQUEST => {
+                // Answered by recv_pkt; any number of requests owe one update.
                 if let Some(c) = self.conns.get_mut(&key) {
-                    let fwd = c.fwd_cnt_for_header();
-                    let p = self.control_pkt(key, op::CREDIT_UPDATE, 0, fwd);
-                    self.control.push_back(p);
+                    c.request_credit_update();
                 }
             }
             op::SHUTDOWN => {
@@ -289,12 +372,12 @@ impl Muxer {
     }
 
     fn guest_connect(&mut self, key: Key, pkt: &Pkt) {
-        if self.conns.contains_key(&key) {
+        if self.conns.contains_key(&key) || !self.room_for_connection() {
             return self.reset(key);
         }
         let target = PathBuf::from(format!("{}_{}", self.path.display(), key.0));
         let conn =
-            UnixStream::connect(&target).and_then(|s| Connection::new(s, ConnState::Established));
+            connect_nonblocking(&target).and_then(|s| Connection::new(s, ConnState::Established));
         match conn {
             Ok(mut c) => {
                 c.update_peer_credit(pkt.buf_alloc, pkt.fwd_cnt);
@@ -304,8 +387,8 @@ impl Muxer {
                 }
                 self.conns.insert(key, c);
                 self.counters.connections += 1;
-                self.control
-                    .push_back(self.control_pkt(key, op::RESPONSE, 0, 0));
+                // Room was checked above.
+                self.push_control(self.control_pkt(key, op::RESPONSE, 0, 0));
             }
             Err(_) => self.reset(key),
         }
@@ -315,7 +398,8 @@ impl Muxer {
         loop {
             match self.listener.accept() {
                 Ok((s, _)) => {
-                    if s.set_nonblocking(true).is_err() {
+                    // Too many clients mid-greeting: this one is closed (EOF) and may retry.
+                    if self.handshakes.len() >= MAX_HANDSHAKES || s.set_nonblocking(true).is_err() {
                         continue;
                     }
                     let fd = s.as_raw_fd();
@@ -360,6 +444,11 @@ impl Muxer {
             // Bad greeting: the client gets closed, the guest never hears of it.
             return;
         };
+        if !self.room_for_connection() {
+            // The guest holds every connection slot or has not taken its control packets:
+            // the client sees EOF, as for a guest that does not answer.
+            return;
+        }
         let local = self.next_local_port;
         self.next_local_port = self.next_local_port.wrapping_add(1).max(FIRST_LOCAL_PORT);
         let key = (local, port);
@@ -374,8 +463,8 @@ impl Muxer {
             return;
         }
         self.conns.insert(key, c);
-        self.control
-            .push_back(self.control_pkt(key, op::REQUEST, 0, 0));
+        // Room was checked above.
+        self.push_control(self.control_pkt(key, op::REQUEST, 0, 0));
     }
 
     /// Sets how long host-initiated connections wait for the guest (tests use a short one).

@@ -267,3 +267,167 @@ fn unanswered_host_connections_time_out_and_the_client_sees_eof() {
         .unwrap();
     assert_eq!(queued.read(&mut buf).unwrap(), 0);
 }
+
+/// A guest-initiated connection to a host server on `vsock.sock_<host_port>`, answered:
+/// returns the server's end and the listener.
+fn guest_connect(
+    d: &Dir,
+    m: &mut Muxer,
+    guest_port: u32,
+    host_port: u32,
+) -> (UnixStream, UnixListener) {
+    let listener = UnixListener::bind(d.0.join(format!("vsock.sock_{host_port}"))).unwrap();
+    m.send_pkt(&from_guest(op::REQUEST, guest_port, host_port, b""));
+    let resp = next_for_guest(m);
+    assert_eq!(resp.op, op::RESPONSE);
+    let (server, _) = listener.accept().unwrap();
+    (server, listener)
+}
+
+#[test]
+fn a_credit_request_flood_without_rx_buffers_owes_one_update() {
+    let (d, mut m) = setup("creditflood");
+    let (_server, _l) = guest_connect(&d, &mut m, 40000, 5000);
+    // The guest asks 100k times and posts no rx buffer to take a single answer.
+    for _ in 0..100_000 {
+        m.send_pkt(&from_guest(op::CREDIT_REQUEST, 40000, 5000, b""));
+    }
+    assert_eq!(m.control.len(), 0, "credit updates never queue");
+    assert!(m.has_pending_rx());
+    let up = m.recv_pkt(64 * 1024).unwrap();
+    assert_eq!(
+        (up.op, up.src_port, up.dst_port),
+        (op::CREDIT_UPDATE, 5000, 40000)
+    );
+    assert!(
+        m.recv_pkt(64 * 1024).is_none(),
+        "one update answers them all"
+    );
+    assert!(!m.has_pending_rx());
+    // A later request is answered again.
+    m.send_pkt(&from_guest(op::CREDIT_REQUEST, 40000, 5000, b""));
+    assert_eq!(m.recv_pkt(64 * 1024).unwrap().op, op::CREDIT_UPDATE);
+}
+
+#[test]
+fn connect_and_reset_cycles_without_rx_buffers_stay_bounded() {
+    let (d, mut m) = setup("cycle");
+    let listener = UnixListener::bind(d.0.join("vsock.sock_5000")).unwrap();
+    listener.set_nonblocking(true).unwrap();
+    // Each REQUEST is accepted (a RESPONSE is queued), then reset by the guest: the
+    // RESPONSEs must not pile up.
+    for port in 0..u32::try_from(MAX_CONTROL * 3).unwrap() {
+        m.send_pkt(&from_guest(op::REQUEST, port, 5000, b""));
+        m.send_pkt(&from_guest(op::RST, port, 5000, b""));
+        while listener.accept().is_ok() {}
+    }
+    assert_eq!(m.connection_count(), 0);
+    assert!(m.control.len() <= MAX_CONTROL, "{}", m.control.len());
+}
+
+#[test]
+fn connections_are_bounded_in_both_directions() {
+    let (d, mut m) = setup("maxconn");
+    let listener = UnixListener::bind(d.0.join("vsock.sock_5000")).unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let mut port = 0;
+    while m.connection_count() < MAX_CONNECTIONS {
+        m.send_pkt(&from_guest(op::REQUEST, port, 5000, b""));
+        port += 1;
+        assert_eq!(m.recv_pkt(64 * 1024).unwrap().op, op::RESPONSE);
+        while listener.accept().is_ok() {}
+    }
+    // One more from the guest is refused...
+    m.send_pkt(&from_guest(op::REQUEST, port, 5000, b""));
+    let rst = m.recv_pkt(64 * 1024).unwrap();
+    assert_eq!((rst.op, rst.dst_port), (op::RST, port));
+    assert_eq!(m.connection_count(), MAX_CONNECTIONS);
+    // ... and so is one from the host: its client sees EOF, the guest hears nothing.
+    let mut client = UnixStream::connect(m.path()).unwrap();
+    client.write_all(b"CONNECT 1024\n").unwrap();
+    client.set_nonblocking(true).unwrap();
+    let start = Instant::now();
+    let mut buf = [0u8; 1];
+    loop {
+        m.poll_host();
+        match client.read(&mut buf) {
+            Ok(0) => break,
+            Ok(_) => panic!("the client got an answer"),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => panic!("{e}"),
+        }
+        assert!(start.elapsed() < Duration::from_secs(5), "no EOF");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(m.connection_count(), MAX_CONNECTIONS);
+    // (The servers were dropped: the guest hears SHUTDOWNs, but no REQUEST.)
+    while let Some(p) = m.recv_pkt(64 * 1024) {
+        assert_ne!(p.op, op::REQUEST);
+    }
+}
+
+#[test]
+fn guest_data_for_a_slow_host_stream_is_bounded_by_our_credit() {
+    let (d, mut m) = setup("slowhost");
+    // The host server never reads: its socket buffer fills, then our per-connection buffer.
+    let (_server, _l) = guest_connect(&d, &mut m, 40000, 5000);
+    let chunk = vec![9u8; 64 * 1024];
+    let mut sent = 0usize;
+    while m.connection_count() == 1 {
+        m.send_pkt(&from_guest(op::RW, 40000, 5000, &chunk));
+        sent += chunk.len();
+        if let Some(c) = m.conns.get(&(5000, 40000)) {
+            assert!(c.pending_to_host() <= CONN_BUF_ALLOC as usize);
+        }
+        assert!(sent < 64 * 1024 * 1024, "the guest was never stopped");
+    }
+    // The guest overran the credit it was given: the connection is reset.
+    assert_eq!(m.recv_pkt(64 * 1024).unwrap().op, op::RST);
+}
+
+#[test]
+fn clients_that_never_finish_their_greeting_are_bounded() {
+    let (_d, mut m) = setup("greetings");
+    let clients: Vec<UnixStream> = (0..MAX_HANDSHAKES + 8)
+        .map(|_| UnixStream::connect(m.path()).unwrap())
+        .collect();
+    for _ in 0..20 {
+        m.poll_host();
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(m.handshakes.len(), MAX_HANDSHAKES);
+    // The ones beyond the limit were closed.
+    let closed = clients
+        .iter()
+        .filter(|c| {
+            let mut c: &UnixStream = c;
+            c.set_nonblocking(true).unwrap();
+            matches!(c.read(&mut [0u8; 1]), Ok(0))
+        })
+        .count();
+    assert_eq!(closed, 8);
+}
+
+#[test]
+fn a_host_server_with_a_full_backlog_is_refused_without_blocking() {
+    let (d, mut m) = setup("backlog");
+    let listener = UnixListener::bind(d.0.join("vsock.sock_5000")).unwrap();
+    // Nobody accepts, and the backlog is as short as it goes.
+    // SAFETY: listen(2) on a socket this test owns; calling it again only sets the backlog.
+    assert_eq!(unsafe { libc::listen(listener.as_raw_fd(), 0) }, 0);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut ops = Vec::new();
+        for port in 0..8 {
+            m.send_pkt(&from_guest(op::REQUEST, port, 5000, b""));
+            ops.push(m.recv_pkt(64 * 1024).unwrap().op);
+        }
+        let _ = tx.send(ops);
+    });
+    let ops = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("a guest connect blocked on a full backlog");
+    assert_eq!(ops[0], op::RESPONSE);
+    assert_eq!(*ops.last().unwrap(), op::RST, "{ops:?}");
+    drop(listener);
+}
