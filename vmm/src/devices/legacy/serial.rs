@@ -2,13 +2,15 @@
 //! and whose interrupt is an eventfd wired to IRQ 4 through KVM's irqfd.
 
 use std::fs::File;
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
+use std::sync::{Arc, Mutex};
 
 use vm_superio::serial::NoEvents;
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::devices::bus::BusDevice;
+use crate::devices::thread::{self, ThreadStop};
 
 /// COM1's first port.
 pub const COM1_BASE: u64 = 0x3f8;
@@ -104,31 +106,45 @@ impl<W: Write + Send> SerialDevice<W> {
 }
 
 /// Feeds `input` (stdin) to the guest's COM1 on a thread of its own until EOF. Input the
-/// guest does not read waits: the thread retries while the FIFO is full.
-pub fn spawn_input<W: Write + Send + 'static, R: std::io::Read + Send + 'static>(
-    serial: std::sync::Arc<std::sync::Mutex<SerialDevice<W>>>,
-    mut input: R,
+/// guest does not read waits: the thread retries while the FIFO is full. When the input
+/// ends or fails, the thread says so on stderr (see [`crate::devices::thread`]).
+pub fn spawn_input<W: Write + Send + 'static, R: Read + Send + 'static>(
+    serial: Arc<Mutex<SerialDevice<W>>>,
+    input: R,
 ) -> io::Result<()> {
-    std::thread::Builder::new()
-        .name("console-in".into())
-        .spawn(move || {
-            let mut buf = [0u8; 256];
-            loop {
-                let n = match input.read(&mut buf) {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => n,
-                };
-                let mut rest = &buf[..n];
-                while !rest.is_empty() {
-                    let taken = serial.lock().expect("serial lock").enqueue_input(rest);
-                    rest = &rest[taken..];
-                    if taken == 0 {
-                        std::thread::sleep(std::time::Duration::from_millis(2));
-                    }
+    thread::spawn("console-in", move || feed_input(&serial, input))
+}
+
+/// What the console input is called in the thread's stop line.
+const INPUT: &str = "console input (stdin)";
+
+/// Feeds `input` to the guest until it ends or fails; returns which.
+fn feed_input<W: Write + Send, R: Read>(
+    serial: &Mutex<SerialDevice<W>>,
+    mut input: R,
+) -> ThreadStop {
+    let mut buf = [0u8; 256];
+    loop {
+        let n = match input.read(&mut buf) {
+            Ok(0) => return ThreadStop::Eof { what: INPUT },
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(source) => {
+                return ThreadStop::Read {
+                    what: INPUT,
+                    source,
                 }
             }
-        })?;
-    Ok(())
+        };
+        let mut rest = &buf[..n];
+        while !rest.is_empty() {
+            let taken = serial.lock().expect("serial lock").enqueue_input(rest);
+            rest = &rest[taken..];
+            if taken == 0 {
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+        }
+    }
 }
 
 /// Something that counts the bytes written through it.
@@ -211,6 +227,33 @@ mod tests {
         dev.read(0, &mut rbr);
         assert_eq!(rbr[0], b'x');
         assert_eq!(dev.enqueue_input(b"y"), 1, "room again after a read");
+    }
+
+    #[test]
+    fn console_input_reaches_the_guest_and_its_end_is_reported() {
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let dev = Mutex::new(SerialDevice::new(irq, Vec::new()));
+        let why = feed_input(&dev, &b"ok"[..]);
+        assert_eq!(why.to_string(), "console input (stdin): end of input");
+        let mut dev = dev.into_inner().unwrap();
+        let mut rbr = [0u8];
+        dev.read(0, &mut rbr);
+        assert_eq!(rbr[0], b'o');
+
+        struct Broken;
+        impl Read for Broken {
+            fn read(&mut self, _: &mut [u8]) -> io::Result<usize> {
+                Err(io::Error::from_raw_os_error(libc::EIO))
+            }
+        }
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let dev = Mutex::new(SerialDevice::new(irq, Vec::new()));
+        let why = feed_input(&dev, Broken);
+        assert!(
+            why.to_string()
+                .starts_with("reading console input (stdin): Input/output error"),
+            "{why}"
+        );
     }
 
     #[test]
