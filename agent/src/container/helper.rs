@@ -72,12 +72,16 @@ fn reset_signals() {
 }
 
 fn set_cloexec(fd: i32) {
-    let _ = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC));
+    let _ = nix::fcntl::fcntl(
+        fd,
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+    );
 }
 
 fn join_cgroup(cg: &Option<PathBuf>) -> Result<(), String> {
     if let Some(dir) = cg {
-        std::fs::write(dir.join("cgroup.procs"), "0").map_err(|e| format!("joining cgroup {}: {e}", dir.display()))?;
+        std::fs::write(dir.join("cgroup.procs"), "0")
+            .map_err(|e| format!("joining cgroup {}: {e}", dir.display()))?;
     }
     Ok(())
 }
@@ -101,24 +105,33 @@ pub fn main(mode: &str) -> ! {
 enum Never {}
 
 fn init(sync: &mut UnixStream) -> Result<Never, String> {
-    let cfg: InitConfig = serde_json::from_slice(&spawn::read_config(sync)?).map_err(|e| format!("helper config: {e}"))?;
+    let cfg: InitConfig = serde_json::from_slice(&spawn::read_config(sync)?)
+        .map_err(|e| format!("helper config: {e}"))?;
     join_cgroup(&cfg.cgroup)?;
     for (flag, path) in &cfg.join {
-        let f = std::fs::File::open(path).map_err(|e| format!("opening namespace {}: {e}", path.display()))?;
-        setns(f, CloneFlags::from_bits_truncate(*flag)).map_err(|e| format!("entering namespace {}: {e}", path.display()))?;
+        let f = std::fs::File::open(path)
+            .map_err(|e| format!("opening namespace {}: {e}", path.display()))?;
+        setns(f, CloneFlags::from_bits_truncate(*flag))
+            .map_err(|e| format!("entering namespace {}: {e}", path.display()))?;
     }
     if private_cgroup_namespace(&cfg.spec) {
-        nix::sched::unshare(CloneFlags::CLONE_NEWCGROUP).map_err(|e| format!("new cgroup namespace: {e}"))?;
+        nix::sched::unshare(CloneFlags::CLONE_NEWCGROUP)
+            .map_err(|e| format!("new cgroup namespace: {e}"))?;
     }
     if cfg.set_hostname {
         if let Some(h) = cfg.spec.hostname() {
             nix::unistd::sethostname(h).map_err(|e| format!("sethostname {h:?}: {e}"))?;
         }
     }
-    let process = cfg.spec.process().clone().ok_or("the spec has no process")?;
+    let process = cfg
+        .spec
+        .process()
+        .clone()
+        .ok_or("the spec has no process")?;
     // Things that need the guest's /proc, before it is gone with the old root.
     if let Some(adj) = process.oom_score_adj() {
-        std::fs::write("/proc/self/oom_score_adj", adj.to_string()).map_err(|e| format!("oom_score_adj {adj}: {e}"))?;
+        std::fs::write("/proc/self/oom_score_adj", adj.to_string())
+            .map_err(|e| format!("oom_score_adj {adj}: {e}"))?;
     }
     if let Some(sysctl) = cfg.spec.linux().as_ref().and_then(|l| l.sysctl().as_ref()) {
         for (k, v) in sysctl {
@@ -135,13 +148,21 @@ fn init(sync: &mut UnixStream) -> Result<Never, String> {
         controlling_tty()?;
         spawn::send_fd(sync, "pty", master.as_raw_fd())?;
     }
-    sync.write_all(b"ready\n").map_err(|e| format!("reporting ready: {e}"))?;
+    sync.write_all(b"ready\n")
+        .map_err(|e| format!("reporting ready: {e}"))?;
     let mut line = [0u8; 6];
-    std::io::Read::read_exact(sync, &mut line).map_err(|_| "the agent went away before start".to_string())?;
+    std::io::Read::read_exact(sync, &mut line)
+        .map_err(|_| "the agent went away before start".to_string())?;
     if &line != b"start\n" {
-        return Err(format!("expected start, got {:?}", String::from_utf8_lossy(&line)));
+        return Err(format!(
+            "expected start, got {:?}",
+            String::from_utf8_lossy(&line)
+        ));
     }
-    exec_process(&process, cfg.spec.linux().as_ref().and_then(|l| l.seccomp().as_ref()))
+    exec_process(
+        &process,
+        cfg.spec.linux().as_ref().and_then(|l| l.seccomp().as_ref()),
+    )
 }
 
 /// Whether the container gets a cgroup namespace of its own: yes, as containerd and Docker
@@ -150,7 +171,10 @@ fn init(sync: &mut UnixStream) -> Result<Never, String> {
 /// guest's, as a spec without a cgroup namespace once did.
 pub fn private_cgroup_namespace(spec: &Spec) -> bool {
     let nss = spec.linux().as_ref().and_then(|l| l.namespaces().as_ref());
-    !nss.is_some_and(|ns| ns.iter().any(|n| n.typ() == oci_spec::runtime::LinuxNamespaceType::Cgroup && n.path().is_some()))
+    !nss.is_some_and(|ns| {
+        ns.iter()
+            .any(|n| n.typ() == oci_spec::runtime::LinuxNamespaceType::Cgroup && n.path().is_some())
+    })
 }
 
 /// A pty of the container's own devpts: `/dev/ptmx` as the container sees it (after
@@ -166,14 +190,20 @@ fn open_pty() -> Result<(OwnedFd, OwnedFd), String> {
     let unlock: libc::c_int = 0;
     // SAFETY: TIOCSPTLCK reads an int we own; master is an open pty master.
     if unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSPTLCK, &unlock) } != 0 {
-        return Err(format!("unlocking the container's pty: {}", std::io::Error::last_os_error()));
+        return Err(format!(
+            "unlocking the container's pty: {}",
+            std::io::Error::last_os_error()
+        ));
     }
     // TIOCGPTPEER opens the slave through the master's own devpts mount: no lookup of
     // /dev/pts/N by name, which the container's processes could have mounted over.
     // SAFETY: TIOCGPTPEER takes open flags as its integer argument and returns a new fd.
     let fd = unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCGPTPEER, flags.bits()) };
     if fd < 0 {
-        return Err(format!("opening the slave of the container's pty: {}", std::io::Error::last_os_error()));
+        return Err(format!(
+            "opening the slave of the container's pty: {}",
+            std::io::Error::last_os_error()
+        ));
     }
     // SAFETY: the ioctl just returned this new fd; nothing else owns it.
     let slave = unsafe { OwnedFd::from_raw_fd(fd) };
@@ -183,7 +213,8 @@ fn open_pty() -> Result<(OwnedFd, OwnedFd), String> {
 /// Makes the pty slave our fds 0, 1 and 2 (the process's stdio).
 fn slave_as_stdio(slave: &OwnedFd) -> Result<(), String> {
     for target in 0..3 {
-        nix::unistd::dup2(slave.as_raw_fd(), target).map_err(|e| format!("making the pty slave fd {target}: {e}"))?;
+        nix::unistd::dup2(slave.as_raw_fd(), target)
+            .map_err(|e| format!("making the pty slave fd {target}: {e}"))?;
     }
     Ok(())
 }
@@ -192,13 +223,17 @@ fn controlling_tty() -> Result<(), String> {
     nix::unistd::setsid().map_err(|e| format!("setsid: {e}"))?;
     // SAFETY: TIOCSCTTY on our stdin (the pty slave), integer argument.
     if unsafe { libc::ioctl(0, libc::TIOCSCTTY, 0) } != 0 {
-        return Err(format!("making the pty the controlling terminal: {}", std::io::Error::last_os_error()));
+        return Err(format!(
+            "making the pty the controlling terminal: {}",
+            std::io::Error::last_os_error()
+        ));
     }
     Ok(())
 }
 
 fn exec(sync: &mut UnixStream) -> Result<Never, String> {
-    let cfg: ExecConfig = serde_json::from_slice(&spawn::read_config(sync)?).map_err(|e| format!("helper config: {e}"))?;
+    let cfg: ExecConfig = serde_json::from_slice(&spawn::read_config(sync)?)
+        .map_err(|e| format!("helper config: {e}"))?;
     join_cgroup(&cfg.cgroup)?;
     // Open them all first: after entering the mount namespace /proc is the container's.
     let kinds = [
@@ -212,7 +247,8 @@ fn exec(sync: &mut UnixStream) -> Result<Never, String> {
     let mut opened = Vec::new();
     for (name, flag) in kinds {
         let path = format!("/proc/{}/ns/{name}", cfg.init_pid);
-        let f = std::fs::File::open(&path).map_err(|e| format!("opening {path}: {e} — has the container's init exited?"))?;
+        let f = std::fs::File::open(&path)
+            .map_err(|e| format!("opening {path}: {e} — has the container's init exited?"))?;
         opened.push((name, flag, f));
     }
     for (name, flag, f) in opened {
@@ -230,7 +266,11 @@ fn exec(sync: &mut UnixStream) -> Result<Never, String> {
         // Here, not in the agent after the pass: the process may ask for its size at once.
         if let Some(size) = cfg.process.console_size() {
             let clamp = |v: u64| u16::try_from(v).unwrap_or(u16::MAX);
-            super::stdio::set_winsize(master.as_raw_fd(), clamp(size.height()), clamp(size.width()))?;
+            super::stdio::set_winsize(
+                master.as_raw_fd(),
+                clamp(size.height()),
+                clamp(size.width()),
+            )?;
         }
         Some((master, slave))
     } else {
@@ -287,11 +327,14 @@ fn exec(sync: &mut UnixStream) -> Result<Never, String> {
 }
 
 fn pause(sync: &mut UnixStream) -> Result<Never, String> {
-    let hostname = String::from_utf8(spawn::read_config(sync)?).map_err(|_| "hostname is not UTF-8".to_string())?;
+    let hostname = String::from_utf8(spawn::read_config(sync)?)
+        .map_err(|_| "hostname is not UTF-8".to_string())?;
     if !hostname.is_empty() {
-        nix::unistd::sethostname(&hostname).map_err(|e| format!("sethostname {hostname:?}: {e}"))?;
+        nix::unistd::sethostname(&hostname)
+            .map_err(|e| format!("sethostname {hostname:?}: {e}"))?;
     }
-    sync.write_all(b"ready\n").map_err(|e| format!("reporting ready: {e}"))?;
+    sync.write_all(b"ready\n")
+        .map_err(|e| format!("reporting ready: {e}"))?;
     loop {
         nix::unistd::pause();
     }
@@ -327,7 +370,10 @@ pub fn resolve(arg0: &str, env: &[String]) -> Result<PathBuf, String> {
     if arg0.contains('/') {
         return Ok(PathBuf::from(arg0));
     }
-    let path = env.iter().find_map(|e| e.strip_prefix("PATH=")).unwrap_or(DEFAULT_PATH);
+    let path = env
+        .iter()
+        .find_map(|e| e.strip_prefix("PATH="))
+        .unwrap_or(DEFAULT_PATH);
     for dir in path.split(':').filter(|d| !d.is_empty()) {
         let p = Path::new(dir).join(arg0);
         if let Ok(m) = std::fs::metadata(&p) {
@@ -341,7 +387,9 @@ pub fn resolve(arg0: &str, env: &[String]) -> Result<PathBuf, String> {
 }
 
 fn cstrings(v: &[String], what: &str) -> Result<Vec<CString>, String> {
-    v.iter().map(|s| CString::new(s.as_bytes()).map_err(|_| format!("{what} {s:?} contains a NUL"))).collect()
+    v.iter()
+        .map(|s| CString::new(s.as_bytes()).map_err(|_| format!("{what} {s:?} contains a NUL")))
+        .collect()
 }
 
 /// Gives the process's user its own stdio (the pty slave, the pipes), as runc does, so a
@@ -353,14 +401,19 @@ fn own_stdio(uid: nix::unistd::Uid) -> Result<(), String> {
     }
     let null = nix::sys::stat::stat("/dev/null").ok().map(|s| s.st_rdev);
     for fd in 0..3 {
-        let Ok(st) = nix::sys::stat::fstat(fd) else { continue };
+        let Ok(st) = nix::sys::stat::fstat(fd) else {
+            continue;
+        };
         let is_char = st.st_mode & libc::S_IFMT == libc::S_IFCHR;
         if is_char && Some(st.st_rdev) == null {
             continue;
         }
         // SAFETY: fchown on one of our own fds, integer arguments (-1: keep the group).
         if unsafe { libc::fchown(fd, uid.as_raw(), u32::MAX) } != 0 {
-            return Err(format!("giving fd {fd} to uid {uid}: {}", std::io::Error::last_os_error()));
+            return Err(format!(
+                "giving fd {fd} to uid {uid}: {}",
+                std::io::Error::last_os_error()
+            ));
         }
     }
     Ok(())
@@ -368,16 +421,24 @@ fn own_stdio(uid: nix::unistd::Uid) -> Result<(), String> {
 
 /// Applies a process's settings (rlimits, user, capabilities, cwd, no_new_privileges,
 /// seccomp) and execs it.
-fn exec_process(p: &Process, seccomp: Option<&oci_spec::runtime::LinuxSeccomp>) -> Result<Never, String> {
+fn exec_process(
+    p: &Process,
+    seccomp: Option<&oci_spec::runtime::LinuxSeccomp>,
+) -> Result<Never, String> {
     for r in p.rlimits().as_deref().unwrap_or(&[]) {
-        let res = rlimit_resource(r.typ()).ok_or_else(|| format!("unknown rlimit {:?}", r.typ()))?;
+        let res =
+            rlimit_resource(r.typ()).ok_or_else(|| format!("unknown rlimit {:?}", r.typ()))?;
         let lim = libc::rlimit {
             rlim_cur: r.soft(),
             rlim_max: r.hard(),
         };
         // SAFETY: setrlimit reads the struct we own.
         if unsafe { libc::setrlimit(res, &lim) } != 0 {
-            return Err(format!("setrlimit {:?}: {}", r.typ(), std::io::Error::last_os_error()));
+            return Err(format!(
+                "setrlimit {:?}: {}",
+                r.typ(),
+                std::io::Error::last_os_error()
+            ));
         }
     }
     let nnp = p.no_new_privileges().unwrap_or(false);
@@ -389,7 +450,13 @@ fn exec_process(p: &Process, seccomp: Option<&oci_spec::runtime::LinuxSeccomp>) 
     }
     let user = p.user();
     caps::drop_bounding(p.capabilities().as_ref())?;
-    let gids: Vec<nix::unistd::Gid> = user.additional_gids().as_deref().unwrap_or(&[]).iter().map(|g| nix::unistd::Gid::from_raw(*g)).collect();
+    let gids: Vec<nix::unistd::Gid> = user
+        .additional_gids()
+        .as_deref()
+        .unwrap_or(&[])
+        .iter()
+        .map(|g| nix::unistd::Gid::from_raw(*g))
+        .collect();
     nix::unistd::setgroups(&gids).map_err(|e| format!("setgroups {gids:?}: {e}"))?;
     // SAFETY: prctl with integer arguments; keeps the permitted set across the uid change.
     unsafe { libc::prctl(libc::PR_SET_KEEPCAPS, 1, 0, 0, 0) };
@@ -407,14 +474,18 @@ fn exec_process(p: &Process, seccomp: Option<&oci_spec::runtime::LinuxSeccomp>) 
     if nnp {
         // SAFETY: prctl with integer arguments only.
         if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
-            return Err(format!("no_new_privileges: {}", std::io::Error::last_os_error()));
+            return Err(format!(
+                "no_new_privileges: {}",
+                std::io::Error::last_os_error()
+            ));
         }
     }
     let args = p.args().clone().unwrap_or_default();
     let arg0 = args.first().ok_or("the process has no args")?;
     let env = p.env().clone().unwrap_or_default();
     let path = resolve(arg0, &env)?;
-    let c_path = CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| "path contains a NUL".to_string())?;
+    let c_path = CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| "path contains a NUL".to_string())?;
     let c_args = cstrings(&args, "argument")?;
     let c_env = cstrings(&env, "environment entry")?;
     if let (Some(profile), true) = (seccomp, nnp) {
@@ -429,15 +500,25 @@ mod tests {
     use super::*;
 
     fn spec_with(namespaces: serde_json::Value) -> Spec {
-        serde_json::from_value(serde_json::json!({ "ociVersion": "1.0.2", "linux": { "namespaces": namespaces } })).unwrap()
+        serde_json::from_value(
+            serde_json::json!({ "ociVersion": "1.0.2", "linux": { "namespaces": namespaces } }),
+        )
+        .unwrap()
     }
 
     #[test]
     fn a_cgroup_namespace_unless_the_spec_names_one_by_path() {
-        assert!(private_cgroup_namespace(&spec_with(serde_json::json!([{ "type": "pid" }]))));
-        assert!(private_cgroup_namespace(&spec_with(serde_json::json!([{ "type": "cgroup" }]))));
-        assert!(!private_cgroup_namespace(&spec_with(serde_json::json!([{ "type": "cgroup", "path": "/proc/42/ns/cgroup" }]))));
-        let no_linux: Spec = serde_json::from_value(serde_json::json!({ "ociVersion": "1.0.2" })).unwrap();
+        assert!(private_cgroup_namespace(&spec_with(
+            serde_json::json!([{ "type": "pid" }])
+        )));
+        assert!(private_cgroup_namespace(&spec_with(
+            serde_json::json!([{ "type": "cgroup" }])
+        )));
+        assert!(!private_cgroup_namespace(&spec_with(
+            serde_json::json!([{ "type": "cgroup", "path": "/proc/42/ns/cgroup" }])
+        )));
+        let no_linux: Spec =
+            serde_json::from_value(serde_json::json!({ "ociVersion": "1.0.2" })).unwrap();
         assert!(private_cgroup_namespace(&no_linux));
     }
 }

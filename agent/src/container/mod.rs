@@ -69,7 +69,10 @@ pub enum Error {
 type Result<T> = std::result::Result<T, Error>;
 
 fn failed(id: &str) -> impl Fn(String) -> Error + '_ {
-    move |what| Error::Failed { id: id.into(), what }
+    move |what| Error::Failed {
+        id: id.into(),
+        what,
+    }
 }
 
 /// A process of a container: its init, or an exec.
@@ -118,10 +121,13 @@ impl Container {
         if exec_id.is_empty() {
             return Ok(self.init.clone());
         }
-        lock(&self.execs).get(exec_id).cloned().ok_or_else(|| Error::NoProcess {
-            id: self.id.clone(),
-            exec_id: exec_id.into(),
-        })
+        lock(&self.execs)
+            .get(exec_id)
+            .cloned()
+            .ok_or_else(|| Error::NoProcess {
+                id: self.id.clone(),
+                exec_id: exec_id.into(),
+            })
     }
 
     fn init_exited(&self) -> bool {
@@ -176,7 +182,9 @@ pub fn valid_id(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= 128
         && !id.starts_with('.')
-        && id.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
 }
 
 impl Engine {
@@ -191,7 +199,10 @@ impl Engine {
     }
 
     fn get(&self, id: &str) -> Result<Arc<Container>> {
-        lock(&self.containers).get(id).cloned().ok_or_else(|| Error::NotFound(id.into()))
+        lock(&self.containers)
+            .get(id)
+            .cloned()
+            .ok_or_else(|| Error::NotFound(id.into()))
     }
 
     /// Starts the holder of the pod's shared uts and ipc namespaces.
@@ -200,12 +211,20 @@ impl Engine {
         if sb.is_some() {
             return Err(Error::Exists(format!("sandbox {id}")));
         }
-        let null = std::fs::File::open("/dev/null").map_err(|e| failed(id)(format!("opening /dev/null: {e}")))?;
+        let null = std::fs::File::open("/dev/null")
+            .map_err(|e| failed(id)(format!("opening /dev/null: {e}")))?;
         use std::os::fd::AsRawFd;
         let fd = null.as_raw_fd();
-        let (pid, sock) = spawn::spawn("pause", CloneFlags::CLONE_NEWUTS | CloneFlags::CLONE_NEWIPC, [fd, fd, fd]).map_err(failed(id))?;
+        let (pid, sock) = spawn::spawn(
+            "pause",
+            CloneFlags::CLONE_NEWUTS | CloneFlags::CLONE_NEWIPC,
+            [fd, fd, fd],
+        )
+        .map_err(failed(id))?;
         let mut sync = Sync::new(sock).map_err(failed(id))?;
-        let r = sync.send_config(hostname.as_bytes()).and_then(|()| sync.recv(SETUP_TIMEOUT));
+        let r = sync
+            .send_config(hostname.as_bytes())
+            .and_then(|()| sync.recv(SETUP_TIMEOUT));
         match r {
             Ok(Some(l)) if l == "ready" => {}
             other => {
@@ -220,7 +239,10 @@ impl Engine {
                 });
             }
         }
-        *sb = Some(Sandbox { id: id.into(), pause_pid: pid });
+        *sb = Some(Sandbox {
+            id: id.into(),
+            pause_pid: pid,
+        });
         Ok(())
     }
 
@@ -237,15 +259,24 @@ impl Engine {
 
     /// CreateContainer: everything up to the point where the process would exec.
     pub fn create(&self, id: &str, spec_json: &[u8], terminal: bool) -> Result<()> {
-        let invalid = |what: String| Error::Invalid { id: id.into(), what };
+        let invalid = |what: String| Error::Invalid {
+            id: id.into(),
+            what,
+        };
         if !valid_id(id) {
-            return Err(invalid("container id must be 1-128 of [A-Za-z0-9_.-], not starting with '.'".into()));
+            return Err(invalid(
+                "container id must be 1-128 of [A-Za-z0-9_.-], not starting with '.'".into(),
+            ));
         }
-        let spec: Spec = serde_json::from_slice(spec_json).map_err(|e| invalid(format!("parsing the OCI spec: {e}")))?;
+        let spec: Spec = serde_json::from_slice(spec_json)
+            .map_err(|e| invalid(format!("parsing the OCI spec: {e}")))?;
         if spec.root().is_none() {
             return Err(invalid("the OCI spec has no root".into()));
         }
-        let process = spec.process().clone().ok_or_else(|| invalid("the OCI spec has no process".into()))?;
+        let process = spec
+            .process()
+            .clone()
+            .ok_or_else(|| invalid("the OCI spec has no process".into()))?;
         // The request's flag or the spec's own `process.terminal`.
         let terminal = terminal || process.terminal().unwrap_or(false);
         if process.args().as_ref().is_none_or(|a| a.is_empty()) {
@@ -253,9 +284,14 @@ impl Engine {
         }
         let rootfs = self.config.shared_dir.join(id).join("rootfs");
         if !rootfs.is_dir() {
-            return Err(invalid(format!("rootfs {}: no such directory — the shim shares it before CreateContainer", rootfs.display())));
+            return Err(invalid(format!(
+                "rootfs {}: no such directory — the shim shares it before CreateContainer",
+                rootfs.display()
+            )));
         }
-        let rootfs = rootfs.canonicalize().map_err(|e| invalid(format!("rootfs {}: {e}", rootfs.display())))?;
+        let rootfs = rootfs
+            .canonicalize()
+            .map_err(|e| invalid(format!("rootfs {}: {e}", rootfs.display())))?;
         // Reserve the id, and do the slow part without holding the table: other containers'
         // RPCs go on meanwhile.
         {
@@ -271,12 +307,19 @@ impl Engine {
     }
 
     fn create_reserved(&self, id: &str, spec: Spec, rootfs: PathBuf, terminal: bool) -> Result<()> {
-        let invalid = |what: String| Error::Invalid { id: id.into(), what };
+        let invalid = |what: String| Error::Invalid {
+            id: id.into(),
+            what,
+        };
         let ns = self.namespaces(id, &spec)?;
         let cgroup = match &self.config.cgroup_root {
             Some(root) => Some(
-                Cgroup::create(root, id, spec.linux().as_ref().and_then(|l| l.resources().as_ref()))
-                    .map_err(|e| invalid(format!("cgroup: {e}")))?,
+                Cgroup::create(
+                    root,
+                    id,
+                    spec.linux().as_ref().and_then(|l| l.resources().as_ref()),
+                )
+                .map_err(|e| invalid(format!("cgroup: {e}")))?,
             ),
             None => None,
         };
@@ -309,7 +352,11 @@ impl Engine {
         let mut set_hostname = false;
         let mut pid_ns = None;
         let sandbox = lock(&self.sandbox).as_ref().map(|s| s.pause_pid);
-        let nss = spec.linux().as_ref().and_then(|l| l.namespaces().clone()).unwrap_or_default();
+        let nss = spec
+            .linux()
+            .as_ref()
+            .and_then(|l| l.namespaces().clone())
+            .unwrap_or_default();
         for ns in nss {
             let path = ns.path().clone();
             match ns.typ() {
@@ -358,7 +405,12 @@ impl Engine {
                 }
             }
         }
-        Ok(Namespaces { flags, join, set_hostname, pid: pid_ns })
+        Ok(Namespaces {
+            flags,
+            join,
+            set_hostname,
+            pid: pid_ns,
+        })
     }
 
     /// The PID namespace a container whose spec names `path` joins: the sandbox container's.
@@ -371,13 +423,17 @@ impl Engine {
             invalid("names a host namespace, which the guest cannot enter — create the sandbox (CreateSandbox) and its container first, whose PID namespace such containers share".into())
         })?;
         if sandbox == id {
-            return Err(invalid("the sandbox's own container cannot join another PID namespace".into()));
+            return Err(invalid(
+                "the sandbox's own container cannot join another PID namespace".into(),
+            ));
         }
         let c = lock(&self.containers).get(&sandbox).cloned().ok_or_else(|| {
             invalid(format!("sharing the pod's PID namespace means joining the sandbox container's, and container {sandbox} does not exist in this guest"))
         })?;
         if c.init_exited() {
-            return Err(invalid(format!("the sandbox container {sandbox} has exited, and its PID namespace with it")));
+            return Err(invalid(format!(
+                "the sandbox container {sandbox} has exited, and its PID namespace with it"
+            )));
         }
         Ok(PathBuf::from(format!("/proc/{}/ns/pid", c.init.pid)))
     }
@@ -396,7 +452,11 @@ impl Engine {
         let (pipes, ends) = Stdio::for_helper(terminal).map_err(failed(id))?;
         let console_size = spec.process().as_ref().and_then(|p| p.console_size());
         use std::os::fd::AsRawFd;
-        let fds = [ends.fds[0].as_raw_fd(), ends.fds[1].as_raw_fd(), ends.fds[2].as_raw_fd()];
+        let fds = [
+            ends.fds[0].as_raw_fd(),
+            ends.fds[1].as_raw_fd(),
+            ends.fds[2].as_raw_fd(),
+        ];
         let spawned = match &ns.pid {
             Some(pid_ns) => spawn::spawn_in_pid_namespace(pid_ns, "init", ns.flags, fds),
             None => spawn::spawn("init", ns.flags, fds),
@@ -414,7 +474,8 @@ impl Engine {
         };
         let setup = (|| -> std::result::Result<(Sync, Stdio), String> {
             let mut sync = Sync::new(sock)?;
-            let json = serde_json::to_vec(&cfg).map_err(|e| format!("encoding the helper config: {e}"))?;
+            let json =
+                serde_json::to_vec(&cfg).map_err(|e| format!("encoding the helper config: {e}"))?;
             sync.send_config(&json)?;
             let stdio = match pipes {
                 Some(s) => s,
@@ -430,13 +491,20 @@ impl Engine {
             match sync.recv(SETUP_TIMEOUT)? {
                 Some(l) if l == "ready" => Ok((sync, stdio)),
                 Some(l) => Err(format!("the container helper answered {l:?}")),
-                None => Err(format!("the container helper ended during setup ({:?})", exits().wait(pid, Some(Duration::from_secs(5))))),
+                None => Err(format!(
+                    "the container helper ended during setup ({:?})",
+                    exits().wait(pid, Some(Duration::from_secs(5)))
+                )),
             }
         })();
         match setup {
             Ok((sync, stdio)) => Ok(Container {
                 id: id.into(),
-                init: Arc::new(Process { wait_pid: pid, pid, stdio }),
+                init: Arc::new(Process {
+                    wait_pid: pid,
+                    pid,
+                    stdio,
+                }),
                 execs: Mutex::new(HashMap::new()),
                 cgroup,
                 state: Mutex::new(State::Created),
@@ -444,7 +512,10 @@ impl Engine {
             }),
             Err(e) => {
                 kill_and_reap(pid);
-                Err(Error::Failed { id: id.into(), what: e })
+                Err(Error::Failed {
+                    id: id.into(),
+                    what: e,
+                })
             }
         }
     }
@@ -469,17 +540,36 @@ impl Engine {
     /// ExecProcess: a new process in a running container's namespaces and cgroup.
     pub fn exec(&self, id: &str, exec_id: &str, process_json: &[u8]) -> Result<u32> {
         let c = self.get(id)?;
-        let invalid = |what: String| Error::Invalid { id: id.into(), what };
+        let invalid = |what: String| Error::Invalid {
+            id: id.into(),
+            what,
+        };
         if !valid_id(exec_id) {
-            return Err(invalid(format!("exec id {exec_id:?}: must be 1-128 of [A-Za-z0-9_.-]")));
+            return Err(invalid(format!(
+                "exec id {exec_id:?}: must be 1-128 of [A-Za-z0-9_.-]"
+            )));
         }
-        let process: OciProcess = serde_json::from_slice(process_json).map_err(|e| invalid(format!("exec {exec_id}: parsing the OCI process: {e}")))?;
+        let process: OciProcess = serde_json::from_slice(process_json)
+            .map_err(|e| invalid(format!("exec {exec_id}: parsing the OCI process: {e}")))?;
         match *lock(&c.state) {
             // The helper would join the frozen cgroup and freeze with it.
-            State::Paused => return Err(Error::State { id: id.into(), what: format!("exec {exec_id}: the container is paused — resume it first") }),
-            State::Created => return Err(Error::State { id: id.into(), what: format!("exec {exec_id}: the container is not started") }),
+            State::Paused => {
+                return Err(Error::State {
+                    id: id.into(),
+                    what: format!("exec {exec_id}: the container is paused — resume it first"),
+                })
+            }
+            State::Created => {
+                return Err(Error::State {
+                    id: id.into(),
+                    what: format!("exec {exec_id}: the container is not started"),
+                })
+            }
             State::Running if c.init_exited() => {
-                return Err(Error::State { id: id.into(), what: format!("exec {exec_id}: the container has exited") })
+                return Err(Error::State {
+                    id: id.into(),
+                    what: format!("exec {exec_id}: the container has exited"),
+                })
             }
             State::Running => {}
         }
@@ -490,8 +580,13 @@ impl Engine {
         let terminal = process.terminal().unwrap_or(false);
         let (pipes, ends) = Stdio::for_helper(terminal).map_err(failed(id))?;
         use std::os::fd::AsRawFd;
-        let fds = [ends.fds[0].as_raw_fd(), ends.fds[1].as_raw_fd(), ends.fds[2].as_raw_fd()];
-        let (helper_pid, sock) = spawn::spawn("exec", CloneFlags::empty(), fds).map_err(failed(id))?;
+        let fds = [
+            ends.fds[0].as_raw_fd(),
+            ends.fds[1].as_raw_fd(),
+            ends.fds[2].as_raw_fd(),
+        ];
+        let (helper_pid, sock) =
+            spawn::spawn("exec", CloneFlags::empty(), fds).map_err(failed(id))?;
         drop(ends);
         let cfg = ExecConfig {
             id: id.into(),
@@ -509,7 +604,10 @@ impl Engine {
                 None => recv_pty(&mut sync)?,
             };
             let pid = match sync.recv(SETUP_TIMEOUT)? {
-                Some(l) => l.strip_prefix("pid ").and_then(|p| p.parse().ok()).ok_or_else(|| format!("exec helper answered {l:?}"))?,
+                Some(l) => l
+                    .strip_prefix("pid ")
+                    .and_then(|p| p.parse().ok())
+                    .ok_or_else(|| format!("exec helper answered {l:?}"))?,
                 None => return Err("the exec helper ended during setup".into()),
             };
             // EOF: the process exec'd; a line: it failed before.
@@ -520,7 +618,14 @@ impl Engine {
         })();
         match r {
             Ok((pid, stdio)) => {
-                execs.insert(exec_id.into(), Arc::new(Process { wait_pid: helper_pid, pid, stdio }));
+                execs.insert(
+                    exec_id.into(),
+                    Arc::new(Process {
+                        wait_pid: helper_pid,
+                        pid,
+                        stdio,
+                    }),
+                );
                 Ok(u32::try_from(pid).unwrap_or(0))
             }
             Err(e) => {
@@ -532,10 +637,13 @@ impl Engine {
 
     pub fn signal(&self, id: &str, exec_id: &str, sig: u32, all: bool) -> Result<()> {
         let c = self.get(id)?;
-        let sig = i32::try_from(sig).ok().and_then(|s| Signal::try_from(s).ok()).ok_or_else(|| Error::Invalid {
-            id: id.into(),
-            what: format!("signal {sig}: not a signal"),
-        })?;
+        let sig = i32::try_from(sig)
+            .ok()
+            .and_then(|s| Signal::try_from(s).ok())
+            .ok_or_else(|| Error::Invalid {
+                id: id.into(),
+                what: format!("signal {sig}: not a signal"),
+            })?;
         if all {
             let pids = match &c.cgroup {
                 Some(cg) => cg.pids().map_err(failed(id))?,
@@ -547,13 +655,20 @@ impl Engine {
             return Ok(());
         }
         let p = c.process(exec_id)?;
-        p.signal(sig).map_err(|e| Error::State { id: id.into(), what: format!("signal {exec_id:?}: {e}") })
+        p.signal(sig).map_err(|e| Error::State {
+            id: id.into(),
+            what: format!("signal {exec_id:?}: {e}"),
+        })
     }
 
     pub fn wait(&self, id: &str, exec_id: &str) -> Result<Exit> {
         let c = self.get(id)?;
         let p = c.process(exec_id)?;
-        exits().wait(p.wait_pid, None).ok_or_else(|| failed(id)(format!("waiting for {exec_id:?}: the process is not known to the reaper")))
+        exits().wait(p.wait_pid, None).ok_or_else(|| {
+            failed(id)(format!(
+                "waiting for {exec_id:?}: the process is not known to the reaper"
+            ))
+        })
     }
 
     pub fn stdio(&self, id: &str, exec_id: &str) -> Result<Arc<Process>> {
@@ -562,30 +677,58 @@ impl Engine {
 
     pub fn pause(&self, id: &str, frozen: bool) -> Result<()> {
         let c = self.get(id)?;
-        let cg = c.cgroup.as_ref().ok_or_else(|| Error::State { id: id.into(), what: "no cgroup: pause needs cgroup v2".into() })?;
+        let cg = c.cgroup.as_ref().ok_or_else(|| Error::State {
+            id: id.into(),
+            what: "no cgroup: pause needs cgroup v2".into(),
+        })?;
         let mut st = lock(&c.state);
         match (*st, frozen) {
             (State::Running, true) | (State::Paused, false) => {}
-            (s, _) => return Err(Error::State { id: id.into(), what: format!("cannot {} a container that is {s:?}", if frozen { "pause" } else { "resume" }) }),
+            (s, _) => {
+                return Err(Error::State {
+                    id: id.into(),
+                    what: format!(
+                        "cannot {} a container that is {s:?}",
+                        if frozen { "pause" } else { "resume" }
+                    ),
+                })
+            }
         }
         cg.freeze(frozen).map_err(failed(id))?;
-        *st = if frozen { State::Paused } else { State::Running };
+        *st = if frozen {
+            State::Paused
+        } else {
+            State::Running
+        };
         Ok(())
     }
 
     pub fn update(&self, id: &str, resources_json: &[u8]) -> Result<()> {
         let c = self.get(id)?;
-        let r: LinuxResources = serde_json::from_slice(resources_json).map_err(|e| Error::Invalid { id: id.into(), what: format!("parsing linux.resources: {e}") })?;
+        let r: LinuxResources =
+            serde_json::from_slice(resources_json).map_err(|e| Error::Invalid {
+                id: id.into(),
+                what: format!("parsing linux.resources: {e}"),
+            })?;
         if let Some(d) = r.devices().as_deref() {
-            cgroup::devices::compile(d).map_err(|what| Error::Invalid { id: id.into(), what })?;
+            cgroup::devices::compile(d).map_err(|what| Error::Invalid {
+                id: id.into(),
+                what,
+            })?;
         }
-        let cg = c.cgroup.as_ref().ok_or_else(|| Error::State { id: id.into(), what: "no cgroup to update".into() })?;
+        let cg = c.cgroup.as_ref().ok_or_else(|| Error::State {
+            id: id.into(),
+            what: "no cgroup to update".into(),
+        })?;
         cg.update(&r).map_err(failed(id))
     }
 
     pub fn stats(&self, id: &str) -> Result<cgroup::Stats> {
         let c = self.get(id)?;
-        let cg = c.cgroup.as_ref().ok_or_else(|| Error::State { id: id.into(), what: "no cgroup: stats need cgroup v2".into() })?;
+        let cg = c.cgroup.as_ref().ok_or_else(|| Error::State {
+            id: id.into(),
+            what: "no cgroup: stats need cgroup v2".into(),
+        })?;
         Ok(cg.stats())
     }
 
@@ -602,7 +745,10 @@ impl Engine {
         let c = self.get(id)?;
         let started = lock(&c.sync).is_none();
         if started && !c.init_exited() && !force {
-            return Err(Error::State { id: id.into(), what: "still running — stop it first or remove with force".into() });
+            return Err(Error::State {
+                id: id.into(),
+                what: "still running — stop it first or remove with force".into(),
+            });
         }
         if *lock(&c.state) == State::Paused {
             if let Some(cg) = &c.cgroup {
@@ -634,10 +780,16 @@ impl Engine {
 fn recv_pty(sync: &mut Sync) -> std::result::Result<Stdio, String> {
     match sync.recv(SETUP_TIMEOUT)? {
         Some(l) if l == "pty" => {}
-        Some(l) => return Err(format!("expected the terminal from the container helper, got {l:?}")),
+        Some(l) => {
+            return Err(format!(
+                "expected the terminal from the container helper, got {l:?}"
+            ))
+        }
         None => return Err("the container helper ended before passing the terminal".into()),
     }
-    let master = sync.take_fd().ok_or("the container helper's pty line came without the terminal's fd")?;
+    let master = sync
+        .take_fd()
+        .ok_or("the container helper's pty line came without the terminal's fd")?;
     Stdio::pty(master)
 }
 

@@ -56,14 +56,38 @@ pub fn parse_options(opts: &[String]) -> Options {
                 o.bind = true;
                 (MsFlags::MS_BIND | MsFlags::MS_REC, MsFlags::empty(), None)
             }
-            "private" => (MsFlags::empty(), MsFlags::empty(), Some(MsFlags::MS_PRIVATE)),
-            "rprivate" => (MsFlags::empty(), MsFlags::empty(), Some(MsFlags::MS_PRIVATE | MsFlags::MS_REC)),
+            "private" => (
+                MsFlags::empty(),
+                MsFlags::empty(),
+                Some(MsFlags::MS_PRIVATE),
+            ),
+            "rprivate" => (
+                MsFlags::empty(),
+                MsFlags::empty(),
+                Some(MsFlags::MS_PRIVATE | MsFlags::MS_REC),
+            ),
             "shared" => (MsFlags::empty(), MsFlags::empty(), Some(MsFlags::MS_SHARED)),
-            "rshared" => (MsFlags::empty(), MsFlags::empty(), Some(MsFlags::MS_SHARED | MsFlags::MS_REC)),
+            "rshared" => (
+                MsFlags::empty(),
+                MsFlags::empty(),
+                Some(MsFlags::MS_SHARED | MsFlags::MS_REC),
+            ),
             "slave" => (MsFlags::empty(), MsFlags::empty(), Some(MsFlags::MS_SLAVE)),
-            "rslave" => (MsFlags::empty(), MsFlags::empty(), Some(MsFlags::MS_SLAVE | MsFlags::MS_REC)),
-            "unbindable" => (MsFlags::empty(), MsFlags::empty(), Some(MsFlags::MS_UNBINDABLE)),
-            "runbindable" => (MsFlags::empty(), MsFlags::empty(), Some(MsFlags::MS_UNBINDABLE | MsFlags::MS_REC)),
+            "rslave" => (
+                MsFlags::empty(),
+                MsFlags::empty(),
+                Some(MsFlags::MS_SLAVE | MsFlags::MS_REC),
+            ),
+            "unbindable" => (
+                MsFlags::empty(),
+                MsFlags::empty(),
+                Some(MsFlags::MS_UNBINDABLE),
+            ),
+            "runbindable" => (
+                MsFlags::empty(),
+                MsFlags::empty(),
+                Some(MsFlags::MS_UNBINDABLE | MsFlags::MS_REC),
+            ),
             _ => {
                 o.data.push(opt.clone());
                 continue;
@@ -85,14 +109,21 @@ pub fn under(root: &Path, dest: &Path) -> Result<PathBuf, String> {
             Component::RootDir | Component::CurDir => {}
             Component::Normal(n) => p.push(n),
             Component::ParentDir | Component::Prefix(_) => {
-                return Err(format!("mount destination {}: must not contain `..`", dest.display()))
+                return Err(format!(
+                    "mount destination {}: must not contain `..`",
+                    dest.display()
+                ))
             }
         }
     }
     // A symlink in the rootfs must not lead a mount outside it: resolve what exists.
     if let Ok(real) = p.canonicalize() {
         if !real.starts_with(root) {
-            return Err(format!("mount destination {}: resolves to {} outside the rootfs", dest.display(), real.display()));
+            return Err(format!(
+                "mount destination {}: resolves to {} outside the rootfs",
+                dest.display(),
+                real.display()
+            ));
         }
         return Ok(real);
     }
@@ -105,19 +136,29 @@ fn ensure_target(target: &Path, file: bool) -> Result<(), String> {
     }
     if file {
         if let Some(parent) = target.parent() {
-            std::fs::create_dir_all(parent).map_err(|e| format!("creating {}: {e}", parent.display()))?;
+            std::fs::create_dir_all(parent)
+                .map_err(|e| format!("creating {}: {e}", parent.display()))?;
         }
-        std::fs::File::create(target).map(drop).map_err(|e| format!("creating {}: {e}", target.display()))
+        std::fs::File::create(target)
+            .map(drop)
+            .map_err(|e| format!("creating {}: {e}", target.display()))
     } else {
         std::fs::create_dir_all(target).map_err(|e| format!("creating {}: {e}", target.display()))
     }
 }
 
-fn do_mount(src: Option<&Path>, target: &Path, fstype: Option<&str>, flags: MsFlags, data: Option<&str>) -> Result<(), String> {
+fn do_mount(
+    src: Option<&Path>,
+    target: &Path,
+    fstype: Option<&str>,
+    flags: MsFlags,
+    data: Option<&str>,
+) -> Result<(), String> {
     mount(src, target, fstype, flags, data).map_err(|e| {
         format!(
             "mount {} on {} (type {}, data {:?}): {e}",
-            src.map(|s| s.display().to_string()).unwrap_or_else(|| "none".into()),
+            src.map(|s| s.display().to_string())
+                .unwrap_or_else(|| "none".into()),
             target.display(),
             fstype.unwrap_or("-"),
             data.unwrap_or("")
@@ -137,14 +178,21 @@ pub fn mount_one(root: &Path, m: &Mount) -> Result<(), String> {
             .source()
             .as_ref()
             .ok_or_else(|| format!("bind mount on {}: no source", m.destination().display()))?;
-        let meta = std::fs::metadata(src).map_err(|e| format!("bind mount source {}: {e}", src.display()))?;
+        let meta = std::fs::metadata(src)
+            .map_err(|e| format!("bind mount source {}: {e}", src.display()))?;
         ensure_target(&target, !meta.is_dir())?;
         let base = MsFlags::MS_BIND | (o.flags & MsFlags::MS_REC);
         do_mount(Some(src), &target, None, base, None)?;
         // Bind mounts take other flags only on a remount.
         let extra = o.flags - (MsFlags::MS_BIND | MsFlags::MS_REC);
         if !extra.is_empty() {
-            do_mount(None, &target, None, MsFlags::MS_BIND | MsFlags::MS_REMOUNT | extra, None)?;
+            do_mount(
+                None,
+                &target,
+                None,
+                MsFlags::MS_BIND | MsFlags::MS_REMOUNT | extra,
+                None,
+            )?;
         }
     } else {
         ensure_target(&target, false)?;
@@ -202,10 +250,17 @@ pub fn default_devices(root: &Path) -> Result<(), String> {
 /// Makes `root` the root: pivot_root, then the old root is detached.
 pub fn pivot_root(root: &Path) -> Result<(), String> {
     nix::unistd::chdir(root).map_err(|e| format!("chdir {}: {e}", root.display()))?;
-    nix::unistd::pivot_root(".", ".").map_err(|e| format!("pivot_root into {}: {e}", root.display()))?;
+    nix::unistd::pivot_root(".", ".")
+        .map_err(|e| format!("pivot_root into {}: {e}", root.display()))?;
     // The old root is stacked under the new one at "."; make sure nothing propagates back.
-    mount(None::<&str>, ".", None::<&str>, MsFlags::MS_SLAVE | MsFlags::MS_REC, None::<&str>)
-        .map_err(|e| format!("making the old root a slave: {e}"))?;
+    mount(
+        None::<&str>,
+        ".",
+        None::<&str>,
+        MsFlags::MS_SLAVE | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .map_err(|e| format!("making the old root a slave: {e}"))?;
     umount2(".", MntFlags::MNT_DETACH).map_err(|e| format!("detaching the old root: {e}"))?;
     nix::unistd::chdir("/").map_err(|e| format!("chdir / in the new root: {e}"))?;
     Ok(())
@@ -217,8 +272,20 @@ pub fn mask(paths: &[String]) -> Result<(), String> {
         let path = Path::new(p);
         match std::fs::metadata(path) {
             Err(_) => continue,
-            Ok(m) if m.is_dir() => do_mount(Some(Path::new("tmpfs")), path, Some("tmpfs"), MsFlags::MS_RDONLY, None)?,
-            Ok(_) => do_mount(Some(Path::new("/dev/null")), path, None, MsFlags::MS_BIND, None)?,
+            Ok(m) if m.is_dir() => do_mount(
+                Some(Path::new("tmpfs")),
+                path,
+                Some("tmpfs"),
+                MsFlags::MS_RDONLY,
+                None,
+            )?,
+            Ok(_) => do_mount(
+                Some(Path::new("/dev/null")),
+                path,
+                None,
+                MsFlags::MS_BIND,
+                None,
+            )?,
         }
     }
     Ok(())
@@ -231,12 +298,23 @@ pub fn readonly(paths: &[String]) -> Result<(), String> {
         if !path.exists() {
             continue;
         }
-        do_mount(Some(path), path, None, MsFlags::MS_BIND | MsFlags::MS_REC, None)?;
+        do_mount(
+            Some(path),
+            path,
+            None,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            None,
+        )?;
         do_mount(
             None,
             path,
             None,
-            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+            MsFlags::MS_BIND
+                | MsFlags::MS_REMOUNT
+                | MsFlags::MS_RDONLY
+                | MsFlags::MS_NOSUID
+                | MsFlags::MS_NODEV
+                | MsFlags::MS_NOEXEC,
             None,
         )?;
     }
@@ -253,7 +331,13 @@ pub fn build(spec: &Spec, rootfs: &Path) -> Result<(), String> {
         _ => MsFlags::MS_SLAVE,
     };
     do_mount(None, Path::new("/"), None, MsFlags::MS_REC | prop, None)?;
-    do_mount(Some(rootfs), rootfs, None, MsFlags::MS_BIND | MsFlags::MS_REC, None)?;
+    do_mount(
+        Some(rootfs),
+        rootfs,
+        None,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None,
+    )?;
     for m in spec.mounts().as_deref().unwrap_or(&[]) {
         mount_one(rootfs, m)?;
     }
@@ -269,18 +353,37 @@ pub fn build(spec: &Spec, rootfs: &Path) -> Result<(), String> {
             _ => libc::S_IFCHR,
         };
         let mode = d.file_mode().unwrap_or(0o666);
-        let c = CString::new(target.as_os_str().as_encoded_bytes()).map_err(|e| format!("device {}: {e}", d.path().display()))?;
-        let devnum = libc::makedev(u32::try_from(d.major()).unwrap_or(0), u32::try_from(d.minor()).unwrap_or(0));
+        let c = CString::new(target.as_os_str().as_encoded_bytes())
+            .map_err(|e| format!("device {}: {e}", d.path().display()))?;
+        let devnum = libc::makedev(
+            u32::try_from(d.major()).unwrap_or(0),
+            u32::try_from(d.minor()).unwrap_or(0),
+        );
         // SAFETY: mknod with a NUL-terminated path we own.
         if unsafe { libc::mknod(c.as_ptr(), kind | mode, devnum) } != 0 {
-            return Err(format!("mknod {}: {}", d.path().display(), std::io::Error::last_os_error()));
+            return Err(format!(
+                "mknod {}: {}",
+                d.path().display(),
+                std::io::Error::last_os_error()
+            ));
         }
     }
     pivot_root(rootfs)?;
     mask(linux.masked_paths().as_deref().unwrap_or(&[]))?;
     readonly(linux.readonly_paths().as_deref().unwrap_or(&[]))?;
-    if spec.root().as_ref().and_then(|r| r.readonly()).unwrap_or(false) {
-        do_mount(None, Path::new("/"), None, MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY, None)?;
+    if spec
+        .root()
+        .as_ref()
+        .and_then(|r| r.readonly())
+        .unwrap_or(false)
+    {
+        do_mount(
+            None,
+            Path::new("/"),
+            None,
+            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+            None,
+        )?;
     }
     Ok(())
 }
@@ -295,20 +398,35 @@ mod tests {
 
     #[test]
     fn options_become_flags_and_data() {
-        let o = parse_options(&s(&["nosuid", "noexec", "mode=755", "size=65536k", "ro", "rw"]));
+        let o = parse_options(&s(&[
+            "nosuid",
+            "noexec",
+            "mode=755",
+            "size=65536k",
+            "ro",
+            "rw",
+        ]));
         assert_eq!(o.flags, MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC);
         assert_eq!(o.data, s(&["mode=755", "size=65536k"]));
         let o = parse_options(&s(&["rbind", "ro", "rslave"]));
         assert!(o.bind);
-        assert_eq!(o.flags, MsFlags::MS_BIND | MsFlags::MS_REC | MsFlags::MS_RDONLY);
+        assert_eq!(
+            o.flags,
+            MsFlags::MS_BIND | MsFlags::MS_REC | MsFlags::MS_RDONLY
+        );
         assert_eq!(o.propagation, vec![MsFlags::MS_SLAVE | MsFlags::MS_REC]);
     }
 
     #[test]
     fn destinations_stay_under_the_root() {
         let d = std::env::temp_dir();
-        assert_eq!(under(Path::new("/r"), Path::new("/proc")).unwrap(), PathBuf::from("/r/proc"));
-        assert!(under(Path::new("/r"), Path::new("/../etc")).unwrap_err().contains(".."));
+        assert_eq!(
+            under(Path::new("/r"), Path::new("/proc")).unwrap(),
+            PathBuf::from("/r/proc")
+        );
+        assert!(under(Path::new("/r"), Path::new("/../etc"))
+            .unwrap_err()
+            .contains(".."));
         let root = d.join(format!("husk-under-{}", std::process::id()));
         std::fs::create_dir_all(&root).unwrap();
         std::os::unix::fs::symlink("/etc", root.join("evil")).unwrap();
