@@ -26,6 +26,7 @@ pub mod console;
 pub mod helpers;
 pub mod host;
 pub mod husk_vmm;
+pub mod jail;
 pub mod kernel;
 pub mod process;
 pub mod qemu;
@@ -121,6 +122,9 @@ pub struct VmConfig {
     /// One virtio-net device per entry, in order (the guest sees them as eth0, eth1, …
     /// before the agent renames them). Empty: the guest has loopback only.
     pub nets: Vec<NetConfig>,
+    /// Run the VMM and its vsock helper jailed ([`jail`]); `state_dir` must then be owned by
+    /// the jail's uid. `None`: they run as the caller (tests of the backends themselves).
+    pub jail: Option<jail::JailSpec>,
 }
 
 /// The programs a backend runs, where the caller names them (`/etc/husk/config.toml`'s

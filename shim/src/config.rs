@@ -88,6 +88,22 @@ pub struct Config {
     /// The statically linked shell shared into the guest for the debug console (a busybox
     /// is run as `sh`).
     pub debug_shell: PathBuf,
+    /// Run the VMM and the vsock helper jailed: an unprivileged uid of their own per
+    /// sandbox, no capabilities, own mount/IPC/UTS/network namespaces, a root holding only
+    /// the VM's files (docs/SECURITY.md). Off only for debugging.
+    pub jail: bool,
+    /// Allow guests under QEMU's TCG emulator (hosts without usable KVM). TCG is outside
+    /// QEMU's security policy: the boundary is then the emulator itself. `false`: such a
+    /// sandbox is refused.
+    pub allow_emulation: bool,
+    /// The `io.husk.*` pod annotations this runtime honours (Kata's `enable_annotations`);
+    /// a pod carrying any other is refused, naming it. `io.husk.sandbox-id` is not one of
+    /// them: it groups `ctr` containers and is refused on CRI pods.
+    pub enable_annotations: Vec<String>,
+    /// Most vCPUs a sandbox may get through annotations (0: the host's CPU count).
+    pub max_vcpus: u32,
+    /// Most guest memory (MiB) a sandbox may get through annotations (0: the host's memory).
+    pub max_memory_mib: u32,
     /// The file this was read from; `None`: no file, the defaults.
     #[serde(skip)]
     pub source: Option<PathBuf>,
@@ -131,6 +147,14 @@ impl Default for Config {
             vhost_vsock_path: PathBuf::new(),
             debug_console: false,
             debug_shell: "/bin/busybox".into(),
+            jail: true,
+            allow_emulation: true,
+            enable_annotations: vec![
+                "io.husk.extra-vcpus".into(),
+                "io.husk.extra-memory-mib".into(),
+            ],
+            max_vcpus: 0,
+            max_memory_mib: 0,
             source: None,
         }
     }

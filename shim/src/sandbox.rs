@@ -14,6 +14,7 @@ use std::time::Duration;
 use husk_hypervisor::host::{self, BackendChoice};
 use husk_hypervisor::husk_vmm::HuskVmm;
 use husk_hypervisor::qemu::Qemu;
+use husk_hypervisor::jail::{JailIds, JailSpec};
 use husk_hypervisor::{Accel, Hypervisor, Programs, Vm, VmConfig};
 use husk_protocols::agent::{CreateSandboxRequest, DestroySandboxRequest};
 use serde_json::Value;
@@ -50,35 +51,88 @@ pub enum SandboxError {
 pub const ANNOTATION_EXTRA_VCPUS: &str = "io.husk.extra-vcpus";
 pub const ANNOTATION_EXTRA_MEMORY_MIB: &str = "io.husk.extra-memory-mib";
 
-pub fn size_for(config: &Config, spec: &Value) -> (u32, u32) {
+/// The host's CPU count and memory (MiB): the default bounds of annotation-driven sizes.
+fn host_size() -> (u32, u32) {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| u32::try_from(n.get()).unwrap_or(u32::MAX));
+    let mem_kib: u64 = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0);
+    (cpus, u32::try_from(mem_kib / 1024).unwrap_or(u32::MAX))
+}
+
+/// vCPUs and memory for a sandbox: the configured base, plus the pod's limits, plus the
+/// annotations the configuration enables, within `max_vcpus`/`max_memory_mib`. A pod
+/// annotation that is not enabled, not a number, or past a bound is refused with the
+/// annotation, the value and the bound.
+pub fn size_for(config: &Config, spec: &Value) -> Result<(u32, u32), String> {
     let res = &spec["linux"]["resources"];
     let quota = res["cpu"]["quota"].as_i64().unwrap_or(0);
     let period = res["cpu"]["period"].as_u64().unwrap_or(0);
-    let mut extra_cpus = if quota > 0 && period > 0 {
-        u32::try_from((quota.unsigned_abs()).div_ceil(period)).unwrap_or(0)
+    let extra_cpus = if quota > 0 && period > 0 {
+        u32::try_from((quota.unsigned_abs()).div_ceil(period)).unwrap_or(u32::MAX)
     } else {
         0
     };
     let limit = res["memory"]["limit"].as_i64().unwrap_or(0);
-    let mut extra_mib = if limit > 0 {
-        u32::try_from(limit.unsigned_abs().div_ceil(1 << 20)).unwrap_or(0)
+    let extra_mib = if limit > 0 {
+        u32::try_from(limit.unsigned_abs().div_ceil(1 << 20)).unwrap_or(u32::MAX)
     } else {
         0
     };
-    let annotation = |key: &str| {
-        spec["annotations"][key]
-            .as_str()
-            .and_then(|v| v.trim().parse::<u32>().ok())
+    let annotations = spec["annotations"].as_object();
+    for key in annotations.into_iter().flat_map(|a| a.keys()) {
+        if key.starts_with("io.husk.")
+            && key != crate::share::ANNOTATION_SANDBOX_ID
+            && !config.enable_annotations.iter().any(|k| k == key)
+        {
+            return Err(format!(
+                "annotation {key}: not enabled in {} (enable_annotations = {:?}) — remove it from the pod, or ask the node's admin to enable it",
+                config.source_name(),
+                config.enable_annotations
+            ));
+        }
+    }
+    let annotation = |key: &str| -> Result<u32, String> {
+        if !config.enable_annotations.iter().any(|k| k == key) {
+            return Ok(0);
+        }
+        match spec["annotations"][key].as_str() {
+            None => Ok(0),
+            Some(v) => v.trim().parse::<u32>().map_err(|e| {
+                format!("annotation {key} = {v:?}: not a whole number ({e})")
+            }),
+        }
     };
-    extra_cpus = extra_cpus.saturating_add(annotation(ANNOTATION_EXTRA_VCPUS).unwrap_or(0));
-    extra_mib = extra_mib.saturating_add(annotation(ANNOTATION_EXTRA_MEMORY_MIB).unwrap_or(0));
-    (
-        config
-            .vcpus
-            .saturating_add(extra_cpus)
-            .clamp(1, husk_hypervisor::MAX_VCPUS),
-        config.memory_mib.saturating_add(extra_mib),
-    )
+    let (host_cpus, host_mib) = host_size();
+    let max_cpus = match config.max_vcpus {
+        0 => host_cpus,
+        n => n,
+    }
+    .min(husk_hypervisor::MAX_VCPUS);
+    let max_mib = match config.max_memory_mib {
+        0 => host_mib,
+        n => n,
+    };
+    let ann_cpus = annotation(ANNOTATION_EXTRA_VCPUS)?;
+    let ann_mib = annotation(ANNOTATION_EXTRA_MEMORY_MIB)?;
+    let vcpus = config.vcpus.saturating_add(extra_cpus).saturating_add(ann_cpus);
+    let mib = config.memory_mib.saturating_add(extra_mib).saturating_add(ann_mib);
+    if ann_cpus > 0 && vcpus > max_cpus {
+        return Err(format!(
+            "annotation {ANNOTATION_EXTRA_VCPUS} = {ann_cpus}: the VM would get {vcpus} vCPUs, more than max_vcpus = {max_cpus} — ask for fewer"
+        ));
+    }
+    if ann_mib > 0 && mib > max_mib {
+        return Err(format!(
+            "annotation {ANNOTATION_EXTRA_MEMORY_MIB} = {ann_mib}: the VM would get {mib} MiB, more than max_memory_mib = {max_mib} — ask for less"
+        ));
+    }
+    Ok((vcpus.clamp(1, max_cpus.max(1)), mib.min(max_mib.max(husk_hypervisor::MIN_MEMORY_MIB))))
 }
 
 /// The backend for a sandbox: the configured one, or for `auto` what `doctor` says this host
@@ -105,9 +159,45 @@ fn backend(
             other => other,
         },
     };
+    if choice == BackendChoice::Qemu(Accel::Tcg) {
+        if !config.allow_emulation {
+            return Err(husk_hypervisor::Error::Config(format!(
+                "{}: allow_emulation = false, and this sandbox would run under QEMU's TCG emulator \
+                 (backend {}; no KVM that runs our guest here) — run it on a host with hardware \
+                 KVM, or set allow_emulation = true to accept the emulator as the boundary",
+                config.source_name(),
+                config.backend
+            )));
+        }
+        log::warn!(
+            "the guest runs under QEMU's TCG emulator: the boundary is then the emulator, which \
+             QEMU's security policy does not cover (set allow_emulation = false to refuse this)"
+        );
+    }
     Ok(match choice {
         BackendChoice::Qemu(accel) => Box::new(Qemu::with_programs(accel, programs)?),
         BackendChoice::HuskVmm => Box::new(HuskVmm::with_programs(programs)?),
+    })
+}
+
+/// The sandbox's jail: its own uid/gid (claimed under the state root, released with the
+/// sandbox), which then owns the VM's state directory.
+fn jail_for(config: &Config, sid: &str, dir: &SandboxDir) -> Result<JailSpec, SandboxError> {
+    let fail = |message: String| SandboxError::Step {
+        sid: sid.to_string(),
+        step: "preparing the VM's jail",
+        message,
+    };
+    let id = JailIds::new(&config.state_root)
+        .claim(sid)
+        .map_err(|e| fail(e.to_string()))?;
+    let vm = dir.vm();
+    std::os::unix::fs::lchown(&vm, Some(id), Some(id))
+        .map_err(|e| fail(format!("{}: {e}", vm.display())))?;
+    Ok(JailSpec {
+        uid: id,
+        gid: id,
+        root: dir.jail_root(),
     })
 }
 
@@ -254,7 +344,11 @@ impl Sandbox {
         dir: SandboxDir,
     ) -> Result<Self, SandboxError> {
         let sid = id.to_string();
-        let (vcpus, memory_mib) = size_for(config, spec);
+        let (vcpus, memory_mib) = size_for(config, spec).map_err(|message| SandboxError::Step {
+            sid: sid.clone(),
+            step: "sizing the VM from the pod",
+            message,
+        })?;
         let mut cmdline_extra = String::new();
         if let Some(shell) = &prepared.debug_shell {
             debug_console::share_shell(&dir, shell).map_err(|e| SandboxError::Step {
@@ -285,16 +379,22 @@ impl Sandbox {
                 message: e.to_string(),
             }
         })?;
+        let jail = if config.jail {
+            Some(jail_for(config, &sid, &dir)?)
+        } else {
+            None
+        };
         let vm_config = VmConfig {
             kernel: config.kernel.clone(),
             initramfs: config.initramfs.clone(),
             cmdline_extra,
             vcpus,
             memory_mib,
-            state_dir: dir.root().to_path_buf(),
+            state_dir: dir.vm(),
             shared_dir: Some(dir.shared()),
             vsock: true,
             nets,
+            jail,
         };
         // The VM's processes die with the thread that started them: give them a thread that
         // lives exactly as long as the sandbox.
@@ -329,7 +429,7 @@ impl Sandbox {
             Err(e) => return Err(e),
         };
         let console = vm.console_log().to_path_buf();
-        let root = dir.root().to_path_buf();
+        let root = dir.vm();
         let guest_err = |step: &'static str, message: String| SandboxError::Guest {
             sid: id.to_string(),
             step,
@@ -495,16 +595,53 @@ mod tests {
 
     #[test]
     fn pod_limits_grow_the_vm() {
-        let c = Config::default();
-        assert_eq!(size_for(&c, &json!({})), (1, 256));
+        let c = Config {
+            max_vcpus: 8,
+            max_memory_mib: 4096,
+            ..Config::default()
+        };
+        assert_eq!(size_for(&c, &json!({})).unwrap(), (1, 256));
         let spec = json!({"linux": {"resources": {"cpu": {"quota": 150000, "period": 100000}, "memory": {"limit": 134217728}}}});
-        assert_eq!(size_for(&c, &spec), (3, 384));
+        assert_eq!(size_for(&c, &spec).unwrap(), (3, 384));
         let neg = json!({"linux": {"resources": {"cpu": {"quota": -1, "period": 100000}, "memory": {"limit": -1}}}});
-        assert_eq!(size_for(&c, &neg), (1, 256));
+        assert_eq!(size_for(&c, &neg).unwrap(), (1, 256));
         let ann =
             json!({"annotations": {"io.husk.extra-vcpus": "2", "io.husk.extra-memory-mib": "512"}});
-        assert_eq!(size_for(&c, &ann), (3, 768));
-        let bad = json!({"annotations": {"io.husk.extra-vcpus": "-1", "io.husk.extra-memory-mib": "lots"}});
-        assert_eq!(size_for(&c, &bad), (1, 256));
+        assert_eq!(size_for(&c, &ann).unwrap(), (3, 768));
+        // Limits alone past the bounds are clamped to them.
+        let big = json!({"linux": {"resources": {"cpu": {"quota": 5000000, "period": 100000}, "memory": {"limit": 1i64 << 40}}}});
+        assert_eq!(size_for(&c, &big).unwrap(), (8, 4096));
+    }
+
+    #[test]
+    fn annotations_are_checked_against_the_allowlist_and_the_bounds() {
+        let c = Config {
+            max_vcpus: 4,
+            max_memory_mib: 1024,
+            ..Config::default()
+        };
+        for (ann, words) in [
+            (json!({"io.husk.extra-vcpus": "-1"}), vec!["io.husk.extra-vcpus", "\"-1\"", "whole number"]),
+            (json!({"io.husk.extra-memory-mib": "lots"}), vec!["io.husk.extra-memory-mib", "lots"]),
+            (json!({"io.husk.extra-vcpus": "8"}), vec!["io.husk.extra-vcpus", "= 8", "max_vcpus = 4"]),
+            (json!({"io.husk.extra-memory-mib": "4294967295"}), vec!["io.husk.extra-memory-mib", "max_memory_mib = 1024"]),
+            (json!({"io.husk.kernel-params": "init=/bin/sh"}), vec!["io.husk.kernel-params", "not enabled", "enable_annotations"]),
+        ] {
+            let e = size_for(&c, &json!({"annotations": ann})).unwrap_err();
+            for w in words {
+                assert!(e.contains(w), "{w:?} missing in: {e}");
+            }
+        }
+        let off = Config {
+            enable_annotations: vec![],
+            ..c.clone()
+        };
+        let e = size_for(&off, &json!({"annotations": {"io.husk.extra-vcpus": "1"}})).unwrap_err();
+        assert!(e.contains("not enabled"), "{e}");
+        // The ctr grouping annotation is not a sizing one: allowed here.
+        size_for(&off, &json!({"annotations": {"io.husk.sandbox-id": "x"}})).unwrap();
+        // By default the bounds are the host's.
+        let host = size_for(&Config::default(), &json!({"annotations": {"io.husk.extra-memory-mib": "99999999"}})).unwrap_err();
+        assert!(host.contains("max_memory_mib"), "{host}");
     }
 }

@@ -2,7 +2,10 @@
 //!
 //! ```text
 //! /run/husk/<sid>/            0700, removed with the sandbox
-//!   console.log, *.sock       the VM's (see husk-hypervisor)
+//!   vm/                       the VM's state directory: console.log, *.sock, helper logs
+//!                             (owned by the sandbox's jail uid: see husk_hypervisor::jail)
+//!   jail/                     empty; the jails' tmpfs roots are mounted on it in their own
+//!                             mount namespaces
 //!   vm.pids                   PIDs of the VM's processes and their programs, for `delete`
 //!                             after a shim crash
 //!   debug-console.json        whether the debug console is on (see debug_console.rs)
@@ -98,6 +101,16 @@ impl SandboxDir {
         &self.root
     }
 
+    /// The VM's state directory (sockets, console log, helper logs).
+    pub fn vm(&self) -> PathBuf {
+        self.root.join("vm")
+    }
+
+    /// The empty mount point of the jails' roots.
+    pub fn jail_root(&self) -> PathBuf {
+        self.root.join("jail")
+    }
+
     /// The read-only view of [`Self::mounts`] that virtiofsd exports to the guest.
     pub fn shared(&self) -> PathBuf {
         self.root.join("shared")
@@ -138,7 +151,12 @@ impl SandboxDir {
             .create(&self.root)
             .map_err(io("creating", &self.root))?;
         let (mounts, shared) = (self.mounts(), self.shared());
-        for d in [&mounts, &shared] {
+        let (vm, jail) = (self.vm(), self.jail_root());
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&vm)
+            .map_err(io("creating", &vm))?;
+        for d in [&mounts, &shared, &jail] {
             std::fs::DirBuilder::new()
                 .mode(0o755)
                 .create(d)
@@ -209,11 +227,15 @@ impl SandboxDir {
         Ok(())
     }
 
-    /// Unmounts everything under the sandbox directory and removes it. Idempotent.
+    /// Unmounts everything under the sandbox directory, removes it and gives back the
+    /// sandbox's jail id. Idempotent.
     pub fn destroy(&self) -> Result<(), DirError> {
         unmount_under(&self.root)?;
         if self.root.exists() {
             std::fs::remove_dir_all(&self.root).map_err(io("removing", &self.root))?;
+        }
+        if let (Some(state_root), Some(sid)) = (self.root.parent(), self.root.file_name()) {
+            husk_hypervisor::jail::JailIds::new(state_root).release(&sid.to_string_lossy());
         }
         Ok(())
     }

@@ -37,6 +37,12 @@ pub enum ShareError {
     },
     #[error("{cid}: config.json: {message}")]
     Spec { cid: String, message: String },
+    #[error("annotation {annotation} = {value:?}: {message}")]
+    Annotation {
+        annotation: &'static str,
+        value: String,
+        message: String,
+    },
 }
 
 /// Mounts containerd's rootfs mounts for `cid` (or binds the bundle's `rootfs/` when
@@ -226,17 +232,35 @@ pub fn read_spec(bundle: &Path, cid: &str) -> Result<Value, ShareError> {
     })
 }
 
-/// The sandbox a container belongs to, from its annotations (CRI's, or `io.husk.sandbox-id`
-/// for ctr users); `None` when the container is its own sandbox.
-pub fn sandbox_of(spec: &Value) -> Option<String> {
-    let ann = spec.get("annotations")?;
+/// The annotation `ctr` users group containers into one sandbox with.
+pub const ANNOTATION_SANDBOX_ID: &str = "io.husk.sandbox-id";
+
+/// The sandbox a container belongs to; `None` when the container is its own sandbox.
+///
+/// For CRI pods only containerd's own `io.kubernetes.cri.*` annotations count: a pod can set
+/// `io.husk.*` annotations (the containerd snippet passes them through), so a pod's sandbox
+/// naming another pod's sandbox in `io.husk.sandbox-id` would get its containers created in
+/// that pod's VM. It is refused for a CRI sandbox, and ignored for a CRI container (whose
+/// sandbox containerd names). `io.husk.sandbox-id` is for `ctr` users, whose specs carry no
+/// CRI annotations.
+pub fn sandbox_of(spec: &Value) -> Result<Option<String>, ShareError> {
+    let Some(ann) = spec.get("annotations") else {
+        return Ok(None);
+    };
     let get = |k: &str| ann.get(k).and_then(Value::as_str).filter(|s| !s.is_empty());
-    if get("io.kubernetes.cri.container-type") == Some("container") {
-        if let Some(id) = get("io.kubernetes.cri.sandbox-id") {
-            return Some(id.to_string());
-        }
+    match get("io.kubernetes.cri.container-type") {
+        Some("container") => Ok(get("io.kubernetes.cri.sandbox-id").map(str::to_string)),
+        Some(_) if get(ANNOTATION_SANDBOX_ID).is_some() => Err(ShareError::Annotation {
+            annotation: ANNOTATION_SANDBOX_ID,
+            value: get(ANNOTATION_SANDBOX_ID).unwrap_or_default().to_string(),
+            message: "a Kubernetes pod's VM is its own: the sandbox grouping of CRI pods comes \
+                      only from containerd's io.kubernetes.cri.* annotations — remove the \
+                      annotation from the pod"
+                .into(),
+        }),
+        Some(_) => Ok(None),
+        None => Ok(get(ANNOTATION_SANDBOX_ID).map(str::to_string)),
     }
-    get("io.husk.sandbox-id").map(str::to_string)
 }
 
 #[cfg(test)]
@@ -258,14 +282,23 @@ mod tests {
     #[test]
     fn sandbox_grouping_annotations() {
         let cri = json!({"annotations": {"io.kubernetes.cri.container-type": "container", "io.kubernetes.cri.sandbox-id": "sb"}});
-        assert_eq!(sandbox_of(&cri).as_deref(), Some("sb"));
+        assert_eq!(sandbox_of(&cri).unwrap().as_deref(), Some("sb"));
         let pause = json!({"annotations": {"io.kubernetes.cri.container-type": "sandbox", "io.kubernetes.cri.sandbox-id": "sb"}});
-        assert_eq!(sandbox_of(&pause), None);
+        assert_eq!(sandbox_of(&pause).unwrap(), None);
         assert_eq!(
-            sandbox_of(&json!({"annotations": {"io.husk.sandbox-id": "x"}})).as_deref(),
+            sandbox_of(&json!({"annotations": {"io.husk.sandbox-id": "x"}}))
+                .unwrap()
+                .as_deref(),
             Some("x")
         );
-        assert_eq!(sandbox_of(&json!({})), None);
+        assert_eq!(sandbox_of(&json!({})).unwrap(), None);
+        // A pod naming another pod's sandbox: refused for its sandbox, ignored for its
+        // containers (containerd names their sandbox).
+        let hostile = json!({"annotations": {"io.kubernetes.cri.container-type": "sandbox", "io.kubernetes.cri.sandbox-id": "mine", "io.husk.sandbox-id": "victim"}});
+        let e = sandbox_of(&hostile).unwrap_err().to_string();
+        assert!(e.contains("io.husk.sandbox-id") && e.contains("victim"), "{e}");
+        let c = json!({"annotations": {"io.kubernetes.cri.container-type": "container", "io.kubernetes.cri.sandbox-id": "mine", "io.husk.sandbox-id": "victim"}});
+        assert_eq!(sandbox_of(&c).unwrap().as_deref(), Some("mine"));
     }
 
     #[test]

@@ -79,7 +79,7 @@ pub fn cleanup(id: &str, bundle: &Path, config: &Config) -> Result<(), String> {
     let spec = share::read_spec(bundle, id).ok();
     let sid = spec
         .as_ref()
-        .and_then(share::sandbox_of)
+        .and_then(|s| share::sandbox_of(s).ok().flatten())
         .unwrap_or_else(|| id.to_string());
     let dir = SandboxDir::new(&config.state_root, &sid).map_err(|e| e.to_string())?;
     dir.remove_container(id).map_err(|e| e.to_string())?;
@@ -112,7 +112,9 @@ pub fn cleanup(id: &str, bundle: &Path, config: &Config) -> Result<(), String> {
 pub fn start(flags: &Flags) -> Result<String, ShimError> {
     let bundle = std::env::current_dir().map_err(io_err("the bundle directory"))?;
     let spec = share::read_spec(&bundle, &flags.id).map_err(|e| ShimError::Other(e.to_string()))?;
-    let grouping = share::sandbox_of(&spec).unwrap_or_else(|| flags.id.clone());
+    let grouping = share::sandbox_of(&spec)
+        .map_err(|e| ShimError::Other(e.to_string()))?
+        .unwrap_or_else(|| flags.id.clone());
     let opts = StartOpts {
         id: flags.id.clone(),
         publish_binary: flags.publish_binary.clone(),

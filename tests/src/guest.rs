@@ -42,6 +42,7 @@ impl Guest {
             shared_dir: Some(shared),
             vsock: true,
             nets: Vec::new(),
+            jail: None,
         };
         let t0 = std::time::Instant::now();
         let mut vm = Qemu::new(accel).expect("qemu backend").start(&cfg).expect("starting the VM");

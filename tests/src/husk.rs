@@ -181,16 +181,81 @@ pub fn assert_sandbox_gone(id: &str) {
     loop {
         let procs = processes_mentioning(&format!("/run/husk/{id}/"));
         let mounts = mounts_under(&dir);
-        if procs.is_empty() && mounts.is_empty() && !dir.exists() {
+        let jail_id = jail_id_of(id);
+        if procs.is_empty() && mounts.is_empty() && !dir.exists() && jail_id.is_none() {
             return;
         }
         assert!(
             std::time::Instant::now() < deadline,
-            "sandbox {id} left behind: processes {procs:?}, mounts {mounts:?}, dir exists {}",
+            "sandbox {id} left behind: processes {procs:?}, mounts {mounts:?}, dir exists {}, jail id {jail_id:?}",
             dir.exists()
         );
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
+}
+
+/// The jail uid/gid sandbox `id` holds (its record under `/run/husk/.jail-ids/`), if any.
+pub fn jail_id_of(id: &str) -> Option<u32> {
+    std::fs::read_dir("/run/husk/.jail-ids")
+        .ok()?
+        .flatten()
+        .find(|e| std::fs::read(e.path()).is_ok_and(|owner| owner == id.as_bytes()))
+        .and_then(|e| e.file_name().to_str()?.parse().ok())
+}
+
+/// Runs `containerd-shim-husk-v2 console <sid>` (the debug console: a root shell in the
+/// guest) with `input` on its stdin (not a terminal), killing it (by PID) if it has not ended
+/// within `deadline`.
+pub fn debug_console(sid: &str, input: &[u8], deadline: std::time::Duration) -> std::process::Output {
+    use std::io::{Read, Write};
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(shim_binary())
+        .args(["console", sid])
+        .env_remove("HUSK_CONFIG")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting containerd-shim-husk-v2 console");
+    // A console that refuses at once may be gone before its input is written (EPIPE).
+    let _ = child.stdin.take().unwrap().write_all(input);
+    let mut stdout = child.stdout.take().unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let out = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = stdout.read_to_end(&mut v);
+        v
+    });
+    let err = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = stderr.read_to_end(&mut v);
+        v
+    });
+    let end = std::time::Instant::now() + deadline;
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if std::time::Instant::now() >= end {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "`console {sid}` did not end within {deadline:?}; it printed:\n{}",
+                String::from_utf8_lossy(&out.join().unwrap())
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    std::process::Output {
+        status,
+        stdout: out.join().unwrap(),
+        stderr: err.join().unwrap(),
+    }
+}
+
+/// The directory of sandbox `id`'s VM (console log, sockets, helper logs).
+pub fn vm_dir(id: &str) -> PathBuf {
+    Path::new("/run/husk").join(id).join("vm")
 }
 
 /// PIDs of processes whose command line mentions `needle` (e.g. a sandbox's state dir).

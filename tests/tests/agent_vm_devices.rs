@@ -27,6 +27,7 @@ fn config(dir: &Path) -> VmConfig {
         shared_dir: Some(shared),
         vsock: true,
         nets: Vec::new(),
+        jail: None,
     }
 }
 

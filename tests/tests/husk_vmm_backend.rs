@@ -37,6 +37,7 @@ fn config(dir: &Path, name: &str, vsock: bool) -> VmConfig {
         shared_dir: None,
         vsock,
         nets: Vec::new(),
+        jail: None,
     }
 }
 

@@ -45,6 +45,7 @@ fn linux_guest_on_husk_vmm_reaches_the_agent_over_vsock() {
         shared_dir: Some(shared),
         vsock: true,
         nets: Vec::new(),
+        jail: None,
     };
     let hv = HuskVmm::with_program(vmm_support::vmm_binary()).expect("husk-vmm backend");
     let mut vm = hv.start(&cfg).expect("starting the VM on husk-vmm");

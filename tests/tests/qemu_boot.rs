@@ -32,6 +32,7 @@ fn config(dir: &Path, vcpus: u32, memory_mib: u32, extra: &str) -> VmConfig {
         shared_dir: None,
         vsock: false,
         nets: Vec::new(),
+        jail: None,
     }
 }
 

@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 
 use husk_hypervisor::vsock::{self, VsockError};
 use husk_tests::husk::{
-    assert_sandbox_gone, processes_mentioning, shim_binary, HuskContainerd, BUSYBOX,
+    assert_sandbox_gone, debug_console, processes_mentioning, shim_binary, vm_dir, HuskContainerd,
+    BUSYBOX,
 };
 use husk_tests::{require_program, require_root};
 
@@ -22,51 +23,8 @@ fn unique(name: &str) -> String {
     format!("{name}-{}", std::process::id())
 }
 
-/// Runs `containerd-shim-husk-v2 console <sid>` with `input` on its stdin (not a terminal),
-/// killing it (by PID) if it has not ended within `deadline`.
 fn console(sid: &str, input: &[u8], deadline: Duration) -> Output {
-    let mut child = Command::new(shim_binary())
-        .args(["console", sid])
-        .env_remove("HUSK_CONFIG")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("starting containerd-shim-husk-v2 console");
-    // A console that refuses at once may be gone before its input is written (EPIPE).
-    let _ = child.stdin.take().unwrap().write_all(input);
-    let mut stdout = child.stdout.take().unwrap();
-    let mut stderr = child.stderr.take().unwrap();
-    let out = std::thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = stdout.read_to_end(&mut v);
-        v
-    });
-    let err = std::thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = stderr.read_to_end(&mut v);
-        v
-    });
-    let end = Instant::now() + deadline;
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if Instant::now() >= end {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "`console {sid}` did not end within {deadline:?}; it printed:\n{}",
-                String::from_utf8_lossy(&out.join().unwrap())
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    Output {
-        status,
-        stdout: out.join().unwrap(),
-        stderr: err.join().unwrap(),
-    }
+    debug_console(sid, input, deadline)
 }
 
 /// A `containerd-shim-husk-v2 console <sid>` whose stdin, stdout and stderr are a terminal
@@ -164,7 +122,7 @@ impl Drop for TerminalConsole {
 }
 
 fn console_log(sid: &str) -> String {
-    std::fs::read_to_string(Path::new("/run/husk").join(sid).join("console.log"))
+    std::fs::read_to_string(vm_dir(sid).join("console.log"))
         .unwrap_or_default()
 }
 
@@ -182,7 +140,7 @@ fn console_log_with(sid: &str, needle: &str) -> String {
 }
 
 fn vsock_socket(sid: &str) -> PathBuf {
-    Path::new("/run/husk").join(sid).join("vsock.sock")
+    vm_dir(sid).join("vsock.sock")
 }
 
 #[test]
@@ -232,7 +190,7 @@ fn virtiofsd_path_is_the_virtiofsd_that_runs() {
         .ctd
         .ctr_ok(&["task", "exec", "--exec-id", "e", &id, "ls", "/bin/busybox"]);
     assert_eq!(out, "/bin/busybox\n");
-    let exes: Vec<PathBuf> = processes_mentioning(&format!("/run/husk/{id}/virtiofsd.sock"))
+    let exes: Vec<PathBuf> = processes_mentioning(&format!("/run/husk/{id}/vm/virtiofsd.sock"))
         .into_iter()
         .filter_map(|pid| std::fs::read_link(format!("/proc/{pid}/exe")).ok())
         .collect();

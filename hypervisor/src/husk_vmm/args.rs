@@ -1,10 +1,10 @@
 //! husk-vmm's command line for a husk guest, and the files the VM keeps in its state
 //! directory.
 //!
-//! - the console goes to `console.log` *and* husk-vmm's stdout, because husk-vmm feeds its
-//!   stdin to COM1 only when the console is on stdout: the backend keeps stdin as a pipe
-//!   ([`crate::Vm::console_write`]) and sends stdout to /dev/null; husk-vmm's own messages
-//!   (stderr) go to `vmm.log`;
+//! - the console goes to husk-vmm's stdout only (no `--console-log`): a pipe to the
+//!   [`crate::console::ConsoleRelay`] that writes `console.log` with a size cap; on stdout,
+//!   husk-vmm also feeds its stdin to COM1, which the backend keeps as a pipe
+//!   ([`crate::Vm::console_write`]); husk-vmm's own messages (stderr) go to `vmm.log`;
 //! - `--die-with-parent`: the VM ends with the thread that started it (as QEMU does through
 //!   `Supervised`'s PDEATHSIG; husk-vmm turns it into an orderly shutdown);
 //! - the kernel command line is husk-vmm's defaults (serial console, `reboot=k` through its
@@ -68,7 +68,6 @@ pub fn args(config: &VmConfig, paths: &Paths) -> Vec<OsString> {
     push("--cmdline", &cmdline);
     push("--vcpus", &config.vcpus.to_string());
     push("--memory", &config.memory_mib.to_string());
-    push("--console-log", &paths.console_log);
     push("--api-sock", &paths.api_sock);
     if config.vsock {
         push("--vsock-sock", &paths.vsock_sock);
@@ -98,6 +97,7 @@ mod tests {
             shared_dir: shared.then(|| "/run/husk/x/shared".into()),
             vsock,
             nets: Vec::new(),
+            jail: None,
         }
     }
 
@@ -118,7 +118,6 @@ mod tests {
             "--cmdline quiet no_timer_check husk.timeout=3 --",
             "--vcpus 2",
             "--memory 256",
-            "--console-log /run/husk/x/console.log",
             "--api-sock /run/husk/x/api.sock",
             "--vsock-sock /run/husk/x/vsock.sock --vsock-cid 3",
             "--fs-sock /run/husk/x/virtiofsd.sock --fs-tag husk-shared",
@@ -127,6 +126,13 @@ mod tests {
         ] {
             assert!(s.contains(want), "{want:?} missing from {s}");
         }
+    }
+
+    #[test]
+    fn the_console_goes_to_stdout_only() {
+        // husk-vmm writes no log file of its own: the relay behind its stdout caps it.
+        let s = joined(&config(true, true));
+        assert!(!s.contains("--console-log"), "{s}");
     }
 
     #[test]

@@ -263,7 +263,9 @@ impl Task for Service {
                 format!("container {cid}: already exists"),
             ));
         }
-        let sid = share::sandbox_of(&spec).unwrap_or_else(|| cid.clone());
+        let sid = share::sandbox_of(&spec)
+            .map_err(|e| err(Code::INVALID_ARGUMENT, e.to_string()))?
+            .unwrap_or_else(|| cid.clone());
 
         let (sb, new_sandbox) = match self.inner().sandbox.clone() {
             Some(sb) => (sb, false),
@@ -368,9 +370,14 @@ impl Task for Service {
             sb.agent.client().exec_process(short(), &r)
         }
         .map_err(failed(&req.id, &req.exec_id, "start"))?;
+        // containerd and host tools (`ctr task ls`, `nsenter -t`, `kill`, monitoring) take the
+        // task's PID as a host PID: report the VMM's, as Kata does. The guest's PID stays in
+        // the log and in `Pids` (`ctr task ps`), where it belongs.
+        let pid = sb.vm_pid;
+        log::debug!("{}/{}: guest pid {}", req.id, req.exec_id, started.pid);
         {
             let mut s = p.state();
-            s.pid = started.pid;
+            s.pid = pid;
             s.status = Status::RUNNING;
         }
         self.run_process(&sb, &p)?;
@@ -379,7 +386,7 @@ impl Task for Service {
                 topics::TASK_START_EVENT_TOPIC,
                 Box::new(TaskStart {
                     container_id: req.id,
-                    pid: started.pid,
+                    pid,
                     ..Default::default()
                 }),
             );
@@ -389,13 +396,13 @@ impl Task for Service {
                 Box::new(TaskExecStarted {
                     container_id: req.id,
                     exec_id: req.exec_id,
-                    pid: started.pid,
+                    pid,
                     ..Default::default()
                 }),
             );
         }
         Ok(StartResponse {
-            pid: started.pid,
+            pid,
             ..Default::default()
         })
     }
