@@ -22,11 +22,12 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 
+use nix::fcntl::OFlag;
 use nix::sched::{setns, CloneFlags};
 use oci_spec::runtime::{PosixRlimitType, Process, Spec};
 use serde::{Deserialize, Serialize};
 
-use super::{caps, mounts, spawn};
+use super::{caps, inroot, mounts, spawn};
 
 /// What `init` is told.
 #[derive(Debug, Serialize, Deserialize)]
@@ -139,7 +140,7 @@ fn init(sync: &mut UnixStream) -> Result<Never, String> {
             std::fs::write(&path, v).map_err(|e| format!("sysctl {k}={v}: {e}"))?;
         }
     }
-    mounts::build(&cfg.spec, &cfg.rootfs)?;
+    mounts::build(&cfg.spec, &cfg.rootfs).map_err(|e| e.to_string())?;
     if cfg.terminal {
         // After pivot_root: the container's /dev/ptmx.
         let (master, slave) = open_pty()?;
@@ -180,13 +181,19 @@ pub fn private_cgroup_namespace(spec: &Spec) -> bool {
 /// A pty of the container's own devpts: `/dev/ptmx` as the container sees it (after
 /// pivot_root, or after entering its mount namespace), unlocked, and its slave.
 fn open_pty() -> Result<(OwnedFd, OwnedFd), String> {
-    use nix::fcntl::OFlag;
     let flags = OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC;
-    let fd = nix::fcntl::open("/dev/ptmx", flags, nix::sys::stat::Mode::empty()).map_err(|e| {
-        format!("opening the container's /dev/ptmx for its terminal: {e} — the container needs a devpts mounted at /dev/pts (the OCI default mounts have one) or a /dev/ptmx of its own")
-    })?;
-    // SAFETY: open just returned this fd; nothing else owns it.
-    let master = unsafe { OwnedFd::from_raw_fd(fd) };
+    // Resolved inside the container's root, never through a magic link it could plant there.
+    let missing = "the container needs a devpts mounted at /dev/pts (the OCI default mounts have one) or a /dev/ptmx of its own";
+    let master = inroot::Root::new(Path::new("/"))
+        .and_then(|root| root.open(Path::new("/dev/ptmx"), flags))
+        .map_err(|e| {
+            format!("opening the container's /dev/ptmx for its terminal: {e} — {missing}")
+        })?
+        .ok_or_else(|| {
+            format!(
+                "opening the container's /dev/ptmx for its terminal: it does not exist — {missing}"
+            )
+        })?;
     let unlock: libc::c_int = 0;
     // SAFETY: TIOCSPTLCK reads an int we own; master is an open pty master.
     if unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSPTLCK, &unlock) } != 0 {
@@ -419,6 +426,17 @@ fn own_stdio(uid: nix::unistd::Uid) -> Result<(), String> {
     Ok(())
 }
 
+/// Makes `cwd` our working directory, resolved inside the root we run in (after pivot_root, or
+/// after entering the container's mount namespace, `/` is the container's root): a symlink
+/// on the way is followed inside it, and a magic link is refused.
+fn enter_cwd(cwd: &Path) -> Result<(), String> {
+    let fd = inroot::Root::new(Path::new("/"))
+        .and_then(|root| root.open(cwd, OFlag::O_PATH | OFlag::O_DIRECTORY))
+        .map_err(|e| format!("cwd: {e}"))?
+        .ok_or_else(|| format!("cwd {}: no such directory in the container", cwd.display()))?;
+    nix::unistd::fchdir(fd.as_raw_fd()).map_err(|e| format!("chdir to cwd {}: {e}", cwd.display()))
+}
+
 /// Applies a process's settings (rlimits, user, capabilities, cwd, no_new_privileges,
 /// seccomp) and execs it.
 fn exec_process(
@@ -441,6 +459,9 @@ fn exec_process(
             ));
         }
     }
+    // Before the user switch (a directory only root may enter is allowed, as with runc) and
+    // before a filter that might not allow openat2.
+    enter_cwd(p.cwd())?;
     let nnp = p.no_new_privileges().unwrap_or(false);
     // Without no_new_privileges, installing a filter needs CAP_SYS_ADMIN, which the user
     // switch may drop: install it first then (the profile must allow the setup syscalls that
@@ -469,8 +490,6 @@ fn exec_process(
     if let Some(mask) = user.umask() {
         nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(mask));
     }
-    let cwd = p.cwd();
-    nix::unistd::chdir(cwd.as_path()).map_err(|e| format!("chdir {}: {e}", cwd.display()))?;
     if nnp {
         // SAFETY: prctl with integer arguments only.
         if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {

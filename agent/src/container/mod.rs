@@ -1,5 +1,6 @@
 //! Containers from OCI runtime specs, written by hand with one module per concern:
-//! [`spawn`] (clone + re-exec), [`helper`] (the in-namespace setup), [`mounts`], [`caps`],
+//! [`spawn`] (clone + re-exec), [`helper`] (the in-namespace setup), [`mounts`] (every path
+//! in the rootfs resolved [`inroot`]), [`caps`],
 //! [`seccomp`], [`cgroup`], [`stdio`].
 //!
 //! Why not youki's libcontainer: it brings its own process model (a main/intermediate/init
@@ -21,6 +22,7 @@
 pub mod caps;
 pub mod cgroup;
 pub mod helper;
+pub mod inroot;
 pub mod mounts;
 pub mod oom;
 pub mod seccomp;

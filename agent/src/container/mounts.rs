@@ -1,14 +1,82 @@
 //! A container's file system view, built inside its new mount namespace: the spec's mounts
-//! under the rootfs, the default devices, pivot_root, masked and read-only paths.
+//! under the rootfs, the default devices and the spec's device nodes, the process's cwd,
+//! masked and read-only paths, then pivot_root.
 //!
-//! Runs in the container's init helper (a single-threaded process), never in the agent.
+//! Every path inside the rootfs is resolved inside it ([`inroot`]: a symlink in the image or a
+//! volume is followed as if the rootfs were `/`, and never leads out of it), what is missing
+//! is made there component by component, and every mount is made on the resolved fd
+//! (`/proc/self/fd/N`), never on a path a symlink swapped in meanwhile could redirect.
+//!
+//! Runs in the container's init helper (a single-threaded process), never in the agent, and
+//! entirely before pivot_root: the guest's /proc (for the fd paths) and /dev (the sources of
+//! the default devices and of masking) are the guest's own, which no container can replace.
 
-use std::ffi::CString;
-use std::os::unix::fs::symlink;
+use std::os::fd::AsRawFd;
 use std::path::{Component, Path, PathBuf};
 
+use nix::errno::Errno;
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
-use oci_spec::runtime::{Mount, Spec};
+use oci_spec::runtime::{LinuxDevice, LinuxDeviceType, Mount, Spec};
+
+use super::inroot::{self, Make, Root};
+
+/// Why the container's file system view could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Path(#[from] inroot::Error),
+    #[error(
+        "mount destination {0}: must not contain `..` — give the path as the container sees it"
+    )]
+    DotDot(PathBuf),
+    #[error("bind mount on {0}: no source — give the mount a source path in the guest")]
+    NoSource(PathBuf),
+    #[error("bind mount source {src} (for {dest}): {source}")]
+    Source {
+        src: PathBuf,
+        dest: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("mount {src} on {target} (type {fstype}, data {data:?}): {errno}")]
+    Mount {
+        src: String,
+        target: String,
+        fstype: String,
+        data: String,
+        errno: Errno,
+    },
+    #[error("device node {path} ({kind} {major}:{minor}): {source}")]
+    Device {
+        path: PathBuf,
+        kind: char,
+        major: i64,
+        minor: i64,
+        #[source]
+        source: inroot::Error,
+    },
+    #[error("device node {path}: giving it to {uid}:{gid}: {errno}")]
+    DeviceOwner {
+        path: PathBuf,
+        uid: u32,
+        gid: u32,
+        errno: Errno,
+    },
+    #[error("/dev/{name} in the container: {what}: {errno}")]
+    DevLink {
+        name: &'static str,
+        what: &'static str,
+        errno: Errno,
+    },
+    #[error("pivot_root into {root}: {step}: {errno}")]
+    Pivot {
+        root: PathBuf,
+        step: &'static str,
+        errno: Errno,
+    },
+}
+
+type Result<T> = std::result::Result<T, Error>;
 
 /// Mount flags, propagation changes and the file system data of one OCI mount's options.
 #[derive(Debug, PartialEq, Eq)]
@@ -101,128 +169,133 @@ pub fn parse_options(opts: &[String]) -> Options {
     o
 }
 
-/// `dest` (absolute, from the spec) under `root`, refusing `..` so no mount lands outside.
-pub fn under(root: &Path, dest: &Path) -> Result<PathBuf, String> {
-    let mut p = root.to_path_buf();
-    for c in dest.components() {
-        match c {
-            Component::RootDir | Component::CurDir => {}
-            Component::Normal(n) => p.push(n),
-            Component::ParentDir | Component::Prefix(_) => {
-                return Err(format!(
-                    "mount destination {}: must not contain `..`",
-                    dest.display()
-                ))
-            }
-        }
+/// Spec paths (mount destinations, devices) are absolute paths the container sees; a `..` in
+/// one is refused rather than guessed at (symlinks in the rootfs may still hold `..`: those
+/// are resolved inside it).
+fn no_dotdot(dest: &Path) -> Result<()> {
+    if dest.components().any(|c| c == Component::ParentDir) {
+        return Err(Error::DotDot(dest.into()));
     }
-    // A symlink in the rootfs must not lead a mount outside it: resolve what exists.
-    if let Ok(real) = p.canonicalize() {
-        if !real.starts_with(root) {
-            return Err(format!(
-                "mount destination {}: resolves to {} outside the rootfs",
-                dest.display(),
-                real.display()
-            ));
-        }
-        return Ok(real);
-    }
-    Ok(p)
+    Ok(())
 }
 
-fn ensure_target(target: &Path, file: bool) -> Result<(), String> {
-    if target.exists() {
-        return Ok(());
-    }
-    if file {
-        if let Some(parent) = target.parent() {
-            std::fs::create_dir_all(parent)
-                .map_err(|e| format!("creating {}: {e}", parent.display()))?;
-        }
-        std::fs::File::create(target)
-            .map(drop)
-            .map_err(|e| format!("creating {}: {e}", target.display()))
-    } else {
-        std::fs::create_dir_all(target).map_err(|e| format!("creating {}: {e}", target.display()))
-    }
-}
-
+/// `mount(2)`; `target` is what the messages show (the spec's path), `at` what the kernel gets.
 fn do_mount(
-    src: Option<&Path>,
+    src: Option<&str>,
+    at: &str,
     target: &Path,
     fstype: Option<&str>,
     flags: MsFlags,
     data: Option<&str>,
-) -> Result<(), String> {
-    mount(src, target, fstype, flags, data).map_err(|e| {
-        format!(
-            "mount {} on {} (type {}, data {:?}): {e}",
-            src.map(|s| s.display().to_string())
-                .unwrap_or_else(|| "none".into()),
-            target.display(),
-            fstype.unwrap_or("-"),
-            data.unwrap_or("")
-        )
+) -> Result<()> {
+    mount(src, at, fstype, flags, data).map_err(|errno| Error::Mount {
+        src: src.unwrap_or("none").into(),
+        target: target.display().to_string(),
+        fstype: fstype.unwrap_or("-").into(),
+        data: data.unwrap_or("").into(),
+        errno,
     })
 }
 
-/// Mounts one OCI mount under `root`.
-pub fn mount_one(root: &Path, m: &Mount) -> Result<(), String> {
-    let target = under(root, m.destination())?;
+/// Mounts one OCI mount inside `root`.
+pub fn mount_one(root: &Root, m: &Mount) -> Result<()> {
+    let dest = m.destination();
+    no_dotdot(dest)?;
     let o = parse_options(m.options().as_deref().unwrap_or(&[]));
     let typ = m.typ().as_deref().unwrap_or("");
     let data = o.data.join(",");
     let data = (!data.is_empty()).then_some(data.as_str());
-    if o.bind || typ == "bind" {
+    let target = if o.bind || typ == "bind" {
         let src = m
             .source()
             .as_ref()
-            .ok_or_else(|| format!("bind mount on {}: no source", m.destination().display()))?;
-        let meta = std::fs::metadata(src)
-            .map_err(|e| format!("bind mount source {}: {e}", src.display()))?;
-        ensure_target(&target, !meta.is_dir())?;
+            .ok_or_else(|| Error::NoSource(dest.into()))?;
+        // The source is a path in the guest (the shared directory, a guest device), not in
+        // the container: resolved as the guest sees it.
+        let meta = std::fs::metadata(src).map_err(|source| Error::Source {
+            src: src.clone(),
+            dest: dest.into(),
+            source,
+        })?;
+        let mut target = at(
+            root,
+            dest,
+            if meta.is_dir() { Make::Dir } else { Make::File },
+        )?;
         let base = MsFlags::MS_BIND | (o.flags & MsFlags::MS_REC);
-        do_mount(Some(src), &target, None, base, None)?;
-        // Bind mounts take other flags only on a remount.
+        do_mount(
+            Some(&src.to_string_lossy()),
+            &target.proc_path(),
+            dest,
+            None,
+            base,
+            None,
+        )?;
+        target.reopen()?;
+        // Bind mounts take other flags only on a remount (of the new mount: hence the reopen).
         let extra = o.flags - (MsFlags::MS_BIND | MsFlags::MS_REC);
         if !extra.is_empty() {
             do_mount(
                 None,
-                &target,
+                &target.proc_path(),
+                dest,
                 None,
                 MsFlags::MS_BIND | MsFlags::MS_REMOUNT | extra,
                 None,
             )?;
         }
+        target
     } else {
-        ensure_target(&target, false)?;
+        let mut target = at(root, dest, Make::Dir)?;
         // cgroup v1 names mean v2 here: the guest only has the unified hierarchy.
         let fstype = if typ == "cgroup" { "cgroup2" } else { typ };
-        let src = m.source().clone().unwrap_or_else(|| PathBuf::from(fstype));
-        let flags = o.flags;
+        let src = m
+            .source()
+            .as_ref()
+            .map_or_else(|| fstype.to_string(), |s| s.to_string_lossy().into_owned());
         // mqueue/devpts refuse some data options they do not know; pass what the spec says.
-        do_mount(Some(&src), &target, Some(fstype), flags, data)?;
-    }
+        do_mount(
+            Some(&src),
+            &target.proc_path(),
+            dest,
+            Some(fstype),
+            o.flags,
+            data,
+        )?;
+        target.reopen()?;
+        target
+    };
     for p in &o.propagation {
-        do_mount(None, &target, None, *p, None)?;
+        do_mount(None, &target.proc_path(), dest, None, *p, None)?;
     }
     Ok(())
+}
+
+/// `path` in `root`, made as `make` if missing.
+fn at(root: &Root, path: &Path, make: Make) -> Result<inroot::Entry> {
+    // With something to make, the walk always ends in an entry.
+    root.at(path, Some(make))?
+        .ok_or_else(|| Error::Path(inroot::Error::Relative { path: path.into() }))
 }
 
 /// Default devices every container gets (OCI runtime spec, "Default Devices"): bind mounts of
 /// the guest's nodes, which work on any file system the rootfs is on (virtio-fs included).
 pub const DEFAULT_DEVICES: [&str; 6] = ["null", "zero", "full", "random", "urandom", "tty"];
 
-pub fn default_devices(root: &Path) -> Result<(), String> {
-    let dev = root.join("dev");
-    if !dev.is_dir() {
-        std::fs::create_dir_all(&dev).map_err(|e| format!("creating {}: {e}", dev.display()))?;
-    }
+pub fn default_devices(root: &Root) -> Result<()> {
+    at(root, Path::new("/dev"), Make::Dir)?;
     for name in DEFAULT_DEVICES {
-        let target = dev.join(name);
-        ensure_target(&target, true)?;
-        let src = Path::new("/dev").join(name);
-        do_mount(Some(&src), &target, None, MsFlags::MS_BIND, None)?;
+        let dest = Path::new("/dev").join(name);
+        let target = at(root, &dest, Make::File)?;
+        // The guest's node: before pivot_root, /dev is the guest's devtmpfs.
+        do_mount(
+            Some(&format!("/dev/{name}")),
+            &target.proc_path(),
+            &dest,
+            None,
+            MsFlags::MS_BIND,
+            None,
+        )?;
     }
     let links: [(&str, &str); 5] = [
         ("ptmx", "pts/ptmx"),
@@ -231,27 +304,93 @@ pub fn default_devices(root: &Path) -> Result<(), String> {
         ("stdout", "/proc/self/fd/1"),
         ("stderr", "/proc/self/fd/2"),
     ];
+    // Resolved again: a default device's mount does not move /dev, but the spec's could have.
+    let dev = at(root, Path::new("/dev"), Make::Dir)?;
+    let dir = Some(dev.fd.as_raw_fd());
+    let has_pts = root
+        .at(Path::new("/dev/pts"), None)?
+        .is_some_and(|e| e.is_dir());
     for (name, to) in links {
-        let l = dev.join(name);
-        if name == "ptmx" && !dev.join("pts").is_dir() {
+        if name == "ptmx" && !has_pts {
             continue;
         }
-        if l.symlink_metadata().is_ok() {
-            if name != "ptmx" {
-                continue;
-            }
-            let _ = std::fs::remove_file(&l);
+        let err = |what, errno| Error::DevLink { name, what, errno };
+        match nix::sys::stat::fstatat(dir, name, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW) {
+            Ok(_) if name != "ptmx" => continue,
+            // The container's pty multiplexer is its devpts's, whatever the image has there.
+            Ok(_) => nix::unistd::unlinkat(dir, name, nix::unistd::UnlinkatFlags::NoRemoveDir)
+                .map_err(|e| err("removing the image's", e))?,
+            Err(Errno::ENOENT) => {}
+            Err(e) => return Err(err("examining", e)),
         }
-        symlink(to, &l).map_err(|e| format!("symlink {} -> {to}: {e}", l.display()))?;
+        nix::unistd::symlinkat(to, dir, name).map_err(|e| err("making the symlink", e))?;
+    }
+    Ok(())
+}
+
+/// The spec's device nodes (`linux.devices`), each with the directories above it, as runc
+/// makes them: a path that already exists is left as it is (a privileged container's spec
+/// lists the host's `/dev`, which repeats the default devices), and a major:minor the guest
+/// has no driver for is made all the same (opening it then fails with ENXIO).
+pub fn devices(root: &Root, devices: &[LinuxDevice]) -> Result<()> {
+    // The modes as the spec says, not as the helper's umask would cut them.
+    let old = nix::sys::stat::umask(nix::sys::stat::Mode::empty());
+    let r = devices.iter().try_for_each(|d| device(root, d));
+    nix::sys::stat::umask(old);
+    r
+}
+
+fn device(root: &Root, d: &LinuxDevice) -> Result<()> {
+    let path = d.path();
+    no_dotdot(path)?;
+    let (kind, letter) = match d.typ() {
+        LinuxDeviceType::B => (libc::S_IFBLK, 'b'),
+        LinuxDeviceType::P => (libc::S_IFIFO, 'p'),
+        LinuxDeviceType::C | LinuxDeviceType::U | LinuxDeviceType::A => (libc::S_IFCHR, 'c'),
+    };
+    let perm = d.file_mode().unwrap_or(0o666) & 0o7777;
+    let major = u32::try_from(d.major()).unwrap_or(0);
+    let minor = u32::try_from(d.minor()).unwrap_or(0);
+    let make = Make::Node {
+        mode: kind | perm,
+        dev: libc::makedev(major, minor),
+    };
+    let e = root.at(path, Some(make)).map_err(|source| Error::Device {
+        path: path.clone(),
+        kind: letter,
+        major: d.major(),
+        minor: d.minor(),
+        source,
+    })?;
+    let Some(e) = e else { return Ok(()) };
+    if e.created && (d.uid().is_some() || d.gid().is_some()) {
+        let (uid, gid) = (d.uid().unwrap_or(0), d.gid().unwrap_or(0));
+        nix::unistd::fchownat(
+            Some(e.parent().as_raw_fd()),
+            e.name(),
+            Some(nix::unistd::Uid::from_raw(uid)),
+            Some(nix::unistd::Gid::from_raw(gid)),
+            nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+        )
+        .map_err(|errno| Error::DeviceOwner {
+            path: path.clone(),
+            uid,
+            gid,
+            errno,
+        })?;
     }
     Ok(())
 }
 
 /// Makes `root` the root: pivot_root, then the old root is detached.
-pub fn pivot_root(root: &Path) -> Result<(), String> {
-    nix::unistd::chdir(root).map_err(|e| format!("chdir {}: {e}", root.display()))?;
-    nix::unistd::pivot_root(".", ".")
-        .map_err(|e| format!("pivot_root into {}: {e}", root.display()))?;
+pub fn pivot_root(root: &Root) -> Result<()> {
+    let err = |step, errno| Error::Pivot {
+        root: root.path().into(),
+        step,
+        errno,
+    };
+    nix::unistd::fchdir(root.fd().as_raw_fd()).map_err(|e| err("fchdir", e))?;
+    nix::unistd::pivot_root(".", ".").map_err(|e| err("pivot_root", e))?;
     // The old root is stacked under the new one at "."; make sure nothing propagates back.
     mount(
         None::<&str>,
@@ -260,69 +399,80 @@ pub fn pivot_root(root: &Path) -> Result<(), String> {
         MsFlags::MS_SLAVE | MsFlags::MS_REC,
         None::<&str>,
     )
-    .map_err(|e| format!("making the old root a slave: {e}"))?;
-    umount2(".", MntFlags::MNT_DETACH).map_err(|e| format!("detaching the old root: {e}"))?;
-    nix::unistd::chdir("/").map_err(|e| format!("chdir / in the new root: {e}"))?;
+    .map_err(|e| err("making the old root a slave", e))?;
+    umount2(".", MntFlags::MNT_DETACH).map_err(|e| err("detaching the old root", e))?;
+    nix::unistd::chdir("/").map_err(|e| err("chdir / in the new root", e))?;
     Ok(())
 }
 
-/// Masked paths: /dev/null over files, an empty read-only tmpfs over directories.
-pub fn mask(paths: &[String]) -> Result<(), String> {
+/// A masked or read-only path: `None` if there is nothing to protect there (it does not
+/// exist, or a file stands where the path needs a directory), as with runc.
+fn existing(root: &Root, p: &str) -> Result<Option<inroot::Entry>> {
+    match root.at(Path::new(p), None) {
+        Ok(e) => Ok(e),
+        Err(inroot::Error::NotDir { .. }) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Masked paths: the guest's /dev/null over files, an empty read-only tmpfs over directories.
+pub fn mask(root: &Root, paths: &[String]) -> Result<()> {
     for p in paths {
-        let path = Path::new(p);
-        match std::fs::metadata(path) {
-            Err(_) => continue,
-            Ok(m) if m.is_dir() => do_mount(
-                Some(Path::new("tmpfs")),
-                path,
+        let Some(e) = existing(root, p)? else {
+            continue;
+        };
+        if e.is_dir() {
+            do_mount(
+                Some("tmpfs"),
+                &e.proc_path(),
+                Path::new(p),
                 Some("tmpfs"),
                 MsFlags::MS_RDONLY,
                 None,
-            )?,
-            Ok(_) => do_mount(
-                Some(Path::new("/dev/null")),
-                path,
+            )?;
+        } else {
+            do_mount(
+                Some("/dev/null"),
+                &e.proc_path(),
+                Path::new(p),
                 None,
                 MsFlags::MS_BIND,
                 None,
-            )?,
+            )?;
         }
     }
     Ok(())
 }
 
 /// Read-only paths: bound onto themselves and remounted read-only.
-pub fn readonly(paths: &[String]) -> Result<(), String> {
+pub fn readonly(root: &Root, paths: &[String]) -> Result<()> {
     for p in paths {
-        let path = Path::new(p);
-        if !path.exists() {
+        let Some(mut e) = existing(root, p)? else {
             continue;
-        }
+        };
+        let here = e.proc_path();
         do_mount(
-            Some(path),
-            path,
+            Some(&here),
+            &here,
+            Path::new(p),
             None,
             MsFlags::MS_BIND | MsFlags::MS_REC,
             None,
         )?;
-        do_mount(
-            None,
-            path,
-            None,
-            MsFlags::MS_BIND
-                | MsFlags::MS_REMOUNT
-                | MsFlags::MS_RDONLY
-                | MsFlags::MS_NOSUID
-                | MsFlags::MS_NODEV
-                | MsFlags::MS_NOEXEC,
-            None,
-        )?;
+        e.reopen()?;
+        let flags = MsFlags::MS_BIND
+            | MsFlags::MS_REMOUNT
+            | MsFlags::MS_RDONLY
+            | MsFlags::MS_NOSUID
+            | MsFlags::MS_NODEV
+            | MsFlags::MS_NOEXEC;
+        do_mount(None, &e.proc_path(), Path::new(p), None, flags, None)?;
     }
     Ok(())
 }
 
 /// The whole view, in the order runc uses. `rootfs` must be a directory.
-pub fn build(spec: &Spec, rootfs: &Path) -> Result<(), String> {
+pub fn build(spec: &Spec, rootfs: &Path) -> Result<()> {
     let linux = spec.linux().clone().unwrap_or_default();
     let prop = match linux.rootfs_propagation().as_deref() {
         Some("shared") | Some("rshared") => MsFlags::MS_SHARED,
@@ -330,47 +480,36 @@ pub fn build(spec: &Spec, rootfs: &Path) -> Result<(), String> {
         Some("unbindable") | Some("runbindable") => MsFlags::MS_UNBINDABLE,
         _ => MsFlags::MS_SLAVE,
     };
-    do_mount(None, Path::new("/"), None, MsFlags::MS_REC | prop, None)?;
+    let slash = Path::new("/");
+    do_mount(None, "/", slash, None, MsFlags::MS_REC | prop, None)?;
+    let shown = rootfs.to_string_lossy();
     do_mount(
-        Some(rootfs),
+        Some(&shown),
+        &shown,
         rootfs,
         None,
         MsFlags::MS_BIND | MsFlags::MS_REC,
         None,
     )?;
+    // Held from here on: the bind just made (a mount made through an fd of what is under it
+    // would not be seen in the container).
+    let root = Root::new(rootfs)?;
     for m in spec.mounts().as_deref().unwrap_or(&[]) {
-        mount_one(rootfs, m)?;
+        mount_one(&root, m)?;
     }
-    default_devices(rootfs)?;
-    for d in linux.devices().as_deref().unwrap_or(&[]) {
-        let target = under(rootfs, d.path())?;
-        if target.exists() {
-            continue;
-        }
-        let kind = match d.typ() {
-            oci_spec::runtime::LinuxDeviceType::B => libc::S_IFBLK,
-            oci_spec::runtime::LinuxDeviceType::P => libc::S_IFIFO,
-            _ => libc::S_IFCHR,
-        };
-        let mode = d.file_mode().unwrap_or(0o666);
-        let c = CString::new(target.as_os_str().as_encoded_bytes())
-            .map_err(|e| format!("device {}: {e}", d.path().display()))?;
-        let devnum = libc::makedev(
-            u32::try_from(d.major()).unwrap_or(0),
-            u32::try_from(d.minor()).unwrap_or(0),
-        );
-        // SAFETY: mknod with a NUL-terminated path we own.
-        if unsafe { libc::mknod(c.as_ptr(), kind | mode, devnum) } != 0 {
-            return Err(format!(
-                "mknod {}: {}",
-                d.path().display(),
-                std::io::Error::last_os_error()
-            ));
+    default_devices(&root)?;
+    devices(&root, linux.devices().as_deref().unwrap_or(&[]))?;
+    // runc makes the process's working directory if the image lacks it.
+    if let Some(p) = spec.process() {
+        match root.at(p.cwd(), Some(Make::Dir)) {
+            // `/` (or a path back to it): nothing to make.
+            Ok(_) | Err(inroot::Error::IsRoot { .. }) => {}
+            Err(e) => return Err(e.into()),
         }
     }
-    pivot_root(rootfs)?;
-    mask(linux.masked_paths().as_deref().unwrap_or(&[]))?;
-    readonly(linux.readonly_paths().as_deref().unwrap_or(&[]))?;
+    mask(&root, linux.masked_paths().as_deref().unwrap_or(&[]))?;
+    readonly(&root, linux.readonly_paths().as_deref().unwrap_or(&[]))?;
+    pivot_root(&root)?;
     if spec
         .root()
         .as_ref()
@@ -379,7 +518,8 @@ pub fn build(spec: &Spec, rootfs: &Path) -> Result<(), String> {
     {
         do_mount(
             None,
-            Path::new("/"),
+            "/",
+            slash,
             None,
             MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
             None,
@@ -417,21 +557,51 @@ mod tests {
         assert_eq!(o.propagation, vec![MsFlags::MS_SLAVE | MsFlags::MS_REC]);
     }
 
+    fn spec_device(path: &str, mode: u32) -> LinuxDevice {
+        serde_json::from_value(serde_json::json!({ "path": path, "type": "p", "major": 0, "minor": 0, "fileMode": mode })).unwrap()
+    }
+
     #[test]
-    fn destinations_stay_under_the_root() {
-        let d = std::env::temp_dir();
+    fn a_destination_with_dotdot_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = Root::new(dir.path()).unwrap();
+        let m: Mount = serde_json::from_value(
+            serde_json::json!({ "destination": "/../etc", "type": "tmpfs", "source": "tmpfs" }),
+        )
+        .unwrap();
+        let e = mount_one(&root, &m).unwrap_err();
+        assert!(matches!(e, Error::DotDot(_)), "{e}");
+        assert!(e.to_string().contains("/../etc"), "{e}");
+    }
+
+    /// containerd puts the host's devices in a privileged container's spec, /dev/cpu/0/cpuid
+    /// among them: the directories above a node are made, with the spec's mode whatever the
+    /// umask, and a node already there is kept. (Fifos: mknod of one needs no privilege.)
+    #[test]
+    fn device_nodes_get_their_parent_directories_and_exact_modes() {
+        use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+        let dir = tempfile::tempdir().unwrap();
+        let root = Root::new(dir.path()).unwrap();
+        std::fs::create_dir(dir.path().join("dev")).unwrap();
+        std::fs::write(dir.path().join("dev/null"), "kept").unwrap();
+        devices(
+            &root,
+            &[
+                spec_device("/dev/cpu/0/cpuid", 0o666),
+                spec_device("/dev/null", 0o666),
+            ],
+        )
+        .unwrap();
+        let m = std::fs::symlink_metadata(dir.path().join("dev/cpu/0/cpuid")).unwrap();
+        assert!(m.file_type().is_fifo());
+        assert_eq!(m.permissions().mode() & 0o7777, 0o666);
         assert_eq!(
-            under(Path::new("/r"), Path::new("/proc")).unwrap(),
-            PathBuf::from("/r/proc")
+            std::fs::read_to_string(dir.path().join("dev/null")).unwrap(),
+            "kept"
         );
-        assert!(under(Path::new("/r"), Path::new("/../etc"))
-            .unwrap_err()
-            .contains(".."));
-        let root = d.join(format!("husk-under-{}", std::process::id()));
-        std::fs::create_dir_all(&root).unwrap();
-        std::os::unix::fs::symlink("/etc", root.join("evil")).unwrap();
-        let e = under(&root, Path::new("/evil")).unwrap_err();
-        std::fs::remove_dir_all(&root).unwrap();
-        assert!(e.contains("outside the rootfs"), "{e}");
+        // A device path through a symlink out of the root is made inside it.
+        std::os::unix::fs::symlink("/", dir.path().join("dev/up")).unwrap();
+        devices(&root, &[spec_device("/dev/up/tmp/fifo", 0o600)]).unwrap();
+        assert!(dir.path().join("tmp/fifo").exists());
     }
 }
