@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 
 use nix::fcntl::OFlag;
 use nix::sched::{setns, CloneFlags};
-use oci_spec::runtime::{PosixRlimitType, Process, Spec};
+use oci_spec::runtime::{LinuxSeccomp, PosixRlimitType, Process, Spec};
 use serde::{Deserialize, Serialize};
 
 use super::{caps, inroot, mounts, spawn};
@@ -44,7 +44,7 @@ pub struct InitConfig {
     pub terminal: bool,
 }
 
-/// What `exec` is told.
+/// What `exec` is told: built by [`super::exec::config`], which says where each part comes from.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct ExecConfig {
     pub id: String,
@@ -52,6 +52,10 @@ pub struct ExecConfig {
     pub process: Process,
     pub cgroup: Option<PathBuf>,
     pub terminal: bool,
+    /// The container's seccomp profile.
+    pub seccomp: Option<LinuxSeccomp>,
+    /// The container's oom_score_adj.
+    pub oom_score_adj: Option<i32>,
 }
 
 fn sync_stream() -> UnixStream {
@@ -130,10 +134,7 @@ fn init(sync: &mut UnixStream) -> Result<Never, String> {
         .clone()
         .ok_or("the spec has no process")?;
     // Things that need the guest's /proc, before it is gone with the old root.
-    if let Some(adj) = process.oom_score_adj() {
-        std::fs::write("/proc/self/oom_score_adj", adj.to_string())
-            .map_err(|e| format!("oom_score_adj {adj}: {e}"))?;
-    }
+    set_oom_score_adj(process.oom_score_adj())?;
     if let Some(sysctl) = cfg.spec.linux().as_ref().and_then(|l| l.sysctl().as_ref()) {
         for (k, v) in sysctl {
             let path = Path::new("/proc/sys").join(k.replace('.', "/"));
@@ -238,9 +239,20 @@ fn controlling_tty() -> Result<(), String> {
     Ok(())
 }
 
+/// Writes our oom_score_adj (inherited by what we exec and fork), through the guest's /proc:
+/// before entering the container's mount namespace or pivoting into its root.
+fn set_oom_score_adj(adj: Option<i32>) -> Result<(), String> {
+    if let Some(adj) = adj {
+        std::fs::write("/proc/self/oom_score_adj", adj.to_string())
+            .map_err(|e| format!("oom_score_adj {adj}: {e}"))?;
+    }
+    Ok(())
+}
+
 fn exec(sync: &mut UnixStream) -> Result<Never, String> {
     let cfg: ExecConfig = serde_json::from_slice(&spawn::read_config(sync)?)
         .map_err(|e| format!("helper config: {e}"))?;
+    set_oom_score_adj(cfg.oom_score_adj)?;
     join_cgroup(&cfg.cgroup)?;
     // Open them all first: after entering the mount namespace /proc is the container's.
     let kinds = [
@@ -292,7 +304,7 @@ fn exec(sync: &mut UnixStream) -> Result<Never, String> {
                     fail(sync, &e);
                 }
             }
-            match exec_process(&cfg.process, None) {
+            match exec_process(&cfg.process, cfg.seccomp.as_ref()) {
                 Err(e) => fail(sync, &e),
                 Ok(never) => match never {},
             }

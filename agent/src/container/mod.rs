@@ -1,6 +1,6 @@
 //! Containers from OCI runtime specs, written by hand with one module per concern:
-//! [`spawn`] (clone + re-exec), [`helper`] (the in-namespace setup), [`mounts`] (every path
-//! in the rootfs resolved [`inroot`]), [`caps`],
+//! [`spawn`] (clone + re-exec), [`helper`] (the in-namespace setup), [`exec`] (what an exec'd
+//! process gets), [`mounts`] (every path in the rootfs resolved [`inroot`]), [`caps`],
 //! [`seccomp`], [`cgroup`], [`stdio`].
 //!
 //! Why not youki's libcontainer: it brings its own process model (a main/intermediate/init
@@ -21,6 +21,7 @@
 
 pub mod caps;
 pub mod cgroup;
+pub mod exec;
 pub mod helper;
 pub mod inroot;
 pub mod mounts;
@@ -41,7 +42,7 @@ use oci_spec::runtime::{LinuxNamespaceType, LinuxResources, Process as OciProces
 
 use crate::reaper::{exits, Exit};
 use cgroup::Cgroup;
-use helper::{ExecConfig, InitConfig};
+use helper::InitConfig;
 use spawn::Sync;
 use stdio::Stdio;
 
@@ -109,6 +110,8 @@ pub struct Container {
     init: Arc<Process>,
     execs: Mutex<HashMap<String, Arc<Process>>>,
     cgroup: Option<Cgroup>,
+    /// What its execs take from it (seccomp, oom_score_adj, process defaults).
+    inherited: exec::Inherited,
     state: Mutex<State>,
     /// The init helper's sync socket until StartContainer.
     sync: Mutex<Option<Sync>>,
@@ -465,6 +468,7 @@ impl Engine {
         };
         let (pid, sock) = spawned.map_err(failed(id))?;
         drop(ends);
+        let inherited = exec::Inherited::from_spec(&spec);
         let cfg = InitConfig {
             id: id.into(),
             spec,
@@ -509,6 +513,7 @@ impl Engine {
                 }),
                 execs: Mutex::new(HashMap::new()),
                 cgroup,
+                inherited,
                 state: Mutex::new(State::Created),
                 sync: Mutex::new(Some(sync)),
             }),
@@ -590,13 +595,14 @@ impl Engine {
         let (helper_pid, sock) =
             spawn::spawn("exec", CloneFlags::empty(), fds).map_err(failed(id))?;
         drop(ends);
-        let cfg = ExecConfig {
-            id: id.into(),
-            init_pid: c.init.pid,
+        let cfg = exec::config(
+            id,
+            c.init.pid,
+            &c.inherited,
             process,
-            cgroup: c.cgroup.as_ref().map(|g| g.path.clone()),
+            c.cgroup.as_ref().map(|g| g.path.clone()),
             terminal,
-        };
+        );
         let r = (|| -> std::result::Result<(i32, Stdio), String> {
             let mut sync = Sync::new(sock)?;
             sync.send_config(&serde_json::to_vec(&cfg).map_err(|e| e.to_string())?)?;

@@ -46,7 +46,10 @@ fn conditions(sc: &LinuxSyscall) -> Vec<Value> {
                 LinuxSeccompOperator::ScmpCmpEq => (json!("eq"), a.value()),
                 LinuxSeccompOperator::ScmpCmpGe => (json!("ge"), a.value()),
                 LinuxSeccompOperator::ScmpCmpGt => (json!("gt"), a.value()),
-                LinuxSeccompOperator::ScmpCmpMaskedEq => (json!({ "masked_eq": a.value() }), a.value_two().unwrap_or(0)),
+                LinuxSeccompOperator::ScmpCmpMaskedEq => (
+                    json!({ "masked_eq": a.value() }),
+                    a.value_two().unwrap_or(0),
+                ),
             };
             json!({ "index": a.index(), "type": "qword", "op": op, "val": val })
         })
@@ -61,7 +64,10 @@ struct Group(BTreeMap<String, Option<Vec<Vec<Value>>>>);
 
 impl Group {
     fn add(&mut self, name: &str, conds: &[Value]) {
-        let slot = self.0.entry(name.to_string()).or_insert_with(|| Some(Vec::new()));
+        let slot = self
+            .0
+            .entry(name.to_string())
+            .or_insert_with(|| Some(Vec::new()));
         match (slot.as_mut(), conds.is_empty()) {
             (None, _) => {}
             (Some(_), true) => *slot = None,
@@ -74,7 +80,9 @@ impl Group {
         for (name, alts) in &self.0 {
             match alts {
                 None => out.push(json!({ "syscall": name })),
-                Some(alts) => out.extend(alts.iter().map(|c| json!({ "syscall": name, "args": c }))),
+                Some(alts) => {
+                    out.extend(alts.iter().map(|c| json!({ "syscall": name, "args": c })))
+                }
             }
         }
         out
@@ -92,7 +100,11 @@ fn filters(p: &LinuxSeccomp, skip: &[String]) -> Result<Value, String> {
         for name in sc.names().iter().filter(|n| !skip.contains(n)) {
             all.add(name, &conds);
             if a != json!("allow") {
-                by_action.entry(a.to_string()).or_insert_with(|| (a.clone(), Group::default())).1.add(name, &conds);
+                by_action
+                    .entry(a.to_string())
+                    .or_insert_with(|| (a.clone(), Group::default()))
+                    .1
+                    .add(name, &conds);
             }
         }
     }
@@ -100,11 +112,17 @@ fn filters(p: &LinuxSeccomp, skip: &[String]) -> Result<Value, String> {
     for (i, (_, (a, g))) in by_action.into_iter().enumerate() {
         let rules = g.json();
         if !rules.is_empty() {
-            out.insert(format!("f{i}"), json!({ "mismatch_action": "allow", "match_action": a, "filter": rules }));
+            out.insert(
+                format!("f{i}"),
+                json!({ "mismatch_action": "allow", "match_action": a, "filter": rules }),
+            );
         }
     }
     if default != json!("allow") {
-        out.insert("default".into(), json!({ "mismatch_action": default, "match_action": "allow", "filter": all.json() }));
+        out.insert(
+            "default".into(),
+            json!({ "mismatch_action": default, "match_action": "allow", "filter": all.json() }),
+        );
     }
     Ok(Value::Object(out))
 }
@@ -133,9 +151,40 @@ fn unknown_name(msg: &str) -> Option<String> {
 }
 
 /// Compiles and installs the profile on the calling thread (inherited across execve).
+///
+/// Not through seccompiler's `apply_filter`, which sets no_new_privs first: a process whose
+/// spec leaves `noNewPrivileges` off must keep it off (`NoNewPrivs: 0`, setuid binaries work),
+/// as under runc, which tells libseccomp not to set it. Without it the kernel wants
+/// CAP_SYS_ADMIN, which the helper has until the user switch (see `helper::exec_process`).
 pub fn install(p: &LinuxSeccomp) -> Result<(), String> {
     for prog in compile(p)? {
-        seccompiler::apply_filter(&prog).map_err(|e| format!("installing the seccomp filter: {e}"))?;
+        let len = u16::try_from(prog.len()).map_err(|_| {
+            format!(
+                "the seccomp filter has {} instructions, more than the kernel takes",
+                prog.len()
+            )
+        })?;
+        // seccompiler's `sock_filter` is the kernel's (repr(C): code, jt, jf, k), as libc's.
+        let fprog = libc::sock_fprog {
+            len,
+            filter: prog.as_ptr().cast::<libc::sock_filter>().cast_mut(),
+        };
+        // SAFETY: the kernel copies `len` instructions from `filter`, which `prog` holds for the
+        // call, and does not keep the pointer.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_seccomp,
+                libc::SECCOMP_SET_MODE_FILTER,
+                0,
+                &fprog as *const libc::sock_fprog,
+            )
+        };
+        if rc != 0 {
+            return Err(format!(
+                "installing the seccomp filter: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
     }
     Ok(())
 }
@@ -154,7 +203,11 @@ mod tests {
         )
         .unwrap();
         let progs = compile(&p).unwrap();
-        assert_eq!(progs.len(), 2, "one errno(13) filter and the default filter");
+        assert_eq!(
+            progs.len(),
+            2,
+            "one errno(13) filter and the default filter"
+        );
         let f = filters(&p, &["no_such_syscall".into()]).unwrap();
         assert_eq!(f["default"]["mismatch_action"], json!({"errno": 1}));
         assert_eq!(f["f0"]["match_action"], json!({"errno": 13}));
@@ -174,7 +227,13 @@ mod tests {
         let rules = f["default"]["filter"].as_array().unwrap();
         let clone: Vec<&Value> = rules.iter().filter(|r| r["syscall"] == "clone").collect();
         assert_eq!(clone, vec![&json!({"syscall": "clone"})]);
-        assert_eq!(rules.iter().filter(|r| r["syscall"] == "personality").count(), 2);
+        assert_eq!(
+            rules
+                .iter()
+                .filter(|r| r["syscall"] == "personality")
+                .count(),
+            2
+        );
         assert_eq!(compile(&p).unwrap().len(), 1);
     }
 }
