@@ -8,6 +8,7 @@
 
 mod bench;
 mod binaries;
+mod check;
 mod demo;
 mod deploy_image;
 mod doctor;
@@ -50,6 +51,8 @@ enum Cmd {
     DeployImage,
     /// Set everything up and run the demo.
     Demo,
+    /// Formatting, clippy (warnings are errors) and every crate's unit tests, as CI runs them.
+    Check,
     /// Set everything up and run the whole test suite.
     Test {
         /// Skip `setup` (for a machine already set up).
@@ -81,6 +84,7 @@ fn main() {
             .and_then(|_| deploy_image::build())
             .map(drop),
         Cmd::Demo => demo::run(),
+        Cmd::Check => check::run(),
         Cmd::Test { no_setup, filter } => testing::run(!no_setup, filter.as_deref()),
         Cmd::Bench { quick } => bench::run(quick),
         Cmd::Install => install::run(),

@@ -3,7 +3,7 @@
 use std::process::Command;
 use std::time::Instant;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 
 use crate::paths;
 use crate::run::{self, elapsed, output, step};
@@ -37,11 +37,15 @@ pub const APT_PACKAGES: &[(&str, &str)] = &[
     ("pkg-config", "building virtiofsd"),
     ("cpio", "reading initramfs archives back in tests"),
     ("iproute2", "network namespaces in tests"),
+    ("procps", "pgrep in tests (a helper that outlived its VM)"),
     (
         "protobuf-compiler",
         "protoc, for the Kubernetes CRI client the tests use",
     ),
 ];
+
+/// rustup components, and the cargo subcommand each provides.
+pub const RUST_COMPONENTS: &[(&str, &str)] = &[("rustfmt", "fmt"), ("clippy", "clippy")];
 
 /// Programs installed with `cargo install --locked`.
 pub const CARGO_PROGRAMS: &[(&str, &str)] = &[
@@ -73,35 +77,13 @@ pub fn missing_apt() -> Vec<&'static str> {
 
 pub fn run() -> Result<()> {
     let start = Instant::now();
+    rust_components()?;
     step("setup: Debian packages");
     let missing = missing_apt();
     if missing.is_empty() {
         println!("    all {} packages present", APT_PACKAGES.len());
     } else {
-        if !nix_is_root() {
-            bail!(
-                "packages missing ({}) and installing them needs root: run `cargo xtask setup` as root",
-                missing.join(" ")
-            );
-        }
-        for p in &missing {
-            let why = APT_PACKAGES
-                .iter()
-                .find(|(n, _)| n == p)
-                .map_or("", |(_, w)| w);
-            println!("    installing {p}: {why}");
-        }
-        run::run(Command::new("apt-get").args(["update", "-q"]))?;
-        run::run(
-            Command::new("apt-get")
-                .env("DEBIAN_FRONTEND", "noninteractive")
-                .args(["install", "-y", "-q", "--no-install-recommends"])
-                .args(&missing),
-        )?;
-        let still = missing_apt();
-        if !still.is_empty() {
-            bail!("apt-get did not install: {}", still.join(" "));
-        }
+        apt_install(&missing)?;
     }
     step("setup: programs from crates.io");
     for (prog, why) in CARGO_PROGRAMS {
@@ -113,6 +95,84 @@ pub fn run() -> Result<()> {
         run::run(Command::new(paths::cargo()).args(["install", "--locked", prog]))?;
     }
     println!("    setup done in {}", elapsed(start));
+    Ok(())
+}
+
+/// What `cargo xtask check` needs beyond Rust: rustfmt, clippy, and protoc (the CRI client
+/// of the tests crate, which clippy compiles). Not the rest of `run`'s list.
+pub fn for_check() -> Result<()> {
+    rust_components()?;
+    if !apt_installed("protobuf-compiler") {
+        step("setup: protoc, for clippy and the tests crate's CRI client");
+        apt_install(&["protobuf-compiler"])?;
+    }
+    Ok(())
+}
+
+/// rustup components `cargo xtask check` runs: `cargo fmt`, `cargo clippy`. A toolchain
+/// installed with rustup's `minimal` profile has neither.
+fn rust_components() -> Result<()> {
+    let missing: Vec<&str> = RUST_COMPONENTS
+        .iter()
+        .filter(|(_, sub)| {
+            !Command::new(paths::cargo())
+                .args([sub, "--version"])
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })
+        .map(|(c, _)| *c)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    step(&format!(
+        "setup: rustup component add {}",
+        missing.join(" ")
+    ));
+    run::run(
+        Command::new("rustup")
+            .args(["component", "add"])
+            .args(&missing),
+    )
+    .with_context(|| {
+        format!(
+            "installing the Rust components {} (cargo fmt, cargo clippy) with rustup; \
+             without rustup, install them the way your Rust was installed",
+            missing.join(" ")
+        )
+    })
+}
+
+/// `apt-get install`s `packages`, saying why each is needed; fails unless all are then there.
+fn apt_install(packages: &[&str]) -> Result<()> {
+    if !nix_is_root() {
+        bail!(
+            "packages missing ({}) and installing them needs root: run `cargo xtask setup` as root",
+            packages.join(" ")
+        );
+    }
+    for p in packages {
+        let why = APT_PACKAGES
+            .iter()
+            .find(|(n, _)| n == p)
+            .map_or("", |(_, w)| w);
+        println!("    installing {p}: {why}");
+    }
+    run::run(Command::new("apt-get").args(["update", "-q"]))?;
+    run::run(
+        Command::new("apt-get")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(packages),
+    )?;
+    let still: Vec<&str> = packages
+        .iter()
+        .copied()
+        .filter(|p| !apt_installed(p))
+        .collect();
+    if !still.is_empty() {
+        bail!("apt-get did not install: {}", still.join(" "));
+    }
     Ok(())
 }
 
