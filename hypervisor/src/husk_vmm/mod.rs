@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use nix::fcntl::OFlag;
 use nix::sys::signal::Signal;
 
+use crate::console::ConsoleRelay;
 use crate::helpers;
 use crate::process::Supervised;
 use crate::{Error, Hypervisor, Programs, Result, Vm, VmConfig};
@@ -39,6 +40,9 @@ const HELPER_EXIT_GRACE: Duration = Duration::from_millis(500);
 
 /// Longest path a unix socket address can hold (`sun_path`, with its NUL).
 const SUN_PATH_MAX: usize = 107;
+
+/// Once husk-vmm has ended, how long the console relay gets to write the rest of its output.
+const CONSOLE_DRAIN: Duration = Duration::from_secs(2);
 
 /// The `husk-vmm` backend.
 #[derive(Debug, Clone)]
@@ -155,6 +159,7 @@ impl Hypervisor for HuskVmm {
             vmm: None,
             virtiofsd,
             console_in: None,
+            console_out: None,
             vsock: config.vsock.then(|| paths.vsock_sock.clone()),
             paths,
             pid: 0,
@@ -163,10 +168,11 @@ impl Hypervisor for HuskVmm {
             finished: false,
         };
         // On error `vm` is dropped: whatever was started is ended and its sockets removed.
-        let (process, console_in) = spawn(&self.program, config, &vm.paths)?;
+        let (process, console_in, console_out) = spawn(&self.program, config, &vm.paths)?;
         vm.pid = process.pid();
         vm.vmm = Some(process);
         vm.console_in = Some(console_in);
+        vm.console_out = Some(console_out);
         vm.wait_started()?;
         tracing::debug!(
             pid = vm.pid,
@@ -178,9 +184,16 @@ impl Hypervisor for HuskVmm {
     }
 }
 
-/// Spawns husk-vmm with a pipe on its stdin (the guest's console input).
-fn spawn(program: &Path, config: &VmConfig, paths: &Paths) -> Result<(Supervised, File)> {
+/// Spawns husk-vmm with a pipe on its stdin (the guest's console input) and one on its
+/// stdout (the guest's console output, which the relay writes to the capped console log).
+fn spawn(
+    program: &Path,
+    config: &VmConfig,
+    paths: &Paths,
+) -> Result<(Supervised, File, ConsoleRelay)> {
     let (_, log) = helpers::log_file(&paths.vmm_log)?;
+    // Our copy of the write end goes with `cmd`: the relay sees EOF once husk-vmm ends.
+    let (relay, console_out) = ConsoleRelay::start(&paths.console_log)?;
     // O_CLOEXEC: our end must not leak into husk-vmm or any other child (it would keep the
     // guest's input open); the read end loses the flag when it becomes husk-vmm's stdin.
     let (read, write): (OwnedFd, OwnedFd) = nix::unistd::pipe2(OFlag::O_CLOEXEC)
@@ -188,10 +201,10 @@ fn spawn(program: &Path, config: &VmConfig, paths: &Paths) -> Result<(Supervised
     let mut cmd = Command::new(program);
     cmd.args(args::args(config, paths))
         .stdin(Stdio::from(read))
-        .stdout(Stdio::null())
+        .stdout(Stdio::from(console_out))
         .stderr(log);
     let p = Supervised::spawn(PROGRAM, cmd)?;
-    Ok((p, File::from(write)))
+    Ok((p, File::from(write), relay))
 }
 
 /// A device helper that ended while the VM ran.
@@ -208,6 +221,8 @@ pub struct HuskVmmVm {
     vmm: Option<Supervised>,
     virtiofsd: Option<Supervised>,
     console_in: Option<File>,
+    /// Writes the guest's console output to `console.log`, capped.
+    console_out: Option<ConsoleRelay>,
     paths: Paths,
     vsock: Option<PathBuf>,
     pid: u32,
@@ -281,6 +296,10 @@ impl HuskVmmVm {
         }
         self.finished = true;
         self.console_in = None;
+        if let Some(relay) = self.console_out.as_mut() {
+            // husk-vmm is gone: the rest of its output is in the pipe.
+            relay.finish(CONSOLE_DRAIN);
+        }
         if let Some(fsd) = self.virtiofsd.as_mut() {
             // It ends by itself once husk-vmm is gone; give it a moment, then kill it.
             if let Ok(None) = fsd.wait(Some(Duration::from_secs(2))) {

@@ -13,12 +13,17 @@
 //! - virtio-fs is `vhost-user-fs-device` with the tag set here: virtiofsd's own `--tag` makes
 //!   QEMU 7.x crash; vsock is `vhost-user-vsock-device` (no /dev/vhost-vsock needed). QEMU is
 //!   the vhost-user client: the helpers listen on the sockets before QEMU starts.
+//! - the serial console: a socket chardev (for console input) whose `logfile=` is the
+//!   write end of the console relay's pipe, handed over with `-add-fd` and opened as
+//!   `/dev/fdset/N` (no /proc needed in the jail) with `logappend=on` (QEMU truncates a
+//!   log file otherwise, which fails on a pipe): QEMU itself never writes `console.log`,
+//!   which the relay keeps under a size cap ([`crate::console`]);
 //! - network: `-netdev tap,fd=N` with the caller's open tap (inherited by QEMU under the same
 //!   number, see `Qemu::start`) + `virtio-net-device` on virtio-mmio; no vhost-net (the host
 //!   has no /dev/vhost-net), so QEMU's own thread moves the packets.
 
 use std::ffi::OsString;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 
 use crate::{Accel, VmConfig, SHARED_FS_TAG};
@@ -29,6 +34,13 @@ use crate::{Accel, VmConfig, SHARED_FS_TAG};
 /// IO-APIC timer check and panic ("IO-APIC + timer doesn't work!"); a VM's timer is known to
 /// work, so the check is skipped, as Kata and Firecracker do.
 pub const BASE_CMDLINE: &str = "console=ttyS0 reboot=t panic=-1 quiet no_timer_check";
+
+/// `-sandbox`: every optional part of QEMU's seccomp filter denied.
+pub const SANDBOX: &str =
+    "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
+
+/// The `-add-fd` set that carries the console output pipe.
+pub const CONSOLE_FDSET: u32 = 1;
 
 /// Files this VM keeps in its state directory.
 #[derive(Debug, Clone)]
@@ -75,8 +87,9 @@ impl Paths {
     }
 }
 
-/// QEMU's arguments (without the program name).
-pub fn args(config: &VmConfig, accel: Accel, paths: &Paths) -> Vec<OsString> {
+/// QEMU's arguments (without the program name). `console_out`: the fd (inherited by QEMU
+/// under the same number) the guest's serial output goes to.
+pub fn args(config: &VmConfig, accel: Accel, paths: &Paths, console_out: RawFd) -> Vec<OsString> {
     let mem = config.memory_mib;
     let mut cmdline = BASE_CMDLINE.to_string();
     if !config.cmdline_extra.trim().is_empty() {
@@ -104,11 +117,16 @@ pub fn args(config: &VmConfig, accel: Accel, paths: &Paths) -> Vec<OsString> {
     for s in ["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"] {
         push(s);
     }
+    // QEMU's own seccomp filter: no obsolete calls, no set*uid/gid, no fork/exec, no
+    // scheduler or priority changes (the jail already dropped root before QEMU started).
+    push("-sandbox");
+    push(SANDBOX);
+    push("-add-fd");
+    push(&format!("fd={console_out},set={CONSOLE_FDSET}"));
     push("-chardev");
     push(&format!(
-        "socket,id=con0,path={},server=on,wait=off,logfile={}",
+        "socket,id=con0,path={},server=on,wait=off,logfile=/dev/fdset/{CONSOLE_FDSET},logappend=on",
         paths.console_sock.display(),
-        paths.console_log.display()
     ));
     push("-serial");
     push("chardev:con0");
@@ -156,12 +174,13 @@ mod tests {
             shared_dir: None,
             vsock: false,
             nets: Vec::new(),
+            jail: None,
         }
     }
 
     fn joined(accel: Accel) -> String {
         let c = cfg();
-        args(&c, accel, &Paths::new(&c.state_dir))
+        args(&c, accel, &Paths::new(&c.state_dir), 9)
             .iter()
             .map(|s| s.to_string_lossy().into_owned())
             .collect::<Vec<_>>()
@@ -177,7 +196,7 @@ mod tests {
             "-m 384M",
             "-accel tcg -cpu max -smp 2",
             "-no-reboot",
-            "logfile=/run/husk/abc/console.log",
+            "-add-fd fd=9,set=1 -chardev socket,id=con0,path=/run/husk/abc/console.sock,server=on,wait=off,logfile=/dev/fdset/1,logappend=on -serial chardev:con0",
             "-append console=ttyS0 reboot=t panic=-1 quiet no_timer_check husk.timeout=5 -kernel",
             "-kernel /k/vmlinux -initrd /k/initramfs.cpio",
         ] {
@@ -189,7 +208,7 @@ mod tests {
     fn devices_only_when_asked_and_the_tag_is_set_on_the_qemu_side() {
         let mut c = cfg();
         let line = |c: &VmConfig| {
-            args(c, Accel::Tcg, &Paths::new(&c.state_dir))
+            args(c, Accel::Tcg, &Paths::new(&c.state_dir), 9)
                 .iter()
                 .map(|s| s.to_string_lossy().into_owned())
                 .collect::<Vec<_>>()
@@ -219,7 +238,7 @@ mod tests {
             crate::NetConfig { tap: a, mac: [0x02, 0, 0, 0, 0, 0x0a] },
             crate::NetConfig { tap: b, mac: [0xaa, 0xbb, 0xcc, 0xdd, 0xee, 0xff] },
         ];
-        let l = args(&c, Accel::Tcg, &Paths::new(&c.state_dir))
+        let l = args(&c, Accel::Tcg, &Paths::new(&c.state_dir), 9)
             .iter()
             .map(|s| s.to_string_lossy().into_owned())
             .collect::<Vec<_>>()
@@ -231,7 +250,7 @@ mod tests {
             assert!(l.contains(&want), "missing {want:?} in {l}");
         }
         c.nets.clear();
-        let l = args(&c, Accel::Tcg, &Paths::new(&c.state_dir))
+        let l = args(&c, Accel::Tcg, &Paths::new(&c.state_dir), 9)
             .iter()
             .map(|s| s.to_string_lossy().into_owned())
             .collect::<Vec<_>>()

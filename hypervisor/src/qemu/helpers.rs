@@ -13,6 +13,7 @@ use std::process::{Command, Stdio};
 
 use super::cmdline::Paths;
 use crate::helpers::{log_file, program, wait_for_socket};
+use crate::jail::JailSpec;
 use crate::process::Supervised;
 use crate::{Result, GUEST_CID};
 
@@ -37,10 +38,22 @@ pub fn start_virtiofsd(
 /// Starts vhost-device-vsock (`program`, else found) with the hybrid-vsock socket at
 /// `paths.vsock_sock`, and waits for its vhost-user socket. One process per VM: guests of
 /// different VMs never see each other.
-pub fn start_vhost_vsock(program: Option<&Path>, paths: &Paths) -> Result<Supervised> {
+///
+/// With a jail it runs as the sandbox's unprivileged uid in a root that holds only the VM's
+/// state directory (its sockets) and the system's libraries, with no network namespace of
+/// the host: it only speaks on unix sockets.
+pub fn start_vhost_vsock(
+    program: Option<&Path>,
+    paths: &Paths,
+    jail: Option<&JailSpec>,
+    state_dir: &Path,
+) -> Result<Supervised> {
     let program = self::program(program, VHOST_DEVICE_VSOCK)?;
     let (out, err) = log_file(&paths.vhost_vsock_log)?;
-    let mut cmd = Command::new(program);
+    let mut cmd = Command::new(&program);
+    if let Some(j) = jail {
+        j.for_process(&program, state_dir, &[], false).apply(&mut cmd)?;
+    }
     cmd.arg("--guest-cid")
         .arg(GUEST_CID.to_string())
         .arg("--socket")

@@ -21,6 +21,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crate::console::ConsoleRelay;
 use crate::process::Supervised;
 use crate::{Accel, Error, Hypervisor, Programs, Result, Vm, VmConfig};
 use cmdline::Paths;
@@ -34,6 +35,9 @@ const MONITOR_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Longest path a unix socket address can hold (`sun_path`, with its NUL).
 const SUN_PATH_MAX: usize = 107;
+
+/// Once QEMU has ended, how long the console relay gets to write the rest of its output.
+const CONSOLE_DRAIN: Duration = Duration::from_secs(2);
 
 /// The `qemu` backend.
 #[derive(Debug, Clone)]
@@ -112,20 +116,36 @@ impl Hypervisor for Qemu {
                     process: helpers::start_virtiofsd(self.virtiofsd.as_deref(), dir, &paths)?,
                     log: paths.virtiofsd_log.clone(),
                 });
+                if let Some(j) = &config.jail {
+                    // virtiofsd runs as root (it serves files with their owners); the jailed
+                    // QEMU must be able to connect to its socket.
+                    crate::jail::give_socket(&paths.virtiofsd_sock, j)?;
+                }
             }
             if config.vsock {
                 helpers.push(Helper {
-                    process: helpers::start_vhost_vsock(self.vhost_vsock.as_deref(), &paths)?,
+                    process: helpers::start_vhost_vsock(
+                        self.vhost_vsock.as_deref(),
+                        &paths,
+                        config.jail.as_ref(),
+                        &config.state_dir,
+                    )?,
                     log: paths.vhost_vsock_log.clone(),
                 });
             }
             Ok(())
         })();
-        if let Err(e) = started {
-            end_helpers(&mut helpers);
-            remove_sockets(&paths);
-            return Err(e);
-        }
+        // The guest's console output: QEMU writes it into this pipe (its chardev log), the
+        // relay writes it to console.log, capped.
+        let console = started.and_then(|()| ConsoleRelay::start(&paths.console_log));
+        let (mut console, console_out) = match console {
+            Ok(c) => c,
+            Err(e) => {
+                end_helpers(&mut helpers);
+                remove_sockets(&paths);
+                return Err(e);
+            }
+        };
         let spawned = (|| -> Result<Supervised> {
             let log = std::fs::OpenOptions::new()
                 .create(true)
@@ -136,16 +156,31 @@ impl Hypervisor for Qemu {
                 .try_clone()
                 .map_err(Error::io(format!("opening {}", paths.qemu_log.display())))?;
             let mut cmd = Command::new(&self.program);
-            cmd.args(cmdline::args(config, self.accel, &paths))
+            cmd.args(cmdline::args(config, self.accel, &paths, console_out.as_raw_fd()))
                 .stdin(Stdio::null())
                 .stdout(log)
                 .stderr(log2);
-            inherit_fds(&mut cmd, config.nets.iter().map(|n| n.tap.as_raw_fd()).collect());
+            if let Some(j) = &config.jail {
+                // Taps arrive as fds, so QEMU needs no network namespace of the host.
+                j.for_process(
+                    &self.program,
+                    &config.state_dir,
+                    &[&config.kernel, &config.initramfs],
+                    self.accel == Accel::Kvm,
+                )
+                .apply(&mut cmd)?;
+            }
+            let mut fds: Vec<RawFd> = config.nets.iter().map(|n| n.tap.as_raw_fd()).collect();
+            fds.push(console_out.as_raw_fd());
+            inherit_fds(&mut cmd, fds);
             Supervised::spawn(QEMU_PROGRAM, cmd)
         })();
+        // QEMU holds the only write end now: the relay sees EOF when QEMU ends.
+        drop(console_out);
         let mut process = match spawned {
             Ok(p) => p,
             Err(e) => {
+                console.finish(CONSOLE_DRAIN);
                 end_helpers(&mut helpers);
                 remove_sockets(&paths);
                 return Err(e);
@@ -155,6 +190,7 @@ impl Hypervisor for Qemu {
             Ok(q) => q,
             Err(e) => {
                 let _ = process.kill();
+                console.finish(CONSOLE_DRAIN);
                 end_helpers(&mut helpers);
                 remove_sockets(&paths);
                 return Err(e);
@@ -181,6 +217,7 @@ impl Hypervisor for Qemu {
             quit,
             watcher: Some(watcher),
             qmp: Some(qmp),
+            console,
             vsock: config.vsock.then(|| paths.vsock_sock.clone()),
             paths,
             finished: false,
@@ -189,14 +226,16 @@ impl Hypervisor for Qemu {
 }
 
 /// Makes `fds` (close-on-exec in the shim, so no other child gets them) inherited by `cmd`'s
-/// child under the same numbers, which the command line names (`-netdev tap,fd=N`).
+/// child under the same numbers, which the command line names (`-netdev tap,fd=N`,
+/// `-add-fd fd=N`).
 fn inherit_fds(cmd: &mut Command, fds: Vec<RawFd>) {
     if fds.is_empty() {
         return;
     }
     // SAFETY: the closure runs in the child between fork and exec and only calls fcntl(2),
     // which is async-signal-safe, on descriptors the parent keeps open across the spawn (the
-    // caller's `NetConfig` owns them and outlives this call); it allocates nothing.
+    // caller's `NetConfig` and `start`'s console pipe own them until after the spawn); it
+    // allocates nothing.
     unsafe {
         cmd.pre_exec(move || {
             for &fd in &fds {
@@ -348,6 +387,8 @@ pub struct QemuVm {
     quit: Arc<AtomicBool>,
     watcher: Option<JoinHandle<()>>,
     qmp: Option<Qmp>,
+    /// Writes the guest's console output to `console.log`, capped.
+    console: ConsoleRelay,
     paths: Paths,
     vsock: Option<PathBuf>,
     finished: bool,
@@ -372,6 +413,8 @@ impl QemuVm {
         if let Some(w) = self.watcher.take() {
             let _ = w.join();
         }
+        // QEMU is gone: the rest of its console output is in the pipe.
+        self.console.finish(CONSOLE_DRAIN);
         end_helpers(&mut lock(&self.procs).helpers);
         remove_sockets(&self.paths);
     }
