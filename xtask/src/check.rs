@@ -24,6 +24,8 @@ const STEPS: &[(&str, &[&str])] = &[
             "clippy",
             "--workspace",
             "--all-targets",
+            // Every crate's warnings, not only those of the first crate that fails.
+            "--keep-going",
             "--",
             "-D",
             "warnings",
