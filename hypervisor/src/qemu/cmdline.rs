@@ -36,8 +36,7 @@ use crate::{Accel, VmConfig, SHARED_FS_TAG};
 pub const BASE_CMDLINE: &str = "console=ttyS0 reboot=t panic=-1 quiet no_timer_check";
 
 /// `-sandbox`: every optional part of QEMU's seccomp filter denied.
-pub const SANDBOX: &str =
-    "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
+pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
 
 /// The `-add-fd` set that carries the console output pipe.
 pub const CONSOLE_FDSET: u32 = 1;
@@ -114,7 +113,13 @@ pub fn args(config: &VmConfig, accel: Accel, paths: &Paths, console_out: RawFd) 
     push(cpu);
     push("-smp");
     push(&config.vcpus.to_string());
-    for s in ["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"] {
+    for s in [
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-no-reboot",
+    ] {
         push(s);
     }
     // QEMU's own seccomp filter: no obsolete calls, no set*uid/gid, no fork/exec, no
@@ -131,16 +136,27 @@ pub fn args(config: &VmConfig, accel: Accel, paths: &Paths, console_out: RawFd) 
     push("-serial");
     push("chardev:con0");
     push("-qmp");
-    push(&format!("unix:{},server=on,wait=off", paths.qmp_sock.display()));
+    push(&format!(
+        "unix:{},server=on,wait=off",
+        paths.qmp_sock.display()
+    ));
     if config.shared_dir.is_some() {
         push("-chardev");
-        push(&format!("socket,id=fs0,path={}", paths.virtiofsd_sock.display()));
+        push(&format!(
+            "socket,id=fs0,path={}",
+            paths.virtiofsd_sock.display()
+        ));
         push("-device");
-        push(&format!("vhost-user-fs-device,chardev=fs0,tag={SHARED_FS_TAG}"));
+        push(&format!(
+            "vhost-user-fs-device,chardev=fs0,tag={SHARED_FS_TAG}"
+        ));
     }
     if config.vsock {
         push("-chardev");
-        push(&format!("socket,id=vs0,path={}", paths.vhost_vsock_sock.display()));
+        push(&format!(
+            "socket,id=vs0,path={}",
+            paths.vhost_vsock_sock.display()
+        ));
         push("-device");
         push("vhost-user-vsock-device,chardev=vs0");
     }
@@ -148,7 +164,10 @@ pub fn args(config: &VmConfig, accel: Accel, paths: &Paths, console_out: RawFd) 
         push("-netdev");
         push(&format!("tap,fd={},id=net{i}", net.tap.as_raw_fd()));
         push("-device");
-        push(&format!("virtio-net-device,netdev=net{i},mac={}", net.mac_string()));
+        push(&format!(
+            "virtio-net-device,netdev=net{i},mac={}",
+            net.mac_string()
+        ));
     }
     push("-append");
     push(&cmdline);
@@ -235,8 +254,14 @@ mod tests {
         let (a, b) = (f("/dev/null"), f("/dev/null"));
         let (fa, fb) = (a.as_raw_fd(), b.as_raw_fd());
         c.nets = vec![
-            crate::NetConfig { tap: a, mac: [0x02, 0, 0, 0, 0, 0x0a] },
-            crate::NetConfig { tap: b, mac: [0xaa, 0xbb, 0xcc, 0xdd, 0xee, 0xff] },
+            crate::NetConfig {
+                tap: a,
+                mac: [0x02, 0, 0, 0, 0, 0x0a],
+            },
+            crate::NetConfig {
+                tap: b,
+                mac: [0xaa, 0xbb, 0xcc, 0xdd, 0xee, 0xff],
+            },
         ];
         let l = args(&c, Accel::Tcg, &Paths::new(&c.state_dir), 9)
             .iter()

@@ -52,7 +52,8 @@ pub fn start_vhost_vsock(
     let (out, err) = log_file(&paths.vhost_vsock_log)?;
     let mut cmd = Command::new(&program);
     if let Some(j) = jail {
-        j.for_process(&program, state_dir, &[], false).apply(&mut cmd)?;
+        j.for_process(&program, state_dir, &[], false)
+            .apply(&mut cmd)?;
     }
     cmd.arg("--guest-cid")
         .arg(GUEST_CID.to_string())

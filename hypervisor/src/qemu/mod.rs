@@ -11,8 +11,8 @@ pub mod helpers;
 pub mod qmp;
 
 use std::io::Write;
-use std::os::unix::net::UnixStream;
 use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
@@ -156,10 +156,15 @@ impl Hypervisor for Qemu {
                 .try_clone()
                 .map_err(Error::io(format!("opening {}", paths.qemu_log.display())))?;
             let mut cmd = Command::new(&self.program);
-            cmd.args(cmdline::args(config, self.accel, &paths, console_out.as_raw_fd()))
-                .stdin(Stdio::null())
-                .stdout(log)
-                .stderr(log2);
+            cmd.args(cmdline::args(
+                config,
+                self.accel,
+                &paths,
+                console_out.as_raw_fd(),
+            ))
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2);
             if let Some(j) = &config.jail {
                 // Taps arrive as fds, so QEMU needs no network namespace of the host.
                 j.for_process(
@@ -280,7 +285,9 @@ const HELPER_EXIT_GRACE: Duration = Duration::from_millis(500);
 
 fn lock(procs: &Mutex<Procs>) -> MutexGuard<'_, Procs> {
     // A panic while holding the lock leaves plain process handles behind: still usable.
-    procs.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    procs
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 fn watch(procs: &Mutex<Procs>, quit: &AtomicBool) {
@@ -441,7 +448,8 @@ impl Vm for QemuVm {
         // One short connection per write: QEMU sends the guest's output to a connected
         // client too, and a client that stops reading would stall the guest's serial port.
         let sock = &self.paths.console_sock;
-        let mut s = UnixStream::connect(sock).map_err(Error::io(format!("connecting to {}", sock.display())))?;
+        let mut s = UnixStream::connect(sock)
+            .map_err(Error::io(format!("connecting to {}", sock.display())))?;
         s.write_all(bytes)
             .map_err(Error::io(format!("writing to {}", sock.display())))?;
         // Give QEMU a moment to take the bytes before the hang-up.
@@ -492,7 +500,9 @@ impl Vm for QemuVm {
             // "quit" ends QEMU at once; it may close the connection before answering.
             let asked = self.qmp().and_then(|q| q.execute("quit")).is_ok();
             if !asked {
-                lock(&self.procs).qemu.signal(nix::sys::signal::Signal::SIGTERM)?;
+                lock(&self.procs)
+                    .qemu
+                    .signal(nix::sys::signal::Signal::SIGTERM)?;
             }
         }
         let status = match self.wait(Some(grace)) {
@@ -503,9 +513,11 @@ impl Vm for QemuVm {
                 s
             }
             // A helper crashed meanwhile; the VM is stopped, which is what was asked.
-            Err(Error::HelperExited { .. }) => lock(&self.procs).qemu.try_wait()?.unwrap_or_else(|| {
-                unreachable!("wait reports a helper exit only after QEMU ended")
-            }),
+            Err(Error::HelperExited { .. }) => {
+                lock(&self.procs).qemu.try_wait()?.unwrap_or_else(|| {
+                    unreachable!("wait reports a helper exit only after QEMU ended")
+                })
+            }
             Err(e) => return Err(e),
         };
         Ok(status)
