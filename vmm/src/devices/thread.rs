@@ -4,7 +4,8 @@
 //! A device thread that returns without a word leaves a device that no longer moves data
 //! (a vsock the shim cannot reach, a NIC that drops every frame) and nothing in husk-vmm's
 //! log (its stderr, `vmm.log` under the shim) to say so. Every loop therefore returns a
-//! [`ThreadStop`], and [`spawn`] writes it to stderr before the thread ends.
+//! [`ThreadStop`] when it fails, and [`spawn`] writes it to stderr before the thread ends
+//! (an input that simply ends, as console input at EOF, ends its thread quietly).
 
 use std::io::{self, Write};
 use std::os::fd::RawFd;
@@ -28,12 +29,6 @@ pub enum ThreadStop {
         what: &'static str,
         /// The fd.
         fd: RawFd,
-    },
-    /// The input the thread forwards has ended.
-    #[error("{what}: end of input")]
-    Eof {
-        /// The input.
-        what: &'static str,
     },
     /// Reading the input the thread forwards failed.
     #[error("reading {what}: {source}")]
@@ -80,16 +75,17 @@ pub fn report_stop(out: &mut dyn Write, name: &str, why: &ThreadStop) {
     );
 }
 
-/// Starts thread `name` running `body`; when `body` returns, says why on stderr.
+/// Starts thread `name` running `body`; when `body` fails, says why on stderr.
 pub fn spawn<F>(name: &'static str, body: F) -> io::Result<()>
 where
-    F: FnOnce() -> ThreadStop + Send + 'static,
+    F: FnOnce() -> Result<(), ThreadStop> + Send + 'static,
 {
     std::thread::Builder::new()
         .name(name.into())
         .spawn(move || {
-            let why = body();
-            report_stop(&mut io::stderr().lock(), name, &why);
+            if let Err(why) = body() {
+                report_stop(&mut io::stderr().lock(), name, &why);
+            }
         })?;
     Ok(())
 }
@@ -129,10 +125,16 @@ mod tests {
     #[test]
     fn the_stop_line_names_the_thread_and_the_cause() {
         let mut out = Vec::new();
-        report_stop(&mut out, "vsock", &ThreadStop::Eof { what: "stdin" });
+        let why = ThreadStop::NotOpen {
+            what: "the muxer's epoll fd",
+            fd: 7,
+        };
+        report_stop(&mut out, "vsock", &why);
         let line = String::from_utf8(out).unwrap();
         assert!(
-            line.starts_with("husk-vmm: device thread vsock stopped: stdin: end of input"),
+            line.starts_with(
+                "husk-vmm: device thread vsock stopped: polling the muxer's epoll fd: fd 7 is not open"
+            ),
             "{line}"
         );
     }

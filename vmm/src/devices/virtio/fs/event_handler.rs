@@ -14,9 +14,9 @@ use crate::devices::virtio::{IrqTrigger, INT_VRING};
 /// Starts the thread for `calls`, raising `irq`.
 pub fn spawn(calls: Vec<EventFd>, irq: Arc<IrqTrigger>) -> std::io::Result<()> {
     thread::spawn("virtio-fs", move || {
-        run(&calls, || {
+        Err(run(&calls, || {
             let _ = irq.trigger(INT_VRING);
-        })
+        }))
     })
 }
 

@@ -24,9 +24,9 @@ pub fn spawn(
     // The tap fd is owned by the device, which lives as long as the VMM; the kick is
     // owned by the thread.
     thread::spawn("net", move || {
-        run(tap, &rx_blocked, &kick, || {
+        Err(run(tap, &rx_blocked, &kick, || {
             transport.lock().expect("transport lock").service();
-        })
+        }))
     })
 }
 

@@ -20,7 +20,7 @@ pub fn spawn(muxer: Arc<Mutex<Muxer>>, transport: SharedTransport) -> std::io::R
     // The epoll fd lives as long as the muxer, which this thread keeps alive through its Arc.
     let timeouts = muxer.clone();
     thread::spawn("vsock", move || {
-        run(
+        Err(run(
             fd,
             || timeouts.lock().expect("muxer lock").next_timeout(),
             || {
@@ -33,7 +33,7 @@ pub fn spawn(muxer: Arc<Mutex<Muxer>>, transport: SharedTransport) -> std::io::R
                     transport.lock().expect("transport lock").service();
                 }
             },
-        )
+        ))
     })
 }
 
