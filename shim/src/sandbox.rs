@@ -51,6 +51,29 @@ pub enum SandboxError {
 pub const ANNOTATION_EXTRA_VCPUS: &str = "io.husk.extra-vcpus";
 pub const ANNOTATION_EXTRA_MEMORY_MIB: &str = "io.husk.extra-memory-mib";
 
+/// A sandbox whose spec shares one of the host's namespaces (no `network`, `ipc` or `pid`
+/// entry in `linux.namespaces`: CRI's hostNetwork, hostIPC, hostPID, or `ctr run --net-host`)
+/// asks for something a VM cannot give: its processes run in the guest, never in the node's
+/// namespaces. Refused, naming the field, rather than silently given the guest's own.
+pub fn host_namespaces(spec: &Value) -> Result<(), String> {
+    let Some(list) = spec["linux"]["namespaces"].as_array() else {
+        return Ok(());
+    };
+    let has = |kind: &str| list.iter().any(|n| n["type"].as_str() == Some(kind));
+    for (kind, field) in [
+        ("network", "hostNetwork (or ctr run --net-host)"),
+        ("ipc", "hostIPC"),
+        ("pid", "hostPID"),
+    ] {
+        if !has(kind) {
+            return Err(format!(
+                "the spec has no {kind} namespace, i.e. the pod asks for the host's ({field}): a husk pod runs in its own VM and cannot share the node's {kind} namespace — remove {field} from the pod, or run it with runc"
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// The host's CPU count and memory (MiB): the default bounds of annotation-driven sizes.
 fn host_size() -> (u32, u32) {
     let cpus = std::thread::available_parallelism().map_or(1, |n| u32::try_from(n.get()).unwrap_or(u32::MAX));
@@ -276,6 +299,9 @@ impl Sandbox {
                 message: e.to_string(),
             }
         };
+        // What the spec asks for that a VM cannot give is refused before anything exists.
+        host_namespaces(spec).map_err(|e| step_err("checking the pod's namespaces")(&e))?;
+        size_for(config, spec).map_err(|e| step_err("sizing the VM from the pod")(&e))?;
         // The configuration's programs first: a wrong path fails here, before anything exists.
         let programs = config
             .programs()
@@ -592,6 +618,21 @@ impl Sandbox {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn host_namespaces_are_refused_by_name() {
+        let ns = |kinds: &[&str]| {
+            json!({"linux": {"namespaces": kinds.iter().map(|k| json!({"type": k})).collect::<Vec<_>>()}})
+        };
+        host_namespaces(&ns(&["pid", "ipc", "uts", "mount", "network"])).unwrap();
+        host_namespaces(&json!({})).unwrap();
+        let e = host_namespaces(&ns(&["pid", "ipc", "uts", "mount"])).unwrap_err();
+        assert!(e.contains("hostNetwork") && e.contains("network namespace"), "{e}");
+        let e = host_namespaces(&ns(&["pid", "uts", "mount", "network"])).unwrap_err();
+        assert!(e.contains("hostIPC"), "{e}");
+        let e = host_namespaces(&ns(&["ipc", "uts", "mount", "network"])).unwrap_err();
+        assert!(e.contains("hostPID"), "{e}");
+    }
 
     #[test]
     fn pod_limits_grow_the_vm() {

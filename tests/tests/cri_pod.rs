@@ -540,3 +540,112 @@ fn assert_nothing_left(cri: &mut CriContainerd, sid: &str) {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// Entries of /run/husk (sandboxes and jail ids), to see that a refused pod left none.
+fn husk_state() -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir("/run/husk")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .chain(
+            std::fs::read_dir("/run/husk/.jail-ids")
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|e| format!(".jail-ids/{}", e.file_name().to_string_lossy())),
+        )
+        .collect();
+    v.sort();
+    v
+}
+
+/// RunPodSandbox on husk with `config`, which must fail; returns containerd's error.
+fn refused_pod(cri: &mut CriContainerd, config: PodSandboxConfig) -> String {
+    let before = husk_state();
+    let name = config.metadata.as_ref().map(|m| m.name.clone()).unwrap_or_default();
+    let mut rt = cri.rt.clone();
+    let req = RunPodSandboxRequest {
+        config: Some(config),
+        runtime_handler: "husk".into(),
+    };
+    let e = match cri.block_on(rt.run_pod_sandbox(req)) {
+        Ok(r) => panic!("the pod ran: {}", r.into_inner().pod_sandbox_id),
+        Err(e) => e.message().to_string(),
+    };
+    let pods = cri
+        .block_on(rt.list_pod_sandbox(ListPodSandboxRequest { filter: None }))
+        .unwrap()
+        .into_inner();
+    let refused: Vec<_> = pods
+        .items
+        .into_iter()
+        .filter(|p| p.metadata.as_ref().is_some_and(|m| m.name == name))
+        .collect();
+    assert!(
+        refused.iter().all(|p| p.state != PodSandboxState::SandboxReady as i32),
+        "{refused:?}"
+    );
+    for p in refused {
+        let _ = cri.block_on(rt.remove_pod_sandbox(RemovePodSandboxRequest { pod_sandbox_id: p.id }));
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while husk_state() != before {
+        assert!(
+            Instant::now() < deadline,
+            "a refused pod left {:?} (before: {before:?})",
+            husk_state()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    e
+}
+
+/// A pod asks for what a VM cannot give (the node's network namespace), names another pod's
+/// VM in `io.husk.sandbox-id`, or asks for more memory than allowed: each is refused at
+/// RunPodSandbox with the reason, and leaves nothing behind; the pod it named keeps its VM.
+#[test]
+fn pods_that_ask_for_the_node_or_another_pods_vm_are_refused() {
+    require_root("containerd with CRI, CNI");
+    let _sweep = CgroupSweep;
+    let mut cri = CriContainerd::start();
+
+    let mut host_net = sandbox_config(&cri, "husk-hostnet", NamespaceMode::Container);
+    if let Some(ns) = host_net
+        .linux
+        .as_mut()
+        .and_then(|l| l.security_context.as_mut())
+        .and_then(|s| s.namespace_options.as_mut())
+    {
+        ns.network = NamespaceMode::Node as i32;
+    }
+    let e = refused_pod(&mut cri, host_net);
+    assert!(e.contains("hostNetwork") && e.contains("own VM"), "{e}");
+
+    let mut victim = Pod::run(&mut cri, "husk-victim", "husk");
+    let web = victim.container("web", &["sleep", "1000"], vec![]);
+    let victim_boot = victim.exec_ok(&web, &["cat", "/proc/sys/kernel/random/boot_id"]);
+    let victim_id = victim.id.clone();
+    // The pod holds containerd's handle while it runs: the refused pods go through it.
+    let cri2 = &mut *victim.cri;
+    let mut steer = sandbox_config(cri2, "husk-steer", NamespaceMode::Container);
+    steer
+        .annotations
+        .insert("io.husk.sandbox-id".into(), victim_id.clone());
+    let e = refused_pod(cri2, steer);
+    assert!(e.contains("io.husk.sandbox-id") && e.contains(&victim_id), "{e}");
+
+    let mut big = sandbox_config(cri2, "husk-big", NamespaceMode::Container);
+    big.annotations
+        .insert("io.husk.extra-memory-mib".into(), "999999999".into());
+    let e = refused_pod(cri2, big);
+    assert!(e.contains("io.husk.extra-memory-mib") && e.contains("max_memory_mib"), "{e}");
+
+    // The named pod still runs in its own VM.
+    assert_eq!(
+        victim.exec_ok(&web, &["cat", "/proc/sys/kernel/random/boot_id"]),
+        victim_boot
+    );
+    let sid = victim.remove();
+    assert_nothing_left(&mut cri, &sid);
+}
