@@ -237,7 +237,8 @@ impl Jail {
                 // The tmpfs itself read-only from now on (only the binds inside stay writable).
                 ok(libc::mount(null, root.as_ptr(), null, libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_NOSUID, std::ptr::null()))?;
                 ok(libc::chdir(root.as_ptr()))?;
-                ok(libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()) as libc::c_int)?;
+                // pivot_root returns 0 or -1: the sign is all that matters.
+                ok(libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()).signum() as libc::c_int)?;
                 ok(libc::umount2(c".".as_ptr(), libc::MNT_DETACH))?;
                 ok(libc::chdir(c"/".as_ptr()))?;
                 ok(libc::setgroups(0, std::ptr::null()))?;
