@@ -249,3 +249,56 @@ fn a_taken_socket_and_a_failing_vmm_are_reported_and_clean_up() {
         leftovers(dir.path())
     );
 }
+
+/// With a jail, husk-vmm runs as the jail's uid with no capabilities, in its own mount and
+/// network namespaces, and still serves the guest: /dev/kvm is the jail's own node, the
+/// kernel a read-only bind, the vsock socket in the state directory the jail owns.
+#[test]
+fn a_jailed_husk_vmm_serves_the_guest_without_root() {
+    husk_tests::require_root("building a jail");
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("vm");
+    let root = dir.path().join("jail");
+    std::fs::create_dir(&state).unwrap();
+    std::fs::create_dir(&root).unwrap();
+    let ids = husk_hypervisor::jail::JailIds::new(dir.path());
+    let uid = ids.claim("husk-vmm-test").unwrap();
+    std::os::unix::fs::chown(&state, Some(uid), Some(uid)).unwrap();
+    let mut cfg = config(&state, "vsock_echo", true);
+    cfg.jail = Some(husk_hypervisor::jail::JailSpec {
+        uid,
+        gid: uid,
+        root,
+    });
+    let mut vm = backend().start(&cfg).expect("starting the jailed VM");
+    wait_console(vm.as_mut(), "the echo guest's ready line", "husk vsock: ready");
+    let pid = vm.pid();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |f: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(f))
+            .unwrap_or_default()
+            .split_whitespace()
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(field("Uid:"), vec![uid.to_string(); 4], "{status}");
+    assert_eq!(field("CapEff:"), ["0000000000000000"], "{status}");
+    assert_eq!(field("NoNewPrivs:"), ["1"], "{status}");
+    for kind in ["mnt", "net"] {
+        assert_ne!(
+            std::fs::read_link(format!("/proc/{pid}/ns/{kind}")).unwrap(),
+            std::fs::read_link(format!("/proc/self/ns/{kind}")).unwrap(),
+            "{kind}"
+        );
+    }
+    let sock = vm.vsock_socket().expect("a vsock socket").to_path_buf();
+    let mut s = vsock::connect(&sock, 1024, DEADLINE).expect("CONNECT 1024 to the jailed VMM");
+    echo(&mut s, b"hello through a jailed husk-vmm");
+    drop(s);
+    let status = vm.stop(Duration::from_secs(10)).unwrap();
+    assert!(status.success(), "husk-vmm exit {status}");
+    assert!(!process_alive(pid));
+    ids.release("husk-vmm-test");
+}

@@ -146,7 +146,16 @@ impl Hypervisor for HuskVmm {
                     &paths.virtiofsd_sock,
                     &paths.virtiofsd_log,
                 ) {
-                    Ok(p) => Some(p),
+                    Ok(p) => {
+                        if let Some(j) = &config.jail {
+                            // virtiofsd runs as root; the jailed husk-vmm connects to it.
+                            if let Err(e) = crate::jail::give_socket(&paths.virtiofsd_sock, j) {
+                                remove_sockets(&paths);
+                                return Err(e);
+                            }
+                        }
+                        Some(p)
+                    }
                     Err(e) => {
                         remove_sockets(&paths);
                         return Err(e);
@@ -203,6 +212,13 @@ fn spawn(
         .stdin(Stdio::from(read))
         .stdout(Stdio::from(console_out))
         .stderr(log);
+    if let Some(j) = &config.jail {
+        // husk-vmm opens /dev/kvm (a node of the jail's own), the kernel and initramfs
+        // (read-only binds), its sockets in the state directory, and /dev/urandom; guest
+        // connections to host vsock ports reach `<vsock>_PORT` in the same directory.
+        j.for_process(program, &config.state_dir, &[&config.kernel, &config.initramfs], true)
+            .apply(&mut cmd)?;
+    }
     let p = Supervised::spawn(PROGRAM, cmd)?;
     Ok((p, File::from(write), relay))
 }
