@@ -118,6 +118,11 @@ impl Env {
         std::fs::read_to_string(self.log_path()).unwrap_or_default()
     }
 
+    /// The husk configuration the private containerd's shims read (`HUSK_CONFIG`).
+    pub fn husk_config(&self) -> PathBuf {
+        self.dir.join("husk.toml")
+    }
+
     pub fn image(&self) -> &'static str {
         rootfs::BUSYBOX_IMAGE
     }

@@ -12,6 +12,7 @@ pub mod breakdown;
 pub mod chart;
 pub mod env;
 pub mod io;
+pub mod jail;
 pub mod network;
 pub mod procfs;
 pub mod report;
@@ -261,6 +262,13 @@ pub fn run(quick: bool) -> Result<()> {
             Err(e) => not_done.push(format!("10. Pod network: failed in this run: {e:#}")),
         }
         note_failures(&mut done, 10);
+        note_busy(&mut busy);
+        step(&format!("bench 11: the jail's cost, {} runs each", plan.start.div_ceil(2)));
+        match jail::run(&env, plan.start.div_ceil(2)) {
+            Ok(s) => done.push(s),
+            Err(e) => not_done.push(format!("11. The jail's cost: failed in this run: {e:#}")),
+        }
+        note_failures(&mut done, 11);
         note_busy(&mut busy);
         step("bench: stopping containerd, removing what the bench made");
         leftovers = env.shutdown();

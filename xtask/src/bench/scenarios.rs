@@ -159,11 +159,11 @@ pub fn first_output(env: &Env, sides: &Sides, rounds: usize) -> Result<(Scenario
 }
 
 /// One idle pod's processes, measured.
-struct PodMem {
+pub(super) struct PodMem {
     /// PSS outside guest RAM, summed over the pod's host processes, KiB.
-    total: u64,
+    pub(super) total: u64,
     /// husk: guest RAM touched (RSS of the memfd in the VMM).
-    guest_touched: u64,
+    pub(super) guest_touched: u64,
     shim_pss: u64,
     shim_threads: u64,
     /// (executable, PSS KiB) of each other process.
@@ -172,7 +172,7 @@ struct PodMem {
     vmm_anon: (u64, u64),
 }
 
-fn measure_pod(side: usize, id: &str) -> Result<PodMem> {
+pub(super) fn measure_pod(side: usize, id: &str) -> Result<PodMem> {
     let all = procfs::processes();
     let shim_exe = if side == 0 {
         "containerd-shim-husk"
@@ -216,7 +216,7 @@ fn measure_pod(side: usize, id: &str) -> Result<PodMem> {
 }
 
 #[allow(clippy::cast_precision_loss)]
-fn mib(kib: u64) -> f64 {
+pub(super) fn mib(kib: u64) -> f64 {
     kib as f64 / 1024.0
 }
 
