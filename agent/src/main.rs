@@ -12,15 +12,7 @@
 //! - `husk-agent serve --listen unix:///PATH --shared-dir DIR [--cgroup-root DIR]`: the API
 //!   on a unix socket outside a VM, for the host-side container tests (root needed).
 
-mod container;
-mod debug_console;
-mod guest_info;
-mod logging;
-mod network;
-mod pid1;
-mod power;
-mod reaper;
-mod server;
+use husk_agent::{container, debug_console, guest_info, logging, pid1, power, reaper, server};
 
 use std::io::BufRead;
 use std::path::PathBuf;
@@ -66,7 +58,10 @@ fn pid1_main() -> ! {
     };
     match pid1::mount_shared() {
         Ok(true) => {}
-        Ok(false) => println!("husk-agent: no virtio-fs device tagged {}: containers cannot be created", pid1::SHARED_FS_TAG),
+        Ok(false) => println!(
+            "husk-agent: no virtio-fs device tagged {}: containers cannot be created",
+            pid1::SHARED_FS_TAG
+        ),
         Err(e) => power::fatal(&e),
     }
     let engine = container::Engine::new(container::Config {
@@ -89,7 +84,8 @@ fn pid1_main() -> ! {
         }
     };
     if debug_console::enabled(&cmdline) {
-        let shell = std::path::Path::new(pid1::SHARED_DIR).join(husk_protocols::DEBUG_SHELL_IN_SHARE);
+        let shell =
+            std::path::Path::new(pid1::SHARED_DIR).join(husk_protocols::DEBUG_SHELL_IN_SHARE);
         if let Err(e) = debug_console::start(shell) {
             println!("husk-agent: debug console not available: {e}");
         }
@@ -109,7 +105,9 @@ fn pid1_main() -> ! {
         match line.as_deref().map(str::trim) {
             Ok("poweroff") => power::off("poweroff requested on the console"),
             Ok("") => {}
-            Ok(other) => println!("husk-agent: unknown console request {other:?} (known: poweroff)"),
+            Ok(other) => {
+                println!("husk-agent: unknown console request {other:?} (known: poweroff)")
+            }
             Err(e) => {
                 println!("husk-agent: console read failed: {e}");
                 break;
@@ -130,7 +128,8 @@ fn start_server(addr: &str, service: server::Service) -> Result<ttrpc::Server, S
         .register_service(logging::log_requests(create_agent(Arc::new(service))))
         // Reads and waits block in their handler: keep enough threads for a pod's streams.
         .set_thread_count_max(256);
-    s.start().map_err(|e| format!("starting the ttrpc server on {addr}: {e}"))?;
+    s.start()
+        .map_err(|e| format!("starting the ttrpc server on {addr}: {e}"))?;
     Ok(s)
 }
 

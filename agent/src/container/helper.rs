@@ -137,7 +137,8 @@ fn init(sync: &mut UnixStream) -> Result<Never, String> {
     set_oom_score_adj(process.oom_score_adj())?;
     if let Some(sysctl) = cfg.spec.linux().as_ref().and_then(|l| l.sysctl().as_ref()) {
         for (k, v) in sysctl {
-            let path = Path::new("/proc/sys").join(k.replace('.', "/"));
+            // Checked at CreateContainer (`spec::check_spec`); never a path outside /proc/sys.
+            let path = super::spec::sysctl_path(k).map_err(|e| e.to_string())?;
             std::fs::write(&path, v).map_err(|e| format!("sysctl {k}={v}: {e}"))?;
         }
     }

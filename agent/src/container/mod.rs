@@ -28,6 +28,7 @@ pub mod mounts;
 pub mod oom;
 pub mod seccomp;
 pub mod spawn;
+pub mod spec;
 pub mod stdio;
 
 use std::collections::HashMap;
@@ -38,7 +39,7 @@ use std::time::Duration;
 use nix::sched::CloneFlags;
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
-use oci_spec::runtime::{LinuxNamespaceType, LinuxResources, Process as OciProcess, Spec};
+use oci_spec::runtime::{LinuxNamespaceType, Process as OciProcess, Spec};
 
 use crate::reaper::{exits, Exit};
 use cgroup::Cgroup;
@@ -142,16 +143,16 @@ impl Container {
 
 /// How a new container gets its namespaces.
 #[derive(Debug)]
-struct Namespaces {
+pub struct Namespaces {
     /// New namespaces for the init helper's clone.
-    flags: CloneFlags,
+    pub flags: CloneFlags,
     /// Namespaces the helper enters after the clone: (clone flag bits, path).
-    join: Vec<(i32, PathBuf)>,
+    pub join: Vec<(i32, PathBuf)>,
     /// Whether the container sets its hostname (it has its own uts namespace).
-    set_hostname: bool,
+    pub set_hostname: bool,
     /// A PID namespace to clone the helper into (entering one only affects children, so it
     /// is entered before the clone, not by the helper).
-    pid: Option<PathBuf>,
+    pub pid: Option<PathBuf>,
 }
 
 /// Where the engine finds things.
@@ -182,6 +183,47 @@ pub struct Engine {
     oom: Arc<oom::OomWatch>,
 }
 
+/// CreateContainer's checks that need nothing but the request: the id, then the spec parsed
+/// and checked ([`spec`]). Touches nothing; the fuzz targets and the spec mutation run drive it.
+pub fn check_create(id: &str, spec_json: &[u8]) -> Result<Spec> {
+    if !valid_id(id) {
+        return Err(Error::Invalid {
+            id: id.into(),
+            what: format!(
+                "container id {}: must be 1-128 of [A-Za-z0-9_.-], not starting with '.'",
+                spec::shown(id)
+            ),
+        });
+    }
+    let invalid = |e: spec::SpecError| Error::Invalid {
+        id: id.into(),
+        what: e.to_string(),
+    };
+    let spec = spec::parse_spec(spec_json).map_err(invalid)?;
+    spec::check_spec(&spec).map_err(invalid)?;
+    Ok(spec)
+}
+
+/// ExecProcess's checks that need nothing but the request: the exec id, then the process
+/// parsed and checked ([`spec::check_process`]).
+pub fn check_exec(id: &str, exec_id: &str, process_json: &[u8]) -> Result<OciProcess> {
+    let invalid = |what: String| Error::Invalid {
+        id: id.into(),
+        what,
+    };
+    if !valid_id(exec_id) {
+        return Err(invalid(format!(
+            "exec id {}: must be 1-128 of [A-Za-z0-9_.-], not starting with '.'",
+            spec::shown(exec_id)
+        )));
+    }
+    let process =
+        spec::parse_process(process_json).map_err(|e| invalid(format!("exec {exec_id}: {e}")))?;
+    spec::check_process(&process, "process")
+        .map_err(|e| invalid(format!("exec {exec_id}: {e}")))?;
+    Ok(process)
+}
+
 /// Container and exec ids become paths: a conservative alphabet, as runc's.
 pub fn valid_id(id: &str) -> bool {
     !id.is_empty()
@@ -190,6 +232,86 @@ pub fn valid_id(id: &str) -> bool {
         && id
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
+}
+
+/// How a container described by `spec` gets its namespaces (see the module docs), given the
+/// sandbox holder's PID (`pause`, if CreateSandbox ran) and how to find the sandbox
+/// container's PID namespace (`sandbox_pid`, asked only when the spec names a PID namespace
+/// path; its error says why there is none). Pure: the fuzz targets call it.
+pub fn namespaces(
+    id: &str,
+    spec: &Spec,
+    pause: Option<i32>,
+    sandbox_pid: impl Fn() -> std::result::Result<PathBuf, String>,
+) -> Result<Namespaces> {
+    let mut flags = CloneFlags::CLONE_NEWPID | CloneFlags::CLONE_NEWNS;
+    let mut join = Vec::new();
+    let mut set_hostname = false;
+    let mut pid_ns = None;
+    let nss = spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.namespaces().as_deref())
+        .unwrap_or(&[]);
+    for (i, ns) in nss.iter().enumerate() {
+        let path = ns.path().as_deref();
+        let invalid = |what: String| Error::Invalid {
+            id: id.into(),
+            what: format!("linux.namespaces[{i}]{what}"),
+        };
+        let shown = |p: &std::path::Path| spec::shown(&p.to_string_lossy());
+        match ns.typ() {
+            LinuxNamespaceType::Mount if path.is_some() => {
+                return Err(invalid(format!(
+                    ".path = {}: joining a mount namespace by path is not supported: each container gets its own",
+                    shown(path.unwrap_or(std::path::Path::new("")))
+                )))
+            }
+            LinuxNamespaceType::Pid if path.is_some() => {
+                flags.remove(CloneFlags::CLONE_NEWPID);
+                let p = path.unwrap_or(std::path::Path::new(""));
+                pid_ns = Some(sandbox_pid().map_err(|why| {
+                    invalid(format!(".path = {}: {why}", shown(p)))
+                })?);
+            }
+            LinuxNamespaceType::Pid | LinuxNamespaceType::Mount | LinuxNamespaceType::Network => {}
+            LinuxNamespaceType::Cgroup => {} // unshared by the helper after joining the cgroup
+            t @ (LinuxNamespaceType::Uts | LinuxNamespaceType::Ipc) => {
+                let (flag, name) = if t == LinuxNamespaceType::Uts {
+                    (CloneFlags::CLONE_NEWUTS, "uts")
+                } else {
+                    (CloneFlags::CLONE_NEWIPC, "ipc")
+                };
+                match (path, pause) {
+                    // A path names a namespace of the *host* (the pod's pause process, as
+                    // containerd's CRI writes it): in the guest, the sandbox's is that.
+                    (_, Some(pause)) => join.push((flag.bits(), PathBuf::from(format!("/proc/{pause}/ns/{name}")))),
+                    (Some(p), None) => {
+                        return Err(invalid(format!(
+                            ".path = {}: the {name} namespace path names a host namespace, which the guest cannot enter — create the sandbox (CreateSandbox) first, whose namespaces such containers share",
+                            shown(p)
+                        )))
+                    }
+                    (None, None) => {
+                        flags |= flag;
+                        set_hostname |= t == LinuxNamespaceType::Uts;
+                    }
+                }
+            }
+            other => {
+                let name = format!("{other:?}").to_lowercase();
+                return Err(invalid(format!(
+                    ".type = {name:?}: {name} namespaces are not supported in the husk guest — remove the entry"
+                )));
+            }
+        }
+    }
+    Ok(Namespaces {
+        flags,
+        join,
+        set_hostname,
+        pid: pid_ns,
+    })
 }
 
 impl Engine {
@@ -268,25 +390,14 @@ impl Engine {
             id: id.into(),
             what,
         };
-        if !valid_id(id) {
-            return Err(invalid(
-                "container id must be 1-128 of [A-Za-z0-9_.-], not starting with '.'".into(),
-            ));
-        }
-        let spec: Spec = serde_json::from_slice(spec_json)
-            .map_err(|e| invalid(format!("parsing the OCI spec: {e}")))?;
-        if spec.root().is_none() {
-            return Err(invalid("the OCI spec has no root".into()));
-        }
-        let process = spec
-            .process()
-            .clone()
-            .ok_or_else(|| invalid("the OCI spec has no process".into()))?;
+        let spec = check_create(id, spec_json)?;
         // The request's flag or the spec's own `process.terminal`.
-        let terminal = terminal || process.terminal().unwrap_or(false);
-        if process.args().as_ref().is_none_or(|a| a.is_empty()) {
-            return Err(invalid("the OCI spec's process has no args".into()));
-        }
+        let terminal = terminal
+            || spec
+                .process()
+                .as_ref()
+                .and_then(|p| p.terminal())
+                .unwrap_or(false);
         let rootfs = self.config.shared_dir.join(id).join("rootfs");
         if !rootfs.is_dir() {
             return Err(invalid(format!(
@@ -352,93 +463,26 @@ impl Engine {
 
     /// Clone flags, namespaces to join, and whether to set the hostname.
     fn namespaces(&self, id: &str, spec: &Spec) -> Result<Namespaces> {
-        let mut flags = CloneFlags::CLONE_NEWPID | CloneFlags::CLONE_NEWNS;
-        let mut join = Vec::new();
-        let mut set_hostname = false;
-        let mut pid_ns = None;
-        let sandbox = lock(&self.sandbox).as_ref().map(|s| s.pause_pid);
-        let nss = spec
-            .linux()
-            .as_ref()
-            .and_then(|l| l.namespaces().clone())
-            .unwrap_or_default();
-        for ns in nss {
-            let path = ns.path().clone();
-            match ns.typ() {
-                LinuxNamespaceType::Mount if path.is_some() => {
-                    return Err(Error::Invalid {
-                        id: id.into(),
-                        what: "joining a mount namespace by path is not supported: each container gets its own".into(),
-                    })
-                }
-                LinuxNamespaceType::Pid if path.is_some() => {
-                    flags.remove(CloneFlags::CLONE_NEWPID);
-                    pid_ns = path.as_deref().map(|p| self.sandbox_pid_namespace(id, p)).transpose()?;
-                }
-                LinuxNamespaceType::Pid | LinuxNamespaceType::Mount | LinuxNamespaceType::Network => {}
-                LinuxNamespaceType::Cgroup => {} // unshared by the helper after joining the cgroup
-                t @ (LinuxNamespaceType::Uts | LinuxNamespaceType::Ipc) => {
-                    let (flag, name) = if t == LinuxNamespaceType::Uts {
-                        (CloneFlags::CLONE_NEWUTS, "uts")
-                    } else {
-                        (CloneFlags::CLONE_NEWIPC, "ipc")
-                    };
-                    match (path, sandbox) {
-                        // A path names a namespace of the *host* (the pod's pause process, as
-                        // containerd's CRI writes it): in the guest, the sandbox's is that.
-                        (_, Some(pause)) => join.push((flag.bits(), PathBuf::from(format!("/proc/{pause}/ns/{name}")))),
-                        (Some(p), None) => {
-                            return Err(Error::Invalid {
-                                id: id.into(),
-                                what: format!(
-                                    "{name} namespace path {}: names a host namespace, which the guest cannot enter — create the sandbox (CreateSandbox) first, whose namespaces such containers share",
-                                    p.display()
-                                ),
-                            })
-                        }
-                        (None, None) => {
-                            flags |= flag;
-                            set_hostname |= t == LinuxNamespaceType::Uts;
-                        }
-                    }
-                }
-                other => {
-                    return Err(Error::Invalid {
-                        id: id.into(),
-                        what: format!("{other:?} namespaces are not supported in the husk guest"),
-                    })
-                }
-            }
-        }
-        Ok(Namespaces {
-            flags,
-            join,
-            set_hostname,
-            pid: pid_ns,
-        })
+        let pause = lock(&self.sandbox).as_ref().map(|s| s.pause_pid);
+        namespaces(id, spec, pause, || self.sandbox_pid_namespace(id))
     }
 
-    /// The PID namespace a container whose spec names `path` joins: the sandbox container's.
-    fn sandbox_pid_namespace(&self, id: &str, path: &std::path::Path) -> Result<PathBuf> {
-        let invalid = |why: String| Error::Invalid {
-            id: id.into(),
-            what: format!("pid namespace path {}: {why}", path.display()),
-        };
+    /// The PID namespace a container whose spec names a PID namespace path joins: the sandbox
+    /// container's. The error says why not.
+    fn sandbox_pid_namespace(&self, id: &str) -> std::result::Result<PathBuf, String> {
         let sandbox = lock(&self.sandbox).as_ref().map(|s| s.id.clone()).ok_or_else(|| {
-            invalid("names a host namespace, which the guest cannot enter — create the sandbox (CreateSandbox) and its container first, whose PID namespace such containers share".into())
+            "a PID namespace path names a host namespace, which the guest cannot enter — create the sandbox (CreateSandbox) and its container first, whose PID namespace such containers share".to_string()
         })?;
         if sandbox == id {
-            return Err(invalid(
-                "the sandbox's own container cannot join another PID namespace".into(),
-            ));
+            return Err("the sandbox's own container cannot join another PID namespace".into());
         }
         let c = lock(&self.containers).get(&sandbox).cloned().ok_or_else(|| {
-            invalid(format!("sharing the pod's PID namespace means joining the sandbox container's, and container {sandbox} does not exist in this guest"))
+            format!("sharing the pod's PID namespace means joining the sandbox container's, and container {sandbox} does not exist in this guest")
         })?;
         if c.init_exited() {
-            return Err(invalid(format!(
+            return Err(format!(
                 "the sandbox container {sandbox} has exited, and its PID namespace with it"
-            )));
+            ));
         }
         Ok(PathBuf::from(format!("/proc/{}/ns/pid", c.init.pid)))
     }
@@ -547,17 +591,7 @@ impl Engine {
     /// ExecProcess: a new process in a running container's namespaces and cgroup.
     pub fn exec(&self, id: &str, exec_id: &str, process_json: &[u8]) -> Result<u32> {
         let c = self.get(id)?;
-        let invalid = |what: String| Error::Invalid {
-            id: id.into(),
-            what,
-        };
-        if !valid_id(exec_id) {
-            return Err(invalid(format!(
-                "exec id {exec_id:?}: must be 1-128 of [A-Za-z0-9_.-]"
-            )));
-        }
-        let process: OciProcess = serde_json::from_slice(process_json)
-            .map_err(|e| invalid(format!("exec {exec_id}: parsing the OCI process: {e}")))?;
+        let process = check_exec(id, exec_id, process_json)?;
         match *lock(&c.state) {
             // The helper would join the frozen cgroup and freeze with it.
             State::Paused => {
@@ -713,17 +747,10 @@ impl Engine {
 
     pub fn update(&self, id: &str, resources_json: &[u8]) -> Result<()> {
         let c = self.get(id)?;
-        let r: LinuxResources =
-            serde_json::from_slice(resources_json).map_err(|e| Error::Invalid {
-                id: id.into(),
-                what: format!("parsing linux.resources: {e}"),
-            })?;
-        if let Some(d) = r.devices().as_deref() {
-            cgroup::devices::compile(d).map_err(|what| Error::Invalid {
-                id: id.into(),
-                what,
-            })?;
-        }
+        let r = spec::parse_resources(resources_json).map_err(|e| Error::Invalid {
+            id: id.into(),
+            what: e.to_string(),
+        })?;
         let cg = c.cgroup.as_ref().ok_or_else(|| Error::State {
             id: id.into(),
             what: "no cgroup to update".into(),
