@@ -116,6 +116,14 @@ pub fn build(debug: bool) -> Result<PathBuf> {
     let hash = input_hash(&version, &frags)?;
     let out_dir = paths::cache().join("kernel").join(&hash);
     let vmlinux = out_dir.join("vmlinux");
+    // Two `cargo xtask` runs at once (a test run beside a demo) would build into the same
+    // directory and break each other's objects: the second waits for the first.
+    std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
+    let lock_path = out_dir.join(".lock");
+    let lock = std::fs::File::create(&lock_path)
+        .with_context(|| format!("creating {}", lock_path.display()))?;
+    let _held = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, e)| anyhow::anyhow!("locking {}: {e}", lock_path.display()))?;
     if vmlinux.is_file() {
         step(&format!(
             "kernel: cached {} (inputs {hash})",
