@@ -53,9 +53,14 @@ const SHOWN: usize = 96;
 /// config.json spells it and says why.
 #[derive(Debug, thiserror::Error)]
 pub enum SpecError {
-    /// The bytes are not JSON at all (or not only JSON).
-    #[error("{what}: not valid JSON ({message}) — send the OCI {what} as one JSON object")]
-    NotJson { what: &'static str, message: String },
+    /// The bytes are not JSON (or not only JSON, or nested deeper than the parser's 128
+    /// levels); `field` is where the parser was (the document itself: `spec`, `process`).
+    #[error("{field}: not valid JSON ({message}) — send the OCI {what} as one JSON object")]
+    NotJson {
+        what: &'static str,
+        field: String,
+        message: String,
+    },
     /// A field whose type, shape or value its OCI type does not take.
     #[error("{field}: {message}")]
     Type { field: String, message: String },
@@ -112,13 +117,21 @@ fn parse<T: DeserializeOwned>(json: &[u8], what: &'static str, root: &str) -> Re
     let mut de = serde_json::Deserializer::from_slice(json);
     let t: T = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let inner = e.inner();
+        let path = e.path().to_string();
+        let message = cut(inner.to_string());
         if inner.is_syntax() || inner.is_eof() {
+            let field = match (root, path.as_str()) {
+                (_, ".") => what.to_string(),
+                ("", p) => p.to_string(),
+                (r, p) if p.starts_with('[') => format!("{r}{p}"),
+                (r, p) => format!("{r}.{p}"),
+            };
             return SpecError::NotJson {
                 what,
-                message: cut(inner.to_string()),
+                field,
+                message,
             };
         }
-        let path = e.path().to_string();
         let field = match (root, path.as_str()) {
             ("", ".") => format!("the {what} (top level)"),
             ("", p) => p.to_string(),
@@ -126,13 +139,11 @@ fn parse<T: DeserializeOwned>(json: &[u8], what: &'static str, root: &str) -> Re
             (r, p) if p.starts_with('[') => format!("{r}{p}"),
             (r, p) => format!("{r}.{p}"),
         };
-        SpecError::Type {
-            field,
-            message: cut(inner.to_string()),
-        }
+        SpecError::Type { field, message }
     })?;
     de.end().map_err(|e| SpecError::NotJson {
         what,
+        field: what.to_string(),
         message: cut(e.to_string()),
     })?;
     Ok(t)
@@ -450,6 +461,17 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.starts_with("spec: not valid JSON"), "{e}");
+        // Deep nesting: an unknown field's is skipped without recursing (no stack overflow),
+        // a typed field's is refused at its first level.
+        let deep = |key: &str| {
+            let n = 100_000;
+            format!(r#"{{"{key}":{}1{}}}"#, "[".repeat(n), "]".repeat(n))
+        };
+        parse_spec(deep("x-unknown").as_bytes()).unwrap();
+        let e = parse_spec(deep("hostname").as_bytes())
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("hostname: invalid type: sequence"), "{e}");
         let e = parse_spec(b"7").unwrap_err().to_string();
         assert!(
             e.starts_with("the spec (top level): invalid type: integer"),
