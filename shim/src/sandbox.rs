@@ -67,7 +67,7 @@ pub fn host_namespaces(spec: &Value) -> Result<(), String> {
     ] {
         if !has(kind) {
             return Err(format!(
-                "the spec has no {kind} namespace, i.e. the pod asks for the host's ({field}): a husk pod runs in its own VM and cannot share the node's {kind} namespace — remove {field} from the pod, or run it with runc"
+                "linux.namespaces: no {kind} namespace, i.e. the pod asks for the host's ({field}): a husk pod runs in its own VM and cannot share the node's {kind} namespace — remove {field} from the pod, or run it with runc"
             ));
         }
     }
@@ -127,7 +127,10 @@ pub fn size_for(config: &Config, spec: &Value) -> Result<(u32, u32), String> {
         match spec["annotations"][key].as_str() {
             None => Ok(0),
             Some(v) => v.trim().parse::<u32>().map_err(|e| {
-                format!("annotation {key} = {v:?}: not a whole number ({e})")
+                format!(
+                    "annotation {key} = {}: not a whole number ({e})",
+                    crate::share::shown(v)
+                )
             }),
         }
     };
@@ -627,6 +630,7 @@ mod tests {
         host_namespaces(&ns(&["pid", "ipc", "uts", "mount", "network"])).unwrap();
         host_namespaces(&json!({})).unwrap();
         let e = host_namespaces(&ns(&["pid", "ipc", "uts", "mount"])).unwrap_err();
+        assert!(e.starts_with("linux.namespaces: no network namespace"), "{e}");
         assert!(e.contains("hostNetwork") && e.contains("network namespace"), "{e}");
         let e = host_namespaces(&ns(&["pid", "uts", "mount", "network"])).unwrap_err();
         assert!(e.contains("hostIPC"), "{e}");

@@ -37,7 +37,15 @@ pub enum ShareError {
     },
     #[error("{cid}: config.json: {message}")]
     Spec { cid: String, message: String },
-    #[error("annotation {annotation} = {value:?}: {message}")]
+    /// A field of config.json the shim cannot use, named by its JSON path.
+    #[error("{cid}: {field} = {value}: {message}")]
+    Field {
+        cid: String,
+        field: String,
+        value: String,
+        message: String,
+    },
+    #[error("annotation {annotation} = {value}: {message}")]
     Annotation {
         annotation: &'static str,
         value: String,
@@ -146,9 +154,75 @@ fn is_bind(m: &Value) -> bool {
         })
 }
 
+/// How much of a value from a spec an error message shows: a megabyte annotation must not
+/// become a megabyte log line (and containerd event).
+pub fn shown(s: &str) -> String {
+    const SHOWN: usize = 96;
+    match s.char_indices().nth(SHOWN) {
+        None => format!("{s:?}"),
+        Some((cut, _)) => format!("{:?}… ({} bytes)", &s[..cut], s.len()),
+    }
+}
+
+/// One bind mount of a spec, as the shim shares it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bind {
+    /// Its index in `mounts`.
+    pub index: usize,
+    pub source: String,
+}
+
+/// The bind mounts of `spec` the shim would share, checked before anything is mounted: each
+/// needs a source that is an absolute host path. Pure: the spec mutation run drives it.
+pub fn bind_plan(cid: &str, spec: &Value) -> Result<Vec<Bind>, ShareError> {
+    let Some(mounts) = spec.get("mounts").and_then(Value::as_array) else {
+        return Ok(Vec::new());
+    };
+    let mut plan = Vec::new();
+    for (index, m) in mounts.iter().enumerate() {
+        if !is_bind(m) {
+            continue;
+        }
+        let fail = |value: String, message: &str| ShareError::Field {
+            cid: cid.into(),
+            field: format!("mounts[{index}].source"),
+            value,
+            message: message.into(),
+        };
+        let source = match m.get("source") {
+            Some(Value::String(s)) => s,
+            Some(other) => {
+                return Err(fail(
+                    shown(&other.to_string()),
+                    "not a string — a bind mount's source is the host path to share",
+                ))
+            }
+            None => {
+                return Err(fail(
+                    "(missing)".into(),
+                    "a bind mount needs a source: the host path to share",
+                ))
+            }
+        };
+        if !source.starts_with('/') {
+            return Err(fail(shown(source), "the source must be an absolute host path"));
+        }
+        if source.contains('\0') {
+            return Err(fail(shown(source), "contains a NUL byte, which no host path holds"));
+        }
+        plan.push(Bind {
+            index,
+            source: source.clone(),
+        });
+    }
+    Ok(plan)
+}
+
 /// Shares every bind mount of `spec` with the guest and rewrites its source to the guest's
 /// path. Returns the rewritten spec as JSON for the agent.
 pub fn share_bind_mounts(dir: &SandboxDir, cid: &str, spec: &mut Value) -> Result<(), ShareError> {
+    // Every bind checked before the first is mounted.
+    bind_plan(cid, spec)?;
     let Some(mounts) = spec.get_mut("mounts").and_then(Value::as_array_mut) else {
         return Ok(());
     };
@@ -226,10 +300,28 @@ pub fn read_spec(bundle: &Path, cid: &str) -> Result<Value, ShareError> {
         cid: cid.into(),
         message: format!("{}: {e}", path.display()),
     })?;
-    serde_json::from_slice(&text).map_err(|e| ShareError::Spec {
-        cid: cid.into(),
-        message: format!("{}: not valid JSON: {e}", path.display()),
-    })
+    parse_spec(&text, cid)
+}
+
+/// config.json's bytes as JSON; an error says where in the document (its JSON path: a spec
+/// nested past the parser's 128 levels is refused there, naming the field).
+pub fn parse_spec(text: &[u8], cid: &str) -> Result<Value, ShareError> {
+    let fail = |field: String, e: &serde_json::Error| {
+        let mut field = if field == "." { "the document".to_string() } else { field };
+        if let Some((cut, _)) = field.char_indices().nth(160) {
+            field.truncate(cut);
+            field.push('…');
+        }
+        ShareError::Spec {
+            cid: cid.into(),
+            message: format!("{field}: not valid JSON ({e})"),
+        }
+    };
+    let mut de = serde_json::Deserializer::from_slice(text);
+    let v: Value = serde_path_to_error::deserialize(&mut de)
+        .map_err(|e| fail(e.path().to_string(), e.inner()))?;
+    de.end().map_err(|e| fail(".".into(), &e))?;
+    Ok(v)
 }
 
 /// The annotation `ctr` users group containers into one sandbox with.
@@ -248,18 +340,29 @@ pub fn sandbox_of(spec: &Value) -> Result<Option<String>, ShareError> {
         return Ok(None);
     };
     let get = |k: &str| ann.get(k).and_then(Value::as_str).filter(|s| !s.is_empty());
+    // The grouping becomes the sandbox's state directory and shim socket: a usable id or
+    // nothing, refused here naming the annotation.
+    let grouping = |key: &'static str| -> Result<Option<String>, ShareError> {
+        let Some(v) = get(key) else { return Ok(None) };
+        crate::sandbox_dir::check_id(v).map_err(|_| ShareError::Annotation {
+            annotation: key,
+            value: shown(v),
+            message: "not usable as a sandbox id: 1-128 bytes, no '/' or NUL, not . or ..".into(),
+        })?;
+        Ok(Some(v.to_string()))
+    };
     match get("io.kubernetes.cri.container-type") {
-        Some("container") => Ok(get("io.kubernetes.cri.sandbox-id").map(str::to_string)),
+        Some("container") => grouping("io.kubernetes.cri.sandbox-id"),
         Some(_) if get(ANNOTATION_SANDBOX_ID).is_some() => Err(ShareError::Annotation {
             annotation: ANNOTATION_SANDBOX_ID,
-            value: get(ANNOTATION_SANDBOX_ID).unwrap_or_default().to_string(),
+            value: shown(get(ANNOTATION_SANDBOX_ID).unwrap_or_default()),
             message: "a Kubernetes pod's VM is its own: the sandbox grouping of CRI pods comes \
                       only from containerd's io.kubernetes.cri.* annotations — remove the \
                       annotation from the pod"
                 .into(),
         }),
         Some(_) => Ok(None),
-        None => Ok(get(ANNOTATION_SANDBOX_ID).map(str::to_string)),
+        None => grouping(ANNOTATION_SANDBOX_ID),
     }
 }
 
@@ -299,6 +402,37 @@ mod tests {
         assert!(e.contains("io.husk.sandbox-id") && e.contains("victim"), "{e}");
         let c = json!({"annotations": {"io.kubernetes.cri.container-type": "container", "io.kubernetes.cri.sandbox-id": "mine", "io.husk.sandbox-id": "victim"}});
         assert_eq!(sandbox_of(&c).unwrap().as_deref(), Some("mine"));
+    }
+
+    /// Found by the spec mutation run (tests/tests/spec_mutations.rs): a bind mount's bad
+    /// source was reported as "bind mount  -> /x" (no field), a config.json nested past the
+    /// parser's limit as "recursion limit exceeded at line 1 column N", a megabyte annotation
+    /// was echoed whole, and a grouping annotation that is no usable sandbox id went on to
+    /// fail at the state directory without naming the annotation.
+    #[test]
+    fn spec_refusals_name_the_field_and_stay_short() {
+        let e = bind_plan("c1", &json!({"mounts": [{"destination": "/p", "type": "proc"}, {"destination": "/x", "type": "bind", "source": "rel/dir"}]}))
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("c1: mounts[1].source = \"rel/dir\": the source must be an absolute host path"), "{e}");
+        let e = bind_plan("c1", &json!({"mounts": [{"destination": "/x", "options": ["rbind"]}]})).unwrap_err().to_string();
+        assert!(e.starts_with("c1: mounts[0].source = (missing)"), "{e}");
+        let e = bind_plan("c1", &json!({"mounts": [{"destination": "/x", "type": "bind", "source": 7}]})).unwrap_err().to_string();
+        assert!(e.contains("mounts[0].source = \"7\": not a string"), "{e}");
+        assert_eq!(bind_plan("c1", &json!({"mounts": [{"destination": "/x", "type": "bind", "source": "/v"}]})).unwrap(), vec![Bind { index: 0, source: "/v".into() }]);
+        let deep = format!(r#"{{"linux":{{"x":{}1{}}}}}"#, "[".repeat(200), "]".repeat(200));
+        let e = parse_spec(deep.as_bytes(), "c1").unwrap_err().to_string();
+        assert!(e.starts_with("c1: config.json: linux.x[0][0]") && e.contains("recursion limit"), "{e}");
+        let e = parse_spec(b"{} x", "c1").unwrap_err().to_string();
+        assert!(e.starts_with("c1: config.json: the document: not valid JSON"), "{e}");
+        let big = "v".repeat(1 << 20);
+        let hostile = json!({"annotations": {"io.kubernetes.cri.container-type": "sandbox", "io.husk.sandbox-id": big}});
+        let e = sandbox_of(&hostile).unwrap_err().to_string();
+        assert!(e.len() < 500 && e.contains("1048576 bytes"), "{} bytes", e.len());
+        for bad in ["..", "a/b", "x\0y"] {
+            let e = sandbox_of(&json!({"annotations": {"io.husk.sandbox-id": bad}})).unwrap_err().to_string();
+            assert!(e.starts_with("annotation io.husk.sandbox-id = ") && e.contains("sandbox id"), "{e}");
+        }
     }
 
     #[test]
