@@ -1,7 +1,8 @@
 //! Small OCI images, written as image-layout tarballs that `ctr image import` accepts.
 //!
 //! One uncompressed layer (`application/vnd.oci.image.layer.v1.tar`; compressing it would only
-//! cost time on both ends of a local import), an image config, a manifest and an `index.json`
+//! cost time on both ends of a local import) — or several, bottom first
+//! ([`write_layered_image`], for images of many layers) — an image config, a manifest and an `index.json`
 //! whose manifest descriptor carries the image name twice: `org.opencontainers.image.ref.name`
 //! (the OCI annotation) and `io.containerd.image.name` (which containerd's importer prefers).
 //! JSON is written with sorted keys and every tar entry with a fixed mtime, so the same tree
@@ -43,6 +44,8 @@ pub enum ImageError {
     Json(&'static str, #[source] serde_json::Error),
     #[error("writing the image archive")]
     Write(#[from] io::Error),
+    #[error("an image needs at least one layer")]
+    NoLayers,
     #[error("{path}: cannot run `{path} --list` to find busybox applets — install busybox-static (cargo xtask setup)")]
     Busybox {
         path: String,
@@ -217,7 +220,10 @@ fn sorted_json<T: serde::Serialize>(what: &'static str, v: &T) -> Result<Vec<u8>
 pub struct WrittenImage {
     pub name: String,
     pub manifest_digest: String,
+    /// The top (last) layer's digest: the only one of a one-layer image.
     pub layer_digest: String,
+    /// Every layer's digest, bottom first.
+    pub layer_digests: Vec<String>,
 }
 
 /// Writes `tree` as an OCI image-layout tarball named `spec.name`.
@@ -226,7 +232,23 @@ pub fn write_image<W: Write>(
     spec: &ImageSpec,
     out: W,
 ) -> Result<(W, WrittenImage), ImageError> {
-    let layer = Blob::new(layer_tar(tree)?);
+    write_layered_image(&[tree], spec, out)
+}
+
+/// Writes an image whose layers are `layers`, bottom first (each a tree of what that layer
+/// adds or replaces), as an OCI image-layout tarball named `spec.name`.
+pub fn write_layered_image<W: Write>(
+    layers: &[&Tree],
+    spec: &ImageSpec,
+    out: W,
+) -> Result<(W, WrittenImage), ImageError> {
+    if layers.is_empty() {
+        return Err(ImageError::NoLayers);
+    }
+    let layers: Vec<Blob> = layers
+        .iter()
+        .map(|t| Ok(Blob::new(layer_tar(t)?)))
+        .collect::<Result<_, ImageError>>()?;
     let mut cfg = ConfigBuilder::default()
         .env(spec.env.clone())
         .working_dir(spec.working_dir.clone());
@@ -243,7 +265,12 @@ pub fn write_image<W: Write>(
         .rootfs(
             RootFsBuilder::default()
                 .typ("layers")
-                .diff_ids(vec![format!("sha256:{}", layer.digest)])
+                .diff_ids(
+                    layers
+                        .iter()
+                        .map(|l| format!("sha256:{}", l.digest))
+                        .collect::<Vec<_>>(),
+                )
                 .build()
                 .map_err(spec_err("rootfs"))?,
         )
@@ -254,7 +281,12 @@ pub fn write_image<W: Write>(
         .schema_version(2u32)
         .media_type(MediaType::ImageManifest)
         .config(config.descriptor(MediaType::ImageConfig)?)
-        .layers(vec![layer.descriptor(MediaType::ImageLayer)?])
+        .layers(
+            layers
+                .iter()
+                .map(|l| l.descriptor(MediaType::ImageLayer))
+                .collect::<Result<Vec<_>, _>>()?,
+        )
         .build()
         .map_err(spec_err("manifest"))?;
     let manifest = Blob::new(sorted_json("manifest", &manifest)?);
@@ -283,10 +315,12 @@ pub fn write_image<W: Write>(
         ("oci-layout".into(), &layout),
         ("index.json".into(), &index),
         (config.path(), &config.bytes),
-        (layer.path(), &layer.bytes),
         (manifest.path(), &manifest.bytes),
     ];
+    files.extend(layers.iter().map(|l| (l.path(), l.bytes.as_slice())));
     files.sort_by(|a, b| a.0.cmp(&b.0));
+    // Two identical layers are one blob.
+    files.dedup_by(|a, b| a.0 == b.0);
     let mut b = tar::Builder::new(out);
     for dir in ["blobs/", "blobs/sha256/"] {
         let mut h = tar::Header::new_gnu();
@@ -310,16 +344,32 @@ pub fn write_image<W: Write>(
         WrittenImage {
             name: spec.name.clone(),
             manifest_digest: format!("sha256:{}", manifest.digest),
-            layer_digest: format!("sha256:{}", layer.digest),
+            layer_digest: format!(
+                "sha256:{}",
+                layers.last().expect("checked: not empty").digest
+            ),
+            layer_digests: layers
+                .iter()
+                .map(|l| format!("sha256:{}", l.digest))
+                .collect(),
         },
     ))
 }
 
 /// Writes the image to `dest` atomically (temporary file, then rename).
 pub fn build(tree: &Tree, spec: &ImageSpec, dest: &Path) -> Result<WrittenImage, ImageError> {
+    build_layered(&[tree], spec, dest)
+}
+
+/// Writes an image of `layers` (bottom first) to `dest` atomically.
+pub fn build_layered(
+    layers: &[&Tree],
+    spec: &ImageSpec,
+    dest: &Path,
+) -> Result<WrittenImage, ImageError> {
     let tmp = dest.with_extension("tar.tmp");
     let file = io::BufWriter::new(std::fs::File::create(&tmp)?);
-    let (mut file, written) = write_image(tree, spec, file)?;
+    let (mut file, written) = write_layered_image(layers, spec, file)?;
     file.flush()?;
     drop(file);
     std::fs::rename(&tmp, dest)?;
@@ -452,6 +502,48 @@ mod tests {
         let (b, wb) = write_image(&small_tree(), &spec, Vec::new()).unwrap();
         assert_eq!(a, b);
         assert_eq!(wa, wb);
+    }
+
+    #[test]
+    fn layers_are_listed_bottom_first_in_manifest_and_config() {
+        let mut layers = vec![small_tree()];
+        for i in 0..3 {
+            let mut t = Tree::new();
+            t.file(&format!("layer/{i}"), Content::Bytes(vec![b'0' + i]), 0o644)
+                .unwrap();
+            layers.push(t);
+        }
+        let refs: Vec<&Tree> = layers.iter().collect();
+        let spec = ImageSpec::new("husk.local/layers:1", &["sh"]);
+        let (bytes, written) = write_layered_image(&refs, &spec, Vec::new()).unwrap();
+        assert_eq!(written.layer_digests.len(), 4);
+        assert_eq!(written.layer_digest, written.layer_digests[3]);
+        let files = entries(&bytes);
+        let blob = |d: &str| &files[&format!("blobs/sha256/{}", d.trim_start_matches("sha256:"))];
+        let manifest: serde_json::Value =
+            serde_json::from_slice(blob(&written.manifest_digest)).unwrap();
+        let listed: Vec<&str> = manifest["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["digest"].as_str().unwrap())
+            .collect();
+        assert_eq!(listed, written.layer_digests);
+        let config: serde_json::Value =
+            serde_json::from_slice(blob(manifest["config"]["digest"].as_str().unwrap())).unwrap();
+        assert_eq!(
+            config["rootfs"]["diff_ids"],
+            serde_json::json!(written.layer_digests)
+        );
+        // The third layer's blob holds only what it adds (and its parent directory).
+        let third = entries(blob(&written.layer_digests[2]));
+        let mut names: Vec<&String> = third.keys().collect();
+        names.sort();
+        assert_eq!(names, ["layer", "layer/1"]);
+        assert!(matches!(
+            write_layered_image(&[], &spec, Vec::new()),
+            Err(ImageError::NoLayers)
+        ));
     }
 
     #[test]

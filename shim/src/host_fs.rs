@@ -10,9 +10,10 @@
 //! cannot redirect it. Read-only binds are read-only all the way down (`mount_setattr` with
 //! `AT_RECURSIVE`), not only at their top.
 //!
-//! The new mount API (open_tree/move_mount/mount_setattr, Linux 5.12+) has no wrapper in nix
-//! 0.29 and libc does not export its constants on every target, so the few constants are
-//! written out here from the kernel's `include/uapi/linux/mount.h`.
+//! The new mount API (open_tree/move_mount/mount_setattr, Linux 5.12+; fsopen/fsconfig/fsmount,
+//! Linux 5.2+, for a new file system: [`FsContext`]) has no wrapper in nix 0.29 and libc does
+//! not export its constants on every target, so the few constants are written out here from
+//! the kernel's `include/uapi/linux/mount.h`.
 
 use std::ffi::CString;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -26,6 +27,12 @@ const MOUNT_ATTR_RDONLY: u64 = 0x1;
 const MOUNT_ATTR_NOSUID: u64 = 0x2;
 const MOUNT_ATTR_NODEV: u64 = 0x4;
 const MOUNT_ATTR_NOEXEC: u64 = 0x8;
+const MOUNT_ATTR_NOATIME: u64 = 0x10;
+const FSOPEN_CLOEXEC: libc::c_uint = 0x1;
+const FSMOUNT_CLOEXEC: libc::c_uint = 0x1;
+const FSCONFIG_SET_FLAG: libc::c_uint = 0;
+const FSCONFIG_SET_STRING: libc::c_uint = 1;
+const FSCONFIG_CMD_CREATE: libc::c_uint = 6;
 
 /// `struct open_how` of `openat2(2)` (libc's is non-exhaustive, so it cannot be built).
 #[repr(C)]
@@ -67,7 +74,11 @@ fn owned(fd: libc::c_long) -> OwnedFd {
 /// middle of the path, nor as its last component: `RESOLVE_NO_SYMLINKS` refuses that with
 /// ELOOP even for `O_PATH`, which `O_NOFOLLOW` would not) and without leaving `dir`. `flags`
 /// are `open(2)` flags (`O_CLOEXEC` is always added).
-pub fn open_beneath(dir: &impl AsRawFd, rel: &Path, flags: libc::c_int) -> std::io::Result<OwnedFd> {
+pub fn open_beneath(
+    dir: &impl AsRawFd,
+    rel: &Path,
+    flags: libc::c_int,
+) -> std::io::Result<OwnedFd> {
     let path = cstr(rel)?;
     let how = OpenHow {
         flags: u64::try_from(flags | libc::O_CLOEXEC).unwrap_or(0),
@@ -126,17 +137,29 @@ fn parent_fd(dir: &impl AsRawFd, parent: &Path) -> std::io::Result<OwnedFd> {
 
 /// Creates the directory `rel` beneath `dir` (its parent must exist, with no symlink on the
 /// way) and returns an `O_PATH` fd of it. An existing entry of that name is an error.
-pub fn mkdir_beneath(dir: &impl AsRawFd, rel: &Path, mode: libc::mode_t) -> std::io::Result<OwnedFd> {
+pub fn mkdir_beneath(
+    dir: &impl AsRawFd,
+    rel: &Path,
+    mode: libc::mode_t,
+) -> std::io::Result<OwnedFd> {
     let (parent, name) = split(rel)?;
     let pfd = parent_fd(dir, parent)?;
     // SAFETY: `name` is NUL-terminated and alive; mkdirat creates one entry in `pfd`.
     check(unsafe { libc::mkdirat(pfd.as_raw_fd(), name.as_ptr(), mode) }.into())?;
-    open_beneath(&pfd, Path::new(name.to_str().unwrap_or("")), libc::O_PATH | libc::O_DIRECTORY)
+    open_beneath(
+        &pfd,
+        Path::new(name.to_str().unwrap_or("")),
+        libc::O_PATH | libc::O_DIRECTORY,
+    )
 }
 
 /// Creates the empty regular file `rel` beneath `dir` exclusively (never truncating or
 /// following anything that is there) and returns an `O_PATH` fd of it.
-pub fn create_file_beneath(dir: &impl AsRawFd, rel: &Path, mode: libc::mode_t) -> std::io::Result<OwnedFd> {
+pub fn create_file_beneath(
+    dir: &impl AsRawFd,
+    rel: &Path,
+    mode: libc::mode_t,
+) -> std::io::Result<OwnedFd> {
     let (parent, name) = split(rel)?;
     let pfd = parent_fd(dir, parent)?;
     // SAFETY: `name` is NUL-terminated and alive; openat returns a new fd or -1.
@@ -167,7 +190,12 @@ pub struct BindAttrs {
 /// Binds `source` (a host path given by containerd or the pod spec: followed as runc would)
 /// onto the mount point `target` (an fd from this module), recursively when `recursive`, and
 /// applies `attrs` to the whole tree: a read-only bind is read-only in every submount too.
-pub fn bind_onto(source: &Path, target: &OwnedFd, recursive: bool, attrs: BindAttrs) -> std::io::Result<()> {
+pub fn bind_onto(
+    source: &Path,
+    target: &OwnedFd,
+    recursive: bool,
+    attrs: BindAttrs,
+) -> std::io::Result<()> {
     let src = cstr(source)?;
     let mut flags = OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint;
     if recursive {
@@ -175,7 +203,9 @@ pub fn bind_onto(source: &Path, target: &OwnedFd, recursive: bool, attrs: BindAt
     }
     // SAFETY: `src` is NUL-terminated and alive; open_tree returns a new fd (a detached copy
     // of the mount tree at `source`) or -1.
-    let tree = owned(check(unsafe { libc::syscall(libc::SYS_open_tree, libc::AT_FDCWD, src.as_ptr(), flags) })?);
+    let tree = owned(check(unsafe {
+        libc::syscall(libc::SYS_open_tree, libc::AT_FDCWD, src.as_ptr(), flags)
+    })?);
     let mut set = 0;
     if attrs.readonly {
         set |= MOUNT_ATTR_RDONLY;
@@ -235,6 +265,126 @@ pub fn move_onto(tree: &OwnedFd, target: &OwnedFd) -> std::io::Result<()> {
     .map(drop)
 }
 
+/// Attributes of a new mount made by [`FsContext::mount`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MountAttrs {
+    pub readonly: bool,
+    pub nosuid: bool,
+    pub nodev: bool,
+    pub noexec: bool,
+    pub noatime: bool,
+}
+
+impl MountAttrs {
+    fn bits(self) -> u64 {
+        [
+            (self.readonly, MOUNT_ATTR_RDONLY),
+            (self.nosuid, MOUNT_ATTR_NOSUID),
+            (self.nodev, MOUNT_ATTR_NODEV),
+            (self.noexec, MOUNT_ATTR_NOEXEC),
+            (self.noatime, MOUNT_ATTR_NOATIME),
+        ]
+        .iter()
+        .filter(|(on, _)| *on)
+        .fold(0, |acc, (_, bit)| acc | bit)
+    }
+}
+
+/// A file system being configured with the new mount API: `fsopen`, one `fsconfig` per
+/// parameter (no page-sized limit on the whole option string, unlike `mount(2)`), then
+/// `FSCONFIG_CMD_CREATE` and `fsmount`, which gives a detached mount for [`move_onto`].
+#[derive(Debug)]
+pub struct FsContext {
+    fd: OwnedFd,
+}
+
+impl FsContext {
+    /// `fsopen(fstype, FSOPEN_CLOEXEC)`.
+    pub fn open(fstype: &str) -> std::io::Result<Self> {
+        let name = CString::new(fstype)
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "NUL in fstype"))?;
+        // SAFETY: `name` is NUL-terminated and alive for the call; fsopen returns a new fd or -1.
+        let fd = check(unsafe { libc::syscall(libc::SYS_fsopen, name.as_ptr(), FSOPEN_CLOEXEC) })?;
+        Ok(Self { fd: owned(fd) })
+    }
+
+    fn config(
+        &self,
+        cmd: libc::c_uint,
+        key: Option<&str>,
+        value: Option<&str>,
+    ) -> std::io::Result<()> {
+        let nul = |s: &str| {
+            CString::new(s).map_err(|_| {
+                std::io::Error::new(std::io::ErrorKind::InvalidInput, "NUL in a mount parameter")
+            })
+        };
+        let key = key.map(nul).transpose()?;
+        let value = value.map(nul).transpose()?;
+        // SAFETY: key and value are NUL-terminated strings alive for the call, or NULL where
+        // the command takes none; aux is 0; the fd is an open fs context.
+        check(unsafe {
+            libc::syscall(
+                libc::SYS_fsconfig,
+                self.fd.as_raw_fd(),
+                cmd,
+                key.as_ref().map_or(std::ptr::null(), |k| k.as_ptr()),
+                value.as_ref().map_or(std::ptr::null(), |v| v.as_ptr()),
+                0,
+            )
+        })
+        .map(drop)
+    }
+
+    /// `fsconfig(FSCONFIG_SET_STRING, key, value)` (the kernel takes values under 256 bytes).
+    pub fn set_string(&self, key: &str, value: &str) -> std::io::Result<()> {
+        self.config(FSCONFIG_SET_STRING, Some(key), Some(value))
+    }
+
+    /// `fsconfig(FSCONFIG_SET_FLAG, key)`.
+    pub fn set_flag(&self, key: &str) -> std::io::Result<()> {
+        self.config(FSCONFIG_SET_FLAG, Some(key), None)
+    }
+
+    /// `fsconfig(FSCONFIG_CMD_CREATE)`: makes the superblock.
+    pub fn create(&self) -> std::io::Result<()> {
+        self.config(FSCONFIG_CMD_CREATE, None, None)
+    }
+
+    /// `fsmount`: the created file system as a detached mount, with `attrs`.
+    pub fn mount(&self, attrs: MountAttrs) -> std::io::Result<OwnedFd> {
+        // SAFETY: the fd is an fs context in the created state; fsmount returns a new fd or -1.
+        let fd = check(unsafe {
+            libc::syscall(
+                libc::SYS_fsmount,
+                self.fd.as_raw_fd(),
+                FSMOUNT_CLOEXEC,
+                attrs.bits(),
+            )
+        })?;
+        Ok(owned(fd))
+    }
+
+    /// What the file system said while being configured (the kernel's messages, e.g.
+    /// `e overlayfs: failed to resolve 'x': -2`), oldest first; empty if it said nothing.
+    pub fn log(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut buf = [0u8; 1024];
+        // The context keeps at most 8 messages; each read takes one.
+        for _ in 0..16 {
+            // SAFETY: `buf` is a writable buffer of the given length; read returns the bytes
+            // written or -1 (ENODATA once the log is empty).
+            let n = unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+            let Ok(n) = usize::try_from(n) else { break };
+            if n == 0 {
+                break;
+            }
+            out.push(String::from_utf8_lossy(&buf[..n]).trim_end().to_string());
+        }
+        out
+    }
+}
+
 /// The `/proc/self/fd/N` path of `fd`, for the classic mount(2) when a file system (an
 /// overlay) has to be mounted on a mount point held as an fd.
 pub fn proc_fd_path(fd: &OwnedFd) -> std::path::PathBuf {
@@ -253,10 +403,23 @@ mod tests {
         std::os::unix::fs::symlink("a", d.path().join("rel")).unwrap();
         let fd = open_dir(d.path()).unwrap();
         open_beneath(&fd, Path::new("a"), libc::O_PATH).unwrap();
-        for bad in ["a/link", "a/link/passwd", "rel/link", "rel", "../", "a/../.."] {
-            assert!(open_beneath(&fd, Path::new(bad), libc::O_PATH).is_err(), "{bad}");
+        for bad in [
+            "a/link",
+            "a/link/passwd",
+            "rel/link",
+            "rel",
+            "../",
+            "a/../..",
+        ] {
+            assert!(
+                open_beneath(&fd, Path::new(bad), libc::O_PATH).is_err(),
+                "{bad}"
+            );
         }
-        assert!(open_dir(&d.path().join("rel")).is_err(), "a symlinked dir itself is refused");
+        assert!(
+            open_dir(&d.path().join("rel")).is_err(),
+            "a symlinked dir itself is refused"
+        );
     }
 
     #[test]
@@ -287,15 +450,31 @@ mod tests {
         let src = d.path().join("src");
         let sub = src.join("sub");
         std::fs::create_dir_all(&sub).unwrap();
-        nix::mount::mount(Some("tmpfs"), &sub, Some("tmpfs"), nix::mount::MsFlags::empty(), None::<&str>).unwrap();
+        nix::mount::mount(
+            Some("tmpfs"),
+            &sub,
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .unwrap();
         std::fs::create_dir(d.path().join("base")).unwrap();
         let base = open_dir(&d.path().join("base")).unwrap();
         let target = mkdir_beneath(&base, Path::new("t"), 0o755).unwrap();
-        let attrs = BindAttrs { readonly: true, ..Default::default() };
+        let attrs = BindAttrs {
+            readonly: true,
+            ..Default::default()
+        };
         bind_onto(&src, &target, true, attrs).unwrap();
         let t = d.path().join("base/t");
-        assert!(std::fs::write(t.join("top"), "x").is_err(), "top is read-only");
-        assert!(std::fs::write(t.join("sub/deep"), "x").is_err(), "the submount is read-only too");
+        assert!(
+            std::fs::write(t.join("top"), "x").is_err(),
+            "top is read-only"
+        );
+        assert!(
+            std::fs::write(t.join("sub/deep"), "x").is_err(),
+            "the submount is read-only too"
+        );
         std::fs::write(sub.join("deep"), "host").unwrap();
         assert_eq!(std::fs::read_to_string(t.join("sub/deep")).unwrap(), "host");
         for m in [t.join("sub"), t, sub] {

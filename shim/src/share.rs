@@ -3,7 +3,8 @@
 //! /etc/hostname, secrets) under `mounts/<cid>/mounts/<n>`, and the spec the agent gets
 //! rewritten to point at the guest's view of them (`/run/husk/shared/…`, through the
 //! read-only `shared/` bind: see sandbox_dir.rs). Every mount point is created exclusively
-//! and without following symlinks, and mounted on its fd (`host_fs`).
+//! and without following symlinks, and mounted on its fd (`host_fs`). An overlay of more
+//! layers than mount(2)'s one page of options holds is mounted as [`overlay`] says.
 
 use std::path::{Path, PathBuf};
 
@@ -15,6 +16,8 @@ use serde_json::Value;
 
 use crate::host_fs::{self, BindAttrs};
 use crate::sandbox_dir::{DirError, SandboxDir, GUEST_SHARED};
+
+mod overlay;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ShareError {
@@ -110,7 +113,12 @@ fn split_options(options: &[String]) -> (MsFlags, Vec<&str>) {
 /// process on the mount point `point`. containerd-shim's `mount_rootfs` is not used: it forks
 /// and waits for the child through the crate's reaper, which this shim does not run (it
 /// reaps its own children).
-fn mount_one(fstype: &str, source: &str, options: &[String], point: &OwnedFd) -> Result<(), String> {
+fn mount_one(
+    fstype: &str,
+    source: &str,
+    options: &[String],
+    point: &OwnedFd,
+) -> Result<(), String> {
     let (flags, data) = split_options(options);
     if flags.contains(MsFlags::MS_BIND) {
         let attrs = BindAttrs {
@@ -127,13 +135,17 @@ fn mount_one(fstype: &str, source: &str, options: &[String], point: &OwnedFd) ->
         )
         .map_err(|e| e.to_string());
     }
-    let data = data.join(",");
-    // The kernel takes one page of mount data; containerd-shim compacts longer overlay
-    // lowerdir lists by chdir-ing, which a multi-threaded shim cannot do safely.
-    if data.len() >= 4096 {
+    let joined = data.join(",");
+    // mount(2) takes one page of option data: an overlay of many layers takes another way
+    // (`lowerdir+`, or layers relative to their parent directory: see overlay.rs).
+    if joined.len() > overlay::MAX_DATA {
+        if fstype == "overlay" {
+            return overlay::mount(source, flags, &data, point).map_err(|e| e.to_string());
+        }
         return Err(format!(
-            "mount options are {} bytes, more than the kernel's one page (an image with very many layers)",
-            data.len()
+            "mount options are {} bytes, more than mount(2)'s one page (only overlay mounts \
+             have a way around it)",
+            joined.len()
         ));
     }
     mount(
@@ -141,7 +153,7 @@ fn mount_one(fstype: &str, source: &str, options: &[String], point: &OwnedFd) ->
         &host_fs::proc_fd_path(point),
         Some(fstype),
         flags,
-        (!data.is_empty()).then_some(data.as_str()),
+        (!joined.is_empty()).then_some(joined.as_str()),
     )
     .map_err(|e| e.to_string())
 }
@@ -257,10 +269,17 @@ pub fn share_bind_mounts(dir: &SandboxDir, cid: &str, spec: &mut Value) -> Resul
             // A directory that is there already is used, but only if it is one (no symlink).
             host_fs::mkdir_beneath(&base, &rel_dir, 0o755)
                 .or_else(|e| match e.raw_os_error() {
-                    Some(libc::EEXIST) => host_fs::open_beneath(&base, &rel_dir, libc::O_PATH | libc::O_DIRECTORY),
+                    Some(libc::EEXIST) => {
+                        host_fs::open_beneath(&base, &rel_dir, libc::O_PATH | libc::O_DIRECTORY)
+                    }
                     _ => Err(e),
                 })
-                .map_err(|e| fail(format!("creating {}: {e}", dir.container(cid).join("mounts").display())))?;
+                .map_err(|e| {
+                    fail(format!(
+                        "creating {}: {e}",
+                        dir.container(cid).join("mounts").display()
+                    ))
+                })?;
             made_dir = true;
         }
         let name = n.to_string();
@@ -399,7 +418,10 @@ mod tests {
         // containers (containerd names their sandbox).
         let hostile = json!({"annotations": {"io.kubernetes.cri.container-type": "sandbox", "io.kubernetes.cri.sandbox-id": "mine", "io.husk.sandbox-id": "victim"}});
         let e = sandbox_of(&hostile).unwrap_err().to_string();
-        assert!(e.contains("io.husk.sandbox-id") && e.contains("victim"), "{e}");
+        assert!(
+            e.contains("io.husk.sandbox-id") && e.contains("victim"),
+            "{e}"
+        );
         let c = json!({"annotations": {"io.kubernetes.cri.container-type": "container", "io.kubernetes.cri.sandbox-id": "mine", "io.husk.sandbox-id": "victim"}});
         assert_eq!(sandbox_of(&c).unwrap().as_deref(), Some("mine"));
     }
@@ -472,7 +494,10 @@ mod tests {
             "the guest's view shows the volume"
         );
         std::fs::write(d.shared().join("c1/mounts/1/g"), "guest").unwrap();
-        assert_eq!(std::fs::read_to_string(vol.path().join("g")).unwrap(), "guest");
+        assert_eq!(
+            std::fs::read_to_string(vol.path().join("g")).unwrap(),
+            "guest"
+        );
         let e = share_bind_mounts(&d, "c2", &mut json!({"mounts": [{"destination": "/x", "type": "bind", "source": "/nonexistent/v"}]}))
             .unwrap_err()
             .to_string();
@@ -501,17 +526,26 @@ mod tests {
         std::fs::create_dir(d.container("c1").join("mounts")).unwrap();
         std::os::unix::fs::symlink(&victim, d.container("c1").join("mounts/0")).unwrap();
         let mut spec = json!({"mounts": [{"destination": "/etc/hosts", "type": "bind", "source": file, "options": ["rbind", "rw"]}]});
-        let e = share_bind_mounts(&d, "c1", &mut spec).unwrap_err().to_string();
-        assert!(e.contains("c1") && e.contains("mount point") && e.contains("File exists"), "{e}");
+        let e = share_bind_mounts(&d, "c1", &mut spec)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("c1") && e.contains("mount point") && e.contains("File exists"),
+            "{e}"
+        );
         std::fs::remove_dir_all(d.container("c1").join("mounts")).unwrap();
         std::os::unix::fs::symlink(victim_dir.path(), d.container("c1").join("mounts")).unwrap();
-        let e = share_bind_mounts(&d, "c1", &mut spec).unwrap_err().to_string();
+        let e = share_bind_mounts(&d, "c1", &mut spec)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("c1"), "{e}");
         assert_eq!(std::fs::read_to_string(&victim).unwrap(), "secret");
         assert!(crate::sandbox_dir::mounts_under(victim_dir.path()).is_empty());
         // A symlinked container directory is refused as well.
         std::os::unix::fs::symlink(victim_dir.path(), d.container("c2")).unwrap();
-        let e = mount_rootfs(&d, "c2", &[], vol.path()).unwrap_err().to_string();
+        let e = mount_rootfs(&d, "c2", &[], vol.path())
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("c2"), "{e}");
         assert!(crate::sandbox_dir::mounts_under(victim_dir.path()).is_empty());
         d.destroy().unwrap();
