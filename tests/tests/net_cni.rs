@@ -1,9 +1,11 @@
 //! Tier 3, pod networking: a CNI bridge network (Debian's bridge + host-local + loopback
 //! plugins, run directly by the test in a netns it made) reaches the husk guest through the
 //! shim's tap + tc redirect, under QEMU TCG here. The guest serves HTTP at the pod IP, reaches
-//! its gateway and the pod next door, has the veth's MAC, MTU and routes; deleting the
-//! sandbox leaves the netns as CNI made it (no tap, no qdisc). Only a private 10.213.x.0/24 on
-//! a bridge of the test's own is used, and every packet stays on this host.
+//! its gateway and the pod next door, has the veth's MAC, MTU and routes; 127.0.0.1 dialled
+//! inside the pod netns on the host (what containerd's CRI PortForward does) reaches the
+//! guest's server; deleting the sandbox leaves the netns as CNI made it (no tap, no qdisc, no
+//! NAT). Only a private 10.213.x.0/24 on a bridge of the test's own is used, and every packet
+//! stays on this host.
 
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
@@ -166,6 +168,35 @@ fn http_get(ip: Ipv4Addr, port: u16, timeout: Duration) -> String {
     panic!("http://{addr}/ did not answer with the page within {timeout:?}; last: {last}");
 }
 
+/// Dials 127.0.0.1:`port` inside `ns` — as containerd 1.6's CRI PortForward does, from a
+/// thread that entered the netns — and reads an HTTP/1.0 answer to `GET /` to its end.
+fn dial_in_netns(ns: &Netns, port: u16) -> std::io::Result<Vec<u8>> {
+    let f = std::fs::File::open(ns.path())?;
+    std::thread::spawn(move || {
+        nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET)?;
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        s.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
+        let mut v = Vec::new();
+        s.read_to_end(&mut v)?;
+        Ok(v)
+    })
+    .join()
+    .expect("the netns thread panicked")
+}
+
+/// The port-forward link's route in the guest (169.254.231.0/30 on eth0), as
+/// `/proc/net/route` writes it.
+fn port_forward_route() -> (String, String, String, String) {
+    (
+        "eth0".into(),
+        "00E7FEA9".into(),
+        "00000000".into(),
+        "FCFFFFFF".into(),
+    )
+}
+
 /// The main table as `/proc/net/route` lists it: (iface, destination, gateway, mask).
 fn routes(proc_net_route: &str) -> BTreeSet<(String, String, String, String)> {
     proc_net_route
@@ -306,7 +337,12 @@ fn net_pod_serves_http_reaches_its_gateway_and_mirrors_the_veth() {
             guest.contains(&format!("inet {}/{}", a.ip, a.prefix)),
             "{guest}"
         );
-        let guest_routes = routes(&pod.exec_ok("cat /proc/net/route"));
+        let mut guest_routes = routes(&pod.exec_ok("cat /proc/net/route"));
+        // The one route the veth has not: the port-forward link's.
+        assert!(
+            guest_routes.remove(&port_forward_route()),
+            "{guest_routes:?}"
+        );
         assert_eq!(guest_routes, veth_routes, "guest routes vs the veth's");
         assert!(
             guest_routes
@@ -317,6 +353,23 @@ fn net_pod_serves_http_reaches_its_gateway_and_mirrors_the_veth() {
 
         // The guest reaches the bridge gateway.
         pod.exec_ok(&format!("ping -c 1 -W 10 {}", net.gateway));
+
+        // containerd's PortForward path: 127.0.0.1 in the pod netns reaches the guest's
+        // server; a port nobody listens on is refused at once (by the guest).
+        let page = dial_in_netns(&ns, 8080).expect("127.0.0.1:8080 in the pod netns");
+        let page = String::from_utf8_lossy(&page);
+        assert!(
+            page.starts_with("HTTP/1.") && page.trim_end().ends_with(PAGE),
+            "{page}"
+        );
+        let t = Instant::now();
+        let e = dial_in_netns(&ns, 8081).expect_err("nobody listens on 8081");
+        assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{e}");
+        assert!(
+            t.elapsed() < Duration::from_secs(3),
+            "refused, not hung: {:?}",
+            t.elapsed()
+        );
 
         // Delete: no tap, no qdisc, no filter; the veth stays (CNI's).
         pod.delete();
@@ -336,6 +389,7 @@ fn net_pod_serves_http_reaches_its_gateway_and_mirrors_the_veth() {
             ns.ip(&["link", "show", "eth0"]).contains("eth0"),
             "the veth is CNI's and stays"
         );
+        assert_no_port_forward_nat(&ns, "after delete");
     }
     drop(net);
     drop(ns);
@@ -398,7 +452,20 @@ fn net_without_a_netns_the_guest_has_loopback_only() {
     );
 }
 
-/// The pod netns holds nothing of ours: no tap, no ingress qdisc or filter on the veth.
+/// The port-forward NAT is gone: 127.0.0.1 in the pod netns stays there again (refused by
+/// the netns's own loopback). With the NAT left behind and the tap gone, the dial would be
+/// rewritten to an address with no route, and fail otherwise.
+fn assert_no_port_forward_nat(ns: &Netns, when: &str) {
+    let e = dial_in_netns(ns, 8080).expect_err("nothing listens in the pod netns itself");
+    assert_eq!(
+        e.kind(),
+        std::io::ErrorKind::ConnectionRefused,
+        "127.0.0.1 in the pod netns {when}: {e} (the port-forward NAT was left behind?)"
+    );
+}
+
+/// The pod netns holds nothing of ours: no tap, no ingress qdisc or filter on the veth, no
+/// port-forward NAT.
 fn assert_netns_clean(ns: &Netns, when: &str) {
     eventually(&format!("tap0_husk still in the pod netns {when}"), || {
         !ns.ip(&["link"]).contains("tap0_husk")
@@ -412,6 +479,7 @@ fn assert_netns_clean(ns: &Netns, when: &str) {
         ns.ip(&["link", "show", "eth0"]).contains("eth0"),
         "the veth is CNI's and stays"
     );
+    assert_no_port_forward_nat(ns, when);
 }
 
 /// The PIDs of the processes of `exe_name` whose command line mentions `needle`.
@@ -457,8 +525,14 @@ fn net_a_dead_vm_or_a_dead_shim_leaves_nothing_in_the_netns() {
 
     // The shim dies (its VM with it): `delete` (containerd runs the shim's delete command)
     // finds the redirect to a tap that is gone and removes it.
-    let mut pod = Pod::run(&h.ctd, "netshimdie", Some(&ns), "exec sleep 1000");
+    let mut pod = Pod::run(&h.ctd, "netshimdie", Some(&ns), HTTPD);
     assert!(ns.ip(&["link"]).contains("tap0_husk"));
+    // The port-forward NAT is in place before the shim dies: 127.0.0.1 in the pod netns
+    // reaches the guest's httpd.
+    eventually(
+        "127.0.0.1:8080 in the pod netns never reached the guest's httpd",
+        || dial_in_netns(&ns, 8080).is_ok_and(|p| String::from_utf8_lossy(&p).contains(PAGE)),
+    );
     let shim = process_of("containerd-shim-husk-v2", &pod.id);
     sigkill(shim);
     // The VM goes with the shim and the tap with the VM, but the kernel keeps the veth's

@@ -7,16 +7,21 @@
 //!
 //! - no network namespace path in the spec (plain `ctr run`): nothing is made and the guest
 //!   has loopback only, as with runc;
+//! - with one, also the path `kubectl port-forward` takes into the guest: a NAT table and a
+//!   private link-local /30 on the first tap (see [`port_forward`]);
 //! - [`Network::setup`] before the VM starts (the VM needs the tap fds),
 //!   [`Network::configure_guest`] once the agent answers, [`Network::teardown`] on delete
 //!   (also run when a [`Network`] is dropped, so a failed bring-up leaves nothing).
 //!
 //! Modules: [`netns`] (running netlink work in the pod netns), [`endpoint`] (what CNI made),
-//! [`tap`] (creating taps), [`tc`] (the redirects), [`guest`] (the agent calls).
+//! [`tap`] (creating taps), [`tc`] (the redirects), [`guest`] (the agent calls),
+//! [`port_forward`] and [`nft`] (CRI's PortForward into the guest).
 
 pub mod endpoint;
 pub mod guest;
 pub mod netns;
+pub mod nft;
+pub mod port_forward;
 pub mod tap;
 pub mod tc;
 
@@ -57,6 +62,12 @@ pub enum NetworkError {
     Unsupported(String),
     #[error("configuring the guest network: {what}: {message}")]
     Guest { what: String, message: String },
+    #[error("port-forward NAT in the pod netns: {what}")]
+    Nft {
+        what: String,
+        #[source]
+        source: nft::NftError,
+    },
 }
 
 /// `e` with its sources, `outer: inner: …`, for messages that travel as strings (to
@@ -99,6 +110,9 @@ pub struct Endpoint {
 pub struct Network {
     netns: Option<PathBuf>,
     endpoints: Vec<Endpoint>,
+    /// Whether [`port_forward::install`] succeeded on the first endpoint's tap (the guest NIC
+    /// then gets [`port_forward::GUEST_ADDR`]).
+    port_forward: bool,
 }
 
 /// The tap of the `i`-th interface (Kata names them `tap<i>_kata`).
@@ -151,17 +165,42 @@ impl Network {
                 Ok::<(), NetworkError>(())
             }
             .await;
-            match r {
-                Ok(()) => Ok(made),
-                Err(e) => {
-                    remove(&h, &made).await;
-                    Err(e)
-                }
+            if let Err(e) = r {
+                remove(&h, &made).await;
+                return Err(e);
             }
+            let port_forward = match made.first() {
+                None => false,
+                Some(e) => match port_forward::conflict(std::slice::from_ref(&e.veth)) {
+                    Some(what) => {
+                        log::warn!(
+                            "network: kubectl port-forward is off for this pod: CNI's {what} overlaps {}/{}, the link husk would use",
+                            port_forward::HOST_ADDR,
+                            port_forward::PREFIX
+                        );
+                        false
+                    }
+                    None => match port_forward::install(&h, (&e.tap_name, e.tap_index)).await {
+                        Ok(()) => true,
+                        Err(err) => {
+                            // A pod whose port-forward cannot work still runs; the log says why.
+                            let _ = port_forward::remove_nat();
+                            log::warn!(
+                                "network: kubectl port-forward is off for this pod: {}",
+                                chain(&err)
+                            );
+                            false
+                        }
+                    },
+                },
+            };
+            Ok((made, port_forward))
         })?;
+        let (endpoints, port_forward) = endpoints;
         let n = Self {
             netns: Some(path),
             endpoints,
+            port_forward,
         };
         for e in &n.endpoints {
             log::info!(
@@ -200,14 +239,23 @@ impl Network {
             .collect()
     }
 
-    /// Gives the guest NICs the veths' addresses, MTU and routes.
+    /// Gives the guest NICs the veths' addresses, MTU and routes (and the first one the guest
+    /// end of the port-forward link).
     pub fn configure_guest(&self, client: &AgentClient) -> Result<(), NetworkError> {
-        let links: Vec<Link> = self.endpoints.iter().map(|e| e.veth.clone()).collect();
+        let mut links: Vec<Link> = self.endpoints.iter().map(|e| e.veth.clone()).collect();
+        if self.port_forward {
+            if let Some(first) = links.first_mut() {
+                first.addresses.push((
+                    std::net::IpAddr::V4(port_forward::GUEST_ADDR),
+                    port_forward::PREFIX,
+                ));
+            }
+        }
         guest::configure(client, &links)
     }
 
-    /// Removes the redirects, the ingress qdiscs and the taps. Idempotent; a netns that is
-    /// already gone (CNI deleted it) took all of it along.
+    /// Removes the port-forward NAT, the redirects, the ingress qdiscs and the taps.
+    /// Idempotent; a netns that is already gone (CNI deleted it) took all of it along.
     pub fn teardown(&mut self) -> Result<(), NetworkError> {
         let Some(path) = self.netns.take() else {
             return Ok(());
@@ -229,8 +277,14 @@ impl Network {
             .collect();
         // Our copies of the tap fds go first; the VM's went with the VM.
         drop(endpoints);
+        let port_forward = std::mem::take(&mut self.port_forward);
         netns::run_in(&path, async move |h| {
             let mut first_err = None;
+            if port_forward {
+                if let Err(e) = port_forward::remove_nat() {
+                    first_err.get_or_insert(e);
+                }
+            }
             for (veth, veth_index, tap, tap_index) in &desc {
                 if let Err(e) = tc::remove_ingress(&h, (veth, *veth_index)).await {
                     first_err.get_or_insert(e);
@@ -245,9 +299,10 @@ impl Network {
 }
 
 /// After a shim that died without its teardown (the `delete` command): in the spec's netns,
-/// deletes our taps (`tap<i>_husk`) and the ingress qdisc of each interface whose ingress
-/// filters redirect to one of them or to an interface that no longer exists (the tap went with
-/// the VM). Interfaces without such a redirect are not touched. Idempotent.
+/// deletes our port-forward NAT table, our taps (`tap<i>_husk`, with the port-forward address
+/// and filters on them) and the ingress qdisc of each interface whose ingress filters redirect
+/// to one of them or to an interface that no longer exists (the tap went with the VM).
+/// Interfaces without such a redirect are not touched. Idempotent.
 pub fn cleanup_leftovers(spec: &Value) -> Result<(), NetworkError> {
     let Some(path) = netns_path(spec) else {
         return Ok(());
@@ -258,6 +313,8 @@ pub fn cleanup_leftovers(spec: &Value) -> Result<(), NetworkError> {
     netns::run_in(&path, async move |h| {
         use futures_util::TryStreamExt;
         use rtnetlink::packet_route::link::{LinkAttribute, LinkMessage};
+        // Its failure does not keep the rest from being removed; it is reported at the end.
+        let nat = port_forward::remove_nat();
         let links: Vec<LinkMessage> =
             h.link()
                 .get()
@@ -298,7 +355,7 @@ pub fn cleanup_leftovers(spec: &Value) -> Result<(), NetworkError> {
         for (n, i) in &taps {
             delete_tap(&h, n, *i).await?;
         }
-        Ok(())
+        nat
     })
 }
 
@@ -330,7 +387,8 @@ async fn delete_tap(h: &rtnetlink::Handle, name: &str, index: u32) -> Result<(),
     }
 }
 
-/// Best-effort removal of what a failed setup made.
+/// Best-effort removal of what a failed setup made (the port-forward NAT comes last in setup,
+/// and is removed where it fails).
 async fn remove(h: &rtnetlink::Handle, made: &[Endpoint]) {
     for e in made {
         let _ = tc::remove_ingress(h, (&e.veth.name, e.veth.index)).await;
