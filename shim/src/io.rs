@@ -2,21 +2,26 @@
 //! guest side (see `husk-protocols` for why RPCs).
 //!
 //! - stdout/stderr: a thread per stream long-polls `ReadStdout`/`ReadStderr` and writes what
-//!   arrives to the fifo, byte for byte, until the agent says `eof`. If the fifo's reader has
-//!   gone, output is still drained (and dropped) so the process never blocks on a full pipe.
+//!   arrives to the fifo, byte for byte, until the agent says `eof`. If nobody reads the fifo
+//!   (a detached client), output is still drained (and dropped) so the process never blocks
+//!   on a full pipe. See [`Sink`] for how a fifo is opened, written and closed.
 //! - stdin: a thread reads the fifo and calls `WriteStdin`; EOF on the fifo becomes
 //!   `CloseStdin`, so EOF reaches the process.
 //! - the waiter calls `WaitProcess`, then joins the output threads: the exit is reported only
-//!   after all output has been written. (A stream a leftover background process holds open
-//!   still ends: the agent ends it once the process has ended and the stream is drained.) The
-//!   fifos are closed when containerd deletes the process ([`Outputs::close`]) in any case.
+//!   after all output has been written to the fifos and taken from them by their reader (or
+//!   nobody came for it in time). (A stream a leftover background process holds open still
+//!   ends: the agent ends it once the process has ended and the stream is drained.) The fifos
+//!   are closed when containerd deletes the process ([`Outputs::close`]) in any case.
 
 use std::fs::{File, OpenOptions};
 use std::io::{ErrorKind, Read, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use husk_protocols::agent::{
     ProcessRef, ReadStreamRequest, WaitProcessResponse, WriteStdinRequest,
@@ -37,14 +42,261 @@ pub struct StdioPaths {
 /// The host ends (fifos) of a process's output relays.
 #[derive(Debug, Default)]
 pub struct Outputs {
-    fifos: Vec<Arc<Mutex<Option<File>>>>,
+    fifos: Vec<Arc<Slot>>,
 }
 
 impl Outputs {
     /// Closes the fifos: output that still arrives is dropped, and the fifos' reader sees EOF.
+    /// Returns within one [`SLICE`] even while a relay waits for room in a fifo.
     pub fn close(&self) {
         for f in &self.fifos {
-            f.lock().unwrap_or_else(|e| e.into_inner()).take();
+            f.closed.store(true, Ordering::SeqCst);
+            f.sink.lock().unwrap_or_else(|e| e.into_inner()).take();
+        }
+    }
+}
+
+/// How long the relay of an output stream waits for the fifo's reader.
+///
+/// containerd's client opens the read end of an output fifo asynchronously (`fifo.OpenFifo`
+/// with `O_NONBLOCK` returns before a goroutine performs the blocking `open(2)`), so an
+/// attached `ctr run` may have no reader yet when the process has already written, or even
+/// ended; and `ctr run -d` (detached) stops reading when it exits right after Start. The two
+/// cannot be told apart from the fifo, so output waits this long for a reader, then is
+/// dropped: a detached client costs at most `no_reader` once per stream, never a hang.
+#[derive(Clone, Copy, Debug)]
+struct Patience {
+    /// How long output may wait in a fifo that nobody but us holds open for reading.
+    no_reader: Duration,
+    /// At the end of the stream, how long a reader that is there may take to empty the fifo
+    /// before it is closed anyway (closing does not lose what it holds for that reader).
+    drain: Duration,
+}
+
+/// The relays' patience. Two seconds: the client issues its reader's open before it even
+/// asks for the process to start; under load here (300 short execs and a dozen runs at a
+/// load average of ~15) about one fifo in 600 had no reader yet at Start, and none got its
+/// reader only after the stream had ended. A detached client's exit is reported at most
+/// this much later, and only when it left output unread.
+const PATIENCE: Patience = Patience {
+    no_reader: Duration::from_secs(2),
+    drain: Duration::from_secs(2),
+};
+
+/// How long a relay waits for room in a full fifo between looks at [`Slot::closed`].
+const SLICE: Duration = Duration::from_millis(50);
+
+/// Where one output stream goes.
+///
+/// A fifo is opened both for writing and, by us, for reading, neither open waiting: so the
+/// write end never fails to open for want of a reader (`ENXIO`, which used to drop the whole
+/// stream of a client whose reader was late) and never blocks (which used to hang the exit of
+/// a detached client for ever). While we hold our read end, writes succeed up to the fifo's
+/// buffer and a reader that opens late finds every byte there. When the fifo stays full for
+/// [`Patience::no_reader`], our read end is dropped: a write then fails with `EPIPE` if
+/// nobody else reads (the stream is dropped) and waits for room if someone does (a slow
+/// reader is backpressure, as under runc's shim). At the stream's end see [`Slot::finish`].
+#[derive(Debug)]
+enum Sink {
+    /// A fifo: our write end (non-blocking) and, while we hold one, our own read end.
+    Fifo { w: File, r: Option<File> },
+    /// Anything else (a regular file): plain blocking writes.
+    Other(File),
+}
+
+impl Sink {
+    /// Opens `path`; `what` names the stream in logs.
+    fn open(path: &str, what: &str) -> std::io::Result<Self> {
+        if !std::fs::metadata(path)?.file_type().is_fifo() {
+            return OpenOptions::new().write(true).open(path).map(Sink::Other);
+        }
+        let nonblocking = |write: bool, p: &std::path::Path| {
+            OpenOptions::new()
+                .read(!write)
+                .write(write)
+                .custom_flags(libc::O_NONBLOCK)
+                .open(p)
+        };
+        // Each end is opened through the other's fd, so both are the same fifo even if the
+        // path is replaced meanwhile.
+        let (w, r) = match nonblocking(true, path.as_ref()) {
+            Ok(w) => {
+                let r = nonblocking(false, &fd_path(&w))?;
+                (w, r)
+            }
+            // No reader yet: with our own read end open first, the write end opens at once.
+            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => {
+                log::debug!("{what}: the fifo has no reader yet; its output waits for one");
+                let r = nonblocking(false, path.as_ref())?;
+                (nonblocking(true, &fd_path(&r))?, r)
+            }
+            Err(e) => return Err(e),
+        };
+        Ok(Sink::Fifo { w, r: Some(r) })
+    }
+}
+
+fn fd_path(f: &File) -> PathBuf {
+    PathBuf::from(format!("/proc/self/fd/{}", f.as_raw_fd()))
+}
+
+/// Bytes in the fifo that nobody has read yet.
+fn unread(f: &File) -> usize {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one c_int, which we own; the fd is open.
+    if unsafe { libc::ioctl(f.as_raw_fd(), libc::FIONREAD, &mut n) } < 0 {
+        return 0;
+    }
+    usize::try_from(n).unwrap_or(0)
+}
+
+/// Whether anyone holds the fifo of `w` open for reading: a non-blocking open for writing
+/// fails with `ENXIO` when nobody does (it counts our own read end too: drop it first).
+fn has_reader(w: &File) -> bool {
+    OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(fd_path(w))
+        .is_ok()
+}
+
+/// Waits up to `timeout` for room in the fifo (or its reader's end).
+fn wait_writable(f: &File, timeout: Duration) {
+    let mut p = libc::pollfd {
+        fd: f.as_raw_fd(),
+        events: libc::POLLOUT,
+        revents: 0,
+    };
+    let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
+    // SAFETY: poll on one pollfd we own, for a bounded time.
+    unsafe { libc::poll(&mut p, 1, ms) };
+}
+
+/// An output stream's fifo, shared by its relay and [`Outputs::close`].
+#[derive(Debug, Default)]
+struct Slot {
+    sink: Mutex<Option<Sink>>,
+    /// Set by [`Outputs::close`]: the relay lets go of the fifo.
+    closed: AtomicBool,
+}
+
+impl Slot {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Sink>> {
+        self.sink.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Writes all of `data`, or drops the fifo (and so the rest of the stream's output) when
+    /// nobody reads it (see [`Sink`]) or a write fails.
+    fn write_all(&self, mut data: &[u8], patience: Patience, what: &str) {
+        let mut full_since: Option<Instant> = None;
+        while !data.is_empty() && !self.closed.load(Ordering::SeqCst) {
+            let mut g = self.lock();
+            let (w, r) = match g.as_mut() {
+                None => return,
+                Some(Sink::Other(f)) => {
+                    if let Err(e) = f.write_all(data) {
+                        log::warn!("{what}: {e}; further output is dropped");
+                        *g = None;
+                    }
+                    return;
+                }
+                Some(Sink::Fifo { w, r }) => (w, r),
+            };
+            match w.write(data) {
+                Ok(n) => {
+                    data = &data[n..];
+                    full_since = None;
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    let since = *full_since.get_or_insert_with(Instant::now);
+                    if r.is_some() && since.elapsed() >= patience.no_reader {
+                        // Without our read end, the next write tells whether anyone else reads.
+                        *r = None;
+                        continue;
+                    }
+                    wait_writable(w, SLICE);
+                }
+                Err(e) if e.kind() == ErrorKind::BrokenPipe => {
+                    log::debug!(
+                        "{what}: nobody reads the fifo (the client detached or went away); \
+                         further output is dropped"
+                    );
+                    *g = None;
+                    return;
+                }
+                Err(e) => {
+                    log::warn!("{what}: writing the fifo: {e}; further output is dropped");
+                    *g = None;
+                    return;
+                }
+            }
+        }
+    }
+
+    /// The stream has ended: closes the fifo, so its reader sees EOF (containerd's CRI waits
+    /// for that before it deletes an exec) — but only once the reader has taken what the
+    /// fifo holds, or nobody came to read it within [`Patience::no_reader`], or the reader
+    /// that is there took longer than [`Patience::drain`]. Returning earlier would let the
+    /// exit be reported while the output still sits in the fifo, and containerd's client
+    /// before 1.6.22 (Debian's 1.6.20 among them) closes its read end as soon as it sees the
+    /// exit (`task.Delete` calls `io.Close` before `io.Wait`), dropping what it had not read.
+    fn finish(&self, patience: Patience, what: &str) {
+        let sink = self.lock().take();
+        let Some(Sink::Fifo { w, r }) = sink else {
+            return;
+        };
+        // From here on only a reader other than us counts.
+        drop(r);
+        let start = Instant::now();
+        let mut reader_since: Option<Instant> = None;
+        let mut nap = Duration::from_millis(1);
+        let mut waited_for: Option<usize> = None;
+        loop {
+            let left = unread(&w);
+            if left == 0 {
+                if let Some(n) = waited_for {
+                    log::debug!(
+                        "{what}: the reader took the last {n} bytes {:?} after the stream ended",
+                        start.elapsed()
+                    );
+                }
+                return;
+            }
+            if self.closed.load(Ordering::SeqCst) {
+                return;
+            }
+            waited_for.get_or_insert(left);
+            if has_reader(&w) {
+                let since = *reader_since.get_or_insert_with(|| {
+                    if start.elapsed() > Duration::from_millis(5) {
+                        log::debug!(
+                            "{what}: a reader came {:?} after the stream ended",
+                            start.elapsed()
+                        );
+                    }
+                    Instant::now()
+                });
+                if since.elapsed() >= patience.drain {
+                    log::debug!(
+                        "{what}: the reader left {left} bytes in the fifo for {:?}; closing it",
+                        patience.drain
+                    );
+                    return;
+                }
+            } else {
+                reader_since = None;
+                if start.elapsed() >= patience.no_reader {
+                    log::debug!(
+                        "{what}: nobody came to read the fifo within {:?} (a detached client); \
+                         {left} bytes are dropped",
+                        patience.no_reader
+                    );
+                    return;
+                }
+            }
+            std::thread::sleep(nap);
+            nap = (nap * 2).min(Duration::from_millis(20));
         }
     }
 }
@@ -55,36 +307,45 @@ enum Stream {
     Stderr,
 }
 
-/// Opens an output fifo for writing, without waiting for a reader: containerd and ctr open
-/// the read ends before the task is created, so a fifo without a reader at Start has lost it
-/// (`ctr run -d` exits right after Start) and `None` (drop the output) is the answer. A
-/// blocking open would wait for a reader that never comes, and with it the exit of the
-/// process, which is reported after its output. The fd is made blocking again for the writes.
-fn open_output_fifo(path: &str) -> std::io::Result<Option<File>> {
-    match OpenOptions::new()
-        .write(true)
-        .custom_flags(libc::O_NONBLOCK)
-        .open(path)
-    {
-        Ok(f) => {
-            use std::os::fd::AsRawFd;
-            // SAFETY: F_GETFL/F_SETFL on an fd we own, integer arguments.
-            unsafe {
-                let flags = libc::fcntl(f.as_raw_fd(), libc::F_GETFL);
-                if flags < 0
-                    || libc::fcntl(f.as_raw_fd(), libc::F_SETFL, flags & !libc::O_NONBLOCK) < 0
-                {
-                    return Err(std::io::Error::last_os_error());
+/// The relay of one output stream, apart from where its bytes come from: `next` returns the
+/// next chunk and whether the stream has ended. Returns once the stream has ended and the
+/// fifo is closed ([`Slot::finish`]).
+fn relay(
+    what: &str,
+    path: &str,
+    slot: &Slot,
+    patience: Patience,
+    mut next: impl FnMut() -> Result<(Vec<u8>, bool), String>,
+) {
+    if !path.is_empty() {
+        match Sink::open(path, what) {
+            Ok(s) => {
+                // Under the lock: `Outputs::close` sets `closed` before it takes the lock.
+                let mut g = slot.lock();
+                if !slot.closed.load(Ordering::SeqCst) {
+                    *g = Some(s);
                 }
             }
-            Ok(Some(f))
+            Err(e) => log::warn!("{what}: opening {path}: {e}; output is dropped"),
         }
-        Err(e) if e.raw_os_error() == Some(libc::ENXIO) => {
-            log::debug!("{path}: no reader (a detached client); this output is dropped");
-            Ok(None)
-        }
-        Err(e) => Err(e),
     }
+    loop {
+        match next() {
+            Ok((data, eof)) => {
+                if !data.is_empty() {
+                    slot.write_all(&data, patience, what);
+                }
+                if eof {
+                    break;
+                }
+            }
+            Err(e) => {
+                log::warn!("{what}: {e}");
+                break;
+            }
+        }
+    }
+    slot.finish(patience, what);
 }
 
 fn relay_output(
@@ -93,55 +354,24 @@ fn relay_output(
     eid: String,
     stream: Stream,
     path: String,
-    fifo_slot: Arc<Mutex<Option<File>>>,
+    slot: Arc<Slot>,
 ) -> JoinHandle<()> {
     std::thread::spawn(move || {
-        let fifo = if path.is_empty() {
-            None
-        } else {
-            open_output_fifo(&path).unwrap_or_else(|e| {
-                log::warn!("{cid}/{eid}: opening {path}: {e}; output is dropped");
-                None
-            })
-        };
-        *fifo_slot.lock().unwrap_or_else(|e| e.into_inner()) = fifo;
         let req = ReadStreamRequest {
             container_id: cid.clone(),
             exec_id: eid.clone(),
             max_len: 0,
             ..Default::default()
         };
-        loop {
-            let resp = match stream {
+        let what = format!("{cid}/{eid}: {stream:?}");
+        relay(&what, &path, &slot, PATIENCE, || {
+            match stream {
                 Stream::Stdout => client.read_stdout(long_poll(), &req),
                 Stream::Stderr => client.read_stderr(long_poll(), &req),
-            };
-            match resp {
-                Ok(r) => {
-                    if !r.data.is_empty() {
-                        let mut fifo = fifo_slot.lock().unwrap_or_else(|e| e.into_inner());
-                        if let Some(f) = fifo.as_mut() {
-                            if let Err(e) = f.write_all(&r.data) {
-                                log::warn!(
-                                    "{cid}/{eid}: writing {path}: {e}; further output is dropped"
-                                );
-                                *fifo = None;
-                            }
-                        }
-                    }
-                    if r.eof {
-                        break;
-                    }
-                }
-                Err(e) => {
-                    log::warn!("{cid}/{eid}: {stream:?}: {}", describe(&e));
-                    break;
-                }
             }
-        }
-        // The stream has ended: close the fifo now, so its reader sees EOF (containerd's CRI
-        // waits for that before it deletes an exec), not only at Delete.
-        fifo_slot.lock().unwrap_or_else(|e| e.into_inner()).take();
+            .map(|r| (r.data, r.eof))
+            .map_err(|e| describe(&e))
+        });
     })
 }
 
@@ -259,6 +489,7 @@ pub fn start(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::mpsc;
 
     fn fifo(dir: &std::path::Path) -> String {
         let p = dir.join("out");
@@ -266,35 +497,230 @@ mod tests {
         p.display().to_string()
     }
 
-    #[test]
-    fn an_output_fifo_without_a_reader_is_not_waited_for() {
-        let d = tempfile::tempdir().unwrap();
-        let p = fifo(d.path());
-        // On a thread: a blocking open would hang, not fail.
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || tx.send(open_output_fifo(&p).unwrap().is_none()));
-        let none = rx.recv_timeout(std::time::Duration::from_secs(10));
-        assert_eq!(none, Ok(true), "opening a fifo without a reader waited for one");
+    /// Opens the read end as containerd's client finally does: without waiting for a writer,
+    /// then blocking reads (EOF once every writer has closed).
+    fn open_reader(path: &str) -> File {
+        let f = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path)
+            .unwrap();
+        // SAFETY: F_GETFL/F_SETFL on an fd we own, integer arguments.
+        unsafe {
+            let flags = libc::fcntl(f.as_raw_fd(), libc::F_GETFL);
+            assert!(flags >= 0);
+            assert_eq!(
+                libc::fcntl(f.as_raw_fd(), libc::F_SETFL, flags & !libc::O_NONBLOCK),
+                0
+            );
+        }
+        f
+    }
+
+    const QUICK: Patience = Patience {
+        no_reader: Duration::from_millis(300),
+        drain: Duration::from_millis(300),
+    };
+
+    /// A relay running on a thread over `chunks` (then EOF).
+    struct Relay {
+        /// How many chunks it has taken (the fifo is open from the first one on).
+        taken: Arc<std::sync::atomic::AtomicUsize>,
+        /// Gets when it returned.
+        done: mpsc::Receiver<Instant>,
+    }
+
+    impl Relay {
+        fn spawn(path: &str, patience: Patience, chunks: Vec<Vec<u8>>) -> Self {
+            let (tx, done) = mpsc::channel();
+            let taken = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            let (path, count) = (path.to_string(), taken.clone());
+            std::thread::spawn(move || {
+                let slot = Slot::default();
+                let mut it = chunks.into_iter().peekable();
+                relay("test", &path, &slot, patience, || {
+                    let c = it.next().unwrap_or_default();
+                    count.fetch_add(1, Ordering::SeqCst);
+                    Ok((c, it.peek().is_none()))
+                });
+                let _ = tx.send(Instant::now());
+            });
+            Self { taken, done }
+        }
+
+        /// Waits until it has taken `n` chunks.
+        fn wait_taken(&self, n: usize) {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while self.taken.load(Ordering::SeqCst) < n {
+                assert!(
+                    Instant::now() < deadline,
+                    "the relay did not take {n} chunks"
+                );
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+
+        /// When it returned, failing with `why` unless within 10 s.
+        fn ended(&self, why: &str) -> Instant {
+            self.done.recv_timeout(Duration::from_secs(10)).expect(why)
+        }
+    }
+
+    fn megabyte() -> Vec<Vec<u8>> {
+        (0..16u8).map(|i| vec![b'a' + i; 64 * 1024]).collect()
     }
 
     #[test]
-    fn an_output_fifo_with_a_reader_gets_blocking_writes() {
+    fn a_reader_that_opens_late_gets_every_byte() {
         let d = tempfile::tempdir().unwrap();
         let p = fifo(d.path());
-        let mut reader = OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NONBLOCK)
-            .open(&p)
-            .unwrap();
-        let mut w = open_output_fifo(&p).unwrap().expect("a reader is there");
-        use std::os::fd::AsRawFd;
-        // SAFETY: F_GETFL on an fd we own.
-        let flags = unsafe { libc::fcntl(w.as_raw_fd(), libc::F_GETFL) };
-        assert_eq!(flags & libc::O_NONBLOCK, 0, "writes must block, not fail with EAGAIN");
-        w.write_all(b"hello").unwrap();
-        drop(w);
-        let mut got = String::new();
-        reader.read_to_string(&mut got).unwrap();
-        assert_eq!(got, "hello");
+        let patient = Patience {
+            no_reader: Duration::from_secs(10),
+            drain: Duration::from_secs(10),
+        };
+        let relay = Relay::spawn(&p, patient, vec![b"hello ".to_vec(), b"world\n".to_vec()]);
+        // The whole stream has been relayed before the reader comes (a `ctr run` whose
+        // goroutine opened its end late, under load).
+        relay.wait_taken(2);
+        std::thread::sleep(Duration::from_millis(200));
+        let mut got = Vec::new();
+        open_reader(&p).read_to_end(&mut got).unwrap();
+        assert_eq!(String::from_utf8_lossy(&got), "hello world\n");
+        relay.ended("the relay ended");
+    }
+
+    #[test]
+    fn the_stream_ends_only_once_its_reader_took_every_byte() {
+        // containerd's client before 1.6.22 closes its read end as soon as the exit is
+        // reported, and the exit is reported when the relay returns.
+        let d = tempfile::tempdir().unwrap();
+        let p = fifo(d.path());
+        let mut reader = open_reader(&p);
+        let patient = Patience {
+            no_reader: Duration::from_secs(10),
+            drain: Duration::from_secs(10),
+        };
+        let relay = Relay::spawn(&p, patient, vec![b"ok\n".to_vec()]);
+        relay.wait_taken(1);
+        std::thread::sleep(Duration::from_millis(300));
+        let read_at = Instant::now();
+        let mut got = Vec::new();
+        reader.read_to_end(&mut got).unwrap();
+        assert_eq!(got, b"ok\n");
+        let ended = relay.ended("the relay ended");
+        assert!(
+            ended >= read_at,
+            "the relay ended before its output was read"
+        );
+    }
+
+    #[test]
+    fn a_reader_that_never_comes_does_not_block_the_relay() {
+        let d = tempfile::tempdir().unwrap();
+        let p = fifo(d.path());
+        // A little output (fits the fifo) and a megabyte (does not): both end, in bounded time,
+        // and every chunk is taken from the agent, so the process never blocks.
+        for chunks in [vec![b"ok\n".to_vec()], megabyte()] {
+            let n = chunks.len();
+            let t = Instant::now();
+            let relay = Relay::spawn(&p, QUICK, chunks);
+            relay.ended("the relay waited for ever for a reader that never comes");
+            assert_eq!(relay.taken.load(Ordering::SeqCst), n);
+            assert!(
+                t.elapsed() >= QUICK.no_reader,
+                "gave up on a late reader too early"
+            );
+        }
+    }
+
+    #[test]
+    fn a_reader_that_leaves_does_not_block_the_relay() {
+        // `ctr run -d`: the client reads, then exits.
+        let d = tempfile::tempdir().unwrap();
+        let p = fifo(d.path());
+        let mut reader = open_reader(&p);
+        let mut chunks = vec![b"first\n".to_vec()];
+        chunks.extend(megabyte());
+        let n = chunks.len();
+        let relay = Relay::spawn(&p, QUICK, chunks);
+        relay.wait_taken(1);
+        let mut first = [0u8; 6];
+        reader.read_exact(&mut first).unwrap();
+        assert_eq!(&first, b"first\n");
+        drop(reader);
+        relay.ended("the relay blocked on a fifo whose reader left");
+        assert_eq!(relay.taken.load(Ordering::SeqCst), n);
+    }
+
+    #[test]
+    fn a_slow_reader_is_waited_for_not_dropped() {
+        let d = tempfile::tempdir().unwrap();
+        let p = fifo(d.path());
+        let mut reader = open_reader(&p);
+        let chunks = megabyte();
+        let want: Vec<u8> = chunks.concat();
+        let relay = Relay::spawn(&p, QUICK, chunks);
+        relay.wait_taken(1);
+        // Pauses longer than `no_reader` while the fifo is full.
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; 256 * 1024];
+        for i in 0.. {
+            if i < 3 {
+                std::thread::sleep(QUICK.no_reader * 2);
+            }
+            match reader.read(&mut buf).unwrap() {
+                0 => break,
+                n => got.extend_from_slice(&buf[..n]),
+            }
+        }
+        assert!(got == want, "got {} of {} bytes", got.len(), want.len());
+        relay.ended("the relay ended");
+    }
+
+    #[test]
+    fn close_lets_go_of_a_fifo_the_relay_waits_on() {
+        let d = tempfile::tempdir().unwrap();
+        let p = fifo(d.path());
+        let _reader = open_reader(&p); // there, but never reads
+        let outputs = Outputs {
+            fifos: vec![Arc::default()],
+        };
+        let slot = outputs.fifos[0].clone();
+        let (tx, rx) = mpsc::channel();
+        let path = p.clone();
+        std::thread::spawn(move || {
+            let mut chunks = megabyte().into_iter().peekable();
+            relay("test", &path, &slot, QUICK, || {
+                let c = chunks.next().unwrap_or_default();
+                Ok((c, chunks.peek().is_none()))
+            });
+            let _ = tx.send(());
+        });
+        // The relay now waits for room (its reader is there, so for ever).
+        std::thread::sleep(QUICK.no_reader * 2);
+        assert!(rx.try_recv().is_err());
+        let t = Instant::now();
+        outputs.close();
+        assert!(
+            t.elapsed() < Duration::from_secs(1),
+            "close waited for the relay's write"
+        );
+        // The relay drops the rest of the stream and ends.
+        rx.recv_timeout(Duration::from_secs(2))
+            .expect("the relay ended after close");
+    }
+
+    #[test]
+    fn a_regular_file_gets_plain_writes() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("log");
+        std::fs::write(&p, b"").unwrap();
+        let relay = Relay::spawn(
+            p.to_str().unwrap(),
+            QUICK,
+            vec![b"a".to_vec(), b"b".to_vec()],
+        );
+        relay.ended("the relay ended");
+        assert_eq!(std::fs::read(&p).unwrap(), b"ab");
     }
 }
