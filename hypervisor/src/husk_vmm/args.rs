@@ -17,7 +17,7 @@ use crate::{VmConfig, GUEST_CID, SHARED_FS_TAG};
 
 /// Added to husk-vmm's default kernel command line before the caller's extras.
 /// (`no_timer_check`: see the qemu backend's command line.)
-pub const CMDLINE: &str = "quiet no_timer_check";
+pub const CMDLINE: &str = "quiet no_timer_check dummy.numdummies=0";
 
 /// Files this VM keeps in its state directory.
 #[derive(Debug, Clone)]
@@ -115,7 +115,7 @@ mod tests {
         for want in [
             "--kernel /k/vmlinux",
             "--initrd /k/initramfs.cpio",
-            "--cmdline quiet no_timer_check husk.timeout=3 --",
+            "--cmdline quiet no_timer_check dummy.numdummies=0 husk.timeout=3 --",
             "--vcpus 2",
             "--memory 256",
             "--api-sock /run/husk/x/api.sock",

@@ -32,8 +32,11 @@ use crate::{Accel, VmConfig, SHARED_FS_TAG};
 ///
 /// `no_timer_check`: a guest whose vCPU is starved (TCG on a loaded host) can fail Linux's
 /// IO-APIC timer check and panic ("IO-APIC + timer doesn't work!"); a VM's timer is known to
-/// work, so the check is skipped, as Kata and Firecracker do.
-pub const BASE_CMDLINE: &str = "console=ttyS0 reboot=t panic=-1 quiet no_timer_check";
+/// work, so the check is skipped, as Kata and Firecracker do. `dummy.numdummies=0`: the
+/// kernel has dummy devices built in (for NET_ADMIN containers: guest-kernel-config/
+/// 45-netadmin.config), which would otherwise make a `dummy0` the pod never asked for.
+pub const BASE_CMDLINE: &str =
+    "console=ttyS0 reboot=t panic=-1 quiet no_timer_check dummy.numdummies=0";
 
 /// TCG with a 16 MiB translation buffer. QEMU's default reserves 1 GiB and a booted husk
 /// guest filled 36 MiB of it; with 16 MiB, QEMU's PSS at the agent's ready line fell from
@@ -223,7 +226,7 @@ mod tests {
             "-accel tcg,tb-size=16 -cpu max -smp 2",
             "-no-reboot",
             "-add-fd fd=9,set=1 -chardev socket,id=con0,path=/run/husk/abc/console.sock,server=on,wait=off,logfile=/dev/fdset/1,logappend=on -serial chardev:con0",
-            "-append console=ttyS0 reboot=t panic=-1 quiet no_timer_check husk.timeout=5 -kernel",
+            "-append console=ttyS0 reboot=t panic=-1 quiet no_timer_check dummy.numdummies=0 husk.timeout=5 -kernel",
             "-kernel /k/vmlinux -initrd /k/initramfs.cpio",
         ] {
             assert!(l.contains(want), "missing {want:?} in {l}");
