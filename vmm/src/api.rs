@@ -6,8 +6,9 @@
 //! docs/ARCHITECTURE.md: this line protocol stands in for ttrpc until the `protocols`
 //! crate carries a VMM service, and maps one to one onto it.
 //!
-//! Clients are served one at a time on the API thread; the API never touches guest
-//! memory, only the run state, the exit channel and the counters.
+//! Clients are served one at a time on the API thread, under the API threads' seccomp
+//! filter; the API never touches guest memory, only the run state, the exit channel and
+//! the counters. Debug builds also take `debug-forbidden …` ([`crate::debug_hooks`]).
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::FileTypeExt;
@@ -21,6 +22,7 @@ use serde_json::{json, Map, Value};
 
 use crate::devices::bus::Bus;
 use crate::exit::{ExitReason, ExitSender};
+use crate::seccomp::{Filters, ThreadKind};
 use crate::vstate::run_state::RunState;
 use crate::vstate::vcpu::ExitCounters;
 
@@ -140,9 +142,31 @@ impl ApiContext {
                 };
                 json!({"ok": true, "state": state})
             }
+            #[cfg(debug_assertions)]
+            other if other.starts_with("debug-forbidden") => self.debug_forbidden(other),
             other => fail(format!(
                 "unknown request {other:?}: use pause, resume, shutdown, counters or state"
             )),
+        }
+    }
+
+    /// `debug-forbidden <kind> <call>`: see [`crate::debug_hooks`].
+    #[cfg(debug_assertions)]
+    fn debug_forbidden(&self, request: &str) -> Value {
+        use crate::debug_hooks;
+        let args = request.trim_start_matches("debug-forbidden");
+        match debug_hooks::parse(args) {
+            Ok((ThreadKind::Api, call)) => {
+                json!({"ok": true, "result": debug_hooks::attempt(&call)})
+            }
+            Ok((kind, call)) => {
+                debug_hooks::request(kind, call);
+                if kind == ThreadKind::Vcpu {
+                    self.run_state.kick_all();
+                }
+                json!({"ok": true, "queued": kind.name()})
+            }
+            Err(e) => json!({"ok": false, "error": e}),
         }
     }
 
@@ -155,11 +179,14 @@ impl ApiContext {
         Ok(())
     }
 
-    /// Serves `listener` on a thread of its own for the life of the process.
-    pub fn serve(self, listener: UnixListener) -> std::io::Result<()> {
+    /// Serves `listener` on a thread of its own for the life of the process, under the
+    /// API threads' filter from `filters`.
+    pub fn serve(self, listener: UnixListener, filters: &Filters) -> std::io::Result<()> {
+        let filters = filters.clone();
         std::thread::Builder::new()
             .name("api".into())
             .spawn(move || {
+                filters.install_or_exit(ThreadKind::Api, "api");
                 for stream in listener.incoming().flatten() {
                     // A client that goes away mid-request only ends its own connection.
                     let _ = self.serve_client(stream);

@@ -1,4 +1,5 @@
-//! Putting a VM together from a [`VmConfig`] and running it to its end.
+//! Putting a VM together from a [`VmConfig`] and running it to its end, each thread under
+//! the seccomp filter of its kind ([`crate::seccomp`]).
 
 use std::fs::OpenOptions;
 use std::sync::{mpsc, Arc, Mutex};
@@ -18,9 +19,10 @@ use crate::devices::legacy::serial::{spawn_input, ConsoleOut, SerialDevice, COM1
 use crate::devices::virtio::fs::{event_handler as fs_event_handler, VhostUserFs};
 use crate::devices::virtio::net::{event_handler as net_event_handler, FrameIo, Net, Tap};
 use crate::devices::virtio::rng::Rng;
-use crate::devices::virtio::vsock::unix::Muxer;
+use crate::devices::virtio::vsock::unix::{HostConnector, Muxer};
 use crate::devices::virtio::vsock::{event_handler as vsock_event_handler, Vsock};
 use crate::exit::ExitReason;
+use crate::seccomp::{Filters, SeccompError, ThreadKind};
 use crate::vstate::memory::{create_guest_ram, GuestRam};
 use crate::vstate::run_state::{install_kick_handler, RunState};
 use crate::vstate::vcpu::{ExitCounters, Vcpu, VcpuShared};
@@ -86,6 +88,20 @@ pub enum BuildError {
     /// A device or vCPU thread (or its eventfd) could not be set up.
     #[error("starting a VMM thread: {0}")]
     Thread(#[source] std::io::Error),
+    /// The main thread's seccomp filter.
+    #[error(transparent)]
+    Seccomp(#[from] SeccompError),
+}
+
+/// How the VM's threads are confined once it runs.
+#[derive(Debug, Clone, Default)]
+pub struct Confinement {
+    /// The seccomp filter of each thread kind ([`Filters::off`]: none).
+    pub filters: Filters,
+    /// Who opens the host end of guest-initiated vsock connections. `None`: the muxer
+    /// connects by path itself, which the filters forbid — give the broker
+    /// ([`crate::broker::Broker`]) whenever they are on.
+    pub connector: Option<Arc<dyn HostConnector>>,
 }
 
 /// A built VM, ready to run. Field order matters: the VM is dropped before its RAM.
@@ -98,8 +114,10 @@ pub struct Vmm {
 }
 
 impl Vmm {
-    /// Builds the VM described by `cfg`.
-    pub fn build(cfg: &VmConfig) -> Result<Self, BuildError> {
+    /// Builds the VM described by `cfg`; its device threads start under their filter from
+    /// `confinement`.
+    pub fn build(cfg: &VmConfig, confinement: &Confinement) -> Result<Self, BuildError> {
+        let filters = &confinement.filters;
         let kvm = open_kvm()?;
         let ram = create_guest_ram(cfg.memory_mib)?;
         let vm = Vm::new(kvm, &ram)?;
@@ -133,7 +151,7 @@ impl Vmm {
         pio.insert(COM1_BASE, COM1_LEN, serial.clone())?;
         if console_stdout {
             // The console is on the terminal: what is typed there goes to the guest.
-            spawn_input(serial, std::io::stdin()).map_err(BuildError::Thread)?;
+            spawn_input(serial, std::io::stdin(), filters).map_err(BuildError::Thread)?;
         }
         pio.insert(
             I8042_BASE,
@@ -151,17 +169,21 @@ impl Vmm {
             if cfg.vsock_cid <= 2 || cfg.vsock_cid > u64::from(u32::MAX) {
                 return Err(BuildError::VsockCid(cfg.vsock_cid));
             }
-            let muxer = Arc::new(Mutex::new(Muxer::new(cfg.vsock_cid, path)?));
+            let mut muxer = Muxer::new(cfg.vsock_cid, path)?;
+            if let Some(c) = &confinement.connector {
+                muxer.set_connector(c.clone());
+            }
+            let muxer = Arc::new(Mutex::new(muxer));
             let vsock = Vsock::new(cfg.vsock_cid, muxer.clone());
             let (_, transport) = devices.add(&vm.fd, &mut mmio, &ram.mem, Box::new(vsock))?;
-            vsock_event_handler::spawn(muxer, transport).map_err(BuildError::Thread)?;
+            vsock_event_handler::spawn(muxer, transport, filters).map_err(BuildError::Thread)?;
         }
         for (tag, socket) in &cfg.fs {
             let fs = VhostUserFs::connect(socket, tag)?;
             let calls = fs.call_fds().map_err(BuildError::Thread)?;
             let (_, transport) = devices.add(&vm.fd, &mut mmio, &ram.mem, Box::new(fs))?;
             let irq = transport.lock().expect("transport lock").irq();
-            fs_event_handler::spawn(calls, irq).map_err(BuildError::Thread)?;
+            fs_event_handler::spawn(calls, irq, filters).map_err(BuildError::Thread)?;
         }
         for net_cfg in &cfg.net {
             let tap = Tap::open(&net_cfg.tap)?;
@@ -169,7 +191,7 @@ impl Vmm {
             let net = Net::new(tap, net_cfg.mac).map_err(BuildError::Thread)?;
             let (_, blocked, kick) = net.event_parts().map_err(BuildError::Thread)?;
             let (_, transport) = devices.add(&vm.fd, &mut mmio, &ram.mem, Box::new(net))?;
-            net_event_handler::spawn(tap_fd, blocked, kick, transport)
+            net_event_handler::spawn(tap_fd, blocked, kick, transport, filters)
                 .map_err(BuildError::Thread)?;
         }
 
@@ -199,6 +221,7 @@ impl Vmm {
             counters: Arc::new(ExitCounters::default()),
             exit_tx,
             exit_rx: Arc::new(Mutex::new(exit_rx)),
+            filters: filters.clone(),
         };
         Ok(Self {
             vcpus,
@@ -224,7 +247,9 @@ impl Vmm {
         self.shared.exit_tx.clone()
     }
 
-    /// Runs the vCPUs until the guest or the host ends the VM; returns why.
+    /// Runs the vCPUs until the guest or the host ends the VM; returns why. Once the vCPU
+    /// threads are started, the calling thread goes under the VMM thread's filter: start
+    /// every other thread (API, signals) before calling this.
     pub fn run(self) -> Result<ExitReason, BuildError> {
         install_kick_handler();
         let Vmm {
@@ -242,6 +267,8 @@ impl Vmm {
                 .map_err(BuildError::Thread)?;
             handles.push(h);
         }
+        // The last thread is started: from here on this one only waits and stops the VM.
+        shared.filters.install(ThreadKind::Vmm)?;
         let reason = shared
             .exit_rx
             .lock()

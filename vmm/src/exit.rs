@@ -69,12 +69,19 @@ impl TerminationSignals {
         Ok(Self(set))
     }
 
-    /// Starts the thread that waits for the signals and reports them on `tx`.
-    pub fn forward_to(self, tx: ExitSender) -> std::io::Result<()> {
+    /// Starts the thread that waits for the signals and reports them on `tx`, under the
+    /// signal thread's filter from `filters`.
+    pub fn forward_to(
+        self,
+        tx: ExitSender,
+        filters: &crate::seccomp::Filters,
+    ) -> std::io::Result<()> {
         let set = self.0;
+        let filters = filters.clone();
         std::thread::Builder::new()
             .name("signals".into())
             .spawn(move || {
+                filters.install_or_exit(crate::seccomp::ThreadKind::Signals, "signals");
                 let mut sig: libc::c_int = 0;
                 // SAFETY: `set` holds blocked signals and `sig` is a valid out pointer.
                 let rc = unsafe { libc::sigwait(&set, &mut sig) };

@@ -10,14 +10,17 @@
 pub mod api;
 pub mod arch;
 pub mod boot;
+pub mod broker;
 pub mod builder;
 pub mod config;
+#[cfg(debug_assertions)]
+pub mod debug_hooks;
 pub mod device_manager;
 pub mod devices;
 pub mod exit;
 pub mod seccomp;
 pub mod vstate;
 
-pub use builder::{BuildError, Vmm};
+pub use builder::{BuildError, Confinement, Vmm};
 pub use config::VmConfig;
 pub use exit::ExitReason;

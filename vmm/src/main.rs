@@ -1,12 +1,16 @@
-//! The `husk-vmm` binary: parse the CLI, build the VM, run it, exit with its status.
+//! The `husk-vmm` binary: parse the CLI, start the broker, build the VM, put every thread
+//! under its seccomp filter, run the VM, exit with its status.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::Parser;
+use husk_vmm::broker::{Broker, BrokerConfig, Owned};
 use husk_vmm::config::{DEFAULT_MEMORY_MIB, DEFAULT_VCPUS};
 use husk_vmm::exit::{die_with_parent, TerminationSignals};
-use husk_vmm::{ExitReason, VmConfig, Vmm};
+use husk_vmm::seccomp::{self, Filters};
+use husk_vmm::{Confinement, ExitReason, VmConfig, Vmm};
 
 /// husk's KVM microVM monitor.
 #[derive(Debug, Parser)]
@@ -68,18 +72,27 @@ struct Cli {
     /// Give the guest a virtio-rng device (fed from the host's /dev/urandom).
     #[arg(long)]
     rng: bool,
-    /// Run without the seccomp filter (which, once the VM is built, allows each thread only
-    /// the system calls a running VM makes). For debugging only.
+    /// Run without the seccomp filters (which, once the VM is built, allow each kind of
+    /// thread only the system calls it makes in a running VM). For debugging only.
     #[arg(long)]
     no_seccomp: bool,
 }
 
-/// Removes a file when dropped.
-struct RemoveOnDrop(PathBuf);
+/// The sockets this run created; when dropped — however `run` ends — the broker removes
+/// them and ends (no husk-vmm thread may unlink once the filters are on).
+struct Leftovers {
+    broker: Arc<Broker>,
+    owned: Vec<Owned>,
+}
 
-impl Drop for RemoveOnDrop {
+impl Drop for Leftovers {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
+        if let Err(e) = self.broker.finish(&self.owned) {
+            eprintln!(
+                "husk-vmm: removing its sockets ({:?}) through the broker: {e}",
+                self.owned
+            );
+        }
     }
 }
 
@@ -139,33 +152,52 @@ fn run(cli: Cli) -> anyhow::Result<ExitReason> {
             .zip(cli.fs_sock.iter().cloned())
             .collect(),
     };
+    // The broker first, while this is the only thread and nothing is open but stdio: it
+    // does the path operations no filtered thread may (vsock connections to `<uds>_P`,
+    // removing our sockets at the end).
+    let broker = Arc::new(Broker::spawn(BrokerConfig {
+        vsock_sock: cfg.vsock_sock.clone(),
+        api_sock: cli.api_sock.clone(),
+        filter: (!cli.no_seccomp).then(seccomp::broker_filter).transpose()?,
+    })?);
+    let mut leftovers = Leftovers {
+        broker: broker.clone(),
+        owned: Vec::new(),
+    };
+    let filters = if cli.no_seccomp {
+        Filters::off()
+    } else {
+        Filters::build(&seccomp::Context::current(Some(broker.pid())))?
+    };
     // Bind first: a taken socket path is reported before any VM exists.
     let api = cli
         .api_sock
         .as_deref()
         .map(husk_vmm::api::bind)
         .transpose()?;
-    // Once bound the socket file is ours: remove it however this function ends.
-    let _api_file = cli
-        .api_sock
-        .clone()
-        .filter(|_| api.is_some())
-        .map(RemoveOnDrop);
-    let vmm = Vmm::build(&cfg)?;
+    // Once bound the socket file is ours: removed however this function ends.
+    if api.is_some() {
+        leftovers.owned.push(Owned::Api);
+    }
+    let confinement = Confinement {
+        filters: filters.clone(),
+        connector: Some(broker),
+    };
+    let vmm = Vmm::build(&cfg, &confinement)?;
     // The vsock socket is ours once the VM is built (a taken path fails the build first).
-    let _vsock_file = cfg.vsock_sock.clone().map(RemoveOnDrop);
+    if cfg.vsock_sock.is_some() {
+        leftovers.owned.push(Owned::Vsock);
+    }
     signals
-        .forward_to(vmm.exit_sender())
+        .forward_to(vmm.exit_sender(), &filters)
         .map_err(|e| anyhow::anyhow!("handling SIGTERM/SIGINT: {e}"))?;
     if let Some(listener) = api {
         vmm.api_context()
-            .serve(listener)
+            .serve(listener, &filters)
             .map_err(|e| anyhow::anyhow!("starting the API thread: {e}"))?;
     }
-    // Last: everything that opens files or binds sockets is done.
-    if !cli.no_seccomp {
-        husk_vmm::seccomp::install()?;
-    }
+    // Each thread started so far installs its filter as the first thing it does; the vCPU
+    // threads and this one follow in `run`, after which no thread is started.
     Ok(vmm.run()?)
 }
 

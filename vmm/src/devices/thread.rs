@@ -1,5 +1,6 @@
 //! What device threads share: a poll(2) that reports every failure instead of spinning or
-//! ending quietly, and the thread start that logs why a device thread stopped.
+//! ending quietly, and the thread start that installs the device threads' seccomp filter
+//! and logs why a device thread stopped.
 //!
 //! A device thread that returns without a word leaves a device that no longer moves data
 //! (a vsock the shim cannot reach, a NIC that drops every frame) and nothing in husk-vmm's
@@ -9,6 +10,8 @@
 
 use std::io::{self, Write};
 use std::os::fd::RawFd;
+
+use crate::seccomp::{Filters, ThreadKind};
 
 /// Why a device thread stopped.
 #[derive(Debug, thiserror::Error)]
@@ -62,6 +65,8 @@ pub fn poll(
         if let Some(bad) = fds.iter().find(|p| p.revents & libc::POLLNVAL != 0) {
             return Err(ThreadStop::NotOpen { what, fd: bad.fd });
         }
+        #[cfg(debug_assertions)]
+        crate::debug_hooks::run_pending(ThreadKind::Device);
         return Ok(usize::try_from(rc).expect("poll's count is non-negative"));
     }
 }
@@ -75,14 +80,18 @@ pub fn report_stop(out: &mut dyn Write, name: &str, why: &ThreadStop) {
     );
 }
 
-/// Starts thread `name` running `body`; when `body` fails, says why on stderr.
-pub fn spawn<F>(name: &'static str, body: F) -> io::Result<()>
+/// Starts thread `name` running `body` under the device threads' seccomp filter
+/// (installed first, before anything the guest controls is touched); when `body` fails,
+/// says why on stderr.
+pub fn spawn<F>(name: &'static str, filters: &Filters, body: F) -> io::Result<()>
 where
     F: FnOnce() -> Result<(), ThreadStop> + Send + 'static,
 {
+    let filters = filters.clone();
     std::thread::Builder::new()
         .name(name.into())
         .spawn(move || {
+            filters.install_or_exit(ThreadKind::Device, name);
             if let Err(why) = body() {
                 report_stop(&mut io::stderr().lock(), name, &why);
             }

@@ -12,7 +12,7 @@ use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
 
 /// The signal that knocks a vCPU thread out of KVM_RUN.
-fn kick_signal() -> libc::c_int {
+pub fn kick_signal() -> libc::c_int {
     SIGRTMIN()
 }
 
@@ -87,7 +87,8 @@ impl RunState {
         self.parked.fetch_sub(1, Ordering::AcqRel);
     }
 
-    fn kick_all(&self) {
+    /// Knocks every vCPU thread out of KVM_RUN once (it goes round its loop and re-enters).
+    pub fn kick_all(&self) {
         let threads = self.threads.lock().expect("run state lock");
         for t in threads.iter() {
             // SAFETY: every registered thread is a vCPU thread that lives until the VM has

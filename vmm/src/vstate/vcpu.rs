@@ -13,6 +13,7 @@ use crate::arch::{cpuid, regs};
 use crate::boot::KernelEntry;
 use crate::devices::bus::Bus;
 use crate::exit::{ExitReason, ExitSender};
+use crate::seccomp::{Filters, ThreadKind};
 use crate::vstate::run_state::RunState;
 
 /// Errors while creating or configuring a vCPU.
@@ -129,7 +130,8 @@ impl Vcpu {
 
     /// Runs until the VM stops: returns after reporting an exit reason, or when the run
     /// state says stop (the thread is kicked out of KVM_RUN with a signal). Parks while
-    /// the VM is paused.
+    /// the VM is paused. The vCPU threads' seccomp filter goes on first, before the guest
+    /// runs a single instruction on this vCPU.
     pub fn run(mut self, shared: &VcpuShared) {
         let VcpuShared {
             pio,
@@ -137,10 +139,14 @@ impl Vcpu {
             exit_tx: exit,
             run_state,
             counters,
+            filters,
             ..
         } = shared;
+        filters.install_or_exit(ThreadKind::Vcpu, &format!("vcpu{}", self.index));
         run_state.register_current_thread();
         while !run_state.stopping() {
+            #[cfg(debug_assertions)]
+            crate::debug_hooks::run_pending(ThreadKind::Vcpu);
             if run_state.pause_requested() {
                 run_state.park();
                 continue;
@@ -236,4 +242,6 @@ pub struct VcpuShared {
     pub exit_tx: ExitSender,
     /// Where the VMM's main thread waits for them.
     pub exit_rx: Arc<std::sync::Mutex<std::sync::mpsc::Receiver<ExitReason>>>,
+    /// The seccomp filters each thread installs on itself.
+    pub filters: Filters,
 }

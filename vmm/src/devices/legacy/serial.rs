@@ -112,8 +112,9 @@ impl<W: Write + Send> SerialDevice<W> {
 pub fn spawn_input<W: Write + Send + 'static, R: Read + Send + 'static>(
     serial: Arc<Mutex<SerialDevice<W>>>,
     input: R,
+    filters: &crate::seccomp::Filters,
 ) -> io::Result<()> {
-    thread::spawn("console-in", move || feed_input(&serial, input))
+    thread::spawn("console-in", filters, move || feed_input(&serial, input))
 }
 
 /// What the console input is called in the thread's stop line.

@@ -10,10 +10,11 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::devices::thread::{self, ThreadStop};
 use crate::devices::virtio::{IrqTrigger, INT_VRING};
+use crate::seccomp::Filters;
 
 /// Starts the thread for `calls`, raising `irq`.
-pub fn spawn(calls: Vec<EventFd>, irq: Arc<IrqTrigger>) -> std::io::Result<()> {
-    thread::spawn("virtio-fs", move || {
+pub fn spawn(calls: Vec<EventFd>, irq: Arc<IrqTrigger>, filters: &Filters) -> std::io::Result<()> {
+    thread::spawn("virtio-fs", filters, move || {
         Err(run(&calls, || {
             let _ = irq.trigger(INT_VRING);
         }))

@@ -13,6 +13,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::device_manager::SharedTransport;
 use crate::devices::thread::{self, ThreadStop};
+use crate::seccomp::Filters;
 
 /// Starts the thread.
 pub fn spawn(
@@ -20,10 +21,11 @@ pub fn spawn(
     rx_blocked: Arc<AtomicBool>,
     kick: EventFd,
     transport: SharedTransport,
+    filters: &Filters,
 ) -> std::io::Result<()> {
     // The tap fd is owned by the device, which lives as long as the VMM; the kick is
     // owned by the thread.
-    thread::spawn("net", move || {
+    thread::spawn("net", filters, move || {
         Err(run(tap, &rx_blocked, &kick, || {
             transport.lock().expect("transport lock").service();
         }))

@@ -13,13 +13,18 @@ use std::time::Duration;
 use super::unix::Muxer;
 use crate::device_manager::SharedTransport;
 use crate::devices::thread::{self, ThreadStop};
+use crate::seccomp::Filters;
 
 /// Starts the thread for `muxer`, whose device sits in `transport`.
-pub fn spawn(muxer: Arc<Mutex<Muxer>>, transport: SharedTransport) -> std::io::Result<()> {
+pub fn spawn(
+    muxer: Arc<Mutex<Muxer>>,
+    transport: SharedTransport,
+    filters: &Filters,
+) -> std::io::Result<()> {
     let fd: RawFd = muxer.lock().expect("muxer lock").epoll_fd();
     // The epoll fd lives as long as the muxer, which this thread keeps alive through its Arc.
     let timeouts = muxer.clone();
-    thread::spawn("vsock", move || {
+    thread::spawn("vsock", filters, move || {
         Err(run(
             fd,
             || timeouts.lock().expect("muxer lock").next_timeout(),

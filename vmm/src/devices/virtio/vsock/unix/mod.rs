@@ -4,4 +4,4 @@
 
 pub mod muxer;
 
-pub use muxer::{Muxer, MuxerError};
+pub use muxer::{DirectConnector, HostConnector, Muxer, MuxerError};

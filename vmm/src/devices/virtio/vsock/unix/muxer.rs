@@ -19,6 +19,7 @@ use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -105,6 +106,29 @@ pub struct Muxer {
     next_local_port: u32,
     counters: MuxerCounters,
     connect_timeout: Duration,
+    connector: Arc<dyn HostConnector>,
+}
+
+/// Opens the host end of a guest-initiated connection to host port `port`: a unix stream
+/// connected to `<vsock socket>_<port>`. Under seccomp no husk-vmm thread may connect to a
+/// path, so husk-vmm's binary hands the muxer the broker ([`crate::broker::Broker`]).
+pub trait HostConnector: Send + Sync + std::fmt::Debug {
+    /// A stream connected to the socket serving `port`, without waiting for it.
+    fn connect(&self, port: u32) -> io::Result<UnixStream>;
+}
+
+/// Connects from the calling thread, by path (unit tests, the fuzz targets, a library
+/// caller without filters).
+#[derive(Debug)]
+pub struct DirectConnector {
+    /// The vsock socket; port P is served at `<base>_P`.
+    pub base: PathBuf,
+}
+
+impl HostConnector for DirectConnector {
+    fn connect(&self, port: u32) -> io::Result<UnixStream> {
+        connect_nonblocking(&PathBuf::from(format!("{}_{}", self.base.display(), port)))
+    }
 }
 
 /// Connects to the host socket `path` without waiting: a server whose accept backlog is
@@ -198,11 +222,19 @@ impl Muxer {
             next_local_port: FIRST_LOCAL_PORT,
             counters: MuxerCounters::default(),
             connect_timeout: CONNECT_TIMEOUT,
+            connector: Arc::new(DirectConnector {
+                base: path.to_owned(),
+            }),
         };
         let fd = m.listener.as_raw_fd();
         m.watch(fd, Source::Listener, EventSet::IN)
             .map_err(io_err(path))?;
         Ok(m)
+    }
+
+    /// Has `connector` open the host ends of guest-initiated connections.
+    pub fn set_connector(&mut self, connector: Arc<dyn HostConnector>) {
+        self.connector = connector;
     }
 
     /// The epoll fd that becomes readable when a host stream needs attention.
@@ -375,9 +407,10 @@ impl Muxer {
         if self.conns.contains_key(&key) || !self.room_for_connection() {
             return self.reset(key);
         }
-        let target = PathBuf::from(format!("{}_{}", self.path.display(), key.0));
-        let conn =
-            connect_nonblocking(&target).and_then(|s| Connection::new(s, ConnState::Established));
+        let conn = self
+            .connector
+            .connect(key.0)
+            .and_then(|s| Connection::new(s, ConnState::Established));
         match conn {
             Ok(mut c) => {
                 c.update_peer_credit(pkt.buf_alloc, pkt.fwd_cnt);
@@ -629,7 +662,9 @@ impl Muxer {
 
 impl Drop for Muxer {
     fn drop(&mut self) {
-        // The socket file is ours; leave nothing behind.
+        // The socket file is ours; leave nothing behind. (In husk-vmm the muxer lives as
+        // long as the process once the filters are on: this runs only when a build fails,
+        // before them; the broker removes the socket at the end.)
         let _ = std::fs::remove_file(&self.path);
     }
 }
