@@ -1,6 +1,7 @@
 //! Child processes a backend starts (QEMU, and later virtiofsd and vhost-device-vsock):
 //! tied to the starting thread's life, ended and reaped on every path.
 
+use std::os::fd::RawFd;
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, ExitStatus};
 use std::time::{Duration, Instant};
@@ -128,6 +129,29 @@ impl Drop for Supervised {
         if self.status.is_none() {
             let _ = self.kill();
         }
+    }
+}
+
+/// Makes `fds` (close-on-exec in the shim, so no other child gets them) inherited by `cmd`'s
+/// child under the same numbers, which the command line names (`-netdev tap,fd=N`,
+/// `-add-fd fd=N`).
+pub(crate) fn inherit_fds(cmd: &mut Command, fds: Vec<RawFd>) {
+    if fds.is_empty() {
+        return;
+    }
+    // SAFETY: the closure runs in the child between fork and exec and only calls fcntl(2),
+    // which is async-signal-safe, on descriptors the parent keeps open across the spawn (the
+    // caller's `NetConfig` and `start`'s console pipe own them until after the spawn); it
+    // allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            for &fd in &fds {
+                if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
     }
 }
 

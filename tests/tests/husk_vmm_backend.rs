@@ -302,3 +302,65 @@ fn a_jailed_husk_vmm_serves_the_guest_without_root() {
     assert!(!process_alive(pid));
     ids.release("husk-vmm-test");
 }
+
+/// The caller's tap, handed over open as the shim does (with a virtio-net header, as it
+/// opens them): the synthetic guest's ARP request for the tap's address is answered by the
+/// host through it. The tap lives in a network namespace the test makes and deletes.
+#[test]
+fn a_tap_handed_over_as_an_fd_carries_the_guests_frames() {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use std::process::Command;
+    husk_tests::require_root("network namespaces and taps");
+    let ns = format!("husk-vmmfd-{}", std::process::id());
+    let ip = |args: &[&str]| {
+        let out = Command::new("ip").args(args).output().expect("ip (iproute2)");
+        assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    struct Del(String);
+    impl Drop for Del {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("ip").args(["netns", "del", &self.0]).status();
+        }
+    }
+    ip(&["netns", "add", &ns]);
+    let _del = Del(ns.clone());
+    ip(&["-n", &ns, "tuntap", "add", "dev", "hk0", "mode", "tap", "vnet_hdr"]);
+    ip(&["-n", &ns, "addr", "add", "10.99.0.1/24", "dev", "hk0"]);
+    ip(&["-n", &ns, "link", "set", "hk0", "up"]);
+    let link = ip(&["-n", &ns, "link", "show", "hk0"]);
+    let at = link.find("link/ether ").unwrap() + "link/ether ".len();
+    let tap_mac = link[at..at + 17].to_string();
+    // Open the tap from a thread inside the namespace (a thread's netns is its own).
+    let path = format!("/run/netns/{ns}");
+    let fd = std::thread::spawn(move || {
+        let netns = std::fs::File::open(&path).unwrap();
+        nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        let tun = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/net/tun")
+            .unwrap();
+        let mut ifreq = [0u8; 40];
+        ifreq[..3].copy_from_slice(b"hk0");
+        ifreq[16..18].copy_from_slice(&(0x0002u16 | 0x1000 | 0x4000).to_ne_bytes());
+        // SAFETY: TUNSETIFF (_IOW('T', 202, int)) on the tun file with a 40-byte ifreq.
+        let rc = unsafe { nix::libc::ioctl(tun.as_raw_fd(), 0x4004_54ca, ifreq.as_mut_ptr()) };
+        assert_eq!(rc, 0, "TUNSETIFF: {}", std::io::Error::last_os_error());
+        let raw = std::os::fd::IntoRawFd::into_raw_fd(tun);
+        // SAFETY: `raw` was just released by the File above; this OwnedFd owns it now.
+        unsafe { OwnedFd::from_raw_fd(raw) }
+    })
+    .join()
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path(), "net_arp", false);
+    cfg.nets = vec![husk_hypervisor::NetConfig {
+        tap: std::sync::Arc::new(fd),
+        mac: [2, 0, 0, 0, 0, 2],
+    }];
+    let mut vm = backend().start(&cfg).expect("starting the VM with a tap fd");
+    let line = wait_console(vm.as_mut(), "the guest's ARP reply", "husk net:");
+    assert_eq!(line.trim_end(), format!("husk net: arp reply from {tap_mac}"));
+    let _ = vm.kill();
+}

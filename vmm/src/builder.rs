@@ -186,7 +186,7 @@ impl Vmm {
             fs_event_handler::spawn(calls, irq, filters).map_err(BuildError::Thread)?;
         }
         for net_cfg in &cfg.net {
-            let tap = Tap::open(&net_cfg.tap)?;
+            let tap = Tap::open_spec(&net_cfg.tap)?;
             let tap_fd = tap.poll_fd().expect("a tap has an fd");
             let net = Net::new(tap, net_cfg.mac).map_err(BuildError::Thread)?;
             let (_, blocked, kick) = net.event_parts().map_err(BuildError::Thread)?;

@@ -57,8 +57,8 @@ struct Cli {
     /// The tag the guest mounts the matching --fs-sock by.
     #[arg(long, requires = "fs_sock")]
     fs_tag: Vec<String>,
-    /// Give the guest a virtio-net card on this tap (opened by name, created if missing).
-    /// Repeatable.
+    /// Give the guest a virtio-net card on this tap (opened by name, created if missing; or
+    /// `fd:N`, a tap handed over open under descriptor N). Repeatable.
     #[arg(long)]
     net_tap: Vec<String>,
     /// The MAC of the matching --net-tap (default 02:68:75:73:6b:NN, NN = card index).

@@ -11,6 +11,7 @@
 //!   i8042 reset port, `pci=off`) plus `quiet` and the caller's extras.
 
 use std::ffi::OsString;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use crate::{VmConfig, GUEST_CID, SHARED_FS_TAG};
@@ -76,6 +77,12 @@ pub fn args(config: &VmConfig, paths: &Paths) -> Vec<OsString> {
     if config.shared_dir.is_some() {
         push("--fs-sock", &paths.virtiofsd_sock);
         push("--fs-tag", &SHARED_FS_TAG);
+    }
+    // The caller's taps, open in the pod's network namespace: husk-vmm inherits each under
+    // the same number (the backend clears close-on-exec for it alone).
+    for net in &config.nets {
+        push("--net-tap", &format!("fd:{}", net.tap.as_raw_fd()));
+        push("--net-mac", &net.mac_string());
     }
     a.push("--console-stdout".into());
     a.push("--die-with-parent".into());

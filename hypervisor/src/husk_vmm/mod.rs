@@ -14,7 +14,7 @@ pub mod args;
 
 use std::fs::File;
 use std::io::Write;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -115,13 +115,6 @@ impl Hypervisor for HuskVmm {
 
     fn start(&self, config: &VmConfig) -> Result<Box<dyn Vm>> {
         config.validate()?;
-        if !config.nets.is_empty() {
-            // husk-vmm opens taps by name (`--net-tap`); handing it the caller's tap fds is
-            // not wired yet. Refuse rather than start a VM without the pod's network.
-            return Err(Error::Config(
-                "the husk-vmm backend cannot take the pod's tap devices yet — use backend = \"qemu-kvm\" in /etc/husk/config.toml for pods with a network".into(),
-            ));
-        }
         let paths = Paths::new(&config.state_dir);
         for sock in paths.sockets() {
             if sock.as_os_str().len() > SUN_PATH_MAX {
@@ -212,6 +205,10 @@ fn spawn(
         .stdin(Stdio::from(read))
         .stdout(Stdio::from(console_out))
         .stderr(log);
+    crate::process::inherit_fds(
+        &mut cmd,
+        config.nets.iter().map(|n| n.tap.as_raw_fd()).collect(),
+    );
     if let Some(j) = &config.jail {
         // husk-vmm opens /dev/kvm (a node of the jail's own), the kernel and initramfs
         // (read-only binds), its sockets in the state directory, and /dev/urandom; guest

@@ -13,7 +13,6 @@ pub mod qmp;
 use std::io::Write;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -177,7 +176,7 @@ impl Hypervisor for Qemu {
             }
             let mut fds: Vec<RawFd> = config.nets.iter().map(|n| n.tap.as_raw_fd()).collect();
             fds.push(console_out.as_raw_fd());
-            inherit_fds(&mut cmd, fds);
+            crate::process::inherit_fds(&mut cmd, fds);
             Supervised::spawn(QEMU_PROGRAM, cmd)
         })();
         // QEMU holds the only write end now: the relay sees EOF when QEMU ends.
@@ -227,29 +226,6 @@ impl Hypervisor for Qemu {
             paths,
             finished: false,
         }))
-    }
-}
-
-/// Makes `fds` (close-on-exec in the shim, so no other child gets them) inherited by `cmd`'s
-/// child under the same numbers, which the command line names (`-netdev tap,fd=N`,
-/// `-add-fd fd=N`).
-fn inherit_fds(cmd: &mut Command, fds: Vec<RawFd>) {
-    if fds.is_empty() {
-        return;
-    }
-    // SAFETY: the closure runs in the child between fork and exec and only calls fcntl(2),
-    // which is async-signal-safe, on descriptors the parent keeps open across the spawn (the
-    // caller's `NetConfig` and `start`'s console pipe own them until after the spawn); it
-    // allocates nothing.
-    unsafe {
-        cmd.pre_exec(move || {
-            for &fd in &fds {
-                if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            }
-            Ok(())
-        });
     }
 }
 
