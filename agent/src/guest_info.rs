@@ -67,10 +67,40 @@ pub fn cpu_list_len(list: &str) -> Option<usize> {
 
 /// `MemTotal` from /proc/meminfo, in KiB.
 pub fn mem_total_kib(meminfo: &str) -> Option<u64> {
+    meminfo_kib(meminfo, "MemTotal")
+}
+
+/// Field `key` of /proc/meminfo (`Key:   123 kB`), in KiB.
+pub fn meminfo_kib(meminfo: &str, key: &str) -> Option<u64> {
     meminfo
         .lines()
-        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+/// The guest's memory now, for `GetGuestStats`. (OOM kills are not here: our kernel has no
+/// VM event counters, so /proc/vmstat has no `oom_kill`; the shim counts the containers' OOM
+/// events it forwards.)
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GuestStats {
+    pub mem_total_kib: u64,
+    pub mem_free_kib: u64,
+    pub mem_available_kib: u64,
+}
+
+impl GuestStats {
+    /// Reads /proc/meminfo (a missing field reads as 0).
+    pub fn read() -> Self {
+        Self::parse(&std::fs::read_to_string("/proc/meminfo").unwrap_or_default())
+    }
+
+    pub fn parse(meminfo: &str) -> Self {
+        Self {
+            mem_total_kib: meminfo_kib(meminfo, "MemTotal").unwrap_or(0),
+            mem_free_kib: meminfo_kib(meminfo, "MemFree").unwrap_or(0),
+            mem_available_kib: meminfo_kib(meminfo, "MemAvailable").unwrap_or(0),
+        }
+    }
 }
 
 /// `husk.timeout=SECS` from the kernel command line.
@@ -98,6 +128,22 @@ mod tests {
         assert_eq!(mem_total_kib("MemTotal:        1012345 kB\nMemFree: 1 kB\n"), Some(1012345));
         assert_eq!(timeout_from_cmdline("console=ttyS0 husk.timeout=30 quiet"), Some(30));
         assert_eq!(timeout_from_cmdline("console=ttyS0"), None);
+    }
+
+    #[test]
+    fn guest_stats_from_meminfo() {
+        let mem = "MemTotal:         240000 kB\nMemFree:          100000 kB\nMemAvailable:     180000 kB\nBuffers: 1 kB\n";
+        assert_eq!(
+            GuestStats::parse(mem),
+            GuestStats {
+                mem_total_kib: 240000,
+                mem_free_kib: 100000,
+                mem_available_kib: 180000,
+            }
+        );
+        // A prefix of another key is not that key; a missing field is 0.
+        assert_eq!(meminfo_kib("MemTotalX: 5 kB\n", "MemTotal"), None);
+        assert_eq!(GuestStats::parse(""), GuestStats::default());
     }
 
     #[test]

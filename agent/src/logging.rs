@@ -38,7 +38,14 @@ pub(crate) use debug;
 
 /// Requests that are stream traffic, not events: a line per stdio chunk or long poll would
 /// flood the serial console (slow under TCG) and bury the requests that tell a story.
-const NOT_LOGGED: &[&str] = &["/ReadStdout", "/ReadStderr", "/WriteStdin", "/GetOOMEvent"];
+/// `GetGuestStats` is asked after every metrics scrape.
+const NOT_LOGGED: &[&str] = &[
+    "/ReadStdout",
+    "/ReadStderr",
+    "/WriteStdin",
+    "/GetOOMEvent",
+    "/GetGuestStats",
+];
 
 /// Wraps each method so that, at debug level, every request is logged once answered.
 pub fn log_requests(

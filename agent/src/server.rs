@@ -76,6 +76,16 @@ impl Agent for Service {
         })
     }
 
+    fn get_guest_stats(&self, _: &TtrpcContext, _: GuestStatsRequest) -> R<GuestStats> {
+        let s = crate::guest_info::GuestStats::read();
+        Ok(GuestStats {
+            mem_total_kib: s.mem_total_kib,
+            mem_free_kib: s.mem_free_kib,
+            mem_available_kib: s.mem_available_kib,
+            ..Default::default()
+        })
+    }
+
     fn create_sandbox(&self, _: &TtrpcContext, r: CreateSandboxRequest) -> R<Empty> {
         self.engine.create_sandbox(&r.sandbox_id, &r.hostname).map_err(map)?;
         Ok(Empty::new())
