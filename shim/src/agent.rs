@@ -11,6 +11,8 @@ use std::time::Duration;
 
 use husk_protocols::agent::CheckRequest;
 use husk_protocols::agent_ttrpc::AgentClient;
+
+use crate::metrics::TimedClient;
 use husk_protocols::ttrpc;
 use husk_protocols::{AGENT_VSOCK_PORT, API_VERSION};
 
@@ -50,7 +52,7 @@ pub fn long_poll() -> ttrpc::context::Context {
 #[derive(Clone)]
 pub struct Agent {
     socket: PathBuf,
-    control: AgentClient,
+    control: TimedClient,
     pub agent_version: String,
 }
 
@@ -75,7 +77,7 @@ impl Agent {
     /// Connects (retrying until `timeout`: the guest may still be booting) and checks that the
     /// agent speaks our API version.
     pub fn connect(socket: &Path, timeout: Duration) -> Result<Self, AgentError> {
-        let control = open(socket, timeout)?;
+        let control = TimedClient::new(open(socket, timeout)?);
         let req = CheckRequest {
             api_version: API_VERSION,
             ..Default::default()
@@ -97,8 +99,8 @@ impl Agent {
         })
     }
 
-    /// The control connection.
-    pub fn client(&self) -> &AgentClient {
+    /// The control connection (its short calls are timed for the metrics).
+    pub fn client(&self) -> &TimedClient {
         &self.control
     }
 

@@ -12,7 +12,9 @@
 //! - [`network`]: the pod netns mirrored to the guest's NICs (taps + tc redirects);
 //! - [`io`]: stdio relays; [`agent`]: the agent client; [`config`]: `/etc/husk/config.toml`;
 //! - [`debug_console`]: the guest's root shell for debugging, and the `console` command that
-//!   attaches to it.
+//!   attaches to it;
+//! - [`metrics`]: what the shim measures of its sandbox, served on its metrics socket;
+//!   [`monitor`]: the node's Prometheus endpoint (`containerd-shim-husk-v2 monitor`).
 
 pub mod agent;
 pub mod config;
@@ -20,6 +22,8 @@ pub mod debug_console;
 pub mod host_cgroup;
 pub mod host_fs;
 pub mod io;
+pub mod metrics;
+pub mod monitor;
 pub mod network;
 pub mod sandbox;
 pub mod sandbox_dir;

@@ -373,6 +373,7 @@ impl Sandbox {
         dir: SandboxDir,
     ) -> Result<Self, SandboxError> {
         let sid = id.to_string();
+        let bring_up = std::time::Instant::now();
         let (vcpus, memory_mib) = size_for(config, spec).map_err(|message| SandboxError::Step {
             sid: sid.clone(),
             step: "sizing the VM from the pod",
@@ -428,6 +429,7 @@ impl Sandbox {
         // The VM's processes die with the thread that started them: give them a thread that
         // lives exactly as long as the sandbox.
         let backend_name = backend.name();
+        let vm_started = std::time::Instant::now();
         let (vm_tx, vm_rx) = mpsc::channel();
         let (keep_tx, keep_rx) = mpsc::channel::<()>();
         std::thread::Builder::new()
@@ -489,7 +491,8 @@ impl Sandbox {
         // VM that dies while booting (a kernel panic, a crashed helper) at once.
         let timeout = Duration::from_secs(config.agent_timeout_secs);
         let deadline = std::time::Instant::now() + timeout;
-        if let Err(e) = husk_hypervisor::console::wait_for_ready(vm.as_mut(), timeout) {
+        let ready = husk_hypervisor::console::wait_for_ready(vm.as_mut(), timeout);
+        if let Err(e) = &ready {
             let ended = vm.wait(Some(Duration::ZERO)).ok().flatten();
             let _ = vm.kill();
             let what = match ended {
@@ -501,6 +504,7 @@ impl Sandbox {
             };
             return Err(guest_err("connecting to the agent", what));
         }
+        let vm_boot = vm_started.elapsed();
         let left = deadline
             .saturating_duration_since(std::time::Instant::now())
             .max(Duration::from_secs(5));
@@ -530,6 +534,8 @@ impl Sandbox {
                 crate::network::chain(&e),
             ));
         }
+        let guest_boot_ms = ready.map_or(0, |r| r.since_boot_ms);
+        crate::metrics::record_boot(bring_up.elapsed(), vm_boot, guest_boot_ms);
         log::info!(
             "sandbox {id}: VM {vm_pid} on {} with {vcpus} vCPU, {memory_mib} MiB; agent {}",
             backend_name,
@@ -566,6 +572,17 @@ impl Sandbox {
 
     pub fn resume(&self) -> Result<(), husk_hypervisor::Error> {
         self.vm.lock().unwrap_or_else(|e| e.into_inner()).resume()
+    }
+
+    /// The pod netns and, per CNI interface, `(its name, its tap)`: for the metrics.
+    pub fn interfaces(&self) -> (Option<PathBuf>, Vec<(String, String)>) {
+        let net = self.network.lock().unwrap_or_else(|e| e.into_inner());
+        let taps = net
+            .endpoints()
+            .iter()
+            .map(|e| (e.veth.name.clone(), e.tap_name.clone()))
+            .collect();
+        (net.netns().map(PathBuf::from), taps)
     }
 
     pub fn is_destroyed(&self) -> bool {

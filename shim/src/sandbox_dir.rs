@@ -9,6 +9,7 @@
 //!   vm.pids                   PIDs of the VM's processes and their programs, for `delete`
 //!                             after a shim crash
 //!   debug-console.json        whether the debug console is on (see debug_console.rs)
+//!   metrics.sock              the shim's measurements of the sandbox (see metrics.rs)
 //!   mounts/                   host-only: every host-side mount happens here
 //!     .husk-debug/sh          the debug console's shell, when it is on
 //!     <cid>/rootfs            containerd's rootfs mounts for container <cid>
@@ -125,6 +126,11 @@ impl SandboxDir {
     pub fn mounts_fd(&self) -> Result<OwnedFd, DirError> {
         let path = self.mounts();
         host_fs::open_dir(&path).map_err(io("opening", &path))
+    }
+
+    /// The shim's metrics socket (`crate::metrics`), root-only like the directory.
+    pub fn metrics_socket(&self) -> PathBuf {
+        self.root.join("metrics.sock")
     }
 
     pub fn pids_file(&self) -> PathBuf {

@@ -227,11 +227,15 @@ impl Drop for ReleaseOnDrop {
     }
 }
 
-/// The whole binary: dispatches containerd's actions, and `console` (for people, see
-/// [`crate::debug_console`]). Returns the exit code.
+/// The whole binary: dispatches containerd's actions, `console` (for people, see
+/// [`crate::debug_console`]) and `monitor` (the node's metrics, see [`crate::monitor`]).
+/// Returns the exit code.
 pub fn main(args: &[std::ffi::OsString]) -> i32 {
     if args.get(1).is_some_and(|a| a == "console") {
         return crate::debug_console::main(args.get(2..).unwrap_or_default());
+    }
+    if args.get(1).is_some_and(|a| a == "monitor") {
+        return crate::monitor::main(args.get(2..).unwrap_or_default());
     }
     let flags = match containerd_shim::parse(args.get(1..).unwrap_or_default()) {
         Ok(f) => f,
@@ -264,7 +268,7 @@ pub fn main(args: &[std::ffi::OsString]) -> i32 {
             }
         }
         _ if flags.namespace.is_empty() || flags.socket.is_empty() => {
-            eprintln!("containerd-shim-husk-v2: started by hand? containerd runs it with -namespace, -id, -address and -socket; `containerd-shim-husk-v2 console <sandbox-id>` attaches to a sandbox's debug console");
+            eprintln!("containerd-shim-husk-v2: started by hand? containerd runs it with -namespace, -id, -address and -socket; `containerd-shim-husk-v2 console <sandbox-id>` attaches to a sandbox's debug console; `containerd-shim-husk-v2 monitor` serves the node's metrics");
             2
         }
         _ => match serve(&flags) {

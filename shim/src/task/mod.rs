@@ -37,6 +37,7 @@ use crate::io::{self, StdioPaths};
 use crate::sandbox::Sandbox;
 use crate::share;
 
+mod metrics;
 mod process;
 mod watch;
 
@@ -155,6 +156,7 @@ impl Service {
                 .map_err(|e| err(Code::INTERNAL, e.to_string()))?,
         );
         self.watch_oom(&sb);
+        metrics::serve(&sb, &self.inner);
         watch_vm(
             sb.clone(),
             self.inner.clone(),
@@ -173,6 +175,7 @@ impl Service {
         let ns = self.namespace.clone();
         std::thread::spawn(move || {
             while let Ok(ev) = client.get_oom_event(long_poll(), &GetOOMEventRequest::default()) {
+                crate::metrics::oom_event();
                 let e = TaskOOM {
                     container_id: ev.container_id,
                     ..Default::default()

@@ -1,0 +1,321 @@
+//! Gathering one scrape: each shim's snapshot from its metrics socket, and what /proc says of
+//! the processes under each shim (the VMM and its helpers). Anything that vanishes half-way —
+//! a sandbox ending, a process exiting — is skipped, never an error.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Read;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::metrics::{Snapshot, SNAPSHOT_VERSION};
+
+/// How long a shim may take to answer (it asks its guest, with a shorter deadline).
+pub const SHIM_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A larger answer is not a snapshot.
+const MAX_SNAPSHOT: u64 = 4 << 20;
+
+/// What a process is to its sandbox, from its name (`comm`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Role {
+    Shim,
+    Qemu,
+    HuskVmm,
+    Virtiofsd,
+    VhostVsock,
+    Other,
+}
+
+impl Role {
+    /// `comm` is at most 15 bytes: `qemu-system-x86`, `vhost-device-vs`, `containerd-shim`.
+    pub fn of(comm: &str) -> Self {
+        if comm.starts_with("containerd-shim") {
+            Role::Shim
+        } else if comm.starts_with("qemu-system") {
+            Role::Qemu
+        } else if comm == "husk-vmm" {
+            Role::HuskVmm
+        } else if comm == "virtiofsd" {
+            Role::Virtiofsd
+        } else if comm.starts_with("vhost-device-vs") {
+            Role::VhostVsock
+        } else {
+            Role::Other
+        }
+    }
+
+    /// The `process` label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Role::Shim => "shim",
+            Role::Qemu => "qemu",
+            Role::HuskVmm => "husk-vmm",
+            Role::Virtiofsd => "virtiofsd",
+            Role::VhostVsock => "vhost-device-vsock",
+            Role::Other => "other",
+        }
+    }
+}
+
+/// The fields of /proc/PID/stat the monitor uses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stat {
+    pub ppid: u32,
+    pub comm: String,
+    /// utime + stime, in clock ticks.
+    pub cpu_ticks: u64,
+    pub threads: u64,
+}
+
+/// Parses /proc/PID/stat. `comm` is in parentheses and may hold spaces or `)`: the last `)`
+/// ends it.
+pub fn parse_stat(text: &str) -> Option<Stat> {
+    let open = text.find('(')?;
+    let close = text.rfind(')')?;
+    let comm = text.get(open + 1..close)?.to_string();
+    // After ")": state(3) ppid(4) … utime(14) stime(15) … num_threads(20); index 0 = state.
+    let f: Vec<&str> = text.get(close + 1..)?.split_whitespace().collect();
+    let num = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok());
+    Some(Stat {
+        ppid: u32::try_from(num(1)?).ok()?,
+        comm,
+        cpu_ticks: num(11)?.saturating_add(num(12)?),
+        threads: num(17)?,
+    })
+}
+
+/// Every process's stat, by PID.
+pub fn scan_proc() -> HashMap<u32, Stat> {
+    let mut out = HashMap::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for e in dir.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        if let Some(s) = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .as_deref()
+            .and_then(parse_stat)
+        {
+            out.insert(pid, s);
+        }
+    }
+    out
+}
+
+/// `root` and all its descendants in `procs`.
+pub fn tree(procs: &HashMap<u32, Stat>, root: u32) -> Vec<u32> {
+    let mut children: HashMap<u32, Vec<u32>> = HashMap::new();
+    for (pid, s) in procs {
+        children.entry(s.ppid).or_default().push(*pid);
+    }
+    let mut out = Vec::new();
+    if !procs.contains_key(&root) {
+        return out;
+    }
+    let mut todo = vec![root];
+    while let Some(p) = todo.pop() {
+        out.push(p);
+        if let Some(c) = children.get(&p) {
+            todo.extend(c.iter().copied().filter(|c| !out.contains(c)));
+        }
+    }
+    out
+}
+
+/// `Key:   123 kB` of /proc/PID/smaps_rollup (or status), in bytes.
+pub fn kib_field(text: &str, key: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|k| k.saturating_mul(1024))
+}
+
+/// `key: 123` of /proc/PID/io.
+pub fn io_field(text: &str, key: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// One role's processes under a shim, summed.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Usage {
+    pub processes: u64,
+    pub cpu_seconds: f64,
+    pub threads: u64,
+    pub rss_bytes: u64,
+    pub pss_bytes: u64,
+    pub open_fds: u64,
+    /// `rchar`/`wchar` of /proc/PID/io: bytes through read/write-family system calls.
+    pub read_bytes: u64,
+    pub write_bytes: u64,
+}
+
+/// The processes of the tree under `shim_pid`, summed by role. A process that exits while it
+/// is read still counts with what was read of it.
+pub fn usage(
+    procs: &HashMap<u32, Stat>,
+    shim_pid: u32,
+    ticks_per_second: f64,
+) -> BTreeMap<Role, Usage> {
+    let mut out: BTreeMap<Role, Usage> = BTreeMap::new();
+    for pid in tree(procs, shim_pid) {
+        let Some(stat) = procs.get(&pid) else {
+            continue;
+        };
+        let role = Role::of(&stat.comm);
+        let u = out.entry(role).or_default();
+        u.processes += 1;
+        #[allow(clippy::cast_precision_loss)]
+        let ticks = stat.cpu_ticks as f64;
+        u.cpu_seconds += ticks / ticks_per_second;
+        u.threads += stat.threads;
+        let rollup =
+            std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
+        u.rss_bytes += kib_field(&rollup, "Rss").unwrap_or(0);
+        u.pss_bytes += kib_field(&rollup, "Pss").unwrap_or(0);
+        u.open_fds += std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .map(|d| d.count() as u64)
+            .unwrap_or(0);
+        if matches!(role, Role::Virtiofsd | Role::VhostVsock) {
+            let io = std::fs::read_to_string(format!("/proc/{pid}/io")).unwrap_or_default();
+            u.read_bytes += io_field(&io, "rchar").unwrap_or(0);
+            u.write_bytes += io_field(&io, "wchar").unwrap_or(0);
+        }
+    }
+    out
+}
+
+/// The sandbox directories under the state root (everything but dot entries).
+pub fn sandbox_dirs(state_root: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(state_root)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .map(|e| e.path())
+        .collect();
+    v.sort();
+    v
+}
+
+/// Why a sandbox was skipped in a scrape.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error("{socket}: {source}")]
+    Io {
+        socket: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{socket}: not a snapshot: {source}")]
+    Parse {
+        socket: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("{socket}: snapshot version {found}, this monitor reads {SNAPSHOT_VERSION} — run the monitor of the shim's version")]
+    Version { socket: PathBuf, found: u32 },
+}
+
+/// Asks the shim of the sandbox in `dir` for its snapshot.
+pub fn fetch(dir: &Path) -> Result<Snapshot, FetchError> {
+    let socket = dir.join("metrics.sock");
+    let io = |source| FetchError::Io {
+        socket: socket.clone(),
+        source,
+    };
+    let stream = UnixStream::connect(&socket).map_err(io)?;
+    stream.set_read_timeout(Some(SHIM_TIMEOUT)).map_err(io)?;
+    let mut buf = Vec::new();
+    stream
+        .take(MAX_SNAPSHOT)
+        .read_to_end(&mut buf)
+        .map_err(io)?;
+    let snap: Snapshot = serde_json::from_slice(&buf).map_err(|source| FetchError::Parse {
+        socket: socket.clone(),
+        source,
+    })?;
+    if snap.version != SNAPSHOT_VERSION {
+        return Err(FetchError::Version {
+            socket,
+            found: snap.version,
+        });
+    }
+    Ok(snap)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stat_with_a_strange_comm() {
+        let text = "4242 (a b) c)) S 17 4242 4242 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 7 0 123 1000 50 18446744073709551615";
+        let s = parse_stat(text).unwrap();
+        assert_eq!(s.comm, "a b) c)");
+        assert_eq!(s.ppid, 17);
+        assert_eq!(s.cpu_ticks, 300);
+        assert_eq!(s.threads, 7);
+        assert_eq!(parse_stat("1 (x) S"), None);
+    }
+
+    #[test]
+    fn roles_from_comm() {
+        assert_eq!(Role::of("containerd-shim"), Role::Shim);
+        assert_eq!(Role::of("qemu-system-x86"), Role::Qemu);
+        assert_eq!(Role::of("vhost-device-vs"), Role::VhostVsock);
+        assert_eq!(Role::of("virtiofsd"), Role::Virtiofsd);
+        assert_eq!(Role::of("husk-vmm"), Role::HuskVmm);
+        assert_eq!(Role::of("sh"), Role::Other);
+    }
+
+    #[test]
+    fn a_tree_is_the_root_and_its_descendants() {
+        let p = |ppid| Stat {
+            ppid,
+            comm: "x".into(),
+            cpu_ticks: 0,
+            threads: 1,
+        };
+        let procs: HashMap<u32, Stat> = [
+            (10, p(1)),
+            (11, p(10)),
+            (12, p(11)),
+            (13, p(10)),
+            (20, p(1)),
+        ]
+        .into();
+        let mut t = tree(&procs, 10);
+        t.sort_unstable();
+        assert_eq!(t, [10, 11, 12, 13]);
+        assert!(tree(&procs, 99).is_empty());
+    }
+
+    #[test]
+    fn fields_of_smaps_rollup_and_io() {
+        let rollup = "00400000-7fff [rollup]\nRss:                1024 kB\nPss:                 512 kB\nPss_Anon: 1 kB\n";
+        assert_eq!(kib_field(rollup, "Rss"), Some(1 << 20));
+        assert_eq!(kib_field(rollup, "Pss"), Some(512 << 10));
+        let io = "rchar: 4096\nwchar: 100\nsyscr: 3\n";
+        assert_eq!(io_field(io, "rchar"), Some(4096));
+        assert_eq!(io_field(io, "wchar"), Some(100));
+    }
+
+    #[test]
+    fn our_own_process_tree_is_measured() {
+        let procs = scan_proc();
+        let me = std::process::id();
+        assert!(procs.contains_key(&me));
+        let u = usage(&procs, me, 100.0);
+        let total: u64 = u.values().map(|u| u.processes).sum();
+        assert!(total >= 1, "{u:?}");
+        let mine = u.values().find(|u| u.rss_bytes > 0).expect("an RSS");
+        assert!(mine.open_fds > 0 && mine.threads > 0, "{mine:?}");
+    }
+}
