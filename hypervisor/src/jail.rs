@@ -10,9 +10,10 @@
 //! allocation): unshare, make every mount private, mount a tmpfs on the (empty) jail
 //! directory, build the root there, `pivot_root` into it, drop the old root, drop to the
 //! sandbox's uid/gid (which clears every capability), set `no_new_privs`. The process then
-//! execs its program inside the jail. A PID namespace of its own is not made: it only takes
-//! effect for children of the unsharing process, so it would need a second fork that stays
-//! as the jailed program's parent (docs/SECURITY.md lists it as left).
+//! execs its program inside the jail, as PID 1 of a PID namespace of its own: that takes
+//! effect for children only, so the spawned process forks once more and stays behind as the
+//! program's supervisor in the host's namespace (`supervise`; the backends report the
+//! program's own PID, [`crate::process::Supervised::program_pid`]).
 //!
 //! Which uid: [`JailIds`] hands out one uid/gid pair per sandbox from a range no host user
 //! has, and records it under `/run/husk/.jail-ids/` so two sandboxes never share one (a
@@ -241,14 +242,76 @@ impl Jail {
                 ok(libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()).signum() as libc::c_int)?;
                 ok(libc::umount2(c".".as_ptr(), libc::MNT_DETACH))?;
                 ok(libc::chdir(c"/".as_ptr()))?;
-                ok(libc::setgroups(0, std::ptr::null()))?;
-                ok(libc::setresgid(gid, gid, gid))?;
-                ok(libc::setresuid(uid, uid, uid))?;
-                ok(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0))?;
+                // A PID namespace of its own: it takes effect for children only, so fork; the
+                // child (PID 1 there) goes on to exec the program, this process stays as its
+                // supervisor (see `supervise`) and never returns.
+                ok(libc::unshare(libc::CLONE_NEWPID))?;
+                let child = libc::fork();
+                ok(child)?;
+                let drop_privileges = || -> std::io::Result<()> {
+                    ok(libc::setgroups(0, std::ptr::null()))?;
+                    ok(libc::setresgid(gid, gid, gid))?;
+                    ok(libc::setresuid(uid, uid, uid))?;
+                    ok(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0))
+                };
+                if child > 0 {
+                    supervise(child, &drop_privileges);
+                }
+                drop_privileges()?;
                 Ok(())
             });
         }
         Ok(())
+    }
+}
+
+/// The PID of the jailed program, for signal forwarding in its supervisor.
+static JAILED: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+extern "C" fn forward(sig: libc::c_int) {
+    // SAFETY: kill(2) is async-signal-safe; JAILED is set before the handler is installed.
+    unsafe { libc::kill(JAILED.load(std::sync::atomic::Ordering::Relaxed), sig) };
+}
+
+/// The jailed program's supervisor, between fork and exec's other side: the process the
+/// backend spawned (and signals, and waits for) stays in the host's PID namespace as the
+/// parent of the program, which is PID 1 in a namespace of its own. It closes every
+/// descriptor it inherited (it must not hold a fifo or a socket of the shim open), drops to
+/// the jail's uid too, dies with its parent, forwards the termination signals, and ends as
+/// the program ended (same exit code, or the same signal). Only async-signal-safe calls: it
+/// is a fork of a multi-threaded process. Never returns.
+///
+/// # Safety
+/// Only to be called in a freshly forked child, before exec.
+unsafe fn supervise(child: libc::pid_t, drop_privileges: &dyn Fn() -> std::io::Result<()>) -> ! {
+    // SAFETY (whole body): plain system calls on this process's own state.
+    unsafe {
+        libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
+        if drop_privileges().is_err() {
+            libc::kill(child, libc::SIGKILL);
+        }
+        libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
+        JAILED.store(child, std::sync::atomic::Ordering::Relaxed);
+        for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGQUIT, libc::SIGUSR1, libc::SIGUSR2, libc::SIGCONT] {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = forward as extern "C" fn(libc::c_int) as libc::sighandler_t;
+            sa.sa_flags = libc::SA_RESTART;
+            libc::sigaction(sig, &sa, std::ptr::null_mut());
+        }
+        let mut status = 0;
+        while libc::waitpid(child, &mut status, 0) < 0 {
+            if *libc::__errno_location() != libc::EINTR {
+                libc::_exit(127);
+            }
+        }
+        if libc::WIFSIGNALED(status) {
+            let sig = libc::WTERMSIG(status);
+            libc::signal(sig, libc::SIG_DFL);
+            libc::kill(libc::getpid(), sig);
+            libc::_exit(128 + sig);
+        }
+        libc::_exit(libc::WEXITSTATUS(status))
     }
 }
 
@@ -373,7 +436,7 @@ mod tests {
              id -u; echo ok > {s}/w && echo wrote; \
              test -e {secret} && echo SEES-SECRET; test -e /root && echo SEES-ROOT; \
              touch /usr/x 2>/dev/null && echo WROTE-USR; ls /dev; \
-             readlink /proc/self/ns/net 2>/dev/null; echo end",
+             echo pid=$$; echo end",
             s = state.display(),
             secret = secret.display()
         );
@@ -385,6 +448,7 @@ mod tests {
         assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
         assert!(text.contains(&format!("{FIRST_JAIL_ID}\n")), "{text}");
         assert!(text.contains("wrote"), "{text}");
+        assert!(text.contains("pid=1\n"), "not PID 1 of a namespace of its own: {text}");
         assert!(!text.contains("SEES-"), "{text}");
         assert!(!text.contains("WROTE-USR"), "{text}");
         assert!(text.contains("null") && !text.contains("kvm") && !text.contains("sda"), "{text}");

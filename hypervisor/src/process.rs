@@ -48,6 +48,20 @@ impl Supervised {
         self.child.id()
     }
 
+    /// The PID of the program itself: for a jailed one, the only child of the spawned
+    /// process (its supervisor, see [`crate::jail`]); else the spawned process.
+    pub fn program_pid(&self) -> u32 {
+        let pid = self.child.id();
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+            .ok()
+            .and_then(|c| {
+                let mut it = c.split_whitespace();
+                let only = it.next()?.parse().ok();
+                it.next().is_none().then_some(only).flatten()
+            })
+            .unwrap_or(pid)
+    }
+
     pub fn name(&self) -> &str {
         &self.name
     }

@@ -197,7 +197,7 @@ fn the_vm_side_processes_are_jailed_and_the_task_pid_is_the_vmms() {
         assert_eq!(status_field(p, "CapEff"), "0000000000000000", "{name}");
         assert_eq!(status_field(p, "CapPrm"), "0000000000000000", "{name}");
         assert_eq!(status_field(p, "NoNewPrivs"), "1", "{name}");
-        for kind in ["mnt", "net", "ipc", "uts"] {
+        for kind in ["mnt", "net", "ipc", "uts", "pid"] {
             assert_ne!(ns(&p.to_string(), kind), ns(&me, kind), "{name}: {kind} namespace is the host's");
         }
         let root = Path::new("/proc").join(p.to_string()).join("root");

@@ -171,7 +171,7 @@ impl Hypervisor for HuskVmm {
         };
         // On error `vm` is dropped: whatever was started is ended and its sockets removed.
         let (process, console_in, console_out) = spawn(&self.program, config, &vm.paths)?;
-        vm.pid = process.pid();
+        vm.pid = process.program_pid();
         vm.vmm = Some(process);
         vm.console_in = Some(console_in);
         vm.console_out = Some(console_out);

@@ -214,7 +214,7 @@ impl Hypervisor for Qemu {
                 .spawn(move || watch(&procs, &quit))
                 .map_err(Error::io("starting the helper watcher thread"))?
         };
-        let pid = procs.lock().map(|p| p.qemu.pid()).unwrap_or(0);
+        let pid = procs.lock().map(|p| p.qemu.program_pid()).unwrap_or(0);
         Ok(Box::new(QemuVm {
             pid,
             procs,
