@@ -19,6 +19,7 @@
 pub mod agent;
 pub mod config;
 pub mod debug_console;
+pub mod error;
 pub mod host_cgroup;
 pub mod host_fs;
 pub mod io;

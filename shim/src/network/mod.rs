@@ -72,16 +72,7 @@ pub enum NetworkError {
 
 /// `e` with its sources, `outer: inner: …`, for messages that travel as strings (to
 /// containerd, through `ctr`).
-pub fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(x) = src {
-        s.push_str(": ");
-        s.push_str(&x.to_string());
-        src = x.source();
-    }
-    s
-}
+pub use crate::error::chain;
 
 /// The network namespace path of an OCI spec (`linux.namespaces[]` of type `network` with a
 /// `path`), as containerd's CRI and `ctr run --with-ns network:<path>` write it. `None`: the
