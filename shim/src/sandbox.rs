@@ -548,6 +548,15 @@ impl Sandbox {
         })
     }
 
+    /// Kills the VM's processes at once, for a guest that no longer answers: the VM watcher
+    /// then ends every process of the sandbox (see `task::watch`).
+    pub fn kill_vm(&self) {
+        let mut vm = self.vm.lock().unwrap_or_else(|e| e.into_inner());
+        if let Err(e) = vm.kill() {
+            log::error!("sandbox {}: killing the VM: {e}", self.id);
+        }
+    }
+
     /// The VM's exit status if it has ended.
     pub fn vm_exited(&self) -> Option<ExitStatus> {
         let mut vm = self.vm.lock().unwrap_or_else(|e| e.into_inner());

@@ -11,6 +11,8 @@ use crate::require_program;
 pub struct PrivateContainerd {
     dir: tempfile::TempDir,
     child: Child,
+    /// The extra environment it was started with (kept for [`Self::restart`]).
+    env: Vec<(String, std::ffi::OsString)>,
     /// A namespace unique to this instance (containerd's /run/containerd/{s,fifo} are shared
     /// by every containerd on the machine).
     pub namespace: String,
@@ -25,7 +27,7 @@ impl PrivateContainerd {
     /// Like [`Self::start`], with extra environment for containerd (and so for the shims it
     /// starts: `PATH` to find them, `HUSK_CONFIG`).
     pub fn start_with_env(env: &[(&str, std::ffi::OsString)]) -> Self {
-        let bin = require_program("containerd", "containerd");
+        require_program("containerd", "containerd");
         require_program("ctr", "containerd");
         let dir = tempfile::Builder::new()
             .prefix("husk-ctd-")
@@ -44,32 +46,59 @@ impl PrivateContainerd {
             ),
         )
         .expect("writing containerd's config");
-        let log = std::fs::File::create(base.join("containerd.log")).expect("creating the log");
-        let child = Command::new(bin)
-            .envs(env.iter().map(|(k, v)| (*k, v)))
-            .arg("--config")
-            .arg(&config)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log fd"))
-            .stderr(log)
-            .spawn()
-            .expect("starting containerd");
+        let env: Vec<(String, std::ffi::OsString)> = env
+            .iter()
+            .map(|(k, v)| ((*k).to_string(), v.clone()))
+            .collect();
+        let child = spawn(base, &env);
         let me = Self {
             namespace: format!("husk-test-{}-{}", std::process::id(), child.id()),
             dir,
             child,
+            env,
         };
+        me.wait_ready();
+        me
+    }
+
+    /// containerd's PID.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn wait_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(30);
-        while !me.socket().exists() {
+        while !self.socket().exists() || !self.ctr(&["version"]).status.success() {
             assert!(
                 Instant::now() < deadline,
-                "containerd did not open {} within 30 s; its log:\n{}",
-                me.socket().display(),
-                me.log()
+                "containerd did not answer on {} within 30 s; its log:\n{}",
+                self.socket().display(),
+                self.log()
             );
             std::thread::sleep(Duration::from_millis(20));
         }
-        me
+    }
+
+    /// Stops containerd (SIGTERM, by PID) and starts it again with the same configuration and
+    /// environment, as a node's service manager would; its shims keep running meanwhile.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.child = spawn(self.dir.path(), &self.env);
+        self.wait_ready();
+    }
+
+    fn stop(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).unwrap_or(i32::MAX));
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     pub fn socket(&self) -> PathBuf {
@@ -117,6 +146,25 @@ impl PrivateContainerd {
     }
 }
 
+/// Starts containerd with the configuration in `base`, its output appended to the log there.
+fn spawn(base: &Path, env: &[(String, std::ffi::OsString)]) -> Child {
+    let bin = require_program("containerd", "containerd");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(base.join("containerd.log"))
+        .expect("opening the log");
+    Command::new(bin)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .arg("--config")
+        .arg(base.join("config.toml"))
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("log fd"))
+        .stderr(log)
+        .spawn()
+        .expect("starting containerd")
+}
+
 impl Drop for PrivateContainerd {
     fn drop(&mut self) {
         // runc (and containerd) remove a task's leaf cgroup but not the namespace's parent
@@ -135,16 +183,6 @@ impl Drop for PrivateContainerd {
             }
         }
         let _sweep = CgroupSweep(self.namespace.clone());
-        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).unwrap_or(i32::MAX));
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.stop();
     }
 }

@@ -48,6 +48,9 @@ use watch::watch_vm;
 /// the real status is unknown).
 pub const UNKNOWN_EXIT: u32 = 255;
 
+/// The signal number of SIGKILL (what containerd's KillRequest carries).
+const SIGKILL: u32 = 9;
+
 fn err(code: Code, msg: impl Into<String>) -> ttrpc::Error {
     ttrpc::Error::RpcStatus(ttrpc::get_status(code, msg.into()))
 }
@@ -474,8 +477,22 @@ impl Task for Service {
             all: req.all,
             ..Default::default()
         };
-        sb.agent.client().signal_process(short(), &r).map_err(|e| {
-            err(
+        if let Err(e) = sb.agent.client().signal_process(short(), &r) {
+            // No answer within the deadline (a guest stalled or gone), not a refusal: SIGKILL
+            // must still end the process, and only ending the VM can. Its processes then exit
+            // with UNKNOWN_EXIT (the VM watcher publishes it).
+            if req.signal == SIGKILL && !matches!(e, ttrpc::Error::RpcStatus(_)) {
+                log::error!(
+                    "{}/{}: SIGKILL: the agent did not answer ({}); killing the VM of sandbox {}",
+                    req.id,
+                    req.exec_id,
+                    describe(&e),
+                    sb.id
+                );
+                sb.kill_vm();
+                return Ok(Empty::new());
+            }
+            return Err(err(
                 Code::INTERNAL,
                 format!(
                     "{}/{}: signal {}: {}",
@@ -484,8 +501,8 @@ impl Task for Service {
                     req.signal,
                     describe(&e)
                 ),
-            )
-        })?;
+            ));
+        }
         Ok(Empty::new())
     }
 
