@@ -48,6 +48,28 @@ fn program(name: &str, arg: &str, fix: &str) -> Check {
     }
 }
 
+/// What stands between a guest and the host with this backend. Under TCG it is QEMU's
+/// emulator, which QEMU's security policy does not cover (it treats only KVM guests as a
+/// security boundary): said plainly, with the switch that refuses it.
+fn isolation(backend: &husk_hypervisor::host::BackendChoice) -> Check {
+    use husk_hypervisor::host::BackendChoice;
+    match backend {
+        BackendChoice::Qemu(husk_hypervisor::Accel::Tcg) => check(
+            true,
+            "isolation",
+            "the guest runs under QEMU's TCG emulator: the boundary is then the emulator, which \
+             QEMU's security policy does not treat as a security boundary — fine for development \
+             and CI, not for untrusted workloads; set allow_emulation = false in \
+             /etc/husk/config.toml to refuse such sandboxes (docs/SECURITY.md)",
+        ),
+        _ => check(
+            true,
+            "isolation",
+            "hardware virtualisation (KVM), with the VMM and its helpers jailed (docs/SECURITY.md)",
+        ),
+    }
+}
+
 pub fn checks() -> Vec<Check> {
     let report = host::detect();
     let mut v = Vec::new();
@@ -70,6 +92,8 @@ pub fn checks() -> Vec<Check> {
         "backend",
         format!("{} — {}", report.backend, report.why),
     ));
+    v.push(isolation(&report.backend));
+    v.push(tier4(&report.kind));
     v.push(program(
         "qemu-system-x86_64",
         "--version",
@@ -165,6 +189,31 @@ pub fn checks() -> Vec<Check> {
         ),
     });
     v
+}
+
+/// Where this host runs the tier-4 tests (Linux on husk-vmm) of `cargo xtask test`.
+fn tier4(kind: &HostKind) -> Check {
+    const WHAT: &str = "tier 4 (Linux on husk-vmm)";
+    match kind {
+        HostKind::HardwareKvm { vendor } => {
+            check(true, WHAT, format!("direct: on this host's {vendor}"))
+        }
+        HostKind::Pvm | HostKind::NoKvm => match paths::find_program("qemu-system-x86_64") {
+            Some(_) => check(
+                true,
+                WHAT,
+                format!(
+                    "nested: in an L1 VM under QEMU TCG with emulated AMD SVM (`-cpu max`), whose kvm_amd gives a real /dev/kvm; {}",
+                    crate::nested::l1::describe()
+                ),
+            ),
+            None => check(
+                false,
+                WHAT,
+                "nested (this host has no hardware KVM), which needs qemu-system-x86_64 — apt-get install qemu-system-x86 (cargo xtask setup)",
+            ),
+        },
+    }
 }
 
 pub fn print(checks: &[Check]) {

@@ -15,6 +15,7 @@ mod doctor;
 mod install;
 mod kconfig;
 mod kernel;
+mod nested;
 mod paths;
 mod rootfs;
 mod run;

@@ -1,9 +1,12 @@
 //! `cargo xtask test`: the same set-up as the demo, then the whole test suite, then one
 //! summary: what passed, what failed, and which tests did not run and why.
 //!
-//! Tests that need a kind of host this one is not (tier 4: Linux on husk-vmm needs hardware
-//! KVM) are marked `#[ignore = "tier 4: …"]`. On a host that can run them they are run with
-//! `--include-ignored`; elsewhere they are listed by name as not run, never counted as passed.
+//! Tier-4 tests (Linux on husk-vmm) are marked `#[ignore = "tier 4: …"]`: they need hardware
+//! KVM. On a host that has it they run in the main run with `--include-ignored`; on any other
+//! host (kvm_pvm, no KVM) the main run reports them ignored, and they then run in the nested
+//! tier ([`crate::nested`]): inside an L1 VM under QEMU TCG with emulated AMD SVM, tallied as
+//! `passed (nested, emulated SVM)`. A tier-4 test that cannot run there counts as failed.
+//! Other ignored tests are listed by name as not run, never counted as passed.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -13,12 +16,19 @@ use anyhow::{bail, Context, Result};
 use husk_hypervisor::host::{self, HostKind};
 
 use crate::run::{elapsed, step};
-use crate::{demo, paths};
+use crate::{demo, nested, paths};
+
+/// The `#[ignore]` reason that marks a tier-4 test.
+pub const TIER4: &str = "tier 4";
 
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Tally {
     pub passed: usize,
     pub failed: usize,
+    /// Names of the tests that passed.
+    pub passes: Vec<String>,
+    /// Tier-4 tests that passed in the nested tier (also counted in `passed`).
+    pub nested_passed: Vec<String>,
     /// `(test name, reason)` of tests that were ignored.
     pub not_run: Vec<(String, String)>,
     pub failures: Vec<String>,
@@ -34,6 +44,7 @@ impl Tally {
             let outcome = outcome.trim();
             if outcome == "ok" {
                 self.passed += 1;
+                self.passes.push(name.to_string());
             } else if outcome.starts_with("FAILED") {
                 self.failed += 1;
                 self.failures.push(name.to_string());
@@ -50,6 +61,29 @@ impl Tally {
             }
         }
     }
+
+    /// The tests the main run left ignored as tier 4.
+    pub fn tier4(&self) -> Vec<String> {
+        self.not_run
+            .iter()
+            .filter(|(_, why)| why.starts_with(TIER4))
+            .map(|(n, _)| n.clone())
+            .collect()
+    }
+
+    /// Folds in the nested tier's verdicts on `names`: each is no longer "not run".
+    pub fn nested(&mut self, names: &[String], outcome: &nested::Outcome) {
+        self.not_run.retain(|(n, _)| !names.contains(n));
+        for n in &outcome.passed {
+            self.passed += 1;
+            self.nested_passed.push(n.clone());
+        }
+        for (n, why) in &outcome.failed {
+            self.failed += 1;
+            self.failures
+                .push(format!("{n} ({}): {why}", nested::LABEL));
+        }
+    }
 }
 
 pub fn run(with_setup: bool, filter: Option<&str>) -> Result<()> {
@@ -61,7 +95,7 @@ pub fn run(with_setup: bool, filter: Option<&str>) -> Result<()> {
         if hardware {
             " (including tier 4: this host has hardware KVM)"
         } else {
-            ""
+            " (tier 4 afterwards, nested: this host has no hardware KVM)"
         }
     ));
     let mut cmd = Command::new(paths::cargo());
@@ -95,8 +129,23 @@ pub fn run(with_setup: bool, filter: Option<&str>) -> Result<()> {
     }
     let status = child.wait()?;
 
+    let tier4 = tally.tier4();
+    if !hardware && !tier4.is_empty() {
+        let outcome = nested::run(&tier4).unwrap_or_else(|e| nested::Outcome {
+            failed: tier4
+                .iter()
+                .map(|n| (n.clone(), format!("the nested tier could not run: {e:#}")))
+                .collect(),
+            ..nested::Outcome::default()
+        });
+        tally.nested(&tier4, &outcome);
+    }
+
     println!();
     println!("==> test summary ({})", elapsed(start));
+    for n in &tally.nested_passed {
+        println!("    passed ({}): {n}", nested::LABEL);
+    }
     for f in &tally.failures {
         println!("    FAILED: {f}");
     }
@@ -104,8 +153,13 @@ pub fn run(with_setup: bool, filter: Option<&str>) -> Result<()> {
         println!("    not run: {name} — {why}");
     }
     println!(
-        "summary: {} passed, {} failed, {} skipped",
+        "summary: {} passed{}, {} failed, {} skipped",
         tally.passed,
+        if tally.nested_passed.is_empty() {
+            String::new()
+        } else {
+            format!(" ({} of them {})", tally.nested_passed.len(), nested::LABEL)
+        },
         tally.failed,
         tally.not_run.len()
     );
@@ -138,6 +192,8 @@ mod tests {
         assert_eq!(t.passed, 1);
         assert_eq!(t.failed, 1);
         assert_eq!(t.failures, ["c"]);
+        assert_eq!(t.passes, ["a::b"]);
+        assert_eq!(t.tier4(), ["linux_on_husk_vmm"]);
         assert_eq!(
             t.not_run,
             [
@@ -147,6 +203,36 @@ mod tests {
                 ),
                 ("plain".to_string(), "ignored".to_string())
             ]
+        );
+    }
+
+    #[test]
+    fn nested_verdicts_replace_not_run() {
+        let mut t = Tally::default();
+        t.line("test plain ... ok");
+        t.line("test linux_a ... ignored, tier 4: needs hardware KVM");
+        t.line("test linux_b ... ignored, tier 4: needs hardware KVM");
+        t.line("test other ... ignored, needs a GPU");
+        let tier4 = t.tier4();
+        assert_eq!(tier4, ["linux_a", "linux_b"]);
+        t.nested(
+            &tier4,
+            &nested::Outcome {
+                passed: vec!["linux_a".into()],
+                failed: vec![("linux_b".into(), "failed in L1 (x)".into())],
+                l1_up: None,
+            },
+        );
+        assert_eq!(t.passed, 2);
+        assert_eq!(t.nested_passed, ["linux_a"]);
+        assert_eq!(t.failed, 1);
+        assert_eq!(
+            t.failures,
+            ["linux_b (nested, emulated SVM): failed in L1 (x)"]
+        );
+        assert_eq!(
+            t.not_run,
+            [("other".to_string(), "needs a GPU".to_string())]
         );
     }
 }
