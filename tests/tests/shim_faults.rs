@@ -1,7 +1,7 @@
 //! Tier 3, faults: what containerd sees when a piece of a running sandbox fails, and how soon.
-//! - kill -9 of each VM-side process (QEMU, virtiofsd — the process QEMU talks to and its
-//!   parent —, vhost-device-vsock) and of the shim: the task ends, containerd sees its exit
-//!   within a bound, and delete leaves nothing;
+//! - kill -9 of each VM-side process (QEMU and the jail's supervisor above it, virtiofsd — the
+//!   process QEMU talks to and its parent —, vhost-device-vsock) and of the shim: the task
+//!   ends, containerd sees its exit within a bound, and delete leaves nothing;
 //! - containerd restarted with pods running: the pods keep running, exec works, a kill is
 //!   reported;
 //! - a guest stalled (its VMM stopped with SIGSTOP) past the agent call deadline: a SIGKILL of
@@ -41,6 +41,8 @@ fn stat(pid: u32) -> Option<(u32, String)> {
 #[derive(Debug, Clone, Copy)]
 enum Target {
     Qemu,
+    /// The jail's supervisor of QEMU: the process the shim spawned, QEMU's parent.
+    QemuSupervisor,
     /// The virtiofsd process QEMU talks to (in virtiofsd's own PID namespace).
     VirtiofsdServer,
     /// Its parent, which the shim started.
@@ -56,8 +58,11 @@ fn find(id: &str, target: Target) -> u32 {
         .filter_map(|p| stat(p).map(|(ppid, comm)| (p, ppid, comm)))
         .collect();
     let comm_of = |pid: u32| stat(pid).map(|(_, c)| c).unwrap_or_default();
-    let found = procs.iter().find(|(_, ppid, comm)| match target {
+    let found = procs.iter().find(|(pid, ppid, comm)| match target {
         Target::Qemu => comm.starts_with("qemu-system"),
+        Target::QemuSupervisor => procs
+            .iter()
+            .any(|(_, pp, c)| pp == pid && c.starts_with("qemu-system")),
         Target::VirtiofsdServer => comm == "virtiofsd" && comm_of(*ppid) == "virtiofsd",
         Target::VirtiofsdParent => comm == "virtiofsd" && comm_of(*ppid) != "virtiofsd",
         Target::VhostVsock => comm.starts_with("vhost-device-vs"),
@@ -126,6 +131,7 @@ fn kill_9_of_each_vm_side_process_and_of_the_shim_ends_the_task_within_a_bound()
     let mut report = Vec::new();
     for target in [
         Target::Qemu,
+        Target::QemuSupervisor,
         Target::VirtiofsdServer,
         Target::VirtiofsdParent,
         Target::VhostVsock,

@@ -20,6 +20,9 @@ const MAX_SNAPSHOT: u64 = 4 << 20;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Role {
     Shim,
+    /// A fork of the shim that never exec'd: the jail's supervisor of a jailed program (see
+    /// `husk_hypervisor::jail`), the program's parent.
+    JailSupervisor,
     Qemu,
     HuskVmm,
     Virtiofsd,
@@ -49,6 +52,7 @@ impl Role {
     pub fn label(self) -> &'static str {
         match self {
             Role::Shim => "shim",
+            Role::JailSupervisor => "jail-supervisor",
             Role::Qemu => "qemu",
             Role::HuskVmm => "husk-vmm",
             Role::Virtiofsd => "virtiofsd",
@@ -155,6 +159,27 @@ pub struct Usage {
     pub write_bytes: u64,
 }
 
+/// The role of `pid` in the tree of the shim `shim_pid`: by its name, except that a process
+/// under the shim running the shim's own program is a jail supervisor (its name is the thread
+/// that forked it).
+fn role_in_tree(pid: u32, stat: &Stat, shim_pid: u32, shim_exe: Option<&Path>) -> Role {
+    if pid == shim_pid {
+        return Role::Shim;
+    }
+    match Role::of(&stat.comm) {
+        Role::Other | Role::Shim
+            if shim_exe.is_some()
+                && std::fs::read_link(format!("/proc/{pid}/exe"))
+                    .ok()
+                    .as_deref()
+                    == shim_exe =>
+        {
+            Role::JailSupervisor
+        }
+        role => role,
+    }
+}
+
 /// The processes of the tree under `shim_pid`, summed by role. A process that exits while it
 /// is read still counts with what was read of it.
 pub fn usage(
@@ -163,11 +188,12 @@ pub fn usage(
     ticks_per_second: f64,
 ) -> BTreeMap<Role, Usage> {
     let mut out: BTreeMap<Role, Usage> = BTreeMap::new();
+    let shim_exe = std::fs::read_link(format!("/proc/{shim_pid}/exe")).ok();
     for pid in tree(procs, shim_pid) {
         let Some(stat) = procs.get(&pid) else {
             continue;
         };
-        let role = Role::of(&stat.comm);
+        let role = role_in_tree(pid, stat, shim_pid, shim_exe.as_deref());
         let u = out.entry(role).or_default();
         u.processes += 1;
         #[allow(clippy::cast_precision_loss)]
@@ -305,6 +331,39 @@ mod tests {
         let io = "rchar: 4096\nwchar: 100\nsyscr: 3\n";
         assert_eq!(io_field(io, "rchar"), Some(4096));
         assert_eq!(io_field(io, "wchar"), Some(100));
+    }
+
+    #[test]
+    fn a_fork_of_the_shim_that_never_exec_d_is_a_jail_supervisor() {
+        // This test binary plays the shim.
+        let me = std::process::id();
+        let exe = std::fs::read_link("/proc/self/exe").unwrap();
+        let stat = |comm: &str| Stat {
+            ppid: 1,
+            comm: comm.into(),
+            cpu_ticks: 0,
+            threads: 1,
+        };
+        assert_eq!(role_in_tree(me, &stat("x"), me, Some(&exe)), Role::Shim);
+        let mut child = std::process::Command::new("sleep")
+            .arg("10")
+            .spawn()
+            .unwrap();
+        let sleep = child.id();
+        let other = role_in_tree(sleep, &stat("sleep"), me, Some(&exe));
+        let _ = child.kill();
+        let _ = child.wait();
+        assert_eq!(other, Role::Other);
+        // A thread of ours has our exe, as a forked child that never exec'd would.
+        let tid = u32::try_from(nix::unistd::gettid().as_raw()).unwrap();
+        assert_eq!(
+            role_in_tree(tid, &stat("vm-pod"), me, Some(&exe)),
+            Role::JailSupervisor
+        );
+        assert_eq!(
+            role_in_tree(tid, &stat("qemu-system-x86"), me, Some(&exe)),
+            Role::Qemu
+        );
     }
 
     #[test]
