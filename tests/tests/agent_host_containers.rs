@@ -293,13 +293,13 @@ fn malformed_specs_are_refused_and_leave_nothing_behind() {
     let mounts_before = std::fs::read_to_string("/proc/self/mountinfo").unwrap().lines().count();
     let (code, msg) = status_of(h.agent.create_raw("bad", b"{ not json"));
     assert_eq!(code, Code::INVALID_ARGUMENT);
-    assert!(msg.starts_with("bad: parsing the OCI spec"), "{msg}");
+    assert!(msg.starts_with("bad: ") && msg.contains("not valid JSON"), "{msg}");
 
     let mut s = spec(&["true"]);
     s.as_object_mut().unwrap().remove("root");
     let (code, msg) = status_of(h.agent.create("bad", &s, false));
     assert_eq!(code, Code::INVALID_ARGUMENT);
-    assert_eq!(msg, "bad: the OCI spec has no root");
+    assert!(msg.starts_with("bad: root: missing"), "{msg}");
 
     let mut s = spec(&["true"]);
     s["linux"]["namespaces"] = json!([{ "type": "pid" }, { "type": "bogus" }]);
