@@ -221,6 +221,23 @@ impl BridgeNetwork {
     }
 }
 
+impl BridgeNetwork {
+    /// CNI DEL of what [`Self::attach`] added in `netns` (before the netns goes).
+    pub fn detach(&mut self, netns: &Netns) {
+        let id = format!("{}-{}", self.name, netns.name);
+        let out = self.plugin("DEL", &id, &netns.path());
+        assert!(
+            out.status.success(),
+            "CNI DEL in {}: {}{}",
+            netns.name,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let _ = plugin("loopback", LOOPBACK_CONF, "lo", "DEL", &id, &netns.path());
+        self.attached.retain(|(a, _)| *a != id);
+    }
+}
+
 impl Drop for BridgeNetwork {
     fn drop(&mut self) {
         for (id, netns) in std::mem::take(&mut self.attached) {

@@ -11,6 +11,7 @@ pub mod procs;
 pub mod agent;
 pub mod guest;
 pub mod husk;
+pub mod leaks;
 #[cfg(feature = "cri")]
 pub mod cri;
 

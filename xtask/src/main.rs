@@ -20,6 +20,7 @@ mod paths;
 mod rootfs;
 mod run;
 mod setup;
+mod soak;
 mod testing;
 
 use clap::{Parser, Subcommand};
@@ -68,6 +69,21 @@ enum Cmd {
         #[arg(long)]
         quick: bool,
     },
+    /// Soak: N create/start/exec/stop/delete cycles (ctr and CRI pods) with leak accounting.
+    Soak {
+        /// How many cycles.
+        #[arg(long, default_value_t = soak::DEFAULT_CYCLES)]
+        cycles: usize,
+        /// How many at once.
+        #[arg(long, default_value_t = 3)]
+        parallel: usize,
+        /// Skip `setup` (for a machine already set up).
+        #[arg(long)]
+        no_setup: bool,
+        /// Put the table in BENCHMARKS.md's "Soak" section.
+        #[arg(long)]
+        record: bool,
+    },
     /// Install binaries, kernel and initramfs on this machine.
     Install,
     /// Check this host like `kata-runtime check`.
@@ -88,6 +104,12 @@ fn main() {
         Cmd::Check => check::run(),
         Cmd::Test { no_setup, filter } => testing::run(!no_setup, filter.as_deref()),
         Cmd::Bench { quick } => bench::run(quick),
+        Cmd::Soak {
+            cycles,
+            parallel,
+            no_setup,
+            record,
+        } => soak::run(cycles, parallel, !no_setup, record),
         Cmd::Install => install::run(),
         Cmd::Doctor => doctor::run(),
     };

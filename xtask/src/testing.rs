@@ -104,6 +104,8 @@ pub fn run(with_setup: bool, filter: Option<&str>) -> Result<()> {
         .env("HUSK_KERNEL", paths::vmlinux())
         .env("HUSK_INITRAMFS", paths::initramfs())
         .env("HUSK_IMAGES", paths::images())
+        // tests/tests/soak.rs: a short soak (the long one is `cargo xtask soak`).
+        .env("HUSK_SOAK_CYCLES", crate::soak::CI_CYCLES.to_string())
         .arg("--")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

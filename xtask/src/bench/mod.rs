@@ -92,7 +92,7 @@ fn busy_processes() -> Vec<String> {
     v
 }
 
-fn machine() -> String {
+pub(crate) fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|c| {
@@ -144,7 +144,7 @@ fn truncate(s: &str, n: usize) -> String {
     }
 }
 
-fn utc_now() -> String {
+pub(crate) fn utc_now() -> String {
     crate::run::output(std::process::Command::new("date").args(["-u", "+%Y-%m-%d %H:%M"]))
         .map(|s| s.trim().to_string())
         .unwrap_or_default()

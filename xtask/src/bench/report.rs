@@ -114,13 +114,27 @@ pub fn render(r: &Results, json_name: &str, svg_name: &str) -> String {
     out
 }
 
-/// Writes BENCHMARKS.md at `md` and the samples as pretty JSON at `json`.
+/// BENCHMARKS.md's lines from this one on are not the bench's (`cargo xtask soak --record`
+/// writes its section there): a bench run keeps them.
+pub const KEPT: &str = "<!-- What follows is not written by cargo xtask bench, which keeps it. -->";
+
+/// `rendered`, followed by what `old` has from the [`KEPT`] marker on.
+fn keep_tail(rendered: String, old: &str) -> String {
+    match old.find(KEPT) {
+        Some(i) => format!("{}\n\n{}", rendered.trim_end(), &old[i..]),
+        None => rendered,
+    }
+}
+
+/// Writes BENCHMARKS.md at `md` (keeping what it has from [`KEPT`] on) and the samples as
+/// pretty JSON at `json`.
 pub fn write(r: &Results, md: &Path, json: &Path, svg_name: &str) -> Result<()> {
     let json_name = json
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    std::fs::write(md, render(r, &json_name, svg_name))
+    let old = std::fs::read_to_string(md).unwrap_or_default();
+    std::fs::write(md, keep_tail(render(r, &json_name, svg_name), &old))
         .with_context(|| format!("writing {}", md.display()))?;
     let text = serde_json::to_string_pretty(r)?;
     std::fs::write(json, text + "\n").with_context(|| format!("writing {}", json.display()))?;
@@ -130,6 +144,17 @@ pub fn write(r: &Results, md: &Path, json: &Path, svg_name: &str) -> Result<()> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_bench_run_keeps_the_sections_after_the_marker() {
+        let old = format!("# old bench\n\n## 1\n\nold\n\n{KEPT}\n## Soak\n\ntable\n");
+        let new = keep_tail("# new bench\n\n## 1\n\nnew\n".into(), &old);
+        assert_eq!(
+            new,
+            format!("# new bench\n\n## 1\n\nnew\n\n{KEPT}\n## Soak\n\ntable\n")
+        );
+        assert_eq!(keep_tail("# new\n".into(), "# old\n"), "# new\n");
+    }
     use crate::bench::results::{Scenario, Series};
 
     fn results() -> Results {
