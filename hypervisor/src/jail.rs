@@ -284,7 +284,8 @@ extern "C" fn forward(sig: libc::c_int) {
 /// # Safety
 /// Only to be called in a freshly forked child, before exec.
 unsafe fn supervise(child: libc::pid_t, drop_privileges: &dyn Fn() -> std::io::Result<()>) -> ! {
-    // SAFETY (whole body): plain system calls on this process's own state.
+    // SAFETY: plain system calls on this process's own state (the whole block); the
+    // sigaction struct is zeroed, then given a valid handler.
     unsafe {
         libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
         libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
