@@ -282,6 +282,16 @@ pub fn run(names: &[String]) -> Result<Outcome> {
         names.len()
     ));
     let (binaries, mut outcome_missing) = find_binaries(names)?;
+    // Quick when the main run built everything; a rebuild here means the sources changed since.
+    println!(
+        "    test executables found in {}: {}",
+        elapsed(start),
+        binaries
+            .iter()
+            .map(|b| format!("{} ({})", b.name, b.tests.join(", ")))
+            .collect::<Vec<_>>()
+            .join("; ")
+    );
     if binaries.is_empty() {
         return Ok(Outcome {
             failed: outcome_missing,
@@ -318,16 +328,11 @@ pub fn run(names: &[String]) -> Result<Outcome> {
     )?;
     let _ = std::fs::remove_dir_all(dir.join("work"));
     println!(
-        "    L1: {} + {} ({:.0} MB, packed in {}); binaries: {}",
+        "    L1: {} + {} ({:.0} MB, packed in {})",
         l1.package,
         cpio.display(),
         std::fs::metadata(&cpio).map_or(0.0, |m| m.len() as f64 / 1e6),
         elapsed(packed),
-        binaries
-            .iter()
-            .map(|b| format!("{} ({})", b.name, b.tests.join(", ")))
-            .collect::<Vec<_>>()
-            .join("; ")
     );
 
     let results = boot(&qemu, &l1.vmlinux, &cpio, &dir, &binaries)?;
