@@ -15,7 +15,10 @@ pub struct GuestInfo {
 impl GuestInfo {
     pub fn read() -> Self {
         let since_boot_ms = clock_gettime(ClockId::CLOCK_BOOTTIME)
-            .map(|t| u64::try_from(t.tv_sec()).unwrap_or(0) * 1000 + u64::try_from(t.tv_nsec()).unwrap_or(0) / 1_000_000)
+            .map(|t| {
+                u64::try_from(t.tv_sec()).unwrap_or(0) * 1000
+                    + u64::try_from(t.tv_nsec()).unwrap_or(0) / 1_000_000
+            })
             .unwrap_or(0);
         let kernel_release = nix::sys::utsname::uname()
             .map(|u| u.release().to_string_lossy().into_owned())
@@ -55,7 +58,12 @@ pub fn cpu_list_len(list: &str) -> Option<usize> {
     let mut n = 0;
     for part in list.trim().split(',').filter(|p| !p.is_empty()) {
         n += match part.split_once('-') {
-            Some((a, b)) => b.parse::<usize>().ok()?.checked_sub(a.parse::<usize>().ok()?)? + 1,
+            Some((a, b)) => {
+                b.parse::<usize>()
+                    .ok()?
+                    .checked_sub(a.parse::<usize>().ok()?)?
+                    + 1
+            }
             None => {
                 part.parse::<usize>().ok()?;
                 1
@@ -125,8 +133,14 @@ mod tests {
 
     #[test]
     fn meminfo_and_cmdline() {
-        assert_eq!(mem_total_kib("MemTotal:        1012345 kB\nMemFree: 1 kB\n"), Some(1012345));
-        assert_eq!(timeout_from_cmdline("console=ttyS0 husk.timeout=30 quiet"), Some(30));
+        assert_eq!(
+            mem_total_kib("MemTotal:        1012345 kB\nMemFree: 1 kB\n"),
+            Some(1012345)
+        );
+        assert_eq!(
+            timeout_from_cmdline("console=ttyS0 husk.timeout=30 quiet"),
+            Some(30)
+        );
         assert_eq!(timeout_from_cmdline("console=ttyS0"), None);
     }
 

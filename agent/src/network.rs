@@ -10,7 +10,9 @@ use futures_util::stream::TryStreamExt;
 use husk_protocols::agent::{Interface, IpAddress, Route};
 use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
 use rtnetlink::packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
-use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteType};
+use rtnetlink::packet_route::route::{
+    RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteType,
+};
 use rtnetlink::packet_route::AddressFamily;
 use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
 
@@ -44,10 +46,15 @@ fn run<T>(f: impl AsyncFnOnce(Handle) -> Result<T>) -> Result<T> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_io()
         .build()
-        .map_err(|source| Error::Io { what: "starting the netlink runtime".into(), source })?;
+        .map_err(|source| Error::Io {
+            what: "starting the netlink runtime".into(),
+            source,
+        })?;
     rt.block_on(async move {
-        let (conn, handle, _) =
-            rtnetlink::new_connection().map_err(|source| Error::Io { what: "opening a netlink socket".into(), source })?;
+        let (conn, handle, _) = rtnetlink::new_connection().map_err(|source| Error::Io {
+            what: "opening a netlink socket".into(),
+            source,
+        })?;
         let task = tokio::spawn(conn);
         let r = f(handle).await;
         task.abort();
@@ -56,14 +63,20 @@ fn run<T>(f: impl AsyncFnOnce(Handle) -> Result<T>) -> Result<T> {
 }
 
 fn mac_string(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect::<Vec<_>>().join(":")
+    b.iter()
+        .map(|x| format!("{x:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 fn parse_mac(s: &str) -> Result<Vec<u8>> {
-    let v: std::result::Result<Vec<u8>, _> = s.split(':').map(|p| u8::from_str_radix(p, 16)).collect();
+    let v: std::result::Result<Vec<u8>, _> =
+        s.split(':').map(|p| u8::from_str_radix(p, 16)).collect();
     match v {
         Ok(v) if v.len() == 6 => Ok(v),
-        _ => Err(Error::Invalid(format!("MAC {s:?}: expected six hex bytes like aa:bb:cc:dd:ee:ff"))),
+        _ => Err(Error::Invalid(format!(
+            "MAC {s:?}: expected six hex bytes like aa:bb:cc:dd:ee:ff"
+        ))),
     }
 }
 
@@ -73,7 +86,11 @@ pub fn parse_cidr(s: &str) -> Result<(IpAddr, u8)> {
     let (a, p) = s.split_once('/').unwrap_or((s, ""));
     let ip: IpAddr = a.parse().map_err(|_| bad())?;
     let max = if ip.is_ipv4() { 32 } else { 128 };
-    let p: u8 = if p.is_empty() { max } else { p.parse().map_err(|_| bad())? };
+    let p: u8 = if p.is_empty() {
+        max
+    } else {
+        p.parse().map_err(|_| bad())?
+    };
     if p > max {
         return Err(bad());
     }
@@ -81,24 +98,67 @@ pub fn parse_cidr(s: &str) -> Result<(IpAddr, u8)> {
 }
 
 fn link_name(l: &LinkMessage) -> String {
-    l.attributes.iter().find_map(|a| if let LinkAttribute::IfName(n) = a { Some(n.clone()) } else { None }).unwrap_or_default()
+    l.attributes
+        .iter()
+        .find_map(|a| {
+            if let LinkAttribute::IfName(n) = a {
+                Some(n.clone())
+            } else {
+                None
+            }
+        })
+        .unwrap_or_default()
 }
 
 fn link_mac(l: &LinkMessage) -> String {
-    l.attributes.iter().find_map(|a| if let LinkAttribute::Address(m) = a { Some(mac_string(m)) } else { None }).unwrap_or_default()
+    l.attributes
+        .iter()
+        .find_map(|a| {
+            if let LinkAttribute::Address(m) = a {
+                Some(mac_string(m))
+            } else {
+                None
+            }
+        })
+        .unwrap_or_default()
 }
 
 async fn links(h: &Handle) -> Result<Vec<LinkMessage>> {
-    h.link().get().execute().try_collect().await.map_err(nl("listing links"))
+    h.link()
+        .get()
+        .execute()
+        .try_collect()
+        .await
+        .map_err(nl("listing links"))
 }
 
 async fn addresses(h: &Handle, index: u32) -> Result<Vec<AddressMessage>> {
-    h.address().get().set_link_index_filter(index).execute().try_collect().await.map_err(nl(format!("listing addresses of link {index}")))
+    h.address()
+        .get()
+        .set_link_index_filter(index)
+        .execute()
+        .try_collect()
+        .await
+        .map_err(nl(format!("listing addresses of link {index}")))
 }
 
 fn address_of(a: &AddressMessage) -> Option<IpAddr> {
-    let local = a.attributes.iter().find_map(|x| if let AddressAttribute::Local(ip) = x { Some(*ip) } else { None });
-    local.or_else(|| a.attributes.iter().find_map(|x| if let AddressAttribute::Address(ip) = x { Some(*ip) } else { None }))
+    let local = a.attributes.iter().find_map(|x| {
+        if let AddressAttribute::Local(ip) = x {
+            Some(*ip)
+        } else {
+            None
+        }
+    });
+    local.or_else(|| {
+        a.attributes.iter().find_map(|x| {
+            if let AddressAttribute::Address(ip) = x {
+                Some(*ip)
+            } else {
+                None
+            }
+        })
+    })
 }
 
 async fn describe(h: &Handle, l: &LinkMessage) -> Result<Interface> {
@@ -106,12 +166,26 @@ async fn describe(h: &Handle, l: &LinkMessage) -> Result<Interface> {
     Ok(Interface {
         name: link_name(l),
         mac: link_mac(l),
-        mtu: l.attributes.iter().find_map(|a| if let LinkAttribute::Mtu(m) = a { Some(*m) } else { None }).unwrap_or(0),
+        mtu: l
+            .attributes
+            .iter()
+            .find_map(|a| {
+                if let LinkAttribute::Mtu(m) = a {
+                    Some(*m)
+                } else {
+                    None
+                }
+            })
+            .unwrap_or(0),
         up: l.header.flags.contains(LinkFlags::Up),
         addresses: addrs
             .iter()
             .filter_map(|a| {
-                Some(IpAddress { address: address_of(a)?.to_string(), prefix_len: u32::from(a.header.prefix_len), ..Default::default() })
+                Some(IpAddress {
+                    address: address_of(a)?.to_string(),
+                    prefix_len: u32::from(a.header.prefix_len),
+                    ..Default::default()
+                })
             })
             .collect(),
         ..Default::default()
@@ -146,7 +220,11 @@ pub fn update_interface(want: &Interface) -> Result<Interface> {
         let idx = link.header.index;
         let label = format!("interface {} ({})", link_name(link), want.mac);
         // A rename needs the link down.
-        h.link().set(LinkUnspec::new_with_index(idx).down().build()).execute().await.map_err(nl(format!("{label}: setting down")))?;
+        h.link()
+            .set(LinkUnspec::new_with_index(idx).down().build())
+            .execute()
+            .await
+            .map_err(nl(format!("{label}: setting down")))?;
         let mut b = LinkUnspec::new_with_index(idx);
         if !want.name.is_empty() && want.name != link_name(link) {
             b = b.name(want.name.clone());
@@ -154,18 +232,39 @@ pub fn update_interface(want: &Interface) -> Result<Interface> {
         if want.mtu != 0 {
             b = b.mtu(want.mtu);
         }
-        h.link().set(b.build()).execute().await.map_err(nl(format!("{label}: setting name {:?} / mtu {}", want.name, want.mtu)))?;
+        h.link().set(b.build()).execute().await.map_err(nl(format!(
+            "{label}: setting name {:?} / mtu {}",
+            want.name, want.mtu
+        )))?;
         for old in addresses(&h, idx).await? {
-            h.address().del(old).execute().await.map_err(nl(format!("{label}: removing an old address")))?;
+            h.address()
+                .del(old)
+                .execute()
+                .await
+                .map_err(nl(format!("{label}: removing an old address")))?;
         }
         for (ip, p) in &new_addrs {
-            h.address().add(idx, *ip, *p).execute().await.map_err(nl(format!("{label}: adding {ip}/{p}")))?;
+            h.address()
+                .add(idx, *ip, *p)
+                .execute()
+                .await
+                .map_err(nl(format!("{label}: adding {ip}/{p}")))?;
         }
         if want.up {
-            h.link().set(LinkUnspec::new_with_index(idx).up().build()).execute().await.map_err(nl(format!("{label}: setting up")))?;
+            h.link()
+                .set(LinkUnspec::new_with_index(idx).up().build())
+                .execute()
+                .await
+                .map_err(nl(format!("{label}: setting up")))?;
         }
-        let now: Vec<LinkMessage> = links(&h).await?.into_iter().filter(|l| l.header.index == idx).collect();
-        let l = now.first().ok_or_else(|| Error::Invalid(format!("{label}: gone after the update")))?;
+        let now: Vec<LinkMessage> = links(&h)
+            .await?
+            .into_iter()
+            .filter(|l| l.header.index == idx)
+            .collect();
+        let l = now
+            .first()
+            .ok_or_else(|| Error::Invalid(format!("{label}: gone after the update")))?;
         describe(&h, l).await
     })
 }
@@ -183,20 +282,44 @@ fn route_addr(a: &RouteAddress) -> Option<IpAddr> {
 }
 
 fn oif(r: &RouteMessage) -> Option<u32> {
-    r.attributes.iter().find_map(|a| if let RouteAttribute::Oif(i) = a { Some(*i) } else { None })
+    r.attributes.iter().find_map(|a| {
+        if let RouteAttribute::Oif(i) = a {
+            Some(*i)
+        } else {
+            None
+        }
+    })
 }
 
 async fn main_routes(h: &Handle) -> Result<Vec<RouteMessage>> {
     let mut out = Vec::new();
-    for fam in [RouteMessageBuilder::<std::net::Ipv4Addr>::new().build(), RouteMessageBuilder::<std::net::Ipv6Addr>::new().build()] {
-        let rs: Vec<RouteMessage> = h.route().get(fam).execute().try_collect().await.map_err(nl("listing routes"))?;
-        out.extend(rs.into_iter().filter(|r| r.header.table == 254 && r.header.kind == RouteType::Unicast));
+    for fam in [
+        RouteMessageBuilder::<std::net::Ipv4Addr>::new().build(),
+        RouteMessageBuilder::<std::net::Ipv6Addr>::new().build(),
+    ] {
+        let rs: Vec<RouteMessage> = h
+            .route()
+            .get(fam)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(nl("listing routes"))?;
+        out.extend(
+            rs.into_iter()
+                .filter(|r| r.header.table == 254 && r.header.kind == RouteType::Unicast),
+        );
     }
     Ok(out)
 }
 
 fn describe_route(r: &RouteMessage, names: &std::collections::HashMap<u32, String>) -> Route {
-    let dst = r.attributes.iter().find_map(|a| if let RouteAttribute::Destination(d) = a { route_addr(d) } else { None });
+    let dst = r.attributes.iter().find_map(|a| {
+        if let RouteAttribute::Destination(d) = a {
+            route_addr(d)
+        } else {
+            None
+        }
+    });
     let dst = match dst {
         Some(ip) => format!("{ip}/{}", r.header.destination_prefix_length),
         None if r.header.address_family == AddressFamily::Inet6 => "::/0".into(),
@@ -204,9 +327,33 @@ fn describe_route(r: &RouteMessage, names: &std::collections::HashMap<u32, Strin
     };
     Route {
         destination: dst,
-        gateway: r.attributes.iter().find_map(|a| if let RouteAttribute::Gateway(g) = a { route_addr(g) } else { None }).map(|g| g.to_string()).unwrap_or_default(),
-        device: oif(r).and_then(|i| names.get(&i).cloned()).unwrap_or_default(),
-        source: r.attributes.iter().find_map(|a| if let RouteAttribute::PrefSource(s) = a { route_addr(s) } else { None }).map(|s| s.to_string()).unwrap_or_default(),
+        gateway: r
+            .attributes
+            .iter()
+            .find_map(|a| {
+                if let RouteAttribute::Gateway(g) = a {
+                    route_addr(g)
+                } else {
+                    None
+                }
+            })
+            .map(|g| g.to_string())
+            .unwrap_or_default(),
+        device: oif(r)
+            .and_then(|i| names.get(&i).cloned())
+            .unwrap_or_default(),
+        source: r
+            .attributes
+            .iter()
+            .find_map(|a| {
+                if let RouteAttribute::PrefSource(s) = a {
+                    route_addr(s)
+                } else {
+                    None
+                }
+            })
+            .map(|s| s.to_string())
+            .unwrap_or_default(),
         ..Default::default()
     }
 }
@@ -215,36 +362,72 @@ fn describe_route(r: &RouteMessage, names: &std::collections::HashMap<u32, Strin
 /// for the devices' addresses stay); returns the main table's routes afterwards.
 pub fn update_routes(want: &[Route]) -> Result<Vec<Route>> {
     run(async |h| {
-        let names: std::collections::HashMap<u32, String> = links(&h).await?.iter().map(|l| (l.header.index, link_name(l))).collect();
-        let index = |dev: &str| names.iter().find(|(_, n)| n.as_str() == dev).map(|(i, _)| *i);
+        let names: std::collections::HashMap<u32, String> = links(&h)
+            .await?
+            .iter()
+            .map(|l| (l.header.index, link_name(l)))
+            .collect();
+        let index = |dev: &str| {
+            names
+                .iter()
+                .find(|(_, n)| n.as_str() == dev)
+                .map(|(i, _)| *i)
+        };
         let mut devs = std::collections::HashSet::new();
         for r in want {
-            let i = index(&r.device).ok_or_else(|| Error::Invalid(format!("route to {}: no device {:?}", r.destination, r.device)))?;
+            let i = index(&r.device).ok_or_else(|| {
+                Error::Invalid(format!(
+                    "route to {}: no device {:?}",
+                    r.destination, r.device
+                ))
+            })?;
             devs.insert(i);
         }
         for old in main_routes(&h).await? {
-            if old.header.protocol != RouteProtocol::Kernel && oif(&old).is_some_and(|i| devs.contains(&i)) {
-                h.route().del(old).execute().await.map_err(nl("removing an old route"))?;
+            if old.header.protocol != RouteProtocol::Kernel
+                && oif(&old).is_some_and(|i| devs.contains(&i))
+            {
+                h.route()
+                    .del(old)
+                    .execute()
+                    .await
+                    .map_err(nl("removing an old route"))?;
             }
         }
         // Routes without a gateway (on-link) first: a gateway must be reachable when added.
         let mut ordered: Vec<&Route> = want.iter().collect();
         ordered.sort_by_key(|r| !r.gateway.is_empty());
         for r in ordered {
-            let what = format!("route {} via {:?} dev {}", r.destination, r.gateway, r.device);
+            let what = format!(
+                "route {} via {:?} dev {}",
+                r.destination, r.gateway, r.device
+            );
             let (dst, p) = parse_cidr(&r.destination)?;
-            let mut b = RouteMessageBuilder::<IpAddr>::new().destination_prefix(dst, p).map_err(invalid(&what))?.output_interface(index(&r.device).unwrap_or(0));
+            let mut b = RouteMessageBuilder::<IpAddr>::new()
+                .destination_prefix(dst, p)
+                .map_err(invalid(&what))?
+                .output_interface(index(&r.device).unwrap_or(0));
             if !r.gateway.is_empty() {
-                let gw: IpAddr = r.gateway.parse().map_err(|_| Error::Invalid(format!("{what}: bad gateway")))?;
+                let gw: IpAddr = r
+                    .gateway
+                    .parse()
+                    .map_err(|_| Error::Invalid(format!("{what}: bad gateway")))?;
                 b = b.gateway(gw).map_err(invalid(&what))?;
             }
             if !r.source.is_empty() {
-                let src: IpAddr = r.source.parse().map_err(|_| Error::Invalid(format!("{what}: bad source")))?;
+                let src: IpAddr = r
+                    .source
+                    .parse()
+                    .map_err(|_| Error::Invalid(format!("{what}: bad source")))?;
                 b = b.pref_source(src).map_err(invalid(&what))?;
             }
             h.route().add(b.build()).execute().await.map_err(nl(what))?;
         }
-        Ok(main_routes(&h).await?.iter().map(|r| describe_route(r, &names)).collect())
+        Ok(main_routes(&h)
+            .await?
+            .iter()
+            .map(|r| describe_route(r, &names))
+            .collect())
     })
 }
 
@@ -254,12 +437,21 @@ mod tests {
 
     #[test]
     fn cidrs_and_macs() {
-        assert_eq!(parse_cidr("10.0.0.0/24").unwrap(), ("10.0.0.0".parse().unwrap(), 24));
+        assert_eq!(
+            parse_cidr("10.0.0.0/24").unwrap(),
+            ("10.0.0.0".parse().unwrap(), 24)
+        );
         assert_eq!(parse_cidr("10.0.0.1").unwrap().1, 32);
         assert_eq!(parse_cidr("fd00::/64").unwrap().1, 64);
         assert!(parse_cidr("10.0.0.0/33").is_err());
-        assert!(parse_cidr("nonsense").unwrap_err().to_string().contains("ADDRESS/PREFIX"));
-        assert_eq!(parse_mac("AA:bb:0c:dd:ee:ff").unwrap(), vec![0xaa, 0xbb, 0x0c, 0xdd, 0xee, 0xff]);
+        assert!(parse_cidr("nonsense")
+            .unwrap_err()
+            .to_string()
+            .contains("ADDRESS/PREFIX"));
+        assert_eq!(
+            parse_mac("AA:bb:0c:dd:ee:ff").unwrap(),
+            vec![0xaa, 0xbb, 0x0c, 0xdd, 0xee, 0xff]
+        );
         assert!(parse_mac("aa:bb").is_err());
         assert_eq!(mac_string(&[0xaa, 0x0b, 0, 1, 2, 3]), "aa:0b:00:01:02:03");
     }

@@ -14,7 +14,8 @@ pub const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 
 fn mount_one(fstype: &str, target: &str, flags: MsFlags, data: Option<&str>) -> Result<(), String> {
     std::fs::create_dir_all(target).map_err(|e| format!("creating {target}: {e}"))?;
-    mount(Some(fstype), target, Some(fstype), flags, data).map_err(|e| format!("mount {fstype} on {target}: {e}"))
+    mount(Some(fstype), target, Some(fstype), flags, data)
+        .map_err(|e| format!("mount {fstype} on {target}: {e}"))
 }
 
 /// Mounts proc, sysfs, devtmpfs, devpts, tmpfs on /run and /tmp, /dev/shm, and cgroup2.
@@ -22,11 +23,31 @@ pub fn mount_basics() -> Result<(), String> {
     let common = MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC | MsFlags::MS_NODEV;
     mount_one("proc", "/proc", common, None)?;
     mount_one("sysfs", "/sys", common, None)?;
-    mount_one("devtmpfs", "/dev", MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC, Some("mode=0755"))?;
-    mount_one("devpts", "/dev/pts", MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC, Some("newinstance,ptmxmode=0666,mode=0620"))?;
+    mount_one(
+        "devtmpfs",
+        "/dev",
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("mode=0755"),
+    )?;
+    mount_one(
+        "devpts",
+        "/dev/pts",
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("newinstance,ptmxmode=0666,mode=0620"),
+    )?;
     mount_one("tmpfs", "/dev/shm", common, Some("mode=1777"))?;
-    mount_one("tmpfs", "/run", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=0755"))?;
-    mount_one("tmpfs", "/tmp", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=1777"))?;
+    mount_one(
+        "tmpfs",
+        "/run",
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=0755"),
+    )?;
+    mount_one(
+        "tmpfs",
+        "/tmp",
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=1777"),
+    )?;
     mount_one("cgroup2", CGROUP_ROOT, common, Some("nsdelegate"))?;
     Ok(())
 }
@@ -36,10 +57,20 @@ pub fn mount_shared() -> Result<bool, String> {
     // Linux 6.1 does not list virtio-fs tags in sysfs; trying the mount is the test. The
     // virtiofs driver answers EINVAL for an unknown tag ("tag <…> not found" in dmesg).
     std::fs::create_dir_all(SHARED_DIR).map_err(|e| format!("creating {SHARED_DIR}: {e}"))?;
-    match mount(Some(SHARED_FS_TAG), SHARED_DIR, Some("virtiofs"), MsFlags::empty(), None::<&str>) {
+    match mount(
+        Some(SHARED_FS_TAG),
+        SHARED_DIR,
+        Some("virtiofs"),
+        MsFlags::empty(),
+        None::<&str>,
+    ) {
         Ok(()) => Ok(true),
-        Err(nix::errno::Errno::ENOENT | nix::errno::Errno::ENODEV | nix::errno::Errno::EINVAL) => Ok(false),
-        Err(e) => Err(format!("mount virtio-fs tag {SHARED_FS_TAG} on {SHARED_DIR}: {e}")),
+        Err(nix::errno::Errno::ENOENT | nix::errno::Errno::ENODEV | nix::errno::Errno::EINVAL) => {
+            Ok(false)
+        }
+        Err(e) => Err(format!(
+            "mount virtio-fs tag {SHARED_FS_TAG} on {SHARED_DIR}: {e}"
+        )),
     }
 }
 
@@ -48,7 +79,10 @@ pub fn loopback_up() -> Result<(), String> {
     // SAFETY: plain socket(2); the fd is owned and closed below.
     let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
     if fd < 0 {
-        return Err(format!("socket for lo: {}", std::io::Error::last_os_error()));
+        return Err(format!(
+            "socket for lo: {}",
+            std::io::Error::last_os_error()
+        ));
     }
     // SAFETY: ifreq is plain old data; all-zero is a valid value.
     let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
@@ -58,16 +92,23 @@ pub fn loopback_up() -> Result<(), String> {
     let res = (|| {
         // SAFETY: SIOCGIFFLAGS reads into our ifreq, which outlives the call.
         if unsafe { libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut ifr) } < 0 {
-            return Err(format!("SIOCGIFFLAGS lo: {}", std::io::Error::last_os_error()));
+            return Err(format!(
+                "SIOCGIFFLAGS lo: {}",
+                std::io::Error::last_os_error()
+            ));
         }
         // SAFETY: the union member ifru_flags is the one SIOCGIFFLAGS filled in.
         unsafe {
             // IFF_UP | IFF_RUNNING is 0x41: it fits the short.
-            ifr.ifr_ifru.ifru_flags |= libc::c_short::try_from(libc::IFF_UP | libc::IFF_RUNNING).unwrap_or(1);
+            ifr.ifr_ifru.ifru_flags |=
+                libc::c_short::try_from(libc::IFF_UP | libc::IFF_RUNNING).unwrap_or(1);
         }
         // SAFETY: SIOCSIFFLAGS reads our ifreq.
         if unsafe { libc::ioctl(fd, libc::SIOCSIFFLAGS, &ifr) } < 0 {
-            return Err(format!("SIOCSIFFLAGS lo: {}", std::io::Error::last_os_error()));
+            return Err(format!(
+                "SIOCSIFFLAGS lo: {}",
+                std::io::Error::last_os_error()
+            ));
         }
         Ok(())
     })();
@@ -79,8 +120,12 @@ pub fn loopback_up() -> Result<(), String> {
 /// Hands every controller the root offers down to the `husk` cgroup that holds the
 /// containers. Returns the controllers.
 pub fn enable_controllers(root: &Path) -> Result<Vec<String>, String> {
-    let avail = std::fs::read_to_string(root.join("cgroup.controllers"))
-        .map_err(|e| format!("reading {}/cgroup.controllers: {e} — is cgroup2 mounted there?", root.display()))?;
+    let avail = std::fs::read_to_string(root.join("cgroup.controllers")).map_err(|e| {
+        format!(
+            "reading {}/cgroup.controllers: {e} — is cgroup2 mounted there?",
+            root.display()
+        )
+    })?;
     let ctrls: Vec<String> = avail.split_whitespace().map(String::from).collect();
     let enable: String = ctrls.iter().map(|c| format!("+{c} ")).collect();
     let husk = root.join("husk");
@@ -100,16 +145,25 @@ pub fn enable_controllers(root: &Path) -> Result<Vec<String>, String> {
 pub fn switch_to_tmpfs_root() -> Result<(), String> {
     let new = "/.husk-root";
     std::fs::create_dir_all(new).map_err(|e| format!("creating {new}: {e}"))?;
-    mount(Some("tmpfs"), new, Some("tmpfs"), MsFlags::MS_NOSUID, Some("mode=0755"))
-        .map_err(|e| format!("mount tmpfs on {new}: {e}"))?;
+    mount(
+        Some("tmpfs"),
+        new,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID,
+        Some("mode=0755"),
+    )
+    .map_err(|e| format!("mount tmpfs on {new}: {e}"))?;
     for d in ["dev", "proc", "sys", "run", "tmp"] {
-        std::fs::create_dir_all(format!("{new}/{d}")).map_err(|e| format!("creating {new}/{d}: {e}"))?;
+        std::fs::create_dir_all(format!("{new}/{d}"))
+            .map_err(|e| format!("creating {new}/{d}: {e}"))?;
     }
-    std::fs::copy("/init", format!("{new}/init")).map_err(|e| format!("copying /init to {new}: {e}"))?;
+    std::fs::copy("/init", format!("{new}/init"))
+        .map_err(|e| format!("copying /init to {new}: {e}"))?;
     // The initramfs copy is no longer needed; its memory is the guest's.
     let _ = std::fs::remove_file("/init");
     std::env::set_current_dir(new).map_err(|e| format!("chdir {new}: {e}"))?;
-    mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>).map_err(|e| format!("moving {new} onto /: {e}"))?;
+    mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)
+        .map_err(|e| format!("moving {new} onto /: {e}"))?;
     nix::unistd::chroot(".").map_err(|e| format!("chroot into the new root: {e}"))?;
     std::env::set_current_dir("/").map_err(|e| format!("chdir /: {e}"))?;
     Ok(())

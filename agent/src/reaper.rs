@@ -46,12 +46,17 @@ pub fn exits() -> &'static Exits {
 
 impl Exits {
     fn lock(&self) -> MutexGuard<'_, HashMap<i32, Option<Exit>>> {
-        self.table.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.table
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Runs `spawn` (which returns the new child's PID) with the table locked, and registers
     /// the PID before the reaper can record its exit.
-    pub fn spawn_registered<T>(&self, spawn: impl FnOnce() -> Result<(i32, T), String>) -> Result<(i32, T), String> {
+    pub fn spawn_registered<T>(
+        &self,
+        spawn: impl FnOnce() -> Result<(i32, T), String>,
+    ) -> Result<(i32, T), String> {
         let mut t = self.lock();
         let (pid, v) = spawn()?;
         t.insert(pid, None);
@@ -78,7 +83,10 @@ impl Exits {
                 None => return None,
             }
             t = match deadline {
-                None => self.changed.wait(t).unwrap_or_else(std::sync::PoisonError::into_inner),
+                None => self
+                    .changed
+                    .wait(t)
+                    .unwrap_or_else(std::sync::PoisonError::into_inner),
                 Some(d) => {
                     let now = std::time::Instant::now();
                     if now >= d {
@@ -108,7 +116,8 @@ impl Exits {
 pub fn start() -> Result<(), String> {
     let mut set = SigSet::empty();
     set.add(Signal::SIGCHLD);
-    set.thread_block().map_err(|e| format!("blocking SIGCHLD: {e}"))?;
+    set.thread_block()
+        .map_err(|e| format!("blocking SIGCHLD: {e}"))?;
     std::thread::Builder::new()
         .name("reaper".into())
         .spawn(move || loop {
@@ -119,8 +128,12 @@ pub fn start() -> Result<(), String> {
             }
             loop {
                 match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
-                    Ok(WaitStatus::Exited(pid, code)) => exits().record(pid.as_raw(), Exit::Code(code)),
-                    Ok(WaitStatus::Signaled(pid, sig, _)) => exits().record(pid.as_raw(), Exit::Signal(sig as i32)),
+                    Ok(WaitStatus::Exited(pid, code)) => {
+                        exits().record(pid.as_raw(), Exit::Code(code))
+                    }
+                    Ok(WaitStatus::Signaled(pid, sig, _)) => {
+                        exits().record(pid.as_raw(), Exit::Signal(sig as i32))
+                    }
                     Ok(WaitStatus::StillAlive) | Err(_) => break,
                     Ok(_) => {}
                 }

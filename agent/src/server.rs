@@ -87,7 +87,9 @@ impl Agent for Service {
     }
 
     fn create_sandbox(&self, _: &TtrpcContext, r: CreateSandboxRequest) -> R<Empty> {
-        self.engine.create_sandbox(&r.sandbox_id, &r.hostname).map_err(map)?;
+        self.engine
+            .create_sandbox(&r.sandbox_id, &r.hostname)
+            .map_err(map)?;
         Ok(Empty::new())
     }
 
@@ -107,13 +109,18 @@ impl Agent for Service {
     }
 
     fn create_container(&self, _: &TtrpcContext, r: CreateContainerRequest) -> R<Empty> {
-        self.engine.create(&r.container_id, &r.oci_spec_json, r.terminal).map_err(map)?;
+        self.engine
+            .create(&r.container_id, &r.oci_spec_json, r.terminal)
+            .map_err(map)?;
         Ok(Empty::new())
     }
 
     fn start_container(&self, _: &TtrpcContext, r: ContainerRef) -> R<ProcessStarted> {
         let pid = self.engine.start(&r.container_id).map_err(map)?;
-        Ok(ProcessStarted { pid, ..Default::default() })
+        Ok(ProcessStarted {
+            pid,
+            ..Default::default()
+        })
     }
 
     fn remove_container(&self, _: &TtrpcContext, r: RemoveContainerRequest) -> R<Empty> {
@@ -132,7 +139,9 @@ impl Agent for Service {
     }
 
     fn update_container(&self, _: &TtrpcContext, r: UpdateContainerRequest) -> R<Empty> {
-        self.engine.update(&r.container_id, &r.oci_resources_json).map_err(map)?;
+        self.engine
+            .update(&r.container_id, &r.oci_resources_json)
+            .map_err(map)?;
         Ok(Empty::new())
     }
 
@@ -161,12 +170,20 @@ impl Agent for Service {
     }
 
     fn exec_process(&self, _: &TtrpcContext, r: ExecProcessRequest) -> R<ProcessStarted> {
-        let pid = self.engine.exec(&r.container_id, &r.exec_id, &r.oci_process_json).map_err(map)?;
-        Ok(ProcessStarted { pid, ..Default::default() })
+        let pid = self
+            .engine
+            .exec(&r.container_id, &r.exec_id, &r.oci_process_json)
+            .map_err(map)?;
+        Ok(ProcessStarted {
+            pid,
+            ..Default::default()
+        })
     }
 
     fn signal_process(&self, _: &TtrpcContext, r: SignalProcessRequest) -> R<Empty> {
-        self.engine.signal(&r.container_id, &r.exec_id, r.signal, r.all).map_err(map)?;
+        self.engine
+            .signal(&r.container_id, &r.exec_id, r.signal, r.all)
+            .map_err(map)?;
         Ok(Empty::new())
     }
 
@@ -183,17 +200,33 @@ impl Agent for Service {
     }
 
     fn write_stdin(&self, _: &TtrpcContext, r: WriteStdinRequest) -> R<WriteStdinResponse> {
-        let p = self.engine.stdio(&r.container_id, &r.exec_id).map_err(map)?;
-        let n = p
-            .stdio
-            .write_stdin(&r.data)
-            .map_err(|e| status(Code::FAILED_PRECONDITION, format!("{} {:?}: {e}", r.container_id, r.exec_id)))?;
-        Ok(WriteStdinResponse { written: n as u64, ..Default::default() })
+        let p = self
+            .engine
+            .stdio(&r.container_id, &r.exec_id)
+            .map_err(map)?;
+        let n = p.stdio.write_stdin(&r.data).map_err(|e| {
+            status(
+                Code::FAILED_PRECONDITION,
+                format!("{} {:?}: {e}", r.container_id, r.exec_id),
+            )
+        })?;
+        Ok(WriteStdinResponse {
+            written: n as u64,
+            ..Default::default()
+        })
     }
 
     fn close_stdin(&self, _: &TtrpcContext, r: ProcessRef) -> R<Empty> {
-        let p = self.engine.stdio(&r.container_id, &r.exec_id).map_err(map)?;
-        p.stdio.close_stdin().map_err(|e| status(Code::INTERNAL, format!("{} {:?}: {e}", r.container_id, r.exec_id)))?;
+        let p = self
+            .engine
+            .stdio(&r.container_id, &r.exec_id)
+            .map_err(map)?;
+        p.stdio.close_stdin().map_err(|e| {
+            status(
+                Code::INTERNAL,
+                format!("{} {:?}: {e}", r.container_id, r.exec_id),
+            )
+        })?;
         Ok(Empty::new())
     }
 
@@ -206,36 +239,60 @@ impl Agent for Service {
     }
 
     fn tty_win_resize(&self, _: &TtrpcContext, r: TtyWinResizeRequest) -> R<Empty> {
-        let p = self.engine.stdio(&r.container_id, &r.exec_id).map_err(map)?;
+        let p = self
+            .engine
+            .stdio(&r.container_id, &r.exec_id)
+            .map_err(map)?;
         let rows = u16::try_from(r.rows).unwrap_or(u16::MAX);
         let cols = u16::try_from(r.columns).unwrap_or(u16::MAX);
-        p.stdio
-            .resize(rows, cols)
-            .map_err(|e| status(Code::FAILED_PRECONDITION, format!("{} {:?}: {e}", r.container_id, r.exec_id)))?;
+        p.stdio.resize(rows, cols).map_err(|e| {
+            status(
+                Code::FAILED_PRECONDITION,
+                format!("{} {:?}: {e}", r.container_id, r.exec_id),
+            )
+        })?;
         Ok(Empty::new())
     }
 
     fn update_interface(&self, _: &TtrpcContext, r: UpdateInterfaceRequest) -> R<Interface> {
-        let want = r.interface.into_option().ok_or_else(|| status(Code::INVALID_ARGUMENT, "UpdateInterface: no interface given"))?;
+        let want = r.interface.into_option().ok_or_else(|| {
+            status(
+                Code::INVALID_ARGUMENT,
+                "UpdateInterface: no interface given",
+            )
+        })?;
         crate::network::update_interface(&want).map_err(net)
     }
 
     fn update_routes(&self, _: &TtrpcContext, r: UpdateRoutesRequest) -> R<Routes> {
         let routes = crate::network::update_routes(&r.routes).map_err(net)?;
-        Ok(Routes { routes, ..Default::default() })
+        Ok(Routes {
+            routes,
+            ..Default::default()
+        })
     }
 
     fn list_interfaces(&self, _: &TtrpcContext, _: ListInterfacesRequest) -> R<Interfaces> {
-        Ok(Interfaces { interfaces: crate::network::list_interfaces().map_err(net)?, ..Default::default() })
+        Ok(Interfaces {
+            interfaces: crate::network::list_interfaces().map_err(net)?,
+            ..Default::default()
+        })
     }
 
     fn set_guest_date_time(&self, _: &TtrpcContext, r: SetGuestDateTimeRequest) -> R<Empty> {
         if self.on_destroy == OnDestroy::Exit {
-            return Err(status(Code::FAILED_PRECONDITION, "SetGuestDateTime: refused outside a guest (the agent is not PID 1)"));
+            return Err(status(
+                Code::FAILED_PRECONDITION,
+                "SetGuestDateTime: refused outside a guest (the agent is not PID 1)",
+            ));
         }
         let ts = nix::sys::time::TimeSpec::new(r.seconds, r.nanos);
-        nix::time::clock_settime(nix::time::ClockId::CLOCK_REALTIME, ts)
-            .map_err(|e| status(Code::INTERNAL, format!("setting the guest clock to {}s: {e}", r.seconds)))?;
+        nix::time::clock_settime(nix::time::ClockId::CLOCK_REALTIME, ts).map_err(|e| {
+            status(
+                Code::INTERNAL,
+                format!("setting the guest clock to {}s: {e}", r.seconds),
+            )
+        })?;
         Ok(Empty::new())
     }
 
@@ -249,12 +306,31 @@ impl Agent for Service {
 
 impl Service {
     fn read(&self, r: ReadStreamRequest, err: bool) -> R<ReadStreamResponse> {
-        let p = self.engine.stdio(&r.container_id, &r.exec_id).map_err(map)?;
-        let max = if r.max_len == 0 { MAX_READ_CHUNK } else { r.max_len.min(MAX_READ_CHUNK) } as usize;
-        match p.stdio.read(err, max, || crate::reaper::exits().exited(p.wait_pid).is_some()) {
-            Ok(Some(data)) => Ok(ReadStreamResponse { data, eof: false, ..Default::default() }),
-            Ok(None) => Ok(ReadStreamResponse { eof: true, ..Default::default() }),
-            Err(e) => Err(status(Code::INTERNAL, format!("{} {:?}: {e}", r.container_id, r.exec_id))),
+        let p = self
+            .engine
+            .stdio(&r.container_id, &r.exec_id)
+            .map_err(map)?;
+        let max = if r.max_len == 0 {
+            MAX_READ_CHUNK
+        } else {
+            r.max_len.min(MAX_READ_CHUNK)
+        } as usize;
+        match p.stdio.read(err, max, || {
+            crate::reaper::exits().exited(p.wait_pid).is_some()
+        }) {
+            Ok(Some(data)) => Ok(ReadStreamResponse {
+                data,
+                eof: false,
+                ..Default::default()
+            }),
+            Ok(None) => Ok(ReadStreamResponse {
+                eof: true,
+                ..Default::default()
+            }),
+            Err(e) => Err(status(
+                Code::INTERNAL,
+                format!("{} {:?}: {e}", r.container_id, r.exec_id),
+            )),
         }
     }
 }

@@ -117,7 +117,9 @@ pub fn classify(kvm: &KvmProbe, sys_module: &Path, cpuinfo: &str) -> HostKind {
         .map(|l| l.split_whitespace().collect())
         .unwrap_or_default();
     if flags.contains(&"vmx") || sys_module.join("kvm_intel").exists() {
-        HostKind::HardwareKvm { vendor: "Intel VT-x" }
+        HostKind::HardwareKvm {
+            vendor: "Intel VT-x",
+        }
     } else if flags.contains(&"svm") || sys_module.join("kvm_amd").exists() {
         HostKind::HardwareKvm { vendor: "AMD-V" }
     } else {
@@ -175,7 +177,10 @@ mod tests {
     #[test]
     fn pvm_wins_over_cpu_flags() {
         let m = modules(&["kvm", "kvm_pvm"]);
-        assert_eq!(classify(&USABLE, m.path(), "flags : fpu vmx sse"), HostKind::Pvm);
+        assert_eq!(
+            classify(&USABLE, m.path(), "flags : fpu vmx sse"),
+            HostKind::Pvm
+        );
         assert_eq!(choose_backend(&HostKind::Pvm).0.to_string(), "qemu-tcg");
     }
 
@@ -189,10 +194,14 @@ mod tests {
         let m = modules(&["kvm", "kvm_intel"]);
         assert_eq!(
             classify(&USABLE, m.path(), "flags : fpu"),
-            HostKind::HardwareKvm { vendor: "Intel VT-x" }
+            HostKind::HardwareKvm {
+                vendor: "Intel VT-x"
+            }
         );
         assert_eq!(
-            choose_backend(&HostKind::HardwareKvm { vendor: "AMD-V" }).0.to_string(),
+            choose_backend(&HostKind::HardwareKvm { vendor: "AMD-V" })
+                .0
+                .to_string(),
             "husk-vmm"
         );
         assert_eq!(BackendChoice::HuskVmm.qemu_accel(), Accel::Kvm);
@@ -203,7 +212,10 @@ mod tests {
         let m = modules(&["kvm_intel"]);
         let k = KvmProbe::Unusable("x".into());
         assert_eq!(classify(&k, m.path(), "flags : vmx"), HostKind::NoKvm);
-        assert_eq!(choose_backend(&HostKind::NoKvm).0, BackendChoice::Qemu(Accel::Tcg));
+        assert_eq!(
+            choose_backend(&HostKind::NoKvm).0,
+            BackendChoice::Qemu(Accel::Tcg)
+        );
         assert_eq!(choose_backend(&HostKind::NoKvm).0.qemu_accel(), Accel::Tcg);
     }
 }

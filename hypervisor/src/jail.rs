@@ -45,7 +45,13 @@ pub struct JailSpec {
 impl JailSpec {
     /// The jail of one VM-side process that runs `program`, writes `state_dir` and reads
     /// `files`.
-    pub fn for_process(&self, program: &Path, state_dir: &Path, files: &[&Path], kvm: bool) -> Jail {
+    pub fn for_process(
+        &self,
+        program: &Path,
+        state_dir: &Path,
+        files: &[&Path],
+        kvm: bool,
+    ) -> Jail {
         let mut ro_files = vec![program.to_path_buf()];
         ro_files.extend(files.iter().map(|f| f.to_path_buf()));
         Jail {
@@ -150,7 +156,10 @@ impl Jail {
             ops.push(Op::BindRw(c(Path::new(dev))?, c(&inside(Path::new(dev)))?));
         }
         if self.kvm {
-            ops.push(Op::Mknod(c(&inside(Path::new("/dev/kvm")))?, libc::makedev(10, 232)));
+            ops.push(Op::Mknod(
+                c(&inside(Path::new("/dev/kvm")))?,
+                libc::makedev(10, 232),
+            ));
         }
         ops.push(Op::Mkdir(c(&inside(Path::new("/tmp")))?, 0o1777));
         for d in &self.rw_dirs {
@@ -200,7 +209,13 @@ impl Jail {
                 }
                 let null = std::ptr::null::<libc::c_char>();
                 ok(libc::unshare(flags))?;
-                ok(libc::mount(null, c"/".as_ptr(), null, libc::MS_REC | libc::MS_PRIVATE, std::ptr::null()))?;
+                ok(libc::mount(
+                    null,
+                    c"/".as_ptr(),
+                    null,
+                    libc::MS_REC | libc::MS_PRIVATE,
+                    std::ptr::null(),
+                ))?;
                 ok(libc::mount(
                     c"tmpfs".as_ptr(),
                     root.as_ptr(),
@@ -216,18 +231,34 @@ impl Jail {
                             _ => return Err(std::io::Error::last_os_error()),
                         },
                         Op::Touch(p) => {
-                            let fd = libc::open(p.as_ptr(), libc::O_CREAT | libc::O_WRONLY | libc::O_CLOEXEC, 0o600);
+                            let fd = libc::open(
+                                p.as_ptr(),
+                                libc::O_CREAT | libc::O_WRONLY | libc::O_CLOEXEC,
+                                0o600,
+                            );
                             ok(fd)?;
                             libc::close(fd);
                         }
                         Op::Symlink(target, p) => ok(libc::symlink(target.as_ptr(), p.as_ptr()))?,
                         Op::BindRo(src, dst) | Op::BindRw(src, dst) => {
-                            ok(libc::mount(src.as_ptr(), dst.as_ptr(), null, libc::MS_BIND | libc::MS_REC, std::ptr::null()))?;
+                            ok(libc::mount(
+                                src.as_ptr(),
+                                dst.as_ptr(),
+                                null,
+                                libc::MS_BIND | libc::MS_REC,
+                                std::ptr::null(),
+                            ))?;
                             let mut remount = libc::MS_BIND | libc::MS_REMOUNT | libc::MS_NOSUID;
                             if matches!(op, Op::BindRo(..)) {
                                 remount |= libc::MS_RDONLY | libc::MS_NODEV;
                             }
-                            ok(libc::mount(null, dst.as_ptr(), null, remount, std::ptr::null()))?;
+                            ok(libc::mount(
+                                null,
+                                dst.as_ptr(),
+                                null,
+                                remount,
+                                std::ptr::null(),
+                            ))?;
                         }
                         Op::Mknod(p, dev) => {
                             ok(libc::mknod(p.as_ptr(), libc::S_IFCHR | 0o600, *dev))?;
@@ -236,10 +267,19 @@ impl Jail {
                     }
                 }
                 // The tmpfs itself read-only from now on (only the binds inside stay writable).
-                ok(libc::mount(null, root.as_ptr(), null, libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_NOSUID, std::ptr::null()))?;
+                ok(libc::mount(
+                    null,
+                    root.as_ptr(),
+                    null,
+                    libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_NOSUID,
+                    std::ptr::null(),
+                ))?;
                 ok(libc::chdir(root.as_ptr()))?;
                 // pivot_root returns 0 or -1: the sign is all that matters.
-                ok(libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()).signum() as libc::c_int)?;
+                ok(
+                    libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()).signum()
+                        as libc::c_int,
+                )?;
                 ok(libc::umount2(c".".as_ptr(), libc::MNT_DETACH))?;
                 ok(libc::chdir(c"/".as_ptr()))?;
                 // A PID namespace of its own: it takes effect for children only, so fork; the
@@ -294,7 +334,15 @@ unsafe fn supervise(child: libc::pid_t, drop_privileges: &dyn Fn() -> std::io::R
         }
         libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
         JAILED.store(child, std::sync::atomic::Ordering::Relaxed);
-        for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGQUIT, libc::SIGUSR1, libc::SIGUSR2, libc::SIGCONT] {
+        for sig in [
+            libc::SIGTERM,
+            libc::SIGINT,
+            libc::SIGHUP,
+            libc::SIGQUIT,
+            libc::SIGUSR1,
+            libc::SIGUSR2,
+            libc::SIGCONT,
+        ] {
             let mut sa: libc::sigaction = std::mem::zeroed();
             sa.sa_sigaction = forward as extern "C" fn(libc::c_int) as libc::sighandler_t;
             sa.sa_flags = libc::SA_RESTART;
@@ -319,8 +367,11 @@ unsafe fn supervise(child: libc::pid_t, drop_privileges: &dyn Fn() -> std::io::R
 /// Hands the unix socket `path` (made by a helper that runs as root) to the jail's uid, so
 /// the jailed VMM can connect to it. Refuses a symlink.
 pub fn give_socket(path: &Path, jail: &JailSpec) -> Result<()> {
-    std::os::unix::fs::lchown(path, Some(jail.uid), Some(jail.gid))
-        .map_err(Error::io(format!("giving {} to the jail's uid {}", path.display(), jail.uid)))
+    std::os::unix::fs::lchown(path, Some(jail.uid), Some(jail.gid)).map_err(Error::io(format!(
+        "giving {} to the jail's uid {}",
+        path.display(),
+        jail.uid
+    )))
 }
 
 /// The per-sandbox uid/gid records under `<state_root>/.jail-ids/<id>` (each holds the
@@ -341,7 +392,8 @@ impl JailIds {
     /// again gets the id it has.
     pub fn claim(&self, sandbox: &str) -> Result<u32> {
         use std::io::Write;
-        std::fs::create_dir_all(&self.dir).map_err(Error::io(format!("creating {}", self.dir.display())))?;
+        std::fs::create_dir_all(&self.dir)
+            .map_err(Error::io(format!("creating {}", self.dir.display())))?;
         if let Some(id) = self.of(sandbox) {
             return Ok(id);
         }
@@ -362,7 +414,12 @@ impl JailIds {
                     return Ok(id);
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-                Err(e) => return Err(Error::io(format!("claiming a jail id in {}", self.dir.display()))(e)),
+                Err(e) => {
+                    return Err(Error::io(format!(
+                        "claiming a jail id in {}",
+                        self.dir.display()
+                    ))(e))
+                }
             }
         }
         Err(Error::Config(format!(
@@ -446,15 +503,26 @@ mod tests {
         jail.apply(&mut cmd).unwrap();
         let out = cmd.output().unwrap();
         let text = String::from_utf8_lossy(&out.stdout);
-        assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{text}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         assert!(text.contains(&format!("{FIRST_JAIL_ID}\n")), "{text}");
         assert!(text.contains("wrote"), "{text}");
-        assert!(text.contains("pid=1\n"), "not PID 1 of a namespace of its own: {text}");
+        assert!(
+            text.contains("pid=1\n"),
+            "not PID 1 of a namespace of its own: {text}"
+        );
         assert!(!text.contains("SEES-"), "{text}");
         assert!(!text.contains("WROTE-USR"), "{text}");
-        assert!(text.contains("null") && !text.contains("kvm") && !text.contains("sda"), "{text}");
+        assert!(
+            text.contains("null") && !text.contains("kvm") && !text.contains("sda"),
+            "{text}"
+        );
         assert_eq!(std::fs::read_to_string(state.join("w")).unwrap(), "ok\n");
-        let owner = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(state.join("w")).unwrap());
+        let owner =
+            std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(state.join("w")).unwrap());
         assert_eq!(owner, FIRST_JAIL_ID);
     }
 }

@@ -32,9 +32,8 @@ pub fn check_elf(path: &Path) -> Result<()> {
 pub fn pvh_entry(path: &Path) -> Result<Option<u64>> {
     check_elf(path)?;
     let bytes = std::fs::read(path).map_err(Error::io(format!("reading {}", path.display())))?;
-    let elf = goblin::elf::Elf::parse(&bytes).map_err(|e| {
-        Error::Config(format!("kernel {}: unreadable ELF ({e})", path.display()))
-    })?;
+    let elf = goblin::elf::Elf::parse(&bytes)
+        .map_err(|e| Error::Config(format!("kernel {}: unreadable ELF ({e})", path.display())))?;
     let Some(notes) = elf.iter_note_headers(&bytes) else {
         return Ok(None);
     };
@@ -61,7 +60,10 @@ mod tests {
         let bz = d.path().join("bzImage");
         std::fs::write(&bz, b"MZ\x00\x00 not elf").unwrap();
         let e = check_elf(&bz).unwrap_err().to_string();
-        assert!(e.contains("not an ELF file") && e.contains("bzImage"), "{e}");
+        assert!(
+            e.contains("not an ELF file") && e.contains("bzImage"),
+            "{e}"
+        );
         let e = check_elf(&d.path().join("nope")).unwrap_err().to_string();
         assert!(e.contains("cargo xtask kernel"), "{e}");
     }

@@ -66,7 +66,9 @@ pub enum Error {
     },
     /// A device helper (virtiofsd, vhost-device-vsock) ended while its VM ran; the VM was
     /// stopped because of it.
-    #[error("{program} (pid {pid}) ended while the VM ran ({status}); the VM was stopped — see {log}")]
+    #[error(
+        "{program} (pid {pid}) ended while the VM ran ({status}); the VM was stopped — see {log}"
+    )]
     HelperExited {
         program: String,
         pid: u32,
@@ -156,7 +158,11 @@ pub struct NetConfig {
 impl NetConfig {
     /// The MAC as QEMU and `ip` write it: `aa:bb:cc:dd:ee:ff`.
     pub fn mac_string(&self) -> String {
-        self.mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+        self.mac
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<Vec<_>>()
+            .join(":")
     }
 }
 

@@ -134,7 +134,9 @@ impl Supervised {
     /// SIGKILL; returns once reaped.
     pub fn kill(&mut self) -> Result<ExitStatus> {
         self.signal(Signal::SIGKILL)?;
-        Ok(self.wait(None)?.expect("wait without timeout returns a status"))
+        Ok(self
+            .wait(None)?
+            .expect("wait without timeout returns a status"))
     }
 }
 
@@ -185,7 +187,10 @@ mod tests {
         let pid = p.pid();
         assert!(alive(pid));
         drop(p);
-        assert!(!alive(pid), "child {pid} survived its guard (or is a zombie)");
+        assert!(
+            !alive(pid),
+            "child {pid} survived its guard (or is a zombie)"
+        );
     }
 
     #[test]

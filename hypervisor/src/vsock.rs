@@ -49,7 +49,11 @@ pub enum VsockError {
 const MAX_ANSWER: usize = 64;
 
 /// One attempt: connects and does the handshake. The returned stream has no timeouts set.
-pub fn connect(socket: &Path, port: u32, handshake_timeout: Duration) -> Result<UnixStream, VsockError> {
+pub fn connect(
+    socket: &Path,
+    port: u32,
+    handshake_timeout: Duration,
+) -> Result<UnixStream, VsockError> {
     let mut s = UnixStream::connect(socket).map_err(|source| VsockError::Connect {
         socket: socket.to_path_buf(),
         source,
@@ -60,7 +64,8 @@ pub fn connect(socket: &Path, port: u32, handshake_timeout: Duration) -> Result<
         source,
     };
     s.set_read_timeout(Some(handshake_timeout)).map_err(hs)?;
-    s.write_all(format!("CONNECT {port}\n").as_bytes()).map_err(hs)?;
+    s.write_all(format!("CONNECT {port}\n").as_bytes())
+        .map_err(hs)?;
     // Byte by byte: anything after the newline already belongs to the guest's stream.
     let mut answer = Vec::with_capacity(16);
     let mut b = [0u8; 1];
@@ -94,12 +99,21 @@ pub fn connect(socket: &Path, port: u32, handshake_timeout: Duration) -> Result<
 
 /// Retries [`connect`] until it succeeds or `timeout` passes: while the guest boots, the
 /// socket may not exist yet and the port may not be listened on.
-pub fn connect_retry(socket: &Path, port: u32, timeout: Duration) -> Result<UnixStream, VsockError> {
+pub fn connect_retry(
+    socket: &Path,
+    port: u32,
+    timeout: Duration,
+) -> Result<UnixStream, VsockError> {
     let deadline = Instant::now() + timeout;
     let mut pause = Duration::from_millis(2);
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
-        match connect(socket, port, left.max(Duration::from_millis(100)).min(Duration::from_secs(5))) {
+        match connect(
+            socket,
+            port,
+            left.max(Duration::from_millis(100))
+                .min(Duration::from_secs(5)),
+        ) {
             Ok(s) => return Ok(s),
             Err(e) if Instant::now() >= deadline => {
                 return Err(VsockError::Timeout {
@@ -132,7 +146,8 @@ mod tests {
             r.read_line(&mut line).unwrap();
             let mut w = s;
             // The answer and the first guest bytes in one write: connect must not eat them.
-            w.write_all(format!("{answer}guest-hello").as_bytes()).unwrap();
+            w.write_all(format!("{answer}guest-hello").as_bytes())
+                .unwrap();
             line
         })
     }
@@ -154,12 +169,17 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("v.sock");
         let t = backend(&p, "FAILURE\n");
-        let e = connect(&p, 1024, Duration::from_secs(5)).unwrap_err().to_string();
+        let e = connect(&p, 1024, Duration::from_secs(5))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("FAILURE") && e.contains("port 1024"), "{e}");
         t.join().unwrap();
         let e = connect_retry(&d.path().join("none.sock"), 1024, Duration::from_millis(50))
             .unwrap_err()
             .to_string();
-        assert!(e.contains("none.sock") && e.contains("not reachable"), "{e}");
+        assert!(
+            e.contains("none.sock") && e.contains("not reachable"),
+            "{e}"
+        );
     }
 }

@@ -97,5 +97,5 @@ pub mod agent_ttrpc {
     include!(concat!(env!("OUT_DIR"), "/agent_ttrpc.rs"));
 }
 
-pub use ttrpc;
 pub use protobuf;
+pub use ttrpc;

@@ -39,7 +39,9 @@ fn client_and_server_agree() {
     let client = AgentClient::new(ttrpc::Client::connect(&addr).unwrap());
     let mut req = CheckRequest::new();
     req.api_version = 7;
-    let r = client.check(context::with_timeout(5_000_000_000), &req).unwrap();
+    let r = client
+        .check(context::with_timeout(5_000_000_000), &req)
+        .unwrap();
     assert_eq!(r.api_version, API_VERSION);
     assert_eq!(r.agent_version, "fake, asked 7");
 

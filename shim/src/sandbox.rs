@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use husk_hypervisor::host::{self, BackendChoice};
 use husk_hypervisor::husk_vmm::HuskVmm;
-use husk_hypervisor::qemu::Qemu;
 use husk_hypervisor::jail::{JailIds, JailSpec};
+use husk_hypervisor::qemu::Qemu;
 use husk_hypervisor::{Accel, Hypervisor, Programs, Vm, VmConfig};
 use husk_protocols::agent::{CreateSandboxRequest, DestroySandboxRequest};
 use serde_json::Value;
@@ -76,7 +76,8 @@ pub fn host_namespaces(spec: &Value) -> Result<(), String> {
 
 /// The host's CPU count and memory (MiB): the default bounds of annotation-driven sizes.
 fn host_size() -> (u32, u32) {
-    let cpus = std::thread::available_parallelism().map_or(1, |n| u32::try_from(n.get()).unwrap_or(u32::MAX));
+    let cpus = std::thread::available_parallelism()
+        .map_or(1, |n| u32::try_from(n.get()).unwrap_or(u32::MAX));
     let mem_kib: u64 = std::fs::read_to_string("/proc/meminfo")
         .ok()
         .and_then(|m| {
@@ -146,8 +147,14 @@ pub fn size_for(config: &Config, spec: &Value) -> Result<(u32, u32), String> {
     };
     let ann_cpus = annotation(ANNOTATION_EXTRA_VCPUS)?;
     let ann_mib = annotation(ANNOTATION_EXTRA_MEMORY_MIB)?;
-    let vcpus = config.vcpus.saturating_add(extra_cpus).saturating_add(ann_cpus);
-    let mib = config.memory_mib.saturating_add(extra_mib).saturating_add(ann_mib);
+    let vcpus = config
+        .vcpus
+        .saturating_add(extra_cpus)
+        .saturating_add(ann_cpus);
+    let mib = config
+        .memory_mib
+        .saturating_add(extra_mib)
+        .saturating_add(ann_mib);
     if ann_cpus > 0 && vcpus > max_cpus {
         return Err(format!(
             "annotation {ANNOTATION_EXTRA_VCPUS} = {ann_cpus}: the VM would get {vcpus} vCPUs, more than max_vcpus = {max_cpus} — ask for fewer"
@@ -158,7 +165,10 @@ pub fn size_for(config: &Config, spec: &Value) -> Result<(u32, u32), String> {
             "annotation {ANNOTATION_EXTRA_MEMORY_MIB} = {ann_mib}: the VM would get {mib} MiB, more than max_memory_mib = {max_mib} — ask for less"
         ));
     }
-    Ok((vcpus.clamp(1, max_cpus.max(1)), mib.min(max_mib.max(husk_hypervisor::MIN_MEMORY_MIB))))
+    Ok((
+        vcpus.clamp(1, max_cpus.max(1)),
+        mib.min(max_mib.max(husk_hypervisor::MIN_MEMORY_MIB)),
+    ))
 }
 
 /// The backend for a sandbox: the configured one, or for `auto` what `doctor` says this host
@@ -395,12 +405,10 @@ impl Sandbox {
             message: crate::network::chain(&e),
         })?;
         let nets = network.vm_nets();
-        let backend = backend(config, &prepared.programs).map_err(|e| {
-            SandboxError::Step {
-                sid: sid.clone(),
-                step: "choosing the hypervisor",
-                message: crate::error::chain(&e),
-            }
+        let backend = backend(config, &prepared.programs).map_err(|e| SandboxError::Step {
+            sid: sid.clone(),
+            step: "choosing the hypervisor",
+            message: crate::error::chain(&e),
         })?;
         let jail = if config.jail {
             Some(jail_for(config, &sid, &dir)?)
@@ -643,14 +651,18 @@ mod tests {
 
     #[test]
     fn host_namespaces_are_refused_by_name() {
-        let ns = |kinds: &[&str]| {
-            json!({"linux": {"namespaces": kinds.iter().map(|k| json!({"type": k})).collect::<Vec<_>>()}})
-        };
+        let ns = |kinds: &[&str]| json!({"linux": {"namespaces": kinds.iter().map(|k| json!({"type": k})).collect::<Vec<_>>()}});
         host_namespaces(&ns(&["pid", "ipc", "uts", "mount", "network"])).unwrap();
         host_namespaces(&json!({})).unwrap();
         let e = host_namespaces(&ns(&["pid", "ipc", "uts", "mount"])).unwrap_err();
-        assert!(e.starts_with("linux.namespaces: no network namespace"), "{e}");
-        assert!(e.contains("hostNetwork") && e.contains("network namespace"), "{e}");
+        assert!(
+            e.starts_with("linux.namespaces: no network namespace"),
+            "{e}"
+        );
+        assert!(
+            e.contains("hostNetwork") && e.contains("network namespace"),
+            "{e}"
+        );
         let e = host_namespaces(&ns(&["pid", "uts", "mount", "network"])).unwrap_err();
         assert!(e.contains("hostIPC"), "{e}");
         let e = host_namespaces(&ns(&["ipc", "uts", "mount", "network"])).unwrap_err();
@@ -685,11 +697,26 @@ mod tests {
             ..Config::default()
         };
         for (ann, words) in [
-            (json!({"io.husk.extra-vcpus": "-1"}), vec!["io.husk.extra-vcpus", "\"-1\"", "whole number"]),
-            (json!({"io.husk.extra-memory-mib": "lots"}), vec!["io.husk.extra-memory-mib", "lots"]),
-            (json!({"io.husk.extra-vcpus": "8"}), vec!["io.husk.extra-vcpus", "= 8", "max_vcpus = 4"]),
-            (json!({"io.husk.extra-memory-mib": "4294967295"}), vec!["io.husk.extra-memory-mib", "max_memory_mib = 1024"]),
-            (json!({"io.husk.kernel-params": "init=/bin/sh"}), vec!["io.husk.kernel-params", "not enabled", "enable_annotations"]),
+            (
+                json!({"io.husk.extra-vcpus": "-1"}),
+                vec!["io.husk.extra-vcpus", "\"-1\"", "whole number"],
+            ),
+            (
+                json!({"io.husk.extra-memory-mib": "lots"}),
+                vec!["io.husk.extra-memory-mib", "lots"],
+            ),
+            (
+                json!({"io.husk.extra-vcpus": "8"}),
+                vec!["io.husk.extra-vcpus", "= 8", "max_vcpus = 4"],
+            ),
+            (
+                json!({"io.husk.extra-memory-mib": "4294967295"}),
+                vec!["io.husk.extra-memory-mib", "max_memory_mib = 1024"],
+            ),
+            (
+                json!({"io.husk.kernel-params": "init=/bin/sh"}),
+                vec!["io.husk.kernel-params", "not enabled", "enable_annotations"],
+            ),
         ] {
             let e = size_for(&c, &json!({"annotations": ann})).unwrap_err();
             for w in words {
@@ -705,7 +732,11 @@ mod tests {
         // The ctr grouping annotation is not a sizing one: allowed here.
         size_for(&off, &json!({"annotations": {"io.husk.sandbox-id": "x"}})).unwrap();
         // By default the bounds are the host's.
-        let host = size_for(&Config::default(), &json!({"annotations": {"io.husk.extra-memory-mib": "99999999"}})).unwrap_err();
+        let host = size_for(
+            &Config::default(),
+            &json!({"annotations": {"io.husk.extra-memory-mib": "99999999"}}),
+        )
+        .unwrap_err();
         assert!(host.contains("max_memory_mib"), "{host}");
     }
 }

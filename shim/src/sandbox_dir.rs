@@ -176,8 +176,14 @@ impl SandboxDir {
         mount(Some(&mounts), &shared, none, MsFlags::MS_BIND, none)
             .map_err(sys("bind-mounting mounts/ on", &shared))?;
         let ro = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
-        mount(none, &shared, none, ro | MsFlags::MS_NOSUID | MsFlags::MS_NODEV, none)
-            .map_err(sys("making read-only", &shared))?;
+        mount(
+            none,
+            &shared,
+            none,
+            ro | MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            none,
+        )
+        .map_err(sys("making read-only", &shared))?;
         mount(none, &shared, none, MsFlags::MS_SLAVE, none)
             .map_err(sys("making a slave mount of", &shared))?;
         mount(none, &shared, none, MsFlags::MS_SHARED, none)
@@ -341,7 +347,12 @@ mod tests {
         )
         .unwrap();
         // mounts/, shared/, the rootfs and its copy propagated into shared/.
-        assert_eq!(mounts_under(d.root()).len(), 4, "{:?}", mounts_under(d.root()));
+        assert_eq!(
+            mounts_under(d.root()).len(),
+            4,
+            "{:?}",
+            mounts_under(d.root())
+        );
         let me = std::process::id();
         d.write_pids(&[me]).unwrap();
         assert_eq!(
@@ -377,7 +388,14 @@ mod tests {
         }
         let point = d.create_container("c1").unwrap();
         let rootfs = host_fs::proc_fd_path(&point);
-        mount(Some("tmpfs"), &rootfs, Some("tmpfs"), MsFlags::empty(), None::<&str>).unwrap();
+        mount(
+            Some("tmpfs"),
+            &rootfs,
+            Some("tmpfs"),
+            MsFlags::empty(),
+            None::<&str>,
+        )
+        .unwrap();
         std::fs::write(shared.join("c1/rootfs/file"), "guest data").unwrap();
         assert_eq!(
             std::fs::read_to_string(d.rootfs("c1").join("file")).unwrap(),

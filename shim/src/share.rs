@@ -217,10 +217,16 @@ pub fn bind_plan(cid: &str, spec: &Value) -> Result<Vec<Bind>, ShareError> {
             }
         };
         if !source.starts_with('/') {
-            return Err(fail(shown(source), "the source must be an absolute host path"));
+            return Err(fail(
+                shown(source),
+                "the source must be an absolute host path",
+            ));
         }
         if source.contains('\0') {
-            return Err(fail(shown(source), "contains a NUL byte, which no host path holds"));
+            return Err(fail(
+                shown(source),
+                "contains a NUL byte, which no host path holds",
+            ));
         }
         plan.push(Bind {
             index,
@@ -326,7 +332,11 @@ pub fn read_spec(bundle: &Path, cid: &str) -> Result<Value, ShareError> {
 /// nested past the parser's 128 levels is refused there, naming the field).
 pub fn parse_spec(text: &[u8], cid: &str) -> Result<Value, ShareError> {
     let fail = |field: String, e: &serde_json::Error| {
-        let mut field = if field == "." { "the document".to_string() } else { field };
+        let mut field = if field == "." {
+            "the document".to_string()
+        } else {
+            field
+        };
         if let Some((cut, _)) = field.char_indices().nth(160) {
             field.truncate(cut);
             field.push('…');
@@ -436,24 +446,68 @@ mod tests {
         let e = bind_plan("c1", &json!({"mounts": [{"destination": "/p", "type": "proc"}, {"destination": "/x", "type": "bind", "source": "rel/dir"}]}))
             .unwrap_err()
             .to_string();
-        assert!(e.starts_with("c1: mounts[1].source = \"rel/dir\": the source must be an absolute host path"), "{e}");
-        let e = bind_plan("c1", &json!({"mounts": [{"destination": "/x", "options": ["rbind"]}]})).unwrap_err().to_string();
+        assert!(
+            e.starts_with(
+                "c1: mounts[1].source = \"rel/dir\": the source must be an absolute host path"
+            ),
+            "{e}"
+        );
+        let e = bind_plan(
+            "c1",
+            &json!({"mounts": [{"destination": "/x", "options": ["rbind"]}]}),
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.starts_with("c1: mounts[0].source = (missing)"), "{e}");
-        let e = bind_plan("c1", &json!({"mounts": [{"destination": "/x", "type": "bind", "source": 7}]})).unwrap_err().to_string();
+        let e = bind_plan(
+            "c1",
+            &json!({"mounts": [{"destination": "/x", "type": "bind", "source": 7}]}),
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("mounts[0].source = \"7\": not a string"), "{e}");
-        assert_eq!(bind_plan("c1", &json!({"mounts": [{"destination": "/x", "type": "bind", "source": "/v"}]})).unwrap(), vec![Bind { index: 0, source: "/v".into() }]);
-        let deep = format!(r#"{{"linux":{{"x":{}1{}}}}}"#, "[".repeat(200), "]".repeat(200));
+        assert_eq!(
+            bind_plan(
+                "c1",
+                &json!({"mounts": [{"destination": "/x", "type": "bind", "source": "/v"}]})
+            )
+            .unwrap(),
+            vec![Bind {
+                index: 0,
+                source: "/v".into()
+            }]
+        );
+        let deep = format!(
+            r#"{{"linux":{{"x":{}1{}}}}}"#,
+            "[".repeat(200),
+            "]".repeat(200)
+        );
         let e = parse_spec(deep.as_bytes(), "c1").unwrap_err().to_string();
-        assert!(e.starts_with("c1: config.json: linux.x[0][0]") && e.contains("recursion limit"), "{e}");
+        assert!(
+            e.starts_with("c1: config.json: linux.x[0][0]") && e.contains("recursion limit"),
+            "{e}"
+        );
         let e = parse_spec(b"{} x", "c1").unwrap_err().to_string();
-        assert!(e.starts_with("c1: config.json: the document: not valid JSON"), "{e}");
+        assert!(
+            e.starts_with("c1: config.json: the document: not valid JSON"),
+            "{e}"
+        );
         let big = "v".repeat(1 << 20);
         let hostile = json!({"annotations": {"io.kubernetes.cri.container-type": "sandbox", "io.husk.sandbox-id": big}});
         let e = sandbox_of(&hostile).unwrap_err().to_string();
-        assert!(e.len() < 500 && e.contains("1048576 bytes"), "{} bytes", e.len());
+        assert!(
+            e.len() < 500 && e.contains("1048576 bytes"),
+            "{} bytes",
+            e.len()
+        );
         for bad in ["..", "a/b", "x\0y"] {
-            let e = sandbox_of(&json!({"annotations": {"io.husk.sandbox-id": bad}})).unwrap_err().to_string();
-            assert!(e.starts_with("annotation io.husk.sandbox-id = ") && e.contains("sandbox id"), "{e}");
+            let e = sandbox_of(&json!({"annotations": {"io.husk.sandbox-id": bad}}))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.starts_with("annotation io.husk.sandbox-id = ") && e.contains("sandbox id"),
+                "{e}"
+            );
         }
     }
 

@@ -179,7 +179,9 @@ pub fn serve(flags: &Flags) -> Result<(), ShimError> {
     };
     // The log level of the default configuration (HUSK_CONFIG or /etc/husk/config.toml): a
     // per-runtime config path only arrives with the first Create, after logging has started.
-    let level = Config::load(None).map(|c| c.log_level).unwrap_or_else(|_| "info".into());
+    let level = Config::load(None)
+        .map(|c| c.log_level)
+        .unwrap_or_else(|_| "info".into());
     containerd_shim::logger::init(flags.debug, &level, &flags.namespace, &flags.id)?;
     let ttrpc_address = std::env::var("TTRPC_ADDRESS").map_err(|_| {
         ShimError::Other("TTRPC_ADDRESS is not set: the shim must be started by containerd".into())

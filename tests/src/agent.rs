@@ -13,9 +13,11 @@ use serde_json::{json, Value};
 
 /// The static agent (`HUSK_AGENT`, else the guest build's output).
 pub fn agent_binary() -> PathBuf {
-    let p = std::env::var_os("HUSK_AGENT").map(PathBuf::from).unwrap_or_else(|| {
-        crate::workspace().join("target/x86_64-unknown-linux-gnu/guest/husk-agent")
-    });
+    let p = std::env::var_os("HUSK_AGENT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            crate::workspace().join("target/x86_64-unknown-linux-gnu/guest/husk-agent")
+        });
     assert!(
         p.is_file(),
         "{}: missing — build it with CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS=\"-C target-feature=+crt-static\" cargo build -p husk-agent --profile guest --target x86_64-unknown-linux-gnu (or point HUSK_AGENT at one)",
@@ -31,8 +33,31 @@ pub fn busybox() -> PathBuf {
 
 /// Applets linked in the test rootfs.
 const APPLETS: [&str; 25] = [
-    "sh", "cat", "echo", "true", "false", "sleep", "id", "hostname", "head", "dd", "wc", "ls", "mkdir", "touch",
-    "kill", "grep", "stty", "tr", "readlink", "ps", "sha256sum", "yes", "tail", "usleep", "cut",
+    "sh",
+    "cat",
+    "echo",
+    "true",
+    "false",
+    "sleep",
+    "id",
+    "hostname",
+    "head",
+    "dd",
+    "wc",
+    "ls",
+    "mkdir",
+    "touch",
+    "kill",
+    "grep",
+    "stty",
+    "tr",
+    "readlink",
+    "ps",
+    "sha256sum",
+    "yes",
+    "tail",
+    "usleep",
+    "cut",
 ];
 
 /// Makes `<shared>/<id>/rootfs` a busybox root (bin/, proc/, dev/, sys/, tmp/, etc/).
@@ -118,7 +143,9 @@ impl Agent {
         loop {
             match std::os::unix::net::UnixStream::connect(sock) {
                 Ok(s) => return Self::from_fd(s.into_raw_fd()),
-                Err(e) if Instant::now() >= deadline => panic!("connecting to the agent at {}: {e}", sock.display()),
+                Err(e) if Instant::now() >= deadline => {
+                    panic!("connecting to the agent at {}: {e}", sock.display())
+                }
                 Err(_) => std::thread::sleep(Duration::from_millis(10)),
             }
         }
@@ -126,8 +153,9 @@ impl Agent {
 
     /// Over the VM's hybrid-vsock socket, port 1024.
     pub fn connect_vsock(sock: &Path, timeout: Duration) -> Self {
-        let s = husk_hypervisor::vsock::connect_retry(sock, husk_protocols::AGENT_VSOCK_PORT, timeout)
-            .unwrap_or_else(|e| panic!("reaching the agent: {e}"));
+        let s =
+            husk_hypervisor::vsock::connect_retry(sock, husk_protocols::AGENT_VSOCK_PORT, timeout)
+                .unwrap_or_else(|e| panic!("reaching the agent: {e}"));
         Self::from_fd(s.into_raw_fd())
     }
 
@@ -138,7 +166,15 @@ impl Agent {
     }
 
     pub fn check(&self) -> CheckResponse {
-        self.client.check(ctx(), &CheckRequest { api_version: husk_protocols::API_VERSION, ..Default::default() }).expect("Check")
+        self.client
+            .check(
+                ctx(),
+                &CheckRequest {
+                    api_version: husk_protocols::API_VERSION,
+                    ..Default::default()
+                },
+            )
+            .expect("Check")
     }
 
     pub fn create(&self, id: &str, spec: &Value, terminal: bool) -> ttrpc::Result<Empty> {
@@ -156,13 +192,23 @@ impl Agent {
     pub fn create_raw(&self, id: &str, json: &[u8]) -> ttrpc::Result<Empty> {
         self.client.create_container(
             ctx(),
-            &CreateContainerRequest { container_id: id.into(), oci_spec_json: json.to_vec(), ..Default::default() },
+            &CreateContainerRequest {
+                container_id: id.into(),
+                oci_spec_json: json.to_vec(),
+                ..Default::default()
+            },
         )
     }
 
     pub fn start(&self, id: &str) -> u32 {
         self.client
-            .start_container(ctx(), &ContainerRef { container_id: id.into(), ..Default::default() })
+            .start_container(
+                ctx(),
+                &ContainerRef {
+                    container_id: id.into(),
+                    ..Default::default()
+                },
+            )
             .unwrap_or_else(|e| panic!("StartContainer {id}: {e:?}"))
             .pid
     }
@@ -181,7 +227,14 @@ impl Agent {
 
     pub fn wait(&self, id: &str, exec_id: &str) -> WaitProcessResponse {
         self.client
-            .wait_process(ctx(), &ProcessRef { container_id: id.into(), exec_id: exec_id.into(), ..Default::default() })
+            .wait_process(
+                ctx(),
+                &ProcessRef {
+                    container_id: id.into(),
+                    exec_id: exec_id.into(),
+                    ..Default::default()
+                },
+            )
             .unwrap_or_else(|e| panic!("WaitProcess {id}/{exec_id}: {e:?}"))
     }
 
@@ -189,16 +242,29 @@ impl Agent {
         self.client
             .signal_process(
                 ctx(),
-                &SignalProcessRequest { container_id: id.into(), exec_id: exec_id.into(), signal: u32::try_from(sig).expect("signal numbers are positive"), ..Default::default() },
+                &SignalProcessRequest {
+                    container_id: id.into(),
+                    exec_id: exec_id.into(),
+                    signal: u32::try_from(sig).expect("signal numbers are positive"),
+                    ..Default::default()
+                },
             )
             .unwrap_or_else(|e| panic!("SignalProcess {id}/{exec_id}: {e:?}"));
     }
 
     /// One chunk (or `None` at EOF).
     pub fn read(&self, id: &str, exec_id: &str, stderr: bool) -> Option<Vec<u8>> {
-        let req = ReadStreamRequest { container_id: id.into(), exec_id: exec_id.into(), ..Default::default() };
-        let r = if stderr { self.client.read_stderr(ctx(), &req) } else { self.client.read_stdout(ctx(), &req) }
-            .unwrap_or_else(|e| panic!("Read {id}/{exec_id}: {e:?}"));
+        let req = ReadStreamRequest {
+            container_id: id.into(),
+            exec_id: exec_id.into(),
+            ..Default::default()
+        };
+        let r = if stderr {
+            self.client.read_stderr(ctx(), &req)
+        } else {
+            self.client.read_stdout(ctx(), &req)
+        }
+        .unwrap_or_else(|e| panic!("Read {id}/{exec_id}: {e:?}"));
         (!r.eof).then_some(r.data)
     }
 
@@ -215,10 +281,17 @@ impl Agent {
         let deadline = Instant::now() + timeout;
         let mut seen = Vec::new();
         while !String::from_utf8_lossy(&seen).contains(want) {
-            assert!(Instant::now() < deadline, "no {want:?} from {id}/{exec_id}; saw {:?}", String::from_utf8_lossy(&seen));
+            assert!(
+                Instant::now() < deadline,
+                "no {want:?} from {id}/{exec_id}; saw {:?}",
+                String::from_utf8_lossy(&seen)
+            );
             match self.read(id, exec_id, false) {
                 Some(c) => seen.extend(c),
-                None => panic!("{id}/{exec_id}: output ended before {want:?}; saw {:?}", String::from_utf8_lossy(&seen)),
+                None => panic!(
+                    "{id}/{exec_id}: output ended before {want:?}; saw {:?}",
+                    String::from_utf8_lossy(&seen)
+                ),
             }
         }
         String::from_utf8_lossy(&seen).into_owned()
@@ -226,18 +299,40 @@ impl Agent {
 
     pub fn write_stdin(&self, id: &str, exec_id: &str, data: &[u8]) {
         self.client
-            .write_stdin(ctx(), &WriteStdinRequest { container_id: id.into(), exec_id: exec_id.into(), data: data.to_vec(), ..Default::default() })
+            .write_stdin(
+                ctx(),
+                &WriteStdinRequest {
+                    container_id: id.into(),
+                    exec_id: exec_id.into(),
+                    data: data.to_vec(),
+                    ..Default::default()
+                },
+            )
             .unwrap_or_else(|e| panic!("WriteStdin {id}/{exec_id}: {e:?}"));
     }
 
     pub fn close_stdin(&self, id: &str, exec_id: &str) {
         self.client
-            .close_stdin(ctx(), &ProcessRef { container_id: id.into(), exec_id: exec_id.into(), ..Default::default() })
+            .close_stdin(
+                ctx(),
+                &ProcessRef {
+                    container_id: id.into(),
+                    exec_id: exec_id.into(),
+                    ..Default::default()
+                },
+            )
             .unwrap_or_else(|e| panic!("CloseStdin {id}/{exec_id}: {e:?}"));
     }
 
     pub fn remove(&self, id: &str, force: bool) -> ttrpc::Result<Empty> {
-        self.client.remove_container(ctx(), &RemoveContainerRequest { container_id: id.into(), force, ..Default::default() })
+        self.client.remove_container(
+            ctx(),
+            &RemoveContainerRequest {
+                container_id: id.into(),
+                force,
+                ..Default::default()
+            },
+        )
     }
 
     /// Starts the (already created) container, collects stdout and stderr to EOF on two
@@ -254,15 +349,21 @@ impl Agent {
             let stdout = self.read_all(id, exec_id, false);
             let stderr = err.join().unwrap();
             let status = self.wait(id, exec_id).exit_status;
-            Output { status, stdout, stderr }
+            Output {
+                status,
+                stdout,
+                stderr,
+            }
         })
     }
 
     /// Create + start + collect + remove.
     pub fn run(&self, id: &str, spec: &Value) -> Output {
-        self.create(id, spec, false).unwrap_or_else(|e| panic!("CreateContainer {id}: {e:?}"));
+        self.create(id, spec, false)
+            .unwrap_or_else(|e| panic!("CreateContainer {id}: {e:?}"));
         let out = self.run_created(id);
-        self.remove(id, false).unwrap_or_else(|e| panic!("RemoveContainer {id}: {e:?}"));
+        self.remove(id, false)
+            .unwrap_or_else(|e| panic!("RemoveContainer {id}: {e:?}"));
         out
     }
 }

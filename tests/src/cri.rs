@@ -282,6 +282,8 @@ pub const CRI_CALL_DEADLINE: std::time::Duration = std::time::Duration::from_sec
 
 fn tail(s: &str, n: usize) -> &str {
     let start = s.len().saturating_sub(n);
-    let start = (start..s.len()).find(|i| s.is_char_boundary(*i)).unwrap_or(s.len());
+    let start = (start..s.len())
+        .find(|i| s.is_char_boundary(*i))
+        .unwrap_or(s.len());
     &s[start..]
 }

@@ -45,12 +45,21 @@ impl Guest {
             jail: None,
         };
         let t0 = std::time::Instant::now();
-        let mut vm = Qemu::new(accel).expect("qemu backend").start(&cfg).expect("starting the VM");
+        let mut vm = Qemu::new(accel)
+            .expect("qemu backend")
+            .start(&cfg)
+            .expect("starting the VM");
         let ready = wait_for_ready(vm.as_mut(), BOOT_TIMEOUT).expect("agent ready line");
         let boot = t0.elapsed();
         let sock = vm.vsock_socket().expect("vsock socket").to_path_buf();
         let agent = Agent::connect_vsock(&sock, Duration::from_secs(30));
-        Self { vm, agent, ready, boot, dir }
+        Self {
+            vm,
+            agent,
+            ready,
+            boot,
+            dir,
+        }
     }
 
     pub fn shared(&self) -> PathBuf {

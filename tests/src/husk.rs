@@ -206,7 +206,11 @@ pub fn jail_id_of(id: &str) -> Option<u32> {
 /// Runs `containerd-shim-husk-v2 console <sid>` (the debug console: a root shell in the
 /// guest) with `input` on its stdin (not a terminal), killing it (by PID) if it has not ended
 /// within `deadline`.
-pub fn debug_console(sid: &str, input: &[u8], deadline: std::time::Duration) -> std::process::Output {
+pub fn debug_console(
+    sid: &str,
+    input: &[u8],
+    deadline: std::time::Duration,
+) -> std::process::Output {
     use std::io::{Read, Write};
     use std::process::{Command, Stdio};
     let mut child = Command::new(shim_binary())

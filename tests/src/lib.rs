@@ -5,15 +5,15 @@
 //! with a message naming it and the fix, never a silent pass: `cargo xtask test` installs and
 //! builds everything first.
 
+pub mod agent;
 pub mod cni;
 pub mod containerd;
-pub mod procs;
-pub mod agent;
+#[cfg(feature = "cri")]
+pub mod cri;
 pub mod guest;
 pub mod husk;
 pub mod leaks;
-#[cfg(feature = "cri")]
-pub mod cri;
+pub mod procs;
 
 use std::path::{Path, PathBuf};
 

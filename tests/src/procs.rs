@@ -16,7 +16,8 @@ pub fn children_named(comm_prefix: &str) -> Vec<u32> {
             continue;
         };
         // pid (comm) state ppid ...
-        let Some((comm, rest)) = stat.split_once(" (").and_then(|(_, r)| r.rsplit_once(") ")) else {
+        let Some((comm, rest)) = stat.split_once(" (").and_then(|(_, r)| r.rsplit_once(") "))
+        else {
             continue;
         };
         let mut f = rest.split_whitespace();

@@ -76,12 +76,23 @@ impl Drop for HostAgent {
 fn destroy_sandbox_kills_what_runs_and_ends_the_agent() {
     let mut h = HostAgent::start();
     h.rootfs("left");
-    h.agent.create("left", &spec(&["sleep", "1000"]), false).unwrap();
+    h.agent
+        .create("left", &spec(&["sleep", "1000"]), false)
+        .unwrap();
     let pid = h.agent.start("left");
-    h.agent.client.destroy_sandbox(husk_protocols::ttrpc::context::with_timeout(10_000_000_000), &husk_protocols::agent::DestroySandboxRequest::new()).unwrap();
+    h.agent
+        .client
+        .destroy_sandbox(
+            husk_protocols::ttrpc::context::with_timeout(10_000_000_000),
+            &husk_protocols::agent::DestroySandboxRequest::new(),
+        )
+        .unwrap();
     let status = h.child.wait().unwrap();
     assert!(status.success(), "{status}");
-    assert!(!husk_tests::process_alive(pid), "container init {pid} outlived DestroySandbox");
+    assert!(
+        !husk_tests::process_alive(pid),
+        "container init {pid} outlived DestroySandbox"
+    );
 }
 
 fn sh(script: &str) -> serde_json::Value {
@@ -96,7 +107,11 @@ fn id_hostname_env_and_cwd() {
     s["process"]["cwd"] = json!("/tmp");
     let out = h.run("c1", &s);
     assert_eq!(out.status, 0, "{out:?}");
-    assert_eq!(out.stdout_str(), "uid=0(root) gid=0(root)\nhusk-test\nbar baz\n/tmp\n", "{out:?}");
+    assert_eq!(
+        out.stdout_str(),
+        "uid=0(root) gid=0(root)\nhusk-test\nbar baz\n/tmp\n",
+        "{out:?}"
+    );
 }
 
 #[test]
@@ -110,7 +125,10 @@ fn user_and_additional_groups() {
     assert_eq!(lines[0], "1000");
     assert_eq!(lines[1], "1001");
     let groups: Vec<&str> = lines[2].split_whitespace().collect();
-    assert!(groups.contains(&"10") && groups.contains(&"20"), "{lines:?}");
+    assert!(
+        groups.contains(&"10") && groups.contains(&"20"),
+        "{lines:?}"
+    );
 }
 
 #[test]
@@ -121,10 +139,16 @@ fn capabilities_and_no_new_privileges() {
     let out = h.run("caps", &s);
     assert_eq!(out.status, 0, "{out:?}");
     // CHOWN(0) KILL(5) SETGID(6) SETUID(7) NET_BIND_SERVICE(10)
-    let want = format!("{:016x}", (1u64 << 0) | (1 << 5) | (1 << 6) | (1 << 7) | (1 << 10));
+    let want = format!(
+        "{:016x}",
+        (1u64 << 0) | (1 << 5) | (1 << 6) | (1 << 7) | (1 << 10)
+    );
     let text = out.stdout_str();
     for key in ["CapEff", "CapPrm", "CapBnd"] {
-        assert!(text.contains(&format!("{key}:\t{want}")), "{key} should be {want}:\n{text}");
+        assert!(
+            text.contains(&format!("{key}:\t{want}")),
+            "{key} should be {want}:\n{text}"
+        );
     }
     assert!(text.contains("NoNewPrivs:\t1"), "{text}");
 
@@ -144,7 +168,10 @@ fn seccomp_rule_gives_eperm() {
     });
     let out = h.run("sc1", &s);
     assert_eq!(out.stdout_str(), "mkdir=1\ntouch=0\n", "{out:?}");
-    assert!(String::from_utf8_lossy(&out.stderr).contains("Operation not permitted"), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Operation not permitted"),
+        "{out:?}"
+    );
     assert!(!h.shared().join("sc1/rootfs/tmp/denied").exists());
 }
 
@@ -164,10 +191,22 @@ fn readonly_root_masked_and_readonly_paths() {
     s["root"]["readonly"] = json!(true);
     let out = h.run("ro", &s);
     let text = out.stdout_str();
-    assert!(text.contains("Read-only file system") && text.contains("touch=1"), "{out:?}");
-    assert!(text.contains("\n0\n"), "/proc/timer_list must read empty (masked): {out:?}");
-    assert!(text.contains("sysctl=1"), "/proc/sys must be read-only: {out:?}");
-    assert!(String::from_utf8_lossy(&out.stderr).contains("Read-only file system"), "{out:?}");
+    assert!(
+        text.contains("Read-only file system") && text.contains("touch=1"),
+        "{out:?}"
+    );
+    assert!(
+        text.contains("\n0\n"),
+        "/proc/timer_list must read empty (masked): {out:?}"
+    );
+    assert!(
+        text.contains("sysctl=1"),
+        "/proc/sys must be read-only: {out:?}"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Read-only file system"),
+        "{out:?}"
+    );
     assert!(!h.shared().join("ro/rootfs/x").exists());
 }
 
@@ -176,7 +215,11 @@ fn default_devices_and_mounts() {
     let h = HostAgent::start();
     let s = sh("for d in null zero full random urandom tty; do test -c /dev/$d && echo $d; done; readlink /dev/ptmx; head -c 4 /dev/zero | wc -c; grep -c ' /dev/mqueue ' /proc/self/mountinfo");
     let out = h.run("dev", &s);
-    assert_eq!(out.stdout_str(), "null\nzero\nfull\nrandom\nurandom\ntty\npts/ptmx\n4\n1\n", "{out:?}");
+    assert_eq!(
+        out.stdout_str(),
+        "null\nzero\nfull\nrandom\nurandom\ntty\npts/ptmx\n4\n1\n",
+        "{out:?}"
+    );
 }
 
 #[test]
@@ -189,29 +232,54 @@ fn terminals_come_from_the_containers_own_devpts() {
     h.agent.create("tty", &s, false).unwrap();
     h.agent.start("tty");
     // The tty echoes the typed line: each marker is computed so only the output matches.
-    h.agent.write_stdin("tty", "", b"echo TTY=$(tty) PTS=$(ls /dev/pts) SIZE=$(stty size); test -t 0 && echo T-$((6*7))\n");
-    let seen = h.agent.read_until("tty", "", "T-42\r\n", Duration::from_secs(30));
-    assert!(seen.contains("TTY=/dev/pts/0 PTS=0 ptmx SIZE=24 77\r\n"), "{seen:?}");
+    h.agent.write_stdin(
+        "tty",
+        "",
+        b"echo TTY=$(tty) PTS=$(ls /dev/pts) SIZE=$(stty size); test -t 0 && echo T-$((6*7))\n",
+    );
+    let seen = h
+        .agent
+        .read_until("tty", "", "T-42\r\n", Duration::from_secs(30));
+    assert!(
+        seen.contains("TTY=/dev/pts/0 PTS=0 ptmx SIZE=24 77\r\n"),
+        "{seen:?}"
+    );
     h.agent
         .client
         .tty_win_resize(
             husk_protocols::ttrpc::context::with_timeout(10_000_000_000),
-            &husk_protocols::agent::TtyWinResizeRequest { container_id: "tty".into(), rows: 41, columns: 101, ..Default::default() },
+            &husk_protocols::agent::TtyWinResizeRequest {
+                container_id: "tty".into(),
+                rows: 41,
+                columns: 101,
+                ..Default::default()
+            },
         )
         .unwrap();
-    h.agent.write_stdin("tty", "", b"echo SIZE=$(stty size)-$((1+1))\n");
-    let seen = h.agent.read_until("tty", "", "-2\r\n", Duration::from_secs(30));
+    h.agent
+        .write_stdin("tty", "", b"echo SIZE=$(stty size)-$((1+1))\n");
+    let seen = h
+        .agent
+        .read_until("tty", "", "-2\r\n", Duration::from_secs(30));
     assert!(seen.contains("SIZE=41 101-2\r\n"), "{seen:?}");
     // An exec's terminal: the next pty of the same devpts, of the exec's own size.
     let p = json!({ "terminal": true, "consoleSize": { "height": 30, "width": 90 }, "user": {"uid": 0, "gid": 0}, "args": ["sh", "-c", "test -t 0 && echo $(tty) $(ls /dev/pts) $(stty size)"], "env": ["PATH=/bin"], "cwd": "/" });
     h.agent.exec("tty", "t2", &p).unwrap();
     let out = h.agent.collect("tty", "t2");
-    assert_eq!((out.status, out.stdout_str().as_str()), (0, "/dev/pts/1 0 1 ptmx 30 90\r\n"), "{out:?}");
+    assert_eq!(
+        (out.status, out.stdout_str().as_str()),
+        (0, "/dev/pts/1 0 1 ptmx 30 90\r\n"),
+        "{out:?}"
+    );
     // A process that is not root owns its terminal, so it can reopen it (as under runc).
     let p3 = json!({ "terminal": true, "user": {"uid": 1000, "gid": 1000}, "args": ["sh", "-c", "echo via-$((2+3)) > /dev/stdout"], "env": ["PATH=/bin"], "cwd": "/" });
     h.agent.exec("tty", "t3", &p3).unwrap();
     let out = h.agent.collect("tty", "t3");
-    assert_eq!((out.status, out.stdout_str().as_str()), (0, "via-5\r\n"), "{out:?}");
+    assert_eq!(
+        (out.status, out.stdout_str().as_str()),
+        (0, "via-5\r\n"),
+        "{out:?}"
+    );
     // ^D ends the shell; its pty then reads to the end (EIO is EOF).
     h.agent.close_stdin("tty", "");
     assert_eq!(h.agent.wait("tty", "").exit_status, 0);
@@ -221,17 +289,26 @@ fn terminals_come_from_the_containers_own_devpts() {
     // No devpts in the container: no terminal, and the error says where it failed.
     h.rootfs("nopty");
     let mut s = spec(&["sleep", "1000"]);
-    s["mounts"].as_array_mut().unwrap().retain(|m| m["type"] != "devpts");
+    s["mounts"]
+        .as_array_mut()
+        .unwrap()
+        .retain(|m| m["type"] != "devpts");
     s["process"]["terminal"] = json!(true);
     let (code, msg) = status_of(h.agent.create("nopty", &s, false));
     assert_eq!(code, Code::INTERNAL);
-    assert!(msg.starts_with("nopty: opening the container's /dev/ptmx for its terminal: "), "{msg}");
+    assert!(
+        msg.starts_with("nopty: opening the container's /dev/ptmx for its terminal: "),
+        "{msg}"
+    );
     s["process"]["terminal"] = json!(false);
     h.agent.create("nopty", &s, false).unwrap();
     h.agent.start("nopty");
     let (code, msg) = status_of(h.agent.exec("nopty", "t", &p));
     assert_eq!(code, Code::INTERNAL);
-    assert!(msg.starts_with("nopty: exec t: opening the container's /dev/ptmx for its terminal: "), "{msg}");
+    assert!(
+        msg.starts_with("nopty: exec t: opening the container's /dev/ptmx for its terminal: "),
+        "{msg}"
+    );
     h.agent.remove("nopty", true).unwrap();
 }
 
@@ -242,20 +319,36 @@ fn containers_get_a_cgroup_namespace_by_default() {
     let out = h.run("cgns", &sh("grep -c . /proc/self/cgroup; grep -v ':/$' /proc/self/cgroup; readlink /proc/self/ns/cgroup"));
     let text = out.stdout_str();
     let lines: Vec<&str> = text.lines().collect();
-    assert!(lines.len() == 2 && lines[0].parse::<u32>().unwrap() > 0, "{out:?}");
-    assert_ne!(Some(std::fs::read_link("/proc/self/ns/cgroup").unwrap()), lines.get(1).map(std::path::PathBuf::from), "{out:?}");
+    assert!(
+        lines.len() == 2 && lines[0].parse::<u32>().unwrap() > 0,
+        "{out:?}"
+    );
+    assert_ne!(
+        Some(std::fs::read_link("/proc/self/ns/cgroup").unwrap()),
+        lines.get(1).map(std::path::PathBuf::from),
+        "{out:?}"
+    );
 }
 
 #[test]
 fn stdin_reaches_the_process_and_eof_ends_it_with_its_exit_code() {
     let h = HostAgent::start();
     h.rootfs("io");
-    h.agent.create("io", &sh("cat; echo done >&2; exit 3"), false).unwrap();
+    h.agent
+        .create("io", &sh("cat; echo done >&2; exit 3"), false)
+        .unwrap();
     h.agent.start("io");
     h.agent.write_stdin("io", "", b"hello\nworld");
     h.agent.close_stdin("io", "");
     let out = h.agent.collect("io", "");
-    assert_eq!(out, husk_tests::agent::Output { status: 3, stdout: b"hello\nworld".to_vec(), stderr: b"done\n".to_vec() });
+    assert_eq!(
+        out,
+        husk_tests::agent::Output {
+            status: 3,
+            stdout: b"hello\nworld".to_vec(),
+            stderr: b"done\n".to_vec()
+        }
+    );
     h.agent.remove("io", false).unwrap();
 }
 
@@ -263,7 +356,9 @@ fn stdin_reaches_the_process_and_eof_ends_it_with_its_exit_code() {
 fn exec_and_signals() {
     let h = HostAgent::start();
     h.rootfs("ex");
-    h.agent.create("ex", &spec(&["sleep", "1000"]), false).unwrap();
+    h.agent
+        .create("ex", &spec(&["sleep", "1000"]), false)
+        .unwrap();
     let pid = h.agent.start("ex");
     assert!(Path::new(&format!("/proc/{pid}")).exists());
     h.agent.exec("ex", "e1", &json!({ "user": {"uid": 0, "gid": 0}, "args": ["sh", "-c", "echo $$; hostname; exit 7"], "env": ["PATH=/bin"], "cwd": "/" })).unwrap();
@@ -273,27 +368,44 @@ fn exec_and_signals() {
     let text = out.stdout_str();
     let mut lines = text.lines();
     let inner_pid: u32 = lines.next().unwrap().parse().unwrap();
-    assert!(inner_pid > 1 && inner_pid < 100, "exec's PID in the container: {inner_pid}");
+    assert!(
+        inner_pid > 1 && inner_pid < 100,
+        "exec's PID in the container: {inner_pid}"
+    );
     assert_eq!(lines.next(), Some("husk-test"));
     // A running container refuses a plain remove.
     let (code, msg) = status_of(h.agent.remove("ex", false));
     assert_eq!(code, Code::FAILED_PRECONDITION);
-    assert!(msg.starts_with("ex: ") && msg.contains("still running"), "{msg}");
+    assert!(
+        msg.starts_with("ex: ") && msg.contains("still running"),
+        "{msg}"
+    );
     h.agent.signal("ex", "", 9);
     let w = h.agent.wait("ex", "");
     assert_eq!((w.exit_status, w.signal), (128 + 9, 9));
     h.agent.remove("ex", false).unwrap();
-    assert!(!Path::new(&format!("/proc/{pid}/status")).exists() || !std::fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap_or_default().contains("sleep"));
+    assert!(
+        !Path::new(&format!("/proc/{pid}/status")).exists()
+            || !std::fs::read_to_string(format!("/proc/{pid}/cmdline"))
+                .unwrap_or_default()
+                .contains("sleep")
+    );
 }
 
 #[test]
 fn malformed_specs_are_refused_and_leave_nothing_behind() {
     let h = HostAgent::start();
     h.rootfs("bad");
-    let mounts_before = std::fs::read_to_string("/proc/self/mountinfo").unwrap().lines().count();
+    let mounts_before = std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .count();
     let (code, msg) = status_of(h.agent.create_raw("bad", b"{ not json"));
     assert_eq!(code, Code::INVALID_ARGUMENT);
-    assert!(msg.starts_with("bad: ") && msg.contains("not valid JSON"), "{msg}");
+    assert!(
+        msg.starts_with("bad: ") && msg.contains("not valid JSON"),
+        "{msg}"
+    );
 
     let mut s = spec(&["true"]);
     s.as_object_mut().unwrap().remove("root");
@@ -322,13 +434,22 @@ fn malformed_specs_are_refused_and_leave_nothing_behind() {
     s["mounts"] = json!([{ "destination": "/data", "type": "bind", "source": "/nonexistent/husk", "options": ["rbind"] }]);
     let (code, msg) = status_of(h.agent.create("bad", &s, false));
     assert_eq!(code, Code::INTERNAL);
-    assert!(msg.starts_with("bad: ") && msg.contains("/nonexistent/husk"), "{msg}");
+    assert!(
+        msg.starts_with("bad: ") && msg.contains("/nonexistent/husk"),
+        "{msg}"
+    );
 
     // None of these left a container: the id is free and a good spec runs.
     let out = h.agent.run("bad", &sh("echo ok"));
     assert_eq!(out.stdout_str(), "ok\n");
-    let mounts_after = std::fs::read_to_string("/proc/self/mountinfo").unwrap().lines().count();
-    assert_eq!(mounts_before, mounts_after, "mounts leaked into the host's namespace");
+    let mounts_after = std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .count();
+    assert_eq!(
+        mounts_before, mounts_after,
+        "mounts leaked into the host's namespace"
+    );
 }
 
 #[test]
@@ -343,7 +464,10 @@ fn sysctls_and_oom_score_adj() {
     s["process"]["oomScoreAdj"] = json!(500);
     let out = h.run("sys", &s);
     assert_eq!(out.stdout_str(), "12345\n500\n", "{out:?}");
-    assert_eq!(std::fs::read_to_string("/proc/sys/kernel/msgmax").unwrap(), host_msgmax);
+    assert_eq!(
+        std::fs::read_to_string("/proc/sys/kernel/msgmax").unwrap(),
+        host_msgmax
+    );
 }
 
 #[test]
@@ -362,9 +486,18 @@ fn bind_mounts_read_only_and_propagation() {
     assert!(text.starts_with("from the host\nw=1\n"), "{out:?}");
     assert_eq!(std::fs::read_to_string(data.join("g")).unwrap(), "y\n");
     let lines: Vec<&str> = text.lines().skip(2).collect();
-    let ro = lines.iter().find(|l| l.starts_with("/ro ")).expect("/ro in mountinfo");
-    let rw = lines.iter().find(|l| l.starts_with("/rw ")).expect("/rw in mountinfo");
-    assert!(ro.contains("ro,") && !ro.contains("master:") && !ro.contains("shared:"), "{ro}");
+    let ro = lines
+        .iter()
+        .find(|l| l.starts_with("/ro "))
+        .expect("/ro in mountinfo");
+    let rw = lines
+        .iter()
+        .find(|l| l.starts_with("/rw "))
+        .expect("/rw in mountinfo");
+    assert!(
+        ro.contains("ro,") && !ro.contains("master:") && !ro.contains("shared:"),
+        "{ro}"
+    );
     assert!(rw.contains("rw,"), "{rw}");
 }
 
@@ -386,7 +519,11 @@ fn namespace_paths_mean_the_sandboxs_namespaces() {
         .client
         .create_sandbox(
             husk_protocols::ttrpc::context::with_timeout(10_000_000_000),
-            &husk_protocols::agent::CreateSandboxRequest { sandbox_id: "pod".into(), hostname: "pod-host".into(), ..Default::default() },
+            &husk_protocols::agent::CreateSandboxRequest {
+                sandbox_id: "pod".into(),
+                hostname: "pod-host".into(),
+                ..Default::default()
+            },
         )
         .unwrap();
     let out = h.agent.run("cri", &s);
@@ -394,5 +531,9 @@ fn namespace_paths_mean_the_sandboxs_namespaces() {
     let mut lines = text.lines();
     assert_eq!(lines.next(), Some("pod-host"), "{out:?}");
     let host_ipc = std::fs::read_link("/proc/self/ns/ipc").unwrap();
-    assert_ne!(lines.next().map(std::path::PathBuf::from), Some(host_ipc), "the container must not be in the host's ipc namespace");
+    assert_ne!(
+        lines.next().map(std::path::PathBuf::from),
+        Some(host_ipc),
+        "the container must not be in the host's ipc namespace"
+    );
 }

@@ -37,7 +37,11 @@ impl NetnsAgent {
             .spawn()
             .expect("starting the agent in a new network namespace");
         let agent = Agent::connect_unix(&sock, Duration::from_secs(10));
-        Self { child, agent, _dir: dir }
+        Self {
+            child,
+            agent,
+            _dir: dir,
+        }
     }
 
     /// Runs `ip ARGS` in the agent's network namespace.
@@ -50,7 +54,11 @@ impl NetnsAgent {
             .args(args.split_whitespace())
             .output()
             .unwrap();
-        assert!(out.status.success(), "ip {args}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "ip {args}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 }
@@ -69,12 +77,26 @@ fn ctx() -> context::Context {
 #[test]
 fn interfaces_are_listed_configured_by_mac_and_routed() {
     let n = NetnsAgent::start();
-    let list = n.agent.client.list_interfaces(ctx(), &ListInterfacesRequest::new()).unwrap().interfaces;
-    assert_eq!(list.iter().map(|i| i.name.as_str()).collect::<Vec<_>>(), ["lo"], "{list:?}");
+    let list = n
+        .agent
+        .client
+        .list_interfaces(ctx(), &ListInterfacesRequest::new())
+        .unwrap()
+        .interfaces;
+    assert_eq!(
+        list.iter().map(|i| i.name.as_str()).collect::<Vec<_>>(),
+        ["lo"],
+        "{list:?}"
+    );
 
     n.ip("link add v0 type veth peer name v1");
     n.ip("link set v1 up");
-    let list = n.agent.client.list_interfaces(ctx(), &ListInterfacesRequest::new()).unwrap().interfaces;
+    let list = n
+        .agent
+        .client
+        .list_interfaces(ctx(), &ListInterfacesRequest::new())
+        .unwrap()
+        .interfaces;
     let v0 = list.iter().find(|i| i.name == "v0").expect("v0 listed");
     assert_eq!(v0.mac.len(), 17, "{v0:?}");
 
@@ -84,44 +106,134 @@ fn interfaces_are_listed_configured_by_mac_and_routed() {
         mtu: 1400,
         up: true,
         addresses: vec![
-            IpAddress { address: "10.9.0.2".into(), prefix_len: 24, ..Default::default() },
-            IpAddress { address: "fd00:9::2".into(), prefix_len: 64, ..Default::default() },
+            IpAddress {
+                address: "10.9.0.2".into(),
+                prefix_len: 24,
+                ..Default::default()
+            },
+            IpAddress {
+                address: "fd00:9::2".into(),
+                prefix_len: 64,
+                ..Default::default()
+            },
         ],
         ..Default::default()
     };
     let got = n
         .agent
         .client
-        .update_interface(ctx(), &UpdateInterfaceRequest { interface: Some(want).into(), ..Default::default() })
+        .update_interface(
+            ctx(),
+            &UpdateInterfaceRequest {
+                interface: Some(want).into(),
+                ..Default::default()
+            },
+        )
         .unwrap();
-    assert_eq!((got.name.as_str(), got.mtu, got.up), ("eth0", 1400, true), "{got:?}");
-    assert!(got.addresses.iter().any(|a| a.address == "10.9.0.2" && a.prefix_len == 24), "{got:?}");
+    assert_eq!(
+        (got.name.as_str(), got.mtu, got.up),
+        ("eth0", 1400, true),
+        "{got:?}"
+    );
+    assert!(
+        got.addresses
+            .iter()
+            .any(|a| a.address == "10.9.0.2" && a.prefix_len == 24),
+        "{got:?}"
+    );
     let link = n.ip("-o addr show dev eth0");
-    assert!(link.contains("inet 10.9.0.2/24") && link.contains("inet6 fd00:9::2/64"), "{link}");
+    assert!(
+        link.contains("inet 10.9.0.2/24") && link.contains("inet6 fd00:9::2/64"),
+        "{link}"
+    );
     assert!(n.ip("-o link show dev eth0").contains("mtu 1400"));
 
     let routes = vec![
-        Route { destination: "0.0.0.0/0".into(), gateway: "10.9.0.1".into(), device: "eth0".into(), ..Default::default() },
-        Route { destination: "10.10.0.0/16".into(), device: "eth0".into(), ..Default::default() },
+        Route {
+            destination: "0.0.0.0/0".into(),
+            gateway: "10.9.0.1".into(),
+            device: "eth0".into(),
+            ..Default::default()
+        },
+        Route {
+            destination: "10.10.0.0/16".into(),
+            device: "eth0".into(),
+            ..Default::default()
+        },
     ];
-    let got = n.agent.client.update_routes(ctx(), &UpdateRoutesRequest { routes, ..Default::default() }).unwrap().routes;
-    assert!(got.iter().any(|r| r.destination == "0.0.0.0/0" && r.gateway == "10.9.0.1" && r.device == "eth0"), "{got:?}");
+    let got = n
+        .agent
+        .client
+        .update_routes(
+            ctx(),
+            &UpdateRoutesRequest {
+                routes,
+                ..Default::default()
+            },
+        )
+        .unwrap()
+        .routes;
+    assert!(
+        got.iter()
+            .any(|r| r.destination == "0.0.0.0/0" && r.gateway == "10.9.0.1" && r.device == "eth0"),
+        "{got:?}"
+    );
     let table = n.ip("-4 route show");
     assert!(table.contains("default via 10.9.0.1 dev eth0"), "{table}");
     assert!(table.contains("10.10.0.0/16 dev eth0"), "{table}");
 
     // Replacing: the old non-kernel routes on eth0 go.
-    let routes = vec![Route { destination: "0.0.0.0/0".into(), gateway: "10.9.0.254".into(), device: "eth0".into(), ..Default::default() }];
-    n.agent.client.update_routes(ctx(), &UpdateRoutesRequest { routes, ..Default::default() }).unwrap();
+    let routes = vec![Route {
+        destination: "0.0.0.0/0".into(),
+        gateway: "10.9.0.254".into(),
+        device: "eth0".into(),
+        ..Default::default()
+    }];
+    n.agent
+        .client
+        .update_routes(
+            ctx(),
+            &UpdateRoutesRequest {
+                routes,
+                ..Default::default()
+            },
+        )
+        .unwrap();
     let table = n.ip("-4 route show");
-    assert!(table.contains("default via 10.9.0.254 dev eth0") && !table.contains("10.10.0.0/16"), "{table}");
+    assert!(
+        table.contains("default via 10.9.0.254 dev eth0") && !table.contains("10.10.0.0/16"),
+        "{table}"
+    );
 
-    let bad = Interface { mac: "02:00:00:00:00:99".into(), ..Default::default() };
-    let (code, msg) = status_of(n.agent.client.update_interface(ctx(), &UpdateInterfaceRequest { interface: Some(bad).into(), ..Default::default() }));
+    let bad = Interface {
+        mac: "02:00:00:00:00:99".into(),
+        ..Default::default()
+    };
+    let (code, msg) = status_of(n.agent.client.update_interface(
+        ctx(),
+        &UpdateInterfaceRequest {
+            interface: Some(bad).into(),
+            ..Default::default()
+        },
+    ));
     assert_eq!(code, Code::INVALID_ARGUMENT);
-    assert!(msg.contains("no interface with MAC 02:00:00:00:00:99"), "{msg}");
-    let routes = vec![Route { destination: "0.0.0.0/0".into(), gateway: "10.9.0.1".into(), device: "nope0".into(), ..Default::default() }];
-    let (code, msg) = status_of(n.agent.client.update_routes(ctx(), &UpdateRoutesRequest { routes, ..Default::default() }));
+    assert!(
+        msg.contains("no interface with MAC 02:00:00:00:00:99"),
+        "{msg}"
+    );
+    let routes = vec![Route {
+        destination: "0.0.0.0/0".into(),
+        gateway: "10.9.0.1".into(),
+        device: "nope0".into(),
+        ..Default::default()
+    }];
+    let (code, msg) = status_of(n.agent.client.update_routes(
+        ctx(),
+        &UpdateRoutesRequest {
+            routes,
+            ..Default::default()
+        },
+    ));
     assert_eq!(code, Code::INVALID_ARGUMENT);
     assert!(msg.contains("no device \"nope0\""), "{msg}");
 }

@@ -25,11 +25,19 @@ fn versions_details_round_trip_and_destroy_powers_off() {
     let c = g.agent.check();
     assert_eq!(c.api_version, husk_protocols::API_VERSION);
     assert_eq!(c.agent_version, env!("CARGO_PKG_VERSION"));
-    let d = g.agent.client.get_guest_details(ctx(), &GuestDetailsRequest::new()).unwrap();
+    let d = g
+        .agent
+        .client
+        .get_guest_details(ctx(), &GuestDetailsRequest::new())
+        .unwrap();
     assert_eq!(d.api_version, husk_protocols::API_VERSION);
     assert!(d.kernel_release.starts_with("6.1."), "{d:?}");
     for ctl in ["cpu", "memory", "pids"] {
-        assert!(d.cgroup_controllers.iter().any(|c| c == ctl), "{ctl} missing in {:?}", d.cgroup_controllers);
+        assert!(
+            d.cgroup_controllers.iter().any(|c| c == ctl),
+            "{ctl} missing in {:?}",
+            d.cgroup_controllers
+        );
     }
     // Round trip: median of 200 Checks.
     let mut t: Vec<Duration> = (0..200)
@@ -47,16 +55,35 @@ fn versions_details_round_trip_and_destroy_powers_off() {
         g.boot.as_millis(),
         median
     );
-    assert!(median < Duration::from_millis(50), "Check round trip {median:?}");
+    assert!(
+        median < Duration::from_millis(50),
+        "Check round trip {median:?}"
+    );
     // Set the guest clock, then DestroySandbox: the reply comes back, then the VM powers off.
     g.agent
         .client
-        .set_guest_date_time(ctx(), &SetGuestDateTimeRequest { seconds: 2_000_000_000, ..Default::default() })
+        .set_guest_date_time(
+            ctx(),
+            &SetGuestDateTimeRequest {
+                seconds: 2_000_000_000,
+                ..Default::default()
+            },
+        )
         .unwrap();
-    g.agent.client.destroy_sandbox(ctx(), &DestroySandboxRequest::new()).expect("DestroySandbox replies");
-    let status = g.vm.wait(Some(Duration::from_secs(60))).unwrap().expect("VM ended after DestroySandbox");
+    g.agent
+        .client
+        .destroy_sandbox(ctx(), &DestroySandboxRequest::new())
+        .expect("DestroySandbox replies");
+    let status =
+        g.vm.wait(Some(Duration::from_secs(60)))
+            .unwrap()
+            .expect("VM ended after DestroySandbox");
     assert!(status.success(), "{status}");
-    assert!(g.console().contains("powering off: DestroySandbox"), "{}", g.console());
+    assert!(
+        g.console().contains("powering off: DestroySandbox"),
+        "{}",
+        g.console()
+    );
 }
 
 #[test]
@@ -64,14 +91,22 @@ fn stdout_byte_exact_exit_codes_stdin_eof_exec_and_signals() {
     let g = Guest::boot(256);
     // 10 MiB of non-repeating bytes through stdout.
     let root = g.rootfs("big");
-    let payload: Vec<u8> = (0u32..10 << 20).map(|i| (i.wrapping_mul(2654435761) >> 13).to_le_bytes()[0]).collect();
+    let payload: Vec<u8> = (0u32..10 << 20)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13).to_le_bytes()[0])
+        .collect();
     std::fs::write(root.join("payload"), &payload).unwrap();
     let t = Instant::now();
-    let out = g.agent.run("big", &sh("cat /payload; echo -n err >&2; exit 42"));
+    let out = g
+        .agent
+        .run("big", &sh("cat /payload; echo -n err >&2; exit 42"));
     let took = t.elapsed();
     assert_eq!(out.status, 42);
     assert_eq!(out.stderr, b"err");
-    assert!(out.stdout == payload, "10 MiB stdout differs (got {} bytes)", out.stdout.len());
+    assert!(
+        out.stdout == payload,
+        "10 MiB stdout differs (got {} bytes)",
+        out.stdout.len()
+    );
     eprintln!("10 MiB container stdout over vsock (virtio-fs read included): {took:?}");
 
     // Figures: stdout throughput alone, and a virtio-fs write.
@@ -81,10 +116,18 @@ fn stdout_byte_exact_exit_codes_stdin_eof_exec_and_signals() {
     let stdout_took = t.elapsed();
     assert_eq!(out.stdout.len(), 32 << 20);
     let t = Instant::now();
-    let out = g.agent.run("fig", &sh("dd if=/dev/zero of=/written bs=1048576 count=32 2>/dev/null; sync"));
+    let out = g.agent.run(
+        "fig",
+        &sh("dd if=/dev/zero of=/written bs=1048576 count=32 2>/dev/null; sync"),
+    );
     let write_took = t.elapsed();
     assert_eq!(out.status, 0);
-    assert_eq!(std::fs::metadata(g.shared().join("fig/rootfs/written")).unwrap().len(), 32 << 20);
+    assert_eq!(
+        std::fs::metadata(g.shared().join("fig/rootfs/written"))
+            .unwrap()
+            .len(),
+        32 << 20
+    );
     let mibs = |d: Duration| 32.0 / d.as_secs_f64();
     eprintln!(
         "32 MiB container stdout: {stdout_took:?} ({:.0} MiB/s); 32 MiB virtio-fs write: {write_took:?} ({:.0} MiB/s), both including container start",
@@ -94,22 +137,32 @@ fn stdout_byte_exact_exit_codes_stdin_eof_exec_and_signals() {
 
     // stdin reaches the process and EOF ends it.
     g.rootfs("io");
-    g.agent.create("io", &sh("cat; echo eof >&2"), false).unwrap();
+    g.agent
+        .create("io", &sh("cat; echo eof >&2"), false)
+        .unwrap();
     g.agent.start("io");
     g.agent.write_stdin("io", "", b"\x00binary\xffline\n");
     g.agent.close_stdin("io", "");
     let out = g.agent.collect("io", "");
-    assert_eq!((out.status, out.stdout.as_slice(), out.stderr.as_slice()), (0, &b"\x00binary\xffline\n"[..], &b"eof\n"[..]));
+    assert_eq!(
+        (out.status, out.stdout.as_slice(), out.stderr.as_slice()),
+        (0, &b"\x00binary\xffline\n"[..], &b"eof\n"[..])
+    );
     g.agent.remove("io", false).unwrap();
 
     // exec into a running container; signals end processes with their signal.
     g.rootfs("svc");
-    g.agent.create("svc", &spec(&["sleep", "1000"]), false).unwrap();
+    g.agent
+        .create("svc", &spec(&["sleep", "1000"]), false)
+        .unwrap();
     g.agent.start("svc");
     let p = json!({ "user": {"uid": 0, "gid": 0}, "args": ["sh", "-c", "echo in-$(hostname); exit 3"], "env": ["PATH=/bin"], "cwd": "/" });
     g.agent.exec("svc", "e1", &p).unwrap();
     let out = g.agent.collect("svc", "e1");
-    assert_eq!((out.status, out.stdout_str().as_str()), (3, "in-husk-test\n"));
+    assert_eq!(
+        (out.status, out.stdout_str().as_str()),
+        (3, "in-husk-test\n")
+    );
     let p = json!({ "user": {"uid": 0, "gid": 0}, "args": ["sleep", "1000"], "env": ["PATH=/bin"], "cwd": "/" });
     g.agent.exec("svc", "e2", &p).unwrap();
     g.agent.signal("svc", "e2", 15);
@@ -137,23 +190,40 @@ fn tty_round_trip_and_resize() {
     g.agent.create("tty", &s, false).unwrap();
     g.agent.start("tty");
     // The pty is the container's own: its devpts has it, `tty` names it.
-    g.agent.write_stdin("tty", "", b"stty size; echo TTY=$(tty) PTS=$(ls /dev/pts); echo SZ-$((1+1))\n");
+    g.agent.write_stdin(
+        "tty",
+        "",
+        b"stty size; echo TTY=$(tty) PTS=$(ls /dev/pts); echo SZ-$((1+1))\n",
+    );
     let seen = read_until(&g, "tty", "SZ-2\r\n");
     assert!(seen.contains("24 77\r\n"), "{seen:?}");
     assert!(seen.contains("TTY=/dev/pts/0 PTS=0 ptmx\r\n"), "{seen:?}");
     g.agent
         .client
-        .tty_win_resize(ctx(), &TtyWinResizeRequest { container_id: "tty".into(), rows: 41, columns: 101, ..Default::default() })
+        .tty_win_resize(
+            ctx(),
+            &TtyWinResizeRequest {
+                container_id: "tty".into(),
+                rows: 41,
+                columns: 101,
+                ..Default::default()
+            },
+        )
         .unwrap();
     // The tty echoes the typed line: the marker is computed so only the output matches.
-    g.agent.write_stdin("tty", "", b"stty size; test -t 0 && echo TTY-$((6*7))\n");
+    g.agent
+        .write_stdin("tty", "", b"stty size; test -t 0 && echo TTY-$((6*7))\n");
     let seen = read_until(&g, "tty", "TTY-42\r\n");
     assert!(seen.contains("41 101\r\n"), "{seen:?}");
     // An exec with its own terminal, a second pty of the container's devpts, of its own size.
     let p = json!({ "terminal": true, "consoleSize": { "height": 30, "width": 90 }, "user": {"uid": 0, "gid": 0}, "args": ["sh", "-c", "test -t 0 && test -t 1 && echo EXEC-TTY $(tty) $(ls /dev/pts) $(stty size)"], "env": ["PATH=/bin"], "cwd": "/" });
     g.agent.exec("tty", "t2", &p).unwrap();
     let out = g.agent.collect("tty", "t2");
-    assert_eq!((out.status, out.stdout_str().as_str()), (0, "EXEC-TTY /dev/pts/1 0 1 ptmx 30 90\r\n"), "{out:?}");
+    assert_eq!(
+        (out.status, out.stdout_str().as_str()),
+        (0, "EXEC-TTY /dev/pts/1 0 1 ptmx 30 90\r\n"),
+        "{out:?}"
+    );
     g.agent.write_stdin("tty", "", b"exit 5\n");
     assert_eq!(g.agent.wait("tty", "").exit_status, 5);
     g.agent.remove("tty", false).unwrap();
@@ -163,22 +233,38 @@ fn tty_round_trip_and_resize() {
 fn pause_resume_and_stats() {
     let g = Guest::boot(256);
     let root = g.rootfs("p");
-    g.agent.create("p", &sh("i=0; while true; do i=$((i+1)); echo $i > /tick; usleep 20000; done"), false).unwrap();
+    g.agent
+        .create(
+            "p",
+            &sh("i=0; while true; do i=$((i+1)); echo $i > /tick; usleep 20000; done"),
+            false,
+        )
+        .unwrap();
     g.agent.start("p");
-    let tick = || std::fs::read_to_string(root.join("tick")).unwrap_or_default().trim().parse::<u64>().unwrap_or(0);
+    let tick = || {
+        std::fs::read_to_string(root.join("tick"))
+            .unwrap_or_default()
+            .trim()
+            .parse::<u64>()
+            .unwrap_or(0)
+    };
     let deadline = Instant::now() + Duration::from_secs(30);
     while tick() < 3 {
         assert!(Instant::now() < deadline, "the container never ticked");
         std::thread::sleep(Duration::from_millis(50));
     }
-    let r = ContainerRef { container_id: "p".into(), ..Default::default() };
+    let r = ContainerRef {
+        container_id: "p".into(),
+        ..Default::default()
+    };
     g.agent.client.pause_container(ctx(), &r).unwrap();
     let frozen = tick();
     std::thread::sleep(Duration::from_millis(800));
     assert_eq!(tick(), frozen, "ticks went on while paused");
     let (code, msg) = status_of(g.agent.client.pause_container(ctx(), &r));
     assert_eq!(code, Code::FAILED_PRECONDITION, "{msg}");
-    let p = json!({ "user": {"uid": 0, "gid": 0}, "args": ["true"], "env": ["PATH=/bin"], "cwd": "/" });
+    let p =
+        json!({ "user": {"uid": 0, "gid": 0}, "args": ["true"], "env": ["PATH=/bin"], "cwd": "/" });
     let (code, msg) = status_of(g.agent.exec("p", "x", &p));
     assert_eq!(code, Code::FAILED_PRECONDITION);
     assert!(msg.contains("paused — resume it first"), "{msg}");
@@ -189,7 +275,10 @@ fn pause_resume_and_stats() {
         std::thread::sleep(Duration::from_millis(50));
     }
     let s = g.agent.client.stats_container(ctx(), &r).unwrap();
-    assert!(s.cpu_usage_usec > 0 && s.memory_current_bytes > 0 && s.pids_current >= 1, "{s:?}");
+    assert!(
+        s.cpu_usage_usec > 0 && s.memory_current_bytes > 0 && s.pids_current >= 1,
+        "{s:?}"
+    );
     let pids = g.agent.client.list_processes(ctx(), &r).unwrap().pids;
     assert!(!pids.is_empty(), "{pids:?}");
     g.agent.remove("p", true).unwrap();
@@ -204,26 +293,67 @@ fn memory_limit_oom_kill_is_reported_and_pids_limit_holds() {
     g.agent.create("oom", &s, false).unwrap();
     g.agent.start("oom");
     let w = g.agent.wait("oom", "");
-    assert_eq!(w.signal, 9, "the OOM killer ends the process with SIGKILL: {w:?}");
-    let ev = g.agent.client.get_oom_event(ctx(), &GetOOMEventRequest::new()).unwrap();
+    assert_eq!(
+        w.signal, 9,
+        "the OOM killer ends the process with SIGKILL: {w:?}"
+    );
+    let ev = g
+        .agent
+        .client
+        .get_oom_event(ctx(), &GetOOMEventRequest::new())
+        .unwrap();
     assert_eq!(ev.container_id, "oom");
-    let st = g.agent.client.stats_container(ctx(), &ContainerRef { container_id: "oom".into(), ..Default::default() }).unwrap();
-    assert!(st.oom_kills >= 1 && st.memory_max_bytes == 16 << 20, "{st:?}");
+    let st = g
+        .agent
+        .client
+        .stats_container(
+            ctx(),
+            &ContainerRef {
+                container_id: "oom".into(),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    assert!(
+        st.oom_kills >= 1 && st.memory_max_bytes == 16 << 20,
+        "{st:?}"
+    );
     g.agent.remove("oom", false).unwrap();
 
     g.rootfs("pids");
     // busybox sh gives up at the first failed fork; the sleeps it did start stay (in the cgroup).
-    let mut s = sh("for i in 1 2 3 4 5 6 7 8; do sleep 30 >/dev/null 2>&1 & done; echo all-started");
+    let mut s =
+        sh("for i in 1 2 3 4 5 6 7 8; do sleep 30 >/dev/null 2>&1 & done; echo all-started");
     s["linux"]["resources"] = json!({ "pids": { "limit": 4 } });
     g.agent.create("pids", &s, false).unwrap();
     g.agent.start("pids");
     let out = g.agent.collect("pids", "");
-    let text = format!("{}{}", out.stdout_str(), String::from_utf8_lossy(&out.stderr));
-    assert!(!text.contains("all-started"), "8 forks succeeded under pids.max=4: {text:?}");
-    let st = g.agent.client.stats_container(ctx(), &ContainerRef { container_id: "pids".into(), ..Default::default() }).unwrap();
+    let text = format!(
+        "{}{}",
+        out.stdout_str(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !text.contains("all-started"),
+        "8 forks succeeded under pids.max=4: {text:?}"
+    );
+    let st = g
+        .agent
+        .client
+        .stats_container(
+            ctx(),
+            &ContainerRef {
+                container_id: "pids".into(),
+                ..Default::default()
+            },
+        )
+        .unwrap();
     assert_eq!(st.pids_max, 4);
     assert!(st.pids_current <= 4, "{st:?}");
-    assert!(text.contains("fork") || text.contains("Resource temporarily unavailable"), "expected fork failures: {text:?}");
+    assert!(
+        text.contains("fork") || text.contains("Resource temporarily unavailable"),
+        "expected fork failures: {text:?}"
+    );
     g.agent.remove("pids", true).unwrap();
 }
 
@@ -241,12 +371,23 @@ fn cgroup_namespace_shows_the_containers_own_subtree() {
     let p = json!({ "user": {"uid": 0, "gid": 0}, "args": ["sh", "-c", probe], "env": ["PATH=/bin"], "cwd": "/" });
     g.agent.exec("cg", "look", &p).unwrap();
     let out = g.agent.collect("cg", "look");
-    assert_eq!((out.status, out.stdout_str().as_str()), (0, "0::/\n50331648\nown-subtree\n"), "{out:?}");
+    assert_eq!(
+        (out.status, out.stdout_str().as_str()),
+        (0, "0::/\n50331648\nown-subtree\n"),
+        "{out:?}"
+    );
     // It is the live cgroup: an update shows inside.
     let r = json!({ "memory": { "limit": 80 << 20 } });
     g.agent
         .client
-        .update_container(ctx(), &UpdateContainerRequest { container_id: "cg".into(), oci_resources_json: serde_json::to_vec(&r).unwrap(), ..Default::default() })
+        .update_container(
+            ctx(),
+            &UpdateContainerRequest {
+                container_id: "cg".into(),
+                oci_resources_json: serde_json::to_vec(&r).unwrap(),
+                ..Default::default()
+            },
+        )
         .unwrap();
     g.agent.exec("cg", "look2", &p).unwrap();
     let out = g.agent.collect("cg", "look2");
@@ -256,7 +397,10 @@ fn cgroup_namespace_shows_the_containers_own_subtree() {
     // A cgroup namespace by path (the host's, as CRI writes it) keeps the guest's view.
     g.rootfs("host-ns");
     let mut s = sh("cat /proc/self/cgroup");
-    s["linux"]["namespaces"].as_array_mut().unwrap().push(json!({ "type": "cgroup", "path": "/proc/4242/ns/cgroup" }));
+    s["linux"]["namespaces"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({ "type": "cgroup", "path": "/proc/4242/ns/cgroup" }));
     let out = g.agent.run("host-ns", &s);
     assert_eq!(out.stdout_str(), "0::/husk/host-ns\n", "{out:?}");
 }
@@ -266,11 +410,20 @@ fn sandbox_containers_share_uts_and_ipc_but_not_pids() {
     let g = Guest::boot(256);
     g.agent
         .client
-        .create_sandbox(ctx(), &CreateSandboxRequest { sandbox_id: "pod".into(), hostname: "pod-host".into(), ..Default::default() })
+        .create_sandbox(
+            ctx(),
+            &CreateSandboxRequest {
+                sandbox_id: "pod".into(),
+                hostname: "pod-host".into(),
+                ..Default::default()
+            },
+        )
         .unwrap();
     g.rootfs("c1");
     g.rootfs("c2");
-    g.agent.create("c1", &spec(&["sleep", "1000"]), false).unwrap();
+    g.agent
+        .create("c1", &spec(&["sleep", "1000"]), false)
+        .unwrap();
     g.agent.start("c1");
     let probe = "hostname; readlink /proc/self/ns/uts; readlink /proc/self/ns/ipc; readlink /proc/self/ns/pid; ls /proc | grep -c '^[0-9]'";
     let out = g.agent.run("c2", &sh(probe));
@@ -295,7 +448,14 @@ fn a_pid_namespace_path_joins_the_sandbox_containers_pid_namespace() {
     let g = Guest::boot(256);
     g.agent
         .client
-        .create_sandbox(ctx(), &CreateSandboxRequest { sandbox_id: "pod".into(), hostname: "pod-host".into(), ..Default::default() })
+        .create_sandbox(
+            ctx(),
+            &CreateSandboxRequest {
+                sandbox_id: "pod".into(),
+                hostname: "pod-host".into(),
+                ..Default::default()
+            },
+        )
         .unwrap();
     // As CRI writes it for a shareProcessNamespace pod: the path names the *host* PID of the
     // sandbox task (the VM), which means the sandbox container's namespace in the guest.
@@ -309,12 +469,20 @@ fn a_pid_namespace_path_joins_the_sandbox_containers_pid_namespace() {
     g.rootfs("app");
     let (code, msg) = status_of(g.agent.create("app", &shared(&["true"]), false));
     assert_eq!(code, Code::INVALID_ARGUMENT, "{msg}");
-    assert!(msg.starts_with("app: linux.namespaces[0].path = \"/proc/4242/ns/pid\"") && msg.contains("container pod does not exist"), "{msg}");
+    assert!(
+        msg.starts_with("app: linux.namespaces[0].path = \"/proc/4242/ns/pid\"")
+            && msg.contains("container pod does not exist"),
+        "{msg}"
+    );
 
     g.rootfs("pod");
-    g.agent.create("pod", &spec(&["sleep", "1000"]), false).unwrap();
+    g.agent
+        .create("pod", &spec(&["sleep", "1000"]), false)
+        .unwrap();
     g.agent.start("pod");
-    g.agent.create("app", &shared(&["sleep", "1001"]), false).unwrap();
+    g.agent
+        .create("app", &shared(&["sleep", "1001"]), false)
+        .unwrap();
     g.agent.start("app");
     g.rootfs("probe");
     let probe = "readlink /proc/self/ns/pid; tr '\\0' ' ' < /proc/1/cmdline; echo; for c in /proc/[0-9]*/cmdline; do tr '\\0' ' ' < $c; echo; done";
@@ -323,13 +491,20 @@ fn a_pid_namespace_path_joins_the_sandbox_containers_pid_namespace() {
     let lines: Vec<String> = out.stdout_str().lines().map(String::from).collect();
     // PID 1 is the sandbox container's process, and the app's process is visible.
     assert_eq!(lines[1].trim_end(), "sleep 1000", "{lines:?}");
-    assert!(lines.iter().any(|l| l.trim_end() == "sleep 1001"), "{lines:?}");
+    assert!(
+        lines.iter().any(|l| l.trim_end() == "sleep 1001"),
+        "{lines:?}"
+    );
     // An exec into the app container is in the same namespace, and can signal its neighbour.
     let p = json!({ "user": {"uid": 0, "gid": 0}, "args": ["sh", "-c", "readlink /proc/self/ns/pid; for c in /proc/[0-9]*; do grep -q '100[1]' $c/cmdline && kill -TERM ${c#/proc/}; done; true"], "env": ["PATH=/bin"], "cwd": "/" });
     g.agent.exec("app", "kill", &p).unwrap();
     let e = g.agent.collect("app", "kill");
     assert_eq!(e.status, 0, "{e:?}");
-    assert_eq!(e.stdout_str().lines().next(), lines.first().map(String::as_str), "exec's PID namespace differs");
+    assert_eq!(
+        e.stdout_str().lines().next(),
+        lines.first().map(String::as_str),
+        "exec's PID namespace differs"
+    );
     // The app's process ended by that signal (SIGTERM: 143).
     assert_eq!(g.agent.wait("app", "").exit_status, 143);
     for c in ["app", "pod"] {
@@ -343,7 +518,10 @@ fn malformed_specs_leave_no_container_mount_or_cgroup_behind() {
     g.rootfs("bad");
     let (code, msg) = status_of(g.agent.create_raw("bad", b"[1,"));
     assert_eq!(code, Code::INVALID_ARGUMENT);
-    assert!(msg.starts_with("bad: ") && msg.contains("invalid type"), "{msg}");
+    assert!(
+        msg.starts_with("bad: ") && msg.contains("invalid type"),
+        "{msg}"
+    );
     let mut s = spec(&["true"]);
     s.as_object_mut().unwrap().remove("root");
     let (code, msg) = status_of(g.agent.create("bad", &s, false));
@@ -351,17 +529,26 @@ fn malformed_specs_leave_no_container_mount_or_cgroup_behind() {
     assert!(msg.starts_with("bad: root: missing"), "{msg}");
     let mut s = spec(&["true"]);
     s["linux"]["namespaces"] = json!([{ "type": "network2" }]);
-    assert_eq!(status_of(g.agent.create("bad", &s, false)).0, Code::INVALID_ARGUMENT);
+    assert_eq!(
+        status_of(g.agent.create("bad", &s, false)).0,
+        Code::INVALID_ARGUMENT
+    );
     let mut s = spec(&["true"]);
     s["process"]["user"]["uid"] = json!(-5);
-    assert_eq!(status_of(g.agent.create("bad", &s, false)).0, Code::INVALID_ARGUMENT);
+    assert_eq!(
+        status_of(g.agent.create("bad", &s, false)).0,
+        Code::INVALID_ARGUMENT
+    );
     // Fails inside the helper, after the cgroup was made (a memory limit is set first).
     let mut s = spec(&["true"]);
     s["linux"]["resources"] = json!({ "memory": { "limit": 64 << 20 } });
     s["mounts"] = json!([{ "destination": "/data", "type": "bind", "source": "/run/husk/shared/none", "options": ["rbind"] }]);
     let (code, msg) = status_of(g.agent.create("bad", &s, false));
     assert_eq!(code, Code::INTERNAL);
-    assert!(msg.starts_with("bad: ") && msg.contains("/run/husk/shared/none"), "{msg}");
+    assert!(
+        msg.starts_with("bad: ") && msg.contains("/run/husk/shared/none"),
+        "{msg}"
+    );
     // Look from inside the guest: no cgroup "bad", no mount of bad's rootfs in the agent's view.
     g.rootfs("look");
     // And no zombie anywhere in the guest: PID 1 reaps.
@@ -380,8 +567,15 @@ fn malformed_specs_leave_no_container_mount_or_cgroup_behind() {
         "syscalls": [ { "names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO" } ]
     });
     let out = g.agent.run("bad", &s);
-    assert_eq!(out.stdout_str(), "fine\nCapEff:\t00000000000004e1\n", "{out:?}");
-    assert!(String::from_utf8_lossy(&out.stderr).contains("Operation not permitted"), "{out:?}");
+    assert_eq!(
+        out.stdout_str(),
+        "fine\nCapEff:\t00000000000004e1\n",
+        "{out:?}"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Operation not permitted"),
+        "{out:?}"
+    );
 }
 
 #[test]
@@ -405,13 +599,34 @@ fn cpu_cpuset_limits_and_update_container() {
     let r = json!({ "memory": { "limit": 96 << 20 }, "pids": { "limit": 50 } });
     g.agent
         .client
-        .update_container(ctx(), &UpdateContainerRequest { container_id: "lim".into(), oci_resources_json: serde_json::to_vec(&r).unwrap(), ..Default::default() })
+        .update_container(
+            ctx(),
+            &UpdateContainerRequest {
+                container_id: "lim".into(),
+                oci_resources_json: serde_json::to_vec(&r).unwrap(),
+                ..Default::default()
+            },
+        )
         .unwrap();
-    let st = g.agent.client.stats_container(ctx(), &ContainerRef { container_id: "lim".into(), ..Default::default() }).unwrap();
+    let st = g
+        .agent
+        .client
+        .stats_container(
+            ctx(),
+            &ContainerRef {
+                container_id: "lim".into(),
+                ..Default::default()
+            },
+        )
+        .unwrap();
     assert_eq!((st.memory_max_bytes, st.pids_max), (96 << 20, 50), "{st:?}");
     let (code, msg) = status_of(g.agent.client.update_container(
         ctx(),
-        &UpdateContainerRequest { container_id: "lim".into(), oci_resources_json: b"{\"memory\": 5}".to_vec(), ..Default::default() },
+        &UpdateContainerRequest {
+            container_id: "lim".into(),
+            oci_resources_json: b"{\"memory\": 5}".to_vec(),
+            ..Default::default()
+        },
     ));
     assert_eq!(code, Code::INVALID_ARGUMENT);
     assert!(msg.starts_with("lim: linux.resources.memory"), "{msg}");

@@ -45,13 +45,20 @@ fn no_sockets_left(dir: &Path) {
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .filter(|n| n.contains(".sock"))
         .collect();
-    assert!(left.is_empty(), "sockets left in {}: {left:?}", dir.display());
+    assert!(
+        left.is_empty(),
+        "sockets left in {}: {left:?}",
+        dir.display()
+    );
 }
 
 /// Both helpers run while the VM runs; the test (their parent) sees them. Tests in this file
 /// run one at a time (a mutex), or they would see each other's helpers.
 fn helpers() -> (Vec<u32>, Vec<u32>) {
-    (children_named("virtiofsd"), children_named("vhost-device-vs"))
+    (
+        children_named("virtiofsd"),
+        children_named("vhost-device-vs"),
+    )
 }
 
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -60,9 +67,15 @@ static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 fn helpers_start_with_the_vm_and_end_with_stop() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
-    let mut vm = backend().start(&config(dir.path())).expect("starting the VM with devices");
+    let mut vm = backend()
+        .start(&config(dir.path()))
+        .expect("starting the VM with devices");
     let (fs, vs) = helpers();
-    assert_eq!((fs.len(), vs.len()), (1, 1), "one virtiofsd and one vhost-device-vsock");
+    assert_eq!(
+        (fs.len(), vs.len()),
+        (1, 1),
+        "one virtiofsd and one vhost-device-vsock"
+    );
     let sock = vm.vsock_socket().expect("vsock socket").to_path_buf();
     assert_eq!(sock, dir.path().join("vsock.sock"));
     wait_for_ready(vm.as_mut(), BOOT_TIMEOUT).expect("agent ready with the devices attached");
@@ -83,7 +96,11 @@ fn a_crashed_vsock_helper_stops_the_vm_with_a_named_error() {
     wait_for_ready(vm.as_mut(), BOOT_TIMEOUT).unwrap();
     let (fs, vs) = helpers();
     assert_eq!(vs.len(), 1);
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(vs[0] as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(vs[0] as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
     let qemu = vm.pid();
     match vm.wait(Some(Duration::from_secs(30))) {
         Err(Error::HelperExited { program, .. }) => assert_eq!(program, "vhost-device-vsock"),
@@ -117,7 +134,11 @@ fn a_crashed_virtiofsd_stops_the_vm_too() {
     wait_for_ready(vm.as_mut(), BOOT_TIMEOUT).unwrap();
     let (fs, vs) = helpers();
     assert_eq!(fs.len(), 1);
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(fs[0] as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(fs[0] as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
     match vm.wait(Some(Duration::from_secs(30))) {
         Err(Error::HelperExited { program, .. }) => assert_eq!(program, "virtiofsd"),
         other => panic!("expected HelperExited, got {other:?}"),

@@ -60,7 +60,11 @@ fn with_devices(script: &str, rules: Option<Value>, nodes: &[(&str, &str, i64, i
 const KMSG: (&str, &str, i64, i64) = ("/dev/kmsg", "c", 1, 11);
 
 fn text(out: &Output) -> String {
-    format!("{}{}", out.stdout_str(), String::from_utf8_lossy(&out.stderr))
+    format!(
+        "{}{}",
+        out.stdout_str(),
+        String::from_utf8_lossy(&out.stderr)
+    )
 }
 
 fn process(script: &str) -> Value {
@@ -72,8 +76,19 @@ fn a_denied_dev_null_fails_with_eperm_and_no_rules_change_nothing() {
     let g = Guest::boot(256);
     // No devices section: no program; every device the container has a node for works.
     g.rootfs("plain");
-    let out = g.agent.run("plain", &with_devices("echo x > /dev/null && echo hi > /dev/kmsg && echo plain-ok", None, &[KMSG]));
-    assert_eq!((out.status, out.stdout_str().as_str()), (0, "plain-ok\n"), "{out:?}");
+    let out = g.agent.run(
+        "plain",
+        &with_devices(
+            "echo x > /dev/null && echo hi > /dev/kmsg && echo plain-ok",
+            None,
+            &[KMSG],
+        ),
+    );
+    assert_eq!(
+        (out.status, out.stdout_str().as_str()),
+        (0, "plain-ok\n"),
+        "{out:?}"
+    );
 
     // Denying /dev/null's read and write: both fail with EPERM, /dev/zero still reads, and
     // mknod (not denied) still works for the runtime's node.
@@ -81,8 +96,14 @@ fn a_denied_dev_null_fails_with_eperm_and_no_rules_change_nothing() {
     let rules = json!([{ "allow": false, "type": "c", "major": 1, "minor": 3, "access": "rw" }]);
     let script = "echo x > /dev/null && echo write-ok || echo write-denied; cat /dev/null && echo read-ok || echo read-denied; \
         head -c 5 /dev/zero | wc -c; echo hi > /dev/kmsg && echo kmsg-ok";
-    let out = g.agent.run("nonull", &with_devices(script, Some(rules), &[KMSG]));
-    assert_eq!(out.stdout_str(), "write-denied\nread-denied\n5\nkmsg-ok\n", "{out:?}");
+    let out = g
+        .agent
+        .run("nonull", &with_devices(script, Some(rules), &[KMSG]));
+    assert_eq!(
+        out.stdout_str(),
+        "write-denied\nread-denied\n5\nkmsg-ok\n",
+        "{out:?}"
+    );
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains(&format!("/dev/null: {EPERM}")), "{err}");
     assert_eq!(err.matches(EPERM).count(), 2, "{err}");
@@ -90,9 +111,16 @@ fn a_denied_dev_null_fails_with_eperm_and_no_rules_change_nothing() {
     // A rule that is not r, w, m is refused before anything exists: INVALID_ARGUMENT, no cgroup.
     g.rootfs("bad");
     let rules = json!([{ "allow": false, "access": "rwm" }, { "allow": true, "type": "c", "major": 1, "minor": 3, "access": "rwx" }]);
-    let (code, msg) = status_of(g.agent.create("bad", &with_devices("true", Some(rules), &[]), false));
+    let (code, msg) = status_of(g.agent.create(
+        "bad",
+        &with_devices("true", Some(rules), &[]),
+        false,
+    ));
     assert_eq!(code, Code::INVALID_ARGUMENT, "{msg}");
-    assert!(msg.contains("linux.resources.devices[1]: access \"rwx\": 'x' is not one of r, w, m"), "{msg}");
+    assert!(
+        msg.contains("linux.resources.devices[1]: access \"rwx\": 'x' is not one of r, w, m"),
+        "{msg}"
+    );
     let mut s = with_devices("ls /cg/husk | grep -c '^bad$'", None, &[]);
     s["mounts"].as_array_mut().unwrap().push(json!({ "destination": "/cg", "type": "bind", "source": "/sys/fs/cgroup", "options": ["rbind", "ro"] }));
     g.rootfs("look");
@@ -100,7 +128,8 @@ fn a_denied_dev_null_fails_with_eperm_and_no_rules_change_nothing() {
 }
 
 #[test]
-fn containerd_defaults_let_a_tty_container_use_its_devices_and_a_deny_all_list_allows_only_the_listed() {
+fn containerd_defaults_let_a_tty_container_use_its_devices_and_a_deny_all_list_allows_only_the_listed(
+) {
     let g = Guest::boot(256);
     // containerd's default list, in a TTY container as `ctr run -t` makes it. /dev/tty is the
     // controlling terminal, /dev/stdout reopens the pty slave (char 136:N, /dev/pts/0 of the
@@ -119,17 +148,33 @@ fn containerd_defaults_let_a_tty_container_use_its_devices_and_a_deny_all_list_a
     g.agent.remove("ctrd", false).unwrap();
     let tty = out.stdout_str();
     assert_eq!(out.status, 0, "{tty:?}");
-    for want in ["4\r\n4\r\nvia-tty\r\nvia-pts\r\n1\r\n", "/dev/pts/1: Input/output error", &format!("/dev/kmsg: {EPERM}"), "END-42"] {
+    for want in [
+        "4\r\n4\r\nvia-tty\r\nvia-pts\r\n1\r\n",
+        "/dev/pts/1: Input/output error",
+        &format!("/dev/kmsg: {EPERM}"),
+        "END-42",
+    ] {
         assert!(tty.contains(want), "{want:?} missing from {tty:?}");
     }
 
     // CRI writes only the deny-all (plus the pod's own devices): the default devices still
     // work, as under runc.
     g.rootfs("cri");
-    let script = "echo x > /dev/null && head -c 3 /dev/zero | wc -c && echo hi > /dev/kmsg; echo done";
-    let out = g.agent.run("cri", &with_devices(script, Some(json!([{ "allow": false, "access": "rwm" }])), &[KMSG]));
+    let script =
+        "echo x > /dev/null && head -c 3 /dev/zero | wc -c && echo hi > /dev/kmsg; echo done";
+    let out = g.agent.run(
+        "cri",
+        &with_devices(
+            script,
+            Some(json!([{ "allow": false, "access": "rwm" }])),
+            &[KMSG],
+        ),
+    );
     assert_eq!(out.stdout_str(), "3\ndone\n", "{out:?}");
-    assert!(String::from_utf8_lossy(&out.stderr).contains(&format!("/dev/kmsg: {EPERM}")), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(&format!("/dev/kmsg: {EPERM}")),
+        "{out:?}"
+    );
 
     // Deny-all, then kmsg for writing and the block device 8:0 for reading. Each listed access
     // reaches its driver (8:0 has none: ENXIO); everything else is EPERM.
@@ -139,11 +184,18 @@ fn containerd_defaults_let_a_tty_container_use_its_devices_and_a_deny_all_list_a
         { "allow": true, "type": "c", "major": 1, "minor": 11, "access": "w" },
         { "allow": true, "type": "b", "major": 8, "minor": 0, "access": "r" },
     ]);
-    let nodes = [KMSG, ("/dev/ttyS0", "c", 4, 64), ("/dev/sda", "b", 8, 0), ("/dev/sdb", "b", 8, 16)];
+    let nodes = [
+        KMSG,
+        ("/dev/ttyS0", "c", 4, 64),
+        ("/dev/sda", "b", 8, 0),
+        ("/dev/sdb", "b", 8, 16),
+    ];
     let script = "echo hi > /dev/kmsg && echo kmsg-write-ok; \
         for t in 'if=/dev/kmsg' 'of=/dev/ttyS0' 'if=/dev/ttyS0' 'if=/dev/sda' 'of=/dev/sda' 'if=/dev/sdb'; do \
           dd $t bs=512 count=1 2>&1 </dev/zero >/dev/null | grep -o \"can't open.*\"; done";
-    let out = g.agent.run("listed", &with_devices(script, Some(rules), &nodes));
+    let out = g
+        .agent
+        .run("listed", &with_devices(script, Some(rules), &nodes));
     assert_eq!(
         text(&out),
         format!(
@@ -164,19 +216,35 @@ fn update_container_replaces_the_device_program_of_a_running_container() {
     let g = Guest::boot(256);
     g.rootfs("u");
     let rules = json!([{ "allow": false, "access": "rwm" }]);
-    g.agent.create("u", &with_devices("sleep 1000", Some(rules), &[KMSG]), false).unwrap();
+    g.agent
+        .create(
+            "u",
+            &with_devices("sleep 1000", Some(rules), &[KMSG]),
+            false,
+        )
+        .unwrap();
     g.agent.start("u");
     let mut n = 0;
     let mut probe = |g: &Guest| {
         n += 1;
         let id = format!("p{n}");
-        g.agent.exec("u", &id, &process("echo hi > /dev/kmsg && echo kmsg-ok; echo x > /dev/null && echo null-ok")).unwrap();
+        g.agent
+            .exec(
+                "u",
+                &id,
+                &process("echo hi > /dev/kmsg && echo kmsg-ok; echo x > /dev/null && echo null-ok"),
+            )
+            .unwrap();
         text(&g.agent.collect("u", &id))
     };
     let update = |g: &Guest, r: Value| {
         g.agent.client.update_container(
             ctx(),
-            &UpdateContainerRequest { container_id: "u".into(), oci_resources_json: serde_json::to_vec(&r).unwrap(), ..Default::default() },
+            &UpdateContainerRequest {
+                container_id: "u".into(),
+                oci_resources_json: serde_json::to_vec(&r).unwrap(),
+                ..Default::default()
+            },
         )
     };
     // (stdout, then stderr)
@@ -193,15 +261,28 @@ fn update_container_replaces_the_device_program_of_a_running_container() {
     assert_eq!(probe(&g), "kmsg-ok\nnull-ok\n");
 
     // A bad list is refused and changes nothing.
-    let (code, msg) = status_of(update(&g, json!({ "devices": [{ "allow": true, "type": "p" }] })));
+    let (code, msg) = status_of(update(
+        &g,
+        json!({ "devices": [{ "allow": true, "type": "p" }] }),
+    ));
     assert_eq!(code, Code::INVALID_ARGUMENT, "{msg}");
-    assert!(msg.starts_with("u: ") && msg.contains("linux.resources.devices[0]: type \"p\""), "{msg}");
+    assert!(
+        msg.starts_with("u: ") && msg.contains("linux.resources.devices[0]: type \"p\""),
+        "{msg}"
+    );
     assert_eq!(probe(&g), "kmsg-ok\nnull-ok\n");
 
     // Back to deny-all, then a list without one: the default devices can be denied by name.
-    update(&g, json!({ "devices": [{ "allow": false, "access": "rwm" }] })).unwrap();
+    update(
+        &g,
+        json!({ "devices": [{ "allow": false, "access": "rwm" }] }),
+    )
+    .unwrap();
     assert_eq!(probe(&g), denied);
     update(&g, json!({ "devices": [{ "allow": false, "type": "c", "major": 1, "minor": 3, "access": "w" }] })).unwrap();
-    assert_eq!(probe(&g), format!("kmsg-ok\nsh: can't create /dev/null: {EPERM}\n"));
+    assert_eq!(
+        probe(&g),
+        format!("kmsg-ok\nsh: can't create /dev/null: {EPERM}\n")
+    );
     g.agent.remove("u", true).unwrap();
 }

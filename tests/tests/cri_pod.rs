@@ -101,7 +101,12 @@ impl<'a> Pod<'a> {
                 cri.log()
             ),
         };
-        Self { cri, id, config, pid }
+        Self {
+            cri,
+            id,
+            config,
+            pid,
+        }
     }
 
     fn container(&mut self, name: &str, command: &[&str], mounts: Vec<Mount>) -> String {
@@ -390,7 +395,11 @@ fn pod_flow(cri: &mut CriContainerd, handler: &str) -> (Observed, String) {
             .lines()
             .find_map(|l| l.split_once(":memory:").map(|(_, p)| p.to_string()))
             .unwrap_or_default();
-        let unified = cg.lines().find_map(|l| l.strip_prefix("0::")).unwrap_or("").to_string();
+        let unified = cg
+            .lines()
+            .find_map(|l| l.strip_prefix("0::"))
+            .unwrap_or("")
+            .to_string();
         std::fs::read_to_string(format!("/sys/fs/cgroup/memory{mem}/memory.limit_in_bytes"))
             .or_else(|_| std::fs::read_to_string(format!("/sys/fs/cgroup{unified}/memory.max")))
             .unwrap_or_default()
@@ -407,8 +416,15 @@ fn pod_flow(cri: &mut CriContainerd, handler: &str) -> (Observed, String) {
     if handler == "husk" {
         // The VM was sized from the pod annotation: 256 MiB base + 128 MiB.
         let meminfo = pod.exec_ok(&app, &["head", "-1", "/proc/meminfo"]);
-        let kib: u64 = meminfo.split_whitespace().nth(1).and_then(|v| v.parse().ok()).unwrap_or(0);
-        assert!(kib > 330 * 1024 && kib <= 384 * 1024, "guest MemTotal {kib} KiB for a 384 MiB VM");
+        let kib: u64 = meminfo
+            .split_whitespace()
+            .nth(1)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        assert!(
+            kib > 330 * 1024 && kib <= 384 * 1024,
+            "guest MemTotal {kib} KiB for a 384 MiB VM"
+        );
     }
 
     // A container's exit code and logs come back through CRI.
@@ -477,13 +493,22 @@ struct SharedPids {
 }
 
 fn shared_pid_flow(cri: &mut CriContainerd, handler: &str) -> (SharedPids, String) {
-    let mut pod = Pod::run_with(cri, &format!("{handler}-shared-pid"), handler, NamespaceMode::Pod);
+    let mut pod = Pod::run_with(
+        cri,
+        &format!("{handler}-shared-pid"),
+        handler,
+        NamespaceMode::Pod,
+    );
     let a = pod.container("a", &["sleep", "1001"], vec![]);
     let b = pod.container("b", &["sleep", "1002"], vec![]);
     let pid1 = pod.exec_ok(&b, &["sh", "-c", "tr '\\0' ' ' < /proc/1/cmdline"]);
     let procs = pod.exec_ok(
         &b,
-        &["sh", "-c", "for c in /proc/[0-9]*/cmdline; do tr '\\0' ' ' < $c; echo; done"],
+        &[
+            "sh",
+            "-c",
+            "for c in /proc/[0-9]*/cmdline; do tr '\\0' ' ' < $c; echo; done",
+        ],
     );
     let sees_neighbour = procs.lines().any(|l| l.trim_end() == "sleep 1001");
     // The pattern is written so that it does not match this shell's own command line.
@@ -563,7 +588,11 @@ fn husk_state() -> Vec<String> {
 /// RunPodSandbox on husk with `config`, which must fail; returns containerd's error.
 fn refused_pod(cri: &mut CriContainerd, config: PodSandboxConfig) -> String {
     let before = husk_state();
-    let name = config.metadata.as_ref().map(|m| m.name.clone()).unwrap_or_default();
+    let name = config
+        .metadata
+        .as_ref()
+        .map(|m| m.name.clone())
+        .unwrap_or_default();
     let mut rt = cri.rt.clone();
     let req = RunPodSandboxRequest {
         config: Some(config),
@@ -583,11 +612,15 @@ fn refused_pod(cri: &mut CriContainerd, config: PodSandboxConfig) -> String {
         .filter(|p| p.metadata.as_ref().is_some_and(|m| m.name == name))
         .collect();
     assert!(
-        refused.iter().all(|p| p.state != PodSandboxState::SandboxReady as i32),
+        refused
+            .iter()
+            .all(|p| p.state != PodSandboxState::SandboxReady as i32),
         "{refused:?}"
     );
     for p in refused {
-        let _ = cri.block_on(rt.remove_pod_sandbox(RemovePodSandboxRequest { pod_sandbox_id: p.id }));
+        let _ = cri.block_on(rt.remove_pod_sandbox(RemovePodSandboxRequest {
+            pod_sandbox_id: p.id,
+        }));
     }
     let deadline = Instant::now() + Duration::from_secs(20);
     while husk_state() != before {
@@ -633,13 +666,19 @@ fn pods_that_ask_for_the_node_or_another_pods_vm_are_refused() {
         .annotations
         .insert("io.husk.sandbox-id".into(), victim_id.clone());
     let e = refused_pod(cri2, steer);
-    assert!(e.contains("io.husk.sandbox-id") && e.contains(&victim_id), "{e}");
+    assert!(
+        e.contains("io.husk.sandbox-id") && e.contains(&victim_id),
+        "{e}"
+    );
 
     let mut big = sandbox_config(cri2, "husk-big", NamespaceMode::Container);
     big.annotations
         .insert("io.husk.extra-memory-mib".into(), "999999999".into());
     let e = refused_pod(cri2, big);
-    assert!(e.contains("io.husk.extra-memory-mib") && e.contains("max_memory_mib"), "{e}");
+    assert!(
+        e.contains("io.husk.extra-memory-mib") && e.contains("max_memory_mib"),
+        "{e}"
+    );
 
     // The named pod still runs in its own VM.
     assert_eq!(

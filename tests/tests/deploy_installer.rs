@@ -169,24 +169,48 @@ fn the_installer_image_runs_under_containerd() {
 /// and mount namespace whose `systemctl` (bind-mounted over /usr/local/sbin in *its* mount
 /// namespace only) records what it was asked and exits with `systemctl_exit`; so the restart
 /// can only be seen if the installer really entered PID 1's namespaces to run it.
-fn run_as_daemonset(host: &Path, payload: &Path, action: &str, systemctl_exit: i32, log: &Path) -> std::process::Output {
+fn run_as_daemonset(
+    host: &Path,
+    payload: &Path,
+    action: &str,
+    systemctl_exit: i32,
+    log: &Path,
+) -> std::process::Output {
     let stub = log.parent().unwrap().join("stub-sbin");
     std::fs::create_dir_all(&stub).unwrap();
     let systemctl = stub.join("systemctl");
     std::fs::write(
         &systemctl,
-        format!("#!/bin/sh\necho \"$*\" >> {}\nexit {systemctl_exit}\n", log.display()),
+        format!(
+            "#!/bin/sh\necho \"$*\" >> {}\nexit {systemctl_exit}\n",
+            log.display()
+        ),
     )
     .unwrap();
-    std::fs::set_permissions(&systemctl, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(
+        &systemctl,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
     let init = format!(
         "mount --bind {stub} /usr/local/sbin && unshare --mount sh -c 'umount /usr/local/sbin && exec sh {script} {action}'",
         stub = stub.display(),
         script = script().display(),
     );
     Command::new("unshare")
-        .args(["--pid", "--fork", "--mount", "--mount-proc", "sh", "-c", &init])
-        .env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+        .args([
+            "--pid",
+            "--fork",
+            "--mount",
+            "--mount-proc",
+            "sh",
+            "-c",
+            &init,
+        ])
+        .env(
+            "PATH",
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        )
         .env("HUSK_HOST_ROOT", host)
         .env("HUSK_PAYLOAD", payload)
         .env_remove("HUSK_RESTART")
@@ -206,11 +230,21 @@ fn the_installer_restarts_containerd_through_the_nodes_pid_1_only_when_its_confi
     let payload = payload(dir.path());
     let log = dir.path().join("systemctl.log");
     let calls = || std::fs::read_to_string(&log).unwrap_or_default();
-    let text = |o: &std::process::Output| format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    let text = |o: &std::process::Output| {
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        )
+    };
 
     let first = run_as_daemonset(&host, &payload, "install", 0, &log);
     assert!(first.status.success(), "{}", text(&first));
-    assert!(text(&first).contains("containerd restarted"), "{}", text(&first));
+    assert!(
+        text(&first).contains("containerd restarted"),
+        "{}",
+        text(&first)
+    );
     assert_eq!(calls(), "restart containerd\n");
     // Nothing changed: no restart.
     let second = run_as_daemonset(&host, &payload, "install", 0, &log);
@@ -220,9 +254,16 @@ fn the_installer_restarts_containerd_through_the_nodes_pid_1_only_when_its_confi
     // what to do.
     let failed = run_as_daemonset(&host, &payload, "uninstall", 1, &log);
     assert!(!failed.status.success());
-    assert!(text(&failed).contains("restarting containerd failed; restart it by hand"), "{}", text(&failed));
+    assert!(
+        text(&failed).contains("restarting containerd failed; restart it by hand"),
+        "{}",
+        text(&failed)
+    );
     assert_eq!(calls(), "restart containerd\nrestart containerd\n");
     // The stub was only ever mounted inside the test's namespaces.
     let here = std::fs::read_to_string("/usr/local/sbin/systemctl").unwrap_or_default();
-    assert!(!here.contains("systemctl.log"), "the stub leaked into this mount namespace");
+    assert!(
+        !here.contains("systemctl.log"),
+        "the stub leaked into this mount namespace"
+    );
 }

@@ -271,7 +271,11 @@ fn a_jailed_husk_vmm_serves_the_guest_without_root() {
         root,
     });
     let mut vm = backend().start(&cfg).expect("starting the jailed VM");
-    wait_console(vm.as_mut(), "the echo guest's ready line", "husk vsock: ready");
+    wait_console(
+        vm.as_mut(),
+        "the echo guest's ready line",
+        "husk vsock: ready",
+    );
     let pid = vm.pid();
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let field = |f: &str| {
@@ -313,19 +317,30 @@ fn a_tap_handed_over_as_an_fd_carries_the_guests_frames() {
     husk_tests::require_root("network namespaces and taps");
     let ns = format!("husk-vmmfd-{}", std::process::id());
     let ip = |args: &[&str]| {
-        let out = Command::new("ip").args(args).output().expect("ip (iproute2)");
-        assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        let out = Command::new("ip")
+            .args(args)
+            .output()
+            .expect("ip (iproute2)");
+        assert!(
+            out.status.success(),
+            "ip {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
     struct Del(String);
     impl Drop for Del {
         fn drop(&mut self) {
-            let _ = std::process::Command::new("ip").args(["netns", "del", &self.0]).status();
+            let _ = std::process::Command::new("ip")
+                .args(["netns", "del", &self.0])
+                .status();
         }
     }
     ip(&["netns", "add", &ns]);
     let _del = Del(ns.clone());
-    ip(&["-n", &ns, "tuntap", "add", "dev", "hk0", "mode", "tap", "vnet_hdr"]);
+    ip(&[
+        "-n", &ns, "tuntap", "add", "dev", "hk0", "mode", "tap", "vnet_hdr",
+    ]);
     ip(&["-n", &ns, "addr", "add", "10.99.0.1/24", "dev", "hk0"]);
     ip(&["-n", &ns, "link", "set", "hk0", "up"]);
     let link = ip(&["-n", &ns, "link", "show", "hk0"]);
@@ -359,8 +374,13 @@ fn a_tap_handed_over_as_an_fd_carries_the_guests_frames() {
         tap: std::sync::Arc::new(fd),
         mac: [2, 0, 0, 0, 0, 2],
     }];
-    let mut vm = backend().start(&cfg).expect("starting the VM with a tap fd");
+    let mut vm = backend()
+        .start(&cfg)
+        .expect("starting the VM with a tap fd");
     let line = wait_console(vm.as_mut(), "the guest's ARP reply", "husk net:");
-    assert_eq!(line.trim_end(), format!("husk net: arp reply from {tap_mac}"));
+    assert_eq!(
+        line.trim_end(),
+        format!("husk net: arp reply from {tap_mac}")
+    );
     let _ = vm.kill();
 }

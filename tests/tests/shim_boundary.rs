@@ -30,7 +30,10 @@ fn status_field(pid: u32, field: &str) -> String {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
         .lines()
-        .find_map(|l| l.strip_prefix(&format!("{field}:")).map(|v| v.trim().to_string()))
+        .find_map(|l| {
+            l.strip_prefix(&format!("{field}:"))
+                .map(|v| v.trim().to_string())
+        })
         .unwrap_or_default()
 }
 
@@ -93,7 +96,10 @@ fn root_in_the_guest_cannot_plant_what_the_host_mounts_on() {
         "REFUSED-rename",
         "REFUSED-write",
     ] {
-        assert!(text.contains(refused), "the guest was not refused ({refused}):\n{text}");
+        assert!(
+            text.contains(refused),
+            "the guest was not refused ({refused}):\n{text}"
+        );
     }
     assert!(text.contains("Read-only file system"), "{text}");
     assert!(
@@ -109,17 +115,39 @@ fn root_in_the_guest_cannot_plant_what_the_host_mounts_on() {
         );
     }
     assert_eq!(
-        std::fs::read_to_string(Path::new("/run/husk").join(&sb).join("mounts").join(&sb).join("rootfs/tmp/planted")).unwrap(),
+        std::fs::read_to_string(
+            Path::new("/run/husk")
+                .join(&sb)
+                .join("mounts")
+                .join(&sb)
+                .join("rootfs/tmp/planted")
+        )
+        .unwrap(),
         "inside\n"
     );
 
     // The pod's next container, with a directory and a file bind mount.
     let ann = format!("io.husk.sandbox-id={sb}");
     let dir_mount = format!("type=bind,src={},dst=/data,options=rbind:rw", vol.display());
-    let file_mount = format!("type=bind,src={},dst=/etc/bound,options=rbind:ro", file.display());
+    let file_mount = format!(
+        "type=bind,src={},dst=/etc/bound,options=rbind:ro",
+        file.display()
+    );
     let out = h.ctd.ctr(&[
-        "run", "--rm", "--runtime", RUNTIME, "--annotation", &ann, "--mount", &dir_mount,
-        "--mount", &file_mount, BUSYBOX, &c2, "sh", "-c",
+        "run",
+        "--rm",
+        "--runtime",
+        RUNTIME,
+        "--annotation",
+        &ann,
+        "--mount",
+        &dir_mount,
+        "--mount",
+        &file_mount,
+        BUSYBOX,
+        &c2,
+        "sh",
+        "-c",
         "cat /data/data /etc/bound; echo new > /data/new; echo x > /etc/bound || echo RO",
     ]);
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -129,8 +157,14 @@ fn root_in_the_guest_cannot_plant_what_the_host_mounts_on() {
         String::from_utf8_lossy(&out.stderr),
         h.ctd.log()
     );
-    assert!(stdout.contains("volume data") && stdout.contains("bound file"), "{stdout}");
-    assert!(stdout.contains("RO"), "a read-only file bind was writable: {stdout}");
+    assert!(
+        stdout.contains("volume data") && stdout.contains("bound file"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("RO"),
+        "a read-only file bind was writable: {stdout}"
+    );
     assert_eq!(std::fs::read_to_string(vol.join("new")).unwrap(), "new\n");
     assert_eq!(std::fs::read_to_string(&file).unwrap(), "bound file\n");
 
@@ -139,11 +173,21 @@ fn root_in_the_guest_cannot_plant_what_the_host_mounts_on() {
     assert_eq!(std::fs::read_to_string(&canary).unwrap(), "host secret\n");
     assert_eq!(
         (after.ino(), after.size(), after.mode()),
-        (canary_before.ino(), canary_before.size(), canary_before.mode())
+        (
+            canary_before.ino(),
+            canary_before.size(),
+            canary_before.mode()
+        )
     );
-    assert!(mounts_under(host.path()).is_empty(), "{:?}", mounts_under(host.path()));
+    assert!(
+        mounts_under(host.path()).is_empty(),
+        "{:?}",
+        mounts_under(host.path())
+    );
     // The console log stays bounded however much the guest writes to it.
-    let log = std::fs::metadata(vm_dir(&sb).join("console.log")).unwrap().len();
+    let log = std::fs::metadata(vm_dir(&sb).join("console.log"))
+        .unwrap()
+        .len();
     assert!(log < 3_000_000, "the console log grew to {log} bytes");
 
     h.remove(&sb);
@@ -170,7 +214,8 @@ fn the_vm_side_processes_are_jailed_and_the_task_pid_is_the_vmms() {
         "task pid {pid} is {:?}, not the VMM",
         exe_name(pid)
     );
-    let cmdline = String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/cmdline")).unwrap()).into_owned();
+    let cmdline = String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/cmdline")).unwrap())
+        .into_owned();
     assert!(cmdline.contains(&format!("/run/husk/{id}/")), "{cmdline}");
     assert!(cmdline.contains("elevateprivileges=deny"), "{cmdline}");
 
@@ -198,14 +243,25 @@ fn the_vm_side_processes_are_jailed_and_the_task_pid_is_the_vmms() {
         assert_eq!(status_field(p, "CapPrm"), "0000000000000000", "{name}");
         assert_eq!(status_field(p, "NoNewPrivs"), "1", "{name}");
         for kind in ["mnt", "net", "ipc", "uts", "pid"] {
-            assert_ne!(ns(&p.to_string(), kind), ns(&me, kind), "{name}: {kind} namespace is the host's");
+            assert_ne!(
+                ns(&p.to_string(), kind),
+                ns(&me, kind),
+                "{name}: {kind} namespace is the host's"
+            );
         }
         let root = Path::new("/proc").join(p.to_string()).join("root");
         assert!(root.join("usr/bin").is_dir(), "{name}: no /usr in its root");
         // The kernel and initramfs are there (read-only), but nothing beside them.
         let beside_kernel = husk_tests::workspace().join("Cargo.toml");
         let beside_kernel = beside_kernel.strip_prefix("/").unwrap().to_str().unwrap();
-        for host_only in ["home", "root/.bashrc", "var", "etc/shadow", "etc/passwd", beside_kernel] {
+        for host_only in [
+            "home",
+            "root/.bashrc",
+            "var",
+            "etc/shadow",
+            "etc/passwd",
+            beside_kernel,
+        ] {
             assert!(
                 std::fs::symlink_metadata(root.join(host_only)).is_err(),
                 "{name} sees the host's /{host_only}"
@@ -216,7 +272,11 @@ fn the_vm_side_processes_are_jailed_and_the_task_pid_is_the_vmms() {
             "{name} sees the containers' file systems"
         );
     }
-    assert_eq!(status_field(pid, "Seccomp"), "2", "QEMU runs without its seccomp filter");
+    assert_eq!(
+        status_field(pid, "Seccomp"),
+        "2",
+        "QEMU runs without its seccomp filter"
+    );
     assert!(
         virtiofsd.iter().any(|p| ["mnt", "net", "pid"]
             .iter()
@@ -243,11 +303,22 @@ fn a_pod_annotation_cannot_steer_the_vm() {
         ("io.husk.kernel-params=init=/bin/sh", "not enabled"),
     ] {
         let out = h.ctd.ctr(&[
-            "run", "--rm", "--runtime", RUNTIME, "--annotation", ann, BUSYBOX, &id, "true",
+            "run",
+            "--rm",
+            "--runtime",
+            RUNTIME,
+            "--annotation",
+            ann,
+            BUSYBOX,
+            &id,
+            "true",
         ]);
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{ann} was accepted");
-        assert!(err.contains(want) && err.contains(ann.split('=').next().unwrap()), "{ann}: {err}");
+        assert!(
+            err.contains(want) && err.contains(ann.split('=').next().unwrap()),
+            "{ann}: {err}"
+        );
         let _ = h.ctd.ctr(&["containers", "delete", &id]);
         assert_sandbox_gone(&id);
     }

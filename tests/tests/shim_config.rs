@@ -122,8 +122,7 @@ impl Drop for TerminalConsole {
 }
 
 fn console_log(sid: &str) -> String {
-    std::fs::read_to_string(vm_dir(sid).join("console.log"))
-        .unwrap_or_default()
+    std::fs::read_to_string(vm_dir(sid).join("console.log")).unwrap_or_default()
 }
 
 /// The console log once it contains `needle` (the agent logs a session's end after the

@@ -16,7 +16,13 @@ fn unique(name: &str) -> String {
 }
 
 /// `ctr run --rm` with `options`, the script, on `runtime`: (exit ok, stdout + stderr).
-fn run(h: &HuskContainerd, runtime: &str, id: &str, options: &[&str], script: &str) -> (bool, String) {
+fn run(
+    h: &HuskContainerd,
+    runtime: &str,
+    id: &str,
+    options: &[&str],
+    script: &str,
+) -> (bool, String) {
     let mut args = vec!["run", "--rm", "--runtime", runtime];
     args.extend_from_slice(options);
     args.extend_from_slice(&[BUSYBOX, id, "sh", "-c", script]);
@@ -42,16 +48,38 @@ fn privileged_and_net_admin_containers_behave_as_under_runc() {
     for runtime in [RUNC, HUSK] {
         let id = unique(&format!("priv-{}", runtime.split('.').nth(2).unwrap()));
         let (ok, out) = run(&h, runtime, &id, &["--privileged"], script);
-        assert!(ok, "{runtime}: a privileged container did not run:\n{out}\n{}", h.ctd.log());
+        assert!(
+            ok,
+            "{runtime}: a privileged container did not run:\n{out}\n{}",
+            h.ctd.log()
+        );
         for want in ["DEVICES-OK", "BRIDGE-OK", "VETH-OK", "UP-OK"] {
             assert!(out.contains(want), "{runtime}: {want} missing:\n{out}");
         }
         let id = unique(&format!("netadm-{}", runtime.split('.').nth(2).unwrap()));
-        let (ok, out) = run(&h, runtime, &id, &["--cap-add", "CAP_NET_ADMIN"], "brctl addbr foobar && echo BRIDGE-OK");
-        assert!(ok && out.contains("BRIDGE-OK"), "{runtime}: NET_ADMIN added:\n{out}");
+        let (ok, out) = run(
+            &h,
+            runtime,
+            &id,
+            &["--cap-add", "CAP_NET_ADMIN"],
+            "brctl addbr foobar && echo BRIDGE-OK",
+        );
+        assert!(
+            ok && out.contains("BRIDGE-OK"),
+            "{runtime}: NET_ADMIN added:\n{out}"
+        );
         let id = unique(&format!("nonetadm-{}", runtime.split('.').nth(2).unwrap()));
-        let (_, out) = run(&h, runtime, &id, &[], "brctl addbr foobar && echo BRIDGE-OK; true");
-        assert!(!out.contains("BRIDGE-OK"), "{runtime}: a bridge without NET_ADMIN:\n{out}");
+        let (_, out) = run(
+            &h,
+            runtime,
+            &id,
+            &[],
+            "brctl addbr foobar && echo BRIDGE-OK; true",
+        );
+        assert!(
+            !out.contains("BRIDGE-OK"),
+            "{runtime}: a bridge without NET_ADMIN:\n{out}"
+        );
         assert!(
             out.contains("not permitted") || out.contains("Permission denied"),
             "{runtime}: without NET_ADMIN the refusal is EPERM, not ENOPKG:\n{out}"

@@ -17,7 +17,11 @@ use husk_tests::{require_program, require_root};
 const RUNTIMES: [&str; 2] = ["io.containerd.runc.v2", "io.containerd.husk.v2"];
 
 fn unique(name: &str, runtime: &str) -> String {
-    format!("{name}-{}-{}", runtime.split('.').nth(2).unwrap(), std::process::id())
+    format!(
+        "{name}-{}-{}",
+        runtime.split('.').nth(2).unwrap(),
+        std::process::id()
+    )
 }
 
 /// What an exec sees of itself. (`ulimit -n` is the spec's RLIMIT_NOFILE; limits the spec
@@ -35,15 +39,39 @@ fn an_exec_gets_what_runc_gives_it() {
     for runtime in RUNTIMES {
         let id = unique("execpar", runtime);
         h.ctd.ctr_ok(&[
-            "run", "-d", "--runtime", runtime, "--seccomp", "--env", "FOO=bar",
-            BUSYBOX, &id, "sleep", "1000",
+            "run",
+            "-d",
+            "--runtime",
+            runtime,
+            "--seccomp",
+            "--env",
+            "FOO=bar",
+            BUSYBOX,
+            &id,
+            "sleep",
+            "1000",
         ]);
-        let plain = h.ctd.ctr_ok(&["task", "exec", "--exec-id", "p", &id, "sh", "-c", PROBE]);
+        let plain = h
+            .ctd
+            .ctr_ok(&["task", "exec", "--exec-id", "p", &id, "sh", "-c", PROBE]);
         let user = h.ctd.ctr_ok(&[
-            "task", "exec", "--exec-id", "u", "--user", "65534:65534", "--cwd", "/tmp", &id,
-            "sh", "-c", PROBE,
+            "task",
+            "exec",
+            "--exec-id",
+            "u",
+            "--user",
+            "65534:65534",
+            "--cwd",
+            "/tmp",
+            &id,
+            "sh",
+            "-c",
+            PROBE,
         ]);
-        assert!(plain.contains("Seccomp:\t2"), "{runtime}: the exec runs unconfined:\n{plain}");
+        assert!(
+            plain.contains("Seccomp:\t2"),
+            "{runtime}: the exec runs unconfined:\n{plain}"
+        );
         assert!(user.contains("Seccomp:\t2"), "{runtime}:\n{user}");
         seen.push((runtime, plain, user));
         h.remove(&id);
@@ -51,15 +79,23 @@ fn an_exec_gets_what_runc_gives_it() {
     let (_, runc_plain, runc_user) = &seen[0];
     let (_, husk_plain, husk_user) = &seen[1];
     assert_eq!(husk_plain, runc_plain, "exec as root differs from runc's");
-    assert_eq!(husk_user, runc_user, "exec as another user differs from runc's");
-    assert!(runc_user.contains("uid=65534") && runc_user.contains("/tmp") && runc_user.contains("FOO=bar"));
+    assert_eq!(
+        husk_user, runc_user,
+        "exec as another user differs from runc's"
+    );
+    assert!(
+        runc_user.contains("uid=65534")
+            && runc_user.contains("/tmp")
+            && runc_user.contains("FOO=bar")
+    );
 }
 
 /// An image whose `/etc` is a symlink to `/` and whose `/data` points at `/run/husk`.
 fn symlink_image(h: &HuskContainerd, dir: &Path) -> String {
     let busybox = require_program("busybox", "busybox-static");
     let mut t = Tree::new();
-    t.file("bin/busybox", Content::HostFile(busybox), 0o755).unwrap();
+    t.file("bin/busybox", Content::HostFile(busybox), 0o755)
+        .unwrap();
     for applet in ["sh", "cat", "ls", "echo", "test", "readlink"] {
         t.symlink(&format!("bin/{applet}"), "busybox").unwrap();
     }
@@ -87,7 +123,10 @@ fn symlinks_in_an_image_never_redirect_a_mount_out_of_its_root() {
     let file = host.path().join("hosts");
     std::fs::write(&file, "127.0.0.1 bound\n").unwrap();
     let dir_mount = format!("type=bind,src={},dst=/data,options=rbind:rw", vol.display());
-    let file_mount = format!("type=bind,src={},dst=/etc/hosts,options=rbind:ro", file.display());
+    let file_mount = format!(
+        "type=bind,src={},dst=/etc/hosts,options=rbind:ro",
+        file.display()
+    );
     // What the container sees: the bind landed at /hosts (through /etc -> /) and /run/husk
     // (through /data -> /run/husk), inside its own root.
     let script = "cat /hosts; cat /run/husk/marker; ls /run/husk; readlink /etc; echo done";
@@ -95,8 +134,19 @@ fn symlinks_in_an_image_never_redirect_a_mount_out_of_its_root() {
     for runtime in RUNTIMES {
         let id = unique("symlinks", runtime);
         let out = h.ctd.ctr(&[
-            "run", "--rm", "--runtime", runtime, "--mount", &dir_mount, "--mount", &file_mount,
-            &image, &id, "sh", "-c", script,
+            "run",
+            "--rm",
+            "--runtime",
+            runtime,
+            "--mount",
+            &dir_mount,
+            "--mount",
+            &file_mount,
+            &image,
+            &id,
+            "sh",
+            "-c",
+            script,
         ]);
         let text = format!(
             "{}{}",
@@ -105,12 +155,24 @@ fn symlinks_in_an_image_never_redirect_a_mount_out_of_its_root() {
         );
         seen.push((runtime, out.status.success(), text));
     }
-    assert_eq!(seen[1].1, seen[0].1, "runc {:?} vs husk {:?}", seen[0], seen[1]);
+    assert_eq!(
+        seen[1].1, seen[0].1,
+        "runc {:?} vs husk {:?}",
+        seen[0], seen[1]
+    );
     assert_eq!(seen[1].2, seen[0].2, "husk's view differs from runc's");
-    assert!(seen[0].2.contains("127.0.0.1 bound") && seen[0].2.contains("volume"), "{:?}", seen[0]);
+    assert!(
+        seen[0].2.contains("127.0.0.1 bound") && seen[0].2.contains("volume"),
+        "{:?}",
+        seen[0]
+    );
     // Nothing outside the container's root changed on the host (runc) or in the guest: the
     // host's /run/husk is untouched by the runc side and the guest's by the husk side (the
     // container saw the volume, not the guest's share, at /run/husk).
-    assert!(!seen[1].2.contains("shared"), "the container saw the guest's /run/husk: {}", seen[1].2);
+    assert!(
+        !seen[1].2.contains("shared"),
+        "the container saw the guest's /run/husk: {}",
+        seen[1].2
+    );
     assert_eq!(std::fs::read_to_string(&file).unwrap(), "127.0.0.1 bound\n");
 }

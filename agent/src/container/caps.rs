@@ -53,12 +53,18 @@ const NAMES: [&str; 41] = [
 pub fn number(cap: &Capability) -> Option<u32> {
     let name = serde_json::to_value(cap).ok()?;
     let name = name.as_str()?;
-    NAMES.iter().position(|n| *n == name).and_then(|i| u32::try_from(i).ok())
+    NAMES
+        .iter()
+        .position(|n| *n == name)
+        .and_then(|i| u32::try_from(i).ok())
 }
 
 /// A capability set as the kernel's 64-bit mask.
 pub fn mask(set: Option<&HashSet<Capability>>) -> u64 {
-    set.into_iter().flatten().filter_map(number).fold(0, |m, n| m | (1u64 << n))
+    set.into_iter()
+        .flatten()
+        .filter_map(number)
+        .fold(0, |m, n| m | (1u64 << n))
 }
 
 /// The highest capability number the running kernel knows.
@@ -77,7 +83,10 @@ pub fn drop_bounding(caps: Option<&LinuxCapabilities>) -> Result<(), String> {
         if keep & (1 << n) == 0 {
             // SAFETY: prctl with integer arguments only.
             if unsafe { libc::prctl(libc::PR_CAPBSET_DROP, libc::c_ulong::from(n), 0, 0, 0) } != 0 {
-                return Err(format!("dropping capability {n} from the bounding set: {}", std::io::Error::last_os_error()));
+                return Err(format!(
+                    "dropping capability {n} from the bounding set: {}",
+                    std::io::Error::last_os_error()
+                ));
             }
         }
     }
@@ -102,8 +111,14 @@ const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
 
 /// Sets the effective, permitted and inheritable sets, then raises the ambient ones.
 pub fn apply(caps: Option<&LinuxCapabilities>) -> Result<(), String> {
-    let get = |f: fn(&LinuxCapabilities) -> &Option<HashSet<Capability>>| mask(caps.and_then(|c| f(c).as_ref()));
-    let (e, p, i) = (get(LinuxCapabilities::effective), get(LinuxCapabilities::permitted), get(LinuxCapabilities::inheritable));
+    let get = |f: fn(&LinuxCapabilities) -> &Option<HashSet<Capability>>| {
+        mask(caps.and_then(|c| f(c).as_ref()))
+    };
+    let (e, p, i) = (
+        get(LinuxCapabilities::effective),
+        get(LinuxCapabilities::permitted),
+        get(LinuxCapabilities::inheritable),
+    );
     let mut header = CapHeader {
         version: LINUX_CAPABILITY_VERSION_3,
         pid: 0,
@@ -123,7 +138,14 @@ pub fn apply(caps: Option<&LinuxCapabilities>) -> Result<(), String> {
         },
     ];
     // SAFETY: capset reads a v3 header and two data structs, which we own for the call.
-    if unsafe { libc::syscall(libc::SYS_capset, &mut header as *mut CapHeader, data.as_mut_ptr()) } != 0 {
+    if unsafe {
+        libc::syscall(
+            libc::SYS_capset,
+            &mut header as *mut CapHeader,
+            data.as_mut_ptr(),
+        )
+    } != 0
+    {
         return Err(format!("capset: {}", std::io::Error::last_os_error()));
     }
     let ambient = get(LinuxCapabilities::ambient);
@@ -131,10 +153,19 @@ pub fn apply(caps: Option<&LinuxCapabilities>) -> Result<(), String> {
         if ambient & (1u64 << n) != 0 {
             // SAFETY: prctl with integer arguments only.
             let r = unsafe {
-                libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_RAISE as libc::c_ulong, libc::c_ulong::from(n), 0, 0)
+                libc::prctl(
+                    libc::PR_CAP_AMBIENT,
+                    libc::PR_CAP_AMBIENT_RAISE as libc::c_ulong,
+                    libc::c_ulong::from(n),
+                    0,
+                    0,
+                )
             };
             if r != 0 {
-                return Err(format!("raising ambient capability {n}: {}", std::io::Error::last_os_error()));
+                return Err(format!(
+                    "raising ambient capability {n}: {}",
+                    std::io::Error::last_os_error()
+                ));
             }
         }
     }

@@ -17,11 +17,13 @@ pub struct Cgroup {
 }
 
 fn write(dir: &Path, file: &str, value: &str) -> Result<(), String> {
-    std::fs::write(dir.join(file), value).map_err(|e| format!("writing {value:?} to {}/{file}: {e}", dir.display()))
+    std::fs::write(dir.join(file), value)
+        .map_err(|e| format!("writing {value:?} to {}/{file}: {e}", dir.display()))
 }
 
 fn read(dir: &Path, file: &str) -> Result<String, String> {
-    std::fs::read_to_string(dir.join(file)).map_err(|e| format!("reading {}/{file}: {e}", dir.display()))
+    std::fs::read_to_string(dir.join(file))
+        .map_err(|e| format!("reading {}/{file}: {e}", dir.display()))
 }
 
 /// `key value` lines (cpu.stat, memory.events, …) → the value of `key`.
@@ -51,7 +53,10 @@ pub fn resource_writes(r: &LinuxResources) -> Vec<(&'static str, String)> {
                 Some(q) if q > 0 => q.to_string(),
                 _ => "max".into(),
             };
-            w.push(("cpu.max", format!("{quota} {}", cpu.period().unwrap_or(100_000))));
+            w.push((
+                "cpu.max",
+                format!("{quota} {}", cpu.period().unwrap_or(100_000)),
+            ));
         }
         if let Some(cpus) = cpu.cpus() {
             w.push(("cpuset.cpus", cpus.clone()));
@@ -65,7 +70,10 @@ pub fn resource_writes(r: &LinuxResources) -> Vec<(&'static str, String)> {
             w.push(("memory.low", res.to_string()));
         }
         if let Some(l) = mem.limit() {
-            w.push(("memory.max", if l < 0 { "max".into() } else { l.to_string() }));
+            w.push((
+                "memory.max",
+                if l < 0 { "max".into() } else { l.to_string() },
+            ));
             // No swap for containers unless asked: a limit must OOM-kill, not swap.
             if mem.swap().is_none() {
                 w.push(("memory.swap.max", "0".into()));
@@ -73,13 +81,20 @@ pub fn resource_writes(r: &LinuxResources) -> Vec<(&'static str, String)> {
         }
         if let (Some(s), Some(l)) = (mem.swap(), mem.limit()) {
             // OCI swap is memory+swap; v2 swap.max is swap alone.
-            let v = if s < 0 { "max".into() } else { (s - l).max(0).to_string() };
+            let v = if s < 0 {
+                "max".into()
+            } else {
+                (s - l).max(0).to_string()
+            };
             w.push(("memory.swap.max", v));
         }
     }
     if let Some(p) = r.pids() {
         let l = p.limit();
-        w.push(("pids.max", if l <= 0 { "max".into() } else { l.to_string() }));
+        w.push((
+            "pids.max",
+            if l <= 0 { "max".into() } else { l.to_string() },
+        ));
     }
     if let Some(u) = r.unified() {
         let mut keys: Vec<_> = u.iter().collect();
@@ -124,9 +139,14 @@ pub struct Stats {
 
 impl Cgroup {
     /// Creates `<root>/husk/<id>` and applies `resources`. On error nothing is left behind.
-    pub fn create(root: &Path, id: &str, resources: Option<&LinuxResources>) -> Result<Self, String> {
+    pub fn create(
+        root: &Path,
+        id: &str,
+        resources: Option<&LinuxResources>,
+    ) -> Result<Self, String> {
         let path = root.join("husk").join(id);
-        std::fs::create_dir(&path).map_err(|e| format!("creating cgroup {}: {e}", path.display()))?;
+        std::fs::create_dir(&path)
+            .map_err(|e| format!("creating cgroup {}: {e}", path.display()))?;
         let cg = Self { path };
         if let Some(r) = resources {
             if let Err(e) = cg.update(r) {
@@ -163,22 +183,35 @@ impl Cgroup {
         let want = if frozen { "frozen 1" } else { "frozen 0" };
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            if read(&self.path, "cgroup.events")?.lines().any(|l| l == want) {
+            if read(&self.path, "cgroup.events")?
+                .lines()
+                .any(|l| l == want)
+            {
                 return Ok(());
             }
             if Instant::now() >= deadline {
-                return Err(format!("{}: not {} within 10 s", self.path.display(), if frozen { "frozen" } else { "thawed" }));
+                return Err(format!(
+                    "{}: not {} within 10 s",
+                    self.path.display(),
+                    if frozen { "frozen" } else { "thawed" }
+                ));
             }
             std::thread::sleep(Duration::from_millis(2));
         }
     }
 
     pub fn pids(&self) -> Result<Vec<u32>, String> {
-        Ok(read(&self.path, "cgroup.procs")?.lines().filter_map(|l| l.trim().parse().ok()).collect())
+        Ok(read(&self.path, "cgroup.procs")?
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect())
     }
 
     pub fn oom_kills(&self) -> u64 {
-        read(&self.path, "memory.events").ok().and_then(|t| keyed(&t, "oom_kill")).unwrap_or(0)
+        read(&self.path, "memory.events")
+            .ok()
+            .and_then(|t| keyed(&t, "oom_kill"))
+            .unwrap_or(0)
     }
 
     pub fn stats(&self) -> Stats {
@@ -187,9 +220,15 @@ impl Cgroup {
             cpu_usage_usec: keyed(&cpu, "usage_usec").unwrap_or(0),
             cpu_user_usec: keyed(&cpu, "user_usec").unwrap_or(0),
             cpu_system_usec: keyed(&cpu, "system_usec").unwrap_or(0),
-            memory_current: read(&self.path, "memory.current").map(|t| limit(&t)).unwrap_or(0),
-            memory_max: read(&self.path, "memory.max").map(|t| limit(&t)).unwrap_or(0),
-            pids_current: read(&self.path, "pids.current").map(|t| limit(&t)).unwrap_or(0),
+            memory_current: read(&self.path, "memory.current")
+                .map(|t| limit(&t))
+                .unwrap_or(0),
+            memory_max: read(&self.path, "memory.max")
+                .map(|t| limit(&t))
+                .unwrap_or(0),
+            pids_current: read(&self.path, "pids.current")
+                .map(|t| limit(&t))
+                .unwrap_or(0),
             pids_max: read(&self.path, "pids.max").map(|t| limit(&t)).unwrap_or(0),
             oom_kills: self.oom_kills(),
             ..Stats::default()
@@ -249,7 +288,10 @@ mod tests {
 
     #[test]
     fn keyed_files() {
-        assert_eq!(keyed("low 0\nhigh 0\nmax 3\noom 1\noom_kill 1\n", "oom_kill"), Some(1));
+        assert_eq!(
+            keyed("low 0\nhigh 0\nmax 3\noom 1\noom_kill 1\n", "oom_kill"),
+            Some(1)
+        );
         assert_eq!(keyed("usage_usec 12\n", "user_usec"), None);
     }
 }

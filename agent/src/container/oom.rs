@@ -41,20 +41,27 @@ pub struct OomWatch {
 }
 
 fn oom_kills(events: &Path) -> u64 {
-    std::fs::read_to_string(events).ok().and_then(|t| keyed(&t, "oom_kill")).unwrap_or(0)
+    std::fs::read_to_string(events)
+        .ok()
+        .and_then(|t| keyed(&t, "oom_kill"))
+        .unwrap_or(0)
 }
 
 impl OomWatch {
     /// A watcher and its thread.
     pub fn start() -> Arc<Self> {
         let w = Arc::new(Self {
-            inotify: Inotify::init(InitFlags::IN_CLOEXEC).map_err(|e| format!("inotify_init1: {e}")),
+            inotify: Inotify::init(InitFlags::IN_CLOEXEC)
+                .map_err(|e| format!("inotify_init1: {e}")),
             state: Mutex::new(State::default()),
             ready: Condvar::new(),
         });
         if w.inotify.is_ok() {
             let t = w.clone();
-            if let Err(e) = std::thread::Builder::new().name("oom-watch".into()).spawn(move || t.run()) {
+            if let Err(e) = std::thread::Builder::new()
+                .name("oom-watch".into())
+                .spawn(move || t.run())
+            {
                 eprintln!("husk-agent: starting the OOM watch thread: {e}; OOM kills will not be reported");
             }
         }
@@ -62,7 +69,9 @@ impl OomWatch {
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Watches the `memory.events` of container `id`'s cgroup directory `cgroup`. Its
@@ -73,19 +82,36 @@ impl OomWatch {
         if std::fs::metadata(&events).is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound) {
             return Ok(());
         }
-        let inotify = self.inotify.as_ref().map_err(|e| format!("watching {} for OOM kills: {e}", events.display()))?;
+        let inotify = self
+            .inotify
+            .as_ref()
+            .map_err(|e| format!("watching {} for OOM kills: {e}", events.display()))?;
         // Under the lock, so the thread cannot see an event of this watch before it is known.
         let mut st = self.lock();
-        let wd = inotify.add_watch(&events, AddWatchFlags::IN_MODIFY).map_err(|e| format!("watching {} for OOM kills: {e}", events.display()))?;
+        let wd = inotify
+            .add_watch(&events, AddWatchFlags::IN_MODIFY)
+            .map_err(|e| format!("watching {} for OOM kills: {e}", events.display()))?;
         let seen = oom_kills(&events);
-        st.watches.insert(wd, Watched { id: id.into(), events, seen });
+        st.watches.insert(
+            wd,
+            Watched {
+                id: id.into(),
+                events,
+                seen,
+            },
+        );
         Ok(())
     }
 
     /// Stops watching container `id` (if it was watched).
     pub fn remove(&self, id: &str) {
         let mut st = self.lock();
-        let wds: Vec<WatchDescriptor> = st.watches.iter().filter(|(_, w)| w.id == id).map(|(wd, _)| *wd).collect();
+        let wds: Vec<WatchDescriptor> = st
+            .watches
+            .iter()
+            .filter(|(_, w)| w.id == id)
+            .map(|(wd, _)| *wd)
+            .collect();
         for wd in wds {
             st.watches.remove(&wd);
             if let Ok(i) = &self.inotify {
@@ -112,10 +138,16 @@ impl OomWatch {
                 return Some(id);
             }
             st = match deadline {
-                None => self.ready.wait(st).unwrap_or_else(std::sync::PoisonError::into_inner),
+                None => self
+                    .ready
+                    .wait(st)
+                    .unwrap_or_else(std::sync::PoisonError::into_inner),
                 Some(d) => {
                     let left = d.checked_duration_since(Instant::now())?;
-                    self.ready.wait_timeout(st, left).unwrap_or_else(std::sync::PoisonError::into_inner).0
+                    self.ready
+                        .wait_timeout(st, left)
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .0
                 }
             };
         }
@@ -140,7 +172,9 @@ impl OomWatch {
                     st.watches.remove(&ev.wd);
                     continue;
                 }
-                let Some(w) = st.watches.get_mut(&ev.wd) else { continue };
+                let Some(w) = st.watches.get_mut(&ev.wd) else {
+                    continue;
+                };
                 let n = oom_kills(&w.events);
                 if n > w.seen {
                     w.seen = n;
@@ -176,16 +210,28 @@ mod tests {
         let (a, b) = (dir.join("a"), dir.join("b"));
         for d in [&a, &b] {
             std::fs::create_dir(d).unwrap();
-            std::fs::write(d.join("memory.events"), "low 0\nhigh 0\nmax 0\noom 0\noom_kill 0\n").unwrap();
+            std::fs::write(
+                d.join("memory.events"),
+                "low 0\nhigh 0\nmax 0\noom 0\noom_kill 0\n",
+            )
+            .unwrap();
         }
         let w = OomWatch::start();
         w.add("a", &a).unwrap();
         w.add("b", &b).unwrap();
         // Other counters moving is no OOM kill.
-        std::fs::write(a.join("memory.events"), "low 0\nhigh 0\nmax 7\noom 1\noom_kill 0\n").unwrap();
+        std::fs::write(
+            a.join("memory.events"),
+            "low 0\nhigh 0\nmax 7\noom 1\noom_kill 0\n",
+        )
+        .unwrap();
         assert_eq!(w.next_until(shortly()), None);
         // Two kills at once: one event, for the right container.
-        std::fs::write(b.join("memory.events"), "low 0\nhigh 0\nmax 7\noom 2\noom_kill 2\n").unwrap();
+        std::fs::write(
+            b.join("memory.events"),
+            "low 0\nhigh 0\nmax 7\noom 2\noom_kill 2\n",
+        )
+        .unwrap();
         assert_eq!(w.next_until(soon()).as_deref(), Some("b"));
         assert_eq!(w.next_until(shortly()), None);
         std::fs::write(a.join("memory.events"), "oom_kill 1\n").unwrap();
@@ -200,7 +246,11 @@ mod tests {
         std::fs::remove_dir_all(&b).unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
         while !w.lock().watches.is_empty() {
-            assert!(Instant::now() < deadline, "the removed file's watch is still known: {:?}", w.lock().watches);
+            assert!(
+                Instant::now() < deadline,
+                "the removed file's watch is still known: {:?}",
+                w.lock().watches
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
         std::fs::remove_dir_all(&dir).unwrap();

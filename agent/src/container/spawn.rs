@@ -24,14 +24,19 @@ pub const SYNC_FD: RawFd = 3;
 const STACK_SIZE: usize = 64 * 1024;
 
 fn dup_high(fd: RawFd) -> Result<OwnedFd, String> {
-    let n = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(100)).map_err(|e| format!("dup fd {fd}: {e}"))?;
+    let n = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(100))
+        .map_err(|e| format!("dup fd {fd}: {e}"))?;
     // SAFETY: fcntl just returned this new fd; nothing else owns it.
     Ok(unsafe { OwnedFd::from_raw_fd(n) })
 }
 
 /// Clones a helper in new namespaces `flags` with `stdio` as its fds 0-2. Returns its PID
 /// (registered with the reaper) and the agent's end of the sync socket.
-pub fn spawn(mode: &str, flags: CloneFlags, stdio: [RawFd; 3]) -> Result<(i32, UnixStream), String> {
+pub fn spawn(
+    mode: &str,
+    flags: CloneFlags,
+    stdio: [RawFd; 3],
+) -> Result<(i32, UnixStream), String> {
     let (ours, theirs) = UnixStream::pair().map_err(|e| format!("socketpair: {e}"))?;
     // High, close-on-exec copies, so the child's dup2 to 0..3 cannot clobber a source.
     let fds = [
@@ -40,7 +45,12 @@ pub fn spawn(mode: &str, flags: CloneFlags, stdio: [RawFd; 3]) -> Result<(i32, U
         dup_high(stdio[2])?,
         dup_high(theirs.as_raw_fd())?,
     ];
-    let raw: [RawFd; 4] = [fds[0].as_raw_fd(), fds[1].as_raw_fd(), fds[2].as_raw_fd(), fds[3].as_raw_fd()];
+    let raw: [RawFd; 4] = [
+        fds[0].as_raw_fd(),
+        fds[1].as_raw_fd(),
+        fds[2].as_raw_fd(),
+        fds[3].as_raw_fd(),
+    ];
     let exe = CString::new("/proc/self/exe").expect("no NUL");
     let argv0 = CString::new("husk-agent").expect("no NUL");
     let argv1 = CString::new(mode).map_err(|_| "helper mode has a NUL".to_string())?;
@@ -80,11 +90,18 @@ pub fn spawn(mode: &str, flags: CloneFlags, stdio: [RawFd; 3]) -> Result<(i32, U
 /// Entering a PID namespace only changes where a thread's *children* go, and it is allowed in
 /// a multi-threaded process (unlike a mount namespace); so a short-lived thread enters it and
 /// does the clone, and the agent's other threads stay where they are.
-pub fn spawn_in_pid_namespace(pid_ns: &std::path::Path, mode: &str, flags: CloneFlags, stdio: [RawFd; 3]) -> Result<(i32, UnixStream), String> {
-    let ns = std::fs::File::open(pid_ns).map_err(|e| format!("opening PID namespace {}: {e}", pid_ns.display()))?;
+pub fn spawn_in_pid_namespace(
+    pid_ns: &std::path::Path,
+    mode: &str,
+    flags: CloneFlags,
+    stdio: [RawFd; 3],
+) -> Result<(i32, UnixStream), String> {
+    let ns = std::fs::File::open(pid_ns)
+        .map_err(|e| format!("opening PID namespace {}: {e}", pid_ns.display()))?;
     std::thread::scope(|s| {
         s.spawn(|| {
-            nix::sched::setns(&ns, CloneFlags::CLONE_NEWPID).map_err(|e| format!("entering PID namespace {}: {e}", pid_ns.display()))?;
+            nix::sched::setns(&ns, CloneFlags::CLONE_NEWPID)
+                .map_err(|e| format!("entering PID namespace {}: {e}", pid_ns.display()))?;
             spawn(mode, flags, stdio)
         })
         .join()
@@ -128,17 +145,24 @@ impl Sync {
     /// Sends the helper its configuration (length-prefixed JSON).
     pub fn send_config(&mut self, json: &[u8]) -> Result<(), String> {
         let len = u32::try_from(json.len()).map_err(|_| "helper config too large".to_string())?;
-        self.sock.write_all(&len.to_le_bytes()).and_then(|()| self.sock.write_all(json)).map_err(|e| format!("sending the helper its config: {e}"))
+        self.sock
+            .write_all(&len.to_le_bytes())
+            .and_then(|()| self.sock.write_all(json))
+            .map_err(|e| format!("sending the helper its config: {e}"))
     }
 
     pub fn send(&mut self, line: &str) -> Result<(), String> {
-        self.sock.write_all(format!("{line}\n").as_bytes()).map_err(|e| format!("telling the helper {line:?}: {e}"))
+        self.sock
+            .write_all(format!("{line}\n").as_bytes())
+            .map_err(|e| format!("telling the helper {line:?}: {e}"))
     }
 
     /// The helper's next line: `Ok(None)` at EOF (the helper exec'd or died). A line
     /// `error <message>` becomes `Err(message)`. Fds that came with it wait in [`Self::take_fd`].
     pub fn recv(&mut self, timeout: Duration) -> Result<Option<String>, String> {
-        self.sock.set_read_timeout(Some(timeout)).map_err(|e| format!("sync timeout: {e}"))?;
+        self.sock
+            .set_read_timeout(Some(timeout))
+            .map_err(|e| format!("sync timeout: {e}"))?;
         let mut line = loop {
             if let Some(i) = self.buf.iter().position(|b| *b == b'\n') {
                 break self.buf.drain(..=i).collect::<Vec<u8>>();
@@ -178,22 +202,34 @@ impl Sync {
         let mut cmsg = nix::cmsg_space!([RawFd; MAX_FDS]);
         loop {
             let mut iov = [std::io::IoSliceMut::new(&mut chunk)];
-            let msg = match recvmsg::<()>(self.sock.as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC) {
+            let msg = match recvmsg::<()>(
+                self.sock.as_raw_fd(),
+                &mut iov,
+                Some(&mut cmsg),
+                MsgFlags::MSG_CMSG_CLOEXEC,
+            ) {
                 Ok(m) => m,
                 Err(nix::errno::Errno::EINTR) => continue,
-                Err(nix::errno::Errno::EAGAIN) => return Err("waiting for the container helper: timed out".into()),
+                Err(nix::errno::Errno::EAGAIN) => {
+                    return Err("waiting for the container helper: timed out".into())
+                }
                 Err(e) => return Err(format!("waiting for the container helper: {e}")),
             };
             let n = msg.bytes;
             self.received += n as u64;
             let end = self.received;
             // On MSG_CTRUNC the kernel closed what did not fit: an error, never silently less.
-            let cmsgs = msg.cmsgs().map_err(|_| format!("the container helper passed more than {MAX_FDS} fds at once"))?;
+            let cmsgs = msg.cmsgs().map_err(|_| {
+                format!("the container helper passed more than {MAX_FDS} fds at once")
+            })?;
             for c in cmsgs {
                 if let ControlMessageOwned::ScmRights(fds) = c {
                     // SAFETY: the kernel just installed these fds in this process (close-on-exec)
                     // for this message; nothing else owns them.
-                    self.fds.extend(fds.into_iter().map(|fd| (end, unsafe { OwnedFd::from_raw_fd(fd) })));
+                    self.fds.extend(
+                        fds.into_iter()
+                            .map(|fd| (end, unsafe { OwnedFd::from_raw_fd(fd) })),
+                    );
                 }
             }
             self.buf.extend_from_slice(&chunk[..n]);
@@ -207,11 +243,20 @@ pub fn send_fd(sync: &UnixStream, line: &str, fd: RawFd) -> Result<(), String> {
     use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
     let data = format!("{line}\n");
     let fds = [fd];
-    let n = sendmsg::<()>(sync.as_raw_fd(), &[std::io::IoSlice::new(data.as_bytes())], &[ControlMessage::ScmRights(&fds)], MsgFlags::empty(), None)
-        .map_err(|e| format!("passing the agent the {line} fd: {e}"))?;
+    let n = sendmsg::<()>(
+        sync.as_raw_fd(),
+        &[std::io::IoSlice::new(data.as_bytes())],
+        &[ControlMessage::ScmRights(&fds)],
+        MsgFlags::empty(),
+        None,
+    )
+    .map_err(|e| format!("passing the agent the {line} fd: {e}"))?;
     // A unix stream socket takes a short line whole; a short send would split the line.
     if n != data.len() {
-        return Err(format!("passing the agent the {line} fd: short send ({n} of {} bytes)", data.len()));
+        return Err(format!(
+            "passing the agent the {line} fd: short send ({n} of {} bytes)",
+            data.len()
+        ));
     }
     Ok(())
 }
@@ -219,9 +264,11 @@ pub fn send_fd(sync: &UnixStream, line: &str, fd: RawFd) -> Result<(), String> {
 /// Helper side: reads the configuration the agent sent on [`SYNC_FD`].
 pub fn read_config(sync: &mut UnixStream) -> Result<Vec<u8>, String> {
     let mut len = [0u8; 4];
-    sync.read_exact(&mut len).map_err(|e| format!("reading the config length: {e}"))?;
+    sync.read_exact(&mut len)
+        .map_err(|e| format!("reading the config length: {e}"))?;
     let mut buf = vec![0u8; u32::from_le_bytes(len) as usize];
-    sync.read_exact(&mut buf).map_err(|e| format!("reading the config: {e}"))?;
+    sync.read_exact(&mut buf)
+        .map_err(|e| format!("reading the config: {e}"))?;
     Ok(buf)
 }
 
@@ -263,7 +310,10 @@ mod tests {
     #[test]
     fn a_silent_helper_times_out() {
         let (agent, _helper) = UnixStream::pair().unwrap();
-        let e = Sync::new(agent).unwrap().recv(Duration::from_millis(50)).unwrap_err();
+        let e = Sync::new(agent)
+            .unwrap()
+            .recv(Duration::from_millis(50))
+            .unwrap_err();
         assert!(e.contains("timed out"), "{e}");
     }
 

@@ -53,7 +53,8 @@ pub const AFTER_EXIT_IDLE: Duration = Duration::from_millis(250);
 const EXIT_CHECK: Duration = Duration::from_millis(100);
 
 fn pipe() -> Result<(OwnedFd, OwnedFd), String> {
-    let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
+    let (r, w) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
     // Best effort: a smaller pipe only costs throughput.
     // SAFETY: F_SETPIPE_SZ on a pipe fd we own, integer argument.
     unsafe { libc::fcntl(w.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE_SIZE) };
@@ -101,7 +102,9 @@ impl Stdio {
                 stderr: Mutex::new(Some(File::from(err_r))),
                 pty: None,
             },
-            ChildEnds { fds: [in_r, out_w, err_w] },
+            ChildEnds {
+                fds: [in_r, out_w, err_w],
+            },
         ))
     }
 
@@ -110,8 +113,12 @@ impl Stdio {
     /// stdout, there is no stderr.
     pub fn pty(master: OwnedFd) -> Result<Self, String> {
         let master = File::from(master);
-        let m2 = master.try_clone().map_err(|e| format!("dup pty master: {e}"))?;
-        let m3 = master.try_clone().map_err(|e| format!("dup pty master: {e}"))?;
+        let m2 = master
+            .try_clone()
+            .map_err(|e| format!("dup pty master: {e}"))?;
+        let m3 = master
+            .try_clone()
+            .map_err(|e| format!("dup pty master: {e}"))?;
         Ok(Self {
             stdin: Mutex::new(Some(m2)),
             stdout: Mutex::new(Some(master)),
@@ -127,26 +134,43 @@ impl Stdio {
             return Self::pipes().map(|(s, e)| (Some(s), e));
         }
         let open = || -> Result<OwnedFd, String> {
-            let f = std::fs::OpenOptions::new().read(true).write(true).open("/dev/null").map_err(|e| format!("opening /dev/null: {e}"))?;
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open("/dev/null")
+                .map_err(|e| format!("opening /dev/null: {e}"))?;
             Ok(OwnedFd::from(f))
         };
-        Ok((None, ChildEnds { fds: [open()?, open()?, open()?] }))
+        Ok((
+            None,
+            ChildEnds {
+                fds: [open()?, open()?, open()?],
+            },
+        ))
     }
 
     pub fn write_stdin(&self, data: &[u8]) -> Result<usize, String> {
-        let mut g = self.stdin.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut g = self
+            .stdin
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let f = g.as_mut().ok_or("stdin is closed")?;
-        f.write_all(data).map_err(|e| format!("writing stdin: {e}"))?;
+        f.write_all(data)
+            .map_err(|e| format!("writing stdin: {e}"))?;
         Ok(data.len())
     }
 
     /// Closes stdin: the process reads EOF. On a pty, sends the EOF character (^D) instead,
     /// since the master also carries the output.
     pub fn close_stdin(&self) -> Result<(), String> {
-        let mut g = self.stdin.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut g = self
+            .stdin
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if self.pty.is_some() {
             if let Some(f) = g.as_mut() {
-                f.write_all(&[4]).map_err(|e| format!("sending EOF to the pty: {e}"))?;
+                f.write_all(&[4])
+                    .map_err(|e| format!("sending EOF to the pty: {e}"))?;
             }
         }
         *g = None;
@@ -156,7 +180,12 @@ impl Stdio {
     /// Reads up to `max` bytes of stdout (`err`: stderr), blocking until there are some.
     /// `Ok(None)`: the stream has ended.
     /// `ended` says whether the process has ended (see [`AFTER_EXIT_IDLE`]).
-    pub fn read(&self, err: bool, max: usize, ended: impl Fn() -> bool) -> Result<Option<Vec<u8>>, String> {
+    pub fn read(
+        &self,
+        err: bool,
+        max: usize,
+        ended: impl Fn() -> bool,
+    ) -> Result<Option<Vec<u8>>, String> {
         let m = if err { &self.stderr } else { &self.stdout };
         let mut g = m.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let Some(f) = g.as_mut() else {
@@ -188,7 +217,12 @@ impl Stdio {
                     continue;
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(format!("reading {}: {e}", if err { "stderr" } else { "stdout" })),
+                Err(e) => {
+                    return Err(format!(
+                        "reading {}: {e}",
+                        if err { "stderr" } else { "stdout" }
+                    ))
+                }
             }
             if len == 0 {
                 *g = None;
@@ -200,7 +234,11 @@ impl Stdio {
     }
 
     pub fn resize(&self, rows: u16, cols: u16) -> Result<(), String> {
-        let fd = self.pty.as_ref().ok_or("the process has no terminal")?.as_raw_fd();
+        let fd = self
+            .pty
+            .as_ref()
+            .ok_or("the process has no terminal")?
+            .as_raw_fd();
         set_winsize(fd, rows, cols)
     }
 }
@@ -215,7 +253,10 @@ pub fn set_winsize(fd: RawFd, rows: u16, cols: u16) -> Result<(), String> {
     };
     // SAFETY: TIOCSWINSZ reads a winsize we own; fd is open for the duration of the call.
     if unsafe { libc::ioctl(fd, libc::TIOCSWINSZ, &ws) } != 0 {
-        return Err(format!("resizing the terminal: {}", std::io::Error::last_os_error()));
+        return Err(format!(
+            "resizing the terminal: {}",
+            std::io::Error::last_os_error()
+        ));
     }
     Ok(())
 }
@@ -235,7 +276,10 @@ mod tests {
         // The process wrote and ended; `ends` stands for a leftover process holding the pipe.
         write_child_stdout(&ends, b"last words");
         let t = Instant::now();
-        assert_eq!(stdio.read(false, 1024, || true).unwrap().as_deref(), Some(&b"last words"[..]));
+        assert_eq!(
+            stdio.read(false, 1024, || true).unwrap().as_deref(),
+            Some(&b"last words"[..])
+        );
         assert_eq!(stdio.read(false, 1024, || true).unwrap(), None);
         assert!(t.elapsed() >= AFTER_EXIT_IDLE, "ended before the idle time");
         drop(ends);
@@ -249,7 +293,10 @@ mod tests {
             write_child_stdout(&ends, b"later");
             ends
         });
-        assert_eq!(stdio.read(false, 1024, || false).unwrap().as_deref(), Some(&b"later"[..]));
+        assert_eq!(
+            stdio.read(false, 1024, || false).unwrap().as_deref(),
+            Some(&b"later"[..])
+        );
         drop(writer.join().unwrap());
         // All writers gone: a plain EOF.
         assert_eq!(stdio.read(false, 1024, || false).unwrap(), None);

@@ -213,8 +213,13 @@ fn spawn(
         // husk-vmm opens /dev/kvm (a node of the jail's own), the kernel and initramfs
         // (read-only binds), its sockets in the state directory, and /dev/urandom; guest
         // connections to host vsock ports reach `<vsock>_PORT` in the same directory.
-        j.for_process(program, &config.state_dir, &[&config.kernel, &config.initramfs], true)
-            .apply(&mut cmd)?;
+        j.for_process(
+            program,
+            &config.state_dir,
+            &[&config.kernel, &config.initramfs],
+            true,
+        )
+        .apply(&mut cmd)?;
     }
     let p = Supervised::spawn(PROGRAM, cmd)?;
     Ok((p, File::from(write), relay))

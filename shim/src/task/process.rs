@@ -93,7 +93,12 @@ impl Proc {
     /// Closes the output fifos (on Delete): what a lingering process still writes is
     /// dropped, and containerd's reader of the fifos sees their end.
     pub(super) fn close_output(&self) {
-        if let Some(o) = self.outputs.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        if let Some(o) = self
+            .outputs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
             o.close();
         }
     }

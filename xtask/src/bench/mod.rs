@@ -263,7 +263,10 @@ pub fn run(quick: bool) -> Result<()> {
         }
         note_failures(&mut done, 10);
         note_busy(&mut busy);
-        step(&format!("bench 11: the jail's cost, {} runs each", plan.start.div_ceil(2)));
+        step(&format!(
+            "bench 11: the jail's cost, {} runs each",
+            plan.start.div_ceil(2)
+        ));
         match jail::run(&env, plan.start.div_ceil(2)) {
             Ok(s) => done.push(s),
             Err(e) => not_done.push(format!("11. The jail's cost: failed in this run: {e:#}")),

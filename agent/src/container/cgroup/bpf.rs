@@ -131,7 +131,13 @@ impl Asm {
     }
 
     fn push(&mut self, code: u8, dst: Reg, src: Reg, off: i16, imm: i32) {
-        self.insns.push(Insn { code, dst: dst as u8, src: src as u8, off, imm });
+        self.insns.push(Insn {
+            code,
+            dst: dst as u8,
+            src: src as u8,
+            off,
+            imm,
+        });
     }
 
     fn jump(&mut self, code: u8, dst: Reg, imm: i32, to: Label) {
@@ -161,7 +167,12 @@ impl Asm {
 
     /// `if (u32)dst != (u32)imm goto to`.
     pub fn jne32(&mut self, dst: Reg, imm: u32, to: Label) {
-        self.jump(CLASS_JMP32 | JMP_JNE | SRC_K, dst, i32::from_ne_bytes(imm.to_ne_bytes()), to);
+        self.jump(
+            CLASS_JMP32 | JMP_JNE | SRC_K,
+            dst,
+            i32::from_ne_bytes(imm.to_ne_bytes()),
+            to,
+        );
     }
 
     /// `if dst & imm goto to`.
@@ -182,7 +193,8 @@ impl Asm {
     pub fn finish(mut self) -> Result<Vec<Insn>, Error> {
         for &(at, l) in &self.fixups {
             let to = self.labels[l.0].ok_or(Error::Unbound(l.0))?;
-            let off = i64::try_from(to).unwrap_or(i64::MAX) - i64::try_from(at).unwrap_or(i64::MAX) - 1;
+            let off =
+                i64::try_from(to).unwrap_or(i64::MAX) - i64::try_from(at).unwrap_or(i64::MAX) - 1;
             self.insns[at].off = i16::try_from(off).map_err(|_| Error::TooFar { from: at, to })?;
         }
         Ok(self.insns)
@@ -243,6 +255,12 @@ mod tests {
         }
         a.bind(l);
         a.exit();
-        assert_eq!(a.finish(), Err(Error::TooFar { from: 0, to: 40_001 }));
+        assert_eq!(
+            a.finish(),
+            Err(Error::TooFar {
+                from: 0,
+                to: 40_001
+            })
+        );
     }
 }

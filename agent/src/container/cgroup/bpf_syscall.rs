@@ -29,13 +29,23 @@ const KERNEL_HINT: &str = " — the guest kernel needs CONFIG_BPF_SYSCALL and CO
 pub enum Error {
     /// The message carries the verifier's log when the kernel wrote one.
     #[error("BPF_PROG_LOAD ({insns} instructions): {errno}{detail}")]
-    Load { insns: usize, errno: std::io::Error, detail: String },
+    Load {
+        insns: usize,
+        errno: std::io::Error,
+        detail: String,
+    },
     #[error("BPF_PROG_ATTACH: {errno}{hint}")]
-    Attach { errno: std::io::Error, hint: &'static str },
+    Attach {
+        errno: std::io::Error,
+        hint: &'static str,
+    },
     #[error("BPF_PROG_DETACH of program {id}: {errno}")]
     Detach { id: u32, errno: std::io::Error },
     #[error("BPF_PROG_QUERY: {errno}{hint}")]
-    Query { errno: std::io::Error, hint: &'static str },
+    Query {
+        errno: std::io::Error,
+        hint: &'static str,
+    },
     #[error("BPF_PROG_GET_FD_BY_ID {id}: {errno}")]
     GetFd { id: u32, errno: std::io::Error },
 }
@@ -91,7 +101,14 @@ struct GetFdByIdAttr {
 fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> std::io::Result<libc::c_long> {
     // SAFETY: `attr` is a live, initialised #[repr(C)] prefix of union bpf_attr of exactly
     // size_of::<T>() bytes; every pointer inside it points at memory that outlives the call.
-    let r = unsafe { libc::syscall(libc::SYS_bpf, cmd, std::ptr::from_mut(attr).cast::<c_void>(), std::mem::size_of::<T>()) };
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            std::ptr::from_mut(attr).cast::<c_void>(),
+            std::mem::size_of::<T>(),
+        )
+    };
     if r < 0 {
         Err(std::io::Error::last_os_error())
     } else {
@@ -123,7 +140,11 @@ pub fn load_device_program(prog: &[Insn]) -> Result<OwnedFd, Error> {
         license: license.as_ptr() as u64,
         log_level: u32::from(!log.is_empty()),
         log_size: u32::try_from(log.len()).unwrap_or(0),
-        log_buf: if log.is_empty() { 0 } else { log.as_mut_ptr() as u64 },
+        log_buf: if log.is_empty() {
+            0
+        } else {
+            log.as_mut_ptr() as u64
+        },
         prog_name: name,
         expected_attach_type: BPF_CGROUP_DEVICE,
         ..Default::default()
@@ -137,7 +158,14 @@ pub fn load_device_program(prog: &[Insn]) -> Result<OwnedFd, Error> {
     let end = log.iter().position(|b| *b == 0).unwrap_or(log.len());
     let text = String::from_utf8_lossy(&log[..end]);
     // The verifier's last lines say what it rejected.
-    let tail: Vec<&str> = text.lines().rev().take(4).collect::<Vec<_>>().into_iter().rev().collect();
+    let tail: Vec<&str> = text
+        .lines()
+        .rev()
+        .take(4)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect();
     let detail = if !tail.is_empty() {
         format!(" (verifier: {})", tail.join(" / "))
     } else if matches!(errno.raw_os_error(), Some(libc::EINVAL | libc::ENOSYS)) {
@@ -145,12 +173,20 @@ pub fn load_device_program(prog: &[Insn]) -> Result<OwnedFd, Error> {
     } else {
         String::new()
     };
-    Err(Error::Load { insns: prog.len(), errno, detail })
+    Err(Error::Load {
+        insns: prog.len(),
+        errno,
+        detail,
+    })
 }
 
 /// Attaches `prog` to the cgroup directory `cgroup` beside any other device programs there; with
 /// `replace`, atomically in place of that one.
-pub fn attach(cgroup: BorrowedFd<'_>, prog: BorrowedFd<'_>, replace: Option<BorrowedFd<'_>>) -> Result<(), Error> {
+pub fn attach(
+    cgroup: BorrowedFd<'_>,
+    prog: BorrowedFd<'_>,
+    replace: Option<BorrowedFd<'_>>,
+) -> Result<(), Error> {
     let mut a = AttachAttr {
         target_fd: raw(cgroup),
         attach_bpf_fd: raw(prog),
@@ -159,7 +195,11 @@ pub fn attach(cgroup: BorrowedFd<'_>, prog: BorrowedFd<'_>, replace: Option<Borr
         replace_bpf_fd: replace.map(raw).unwrap_or(0),
     };
     bpf(BPF_PROG_ATTACH, &mut a).map(drop).map_err(|errno| {
-        let hint = if errno.raw_os_error() == Some(libc::EINVAL) { KERNEL_HINT } else { "" };
+        let hint = if errno.raw_os_error() == Some(libc::EINVAL) {
+            KERNEL_HINT
+        } else {
+            ""
+        };
         Error::Attach { errno, hint }
     })
 }
@@ -171,7 +211,9 @@ pub fn detach(cgroup: BorrowedFd<'_>, prog: BorrowedFd<'_>, id: u32) -> Result<(
         attach_type: BPF_CGROUP_DEVICE,
         ..Default::default()
     };
-    bpf(BPF_PROG_DETACH, &mut a).map(drop).map_err(|errno| Error::Detach { id, errno })
+    bpf(BPF_PROG_DETACH, &mut a)
+        .map(drop)
+        .map_err(|errno| Error::Detach { id, errno })
 }
 
 /// The ids of the device programs attached to `cgroup` itself (not inherited ones).
@@ -186,7 +228,11 @@ pub fn attached(cgroup: BorrowedFd<'_>) -> Result<Vec<u32>, Error> {
         ..Default::default()
     };
     bpf(BPF_PROG_QUERY, &mut q).map_err(|errno| {
-        let hint = if errno.raw_os_error() == Some(libc::EINVAL) { KERNEL_HINT } else { "" };
+        let hint = if errno.raw_os_error() == Some(libc::EINVAL) {
+            KERNEL_HINT
+        } else {
+            ""
+        };
         Error::Query { errno, hint }
     })?;
     ids.truncate(usize::try_from(q.prog_cnt).unwrap_or(0));
@@ -194,8 +240,13 @@ pub fn attached(cgroup: BorrowedFd<'_>) -> Result<Vec<u32>, Error> {
 }
 
 pub fn prog_by_id(id: u32) -> Result<OwnedFd, Error> {
-    let mut a = GetFdByIdAttr { prog_id: id, ..Default::default() };
-    bpf(BPF_PROG_GET_FD_BY_ID, &mut a).map(owned).map_err(|errno| Error::GetFd { id, errno })
+    let mut a = GetFdByIdAttr {
+        prog_id: id,
+        ..Default::default()
+    };
+    bpf(BPF_PROG_GET_FD_BY_ID, &mut a)
+        .map(owned)
+        .map_err(|errno| Error::GetFd { id, errno })
 }
 
 #[cfg(test)]

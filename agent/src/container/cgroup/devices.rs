@@ -67,7 +67,13 @@ pub struct Rule {
 
 impl Rule {
     const fn allow_char(major: u32, minor: Option<u32>, access: u32) -> Self {
-        Self { allow: true, kind: Kind::Char, major: Some(major), minor, access }
+        Self {
+            allow: true,
+            kind: Kind::Char,
+            major: Some(major),
+            minor,
+            access,
+        }
     }
 
     /// Type `a` with both numbers wildcards: every device.
@@ -96,8 +102,20 @@ impl Rule {
 /// What every container may use (see the module docs): runc's and crun's lists, which are
 /// containerd's defaults plus mknod of anything and /dev/net/tun.
 pub const DEFAULT_ALLOWED: [Rule; 12] = [
-    Rule { allow: true, kind: Kind::Char, major: None, minor: None, access: ACC_MKNOD },
-    Rule { allow: true, kind: Kind::Block, major: None, minor: None, access: ACC_MKNOD },
+    Rule {
+        allow: true,
+        kind: Kind::Char,
+        major: None,
+        minor: None,
+        access: ACC_MKNOD,
+    },
+    Rule {
+        allow: true,
+        kind: Kind::Block,
+        major: None,
+        minor: None,
+        access: ACC_MKNOD,
+    },
     Rule::allow_char(1, Some(3), ACC_ALL),    // /dev/null
     Rule::allow_char(1, Some(8), ACC_ALL),    // /dev/random
     Rule::allow_char(1, Some(7), ACC_ALL),    // /dev/full
@@ -117,12 +135,19 @@ fn parse_one(i: usize, d: &LinuxDeviceCgroup) -> Result<Rule, String> {
         LinuxDeviceType::A => Kind::All,
         LinuxDeviceType::B => Kind::Block,
         LinuxDeviceType::C => Kind::Char,
-        t => return Err(at(format!("type {:?} has no device cgroup rule: use a, b or c", t.as_str()))),
+        t => {
+            return Err(at(format!(
+                "type {:?} has no device cgroup rule: use a, b or c",
+                t.as_str()
+            )))
+        }
     };
     let number = |what: &str, v: Option<i64>| match v {
         None => Ok(None),
         Some(n) if n < 0 => Ok(None),
-        Some(n) => u32::try_from(n).map(Some).map_err(|_| at(format!("{what} {n} is out of range"))),
+        Some(n) => u32::try_from(n)
+            .map(Some)
+            .map_err(|_| at(format!("{what} {n} is out of range"))),
     };
     let mut access = 0;
     match d.access().as_deref() {
@@ -133,19 +158,34 @@ fn parse_one(i: usize, d: &LinuxDeviceCgroup) -> Result<Rule, String> {
                     'r' => ACC_READ,
                     'w' => ACC_WRITE,
                     'm' => ACC_MKNOD,
-                    other => return Err(at(format!("access {s:?}: {other:?} is not one of r, w, m"))),
+                    other => {
+                        return Err(at(format!("access {s:?}: {other:?} is not one of r, w, m")))
+                    }
                 };
             }
         }
     }
-    Ok(Rule { allow: d.allow(), kind, major: number("major", d.major())?, minor: number("minor", d.minor())?, access })
+    Ok(Rule {
+        allow: d.allow(),
+        kind,
+        major: number("major", d.major())?,
+        minor: number("minor", d.minor())?,
+        access,
+    })
 }
 
 /// The spec's rules with [`DEFAULT_ALLOWED`] placed after the last all-devices rule (or first,
 /// when there is none), in evaluation order.
 pub fn policy(spec: &[LinuxDeviceCgroup]) -> Result<Vec<Rule>, String> {
-    let rules = spec.iter().enumerate().map(|(i, d)| parse_one(i, d)).collect::<Result<Vec<_>, _>>()?;
-    let at = rules.iter().rposition(Rule::all_devices).map_or(0, |p| p + 1);
+    let rules = spec
+        .iter()
+        .enumerate()
+        .map(|(i, d)| parse_one(i, d))
+        .collect::<Result<Vec<_>, _>>()?;
+    let at = rules
+        .iter()
+        .rposition(Rule::all_devices)
+        .map_or(0, |p| p + 1);
     let mut all = rules[..at].to_vec();
     all.extend(DEFAULT_ALLOWED);
     all.extend_from_slice(&rules[at..]);
@@ -156,9 +196,16 @@ pub fn policy(spec: &[LinuxDeviceCgroup]) -> Result<Vec<Rule>, String> {
 /// the last rule matching the device that names that bit, allowed when none does.
 #[cfg(test)]
 pub fn decide(policy: &[Rule], dev_type: u32, major: u32, minor: u32, access: u32) -> bool {
-    [ACC_MKNOD, ACC_READ, ACC_WRITE].into_iter().filter(|b| access & b != 0).all(|bit| {
-        policy.iter().rev().find(|r| r.access & bit != 0 && r.matches(dev_type, major, minor)).is_none_or(|r| r.allow)
-    })
+    [ACC_MKNOD, ACC_READ, ACC_WRITE]
+        .into_iter()
+        .filter(|b| access & b != 0)
+        .all(|bit| {
+            policy
+                .iter()
+                .rev()
+                .find(|r| r.access & bit != 0 && r.matches(dev_type, major, minor))
+                .is_none_or(|r| r.allow)
+        })
 }
 
 /// The rules that can decide `bit`, last first, and the verdict when none of them matches.
@@ -245,7 +292,8 @@ pub fn program(policy: &[Rule]) -> Result<Vec<Insn>, String> {
         a.mov64(Reg::R0, 0);
         a.exit();
     }
-    a.finish().map_err(|e| format!("linux.resources.devices: {e}"))
+    a.finish()
+        .map_err(|e| format!("linux.resources.devices: {e}"))
 }
 
 /// Checks `rules` and builds their program, before anything is written to the cgroup.
@@ -258,12 +306,20 @@ pub fn compile(rules: &[LinuxDeviceCgroup]) -> Result<Vec<Insn>, String> {
 /// access is what both allow, never more).
 pub fn install(cgroup: &Path, prog: &[Insn]) -> Result<(), String> {
     let ctx = |e: bpf_syscall::Error| format!("device cgroup {}: {e}", cgroup.display());
-    let dir: OwnedFd = std::fs::File::open(cgroup).map_err(|e| format!("opening {}: {e}", cgroup.display()))?.into();
+    let dir: OwnedFd = std::fs::File::open(cgroup)
+        .map_err(|e| format!("opening {}: {e}", cgroup.display()))?
+        .into();
     let old = bpf_syscall::attached(dir.as_fd()).map_err(ctx)?;
-    let old: Vec<(u32, OwnedFd)> = old.into_iter().map(|id| bpf_syscall::prog_by_id(id).map(|fd| (id, fd))).collect::<Result<_, _>>().map_err(ctx)?;
+    let old: Vec<(u32, OwnedFd)> = old
+        .into_iter()
+        .map(|id| bpf_syscall::prog_by_id(id).map(|fd| (id, fd)))
+        .collect::<Result<_, _>>()
+        .map_err(ctx)?;
     let new = bpf_syscall::load_device_program(prog).map_err(ctx)?;
     match old.as_slice() {
-        [(_, one)] => bpf_syscall::attach(dir.as_fd(), new.as_fd(), Some(one.as_fd())).map_err(ctx)?,
+        [(_, one)] => {
+            bpf_syscall::attach(dir.as_fd(), new.as_fd(), Some(one.as_fd())).map_err(ctx)?
+        }
         _ => {
             bpf_syscall::attach(dir.as_fd(), new.as_fd(), None).map_err(ctx)?;
             for (id, fd) in &old {
@@ -276,7 +332,9 @@ pub fn install(cgroup: &Path, prog: &[Insn]) -> Result<(), String> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::bpf::{CLASS_ALU, CLASS_ALU64, CLASS_JMP, CLASS_JMP32, CLASS_LDX, JMP_JA, JMP_JNE, JMP_JSET};
+    use super::super::bpf::{
+        CLASS_ALU, CLASS_ALU64, CLASS_JMP, CLASS_JMP32, CLASS_LDX, JMP_JA, JMP_JNE, JMP_JSET,
+    };
     use super::*;
 
     fn rules(json: &str) -> Vec<LinuxDeviceCgroup> {
@@ -304,27 +362,47 @@ mod tests {
     /// instruction unreachable.
     fn check_shape(p: &[Insn]) {
         // BPF_COMPLEXITY_LIMIT_INSNS: the most a privileged loader may pass.
-        assert!(!p.is_empty() && p.len() <= 1_000_000, "{} instructions", p.len());
+        assert!(
+            !p.is_empty() && p.len() <= 1_000_000,
+            "{} instructions",
+            p.len()
+        );
         let mut reachable = vec![false; p.len()];
         reachable[0] = true;
         for (i, ins) in p.iter().enumerate() {
             if !reachable[i] {
                 panic!("instruction {i} is unreachable: {ins:?}");
             }
-            assert!(ins.dst <= 5 && ins.src <= 5, "{i}: register out of range: {ins:?}");
+            assert!(
+                ins.dst <= 5 && ins.src <= 5,
+                "{i}: register out of range: {ins:?}"
+            );
             let class = ins.class();
             match class {
                 CLASS_LDX => {
-                    assert_eq!((ins.src, ins.off % 4), (1, 0), "{i}: loads only words of the context");
-                    assert!((0..12).contains(&ins.off), "{i}: read outside bpf_cgroup_dev_ctx");
+                    assert_eq!(
+                        (ins.src, ins.off % 4),
+                        (1, 0),
+                        "{i}: loads only words of the context"
+                    );
+                    assert!(
+                        (0..12).contains(&ins.off),
+                        "{i}: read outside bpf_cgroup_dev_ctx"
+                    );
                 }
                 CLASS_ALU | CLASS_ALU64 => {}
                 CLASS_JMP | CLASS_JMP32 if ins.is_exit() => {
-                    assert!(i > 0 && p[i - 1].code == CLASS_ALU64 | 0xb0 && p[i - 1].dst == 0, "{i}: exit without setting r0");
+                    assert!(
+                        i > 0 && p[i - 1].code == CLASS_ALU64 | 0xb0 && p[i - 1].dst == 0,
+                        "{i}: exit without setting r0"
+                    );
                 }
                 CLASS_JMP | CLASS_JMP32 => {
                     let op = ins.code & 0xf0;
-                    assert!([JMP_JA, JMP_JSET, JMP_JNE].contains(&op), "{i}: unexpected jump {ins:?}");
+                    assert!(
+                        [JMP_JA, JMP_JSET, JMP_JNE].contains(&op),
+                        "{i}: unexpected jump {ins:?}"
+                    );
                     assert!(ins.off >= 0, "{i}: backward jump");
                     let to = i + 1 + usize::try_from(ins.off).unwrap();
                     assert!(to < p.len(), "{i}: jump to {to} past the end ({})", p.len());
@@ -334,7 +412,10 @@ mod tests {
             }
             let falls_through = !(ins.is_exit() || ins.is_ja());
             if falls_through {
-                assert!(i + 1 < p.len(), "{i}: the last instruction falls off the end");
+                assert!(
+                    i + 1 < p.len(),
+                    "{i}: the last instruction falls off the end"
+                );
                 reachable[i + 1] = true;
             }
         }
@@ -362,7 +443,10 @@ mod tests {
                 0x74 => r[dst] = (r[dst] & 0xffff_ffff) >> imm,
                 0xb7 => r[dst] = u64::from_ne_bytes(i64::from(imm).to_ne_bytes()),
                 0x56 => jump((r[dst] & 0xffff_ffff) != u64::from(imm_u32), &mut pc),
-                0x45 => jump(r[dst] & u64::from_ne_bytes(i64::from(imm).to_ne_bytes()) != 0, &mut pc),
+                0x45 => jump(
+                    r[dst] & u64::from_ne_bytes(i64::from(imm).to_ne_bytes()) != 0,
+                    &mut pc,
+                ),
                 0x05 => jump(true, &mut pc),
                 0x95 => return r[0] == 1,
                 other => panic!("opcode {other:#x}"),
@@ -372,7 +456,18 @@ mod tests {
 
     /// Every request on these devices, by the program and by `decide`.
     fn agree(policy: &[Rule], p: &[Insn]) {
-        let devices = [(DEV_CHAR, 1, 3), (DEV_CHAR, 1, 5), (DEV_CHAR, 1, 11), (DEV_CHAR, 136, 4), (DEV_CHAR, 5, 2), (DEV_CHAR, 10, 200), (DEV_BLOCK, 1, 3), (DEV_BLOCK, 8, 0), (DEV_BLOCK, 254, 1), (DEV_CHAR, 4095, 1_048_575)];
+        let devices = [
+            (DEV_CHAR, 1, 3),
+            (DEV_CHAR, 1, 5),
+            (DEV_CHAR, 1, 11),
+            (DEV_CHAR, 136, 4),
+            (DEV_CHAR, 5, 2),
+            (DEV_CHAR, 10, 200),
+            (DEV_BLOCK, 1, 3),
+            (DEV_BLOCK, 8, 0),
+            (DEV_BLOCK, 254, 1),
+            (DEV_CHAR, 4095, 1_048_575),
+        ];
         for (t, major, minor) in devices {
             for access in 1..=ACC_ALL {
                 assert_eq!(
@@ -405,7 +500,8 @@ mod tests {
     fn one_deny_rule_is_this_program() {
         // Only writes have a rule left to check: the defaults' allows are what falling through
         // gives anyway, and /dev/null's default allow is covered by the later deny.
-        let (_, p) = build(r#"[{"allow": false, "type": "c", "major": 1, "minor": 3, "access": "w"}]"#);
+        let (_, p) =
+            build(r#"[{"allow": false, "type": "c", "major": 1, "minor": 3, "access": "w"}]"#);
         let want: [(u8, u8, u8, i16, i32); 16] = [
             (0x61, 2, 1, 0, 0),      // r2 = ctx->access_type
             (0x54, 2, 0, 0, 0xffff), // r2 &= 0xffff: the type
@@ -424,7 +520,10 @@ mod tests {
             (0xb7, 0, 0, 0, 0),      // deny: r0 = 0
             (0x95, 0, 0, 0, 0),      // exit
         ];
-        let got: Vec<(u8, u8, u8, i16, i32)> = p.iter().map(|i| (i.code, i.dst, i.src, i.off, i.imm)).collect();
+        let got: Vec<(u8, u8, u8, i16, i32)> = p
+            .iter()
+            .map(|i| (i.code, i.dst, i.src, i.off, i.imm))
+            .collect();
         assert_eq!(got, want);
     }
 
@@ -434,37 +533,85 @@ mod tests {
         // The deny-all, the implicit defaults right after it, then containerd's nine allows.
         assert_eq!(pol.len(), 1 + DEFAULT_ALLOWED.len() + 9);
         assert_eq!(pol[1], DEFAULT_ALLOWED[0]);
-        for (major, minor) in [(1, 3), (1, 5), (1, 9), (1, 8), (1, 7), (5, 0), (5, 2), (136, 0), (136, 7)] {
-            assert!(allowed(&p, DEV_CHAR, major, minor, "rw"), "c {major}:{minor}");
+        for (major, minor) in [
+            (1, 3),
+            (1, 5),
+            (1, 9),
+            (1, 8),
+            (1, 7),
+            (5, 0),
+            (5, 2),
+            (136, 0),
+            (136, 7),
+        ] {
+            assert!(
+                allowed(&p, DEV_CHAR, major, minor, "rw"),
+                "c {major}:{minor}"
+            );
         }
-        for (t, major, minor) in [(DEV_CHAR, 1, 11), (DEV_CHAR, 4, 64), (DEV_BLOCK, 8, 0), (DEV_BLOCK, 1, 3)] {
-            assert!(!allowed(&p, t, major, minor, "r") && !allowed(&p, t, major, minor, "w"), "{t} {major}:{minor}");
-            assert!(allowed(&p, t, major, minor, "m"), "mknod stays allowed: {t} {major}:{minor}");
+        for (t, major, minor) in [
+            (DEV_CHAR, 1, 11),
+            (DEV_CHAR, 4, 64),
+            (DEV_BLOCK, 8, 0),
+            (DEV_BLOCK, 1, 3),
+        ] {
+            assert!(
+                !allowed(&p, t, major, minor, "r") && !allowed(&p, t, major, minor, "w"),
+                "{t} {major}:{minor}"
+            );
+            assert!(
+                allowed(&p, t, major, minor, "m"),
+                "mknod stays allowed: {t} {major}:{minor}"
+            );
         }
         // Three sections (m, r, w), each ending in the deny-all's jump; containerd's allows
         // that repeat the defaults are emitted once.
         assert_eq!(p.len(), 140, "{p:?}");
-        assert_eq!(p.iter().filter(|i| i.code == (CLASS_JMP | JMP_JSET)).count(), 3);
+        assert_eq!(
+            p.iter()
+                .filter(|i| i.code == (CLASS_JMP | JMP_JSET))
+                .count(),
+            3
+        );
     }
 
     #[test]
     fn cri_deny_all_alone_still_allows_the_default_devices() {
         let (_, p) = build(r#"[{"allow": false, "access": "rwm"}]"#);
-        assert!(allowed(&p, DEV_CHAR, 1, 3, "rw") && allowed(&p, DEV_CHAR, 136, 2, "rw") && allowed(&p, DEV_CHAR, 10, 200, "rw"));
+        assert!(
+            allowed(&p, DEV_CHAR, 1, 3, "rw")
+                && allowed(&p, DEV_CHAR, 136, 2, "rw")
+                && allowed(&p, DEV_CHAR, 10, 200, "rw")
+        );
         assert!(!allowed(&p, DEV_CHAR, 1, 11, "w") && !allowed(&p, DEV_BLOCK, 7, 0, "r"));
     }
 
     #[test]
     fn a_later_rule_denies_a_default_device() {
         // No deny-all: allowed unless denied, and the deny names /dev/null's read-write.
-        let (_, p) = build(r#"[{"allow": false, "type": "c", "major": 1, "minor": 3, "access": "rw"}]"#);
-        assert!(!allowed(&p, DEV_CHAR, 1, 3, "w") && !allowed(&p, DEV_CHAR, 1, 3, "r") && !allowed(&p, DEV_CHAR, 1, 3, "rw"));
-        assert!(allowed(&p, DEV_CHAR, 1, 3, "m") && allowed(&p, DEV_CHAR, 1, 5, "rw") && allowed(&p, DEV_BLOCK, 8, 0, "rw"));
+        let (_, p) =
+            build(r#"[{"allow": false, "type": "c", "major": 1, "minor": 3, "access": "rw"}]"#);
+        assert!(
+            !allowed(&p, DEV_CHAR, 1, 3, "w")
+                && !allowed(&p, DEV_CHAR, 1, 3, "r")
+                && !allowed(&p, DEV_CHAR, 1, 3, "rw")
+        );
+        assert!(
+            allowed(&p, DEV_CHAR, 1, 3, "m")
+                && allowed(&p, DEV_CHAR, 1, 5, "rw")
+                && allowed(&p, DEV_BLOCK, 8, 0, "rw")
+        );
         // After containerd's list too.
         let mut list: Vec<serde_json::Value> = serde_json::from_str(CONTAINERD_DEFAULT).unwrap();
-        list.push(serde_json::json!({"allow": false, "type": "c", "major": 1, "minor": 3, "access": "w"}));
+        list.push(
+            serde_json::json!({"allow": false, "type": "c", "major": 1, "minor": 3, "access": "w"}),
+        );
         let (_, p) = build(&serde_json::to_string(&list).unwrap());
-        assert!(!allowed(&p, DEV_CHAR, 1, 3, "w") && !allowed(&p, DEV_CHAR, 1, 3, "rw") && allowed(&p, DEV_CHAR, 1, 3, "r"));
+        assert!(
+            !allowed(&p, DEV_CHAR, 1, 3, "w")
+                && !allowed(&p, DEV_CHAR, 1, 3, "rw")
+                && allowed(&p, DEV_CHAR, 1, 3, "r")
+        );
     }
 
     #[test]
@@ -476,12 +623,18 @@ mod tests {
                 {"allow": true, "type": "b", "major": 8, "minor": 0, "access": "r"},
                 {"allow": true, "type": "b", "major": 8, "minor": 0, "access": "w"}]"#,
         );
-        assert!(allowed(&p, DEV_CHAR, 1, 11, "r") && !allowed(&p, DEV_CHAR, 1, 11, "w") && !allowed(&p, DEV_CHAR, 1, 11, "rw"));
+        assert!(
+            allowed(&p, DEV_CHAR, 1, 11, "r")
+                && !allowed(&p, DEV_CHAR, 1, 11, "w")
+                && !allowed(&p, DEV_CHAR, 1, 11, "rw")
+        );
         assert!(allowed(&p, DEV_CHAR, 1, 1, "rw"));
         // Read and write allowed by two rules: an open for both is allowed.
         assert!(allowed(&p, DEV_BLOCK, 8, 0, "rw") && !allowed(&p, DEV_BLOCK, 8, 1, "r"));
         // An allow-all at the end wins over everything before it: no checks are emitted.
-        let (_, p) = build(r#"[{"allow": false, "access": "rwm"}, {"allow": true, "type": "a", "access": "rwm"}]"#);
+        let (_, p) = build(
+            r#"[{"allow": false, "access": "rwm"}, {"allow": true, "type": "a", "access": "rwm"}]"#,
+        );
         assert_eq!(p.len(), 8, "{p:?}");
         assert!(allowed(&p, DEV_BLOCK, 8, 0, "rwm"));
     }
@@ -490,15 +643,25 @@ mod tests {
     fn partial_all_devices_rules_decide_only_their_access() {
         // Deny all writes: reads stay allowed everywhere, writes only on the defaults.
         let (_, p) = build(r#"[{"allow": false, "type": "a", "access": "w"}]"#);
-        assert!(allowed(&p, DEV_BLOCK, 8, 0, "r") && !allowed(&p, DEV_BLOCK, 8, 0, "w") && allowed(&p, DEV_CHAR, 1, 3, "w"));
+        assert!(
+            allowed(&p, DEV_BLOCK, 8, 0, "r")
+                && !allowed(&p, DEV_BLOCK, 8, 0, "w")
+                && allowed(&p, DEV_CHAR, 1, 3, "w")
+        );
         // Type a with a major: both kinds with that major.
         let (_, p) = build(r#"[{"allow": false, "type": "a", "major": 8, "access": "r"}]"#);
-        assert!(!allowed(&p, DEV_BLOCK, 8, 3, "r") && !allowed(&p, DEV_CHAR, 8, 3, "r") && allowed(&p, DEV_BLOCK, 9, 3, "r"));
+        assert!(
+            !allowed(&p, DEV_BLOCK, 8, 3, "r")
+                && !allowed(&p, DEV_CHAR, 8, 3, "r")
+                && allowed(&p, DEV_BLOCK, 9, 3, "r")
+        );
     }
 
     #[test]
     fn numbers_beyond_i32_compare_as_unsigned() {
-        let (_, p) = build(r#"[{"allow": false, "access": "rwm"}, {"allow": true, "type": "c", "major": 4294967295, "minor": 2147483648, "access": "r"}]"#);
+        let (_, p) = build(
+            r#"[{"allow": false, "access": "rwm"}, {"allow": true, "type": "c", "major": 4294967295, "minor": 2147483648, "access": "r"}]"#,
+        );
         assert!(run(&p, DEV_CHAR, ACC_READ, u32::MAX, 1 << 31));
         assert!(!run(&p, DEV_CHAR, ACC_READ, u32::MAX, 0));
     }
@@ -510,20 +673,49 @@ mod tests {
             err(r#"[{"allow": true}, {"allow": true, "type": "c", "access": "rwx"}]"#),
             "linux.resources.devices[1]: access \"rwx\": 'x' is not one of r, w, m"
         );
-        assert_eq!(err(r#"[{"allow": true, "type": "p"}]"#), "linux.resources.devices[0]: type \"p\" has no device cgroup rule: use a, b or c");
-        assert_eq!(err(r#"[{"allow": true, "major": 4294967296}]"#), "linux.resources.devices[0]: major 4294967296 is out of range");
+        assert_eq!(
+            err(r#"[{"allow": true, "type": "p"}]"#),
+            "linux.resources.devices[0]: type \"p\" has no device cgroup rule: use a, b or c"
+        );
+        assert_eq!(
+            err(r#"[{"allow": true, "major": 4294967296}]"#),
+            "linux.resources.devices[0]: major 4294967296 is out of range"
+        );
         // Unset access is all access; -1 is a wildcard.
         let pol = policy(&rules(r#"[{"allow": false, "major": -1, "minor": -1}]"#)).unwrap();
-        assert_eq!(pol[0], Rule { allow: false, kind: Kind::All, major: None, minor: None, access: ACC_ALL });
+        assert_eq!(
+            pol[0],
+            Rule {
+                allow: false,
+                kind: Kind::All,
+                major: None,
+                minor: None,
+                access: ACC_ALL
+            }
+        );
     }
 
     #[test]
     fn long_lists_build_or_fail_by_name() {
-        let many: Vec<String> = (0..1000).map(|i| format!(r#"{{"allow": true, "type": "c", "major": 200, "minor": {i}, "access": "rw"}}"#)).collect();
-        let (_, p) = build(&format!(r#"[{{"allow": false, "access": "rwm"}}, {}]"#, many.join(",")));
+        let many: Vec<String> = (0..1000)
+            .map(|i| {
+                format!(
+                    r#"{{"allow": true, "type": "c", "major": 200, "minor": {i}, "access": "rw"}}"#
+                )
+            })
+            .collect();
+        let (_, p) = build(&format!(
+            r#"[{{"allow": false, "access": "rwm"}}, {}]"#,
+            many.join(",")
+        ));
         assert!(p.len() < 10_000, "{}", p.len());
-        let many: Vec<String> = (0..4000).map(|i| format!(r#"{{"allow": false, "type": "c", "major": 200, "minor": {i}}}"#)).collect();
+        let many: Vec<String> = (0..4000)
+            .map(|i| format!(r#"{{"allow": false, "type": "c", "major": 200, "minor": {i}}}"#))
+            .collect();
         let e = compile(&rules(&format!("[{}]", many.join(",")))).unwrap_err();
-        assert!(e.starts_with("linux.resources.devices: a jump from instruction"), "{e}");
+        assert!(
+            e.starts_with("linux.resources.devices: a jump from instruction"),
+            "{e}"
+        );
     }
 }

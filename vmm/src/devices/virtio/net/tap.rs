@@ -122,7 +122,9 @@ impl Tap {
     pub fn from_fd(fd: RawFd) -> Result<Self, TapError> {
         let not_a_tap = |why: String| TapError::NotATap { fd, why };
         if fd < 3 {
-            return Err(not_a_tap("not a descriptor a tap can be inherited under".into()));
+            return Err(not_a_tap(
+                "not a descriptor a tap can be inherited under".into(),
+            ));
         }
         // SAFETY: F_GETFD only reads the descriptor's flags; a closed number gives EBADF.
         if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
@@ -132,7 +134,10 @@ impl Tap {
         // SAFETY: TUNGETIFF writes a struct ifreq (40 bytes on 64-bit Linux) into `ifreq`;
         // on a descriptor that is not a tun file it fails with EBADFD/ENOTTY.
         if unsafe { libc::ioctl(fd, TUNGETIFF as _, ifreq.as_mut_ptr()) } < 0 {
-            return Err(not_a_tap(format!("not a tun/tap file ({})", io::Error::last_os_error())));
+            return Err(not_a_tap(format!(
+                "not a tun/tap file ({})",
+                io::Error::last_os_error()
+            )));
         }
         let flags = u16::from_ne_bytes([ifreq[IFNAMSIZ], ifreq[IFNAMSIZ + 1]]);
         if flags & IFF_TAP == 0 || flags & IFF_NO_PI == 0 {
@@ -140,13 +145,19 @@ impl Tap {
                 "flags {flags:#x}: a tap without packet information (IFF_TAP | IFF_NO_PI) is needed"
             )));
         }
-        let name_len = ifreq[..IFNAMSIZ].iter().position(|&b| b == 0).unwrap_or(IFNAMSIZ);
+        let name_len = ifreq[..IFNAMSIZ]
+            .iter()
+            .position(|&b| b == 0)
+            .unwrap_or(IFNAMSIZ);
         let name = String::from_utf8_lossy(&ifreq[..name_len]).into_owned();
         let vnet_hdr = if flags & IFF_VNET_HDR != 0 {
             let mut size: libc::c_int = 0;
             // SAFETY: TUNGETVNETHDRSZ writes one int into `size`.
             if unsafe { libc::ioctl(fd, TUNGETVNETHDRSZ as _, &mut size as *mut libc::c_int) } < 0 {
-                return Err(not_a_tap(format!("reading its header size: {}", io::Error::last_os_error())));
+                return Err(not_a_tap(format!(
+                    "reading its header size: {}",
+                    io::Error::last_os_error()
+                )));
             }
             usize::try_from(size)
                 .ok()
@@ -301,13 +312,20 @@ mod tests {
         std::thread::spawn(|| {
             // SAFETY: unshare of this thread's network namespace only.
             assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0);
-            let file = OpenOptions::new().read(true).write(true).open(TUN_PATH).unwrap();
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(TUN_PATH)
+                .unwrap();
             let mut ifreq = [0u8; 40];
             ifreq[..3].copy_from_slice(b"hk0");
             ifreq[IFNAMSIZ..IFNAMSIZ + 2]
                 .copy_from_slice(&(IFF_TAP | IFF_NO_PI | IFF_VNET_HDR).to_ne_bytes());
             // SAFETY: TUNSETIFF on the tun file with a 40-byte ifreq.
-            assert_eq!(unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF as _, ifreq.as_mut_ptr()) }, 0);
+            assert_eq!(
+                unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF as _, ifreq.as_mut_ptr()) },
+                0
+            );
             let fd = std::os::fd::IntoRawFd::into_raw_fd(file);
             let mut tap = Tap::from_fd(fd).unwrap();
             assert_eq!((tap.name(), tap.vnet_hdr), ("hk0", 10));
@@ -318,7 +336,10 @@ mod tests {
                 io::ErrorKind::WouldBlock
             );
             let e = tap.write_frame(&[0xff; 60]);
-            assert!(e.is_ok() || e.as_ref().unwrap_err().raw_os_error() == Some(libc::EIO), "{e:?}");
+            assert!(
+                e.is_ok() || e.as_ref().unwrap_err().raw_os_error() == Some(libc::EIO),
+                "{e:?}"
+            );
         })
         .join()
         .unwrap();
