@@ -32,34 +32,76 @@ pub struct Tally {
     /// `(test name, reason)` of tests that were ignored.
     pub not_run: Vec<(String, String)>,
     pub failures: Vec<String>,
+    /// A test whose `test NAME ... ` line was cut by another process's output (a child
+    /// writing to the inherited stderr): its outcome comes on a later line of its own.
+    pending: Option<String>,
+    /// Names in libtest's closing `failures:` list, while it is being read.
+    failure_list: Option<Vec<String>>,
 }
 
 impl Tally {
     /// Reads one line of libtest's output.
     pub fn line(&mut self, line: &str) {
+        let trimmed = line.trim();
+        if let Some(list) = &mut self.failure_list {
+            if let Some(name) = line.strip_prefix("    ").filter(|n| !n.contains(' ')) {
+                list.push(name.to_string());
+                return;
+            }
+        }
+        if trimmed == "failures:" {
+            // libtest prints two blocks so titled; the second (names only) is the one kept.
+            self.failure_list = Some(Vec::new());
+            return;
+        }
+        if trimmed.starts_with("test result:") {
+            // Backstop: a failure whose own line was garbled is still in libtest's list.
+            for name in self.failure_list.take().unwrap_or_default() {
+                if !self.failures.contains(&name) {
+                    self.failed += 1;
+                    self.failures.push(name);
+                }
+            }
+            self.pending = None;
+            return;
+        }
+        if let Some(name) = self.pending.take() {
+            if !self.outcome(&name, trimmed) {
+                self.pending = Some(name);
+            }
+        }
         let Some(rest) = line.strip_prefix("test ") else {
             return;
         };
         if let Some((name, outcome)) = rest.split_once(" ... ") {
-            let outcome = outcome.trim();
-            if outcome == "ok" {
-                self.passed += 1;
-                self.passes.push(name.to_string());
-            } else if outcome.starts_with("FAILED") {
-                self.failed += 1;
-                self.failures.push(name.to_string());
-            } else if let Some(reason) = outcome.strip_prefix("ignored") {
-                let reason = reason.trim_start_matches(',').trim();
-                self.not_run.push((
-                    name.to_string(),
-                    if reason.is_empty() {
-                        "ignored".into()
-                    } else {
-                        reason.into()
-                    },
-                ));
+            if !self.outcome(name, outcome.trim()) {
+                self.pending = Some(name.to_string());
             }
         }
+    }
+
+    /// Records `outcome` for `name` if it is one of libtest's; false if it is not.
+    fn outcome(&mut self, name: &str, outcome: &str) -> bool {
+        if outcome == "ok" {
+            self.passed += 1;
+            self.passes.push(name.to_string());
+        } else if outcome.starts_with("FAILED") {
+            self.failed += 1;
+            self.failures.push(name.to_string());
+        } else if let Some(reason) = outcome.strip_prefix("ignored") {
+            let reason = reason.trim_start_matches(',').trim();
+            self.not_run.push((
+                name.to_string(),
+                if reason.is_empty() {
+                    "ignored".into()
+                } else {
+                    reason.into()
+                },
+            ));
+        } else {
+            return false;
+        }
+        true
     }
 
     /// The tests the main run left ignored as tier 4.
@@ -206,6 +248,37 @@ mod tests {
                 ("plain".to_string(), "ignored".to_string())
             ]
         );
+    }
+
+    #[test]
+    fn outcomes_cut_by_a_childs_stderr_still_count() {
+        let mut t = Tally::default();
+        for l in [
+            "running 3 tests",
+            "test exec_and_signals ... husk-agent: request failed (FAILED_PRECONDITION): ex: still running",
+            "ok",
+            "husk-agent serve: listening on unix:///tmp/x/agent.sock",
+            "test malformed_specs ... husk-agent: request failed (INVALID_ARGUMENT): bad",
+            "FAILED",
+            "test garbled ... husk-agent: FAILED_PRECONDITION, and the outcome was lost",
+            "",
+            "failures:",
+            "",
+            "---- malformed_specs stdout ----",
+            "thread 'malformed_specs' panicked at tests/tests/x.rs:1:5:",
+            "   0: __rustc::rust_begin_unwind",
+            "",
+            "failures:",
+            "    garbled",
+            "    malformed_specs",
+            "",
+            "test result: FAILED. 1 passed; 2 failed; 0 ignored",
+        ] {
+            t.line(l);
+        }
+        assert_eq!(t.passes, ["exec_and_signals"]);
+        assert_eq!(t.failures, ["malformed_specs", "garbled"]);
+        assert_eq!((t.passed, t.failed), (1, 2));
     }
 
     #[test]
