@@ -8,6 +8,27 @@
 //! created.
 
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// How long removing the sandbox's own cgroup waits for its last processes to be gone: the
+/// VM's processes die asynchronously (SIGKILL, and PDEATHSIG when the VM thread ends) just
+/// before the shim leaves, and a cgroup with a task in it cannot be removed (EBUSY). Without
+/// the wait, about one CRI pod in a hundred left its cgroup behind in the soak.
+pub const LEAF_PATIENCE: Duration = Duration::from_secs(2);
+
+/// Removes the cgroup `dir` (the sandbox's own, the leaf), retrying while it is busy with
+/// tasks on their way out, for up to [`LEAF_PATIENCE`].
+fn remove_leaf(dir: &Path) {
+    let deadline = Instant::now() + LEAF_PATIENCE;
+    loop {
+        match std::fs::remove_dir(dir) {
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            _ => return,
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum CgroupError {
@@ -175,7 +196,8 @@ impl HostCgroup {
         &self.path
     }
 
-    /// Moves this process back where it was and removes the directories `join` created.
+    /// Moves this process back where it was and removes the directories `join` created (the
+    /// sandbox's own once its last processes are gone, see [`LEAF_PATIENCE`]).
     pub fn leave(&mut self) {
         for (h, created) in self.joined.drain(..) {
             let back = h
@@ -183,8 +205,13 @@ impl HostCgroup {
                 .join(h.original.trim_start_matches('/'))
                 .join("cgroup.procs");
             let _ = std::fs::write(&back, std::process::id().to_string());
+            let leaf = h.mount.join(self.path.trim_start_matches('/'));
             for dir in created.iter().rev() {
-                let _ = std::fs::remove_dir(dir);
+                if *dir == leaf {
+                    remove_leaf(dir);
+                } else {
+                    let _ = std::fs::remove_dir(dir);
+                }
             }
         }
     }
@@ -196,7 +223,7 @@ pub fn remove(cgroups_path: &str) {
         return;
     };
     for h in hierarchies() {
-        let _ = std::fs::remove_dir(h.mount.join(path.trim_start_matches('/')));
+        remove_leaf(&h.mount.join(path.trim_start_matches('/')));
     }
 }
 
@@ -219,5 +246,38 @@ mod tests {
     #[test]
     fn this_host_has_hierarchies() {
         assert!(!hierarchies().is_empty(), "no cgroup file system mounted?");
+    }
+
+    #[test]
+    fn leaving_waits_for_the_last_processes_to_be_gone() {
+        assert!(
+            nix::unistd::Uid::effective().is_root(),
+            "this test makes host cgroups: run it as root (cargo xtask test)"
+        );
+        let path = format!("/husk-unit-{}/leaf", std::process::id());
+        let mut c = HostCgroup::join(&path).unwrap();
+        // A process of the sandbox still exiting when the shim leaves: it inherited the
+        // cgroup and ends a moment later.
+        let mut child = std::process::Command::new("sleep")
+            .arg("0.3")
+            .spawn()
+            .unwrap();
+        let started = Instant::now();
+        c.leave();
+        let waited = started.elapsed();
+        let _ = child.wait();
+        for h in hierarchies() {
+            let leaf = h.mount.join(path.trim_start_matches('/'));
+            assert!(!leaf.exists(), "{} left behind", leaf.display());
+            assert!(!leaf.parent().unwrap().exists());
+        }
+        assert!(
+            waited >= Duration::from_millis(200),
+            "did not wait: {waited:?}"
+        );
+        assert!(
+            waited < LEAF_PATIENCE,
+            "waited the whole patience: {waited:?}"
+        );
     }
 }
