@@ -322,10 +322,8 @@ mod tests {
             ifreq[IFNAMSIZ..IFNAMSIZ + 2]
                 .copy_from_slice(&(IFF_TAP | IFF_NO_PI | IFF_VNET_HDR).to_ne_bytes());
             // SAFETY: TUNSETIFF on the tun file with a 40-byte ifreq.
-            assert_eq!(
-                unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF as _, ifreq.as_mut_ptr()) },
-                0
-            );
+            let rc = unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF as _, ifreq.as_mut_ptr()) };
+            assert_eq!(rc, 0);
             let fd = std::os::fd::IntoRawFd::into_raw_fd(file);
             let mut tap = Tap::from_fd(fd).unwrap();
             assert_eq!((tap.name(), tap.vnet_hdr), ("hk0", 10));
