@@ -78,6 +78,27 @@ fn names_a_sandbox(text: &str, ids: &HashSet<String>) -> bool {
     })
 }
 
+/// The interfaces of the network namespace at `path` (/proc/net/dev read from a short-lived
+/// thread that entered it); none if it cannot be entered.
+fn links_in(path: &Path) -> Vec<String> {
+    let path = path.to_path_buf();
+    std::thread::spawn(move || -> Option<Vec<String>> {
+        let ns = std::fs::File::open(&path).ok()?;
+        nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).ok()?;
+        let dev = std::fs::read_to_string("/proc/thread-self/net/dev").ok()?;
+        Some(
+            dev.lines()
+                .skip(2)
+                .filter_map(|l| Some(l.split_once(':')?.0.trim().to_string()))
+                .collect(),
+        )
+    })
+    .join()
+    .ok()
+    .flatten()
+    .unwrap_or_default()
+}
+
 /// The scope of one soak run, and the counting.
 #[derive(Debug)]
 pub struct Scope {
@@ -91,7 +112,7 @@ pub struct Scope {
     /// The sentinel pod's shim, once known.
     pub sentinel_shim: Mutex<Option<u32>>,
     ids: Mutex<HashSet<String>>,
-    netns: Mutex<HashSet<String>>,
+    netns: Mutex<HashSet<PathBuf>>,
 }
 
 impl Scope {
@@ -117,9 +138,9 @@ impl Scope {
         self.ids.lock().unwrap().insert(id.to_string());
     }
 
-    /// A network namespace the run made (or CRI made for it): its name under /var/run/netns.
-    pub fn add_netns(&self, name: &str) {
-        self.netns.lock().unwrap().insert(name.to_string());
+    /// A network namespace the run made (or CRI made for it), by its path.
+    pub fn add_netns(&self, path: &Path) {
+        self.netns.lock().unwrap().insert(path.to_path_buf());
     }
 
     /// How many ids the run has made so far.
@@ -150,7 +171,7 @@ impl Scope {
         n
     }
 
-    fn mounts(&self, ids: &HashSet<String>, netns: &HashSet<String>) -> usize {
+    fn mounts(&self, ids: &HashSet<String>, netns: &HashSet<PathBuf>) -> usize {
         std::fs::read_to_string("/proc/self/mountinfo")
             .unwrap_or_default()
             .lines()
@@ -163,14 +184,17 @@ impl Scope {
                         let c = c.as_os_str().to_string_lossy();
                         ids.contains(c.as_ref())
                     })
-                    || ((m.starts_with("/run/netns/") || m.starts_with("/var/run/netns/"))
-                        && p.file_name()
-                            .is_some_and(|n| netns.contains(n.to_string_lossy().as_ref())))
+                    || netns.contains(p)
+                    || (m.starts_with("/run/netns/")
+                        && netns.contains(
+                            &Path::new("/var/run/netns")
+                                .join(p.strip_prefix("/run/netns").unwrap_or(p)),
+                        ))
             })
             .count()
     }
 
-    fn taps(&self, netns: &HashSet<String>) -> usize {
+    fn taps(&self, netns: &HashSet<PathBuf>) -> usize {
         let host = std::fs::read_dir("/sys/class/net")
             .into_iter()
             .flatten()
@@ -179,15 +203,8 @@ impl Scope {
             .count();
         let inside: usize = netns
             .iter()
-            .filter(|n| Path::new("/var/run/netns").join(n).exists())
-            .map(|n| {
-                let out = std::process::Command::new("ip")
-                    .args(["-n", n, "-o", "link", "show"])
-                    .output()
-                    .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-                    .unwrap_or_default();
-                out.lines().filter(|l| l.contains("_husk")).count()
-            })
+            .filter(|p| p.exists())
+            .map(|p| links_in(p).iter().filter(|l| l.ends_with("_husk")).count())
             .sum();
         host + inside
     }
@@ -284,10 +301,7 @@ impl Scope {
             mounts: self.mounts(&ids, &netns),
             taps: self.taps(&netns),
             veths: self.veths(),
-            netns: netns
-                .iter()
-                .filter(|n| Path::new("/var/run/netns").join(n).exists())
-                .count(),
+            netns: netns.iter().filter(|p| p.exists()).count(),
             state: self.state(&ids),
             cgroups: self.cgroups(&ids),
             shim_fds: shim.map_or(0, fds),
@@ -307,7 +321,10 @@ impl Scope {
         let deadline = Instant::now() + settle;
         loop {
             let s = self.sample(cycle, elapsed);
-            let back = baseline.map_or(true, |b| s.exact() == b.exact());
+            // The sentinel's own exec of the last cycle may still hold its fifos for a moment
+            // (the shim closes them once the reader has drained them): wait for those too.
+            let back =
+                baseline.map_or(true, |b| s.exact() == b.exact() && s.shim_fds <= b.shim_fds);
             if back || Instant::now() >= deadline {
                 return s;
             }

@@ -241,9 +241,11 @@ fn an_unlink_on_a_vcpu_thread_kills_husk_vmm() {
     let mut vm = start("seccomp-vcpu", false);
     let victim = vm.dir.0.join("must-stay");
     std::fs::write(&victim, b"x").unwrap();
-    // The API kicks the vCPUs as it queues the call: husk-vmm may die before it answers.
+    // The API kicks the vCPUs as it queues the call: husk-vmm may die before it answers, or
+    // while it writes the answer (seen under load: `{"ok"`, cut).
     if let Some(reply) = forbidden(&vm, &format!("vcpu unlink {}", victim.display())) {
-        assert!(reply.contains("\"queued\""), "{reply}");
+        let cut = !reply.trim_end().ends_with('}');
+        assert!(reply.contains("\"queued\"") || cut, "{reply}");
     }
     expect_sigsys(&mut vm, "unlink on a vCPU thread");
     assert!(victim.exists(), "the file was removed");
