@@ -45,8 +45,6 @@ impl Drop for TestBridge {
 
 pub struct CriContainerd {
     dir: tempfile::TempDir,
-    /// Network namespaces that existed before: any other `cni-*` one is this containerd's.
-    netns_before: Vec<String>,
     child: std::process::Child,
     pub bridge: TestBridge,
     pub runtime: tokio::runtime::Runtime,
@@ -67,7 +65,6 @@ impl CriContainerd {
             .prefix("husk-cri-")
             .tempdir()
             .unwrap();
-        let netns_before = netns();
         let base = dir.path().to_path_buf();
         let bridge = TestBridge::new();
         // The shim under its runtime name, and its configuration.
@@ -109,6 +106,7 @@ state = "{b}/state"
   address = "{b}/containerd.sock.ttrpc"
 [plugins."io.containerd.grpc.v1.cri"]
   sandbox_image = "husk.local/pause:latest"
+  netns_mounts_under_state_dir = true
   restrict_oom_score_adj = true
   stream_server_address = "127.0.0.1"
   stream_server_port = "0"
@@ -187,7 +185,6 @@ state = "{b}/state"
         });
         Self {
             dir,
-            netns_before,
             child,
             bridge,
             runtime,
@@ -237,13 +234,11 @@ state = "{b}/state"
     }
 }
 
-fn netns() -> Vec<String> {
-    std::fs::read_dir("/var/run/netns")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect()
+/// Where this containerd's CRI puts its pods' network namespaces: under its own state
+/// directory (`netns_mounts_under_state_dir`), not the machine's /var/run/netns, so that no
+/// other test's containerd (and its cleanup) ever sees them.
+pub fn netns_dir(dir: &Path) -> PathBuf {
+    dir.join("state/io.containerd.grpc.v1.cri/netns")
 }
 
 impl Drop for CriContainerd {
@@ -259,17 +254,13 @@ impl Drop for CriContainerd {
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
-        // After a failure half-way: pods' shims and VMs, and CNI's network namespaces.
+        // After a failure half-way: pods' shims and VMs. CRI's network namespaces are mounts
+        // under our state directory (see `netns_dir`), unmounted with the rest below.
         let sock = self.dir.path().join("containerd.sock");
         crate::husk::end_shims(&format!("-address\0{}\0", sock.display()), "k8s.io");
-        for ns in netns()
-            .into_iter()
-            .filter(|n| n.starts_with("cni-") && !self.netns_before.contains(n))
-        {
-            let _ = Command::new("ip").args(["netns", "del", &ns]).status();
-        }
-        // CRI's mounts (sandbox shm) and runc's cgroups of k8s.io pods are under our root or
-        // removed by containerd; what a crashed run could leave is unmounted here.
+        // CRI's mounts (sandbox shm, network namespaces) and runc's cgroups of k8s.io pods are
+        // under our root or removed by containerd; what a crashed run could leave is unmounted
+        // here.
         for m in crate::husk::mounts_under(self.dir.path()).into_iter().rev() {
             let _ = nix::mount::umount2(m.as_str(), nix::mount::MntFlags::MNT_DETACH);
         }

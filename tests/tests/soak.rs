@@ -69,7 +69,7 @@ impl Soak {
     /// `ctr run -d` of an idle busybox in a netns of our own on our bridge.
     fn run_ctr_pod(&self, id: &str, netns: &Netns) {
         self.net.lock().unwrap().attach(netns);
-        self.scope.add_netns(&netns.name);
+        self.scope.add_netns(&netns.path());
         self.scope.add_id(id);
         let with_ns = format!("network:{}", netns.path().display());
         self.ctr_ok(&[
@@ -176,9 +176,7 @@ impl Soak {
             .find(|n| n["type"] == "network")
             .and_then(|n| n["path"].as_str())
         {
-            if let Some(n) = std::path::Path::new(path).file_name() {
-                self.scope.add_netns(&n.to_string_lossy());
-            }
+            self.scope.add_netns(std::path::Path::new(path));
         }
         let cid = match self
             .cri
