@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 /// How long removing the sandbox's own cgroup waits for its last processes to be gone: the
 /// VM's processes die asynchronously (SIGKILL, and PDEATHSIG when the VM thread ends) just
 /// before the shim leaves, and a cgroup with a task in it cannot be removed (EBUSY). Without
-/// the wait, about one CRI pod in a hundred left its cgroup behind in the soak.
+/// the wait, one CRI pod in 300 left its cgroup behind in the soak.
 pub const LEAF_PATIENCE: Duration = Duration::from_secs(2);
 
 /// Removes the cgroup `dir` (the sandbox's own, the leaf), retrying while it is busy with
