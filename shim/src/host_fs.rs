@@ -185,6 +185,9 @@ pub struct BindAttrs {
     pub nosuid: bool,
     pub nodev: bool,
     pub noexec: bool,
+    /// The tree's propagation, all the way down (`MS_PRIVATE`, `MS_SLAVE`), set before it is
+    /// attached; 0 keeps the source's (a copy of a shared mount is its peer).
+    pub propagation: u64,
 }
 
 /// Binds `source` (a host path given by containerd or the pod spec: followed as runc would)
@@ -219,18 +222,23 @@ pub fn bind_onto(
     if attrs.noexec {
         set |= MOUNT_ATTR_NOEXEC;
     }
-    if set != 0 {
-        set_attrs(&tree, set)?;
+    if set != 0 || attrs.propagation != 0 {
+        setattr(&tree, set, attrs.propagation)?;
     }
     move_onto(&tree, target)
 }
 
 /// `mount_setattr(fd, "", AT_EMPTY_PATH | AT_RECURSIVE, set)`.
 pub fn set_attrs(tree: &OwnedFd, set: u64) -> std::io::Result<()> {
+    setattr(tree, set, 0)
+}
+
+/// `mount_setattr(fd, "", AT_EMPTY_PATH | AT_RECURSIVE, set, propagation)`.
+fn setattr(tree: &OwnedFd, set: u64, propagation: u64) -> std::io::Result<()> {
     let attr = MountAttr {
         attr_set: set,
         attr_clr: 0,
-        propagation: 0,
+        propagation,
         userns_fd: 0,
     };
     // SAFETY: the empty path is a static NUL-terminated string; `attr` is a valid mount_attr
@@ -479,6 +487,74 @@ mod tests {
         assert_eq!(std::fs::read_to_string(t.join("sub/deep")).unwrap(), "host");
         for m in [t.join("sub"), t, sub] {
             nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH).unwrap();
+        }
+    }
+
+    /// A volume's propagation on the host side: a private copy never sees the host's later
+    /// mounts under the source, a slave one does; a mount made under either copy never
+    /// reaches the source.
+    #[test]
+    fn a_binds_propagation_follows_what_was_asked() {
+        use nix::mount::{mount, umount2, MntFlags, MsFlags};
+        let d = tempfile::tempdir().unwrap();
+        let src = d.path().join("src");
+        std::fs::create_dir(&src).unwrap();
+        let none = None::<&str>;
+        mount(Some("tmpfs"), &src, Some("tmpfs"), MsFlags::empty(), none).unwrap();
+        mount(none, &src, none, MsFlags::MS_SHARED, none).unwrap();
+        std::fs::create_dir(src.join("later")).unwrap();
+        std::fs::create_dir(d.path().join("base")).unwrap();
+        let base = open_dir(&d.path().join("base")).unwrap();
+        let bind = |name: &str, propagation: MsFlags| {
+            let target = mkdir_beneath(&base, Path::new(name), 0o755).unwrap();
+            let attrs = BindAttrs {
+                propagation: propagation.bits(),
+                ..Default::default()
+            };
+            bind_onto(&src, &target, true, attrs).unwrap();
+            d.path().join("base").join(name)
+        };
+        let private = bind("private", MsFlags::MS_PRIVATE);
+        let slave = bind("slave", MsFlags::MS_SLAVE);
+        mount(
+            Some("tmpfs"),
+            &src.join("later"),
+            Some("tmpfs"),
+            MsFlags::empty(),
+            none,
+        )
+        .unwrap();
+        std::fs::write(src.join("later/f"), "late").unwrap();
+        let seen = |t: &Path| std::fs::read_to_string(t.join("later/f")).ok();
+        assert_eq!(
+            seen(&private),
+            None,
+            "a private copy saw a later host mount"
+        );
+        assert_eq!(seen(&slave).as_deref(), Some("late"));
+        std::fs::create_dir(slave.join("back")).unwrap();
+        mount(
+            Some("tmpfs"),
+            &slave.join("back"),
+            Some("tmpfs"),
+            MsFlags::empty(),
+            none,
+        )
+        .unwrap();
+        std::fs::write(slave.join("back/g"), "x").unwrap();
+        assert!(
+            !src.join("back/g").exists(),
+            "a slave's mount reached its source"
+        );
+        for m in [
+            slave.join("back"),
+            slave.join("later"),
+            slave,
+            private,
+            src.join("later"),
+            src,
+        ] {
+            let _ = umount2(&m, MntFlags::MNT_DETACH);
         }
     }
 }

@@ -126,6 +126,7 @@ fn mount_one(
             nosuid: flags.contains(MsFlags::MS_NOSUID),
             nodev: flags.contains(MsFlags::MS_NODEV),
             noexec: flags.contains(MsFlags::MS_NOEXEC),
+            propagation: 0,
         };
         return host_fs::bind_onto(
             Path::new(source),
@@ -228,6 +229,24 @@ pub fn bind_plan(cid: &str, spec: &Value) -> Result<Vec<Bind>, ShareError> {
                 "contains a NUL byte, which no host path holds",
             ));
         }
+        if let Some(option) = options_of(m)
+            .into_iter()
+            .find(|o| matches!(*o, "shared" | "rshared"))
+        {
+            let destination = m.get("destination").and_then(Value::as_str).unwrap_or("");
+            return Err(ShareError::Field {
+                cid: cid.into(),
+                field: format!("mounts[{index}].options"),
+                value: option.into(),
+                message: format!(
+                    "the volume at {} asks for {option} propagation (Kubernetes' \
+                     mountPropagation: Bidirectional), which a VM cannot give: the container's \
+                     mounts stay in the guest and never reach the node — use HostToContainer \
+                     (rslave) or None (rprivate), or run the pod under runc",
+                    shown(destination)
+                ),
+            });
+        }
         plan.push(Bind {
             index,
             source: source.clone(),
@@ -296,11 +315,7 @@ pub fn share_bind_mounts(dir: &SandboxDir, cid: &str, spec: &mut Value) -> Resul
             host_fs::create_file_beneath(&base, &rel, 0o644)
         }
         .map_err(|e| fail(format!("creating the mount point: {e}")))?;
-        let options: Vec<&str> = m
-            .get("options")
-            .and_then(Value::as_array)
-            .map(|o| o.iter().filter_map(Value::as_str).collect())
-            .unwrap_or_default();
+        let options = options_of(m);
         // runc: "bind" is one mount, "rbind" (or a bind-typed mount naming neither) the tree.
         let recursive = !options.contains(&"bind") || options.contains(&"rbind");
         // Read-only on the host side too, in every submount: a compromised guest cannot
@@ -310,12 +325,41 @@ pub fn share_bind_mounts(dir: &SandboxDir, cid: &str, spec: &mut Value) -> Resul
             nosuid: true,
             nodev: true,
             noexec: false,
+            propagation: host_propagation(&options),
         };
         host_fs::bind_onto(Path::new(&source), &point, recursive, attrs)
             .map_err(|e| fail(e.to_string()))?;
         m["source"] = Value::String(format!("{GUEST_SHARED}/{cid}/mounts/{name}"));
     }
     Ok(())
+}
+
+/// A mount's options as strings (others are ignored: `bind_plan` has the say on shapes).
+fn options_of(m: &Value) -> Vec<&str> {
+    m.get("options")
+        .and_then(Value::as_array)
+        .map(|o| o.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default()
+}
+
+/// The host-side copy's propagation, so that what the guest is shown of the host's later
+/// mounts under the source is what runc's container would see (virtiofsd serves whatever is
+/// mounted in its view, so the host side decides): `private`/`rprivate` — none of them;
+/// otherwise (`slave`/`rslave`, or no option, which under runc is a slave of the host's
+/// mount through its rslave root) a slave of the source, which sees them if the source is
+/// shared. A slave, not a peer: nothing mounted on the shim's side ever reaches the source.
+/// (`shared`/`rshared` are refused by [`bind_plan`].)
+fn host_propagation(options: &[&str]) -> u64 {
+    let private = options
+        .iter()
+        .rev()
+        .find(|o| matches!(**o, "private" | "rprivate" | "slave" | "rslave"))
+        .is_some_and(|o| o.ends_with("private"));
+    if private {
+        libc::MS_PRIVATE
+    } else {
+        libc::MS_SLAVE
+    }
 }
 
 /// Reads the bundle's config.json.
@@ -434,6 +478,33 @@ mod tests {
         );
         let c = json!({"annotations": {"io.kubernetes.cri.container-type": "container", "io.kubernetes.cri.sandbox-id": "mine", "io.husk.sandbox-id": "victim"}});
         assert_eq!(sandbox_of(&c).unwrap().as_deref(), Some("mine"));
+    }
+
+    /// Kubernetes' Bidirectional propagation (containerd: `rshared`) cannot reach the node
+    /// from a VM: refused up front, naming the mount, the option and what to use instead.
+    #[test]
+    fn shared_volume_propagation_is_refused_naming_the_mount() {
+        for option in ["rshared", "shared"] {
+            let e = bind_plan(
+                "c1",
+                &json!({"mounts": [{"destination": "/proc", "type": "proc"}, {"destination": "/mnt/csi", "type": "bind", "source": "/v", "options": ["rbind", option, "rw"]}]}),
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains("mounts[1].options") && e.contains(option), "{e}");
+            assert!(e.contains("/mnt/csi") && e.contains("Bidirectional"), "{e}");
+            assert!(e.contains("HostToContainer"), "{e}");
+        }
+    }
+
+    #[test]
+    fn host_side_propagation_follows_the_volumes() {
+        assert_eq!(host_propagation(&["rbind", "rprivate"]), libc::MS_PRIVATE);
+        assert_eq!(host_propagation(&["private"]), libc::MS_PRIVATE);
+        assert_eq!(host_propagation(&["rbind", "rslave"]), libc::MS_SLAVE);
+        assert_eq!(host_propagation(&["rbind"]), libc::MS_SLAVE);
+        // The last one named wins, as with mount(8).
+        assert_eq!(host_propagation(&["rprivate", "rslave"]), libc::MS_SLAVE);
     }
 
     /// Found by the spec mutation run (tests/tests/spec_mutations.rs): a bind mount's bad

@@ -278,3 +278,226 @@ fn tail(s: &str, n: usize) -> &str {
         .unwrap_or(s.len());
     &s[start..]
 }
+
+/// A pod of one CRI containerd on one runtime handler, with the kubelet's defaults (its own
+/// cgroup parent under `cgroup_root`, pod network, pod IPC, a PID namespace per container),
+/// for tests that run the same steps on `husk` and `runc`. Removed (containers, then the
+/// pod) by [`CriPod::remove`] or, after a failure, when dropped.
+pub struct CriPod<'a> {
+    pub cri: &'a CriContainerd,
+    pub id: String,
+    pub config: k8s_cri::v1::PodSandboxConfig,
+    pub handler: String,
+    removed: bool,
+}
+
+impl<'a> CriPod<'a> {
+    /// RunPodSandbox; `tweak` may change the kubelet-like configuration first.
+    pub fn run(
+        cri: &'a CriContainerd,
+        name: &str,
+        handler: &str,
+        cgroup_root: &str,
+        tweak: impl FnOnce(&mut k8s_cri::v1::PodSandboxConfig),
+    ) -> Result<Self, tonic::Status> {
+        use k8s_cri::v1::*;
+        let mut config = PodSandboxConfig {
+            metadata: Some(PodSandboxMetadata {
+                name: name.into(),
+                uid: format!("uid-{name}-{}", std::process::id()),
+                namespace: "default".into(),
+                attempt: 0,
+            }),
+            hostname: name.into(),
+            log_directory: cri.logs_dir(name).display().to_string(),
+            linux: Some(LinuxPodSandboxConfig {
+                cgroup_parent: format!("/{cgroup_root}/pod-{name}"),
+                security_context: Some(LinuxSandboxSecurityContext {
+                    namespace_options: Some(Self::namespaces()),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        tweak(&mut config);
+        let mut rt = cri.rt.clone();
+        let id = cri
+            .block_on(rt.run_pod_sandbox(RunPodSandboxRequest {
+                config: Some(config.clone()),
+                runtime_handler: handler.into(),
+            }))?
+            .into_inner()
+            .pod_sandbox_id;
+        Ok(Self {
+            cri,
+            id,
+            config,
+            handler: handler.into(),
+            removed: false,
+        })
+    }
+
+    fn namespaces() -> k8s_cri::v1::NamespaceOption {
+        use k8s_cri::v1::*;
+        NamespaceOption {
+            network: NamespaceMode::Pod as i32,
+            pid: NamespaceMode::Container as i32,
+            ipc: NamespaceMode::Pod as i32,
+            ..Default::default()
+        }
+    }
+
+    /// CreateContainer of busybox running `command`, with `security` as the container's
+    /// security context (its namespace options are the kubelet's), and `mounts`; not started.
+    pub fn create(
+        &self,
+        name: &str,
+        command: &[&str],
+        security: k8s_cri::v1::LinuxContainerSecurityContext,
+        mounts: Vec<k8s_cri::v1::Mount>,
+    ) -> Result<String, tonic::Status> {
+        use k8s_cri::v1::*;
+        let security = LinuxContainerSecurityContext {
+            namespace_options: Some(Self::namespaces()),
+            ..security
+        };
+        let req = CreateContainerRequest {
+            pod_sandbox_id: self.id.clone(),
+            config: Some(ContainerConfig {
+                metadata: Some(ContainerMetadata {
+                    name: name.into(),
+                    attempt: 0,
+                }),
+                image: Some(ImageSpec {
+                    image: crate::husk::BUSYBOX.into(),
+                    ..Default::default()
+                }),
+                command: command.iter().map(|s| s.to_string()).collect(),
+                log_path: format!("{name}.log"),
+                mounts,
+                linux: Some(LinuxContainerConfig {
+                    security_context: Some(security),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            sandbox_config: Some(self.config.clone()),
+        };
+        let mut rt = self.cri.rt.clone();
+        Ok(self
+            .cri
+            .block_on(rt.create_container(req))?
+            .into_inner()
+            .container_id)
+    }
+
+    /// [`CriPod::create`] then StartContainer; panics (with containerd's log) on failure.
+    pub fn start(
+        &self,
+        name: &str,
+        command: &[&str],
+        security: k8s_cri::v1::LinuxContainerSecurityContext,
+        mounts: Vec<k8s_cri::v1::Mount>,
+    ) -> String {
+        let id = self
+            .create(name, command, security, mounts)
+            .unwrap_or_else(|e| {
+                panic!(
+                    "CreateContainer {name} ({}): {e}\ncontainerd log (tail):\n{}",
+                    self.handler,
+                    tail(&self.cri.log(), 6000)
+                )
+            });
+        let mut rt = self.cri.rt.clone();
+        self.cri
+            .block_on(rt.start_container(k8s_cri::v1::StartContainerRequest {
+                container_id: id.clone(),
+            }))
+            .unwrap_or_else(|e| panic!("StartContainer {name} ({}): {e}", self.handler));
+        id
+    }
+
+    /// ExecSync of `cmd` in `cid`: (exit code, stdout, stderr).
+    pub fn exec(&self, cid: &str, cmd: &[&str]) -> (i32, String, String) {
+        let mut rt = self.cri.rt.clone();
+        let r = self
+            .cri
+            .block_on(rt.exec_sync(k8s_cri::v1::ExecSyncRequest {
+                container_id: cid.into(),
+                cmd: cmd.iter().map(|s| s.to_string()).collect(),
+                timeout: 60,
+            }))
+            .unwrap_or_else(|e| panic!("ExecSync {cmd:?} ({}): {e}", self.handler))
+            .into_inner();
+        (
+            r.exit_code,
+            String::from_utf8_lossy(&r.stdout).into_owned(),
+            String::from_utf8_lossy(&r.stderr).into_owned(),
+        )
+    }
+
+    /// Stops and removes every container of the pod, then the pod.
+    pub fn remove(mut self) {
+        self.removed = true;
+        self.teardown()
+            .unwrap_or_else(|e| panic!("removing pod {} ({}): {e}", self.id, self.handler));
+    }
+
+    fn teardown(&self) -> Result<(), tonic::Status> {
+        use k8s_cri::v1::*;
+        let mut rt = self.cri.rt.clone();
+        let list = self
+            .cri
+            .block_on(rt.list_containers(ListContainersRequest { filter: None }))?
+            .into_inner();
+        for c in list
+            .containers
+            .iter()
+            .filter(|c| c.pod_sandbox_id == self.id)
+        {
+            self.cri.block_on(rt.stop_container(StopContainerRequest {
+                container_id: c.id.clone(),
+                timeout: 2,
+            }))?;
+            self.cri
+                .block_on(rt.remove_container(RemoveContainerRequest {
+                    container_id: c.id.clone(),
+                }))?;
+        }
+        self.cri
+            .block_on(rt.stop_pod_sandbox(StopPodSandboxRequest {
+                pod_sandbox_id: self.id.clone(),
+            }))?;
+        self.cri
+            .block_on(rt.remove_pod_sandbox(RemovePodSandboxRequest {
+                pod_sandbox_id: self.id.clone(),
+            }))?;
+        Ok(())
+    }
+}
+
+impl Drop for CriPod<'_> {
+    fn drop(&mut self) {
+        // After a failure: best effort (containerd's drop ends whatever is left).
+        if !self.removed {
+            let _ = self.teardown();
+        }
+    }
+}
+
+/// Removes the (empty) cgroup parents a test's pods left under `root` in every hierarchy.
+pub fn sweep_cgroups(root: &str) {
+    for entry in std::fs::read_dir("/sys/fs/cgroup")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let dir = entry.path().join(root);
+        for pod in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let _ = std::fs::remove_dir(pod.path());
+        }
+        let _ = std::fs::remove_dir(dir);
+    }
+    let _ = std::fs::remove_dir(Path::new("/sys/fs/cgroup").join(root));
+}

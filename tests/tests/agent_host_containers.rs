@@ -537,3 +537,38 @@ fn namespace_paths_mean_the_sandboxs_namespaces() {
         "the container must not be in the host's ipc namespace"
     );
 }
+
+/// `linux.rootfsPropagation` as runc gives it: the root is shared with `rshared` (pivot_root
+/// used to refuse it: EINVAL, the new root's parent mount being shared), and a recursive
+/// slave or private otherwise; the container still starts, and a mount it makes under its
+/// root stays in its own namespace (the agent's view of the shared directory is unchanged).
+#[test]
+fn rootfs_propagation_as_runc() {
+    let h = HostAgent::start();
+    for (id, prop) in [
+        ("rshared", "rshared"),
+        ("rslave", "rslave"),
+        ("rprivate", "rprivate"),
+    ] {
+        let mut s = sh("mkdir -p /tmp/m && mount -t tmpfs t /tmp/m && grep -E '^[0-9]+ [0-9]+ [^ ]+ [^ ]+ / ' /proc/self/mountinfo");
+        s["linux"]["rootfsPropagation"] = json!(prop);
+        // mount(8) in the container needs CAP_SYS_ADMIN, which the test spec's default set
+        // lacks.
+        s["process"]["capabilities"]["bounding"] = json!(["CAP_SYS_ADMIN"]);
+        s["process"]["capabilities"]["effective"] = json!(["CAP_SYS_ADMIN"]);
+        s["process"]["capabilities"]["permitted"] = json!(["CAP_SYS_ADMIN"]);
+        let out = h.run(id, &s);
+        assert_eq!(out.status, 0, "{prop}: {out:?}");
+        let root = out.stdout_str();
+        assert_eq!(
+            root.contains(" shared:"),
+            prop == "rshared",
+            "{prop}: the root's line: {root}"
+        );
+        let leaked = std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap()
+            .lines()
+            .any(|l| l.contains(&format!("/{id}/rootfs/tmp/m ")));
+        assert!(!leaked, "{prop}: the container's mount reached the host");
+    }
+}

@@ -68,6 +68,8 @@ pub enum Error {
         what: &'static str,
         errno: Errno,
     },
+    #[error("reading /proc/self/mountinfo to find the mount {0} is on: {1}")]
+    MountInfo(PathBuf, #[source] std::io::Error),
     #[error("pivot_root into {root}: {step}: {errno}")]
     Pivot {
         root: PathBuf,
@@ -471,17 +473,91 @@ pub fn readonly(root: &Root, paths: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// The propagation `linux.rootfsPropagation` names, as runc maps it (`r…` recursive); `None`
+/// when the spec names none (the root is then made a recursive slave, as runc does).
+fn root_propagation(p: Option<&str>) -> Option<MsFlags> {
+    let rec = MsFlags::MS_REC;
+    Some(match p? {
+        "shared" => MsFlags::MS_SHARED,
+        "rshared" => MsFlags::MS_SHARED | rec,
+        "private" => MsFlags::MS_PRIVATE,
+        "rprivate" => MsFlags::MS_PRIVATE | rec,
+        "slave" => MsFlags::MS_SLAVE,
+        "rslave" => MsFlags::MS_SLAVE | rec,
+        "unbindable" => MsFlags::MS_UNBINDABLE,
+        "runbindable" => MsFlags::MS_UNBINDABLE | rec,
+        _ => return None,
+    })
+}
+
+/// One line's mount point and whether it is shared, from /proc/self/mountinfo.
+fn mountinfo_line(line: &str) -> Option<(PathBuf, bool)> {
+    let mut fields = line.split(' ');
+    let point = fields.nth(4)?;
+    // Optional fields (`shared:N`, `master:N`, …) run from the 7th to the `-` separator.
+    let shared = fields
+        .skip(1)
+        .take_while(|f| *f != "-")
+        .any(|f| f.starts_with("shared:"));
+    Some((PathBuf::from(unescape_mountinfo(point)), shared))
+}
+
+/// mountinfo writes space, tab, newline and backslash as `\ooo` (octal).
+fn unescape_mountinfo(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let oct = b
+            .get(i + 1..i + 4)
+            .filter(|d| d.iter().all(|c| (b'0'..=b'7').contains(c)));
+        match (b[i], oct) {
+            (b'\\', Some(d)) => {
+                let v = d.iter().fold(0u32, |v, c| v * 8 + u32::from(c - b'0'));
+                out.push(u8::try_from(v).unwrap_or(b'?'));
+                i += 4;
+            }
+            (c, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The mount `path` is on (the longest mount point above it) and whether it is shared: runc's
+/// `getParentMount`. `None` if the table names none (it always has `/`).
+fn parent_mount(mountinfo: &str, path: &Path) -> Option<(PathBuf, bool)> {
+    mountinfo
+        .lines()
+        .filter_map(mountinfo_line)
+        .filter(|(point, _)| path.starts_with(point))
+        .max_by_key(|(point, _)| point.components().count())
+}
+
+/// runc's `rootfsParentMountPrivate`: the mount the rootfs is on is made private in the
+/// container's mount namespace if it is shared, so that the rootfs's bind onto itself does
+/// not propagate anywhere and pivot_root accepts it (the kernel refuses a new root whose
+/// parent mount is shared: EINVAL, as with `rootfsPropagation: rshared` before this).
+fn rootfs_parent_private(rootfs: &Path) -> Result<()> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo")
+        .map_err(|source| Error::MountInfo(rootfs.into(), source))?;
+    if let Some((point, true)) = parent_mount(&info, rootfs) {
+        let shown = point.to_string_lossy();
+        do_mount(None, &shown, &point, None, MsFlags::MS_PRIVATE, None)?;
+    }
+    Ok(())
+}
+
 /// The whole view, in the order runc uses. `rootfs` must be a directory.
 pub fn build(spec: &Spec, rootfs: &Path) -> Result<()> {
     let linux = spec.linux().clone().unwrap_or_default();
-    let prop = match linux.rootfs_propagation().as_deref() {
-        Some("shared") | Some("rshared") => MsFlags::MS_SHARED,
-        Some("private") | Some("rprivate") => MsFlags::MS_PRIVATE,
-        Some("unbindable") | Some("runbindable") => MsFlags::MS_UNBINDABLE,
-        _ => MsFlags::MS_SLAVE,
-    };
+    let prop = root_propagation(linux.rootfs_propagation().as_deref());
     let slash = Path::new("/");
-    do_mount(None, "/", slash, None, MsFlags::MS_REC | prop, None)?;
+    let first = prop.unwrap_or(MsFlags::MS_SLAVE | MsFlags::MS_REC);
+    do_mount(None, "/", slash, None, first, None)?;
+    rootfs_parent_private(rootfs)?;
     let shown = rootfs.to_string_lossy();
     do_mount(
         Some(&shown),
@@ -510,6 +586,11 @@ pub fn build(spec: &Spec, rootfs: &Path) -> Result<()> {
     mask(&root, linux.masked_paths().as_deref().unwrap_or(&[]))?;
     readonly(&root, linux.readonly_paths().as_deref().unwrap_or(&[]))?;
     pivot_root(&root)?;
+    // As runc: the root's own propagation once it is the root (made on the old root's mount
+    // it would have reached the guest's namespace); private it is already.
+    if let Some(p) = prop.filter(|p| !p.contains(MsFlags::MS_PRIVATE)) {
+        do_mount(None, "/", slash, None, p, None)?;
+    }
     if spec
         .root()
         .as_ref()
@@ -559,6 +640,44 @@ mod tests {
 
     fn spec_device(path: &str, mode: u32) -> LinuxDevice {
         serde_json::from_value(serde_json::json!({ "path": path, "type": "p", "major": 0, "minor": 0, "fileMode": mode })).unwrap()
+    }
+
+    /// runc's getParentMount: the longest mount point above the path, escapes undone, and
+    /// `shared:N` read from the optional fields only.
+    #[test]
+    fn the_parent_mount_of_the_rootfs_is_found_with_its_propagation() {
+        let info = "\
+1 0 0:2 / / rw - rootfs rootfs rw
+20 1 0:21 / /run/husk/shared rw,relatime shared:5 - virtiofs husk-shared rw
+21 20 0:22 / /run/husk/shared/c1/rootfs rw master:3 - virtiofs husk-shared rw
+22 1 0:23 / /run/husk/share rw shared:9 - tmpfs tmpfs rw
+23 1 0:24 / /mnt/with\\040space rw - tmpfs shared:7 rw
+";
+        let p = |s: &str| parent_mount(info, Path::new(s));
+        assert_eq!(
+            p("/run/husk/shared/c2/rootfs"),
+            Some(("/run/husk/shared".into(), true))
+        );
+        assert_eq!(
+            p("/run/husk/shared/c1/rootfs"),
+            Some(("/run/husk/shared/c1/rootfs".into(), false))
+        );
+        assert_eq!(p("/run/husk/sharedx"), Some(("/".into(), false)));
+        // `shared:7` after the separator is the super block's option, not propagation.
+        assert_eq!(
+            p("/mnt/with space/x"),
+            Some(("/mnt/with space".into(), false))
+        );
+    }
+
+    #[test]
+    fn root_propagation_is_runcs() {
+        assert_eq!(root_propagation(None), None);
+        assert_eq!(
+            root_propagation(Some("rshared")),
+            Some(MsFlags::MS_SHARED | MsFlags::MS_REC)
+        );
+        assert_eq!(root_propagation(Some("slave")), Some(MsFlags::MS_SLAVE));
     }
 
     #[test]
