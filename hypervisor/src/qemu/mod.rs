@@ -300,8 +300,11 @@ fn watch(procs: &Mutex<Procs>, quit: &AtomicBool) {
     }
 }
 
-/// Ends every helper: vhost-device-vsock would outlive QEMU, virtiofsd gets a moment to end
-/// by itself (it does once QEMU is gone) and is killed after that.
+/// Ends every helper once QEMU is gone: virtiofsd gets a moment to end by itself (it does
+/// once its vhost-user peer is gone) and is killed after that; vhost-device-vsock would
+/// outlive QEMU and has nothing to flush, so it is killed at once. (A SIGTERM would not do:
+/// jailed, it is PID 1 of its own PID namespace, where a signal it has no handler for is
+/// ignored — it sat out the whole grace period on every pod's teardown.)
 fn end_helpers(helpers: &mut [Helper]) {
     for h in helpers.iter_mut() {
         if h.process.name() == helpers::VIRTIOFSD {
@@ -309,7 +312,7 @@ fn end_helpers(helpers: &mut [Helper]) {
                 let _ = h.process.kill();
             }
         } else {
-            let _ = h.process.terminate(Duration::from_secs(2));
+            let _ = h.process.kill();
         }
     }
 }
