@@ -1,5 +1,5 @@
 //! Scenario 4's instruments: where a husk `ctr run` spends its time. Nothing is added to the
-//! runtime for this: a watcher polls the sandbox's state directory and console log every
+//! runtime for this: a watcher polls the sandbox's state directory and `vm/console.log` every
 //! 2 ms while the command runs (the state directory appears when the shim starts the sandbox,
 //! `console.log` when QEMU opens its console, the agent's ready line carries the guest's own
 //! ms since kernel start), and the shim's two info lines in containerd's log ("shim ID serving
@@ -56,7 +56,8 @@ impl Watcher {
 }
 
 fn watch(dir: &Path, t0: Instant, stop: &AtomicBool) -> Seen {
-    let console: PathBuf = dir.join("console.log");
+    // The VM's own files (its console among them) live in the sandbox's `vm/` directory.
+    let console: PathBuf = dir.join("vm").join("console.log");
     let mut seen = Seen::default();
     while !stop.load(Ordering::SeqCst) && seen.ready.is_none() {
         if seen.state_dir.is_none() && dir.exists() {

@@ -107,7 +107,7 @@ pub fn first_output(env: &Env, sides: &Sides, rounds: usize) -> Result<(Scenario
         4,
         "Boot breakdown (husk)",
         "From the same runs as scenario 2. No instrumentation was added to the runtime: the \
-         bench polls `/run/husk/<id>/` and its `console.log` every 2 ms (the directory appears \
+         bench polls `/run/husk/<id>/` and its `vm/console.log` every 2 ms (the directory appears \
          when the shim starts the sandbox, the log when QEMU opens its console), the agent's \
          ready line gives the guest's own ms since kernel start (kernel start is that line's \
          arrival minus those ms), and the shim's own info lines in containerd's log (`shim ID \
