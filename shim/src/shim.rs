@@ -14,6 +14,7 @@ use std::os::fd::IntoRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use containerd_shim::api::DeleteResponse;
 use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
@@ -74,7 +75,9 @@ fn is_vm_process(pid: u32, recorded: Option<&Path>) -> bool {
 
 /// Cleans up after container `id` of the bundle, whatever state the shim left: unmounts its
 /// rootfs and volumes; for the sandbox's own container also kills what is left of the VM and
-/// removes `/run/husk/<sid>/`. Idempotent.
+/// removes `/run/husk/<sid>/`. Idempotent, and safe to run twice at once (containerd's
+/// cleanup of a dead shim and a `ctr task delete` can overlap). Every step is tried even when
+/// one before it failed: a step that fails must not leave the others' resources behind.
 pub fn cleanup(id: &str, bundle: &Path, config: &Config) -> Result<(), String> {
     let spec = share::read_spec(bundle, id).ok();
     let sid = spec
@@ -82,17 +85,18 @@ pub fn cleanup(id: &str, bundle: &Path, config: &Config) -> Result<(), String> {
         .and_then(|s| share::sandbox_of(s).ok().flatten())
         .unwrap_or_else(|| id.to_string());
     let dir = SandboxDir::new(&config.state_root, &sid).map_err(|e| e.to_string())?;
-    dir.remove_container(id).map_err(|e| e.to_string())?;
+    let mut failed: Vec<String> = Vec::new();
     if sid == id {
-        for (pid, exe) in dir.read_pids() {
-            if is_vm_process(pid, exe.as_deref()) {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap_or(0)),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-            }
+        // The VM first, so that nothing of it still uses the share while it is taken apart.
+        end_vm_processes(&dir);
+    }
+    if let Err(e) = dir.remove_container(id) {
+        failed.push(e.to_string());
+    }
+    if sid == id {
+        if let Err(e) = dir.destroy() {
+            failed.push(e.to_string());
         }
-        dir.destroy().map_err(|e| e.to_string())?;
         if let Some(p) = spec
             .as_ref()
             .and_then(|s| s["linux"]["cgroupsPath"].as_str())
@@ -100,10 +104,42 @@ pub fn cleanup(id: &str, bundle: &Path, config: &Config) -> Result<(), String> {
             crate::host_cgroup::remove(p);
         }
         if let Some(spec) = &spec {
-            crate::network::cleanup_leftovers(spec).map_err(|e| crate::network::chain(&e))?;
+            if let Err(e) = crate::network::cleanup_leftovers(spec) {
+                failed.push(crate::network::chain(&e));
+            }
         }
     }
-    Ok(())
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(failed.join("; "))
+    }
+}
+
+/// How long `cleanup` waits for the killed VM's processes to be gone.
+const VM_EXIT_PATIENCE: Duration = Duration::from_secs(2);
+
+/// Kills the VM processes the sandbox recorded (still alive when its shim was killed) and
+/// waits, up to [`VM_EXIT_PATIENCE`], until they are gone.
+fn end_vm_processes(dir: &SandboxDir) {
+    let alive = |pids: &[(u32, Option<PathBuf>)]| -> Vec<(u32, Option<PathBuf>)> {
+        pids.iter()
+            .filter(|(pid, exe)| is_vm_process(*pid, exe.as_deref()))
+            .cloned()
+            .collect()
+    };
+    let mut left = alive(&dir.read_pids());
+    for (pid, _) in &left {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(i32::try_from(*pid).unwrap_or(0)),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    let deadline = std::time::Instant::now() + VM_EXIT_PATIENCE;
+    while !left.is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+        left = alive(&left);
+    }
 }
 
 /// `start`: spawns the sandbox's shim and returns its address. Containers of one sandbox
