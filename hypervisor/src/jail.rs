@@ -438,6 +438,24 @@ impl JailIds {
         })
     }
 
+    /// Moves the id `from` holds to `to` (a pooled VM's id to the sandbox that claimed it):
+    /// the record is rewritten whole (a new file renamed over it), so a reader sees one owner
+    /// or the other, never none.
+    pub fn rename(&self, from: &str, to: &str) -> Result<u32> {
+        let id = self.of(from).ok_or_else(|| {
+            Error::Config(format!(
+                "{}: no jail id is recorded for {from}",
+                self.dir.display()
+            ))
+        })?;
+        let tmp = self.dir.join(format!("{id}.new"));
+        std::fs::write(&tmp, to.as_bytes())
+            .map_err(Error::io(format!("writing {}", tmp.display())))?;
+        std::fs::rename(&tmp, self.dir.join(id.to_string()))
+            .map_err(Error::io(format!("renaming {}", tmp.display())))?;
+        Ok(id)
+    }
+
     /// Gives back the id `sandbox` holds. Idempotent.
     pub fn release(&self, sandbox: &str) {
         if let Some(id) = self.of(sandbox) {
@@ -458,6 +476,20 @@ mod tests {
         let b = ids.claim("b").unwrap();
         assert_ne!(a, b);
         assert_eq!(ids.claim("a").unwrap(), a, "a sandbox keeps its id");
+        assert_eq!(
+            ids.rename("a", "c").unwrap(),
+            a,
+            "a claimed VM's id moves to its sandbox"
+        );
+        assert_eq!(ids.of("c"), Some(a));
+        assert_eq!(ids.of("a"), None);
+        assert!(
+            ids.rename("a", "d").is_err(),
+            "nothing is recorded for a any more"
+        );
+        ids.release("c");
+        assert_eq!(ids.of("c"), None);
+        let a = ids.claim("a").unwrap();
         assert!((FIRST_JAIL_ID..FIRST_JAIL_ID + JAIL_ID_COUNT).contains(&a));
         ids.release("a");
         assert_eq!(ids.of("a"), None);

@@ -104,9 +104,23 @@ pub struct Config {
     pub max_vcpus: u32,
     /// Most guest memory (MiB) a sandbox may get through annotations (0: the host's memory).
     pub max_memory_mib: u32,
+    /// The warm pool of pre-booted VMs (`crate::pool`); off (size 0) unless configured.
+    pub pool: PoolConfig,
     /// The file this was read from; `None`: no file, the defaults.
     #[serde(skip)]
     pub source: Option<PathBuf>,
+}
+
+/// `[pool]`: VMs booted ahead of need by `containerd-shim-husk-v2 pool`, each handed whole
+/// to one sandbox of the default shape (the configured `vcpus`, `memory_mib`, kernel,
+/// initramfs, backend, no pod limits or sizing annotations, no network device, no debug
+/// console). Off by default: every pooled VM holds its memory while it waits, which a node's
+/// admin must ask for.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct PoolConfig {
+    /// How many booted VMs the pool keeps ready; 0: no pool.
+    pub size: u32,
 }
 
 /// The `*_path` keys: (key, program, how it is found when the key is empty).
@@ -155,6 +169,7 @@ impl Default for Config {
             ],
             max_vcpus: 0,
             max_memory_mib: 0,
+            pool: PoolConfig::default(),
             source: None,
         }
     }

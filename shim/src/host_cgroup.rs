@@ -196,6 +196,46 @@ impl HostCgroup {
         &self.path
     }
 
+    /// Moves process `pid` and every process below it (a pooled VM's keeper, its jail
+    /// supervisors, QEMU or husk-vmm and the helpers) into this cgroup, in every hierarchy.
+    /// Parents go first, so a child forked meanwhile is born inside.
+    pub fn adopt_tree(&self, pid: u32) -> Result<(), CgroupError> {
+        let mut pids = vec![pid];
+        let mut i = 0;
+        while i < pids.len() {
+            let p = pids[i];
+            i += 1;
+            for task in std::fs::read_dir(format!("/proc/{p}/task"))
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                let children =
+                    std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+                pids.extend(
+                    children
+                        .split_whitespace()
+                        .filter_map(|c| c.parse::<u32>().ok()),
+                );
+            }
+        }
+        for (h, _) in &self.joined {
+            let procs = h
+                .mount
+                .join(self.path.trim_start_matches('/'))
+                .join("cgroup.procs");
+            for p in &pids {
+                match std::fs::write(&procs, p.to_string()) {
+                    Ok(()) => {}
+                    // Gone meanwhile: nothing to move.
+                    Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {}
+                    Err(e) => return Err(io(&procs, "moving a pooled VM's process into")(e)),
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Moves this process back where it was and removes the directories `join` created (the
     /// sandbox's own once its last processes are gone, see [`LEAF_PATIENCE`]).
     pub fn leave(&mut self) {

@@ -14,7 +14,8 @@
 //! - [`debug_console`]: the guest's root shell for debugging, and the `console` command that
 //!   attaches to it;
 //! - [`metrics`]: what the shim measures of its sandbox, served on its metrics socket;
-//!   [`monitor`]: the node's Prometheus endpoint (`containerd-shim-husk-v2 monitor`).
+//!   [`monitor`]: the node's Prometheus endpoint (`containerd-shim-husk-v2 monitor`);
+//! - [`pool`]: the warm pool of pre-booted VMs (`containerd-shim-husk-v2 pool`).
 
 pub mod agent;
 pub mod config;
@@ -26,6 +27,7 @@ pub mod io;
 pub mod metrics;
 pub mod monitor;
 pub mod network;
+pub mod pool;
 pub mod sandbox;
 pub mod sandbox_dir;
 pub mod share;

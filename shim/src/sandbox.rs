@@ -174,7 +174,7 @@ pub fn size_for(config: &Config, spec: &Value) -> Result<(u32, u32), String> {
 /// The backend for a sandbox: the configured one, or for `auto` what `doctor` says this host
 /// runs best (husk-vmm on hardware KVM, pods with a network included: it takes their tap
 /// fds). It runs the configured `programs`.
-fn backend(
+pub(crate) fn backend(
     config: &Config,
     programs: &Programs,
 ) -> Result<Box<dyn Hypervisor + Send>, husk_hypervisor::Error> {
@@ -211,7 +211,11 @@ fn backend(
 
 /// The sandbox's jail: its own uid/gid (claimed under the state root, released with the
 /// sandbox), which then owns the VM's state directory.
-fn jail_for(config: &Config, sid: &str, dir: &SandboxDir) -> Result<JailSpec, SandboxError> {
+pub(crate) fn jail_for(
+    config: &Config,
+    sid: &str,
+    dir: &SandboxDir,
+) -> Result<JailSpec, SandboxError> {
     let fail = |message: String| SandboxError::Step {
         sid: sid.to_string(),
         step: "preparing the VM's jail",
@@ -307,7 +311,8 @@ impl Sandbox {
         };
         // What the spec asks for that a VM cannot give is refused before anything exists.
         host_namespaces(spec).map_err(|e| step_err("checking the pod's namespaces")(&e))?;
-        size_for(config, spec).map_err(|e| step_err("sizing the VM from the pod")(&e))?;
+        let (vcpus, memory_mib) =
+            size_for(config, spec).map_err(|e| step_err("sizing the VM from the pod")(&e))?;
         // The configuration's programs first: a wrong path fails here, before anything exists.
         let programs = config
             .programs()
@@ -323,35 +328,67 @@ impl Sandbox {
                 dir.root().display()
             )));
         }
-        dir.create().map_err(|e| {
-            let _ = dir.destroy();
-            step_err("state directory")(&e)
-        })?;
-        // Join the pod's host cgroup first: the VM's processes inherit it.
+        let prepared = Prepared {
+            programs,
+            debug_shell,
+        };
+        // A VM from the warm pool if one of this sandbox's exact shape is ready; its state
+        // directory is then already ours (the holder renamed it to this sandbox's).
+        if let Some(pooled) = crate::pool::client::claim(config, id, spec, vcpus, memory_mib) {
+            let vmid = pooled.claimed.vmid.clone();
+            match Self::start_with(config, &prepared, id, spec, hostname, &dir, Some(pooled)) {
+                Ok(s) => return Ok(s),
+                Err(e) => log::warn!("sandbox {id}: pooled VM {vmid} failed, booting cold: {e}"),
+            }
+        }
+        Self::start_with(config, &prepared, id, spec, hostname, &dir, None)
+    }
+
+    /// The sandbox directory (unless a pooled VM brought it), the host cgroup, then
+    /// [`Self::start_in`]; undoes all of it on failure.
+    fn start_with(
+        config: &Config,
+        prepared: &Prepared,
+        id: &str,
+        spec: &Value,
+        hostname: &str,
+        dir: &SandboxDir,
+        pooled: Option<crate::pool::client::Pooled>,
+    ) -> Result<Self, SandboxError> {
+        let step_err = |step: &'static str| {
+            let sid = id.to_string();
+            move |e: &dyn std::fmt::Display| SandboxError::Step {
+                sid,
+                step,
+                message: e.to_string(),
+            }
+        };
+        if pooled.is_none() {
+            dir.create().map_err(|e| {
+                let _ = dir.destroy();
+                step_err("state directory")(&e)
+            })?;
+        }
+        let keeper_pid = pooled.as_ref().map(|p| p.claimed.keeper_pid);
+        // Join the pod's host cgroup first: the VM's processes inherit it. A pooled VM's
+        // processes (its keeper and all below it) are moved in.
         let cgroup = match spec["linux"]["cgroupsPath"]
             .as_str()
             .filter(|p| !p.is_empty())
         {
-            Some(p) => match HostCgroup::join(p) {
+            Some(p) => match HostCgroup::join(p)
+                .and_then(|c| keeper_pid.map_or(Ok(()), |k| c.adopt_tree(k)).map(|()| c))
+            {
                 Ok(c) => Some(c),
                 Err(e) => {
+                    drop(pooled);
                     let _ = dir.destroy();
                     return Err(step_err("host cgroup")(&e));
                 }
             },
             None => None,
         };
-        let started = Self::start_in(
-            config,
-            &Prepared {
-                programs,
-                debug_shell,
-            },
-            id,
-            spec,
-            hostname,
-            dir.clone(),
-        );
+        let started = Self::start_in(config, prepared, id, spec, hostname, dir.clone(), pooled);
         match started {
             Ok(mut s) => {
                 s.cgroup = Mutex::new(cgroup);
@@ -374,6 +411,7 @@ impl Sandbox {
         spec: &Value,
         hostname: &str,
         dir: SandboxDir,
+        pooled: Option<crate::pool::client::Pooled>,
     ) -> Result<Self, SandboxError> {
         let sid = id.to_string();
         let bring_up = std::time::Instant::now();
@@ -405,61 +443,77 @@ impl Sandbox {
             message: crate::network::chain(&e),
         })?;
         let nets = network.vm_nets();
-        let backend = backend(config, &prepared.programs).map_err(|e| SandboxError::Step {
-            sid: sid.clone(),
-            step: "choosing the hypervisor",
-            message: crate::error::chain(&e),
-        })?;
-        let jail = if config.jail {
-            Some(jail_for(config, &sid, &dir)?)
-        } else {
-            None
-        };
-        let vm_config = VmConfig {
-            kernel: config.kernel.clone(),
-            initramfs: config.initramfs.clone(),
-            cmdline_extra,
-            vcpus,
-            memory_mib,
-            state_dir: dir.vm(),
-            shared_dir: Some(dir.shared()),
-            vsock: true,
-            nets,
-            jail,
-        };
-        // The VM's processes die with the thread that started them: give them a thread that
-        // lives exactly as long as the sandbox.
-        let backend_name = backend.name();
         let vm_started = std::time::Instant::now();
-        let (vm_tx, vm_rx) = mpsc::channel();
-        let (keep_tx, keep_rx) = mpsc::channel::<()>();
-        std::thread::Builder::new()
-            .name(format!("vm-{id}"))
-            .spawn(move || {
-                let _ = vm_tx.send(backend.start(&vm_config));
-                let _ = keep_rx.recv();
-            })
-            .map_err(|e| SandboxError::Step {
-                sid: sid.clone(),
-                step: "starting the VM thread",
-                message: e.to_string(),
-            })?;
-        let started = vm_rx.recv().map_err(|e| SandboxError::Step {
-            sid: sid.clone(),
-            step: "starting the VM",
-            message: e.to_string(),
-        });
-        let mut vm = match started {
-            Ok(Ok(vm)) => vm,
-            Ok(Err(e)) => {
-                return Err(SandboxError::Step {
-                    sid,
-                    step: "starting the VM",
-                    message: crate::error::chain(&e),
-                })
-            }
-            Err(e) => return Err(e),
-        };
+        let (mut vm, backend_name, keep_tx): (Box<dyn Vm>, String, Option<mpsc::Sender<()>>) =
+            match pooled {
+                // Claimed with no NIC (the pool refuses a pod with a network namespace).
+                Some(p) if nets.is_empty() => (Box::new(p.vm), p.claimed.backend, None),
+                Some(_) => {
+                    return Err(SandboxError::Step {
+                        sid,
+                        step: "using a pooled VM",
+                        message: "the pod has network interfaces and a pooled VM has no NIC".into(),
+                    })
+                }
+                None => {
+                    let backend =
+                        backend(config, &prepared.programs).map_err(|e| SandboxError::Step {
+                            sid: sid.clone(),
+                            step: "choosing the hypervisor",
+                            message: crate::error::chain(&e),
+                        })?;
+                    let jail = if config.jail {
+                        Some(jail_for(config, &sid, &dir)?)
+                    } else {
+                        None
+                    };
+                    let vm_config = VmConfig {
+                        kernel: config.kernel.clone(),
+                        initramfs: config.initramfs.clone(),
+                        cmdline_extra,
+                        vcpus,
+                        memory_mib,
+                        state_dir: dir.vm(),
+                        shared_dir: Some(dir.shared()),
+                        vsock: true,
+                        nets,
+                        jail,
+                    };
+                    // The VM's processes die with the thread that started them: give them a thread that
+                    // lives exactly as long as the sandbox.
+                    let backend_name = backend.name();
+                    let (vm_tx, vm_rx) = mpsc::channel();
+                    let (keep_tx, keep_rx) = mpsc::channel::<()>();
+                    std::thread::Builder::new()
+                        .name(format!("vm-{id}"))
+                        .spawn(move || {
+                            let _ = vm_tx.send(backend.start(&vm_config));
+                            let _ = keep_rx.recv();
+                        })
+                        .map_err(|e| SandboxError::Step {
+                            sid: sid.clone(),
+                            step: "starting the VM thread",
+                            message: e.to_string(),
+                        })?;
+                    let started = vm_rx.recv().map_err(|e| SandboxError::Step {
+                        sid: sid.clone(),
+                        step: "starting the VM",
+                        message: e.to_string(),
+                    });
+                    let vm = match started {
+                        Ok(Ok(vm)) => vm,
+                        Ok(Err(e)) => {
+                            return Err(SandboxError::Step {
+                                sid,
+                                step: "starting the VM",
+                                message: crate::error::chain(&e),
+                            })
+                        }
+                        Err(e) => return Err(e),
+                    };
+                    (vm, backend_name, Some(keep_tx))
+                }
+            };
         let console = vm.console_log().to_path_buf();
         let root = dir.vm();
         let guest_err = |step: &'static str, message: String| SandboxError::Guest {
@@ -550,7 +604,7 @@ impl Sandbox {
             agent,
             backend: backend_name,
             network: Mutex::new(network),
-            keeper: Mutex::new(Some(keep_tx)),
+            keeper: Mutex::new(keep_tx),
             destroyed: std::sync::atomic::AtomicBool::new(false),
             cgroup: Mutex::new(None),
         })

@@ -275,6 +275,12 @@ pub fn main(args: &[std::ffi::OsString]) -> i32 {
     if args.get(1).is_some_and(|a| a == "monitor") {
         return crate::monitor::main(args.get(2..).unwrap_or_default());
     }
+    if args.get(1).is_some_and(|a| a == "pool") {
+        return crate::pool::main(args.get(2..).unwrap_or_default());
+    }
+    if args.get(1).is_some_and(|a| a == "pool-keeper") {
+        return crate::pool::keeper::main(args.get(2..).unwrap_or_default());
+    }
     let flags = match containerd_shim::parse(args.get(1..).unwrap_or_default()) {
         Ok(f) => f,
         Err(e) => {

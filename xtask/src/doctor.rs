@@ -94,6 +94,7 @@ pub fn checks() -> Vec<Check> {
     ));
     v.push(isolation(&report.backend));
     v.push(tier4(&report.kind));
+    v.push(pool());
     v.push(program(
         "qemu-system-x86_64",
         "--version",
@@ -189,6 +190,61 @@ pub fn checks() -> Vec<Check> {
         ),
     });
     v
+}
+
+/// The warm pool (`[pool]` in the shim's configuration), as `containerd-shim-husk-v2 pool
+/// status` reports it: off, or how many VMs are ready of how many, and the last failure.
+fn pool() -> Check {
+    const WHAT: &str = "warm pool";
+    let built = paths::workspace().join("target/release/containerd-shim-husk-v2");
+    let shim = if built.is_file() {
+        Some(built)
+    } else {
+        paths::find_program("containerd-shim-husk-v2")
+    };
+    let Some(shim) = shim else {
+        return check(
+            true,
+            WHAT,
+            "not checked: containerd-shim-husk-v2 is not built (cargo xtask build)",
+        );
+    };
+    let out = Command::new(&shim).args(["pool", "status"]).output();
+    let Ok(out) = out else {
+        return check(false, WHAT, format!("{}: cannot run it", shim.display()));
+    };
+    if !out.status.success() {
+        return check(
+            true,
+            WHAT,
+            "no holder runs (the pool is off unless [pool] size is set in /etc/husk/config.toml; the first shim then starts one)",
+        );
+    }
+    let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    let (ready, size) = (
+        s["ready"].as_u64().unwrap_or(0),
+        s["size"].as_u64().unwrap_or(0),
+    );
+    let failing = ready == 0 && s["failed"].as_u64().unwrap_or(0) > 0;
+    check(
+        !failing,
+        WHAT,
+        format!(
+            "holder {}: {ready} of {size} VM(s) ready, {} booting ({} vCPU, {} MiB on {}); claimed {}, died {}, failed boots {}{}",
+            s["holder_pid"],
+            s["booting"],
+            s["shape"]["vcpus"],
+            s["shape"]["memory_mib"],
+            s["shape"]["backend"].as_str().unwrap_or("?"),
+            s["claimed"],
+            s["died"],
+            s["failed"],
+            s["last_error"]
+                .as_str()
+                .map(|e| format!(" — last error: {}", e.lines().next().unwrap_or("")))
+                .unwrap_or_default()
+        ),
+    )
 }
 
 /// Where this host runs the tier-4 tests (Linux on husk-vmm) of `cargo xtask test`.

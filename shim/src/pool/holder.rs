@@ -1,0 +1,498 @@
+//! The pool holder: keeps `[pool] size` VMs of the default shape booted (each under its own
+//! keeper), and answers `claim` and `status` on `pool.sock`.
+//!
+//! State machine of a slot: `Booting` (its keeper started, no ready line yet) → `Ready` →
+//! taken out of the list by one claim, under the state's lock, before anything else is done
+//! with it, so no two claimers ever see the same VM and a claimed VM never comes back. A
+//! keeper that ends while its slot is listed (its VM died, its boot failed) drops the slot.
+//! The filler keeps `booting + ready` at `size`, never above; after a failed boot it waits
+//! [`RETRY_AFTER`] before the next, so a broken configuration does not spin the CPU.
+
+use std::collections::VecDeque;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
+
+use super::wire::{self, Claimed, KeeperEvent, KeeperReply, KeeperRequest, Reply, Request};
+use super::{PoolError, PoolPaths, Shape};
+use crate::config::Config;
+use crate::sandbox_dir::SandboxDir;
+
+/// How long after a failed boot the next one starts.
+const RETRY_AFTER: Duration = Duration::from_secs(10);
+/// How long a client may take to send its request, and a keeper to answer a handover.
+const IO_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug)]
+enum SlotState {
+    Booting,
+    Ready {
+        vm_pid: u32,
+        backend: String,
+        console: PathBuf,
+        vsock: Option<PathBuf>,
+        guest_boot_ms: u64,
+    },
+}
+
+#[derive(Debug)]
+struct Slot {
+    vmid: String,
+    keeper_pid: u32,
+    since: Instant,
+    state: SlotState,
+    /// The keeper's control connection (given away on claim).
+    conn: UnixStream,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    slots: VecDeque<Slot>,
+    next: u64,
+    booted: u64,
+    claimed: u64,
+    died: u64,
+    failed: u64,
+    last_failure: Option<Instant>,
+    last_error: Option<String>,
+}
+
+#[derive(Debug)]
+struct Holder {
+    config: Config,
+    paths: PoolPaths,
+    shape: Shape,
+    size: usize,
+    state: Mutex<State>,
+    changed: Condvar,
+}
+
+impl Holder {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Runs the holder until it is killed. Refuses to start beside a live one.
+pub fn run(config: Config) -> Result<(), PoolError> {
+    super::init_log(&config, format!("holder[{}]", std::process::id()));
+    let size = usize::try_from(config.pool.size).unwrap_or(0);
+    if size == 0 {
+        return Err(PoolError::Config(format!(
+            "{}: [pool] size is 0 — set it to the number of VMs to keep booted",
+            config.source_name()
+        )));
+    }
+    let shape = Shape::default_of(&config).map_err(|e| {
+        PoolError::Config(format!(
+            "{}: no VM can be pooled: {e}",
+            config.source_name()
+        ))
+    })?;
+    let paths = PoolPaths::new(&config.state_root);
+    paths.create()?;
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&paths.lock)
+        .map_err(super::io("opening", &paths.lock))?;
+    let lock = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusiveNonblock)
+        .map_err(|_| PoolError::Running(paths.dir.clone()))?;
+    sweep(&paths, &config);
+    match std::fs::remove_file(&paths.socket) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(super::io("removing the old", &paths.socket)(e)),
+    }
+    let listener =
+        UnixListener::bind(&paths.socket).map_err(super::io("binding", &paths.socket))?;
+    std::fs::set_permissions(&paths.socket, std::fs::Permissions::from_mode(0o600))
+        .map_err(super::io("making root-only", &paths.socket))?;
+    log::info!(
+        "holding {size} VM(s) of {} vCPU, {} MiB on {} ({}), socket {}",
+        shape.vcpus,
+        shape.memory_mib,
+        shape.backend,
+        config.source_name(),
+        paths.socket.display()
+    );
+    let holder = Arc::new(Holder {
+        config,
+        paths,
+        shape,
+        size,
+        state: Mutex::new(State::default()),
+        changed: Condvar::new(),
+    });
+    let filler = holder.clone();
+    std::thread::Builder::new()
+        .name("fill".into())
+        .spawn(move || fill(&filler))
+        .map_err(super::io(
+            "starting the filler thread of",
+            &holder.paths.dir,
+        ))?;
+    for conn in listener.incoming() {
+        let Ok(conn) = conn else { continue };
+        let h = holder.clone();
+        let _ = std::thread::Builder::new()
+            .name("client".into())
+            .spawn(move || serve(&h, conn));
+    }
+    drop(lock);
+    Ok(())
+}
+
+/// Removes what dead keepers left under `.pool/` (a VM directory whose lock nobody holds).
+fn sweep(paths: &PoolPaths, config: &Config) {
+    let Ok(entries) = std::fs::read_dir(&paths.dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        if !e.file_type().is_ok_and(|t| t.is_dir()) {
+            continue;
+        }
+        let Ok(f) = std::fs::File::open(e.path()) else {
+            continue;
+        };
+        // Held until the directory is gone: a keeper starting meanwhile cannot take it.
+        let Ok(_held) = nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock)
+        else {
+            continue;
+        };
+        let vmid = e.file_name().to_string_lossy().into_owned();
+        match SandboxDir::new(&paths.dir, &vmid).map(|d| d.destroy()) {
+            Ok(Ok(())) => log::info!("removed {} (its keeper is gone)", e.path().display()),
+            Ok(Err(err)) => log::error!("removing {}: {err}", e.path().display()),
+            Err(err) => log::error!("removing {}: {err}", e.path().display()),
+        }
+        husk_hypervisor::jail::JailIds::new(&config.state_root).release(&super::jail_owner(&vmid));
+    }
+}
+
+/// Keeps `booting + ready` at `size`.
+fn fill(h: &Arc<Holder>) {
+    let mut st = h.lock();
+    loop {
+        let backoff = st
+            .last_failure
+            .map(|t| RETRY_AFTER.saturating_sub(t.elapsed()))
+            .filter(|d| !d.is_zero());
+        if st.slots.len() >= h.size || backoff.is_some() {
+            let wait = backoff.unwrap_or(Duration::from_secs(60));
+            st = h
+                .changed
+                .wait_timeout(st, wait)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+            continue;
+        }
+        st.next += 1;
+        let vmid = format!("vm-{}-{}", std::process::id(), st.next);
+        match spawn_keeper(h, &vmid) {
+            Ok((child, conn)) => {
+                log::info!("booting {vmid} (keeper {})", child.id());
+                st.slots.push_back(Slot {
+                    vmid: vmid.clone(),
+                    keeper_pid: child.id(),
+                    since: Instant::now(),
+                    state: SlotState::Booting,
+                    conn,
+                });
+                let h2 = h.clone();
+                let _ = std::thread::Builder::new()
+                    .name(format!("keeper-{vmid}"))
+                    .spawn(move || watch(&h2, vmid, child));
+            }
+            Err(e) => {
+                log::error!("starting a keeper: {e}");
+                st.failed += 1;
+                st.last_failure = Some(Instant::now());
+                st.last_error = Some(e.to_string());
+            }
+        }
+    }
+}
+
+fn spawn_keeper(h: &Holder, vmid: &str) -> Result<(std::process::Child, UnixStream), PoolError> {
+    let exe =
+        std::env::current_exe().map_err(super::io("finding", &PathBuf::from("/proc/self/exe")))?;
+    let (ours, theirs) =
+        UnixStream::pair().map_err(super::io("creating a socketpair in", &h.paths.dir))?;
+    let mut cmd = Command::new(&exe);
+    cmd.arg("pool-keeper")
+        .args(["--vmid", vmid, "--holder", &std::process::id().to_string()]);
+    if let Some(p) = &h.config.source {
+        cmd.arg("--config").arg(p);
+    }
+    cmd.stdin(Stdio::from(OwnedFd::from(theirs)))
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .current_dir("/");
+    let child = cmd.spawn().map_err(super::io("starting", &exe))?;
+    Ok((child, ours))
+}
+
+/// Waits for a keeper's ready line, then for its end.
+fn watch(h: &Arc<Holder>, vmid: String, mut child: std::process::Child) {
+    let conn = h
+        .lock()
+        .slots
+        .iter()
+        .find(|s| s.vmid == vmid)
+        .and_then(|s| s.conn.try_clone().ok());
+    let event = conn.and_then(|mut c| {
+        let timeout = Duration::from_secs(h.config.agent_timeout_secs.saturating_add(30));
+        let _ = c.set_read_timeout(Some(timeout));
+        let e = wire::read_msg::<KeeperEvent>(&mut c);
+        let _ = c.set_read_timeout(None);
+        e.ok().flatten()
+    });
+    {
+        let mut st = h.lock();
+        match event {
+            Some(KeeperEvent::Ready {
+                vm_pid,
+                backend,
+                console,
+                vsock,
+                guest_boot_ms,
+            }) => {
+                if let Some(s) = st.slots.iter_mut().find(|s| s.vmid == vmid) {
+                    log::info!("{vmid} ready: VM {vm_pid}, {} ms since its keeper started (guest {guest_boot_ms} ms)", s.since.elapsed().as_millis());
+                    s.state = SlotState::Ready {
+                        vm_pid,
+                        backend,
+                        console,
+                        vsock,
+                        guest_boot_ms,
+                    };
+                    s.since = Instant::now();
+                }
+                st.booted += 1;
+                st.last_failure = None;
+            }
+            Some(KeeperEvent::Failed { error }) => {
+                log::error!("{vmid} failed to boot: {error}");
+                st.failed += 1;
+                st.last_failure = Some(Instant::now());
+                st.last_error = Some(error);
+                st.slots.retain(|s| s.vmid != vmid);
+            }
+            None => {
+                log::error!("{vmid}: its keeper said nothing before ending or timing out");
+                st.failed += 1;
+                st.last_failure = Some(Instant::now());
+                st.slots.retain(|s| s.vmid != vmid);
+                let _ = child.kill();
+            }
+        }
+        h.changed.notify_all();
+    }
+    let status = child.wait();
+    let mut st = h.lock();
+    if let Some(i) = st.slots.iter().position(|s| s.vmid == vmid) {
+        st.slots.remove(i);
+        st.died += 1;
+        log::warn!("{vmid}: its keeper ended while pooled ({status:?}); booting another");
+        h.changed.notify_all();
+    } else {
+        log::info!("{vmid}: keeper ended ({status:?})");
+    }
+}
+
+fn serve(h: &Holder, mut conn: UnixStream) {
+    let _ = conn.set_read_timeout(Some(IO_TIMEOUT));
+    let _ = conn.set_write_timeout(Some(IO_TIMEOUT));
+    let req = match wire::read_msg::<Request>(&mut conn) {
+        Ok(Some(r)) => r,
+        Ok(None) => return,
+        Err(e) => {
+            let _ = wire::write_msg(&mut conn, &Reply::error(format!("bad request: {e}")));
+            return;
+        }
+    };
+    match req {
+        Request::Status {} => {
+            let _ = wire::write_msg(
+                &mut conn,
+                &Reply {
+                    ok: true,
+                    error: None,
+                    claimed: None,
+                    status: Some(status(h)),
+                },
+            );
+        }
+        Request::Claim { sid, shape } => {
+            let pid = getsockopt(&conn, PeerCredentials).map(|c| c.pid());
+            let pid = match pid.map(u32::try_from) {
+                Ok(Ok(p)) if p > 0 => p,
+                _ => {
+                    let _ = wire::write_msg(
+                        &mut conn,
+                        &Reply::error("the claimer's pid is unknown (SO_PEERCRED)"),
+                    );
+                    return;
+                }
+            };
+            match claim(h, &sid, &shape, pid) {
+                Ok((claimed, keeper)) => {
+                    let reply = Reply {
+                        ok: true,
+                        error: None,
+                        claimed: Some(claimed.clone()),
+                        status: None,
+                    };
+                    match wire::send_msg_with_fd(&conn, &reply, keeper.as_raw_fd()) {
+                        Ok(()) => {
+                            log::info!("{} claimed by sandbox {sid} (shim {pid})", claimed.vmid)
+                        }
+                        // The keeper's owner is the claimer now: when it is gone, so is the VM.
+                        Err(e) => log::error!(
+                            "{}: answering the claim of sandbox {sid}: {e}",
+                            claimed.vmid
+                        ),
+                    }
+                }
+                Err(e) => {
+                    log::info!("sandbox {sid} (shim {pid}): {e}");
+                    let _ = wire::write_msg(&mut conn, &Reply::error(e));
+                }
+            }
+        }
+    }
+}
+
+/// Takes a ready VM of `shape` out of the pool for sandbox `sid` of process `pid`.
+fn claim(h: &Holder, sid: &str, shape: &Shape, pid: u32) -> Result<(Claimed, UnixStream), String> {
+    if sid.starts_with('.') {
+        return Err(format!("sandbox id {sid:?}: not a sandbox id"));
+    }
+    let target = SandboxDir::new(&h.config.state_root, sid).map_err(|e| e.to_string())?;
+    if *shape != h.shape {
+        return Err(format!(
+            "no pooled VM of this shape (the pool holds {} vCPU, {} MiB, {} NIC(s) on {}; asked {} vCPU, {} MiB, {} NIC(s) on {})",
+            h.shape.vcpus, h.shape.memory_mib, h.shape.nics, h.shape.backend, shape.vcpus, shape.memory_mib, shape.nics, shape.backend
+        ));
+    }
+    let mut slot = {
+        let mut st = h.lock();
+        let Some(i) = st
+            .slots
+            .iter()
+            .position(|s| matches!(s.state, SlotState::Ready { .. }))
+        else {
+            return Err(format!("no pooled VM ready ({} booting)", st.slots.len()));
+        };
+        let slot = st.slots.remove(i).expect("a listed slot");
+        st.claimed += 1;
+        h.changed.notify_all();
+        slot
+    };
+    // From here on the slot is ours alone; on any failure dropping `slot.conn` ends its
+    // keeper (which kills the VM and removes its directory).
+    let SlotState::Ready {
+        vm_pid,
+        backend,
+        console,
+        vsock,
+        guest_boot_ms,
+    } = slot.state
+    else {
+        unreachable!("only ready slots are taken")
+    };
+    if target.root().exists() {
+        return Err(format!("{} exists already", target.root().display()));
+    }
+    let _ = slot.conn.set_read_timeout(Some(IO_TIMEOUT));
+    wire::write_msg(
+        &mut slot.conn,
+        &KeeperRequest::Handover {
+            pid,
+            dir: target.root().to_path_buf(),
+        },
+    )
+    .map_err(|e| format!("{}: handing over: {e}", slot.vmid))?;
+    match wire::read_msg::<KeeperReply>(&mut slot.conn) {
+        Ok(Some(KeeperReply { ok: true, .. })) => {}
+        other => {
+            return Err(format!(
+                "{}: its keeper refused the handover: {other:?}",
+                slot.vmid
+            ))
+        }
+    }
+    let _ = slot.conn.set_read_timeout(None);
+    let from = h.paths.vm_dir(&slot.vmid);
+    nix::fcntl::renameat2(
+        None,
+        &from,
+        None,
+        target.root(),
+        nix::fcntl::RenameFlags::RENAME_NOREPLACE,
+    )
+    .map_err(|e| {
+        format!(
+            "renaming {} to {}: {e}",
+            from.display(),
+            target.root().display()
+        )
+    })?;
+    husk_hypervisor::jail::JailIds::new(&h.config.state_root)
+        .rename(&super::jail_owner(&slot.vmid), sid)
+        .map_err(|e| format!("{}: moving its jail id to sandbox {sid}: {e}", slot.vmid))?;
+    Ok((
+        Claimed {
+            vmid: slot.vmid,
+            vm_pid,
+            keeper_pid: slot.keeper_pid,
+            backend,
+            console,
+            vsock,
+            guest_boot_ms,
+        },
+        slot.conn,
+    ))
+}
+
+fn status(h: &Holder) -> serde_json::Value {
+    let st = h.lock();
+    let slots: Vec<serde_json::Value> = st
+        .slots
+        .iter()
+        .map(|s| {
+            let (state, vm_pid) = match &s.state {
+                SlotState::Booting => ("booting", None),
+                SlotState::Ready { vm_pid, .. } => ("ready", Some(*vm_pid)),
+            };
+            serde_json::json!({
+                "vmid": s.vmid,
+                "state": state,
+                "keeper_pid": s.keeper_pid,
+                "vm_pid": vm_pid,
+                "for_ms": u64::try_from(s.since.elapsed().as_millis()).unwrap_or(u64::MAX),
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "holder_pid": std::process::id(),
+        "size": h.size,
+        "shape": h.shape,
+        "ready": st.slots.iter().filter(|s| matches!(s.state, SlotState::Ready { .. })).count(),
+        "booting": st.slots.iter().filter(|s| matches!(s.state, SlotState::Booting)).count(),
+        "vms": slots,
+        "booted": st.booted,
+        "claimed": st.claimed,
+        "died": st.died,
+        "failed": st.failed,
+        "last_error": st.last_error,
+    })
+}

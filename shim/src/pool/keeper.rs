@@ -1,0 +1,474 @@
+//! `containerd-shim-husk-v2 pool-keeper`: the process one pooled VM lives under.
+//!
+//! The holder starts it with one end of a socketpair as stdin: its control connection. The
+//! keeper creates the VM's directory (`.pool/<vmid>/`, laid out like a sandbox's), starts the
+//! VM on its main thread (so QEMU / husk-vmm and the helpers, tied to that thread by
+//! `PR_SET_PDEATHSIG`, die with the keeper and only with it), waits for the agent's ready
+//! line and says so on the connection. From then on it watches two things: a pidfd of its
+//! owner, and the connection.
+//! - The owner dies (the holder, or later the claiming shim): the VM is killed, the VM's
+//!   directory (wherever it was renamed to, if it is still the same directory) and the jail
+//!   id's record are removed, the keeper exits.
+//! - A request: `handover` (from the holder: the owner becomes the claiming shim's pid),
+//!   then from the shim `status`, `pause`, `resume`, `stop`, `kill`, `exit`
+//!   ([`super::wire::KeeperRequest`]). `exit`, or the connection closing while the owner
+//!   lives, ends the VM and the keeper but leaves the directory: a living owner cleans up
+//!   its own sandbox, as it does for a cold VM.
+//! - The VM ends by itself while unclaimed: the keeper cleans up and exits (the holder
+//!   boots another). While claimed it stays, to report the exit status to its shim.
+
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use husk_hypervisor::{Vm, VmConfig};
+
+use super::wire::{self, KeeperEvent, KeeperReply, KeeperRequest};
+use super::{PoolError, PoolPaths};
+use crate::config::Config;
+use crate::sandbox_dir::SandboxDir;
+
+/// A pidfd of process `pid` (`pidfd_open(2)`): readable once the process has ended.
+pub fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
+    let pid =
+        libc::pid_t::try_from(pid).map_err(|_| std::io::Error::from_raw_os_error(libc::ESRCH))?;
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1; no memory
+    // is passed.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let fd = i32::try_from(fd).map_err(|_| std::io::Error::from_raw_os_error(libc::EBADF))?;
+    // SAFETY: the kernel just returned this new descriptor; nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Which of `fds` are readable within `timeout` (EINTR counts as none).
+pub fn readable(fds: &[&dyn AsFd], timeout: Duration) -> Vec<bool> {
+    let mut p: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|f| libc::pollfd {
+            fd: f.as_fd().as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+    let n = libc::nfds_t::try_from(p.len()).unwrap_or(0);
+    // SAFETY: `p` is a live array of `n` pollfd structs for the duration of the call.
+    let r = unsafe { libc::poll(p.as_mut_ptr(), n, ms) };
+    if r <= 0 {
+        return vec![false; fds.len()];
+    }
+    p.iter().map(|x| x.revents != 0).collect()
+}
+
+/// The keeper's arguments.
+#[derive(Debug)]
+struct Args {
+    config: Option<PathBuf>,
+    vmid: String,
+    holder: u32,
+}
+
+fn parse(args: &[std::ffi::OsString]) -> Result<Args, String> {
+    let mut config = None;
+    let mut vmid = None;
+    let mut holder = None;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut value = || {
+            it.next()
+                .and_then(|v| v.to_str())
+                .map(str::to_string)
+                .ok_or_else(|| format!("{a:?} needs a value"))
+        };
+        match a.to_str() {
+            Some("--config") => config = Some(PathBuf::from(value()?)),
+            Some("--vmid") => vmid = Some(value()?),
+            Some("--holder") => {
+                holder = Some(value()?.parse().map_err(|e| format!("--holder: {e}"))?)
+            }
+            _ => return Err(format!("{a:?}: unknown argument")),
+        }
+    }
+    Ok(Args {
+        config,
+        vmid: vmid.ok_or("--vmid is missing")?,
+        holder: holder.ok_or("--holder is missing")?,
+    })
+}
+
+/// `containerd-shim-husk-v2 pool-keeper --vmid ID --holder PID [--config FILE]`, stdin the
+/// control connection. Run by the holder only.
+pub fn main(args: &[std::ffi::OsString]) -> i32 {
+    let args = match parse(args) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("containerd-shim-husk-v2 pool-keeper: {e} (the pool holder runs this; people do not)");
+            return 2;
+        }
+    };
+    let config = match Config::load(args.config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("containerd-shim-husk-v2 pool-keeper: {e}");
+            return 1;
+        }
+    };
+    super::init_log(
+        &config,
+        format!("keeper {}[{}]", args.vmid, std::process::id()),
+    );
+    // SAFETY: fd 0 is the control connection the holder gave this process as stdin; from
+    // here on this OwnedFd alone owns it.
+    let conn = UnixStream::from(unsafe { OwnedFd::from_raw_fd(0) });
+    match run(&config, &args, conn) {
+        Ok(()) => 0,
+        Err(e) => {
+            log::error!("{e}");
+            1
+        }
+    }
+}
+
+/// What the keeper removes when its owner dies: the VM's directory, if the path (the claimed
+/// one first, then the pool's) still names the very directory it created, and the jail id.
+struct Leftovers {
+    state_root: PathBuf,
+    /// (dev, ino) of the VM's directory.
+    ident: (u64, u64),
+    roots: Vec<PathBuf>,
+    jail_owners: Vec<String>,
+}
+
+impl Leftovers {
+    fn remove(&self) {
+        for root in self.roots.iter().rev() {
+            let Ok(m) = std::fs::symlink_metadata(root) else {
+                continue;
+            };
+            if (m.dev(), m.ino()) != self.ident || !m.is_dir() {
+                continue;
+            }
+            let (Some(parent), Some(name)) = (root.parent(), root.file_name()) else {
+                continue;
+            };
+            match SandboxDir::new(parent, &name.to_string_lossy()).map(|d| d.destroy()) {
+                Ok(Ok(())) => log::info!("removed {}", root.display()),
+                Ok(Err(e)) => log::error!("removing {}: {e}", root.display()),
+                Err(e) => log::error!("removing {}: {e}", root.display()),
+            }
+        }
+        let ids = husk_hypervisor::jail::JailIds::new(&self.state_root);
+        for owner in &self.jail_owners {
+            ids.release(owner);
+        }
+    }
+}
+
+fn run(config: &Config, args: &Args, mut conn: UnixStream) -> Result<(), PoolError> {
+    let fail = |e: String| PoolError::Config(e);
+    let mut owner = pidfd_open(args.holder)
+        .map_err(|e| fail(format!("the holder (pid {}) is gone: {e}", args.holder)))?;
+    if nix::unistd::getppid().as_raw() != i32::try_from(args.holder).unwrap_or(-1) {
+        return Err(fail(format!(
+            "started by a process other than the holder (pid {})",
+            args.holder
+        )));
+    }
+    let paths = PoolPaths::new(&config.state_root);
+    let dir = SandboxDir::new(&paths.dir, &args.vmid).map_err(|e| fail(e.to_string()))?;
+    if dir.root().exists() {
+        return Err(fail(format!("{} exists already", dir.root().display())));
+    }
+    dir.create().map_err(|e| {
+        let _ = dir.destroy();
+        fail(e.to_string())
+    })?;
+    // Held until exit: the holder sweeps a directory under .pool/ whose lock is free.
+    let dir_fd = std::fs::File::open(dir.root()).map_err(super::io("opening", dir.root()))?;
+    let dir_fd = nix::fcntl::Flock::lock(dir_fd, nix::fcntl::FlockArg::LockExclusiveNonblock)
+        .map_err(|(_, e)| fail(format!("locking {}: {e}", dir.root().display())))?;
+    let meta = dir_fd
+        .metadata()
+        .map_err(super::io("reading", dir.root()))?;
+    let owner_name = super::jail_owner(&args.vmid);
+    let mut left = Leftovers {
+        state_root: config.state_root.clone(),
+        ident: (meta.dev(), meta.ino()),
+        roots: vec![dir.root().to_path_buf()],
+        jail_owners: vec![owner_name.clone()],
+    };
+    let booted = boot(config, &dir, &owner_name);
+    let (mut vm, event) = match booted {
+        Ok(v) => v,
+        Err(e) => {
+            let _ = wire::write_msg(&mut conn, &KeeperEvent::Failed { error: e.clone() });
+            left.remove();
+            return Err(fail(e));
+        }
+    };
+    if let Err(e) = wire::write_msg(&mut conn, &event) {
+        let _ = vm.kill();
+        left.remove();
+        return Err(fail(format!("telling the holder the VM is ready: {e}")));
+    }
+    let mut claimed = false;
+    let end = |vm: &mut Box<dyn Vm>, left: &Leftovers, clean: bool, why: &str| {
+        let _ = vm.kill();
+        if clean {
+            left.remove();
+        }
+        log::info!("{why}: the VM is gone, the keeper exits");
+    };
+    loop {
+        let ready = readable(&[&owner, &conn], Duration::from_millis(200));
+        if ready[0] {
+            end(&mut vm, &left, true, "the owner died");
+            return Ok(());
+        }
+        if !claimed {
+            if let Ok(Some(status)) = vm.wait(Some(Duration::ZERO)) {
+                end(
+                    &mut vm,
+                    &left,
+                    true,
+                    &format!("the VM ended while pooled ({status})"),
+                );
+                return Ok(());
+            }
+        }
+        if !ready[1] {
+            continue;
+        }
+        let req = match wire::read_msg::<KeeperRequest>(&mut conn) {
+            Ok(Some(r)) => r,
+            Ok(None) | Err(_) => {
+                // The connection closed: an owner that lives keeps its directory; one that is
+                // dying (its files close just before its pidfd turns readable) does not.
+                let dying = readable(&[&owner], Duration::from_millis(300))[0];
+                end(
+                    &mut vm,
+                    &left,
+                    dying || !claimed,
+                    "the owner closed the connection",
+                );
+                return Ok(());
+            }
+        };
+        let reply = match req {
+            KeeperRequest::Handover { pid, dir } if !claimed => match pidfd_open(pid) {
+                Ok(fd) => {
+                    owner = fd;
+                    claimed = true;
+                    if let Some(sid) = dir.file_name() {
+                        left.jail_owners.push(sid.to_string_lossy().into_owned());
+                    }
+                    log::info!("handed over to pid {pid}, as {}", dir.display());
+                    left.roots.push(dir);
+                    KeeperReply {
+                        ok: true,
+                        ..Default::default()
+                    }
+                }
+                Err(e) => {
+                    end(
+                        &mut vm,
+                        &left,
+                        true,
+                        &format!("the claimer (pid {pid}) is gone: {e}"),
+                    );
+                    return Ok(());
+                }
+            },
+            KeeperRequest::Handover { .. } => reply_err("handed over already".into()),
+            KeeperRequest::Status {} => status_reply(vm.wait(Some(Duration::ZERO))),
+            KeeperRequest::Pause {} => unit_reply(vm.pause()),
+            KeeperRequest::Resume {} => unit_reply(vm.resume()),
+            KeeperRequest::Stop { grace_ms } => status_reply(
+                vm.stop(Duration::from_millis(grace_ms.min(60_000)))
+                    .map(Some),
+            ),
+            KeeperRequest::Kill {} => status_reply(vm.kill().map(Some)),
+            KeeperRequest::Exit {} => {
+                let _ = wire::write_msg(
+                    &mut conn,
+                    &KeeperReply {
+                        ok: true,
+                        ..Default::default()
+                    },
+                );
+                end(&mut vm, &left, !claimed, "the owner is done");
+                return Ok(());
+            }
+        };
+        if wire::write_msg(&mut conn, &reply).is_err() {
+            let dying = readable(&[&owner], Duration::from_millis(300))[0];
+            end(
+                &mut vm,
+                &left,
+                dying || !claimed,
+                "the owner's connection broke",
+            );
+            return Ok(());
+        }
+    }
+}
+
+fn reply_err(e: String) -> KeeperReply {
+    KeeperReply {
+        ok: false,
+        error: Some(e),
+        exited: None,
+    }
+}
+
+fn unit_reply(r: husk_hypervisor::Result<()>) -> KeeperReply {
+    match r {
+        Ok(()) => KeeperReply {
+            ok: true,
+            ..Default::default()
+        },
+        Err(e) => reply_err(crate::error::chain(&e)),
+    }
+}
+
+fn status_reply(r: husk_hypervisor::Result<Option<std::process::ExitStatus>>) -> KeeperReply {
+    use std::os::unix::process::ExitStatusExt;
+    match r {
+        Ok(s) => KeeperReply {
+            ok: true,
+            error: None,
+            exited: s.map(|s| s.into_raw()),
+        },
+        Err(e) => reply_err(crate::error::chain(&e)),
+    }
+}
+
+/// Starts the VM of the configuration's default shape in `dir` and waits for its agent.
+fn boot(
+    config: &Config,
+    dir: &SandboxDir,
+    owner: &str,
+) -> Result<(Box<dyn Vm>, KeeperEvent), String> {
+    // The holder's shape (`Shape::default_of`): the base size, no NIC, no debug console.
+    let (vcpus, memory_mib) = crate::sandbox::size_for(config, &serde_json::json!({}))?;
+    let programs = config.programs().map_err(|e| e.to_string())?;
+    let backend =
+        crate::sandbox::backend(config, &programs).map_err(|e| crate::error::chain(&e))?;
+    let jail = if config.jail {
+        Some(crate::sandbox::jail_for(config, owner, dir).map_err(|e| e.to_string())?)
+    } else {
+        None
+    };
+    let vm_config = VmConfig {
+        kernel: config.kernel.clone(),
+        initramfs: config.initramfs.clone(),
+        cmdline_extra: config.kernel_params.trim().to_string(),
+        vcpus,
+        memory_mib,
+        state_dir: dir.vm(),
+        shared_dir: Some(dir.shared()),
+        vsock: true,
+        nets: Vec::new(),
+        jail,
+    };
+    let started = Instant::now();
+    // On this (the main) thread: the VM's processes die with it, i.e. with the keeper.
+    let mut vm = backend
+        .start(&vm_config)
+        .map_err(|e| format!("starting the VM: {}", crate::error::chain(&e)))?;
+    let timeout = Duration::from_secs(config.agent_timeout_secs);
+    let ready = match husk_hypervisor::console::wait_for_ready(vm.as_mut(), timeout) {
+        Ok(r) => r,
+        Err(e) => {
+            let ended = vm.wait(Some(Duration::ZERO)).ok().flatten();
+            let _ = vm.kill();
+            let tail = husk_hypervisor::console::tail(&dir.vm().join("console.log"), 10);
+            return Err(match ended {
+                Some(s) => {
+                    format!("the VM ended ({s}) before its agent was ready; console:\n{tail}")
+                }
+                None => {
+                    format!("the agent was not ready within {timeout:?}: {e}; console:\n{tail}")
+                }
+            });
+        }
+    };
+    let rel = |p: &Path| {
+        p.strip_prefix(dir.vm())
+            .map(Path::to_path_buf)
+            .map_err(|_| format!("{}: not under {}", p.display(), dir.vm().display()))
+    };
+    let console = rel(vm.console_log())?;
+    let vsock = vm.vsock_socket().map(rel).transpose()?;
+    log::info!(
+        "VM {} booted on {} in {} ms (guest {} ms to the agent)",
+        vm.pid(),
+        backend.name(),
+        started.elapsed().as_millis(),
+        ready.since_boot_ms
+    );
+    let event = KeeperEvent::Ready {
+        vm_pid: vm.pid(),
+        backend: backend.name(),
+        console,
+        vsock,
+        guest_boot_ms: ready.since_boot_ms,
+    };
+    Ok((vm, event))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pidfd_turns_readable_when_its_process_ends() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("60")
+            .spawn()
+            .unwrap();
+        let fd = pidfd_open(child.id()).unwrap();
+        assert_eq!(readable(&[&fd], Duration::from_millis(50)), vec![false]);
+        child.kill().unwrap();
+        assert_eq!(readable(&[&fd], Duration::from_secs(5)), vec![true]);
+        child.wait().unwrap();
+    }
+
+    #[test]
+    fn leftovers_are_removed_only_where_the_same_directory_still_is() {
+        let t = tempfile::tempdir().unwrap();
+        let a = t.path().join("a");
+        std::fs::create_dir(&a).unwrap();
+        let m = std::fs::metadata(&a).unwrap();
+        let b = t.path().join("b");
+        std::fs::create_dir(&b).unwrap();
+        let left = Leftovers {
+            state_root: t.path().to_path_buf(),
+            ident: (m.dev(), m.ino()),
+            roots: vec![b.clone(), t.path().join("gone"), a.clone()],
+            jail_owners: vec![],
+        };
+        left.remove();
+        assert!(!a.exists(), "the keeper's own directory stays");
+        assert!(
+            b.exists(),
+            "another directory at a path the keeper knew was removed"
+        );
+    }
+
+    #[test]
+    fn arguments_are_checked() {
+        let a = |v: &[&str]| parse(&v.iter().map(std::ffi::OsString::from).collect::<Vec<_>>());
+        assert!(a(&["--vmid", "vm-1", "--holder", "12"]).is_ok());
+        assert!(a(&["--vmid", "vm-1"]).unwrap_err().contains("--holder"));
+        assert!(a(&["--holder", "x", "--vmid", "v"])
+            .unwrap_err()
+            .contains("--holder"));
+        assert!(a(&["--frob"]).unwrap_err().contains("unknown"));
+    }
+}

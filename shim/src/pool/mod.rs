@@ -1,0 +1,305 @@
+//! The warm pool: VMs booted to their agent's ready line before any sandbox asks, each handed
+//! whole to exactly one new sandbox, which then skips the boot (issue #17; Kata's VM cache is
+//! the model, but a guest is never reused: a claimed VM is never given back).
+//!
+//! Three kinds of process:
+//! - the **holder** (`containerd-shim-husk-v2 pool`, [`holder`]): keeps `[pool] size` VMs of
+//!   the default shape booted, answers claims and status on `<state_root>/.pool/pool.sock`
+//!   (0600, requests bounded by [`wire::MAX_LINE`]), logs each boot, claim and death to
+//!   `.pool/pool.log`. The first shim that finds `[pool]` configured and no holder starts one
+//!   (`pool start`: detached, its own session; the lock `.pool/holder.lock` lets only one
+//!   live), or an admin runs it (`cargo xtask install` does not, the DaemonSet may).
+//! - a **keeper** per VM (`containerd-shim-husk-v2 pool-keeper`, [`keeper`]): starts the VM
+//!   through the same [`husk_hypervisor::Hypervisor`] a cold sandbox uses, so QEMU / husk-vmm
+//!   and its helpers are the keeper's children and keep their `PR_SET_PDEATHSIG` to it. It
+//!   holds a pidfd of its **owner** — the holder, then the claiming shim — and when the owner
+//!   dies it kills the VM and removes what the VM left. That is what lets ownership move:
+//!   PDEATHSIG ties a process to its parent *thread*, which can never change, so the VM's
+//!   parent must be a process that stays (the keeper) and ownership a pidfd that can be
+//!   swapped. Unclaimed VMs thus die with the holder; a claimed one does not (its pod runs
+//!   on) but dies with its shim.
+//! - the **claiming shim** ([`client`]): asks for a VM of its exact [`Shape`]; the holder
+//!   takes a ready one out of the pool (one VM, one claimer: under the holder's lock, never
+//!   returned), hands the keeper over to the shim's pid, renames the VM's directory
+//!   `.pool/<vmid>/` to `<state_root>/<sid>/` (`RENAME_NOREPLACE`, same file system: no
+//!   symlink, nothing a guest can touch), moves the jail id's record to the sandbox, and
+//!   passes the keeper's control connection to the shim (`SCM_RIGHTS`). The shim then drives
+//!   the VM through [`client::KeptVm`], a [`husk_hypervisor::Vm`] like any other.
+//!
+//! The state directory of a pooled VM is laid out as a sandbox's ([`crate::sandbox_dir`]);
+//! its mounts move with the rename, and `shared/` keeps propagating mounts made later under
+//! `mounts/` (the jailed processes and virtiofsd hold their views through their own mount
+//! namespaces, which the rename does not touch).
+//!
+//! Not pooled (they boot cold, as before, and the shim logs why): a pod with a network
+//! namespace (pooled VMs have no NIC yet), pod limits or sizing annotations that change the
+//! VM's size, a debug console, or any other configuration than the holder's.
+
+pub mod client;
+pub mod holder;
+pub mod keeper;
+pub mod wire;
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::Config;
+
+/// The pool's directory under the state root. The leading dot keeps it apart from sandbox
+/// ids: containerd's ids start with a letter or digit, so no sandbox can be called this.
+pub const POOL_DIR: &str = ".pool";
+
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("another pool holder runs for {0} (it holds the lock) — use it, or stop it first")]
+    Running(PathBuf),
+    #[error("no pool holder answers at {socket}: {source} — start one with `containerd-shim-husk-v2 pool start`, or set [pool] size in the configuration so a shim starts it")]
+    NotRunning {
+        socket: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Config(String),
+}
+
+fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> PoolError {
+    let path = path.to_path_buf();
+    move |source| PoolError::Io { what, path, source }
+}
+
+/// Where the pool's files live.
+#[derive(Debug, Clone)]
+pub struct PoolPaths {
+    /// `<state_root>/.pool/`, root-only.
+    pub dir: PathBuf,
+    pub socket: PathBuf,
+    pub lock: PathBuf,
+    pub log: PathBuf,
+}
+
+impl PoolPaths {
+    pub fn new(state_root: &Path) -> Self {
+        let dir = state_root.join(POOL_DIR);
+        Self {
+            socket: dir.join("pool.sock"),
+            lock: dir.join("holder.lock"),
+            log: dir.join("pool.log"),
+            dir,
+        }
+    }
+
+    /// Creates the directory (0700) if needed.
+    pub fn create(&self) -> Result<(), PoolError> {
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&self.dir)
+            .map_err(io("creating", &self.dir))?;
+        std::fs::set_permissions(&self.dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(io("making root-only", &self.dir))
+    }
+
+    /// A pooled VM's directory.
+    pub fn vm_dir(&self, vmid: &str) -> PathBuf {
+        self.dir.join(vmid)
+    }
+}
+
+/// The owner name a pooled VM's jail id is recorded under until it is claimed.
+pub fn jail_owner(vmid: &str) -> String {
+    format!("{POOL_DIR}/{vmid}")
+}
+
+/// Everything that makes two VMs interchangeable for a sandbox: a VM is claimed only by a
+/// sandbox whose shape is equal, field by field.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Shape {
+    pub backend: String,
+    pub kernel: PathBuf,
+    pub initramfs: PathBuf,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    pub kernel_params: String,
+    pub jail: bool,
+    pub programs: [Option<PathBuf>; 4],
+    /// Network devices (pooled VMs have none yet).
+    pub nics: u32,
+}
+
+impl Shape {
+    /// The shape a sandbox of `config` with this size and these NICs gets; `Err`: a sandbox
+    /// of this configuration is never pooled (why, for the log).
+    pub fn of(config: &Config, vcpus: u32, memory_mib: u32, nics: u32) -> Result<Self, String> {
+        if config.debug_console {
+            return Err("debug_console is on (pooled VMs boot without it)".into());
+        }
+        let programs = config.programs().map_err(|e| e.to_string())?;
+        let backend = crate::sandbox::backend(config, &programs)
+            .map_err(|e| crate::error::chain(&e))?
+            .name();
+        Ok(Self {
+            backend,
+            kernel: config.kernel.clone(),
+            initramfs: config.initramfs.clone(),
+            vcpus,
+            memory_mib,
+            kernel_params: config.kernel_params.trim().to_string(),
+            jail: config.jail,
+            programs: [
+                programs.qemu,
+                programs.husk_vmm,
+                programs.virtiofsd,
+                programs.vhost_vsock,
+            ],
+            nics,
+        })
+    }
+
+    /// The shape the holder boots: the configured base size, no NIC.
+    pub fn default_of(config: &Config) -> Result<Self, String> {
+        let (vcpus, memory_mib) = crate::sandbox::size_for(config, &serde_json::json!({}))?;
+        Self::of(config, vcpus, memory_mib, 0)
+    }
+}
+
+fn usage() -> String {
+    "usage: containerd-shim-husk-v2 pool [run|start|status] [--config FILE]\n  run     the pool holder, in the foreground (for a DaemonSet or a service manager)\n  start   the holder, detached (what a shim does when it finds none); returns at once\n  status  what the running holder holds".into()
+}
+
+/// `containerd-shim-husk-v2 pool …`. Returns the exit code.
+pub fn main(args: &[std::ffi::OsString]) -> i32 {
+    let mut cmd = "run".to_string();
+    let mut config_path = None;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.to_str() {
+            Some("--config") => match it.next() {
+                Some(p) => config_path = Some(PathBuf::from(p)),
+                None => {
+                    eprintln!("--config needs a file\n{}", usage());
+                    return 2;
+                }
+            },
+            Some(c @ ("run" | "start" | "status")) => cmd = c.to_string(),
+            _ => {
+                eprintln!("{:?}: unknown\n{}", a, usage());
+                return 2;
+            }
+        }
+    }
+    let config = match Config::load(config_path.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("containerd-shim-husk-v2 pool: {e}");
+            return 1;
+        }
+    };
+    let result = match cmd.as_str() {
+        "start" => client::start_holder(&config).map(|()| 0),
+        "status" => client::status(&config).map(|s| {
+            println!("{s}");
+            0
+        }),
+        _ => holder::run(config).map(|()| 0),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("containerd-shim-husk-v2 pool {cmd}: {e}");
+            1
+        }
+    }
+}
+
+/// A minimal logger for the pool's processes: one line per record on stderr (the holder
+/// points it at `pool.log`), with the time and the process.
+#[derive(Debug)]
+struct StderrLog {
+    level: log::LevelFilter,
+    who: String,
+}
+
+impl log::Log for StderrLog {
+    fn enabled(&self, m: &log::Metadata<'_>) -> bool {
+        m.level() <= self.level
+    }
+    fn log(&self, r: &log::Record<'_>) {
+        if self.enabled(r.metadata()) {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default();
+            // One write per line: the holder and its keepers share the log file.
+            let line = format!(
+                "{}.{:03} {} {} {}\n",
+                now.as_secs(),
+                now.subsec_millis(),
+                r.level(),
+                self.who,
+                r.args()
+            );
+            use std::io::Write;
+            let _ = std::io::stderr().lock().write_all(line.as_bytes());
+        }
+    }
+    fn flush(&self) {}
+}
+
+fn init_log(config: &Config, who: String) {
+    let level = config.log_level.parse().unwrap_or(log::LevelFilter::Info);
+    if log::set_boxed_logger(Box::new(StderrLog { level, who })).is_ok() {
+        log::set_max_level(level);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shapes_differ_by_any_field_and_a_debug_console_is_never_pooled() {
+        let c = Config {
+            backend: "qemu-tcg".into(),
+            ..Config::default()
+        };
+        let a = Shape::of(&c, 1, 256, 0).unwrap();
+        assert_eq!(a, Shape::default_of(&c).unwrap());
+        assert_ne!(a, Shape::of(&c, 1, 512, 0).unwrap());
+        assert_ne!(a, Shape::of(&c, 2, 256, 0).unwrap());
+        assert_ne!(a, Shape::of(&c, 1, 256, 1).unwrap());
+        let other = Config {
+            kernel_params: "loglevel=7".into(),
+            ..c.clone()
+        };
+        assert_ne!(a, Shape::of(&other, 1, 256, 0).unwrap());
+        let unjailed = Config {
+            jail: false,
+            ..c.clone()
+        };
+        assert_ne!(a, Shape::of(&unjailed, 1, 256, 0).unwrap());
+        let debug = Config {
+            debug_console: true,
+            ..c
+        };
+        let e = Shape::of(&debug, 1, 256, 0).unwrap_err();
+        assert!(e.contains("debug_console"), "{e}");
+    }
+
+    #[test]
+    fn the_pool_lives_apart_from_every_sandbox_id() {
+        let p = PoolPaths::new(Path::new("/run/husk"));
+        assert_eq!(p.socket, Path::new("/run/husk/.pool/pool.sock"));
+        assert!(POOL_DIR.starts_with('.'));
+        assert_eq!(jail_owner("vm-1"), ".pool/vm-1");
+    }
+}

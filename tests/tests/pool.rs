@@ -1,0 +1,455 @@
+//! Tier 3, the warm pool (issue #17): `containerd-shim-husk-v2 pool` keeps VMs booted, a new
+//! sandbox of the pool's shape claims one instead of booting.
+//! - pooled `ctr run`s (output, exit code), two at once (never the same VM), a pod of two
+//!   containers in a pooled VM; a sandbox of another size boots cold; the pool never holds
+//!   more than its size;
+//! - killing the holder (its unclaimed VMs die, a claimed one runs on, nothing is left, the
+//!   next start works and starts a holder again), killing a claimed VM's QEMU, an unclaimed
+//!   one's, and a claiming shim right after its claim: nothing is left behind (processes,
+//!   mounts, directories, jail ids) and the next start works.
+//!
+//! The holder's state root is the default `/run/husk` (the sandboxes' assertions look there);
+//! the test runs its own holder and ends it (by PID) with every VM it booted.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use husk_tests::husk::{
+    assert_sandbox_gone, processes_mentioning, shim_binary, HuskContainerd, BUSYBOX,
+};
+use husk_tests::{initramfs, kernel, require_root};
+
+const RUNTIME: &str = "io.containerd.husk.v2";
+const POOL: &str = "/run/husk/.pool";
+/// The pool's configuration: two VMs of the default shape.
+const EXTRA: &str = "pool.size = 2\n";
+
+fn unique(name: &str) -> String {
+    format!("{name}-{}", std::process::id())
+}
+
+/// The same file the test's containerd gives its shims (same keys, same values).
+fn config_file(dir: &Path) -> PathBuf {
+    let p = dir.join("pool-config.toml");
+    std::fs::write(
+        &p,
+        format!(
+            "{EXTRA}\nkernel = \"{}\"\ninitramfs = \"{}\"\n",
+            kernel().display(),
+            initramfs().display()
+        ),
+    )
+    .unwrap();
+    p
+}
+
+fn kill(pid: u32) {
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap()),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+}
+
+fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < deadline, "{what}: not within {timeout:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Pooled VM directories and jail ids recorded for pooled VMs.
+fn pool_leftovers() -> (Vec<String>, Vec<String>) {
+    let dirs = std::fs::read_dir(POOL)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    let ids = std::fs::read_dir("/run/husk/.jail-ids")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+        .filter(|owner| owner.starts_with(".pool/"))
+        .collect();
+    (dirs, ids)
+}
+
+fn status(config: &Path) -> Option<serde_json::Value> {
+    let out = Command::new(shim_binary())
+        .args(["pool", "status", "--config"])
+        .arg(config)
+        .output()
+        .unwrap();
+    out.status
+        .success()
+        .then(|| serde_json::from_slice(&out.stdout).expect("status is JSON"))
+}
+
+/// A holder this test started, killed (by PID) when dropped; waits for its VMs to go.
+struct Holder {
+    child: Child,
+    log: PathBuf,
+    config: PathBuf,
+}
+
+impl Holder {
+    fn start(dir: &Path) -> Self {
+        let config = config_file(dir);
+        let log = dir.join("holder.log");
+        let child = Command::new(shim_binary())
+            .args(["pool", "run", "--config"])
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        Self { child, log, config }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn status(&self) -> serde_json::Value {
+        status(&self.config).unwrap_or_else(|| panic!("no status; holder log:\n{}", self.log()))
+    }
+
+    /// Waits until `n` VMs are ready; checks on the way that the pool never holds more
+    /// than its size.
+    fn wait_ready(&self, n: u64) {
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            if let Some(s) = status(&self.config) {
+                let held = s["vms"].as_array().map_or(0, Vec::len);
+                assert!(
+                    held <= 2,
+                    "the pool holds {held} VMs, more than its size 2: {s}"
+                );
+                if s["ready"].as_u64() == Some(n) {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{n} pooled VMs not ready within 90 s; holder log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// The VM sandbox `sid` claimed, from the holder's log.
+    fn claimed_by(&self, sid: &str) -> Option<String> {
+        let needle = format!(" claimed by sandbox {sid} ");
+        self.log()
+            .lines()
+            .find(|l| l.contains(&needle))
+            .and_then(|l| l.split_whitespace().find(|w| w.starts_with("vm-")))
+            .map(str::to_string)
+    }
+
+    /// Kills the holder; waits until every VM it held unclaimed is gone.
+    fn end(&mut self) {
+        if self.child.try_wait().ok().flatten().is_some() {
+            return;
+        }
+        let held: Vec<String> = status(&self.config)
+            .and_then(|s| {
+                s["vms"].as_array().map(|v| {
+                    v.iter()
+                        .filter_map(|m| m["vmid"].as_str().map(str::to_string))
+                        .collect()
+                })
+            })
+            .unwrap_or_default();
+        kill(self.child.id());
+        let _ = self.child.wait();
+        for vmid in held {
+            vm_gone(&vmid);
+        }
+    }
+}
+
+impl Drop for Holder {
+    fn drop(&mut self) {
+        self.end();
+    }
+}
+
+/// `ctr run --rm` of `sh -c script`: (stdout, exit code).
+fn run_rm(h: &HuskContainerd, id: &str, options: &[&str], script: &str) -> (String, i32) {
+    let mut args = vec!["run", "--rm", "--runtime", RUNTIME];
+    args.extend_from_slice(options);
+    args.extend_from_slice(&[BUSYBOX, id, "sh", "-c", script]);
+    let out = h.ctd.ctr(&args);
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        out.status.code().unwrap_or(-1),
+    )
+}
+
+fn qemu_of(vmid: &str) -> u32 {
+    processes_mentioning(&format!("{POOL}/{vmid}/"))
+        .into_iter()
+        .find(|p| {
+            std::fs::read_link(format!("/proc/{p}/exe"))
+                .is_ok_and(|e| e.to_string_lossy().contains("qemu-system"))
+        })
+        .unwrap_or_else(|| panic!("no QEMU for {vmid}"))
+}
+
+fn vm_gone(vmid: &str) {
+    wait_until(
+        &format!("{vmid}'s processes to end"),
+        Duration::from_secs(20),
+        || processes_mentioning(&format!("{POOL}/{vmid}/")).is_empty(),
+    );
+}
+
+#[test]
+fn pooled_starts_and_the_pools_bounds() {
+    require_root("the pool boots VMs and mounts their shares");
+    let h = HuskContainerd::start_with_config(EXTRA);
+    let t = tempfile::tempdir().unwrap();
+    let holder = Holder::start(t.path());
+    holder.wait_ready(2);
+
+    // Two at once: each gets a VM of its own, both pooled.
+    let (a, b) = (unique("pool-a"), unique("pool-b"));
+    let (out_a, out_b) = std::thread::scope(|s| {
+        let ra = s.spawn(|| run_rm(&h, &a, &[], "echo from-a; exit 3"));
+        let rb = s.spawn(|| run_rm(&h, &b, &[], "echo from-b; exit 4"));
+        (ra.join().unwrap(), rb.join().unwrap())
+    });
+    assert_eq!(out_a, ("from-a\n".to_string(), 3), "{}", h.ctd.log());
+    assert_eq!(out_b, ("from-b\n".to_string(), 4));
+    let (va, vb) = (holder.claimed_by(&a), holder.claimed_by(&b));
+    assert!(
+        va.is_some() && vb.is_some(),
+        "both pooled:\n{}",
+        holder.log()
+    );
+    assert_ne!(va, vb, "two sandboxes got the same VM");
+    for (id, vm) in [(&a, &va), (&b, &vb)] {
+        assert_sandbox_gone(id);
+        vm_gone(vm.as_ref().unwrap());
+    }
+    assert_eq!(holder.status()["claimed"], 2);
+
+    // A pod of two containers in one pooled VM.
+    holder.wait_ready(2);
+    let (sb, c2) = (unique("pool-pod"), unique("pool-c2"));
+    h.run_idle(&sb, &[]);
+    let vm = holder
+        .claimed_by(&sb)
+        .expect("the pod's VM comes from the pool");
+    let ann = format!("io.husk.sandbox-id={sb}");
+    h.run_idle(&c2, &["--annotation", &ann]);
+    let boot = |id: &str| {
+        h.ctd.ctr_ok(&[
+            "task",
+            "exec",
+            "--exec-id",
+            "b",
+            id,
+            "cat",
+            "/proc/sys/kernel/random/boot_id",
+        ])
+    };
+    assert_eq!(boot(&sb), boot(&c2), "both containers in the one VM");
+    assert!(
+        !Path::new("/run/husk").join(&c2).exists()
+            && Path::new("/run/husk")
+                .join(&sb)
+                .join("vm/console.log")
+                .exists(),
+        "the pooled VM's directory is the sandbox's"
+    );
+    h.remove(&c2);
+    h.remove(&sb);
+    assert_sandbox_gone(&sb);
+    vm_gone(&vm);
+
+    // Another size boots cold; the pool keeps its VMs.
+    holder.wait_ready(2);
+    let big = unique("pool-big");
+    let out = run_rm(&h, &big, &["--memory-limit", "134217728"], "echo cold");
+    assert_eq!(out, ("cold\n".to_string(), 0));
+    assert_eq!(
+        holder.claimed_by(&big),
+        None,
+        "a VM of the wrong size was used"
+    );
+    assert!(
+        holder.log().contains(&format!("sandbox {big} (shim")),
+        "the holder said why not:\n{}",
+        holder.log()
+    );
+    let s = holder.status();
+    assert_eq!(
+        (s["claimed"].as_u64(), s["ready"].as_u64()),
+        (Some(3), Some(2)),
+        "{s}"
+    );
+    assert_sandbox_gone(&big);
+}
+
+#[test]
+fn killing_the_holder_leaves_nothing_and_the_next_start_works() {
+    require_root("the pool boots VMs and mounts their shares");
+    let h = HuskContainerd::start_with_config(EXTRA);
+    let t = tempfile::tempdir().unwrap();
+    let mut holder = Holder::start(t.path());
+    holder.wait_ready(2);
+    let keep = unique("pool-keep");
+    h.run_idle(&keep, &[]);
+    let claimed = holder.claimed_by(&keep).expect("pooled");
+    holder.wait_ready(2);
+
+    holder.end();
+    // Only the claimed VM is left: it belongs to its sandbox now.
+    wait_until(
+        "the unclaimed VMs and their directories to go",
+        Duration::from_secs(20),
+        || {
+            let (dirs, ids) = pool_leftovers();
+            dirs.is_empty() && ids.is_empty()
+        },
+    );
+    assert_eq!(
+        processes_mentioning(&format!("{POOL}/vm-")).len(),
+        processes_mentioning(&format!("{POOL}/{claimed}/")).len(),
+        "a process of an unclaimed VM outlived the holder"
+    );
+    let out = h.ctd.ctr_ok(&[
+        "task",
+        "exec",
+        "--exec-id",
+        "e",
+        &keep,
+        "echo",
+        "still-here",
+    ]);
+    assert_eq!(out, "still-here\n");
+
+    // The next start boots cold and starts a holder again (detached; ended here by PID).
+    let next = unique("pool-next");
+    assert_eq!(
+        run_rm(&h, &next, &[], "echo works"),
+        ("works\n".to_string(), 0)
+    );
+    assert_sandbox_gone(&next);
+    let config = config_file(t.path());
+    wait_until(
+        "a holder started by the shim",
+        Duration::from_secs(20),
+        || status(&config).is_some(),
+    );
+    let again = u32::try_from(status(&config).unwrap()["holder_pid"].as_u64().unwrap()).unwrap();
+    kill(again);
+    wait_until(
+        "the second holder's VMs to go",
+        Duration::from_secs(20),
+        || {
+            processes_mentioning(&format!("{POOL}/vm-{again}-")).is_empty()
+                && status(&config).is_none()
+        },
+    );
+
+    h.remove(&keep);
+    assert_sandbox_gone(&keep);
+    vm_gone(&claimed);
+    let (dirs, ids) = pool_leftovers();
+    assert!(dirs.is_empty() && ids.is_empty(), "left: {dirs:?} {ids:?}");
+}
+
+#[test]
+fn killing_a_pooled_vm_or_a_claiming_shim_leaves_nothing() {
+    require_root("the pool boots VMs and mounts their shares");
+    let h = HuskContainerd::start_with_config(EXTRA);
+    let t = tempfile::tempdir().unwrap();
+    let holder = Holder::start(t.path());
+    holder.wait_ready(2);
+
+    // A claimed VM's QEMU killed: the task ends, delete leaves nothing.
+    let sb = unique("pool-qemu");
+    h.run_idle(&sb, &[]);
+    let vm = holder.claimed_by(&sb).expect("pooled");
+    kill(qemu_of(&vm));
+    wait_until("the task to end", Duration::from_secs(15), || {
+        h.ctd
+            .ctr_ok(&["task", "ls"])
+            .lines()
+            .any(|l| l.starts_with(&sb) && l.contains("STOPPED"))
+    });
+    h.remove(&sb);
+    assert_sandbox_gone(&sb);
+    vm_gone(&vm);
+
+    // An unclaimed VM's QEMU killed: its keeper ends, the holder boots another.
+    holder.wait_ready(2);
+    let pooled = holder.status()["vms"][0]["vmid"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    kill(qemu_of(&pooled));
+    vm_gone(&pooled);
+    assert!(!Path::new(POOL).join(&pooled).exists());
+    holder.wait_ready(2);
+    assert_eq!(holder.status()["died"], 1);
+
+    // The claiming shim killed right after its claim.
+    let victim = unique("pool-victim");
+    let mut run = h.ctd.ctr_command(&[
+        "run",
+        "-d",
+        "--runtime",
+        RUNTIME,
+        BUSYBOX,
+        &victim,
+        "sleep",
+        "1000",
+    ]);
+    let mut child = run
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut vm = None;
+    wait_until("the claim", Duration::from_secs(30), || {
+        vm = holder.claimed_by(&victim);
+        vm.is_some()
+    });
+    let marker = format!("-id\0{victim}\0");
+    for p in processes_mentioning(&victim) {
+        let cmd = std::fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
+        if String::from_utf8_lossy(&cmd).contains(&marker)
+            && std::fs::read_to_string(format!("/proc/{p}/comm"))
+                .is_ok_and(|c| c.starts_with("containerd-shim"))
+        {
+            kill(p);
+        }
+    }
+    let _ = child.wait();
+    let mut err = String::new();
+    let _ = child.stderr.take().unwrap().read_to_string(&mut err);
+    vm_gone(vm.as_ref().unwrap());
+    let _ = h.ctd.ctr(&["task", "delete", "-f", &victim]);
+    let _ = h.ctd.ctr(&["containers", "delete", &victim]);
+    assert_sandbox_gone(&victim);
+
+    // And the next start works.
+    let next = unique("pool-after");
+    assert_eq!(
+        run_rm(&h, &next, &[], "echo after"),
+        ("after\n".to_string(), 0),
+        "{err}"
+    );
+    assert_sandbox_gone(&next);
+}
