@@ -4,7 +4,7 @@
 //! rtnetlink is async; each call runs on a small current-thread tokio runtime of its own (a
 //! few per pod lifetime: no runtime is kept around in the agent).
 
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr};
 
 use futures_util::stream::TryStreamExt;
 use husk_protocols::agent::{Interface, IpAddress, Route};
@@ -26,6 +26,12 @@ pub enum Error {
         what: String,
         #[source]
         source: rtnetlink::Error,
+    },
+    #[error("{what}: {source}")]
+    Nft {
+        what: String,
+        #[source]
+        source: husk_nft::NftError,
     },
     #[error("{what}: {source}")]
     Io {
@@ -202,14 +208,89 @@ pub fn list_interfaces() -> Result<Vec<Interface>> {
     })
 }
 
+/// The guest end of port-forward (the host end's address, ours), as the shim sends it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortForward {
+    pub host: Ipv4Addr,
+    pub guest: Ipv4Addr,
+}
+
+impl PortForward {
+    pub fn parse(pf: &husk_protocols::agent::PortForward) -> Result<Self> {
+        let ip = |what: &str, s: &str| {
+            s.parse::<Ipv4Addr>().map_err(|_| {
+                Error::Invalid(format!(
+                    "port_forward.{what} {s:?}: not an IPv4 address — give the link's {what} end"
+                ))
+            })
+        };
+        Ok(Self {
+            host: ip("host", &pf.host)?,
+            guest: ip("guest", &pf.guest)?,
+        })
+    }
+}
+
+/// Our nf_tables table in the guest (family `ip`), as in the pod netns on the host.
+pub const PORT_FORWARD_TABLE: &str = "husk_port_forward";
+
+/// The NAT of the guest end: TCP from the host end to our end, arriving on the NIC of index
+/// `nic`, goes to 127.0.0.1 at the same port — so a server listening only on the pod's
+/// loopback is reached as under runc (where containerd dials the pod's 127.0.0.1), one on
+/// the wildcard address still is, a closed port answers RST (refused at once), and a server
+/// bound only to the pod's IP is not reached (nor is it under runc). Only packets with the
+/// link's host address as their source match; the shim's filter on the pod's veth keeps any
+/// such packet from the pod network out of the guest (`shim/src/network/port_forward.rs`).
+pub fn port_forward_chains(nic: u32, pf: PortForward) -> Vec<husk_nft::Chain> {
+    use husk_nft::{Chain, Expr, Hook};
+    vec![Chain {
+        name: "prerouting",
+        hook: Hook::Prerouting,
+        priority: -100,
+        rules: vec![vec![
+            Expr::IifIs(nic),
+            Expr::SaddrIs(pf.host),
+            Expr::DaddrIs(pf.guest),
+            Expr::L4ProtoIs(6),
+            Expr::Dnat(Ipv4Addr::LOCALHOST),
+        ]],
+    }]
+}
+
+/// Installs the guest end of port-forward on `nic` (`name`): `route_localnet` on it (a
+/// packet whose destination becomes 127.0.0.1 may arrive there, and its answers leave from
+/// 127.0.0.1 before conntrack undoes the NAT) and the NAT table.
+fn install_port_forward(nic: u32, name: &str, pf: PortForward) -> Result<()> {
+    let sysctl = format!("/proc/sys/net/ipv4/conf/{name}/route_localnet");
+    std::fs::write(&sysctl, "1").map_err(|source| Error::Io {
+        what: format!("writing 1 to {sysctl} (port-forward to the pod's loopback)"),
+        source,
+    })?;
+    husk_nft::replace_nat_table(PORT_FORWARD_TABLE, &port_forward_chains(nic, pf)).map_err(
+        |source| Error::Nft {
+            what: format!("installing table ip {PORT_FORWARD_TABLE} on {name}"),
+            source,
+        },
+    )
+}
+
 /// Applies `want` to the link whose MAC matches: name, MTU, addresses (replacing the old
-/// ones), up/down.
-pub fn update_interface(want: &Interface) -> Result<Interface> {
+/// ones), up/down; with `pf`, the link becomes the guest end of port-forward (`pf.guest`
+/// must be one of its addresses).
+pub fn update_interface(want: &Interface, pf: Option<PortForward>) -> Result<Interface> {
     let mac = parse_mac(&want.mac)?;
     let mut new_addrs = Vec::new();
     for a in &want.addresses {
         let (ip, p) = parse_cidr(&format!("{}/{}", a.address, a.prefix_len))?;
         new_addrs.push((ip, p));
+    }
+    if let Some(pf) = pf {
+        if !new_addrs.iter().any(|(ip, _)| *ip == IpAddr::V4(pf.guest)) {
+            return Err(Error::Invalid(format!(
+                "port_forward.guest {}: not among the interface's addresses — add it to them",
+                pf.guest
+            )));
+        }
     }
     run(async |h| {
         let all = links(&h).await?;
@@ -265,7 +346,11 @@ pub fn update_interface(want: &Interface) -> Result<Interface> {
         let l = now
             .first()
             .ok_or_else(|| Error::Invalid(format!("{label}: gone after the update")))?;
-        describe(&h, l).await
+        let got = describe(&h, l).await?;
+        if let Some(pf) = pf {
+            install_port_forward(idx, &got.name, pf)?;
+        }
+        Ok(got)
     })
 }
 
@@ -434,6 +519,39 @@ pub fn update_routes(want: &[Route]) -> Result<Vec<Route>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn port_forward_sends_the_links_tcp_to_loopback_only() {
+        let pf = PortForward::parse(&husk_protocols::agent::PortForward {
+            host: "169.254.231.1".into(),
+            guest: "169.254.231.2".into(),
+            ..Default::default()
+        })
+        .unwrap();
+        let c = port_forward_chains(3, pf);
+        assert_eq!(
+            (c[0].hook, c[0].priority),
+            (husk_nft::Hook::Prerouting, -100)
+        );
+        use husk_nft::Expr::*;
+        assert_eq!(
+            c[0].rules,
+            [vec![
+                IifIs(3),
+                SaddrIs(pf.host),
+                DaddrIs(pf.guest),
+                L4ProtoIs(6),
+                Dnat(Ipv4Addr::LOCALHOST)
+            ]]
+        );
+        let bad = PortForward::parse(&husk_protocols::agent::PortForward {
+            host: "fe80::1".into(),
+            guest: "169.254.231.2".into(),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(bad.to_string().contains("port_forward.host"), "{bad}");
+    }
 
     #[test]
     fn cidrs_and_macs() {

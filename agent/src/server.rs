@@ -261,7 +261,13 @@ impl Agent for Service {
                 "UpdateInterface: no interface given",
             )
         })?;
-        crate::network::update_interface(&want).map_err(net)
+        let pf = r
+            .port_forward
+            .as_ref()
+            .map(crate::network::PortForward::parse)
+            .transpose()
+            .map_err(net)?;
+        crate::network::update_interface(&want, pf).map_err(net)
     }
 
     fn update_routes(&self, _: &TtrpcContext, r: UpdateRoutesRequest) -> R<Routes> {

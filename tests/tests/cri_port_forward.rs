@@ -8,9 +8,12 @@
 //! enters the pod netns on the host and dials `localhost:<port>`. Checked: an HTTP server in
 //! the pod answers byte for byte (a small page and a 170 KB one), and a port nobody listens
 //! on is refused at once (the error channel says "connection refused"), not left hanging.
-//! The one documented difference (deploy/README.md) is checked too: a server that listens
-//! only on the pod's 127.0.0.1 is reached under runc, and refused under husk (the forwarded
-//! connection arrives at the guest's NIC, not its loopback).
+//! A server that listens only on the pod's 127.0.0.1 is reached on both (under husk the
+//! guest's agent sends the forwarded connection to its loopback), and one bound only to the
+//! pod's IP is refused on both (containerd dials localhost). Nothing of the forward is
+//! reachable from outside the pod's netns: from the node, the pod IP's loopback-only port
+//! is not served; from a network namespace on the pod's bridge that claims the link's host
+//! address (169.254.231.1) and sends straight to the guest's end of it, nothing answers.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -93,6 +96,9 @@ fn web_pod(cri: &mut CriContainerd, name: &str, handler: &str) -> (String, Strin
         .pod_sandbox_id;
     let script = "mkdir -p /www && echo hello-from-web > /www/index.html \
                   && seq 1 30000 > /www/big && httpd -p 127.0.0.1:8082 -h /www \
+                  && ip=$(ip -4 -o addr show dev eth0 | grep -v ' 169[.]254[.]' \
+                          | sed -n 's|.* inet \\([0-9.]*\\)/.*|\\1|p' | head -n 1) \
+                  && httpd -p $ip:8083 -h /www \
                   && exec httpd -f -p 8080 -h /www";
     let cid = cri
         .block_on(rt.create_container(CreateContainerRequest {
@@ -290,6 +296,12 @@ struct Observed {
     refused_quickly: bool,
     /// What a server listening only on the pod's 127.0.0.1 gave: its page, or "refused".
     loopback_only_server: String,
+    /// Likewise for one bound only to the pod's IP.
+    pod_ip_only_server: String,
+    /// From the node (outside the pod netns), the pod IP's 8080 serves and 8082 does not.
+    from_node: (bool, bool),
+    /// From a netns on the bridge claiming 169.254.231.1: is 169.254.231.2:8082 served?
+    spoofed_link_served: bool,
 }
 
 fn body(http: &[u8]) -> (String, Vec<u8>) {
@@ -308,7 +320,7 @@ fn body(http: &[u8]) -> (String, Vec<u8>) {
 }
 
 fn flow(cri: &mut CriContainerd, handler: &str) -> (Observed, String) {
-    let (sid, _web) = web_pod(cri, &format!("{handler}-pf"), handler);
+    let (sid, web) = web_pod(cri, &format!("{handler}-pf"), handler);
     let page = port_forward(cri, &sid, 8080, b"GET / HTTP/1.0\r\n\r\n");
     assert!(page.error.is_empty(), "{handler}: {}", page.error);
     let (page_status, page_body) = body(&page.data);
@@ -326,12 +338,23 @@ fn flow(cri: &mut CriContainerd, handler: &str) -> (Observed, String) {
         "{handler}: port 8081 ended after {:?}: {}",
         closed.took, closed.error
     );
-    let lo = port_forward(cri, &sid, 8082, b"GET / HTTP/1.0\r\n\r\n");
-    let loopback_only_server = if lo.error.contains("connection refused") {
-        "refused".to_string()
-    } else {
-        String::from_utf8_lossy(&body(&lo.data).1).into_owned()
+    let mut served = |port| {
+        let f = port_forward(cri, &sid, port, b"GET / HTTP/1.0\r\n\r\n");
+        if f.error.contains("connection refused") {
+            "refused".to_string()
+        } else {
+            format!("{}{}", String::from_utf8_lossy(&body(&f.data).1), f.error)
+        }
     };
+    let loopback_only_server = served(8082);
+    let pod_ip_only_server = served(8083);
+    let ip = pod_ip(cri, &sid);
+    let get = |addr: std::net::SocketAddr| http_get(addr).is_some_and(|b| b == PAGE);
+    let from_node = (get((ip, 8080).into()), get((ip, 8082).into()));
+    let mac = pod_mac(cri, &web);
+    // Only husk has the link (a runc pod's netns would route the packet on to the node's
+    // default route instead: nothing to test there, and nothing to send out).
+    let spoofed_link_served = handler == "husk" && spoof_link(cri, &mac);
     let observed = Observed {
         page_status,
         page_body: String::from_utf8_lossy(&page_body).into_owned(),
@@ -339,6 +362,9 @@ fn flow(cri: &mut CriContainerd, handler: &str) -> (Observed, String) {
         refused: closed.error.contains("connection refused") && closed.data.is_empty(),
         refused_quickly: closed.took < Duration::from_secs(10),
         loopback_only_server,
+        pod_ip_only_server,
+        from_node,
+        spoofed_link_served,
     };
     let mut rt = cri.rt.clone();
     cri.block_on(rt.stop_pod_sandbox(StopPodSandboxRequest {
@@ -364,18 +390,14 @@ fn port_forward_reaches_the_pod_alike_on_husk_and_runc() {
         refused: true,
         refused_quickly: true,
         loopback_only_server: PAGE.into(),
+        pod_ip_only_server: "refused".into(),
+        from_node: (true, false),
+        spoofed_link_served: false,
     };
     let (runc, _) = flow(&mut cri, "runc");
     assert_eq!(runc, expected, "runc baseline");
     let (husk, sid) = flow(&mut cri, "husk");
-    assert_eq!(
-        husk,
-        Observed {
-            loopback_only_server: "refused".into(),
-            ..expected
-        },
-        "husk forwards as runc does, but for a server on the pod's 127.0.0.1 only (documented)"
-    );
+    assert_eq!(husk, expected, "husk forwards as runc does");
 
     // The pod is gone with everything of husk's.
     let dir = Path::new("/run/husk").join(&sid);
@@ -384,4 +406,107 @@ fn port_forward_reaches_the_pod_alike_on_husk_and_runc() {
         assert!(Instant::now() < deadline, "sandbox {sid} left behind");
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// The pod's IPv4 address, from CRI.
+fn pod_ip(cri: &CriContainerd, sid: &str) -> std::net::Ipv4Addr {
+    let mut rt = cri.rt.clone();
+    let st = cri
+        .block_on(rt.pod_sandbox_status(PodSandboxStatusRequest {
+            pod_sandbox_id: sid.into(),
+            verbose: false,
+        }))
+        .unwrap()
+        .into_inner()
+        .status
+        .unwrap();
+    let ip = st.network.map(|n| n.ip).unwrap_or_default();
+    ip.parse().unwrap_or_else(|_| panic!("pod IP {ip:?}"))
+}
+
+/// The MAC of the pod's eth0 as its containers see it (under husk the guest NIC copies the
+/// veth's).
+fn pod_mac(cri: &CriContainerd, cid: &str) -> String {
+    let mut rt = cri.rt.clone();
+    let r = cri
+        .block_on(rt.exec_sync(ExecSyncRequest {
+            container_id: cid.into(),
+            cmd: vec!["cat".into(), "/sys/class/net/eth0/address".into()],
+            timeout: 30,
+        }))
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.exit_code, 0, "{r:?}");
+    String::from_utf8_lossy(&r.stdout).trim().to_string()
+}
+
+/// GET / from this thread's netns with short timeouts: the body, or `None` if nothing
+/// answered (refused, unreachable, timed out).
+fn http_get(addr: std::net::SocketAddr) -> Option<String> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    s.write_all(b"GET / HTTP/1.0\r\n\r\n").ok()?;
+    let mut v = Vec::new();
+    s.read_to_end(&mut v).ok()?;
+    Some(String::from_utf8_lossy(&body(&v).1).into_owned())
+}
+
+/// A netns of the test's own on the pod's bridge that claims the port-forward link's host
+/// address (169.254.231.1/30) and knows the guest end's MAC (the pod's): does
+/// 169.254.231.2:8082 — the pod's loopback-only server, were the link's NAT open to it —
+/// serve it? Removed before returning.
+fn spoof_link(cri: &CriContainerd, pod_mac: &str) -> bool {
+    let ns = format!("huskpfspoof{}", std::process::id());
+    let (outer, inner) = (format!("hpfo{}", std::process::id() % 100000), "spoof0");
+    let ip = |args: &[&str]| {
+        let out = std::process::Command::new("ip")
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "ip {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let _ = std::process::Command::new("ip")
+        .args(["netns", "del", &ns])
+        .output();
+    ip(&["netns", "add", &ns]);
+    struct Del(String, String);
+    impl Drop for Del {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("ip")
+                .args(["link", "del", &self.1])
+                .output();
+            let _ = std::process::Command::new("ip")
+                .args(["netns", "del", &self.0])
+                .output();
+        }
+    }
+    let _del = Del(ns.clone(), outer.clone());
+    ip(&[
+        "link", "add", &outer, "type", "veth", "peer", "name", inner, "netns", &ns,
+    ]);
+    ip(&["link", "set", &outer, "master", &cri.bridge.name, "up"]);
+    ip(&["-n", &ns, "link", "set", inner, "up"]);
+    ip(&["-n", &ns, "addr", "add", "169.254.231.1/30", "dev", inner]);
+    ip(&[
+        "-n",
+        &ns,
+        "neigh",
+        "replace",
+        "169.254.231.2",
+        "lladdr",
+        pod_mac,
+        "dev",
+        inner,
+    ]);
+    let file = std::fs::File::open(format!("/var/run/netns/{ns}")).unwrap();
+    std::thread::spawn(move || {
+        nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        http_get(([169, 254, 231, 2], 8082).into()).is_some()
+    })
+    .join()
+    .unwrap()
 }

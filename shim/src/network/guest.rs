@@ -2,7 +2,7 @@
 //! name, MTU, addresses, up) and `UpdateRoutes` (the veth's routes, default route included).
 
 use husk_protocols::agent::{
-    Interface, IpAddress, Route, UpdateInterfaceRequest, UpdateRoutesRequest,
+    Interface, IpAddress, PortForward, Route, UpdateInterfaceRequest, UpdateRoutesRequest,
 };
 use husk_protocols::agent_ttrpc::AgentClient;
 
@@ -51,12 +51,26 @@ pub fn mac_string(mac: &[u8; 6]) -> String {
         .join(":")
 }
 
+/// The guest end of port-forward, for the first NIC (see `port_forward.rs`).
+pub fn port_forward() -> PortForward {
+    PortForward {
+        host: super::port_forward::HOST_ADDR.to_string(),
+        guest: super::port_forward::GUEST_ADDR.to_string(),
+        ..Default::default()
+    }
+}
+
 /// Configures the guest NICs for `links`: interfaces first (routes need their addresses),
-/// then all routes in one call.
-pub fn configure(client: &AgentClient, links: &[Link]) -> Result<(), NetworkError> {
-    for link in links {
+/// then all routes in one call. With `port_forward`, the first NIC is the guest end of it.
+pub fn configure(
+    client: &AgentClient,
+    links: &[Link],
+    port_forward: bool,
+) -> Result<(), NetworkError> {
+    for (i, link) in links.iter().enumerate() {
         let req = UpdateInterfaceRequest {
             interface: Some(interface(link)).into(),
+            port_forward: (port_forward && i == 0).then(self::port_forward).into(),
             ..Default::default()
         };
         let got =

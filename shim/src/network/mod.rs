@@ -20,7 +20,7 @@
 pub mod endpoint;
 pub mod guest;
 pub mod netns;
-pub mod nft;
+pub use husk_nft as nft;
 pub mod port_forward;
 pub mod tap;
 pub mod tc;
@@ -171,7 +171,13 @@ impl Network {
                         );
                         false
                     }
-                    None => match port_forward::install(&h, (&e.tap_name, e.tap_index)).await {
+                    None => match port_forward::install(
+                        &h,
+                        (&e.tap_name, e.tap_index),
+                        (&e.veth.name, e.veth.index),
+                    )
+                    .await
+                    {
                         Ok(()) => true,
                         Err(err) => {
                             // A pod whose port-forward cannot work still runs; the log says why.
@@ -242,7 +248,7 @@ impl Network {
                 ));
             }
         }
-        guest::configure(client, &links)
+        guest::configure(client, &links, self.port_forward)
     }
 
     /// Removes the port-forward NAT, the redirects, the ingress qdiscs and the taps.

@@ -11,6 +11,7 @@
 //! sysctl net.ipv4.conf.tap0_husk.route_localnet=1      # 127/8 may leave and come back on it
 //! tc filter add dev tap0_husk ingress prio 1 protocol ip  u32 match ip dst 169.254.231.1/32 flowid ffff:1
 //! tc filter add dev tap0_husk ingress prio 2 protocol arp u32 match u32 0xa9fee701 0xffffffff at 24 flowid ffff:1
+//! tc filter add dev eth0 ingress prio 1 protocol ip  u32 match ip src 169.254.231.1/32 flowid ffff:1
 //! table ip husk_port_forward {
 //!   chain output      { type nat hook output priority -100; ip daddr 127.0.0.0/8 meta l4proto tcp dnat to 169.254.231.2 }
 //!   chain postrouting { type nat hook postrouting priority 100; ip daddr 169.254.231.2 snat to 169.254.231.1 }
@@ -18,16 +19,39 @@
 //! ```
 //!
 //! and the guest NIC gets `169.254.231.2/30` besides the veth's addresses (the agent's
-//! `UpdateInterface`). A connection to `127.0.0.1:P` in the pod netns is rewritten to
-//! `169.254.231.1 → 169.254.231.2:P`, leaves through the tap into the guest, where the
-//! guest's kernel answers it: a server listening on the wildcard address (`0.0.0.0`, `::`)
-//! accepts it, a port nobody listens on is refused at once (RST), as under runc. The guest
+//! `UpdateInterface`, which also makes that NIC the guest end of the link: see below). A
+//! connection to `127.0.0.1:P` in the pod netns is rewritten to
+//! `169.254.231.1 → 169.254.231.2:P` and leaves through the tap into the guest. The guest
 //! answers through the same NIC (its /30 route); on the tap's ingress the two filters above
 //! (which come before the match-all redirect to the veth) hand packets for 169.254.231.1, and
 //! ARP about it, to the pod netns's own stack instead, where conntrack undoes the NAT.
 //! (The filters have no action: a terminal u32 match without one ends classification with
 //! "ok", so the packet goes up the stack. That needs no `act_gact`, which not every host
 //! kernel has.)
+//!
+//! In the guest, the agent mirrors this (`agent/src/network.rs`, `port_forward_chains`):
+//!
+//! ```text
+//! sysctl net.ipv4.conf.eth0.route_localnet=1
+//! table ip husk_port_forward {
+//!   chain prerouting { type nat hook prerouting priority -100;
+//!     iif eth0 ip saddr 169.254.231.1 ip daddr 169.254.231.2 meta l4proto tcp dnat to 127.0.0.1 }
+//! }
+//! ```
+//!
+//! so the connection arrives at the guest's `127.0.0.1:P`, as containerd's dial arrives at
+//! the pod's loopback under runc: a server listening only on `127.0.0.1` is reached, one on
+//! the wildcard address too, a port nobody listens on is refused at once (RST), and a server
+//! bound only to the pod's IP is not reached (nor is it under runc). Kernel NAT rather than
+//! a relay through the shim: the guest's own TCP answers travel back unchanged, so a refused
+//! port is refused (a relay would have accepted the connection before knowing), no process
+//! holds buffers for it, and nothing listens.
+//!
+//! Only the host end's address is trusted by the guest's NAT, so a third filter, on the
+//! veth's ingress ahead of its redirect to the tap, hands any packet from the pod network
+//! whose *source* is 169.254.231.1 to the pod netns's stack instead of the guest; that
+//! stack drops it (a local address as a source is martian). Nothing from outside the pod
+//! netns can reach the guest's loopback.
 //!
 //! Nothing listens anywhere: no socket is opened, in the pod netns or outside it, and
 //! nothing changes outside the pod netns. The NAT only ever applies to connections made
@@ -37,13 +61,14 @@
 //! pod network in, because every other packet on the tap is redirected before the stack sees
 //! it.
 //!
-//! Differences from runc that remain (listed in deploy/README.md): a server that listens only
-//! on the guest's `127.0.0.1` (or only on IPv6) is not reached, and the guest NIC shows the
-//! extra link-local address. If CNI itself uses addresses or routes overlapping
+//! Differences from runc that remain (listed in deploy/README.md): a server that listens
+//! only on IPv6 is not reached (containerd's `tcp6` dial has no NAT here), and the guest NIC
+//! shows the extra link-local address. If CNI itself uses addresses or routes overlapping
 //! 169.254.231.0/30, port-forward is left off for that pod (with a warning in the log).
 //!
 //! Removal: the table is deleted on teardown and by [`super::cleanup_leftovers`]; the
-//! address, the sysctl and the filters go with the tap.
+//! address, the sysctl and the tap's filters go with the tap, the veth's filter with the
+//! veth's ingress qdisc (removed on teardown). The guest's table goes with the VM.
 
 use std::net::{IpAddr, Ipv4Addr};
 
@@ -75,6 +100,7 @@ const ETH_P_ARP: u16 = 0x0806;
 /// Offsets, from the network header, of the IPv4 destination and of ARP's target protocol
 /// address (Ethernet/IPv4 ARP: 8 header bytes, sender MAC and IP, target MAC).
 const IPV4_DST_OFFSET: i32 = 16;
+const IPV4_SRC_OFFSET: i32 = 12;
 const ARP_TPA_OFFSET: i32 = 24;
 const TCP: u8 = 6;
 
@@ -185,9 +211,10 @@ async fn pass_filter(
         .map_err(nl(what))
 }
 
-/// Installs everything of the module comment on the pod netns side of `tap` (whose ingress
-/// qdisc and redirect [`super::tc::redirect`] made). Runs inside the pod netns.
-pub async fn install(h: &Handle, tap: (&str, u32)) -> Result<(), NetworkError> {
+/// Installs everything of the module comment on the pod netns side of `tap` and `veth`
+/// (whose ingress qdiscs and redirects [`super::tc::redirect`] made). Runs inside the pod
+/// netns.
+pub async fn install(h: &Handle, tap: (&str, u32), veth: (&str, u32)) -> Result<(), NetworkError> {
     let (name, index) = tap;
     h.address()
         .add(index, IpAddr::V4(HOST_ADDR), PREFIX)
@@ -202,6 +229,10 @@ pub async fn install(h: &Handle, tap: (&str, u32)) -> Result<(), NetworkError> {
     })?;
     pass_filter(h, tap, PRIO_IP, ETH_P_IP, IPV4_DST_OFFSET, HOST_ADDR).await?;
     pass_filter(h, tap, PRIO_ARP, ETH_P_ARP, ARP_TPA_OFFSET, HOST_ADDR).await?;
+    // From the pod network, a packet claiming the host end's address as its source never
+    // reaches the guest (whose NAT trusts that source): it goes up this stack instead, which
+    // drops it (a local address as a source is martian).
+    pass_filter(h, veth, PRIO_IP, ETH_P_IP, IPV4_SRC_OFFSET, HOST_ADDR).await?;
     nft::replace_nat_table(TABLE, &chains()).map_err(|e| NetworkError::Nft {
         what: format!("installing table ip {TABLE}"),
         source: e,
@@ -396,25 +427,72 @@ mod tests {
             let (tap, eth) = (idx("tapx").await?, idx("eth0").await?);
             crate::network::tc::redirect(&h, ("eth0", eth), ("tapx", tap)).await?;
             crate::network::tc::redirect(&h, ("tapx", tap), ("eth0", eth)).await?;
-            install(&h, ("tapx", tap)).await
+            install(&h, ("tapx", tap), ("eth0", eth)).await
         })
         .unwrap();
+        // Nothing from the pod network claiming the host end's address reaches the guest.
+        let out = std::process::Command::new("ip")
+            .args([
+                "netns", "exec", &pod.0, "tc", "filter", "show", "dev", "eth0", "ingress",
+            ])
+            .output()
+            .unwrap();
+        let filters = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            filters.contains("match a9fee701/ffffffff at 12"),
+            "no filter for the host end's address on the veth:\n{filters}"
+        );
+        // The guest end, as the agent makes it (agent/src/network.rs, port_forward_chains):
+        // the link's TCP to 127.0.0.1, with route_localnet on the NIC.
+        guest
+            .run(move || {
+                // (/sys is the host's: the index comes from this thread's netns.)
+                // SAFETY: a NUL-terminated static name; if_nametoindex only reads it.
+                let nic = unsafe { libc::if_nametoindex(c"geth".as_ptr()) };
+                assert_ne!(nic, 0, "geth in the guest netns");
+                std::fs::write("/proc/sys/net/ipv4/conf/geth/route_localnet", "1").unwrap();
+                nft::replace_nat_table(
+                    TABLE,
+                    &[Chain {
+                        name: "prerouting",
+                        hook: Hook::Prerouting,
+                        priority: -100,
+                        rules: vec![vec![
+                            Expr::IifIs(nic),
+                            Expr::SaddrIs(HOST_ADDR),
+                            Expr::DaddrIs(GUEST_ADDR),
+                            Expr::L4ProtoIs(TCP),
+                            Expr::Dnat(Ipv4Addr::LOCALHOST),
+                        ]],
+                    }],
+                )
+            })
+            .unwrap();
+        // A server on the wildcard address and one on the guest's loopback only.
+        for bind in [Ipv4Addr::UNSPECIFIED, Ipv4Addr::LOCALHOST] {
+            let listener = guest.run(move || std::net::TcpListener::bind((bind, 0)).unwrap());
+            let port = listener.local_addr().unwrap().port();
+            let server = std::thread::spawn(move || {
+                use std::io::{Read, Write};
+                let (mut c, peer) = listener.accept().unwrap();
+                let mut got = Vec::new();
+                c.read_to_end(&mut got).unwrap();
+                c.write_all(b"pong from the guest: ").unwrap();
+                c.write_all(&got).unwrap();
+                peer
+            });
+            let reply = pod
+                .run(move || dial(port))
+                .unwrap_or_else(|e| panic!("dialling 127.0.0.1 in the pod netns ({bind}): {e}"));
+            assert_eq!(reply, b"pong from the guest: ping", "{bind}");
+            assert_eq!(
+                server.join().unwrap().ip(),
+                std::net::IpAddr::V4(HOST_ADDR),
+                "{bind}"
+            );
+        }
         let listener = guest.run(|| std::net::TcpListener::bind(("0.0.0.0", 0)).unwrap());
         let port = listener.local_addr().unwrap().port();
-        let server = std::thread::spawn(move || {
-            use std::io::{Read, Write};
-            let (mut c, peer) = listener.accept().unwrap();
-            let mut got = Vec::new();
-            c.read_to_end(&mut got).unwrap();
-            c.write_all(b"pong from the guest: ").unwrap();
-            c.write_all(&got).unwrap();
-            peer
-        });
-        let reply = pod
-            .run(move || dial(port))
-            .expect("dialling 127.0.0.1 in the pod netns");
-        assert_eq!(reply, b"pong from the guest: ping");
-        assert_eq!(server.join().unwrap().ip(), std::net::IpAddr::V4(HOST_ADDR));
         let started = std::time::Instant::now();
         let e = pod
             .run(move || dial(port.wrapping_add(1).max(1)))

@@ -5,8 +5,11 @@
 //! libnftnl: the messages are small and written out here from the kernel's
 //! `include/uapi/linux/netfilter/nf_tables.h` and `nfnetlink.h`.
 //!
-//! The socket is opened in the calling thread's network namespace (see
-//! [`super::netns::run_in`]), so everything lands in the pod's netns.
+//! The socket is opened in the calling thread's network namespace, so everything lands
+//! there: the shim calls it from a thread inside the pod's netns on the host
+//! (`shim/src/network/port_forward.rs`), the agent in the guest's own
+//! (`agent/src/network.rs`, the guest end of port-forward). It never opens anything else and
+//! holds no state between calls.
 
 use std::net::Ipv4Addr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -56,6 +59,7 @@ const NFPROTO_IPV4: u8 = 2;
 const NFT_REG_1: u32 = 1;
 const NFT_PAYLOAD_NETWORK_HEADER: u32 = 1;
 const NFT_CMP_EQ: u32 = 0;
+const NFT_META_IIF: u32 = 4;
 const NFT_META_L4PROTO: u32 = 16;
 const NFT_NAT_SNAT: u32 = 0;
 const NFT_NAT_DNAT: u32 = 1;
@@ -63,6 +67,8 @@ const NFT_NAT_DNAT: u32 = 1;
 /// Netfilter hooks (`enum nf_inet_hooks`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Hook {
+    /// Every packet arriving, before routing (`NF_INET_PRE_ROUTING`).
+    Prerouting = 0,
     /// Locally generated packets, before routing (`NF_INET_LOCAL_OUT`).
     Output = 3,
     /// Every packet leaving, after routing (`NF_INET_POST_ROUTING`).
@@ -71,6 +77,8 @@ pub enum Hook {
 
 /// The IPv4 header's destination address, and its first byte.
 const IPV4_DADDR: (u32, u32) = (16, 4);
+/// The IPv4 header's source address.
+const IPV4_SADDR: (u32, u32) = (12, 4);
 const IPV4_DADDR_FIRST_BYTE: (u32, u32) = (16, 1);
 
 /// One match or action of a rule.
@@ -78,6 +86,10 @@ const IPV4_DADDR_FIRST_BYTE: (u32, u32) = (16, 1);
 pub enum Expr {
     /// The IPv4 destination address equals this one.
     DaddrIs(Ipv4Addr),
+    /// The IPv4 source address equals this one.
+    SaddrIs(Ipv4Addr),
+    /// The packet arrived on the interface of this index (`meta iif`).
+    IifIs(u32),
     /// The IPv4 destination address is in `first.0.0.0/8`.
     DaddrFirstByteIs(u8),
     /// The layer-4 protocol (`meta l4proto`) is this one (e.g. 6, TCP).
@@ -105,7 +117,7 @@ pub enum NftError {
         #[source]
         source: std::io::Error,
     },
-    #[error("nf_tables: {what}: {source} — the host kernel needs nf_tables with NAT (CONFIG_NF_TABLES, CONFIG_NFT_NAT, CONFIG_NF_NAT)")]
+    #[error("nf_tables: {what}: {source} — the kernel needs nf_tables with NAT (CONFIG_NF_TABLES, CONFIG_NFT_NAT, CONFIG_NF_NAT)")]
     Kernel {
         what: String,
         #[source]
@@ -220,6 +232,18 @@ fn encode(m: &mut Msg, e: &Expr) {
         Expr::DaddrIs(a) => {
             load_payload(m, IPV4_DADDR);
             cmp_eq(m, &a.octets());
+        }
+        Expr::SaddrIs(a) => {
+            load_payload(m, IPV4_SADDR);
+            cmp_eq(m, &a.octets());
+        }
+        Expr::IifIs(index) => {
+            expr(m, "meta", |m| {
+                m.u32(NFTA_META_DREG, NFT_REG_1)
+                    .u32(NFTA_META_KEY, NFT_META_IIF);
+            });
+            // The kernel stores the index in host byte order.
+            cmp_eq(m, &index.to_ne_bytes());
         }
         Expr::DaddrFirstByteIs(b) => {
             load_payload(m, IPV4_DADDR_FIRST_BYTE);
@@ -492,5 +516,22 @@ mod tests {
         );
         assert_eq!(&b[40..44], &3u32.to_be_bytes());
         assert_eq!(b.len(), 44);
+    }
+
+    /// `ip saddr A` loads 4 bytes at offset 12 of the network header; `meta iif N` loads
+    /// key 4 and compares the index in host byte order.
+    #[test]
+    fn source_address_and_input_interface_matches() {
+        let mut m = Msg::new(msg_type(NFT_MSG_NEWRULE), REQ_ACK, 1, NFPROTO_IPV4, 0);
+        encode(&mut m, &Expr::SaddrIs(Ipv4Addr::new(169, 254, 231, 1)));
+        encode(&mut m, &Expr::IifIs(7));
+        let b = m.finish();
+        let has = |needle: &[u8]| b.windows(needle.len()).any(|w| w == needle);
+        // NFTA_PAYLOAD_OFFSET (3), length 8, value 12 big-endian.
+        assert!(has(&[8, 0, 3, 0, 0, 0, 0, 12]));
+        assert!(has(&[169, 254, 231, 1]));
+        // NFTA_META_KEY (2), length 8, value 4 big-endian; then the index as the host has it.
+        assert!(has(&[8, 0, 2, 0, 0, 0, 0, 4]));
+        assert!(has(&7u32.to_ne_bytes()));
     }
 }
