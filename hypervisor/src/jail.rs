@@ -327,10 +327,18 @@ unsafe fn supervise(child: libc::pid_t, drop_privileges: &dyn Fn() -> std::io::R
     // SAFETY: plain system calls on this process's own state (the whole block); the
     // sigaction struct is zeroed, then given a valid handler.
     unsafe {
+        let parent = libc::getppid();
         libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
-        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
         if drop_privileges().is_err() {
             libc::kill(child, libc::SIGKILL);
+        }
+        // After the uid change, which clears the parent-death signal (set before it, it was
+        // gone: a killed shim left its jailed helpers running). A parent that died before the
+        // prctl is seen as a changed parent PID.
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
+        if libc::getppid() != parent {
+            libc::kill(child, libc::SIGKILL);
+            libc::_exit(128 + libc::SIGKILL);
         }
         libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
         JAILED.store(child, std::sync::atomic::Ordering::Relaxed);
@@ -556,5 +564,67 @@ mod tests {
         let owner =
             std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(state.join("w")).unwrap());
         assert_eq!(owner, FIRST_JAIL_ID);
+    }
+
+    /// A jailed program dies with the thread that started it (the shim's VM thread), as an
+    /// unjailed one does: its supervisor keeps its parent-death signal across the uid change.
+    #[test]
+    fn a_jailed_program_dies_with_the_thread_that_started_it() {
+        assert!(
+            nix::unistd::Uid::effective().is_root(),
+            "this test builds a jail: run it as root (cargo xtask test)"
+        );
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("jail");
+        std::fs::create_dir_all(&root).unwrap();
+        let jail = Jail {
+            uid: FIRST_JAIL_ID + 1,
+            gid: FIRST_JAIL_ID + 1,
+            root,
+            rw_dirs: vec![],
+            ro_files: vec![],
+            kvm: false,
+            new_net: true,
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut cmd = Command::new("/bin/sleep");
+            cmd.arg("1000");
+            jail.apply(&mut cmd).unwrap();
+            let p = crate::process::Supervised::spawn("sleep", cmd).unwrap();
+            // The supervisor, then the program under it, once it has forked.
+            let program = loop {
+                let pid = p.program_pid();
+                if pid != p.pid() {
+                    break pid;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            };
+            tx.send((p, program)).unwrap();
+            // The thread ends here: both must die.
+        })
+        .join()
+        .unwrap();
+        let (mut p, program) = rx.recv().unwrap();
+        let status = p
+            .wait(Some(std::time::Duration::from_secs(20)))
+            .unwrap()
+            .expect("the supervisor outlived the thread that started it");
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&status),
+            Some(libc::SIGKILL)
+        );
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while std::path::Path::new(&format!("/proc/{program}")).exists() {
+            let stat = std::fs::read_to_string(format!("/proc/{program}/stat")).unwrap_or_default();
+            if stat.contains(") Z") {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the jailed program {program} outlived its supervisor"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
     }
 }
