@@ -400,7 +400,12 @@ fn killing_a_pooled_vm_or_a_claiming_shim_leaves_nothing() {
         .to_string();
     kill(qemu_of(&pooled));
     vm_gone(&pooled);
-    assert!(!Path::new(POOL).join(&pooled).exists());
+    // Its VM's processes end before the keeper removes the directory and exits.
+    wait_until(
+        "the killed VM's directory to go",
+        Duration::from_secs(10),
+        || !Path::new(POOL).join(&pooled).exists(),
+    );
     holder.wait_ready(2);
     assert_eq!(holder.status()["died"], 1);
 

@@ -70,6 +70,15 @@ pub fn claim(
         Ok(p) => Some(p),
         Err(why) => {
             log::info!("sandbox {sid}: boots cold — the pool: {why}");
+            // A claim cut short (the holder died in the middle) may have renamed a VM's
+            // directory to this sandbox's; its keeper removes it (the connection never reached
+            // us): give it a moment rather than fail on a directory that is on its way out.
+            if let Ok(dir) = SandboxDir::new(&config.state_root, sid) {
+                let deadline = Instant::now() + Duration::from_secs(3);
+                while dir.root().exists() && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
             None
         }
     }

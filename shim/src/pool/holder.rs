@@ -496,3 +496,60 @@ fn status(h: &Holder) -> serde_json::Value {
         "last_error": st.last_error,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn holder(state_root: &std::path::Path) -> Holder {
+        let config = Config {
+            backend: "qemu-tcg".into(),
+            state_root: state_root.to_path_buf(),
+            pool: crate::config::PoolConfig { size: 2 },
+            ..Config::default()
+        };
+        Holder {
+            shape: Shape::default_of(&config).unwrap(),
+            paths: PoolPaths::new(state_root),
+            size: 2,
+            state: Mutex::new(State::default()),
+            changed: Condvar::new(),
+            config,
+        }
+    }
+
+    #[test]
+    fn a_claim_is_refused_with_the_reason_and_changes_nothing() {
+        let t = tempfile::tempdir().unwrap();
+        let h = holder(t.path());
+        let e = claim(&h, "sb", &h.shape, 1).unwrap_err();
+        assert!(e.contains("no pooled VM ready"), "{e}");
+        let other = Shape {
+            memory_mib: 512,
+            ..h.shape.clone()
+        };
+        let e = claim(&h, "sb", &other, 1).unwrap_err();
+        assert!(
+            e.contains("no pooled VM of this shape")
+                && e.contains("256 MiB")
+                && e.contains("512 MiB"),
+            "{e}"
+        );
+        for bad in [".pool", "..", "a/b", ""] {
+            assert!(claim(&h, bad, &h.shape, 1).is_err(), "{bad:?} accepted");
+        }
+        assert_eq!(h.lock().claimed, 0);
+        assert!(!t.path().join("sb").exists());
+    }
+
+    #[test]
+    fn the_status_names_the_shape_and_the_counts() {
+        let t = tempfile::tempdir().unwrap();
+        let h = holder(t.path());
+        let s = status(&h);
+        assert_eq!(s["size"], 2);
+        assert_eq!(s["ready"], 0);
+        assert_eq!(s["shape"]["memory_mib"], 256);
+        assert_eq!(s["shape"]["backend"], "qemu-tcg");
+    }
+}

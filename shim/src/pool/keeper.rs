@@ -217,6 +217,10 @@ fn run(config: &Config, args: &Args, mut conn: UnixStream) -> Result<(), PoolErr
         return Err(fail(format!("telling the holder the VM is ready: {e}")));
     }
     let mut claimed = false;
+    // Whether the claimer has spoken on the connection, i.e. received it: a connection that
+    // closes after the handover but before that was lost on its way (the holder died before
+    // passing it on), and the renamed directory is nobody's but the keeper's to remove.
+    let mut delivered = false;
     let end = |vm: &mut Box<dyn Vm>, left: &Leftovers, clean: bool, why: &str| {
         let _ = vm.kill();
         if clean {
@@ -253,12 +257,15 @@ fn run(config: &Config, args: &Args, mut conn: UnixStream) -> Result<(), PoolErr
                 end(
                     &mut vm,
                     &left,
-                    dying || !claimed,
+                    dying || !delivered,
                     "the owner closed the connection",
                 );
                 return Ok(());
             }
         };
+        if claimed && !matches!(req, KeeperRequest::Handover { .. }) {
+            delivered = true;
+        }
         let reply = match req {
             KeeperRequest::Handover { pid, dir } if !claimed => match pidfd_open(pid) {
                 Ok(fd) => {
@@ -301,7 +308,7 @@ fn run(config: &Config, args: &Args, mut conn: UnixStream) -> Result<(), PoolErr
                         ..Default::default()
                     },
                 );
-                end(&mut vm, &left, !claimed, "the owner is done");
+                end(&mut vm, &left, !delivered, "the owner is done");
                 return Ok(());
             }
         };
@@ -310,7 +317,7 @@ fn run(config: &Config, args: &Args, mut conn: UnixStream) -> Result<(), PoolErr
             end(
                 &mut vm,
                 &left,
-                dying || !claimed,
+                dying || !delivered,
                 "the owner's connection broke",
             );
             return Ok(());
