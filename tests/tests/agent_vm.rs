@@ -632,3 +632,29 @@ fn cpu_cpuset_limits_and_update_container() {
     assert!(msg.starts_with("lim: linux.resources.memory"), "{msg}");
     g.agent.remove("lim", true).unwrap();
 }
+
+/// `linux.rootfsPropagation: rshared` in the guest, where the rootfs is a directory of the
+/// virtio-fs share: pivot_root refused it (EINVAL: the share's mount, the new root's parent,
+/// was shared) until the agent made that mount private first, as runc does. rslave and
+/// rprivate start too; the root is shared only with rshared, and a mount the container
+/// makes under its root is its own.
+#[test]
+fn rootfs_propagation_as_runc_in_the_guest() {
+    let g = Guest::boot(256);
+    for prop in ["rshared", "rslave", "rprivate"] {
+        g.rootfs(prop);
+        let mut s = sh("mkdir -p /tmp/m && mount -t tmpfs t /tmp/m && grep -E '^[0-9]+ [0-9]+ [^ ]+ [^ ]+ / ' /proc/self/mountinfo");
+        s["linux"]["rootfsPropagation"] = serde_json::json!(prop);
+        for set in ["bounding", "effective", "permitted"] {
+            s["process"]["capabilities"][set] = serde_json::json!(["CAP_SYS_ADMIN"]);
+        }
+        let out = g.agent.run(prop, &s);
+        assert_eq!(out.status, 0, "{prop}: {out:?}");
+        let root = out.stdout_str();
+        assert_eq!(
+            root.contains(" shared:"),
+            prop == "rshared",
+            "{prop}: the root's line: {root}"
+        );
+    }
+}
