@@ -122,7 +122,10 @@ fn flow(cri: &CriContainerd, handler: &str) -> Observed {
             ),
         ],
     );
-    // The container is running; now the host mounts under the source.
+    // The container is running and has looked at the (empty) directory the host mounts on
+    // next, so a guest that caches it must notice the change.
+    let (code, _, err) = pod.exec(&c, &["ls", "-la", "/slave/late", "/private/late"]);
+    assert_eq!(code, 0, "{handler}: {err}");
     let late = src.path().join("late");
     mount(
         Some("tmpfs"),
@@ -137,7 +140,18 @@ fn flow(cri: &CriContainerd, handler: &str) -> Observed {
         let (code, out, _) = pod.exec(&c, &["cat", path]);
         (code, out)
     };
-    let slave_sees_host_mount = cat("/slave/late/f");
+    // Under runc at once; under husk once the guest's cached entry for the directory
+    // expires (virtiofsd's `auto` cache: about a second). Tried for up to 10 s.
+    let mounted = Instant::now();
+    let mut slave_sees_host_mount = cat("/slave/late/f");
+    while slave_sees_host_mount.0 != 0 && mounted.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(100));
+        slave_sees_host_mount = cat("/slave/late/f");
+    }
+    eprintln!(
+        "{handler}: the host's mount showed in the rslave view after {:?}",
+        mounted.elapsed()
+    );
     let private_sees_host_mount = cat("/private/late/f");
     let (code, out, err) = pod.exec(
         &c,
