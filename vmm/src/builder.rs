@@ -210,8 +210,9 @@ impl Vmm {
                 what: "get supported CPUID",
                 source,
             })?;
+        let emulated = crate::arch::cpuid::Emulated::of(&vm.kvm);
         let vcpus = (0..cfg.vcpus)
-            .map(|i| Vcpu::new(&vm, &ram.mem, &supported, i, cfg.vcpus, entry))
+            .map(|i| Vcpu::new(&vm, &ram.mem, &supported, emulated, i, cfg.vcpus, entry))
             .collect::<Result<Vec<_>, _>>()?;
 
         let shared = VcpuShared {

@@ -1,6 +1,16 @@
 //! CPUID for each vCPU: KVM's supported set, normalised so every vCPU reports its own APIC
 //! id, the VM's topology (N single-threaded cores in one package), the hypervisor bit, and
 //! no PMU (a microVM has none to offer).
+//!
+//! Plus what KVM emulates but leaves out of `KVM_GET_SUPPORTED_CPUID` for the VMM to offer:
+//! the TSC-deadline LAPIC timer (CPUID.1:ECX[24], `KVM_CAP_TSC_DEADLINE_TIMER`). Without it
+//! Linux calibrates the LAPIC timer against the PIT at boot (`calibrate_APIC_clock`: ~100 ms
+//! of ticks, then a verification that a starved vCPU can fail, leaving the guest without a
+//! LAPIC timer); with it there is nothing to calibrate. Measured in the nested tier: ~0.5 s
+//! of our guest's boot (BENCHMARKS.md, "Linux boot in L1"). Firecracker and QEMU set it too.
+//! KVM's paravirtual leaves (0x40000000 signature, 0x40000001 features: kvm-clock, PV EOI,
+//! …) come in KVM's supported set as they are: the guest finds kvm-clock there and takes
+//! its TSC frequency from it, so there is no PIT calibration of the TSC.
 
 use kvm_bindings::{kvm_cpuid_entry2, CpuId};
 
@@ -13,12 +23,29 @@ pub struct Topology {
     pub cpu_count: u8,
 }
 
+/// What this host's KVM emulates beyond its supported CPUID.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Emulated {
+    /// `KVM_CAP_TSC_DEADLINE_TIMER`: the in-kernel LAPIC has the TSC-deadline mode.
+    pub tsc_deadline_timer: bool,
+}
+
+impl Emulated {
+    /// Asks KVM.
+    pub fn of(kvm: &kvm_ioctls::Kvm) -> Self {
+        Self {
+            tsc_deadline_timer: kvm.check_extension(kvm_ioctls::Cap::TscDeadlineTimer),
+        }
+    }
+}
+
 const LEAF_FEATURES: u32 = 0x1;
 const LEAF_CACHE_PARAMS: u32 = 0x4;
 const LEAF_PMU: u32 = 0xa;
 const LEAF_EXT_TOPOLOGY: u32 = 0xb;
 const LEAF_V2_EXT_TOPOLOGY: u32 = 0x1f;
 const ECX_HYPERVISOR: u32 = 1 << 31;
+const ECX_TSC_DEADLINE: u32 = 1 << 24;
 const EDX_HTT: u32 = 1 << 28;
 
 /// Bits needed to number `n` items (ceil(log2 n)).
@@ -30,13 +57,16 @@ fn id_bits(n: u8) -> u32 {
     }
 }
 
-fn normalise_entry(e: &mut kvm_cpuid_entry2, t: Topology) {
+fn normalise_entry(e: &mut kvm_cpuid_entry2, t: Topology, emulated: Emulated) {
     let apic = u32::from(t.cpu_index);
     let n = u32::from(t.cpu_count);
     match e.function {
         LEAF_FEATURES => {
             e.ebx = (e.ebx & 0x0000_ffff) | (apic << 24) | (n << 16);
             e.ecx |= ECX_HYPERVISOR;
+            if emulated.tsc_deadline_timer {
+                e.ecx |= ECX_TSC_DEADLINE;
+            }
             if n > 1 {
                 e.edx |= EDX_HTT;
             } else {
@@ -74,9 +104,9 @@ fn normalise_entry(e: &mut kvm_cpuid_entry2, t: Topology) {
 }
 
 /// Normalises KVM's supported CPUID for one vCPU.
-pub fn normalise(cpuid: &mut CpuId, t: Topology) {
+pub fn normalise(cpuid: &mut CpuId, t: Topology, emulated: Emulated) {
     for e in cpuid.as_mut_slice() {
-        normalise_entry(e, t);
+        normalise_entry(e, t, emulated);
     }
 }
 
@@ -113,6 +143,7 @@ mod tests {
                 cpu_index: 3,
                 cpu_count: 4,
             },
+            Emulated::default(),
         );
         assert_eq!(e.ebx >> 24, 3);
         assert_eq!((e.ebx >> 16) & 0xff, 4);
@@ -130,7 +161,7 @@ mod tests {
         let mut core = entry(0xb, 1);
         let mut end = entry(0xb, 2);
         for e in [&mut smt, &mut core, &mut end] {
-            normalise_entry(e, t);
+            normalise_entry(e, t, Emulated::default());
         }
         assert_eq!((smt.ebx, smt.ecx >> 8, smt.edx), (1, 1, 1));
         assert_eq!((core.eax, core.ebx, core.ecx >> 8), (2, 3, 2));
@@ -146,7 +177,38 @@ mod tests {
                 cpu_index: 0,
                 cpu_count: 1,
             },
+            Emulated::default(),
         );
         assert_eq!((e.eax, e.ebx), (0, 0));
+    }
+
+    #[test]
+    fn tsc_deadline_timer_is_offered_when_kvm_emulates_it() {
+        let t = Topology {
+            cpu_index: 0,
+            cpu_count: 1,
+        };
+        let mut with = entry(1, 0);
+        normalise_entry(
+            &mut with,
+            t,
+            Emulated {
+                tsc_deadline_timer: true,
+            },
+        );
+        assert_ne!(with.ecx & ECX_TSC_DEADLINE, 0);
+        let mut without = entry(1, 0);
+        normalise_entry(&mut without, t, Emulated::default());
+        assert_eq!(without.ecx & ECX_TSC_DEADLINE, 0);
+        // Only leaf 1 carries it.
+        let mut other = entry(7, 0);
+        normalise_entry(
+            &mut other,
+            t,
+            Emulated {
+                tsc_deadline_timer: true,
+            },
+        );
+        assert_eq!(other.ecx, 0);
     }
 }

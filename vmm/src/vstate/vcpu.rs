@@ -69,6 +69,7 @@ impl Vcpu {
         vm: &super::vm::Vm,
         mem: &GuestMemoryMmap,
         supported_cpuid: &CpuId,
+        emulated: cpuid::Emulated,
         index: u8,
         count: u8,
         entry: KernelEntry,
@@ -92,6 +93,7 @@ impl Vcpu {
                 cpu_index: index,
                 cpu_count: count,
             },
+            emulated,
         );
         fd.set_cpuid2(&cpuid).map_err(kvm_err("set CPUID"))?;
         regs::setup_msrs(&fd).map_err(regs_err)?;
