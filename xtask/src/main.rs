@@ -88,6 +88,46 @@ enum Cmd {
     Install,
     /// Check this host like `kata-runtime check`.
     Doctor,
+    /// Linux boot on husk-vmm against QEMU microvm (in the nested tier's L1 where the host has
+    /// no hardware KVM): spawn → agent ready, memory, husk-vmm's exit counters.
+    NestedBoot {
+        /// Rounds of both VMMs (after a warm-up round).
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+        /// The guest's command line (default: the one of issue #15, as the bench uses).
+        #[arg(long)]
+        cmdline: Option<String>,
+        /// Print every console line with its time since spawn.
+        #[arg(long)]
+        show_console: bool,
+        /// Boot this husk-vmm instead of target/release/husk-vmm (to compare builds).
+        #[arg(long)]
+        husk_vmm: Option<std::path::PathBuf>,
+        /// L1's /sys/kernel/mm/transparent_hugepage/shmem_enabled (default `advise`, as on a
+        /// husk node; `never` is Debian's default).
+        #[arg(long)]
+        l1_shmem_thp: Option<String>,
+    },
+    /// Inside L1: the boot probe `nested-boot` runs (samples on stdout).
+    #[command(hide = true)]
+    BootProbe {
+        #[arg(long)]
+        rounds: usize,
+        #[arg(long)]
+        husk_vmm: std::path::PathBuf,
+        #[arg(long)]
+        qemu: std::path::PathBuf,
+        #[arg(long)]
+        kernel: std::path::PathBuf,
+        #[arg(long)]
+        initrd: std::path::PathBuf,
+        #[arg(long)]
+        cmdline: String,
+        #[arg(long)]
+        dir: std::path::PathBuf,
+        #[arg(long)]
+        show_console: bool,
+    },
 }
 
 fn main() {
@@ -112,6 +152,43 @@ fn main() {
         } => soak::run(cycles, parallel, !no_setup, record),
         Cmd::Install => install::run(),
         Cmd::Doctor => doctor::run(),
+        Cmd::NestedBoot {
+            rounds,
+            cmdline,
+            show_console,
+            husk_vmm,
+            l1_shmem_thp,
+        } => {
+            let mut o = nested::linux_boot::Options::new(rounds);
+            if let Some(c) = cmdline {
+                o.cmdline = c;
+            }
+            o.show_console = show_console;
+            o.husk_vmm = husk_vmm;
+            o.l1_shmem_thp = l1_shmem_thp;
+            nested::linux_boot::print(&o)
+        }
+        Cmd::BootProbe {
+            rounds,
+            husk_vmm,
+            qemu,
+            kernel,
+            initrd,
+            cmdline,
+            dir,
+            show_console,
+        } => nested::probe::main(
+            &nested::probe::Probe {
+                husk_vmm,
+                qemu,
+                kernel,
+                initramfs: initrd,
+                cmdline,
+                show_console,
+                dir,
+            },
+            rounds,
+        ),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

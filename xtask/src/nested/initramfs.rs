@@ -1,6 +1,7 @@
-//! L1's initramfs: busybox, the KVM modules, the tier-4 test binaries with husk-vmm and
-//! virtiofsd (and the shared libraries `ldd` names for them), our guest vmlinux and
-//! initramfs, and the two-stage init that runs the tests.
+//! L1's initramfs: busybox, the KVM modules, the programs L1 runs (for the tests: the tier-4
+//! test binaries with husk-vmm and virtiofsd; for the boot probe: xtask, husk-vmm and QEMU
+//! with its firmware) and the shared libraries `ldd` names for them, our guest vmlinux and
+//! initramfs, and the two-stage init that runs them.
 //!
 //! Why pack the files instead of exporting the host's `/` to L1 (9p or virtio-fs): the
 //! Debian kernel has 9p and virtio-pci only as modules (eight more to load, in order), a
@@ -34,15 +35,35 @@ pub const RESULTS_TTY: &str = "/dev/ttyS1";
 /// Every marker line on the results port starts with this.
 pub const MARKER: &str = "HUSK-NESTED";
 
+/// A program for L1's `BIN_DIR`, with the libraries `ldd` names for it.
+pub struct Program {
+    pub name: String,
+    pub path: PathBuf,
+    /// Copy it without debug sections (Rust programs built here).
+    pub strip: bool,
+}
+
+impl Program {
+    pub fn new(name: &str, path: PathBuf, strip: bool) -> Self {
+        Self {
+            name: name.to_string(),
+            path,
+            strip,
+        }
+    }
+}
+
 /// What goes into L1.
 pub struct Inputs<'a> {
     pub l1: &'a L1Kernel,
     pub busybox: PathBuf,
-    pub husk_vmm: PathBuf,
-    pub virtiofsd: PathBuf,
+    pub programs: Vec<Program>,
+    /// Host files L1 gets at the same path (QEMU's firmware).
+    pub files: Vec<PathBuf>,
     pub guest_kernel: PathBuf,
     pub guest_initramfs: PathBuf,
-    pub binaries: &'a [TestBinary],
+    /// What stage 2 runs once L1 is up ([`tests_body`], or the boot probe).
+    pub body: String,
 }
 
 /// The libraries (and the program interpreter) in `ldd`'s output, by the path the host's
@@ -128,8 +149,9 @@ exec /newroot/bin/busybox switch_root /newroot /stage2
     )
 }
 
-/// Stage 2: mounts, KVM modules, then each test binary with its tests, results on COM2.
-pub fn stage2(binaries: &[TestBinary], lib_path: &str) -> String {
+/// Stage 2: mounts, KVM modules, then `body` with a `say` for marker lines on COM2
+/// (whose fd 3 is COM2), then `DONE` and power-off.
+pub fn stage2(body: &str, lib_path: &str) -> String {
     let mut s = format!(
         r#"#!/bin/busybox sh
 # husk nested tier, L1 stage 2 (written by cargo xtask test).
@@ -152,6 +174,9 @@ for m in {modules}; do
     insmod {MODULE_DIR}/$m.ko || fail "insmod $m.ko failed"
 done
 [ -c /dev/kvm ] || fail "no /dev/kvm after loading kvm-amd"
+# As a husk node is set up (deploy/README.md): shared memory (husk-vmm's memfd guest RAM)
+# may have transparent huge pages where the VMM asks for them.
+echo advise >/sys/kernel/mm/transparent_hugepage/shmem_enabled || fail "setting shmem_enabled"
 say "L1 up $(cut -d' ' -f1 /proc/uptime) s (root on tmpfs at $stage2_at s), $(grep -c ^processor /proc/cpuinfo) CPU, kvm_amd nested=$(cat /sys/module/kvm_amd/parameters/nested) npt=$(cat /sys/module/kvm_amd/parameters/npt)"
 export HOME=/root TMPDIR=/tmp RUST_BACKTRACE=1 LD_LIBRARY_PATH={lib_path}
 export HUSK_KERNEL={GUEST_KERNEL} HUSK_INITRAMFS={GUEST_INITRAMFS} HUSK_VMM={BIN_DIR}/husk-vmm
@@ -160,6 +185,14 @@ cd /tmp
         modules = MODULES.join(" "),
         lib_path = quote(lib_path),
     );
+    s += body;
+    s += "say DONE\nbye\n";
+    s
+}
+
+/// Stage 2's body for the nested tier: each test binary with its tests, results on COM2.
+pub fn tests_body(binaries: &[TestBinary]) -> String {
+    let mut s = String::new();
     for b in binaries {
         let tests: Vec<String> = b.tests.iter().map(|t| quote(t)).collect();
         s += &format!(
@@ -168,7 +201,6 @@ cd /tmp
             tests = tests.join(" "),
         );
     }
-    s += "say DONE\nbye\n";
     s
 }
 
@@ -184,15 +216,14 @@ pub fn build(inputs: &Inputs, dest: &Path, work: &Path) -> Result<()> {
             inputs.busybox.display()
         );
     }
-    let mut programs = vec![
-        (
-            "husk-vmm".to_string(),
-            stripped(&inputs.husk_vmm, work, "husk-vmm")?,
-        ),
-        ("virtiofsd".to_string(), inputs.virtiofsd.clone()),
-    ];
-    for b in inputs.binaries {
-        programs.push((b.name.clone(), stripped(&b.path, work, &b.name)?));
+    let mut programs = Vec::new();
+    for p in &inputs.programs {
+        let path = if p.strip {
+            stripped(&p.path, work, &p.name)?
+        } else {
+            p.path.clone()
+        };
+        programs.push((p.name.clone(), path));
     }
     let mut libs = Vec::new();
     for (name, path) in &programs {
@@ -209,11 +240,14 @@ pub fn build(inputs: &Inputs, dest: &Path, work: &Path) -> Result<()> {
     for (m, ko) in MODULES.iter().zip(&inputs.l1.modules) {
         t.file(&format!("{MODULE_DIR}/{m}.ko"), host(ko), 0o644)?;
     }
+    for f in &inputs.files {
+        t.file(&f.to_string_lossy(), host(f), 0o644)?;
+    }
     t.file(GUEST_KERNEL, host(&inputs.guest_kernel), 0o644)?;
     t.file(GUEST_INITRAMFS, host(&inputs.guest_initramfs), 0o644)?;
     t.file(
         "stage2",
-        Content::Bytes(stage2(inputs.binaries, &lib_path_var(&libs)).into_bytes()),
+        Content::Bytes(stage2(&inputs.body, &lib_path_var(&libs)).into_bytes()),
         0o755,
     )?;
     let top_level: Vec<String> = {
@@ -278,13 +312,14 @@ mod tests {
             path: PathBuf::from("/x"),
             tests: vec!["a".into(), "m::b".into()],
         }];
-        let s = stage2(&b, "/lib/x86_64-linux-gnu");
+        let s = stage2(&tests_body(&b), "/lib/x86_64-linux-gnu");
         assert!(s.contains(
             "/nested/bin/husk_vmm_linux --include-ignored --exact --test-threads=1 'a' 'm::b' </dev/null >&3\n"
         ));
         assert!(s.contains("say \"BEGIN husk_vmm_linux\""));
         assert!(s.contains("say \"END husk_vmm_linux $?\""));
         assert!(s.contains("insmod /nested/modules/$m.ko"));
+        assert!(s.contains("echo advise >/sys/kernel/mm/transparent_hugepage/shmem_enabled"));
         assert!(s.contains("for m in irqbypass ccp kvm kvm-amd;"));
         assert!(s.trim_end().ends_with("say DONE\nbye"));
         let s1 = stage1(&["bin".into(), "nested".into(), "stage2".into()]);

@@ -4,7 +4,7 @@
 //! (FIELD-NOTES, "Linux on husk-vmm here").
 //!
 //! The steps: find the test executables that hold the tier-4 tests (`cargo test --no-run
-//! --message-format=json`, then `<exe> --list --ignored`), build husk-vmm, get the L1 kernel
+//! --message-format=json`, then `<exe> --list --ignored`), take the release husk-vmm, get the L1 kernel
 //! ([`l1`], cached), pack L1's initramfs ([`initramfs`]), boot L1 once and run every binary
 //! with `--include-ignored --exact <its tests>`. Results come back on L1's second serial port
 //! as libtest's own lines between marker lines ([`L1Results`]); L1's console (first port)
@@ -13,6 +13,8 @@
 pub mod bzimage;
 pub mod initramfs;
 pub mod l1;
+pub mod linux_boot;
+pub mod probe;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -87,15 +89,6 @@ pub fn parse_test_artifacts(json_lines: &str) -> Vec<(String, PathBuf)> {
         .collect()
 }
 
-/// The executable of a binary target in cargo's JSON messages.
-pub fn parse_bin_artifact(json_lines: &str, bin: &str) -> Option<PathBuf> {
-    json_lines
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|v| v["reason"] == "compiler-artifact" && v["target"]["name"] == bin)
-        .find_map(|v| v["executable"].as_str().map(PathBuf::from))
-}
-
 /// Test names in `<exe> --list` output (`name: test`).
 pub fn parse_list(out: &str) -> Vec<String> {
     out.lines()
@@ -113,6 +106,9 @@ pub struct L1Results {
     pub ended: Vec<(String, i32)>,
     pub fail: Option<String>,
     pub done: bool,
+    /// The boot probe's samples (JSON) and failed boots.
+    pub samples: Vec<String>,
+    pub failed_samples: Vec<String>,
 }
 
 impl L1Results {
@@ -134,6 +130,10 @@ impl L1Results {
             }
         } else if let Some(why) = m.strip_prefix("FAIL ") {
             self.fail = Some(why.to_string());
+        } else if let Some(json) = m.strip_prefix("SAMPLE ") {
+            self.samples.push(json.to_string());
+        } else if let Some(why) = m.strip_prefix("SAMPLE-FAILED ") {
+            self.failed_samples.push(why.to_string());
         } else if m == "DONE" {
             self.done = true;
         }
@@ -255,14 +255,6 @@ fn find_binaries(names: &[String]) -> Result<(Vec<TestBinary>, Vec<Failed>)> {
     Ok((found, missing))
 }
 
-fn husk_vmm() -> Result<PathBuf> {
-    let (json, error) = cargo_json(&["build", "-p", "husk-vmm", "--bin", "husk-vmm"])?;
-    if let Some(e) = error {
-        bail!("building husk-vmm: {e}");
-    }
-    parse_bin_artifact(&json, "husk-vmm").context("cargo built no husk-vmm executable")
-}
-
 /// The last `n` lines of a file, for a failure report.
 fn tail(path: &Path, n: usize) -> String {
     let text = std::fs::read(path)
@@ -305,7 +297,9 @@ pub fn run(names: &[String]) -> Result<Outcome> {
         .context("busybox not found — apt-get install busybox-static (cargo xtask setup)")?;
     let virtiofsd = paths::find_program("virtiofsd")
         .context("virtiofsd not found — cargo install --locked virtiofsd (cargo xtask setup)")?;
-    let husk_vmm = husk_vmm()?;
+    // The static release build `cargo xtask build` made (the one users run; demo::prepare,
+    // which `cargo xtask test` runs first, built it).
+    let husk_vmm = linux_boot::husk_vmm()?;
     let l1 = l1::get()?;
 
     let dir = paths::artifacts().join("nested");
@@ -313,15 +307,22 @@ pub fn run(names: &[String]) -> Result<Outcome> {
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let cpio = dir.join("l1.cpio");
     let packed = Instant::now();
+    let mut programs = vec![
+        initramfs::Program::new("husk-vmm", husk_vmm, true),
+        initramfs::Program::new("virtiofsd", virtiofsd, false),
+    ];
+    for b in &binaries {
+        programs.push(initramfs::Program::new(&b.name, b.path.clone(), true));
+    }
     initramfs::build(
         &initramfs::Inputs {
             l1: &l1,
             busybox,
-            husk_vmm,
-            virtiofsd,
+            programs,
+            files: Vec::new(),
             guest_kernel: paths::vmlinux(),
             guest_initramfs: paths::initramfs(),
-            binaries: &binaries,
+            body: initramfs::tests_body(&binaries),
         },
         &cpio,
         &dir.join("work"),
@@ -335,7 +336,10 @@ pub fn run(names: &[String]) -> Result<Outcome> {
         elapsed(packed),
     );
 
-    let results = boot(&qemu, &l1.vmlinux, &cpio, &dir, &binaries)?;
+    let tests: usize = binaries.iter().map(|b| b.tests.len()).sum();
+    // L1 boots in ~3 s, each test boots L2 in 3–7 s; a test's own deadlines are well inside.
+    let deadline = Duration::from_secs(120 + 240 * tests as u64);
+    let results = boot(&qemu, &l1.vmlinux, &cpio, &dir, deadline)?;
     let mut outcome = results.outcome(&binaries);
     outcome.failed.append(&mut outcome_missing);
     let took = elapsed(start);
@@ -368,19 +372,16 @@ fn indent(s: &str) -> String {
 }
 
 /// Boots L1, follows its results port until L1 powers off or the deadline passes.
-fn boot(
+pub fn boot(
     qemu: &Path,
     vmlinux: &Path,
     cpio: &Path,
     dir: &Path,
-    binaries: &[TestBinary],
+    deadline: Duration,
 ) -> Result<L1Results> {
     let console = dir.join("console.log");
     let results_log = dir.join("results.log");
     let stderr_log = dir.join("qemu.log");
-    let tests: usize = binaries.iter().map(|b| b.tests.len()).sum();
-    // L1 boots in ~3 s, each test boots L2 in 3–7 s; a test's own deadlines are well inside.
-    let deadline = Duration::from_secs(120 + 240 * tests as u64);
     let mut cmd = Command::new(qemu);
     cmd.args(QEMU_ARGS)
         .arg("-serial")
@@ -495,10 +496,6 @@ mod tests {
                 "husk_vmm_linux".to_string(),
                 PathBuf::from("/t/debug/deps/husk_vmm_linux-0a1b")
             )]
-        );
-        assert_eq!(
-            parse_bin_artifact(json, "husk-vmm"),
-            Some(PathBuf::from("/t/debug/husk-vmm"))
         );
         let list = "linux_guest_on_husk_vmm_reaches_the_agent_over_vsock: test\nm::other: test\n\n2 tests, 0 benchmarks\n";
         assert_eq!(

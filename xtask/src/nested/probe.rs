@@ -1,0 +1,369 @@
+//! The Linux-boot probe: our vmlinux + initramfs on husk-vmm and on QEMU `microvm` (KVM),
+//! alternating, where the VMMs run — inside the nested tier's L1 (`cargo xtask nested-boot`,
+//! bench scenario 8) or directly on a host with hardware KVM. Each boot is timed from spawning
+//! the VMM to its first serial byte and to the agent's `husk-agent ready:` line (which also
+//! says how long the guest kernel took), then, 0.5 s later, the VMM process's memory is read
+//! from smaps and husk-vmm's exit counters from its control API; then the VMM is killed.
+//!
+//! Inside L1 it runs as `xtask boot-probe …` (a hidden subcommand of the xtask binary packed
+//! into L1) and writes one `HUSK-NESTED SAMPLE <json>` line per boot on its stdout, which
+//! is L1's results port.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::bench::procfs;
+
+/// The (#15) command line, as Firecracker's and QEMU's runs used it: the same for
+/// both VMMs.
+pub const CMDLINE: &str = "console=ttyS0 quiet reboot=k panic=1 pci=off no_timer_check i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd";
+/// The guest shape.
+pub const MEMORY_MIB: u32 = 256;
+/// Marker of a sample line (the nested tier's results-port prefix).
+pub const SAMPLE: &str = "SAMPLE";
+/// Where QEMU's firmware (qboot for `microvm`) lives.
+pub const QEMU_DATA_DIR: &str = "/usr/share/qemu";
+/// A boot that has not reached the agent in this long failed.
+const BOOT_DEADLINE: Duration = Duration::from_secs(60);
+/// How long after the ready line the memory is read (the guest is idle by then).
+const SETTLE: Duration = Duration::from_millis(500);
+
+/// The two VMMs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Vmm {
+    #[serde(rename = "husk-vmm")]
+    Husk,
+    #[serde(rename = "qemu-microvm")]
+    Qemu,
+}
+
+impl Vmm {
+    pub fn label(self) -> &'static str {
+        match self {
+            Vmm::Husk => "husk-vmm",
+            Vmm::Qemu => "qemu microvm",
+        }
+    }
+}
+
+/// One boot.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Sample {
+    pub vmm: Vmm,
+    /// 0 is the warm-up round.
+    pub round: usize,
+    pub first_byte_ms: f64,
+    /// Spawn → the agent's ready line on the console.
+    pub ready_ms: f64,
+    /// The agent's own "N ms since kernel start".
+    pub kernel_to_agent_ms: Option<u64>,
+    /// The VMM process, guest RAM included (KiB).
+    pub rss_kib: u64,
+    pub pss_kib: u64,
+    /// The VMM process outside guest RAM (KiB).
+    pub rss_outside_kib: u64,
+    pub pss_outside_kib: u64,
+    /// husk-vmm's exit counters (`counters` on its API), as it answered.
+    pub counters: Option<serde_json::Value>,
+}
+
+/// What to boot, with which programs.
+#[derive(Debug, Clone)]
+pub struct Probe {
+    pub husk_vmm: PathBuf,
+    pub qemu: PathBuf,
+    pub kernel: PathBuf,
+    pub initramfs: PathBuf,
+    pub cmdline: String,
+    /// Print every console line with its time since spawn (for a look at where the boot goes).
+    pub show_console: bool,
+    /// Scratch directory (the API socket).
+    pub dir: PathBuf,
+}
+
+impl Probe {
+    fn command(&self, vmm: Vmm) -> Command {
+        match vmm {
+            Vmm::Husk => {
+                let mut c = Command::new(&self.husk_vmm);
+                c.arg("--kernel")
+                    .arg(&self.kernel)
+                    .arg("--initrd")
+                    .arg(&self.initramfs)
+                    .args(["--vcpus", "1", "--memory", &MEMORY_MIB.to_string()])
+                    .args(["--cmdline", &self.cmdline, "--cmdline-replace"])
+                    .arg("--api-sock")
+                    .arg(self.api_sock());
+                c
+            }
+            Vmm::Qemu => {
+                let mut c = Command::new(&self.qemu);
+                // QEMU finds its firmware relative to its own path unless told.
+                c.args(["-L", QEMU_DATA_DIR]);
+                c.args([
+                    "-M",
+                    "microvm,x-option-roms=off,isa-serial=on,rtc=on,acpi=off,memory-backend=mem",
+                    "-object",
+                    &format!("memory-backend-memfd,id=mem,size={MEMORY_MIB}M,share=on"),
+                    "-m",
+                    &format!("{MEMORY_MIB}M"),
+                    "-accel",
+                    "kvm",
+                    "-cpu",
+                    "host,-arch-capabilities",
+                    "-smp",
+                    "1",
+                    "-nodefaults",
+                    "-no-user-config",
+                    "-display",
+                    "none",
+                    "-no-reboot",
+                    "-serial",
+                    "stdio",
+                    // The same legacy devices as husk-vmm's guest sees: an i8042 controller.
+                    "-device",
+                    "i8042",
+                    "-kernel",
+                ])
+                .arg(&self.kernel)
+                .arg("-initrd")
+                .arg(&self.initramfs)
+                .args(["-append", &self.cmdline]);
+                c
+            }
+        }
+    }
+
+    fn api_sock(&self) -> PathBuf {
+        self.dir.join("husk-vmm-api.sock")
+    }
+
+    /// Boots once on `vmm`, measures, and kills the VMM.
+    pub fn boot(&self, vmm: Vmm, round: usize) -> Result<Sample> {
+        let _ = std::fs::remove_file(self.api_sock());
+        let mut cmd = self.command(vmm);
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let start = Instant::now();
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("starting {}", crate::run::show(&cmd)))?;
+        let res = self.follow(vmm, round, &mut child, start);
+        // Our own child, by its handle.
+        let _ = child.kill();
+        let _ = child.wait();
+        let _ = std::fs::remove_file(self.api_sock());
+        res.with_context(|| format!("{} round {round}", vmm.label()))
+    }
+
+    fn follow(&self, vmm: Vmm, round: usize, child: &mut Child, start: Instant) -> Result<Sample> {
+        let stdout = child.stdout.take().context("piped stdout")?;
+        let mut stderr = child.stderr.take().context("piped stderr")?;
+        let (tx, rx) = mpsc::channel();
+        let show = self.show_console.then(|| vmm.label());
+        std::thread::spawn(move || console_reader(stdout, start, show, tx));
+        let err = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = stderr.read_to_string(&mut s);
+            s
+        });
+        let mut first = None;
+        let ready = loop {
+            let left = BOOT_DEADLINE.saturating_sub(start.elapsed());
+            match rx.recv_timeout(left) {
+                Ok(Event::FirstByte(t)) => first = Some(t),
+                Ok(Event::Ready(t, line)) => break (t, line),
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    bail!("no `husk-agent ready:` line within {BOOT_DEADLINE:?}")
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    let status = child.wait()?;
+                    let err = err.join().unwrap_or_default();
+                    bail!(
+                        "the VMM ended ({status}) before the agent's ready line; stderr: {}",
+                        err.trim()
+                    );
+                }
+            }
+        };
+        std::thread::sleep(SETTLE);
+        let counters = match vmm {
+            Vmm::Husk => Some(api_counters(&self.api_sock())?),
+            Vmm::Qemu => None,
+        };
+        let mem = procfs::mem(child.id()).context("reading the VMM's smaps")?;
+        Ok(Sample {
+            vmm,
+            round,
+            first_byte_ms: ms(first.unwrap_or(ready.0)),
+            ready_ms: ms(ready.0),
+            kernel_to_agent_ms: parse_agent_ms(&ready.1),
+            rss_kib: mem.rss_kib + mem.guest_rss_kib,
+            pss_kib: mem.pss_kib + mem.guest_pss_kib,
+            rss_outside_kib: mem.rss_kib,
+            pss_outside_kib: mem.pss_kib,
+            counters,
+        })
+    }
+}
+
+enum Event {
+    FirstByte(Duration),
+    Ready(Duration, String),
+}
+
+fn console_reader(
+    stdout: impl Read,
+    start: Instant,
+    show: Option<&'static str>,
+    tx: mpsc::Sender<Event>,
+) {
+    let mut r = BufReader::new(stdout);
+    let mut line = Vec::new();
+    let mut first = true;
+    loop {
+        line.clear();
+        // Bounded by what the guest prints before its ready line (a few KiB); the VMM is
+        // killed right after.
+        match r.read_until(b'\n', &mut line) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        let t = start.elapsed();
+        if first {
+            first = false;
+            let _ = tx.send(Event::FirstByte(t));
+        }
+        let text = String::from_utf8_lossy(&line);
+        let text = text.trim_end();
+        if let Some(vmm) = show {
+            println!("{:9.1} ms {vmm}| {text}", ms(t));
+        }
+        if let Some(i) = text.find("husk-agent ready:") {
+            let _ = tx.send(Event::Ready(t, text[i..].to_string()));
+        }
+    }
+}
+
+pub fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// `N` of the agent's `husk-agent ready: N ms since kernel start; …`.
+pub fn parse_agent_ms(line: &str) -> Option<u64> {
+    line.strip_prefix("husk-agent ready:")?
+        .trim_start()
+        .split_once(" ms since kernel start")?
+        .0
+        .parse()
+        .ok()
+}
+
+/// husk-vmm's `counters` answer (one JSON line).
+fn api_counters(sock: &Path) -> Result<serde_json::Value> {
+    let mut s = UnixStream::connect(sock)
+        .with_context(|| format!("connecting to husk-vmm's API at {}", sock.display()))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(b"counters\n")?;
+    let mut line = String::new();
+    // One line, bounded: the answer is a few hundred bytes.
+    BufReader::new(s.take(64 << 10)).read_line(&mut line)?;
+    serde_json::from_str(&line).with_context(|| format!("husk-vmm's counters answer {line:?}"))
+}
+
+/// Runs `rounds` rounds (after one warm-up round 0) of both VMMs, alternating which goes
+/// first, calling `emit` with each sample or failure.
+pub fn run(probe: &Probe, rounds: usize, mut emit: impl FnMut(Result<Sample>)) {
+    for round in 0..=rounds {
+        let order = if round % 2 == 0 {
+            [Vmm::Husk, Vmm::Qemu]
+        } else {
+            [Vmm::Qemu, Vmm::Husk]
+        };
+        for vmm in order {
+            emit(probe.boot(vmm, round));
+        }
+    }
+}
+
+/// The `xtask boot-probe` entry point (inside L1): samples as marker lines on stdout.
+pub fn main(probe: &Probe, rounds: usize) -> Result<()> {
+    let marker = super::initramfs::MARKER;
+    run(probe, rounds, |s| {
+        match s {
+            Ok(s) => println!(
+                "{marker} {SAMPLE} {}",
+                serde_json::to_string(&s).expect("a sample serialises")
+            ),
+            Err(e) => println!("{marker} {SAMPLE}-FAILED {e:#}"),
+        }
+        let _ = std::io::stdout().flush();
+    });
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_agents_ready_line() {
+        assert_eq!(
+            parse_agent_ms("husk-agent ready: 649 ms since kernel start; kernel 6.1.192; 1 vcpus"),
+            Some(649)
+        );
+        assert_eq!(parse_agent_ms("husk-agent ready: soon"), None);
+    }
+
+    #[test]
+    fn samples_travel_as_json() {
+        let s = Sample {
+            vmm: Vmm::Husk,
+            round: 1,
+            first_byte_ms: 10.0,
+            ready_ms: 900.5,
+            kernel_to_agent_ms: Some(650),
+            rss_kib: 40_000,
+            pss_kib: 39_000,
+            rss_outside_kib: 3000,
+            pss_outside_kib: 2000,
+            counters: Some(serde_json::json!({"pio": 10})),
+        };
+        let line = serde_json::to_string(&s).unwrap();
+        assert!(line.contains("\"vmm\":\"husk-vmm\""), "{line}");
+        let back: Sample = serde_json::from_str(&line).unwrap();
+        assert_eq!(back.ready_ms, 900.5);
+        assert_eq!(back.vmm, Vmm::Husk);
+    }
+
+    #[test]
+    fn both_vmms_get_the_same_guest() {
+        let p = Probe {
+            husk_vmm: "/b/husk-vmm".into(),
+            qemu: "/b/qemu".into(),
+            kernel: "/k".into(),
+            initramfs: "/i".into(),
+            cmdline: CMDLINE.into(),
+            show_console: false,
+            dir: "/tmp".into(),
+        };
+        for vmm in [Vmm::Husk, Vmm::Qemu] {
+            let c = p.command(vmm);
+            let args: Vec<String> = c
+                .get_args()
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect();
+            assert!(args.iter().any(|a| a == CMDLINE), "{vmm:?}: {args:?}");
+            assert!(args.iter().any(|a| a == "/k") && args.iter().any(|a| a == "/i"));
+            assert!(args.iter().any(|a| a.contains("256")), "{vmm:?}: {args:?}");
+        }
+    }
+}
