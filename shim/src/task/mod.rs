@@ -296,7 +296,12 @@ impl Task for Service {
             .and_then(|_| share::share_bind_mounts(&sb.dir, &cid, &mut spec));
         if let Err(e) = shared {
             undo(&sb);
-            return Err(err(Code::INTERNAL, e.to_string()));
+            // A field of the spec the shim cannot honour is the caller's to change.
+            let code = match e {
+                share::ShareError::Field { .. } => Code::INVALID_ARGUMENT,
+                _ => Code::INTERNAL,
+            };
+            return Err(err(code, e.to_string()));
         }
         let agent_req = CreateContainerRequest {
             container_id: cid.clone(),
