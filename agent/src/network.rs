@@ -277,8 +277,17 @@ fn install_port_forward(nic: u32, name: &str, pf: PortForward) -> Result<()> {
 /// Applies `want` to the link whose MAC matches: name, MTU, addresses (replacing the old
 /// ones), up/down; with `pf`, the link becomes the guest end of port-forward (`pf.guest`
 /// must be one of its addresses).
-pub fn update_interface(want: &Interface, pf: Option<PortForward>) -> Result<Interface> {
+pub fn update_interface(
+    want: &Interface,
+    pf: Option<PortForward>,
+    match_mac: Option<&str>,
+) -> Result<Interface> {
     let mac = parse_mac(&want.mac)?;
+    // The NIC to update: by `match_mac` when given (it then takes `want.mac`), else by `want.mac`.
+    let find = match match_mac {
+        Some(m) => parse_mac(m)?,
+        None => mac.clone(),
+    };
     let mut new_addrs = Vec::new();
     for a in &want.addresses {
         let (ip, p) = parse_cidr(&format!("{}/{}", a.address, a.prefix_len))?;
@@ -296,8 +305,10 @@ pub fn update_interface(want: &Interface, pf: Option<PortForward>) -> Result<Int
         let all = links(&h).await?;
         let link = all
             .iter()
-            .find(|l| link_mac(l) == mac_string(&mac))
-            .ok_or_else(|| Error::Invalid(format!("no interface with MAC {}", want.mac)))?;
+            .find(|l| link_mac(l) == mac_string(&find))
+            .ok_or_else(|| {
+                Error::Invalid(format!("no interface with MAC {}", mac_string(&find)))
+            })?;
         let idx = link.header.index;
         let label = format!("interface {} ({})", link_name(link), want.mac);
         // A rename needs the link down.
@@ -312,6 +323,9 @@ pub fn update_interface(want: &Interface, pf: Option<PortForward>) -> Result<Int
         }
         if want.mtu != 0 {
             b = b.mtu(want.mtu);
+        }
+        if find != mac {
+            b = b.address(mac.clone());
         }
         h.link().set(b.build()).execute().await.map_err(nl(format!(
             "{label}: setting name {:?} / mtu {}",

@@ -267,7 +267,8 @@ impl Agent for Service {
             .map(crate::network::PortForward::parse)
             .transpose()
             .map_err(net)?;
-        crate::network::update_interface(&want, pf).map_err(net)
+        let match_mac = (!r.match_mac.is_empty()).then_some(r.match_mac.as_str());
+        crate::network::update_interface(&want, pf, match_mac).map_err(net)
     }
 
     fn update_routes(&self, _: &TtrpcContext, r: UpdateRoutesRequest) -> R<Routes> {

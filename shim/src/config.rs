@@ -113,7 +113,7 @@ pub struct Config {
 
 /// `[pool]`: VMs booted ahead of need by `containerd-shim-husk-v2 pool`, each handed whole
 /// to one sandbox of the default shape (the configured `vcpus`, `memory_mib`, kernel,
-/// initramfs, backend, no pod limits or sizing annotations, no network device, no debug
+/// initramfs, backend, no pod limits or sizing annotations, at most one NIC, no debug
 /// console). Off by default: every pooled VM holds its memory while it waits, which a node's
 /// admin must ask for.
 #[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq, Eq)]

@@ -5,7 +5,7 @@
 //! connect to the agent with a deadline, `CreateSandbox`. A failure at any step tears down
 //! everything started before it, and its error carries the tail of the guest console.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
 use std::sync::mpsc;
 use std::sync::Mutex;
@@ -437,7 +437,16 @@ impl Sandbox {
             cmdline_extra.push_str(config.kernel_params.trim());
         }
         // Before the VM: it gets the taps. Dropped (torn down) on any failure below.
-        let network = Network::setup(spec).map_err(|e| SandboxError::Step {
+        let network = match &pooled {
+            // A pooled VM's taps are moved in from its keeper's network namespace.
+            Some(p) => Network::setup_pooled(
+                spec,
+                Path::new(&format!("/proc/{}/ns/net", p.claimed.keeper_pid)),
+                &p.claimed.nics,
+            ),
+            None => Network::setup(spec),
+        }
+        .map_err(|e| SandboxError::Step {
             sid: sid.clone(),
             step: "setting up the pod network",
             message: crate::network::chain(&e),
@@ -446,15 +455,8 @@ impl Sandbox {
         let vm_started = std::time::Instant::now();
         let (mut vm, backend_name, keep_tx): (Box<dyn Vm>, String, Option<mpsc::Sender<()>>) =
             match pooled {
-                // Claimed with no NIC (the pool refuses a pod with a network namespace).
-                Some(p) if nets.is_empty() => (Box::new(p.vm), p.claimed.backend, None),
-                Some(_) => {
-                    return Err(SandboxError::Step {
-                        sid,
-                        step: "using a pooled VM",
-                        message: "the pod has network interfaces and a pooled VM has no NIC".into(),
-                    })
-                }
+                // Claimed: its NICs' taps are already the VM's (moved in above).
+                Some(p) => (Box::new(p.vm), p.claimed.backend, None),
                 None => {
                     let backend =
                         backend(config, &prepared.programs).map_err(|e| SandboxError::Step {

@@ -54,6 +54,11 @@ pub struct CriContainerd {
 
 impl CriContainerd {
     pub fn start() -> Self {
+        Self::start_with_husk_config("")
+    }
+
+    /// With extra lines at the top of the shim's configuration (`husk.toml` in [`Self::dir`]).
+    pub fn start_with_husk_config(extra: &str) -> Self {
         let bin = require_program("containerd", "containerd");
         require_program("ctr", "containerd");
         require_program("runc", "runc");
@@ -75,7 +80,7 @@ impl CriContainerd {
         std::fs::write(
             &husk_config,
             format!(
-                "kernel = \"{}\"\ninitramfs = \"{}\"\n",
+                "{extra}kernel = \"{}\"\ninitramfs = \"{}\"\n",
                 kernel().display(),
                 initramfs().display()
             ),

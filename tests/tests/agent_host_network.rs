@@ -237,3 +237,48 @@ fn interfaces_are_listed_configured_by_mac_and_routed() {
     assert_eq!(code, Code::INVALID_ARGUMENT);
     assert!(msg.contains("no device \"nope0\""), "{msg}");
 }
+
+/// A VM booted before its pod (the warm pool) has a NIC of its own MAC: `match_mac` finds it
+/// by that, and it takes the pod's; a `match_mac` no NIC has is refused naming it.
+#[test]
+fn a_nic_found_by_match_mac_takes_the_pods_mac() {
+    let n = NetnsAgent::start();
+    n.ip("link add v0 address 02:11:22:33:44:55 type veth peer name v1");
+    let want = Interface {
+        name: "eth0".into(),
+        mac: "0a:58:0a:58:00:07".into(),
+        mtu: 1400,
+        up: true,
+        addresses: vec![IpAddress {
+            address: "10.9.0.2".into(),
+            prefix_len: 24,
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let req = |match_mac: &str| UpdateInterfaceRequest {
+        interface: Some(want.clone()).into(),
+        match_mac: match_mac.into(),
+        ..Default::default()
+    };
+    let (code, msg) = status_of(
+        n.agent
+            .client
+            .update_interface(ctx(), &req("02:99:99:99:99:99")),
+    );
+    assert_eq!(code, Code::INVALID_ARGUMENT, "{msg}");
+    assert!(msg.contains("02:99:99:99:99:99"), "{msg}");
+    let got = n
+        .agent
+        .client
+        .update_interface(ctx(), &req("02:11:22:33:44:55"))
+        .unwrap();
+    assert_eq!(
+        (got.name.as_str(), got.mac.as_str(), got.mtu, got.up),
+        ("eth0", "0a:58:0a:58:00:07", 1400, true),
+        "{got:?}"
+    );
+    assert!(n
+        .ip("-o link show dev eth0")
+        .contains("link/ether 0a:58:0a:58:00:07"));
+}

@@ -62,15 +62,19 @@ pub fn port_forward() -> PortForward {
 
 /// Configures the guest NICs for `links`: interfaces first (routes need their addresses),
 /// then all routes in one call. With `port_forward`, the first NIC is the guest end of it.
+/// `guest_macs[i]`, if given, is the MAC the `i`-th guest NIC has now (a pooled VM's): the
+/// agent finds it by that and gives it the veth's.
 pub fn configure(
     client: &AgentClient,
     links: &[Link],
     port_forward: bool,
+    guest_macs: &[String],
 ) -> Result<(), NetworkError> {
     for (i, link) in links.iter().enumerate() {
         let req = UpdateInterfaceRequest {
             interface: Some(interface(link)).into(),
             port_forward: (port_forward && i == 0).then(self::port_forward).into(),
+            match_mac: guest_macs.get(i).cloned().unwrap_or_default(),
             ..Default::default()
         };
         let got =

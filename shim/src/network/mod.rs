@@ -93,7 +93,9 @@ pub struct Endpoint {
     pub veth: Link,
     pub tap_name: String,
     pub tap_index: u32,
-    pub tap: Arc<OwnedFd>,
+    /// Our copy of the tap's file (handed to the VM at its start); `None` for a pooled VM's
+    /// tap, which its keeper and VM hold (it was moved into the pod netns at claim).
+    pub tap: Option<Arc<OwnedFd>>,
 }
 
 /// The sandbox's network on the host side.
@@ -104,11 +106,109 @@ pub struct Network {
     /// Whether [`port_forward::install`] succeeded on the first endpoint's tap (the guest NIC
     /// then gets [`port_forward::GUEST_ADDR`]).
     port_forward: bool,
+    /// For a pooled VM: the MAC each guest NIC has now, which the agent replaces with its
+    /// veth's (empty for a cold VM, whose NICs were given the veths' MACs at boot).
+    guest_macs: Vec<String>,
+}
+
+/// A pooled VM's NIC: its tap (in the keeper's network namespace until claimed) and the MAC
+/// the guest NIC was booted with.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PooledNic {
+    pub tap: String,
+    pub mac: String,
+}
+
+/// How many interfaces CNI left in the spec's network namespace (0 without one): how many
+/// NICs the sandbox's VM needs.
+pub fn interface_count(spec: &Value) -> Result<usize, NetworkError> {
+    let Some(path) = netns_path(spec) else {
+        return Ok(0);
+    };
+    netns::run_in(&path, async move |h| Ok(endpoint::scan(&h).await?.len()))
 }
 
 /// The tap of the `i`-th interface (Kata names them `tap<i>_kata`).
 fn tap_name(i: usize) -> String {
     format!("tap{i}_husk")
+}
+
+/// In the pod netns: for each interface CNI made, its tap (already here: created, or moved
+/// in), set to the veth's MTU and up, mirrored both ways with tc; then the port-forward link
+/// on the first. Removes what it made on failure.
+async fn plumb(
+    h: &rtnetlink::Handle,
+    links: Vec<Link>,
+    taps: Vec<(String, Option<Arc<OwnedFd>>)>,
+) -> Result<(Vec<Endpoint>, bool), NetworkError> {
+    let mut made: Vec<Endpoint> = Vec::new();
+    let r = async {
+        for (veth, (name, fd)) in links.into_iter().zip(taps) {
+            let index = endpoint::index_of(h, &name).await?.ok_or_else(|| {
+                NetworkError::Invalid(format!("tap {name}: created but not listed"))
+            })?;
+            made.push(Endpoint {
+                veth,
+                tap_name: name,
+                tap_index: index,
+                tap: fd,
+            });
+            let e = made.last().expect("just pushed");
+            h.link()
+                .set(
+                    LinkUnspec::new_with_index(index)
+                        .mtu(e.veth.mtu)
+                        .up()
+                        .build(),
+                )
+                .execute()
+                .await
+                .map_err(|source| NetworkError::Netlink {
+                    what: format!("setting tap {} up with MTU {}", e.tap_name, e.veth.mtu),
+                    source,
+                })?;
+            tc::redirect(h, (&e.veth.name, e.veth.index), (&e.tap_name, e.tap_index)).await?;
+            tc::redirect(h, (&e.tap_name, e.tap_index), (&e.veth.name, e.veth.index)).await?;
+        }
+        Ok::<(), NetworkError>(())
+    }
+    .await;
+    if let Err(e) = r {
+        remove(h, &made).await;
+        return Err(e);
+    }
+    let port_forward = match made.first() {
+        None => false,
+        Some(e) => match port_forward::conflict(std::slice::from_ref(&e.veth)) {
+            Some(what) => {
+                log::warn!(
+                    "network: kubectl port-forward is off for this pod: CNI's {what} overlaps {}/{}, the link husk would use",
+                    port_forward::HOST_ADDR,
+                    port_forward::PREFIX
+                );
+                false
+            }
+            None => match port_forward::install(
+                h,
+                (&e.tap_name, e.tap_index),
+                (&e.veth.name, e.veth.index),
+            )
+            .await
+            {
+                Ok(()) => true,
+                Err(err) => {
+                    // A pod whose port-forward cannot work still runs; the log says why.
+                    let _ = port_forward::remove_nat();
+                    log::warn!(
+                        "network: kubectl port-forward is off for this pod: {}",
+                        chain(&err)
+                    );
+                    false
+                }
+            },
+        },
+    };
+    Ok((made, port_forward))
 }
 
 impl Network {
@@ -120,86 +220,93 @@ impl Network {
         };
         let endpoints = netns::run_in(&path, async move |h| {
             let links = endpoint::scan(&h).await?;
-            let mut made: Vec<Endpoint> = Vec::new();
-            let r = async {
-                for (i, veth) in links.into_iter().enumerate() {
-                    let name = tap_name(i);
-                    let fd = tap::create(&name)?;
-                    let index = endpoint::index_of(&h, &name).await?.ok_or_else(|| {
-                        NetworkError::Invalid(format!("tap {name}: created but not listed"))
-                    })?;
-                    made.push(Endpoint {
-                        veth,
-                        tap_name: name,
-                        tap_index: index,
-                        tap: Arc::new(fd),
-                    });
-                    let e = made.last().expect("just pushed");
-                    h.link()
-                        .set(
-                            LinkUnspec::new_with_index(index)
-                                .mtu(e.veth.mtu)
-                                .up()
-                                .build(),
-                        )
-                        .execute()
-                        .await
-                        .map_err(|source| NetworkError::Netlink {
-                            what: format!("setting tap {} up with MTU {}", e.tap_name, e.veth.mtu),
-                            source,
-                        })?;
-                    tc::redirect(&h, (&e.veth.name, e.veth.index), (&e.tap_name, e.tap_index))
-                        .await?;
-                    tc::redirect(&h, (&e.tap_name, e.tap_index), (&e.veth.name, e.veth.index))
-                        .await?;
-                }
-                Ok::<(), NetworkError>(())
+            let mut taps = Vec::new();
+            for i in 0..links.len() {
+                let name = tap_name(i);
+                taps.push((name.clone(), Some(Arc::new(tap::create(&name)?))));
             }
-            .await;
-            if let Err(e) = r {
-                remove(&h, &made).await;
-                return Err(e);
-            }
-            let port_forward = match made.first() {
-                None => false,
-                Some(e) => match port_forward::conflict(std::slice::from_ref(&e.veth)) {
-                    Some(what) => {
-                        log::warn!(
-                            "network: kubectl port-forward is off for this pod: CNI's {what} overlaps {}/{}, the link husk would use",
-                            port_forward::HOST_ADDR,
-                            port_forward::PREFIX
-                        );
-                        false
-                    }
-                    None => match port_forward::install(
-                        &h,
-                        (&e.tap_name, e.tap_index),
-                        (&e.veth.name, e.veth.index),
-                    )
-                    .await
-                    {
-                        Ok(()) => true,
-                        Err(err) => {
-                            // A pod whose port-forward cannot work still runs; the log says why.
-                            let _ = port_forward::remove_nat();
-                            log::warn!(
-                                "network: kubectl port-forward is off for this pod: {}",
-                                chain(&err)
-                            );
-                            false
-                        }
-                    },
-                },
-            };
-            Ok((made, port_forward))
+            plumb(&h, links, taps).await
         })?;
         let (endpoints, port_forward) = endpoints;
-        let n = Self {
+        Ok(Self {
             netns: Some(path),
             endpoints,
             port_forward,
+            guest_macs: Vec::new(),
+        }
+        .logged())
+    }
+
+    /// For a pooled VM: moves its taps (`nics`, in its keeper's network namespace
+    /// `keeper_netns`) into the spec's network namespace, one per CNI interface, and mirrors
+    /// them as [`Self::setup`] does; the agent then gives each guest NIC its veth's MAC. A
+    /// spec without a netns path leaves the taps where they are and the guest NICs down.
+    pub fn setup_pooled(
+        spec: &Value,
+        keeper_netns: &Path,
+        nics: &[PooledNic],
+    ) -> Result<Self, NetworkError> {
+        use std::os::fd::AsRawFd;
+        let Some(path) = netns_path(spec) else {
+            return Ok(Self::default());
         };
-        for e in &n.endpoints {
+        let links = netns::run_in(&path, async move |h| endpoint::scan(&h).await)?;
+        if links.len() > nics.len() {
+            return Err(NetworkError::Invalid(format!(
+                "{}: {} interfaces, and the pooled VM has {} NIC(s)",
+                path.display(),
+                links.len(),
+                nics.len()
+            )));
+        }
+        let used = &nics[..links.len()];
+        let target = std::fs::File::open(&path).map_err(|source| NetworkError::Netns {
+            path: path.clone(),
+            source,
+        })?;
+        let target_fd = target.as_raw_fd();
+        let names: Vec<String> = used.iter().map(|n| n.tap.clone()).collect();
+        let moving = names.clone();
+        let dest = path.display().to_string();
+        // The move is asked of the namespace the tap is in; `target` outlives the call.
+        netns::run_in(keeper_netns, async move |h| {
+            for name in &moving {
+                let index = endpoint::index_of(&h, name).await?.ok_or_else(|| {
+                    NetworkError::Invalid(format!(
+                        "tap {name}: not in the pooled VM's network namespace"
+                    ))
+                })?;
+                h.link()
+                    .set(
+                        LinkUnspec::new_with_index(index)
+                            .setns_by_fd(target_fd)
+                            .build(),
+                    )
+                    .execute()
+                    .await
+                    .map_err(|source| NetworkError::Netlink {
+                        what: format!("moving tap {name} into {dest}"),
+                        source,
+                    })?;
+            }
+            Ok(())
+        })?;
+        drop(target);
+        let (endpoints, port_forward) = netns::run_in(&path, async move |h| {
+            let links = endpoint::scan(&h).await?;
+            plumb(&h, links, names.into_iter().map(|n| (n, None)).collect()).await
+        })?;
+        Ok(Self {
+            netns: Some(path),
+            endpoints,
+            port_forward,
+            guest_macs: used.iter().map(|n| n.mac.clone()).collect(),
+        }
+        .logged())
+    }
+
+    fn logged(self) -> Self {
+        for e in &self.endpoints {
             log::info!(
                 "network: {} ({}, mtu {}, {:?}) ↔ {} in {}",
                 e.veth.name,
@@ -207,14 +314,14 @@ impl Network {
                 e.veth.mtu,
                 e.veth.addresses,
                 e.tap_name,
-                n.netns
+                self.netns
                     .as_deref()
                     .map(Path::display)
                     .map(|d| d.to_string())
                     .unwrap_or_default()
             );
         }
-        Ok(n)
+        self
     }
 
     pub fn netns(&self) -> Option<&Path> {
@@ -229,9 +336,11 @@ impl Network {
     pub fn vm_nets(&self) -> Vec<NetConfig> {
         self.endpoints
             .iter()
-            .map(|e| NetConfig {
-                tap: e.tap.clone(),
-                mac: e.veth.mac,
+            .filter_map(|e| {
+                Some(NetConfig {
+                    tap: e.tap.clone()?,
+                    mac: e.veth.mac,
+                })
             })
             .collect()
     }
@@ -248,7 +357,7 @@ impl Network {
                 ));
             }
         }
-        guest::configure(client, &links, self.port_forward)
+        guest::configure(client, &links, self.port_forward, &self.guest_macs)
     }
 
     /// Removes the port-forward NAT, the redirects, the ingress qdiscs and the taps.

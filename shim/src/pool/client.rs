@@ -38,14 +38,17 @@ pub fn claim(
     if config.pool.size == 0 {
         return None;
     }
-    if let Some(netns) = crate::network::netns_path(spec) {
-        log::info!(
-            "sandbox {sid}: boots cold — its network namespace {} may hold NICs, and pooled VMs have none",
-            netns.display()
-        );
-        return None;
-    }
-    let shape = match Shape::of(config, vcpus, memory_mib, 0) {
+    let nics = match crate::network::interface_count(spec) {
+        Ok(n) => u32::try_from(n).unwrap_or(u32::MAX),
+        Err(e) => {
+            log::info!(
+                "sandbox {sid}: boots cold — counting its network interfaces: {}",
+                crate::network::chain(&e)
+            );
+            return None;
+        }
+    };
+    let shape = match Shape::of(config, vcpus, memory_mib, nics) {
         Ok(s) => s,
         Err(why) => {
             log::info!("sandbox {sid}: boots cold — {why}");

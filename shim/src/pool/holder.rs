@@ -38,6 +38,7 @@ enum SlotState {
         console: PathBuf,
         vsock: Option<PathBuf>,
         guest_boot_ms: u64,
+        nics: Vec<crate::network::PooledNic>,
     },
 }
 
@@ -264,6 +265,7 @@ fn watch(h: &Arc<Holder>, vmid: String, mut child: std::process::Child) {
                 console,
                 vsock,
                 guest_boot_ms,
+                nics,
             }) => {
                 if let Some(s) = st.slots.iter_mut().find(|s| s.vmid == vmid) {
                     log::info!("{vmid} ready: VM {vm_pid}, {} ms since its keeper started (guest {guest_boot_ms} ms)", s.since.elapsed().as_millis());
@@ -273,6 +275,7 @@ fn watch(h: &Arc<Holder>, vmid: String, mut child: std::process::Child) {
                         console,
                         vsock,
                         guest_boot_ms,
+                        nics,
                     };
                     s.since = Instant::now();
                 }
@@ -377,7 +380,7 @@ fn claim(h: &Holder, sid: &str, shape: &Shape, pid: u32) -> Result<(Claimed, Uni
         return Err(format!("sandbox id {sid:?}: not a sandbox id"));
     }
     let target = SandboxDir::new(&h.config.state_root, sid).map_err(|e| e.to_string())?;
-    if *shape != h.shape {
+    if !h.shape.fits(shape) {
         return Err(format!(
             "no pooled VM of this shape (the pool holds {} vCPU, {} MiB, {} NIC(s) on {}; asked {} vCPU, {} MiB, {} NIC(s) on {})",
             h.shape.vcpus, h.shape.memory_mib, h.shape.nics, h.shape.backend, shape.vcpus, shape.memory_mib, shape.nics, shape.backend
@@ -405,6 +408,7 @@ fn claim(h: &Holder, sid: &str, shape: &Shape, pid: u32) -> Result<(Claimed, Uni
         console,
         vsock,
         guest_boot_ms,
+        nics,
     } = slot.state
     else {
         unreachable!("only ready slots are taken")
@@ -458,6 +462,7 @@ fn claim(h: &Holder, sid: &str, shape: &Shape, pid: u32) -> Result<(Claimed, Uni
             console,
             vsock,
             guest_boot_ms,
+            nics,
         },
         slot.conn,
     ))

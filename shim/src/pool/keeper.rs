@@ -179,6 +179,11 @@ fn run(config: &Config, args: &Args, mut conn: UnixStream) -> Result<(), PoolErr
             args.holder
         )));
     }
+    // A network namespace of the keeper's own (nothing else runs in it): the pooled VM's tap
+    // waits here, where no pod's traffic can reach it, until a claim moves it into a pod's.
+    // Done before any thread exists, so every later one (and the VM's processes) is in it.
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+        .map_err(|e| fail(format!("unsharing the network namespace: {e}")))?;
     let paths = PoolPaths::new(&config.state_root);
     let dir = SandboxDir::new(&paths.dir, &args.vmid).map_err(|e| fail(e.to_string()))?;
     if dir.root().exists() {
@@ -371,6 +376,27 @@ fn boot(
     } else {
         None
     };
+    // Its NICs' taps, in the keeper's network namespace, each with a random locally
+    // administered MAC (the agent gives the guest NIC its pod's veth's at claim).
+    let mut nics = Vec::new();
+    for i in 0..super::POOL_NICS {
+        let name = format!("tap{i}_husk");
+        let tap = crate::network::tap::create(&name).map_err(|e| e.to_string())?;
+        let mut mac = [0u8; 6];
+        std::fs::File::open("/dev/urandom")
+            .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut mac))
+            .map_err(|e| format!("/dev/urandom: {e}"))?;
+        mac[0] = (mac[0] & 0xfe) | 0x02;
+        let net = husk_hypervisor::NetConfig {
+            tap: std::sync::Arc::new(tap),
+            mac,
+        };
+        let nic = crate::network::PooledNic {
+            tap: name,
+            mac: net.mac_string(),
+        };
+        nics.push((net, nic));
+    }
     let vm_config = VmConfig {
         kernel: config.kernel.clone(),
         initramfs: config.initramfs.clone(),
@@ -380,7 +406,7 @@ fn boot(
         state_dir: dir.vm(),
         shared_dir: Some(dir.shared()),
         vsock: true,
-        nets: Vec::new(),
+        nets: nics.iter().map(|(net, _)| net.clone()).collect(),
         jail,
     };
     let started = Instant::now();
@@ -425,6 +451,7 @@ fn boot(
         console,
         vsock,
         guest_boot_ms: ready.since_boot_ms,
+        nics: nics.into_iter().map(|(_, nic)| nic).collect(),
     };
     Ok((vm, event))
 }

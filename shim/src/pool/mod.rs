@@ -31,8 +31,12 @@
 //! `mounts/` (the jailed processes and virtiofsd hold their views through their own mount
 //! namespaces, which the rename does not touch).
 //!
-//! Not pooled (they boot cold, as before, and the shim logs why): a pod with a network
-//! namespace (pooled VMs have no NIC yet), pod limits or sizing annotations that change the
+//! NIC: each keeper lives in a network namespace of its own, where its VM's tap waits; on claim
+//! the shim moves the tap into the pod's netns and mirrors it to the veth, and the agent gives
+//! the guest NIC the veth's MAC (`crate::network::Network::setup_pooled`).
+//!
+//! Not pooled (they boot cold, as before, and the shim logs why): a pod with more CNI
+//! interfaces than a pooled VM has NICs ([`POOL_NICS`]), pod limits or sizing annotations that change the
 //! VM's size, a debug console, or any other configuration than the holder's.
 
 pub mod client;
@@ -133,9 +137,13 @@ pub struct Shape {
     pub kernel_params: String,
     pub jail: bool,
     pub programs: [Option<PathBuf>; 4],
-    /// Network devices (pooled VMs have none yet).
+    /// Network devices: a sandbox's, or as many as a pooled VM has ([`POOL_NICS`]).
     pub nics: u32,
 }
+
+/// The NICs of a pooled VM: one, the tap in its keeper's network namespace until a pod with a
+/// CNI interface claims it (a pod with none leaves it down; a pod with more boots cold).
+pub const POOL_NICS: u32 = 1;
 
 impl Shape {
     /// The shape a sandbox of `config` with this size and these NICs gets; `Err`: a sandbox
@@ -166,10 +174,20 @@ impl Shape {
         })
     }
 
-    /// The shape the holder boots: the configured base size, no NIC.
+    /// The shape the holder boots: the configured base size, [`POOL_NICS`] NICs.
     pub fn default_of(config: &Config) -> Result<Self, String> {
         let (vcpus, memory_mib) = crate::sandbox::size_for(config, &serde_json::json!({}))?;
-        Self::of(config, vcpus, memory_mib, 0)
+        Self::of(config, vcpus, memory_mib, POOL_NICS)
+    }
+
+    /// Whether a VM of this shape serves a sandbox that wants `want`: every field equal, and
+    /// no more NICs wanted than there are.
+    pub fn fits(&self, want: &Shape) -> bool {
+        want.nics <= self.nics
+            && Shape {
+                nics: self.nics,
+                ..want.clone()
+            } == *self
     }
 }
 
@@ -273,7 +291,18 @@ mod tests {
             ..Config::default()
         };
         let a = Shape::of(&c, 1, 256, 0).unwrap();
-        assert_eq!(a, Shape::default_of(&c).unwrap());
+        let pooled = Shape::default_of(&c).unwrap();
+        assert!(
+            pooled.fits(&a),
+            "a sandbox without a network fits a pooled VM"
+        );
+        assert!(pooled.fits(&Shape::of(&c, 1, 256, POOL_NICS).unwrap()));
+        assert!(
+            !pooled.fits(&Shape::of(&c, 1, 256, POOL_NICS + 1).unwrap()),
+            "more NICs than the pooled VM has"
+        );
+        assert!(!pooled.fits(&Shape::of(&c, 1, 512, 0).unwrap()));
+        assert!(!pooled.fits(&Shape::of(&c, 2, 256, 0).unwrap()));
         assert_ne!(a, Shape::of(&c, 1, 512, 0).unwrap());
         assert_ne!(a, Shape::of(&c, 2, 256, 0).unwrap());
         assert_ne!(a, Shape::of(&c, 1, 256, 1).unwrap());

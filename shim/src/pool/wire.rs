@@ -14,6 +14,7 @@ use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, Ms
 use serde::{Deserialize, Serialize};
 
 use super::Shape;
+use crate::network::PooledNic;
 
 /// The longest message line either side accepts.
 pub const MAX_LINE: usize = 16 * 1024;
@@ -44,6 +45,8 @@ pub struct Claimed {
     pub vsock: Option<PathBuf>,
     /// The guest's own boot time to the agent's ready line.
     pub guest_boot_ms: u64,
+    /// Its NICs' taps (in the keeper's network namespace, `/proc/<keeper_pid>/ns/net`).
+    pub nics: Vec<PooledNic>,
 }
 
 /// The holder's answer to a claim or a status request.
@@ -79,6 +82,7 @@ pub enum KeeperEvent {
         console: PathBuf,
         vsock: Option<PathBuf>,
         guest_boot_ms: u64,
+        nics: Vec<PooledNic>,
     },
     Failed {
         error: String,
