@@ -116,11 +116,45 @@ pub struct Vmm {
 impl Vmm {
     /// Builds the VM described by `cfg`; its device threads start under their filter from
     /// `confinement`.
+    ///
+    /// Guest RAM is registered with KVM on a short-lived thread of its own while this one
+    /// builds the rest (devices, kernel and initramfs, vCPUs): registering it is the slowest
+    /// step of a VM's start and only `KVM_RUN` needs it ([`Vm::register_ram`]). That thread
+    /// touches nothing the guest wrote (no vCPU has run yet) and ends before this returns.
     pub fn build(cfg: &VmConfig, confinement: &Confinement) -> Result<Self, BuildError> {
-        let filters = &confinement.filters;
         let kvm = open_kvm()?;
         let ram = create_guest_ram(cfg.memory_mib)?;
-        let vm = Vm::new(kvm, &ram)?;
+        let vm = Vm::without_ram(kvm)?;
+        let (vcpus, shared) = thread::scope(|s| {
+            let slots = thread::Builder::new()
+                .name("ram-slots".into())
+                .spawn_scoped(s, || vm.register_ram(&ram))
+                .map_err(BuildError::Thread)?;
+            let rest = Self::build_on(cfg, confinement, &vm, &ram);
+            let slots = slots
+                .join()
+                .unwrap_or_else(|p| std::panic::resume_unwind(p));
+            // A failure of the rest is reported first: it is the more specific one.
+            let rest = rest?;
+            slots?;
+            Ok::<_, BuildError>(rest)
+        })?;
+        Ok(Self {
+            vcpus,
+            shared,
+            vm,
+            ram,
+        })
+    }
+
+    /// Everything of [`Self::build`] but RAM registration.
+    fn build_on(
+        cfg: &VmConfig,
+        confinement: &Confinement,
+        vm: &Vm,
+        ram: &GuestRam,
+    ) -> Result<(Vec<Vcpu>, VcpuShared), BuildError> {
+        let filters = &confinement.filters;
 
         let (exit_tx, exit_rx) = mpsc::channel();
         let mut pio = Bus::new();
@@ -212,7 +246,7 @@ impl Vmm {
             })?;
         let emulated = crate::arch::cpuid::Emulated::of(&vm.kvm);
         let vcpus = (0..cfg.vcpus)
-            .map(|i| Vcpu::new(&vm, &ram.mem, &supported, emulated, i, cfg.vcpus, entry))
+            .map(|i| Vcpu::new(vm, &ram.mem, &supported, emulated, i, cfg.vcpus, entry))
             .collect::<Result<Vec<_>, _>>()?;
 
         let shared = VcpuShared {
@@ -224,12 +258,7 @@ impl Vmm {
             exit_rx: Arc::new(Mutex::new(exit_rx)),
             filters: filters.clone(),
         };
-        Ok(Self {
-            vcpus,
-            shared,
-            vm,
-            ram,
-        })
+        Ok((vcpus, shared))
     }
 
     /// What the control API needs to act on this VM.
