@@ -1,6 +1,12 @@
 //! `cargo xtask build`: husk's binaries. The agent is built separately: statically linked
 //! (glibc's static libc, the one C library this machine has for Rust's gnu target) and with
-//! the small `guest` profile, because it is the guest's `/init`.
+//! the small `guest` profile, because it is the guest's `/init`. husk-vmm is static too (a
+//! static-pie with glibc's libc.a): no dynamic loader, no relocations of shared libraries
+//! before `main` — the start of every VM (issue 15; bench scenario 8). It needs nothing a
+//! static glibc cannot give: no NSS (no user, group or host lookups), no `dlopen`, no
+//! `iconv`; its seccomp filters allow the same calls (the tier-2 tests run it). It is put at
+//! `target/release/husk-vmm`, where the shim (beside it), `install`, the deploy image, the
+//! bench and the nested tier take it.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -38,21 +44,29 @@ pub fn agent() -> Result<PathBuf> {
         .join(HOST_TARGET)
         .join("guest")
         .join("husk-agent");
-    let bytes = std::fs::read(&bin)?;
-    let elf = goblin::elf::Elf::parse(&bytes)
-        .map_err(|e| anyhow::anyhow!("{}: not an ELF binary: {e}", bin.display()))?;
-    if elf.interpreter.is_some() || !elf.libraries.is_empty() {
+    if !is_static(&bin)? {
         bail!(
-            "{} is dynamically linked ({:?}); it must be static to run as the guest's /init",
+            "{} is dynamically linked; it must be static to run as the guest's /init",
             bin.display(),
-            elf.libraries
         );
     }
-    println!("    {} ({} KiB, static)", bin.display(), bytes.len() / 1024);
+    println!(
+        "    {} ({} KiB, static)",
+        bin.display(),
+        std::fs::metadata(&bin)?.len() / 1024
+    );
     Ok(bin)
 }
 
-/// Release builds of the host binaries.
+/// Whether the ELF at `path` is statically linked (no interpreter, no shared libraries).
+pub fn is_static(path: &std::path::Path) -> Result<bool> {
+    let bytes = std::fs::read(path)?;
+    let elf = goblin::elf::Elf::parse(&bytes)
+        .map_err(|e| anyhow::anyhow!("{}: not an ELF binary: {e}", path.display()))?;
+    Ok(elf.interpreter.is_none() && elf.libraries.is_empty())
+}
+
+/// Release builds of the host binaries (husk-vmm: [`vmm`]).
 pub fn host() -> Result<()> {
     step("build: host binaries (release)");
     run(Command::new(paths::cargo())
@@ -67,7 +81,55 @@ pub fn host() -> Result<()> {
             "xtask",
             "--exclude",
             "husk-agent",
-        ]))
+            "--exclude",
+            "husk-vmm",
+        ]))?;
+    vmm().map(drop)
+}
+
+/// The static husk-vmm: built for the explicit host target (so only its own crates get
+/// crt-static: build scripts and proc macros stay dynamic host programs, and the other
+/// binaries' build is untouched), then put at `target/release/husk-vmm`. Returns that path.
+pub fn vmm() -> Result<PathBuf> {
+    step("build: husk-vmm (release, static-pie)");
+    run(Command::new(paths::cargo())
+        .current_dir(paths::workspace())
+        .env(
+            "CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS",
+            "-C target-feature=+crt-static",
+        )
+        .args([
+            "build",
+            "--quiet",
+            "--release",
+            "-p",
+            "husk-vmm",
+            "--bin",
+            "husk-vmm",
+            "--target",
+            HOST_TARGET,
+        ]))?;
+    let target = paths::workspace().join("target");
+    let built = target.join(HOST_TARGET).join("release").join("husk-vmm");
+    if !is_static(&built)? {
+        bail!(
+            "{} is dynamically linked; crt-static did not take (is glibc's libc.a installed? apt-get install libc6-dev)",
+            built.display()
+        );
+    }
+    let dest = target.join("release").join("husk-vmm");
+    std::fs::create_dir_all(target.join("release"))?;
+    // Copied under a temporary name and renamed: a husk-vmm starting meanwhile sees either
+    // the old file or the new one, never a half-written one.
+    let tmp = target.join("release").join(".husk-vmm.static.tmp");
+    std::fs::copy(&built, &tmp)?;
+    std::fs::rename(&tmp, &dest)?;
+    println!(
+        "    {} ({} KiB, static-pie)",
+        dest.display(),
+        std::fs::metadata(&dest)?.len() / 1024
+    );
+    Ok(dest)
 }
 
 pub fn build_all() -> Result<PathBuf> {
