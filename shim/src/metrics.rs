@@ -129,6 +129,9 @@ pub struct Snapshot {
     pub shim_pid: u32,
     /// The VMM's host PID (the task PID containerd reports).
     pub vm_pid: u32,
+    /// For a VM from the warm pool: its keeper, the parent of the VM's processes.
+    #[serde(default)]
+    pub pool_keeper_pid: Option<u32>,
     pub backend: String,
     pub agent_version: String,
     pub boot: Option<Boot>,
@@ -318,6 +321,7 @@ pub fn snapshot(sb: &Sandbox, containers: Containers, guest: Option<GuestMemory>
         shim_version: env!("CARGO_PKG_VERSION").into(),
         shim_pid: std::process::id(),
         vm_pid: sb.vm_pid,
+        pool_keeper_pid: sb.keeper_pid,
         backend: sb.backend.clone(),
         agent_version: sb.agent.agent_version.clone(),
         boot: BOOT.lock().unwrap_or_else(|e| e.into_inner()).clone(),

@@ -246,6 +246,8 @@ pub struct Sandbox {
     pub dir: SandboxDir,
     vm: Mutex<Box<dyn Vm>>,
     pub vm_pid: u32,
+    /// For a VM from the warm pool: its keeper's pid (the VM's processes are under it).
+    pub keeper_pid: Option<u32>,
     pub agent: Agent,
     pub backend: String,
     /// Taps and tc redirects in the pod netns (empty without one).
@@ -414,6 +416,7 @@ impl Sandbox {
         pooled: Option<crate::pool::client::Pooled>,
     ) -> Result<Self, SandboxError> {
         let sid = id.to_string();
+        let keeper_pid = pooled.as_ref().map(|p| p.claimed.keeper_pid);
         let bring_up = std::time::Instant::now();
         let (vcpus, memory_mib) = size_for(config, spec).map_err(|message| SandboxError::Step {
             sid: sid.clone(),
@@ -603,6 +606,7 @@ impl Sandbox {
             dir,
             vm: Mutex::new(vm),
             vm_pid,
+            keeper_pid,
             agent,
             backend: backend_name,
             network: Mutex::new(network),

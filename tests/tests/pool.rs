@@ -271,6 +271,24 @@ fn pooled_starts_and_the_pools_bounds() {
                 .exists(),
         "the pooled VM's directory is the sandbox's"
     );
+    // The node's metrics count the pooled VM's processes for the sandbox, under its keeper.
+    let metrics = Command::new(shim_binary())
+        .args(["monitor", "--once"])
+        .output()
+        .unwrap();
+    let metrics = String::from_utf8_lossy(&metrics.stdout);
+    for process in ["pool-keeper", "qemu", "virtiofsd", "vhost-device-vsock"] {
+        let series = format!("husk_processes{{sandbox=\"{sb}\",process=\"{process}\"}}");
+        assert!(
+            metrics.lines().any(|l| l.starts_with(&series)),
+            "no {series} in the monitor's scrape:\n{}",
+            metrics
+                .lines()
+                .filter(|l| l.contains(&sb))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+    }
     h.remove(&c2);
     h.remove(&sb);
     assert_sandbox_gone(&sb);

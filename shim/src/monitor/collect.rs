@@ -23,6 +23,9 @@ pub enum Role {
     /// A fork of the shim that never exec'd: the jail's supervisor of a jailed program (see
     /// `husk_hypervisor::jail`), the program's parent.
     JailSupervisor,
+    /// The keeper of a VM that came from the warm pool (`crate::pool::keeper`): the VM's
+    /// processes are under it, not under the shim.
+    PoolKeeper,
     Qemu,
     HuskVmm,
     Virtiofsd,
@@ -53,6 +56,7 @@ impl Role {
         match self {
             Role::Shim => "shim",
             Role::JailSupervisor => "jail-supervisor",
+            Role::PoolKeeper => "pool-keeper",
             Role::Qemu => "qemu",
             Role::HuskVmm => "husk-vmm",
             Role::Virtiofsd => "virtiofsd",
@@ -180,20 +184,35 @@ fn role_in_tree(pid: u32, stat: &Stat, shim_pid: u32, shim_exe: Option<&Path>) -
     }
 }
 
-/// The processes of the tree under `shim_pid`, summed by role. A process that exits while it
-/// is read still counts with what was read of it.
+/// The processes of the tree under `shim_pid` and, for a VM from the warm pool, the tree
+/// under its keeper `keeper_pid`, summed by role. A process that exits while it is read still
+/// counts with what was read of it.
 pub fn usage(
     procs: &HashMap<u32, Stat>,
     shim_pid: u32,
+    keeper_pid: Option<u32>,
     ticks_per_second: f64,
 ) -> BTreeMap<Role, Usage> {
     let mut out: BTreeMap<Role, Usage> = BTreeMap::new();
     let shim_exe = std::fs::read_link(format!("/proc/{shim_pid}/exe")).ok();
-    for pid in tree(procs, shim_pid) {
+    let mut pids = tree(procs, shim_pid);
+    if let Some(k) = keeper_pid.filter(|k| *k != shim_pid) {
+        pids.extend(
+            tree(procs, k)
+                .into_iter()
+                .filter(|p| !pids.contains(p))
+                .collect::<Vec<_>>(),
+        );
+    }
+    for pid in pids {
         let Some(stat) = procs.get(&pid) else {
             continue;
         };
-        let role = role_in_tree(pid, stat, shim_pid, shim_exe.as_deref());
+        let role = if Some(pid) == keeper_pid {
+            Role::PoolKeeper
+        } else {
+            role_in_tree(pid, stat, shim_pid, shim_exe.as_deref())
+        };
         let u = out.entry(role).or_default();
         u.processes += 1;
         #[allow(clippy::cast_precision_loss)]
@@ -324,6 +343,32 @@ mod tests {
     }
 
     #[test]
+    fn a_pooled_vms_keeper_and_its_tree_count_for_the_sandbox() {
+        // Our own process stands in for the shim, a child of ours for the keeper.
+        let mut child = std::process::Command::new("sleep")
+            .arg("60")
+            .spawn()
+            .unwrap();
+        let me = std::process::id();
+        let keeper = child.id();
+        let mut procs = scan_proc();
+        // As seen from the monitor: the keeper is not under the shim.
+        if let Some(s) = procs.get_mut(&keeper) {
+            s.ppid = 1;
+        }
+        let without = usage(&procs, me, None, 100.0);
+        assert!(!without.contains_key(&Role::PoolKeeper), "{without:?}");
+        let with = usage(&procs, me, Some(keeper), 100.0);
+        assert_eq!(
+            with.get(&Role::PoolKeeper).map(|u| u.processes),
+            Some(1),
+            "{with:?}"
+        );
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    #[test]
     fn fields_of_smaps_rollup_and_io() {
         let rollup = "00400000-7fff [rollup]\nRss:                1024 kB\nPss:                 512 kB\nPss_Anon: 1 kB\n";
         assert_eq!(kib_field(rollup, "Rss"), Some(1 << 20));
@@ -371,7 +416,7 @@ mod tests {
         let procs = scan_proc();
         let me = std::process::id();
         assert!(procs.contains_key(&me));
-        let u = usage(&procs, me, 100.0);
+        let u = usage(&procs, me, None, 100.0);
         let total: u64 = u.values().map(|u| u.processes).sum();
         assert!(total >= 1, "{u:?}");
         let mine = u.values().find(|u| u.rss_bytes > 0).expect("an RSS");

@@ -170,7 +170,12 @@ pub fn gather(state_root: &Path) -> Scrape {
             .map(|part| {
                 s.spawn(move || {
                     part.iter()
-                        .map(|snap| (snap.clone(), collect::usage(procs, snap.shim_pid, tps)))
+                        .map(|snap| {
+                            (
+                                snap.clone(),
+                                collect::usage(procs, snap.shim_pid, snap.pool_keeper_pid, tps),
+                            )
+                        })
                         .collect::<Vec<_>>()
                 })
             })
@@ -472,6 +477,7 @@ mod tests {
             shim_version: "0.1.0".into(),
             shim_pid: 10,
             vm_pid: 11,
+            pool_keeper_pid: None,
             backend: "qemu-tcg".into(),
             agent_version: "0.1.0".into(),
             boot: Some(Boot {
