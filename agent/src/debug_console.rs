@@ -37,29 +37,66 @@ use crate::reaper::exits;
 /// without it, but a separate static tool dropped beside it is found too), then the usual.
 const PATH_TAIL: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
+/// Why the console could not listen, or a session failed (that session ends, the agent stays).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{what}: {source} — the guest kernel needs CONFIG_VIRTIO_VSOCKETS, and nothing else may listen on vsock port {DEBUG_CONSOLE_VSOCK_PORT}")]
+    Listen {
+        what: &'static str,
+        #[source]
+        source: nix::errno::Errno,
+    },
+    #[error("{what}: {source}")]
+    Io {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{what}: {source}")]
+    Sys {
+        what: &'static str,
+        #[source]
+        source: nix::errno::Errno,
+    },
+    #[error("starting {}: {source} — the shim copies the shell to .husk-debug/sh of the share when debug_console = true", shell.display())]
+    Shell {
+        shell: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("pid {0} out of range")]
+    Pid(u32),
+    #[error("the shell did not end after SIGKILL")]
+    Unkillable,
+}
+
+fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> Error {
+    move |source| Error::Io { what, source }
+}
+
 /// Whether the kernel command line asks for the console.
 pub fn enabled(cmdline: &str) -> bool {
     cmdline.split_whitespace().any(|w| w == DEBUG_CONSOLE_FLAG)
 }
 
 /// Listens on the debug console's vsock port and serves each connection on its own thread.
-pub fn start(shell: PathBuf) -> Result<(), String> {
+pub fn start(shell: PathBuf) -> Result<(), Error> {
     let port = DEBUG_CONSOLE_VSOCK_PORT;
+    let listen = |what| move |source| Error::Listen { what, source };
     let listener = socket::socket(
         AddressFamily::Vsock,
         SockType::Stream,
         SockFlag::SOCK_CLOEXEC,
         None,
     )
-    .map_err(|e| format!("vsock socket: {e}"))?;
+    .map_err(listen("vsock socket"))?;
     socket::bind(
         listener.as_raw_fd(),
         &VsockAddr::new(libc::VMADDR_CID_ANY, port),
     )
-    .map_err(|e| format!("binding vsock port {port}: {e}"))?;
-    let backlog = Backlog::new(8).map_err(|e| format!("listen backlog: {e}"))?;
-    socket::listen(&listener, backlog)
-        .map_err(|e| format!("listening on vsock port {port}: {e}"))?;
+    .map_err(listen("binding the vsock port"))?;
+    let backlog = Backlog::new(8).map_err(listen("listen backlog"))?;
+    socket::listen(&listener, backlog).map_err(listen("listening on the vsock port"))?;
     println!(
         "husk-agent: debug console on vsock port {port} (shell {})",
         shell.display()
@@ -67,7 +104,7 @@ pub fn start(shell: PathBuf) -> Result<(), String> {
     std::thread::Builder::new()
         .name("debug-console".into())
         .spawn(move || accept_loop(&listener, &shell))
-        .map_err(|e| format!("starting the debug console thread: {e}"))?;
+        .map_err(io("starting the debug console thread"))?;
     Ok(())
 }
 
@@ -111,30 +148,35 @@ fn accept_loop(listener: &OwnedFd, shell: &Path) {
 
 /// One shell on a pty, relayed to `conn` until the terminal is gone. Returns how the shell
 /// ended.
-fn session(conn: &File, shell: &Path) -> Result<String, String> {
-    let mut conn = conn
-        .try_clone()
-        .map_err(|e| format!("dup connection: {e}"))?;
+fn session(conn: &File, shell: &Path) -> Result<String, Error> {
+    let mut conn = conn.try_clone().map_err(io("dup connection"))?;
     let size = nix::pty::Winsize {
         ws_row: 24,
         ws_col: 80,
         ws_xpixel: 0,
         ws_ypixel: 0,
     };
-    let pty = nix::pty::openpty(Some(&size), None).map_err(|e| format!("openpty: {e}"))?;
+    let pty = nix::pty::openpty(Some(&size), None).map_err(|source| Error::Sys {
+        what: "openpty",
+        source,
+    })?;
     for fd in [pty.master.as_raw_fd(), pty.slave.as_raw_fd()] {
         nix::fcntl::fcntl(
             fd,
             nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
         )
-        .map_err(|e| format!("pty cloexec: {e}"))?;
+        .map_err(|source| Error::Sys {
+            what: "pty cloexec",
+            source,
+        })?;
     }
     let mut cmd = shell_command(shell, pty.slave)?;
     let (pid, _child) = exits().spawn_registered(|| {
-        let child = cmd
-            .spawn()
-            .map_err(|e| format!("starting {}: {e}", shell.display()))?;
-        let pid = i32::try_from(child.id()).map_err(|_| "pid out of range".to_string())?;
+        let child = cmd.spawn().map_err(|source| Error::Shell {
+            shell: shell.to_path_buf(),
+            source,
+        })?;
+        let pid = i32::try_from(child.id()).map_err(|_| Error::Pid(child.id()))?;
         Ok((pid, child))
     })?;
     // The command (and with it our copies of the slave) goes: only the shell holds the
@@ -142,18 +184,14 @@ fn session(conn: &File, shell: &Path) -> Result<String, String> {
     drop(cmd);
     debug!("debug console: shell {pid} started");
     let mut master = File::from(pty.master);
-    let master_in = master
-        .try_clone()
-        .map_err(|e| format!("dup pty master: {e}"))?;
-    let conn_in = conn
-        .try_clone()
-        .map_err(|e| format!("dup connection: {e}"))?;
+    let master_in = master.try_clone().map_err(io("dup pty master"))?;
+    let conn_in = conn.try_clone().map_err(io("dup connection"))?;
     let shell_pid = ShellPid(Arc::new(Mutex::new(Some(pid))));
     let for_input = shell_pid.clone();
     std::thread::Builder::new()
         .name(format!("debug-console-in-{pid}"))
         .spawn(move || host_to_shell(conn_in, master_in, &for_input))
-        .map_err(|e| format!("starting the input relay: {e}"))?;
+        .map_err(io("starting the input relay"))?;
     // Shell to host, until the terminal is gone (EIO) or the host is.
     let mut buf = [0u8; 16 * 1024];
     loop {
@@ -182,7 +220,7 @@ fn session(conn: &File, shell: &Path) -> Result<String, String> {
             let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
             exits()
                 .wait(pid, Some(Duration::from_secs(5)))
-                .ok_or("the shell did not end after SIGKILL")?
+                .ok_or(Error::Unkillable)?
         }
     };
     exits().forget(pid);
@@ -194,8 +232,8 @@ fn session(conn: &File, shell: &Path) -> Result<String, String> {
 
 /// The shell as `sh` on the pty's slave, in a new session with the pty as its controlling
 /// terminal, in `/` with a clean environment.
-fn shell_command(shell: &Path, slave: OwnedFd) -> Result<Command, String> {
-    let dup = |f: &OwnedFd| f.try_clone().map_err(|e| format!("dup pty slave: {e}"));
+fn shell_command(shell: &Path, slave: OwnedFd) -> Result<Command, Error> {
+    let dup = |f: &OwnedFd| f.try_clone().map_err(io("dup pty slave"));
     let (out, err) = (dup(&slave)?, dup(&slave)?);
     let dir = shell
         .parent()

@@ -62,7 +62,7 @@ fn pid1_main() -> ! {
             "husk-agent: no virtio-fs device tagged {}: containers cannot be created",
             pid1::SHARED_FS_TAG
         ),
-        Err(e) => power::fatal(&e),
+        Err(e) => power::fatal(&e.to_string()),
     }
     let engine = container::Engine::new(container::Config {
         shared_dir: PathBuf::from(pid1::SHARED_DIR),
@@ -121,15 +121,37 @@ fn pid1_main() -> ! {
     }
 }
 
-fn start_server(addr: &str, service: server::Service) -> Result<ttrpc::Server, String> {
+/// Why the agent API cannot be served.
+#[derive(Debug, thiserror::Error)]
+enum ServeError {
+    #[error("binding {addr}: {source} — the guest kernel needs CONFIG_VIRTIO_VSOCKETS (a unix socket's directory must exist for `serve`)")]
+    Bind {
+        addr: String,
+        #[source]
+        source: ttrpc::Error,
+    },
+    #[error("starting the ttrpc server on {addr}: {source}")]
+    Start {
+        addr: String,
+        #[source]
+        source: ttrpc::Error,
+    },
+}
+
+fn start_server(addr: &str, service: server::Service) -> Result<ttrpc::Server, ServeError> {
     let mut s = ttrpc::Server::new()
         .bind(addr)
-        .map_err(|e| format!("binding {addr}: {e}"))?
+        .map_err(|source| ServeError::Bind {
+            addr: addr.into(),
+            source,
+        })?
         .register_service(logging::log_requests(create_agent(Arc::new(service))))
         // Reads and waits block in their handler: keep enough threads for a pod's streams.
         .set_thread_count_max(256);
-    s.start()
-        .map_err(|e| format!("starting the ttrpc server on {addr}: {e}"))?;
+    s.start().map_err(|source| ServeError::Start {
+        addr: addr.into(),
+        source,
+    })?;
     Ok(s)
 }
 

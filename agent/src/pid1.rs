@@ -1,7 +1,7 @@
 //! What the agent does as the guest's PID 1 before serving: the kernel file systems,
 //! cgroup v2 with its controllers handed down, loopback, and the shared virtio-fs.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use nix::mount::{mount, MsFlags};
 
@@ -12,14 +12,77 @@ pub const SHARED_FS_TAG: &str = "husk-shared";
 /// Where cgroup2 is mounted.
 pub const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 
-fn mount_one(fstype: &str, target: &str, flags: MsFlags, data: Option<&str>) -> Result<(), String> {
-    std::fs::create_dir_all(target).map_err(|e| format!("creating {target}: {e}"))?;
-    mount(Some(fstype), target, Some(fstype), flags, data)
-        .map_err(|e| format!("mount {fstype} on {target}: {e}"))
+/// Why the guest's PID 1 setup failed. The kernel is ours (`guest-kernel-config/`): most of
+/// these mean a kernel built without the option the message names, or a full guest.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("creating {}: {source}", path.display())]
+    CreateDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("mount {fstype} on {target}: {source} — the guest kernel needs {fstype} built in")]
+    Mount {
+        fstype: &'static str,
+        target: String,
+        #[source]
+        source: nix::errno::Errno,
+    },
+    #[error("{step}: {source}")]
+    Root {
+        step: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{step}: {source}")]
+    RootSys {
+        step: String,
+        #[source]
+        source: nix::errno::Errno,
+    },
+    #[error("{what} lo: {source}")]
+    Loopback {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("reading {}: {source} — is cgroup2 mounted there?", path.display())]
+    Controllers {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("enabling {controllers} in {}: {source}", dir.display())]
+    Enable {
+        controllers: String,
+        dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn create_dir(path: impl Into<PathBuf>) -> Result<(), Error> {
+    let path = path.into();
+    std::fs::create_dir_all(&path).map_err(|source| Error::CreateDir { path, source })
+}
+
+fn mount_one(
+    fstype: &'static str,
+    target: &str,
+    flags: MsFlags,
+    data: Option<&str>,
+) -> Result<(), Error> {
+    create_dir(target)?;
+    mount(Some(fstype), target, Some(fstype), flags, data).map_err(|source| Error::Mount {
+        fstype,
+        target: target.into(),
+        source,
+    })
 }
 
 /// Mounts proc, sysfs, devtmpfs, devpts, tmpfs on /run and /tmp, /dev/shm, and cgroup2.
-pub fn mount_basics() -> Result<(), String> {
+pub fn mount_basics() -> Result<(), Error> {
     let common = MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC | MsFlags::MS_NODEV;
     mount_one("proc", "/proc", common, None)?;
     mount_one("sysfs", "/sys", common, None)?;
@@ -53,10 +116,10 @@ pub fn mount_basics() -> Result<(), String> {
 }
 
 /// Mounts the shared virtio-fs at [`SHARED_DIR`], if the VM has one (`Ok(false)` if not).
-pub fn mount_shared() -> Result<bool, String> {
+pub fn mount_shared() -> Result<bool, Error> {
     // Linux 6.1 does not list virtio-fs tags in sysfs; trying the mount is the test. The
     // virtiofs driver answers EINVAL for an unknown tag ("tag <…> not found" in dmesg).
-    std::fs::create_dir_all(SHARED_DIR).map_err(|e| format!("creating {SHARED_DIR}: {e}"))?;
+    create_dir(SHARED_DIR)?;
     match mount(
         Some(SHARED_FS_TAG),
         SHARED_DIR,
@@ -68,21 +131,22 @@ pub fn mount_shared() -> Result<bool, String> {
         Err(nix::errno::Errno::ENOENT | nix::errno::Errno::ENODEV | nix::errno::Errno::EINVAL) => {
             Ok(false)
         }
-        Err(e) => Err(format!(
-            "mount virtio-fs tag {SHARED_FS_TAG} on {SHARED_DIR}: {e}"
-        )),
+        Err(source) => Err(Error::RootSys {
+            step: format!("mount virtio-fs tag {SHARED_FS_TAG} on {SHARED_DIR}"),
+            source,
+        }),
     }
 }
 
 /// Brings `lo` up (an ioctl; netlink is for the real interfaces).
-pub fn loopback_up() -> Result<(), String> {
+pub fn loopback_up() -> Result<(), Error> {
     // SAFETY: plain socket(2); the fd is owned and closed below.
     let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
     if fd < 0 {
-        return Err(format!(
-            "socket for lo: {}",
-            std::io::Error::last_os_error()
-        ));
+        return Err(Error::Loopback {
+            what: "socket for",
+            source: std::io::Error::last_os_error(),
+        });
     }
     // SAFETY: ifreq is plain old data; all-zero is a valid value.
     let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
@@ -92,10 +156,10 @@ pub fn loopback_up() -> Result<(), String> {
     let res = (|| {
         // SAFETY: SIOCGIFFLAGS reads into our ifreq, which outlives the call.
         if unsafe { libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut ifr) } < 0 {
-            return Err(format!(
-                "SIOCGIFFLAGS lo: {}",
-                std::io::Error::last_os_error()
-            ));
+            return Err(Error::Loopback {
+                what: "SIOCGIFFLAGS",
+                source: std::io::Error::last_os_error(),
+            });
         }
         // SAFETY: the union member ifru_flags is the one SIOCGIFFLAGS filled in.
         unsafe {
@@ -105,10 +169,10 @@ pub fn loopback_up() -> Result<(), String> {
         }
         // SAFETY: SIOCSIFFLAGS reads our ifreq.
         if unsafe { libc::ioctl(fd, libc::SIOCSIFFLAGS, &ifr) } < 0 {
-            return Err(format!(
-                "SIOCSIFFLAGS lo: {}",
-                std::io::Error::last_os_error()
-            ));
+            return Err(Error::Loopback {
+                what: "SIOCSIFFLAGS",
+                source: std::io::Error::last_os_error(),
+            });
         }
         Ok(())
     })();
@@ -119,20 +183,24 @@ pub fn loopback_up() -> Result<(), String> {
 
 /// Hands every controller the root offers down to the `husk` cgroup that holds the
 /// containers. Returns the controllers.
-pub fn enable_controllers(root: &Path) -> Result<Vec<String>, String> {
-    let avail = std::fs::read_to_string(root.join("cgroup.controllers")).map_err(|e| {
-        format!(
-            "reading {}/cgroup.controllers: {e} — is cgroup2 mounted there?",
-            root.display()
-        )
-    })?;
+pub fn enable_controllers(root: &Path) -> Result<Vec<String>, Error> {
+    let path = root.join("cgroup.controllers");
+    let avail = match std::fs::read_to_string(&path) {
+        Ok(a) => a,
+        Err(source) => return Err(Error::Controllers { path, source }),
+    };
     let ctrls: Vec<String> = avail.split_whitespace().map(String::from).collect();
     let enable: String = ctrls.iter().map(|c| format!("+{c} ")).collect();
     let husk = root.join("husk");
-    std::fs::create_dir_all(&husk).map_err(|e| format!("creating {}: {e}", husk.display()))?;
+    create_dir(&husk)?;
     for dir in [root, husk.as_path()] {
-        std::fs::write(dir.join("cgroup.subtree_control"), enable.trim())
-            .map_err(|e| format!("enabling {} in {}: {e}", enable.trim(), dir.display()))?;
+        std::fs::write(dir.join("cgroup.subtree_control"), enable.trim()).map_err(|source| {
+            Error::Enable {
+                controllers: enable.trim().into(),
+                dir: dir.to_path_buf(),
+                source,
+            }
+        })?;
     }
     Ok(ctrls)
 }
@@ -142,29 +210,21 @@ pub fn enable_controllers(root: &Path) -> Result<Vec<String>, String> {
 /// Why: `pivot_root(2)` refuses to work while the caller's root is the initial rootfs (it has
 /// no parent mount), and containers pivot_root into their rootfs. The initramfs holds only
 /// `/init` (this binary) and empty mount points, so the move costs one copy of the binary.
-pub fn switch_to_tmpfs_root() -> Result<(), String> {
+pub fn switch_to_tmpfs_root() -> Result<(), Error> {
     let new = "/.husk-root";
-    std::fs::create_dir_all(new).map_err(|e| format!("creating {new}: {e}"))?;
-    mount(
-        Some("tmpfs"),
-        new,
-        Some("tmpfs"),
-        MsFlags::MS_NOSUID,
-        Some("mode=0755"),
-    )
-    .map_err(|e| format!("mount tmpfs on {new}: {e}"))?;
+    let io = |step: String| move |source| Error::Root { step, source };
+    let sys = |step: String| move |source| Error::RootSys { step, source };
+    mount_one("tmpfs", new, MsFlags::MS_NOSUID, Some("mode=0755"))?;
     for d in ["dev", "proc", "sys", "run", "tmp"] {
-        std::fs::create_dir_all(format!("{new}/{d}"))
-            .map_err(|e| format!("creating {new}/{d}: {e}"))?;
+        create_dir(format!("{new}/{d}"))?;
     }
-    std::fs::copy("/init", format!("{new}/init"))
-        .map_err(|e| format!("copying /init to {new}: {e}"))?;
+    std::fs::copy("/init", format!("{new}/init")).map_err(io(format!("copying /init to {new}")))?;
     // The initramfs copy is no longer needed; its memory is the guest's.
     let _ = std::fs::remove_file("/init");
-    std::env::set_current_dir(new).map_err(|e| format!("chdir {new}: {e}"))?;
+    std::env::set_current_dir(new).map_err(io(format!("chdir {new}")))?;
     mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)
-        .map_err(|e| format!("moving {new} onto /: {e}"))?;
-    nix::unistd::chroot(".").map_err(|e| format!("chroot into the new root: {e}"))?;
-    std::env::set_current_dir("/").map_err(|e| format!("chdir /: {e}"))?;
+        .map_err(sys(format!("moving {new} onto /")))?;
+    nix::unistd::chroot(".").map_err(sys("chroot into the new root".into()))?;
+    std::env::set_current_dir("/").map_err(io("chdir /".into()))?;
     Ok(())
 }

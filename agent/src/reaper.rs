@@ -53,10 +53,10 @@ impl Exits {
 
     /// Runs `spawn` (which returns the new child's PID) with the table locked, and registers
     /// the PID before the reaper can record its exit.
-    pub fn spawn_registered<T>(
+    pub fn spawn_registered<T, E>(
         &self,
-        spawn: impl FnOnce() -> Result<(i32, T), String>,
-    ) -> Result<(i32, T), String> {
+        spawn: impl FnOnce() -> Result<(i32, T), E>,
+    ) -> Result<(i32, T), E> {
         let mut t = self.lock();
         let (pid, v) = spawn()?;
         t.insert(pid, None);
@@ -111,13 +111,21 @@ impl Exits {
     }
 }
 
+/// Why the reaper could not start (the agent then cannot run containers).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("blocking SIGCHLD: {0}")]
+    BlockSigchld(#[source] nix::errno::Errno),
+    #[error("spawning the reaper thread: {0} — the guest is out of memory or threads")]
+    Thread(#[source] std::io::Error),
+}
+
 /// Blocks SIGCHLD in the calling thread (and so in every thread started after) and starts
 /// the reaper thread. Call before starting any other thread.
-pub fn start() -> Result<(), String> {
+pub fn start() -> Result<(), Error> {
     let mut set = SigSet::empty();
     set.add(Signal::SIGCHLD);
-    set.thread_block()
-        .map_err(|e| format!("blocking SIGCHLD: {e}"))?;
+    set.thread_block().map_err(Error::BlockSigchld)?;
     std::thread::Builder::new()
         .name("reaper".into())
         .spawn(move || loop {
@@ -139,6 +147,6 @@ pub fn start() -> Result<(), String> {
                 }
             }
         })
-        .map_err(|e| format!("spawning the reaper thread: {e}"))?;
+        .map_err(Error::Thread)?;
     Ok(())
 }

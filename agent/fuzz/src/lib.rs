@@ -21,7 +21,7 @@ pub fn check_refusal(e: &container::Error) {
 /// writes, the mount options, what the init helper reads back, an exec's configuration.
 pub fn after_create(id: &str, s: &Spec) {
     let sandbox = container::namespaces(id, s, Some(7), || Ok("/proc/8/ns/pid".into()));
-    let alone = container::namespaces(id, s, None, || Err("no sandbox".into()));
+    let alone = container::namespaces(id, s, None, || Err(container::PidNamespaceError::NoSandbox));
     for r in [&sandbox, &alone] {
         if let Err(e) = r {
             check_refusal(e);

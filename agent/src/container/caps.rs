@@ -4,6 +4,31 @@ use std::collections::HashSet;
 
 use oci_spec::runtime::{Capability, LinuxCapabilities};
 
+/// Why a process's capabilities could not be set (in the container helper, before its exec).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// PR_CAPBSET_DROP failed: the helper lacks CAP_SETPCAP, or the kernel does not know `cap`.
+    #[error("dropping capability {cap} from the bounding set: {source} — the helper must still hold CAP_SETPCAP (drop it only through process.capabilities)")]
+    DropBounding {
+        cap: u32,
+        #[source]
+        source: std::io::Error,
+    },
+    /// capset(2) refused the sets: one names a capability outside the bounding set.
+    #[error("setting the effective/permitted/inheritable capabilities: {source} — each must be in process.capabilities.bounding")]
+    Set {
+        #[source]
+        source: std::io::Error,
+    },
+    /// PR_CAP_AMBIENT_RAISE refused one: it must be permitted and inheritable too.
+    #[error("raising ambient capability {cap}: {source} — an ambient capability must also be in the permitted and inheritable sets")]
+    Ambient {
+        cap: u32,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
 /// Capability names in kernel order (number = index), as in `<linux/capability.h>` (6.1).
 const NAMES: [&str; 41] = [
     "CAP_CHOWN",
@@ -77,16 +102,16 @@ fn last_cap() -> u32 {
 
 /// Drops every capability outside `bounding` from the bounding set (needs CAP_SETPCAP, so
 /// before the user switch).
-pub fn drop_bounding(caps: Option<&LinuxCapabilities>) -> Result<(), String> {
+pub fn drop_bounding(caps: Option<&LinuxCapabilities>) -> Result<(), Error> {
     let keep = mask(caps.and_then(|c| c.bounding().as_ref()));
     for n in 0..=last_cap().min(63) {
         if keep & (1 << n) == 0 {
             // SAFETY: prctl with integer arguments only.
             if unsafe { libc::prctl(libc::PR_CAPBSET_DROP, libc::c_ulong::from(n), 0, 0, 0) } != 0 {
-                return Err(format!(
-                    "dropping capability {n} from the bounding set: {}",
-                    std::io::Error::last_os_error()
-                ));
+                return Err(Error::DropBounding {
+                    cap: n,
+                    source: std::io::Error::last_os_error(),
+                });
             }
         }
     }
@@ -110,7 +135,7 @@ struct CapData {
 const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
 
 /// Sets the effective, permitted and inheritable sets, then raises the ambient ones.
-pub fn apply(caps: Option<&LinuxCapabilities>) -> Result<(), String> {
+pub fn apply(caps: Option<&LinuxCapabilities>) -> Result<(), Error> {
     let get = |f: fn(&LinuxCapabilities) -> &Option<HashSet<Capability>>| {
         mask(caps.and_then(|c| f(c).as_ref()))
     };
@@ -146,7 +171,9 @@ pub fn apply(caps: Option<&LinuxCapabilities>) -> Result<(), String> {
         )
     } != 0
     {
-        return Err(format!("capset: {}", std::io::Error::last_os_error()));
+        return Err(Error::Set {
+            source: std::io::Error::last_os_error(),
+        });
     }
     let ambient = get(LinuxCapabilities::ambient);
     for n in 0..64u32 {
@@ -162,10 +189,10 @@ pub fn apply(caps: Option<&LinuxCapabilities>) -> Result<(), String> {
                 )
             };
             if r != 0 {
-                return Err(format!(
-                    "raising ambient capability {n}: {}",
-                    std::io::Error::last_os_error()
-                ));
+                return Err(Error::Ambient {
+                    cap: n,
+                    source: std::io::Error::last_os_error(),
+                });
             }
         }
     }

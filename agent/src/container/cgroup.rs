@@ -11,19 +11,59 @@ use std::time::{Duration, Instant};
 
 use oci_spec::runtime::LinuxResources;
 
+/// Why a container's cgroup could not be made, changed or removed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("creating cgroup {}: {source} — the agent needs cgroup2 mounted with a `husk` child it may write", path.display())]
+    Create {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("writing {value:?} to {}: {source}", path.display())]
+    Write {
+        path: PathBuf,
+        value: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("reading {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// cgroup.events did not show the asked freezer state in time.
+    #[error("{}: not {} within 10 s — a process in it may be stuck in the kernel", path.display(), if *frozen { "frozen" } else { "thawed" })]
+    Freeze { path: PathBuf, frozen: bool },
+    /// The directory stayed busy after cgroup.kill.
+    #[error("removing cgroup {}: {source} — a process in it did not die within 5 s", path.display())]
+    Remove {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Devices(#[from] devices::Error),
+}
+
 #[derive(Debug, Clone)]
 pub struct Cgroup {
     pub path: PathBuf,
 }
 
-fn write(dir: &Path, file: &str, value: &str) -> Result<(), String> {
-    std::fs::write(dir.join(file), value)
-        .map_err(|e| format!("writing {value:?} to {}/{file}: {e}", dir.display()))
+fn write(dir: &Path, file: &str, value: &str) -> Result<(), Error> {
+    let path = dir.join(file);
+    std::fs::write(&path, value).map_err(|source| Error::Write {
+        path,
+        value: value.into(),
+        source,
+    })
 }
 
-fn read(dir: &Path, file: &str) -> Result<String, String> {
-    std::fs::read_to_string(dir.join(file))
-        .map_err(|e| format!("reading {}/{file}: {e}", dir.display()))
+fn read(dir: &Path, file: &str) -> Result<String, Error> {
+    let path = dir.join(file);
+    std::fs::read_to_string(&path).map_err(|source| Error::Read { path, source })
 }
 
 /// `key value` lines (cpu.stat, memory.events, …) → the value of `key`.
@@ -143,10 +183,11 @@ impl Cgroup {
         root: &Path,
         id: &str,
         resources: Option<&LinuxResources>,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, Error> {
         let path = root.join("husk").join(id);
-        std::fs::create_dir(&path)
-            .map_err(|e| format!("creating cgroup {}: {e}", path.display()))?;
+        if let Err(source) = std::fs::create_dir(&path) {
+            return Err(Error::Create { path, source });
+        }
         let cg = Self { path };
         if let Some(r) = resources {
             if let Err(e) = cg.update(r) {
@@ -157,7 +198,7 @@ impl Cgroup {
         Ok(cg)
     }
 
-    pub fn update(&self, r: &LinuxResources) -> Result<(), String> {
+    pub fn update(&self, r: &LinuxResources) -> Result<(), Error> {
         // Checked before anything is written: a bad rule changes nothing. No rules: the
         // device program (if any) stays as it is.
         let devices = match r.devices().as_deref() {
@@ -178,7 +219,7 @@ impl Cgroup {
     }
 
     /// Freezes (`true`) or thaws, and waits until the kernel says it is done.
-    pub fn freeze(&self, frozen: bool) -> Result<(), String> {
+    pub fn freeze(&self, frozen: bool) -> Result<(), Error> {
         write(&self.path, "cgroup.freeze", if frozen { "1" } else { "0" })?;
         let want = if frozen { "frozen 1" } else { "frozen 0" };
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -190,17 +231,16 @@ impl Cgroup {
                 return Ok(());
             }
             if Instant::now() >= deadline {
-                return Err(format!(
-                    "{}: not {} within 10 s",
-                    self.path.display(),
-                    if frozen { "frozen" } else { "thawed" }
-                ));
+                return Err(Error::Freeze {
+                    path: self.path.clone(),
+                    frozen,
+                });
             }
             std::thread::sleep(Duration::from_millis(2));
         }
     }
 
-    pub fn pids(&self) -> Result<Vec<u32>, String> {
+    pub fn pids(&self) -> Result<Vec<u32>, Error> {
         Ok(read(&self.path, "cgroup.procs")?
             .lines()
             .filter_map(|l| l.trim().parse().ok())
@@ -247,7 +287,7 @@ impl Cgroup {
     }
 
     /// Kills what is left (cgroup.kill) and removes the directory.
-    pub fn remove(&self) -> Result<(), String> {
+    pub fn remove(&self) -> Result<(), Error> {
         if !self.path.exists() {
             return Ok(());
         }
@@ -257,8 +297,11 @@ impl Cgroup {
             match std::fs::remove_dir(&self.path) {
                 Ok(()) => return Ok(()),
                 // Busy while the killed processes are being reaped.
-                Err(e) if Instant::now() >= deadline => {
-                    return Err(format!("removing cgroup {}: {e}", self.path.display()))
+                Err(source) if Instant::now() >= deadline => {
+                    return Err(Error::Remove {
+                        path: self.path.clone(),
+                        source,
+                    })
                 }
                 Err(_) => std::thread::sleep(Duration::from_millis(5)),
             }

@@ -27,7 +27,172 @@ use nix::sched::{setns, CloneFlags};
 use oci_spec::runtime::{LinuxSeccomp, PosixRlimitType, Process, Spec};
 use serde::{Deserialize, Serialize};
 
-use super::{caps, inroot, mounts, spawn};
+use super::{caps, inroot, mounts, seccomp, spawn, spec, stdio};
+
+/// What a container without a terminal device of its own should have.
+const NEEDS_PTMX: &str = "the container needs a devpts mounted at /dev/pts (the OCI default mounts have one) or a /dev/ptmx of its own";
+
+/// Why a helper could not set a container or process up. It ends as `error <message>` on the
+/// sync socket, which the agent returns as the request's error.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("unknown helper mode {0:?} — the agent runs its helpers as init, exec or pause")]
+    Mode(String),
+    #[error(transparent)]
+    Sync(#[from] spawn::Error),
+    #[error("helper config: {0}")]
+    Config(#[source] serde_json::Error),
+    #[error("joining cgroup {}: {source}", path.display())]
+    JoinCgroup {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("opening namespace {}: {source}", path.display())]
+    OpenNamespace {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("entering namespace {}: {source}", path.display())]
+    EnterNamespace {
+        path: PathBuf,
+        #[source]
+        source: nix::errno::Errno,
+    },
+    #[error("new cgroup namespace: {0}")]
+    CgroupNamespace(#[source] nix::errno::Errno),
+    #[error("sethostname {name:?}: {source}")]
+    Hostname {
+        name: String,
+        #[source]
+        source: nix::errno::Errno,
+    },
+    #[error("hostname is not UTF-8")]
+    HostnameUtf8,
+    #[error("the spec has no process — give the container a process")]
+    NoProcess,
+    #[error(transparent)]
+    Spec(#[from] spec::SpecError),
+    #[error("sysctl {key}={value}: {source}")]
+    Sysctl {
+        key: String,
+        value: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Mounts(#[from] mounts::Error),
+    #[error("reporting ready: {0}")]
+    Ready(#[source] std::io::Error),
+    #[error("the agent went away before start")]
+    AgentGone,
+    #[error("expected start, got {0:?}")]
+    NotStart(String),
+    #[error("opening the container's /dev/ptmx for its terminal: {0} — {NEEDS_PTMX}")]
+    OpenPtmx(#[source] inroot::Error),
+    #[error(
+        "opening the container's /dev/ptmx for its terminal: it does not exist — {NEEDS_PTMX}"
+    )]
+    NoPtmx,
+    #[error("unlocking the container's pty: {0}")]
+    UnlockPty(#[source] std::io::Error),
+    #[error("opening the slave of the container's pty: {0}")]
+    PtySlave(#[source] std::io::Error),
+    #[error("making the pty slave fd {fd}: {source}")]
+    SlaveStdio {
+        fd: i32,
+        #[source]
+        source: nix::errno::Errno,
+    },
+    #[error("setsid: {0}")]
+    Setsid(#[source] nix::errno::Errno),
+    #[error("making the pty the controlling terminal: {0}")]
+    ControllingTty(#[source] std::io::Error),
+    #[error("oom_score_adj {adj}: {source} — process.oomScoreAdj is -1000..=1000")]
+    OomScoreAdj {
+        adj: i32,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("opening {path}: {source} — has the container's init exited?")]
+    OpenInitNamespace {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("entering the container's {name} namespace: {source}")]
+    EnterContainerNamespace {
+        name: &'static str,
+        #[source]
+        source: nix::errno::Errno,
+    },
+    #[error(transparent)]
+    Stdio(#[from] stdio::Error),
+    #[error("fork: {0}")]
+    Fork(#[source] nix::errno::Errno),
+    #[error("unknown rlimit {0:?} — remove it from process.rlimits")]
+    UnknownRlimit(PosixRlimitType),
+    #[error("setrlimit {resource:?}: {source}")]
+    Setrlimit {
+        resource: PosixRlimitType,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cwd: {0}")]
+    Cwd(#[source] inroot::Error),
+    #[error("cwd {}: no such directory in the container — set process.cwd to a directory of the image", .0.display())]
+    NoCwd(PathBuf),
+    #[error("chdir to cwd {}: {source}", path.display())]
+    Chdir {
+        path: PathBuf,
+        #[source]
+        source: nix::errno::Errno,
+    },
+    #[error(transparent)]
+    Seccomp(#[from] seccomp::Error),
+    #[error(transparent)]
+    Caps(#[from] caps::Error),
+    #[error("setgroups {gids:?}: {source}")]
+    Setgroups {
+        gids: Vec<nix::unistd::Gid>,
+        #[source]
+        source: nix::errno::Errno,
+    },
+    #[error("giving fd {fd} to uid {uid}: {source}")]
+    OwnStdio {
+        fd: i32,
+        uid: nix::unistd::Uid,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("setgid {gid}: {source}")]
+    Setgid {
+        gid: nix::unistd::Gid,
+        #[source]
+        source: nix::errno::Errno,
+    },
+    #[error("setuid {uid}: {source}")]
+    Setuid {
+        uid: nix::unistd::Uid,
+        #[source]
+        source: nix::errno::Errno,
+    },
+    #[error("no_new_privileges: {0}")]
+    NoNewPrivileges(#[source] std::io::Error),
+    #[error("the process has no args — give process.args at least the program")]
+    NoArgs,
+    #[error("exec {arg0}: not found on PATH {path}")]
+    NotOnPath { arg0: String, path: String },
+    #[error("{what} {value:?} contains a NUL")]
+    Nul { what: &'static str, value: String },
+    #[error("exec {}: {source}", path.display())]
+    Exec {
+        path: PathBuf,
+        #[source]
+        source: nix::errno::Errno,
+    },
+}
 
 /// What `init` is told.
 #[derive(Debug, Serialize, Deserialize)]
@@ -63,8 +228,8 @@ fn sync_stream() -> UnixStream {
     unsafe { UnixStream::from_raw_fd(spawn::SYNC_FD) }
 }
 
-fn fail(sync: &mut UnixStream, msg: &str) -> ! {
-    let _ = sync.write_all(format!("error {}\n", msg.replace('\n', " ")).as_bytes());
+fn fail(sync: &mut UnixStream, e: &Error) -> ! {
+    let _ = sync.write_all(format!("error {}\n", e.to_string().replace('\n', " ")).as_bytes());
     std::process::exit(1)
 }
 
@@ -83,10 +248,12 @@ fn set_cloexec(fd: i32) {
     );
 }
 
-fn join_cgroup(cg: &Option<PathBuf>) -> Result<(), String> {
+fn join_cgroup(cg: &Option<PathBuf>) -> Result<(), Error> {
     if let Some(dir) = cg {
-        std::fs::write(dir.join("cgroup.procs"), "0")
-            .map_err(|e| format!("joining cgroup {}: {e}", dir.display()))?;
+        std::fs::write(dir.join("cgroup.procs"), "0").map_err(|source| Error::JoinCgroup {
+            path: dir.clone(),
+            source,
+        })?;
     }
     Ok(())
 }
@@ -99,7 +266,7 @@ pub fn main(mode: &str) -> ! {
         "init" => init(&mut sync),
         "exec" => exec(&mut sync),
         "pause" => pause(&mut sync),
-        other => Err(format!("unknown helper mode {other:?}")),
+        other => Err(Error::Mode(other.into())),
     };
     match r {
         Err(e) => fail(&mut sync, &e),
@@ -109,40 +276,48 @@ pub fn main(mode: &str) -> ! {
 
 enum Never {}
 
-fn init(sync: &mut UnixStream) -> Result<Never, String> {
-    let cfg: InitConfig = serde_json::from_slice(&spawn::read_config(sync)?)
-        .map_err(|e| format!("helper config: {e}"))?;
+fn init(sync: &mut UnixStream) -> Result<Never, Error> {
+    let cfg: InitConfig =
+        serde_json::from_slice(&spawn::read_config(sync)?).map_err(Error::Config)?;
     join_cgroup(&cfg.cgroup)?;
     for (flag, path) in &cfg.join {
-        let f = std::fs::File::open(path)
-            .map_err(|e| format!("opening namespace {}: {e}", path.display()))?;
-        setns(f, CloneFlags::from_bits_truncate(*flag))
-            .map_err(|e| format!("entering namespace {}: {e}", path.display()))?;
+        let f = std::fs::File::open(path).map_err(|source| Error::OpenNamespace {
+            path: path.clone(),
+            source,
+        })?;
+        setns(f, CloneFlags::from_bits_truncate(*flag)).map_err(|source| {
+            Error::EnterNamespace {
+                path: path.clone(),
+                source,
+            }
+        })?;
     }
     if private_cgroup_namespace(&cfg.spec) {
-        nix::sched::unshare(CloneFlags::CLONE_NEWCGROUP)
-            .map_err(|e| format!("new cgroup namespace: {e}"))?;
+        nix::sched::unshare(CloneFlags::CLONE_NEWCGROUP).map_err(Error::CgroupNamespace)?;
     }
     if cfg.set_hostname {
         if let Some(h) = cfg.spec.hostname() {
-            nix::unistd::sethostname(h).map_err(|e| format!("sethostname {h:?}: {e}"))?;
+            nix::unistd::sethostname(h).map_err(|source| Error::Hostname {
+                name: h.clone(),
+                source,
+            })?;
         }
     }
-    let process = cfg
-        .spec
-        .process()
-        .clone()
-        .ok_or("the spec has no process")?;
+    let process = cfg.spec.process().clone().ok_or(Error::NoProcess)?;
     // Things that need the guest's /proc, before it is gone with the old root.
     set_oom_score_adj(process.oom_score_adj())?;
     if let Some(sysctl) = cfg.spec.linux().as_ref().and_then(|l| l.sysctl().as_ref()) {
         for (k, v) in sysctl {
             // Checked at CreateContainer (`spec::check_spec`); never a path outside /proc/sys.
-            let path = super::spec::sysctl_path(k).map_err(|e| e.to_string())?;
-            std::fs::write(&path, v).map_err(|e| format!("sysctl {k}={v}: {e}"))?;
+            let path = spec::sysctl_path(k)?;
+            std::fs::write(&path, v).map_err(|source| Error::Sysctl {
+                key: k.clone(),
+                value: v.clone(),
+                source,
+            })?;
         }
     }
-    mounts::build(&cfg.spec, &cfg.rootfs).map_err(|e| e.to_string())?;
+    mounts::build(&cfg.spec, &cfg.rootfs)?;
     if cfg.terminal {
         // After pivot_root: the container's /dev/ptmx.
         let (master, slave) = open_pty()?;
@@ -151,16 +326,11 @@ fn init(sync: &mut UnixStream) -> Result<Never, String> {
         controlling_tty()?;
         spawn::send_fd(sync, "pty", master.as_raw_fd())?;
     }
-    sync.write_all(b"ready\n")
-        .map_err(|e| format!("reporting ready: {e}"))?;
+    sync.write_all(b"ready\n").map_err(Error::Ready)?;
     let mut line = [0u8; 6];
-    std::io::Read::read_exact(sync, &mut line)
-        .map_err(|_| "the agent went away before start".to_string())?;
+    std::io::Read::read_exact(sync, &mut line).map_err(|_| Error::AgentGone)?;
     if &line != b"start\n" {
-        return Err(format!(
-            "expected start, got {:?}",
-            String::from_utf8_lossy(&line)
-        ));
+        return Err(Error::NotStart(String::from_utf8_lossy(&line).into()));
     }
     exec_process(
         &process,
@@ -182,37 +352,24 @@ pub fn private_cgroup_namespace(spec: &Spec) -> bool {
 
 /// A pty of the container's own devpts: `/dev/ptmx` as the container sees it (after
 /// pivot_root, or after entering its mount namespace), unlocked, and its slave.
-fn open_pty() -> Result<(OwnedFd, OwnedFd), String> {
+fn open_pty() -> Result<(OwnedFd, OwnedFd), Error> {
     let flags = OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC;
     // Resolved inside the container's root, never through a magic link it could plant there.
-    let missing = "the container needs a devpts mounted at /dev/pts (the OCI default mounts have one) or a /dev/ptmx of its own";
     let master = inroot::Root::new(Path::new("/"))
         .and_then(|root| root.open(Path::new("/dev/ptmx"), flags))
-        .map_err(|e| {
-            format!("opening the container's /dev/ptmx for its terminal: {e} — {missing}")
-        })?
-        .ok_or_else(|| {
-            format!(
-                "opening the container's /dev/ptmx for its terminal: it does not exist — {missing}"
-            )
-        })?;
+        .map_err(Error::OpenPtmx)?
+        .ok_or(Error::NoPtmx)?;
     let unlock: libc::c_int = 0;
     // SAFETY: TIOCSPTLCK reads an int we own; master is an open pty master.
     if unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSPTLCK, &unlock) } != 0 {
-        return Err(format!(
-            "unlocking the container's pty: {}",
-            std::io::Error::last_os_error()
-        ));
+        return Err(Error::UnlockPty(std::io::Error::last_os_error()));
     }
     // TIOCGPTPEER opens the slave through the master's own devpts mount: no lookup of
     // /dev/pts/N by name, which the container's processes could have mounted over.
     // SAFETY: TIOCGPTPEER takes open flags as its integer argument and returns a new fd.
     let fd = unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCGPTPEER, flags.bits()) };
     if fd < 0 {
-        return Err(format!(
-            "opening the slave of the container's pty: {}",
-            std::io::Error::last_os_error()
-        ));
+        return Err(Error::PtySlave(std::io::Error::last_os_error()));
     }
     // SAFETY: the ioctl just returned this new fd; nothing else owns it.
     let slave = unsafe { OwnedFd::from_raw_fd(fd) };
@@ -220,39 +377,36 @@ fn open_pty() -> Result<(OwnedFd, OwnedFd), String> {
 }
 
 /// Makes the pty slave our fds 0, 1 and 2 (the process's stdio).
-fn slave_as_stdio(slave: &OwnedFd) -> Result<(), String> {
+fn slave_as_stdio(slave: &OwnedFd) -> Result<(), Error> {
     for target in 0..3 {
         nix::unistd::dup2(slave.as_raw_fd(), target)
-            .map_err(|e| format!("making the pty slave fd {target}: {e}"))?;
+            .map_err(|source| Error::SlaveStdio { fd: target, source })?;
     }
     Ok(())
 }
 
-fn controlling_tty() -> Result<(), String> {
-    nix::unistd::setsid().map_err(|e| format!("setsid: {e}"))?;
+fn controlling_tty() -> Result<(), Error> {
+    nix::unistd::setsid().map_err(Error::Setsid)?;
     // SAFETY: TIOCSCTTY on our stdin (the pty slave), integer argument.
     if unsafe { libc::ioctl(0, libc::TIOCSCTTY, 0) } != 0 {
-        return Err(format!(
-            "making the pty the controlling terminal: {}",
-            std::io::Error::last_os_error()
-        ));
+        return Err(Error::ControllingTty(std::io::Error::last_os_error()));
     }
     Ok(())
 }
 
 /// Writes our oom_score_adj (inherited by what we exec and fork), through the guest's /proc:
 /// before entering the container's mount namespace or pivoting into its root.
-fn set_oom_score_adj(adj: Option<i32>) -> Result<(), String> {
+fn set_oom_score_adj(adj: Option<i32>) -> Result<(), Error> {
     if let Some(adj) = adj {
         std::fs::write("/proc/self/oom_score_adj", adj.to_string())
-            .map_err(|e| format!("oom_score_adj {adj}: {e}"))?;
+            .map_err(|source| Error::OomScoreAdj { adj, source })?;
     }
     Ok(())
 }
 
-fn exec(sync: &mut UnixStream) -> Result<Never, String> {
-    let cfg: ExecConfig = serde_json::from_slice(&spawn::read_config(sync)?)
-        .map_err(|e| format!("helper config: {e}"))?;
+fn exec(sync: &mut UnixStream) -> Result<Never, Error> {
+    let cfg: ExecConfig =
+        serde_json::from_slice(&spawn::read_config(sync)?).map_err(Error::Config)?;
     set_oom_score_adj(cfg.oom_score_adj)?;
     join_cgroup(&cfg.cgroup)?;
     // Open them all first: after entering the mount namespace /proc is the container's.
@@ -267,8 +421,10 @@ fn exec(sync: &mut UnixStream) -> Result<Never, String> {
     let mut opened = Vec::new();
     for (name, flag) in kinds {
         let path = format!("/proc/{}/ns/{name}", cfg.init_pid);
-        let f = std::fs::File::open(&path)
-            .map_err(|e| format!("opening {path}: {e} — has the container's init exited?"))?;
+        let f = match std::fs::File::open(&path) {
+            Ok(f) => f,
+            Err(source) => return Err(Error::OpenInitNamespace { path, source }),
+        };
         opened.push((name, flag, f));
     }
     for (name, flag, f) in opened {
@@ -278,7 +434,7 @@ fn exec(sync: &mut UnixStream) -> Result<Never, String> {
         if own.is_some() && own == theirs {
             continue;
         }
-        setns(f, flag).map_err(|e| format!("entering the container's {name} namespace: {e}"))?;
+        setns(f, flag).map_err(|source| Error::EnterContainerNamespace { name, source })?;
     }
     // In the container's mount namespace (and at its root) now: its /dev/ptmx.
     let pty = if cfg.terminal {
@@ -286,7 +442,7 @@ fn exec(sync: &mut UnixStream) -> Result<Never, String> {
         // Here, not in the agent after the pass: the process may ask for its size at once.
         if let Some(size) = cfg.process.console_size() {
             let clamp = |v: u64| u16::try_from(v).unwrap_or(u16::MAX);
-            super::stdio::set_winsize(
+            stdio::set_winsize(
                 master.as_raw_fd(),
                 clamp(size.height()),
                 clamp(size.width()),
@@ -297,7 +453,7 @@ fn exec(sync: &mut UnixStream) -> Result<Never, String> {
         None
     };
     // SAFETY: this helper is single-threaded, so fork is safe; the child only runs our code.
-    match unsafe { nix::unistd::fork() }.map_err(|e| format!("fork: {e}"))? {
+    match unsafe { nix::unistd::fork() }.map_err(Error::Fork)? {
         nix::unistd::ForkResult::Child => {
             if let Some((master, slave)) = pty {
                 drop(master);
@@ -316,7 +472,7 @@ fn exec(sync: &mut UnixStream) -> Result<Never, String> {
                 drop(slave);
                 if let Err(e) = spawn::send_fd(sync, "pty", master.as_raw_fd()) {
                     let _ = nix::sys::signal::kill(child, nix::sys::signal::Signal::SIGKILL);
-                    fail(sync, &e);
+                    fail(sync, &e.into());
                 }
             }
             let _ = sync.write_all(format!("pid {child}\n").as_bytes());
@@ -346,15 +502,17 @@ fn exec(sync: &mut UnixStream) -> Result<Never, String> {
     }
 }
 
-fn pause(sync: &mut UnixStream) -> Result<Never, String> {
-    let hostname = String::from_utf8(spawn::read_config(sync)?)
-        .map_err(|_| "hostname is not UTF-8".to_string())?;
+fn pause(sync: &mut UnixStream) -> Result<Never, Error> {
+    let hostname = String::from_utf8(spawn::read_config(sync)?).map_err(|_| Error::HostnameUtf8)?;
     if !hostname.is_empty() {
-        nix::unistd::sethostname(&hostname)
-            .map_err(|e| format!("sethostname {hostname:?}: {e}"))?;
+        if let Err(source) = nix::unistd::sethostname(&hostname) {
+            return Err(Error::Hostname {
+                name: hostname,
+                source,
+            });
+        }
     }
-    sync.write_all(b"ready\n")
-        .map_err(|e| format!("reporting ready: {e}"))?;
+    sync.write_all(b"ready\n").map_err(Error::Ready)?;
     loop {
         nix::unistd::pause();
     }
@@ -386,7 +544,7 @@ fn rlimit_resource(t: PosixRlimitType) -> Option<libc::__rlimit_resource_t> {
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// `args[0]` as execve wants it: as is with a `/`, else the first match on PATH.
-pub fn resolve(arg0: &str, env: &[String]) -> Result<PathBuf, String> {
+pub fn resolve(arg0: &str, env: &[String]) -> Result<PathBuf, Error> {
     if arg0.contains('/') {
         return Ok(PathBuf::from(arg0));
     }
@@ -403,19 +561,27 @@ pub fn resolve(arg0: &str, env: &[String]) -> Result<PathBuf, String> {
             }
         }
     }
-    Err(format!("exec {arg0}: not found on PATH {path}"))
+    Err(Error::NotOnPath {
+        arg0: arg0.into(),
+        path: path.into(),
+    })
 }
 
-fn cstrings(v: &[String], what: &str) -> Result<Vec<CString>, String> {
+fn cstrings(v: &[String], what: &'static str) -> Result<Vec<CString>, Error> {
     v.iter()
-        .map(|s| CString::new(s.as_bytes()).map_err(|_| format!("{what} {s:?} contains a NUL")))
+        .map(|s| {
+            CString::new(s.as_bytes()).map_err(|_| Error::Nul {
+                what,
+                value: s.clone(),
+            })
+        })
         .collect()
 }
 
 /// Gives the process's user its own stdio (the pty slave, the pipes), as runc does, so a
 /// process that is not root can reopen them (`/dev/stdout`, `/proc/self/fd/1`, `tty`
 /// programs). The group stays (devpts gives slaves the tty group). /dev/null is left alone.
-fn own_stdio(uid: nix::unistd::Uid) -> Result<(), String> {
+fn own_stdio(uid: nix::unistd::Uid) -> Result<(), Error> {
     if uid.is_root() {
         return Ok(());
     }
@@ -430,10 +596,11 @@ fn own_stdio(uid: nix::unistd::Uid) -> Result<(), String> {
         }
         // SAFETY: fchown on one of our own fds, integer arguments (-1: keep the group).
         if unsafe { libc::fchown(fd, uid.as_raw(), u32::MAX) } != 0 {
-            return Err(format!(
-                "giving fd {fd} to uid {uid}: {}",
-                std::io::Error::last_os_error()
-            ));
+            return Err(Error::OwnStdio {
+                fd,
+                uid,
+                source: std::io::Error::last_os_error(),
+            });
         }
     }
     Ok(())
@@ -442,12 +609,15 @@ fn own_stdio(uid: nix::unistd::Uid) -> Result<(), String> {
 /// Makes `cwd` our working directory, resolved inside the root we run in (after pivot_root, or
 /// after entering the container's mount namespace, `/` is the container's root): a symlink
 /// on the way is followed inside it, and a magic link is refused.
-fn enter_cwd(cwd: &Path) -> Result<(), String> {
+fn enter_cwd(cwd: &Path) -> Result<(), Error> {
     let fd = inroot::Root::new(Path::new("/"))
         .and_then(|root| root.open(cwd, OFlag::O_PATH | OFlag::O_DIRECTORY))
-        .map_err(|e| format!("cwd: {e}"))?
-        .ok_or_else(|| format!("cwd {}: no such directory in the container", cwd.display()))?;
-    nix::unistd::fchdir(fd.as_raw_fd()).map_err(|e| format!("chdir to cwd {}: {e}", cwd.display()))
+        .map_err(Error::Cwd)?
+        .ok_or_else(|| Error::NoCwd(cwd.to_path_buf()))?;
+    nix::unistd::fchdir(fd.as_raw_fd()).map_err(|source| Error::Chdir {
+        path: cwd.to_path_buf(),
+        source,
+    })
 }
 
 /// Applies a process's settings (rlimits, user, capabilities, cwd, no_new_privileges,
@@ -455,21 +625,19 @@ fn enter_cwd(cwd: &Path) -> Result<(), String> {
 fn exec_process(
     p: &Process,
     seccomp: Option<&oci_spec::runtime::LinuxSeccomp>,
-) -> Result<Never, String> {
+) -> Result<Never, Error> {
     for r in p.rlimits().as_deref().unwrap_or(&[]) {
-        let res =
-            rlimit_resource(r.typ()).ok_or_else(|| format!("unknown rlimit {:?}", r.typ()))?;
+        let res = rlimit_resource(r.typ()).ok_or(Error::UnknownRlimit(r.typ()))?;
         let lim = libc::rlimit {
             rlim_cur: r.soft(),
             rlim_max: r.hard(),
         };
         // SAFETY: setrlimit reads the struct we own.
         if unsafe { libc::setrlimit(res, &lim) } != 0 {
-            return Err(format!(
-                "setrlimit {:?}: {}",
-                r.typ(),
-                std::io::Error::last_os_error()
-            ));
+            return Err(Error::Setrlimit {
+                resource: r.typ(),
+                source: std::io::Error::last_os_error(),
+            });
         }
     }
     // Before the user switch (a directory only root may enter is allowed, as with runc) and
@@ -480,7 +648,7 @@ fn exec_process(
     // switch may drop: install it first then (the profile must allow the setup syscalls that
     // follow, as with runc).
     if let (Some(profile), false) = (seccomp, nnp) {
-        super::seccomp::install(profile)?;
+        seccomp::install(profile)?;
     }
     let user = p.user();
     caps::drop_bounding(p.capabilities().as_ref())?;
@@ -491,14 +659,16 @@ fn exec_process(
         .iter()
         .map(|g| nix::unistd::Gid::from_raw(*g))
         .collect();
-    nix::unistd::setgroups(&gids).map_err(|e| format!("setgroups {gids:?}: {e}"))?;
+    if let Err(source) = nix::unistd::setgroups(&gids) {
+        return Err(Error::Setgroups { gids, source });
+    }
     // SAFETY: prctl with integer arguments; keeps the permitted set across the uid change.
     unsafe { libc::prctl(libc::PR_SET_KEEPCAPS, 1, 0, 0, 0) };
     let gid = nix::unistd::Gid::from_raw(user.gid());
     let uid = nix::unistd::Uid::from_raw(user.uid());
     own_stdio(uid)?;
-    nix::unistd::setresgid(gid, gid, gid).map_err(|e| format!("setgid {gid}: {e}"))?;
-    nix::unistd::setresuid(uid, uid, uid).map_err(|e| format!("setuid {uid}: {e}"))?;
+    nix::unistd::setresgid(gid, gid, gid).map_err(|source| Error::Setgid { gid, source })?;
+    nix::unistd::setresuid(uid, uid, uid).map_err(|source| Error::Setuid { uid, source })?;
     caps::apply(p.capabilities().as_ref())?;
     if let Some(mask) = user.umask() {
         nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(mask));
@@ -506,25 +676,24 @@ fn exec_process(
     if nnp {
         // SAFETY: prctl with integer arguments only.
         if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
-            return Err(format!(
-                "no_new_privileges: {}",
-                std::io::Error::last_os_error()
-            ));
+            return Err(Error::NoNewPrivileges(std::io::Error::last_os_error()));
         }
     }
     let args = p.args().clone().unwrap_or_default();
-    let arg0 = args.first().ok_or("the process has no args")?;
+    let arg0 = args.first().ok_or(Error::NoArgs)?;
     let env = p.env().clone().unwrap_or_default();
     let path = resolve(arg0, &env)?;
-    let c_path = CString::new(path.as_os_str().as_encoded_bytes())
-        .map_err(|_| "path contains a NUL".to_string())?;
+    let c_path = CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| Error::Nul {
+        what: "path",
+        value: path.to_string_lossy().into_owned(),
+    })?;
     let c_args = cstrings(&args, "argument")?;
     let c_env = cstrings(&env, "environment entry")?;
     if let (Some(profile), true) = (seccomp, nnp) {
-        super::seccomp::install(profile)?;
+        seccomp::install(profile)?;
     }
-    let err = nix::unistd::execve(&c_path, &c_args, &c_env).unwrap_err();
-    Err(format!("exec {}: {err}", path.display()))
+    let source = nix::unistd::execve(&c_path, &c_args, &c_env).unwrap_err();
+    Err(Error::Exec { path, source })
 }
 
 #[cfg(test)]

@@ -66,16 +66,89 @@ pub enum Error {
     #[error("{id}: {what}")]
     State { id: String, what: String },
     /// A step failed in the guest: INTERNAL.
-    #[error("{id}: {what}")]
-    Failed { id: String, what: String },
+    #[error("{id}: {source}")]
+    Failed {
+        id: String,
+        #[source]
+        source: StepError,
+    },
+}
+
+/// What failed in a step of the engine: the source of [`Error::Failed`]. Each message
+/// carries its own source's text, so what crosses ttrpc (`to_string`) has the whole cause.
+#[derive(Debug, thiserror::Error)]
+pub enum StepError {
+    #[error(transparent)]
+    Spawn(#[from] spawn::Error),
+    #[error(transparent)]
+    Stdio(#[from] stdio::Error),
+    #[error(transparent)]
+    Cgroup(#[from] cgroup::Error),
+    /// The container's OOM kills cannot be watched.
+    #[error("cgroup: {0}")]
+    Oom(#[from] oom::Error),
+    #[error("opening /dev/null: {0} — the guest's /dev is the agent's devtmpfs")]
+    DevNull(#[source] std::io::Error),
+    #[error("starting the sandbox namespaces: {0}")]
+    SandboxHolder(#[source] spawn::Error),
+    #[error("starting the sandbox namespaces: sandbox holder answered {0:?}")]
+    SandboxAnswer(Option<String>),
+    #[error("encoding the helper config: {0}")]
+    HelperConfig(#[source] serde_json::Error),
+    #[error("the container helper answered {0:?}")]
+    HelperAnswered(String),
+    #[error("the container helper ended during setup ({0:?})")]
+    HelperEnded(Option<Exit>),
+    #[error("starting the process: {0}")]
+    Start(#[source] spawn::Error),
+    #[error("exec {exec_id}: {source}")]
+    Exec {
+        exec_id: String,
+        #[source]
+        source: Box<StepError>,
+    },
+    #[error("exec helper answered {0:?}")]
+    ExecAnswered(String),
+    #[error("the exec helper ended during setup")]
+    ExecEnded,
+    #[error("expected the terminal from the container helper, got {0:?}")]
+    PtyExpected(String),
+    #[error("the container helper ended before passing the terminal")]
+    PtyEnded,
+    #[error("the container helper's pty line came without the terminal's fd")]
+    PtyNoFd,
+    #[error("waiting for {0:?}: the process is not known to the reaper")]
+    NotReaped(String),
+    /// A signal to a process that has already ended.
+    #[error("the process has exited")]
+    Exited,
+    #[error("kill {sig}: {source}")]
+    Kill {
+        sig: Signal,
+        #[source]
+        source: nix::errno::Errno,
+    },
+}
+
+/// Why a container whose spec names a PID namespace path cannot join the sandbox container's.
+#[derive(Debug, thiserror::Error)]
+pub enum PidNamespaceError {
+    #[error("a PID namespace path names a host namespace, which the guest cannot enter — create the sandbox (CreateSandbox) and its container first, whose PID namespace such containers share")]
+    NoSandbox,
+    #[error("the sandbox's own container cannot join another PID namespace")]
+    OwnContainer,
+    #[error("sharing the pod's PID namespace means joining the sandbox container's, and container {0} does not exist in this guest")]
+    NoSandboxContainer(String),
+    #[error("the sandbox container {0} has exited, and its PID namespace with it")]
+    SandboxExited(String),
 }
 
 type Result<T> = std::result::Result<T, Error>;
 
-fn failed(id: &str) -> impl Fn(String) -> Error + '_ {
-    move |what| Error::Failed {
+fn failed<E: Into<StepError>>(id: &str) -> impl Fn(E) -> Error + '_ {
+    move |e| Error::Failed {
         id: id.into(),
-        what,
+        source: e.into(),
     }
 }
 
@@ -90,11 +163,12 @@ pub struct Process {
 }
 
 impl Process {
-    fn signal(&self, sig: Signal) -> std::result::Result<(), String> {
+    fn signal(&self, sig: Signal) -> std::result::Result<(), StepError> {
         if exits().exited(self.wait_pid).is_some() {
-            return Err("the process has exited".into());
+            return Err(StepError::Exited);
         }
-        nix::sys::signal::kill(Pid::from_raw(self.pid), sig).map_err(|e| format!("kill {sig}: {e}"))
+        nix::sys::signal::kill(Pid::from_raw(self.pid), sig)
+            .map_err(|source| StepError::Kill { sig, source })
     }
 }
 
@@ -242,7 +316,7 @@ pub fn namespaces(
     id: &str,
     spec: &Spec,
     pause: Option<i32>,
-    sandbox_pid: impl Fn() -> std::result::Result<PathBuf, String>,
+    sandbox_pid: impl Fn() -> std::result::Result<PathBuf, PidNamespaceError>,
 ) -> Result<Namespaces> {
     let mut flags = CloneFlags::CLONE_NEWPID | CloneFlags::CLONE_NEWNS;
     let mut join = Vec::new();
@@ -338,8 +412,8 @@ impl Engine {
         if sb.is_some() {
             return Err(Error::Exists(format!("sandbox {id}")));
         }
-        let null = std::fs::File::open("/dev/null")
-            .map_err(|e| failed(id)(format!("opening /dev/null: {e}")))?;
+        let null =
+            std::fs::File::open("/dev/null").map_err(|e| failed(id)(StepError::DevNull(e)))?;
         use std::os::fd::AsRawFd;
         let fd = null.as_raw_fd();
         let (pid, sock) = spawn::spawn(
@@ -348,7 +422,7 @@ impl Engine {
             [fd, fd, fd],
         )
         .map_err(failed(id))?;
-        let mut sync = Sync::new(sock).map_err(failed(id))?;
+        let mut sync = Sync::new(sock);
         let r = sync
             .send_config(hostname.as_bytes())
             .and_then(|()| sync.recv(SETUP_TIMEOUT));
@@ -356,14 +430,10 @@ impl Engine {
             Ok(Some(l)) if l == "ready" => {}
             other => {
                 kill_and_reap(pid);
-                let what = match other {
-                    Err(e) => e,
-                    Ok(l) => format!("sandbox holder answered {l:?}"),
-                };
-                return Err(Error::Failed {
-                    id: id.into(),
-                    what: format!("starting the sandbox namespaces: {what}"),
-                });
+                return Err(failed(id)(match other {
+                    Err(e) => StepError::SandboxHolder(e),
+                    Ok(l) => StepError::SandboxAnswer(l),
+                }));
             }
         }
         *sb = Some(Sandbox {
@@ -442,7 +512,7 @@ impl Engine {
         if let Some(cg) = &cgroup {
             if let Err(e) = self.oom.add(id, &cg.path) {
                 let _ = cg.remove();
-                return Err(failed(id)(format!("cgroup: {e}")));
+                return Err(failed(id)(e));
             }
         }
         let made = self.spawn_init(id, spec, rootfs, cgroup.clone(), ns, terminal);
@@ -469,20 +539,19 @@ impl Engine {
 
     /// The PID namespace a container whose spec names a PID namespace path joins: the sandbox
     /// container's. The error says why not.
-    fn sandbox_pid_namespace(&self, id: &str) -> std::result::Result<PathBuf, String> {
-        let sandbox = lock(&self.sandbox).as_ref().map(|s| s.id.clone()).ok_or_else(|| {
-            "a PID namespace path names a host namespace, which the guest cannot enter — create the sandbox (CreateSandbox) and its container first, whose PID namespace such containers share".to_string()
-        })?;
+    fn sandbox_pid_namespace(&self, id: &str) -> std::result::Result<PathBuf, PidNamespaceError> {
+        let sandbox = lock(&self.sandbox)
+            .as_ref()
+            .map(|s| s.id.clone())
+            .ok_or(PidNamespaceError::NoSandbox)?;
         if sandbox == id {
-            return Err("the sandbox's own container cannot join another PID namespace".into());
+            return Err(PidNamespaceError::OwnContainer);
         }
-        let c = lock(&self.containers).get(&sandbox).cloned().ok_or_else(|| {
-            format!("sharing the pod's PID namespace means joining the sandbox container's, and container {sandbox} does not exist in this guest")
-        })?;
+        let Some(c) = lock(&self.containers).get(&sandbox).cloned() else {
+            return Err(PidNamespaceError::NoSandboxContainer(sandbox));
+        };
         if c.init_exited() {
-            return Err(format!(
-                "the sandbox container {sandbox} has exited, and its PID namespace with it"
-            ));
+            return Err(PidNamespaceError::SandboxExited(sandbox));
         }
         Ok(PathBuf::from(format!("/proc/{}/ns/pid", c.init.pid)))
     }
@@ -522,10 +591,9 @@ impl Engine {
             set_hostname: ns.set_hostname,
             terminal,
         };
-        let setup = (|| -> std::result::Result<(Sync, Stdio), String> {
-            let mut sync = Sync::new(sock)?;
-            let json =
-                serde_json::to_vec(&cfg).map_err(|e| format!("encoding the helper config: {e}"))?;
+        let setup = (|| -> std::result::Result<(Sync, Stdio), StepError> {
+            let mut sync = Sync::new(sock);
+            let json = serde_json::to_vec(&cfg).map_err(StepError::HelperConfig)?;
             sync.send_config(&json)?;
             let stdio = match pipes {
                 Some(s) => s,
@@ -540,10 +608,9 @@ impl Engine {
             };
             match sync.recv(SETUP_TIMEOUT)? {
                 Some(l) if l == "ready" => Ok((sync, stdio)),
-                Some(l) => Err(format!("the container helper answered {l:?}")),
-                None => Err(format!(
-                    "the container helper ended during setup ({:?})",
-                    exits().wait(pid, Some(Duration::from_secs(5)))
+                Some(l) => Err(StepError::HelperAnswered(l)),
+                None => Err(StepError::HelperEnded(
+                    exits().wait(pid, Some(Duration::from_secs(5))),
                 )),
             }
         })();
@@ -563,10 +630,7 @@ impl Engine {
             }),
             Err(e) => {
                 kill_and_reap(pid);
-                Err(Error::Failed {
-                    id: id.into(),
-                    what: e,
-                })
+                Err(failed(id)(e))
             }
         }
     }
@@ -581,8 +645,8 @@ impl Engine {
         sync.send("start").map_err(failed(id))?;
         match sync.recv(SETUP_TIMEOUT) {
             Ok(None) => {}
-            Ok(Some(l)) => return Err(failed(id)(format!("the container helper answered {l:?}"))),
-            Err(e) => return Err(failed(id)(format!("starting the process: {e}"))),
+            Ok(Some(l)) => return Err(failed(id)(StepError::HelperAnswered(l))),
+            Err(e) => return Err(failed(id)(StepError::Start(e))),
         }
         *lock(&c.state) = State::Running;
         Ok(u32::try_from(c.init.pid).unwrap_or(0))
@@ -637,9 +701,9 @@ impl Engine {
             c.cgroup.as_ref().map(|g| g.path.clone()),
             terminal,
         );
-        let r = (|| -> std::result::Result<(i32, Stdio), String> {
-            let mut sync = Sync::new(sock)?;
-            sync.send_config(&serde_json::to_vec(&cfg).map_err(|e| e.to_string())?)?;
+        let r = (|| -> std::result::Result<(i32, Stdio), StepError> {
+            let mut sync = Sync::new(sock);
+            sync.send_config(&serde_json::to_vec(&cfg).map_err(StepError::HelperConfig)?)?;
             // The helper set the terminal's consoleSize before the process could ask.
             let stdio = match pipes {
                 Some(s) => s,
@@ -649,13 +713,13 @@ impl Engine {
                 Some(l) => l
                     .strip_prefix("pid ")
                     .and_then(|p| p.parse().ok())
-                    .ok_or_else(|| format!("exec helper answered {l:?}"))?,
-                None => return Err("the exec helper ended during setup".into()),
+                    .ok_or_else(|| StepError::ExecAnswered(l.clone()))?,
+                None => return Err(StepError::ExecEnded),
             };
             // EOF: the process exec'd; a line: it failed before.
             match sync.recv(SETUP_TIMEOUT)? {
                 None => Ok((pid, stdio)),
-                Some(l) => Err(format!("exec helper answered {l:?}")),
+                Some(l) => Err(StepError::ExecAnswered(l)),
             }
         })();
         match r {
@@ -672,7 +736,10 @@ impl Engine {
             }
             Err(e) => {
                 kill_and_reap(helper_pid);
-                Err(failed(id)(format!("exec {exec_id}: {e}")))
+                Err(failed(id)(StepError::Exec {
+                    exec_id: exec_id.into(),
+                    source: Box::new(e),
+                }))
             }
         }
     }
@@ -706,11 +773,9 @@ impl Engine {
     pub fn wait(&self, id: &str, exec_id: &str) -> Result<Exit> {
         let c = self.get(id)?;
         let p = c.process(exec_id)?;
-        exits().wait(p.wait_pid, None).ok_or_else(|| {
-            failed(id)(format!(
-                "waiting for {exec_id:?}: the process is not known to the reaper"
-            ))
-        })
+        exits()
+            .wait(p.wait_pid, None)
+            .ok_or_else(|| failed(id)(StepError::NotReaped(exec_id.into())))
     }
 
     pub fn stdio(&self, id: &str, exec_id: &str) -> Result<Arc<Process>> {
@@ -812,20 +877,14 @@ impl Engine {
 }
 
 /// The terminal a helper opened in the container's devpts: its `pty` line carries the master.
-fn recv_pty(sync: &mut Sync) -> std::result::Result<Stdio, String> {
+fn recv_pty(sync: &mut Sync) -> std::result::Result<Stdio, StepError> {
     match sync.recv(SETUP_TIMEOUT)? {
         Some(l) if l == "pty" => {}
-        Some(l) => {
-            return Err(format!(
-                "expected the terminal from the container helper, got {l:?}"
-            ))
-        }
-        None => return Err("the container helper ended before passing the terminal".into()),
+        Some(l) => return Err(StepError::PtyExpected(l)),
+        None => return Err(StepError::PtyEnded),
     }
-    let master = sync
-        .take_fd()
-        .ok_or("the container helper's pty line came without the terminal's fd")?;
-    Stdio::pty(master)
+    let master = sync.take_fd().ok_or(StepError::PtyNoFd)?;
+    Ok(Stdio::pty(master)?)
 }
 
 /// SIGKILL, then wait for the reaper to see the end (bounded), then forget the status.
@@ -835,4 +894,36 @@ fn kill_and_reap(pid: i32) {
     }
     let _ = exits().wait(pid, Some(Duration::from_secs(10)));
     exits().forget(pid);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Only `to_string` crosses ttrpc: a failed step's message has the step and the OS error,
+    /// and the typed chain is still there for a printer on this side.
+    #[test]
+    fn a_failed_step_carries_its_cause_in_text_and_chain() {
+        let root = std::env::temp_dir().join(format!("husk-no-cgroup-root-{}", std::process::id()));
+        let e = Cgroup::create(&root, "c1", None).unwrap_err();
+        let e = failed("c1")(e);
+        let text = e.to_string();
+        assert!(
+            text.starts_with("c1: creating cgroup ")
+                && text.contains("No such file or directory")
+                && text.contains("— the agent needs cgroup2"),
+            "{text}"
+        );
+        let step = std::error::Error::source(&e).expect("the step");
+        let os = step.source().expect("the OS error");
+        assert!(os.downcast_ref::<std::io::Error>().is_some(), "{os:?}");
+        let helper = Error::Failed {
+            id: "c1".into(),
+            source: StepError::Exec {
+                exec_id: "e1".into(),
+                source: Box::new(spawn::Error::Helper("exec sh: ENOENT".into()).into()),
+            },
+        };
+        assert_eq!(helper.to_string(), "c1: exec e1: exec sh: ENOENT");
+    }
 }

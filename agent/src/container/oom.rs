@@ -24,6 +24,24 @@ struct Watched {
     seen: u64,
 }
 
+/// Why a container's OOM kills cannot be watched (then it is not created: they would go
+/// unreported).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("watching {} for OOM kills: {source} — the guest kernel needs CONFIG_INOTIFY_USER", events.display())]
+    NoInotify {
+        events: PathBuf,
+        #[source]
+        source: nix::errno::Errno,
+    },
+    #[error("watching {} for OOM kills: {source}", events.display())]
+    Watch {
+        events: PathBuf,
+        #[source]
+        source: nix::errno::Errno,
+    },
+}
+
 #[derive(Debug, Default)]
 struct State {
     watches: HashMap<WatchDescriptor, Watched>,
@@ -35,7 +53,7 @@ struct State {
 pub struct OomWatch {
     /// The inotify instance, or why there is none (then no container with a cgroup can be
     /// created: its OOM kills would go unreported).
-    inotify: Result<Inotify, String>,
+    inotify: Result<Inotify, nix::errno::Errno>,
     state: Mutex<State>,
     ready: Condvar,
 }
@@ -51,8 +69,7 @@ impl OomWatch {
     /// A watcher and its thread.
     pub fn start() -> Arc<Self> {
         let w = Arc::new(Self {
-            inotify: Inotify::init(InitFlags::IN_CLOEXEC)
-                .map_err(|e| format!("inotify_init1: {e}")),
+            inotify: Inotify::init(InitFlags::IN_CLOEXEC),
             state: Mutex::new(State::default()),
             ready: Condvar::new(),
         });
@@ -77,20 +94,21 @@ impl OomWatch {
     /// Watches the `memory.events` of container `id`'s cgroup directory `cgroup`. Its
     /// `oom_kill` count is taken as it is now (0 for a new cgroup). Without the file (no
     /// memory controller) there is nothing to watch, nor any memory cgroup to be OOM-killed in.
-    pub fn add(&self, id: &str, cgroup: &Path) -> Result<(), String> {
+    pub fn add(&self, id: &str, cgroup: &Path) -> Result<(), Error> {
         let events = cgroup.join("memory.events");
         if std::fs::metadata(&events).is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound) {
             return Ok(());
         }
-        let inotify = self
-            .inotify
-            .as_ref()
-            .map_err(|e| format!("watching {} for OOM kills: {e}", events.display()))?;
+        let inotify = match &self.inotify {
+            Ok(i) => i,
+            Err(e) => return Err(Error::NoInotify { events, source: *e }),
+        };
         // Under the lock, so the thread cannot see an event of this watch before it is known.
         let mut st = self.lock();
-        let wd = inotify
-            .add_watch(&events, AddWatchFlags::IN_MODIFY)
-            .map_err(|e| format!("watching {} for OOM kills: {e}", events.display()))?;
+        let wd = match inotify.add_watch(&events, AddWatchFlags::IN_MODIFY) {
+            Ok(wd) => wd,
+            Err(source) => return Err(Error::Watch { events, source }),
+        };
         let seen = oom_kills(&events);
         st.watches.insert(
             wd,
@@ -264,7 +282,10 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
         assert!(w.lock().watches.is_empty());
         // A path that is no cgroup directory at all is an error that says what was watched.
-        let e = w.add("y", Path::new("/proc/self/status")).unwrap_err();
+        let e = w
+            .add("y", Path::new("/proc/self/status"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("memory.events") && e.contains("OOM"), "{e}");
     }
 

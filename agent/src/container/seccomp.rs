@@ -19,8 +19,28 @@ use oci_spec::runtime::{LinuxSeccomp, LinuxSeccompAction, LinuxSeccompOperator, 
 
 use serde_json::{json, Value};
 
-fn action(a: LinuxSeccompAction, errno: Option<u32>) -> Result<Value, String> {
-    let name = serde_json::to_value(a).map_err(|e| e.to_string())?;
+/// Why a profile does not compile or install.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// An OCI action seccompiler has no equivalent of.
+    #[error("seccomp action {0} is not supported — use one of SCMP_ACT_ALLOW, _ERRNO, _KILL, _KILL_THREAD, _KILL_PROCESS, _TRAP, _LOG, _TRACE")]
+    Action(String),
+    /// The action does not serialise (a bug here, not in the profile).
+    #[error("naming the seccomp action: {0}")]
+    ActionName(#[source] serde_json::Error),
+    /// seccompiler refused the filters built from the profile.
+    #[error("compiling the seccomp profile: {0}")]
+    Compile(#[source] seccompiler::Error),
+    /// A filter longer than a `sock_fprog` can say.
+    #[error("the seccomp filter has {0} instructions, more than the kernel takes — merge rules or name fewer syscalls")]
+    TooLong(usize),
+    /// seccomp(SECCOMP_SET_MODE_FILTER) failed.
+    #[error("installing the seccomp filter: {0} — without noNewPrivileges the process needs CAP_SYS_ADMIN until the filter is in")]
+    Install(#[source] std::io::Error),
+}
+
+fn action(a: LinuxSeccompAction, errno: Option<u32>) -> Result<Value, Error> {
+    let name = serde_json::to_value(a).map_err(Error::ActionName)?;
     Ok(match name.as_str().unwrap_or("") {
         "SCMP_ACT_ALLOW" => json!("allow"),
         "SCMP_ACT_ERRNO" => json!({ "errno": errno.unwrap_or(libc::EPERM as u32) }),
@@ -29,7 +49,7 @@ fn action(a: LinuxSeccompAction, errno: Option<u32>) -> Result<Value, String> {
         "SCMP_ACT_TRAP" => json!("trap"),
         "SCMP_ACT_LOG" => json!("log"),
         "SCMP_ACT_TRACE" => json!({ "trace": errno.unwrap_or(0) }),
-        other => return Err(format!("seccomp action {other} is not supported")),
+        other => return Err(Error::Action(other.to_string())),
     })
 }
 
@@ -91,7 +111,7 @@ impl Group {
 }
 
 /// The filters, in the seccompiler JSON form, skipping the `skip` names.
-fn filters(p: &LinuxSeccomp, skip: &[String]) -> Result<Value, String> {
+fn filters(p: &LinuxSeccomp, skip: &[String]) -> Result<Value, Error> {
     // A set: a fuzzed profile may name tens of thousands of unknown syscalls.
     let skip: std::collections::HashSet<&String> = skip.iter().collect();
     let default = action(p.default_action(), p.default_errno_ret())?;
@@ -170,7 +190,7 @@ const KNOWN_CACHE: usize = 4096;
 /// so the profile compiles once. (Finding them from the compiler's errors, one name per
 /// failed compile, compiled containerd's default profile 61 times: 0.37 s per container and
 /// per exec in a debug build.)
-pub fn compile(p: &LinuxSeccomp) -> Result<Vec<seccompiler::BpfProgram>, String> {
+pub fn compile(p: &LinuxSeccomp) -> Result<Vec<seccompiler::BpfProgram>, Error> {
     let mut skip: Vec<String> = p
         .syscalls()
         .iter()
@@ -189,7 +209,7 @@ pub fn compile(p: &LinuxSeccomp) -> Result<Vec<seccompiler::BpfProgram>, String>
             // The frontend's error type is private; its message names the syscall.
             Err(e) => match unknown_name(&e.to_string()) {
                 Some(name) if !skip.contains(&name) => skip.push(name),
-                _ => return Err(format!("compiling the seccomp profile: {e}")),
+                _ => return Err(Error::Compile(e)),
             },
         }
     }
@@ -207,14 +227,9 @@ fn unknown_name(msg: &str) -> Option<String> {
 /// spec leaves `noNewPrivileges` off must keep it off (`NoNewPrivs: 0`, setuid binaries work),
 /// as under runc, which tells libseccomp not to set it. Without it the kernel wants
 /// CAP_SYS_ADMIN, which the helper has until the user switch (see `helper::exec_process`).
-pub fn install(p: &LinuxSeccomp) -> Result<(), String> {
+pub fn install(p: &LinuxSeccomp) -> Result<(), Error> {
     for prog in compile(p)? {
-        let len = u16::try_from(prog.len()).map_err(|_| {
-            format!(
-                "the seccomp filter has {} instructions, more than the kernel takes",
-                prog.len()
-            )
-        })?;
+        let len = u16::try_from(prog.len()).map_err(|_| Error::TooLong(prog.len()))?;
         // seccompiler's `sock_filter` is the kernel's (repr(C): code, jt, jf, k), as libc's.
         let fprog = libc::sock_fprog {
             len,
@@ -231,10 +246,7 @@ pub fn install(p: &LinuxSeccomp) -> Result<(), String> {
             )
         };
         if rc != 0 {
-            return Err(format!(
-                "installing the seccomp filter: {}",
-                std::io::Error::last_os_error()
-            ));
+            return Err(Error::Install(std::io::Error::last_os_error()));
         }
     }
     Ok(())

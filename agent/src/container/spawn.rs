@@ -11,6 +11,7 @@ use std::ffi::CString;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use nix::sched::CloneFlags;
@@ -20,24 +21,94 @@ use crate::reaper::exits;
 /// The helper's fd for the sync socket.
 pub const SYNC_FD: RawFd = 3;
 
+/// Why a helper could not be started or talked to. A helper's own `error <message>` line is
+/// [`Error::Helper`]: the message names what failed in the container.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("dup fd {fd}: {source} — the agent is out of file descriptors")]
+    Dup {
+        fd: RawFd,
+        #[source]
+        source: nix::errno::Errno,
+    },
+    #[error("socketpair: {0} — the agent is out of file descriptors")]
+    SocketPair(#[source] std::io::Error),
+    #[error("helper mode {0:?} has a NUL")]
+    ModeNul(String),
+    #[error("clone with {flags:?}: {source}")]
+    Clone {
+        flags: CloneFlags,
+        #[source]
+        source: nix::errno::Errno,
+    },
+    #[error("opening PID namespace {}: {source}", path.display())]
+    OpenPidNamespace {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("entering PID namespace {}: {source}", path.display())]
+    EnterPidNamespace {
+        path: PathBuf,
+        #[source]
+        source: nix::errno::Errno,
+    },
+    #[error("the thread entering the PID namespace panicked")]
+    PidNamespaceThread,
+    #[error("helper config too large ({0} bytes, at most 4 GiB)")]
+    ConfigTooLarge(usize),
+    #[error("sending the helper its config: {0}")]
+    SendConfig(#[source] std::io::Error),
+    #[error("telling the helper {line:?}: {source}")]
+    Send {
+        line: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("sync timeout: {0}")]
+    SetTimeout(#[source] std::io::Error),
+    /// The helper said nothing within the setup timeout.
+    #[error("waiting for the container helper: timed out")]
+    TimedOut,
+    #[error("waiting for the container helper: {0}")]
+    Recv(#[source] nix::errno::Errno),
+    #[error("the container helper passed more than {MAX_FDS} fds at once")]
+    TooManyFds,
+    /// The helper's `error <message>` line.
+    #[error("{0}")]
+    Helper(String),
+    #[error("passing the agent the {line} fd: {source}")]
+    SendFd {
+        line: String,
+        #[source]
+        source: nix::errno::Errno,
+    },
+    #[error("passing the agent the {line} fd: short send ({sent} of {len} bytes)")]
+    ShortSend {
+        line: String,
+        sent: usize,
+        len: usize,
+    },
+    #[error("reading the config length: {0} — the agent went away")]
+    ReadConfigLength(#[source] std::io::Error),
+    #[error("reading the config: {0} — the agent went away")]
+    ReadConfig(#[source] std::io::Error),
+}
+
 /// Size of the stack the clone child runs on until its execve.
 const STACK_SIZE: usize = 64 * 1024;
 
-fn dup_high(fd: RawFd) -> Result<OwnedFd, String> {
+fn dup_high(fd: RawFd) -> Result<OwnedFd, Error> {
     let n = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(100))
-        .map_err(|e| format!("dup fd {fd}: {e}"))?;
+        .map_err(|source| Error::Dup { fd, source })?;
     // SAFETY: fcntl just returned this new fd; nothing else owns it.
     Ok(unsafe { OwnedFd::from_raw_fd(n) })
 }
 
 /// Clones a helper in new namespaces `flags` with `stdio` as its fds 0-2. Returns its PID
 /// (registered with the reaper) and the agent's end of the sync socket.
-pub fn spawn(
-    mode: &str,
-    flags: CloneFlags,
-    stdio: [RawFd; 3],
-) -> Result<(i32, UnixStream), String> {
-    let (ours, theirs) = UnixStream::pair().map_err(|e| format!("socketpair: {e}"))?;
+pub fn spawn(mode: &str, flags: CloneFlags, stdio: [RawFd; 3]) -> Result<(i32, UnixStream), Error> {
+    let (ours, theirs) = UnixStream::pair().map_err(Error::SocketPair)?;
     // High, close-on-exec copies, so the child's dup2 to 0..3 cannot clobber a source.
     let fds = [
         dup_high(stdio[0])?,
@@ -53,7 +124,7 @@ pub fn spawn(
     ];
     let exe = CString::new("/proc/self/exe").expect("no NUL");
     let argv0 = CString::new("husk-agent").expect("no NUL");
-    let argv1 = CString::new(mode).map_err(|_| "helper mode has a NUL".to_string())?;
+    let argv1 = CString::new(mode).map_err(|_| Error::ModeNul(mode.into()))?;
     let argv = [argv0.as_ptr(), argv1.as_ptr(), std::ptr::null()];
     let envp = [std::ptr::null::<libc::c_char>()];
     let mut stack = vec![0u8; STACK_SIZE];
@@ -76,7 +147,7 @@ pub fn spawn(
         // SAFETY: the child runs the closure above, which calls only async-signal-safe
         // functions before execve, on its own stack; SIGCHLD makes it a normal child.
         let pid = unsafe { nix::sched::clone(child, &mut stack, flags, Some(libc::SIGCHLD)) }
-            .map_err(|e| format!("clone with {flags:?}: {e}"))?;
+            .map_err(|source| Error::Clone { flags, source })?;
         Ok((pid.as_raw(), ()))
     })?;
     drop(fds);
@@ -95,17 +166,23 @@ pub fn spawn_in_pid_namespace(
     mode: &str,
     flags: CloneFlags,
     stdio: [RawFd; 3],
-) -> Result<(i32, UnixStream), String> {
-    let ns = std::fs::File::open(pid_ns)
-        .map_err(|e| format!("opening PID namespace {}: {e}", pid_ns.display()))?;
+) -> Result<(i32, UnixStream), Error> {
+    let ns = std::fs::File::open(pid_ns).map_err(|source| Error::OpenPidNamespace {
+        path: pid_ns.to_path_buf(),
+        source,
+    })?;
     std::thread::scope(|s| {
         s.spawn(|| {
-            nix::sched::setns(&ns, CloneFlags::CLONE_NEWPID)
-                .map_err(|e| format!("entering PID namespace {}: {e}", pid_ns.display()))?;
+            nix::sched::setns(&ns, CloneFlags::CLONE_NEWPID).map_err(|source| {
+                Error::EnterPidNamespace {
+                    path: pid_ns.to_path_buf(),
+                    source,
+                }
+            })?;
             spawn(mode, flags, stdio)
         })
         .join()
-        .map_err(|_| "the thread entering the PID namespace panicked".to_string())?
+        .map_err(|_| Error::PidNamespaceThread)?
     })
 }
 
@@ -132,37 +209,40 @@ pub struct Sync {
 const MAX_FDS: usize = 4;
 
 impl Sync {
-    pub fn new(s: UnixStream) -> Result<Self, String> {
-        Ok(Self {
+    pub fn new(s: UnixStream) -> Self {
+        Self {
             sock: s,
             buf: Vec::new(),
             received: 0,
             returned: 0,
             fds: VecDeque::new(),
-        })
+        }
     }
 
     /// Sends the helper its configuration (length-prefixed JSON).
-    pub fn send_config(&mut self, json: &[u8]) -> Result<(), String> {
-        let len = u32::try_from(json.len()).map_err(|_| "helper config too large".to_string())?;
+    pub fn send_config(&mut self, json: &[u8]) -> Result<(), Error> {
+        let len = u32::try_from(json.len()).map_err(|_| Error::ConfigTooLarge(json.len()))?;
         self.sock
             .write_all(&len.to_le_bytes())
             .and_then(|()| self.sock.write_all(json))
-            .map_err(|e| format!("sending the helper its config: {e}"))
+            .map_err(Error::SendConfig)
     }
 
-    pub fn send(&mut self, line: &str) -> Result<(), String> {
+    pub fn send(&mut self, line: &str) -> Result<(), Error> {
         self.sock
             .write_all(format!("{line}\n").as_bytes())
-            .map_err(|e| format!("telling the helper {line:?}: {e}"))
+            .map_err(|source| Error::Send {
+                line: line.into(),
+                source,
+            })
     }
 
     /// The helper's next line: `Ok(None)` at EOF (the helper exec'd or died). A line
-    /// `error <message>` becomes `Err(message)`. Fds that came with it wait in [`Self::take_fd`].
-    pub fn recv(&mut self, timeout: Duration) -> Result<Option<String>, String> {
+    /// `error <message>` becomes [`Error::Helper`]. Fds that came with it wait in [`Self::take_fd`].
+    pub fn recv(&mut self, timeout: Duration) -> Result<Option<String>, Error> {
         self.sock
             .set_read_timeout(Some(timeout))
-            .map_err(|e| format!("sync timeout: {e}"))?;
+            .map_err(Error::SetTimeout)?;
         let mut line = loop {
             if let Some(i) = self.buf.iter().position(|b| *b == b'\n') {
                 break self.buf.drain(..=i).collect::<Vec<u8>>();
@@ -181,7 +261,7 @@ impl Sync {
         }
         let line = String::from_utf8_lossy(&line).trim_end().to_string();
         match line.strip_prefix("error ") {
-            Some(msg) => Err(msg.to_string()),
+            Some(msg) => Err(Error::Helper(msg.to_string())),
             None => Ok(Some(line)),
         }
     }
@@ -196,7 +276,7 @@ impl Sync {
 
     /// One `recvmsg`: appends the bytes to `buf`, the fds to `fds`. Returns the byte count
     /// (0 at EOF).
-    fn recv_some(&mut self) -> Result<usize, String> {
+    fn recv_some(&mut self) -> Result<usize, Error> {
         use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
         let mut chunk = [0u8; 4096];
         let mut cmsg = nix::cmsg_space!([RawFd; MAX_FDS]);
@@ -210,18 +290,14 @@ impl Sync {
             ) {
                 Ok(m) => m,
                 Err(nix::errno::Errno::EINTR) => continue,
-                Err(nix::errno::Errno::EAGAIN) => {
-                    return Err("waiting for the container helper: timed out".into())
-                }
-                Err(e) => return Err(format!("waiting for the container helper: {e}")),
+                Err(nix::errno::Errno::EAGAIN) => return Err(Error::TimedOut),
+                Err(e) => return Err(Error::Recv(e)),
             };
             let n = msg.bytes;
             self.received += n as u64;
             let end = self.received;
             // On MSG_CTRUNC the kernel closed what did not fit: an error, never silently less.
-            let cmsgs = msg.cmsgs().map_err(|_| {
-                format!("the container helper passed more than {MAX_FDS} fds at once")
-            })?;
+            let cmsgs = msg.cmsgs().map_err(|_| Error::TooManyFds)?;
             for c in cmsgs {
                 if let ControlMessageOwned::ScmRights(fds) = c {
                     // SAFETY: the kernel just installed these fds in this process (close-on-exec)
@@ -239,7 +315,7 @@ impl Sync {
 }
 
 /// Helper side: sends `line` with `fd` attached (`SCM_RIGHTS`) on the sync socket.
-pub fn send_fd(sync: &UnixStream, line: &str, fd: RawFd) -> Result<(), String> {
+pub fn send_fd(sync: &UnixStream, line: &str, fd: RawFd) -> Result<(), Error> {
     use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
     let data = format!("{line}\n");
     let fds = [fd];
@@ -250,25 +326,27 @@ pub fn send_fd(sync: &UnixStream, line: &str, fd: RawFd) -> Result<(), String> {
         MsgFlags::empty(),
         None,
     )
-    .map_err(|e| format!("passing the agent the {line} fd: {e}"))?;
+    .map_err(|source| Error::SendFd {
+        line: line.into(),
+        source,
+    })?;
     // A unix stream socket takes a short line whole; a short send would split the line.
     if n != data.len() {
-        return Err(format!(
-            "passing the agent the {line} fd: short send ({n} of {} bytes)",
-            data.len()
-        ));
+        return Err(Error::ShortSend {
+            line: line.into(),
+            sent: n,
+            len: data.len(),
+        });
     }
     Ok(())
 }
 
 /// Helper side: reads the configuration the agent sent on [`SYNC_FD`].
-pub fn read_config(sync: &mut UnixStream) -> Result<Vec<u8>, String> {
+pub fn read_config(sync: &mut UnixStream) -> Result<Vec<u8>, Error> {
     let mut len = [0u8; 4];
-    sync.read_exact(&mut len)
-        .map_err(|e| format!("reading the config length: {e}"))?;
+    sync.read_exact(&mut len).map_err(Error::ReadConfigLength)?;
     let mut buf = vec![0u8; u32::from_le_bytes(len) as usize];
-    sync.read_exact(&mut buf)
-        .map_err(|e| format!("reading the config: {e}"))?;
+    sync.read_exact(&mut buf).map_err(Error::ReadConfig)?;
     Ok(buf)
 }
 
@@ -285,7 +363,7 @@ mod tests {
     #[test]
     fn lines_and_passed_fds_arrive_in_order() {
         let (agent, mut helper) = UnixStream::pair().unwrap();
-        let mut sync = Sync::new(agent).unwrap();
+        let mut sync = Sync::new(agent);
         let file = tempfile_like();
         // Lines before and after the fd's, written so that they may arrive in one read.
         helper.write_all(b"one\ntw").unwrap();
@@ -302,19 +380,19 @@ mod tests {
         assert_eq!(inode(&fd), inode(&file));
         assert!(sync.take_fd().is_none());
         assert_eq!(sync.recv(t).unwrap().as_deref(), Some("ready"));
-        assert_eq!(sync.recv(t), Err("it broke".into()));
+        assert!(matches!(sync.recv(t), Err(Error::Helper(m)) if m == "it broke"));
         assert_eq!(sync.recv(t).unwrap().as_deref(), Some("last"));
-        assert_eq!(sync.recv(t), Ok(None));
+        assert!(matches!(sync.recv(t), Ok(None)));
     }
 
     #[test]
     fn a_silent_helper_times_out() {
         let (agent, _helper) = UnixStream::pair().unwrap();
         let e = Sync::new(agent)
-            .unwrap()
             .recv(Duration::from_millis(50))
             .unwrap_err();
-        assert!(e.contains("timed out"), "{e}");
+        assert!(matches!(e, Error::TimedOut), "{e}");
+        assert!(e.to_string().contains("timed out"), "{e}");
     }
 
     fn tempfile_like() -> std::fs::File {

@@ -286,10 +286,10 @@ pub fn sysctl_path(key: &str) -> Result<std::path::PathBuf> {
 /// `linux.resources`: what the cgroup writes cannot express.
 pub fn check_resources(r: &LinuxResources) -> Result<()> {
     if let Some(d) = r.devices().as_deref() {
-        super::cgroup::devices::compile(d).map_err(|message| SpecError::Type {
+        super::cgroup::devices::compile(d).map_err(|e| SpecError::Type {
             // The message names the rule: `linux.resources.devices[i]: …`.
             field: "linux.resources.devices".into(),
-            message,
+            message: e.to_string(),
         })?;
     }
     Ok(())
@@ -401,9 +401,9 @@ pub fn check_spec(spec: &Spec) -> Result<()> {
         }
     }
     if let Some(profile) = linux.seccomp() {
-        let progs = super::seccomp::compile(profile).map_err(|message| SpecError::Type {
+        let progs = super::seccomp::compile(profile).map_err(|e| SpecError::Type {
             field: "linux.seccomp".into(),
-            message,
+            message: e.to_string(),
         })?;
         if let Some(p) = progs.iter().find(|p| p.len() > BPF_MAXINSNS) {
             return Err(SpecError::Type {

@@ -18,6 +18,35 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+/// Why a process's stdio could not be made, written, read or resized.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("pipe: {0} — the guest is out of file descriptors or memory")]
+    Pipe(#[source] nix::errno::Errno),
+    #[error("dup pty master: {0}")]
+    DupPty(#[source] std::io::Error),
+    #[error("opening /dev/null: {0} — the guest's /dev is the agent's devtmpfs")]
+    DevNull(#[source] std::io::Error),
+    /// CloseStdin came first.
+    #[error("stdin is closed")]
+    StdinClosed,
+    #[error("writing stdin: {0}")]
+    WriteStdin(#[source] std::io::Error),
+    #[error("sending EOF to the pty: {0}")]
+    PtyEof(#[source] std::io::Error),
+    #[error("reading {stream}: {source}")]
+    Read {
+        stream: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A resize of a process started without `terminal`.
+    #[error("the process has no terminal — resize only a process started with terminal: true")]
+    NoTerminal,
+    #[error("resizing the terminal: {0}")]
+    Resize(#[source] std::io::Error),
+}
+
 /// The agent's ends.
 #[derive(Debug)]
 pub struct Stdio {
@@ -52,9 +81,8 @@ pub const AFTER_EXIT_IDLE: Duration = Duration::from_millis(250);
 /// How often a blocked read looks whether the process has ended.
 const EXIT_CHECK: Duration = Duration::from_millis(100);
 
-fn pipe() -> Result<(OwnedFd, OwnedFd), String> {
-    let (r, w) =
-        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
+fn pipe() -> Result<(OwnedFd, OwnedFd), Error> {
+    let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(Error::Pipe)?;
     // Best effort: a smaller pipe only costs throughput.
     // SAFETY: F_SETPIPE_SZ on a pipe fd we own, integer argument.
     unsafe { libc::fcntl(w.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE_SIZE) };
@@ -91,7 +119,7 @@ fn wait_readable(f: &File, ended: &impl Fn() -> bool) -> bool {
 
 impl Stdio {
     /// Pipes for stdin, stdout and stderr.
-    pub fn pipes() -> Result<(Self, ChildEnds), String> {
+    pub fn pipes() -> Result<(Self, ChildEnds), Error> {
         let (in_r, in_w) = pipe()?;
         let (out_r, out_w) = pipe()?;
         let (err_r, err_w) = pipe()?;
@@ -111,14 +139,10 @@ impl Stdio {
     /// A terminal: `master` is the pty master the helper opened from the container's own
     /// devpts and passed back (see `helper`; received close-on-exec); it carries stdin and
     /// stdout, there is no stderr.
-    pub fn pty(master: OwnedFd) -> Result<Self, String> {
+    pub fn pty(master: OwnedFd) -> Result<Self, Error> {
         let master = File::from(master);
-        let m2 = master
-            .try_clone()
-            .map_err(|e| format!("dup pty master: {e}"))?;
-        let m3 = master
-            .try_clone()
-            .map_err(|e| format!("dup pty master: {e}"))?;
+        let m2 = master.try_clone().map_err(Error::DupPty)?;
+        let m3 = master.try_clone().map_err(Error::DupPty)?;
         Ok(Self {
             stdin: Mutex::new(Some(m2)),
             stdout: Mutex::new(Some(master)),
@@ -129,16 +153,16 @@ impl Stdio {
 
     /// What a helper starts with: pipes (and our ends of them), or for a terminal, which the
     /// helper opens itself, nothing yet and `/dev/null` as its fds 0-2.
-    pub fn for_helper(terminal: bool) -> Result<(Option<Self>, ChildEnds), String> {
+    pub fn for_helper(terminal: bool) -> Result<(Option<Self>, ChildEnds), Error> {
         if !terminal {
             return Self::pipes().map(|(s, e)| (Some(s), e));
         }
-        let open = || -> Result<OwnedFd, String> {
+        let open = || -> Result<OwnedFd, Error> {
             let f = std::fs::OpenOptions::new()
                 .read(true)
                 .write(true)
                 .open("/dev/null")
-                .map_err(|e| format!("opening /dev/null: {e}"))?;
+                .map_err(Error::DevNull)?;
             Ok(OwnedFd::from(f))
         };
         Ok((
@@ -149,28 +173,26 @@ impl Stdio {
         ))
     }
 
-    pub fn write_stdin(&self, data: &[u8]) -> Result<usize, String> {
+    pub fn write_stdin(&self, data: &[u8]) -> Result<usize, Error> {
         let mut g = self
             .stdin
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let f = g.as_mut().ok_or("stdin is closed")?;
-        f.write_all(data)
-            .map_err(|e| format!("writing stdin: {e}"))?;
+        let f = g.as_mut().ok_or(Error::StdinClosed)?;
+        f.write_all(data).map_err(Error::WriteStdin)?;
         Ok(data.len())
     }
 
     /// Closes stdin: the process reads EOF. On a pty, sends the EOF character (^D) instead,
     /// since the master also carries the output.
-    pub fn close_stdin(&self) -> Result<(), String> {
+    pub fn close_stdin(&self) -> Result<(), Error> {
         let mut g = self
             .stdin
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         if self.pty.is_some() {
             if let Some(f) = g.as_mut() {
-                f.write_all(&[4])
-                    .map_err(|e| format!("sending EOF to the pty: {e}"))?;
+                f.write_all(&[4]).map_err(Error::PtyEof)?;
             }
         }
         *g = None;
@@ -185,7 +207,7 @@ impl Stdio {
         err: bool,
         max: usize,
         ended: impl Fn() -> bool,
-    ) -> Result<Option<Vec<u8>>, String> {
+    ) -> Result<Option<Vec<u8>>, Error> {
         let m = if err { &self.stderr } else { &self.stdout };
         let mut g = m.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let Some(f) = g.as_mut() else {
@@ -217,11 +239,11 @@ impl Stdio {
                     continue;
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    return Err(format!(
-                        "reading {}: {e}",
-                        if err { "stderr" } else { "stdout" }
-                    ))
+                Err(source) => {
+                    return Err(Error::Read {
+                        stream: if err { "stderr" } else { "stdout" },
+                        source,
+                    })
                 }
             }
             if len == 0 {
@@ -233,18 +255,14 @@ impl Stdio {
         }
     }
 
-    pub fn resize(&self, rows: u16, cols: u16) -> Result<(), String> {
-        let fd = self
-            .pty
-            .as_ref()
-            .ok_or("the process has no terminal")?
-            .as_raw_fd();
+    pub fn resize(&self, rows: u16, cols: u16) -> Result<(), Error> {
+        let fd = self.pty.as_ref().ok_or(Error::NoTerminal)?.as_raw_fd();
         set_winsize(fd, rows, cols)
     }
 }
 
 /// Sets the window size of the pty `fd` (master or slave).
-pub fn set_winsize(fd: RawFd, rows: u16, cols: u16) -> Result<(), String> {
+pub fn set_winsize(fd: RawFd, rows: u16, cols: u16) -> Result<(), Error> {
     let ws = libc::winsize {
         ws_row: rows,
         ws_col: cols,
@@ -253,10 +271,7 @@ pub fn set_winsize(fd: RawFd, rows: u16, cols: u16) -> Result<(), String> {
     };
     // SAFETY: TIOCSWINSZ reads a winsize we own; fd is open for the duration of the call.
     if unsafe { libc::ioctl(fd, libc::TIOCSWINSZ, &ws) } != 0 {
-        return Err(format!(
-            "resizing the terminal: {}",
-            std::io::Error::last_os_error()
-        ));
+        return Err(Error::Resize(std::io::Error::last_os_error()));
     }
     Ok(())
 }

@@ -31,23 +31,34 @@ pub enum Error {
     #[error("BPF_PROG_LOAD ({insns} instructions): {errno}{detail}")]
     Load {
         insns: usize,
+        #[source]
         errno: std::io::Error,
         detail: String,
     },
     #[error("BPF_PROG_ATTACH: {errno}{hint}")]
     Attach {
+        #[source]
         errno: std::io::Error,
         hint: &'static str,
     },
     #[error("BPF_PROG_DETACH of program {id}: {errno}")]
-    Detach { id: u32, errno: std::io::Error },
+    Detach {
+        id: u32,
+        #[source]
+        errno: std::io::Error,
+    },
     #[error("BPF_PROG_QUERY: {errno}{hint}")]
     Query {
+        #[source]
         errno: std::io::Error,
         hint: &'static str,
     },
     #[error("BPF_PROG_GET_FD_BY_ID {id}: {errno}")]
-    GetFd { id: u32, errno: std::io::Error },
+    GetFd {
+        id: u32,
+        #[source]
+        errno: std::io::Error,
+    },
 }
 
 #[repr(C)]

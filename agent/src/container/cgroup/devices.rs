@@ -34,8 +34,33 @@ use std::path::Path;
 
 use oci_spec::runtime::{LinuxDeviceCgroup, LinuxDeviceType};
 
-use super::bpf::{Asm, Insn, Reg};
+use super::bpf::{self, Asm, Insn, Reg};
 use super::bpf_syscall;
+
+/// Why device rules are refused or their program cannot be attached.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A rule the program cannot express; `index` is its place in `linux.resources.devices`.
+    #[error("linux.resources.devices[{index}]: {what}")]
+    Rule { index: usize, what: String },
+    /// The rules do not fit one program (the jumps' 16-bit offsets).
+    #[error("linux.resources.devices: {0}")]
+    Program(#[source] bpf::Error),
+    /// The container's cgroup directory cannot be opened.
+    #[error("opening {}: {source}", path.display())]
+    Open {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A bpf(2) step on the cgroup failed.
+    #[error("device cgroup {}: {source}", path.display())]
+    Bpf {
+        path: std::path::PathBuf,
+        #[source]
+        source: bpf_syscall::Error,
+    },
+}
 
 /// `struct bpf_cgroup_dev_ctx.access_type`: the device type in the low 16 bits…
 pub const DEV_BLOCK: u32 = 1;
@@ -129,8 +154,8 @@ pub const DEFAULT_ALLOWED: [Rule; 12] = [
 ];
 
 /// A spec rule as a [`Rule`]; errors name the rule by its index.
-fn parse_one(i: usize, d: &LinuxDeviceCgroup) -> Result<Rule, String> {
-    let at = |what: String| format!("linux.resources.devices[{i}]: {what}");
+fn parse_one(i: usize, d: &LinuxDeviceCgroup) -> Result<Rule, Error> {
+    let at = |what: String| Error::Rule { index: i, what };
     let kind = match d.typ().unwrap_or_default() {
         LinuxDeviceType::A => Kind::All,
         LinuxDeviceType::B => Kind::Block,
@@ -176,7 +201,7 @@ fn parse_one(i: usize, d: &LinuxDeviceCgroup) -> Result<Rule, String> {
 
 /// The spec's rules with [`DEFAULT_ALLOWED`] placed after the last all-devices rule (or first,
 /// when there is none), in evaluation order.
-pub fn policy(spec: &[LinuxDeviceCgroup]) -> Result<Vec<Rule>, String> {
+pub fn policy(spec: &[LinuxDeviceCgroup]) -> Result<Vec<Rule>, Error> {
     let rules = spec
         .iter()
         .enumerate()
@@ -245,7 +270,7 @@ fn section(policy: &[Rule], bit: u32) -> (Vec<Rule>, bool) {
 /// ```
 ///
 /// The verifier rejects unreachable instructions, so nothing is emitted that no path reaches.
-pub fn program(policy: &[Rule]) -> Result<Vec<Insn>, String> {
+pub fn program(policy: &[Rule]) -> Result<Vec<Insn>, Error> {
     let mut a = Asm::new();
     let deny = a.label();
     a.ldx_w(Reg::R2, Reg::R1, 0);
@@ -292,22 +317,27 @@ pub fn program(policy: &[Rule]) -> Result<Vec<Insn>, String> {
         a.mov64(Reg::R0, 0);
         a.exit();
     }
-    a.finish()
-        .map_err(|e| format!("linux.resources.devices: {e}"))
+    a.finish().map_err(Error::Program)
 }
 
 /// Checks `rules` and builds their program, before anything is written to the cgroup.
-pub fn compile(rules: &[LinuxDeviceCgroup]) -> Result<Vec<Insn>, String> {
+pub fn compile(rules: &[LinuxDeviceCgroup]) -> Result<Vec<Insn>, Error> {
     program(&policy(rules)?)
 }
 
 /// Loads `prog` and makes it the cgroup's only device program: in place of the one attached
 /// (atomically), or beside several (then the old ones are detached: while both are attached,
 /// access is what both allow, never more).
-pub fn install(cgroup: &Path, prog: &[Insn]) -> Result<(), String> {
-    let ctx = |e: bpf_syscall::Error| format!("device cgroup {}: {e}", cgroup.display());
+pub fn install(cgroup: &Path, prog: &[Insn]) -> Result<(), Error> {
+    let ctx = |source: bpf_syscall::Error| Error::Bpf {
+        path: cgroup.to_path_buf(),
+        source,
+    };
     let dir: OwnedFd = std::fs::File::open(cgroup)
-        .map_err(|e| format!("opening {}: {e}", cgroup.display()))?
+        .map_err(|source| Error::Open {
+            path: cgroup.to_path_buf(),
+            source,
+        })?
         .into();
     let old = bpf_syscall::attached(dir.as_fd()).map_err(ctx)?;
     let old: Vec<(u32, OwnedFd)> = old
@@ -668,7 +698,7 @@ mod tests {
 
     #[test]
     fn bad_rules_are_named() {
-        let err = |json: &str| policy(&rules(json)).unwrap_err();
+        let err = |json: &str| policy(&rules(json)).unwrap_err().to_string();
         assert_eq!(
             err(r#"[{"allow": true}, {"allow": true, "type": "c", "access": "rwx"}]"#),
             "linux.resources.devices[1]: access \"rwx\": 'x' is not one of r, w, m"
@@ -712,7 +742,9 @@ mod tests {
         let many: Vec<String> = (0..4000)
             .map(|i| format!(r#"{{"allow": false, "type": "c", "major": 200, "minor": {i}}}"#))
             .collect();
-        let e = compile(&rules(&format!("[{}]", many.join(",")))).unwrap_err();
+        let e = compile(&rules(&format!("[{}]", many.join(","))))
+            .unwrap_err()
+            .to_string();
         assert!(
             e.starts_with("linux.resources.devices: a jump from instruction"),
             "{e}"
