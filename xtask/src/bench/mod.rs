@@ -14,6 +14,7 @@ pub mod env;
 pub mod io;
 pub mod jail;
 pub mod network;
+pub mod pool;
 pub mod procfs;
 pub mod report;
 pub mod results;
@@ -275,6 +276,16 @@ pub fn run(quick: bool) -> Result<()> {
             Err(e) => not_done.push(format!("11. The jail's cost: failed in this run: {e:#}")),
         }
         note_failures(&mut done, 11);
+        note_busy(&mut busy);
+        step(&format!(
+            "bench 12: the warm pool, {} runs each",
+            plan.first_output
+        ));
+        match pool::run(&env, plan.first_output) {
+            Ok(s) => done.push(s),
+            Err(e) => not_done.push(format!("12. The warm pool: failed in this run: {e:#}")),
+        }
+        note_failures(&mut done, 12);
         note_busy(&mut busy);
         step("bench: stopping containerd, removing what the bench made");
         leftovers = env.shutdown();
