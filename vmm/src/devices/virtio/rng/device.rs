@@ -2,11 +2,12 @@
 //! VERSION_1 (and EVENT_IDX).
 
 use std::fs::File;
-use std::io::{self, Read};
+use std::io;
 
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemory;
 
+use super::handler::{self, EntropySource, RngCounters};
 use crate::devices::virtio::{QueueError, VirtioDevice, VIRTIO_F_VERSION_1};
 
 /// virtio device id of the entropy device.
@@ -14,31 +15,6 @@ pub const RNG_DEVICE_TYPE: u32 = virtio_bindings::virtio_ids::VIRTIO_ID_RNG;
 /// Size of the request queue.
 pub const RNG_QUEUE_SIZE: u16 = 256;
 const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
-
-/// Where random bytes come from.
-pub trait EntropySource: Send {
-    /// Fills `buf` completely.
-    fn fill(&mut self, buf: &mut [u8]) -> io::Result<()>;
-}
-
-impl EntropySource for File {
-    fn fill(&mut self, buf: &mut [u8]) -> io::Result<()> {
-        self.read_exact(buf)
-    }
-}
-
-/// What the device has done, for the control API.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct RngCounters {
-    /// Requests served (chains returned to the driver).
-    pub requests: u64,
-    /// Random bytes written into guest memory.
-    pub bytes: u64,
-    /// Descriptors refused: read-only, or outside guest memory.
-    pub bad_descriptors: u64,
-    /// Times the entropy source failed.
-    pub source_errors: u64,
-}
 
 /// The virtio-rng device.
 pub struct Rng<S: EntropySource = File> {
@@ -105,7 +81,7 @@ impl<M: GuestMemory, S: EntropySource> VirtioDevice<M> for Rng<S> {
             return Ok(false);
         }
         queue.set_event_idx(self.acked_features & VIRTIO_RING_F_EVENT_IDX != 0);
-        super::handler::process_requests(queue, mem, &mut self.source, &mut self.counters)
+        handler::process_requests(queue, mem, &mut self.source, &mut self.counters)
     }
 
     fn reset(&mut self) {
@@ -285,7 +261,7 @@ mod tests {
         let mut rng = Rng::new(Counting(0));
         let (_, r) = run(&mut rng, &m, &mq);
         assert!(r.is_ok());
-        assert_eq!(used(&mq, 0).1, super::super::handler::MAX_BYTES_PER_REQUEST);
+        assert_eq!(used(&mq, 0).1, handler::MAX_BYTES_PER_REQUEST);
     }
 
     #[test]

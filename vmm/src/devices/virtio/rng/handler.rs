@@ -4,12 +4,42 @@
 //! A bad chain — a read-only descriptor, an address outside guest memory, a loop — ends
 //! that request with what was written so far; it never panics and never writes outside
 //! guest memory (vm-memory checks every access).
+//!
+//! The entropy source and the counters live here, beside the logic that uses them; the
+//! device (`device.rs`) depends on this module, never the other way.
+
+use std::fs::File;
+use std::io::{self, Read};
 
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Address, Bytes, GuestMemory};
 
-use super::device::{EntropySource, RngCounters};
 use crate::devices::virtio::QueueError;
+
+/// Where random bytes come from.
+pub trait EntropySource: Send {
+    /// Fills `buf` completely.
+    fn fill(&mut self, buf: &mut [u8]) -> io::Result<()>;
+}
+
+impl EntropySource for File {
+    fn fill(&mut self, buf: &mut [u8]) -> io::Result<()> {
+        self.read_exact(buf)
+    }
+}
+
+/// What the device has done, for the control API.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct RngCounters {
+    /// Requests served (chains returned to the driver).
+    pub requests: u64,
+    /// Random bytes written into guest memory.
+    pub bytes: u64,
+    /// Descriptors refused: read-only, or outside guest memory.
+    pub bad_descriptors: u64,
+    /// Times the entropy source failed.
+    pub source_errors: u64,
+}
 
 /// Most bytes handed out per request: a guest asking for a 1 GiB buffer gets this much
 /// (the driver accepts short fills) rather than stalling its vCPU.

@@ -4,4 +4,5 @@
 pub mod device;
 pub mod handler;
 
-pub use device::{EntropySource, Rng, RngCounters};
+pub use device::Rng;
+pub use handler::{EntropySource, RngCounters};
