@@ -20,20 +20,12 @@ pub const VIRTIOFSD: &str = "virtiofsd";
 /// How long a helper may take to create its socket.
 const SOCKET_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Finds `name` on PATH or in `~/.cargo/bin`.
+/// Finds `name` on PATH or in cargo's bin directory ([`crate::lookup::find_program`]).
 pub fn find(name: &str) -> Result<PathBuf> {
-    crate::qemu::find_in_path(name)
-        .or_else(|| {
-            let home = std::env::var_os("HOME")?;
-            let p = Path::new(&home).join(".cargo/bin").join(name);
-            p.is_file().then_some(p)
-        })
-        .ok_or_else(|| Error::MissingProgram {
-            program: name.into(),
-            fix: format!(
-                "install it with `cargo install --locked {name}` (cargo xtask setup does)"
-            ),
-        })
+    crate::lookup::find_program(name).ok_or_else(|| Error::MissingProgram {
+        program: name.into(),
+        fix: format!("install it with `cargo install --locked {name}` (cargo xtask setup does)"),
+    })
 }
 
 /// `configured` if given (the caller checked it with [`check_program`]), else [`find`]`(name)`.

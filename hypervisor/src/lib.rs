@@ -28,6 +28,7 @@ pub mod host;
 pub mod husk_vmm;
 pub mod jail;
 pub mod kernel;
+pub mod lookup;
 pub mod process;
 pub mod qemu;
 pub mod vsock;

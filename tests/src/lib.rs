@@ -70,7 +70,7 @@ pub fn require_root(why: &str) {
 
 /// The first executable called `name` on PATH, or a failure naming the package.
 pub fn require_program(name: &str, package: &str) -> PathBuf {
-    husk_hypervisor::qemu::find_in_path(name).unwrap_or_else(|| {
+    husk_hypervisor::lookup::on_path(name).unwrap_or_else(|| {
         panic!("{name}: not found on PATH — install Debian's {package} (`cargo xtask setup` does)")
     })
 }

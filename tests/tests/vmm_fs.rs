@@ -10,24 +10,13 @@ use std::time::{Duration, Instant};
 
 use vmm_support::{guest, kill_child, require_kvm, run_vmm, TempDir};
 
-/// virtiofsd: `$HUSK_VIRTIOFSD`, else on PATH, else in ~/.cargo/bin.
+/// virtiofsd: `$HUSK_VIRTIOFSD`, else on PATH, else in cargo's bin directory.
 fn virtiofsd() -> PathBuf {
     if let Some(p) = std::env::var_os("HUSK_VIRTIOFSD") {
         return PathBuf::from(p);
     }
-    let candidates = std::env::var_os("PATH")
-        .map(|p| {
-            std::env::split_paths(&p)
-                .map(|d| d.join("virtiofsd"))
-                .collect::<Vec<_>>()
-        })
-        .unwrap_or_default()
-        .into_iter()
-        .chain(std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo/bin/virtiofsd")));
-    for c in candidates {
-        if c.is_file() {
-            return c;
-        }
+    if let Some(p) = husk_hypervisor::lookup::find_program("virtiofsd") {
+        return p;
     }
     panic!("prerequisite missing: virtiofsd — install it with `cargo install --locked virtiofsd` or set HUSK_VIRTIOFSD");
 }

@@ -48,9 +48,9 @@ pub fn cargo_bin() -> PathBuf {
         .join("bin")
 }
 
-/// A program on PATH or in cargo's bin directory.
+/// A program on PATH or in cargo's bin directory (the hypervisor crate's one lookup).
 pub fn find_program(name: &str) -> Option<PathBuf> {
-    husk_hypervisor::qemu::find_in_path(name).or_else(|| {
+    husk_hypervisor::lookup::find_program(name).or_else(|| {
         let p = cargo_bin().join(name);
         p.is_file().then_some(p)
     })

@@ -84,7 +84,7 @@ impl HuskVmm {
                 .find(|p| p.is_file())
         });
         let program = beside
-            .or_else(|| crate::qemu::find_in_path(PROGRAM))
+            .or_else(|| crate::lookup::on_path(PROGRAM))
             .ok_or_else(|| Error::MissingProgram {
                 program: PROGRAM.into(),
                 fix: "build it with `cargo xtask build` (it lands in target/release/) or put it on PATH".into(),

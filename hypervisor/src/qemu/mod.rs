@@ -60,7 +60,7 @@ impl Qemu {
     pub fn with_programs(accel: Accel, programs: &Programs) -> Result<Self> {
         let program = match &programs.qemu {
             Some(p) => p.clone(),
-            None => find_in_path(QEMU_PROGRAM).ok_or_else(|| Error::MissingProgram {
+            None => crate::lookup::on_path(QEMU_PROGRAM).ok_or_else(|| Error::MissingProgram {
                 program: QEMU_PROGRAM.into(),
                 fix: "install Debian's qemu-system-x86 (cargo xtask setup does)".into(),
             })?,
@@ -72,14 +72,6 @@ impl Qemu {
             vhost_vsock: programs.vhost_vsock.clone(),
         })
     }
-}
-
-/// The first executable called `name` on `PATH`.
-pub fn find_in_path(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
 }
 
 impl Hypervisor for Qemu {
