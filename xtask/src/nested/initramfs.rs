@@ -166,6 +166,7 @@ mount -t tmpfs run /run
 mkdir -p /dev/pts /sys/fs/cgroup
 mount -t devpts devpts /dev/pts
 mount -t cgroup2 cgroup2 /sys/fs/cgroup
+mount -t debugfs debugfs /sys/kernel/debug
 exec 3>{RESULTS_TTY}
 say() {{ echo "{MARKER} $*" >&3; }}
 bye() {{ exec 3>&-; sleep 0.2; poweroff -f; }}

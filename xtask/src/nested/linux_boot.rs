@@ -275,6 +275,9 @@ pub fn print(o: &Options) -> Result<()> {
         if let Some(c) = s.last().and_then(|x| x.counters.as_ref()) {
             println!("    last husk-vmm counters: {c}");
         }
+        if let Some(k) = s.last().map(|x| &x.kvm_stats).filter(|k| !k.is_empty()) {
+            println!("    last boot, KVM's statistics of the VM: {k:?}");
+        }
     }
     Ok(())
 }

@@ -72,6 +72,10 @@ pub struct Sample {
     pub pss_outside_kib: u64,
     /// husk-vmm's exit counters (`counters` on its API), as it answered.
     pub counters: Option<serde_json::Value>,
+    /// The host KVM's own statistics of this VM (debugfs `kvm/<pid>-<fd>/`: exits, faults,
+    /// halts, … summed over its vCPUs), where debugfs is mounted.
+    #[serde(default)]
+    pub kvm_stats: std::collections::BTreeMap<String, u64>,
 }
 
 /// What to boot, with which programs.
@@ -200,6 +204,7 @@ impl Probe {
             Vmm::Qemu => None,
         };
         let mem = procfs::mem(child.id()).context("reading the VMM's smaps")?;
+        let kvm_stats = kvm_debugfs_stats(child.id());
         Ok(Sample {
             vmm,
             round,
@@ -211,8 +216,57 @@ impl Probe {
             rss_outside_kib: mem.rss_kib,
             pss_outside_kib: mem.pss_kib,
             counters,
+            kvm_stats,
         })
     }
+}
+
+/// KVM's debugfs directory of each VM is `<pid>-<vm fd>`; its files hold one number each.
+const KVM_DEBUGFS: &str = "/sys/kernel/debug/kvm";
+/// The figures kept (the ones that tell where a boot's time goes).
+const KVM_STATS: &[&str] = &[
+    "exits",
+    "io_exits",
+    "mmio_exits",
+    "irq_exits",
+    "halt_exits",
+    "halt_wakeup",
+    "pf_fixed",
+    "pf_taken",
+    "pf_emulate",
+    "insn_emulation",
+    "irq_injections",
+    "nmi_window_exits",
+    "irq_window_exits",
+    "request_irq_exits",
+    "signal_exits",
+    "host_state_reload",
+    "tlb_flush",
+    "pages_4k",
+    "pages_2m",
+    "pages_1g",
+];
+
+fn kvm_debugfs_stats(pid: u32) -> std::collections::BTreeMap<String, u64> {
+    let mut out = std::collections::BTreeMap::new();
+    let Ok(dir) = std::fs::read_dir(KVM_DEBUGFS) else {
+        return out;
+    };
+    let prefix = format!("{pid}-");
+    for vm in dir.flatten() {
+        if !vm.file_name().to_string_lossy().starts_with(&prefix) {
+            continue;
+        }
+        for name in KVM_STATS {
+            let v = std::fs::read_to_string(vm.path().join(name))
+                .ok()
+                .and_then(|t| t.trim().parse::<u64>().ok());
+            if let Some(v) = v {
+                *out.entry((*name).to_string()).or_default() += v;
+            }
+        }
+    }
+    out
 }
 
 enum Event {
@@ -336,6 +390,7 @@ mod tests {
             rss_outside_kib: 3000,
             pss_outside_kib: 2000,
             counters: Some(serde_json::json!({"pio": 10})),
+            kvm_stats: [("exits".to_string(), 5)].into(),
         };
         let line = serde_json::to_string(&s).unwrap();
         assert!(line.contains("\"vmm\":\"husk-vmm\""), "{line}");
