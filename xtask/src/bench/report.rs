@@ -6,20 +6,9 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 
-use super::results::{Results, Row};
-use super::scenarios::one_line;
-
-/// Rounds for reading: three significant figures, at most two decimals.
-pub fn fmt_num(v: f64) -> String {
-    let a = v.abs();
-    if a >= 100.0 {
-        format!("{v:.0}")
-    } else if a >= 10.0 {
-        format!("{v:.1}")
-    } else {
-        format!("{v:.2}")
-    }
-}
+use super::results::{one_line, Results, Row};
+// The number format every part of the report uses (a leaf, so the runner can use it too).
+pub use super::stats::fmt_num;
 
 fn row_lines(out: &mut String, row: &Row) {
     let ratio = row
@@ -223,12 +212,5 @@ mod tests {
         assert!(std::fs::read_to_string(&md)
             .unwrap()
             .contains("benchmarks/b.json"));
-    }
-
-    #[test]
-    fn numbers_round_for_reading() {
-        assert_eq!(fmt_num(1834.4), "1834");
-        assert_eq!(fmt_num(12.345), "12.3");
-        assert_eq!(fmt_num(2.345), "2.35");
     }
 }

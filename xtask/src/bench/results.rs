@@ -75,3 +75,12 @@ pub struct Results {
     /// Scenarios of the issue that this run does not measure, with the reason.
     pub not_done: Vec<String>,
 }
+
+/// An error message on one line, for a Markdown list item.
+pub fn one_line(s: &str) -> String {
+    s.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ⏎ ")
+}

@@ -108,7 +108,7 @@ pub fn alternate(
 }
 
 fn fmt(v: f64, unit: &str) -> String {
-    format!("{} {unit}", super::report::fmt_num(v))
+    format!("{} {unit}", super::stats::fmt_num(v))
 }
 
 pub fn ms(d: Duration) -> f64 {

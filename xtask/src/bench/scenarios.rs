@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 use super::breakdown::{log_offset_ms, Watcher};
 use super::env::{Env, HUSK_RUNTIME, RUNC_RUNTIME};
 use super::procfs::{self, Mem};
-use super::results::{Row, Scenario, Series};
+use super::results::{one_line, Row, Scenario, Series};
 use super::runner::{alternate, ms, timed};
 
 const DEADLINE: Duration = Duration::from_secs(120);
@@ -434,13 +434,4 @@ pub fn density(env: &Env, sides: &Sides, pods: usize) -> Result<Scenario> {
         }
     }
     Ok(sc)
-}
-
-/// An error message on one line, for a Markdown list item.
-pub fn one_line(s: &str) -> String {
-    s.lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .collect::<Vec<_>>()
-        .join(" ⏎ ")
 }

@@ -1,6 +1,19 @@
-//! Order statistics of a sample: median, p95 (nearest rank), min, max. Pure functions, no I/O.
+//! Order statistics of a sample: median, p95 (nearest rank), min, max, and how a number is
+//! rounded for reading. Pure functions, no I/O; a leaf of the bench.
 
 use serde::Serialize;
+
+/// Rounds for reading: three significant figures, at most two decimals.
+pub fn fmt_num(v: f64) -> String {
+    let a = v.abs();
+    if a >= 100.0 {
+        format!("{v:.0}")
+    } else if a >= 10.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.2}")
+    }
+}
 
 /// The summary BENCHMARKS.md shows for one series.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
@@ -86,5 +99,12 @@ mod tests {
             }
         );
         assert_eq!(summarize(&[]), None);
+    }
+
+    #[test]
+    fn numbers_round_for_reading() {
+        assert_eq!(fmt_num(1834.4), "1834");
+        assert_eq!(fmt_num(12.345), "12.3");
+        assert_eq!(fmt_num(2.345), "2.35");
     }
 }
