@@ -259,7 +259,7 @@ impl Config {
         }
         let path = &self.debug_shell;
         check_program(path)
-            .and_then(|()| crate::debug_console::check_static(path))
+            .and_then(|()| crate::elf::check_static(path))
             .map_err(|reason| ConfigError::DebugShell {
                 file: self.source_name(),
                 path: path.clone(),

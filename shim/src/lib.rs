@@ -12,7 +12,7 @@
 //! - [`network`]: the pod netns mirrored to the guest's NICs (taps + tc redirects);
 //! - [`io`]: stdio relays; [`agent`]: the agent client; [`config`]: `/etc/husk/config.toml`;
 //! - [`debug_console`]: the guest's root shell for debugging, and the `console` command that
-//!   attaches to it;
+//!   attaches to it; [`elf`]: whether a program runs without a dynamic loader;
 //! - [`metrics`]: what the shim measures of its sandbox, served on its metrics socket;
 //!   [`monitor`]: the node's Prometheus endpoint (`containerd-shim-husk-v2 monitor`);
 //! - [`pool`]: the warm pool of pre-booted VMs (`containerd-shim-husk-v2 pool`).
@@ -20,6 +20,7 @@
 pub mod agent;
 pub mod config;
 pub mod debug_console;
+pub mod elf;
 pub mod error;
 pub mod host_cgroup;
 pub mod host_fs;
