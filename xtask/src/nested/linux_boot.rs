@@ -248,9 +248,11 @@ pub fn print(o: &Options) -> Result<()> {
             vmm.label(),
             s.iter()
                 .map(|x| format!(
-                    "{:.0}/{}",
+                    "{:.0}/{} (cpu {:.0}, idle {:.0})",
                     x.ready_ms,
-                    x.kernel_to_agent_ms.map_or("-".into(), |v| v.to_string())
+                    x.kernel_to_agent_ms.map_or("-".into(), |v| v.to_string()),
+                    x.vmm_cpu_ms.unwrap_or(f64::NAN),
+                    x.idle_ms.unwrap_or(f64::NAN),
                 ))
                 .collect::<Vec<_>>()
                 .join(" ")

@@ -76,6 +76,12 @@ pub struct Sample {
     /// halts, … summed over its vCPUs), where debugfs is mounted.
     #[serde(default)]
     pub kvm_stats: std::collections::BTreeMap<String, u64>,
+    /// CPU time of the VMM process (all threads, user + system) from spawn to the ready line.
+    #[serde(default)]
+    pub vmm_cpu_ms: Option<f64>,
+    /// Time the machine's CPUs were idle between spawn and the ready line (summed over CPUs).
+    #[serde(default)]
+    pub idle_ms: Option<f64>,
 }
 
 /// What to boot, with which programs.
@@ -156,11 +162,15 @@ impl Probe {
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
+        let idle_at_spawn = idle_ms();
         let start = Instant::now();
         let mut child = cmd
             .spawn()
             .with_context(|| format!("starting {}", crate::run::show(&cmd)))?;
-        let res = self.follow(vmm, round, &mut child, start);
+        let res = self.follow(vmm, round, &mut child, start).map(|mut s| {
+            s.idle_ms = s.idle_ms.zip(idle_at_spawn).map(|(a, b)| a - b);
+            s
+        });
         // Our own child, by its handle.
         let _ = child.kill();
         let _ = child.wait();
@@ -184,7 +194,7 @@ impl Probe {
             let left = BOOT_DEADLINE.saturating_sub(start.elapsed());
             match rx.recv_timeout(left) {
                 Ok(Event::FirstByte(t)) => first = Some(t),
-                Ok(Event::Ready(t, line)) => break (t, line),
+                Ok(Event::Ready(t, line)) => break (t, line, cpu_ms(child.id()), idle_ms()),
                 Err(mpsc::RecvTimeoutError::Timeout) => {
                     bail!("no `husk-agent ready:` line within {BOOT_DEADLINE:?}")
                 }
@@ -217,8 +227,46 @@ impl Probe {
             pss_outside_kib: mem.pss_kib,
             counters,
             kvm_stats,
+            vmm_cpu_ms: ready.2,
+            idle_ms: ready.3,
         })
     }
+}
+
+/// User + system CPU time of process `pid` (all its threads), from /proc/PID/stat.
+fn cpu_ms(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command (which may hold spaces) start after the last ')'.
+    let rest = stat.rsplit_once(')')?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after ')' (0-based 11, 12).
+    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    #[allow(clippy::cast_precision_loss)]
+    Some(ticks as f64 * 1000.0 / clock_ticks())
+}
+
+fn clock_ticks() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let t = unsafe { nix::libc::sysconf(nix::libc::_SC_CLK_TCK) };
+    #[allow(clippy::cast_precision_loss)]
+    if t > 0 {
+        t as f64
+    } else {
+        100.0
+    }
+}
+
+/// Idle time of all CPUs so far, from /proc/stat's `cpu` line (idle + iowait).
+fn idle_ms() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let cpu = stat.lines().find(|l| l.starts_with("cpu "))?;
+    let f: Vec<u64> = cpu
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    #[allow(clippy::cast_precision_loss)]
+    Some((f.get(3)? + f.get(4)?) as f64 * 1000.0 / clock_ticks())
 }
 
 /// KVM's debugfs directory of each VM is `<pid>-<vm fd>`; its files hold one number each.
@@ -391,6 +439,8 @@ mod tests {
             pss_outside_kib: 2000,
             counters: Some(serde_json::json!({"pio": 10})),
             kvm_stats: [("exits".to_string(), 5)].into(),
+            vmm_cpu_ms: Some(800.0),
+            idle_ms: Some(10.0),
         };
         let line = serde_json::to_string(&s).unwrap();
         assert!(line.contains("\"vmm\":\"husk-vmm\""), "{line}");
