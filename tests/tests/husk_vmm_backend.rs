@@ -4,8 +4,6 @@
 //! by the virtiofsd the backend starts; stop, kill, drop and a guest power-off leave no
 //! process or socket behind.
 
-mod vmm_support;
-
 use std::io::{Read, Write};
 use std::path::Path;
 use std::time::Duration;
@@ -14,7 +12,7 @@ use husk_hypervisor::console::wait_for_line;
 use husk_hypervisor::husk_vmm::HuskVmm;
 use husk_hypervisor::{vsock, Hypervisor, Vm, VmConfig};
 use husk_tests::process_alive;
-use vmm_support::{guest, require_kvm, vmm_binary};
+use husk_tests::vmm::{guest, require_kvm, vmm_binary};
 
 const DEADLINE: Duration = Duration::from_secs(30);
 

@@ -9,8 +9,6 @@
 //! an L1 VM under QEMU TCG with emulated AMD SVM, whose kvm_amd is hardware KVM to this test
 //! (`xtask/src/nested/`; the summary says `passed (nested, emulated SVM)`).
 
-mod vmm_support;
-
 use std::time::Duration;
 
 use husk_hypervisor::console::wait_for_ready;
@@ -49,7 +47,7 @@ fn linux_guest_on_husk_vmm_reaches_the_agent_over_vsock() {
         nets: Vec::new(),
         jail: None,
     };
-    let hv = HuskVmm::with_program(vmm_support::vmm_binary()).expect("husk-vmm backend");
+    let hv = HuskVmm::with_program(husk_tests::vmm::vmm_binary()).expect("husk-vmm backend");
     let mut vm = hv.start(&cfg).expect("starting the VM on husk-vmm");
     let console = |vm: &dyn husk_hypervisor::Vm| {
         std::fs::read_to_string(vm.console_log()).unwrap_or_default()

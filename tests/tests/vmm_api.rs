@@ -2,14 +2,12 @@
 //! progress, resume restarts it, counters reflect what the guest did, shutdown ends the
 //! VMM with status 0 and removes the socket; a taken socket path is refused in one line.
 
-mod vmm_support;
-
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use vmm_support::{guest, require_kvm, run_vmm, spawn_vmm, Running, TempDir};
+use husk_tests::vmm::{guest, require_kvm, run_vmm, spawn_vmm, Running, TempDir};
 
 fn request(sock: &Path, req: &str) -> String {
     let mut s =

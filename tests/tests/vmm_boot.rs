@@ -1,11 +1,9 @@
 //! Tier 2: husk-vmm boots synthetic guests under real KVM through the same ELF/PVH path as
 //! Linux, and they see what the VMM handed over (vCPUs, RAM, command line).
 
-mod vmm_support;
-
 use std::time::Duration;
 
-use vmm_support::{guest, require_kvm, run_vmm, TempDir};
+use husk_tests::vmm::{guest, require_kvm, run_vmm, TempDir};
 
 const DEADLINE: Duration = Duration::from_secs(30);
 
@@ -214,7 +212,7 @@ fn console_input_on_stdin_reaches_the_guest() {
     require_kvm();
     let g = guest("serial_echo");
     let mut vm =
-        vmm_support::spawn_vmm_with_stdin(&["--kernel", s(&g)], std::process::Stdio::piped());
+        husk_tests::vmm::spawn_vmm_with_stdin(&["--kernel", s(&g)], std::process::Stdio::piped());
     vm.wait_line("the ready line", DEADLINE, |l| l == "husk serial: ready");
     // More than the UART's FIFO holds, so the input thread must wait for the guest.
     let line = format!("typed on the host {}\n", "x".repeat(150));

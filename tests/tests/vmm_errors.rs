@@ -1,11 +1,9 @@
 //! Missing or wrong input to husk-vmm: one line on stderr naming the thing and the fix,
 //! a failing exit status, and no guest started.
 
-mod vmm_support;
-
 use std::time::Duration;
 
-use vmm_support::{guest, require_kvm, run_vmm, TempDir};
+use husk_tests::vmm::{guest, require_kvm, run_vmm, TempDir};
 
 const DEADLINE: Duration = Duration::from_secs(30);
 

@@ -2,13 +2,11 @@
 //! speaks FUSE over husk-vmm's vhost-user-fs device (INIT, LOOKUP, OPEN, READ, WRITE),
 //! reads a file the host wrote and appends a line the host then finds.
 
-mod vmm_support;
-
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use vmm_support::{guest, kill_child, require_kvm, run_vmm, TempDir};
+use husk_tests::vmm::{guest, kill_child, require_kvm, run_vmm, TempDir};
 
 /// virtiofsd: `$HUSK_VIRTIOFSD`, else on PATH, else in cargo's bin directory.
 fn virtiofsd() -> PathBuf {

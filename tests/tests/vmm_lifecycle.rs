@@ -1,11 +1,9 @@
 //! An idle guest: husk-vmm neither exits nor spins while the guest halts, stays small,
 //! and ends cleanly (status 0) when the host asks with SIGTERM.
 
-mod vmm_support;
-
 use std::time::Duration;
 
-use vmm_support::{guest, require_kvm, spawn_vmm};
+use husk_tests::vmm::{guest, require_kvm, spawn_vmm};
 
 #[test]
 fn idle_guest_costs_no_cpu_and_sigterm_ends_the_vmm_with_status_0() {
@@ -44,7 +42,7 @@ fn idle_guest_costs_no_cpu_and_sigterm_ends_the_vmm_with_status_0() {
 fn triple_fault_ends_the_vmm_with_status_0() {
     require_kvm();
     let g = guest("triplefault");
-    let run = vmm_support::run_vmm(&["--kernel", g.to_str().unwrap()], Duration::from_secs(30));
+    let run = husk_tests::vmm::run_vmm(&["--kernel", g.to_str().unwrap()], Duration::from_secs(30));
     assert_eq!(run.stdout, "husk triplefault: faulting\n");
     assert_eq!(run.status.code(), Some(0), "stderr: {}", run.stderr);
 }
@@ -53,7 +51,7 @@ fn triple_fault_ends_the_vmm_with_status_0() {
 fn kvm_internal_error_is_fatal_with_a_register_dump() {
     require_kvm();
     let g = guest("mmiojump");
-    let run = vmm_support::run_vmm(&["--kernel", g.to_str().unwrap()], Duration::from_secs(30));
+    let run = husk_tests::vmm::run_vmm(&["--kernel", g.to_str().unwrap()], Duration::from_secs(30));
     assert_eq!(run.stdout, "husk mmiojump: jumping to 0xe0000000\n");
     assert_eq!(run.status.code(), Some(1), "stderr: {}", run.stderr);
     assert!(run.stderr.contains("KVM internal error"), "{}", run.stderr);
@@ -72,13 +70,13 @@ fn kvm_internal_error_is_fatal_with_a_register_dump() {
 #[test]
 fn the_vmm_dies_with_its_parent() {
     require_kvm();
-    let dir = vmm_support::TempDir::new("vmm-orphan");
+    let dir = husk_tests::vmm::TempDir::new("vmm-orphan");
     let log = dir.0.join("console.log");
     let g = guest("idle");
     // A shell stands in for the shim: it starts husk-vmm, reports its pid, and exits.
     let script = format!(
         "'{}' --kernel '{}' --console-log '{}' --die-with-parent </dev/null >/dev/null 2>&1 & echo $!; sleep 1",
-        vmm_support::vmm_binary().display(),
+        husk_tests::vmm::vmm_binary().display(),
         g.display(),
         log.display()
     );

@@ -7,12 +7,10 @@
 //! The kernel is `$HUSK_KERNEL`, else `<workspace>/target/husk/vmlinux`; if neither
 //! exists the test fails and says how to get one.
 
-mod vmm_support;
-
 use std::path::PathBuf;
 use std::time::Duration;
 
-use vmm_support::{require_kvm, spawn_vmm, workspace};
+use husk_tests::vmm::{require_kvm, spawn_vmm, workspace};
 
 const PVM_SAFE_CMDLINE: &str = "earlyprintk=ttyS0 noxsave nopcid noinvpcid \
     clearcpuid=cx16,popcnt,rdrand,rdseed,movbe,abm,bmi1,bmi2,fsgsbase,smap,smep,rdpid,clwb,\

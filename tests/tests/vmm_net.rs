@@ -2,12 +2,10 @@
 //! faces a synthetic guest that broadcasts an ARP request for it; the host kernel's reply
 //! must come back through husk-vmm to the guest.
 
-mod vmm_support;
-
 use std::process::Command;
 use std::time::Duration;
 
-use vmm_support::{guest, require_kvm, run_vmm, run_vmm_via};
+use husk_tests::vmm::{guest, require_kvm, run_vmm, run_vmm_via};
 
 /// A network namespace, deleted (with its tap) when dropped.
 struct Netns(String);

@@ -1,11 +1,9 @@
 //! virtio-rng end to end: a synthetic guest drives the virtio-mmio transport (probe,
 //! feature negotiation, queue setup, notify) and reads random bytes from husk-vmm.
 
-mod vmm_support;
-
 use std::time::Duration;
 
-use vmm_support::{guest, require_kvm, run_vmm};
+use husk_tests::vmm::{guest, require_kvm, run_vmm};
 
 const DEADLINE: Duration = Duration::from_secs(30);
 

@@ -12,15 +12,13 @@
 //! as it is the default. Each filter's list is checked call by call in
 //! `husk_vmm::seccomp`'s unit tests.
 
-mod vmm_support;
-
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use vmm_support::{guest, require_kvm, spawn_vmm, Running, TempDir};
+use husk_tests::vmm::{guest, require_kvm, spawn_vmm, Running, TempDir};
 
 /// `PF_USER_WORKER`: a thread the kernel runs for the process (KVM's NX huge page
 /// recovery worker); it never runs user code, and is named after its creator until it

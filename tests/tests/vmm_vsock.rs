@@ -3,14 +3,12 @@
 //! several connections at once, with payloads larger than the guest's 4 KiB credit;
 //! and a synthetic guest client connects out to a host unix socket `<path>_<port>`.
 
-mod vmm_support;
-
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
 
-use vmm_support::{guest, require_kvm, run_vmm, spawn_vmm, Running, TempDir};
+use husk_tests::vmm::{guest, require_kvm, run_vmm, spawn_vmm, Running, TempDir};
 
 fn start(dir: &TempDir, extra: &[&str]) -> (Running, std::path::PathBuf) {
     let sock = dir.0.join("vsock.sock");

@@ -1,10 +1,9 @@
-//! Shared helpers for the husk-vmm tests: find (build) the `husk-vmm` binary, find the
-//! synthetic guests, run a VM with a deadline and capture what it printed.
+//! Shared helpers for the husk-vmm tests (`vmm_*.rs`, `husk_vmm_*.rs`): find (build) the
+//! `husk-vmm` binary, find the synthetic guests, run a VM with a deadline and capture what it
+//! printed.
 //!
 //! Prerequisites are checked, not assumed: without /dev/kvm or root a test fails with a
 //! message saying so; it never passes silently.
-
-#![allow(dead_code)] // each test file uses its own subset
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -13,13 +12,7 @@ use std::sync::mpsc;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-/// The workspace root.
-pub fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("tests/ has a parent")
-        .to_path_buf()
-}
+pub use crate::workspace;
 
 /// Fails the test unless this machine can run husk-vmm guests.
 pub fn require_kvm() {
