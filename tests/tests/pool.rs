@@ -476,3 +476,49 @@ fn killing_a_pooled_vm_or_a_claiming_shim_leaves_nothing() {
     );
     assert_sandbox_gone(&next);
 }
+
+#[test]
+fn a_changed_configuration_ends_the_holder_and_its_vms() {
+    require_root("the pool boots VMs and mounts their shares");
+    let t = tempfile::tempdir().unwrap();
+    let mut holder = Holder::start(t.path());
+    holder.wait_ready(2);
+    let held: Vec<String> = holder.status()["vms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["vmid"].as_str().unwrap().to_string())
+        .collect();
+    // An edit that leaves the pool as it is changes nothing.
+    let text = std::fs::read_to_string(&holder.config).unwrap();
+    std::fs::write(&holder.config, format!("{text}\n# an edit\n")).unwrap();
+    std::thread::sleep(Duration::from_secs(7));
+    assert!(
+        holder.child.try_wait().unwrap().is_none(),
+        "the holder ended on an edit that does not change the pool:\n{}",
+        holder.log()
+    );
+    // Another VM size: the holder ends, and its VMs with it.
+    std::fs::write(&holder.config, format!("memory_mib = 320\n{text}")).unwrap();
+    wait_until("the holder to end", Duration::from_secs(15), || {
+        holder.child.try_wait().unwrap().is_some()
+    });
+    assert!(
+        holder
+            .log()
+            .contains("changed: the pool is now 2 VM(s) of 1 vCPU, 320 MiB"),
+        "{}",
+        holder.log()
+    );
+    for vmid in held {
+        vm_gone(&vmid);
+    }
+    wait_until(
+        "the pooled VMs' directories and jail ids to go",
+        Duration::from_secs(10),
+        || {
+            let (dirs, ids) = pool_leftovers();
+            dirs.is_empty() && ids.is_empty()
+        },
+    );
+}

@@ -132,6 +132,16 @@ pub fn run(config: Config) -> Result<(), PoolError> {
         state: Mutex::new(State::default()),
         changed: Condvar::new(),
     });
+    if let Some(path) = holder.config.source.clone() {
+        let watched = holder.clone();
+        std::thread::Builder::new()
+            .name("config".into())
+            .spawn(move || watch_config(&watched, &path))
+            .map_err(super::io(
+                "starting the configuration watch of",
+                &holder.paths.dir,
+            ))?;
+    }
     let filler = holder.clone();
     std::thread::Builder::new()
         .name("fill".into())
@@ -149,6 +159,54 @@ pub fn run(config: Config) -> Result<(), PoolError> {
     }
     drop(lock);
     Ok(())
+}
+
+/// How often the holder looks at its configuration file.
+const CONFIG_POLL: Duration = Duration::from_secs(5);
+
+/// What of a configuration the holder acts on: its shape and size.
+fn pool_of(config: &Config) -> Result<(Shape, usize), String> {
+    Ok((
+        Shape::default_of(config)?,
+        usize::try_from(config.pool.size).unwrap_or(0),
+    ))
+}
+
+/// Ends the holder when its configuration file now asks for another pool (shape or size):
+/// its VMs die with it (their keepers see it gone), and the next shim that wants a VM starts
+/// a holder of the new configuration (a DaemonSet restarts it). A file that cannot be read
+/// or parsed meanwhile changes nothing: the holder keeps what it has and says why.
+fn watch_config(h: &Holder, path: &std::path::Path) {
+    let mtime = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let mut seen = mtime(path);
+    loop {
+        std::thread::sleep(CONFIG_POLL);
+        let now = mtime(path);
+        if now == seen {
+            continue;
+        }
+        seen = now;
+        match Config::load(Some(path))
+            .map_err(|e| e.to_string())
+            .and_then(|c| pool_of(&c))
+        {
+            Ok((shape, size)) if shape == h.shape && size == h.size => {}
+            Ok((shape, size)) => {
+                log::warn!(
+                    "{} changed: the pool is now {size} VM(s) of {} vCPU, {} MiB on {} — exiting, so that a holder of the new configuration takes over (the VMs held now die with this one)",
+                    path.display(),
+                    shape.vcpus,
+                    shape.memory_mib,
+                    shape.backend
+                );
+                std::process::exit(0);
+            }
+            Err(e) => log::error!(
+                "{} changed but cannot be used ({e}); the pool keeps its configuration",
+                path.display()
+            ),
+        }
+    }
 }
 
 /// Removes what dead keepers left under `.pool/` (a VM directory whose lock nobody holds).
