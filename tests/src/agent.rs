@@ -368,6 +368,94 @@ impl Agent {
     }
 }
 
+/// `husk-agent serve` on the host (root, no VM): the agent on a unix socket in a temporary
+/// directory, its shared directory beside it, and a client connected to it. The
+/// `agent_host_*` tests use it; [`HostAgent::in_new_netns`] gives it a network namespace of
+/// its own.
+pub struct HostAgent {
+    pub child: std::process::Child,
+    dir: tempfile::TempDir,
+    pub agent: Agent,
+}
+
+impl HostAgent {
+    /// The agent in the test's own namespaces.
+    pub fn start() -> Self {
+        crate::require_root("creating containers needs root");
+        Self::spawn(None)
+    }
+
+    /// The agent in a new network namespace (`unshare --net`, which execs it: the child's
+    /// PID is the agent's), for the network RPCs.
+    pub fn in_new_netns() -> Self {
+        crate::require_root("network namespaces and netlink changes need root");
+        crate::require_program("unshare", "util-linux");
+        Self::spawn(Some(&["unshare", "--net"]))
+    }
+
+    fn spawn(launcher: Option<&[&str]>) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("shared")).unwrap();
+        let sock = dir.path().join("agent.sock");
+        let mut cmd = match launcher {
+            Some([program, args @ ..]) => {
+                let mut c = std::process::Command::new(program);
+                c.args(args).arg(agent_binary());
+                c
+            }
+            _ => std::process::Command::new(agent_binary()),
+        };
+        let child = cmd
+            .arg("serve")
+            .arg("--listen")
+            .arg(format!("unix://{}", sock.display()))
+            .arg("--shared-dir")
+            .arg(dir.path().join("shared"))
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .expect("starting husk-agent serve");
+        let agent = Agent::connect_unix(&sock, Duration::from_secs(10));
+        Self { child, dir, agent }
+    }
+
+    /// The directory the agent takes as the share (a container's rootfs is `<id>/rootfs`).
+    pub fn shared(&self) -> PathBuf {
+        self.dir.path().join("shared")
+    }
+
+    /// A busybox rootfs for container `id` in the share.
+    pub fn rootfs(&self, id: &str) -> PathBuf {
+        busybox_rootfs(&self.shared(), id)
+    }
+
+    /// A rootfs for `id`, then the container created, started and waited for.
+    pub fn run(&self, id: &str, spec: &Value) -> Output {
+        self.rootfs(id);
+        self.agent.run(id, spec)
+    }
+}
+
+impl Drop for HostAgent {
+    /// DestroySandbox first, so that containers a failed test left running are killed by the
+    /// agent (they are not its children's children only: each is PID 1 of its own namespace);
+    /// then the agent, which exits after it, is reaped (killed if it has not exited).
+    fn drop(&mut self) {
+        let _ = self.agent.client.destroy_sandbox(
+            context::with_timeout(10_000_000_000),
+            &DestroySandboxRequest::new(),
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// The ttrpc status of a failed call: (code, message).
 pub fn status_of<T: std::fmt::Debug>(r: ttrpc::Result<T>) -> (ttrpc::Code, String) {
     match r {

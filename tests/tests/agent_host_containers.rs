@@ -4,73 +4,11 @@
 //! (agent_vm.rs); these run without a cgroup.
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use husk_protocols::ttrpc::Code;
-use husk_tests::agent::{agent_binary, busybox_rootfs, spec, status_of, Agent};
-use husk_tests::require_root;
+use husk_tests::agent::{spec, status_of, HostAgent};
 use serde_json::json;
-
-struct HostAgent {
-    child: Child,
-    dir: tempfile::TempDir,
-    agent: Agent,
-}
-
-impl HostAgent {
-    fn start() -> Self {
-        require_root("creating containers needs root");
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::create_dir(dir.path().join("shared")).unwrap();
-        let sock = dir.path().join("agent.sock");
-        let child = Command::new(agent_binary())
-            .arg("serve")
-            .arg("--listen")
-            .arg(format!("unix://{}", sock.display()))
-            .arg("--shared-dir")
-            .arg(dir.path().join("shared"))
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("starting husk-agent serve");
-        let agent = Agent::connect_unix(&sock, Duration::from_secs(10));
-        Self { child, dir, agent }
-    }
-
-    fn shared(&self) -> std::path::PathBuf {
-        self.dir.path().join("shared")
-    }
-
-    fn rootfs(&self, id: &str) -> std::path::PathBuf {
-        busybox_rootfs(&self.shared(), id)
-    }
-
-    fn run(&self, id: &str, spec: &serde_json::Value) -> husk_tests::agent::Output {
-        self.rootfs(id);
-        self.agent.run(id, spec)
-    }
-}
-
-impl Drop for HostAgent {
-    /// DestroySandbox first, so that containers a failed test left running are killed by the
-    /// agent (they are not its children's children only: each is PID 1 of its own namespace);
-    /// then the agent, which exits after it, is reaped (killed if it has not exited).
-    fn drop(&mut self) {
-        let _ = self.agent.client.destroy_sandbox(
-            husk_protocols::ttrpc::context::with_timeout(10_000_000_000),
-            &husk_protocols::agent::DestroySandboxRequest::new(),
-        );
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while std::time::Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 #[test]
 fn destroy_sandbox_kills_what_runs_and_ends_the_agent() {

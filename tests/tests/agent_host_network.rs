@@ -2,72 +2,36 @@
 //! as `husk-agent serve` in a network namespace of its own, where the test makes a veth pair
 //! with iproute2 and checks what the agent configured with iproute2 too.
 
-use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::process::Command;
 
 use husk_protocols::agent::*;
 use husk_protocols::ttrpc::{context, Code};
-use husk_tests::agent::{agent_binary, status_of, Agent};
-use husk_tests::{require_program, require_root};
+use husk_tests::agent::{status_of, HostAgent};
+use husk_tests::require_program;
 
-struct NetnsAgent {
-    child: Child,
-    agent: Agent,
-    _dir: tempfile::TempDir,
+/// Runs `ip ARGS` in the network namespace of agent `n`.
+fn ip(n: &HostAgent, args: &str) -> String {
+    let out = Command::new("nsenter")
+        .arg("-t")
+        .arg(n.child.id().to_string())
+        .arg("-n")
+        .arg("ip")
+        .args(args.split_whitespace())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "ip {args}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-impl NetnsAgent {
-    fn start() -> Self {
-        require_root("network namespaces and netlink changes need root");
-        require_program("unshare", "util-linux");
-        require_program("ip", "iproute2");
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::create_dir(dir.path().join("shared")).unwrap();
-        let sock = dir.path().join("agent.sock");
-        // unshare execs the agent directly: the child's PID is the agent's.
-        let child = Command::new("unshare")
-            .arg("--net")
-            .arg(agent_binary())
-            .arg("serve")
-            .arg("--listen")
-            .arg(format!("unix://{}", sock.display()))
-            .arg("--shared-dir")
-            .arg(dir.path().join("shared"))
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("starting the agent in a new network namespace");
-        let agent = Agent::connect_unix(&sock, Duration::from_secs(10));
-        Self {
-            child,
-            agent,
-            _dir: dir,
-        }
-    }
-
-    /// Runs `ip ARGS` in the agent's network namespace.
-    fn ip(&self, args: &str) -> String {
-        let out = Command::new("nsenter")
-            .arg("-t")
-            .arg(self.child.id().to_string())
-            .arg("-n")
-            .arg("ip")
-            .args(args.split_whitespace())
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "ip {args}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-}
-
-impl Drop for NetnsAgent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// The agent in a network namespace of its own, with iproute2 to look at it.
+fn netns_agent() -> HostAgent {
+    let n = HostAgent::in_new_netns();
+    require_program("ip", "iproute2");
+    n
 }
 
 fn ctx() -> context::Context {
@@ -76,7 +40,7 @@ fn ctx() -> context::Context {
 
 #[test]
 fn interfaces_are_listed_configured_by_mac_and_routed() {
-    let n = NetnsAgent::start();
+    let n = netns_agent();
     let list = n
         .agent
         .client
@@ -89,8 +53,8 @@ fn interfaces_are_listed_configured_by_mac_and_routed() {
         "{list:?}"
     );
 
-    n.ip("link add v0 type veth peer name v1");
-    n.ip("link set v1 up");
+    ip(&n, "link add v0 type veth peer name v1");
+    ip(&n, "link set v1 up");
     let list = n
         .agent
         .client
@@ -141,12 +105,12 @@ fn interfaces_are_listed_configured_by_mac_and_routed() {
             .any(|a| a.address == "10.9.0.2" && a.prefix_len == 24),
         "{got:?}"
     );
-    let link = n.ip("-o addr show dev eth0");
+    let link = ip(&n, "-o addr show dev eth0");
     assert!(
         link.contains("inet 10.9.0.2/24") && link.contains("inet6 fd00:9::2/64"),
         "{link}"
     );
-    assert!(n.ip("-o link show dev eth0").contains("mtu 1400"));
+    assert!(ip(&n, "-o link show dev eth0").contains("mtu 1400"));
 
     let routes = vec![
         Route {
@@ -178,7 +142,7 @@ fn interfaces_are_listed_configured_by_mac_and_routed() {
             .any(|r| r.destination == "0.0.0.0/0" && r.gateway == "10.9.0.1" && r.device == "eth0"),
         "{got:?}"
     );
-    let table = n.ip("-4 route show");
+    let table = ip(&n, "-4 route show");
     assert!(table.contains("default via 10.9.0.1 dev eth0"), "{table}");
     assert!(table.contains("10.10.0.0/16 dev eth0"), "{table}");
 
@@ -199,7 +163,7 @@ fn interfaces_are_listed_configured_by_mac_and_routed() {
             },
         )
         .unwrap();
-    let table = n.ip("-4 route show");
+    let table = ip(&n, "-4 route show");
     assert!(
         table.contains("default via 10.9.0.254 dev eth0") && !table.contains("10.10.0.0/16"),
         "{table}"
@@ -242,8 +206,11 @@ fn interfaces_are_listed_configured_by_mac_and_routed() {
 /// by that, and it takes the pod's; a `match_mac` no NIC has is refused naming it.
 #[test]
 fn a_nic_found_by_match_mac_takes_the_pods_mac() {
-    let n = NetnsAgent::start();
-    n.ip("link add v0 address 02:11:22:33:44:55 type veth peer name v1");
+    let n = netns_agent();
+    ip(
+        &n,
+        "link add v0 address 02:11:22:33:44:55 type veth peer name v1",
+    );
     let want = Interface {
         name: "eth0".into(),
         mac: "0a:58:0a:58:00:07".into(),
@@ -278,7 +245,5 @@ fn a_nic_found_by_match_mac_takes_the_pods_mac() {
         ("eth0", "0a:58:0a:58:00:07", 1400, true),
         "{got:?}"
     );
-    assert!(n
-        .ip("-o link show dev eth0")
-        .contains("link/ether 0a:58:0a:58:00:07"));
+    assert!(ip(&n, "-o link show dev eth0").contains("link/ether 0a:58:0a:58:00:07"));
 }
