@@ -133,6 +133,62 @@ impl PrivateContainerd {
             .expect("running ctr")
     }
 
+    /// `ctr run --rm [--runtime RUNTIME] OPTIONS… IMAGE ID ARGS…` as a command, for callers
+    /// that need its stdio or want it in the background: the container runs to its end (ctr's
+    /// exit status is the process's) and is deleted after. `runtime` `None` is containerd's
+    /// default (runc).
+    pub fn run_rm_command(
+        &self,
+        runtime: Option<&str>,
+        options: &[&str],
+        image: &str,
+        id: &str,
+        args: &[&str],
+    ) -> Command {
+        let mut all = vec!["run", "--rm"];
+        if let Some(r) = runtime {
+            all.extend(["--runtime", r]);
+        }
+        all.extend_from_slice(options);
+        all.extend([image, id]);
+        all.extend_from_slice(args);
+        self.ctr_command(&all)
+    }
+
+    /// [`Self::run_rm_command`] with stdin from /dev/null, to its end: ctr's output.
+    pub fn run_rm(
+        &self,
+        runtime: Option<&str>,
+        options: &[&str],
+        image: &str,
+        id: &str,
+        args: &[&str],
+    ) -> Output {
+        self.run_rm_command(runtime, options, image, id, args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("running ctr")
+    }
+
+    /// [`Self::run_rm`], failing the test with ctr's output unless it succeeds: the stdout.
+    pub fn run_rm_ok(
+        &self,
+        runtime: Option<&str>,
+        options: &[&str],
+        image: &str,
+        id: &str,
+        args: &[&str],
+    ) -> String {
+        let out = self.run_rm(runtime, options, image, id, args);
+        assert!(
+            out.status.success(),
+            "ctr run --rm {image} {id} {args:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// Like [`Self::ctr`], failing the test with ctr's output unless it succeeds.
     pub fn ctr_ok(&self, args: &[&str]) -> String {
         let out = self.ctr(args);

@@ -140,18 +140,20 @@ fn the_installer_image_runs_under_containerd() {
         host.path().display()
     );
     let id = format!("husk-deploy-{}", std::process::id());
-    let out = ctd.ctr_ok(&[
-        "run",
-        "--rm",
-        "--mount",
-        &mount,
-        "--env",
-        "HUSK_RESTART=0",
-        "--env",
-        "HUSK_WAIT=0",
+    let out = ctd.run_rm_ok(
+        None,
+        &[
+            "--mount",
+            &mount,
+            "--env",
+            "HUSK_RESTART=0",
+            "--env",
+            "HUSK_WAIT=0",
+        ],
         "husk.local/husk-deploy:latest",
         &id,
-    ]);
+        &[],
+    );
     assert!(out.contains("added the husk runtime handler"), "{out}");
     for f in [
         "opt/husk/bin/containerd-shim-husk-v2",

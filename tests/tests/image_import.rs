@@ -40,15 +40,13 @@ fn ctr_imports_busybox_and_pause_images_and_runc_runs_them() {
     );
 
     let id = format!("bb-{}", std::process::id());
-    let out = ctd.ctr_ok(&[
-        "run",
-        "--rm",
+    let out = ctd.run_rm_ok(
+        None,
+        &[],
         "husk.local/test-busybox:latest",
         &id,
-        "sh",
-        "-c",
-        "echo hello; id -u; cat /etc/passwd | head -1",
-    ]);
+        &["sh", "-c", "echo hello; id -u; cat /etc/passwd | head -1"],
+    );
     assert_eq!(out, "hello\n0\nroot:x:0:0:root:/root:/bin/sh\n");
 
     // The pause image's default command keeps running until killed.

@@ -57,17 +57,9 @@ fn an_image_of_100_layers_runs_as_under_runc() {
     );
 
     let run = |runtime: &str, id: &str| {
-        let out = h.ctd.ctr(&[
-            "run",
-            "--rm",
-            "--runtime",
-            runtime,
-            IMAGE,
-            id,
-            "sh",
-            "-c",
-            SCRIPT,
-        ]);
+        let out = h
+            .ctd
+            .run_rm(Some(runtime), &[], IMAGE, id, &["sh", "-c", SCRIPT]);
         assert!(
             out.status.success(),
             "{runtime}: ctr run failed: {}{}\ncontainerd log (tail):\n{}",

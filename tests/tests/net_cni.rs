@@ -428,17 +428,17 @@ fn net_without_a_netns_the_guest_has_loopback_only() {
     let id = format!("netlo-{}", std::process::id());
     // Interface types (ARPHRD_*): loopback is 772; the kernel's own sit0 (776) may be there
     // too, as in runc's fresh netns; an Ethernet NIC (1) must not.
-    let out = h.ctd.ctr(&[
-        "run",
-        "--rm",
-        "--runtime",
-        RUNTIME,
+    let out = h.ctd.run_rm(
+        Some(RUNTIME),
+        &[],
         BUSYBOX,
         &id,
-        "sh",
-        "-c",
-        "for i in /sys/class/net/*; do echo ${i##*/} $(cat $i/type); done",
-    ]);
+        &[
+            "sh",
+            "-c",
+            "for i in /sys/class/net/*; do echo ${i##*/} $(cat $i/type); done",
+        ],
+    );
     assert!(
         out.status.success(),
         "{}",

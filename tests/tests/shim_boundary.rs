@@ -133,23 +133,24 @@ fn root_in_the_guest_cannot_plant_what_the_host_mounts_on() {
         "type=bind,src={},dst=/etc/bound,options=rbind:ro",
         file.display()
     );
-    let out = h.ctd.ctr(&[
-        "run",
-        "--rm",
-        "--runtime",
-        RUNTIME,
-        "--annotation",
-        &ann,
-        "--mount",
-        &dir_mount,
-        "--mount",
-        &file_mount,
+    let out = h.ctd.run_rm(
+        Some(RUNTIME),
+        &[
+            "--annotation",
+            &ann,
+            "--mount",
+            &dir_mount,
+            "--mount",
+            &file_mount,
+        ],
         BUSYBOX,
         &c2,
-        "sh",
-        "-c",
-        "cat /data/data /etc/bound; echo new > /data/new; echo x > /etc/bound || echo RO",
-    ]);
+        &[
+            "sh",
+            "-c",
+            "cat /data/data /etc/bound; echo new > /data/new; echo x > /etc/bound || echo RO",
+        ],
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -302,17 +303,13 @@ fn a_pod_annotation_cannot_steer_the_vm() {
         ("io.husk.extra-memory-mib=4096", "max_memory_mib = 1024"),
         ("io.husk.kernel-params=init=/bin/sh", "not enabled"),
     ] {
-        let out = h.ctd.ctr(&[
-            "run",
-            "--rm",
-            "--runtime",
-            RUNTIME,
-            "--annotation",
-            ann,
+        let out = h.ctd.run_rm(
+            Some(RUNTIME),
+            &["--annotation", ann],
             BUSYBOX,
             &id,
-            "true",
-        ]);
+            &["true"],
+        );
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{ann} was accepted");
         assert!(

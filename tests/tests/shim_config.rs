@@ -148,9 +148,7 @@ fn a_wrong_virtiofsd_path_fails_ctr_run_before_anything_starts() {
     let h = HuskContainerd::start_with_config("virtiofsd_path = \"/nonexistent/bin/virtiofsd\"\n");
     let id = unique("badfsd");
     let started = Instant::now();
-    let out = h
-        .ctd
-        .ctr(&["run", "--rm", "--runtime", RUNTIME, BUSYBOX, &id, "true"]);
+    let out = h.ctd.run_rm(Some(RUNTIME), &[], BUSYBOX, &id, &["true"]);
     let took = started.elapsed();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);

@@ -24,17 +24,17 @@ fn ctr_run_runs_in_a_microvm_with_exact_output_and_exit_codes() {
     require_root("containerd");
     let h = HuskContainerd::start();
     let id = unique("run");
-    let out = h.ctd.ctr(&[
-        "run",
-        "--rm",
-        "--runtime",
-        RUNTIME,
+    let out = h.ctd.run_rm(
+        Some(RUNTIME),
+        &[],
         BUSYBOX,
         &id,
-        "sh",
-        "-c",
-        "echo hello from husk; uname -r; echo to-stderr >&2; exit 3",
-    ]);
+        &[
+            "sh",
+            "-c",
+            "echo hello from husk; uname -r; echo to-stderr >&2; exit 3",
+        ],
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(
         out.status.code(),
@@ -50,17 +50,17 @@ fn ctr_run_runs_in_a_microvm_with_exact_output_and_exit_codes() {
 
     // A megabyte of binary-safe output arrives byte for byte.
     let id = unique("bulk");
-    let out = h.ctd.ctr(&[
-        "run",
-        "--rm",
-        "--runtime",
-        RUNTIME,
+    let out = h.ctd.run_rm(
+        Some(RUNTIME),
+        &[],
         BUSYBOX,
         &id,
-        "sh",
-        "-c",
-        "head -c 1048576 /dev/zero | tr '\\0' 'x'; echo; echo end",
-    ]);
+        &[
+            "sh",
+            "-c",
+            "head -c 1048576 /dev/zero | tr '\\0' 'x'; echo; echo end",
+        ],
+    );
     assert!(
         out.status.success(),
         "{}",
@@ -89,17 +89,13 @@ fn stdin_reaches_the_container_and_eof_ends_it() {
     let id = unique("stdin");
     let mut child = h
         .ctd
-        .ctr_command(&[
-            "run",
-            "--rm",
-            "--runtime",
-            RUNTIME,
+        .run_rm_command(
+            Some(RUNTIME),
+            &[],
             BUSYBOX,
             &id,
-            "sh",
-            "-c",
-            "cat; echo done",
-        ])
+            &["sh", "-c", "cat; echo done"],
+        )
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -323,16 +319,7 @@ fn sigkill_gives_exit_status_137() {
     let id = unique("sigkill");
     let child = h
         .ctd
-        .ctr_command(&[
-            "run",
-            "--rm",
-            "--runtime",
-            RUNTIME,
-            BUSYBOX,
-            &id,
-            "sleep",
-            "1000",
-        ])
+        .run_rm_command(Some(RUNTIME), &[], BUSYBOX, &id, &["sleep", "1000"])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -364,9 +351,7 @@ fn a_missing_kernel_fails_ctr_run_with_the_reason() {
     require_root("containerd");
     let h = HuskContainerd::start_with_config("kernel = \"/nonexistent/vmlinux\"\n");
     let id = unique("nokernel");
-    let out = h
-        .ctd
-        .ctr(&["run", "--rm", "--runtime", RUNTIME, BUSYBOX, &id, "true"]);
+    let out = h.ctd.run_rm(Some(RUNTIME), &[], BUSYBOX, &id, &["true"]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(

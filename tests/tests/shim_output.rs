@@ -142,17 +142,13 @@ fn hundreds_of_short_processes_under_load_lose_no_output() {
         // Beside them, one `ctr run --rm` after the other.
         for i in 0..runs {
             let run = format!("{id}-r{i}");
-            let out = h.ctd.ctr(&[
-                "run",
-                "--rm",
-                "--runtime",
-                RUNTIME,
+            let out = h.ctd.run_rm(
+                Some(RUNTIME),
+                &[],
                 BUSYBOX,
                 &run,
-                "sh",
-                "-c",
-                &format!("echo ok-{i}"),
-            ]);
+                &["sh", "-c", &format!("echo ok-{i}")],
+            );
             let m = mismatch(&format!("run {i}"), &out, &format!("ok-{i}\n"), "");
             bad.lock().unwrap().extend(m);
         }

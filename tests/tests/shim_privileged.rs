@@ -23,10 +23,9 @@ fn run(
     options: &[&str],
     script: &str,
 ) -> (bool, String) {
-    let mut args = vec!["run", "--rm", "--runtime", runtime];
-    args.extend_from_slice(options);
-    args.extend_from_slice(&[BUSYBOX, id, "sh", "-c", script]);
-    let out = h.ctd.ctr(&args);
+    let out = h
+        .ctd
+        .run_rm(Some(runtime), options, BUSYBOX, id, &["sh", "-c", script]);
     (
         out.status.success(),
         format!(

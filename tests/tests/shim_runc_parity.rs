@@ -133,21 +133,13 @@ fn symlinks_in_an_image_never_redirect_a_mount_out_of_its_root() {
     let mut seen = Vec::new();
     for runtime in RUNTIMES {
         let id = unique("symlinks", runtime);
-        let out = h.ctd.ctr(&[
-            "run",
-            "--rm",
-            "--runtime",
-            runtime,
-            "--mount",
-            &dir_mount,
-            "--mount",
-            &file_mount,
+        let out = h.ctd.run_rm(
+            Some(runtime),
+            &["--mount", &dir_mount, "--mount", &file_mount],
             &image,
             &id,
-            "sh",
-            "-c",
-            script,
-        ]);
+            &["sh", "-c", script],
+        );
         let text = format!(
             "{}{}",
             String::from_utf8_lossy(&out.stdout),

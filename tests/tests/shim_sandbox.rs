@@ -189,9 +189,7 @@ fn an_agent_that_never_answers_is_a_deadline_error_and_leaves_nothing() {
     ));
     let id = unique("silent");
     let started = Instant::now();
-    let out = h
-        .ctd
-        .ctr(&["run", "--rm", "--runtime", RUNTIME, BUSYBOX, &id, "true"]);
+    let out = h.ctd.run_rm(Some(RUNTIME), &[], BUSYBOX, &id, &["true"]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -217,9 +215,7 @@ fn a_guest_that_dies_at_boot_is_reported_at_once() {
     );
     let id = unique("panic");
     let started = Instant::now();
-    let out = h
-        .ctd
-        .ctr(&["run", "--rm", "--runtime", RUNTIME, BUSYBOX, &id, "true"]);
+    let out = h.ctd.run_rm(Some(RUNTIME), &[], BUSYBOX, &id, &["true"]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
