@@ -54,7 +54,7 @@ impl GuestInfo {
 }
 
 /// Number of CPUs in a kernel CPU list such as `0-3,5`.
-pub fn cpu_list_len(list: &str) -> Option<usize> {
+pub(crate) fn cpu_list_len(list: &str) -> Option<usize> {
     let mut n = 0;
     for part in list.trim().split(',').filter(|p| !p.is_empty()) {
         n += match part.split_once('-') {
@@ -79,7 +79,7 @@ pub fn mem_total_kib(meminfo: &str) -> Option<u64> {
 }
 
 /// Field `key` of /proc/meminfo (`Key:   123 kB`), in KiB.
-pub fn meminfo_kib(meminfo: &str, key: &str) -> Option<u64> {
+pub(crate) fn meminfo_kib(meminfo: &str, key: &str) -> Option<u64> {
     meminfo
         .lines()
         .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))

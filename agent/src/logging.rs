@@ -22,7 +22,7 @@ fn debug_in(cmdline: &str) -> bool {
     cmdline.split_whitespace().any(|w| w == DEBUG_LOG_FLAG)
 }
 
-pub fn debug_enabled() -> bool {
+pub(crate) fn debug_enabled() -> bool {
     DEBUG.load(Ordering::Relaxed)
 }
 

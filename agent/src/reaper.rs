@@ -53,7 +53,7 @@ impl Exits {
 
     /// Runs `spawn` (which returns the new child's PID) with the table locked, and registers
     /// the PID before the reaper can record its exit.
-    pub fn spawn_registered<T, E>(
+    pub(crate) fn spawn_registered<T, E>(
         &self,
         spawn: impl FnOnce() -> Result<(i32, T), E>,
     ) -> Result<(i32, T), E> {
@@ -106,7 +106,7 @@ impl Exits {
         self.lock().get(&pid).copied().flatten()
     }
 
-    pub fn forget(&self, pid: i32) {
+    pub(crate) fn forget(&self, pid: i32) {
         self.lock().remove(&pid);
     }
 }

@@ -102,7 +102,7 @@ fn last_cap() -> u32 {
 
 /// Drops every capability outside `bounding` from the bounding set (needs CAP_SETPCAP, so
 /// before the user switch).
-pub fn drop_bounding(caps: Option<&LinuxCapabilities>) -> Result<(), Error> {
+pub(crate) fn drop_bounding(caps: Option<&LinuxCapabilities>) -> Result<(), Error> {
     let keep = mask(caps.and_then(|c| c.bounding().as_ref()));
     for n in 0..=last_cap().min(63) {
         if keep & (1 << n) == 0 {
@@ -135,7 +135,7 @@ struct CapData {
 const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
 
 /// Sets the effective, permitted and inheritable sets, then raises the ambient ones.
-pub fn apply(caps: Option<&LinuxCapabilities>) -> Result<(), Error> {
+pub(crate) fn apply(caps: Option<&LinuxCapabilities>) -> Result<(), Error> {
     let get = |f: fn(&LinuxCapabilities) -> &Option<HashSet<Capability>>| {
         mask(caps.and_then(|c| f(c).as_ref()))
     };

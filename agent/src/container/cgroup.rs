@@ -48,7 +48,7 @@ pub enum Error {
 }
 
 #[derive(Debug, Clone)]
-pub struct Cgroup {
+pub(crate) struct Cgroup {
     pub path: PathBuf,
 }
 
@@ -219,7 +219,7 @@ impl Cgroup {
     }
 
     /// Freezes (`true`) or thaws, and waits until the kernel says it is done.
-    pub fn freeze(&self, frozen: bool) -> Result<(), Error> {
+    pub(crate) fn freeze(&self, frozen: bool) -> Result<(), Error> {
         write(&self.path, "cgroup.freeze", if frozen { "1" } else { "0" })?;
         let want = if frozen { "frozen 1" } else { "frozen 0" };
         let deadline = Instant::now() + Duration::from_secs(10);

@@ -196,7 +196,7 @@ pub enum Error {
 
 /// What `init` is told.
 #[derive(Debug, Serialize, Deserialize)]
-pub struct InitConfig {
+pub(crate) struct InitConfig {
     pub id: String,
     pub spec: Spec,
     pub rootfs: PathBuf,
@@ -342,7 +342,7 @@ fn init(sync: &mut UnixStream) -> Result<Never, Error> {
 /// default to on cgroup v2, unless the spec names one by path. Such a path is the host's (CRI
 /// writes the pause container's), which the guest cannot enter: the container stays in the
 /// guest's, as a spec without a cgroup namespace once did.
-pub fn private_cgroup_namespace(spec: &Spec) -> bool {
+pub(crate) fn private_cgroup_namespace(spec: &Spec) -> bool {
     let nss = spec.linux().as_ref().and_then(|l| l.namespaces().as_ref());
     !nss.is_some_and(|ns| {
         ns.iter()

@@ -85,7 +85,7 @@ pub struct Entry {
 
 impl Entry {
     /// The fd as a path the kernel resolves to exactly this file (for `mount(2)`).
-    pub fn proc_path(&self) -> String {
+    pub(crate) fn proc_path(&self) -> String {
         format!("/proc/self/fd/{}", self.fd.as_raw_fd())
     }
 

@@ -23,7 +23,7 @@ pub mod caps;
 pub mod cgroup;
 pub mod exec;
 pub mod helper;
-pub mod inroot;
+pub(crate) mod inroot;
 pub mod mounts;
 pub mod oom;
 pub mod seccomp;
@@ -299,7 +299,7 @@ pub fn check_exec(id: &str, exec_id: &str, process_json: &[u8]) -> Result<OciPro
 }
 
 /// Container and exec ids become paths: a conservative alphabet, as runc's.
-pub fn valid_id(id: &str) -> bool {
+pub(crate) fn valid_id(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= 128
         && !id.starts_with('.')
@@ -444,7 +444,7 @@ impl Engine {
     }
 
     /// Kills every container and the sandbox holder.
-    pub fn destroy_all(&self) {
+    pub(crate) fn destroy_all(&self) {
         let ids: Vec<String> = lock(&self.containers).keys().cloned().collect();
         for id in ids {
             let _ = self.remove(&id, true);
@@ -871,7 +871,7 @@ impl Engine {
     }
 
     /// Blocks until a container is OOM-killed; its id.
-    pub fn next_oom(&self) -> String {
+    pub(crate) fn next_oom(&self) -> String {
         self.oom.next()
     }
 }

@@ -282,9 +282,9 @@ fn at(root: &Root, path: &Path, make: Make) -> Result<inroot::Entry> {
 
 /// Default devices every container gets (OCI runtime spec, "Default Devices"): bind mounts of
 /// the guest's nodes, which work on any file system the rootfs is on (virtio-fs included).
-pub const DEFAULT_DEVICES: [&str; 6] = ["null", "zero", "full", "random", "urandom", "tty"];
+pub(crate) const DEFAULT_DEVICES: [&str; 6] = ["null", "zero", "full", "random", "urandom", "tty"];
 
-pub fn default_devices(root: &Root) -> Result<()> {
+pub(crate) fn default_devices(root: &Root) -> Result<()> {
     at(root, Path::new("/dev"), Make::Dir)?;
     for name in DEFAULT_DEVICES {
         let dest = Path::new("/dev").join(name);

@@ -50,7 +50,7 @@ struct State {
 }
 
 #[derive(Debug)]
-pub struct OomWatch {
+pub(crate) struct OomWatch {
     /// The inotify instance, or why there is none (then no container with a cgroup can be
     /// created: its OOM kills would go unreported).
     inotify: Result<Inotify, nix::errno::Errno>,

@@ -19,7 +19,7 @@ use nix::sched::CloneFlags;
 use crate::reaper::exits;
 
 /// The helper's fd for the sync socket.
-pub const SYNC_FD: RawFd = 3;
+pub(crate) const SYNC_FD: RawFd = 3;
 
 /// Why a helper could not be started or talked to. A helper's own `error <message>` line is
 /// [`Error::Helper`]: the message names what failed in the container.
@@ -161,7 +161,7 @@ pub fn spawn(mode: &str, flags: CloneFlags, stdio: [RawFd; 3]) -> Result<(i32, U
 /// Entering a PID namespace only changes where a thread's *children* go, and it is allowed in
 /// a multi-threaded process (unlike a mount namespace); so a short-lived thread enters it and
 /// does the clone, and the agent's other threads stay where they are.
-pub fn spawn_in_pid_namespace(
+pub(crate) fn spawn_in_pid_namespace(
     pid_ns: &std::path::Path,
     mode: &str,
     flags: CloneFlags,
@@ -220,7 +220,7 @@ impl Sync {
     }
 
     /// Sends the helper its configuration (length-prefixed JSON).
-    pub fn send_config(&mut self, json: &[u8]) -> Result<(), Error> {
+    pub(crate) fn send_config(&mut self, json: &[u8]) -> Result<(), Error> {
         let len = u32::try_from(json.len()).map_err(|_| Error::ConfigTooLarge(json.len()))?;
         self.sock
             .write_all(&len.to_le_bytes())
@@ -267,7 +267,7 @@ impl Sync {
     }
 
     /// The oldest fd that came with a line [`Self::recv`] returned and that nobody took yet.
-    pub fn take_fd(&mut self) -> Option<OwnedFd> {
+    pub(crate) fn take_fd(&mut self) -> Option<OwnedFd> {
         match self.fds.front() {
             Some((end, _)) if *end <= self.returned => self.fds.pop_front().map(|(_, fd)| fd),
             _ => None,
@@ -315,7 +315,7 @@ impl Sync {
 }
 
 /// Helper side: sends `line` with `fd` attached (`SCM_RIGHTS`) on the sync socket.
-pub fn send_fd(sync: &UnixStream, line: &str, fd: RawFd) -> Result<(), Error> {
+pub(crate) fn send_fd(sync: &UnixStream, line: &str, fd: RawFd) -> Result<(), Error> {
     use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
     let data = format!("{line}\n");
     let fds = [fd];
@@ -342,7 +342,7 @@ pub fn send_fd(sync: &UnixStream, line: &str, fd: RawFd) -> Result<(), Error> {
 }
 
 /// Helper side: reads the configuration the agent sent on [`SYNC_FD`].
-pub fn read_config(sync: &mut UnixStream) -> Result<Vec<u8>, Error> {
+pub(crate) fn read_config(sync: &mut UnixStream) -> Result<Vec<u8>, Error> {
     let mut len = [0u8; 4];
     sync.read_exact(&mut len).map_err(Error::ReadConfigLength)?;
     let mut buf = vec![0u8; u32::from_le_bytes(len) as usize];

@@ -40,7 +40,7 @@ const HOST_NAME_MAX: usize = 64;
 /// The kernel's `NGROUPS_MAX`.
 const NGROUPS_MAX: usize = 65536;
 /// The kernel's `BPF_MAXINSNS`: the most instructions one classic BPF (seccomp) filter takes.
-pub const BPF_MAXINSNS: usize = 4096;
+pub(crate) const BPF_MAXINSNS: usize = 4096;
 /// mount(2) copies one page of file-system data.
 const MOUNT_DATA_MAX: usize = 4095;
 /// The kernel's dev_t as mknod(2) takes it: 12 bits of major, 20 of minor.
@@ -155,7 +155,7 @@ pub fn parse_spec(json: &[u8]) -> Result<Spec> {
 }
 
 /// ExecProcess's `oci_process_json` (a spec's `process`).
-pub fn parse_process(json: &[u8]) -> Result<Process> {
+pub(crate) fn parse_process(json: &[u8]) -> Result<Process> {
     parse(json, "process", "process")
 }
 
@@ -201,7 +201,7 @@ fn container_path(field: &str, p: &Path, dotdot: bool) -> Result<()> {
 }
 
 /// A spec's `process`, or an exec's; `at` is its field (`process`).
-pub fn check_process(p: &Process, at: &str) -> Result<()> {
+pub(crate) fn check_process(p: &Process, at: &str) -> Result<()> {
     let args = p.args().as_deref().unwrap_or(&[]);
     if args.is_empty() {
         return Err(SpecError::Missing {
@@ -255,7 +255,7 @@ pub fn check_process(p: &Process, at: &str) -> Result<()> {
 /// A sysctl key as the path under /proc/sys it names: dotted (`net.ipv4.ip_forward`) or
 /// slashed (`net/ipv4/conf/eth0.100/forwarding`, where a dot is part of a name) parts of
 /// `[A-Za-z0-9_-]` (and `.` in the slashed form), never leaving /proc/sys.
-pub fn sysctl_path(key: &str) -> Result<std::path::PathBuf> {
+pub(crate) fn sysctl_path(key: &str) -> Result<std::path::PathBuf> {
     let field = format!("linux.sysctl[{}]", shown(key));
     let bad = |why: &str| SpecError::Value {
         field: field.clone(),
@@ -284,7 +284,7 @@ pub fn sysctl_path(key: &str) -> Result<std::path::PathBuf> {
 }
 
 /// `linux.resources`: what the cgroup writes cannot express.
-pub fn check_resources(r: &LinuxResources) -> Result<()> {
+pub(crate) fn check_resources(r: &LinuxResources) -> Result<()> {
     if let Some(d) = r.devices().as_deref() {
         super::cgroup::devices::compile(d).map_err(|e| SpecError::Type {
             // The message names the rule: `linux.resources.devices[i]: …`.
@@ -297,7 +297,7 @@ pub fn check_resources(r: &LinuxResources) -> Result<()> {
 
 /// Everything about a CreateContainer spec that does not depend on the sandbox's state
 /// (namespaces do: [`super::namespaces`]).
-pub fn check_spec(spec: &Spec) -> Result<()> {
+pub(crate) fn check_spec(spec: &Spec) -> Result<()> {
     if spec.root().is_none() {
         return Err(SpecError::Missing {
             field: "root".into(),

@@ -60,7 +60,7 @@ pub struct Stdio {
 
 /// The child's ends: fds 0, 1, 2 of the process. Dropped by the agent after the spawn.
 #[derive(Debug)]
-pub struct ChildEnds {
+pub(crate) struct ChildEnds {
     pub fds: [OwnedFd; 3],
 }
 
@@ -76,7 +76,7 @@ const COALESCE: Duration = Duration::from_millis(2);
 /// After the process ended, how long its stream may stay silent before it counts as ended.
 /// (A pty's last bytes pass through the tty layer's work queue after the write returns; this
 /// leaves them ample time.)
-pub const AFTER_EXIT_IDLE: Duration = Duration::from_millis(250);
+pub(crate) const AFTER_EXIT_IDLE: Duration = Duration::from_millis(250);
 
 /// How often a blocked read looks whether the process has ended.
 const EXIT_CHECK: Duration = Duration::from_millis(100);
@@ -119,7 +119,7 @@ fn wait_readable(f: &File, ended: &impl Fn() -> bool) -> bool {
 
 impl Stdio {
     /// Pipes for stdin, stdout and stderr.
-    pub fn pipes() -> Result<(Self, ChildEnds), Error> {
+    pub(crate) fn pipes() -> Result<(Self, ChildEnds), Error> {
         let (in_r, in_w) = pipe()?;
         let (out_r, out_w) = pipe()?;
         let (err_r, err_w) = pipe()?;
@@ -153,7 +153,7 @@ impl Stdio {
 
     /// What a helper starts with: pipes (and our ends of them), or for a terminal, which the
     /// helper opens itself, nothing yet and `/dev/null` as its fds 0-2.
-    pub fn for_helper(terminal: bool) -> Result<(Option<Self>, ChildEnds), Error> {
+    pub(crate) fn for_helper(terminal: bool) -> Result<(Option<Self>, ChildEnds), Error> {
         if !terminal {
             return Self::pipes().map(|(s, e)| (Some(s), e));
         }
@@ -262,7 +262,7 @@ impl Stdio {
 }
 
 /// Sets the window size of the pty `fd` (master or slave).
-pub fn set_winsize(fd: RawFd, rows: u16, cols: u16) -> Result<(), Error> {
+pub(crate) fn set_winsize(fd: RawFd, rows: u16, cols: u16) -> Result<(), Error> {
     let ws = libc::winsize {
         ws_row: rows,
         ws_col: cols,

@@ -63,12 +63,12 @@ pub enum Error {
 }
 
 /// `struct bpf_cgroup_dev_ctx.access_type`: the device type in the low 16 bits…
-pub const DEV_BLOCK: u32 = 1;
-pub const DEV_CHAR: u32 = 2;
+pub(crate) const DEV_BLOCK: u32 = 1;
+pub(crate) const DEV_CHAR: u32 = 2;
 /// …and the requested access in the high 16 bits.
-pub const ACC_MKNOD: u32 = 1;
-pub const ACC_READ: u32 = 2;
-pub const ACC_WRITE: u32 = 4;
+pub(crate) const ACC_MKNOD: u32 = 1;
+pub(crate) const ACC_READ: u32 = 2;
+pub(crate) const ACC_WRITE: u32 = 4;
 const ACC_ALL: u32 = ACC_MKNOD | ACC_READ | ACC_WRITE;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -126,7 +126,7 @@ impl Rule {
 
 /// What every container may use (see the module docs): runc's and crun's lists, which are
 /// containerd's defaults plus mknod of anything and /dev/net/tun.
-pub const DEFAULT_ALLOWED: [Rule; 12] = [
+pub(crate) const DEFAULT_ALLOWED: [Rule; 12] = [
     Rule {
         allow: true,
         kind: Kind::Char,
@@ -220,7 +220,7 @@ pub fn policy(spec: &[LinuxDeviceCgroup]) -> Result<Vec<Rule>, Error> {
 /// The reference semantics the program implements: each requested access bit is decided by
 /// the last rule matching the device that names that bit, allowed when none does.
 #[cfg(test)]
-pub fn decide(policy: &[Rule], dev_type: u32, major: u32, minor: u32, access: u32) -> bool {
+pub(crate) fn decide(policy: &[Rule], dev_type: u32, major: u32, minor: u32, access: u32) -> bool {
     [ACC_MKNOD, ACC_READ, ACC_WRITE]
         .into_iter()
         .filter(|b| access & b != 0)
@@ -373,7 +373,7 @@ mod tests {
 
     /// containerd 1.6's default for `ctr run`: oci.populateDefaultUnixSpec's deny-all, then
     /// oci.WithDefaultUnixDevices.
-    pub const CONTAINERD_DEFAULT: &str = r#"[
+    pub(crate) const CONTAINERD_DEFAULT: &str = r#"[
         {"allow": false, "access": "rwm"},
         {"allow": true, "type": "c", "major": 1, "minor": 3, "access": "rwm"},
         {"allow": true, "type": "c", "major": 1, "minor": 8, "access": "rwm"},
