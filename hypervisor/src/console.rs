@@ -74,11 +74,12 @@ impl ReadyLine {
 
 /// Bytes kept from the start of the console: a quiet boot of our guest prints a few KiB,
 /// a full one a few tens.
-pub const HEAD_BYTES: u64 = 256 * 1024;
+pub(crate) const HEAD_BYTES: u64 = 256 * 1024;
 /// Most bytes kept from the end of the console.
-pub const TAIL_BYTES: u64 = 768 * 1024;
-/// The console log never grows past this.
-pub const MAX_LOG_BYTES: u64 = HEAD_BYTES + MARKER_LEN + TAIL_BYTES;
+pub(crate) const TAIL_BYTES: u64 = 768 * 1024;
+/// The console log never grows past this (the bound the tests check).
+#[cfg_attr(not(test), allow(dead_code))]
+pub(crate) const MAX_LOG_BYTES: u64 = HEAD_BYTES + MARKER_LEN + TAIL_BYTES;
 
 const MARKER_PREFIX: &str = "\n[husk: ";
 const MARKER_SUFFIX: &str = " bytes of console output dropped here]\n";
@@ -130,7 +131,7 @@ fn open_log(path: &Path, new: bool) -> io::Result<File> {
 /// A log file that keeps the first bytes written to it and the last ones, never more than
 /// head + marker + tail bytes in all (see the module's documentation).
 #[derive(Debug)]
-pub struct CappedLog {
+pub(crate) struct CappedLog {
     path: PathBuf,
     /// Where a compacted copy is built before it replaces `path`.
     tmp: PathBuf,
@@ -164,6 +165,7 @@ impl CappedLog {
     }
 
     /// Bytes written but dropped so far.
+    #[cfg(test)]
     pub fn dropped(&self) -> u64 {
         self.dropped
     }
@@ -485,7 +487,7 @@ pub fn wait_for_ready(vm: &mut dyn crate::Vm, timeout: Duration) -> Result<Ready
 /// Copies a VMM's console output from a pipe into a [`CappedLog`] on a thread of its own,
 /// until the VMM's end of the pipe closes (see the module's documentation for why).
 #[derive(Debug)]
-pub struct ConsoleRelay {
+pub(crate) struct ConsoleRelay {
     done: mpsc::Receiver<()>,
     thread: Option<JoinHandle<()>>,
 }

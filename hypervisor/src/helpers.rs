@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use crate::process::Supervised;
 use crate::{Error, Result};
 
-pub const VIRTIOFSD: &str = "virtiofsd";
+pub(crate) const VIRTIOFSD: &str = "virtiofsd";
 
 /// How long a helper may take to create its socket.
 const SOCKET_TIMEOUT: Duration = Duration::from_secs(10);
@@ -60,7 +60,7 @@ pub fn check_program(path: &Path) -> std::result::Result<(), String> {
 }
 
 /// Opens `path` for appending, twice: a child's stdout and stderr.
-pub fn log_file(path: &Path) -> Result<(Stdio, Stdio)> {
+pub(crate) fn log_file(path: &Path) -> Result<(Stdio, Stdio)> {
     let f = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -99,7 +99,7 @@ pub fn start_virtiofsd(
 
 /// virtiofsd's pid file beside its socket (the lock in it is released once virtiofsd is
 /// gone): removed with the socket.
-pub fn virtiofsd_pid_file(socket: &Path) -> PathBuf {
+pub(crate) fn virtiofsd_pid_file(socket: &Path) -> PathBuf {
     let mut p = socket.to_path_buf().into_os_string();
     p.push(".pid");
     PathBuf::from(p)

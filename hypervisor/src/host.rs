@@ -75,7 +75,7 @@ pub struct HostReport {
 }
 
 /// Opens /dev/kvm and creates a VM with one vCPU.
-pub fn probe_kvm() -> KvmProbe {
+pub(crate) fn probe_kvm() -> KvmProbe {
     if !Path::new("/dev/kvm").exists() {
         return KvmProbe::Unusable(
             "/dev/kvm: not present — enable virtualisation (VT-x/AMD-V, or nested virtualisation for a cloud VM) and load kvm_intel or kvm_amd".into(),
@@ -103,7 +103,7 @@ pub fn probe_kvm() -> KvmProbe {
 }
 
 /// Classifies the host from what the probe, sysfs and /proc/cpuinfo say.
-pub fn classify(kvm: &KvmProbe, sys_module: &Path, cpuinfo: &str) -> HostKind {
+pub(crate) fn classify(kvm: &KvmProbe, sys_module: &Path, cpuinfo: &str) -> HostKind {
     if !matches!(kvm, KvmProbe::Usable { .. }) {
         return HostKind::NoKvm;
     }
@@ -129,7 +129,7 @@ pub fn classify(kvm: &KvmProbe, sys_module: &Path, cpuinfo: &str) -> HostKind {
 }
 
 /// The default backend for a kind of host, and why.
-pub fn choose_backend(kind: &HostKind) -> (BackendChoice, String) {
+pub(crate) fn choose_backend(kind: &HostKind) -> (BackendChoice, String) {
     match kind {
         HostKind::HardwareKvm { vendor } => (
             BackendChoice::HuskVmm,

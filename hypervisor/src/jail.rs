@@ -28,9 +28,9 @@ use std::process::Command;
 use crate::{Error, Result};
 
 /// The first uid (and gid) handed to jails: far above any login or system user.
-pub const FIRST_JAIL_ID: u32 = 0x4855_0000; // "HU" << 16
+pub(crate) const FIRST_JAIL_ID: u32 = 0x4855_0000; // "HU" << 16
 /// How many ids the range holds.
-pub const JAIL_ID_COUNT: u32 = 0x1_0000;
+pub(crate) const JAIL_ID_COUNT: u32 = 0x1_0000;
 
 /// Who a VM's processes run as, and where their jail's root is mounted: what the caller of a
 /// backend gives ([`crate::VmConfig::jail`]); the backend makes a [`Jail`] per process from it.
@@ -45,7 +45,7 @@ pub struct JailSpec {
 impl JailSpec {
     /// The jail of one VM-side process that runs `program`, writes `state_dir` and reads
     /// `files`.
-    pub fn for_process(
+    pub(crate) fn for_process(
         &self,
         program: &Path,
         state_dir: &Path,
@@ -68,7 +68,7 @@ impl JailSpec {
 
 /// What one jailed process gets.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Jail {
+pub(crate) struct Jail {
     /// uid and gid the process runs as.
     pub uid: u32,
     pub gid: u32,
@@ -374,7 +374,7 @@ unsafe fn supervise(child: libc::pid_t, drop_privileges: &dyn Fn() -> std::io::R
 
 /// Hands the unix socket `path` (made by a helper that runs as root) to the jail's uid, so
 /// the jailed VMM can connect to it. Refuses a symlink.
-pub fn give_socket(path: &Path, jail: &JailSpec) -> Result<()> {
+pub(crate) fn give_socket(path: &Path, jail: &JailSpec) -> Result<()> {
     std::os::unix::fs::lchown(path, Some(jail.uid), Some(jail.gid)).map_err(Error::io(format!(
         "giving {} to the jail's uid {}",
         path.display(),

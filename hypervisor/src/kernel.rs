@@ -10,7 +10,7 @@ use crate::{Error, Result};
 const XEN_ELFNOTE_PHYS32_ENTRY: u32 = 18;
 
 /// Cheap check, done at every VM start: the file exists and is an ELF image.
-pub fn check_elf(path: &Path) -> Result<()> {
+pub(crate) fn check_elf(path: &Path) -> Result<()> {
     let mut magic = [0u8; 4];
     let mut f = std::fs::File::open(path).map_err(|e| {
         Error::Config(format!(

@@ -179,7 +179,7 @@ pub const MAX_VCPUS: u32 = 32;
 
 impl VmConfig {
     /// Checks what can be checked before starting anything.
-    pub fn validate(&self) -> Result<()> {
+    pub(crate) fn validate(&self) -> Result<()> {
         if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
             return Err(Error::Config(format!(
                 "vcpus = {}: must be between 1 and {MAX_VCPUS}",

@@ -16,7 +16,7 @@ pub fn on_path(name: &str) -> Option<PathBuf> {
 }
 
 /// `name` in cargo's bin directories: `$CARGO_HOME/bin`, then `~/.cargo/bin`.
-pub fn in_cargo_bin(name: &str) -> Option<PathBuf> {
+pub(crate) fn in_cargo_bin(name: &str) -> Option<PathBuf> {
     let cargo_home = std::env::var_os("CARGO_HOME").map(PathBuf::from);
     let home = std::env::var_os("HOME").map(|h| Path::new(&h).join(".cargo"));
     [cargo_home, home]

@@ -50,7 +50,7 @@ impl Supervised {
 
     /// The PID of the program itself: for a jailed one, the only child of the spawned
     /// process (its supervisor, see [`crate::jail`]); else the spawned process.
-    pub fn program_pid(&self) -> u32 {
+    pub(crate) fn program_pid(&self) -> u32 {
         let pid = self.child.id();
         std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
             .ok()

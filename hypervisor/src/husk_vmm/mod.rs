@@ -29,7 +29,7 @@ use crate::{Error, Hypervisor, Programs, Result, Vm, VmConfig};
 use args::Paths;
 
 /// The program this backend runs.
-pub const PROGRAM: &str = "husk-vmm";
+pub(crate) const PROGRAM: &str = "husk-vmm";
 
 /// How long husk-vmm may take to build the VM and answer on its API socket.
 const START_TIMEOUT: Duration = Duration::from_secs(10);
@@ -234,7 +234,7 @@ struct HelperExit {
 
 /// A VM run by husk-vmm, with its virtiofsd.
 #[derive(Debug)]
-pub struct HuskVmmVm {
+pub(crate) struct HuskVmmVm {
     /// `None` only while starting.
     vmm: Option<Supervised>,
     virtiofsd: Option<Supervised>,

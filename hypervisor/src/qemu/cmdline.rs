@@ -35,7 +35,7 @@ use crate::{Accel, VmConfig, SHARED_FS_TAG};
 /// work, so the check is skipped, as Kata and Firecracker do. `dummy.numdummies=0`: the
 /// kernel has dummy devices built in (for NET_ADMIN containers: guest-kernel-config/
 /// 45-netadmin.config), which would otherwise make a `dummy0` the pod never asked for.
-pub const BASE_CMDLINE: &str =
+pub(crate) const BASE_CMDLINE: &str =
     "console=ttyS0 reboot=t panic=-1 quiet no_timer_check dummy.numdummies=0";
 
 /// TCG with a 16 MiB translation buffer. QEMU's default reserves 1 GiB and a booted husk
@@ -43,13 +43,14 @@ pub const BASE_CMDLINE: &str =
 /// ~98 to ~78 MiB on the 2-core development host (measured 2026-12-06, smaps: the buffer is
 /// the anonymous 16 MiB mapping). A full buffer is flushed and retranslated: a cost in
 /// speed for guests that run much code, which TCG guests are not meant for.
-pub const TCG_ACCEL: &str = "tcg,tb-size=16";
+pub(crate) const TCG_ACCEL: &str = "tcg,tb-size=16";
 
 /// `-sandbox`: every optional part of QEMU's seccomp filter denied.
-pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
+pub(crate) const SANDBOX: &str =
+    "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
 
 /// The `-add-fd` set that carries the console output pipe.
-pub const CONSOLE_FDSET: u32 = 1;
+pub(crate) const CONSOLE_FDSET: u32 = 1;
 
 /// Files this VM keeps in its state directory.
 #[derive(Debug, Clone)]

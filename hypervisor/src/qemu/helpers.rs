@@ -17,8 +17,8 @@ use crate::jail::JailSpec;
 use crate::process::Supervised;
 use crate::{Result, GUEST_CID};
 
-pub use crate::helpers::{find, VIRTIOFSD};
-pub const VHOST_DEVICE_VSOCK: &str = "vhost-device-vsock";
+pub(crate) use crate::helpers::VIRTIOFSD;
+pub(crate) const VHOST_DEVICE_VSOCK: &str = "vhost-device-vsock";
 
 /// Starts virtiofsd (`program`, else found) on `shared_dir`, sandboxed in its own namespaces,
 /// and waits for its socket.
@@ -42,7 +42,7 @@ pub fn start_virtiofsd(
 /// With a jail it runs as the sandbox's unprivileged uid in a root that holds only the VM's
 /// state directory (its sockets) and the system's libraries, with no network namespace of
 /// the host: it only speaks on unix sockets.
-pub fn start_vhost_vsock(
+pub(crate) fn start_vhost_vsock(
     program: Option<&Path>,
     paths: &Paths,
     jail: Option<&JailSpec>,

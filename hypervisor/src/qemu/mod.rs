@@ -27,7 +27,7 @@ use cmdline::Paths;
 use qmp::Qmp;
 
 /// The program this backend runs.
-pub const QEMU_PROGRAM: &str = "qemu-system-x86_64";
+pub(crate) const QEMU_PROGRAM: &str = "qemu-system-x86_64";
 
 /// How long QEMU may take to open its monitor socket after starting.
 const MONITOR_TIMEOUT: Duration = Duration::from_secs(10);
@@ -359,7 +359,7 @@ fn remove_sockets(paths: &Paths) {
 
 /// A VM run by QEMU, with its device helpers.
 #[derive(Debug)]
-pub struct QemuVm {
+pub(crate) struct QemuVm {
     pid: u32,
     procs: Arc<Mutex<Procs>>,
     quit: Arc<AtomicBool>,

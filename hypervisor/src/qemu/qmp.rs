@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 use crate::{Error, Result};
 
 #[derive(Debug)]
-pub struct Qmp {
+pub(crate) struct Qmp {
     socket: PathBuf,
     reader: BufReader<UnixStream>,
     writer: UnixStream,
