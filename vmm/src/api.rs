@@ -27,7 +27,7 @@ use crate::vstate::run_state::RunState;
 use crate::vstate::vcpu::ExitCounters;
 
 /// How long `pause` waits for every vCPU to stop.
-pub const PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
+pub(crate) const PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Errors while setting up the API socket.
 #[derive(Debug, thiserror::Error)]

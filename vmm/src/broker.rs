@@ -30,7 +30,8 @@ use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 use crate::devices::virtio::vsock::unix::HostConnector;
 
 /// How the broker opens the streams it hands over (and the only socket its filter allows).
-pub const STREAM_FLAGS: libc::c_int = libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC;
+pub(crate) const STREAM_FLAGS: libc::c_int =
+    libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC;
 
 /// Request: connect to `<vsock socket>_<arg>`.
 const OP_CONNECT: u32 = 1;

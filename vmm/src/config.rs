@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 /// The command line every guest gets before any extra arguments: serial console, reset
 /// through the i8042 controller, no PCI probing, no modules.
-pub const DEFAULT_CMDLINE: &str =
+pub(crate) const DEFAULT_CMDLINE: &str =
     "console=ttyS0 reboot=k panic=-1 pci=off nomodule i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd";
 
 /// Default vCPU count.

@@ -64,7 +64,7 @@ pub fn request(kind: ThreadKind, call: Forbidden) {
 }
 
 /// A check point of a thread of `kind`: makes the calls queued for that kind.
-pub fn run_pending(kind: ThreadKind) {
+pub(crate) fn run_pending(kind: ThreadKind) {
     if !ANY.load(Ordering::Acquire) {
         return;
     }

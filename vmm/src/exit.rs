@@ -26,7 +26,7 @@ impl ExitReason {
 }
 
 /// Where exit reasons go.
-pub type ExitSender = mpsc::Sender<ExitReason>;
+pub(crate) type ExitSender = mpsc::Sender<ExitReason>;
 
 /// Asks the kernel to send SIGTERM when the parent process (the shim) dies, so a VMM never
 /// outlives the process that supervises it. Returns false if the parent is already gone.

@@ -72,7 +72,7 @@ pub fn poll(
 }
 
 /// Writes the line saying that device thread `name` stopped, and why.
-pub fn report_stop(out: &mut dyn Write, name: &str, why: &ThreadStop) {
+pub(crate) fn report_stop(out: &mut dyn Write, name: &str, why: &ThreadStop) {
     // Nothing is left to tell if stderr itself fails.
     let _ = writeln!(
         out,

@@ -69,7 +69,7 @@ pub enum ThreadKind {
 
 impl ThreadKind {
     /// Every kind.
-    pub const ALL: [ThreadKind; 5] = [
+    pub(crate) const ALL: [ThreadKind; 5] = [
         ThreadKind::Vmm,
         ThreadKind::Vcpu,
         ThreadKind::Device,
@@ -183,7 +183,7 @@ impl Filters {
 
     /// Installs the filter of `kind` on the calling thread, `thread`, or ends the process
     /// with a line saying why: a thread must never run unconfined by accident.
-    pub fn install_or_exit(&self, kind: ThreadKind, thread: &str) {
+    pub(crate) fn install_or_exit(&self, kind: ThreadKind, thread: &str) {
         if let Err(e) = self.install(kind) {
             eprintln!("husk-vmm: thread {thread}: {e}");
             std::process::exit(1);

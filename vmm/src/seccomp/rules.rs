@@ -19,13 +19,13 @@ use super::{Context, SeccompError, ThreadKind};
 /// `ioctl` request numbers (the kernel compares the low 32 bits, an `unsigned int`).
 pub mod ioctl {
     /// `KVM_RUN` (vCPU fd).
-    pub const KVM_RUN: u64 = 0xae80;
+    pub(crate) const KVM_RUN: u64 = 0xae80;
     /// `KVM_GET_REGS` (vCPU fd): the register dump of a fatal exit.
-    pub const KVM_GET_REGS: u64 = 0x8090_ae81;
+    pub(crate) const KVM_GET_REGS: u64 = 0x8090_ae81;
     /// `KVM_GET_SREGS` (vCPU fd): the same.
-    pub const KVM_GET_SREGS: u64 = 0x8138_ae83;
+    pub(crate) const KVM_GET_SREGS: u64 = 0x8138_ae83;
     /// `FIONBIO` (sockets): `set_nonblocking` on accepted and brokered vsock streams.
-    pub const FIONBIO: u64 = 0x5421;
+    pub(crate) const FIONBIO: u64 = 0x5421;
 }
 
 /// `FUTEX_CMD_MASK`: the operation without `FUTEX_PRIVATE_FLAG` and `FUTEX_CLOCK_REALTIME`.

@@ -19,62 +19,62 @@ use crate::devices::bus::BusDevice;
 use crate::exit::{ExitReason, ExitSender};
 
 /// The controller's first port; the device spans 0x60..=0x64.
-pub const I8042_BASE: u64 = 0x60;
+pub(crate) const I8042_BASE: u64 = 0x60;
 /// Its range length.
-pub const I8042_LEN: u64 = 5;
+pub(crate) const I8042_LEN: u64 = 5;
 const DATA_OFFSET: u64 = 0;
 const COMMAND_OFFSET: u64 = 4;
 
 /// Controller commands (written to port 0x64).
 mod cmd {
     /// Read the configuration byte (CTR).
-    pub const READ_CTR: u8 = 0x20;
+    pub(crate) const READ_CTR: u8 = 0x20;
     /// Write the configuration byte: the next byte on port 0x60.
-    pub const WRITE_CTR: u8 = 0x60;
+    pub(crate) const WRITE_CTR: u8 = 0x60;
     /// Disable the aux (mouse) port.
-    pub const DISABLE_AUX: u8 = 0xa7;
+    pub(crate) const DISABLE_AUX: u8 = 0xa7;
     /// Enable the aux port.
-    pub const ENABLE_AUX: u8 = 0xa8;
+    pub(crate) const ENABLE_AUX: u8 = 0xa8;
     /// Test the aux port's interface: 0 means no error.
-    pub const TEST_AUX: u8 = 0xa9;
+    pub(crate) const TEST_AUX: u8 = 0xa9;
     /// Controller self-test: 0x55 means passed.
-    pub const SELF_TEST: u8 = 0xaa;
+    pub(crate) const SELF_TEST: u8 = 0xaa;
     /// Test the keyboard port's interface: 0 means no error.
-    pub const TEST_KBD: u8 = 0xab;
+    pub(crate) const TEST_KBD: u8 = 0xab;
     /// Disable the keyboard port.
-    pub const DISABLE_KBD: u8 = 0xad;
+    pub(crate) const DISABLE_KBD: u8 = 0xad;
     /// Enable the keyboard port.
-    pub const ENABLE_KBD: u8 = 0xae;
+    pub(crate) const ENABLE_KBD: u8 = 0xae;
     /// Read the output port.
-    pub const READ_OUTPUT_PORT: u8 = 0xd0;
+    pub(crate) const READ_OUTPUT_PORT: u8 = 0xd0;
     /// Write the output port: the next byte on port 0x60.
-    pub const WRITE_OUTPUT_PORT: u8 = 0xd1;
+    pub(crate) const WRITE_OUTPUT_PORT: u8 = 0xd1;
     /// Pulse the CPU reset line.
-    pub const RESET_CPU: u8 = 0xfe;
+    pub(crate) const RESET_CPU: u8 = 0xfe;
 }
 
 /// Status register bits (read from port 0x64).
 mod status {
     /// Output buffer full: a byte waits on port 0x60.
-    pub const OUTPUT_FULL: u8 = 0x01;
+    pub(crate) const OUTPUT_FULL: u8 = 0x01;
     /// System flag: the self-test passed (set at power-on by the firmware we do not run).
-    pub const SYSTEM: u8 = 0x04;
+    pub(crate) const SYSTEM: u8 = 0x04;
     /// The last byte written went to the command port (0x64), not the data port.
-    pub const COMMAND: u8 = 0x08;
+    pub(crate) const COMMAND: u8 = 0x08;
     /// Keyboard not inhibited (clear means the key lock is on; Linux warns about it).
-    pub const UNLOCKED: u8 = 0x10;
+    pub(crate) const UNLOCKED: u8 = 0x10;
 }
 
 /// Configuration byte (CTR) bits.
 mod ctr {
     /// Keyboard interrupt enabled.
-    pub const KBD_INT: u8 = 0x01;
+    pub(crate) const KBD_INT: u8 = 0x01;
     /// System flag (POST passed).
-    pub const SYSTEM: u8 = 0x04;
+    pub(crate) const SYSTEM: u8 = 0x04;
     /// Keyboard port disabled.
-    pub const KBD_DISABLED: u8 = 0x10;
+    pub(crate) const KBD_DISABLED: u8 = 0x10;
     /// Aux port disabled.
-    pub const AUX_DISABLED: u8 = 0x20;
+    pub(crate) const AUX_DISABLED: u8 = 0x20;
 }
 
 /// The CTR at power-on, as Firecracker's: keyboard interrupt on, POST passed. No
@@ -88,11 +88,11 @@ const SELF_TEST_OK: u8 = 0x55;
 const INTERFACE_OK: u8 = 0x00;
 /// Most bytes waiting in the output buffer. Real hardware holds one; a few more cost
 /// nothing, and a guest that issues commands without reading the answers cannot grow it.
-pub const OUTPUT_BUFFER_LEN: usize = 16;
+pub(crate) const OUTPUT_BUFFER_LEN: usize = 16;
 
 /// The i8042 device.
 #[derive(Debug)]
-pub struct I8042 {
+pub(crate) struct I8042 {
     exit: ExitSender,
     resets: u64,
     /// The configuration byte.
@@ -122,6 +122,7 @@ impl I8042 {
     }
 
     /// How many resets the guest asked for.
+    #[cfg(test)]
     pub fn resets(&self) -> u64 {
         self.resets
     }

@@ -8,9 +8,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use crate::devices::bus::BusDevice;
 
 /// First port of the RTC.
-pub const RTC_BASE: u64 = 0x70;
+pub(crate) const RTC_BASE: u64 = 0x70;
 /// Its range length.
-pub const RTC_LEN: u64 = 2;
+pub(crate) const RTC_LEN: u64 = 2;
 
 const REG_SECONDS: u8 = 0x00;
 const REG_MINUTES: u8 = 0x02;
@@ -28,7 +28,7 @@ const CMOS_SIZE: usize = 128;
 
 /// A civil UTC date and time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct DateTime {
+pub(crate) struct DateTime {
     /// Full year.
     pub year: u32,
     /// 1..=12.
@@ -47,7 +47,7 @@ pub struct DateTime {
 
 /// Converts seconds since the Unix epoch to a UTC date (Howard Hinnant's civil_from_days).
 #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)] // values are in range by construction
-pub fn datetime_from_unix(secs: u64) -> DateTime {
+pub(crate) fn datetime_from_unix(secs: u64) -> DateTime {
     let days = (secs / 86_400) as i64;
     let rem = secs % 86_400;
     let z = days + 719_468;
@@ -78,7 +78,7 @@ fn bcd(v: u32) -> u8 {
 
 /// The CMOS RTC.
 #[derive(Debug)]
-pub struct Rtc {
+pub(crate) struct Rtc {
     index: u8,
     nvram: [u8; CMOS_SIZE],
     now: fn() -> u64,
@@ -99,7 +99,7 @@ impl Default for Rtc {
 
 impl Rtc {
     /// An RTC reading time from `now` (seconds since the epoch); tests pass a fixed clock.
-    pub fn with_clock(now: fn() -> u64) -> Self {
+    pub(crate) fn with_clock(now: fn() -> u64) -> Self {
         Self {
             index: 0,
             nvram: [0; CMOS_SIZE],

@@ -13,13 +13,13 @@ use crate::devices::bus::BusDevice;
 use crate::devices::thread::{self, ThreadStop};
 
 /// COM1's first port.
-pub const COM1_BASE: u64 = 0x3f8;
+pub(crate) const COM1_BASE: u64 = 0x3f8;
 /// The UART's range length.
-pub const COM1_LEN: u64 = 8;
+pub(crate) const COM1_LEN: u64 = 8;
 
 /// The UART's interrupt line: an eventfd KVM turns into IRQ 4.
 #[derive(Debug)]
-pub struct EventFdTrigger(pub EventFd);
+pub(crate) struct EventFdTrigger(pub EventFd);
 
 impl Trigger for EventFdTrigger {
     type E = io::Error;
@@ -30,7 +30,7 @@ impl Trigger for EventFdTrigger {
 
 /// Where console output goes: any of a log file and stdout.
 #[derive(Debug, Default)]
-pub struct ConsoleOut {
+pub(crate) struct ConsoleOut {
     file: Option<File>,
     stdout: bool,
     bytes: u64,
@@ -47,6 +47,7 @@ impl ConsoleOut {
     }
 
     /// Bytes the guest has written so far.
+    #[cfg(test)]
     pub fn bytes(&self) -> u64 {
         self.bytes
     }
@@ -75,7 +76,7 @@ impl Write for ConsoleOut {
 }
 
 /// COM1 on the port I/O bus.
-pub struct SerialDevice<W: Write + Send> {
+pub(crate) struct SerialDevice<W: Write + Send> {
     uart: Serial<EventFdTrigger, NoEvents, W>,
 }
 
@@ -94,13 +95,14 @@ impl<W: Write + Send> SerialDevice<W> {
     }
 
     /// The output sink.
+    #[cfg(test)]
     pub fn out(&self) -> &W {
         self.uart.writer()
     }
 
     /// Queues console input for the guest; returns how many bytes fit in the receive
     /// FIFO (0 when it is full: the guest has not read what came before).
-    pub fn enqueue_input(&mut self, bytes: &[u8]) -> usize {
+    pub(crate) fn enqueue_input(&mut self, bytes: &[u8]) -> usize {
         self.uart.enqueue_raw_bytes(bytes).unwrap_or(0)
     }
 }
@@ -109,7 +111,7 @@ impl<W: Write + Send> SerialDevice<W> {
 /// guest does not read waits: the thread retries while the FIFO is full. If reading the
 /// input fails, the thread says so on stderr (see [`crate::devices::thread`]); EOF is the
 /// input's normal end and ends the thread quietly.
-pub fn spawn_input<W: Write + Send + 'static, R: Read + Send + 'static>(
+pub(crate) fn spawn_input<W: Write + Send + 'static, R: Read + Send + 'static>(
     serial: Arc<Mutex<SerialDevice<W>>>,
     input: R,
     filters: &crate::seccomp::Filters,
@@ -150,7 +152,7 @@ fn feed_input<W: Write + Send, R: Read>(
 }
 
 /// Something that counts the bytes written through it.
-pub trait CountingSink {
+pub(crate) trait CountingSink {
     /// Bytes written so far.
     fn bytes_written(&self) -> u64;
 }

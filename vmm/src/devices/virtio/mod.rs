@@ -111,9 +111,9 @@ pub struct IrqTrigger {
 }
 
 /// InterruptStatus bit: a used buffer was returned.
-pub const INT_VRING: u32 = virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_VRING;
+pub(crate) const INT_VRING: u32 = virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_VRING;
 /// InterruptStatus bit: the configuration (or device status) changed.
-pub const INT_CONFIG: u32 = virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_CONFIG;
+pub(crate) const INT_CONFIG: u32 = virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_CONFIG;
 
 impl IrqTrigger {
     /// A trigger raising `evt`.
@@ -136,7 +136,7 @@ impl IrqTrigger {
     }
 
     /// InterruptACK: clears `bits`.
-    pub fn ack(&self, bits: u32) {
+    pub(crate) fn ack(&self, bits: u32) {
         self.status.fetch_and(!bits, Ordering::AcqRel);
     }
 

@@ -13,13 +13,13 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::devices::virtio::{QueueError, VirtioDevice, VIRTIO_F_VERSION_1};
 
 /// virtio device id of virtio-fs.
-pub const FS_DEVICE_TYPE: u32 = 26;
+pub(crate) const FS_DEVICE_TYPE: u32 = 26;
 /// Queue size of each queue.
-pub const FS_QUEUE_SIZE: u16 = 1024;
+pub(crate) const FS_QUEUE_SIZE: u16 = 1024;
 /// hiprio + one request queue.
 const NUM_QUEUES: usize = 2;
 /// Longest tag the config space holds.
-pub const FS_TAG_LEN: usize = 36;
+pub(crate) const FS_TAG_LEN: usize = 36;
 const VHOST_USER_F_PROTOCOL_FEATURES: u64 = 1 << 30;
 
 /// Errors while setting up virtio-fs.
@@ -111,7 +111,7 @@ impl VhostUserFs {
     }
 
     /// Clones of the call eventfds (the backend signals used buffers on them).
-    pub fn call_fds(&self) -> std::io::Result<Vec<EventFd>> {
+    pub(crate) fn call_fds(&self) -> std::io::Result<Vec<EventFd>> {
         self.calls.iter().map(EventFd::try_clone).collect()
     }
 

@@ -4,6 +4,6 @@
 //! interrupts.
 
 pub mod device;
-pub mod event_handler;
+pub(crate) mod event_handler;
 
 pub use device::{FsError, VhostUserFs};

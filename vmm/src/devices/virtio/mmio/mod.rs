@@ -18,13 +18,13 @@ use super::{IrqTrigger, VirtioDevice, INT_CONFIG, INT_VRING, VIRTIO_F_VERSION_1}
 use crate::devices::bus::BusDevice;
 
 /// "virt" in little endian.
-pub const MMIO_MAGIC: u32 = 0x7472_6976;
+pub(crate) const MMIO_MAGIC: u32 = 0x7472_6976;
 /// The non-legacy register layout.
-pub const MMIO_VERSION: u32 = 2;
+pub(crate) const MMIO_VERSION: u32 = 2;
 /// Our vendor id: "HUSK" in little endian.
-pub const VENDOR_ID: u32 = 0x4b53_5548;
+pub(crate) const VENDOR_ID: u32 = 0x4b53_5548;
 /// Where the device configuration space starts.
-pub const CONFIG_SPACE_OFFSET: u64 = 0x100;
+pub(crate) const CONFIG_SPACE_OFFSET: u64 = 0x100;
 
 /// Counters of one transport, for the control API.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -92,7 +92,8 @@ impl<M: GuestMemory + Send> MmioTransport<M> {
     }
 
     /// The features the driver acknowledged.
-    pub fn acked_features(&self) -> u64 {
+    #[cfg(test)]
+    pub(crate) fn acked_features(&self) -> u64 {
         self.acked_features
     }
 

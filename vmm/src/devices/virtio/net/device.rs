@@ -14,14 +14,14 @@ use super::tap::FrameIo;
 use crate::devices::virtio::{QueueError, VirtioDevice, VIRTIO_F_VERSION_1};
 
 /// virtio device id of a network card.
-pub const NET_DEVICE_TYPE: u32 = virtio_bindings::virtio_ids::VIRTIO_ID_NET;
+pub(crate) const NET_DEVICE_TYPE: u32 = virtio_bindings::virtio_ids::VIRTIO_ID_NET;
 /// Queue size.
-pub const NET_QUEUE_SIZE: u16 = 256;
+pub(crate) const NET_QUEUE_SIZE: u16 = 256;
 const VIRTIO_NET_F_MAC: u64 = 1 << virtio_bindings::virtio_net::VIRTIO_NET_F_MAC;
 /// `struct virtio_net_hdr_v1`: what precedes every frame with VERSION_1.
-pub const VNET_HDR_LEN: usize = 12;
+pub(crate) const VNET_HDR_LEN: usize = 12;
 /// Largest frame: 64 KiB of payload plus an Ethernet header (no GSO offered).
-pub const MAX_FRAME: usize = 65_550;
+pub(crate) const MAX_FRAME: usize = 65_550;
 const RX: usize = 0;
 const TX: usize = 1;
 
@@ -73,7 +73,7 @@ impl<T: FrameIo> Net<T> {
     }
 
     /// What the event thread needs: the frame fd, the "don't poll the tap" flag, the kick.
-    pub fn event_parts(
+    pub(crate) fn event_parts(
         &self,
     ) -> io::Result<(Option<std::os::fd::RawFd>, Arc<AtomicBool>, EventFd)> {
         Ok((

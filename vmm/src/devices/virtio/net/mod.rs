@@ -3,7 +3,7 @@
 //! No offloads: every frame crosses as-is behind a zeroed virtio-net header.
 
 pub mod device;
-pub mod event_handler;
+pub(crate) mod event_handler;
 pub mod tap;
 
 pub use device::{Net, NetCounters};

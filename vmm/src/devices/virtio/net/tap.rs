@@ -103,7 +103,7 @@ pub struct Tap {
 
 impl Tap {
     /// `name`, or `fd:N` for a tap handed over open.
-    pub fn open_spec(spec: &str) -> Result<Self, TapError> {
+    pub(crate) fn open_spec(spec: &str) -> Result<Self, TapError> {
         match spec.strip_prefix("fd:") {
             Some(n) => {
                 let fd: RawFd = n.parse().map_err(|_| TapError::NotATap {

@@ -11,9 +11,9 @@ use super::handler::{self, EntropySource, RngCounters};
 use crate::devices::virtio::{QueueError, VirtioDevice, VIRTIO_F_VERSION_1};
 
 /// virtio device id of the entropy device.
-pub const RNG_DEVICE_TYPE: u32 = virtio_bindings::virtio_ids::VIRTIO_ID_RNG;
+pub(crate) const RNG_DEVICE_TYPE: u32 = virtio_bindings::virtio_ids::VIRTIO_ID_RNG;
 /// Size of the request queue.
-pub const RNG_QUEUE_SIZE: u16 = 256;
+pub(crate) const RNG_QUEUE_SIZE: u16 = 256;
 const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 
 /// The virtio-rng device.
@@ -33,7 +33,7 @@ impl<S: EntropySource> std::fmt::Debug for Rng<S> {
 
 impl Rng<File> {
     /// An rng reading the host's /dev/urandom.
-    pub fn from_urandom() -> io::Result<Self> {
+    pub(crate) fn from_urandom() -> io::Result<Self> {
         Ok(Self::new(File::open("/dev/urandom")?))
     }
 }

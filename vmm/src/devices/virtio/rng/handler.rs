@@ -43,7 +43,7 @@ pub struct RngCounters {
 
 /// Most bytes handed out per request: a guest asking for a 1 GiB buffer gets this much
 /// (the driver accepts short fills) rather than stalling its vCPU.
-pub const MAX_BYTES_PER_REQUEST: u32 = 64 * 1024;
+pub(crate) const MAX_BYTES_PER_REQUEST: u32 = 64 * 1024;
 
 /// Fills one chain; returns the bytes written. Stops at the first bad descriptor.
 fn fill_chain<M: GuestMemory, S: EntropySource + ?Sized>(
@@ -91,7 +91,7 @@ fn fill_chain<M: GuestMemory, S: EntropySource + ?Sized>(
 
 /// Serves every available request on `queue`; returns whether the driver must be
 /// interrupted.
-pub fn process_requests<M: GuestMemory, S: EntropySource + ?Sized>(
+pub(crate) fn process_requests<M: GuestMemory, S: EntropySource + ?Sized>(
     queue: &mut Queue,
     mem: &M,
     src: &mut S,

@@ -6,15 +6,15 @@ use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
 
 /// Receive buffer we advertise per connection (bytes the guest may have in flight to us).
-pub const CONN_BUF_ALLOC: u32 = 256 * 1024;
+pub(crate) const CONN_BUF_ALLOC: u32 = 256 * 1024;
 /// Announce our forwarded count after this much progress even with nothing else to send.
-pub const CREDIT_UPDATE_THRESHOLD: u32 = CONN_BUF_ALLOC / 4;
+pub(crate) const CREDIT_UPDATE_THRESHOLD: u32 = CONN_BUF_ALLOC / 4;
 /// Largest payload per packet we build.
-pub const MAX_PKT_DATA: u32 = 64 * 1024;
+pub(crate) const MAX_PKT_DATA: u32 = 64 * 1024;
 
 /// Where a connection is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ConnState {
+pub(crate) enum ConnState {
     /// Host-initiated: REQUEST sent, waiting for the guest's RESPONSE.
     Connecting,
     /// Data flows.
@@ -25,7 +25,7 @@ pub enum ConnState {
 
 /// One connection.
 #[derive(Debug)]
-pub struct Connection {
+pub(crate) struct Connection {
     /// Its host unix stream (non-blocking).
     pub stream: UnixStream,
     /// Its state.
@@ -72,20 +72,20 @@ impl Connection {
     }
 
     /// Takes the guest's credit fields from any packet it sent.
-    pub fn update_peer_credit(&mut self, buf_alloc: u32, fwd_cnt: u32) {
+    pub(crate) fn update_peer_credit(&mut self, buf_alloc: u32, fwd_cnt: u32) {
         self.peer_buf_alloc = buf_alloc;
         self.peer_fwd_cnt = fwd_cnt;
     }
 
     /// Bytes we may still send the guest.
-    pub fn peer_credit(&self) -> u32 {
+    pub(crate) fn peer_credit(&self) -> u32 {
         let in_flight = self.tx_cnt.wrapping_sub(self.peer_fwd_cnt);
         self.peer_buf_alloc.saturating_sub(in_flight)
     }
 
     /// Our fwd_cnt, to put in a header; remembers that the guest has heard it (every
     /// header carries our credit, so it also answers a pending CREDIT_REQUEST).
-    pub fn fwd_cnt_for_header(&mut self) -> u32 {
+    pub(crate) fn fwd_cnt_for_header(&mut self) -> u32 {
         self.last_fwd_cnt_sent = self.fwd_cnt;
         self.credit_requested = false;
         self.fwd_cnt
@@ -93,24 +93,25 @@ impl Connection {
 
     /// The guest asked for our credit (CREDIT_REQUEST): the next packet for this
     /// connection answers it, and until then at most one CREDIT_UPDATE is owed.
-    pub fn request_credit_update(&mut self) {
+    pub(crate) fn request_credit_update(&mut self) {
         self.credit_requested = true;
     }
 
     /// Whether the guest should hear our fwd_cnt even without data to carry it: it asked,
     /// or we have forwarded enough since it last heard.
-    pub fn needs_credit_update(&self) -> bool {
+    pub(crate) fn needs_credit_update(&self) -> bool {
         self.credit_requested
             || self.fwd_cnt.wrapping_sub(self.last_fwd_cnt_sent) >= CREDIT_UPDATE_THRESHOLD
     }
 
     /// Guest bytes buffered for the host stream (never more than [`CONN_BUF_ALLOC`]).
-    pub fn pending_to_host(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn pending_to_host(&self) -> usize {
         self.to_host.len()
     }
 
     /// Whether guest data waits for the host stream.
-    pub fn has_pending_to_host(&self) -> bool {
+    pub(crate) fn has_pending_to_host(&self) -> bool {
         !self.to_host.is_empty()
     }
 
@@ -121,7 +122,7 @@ impl Connection {
 
     /// Delivers guest data to the host stream, keeping what it cannot take yet.
     /// Err means the guest overran our credit or the host stream failed: reset.
-    pub fn send_to_host(&mut self, data: &[u8]) -> io::Result<()> {
+    pub(crate) fn send_to_host(&mut self, data: &[u8]) -> io::Result<()> {
         if !self.within_our_credit(data.len()) {
             return Err(io::Error::other("guest overran its credit"));
         }
@@ -130,7 +131,7 @@ impl Connection {
     }
 
     /// Writes as much pending guest data to the host stream as it takes.
-    pub fn flush_to_host(&mut self) -> io::Result<()> {
+    pub(crate) fn flush_to_host(&mut self) -> io::Result<()> {
         while !self.to_host.is_empty() {
             match self.stream.write(&self.to_host) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
@@ -150,7 +151,7 @@ impl Connection {
 
     /// Reads host data for the guest, at most `max` bytes and never beyond the guest's
     /// credit. Ok(None): nothing now (would block or no credit); Ok(Some(empty)): EOF.
-    pub fn read_from_host(&mut self, max: u32) -> io::Result<Option<Vec<u8>>> {
+    pub(crate) fn read_from_host(&mut self, max: u32) -> io::Result<Option<Vec<u8>>> {
         let n = max.min(self.peer_credit()).min(MAX_PKT_DATA) as usize;
         if n == 0 {
             return Ok(None);

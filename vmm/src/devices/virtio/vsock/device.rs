@@ -14,9 +14,9 @@ use super::unix::Muxer;
 use crate::devices::virtio::{QueueError, VirtioDevice, VIRTIO_F_VERSION_1};
 
 /// virtio device id of vsock.
-pub const VSOCK_DEVICE_TYPE: u32 = virtio_bindings::virtio_ids::VIRTIO_ID_VSOCK;
+pub(crate) const VSOCK_DEVICE_TYPE: u32 = virtio_bindings::virtio_ids::VIRTIO_ID_VSOCK;
 /// Queue size of each queue.
-pub const VSOCK_QUEUE_SIZE: u16 = 256;
+pub(crate) const VSOCK_QUEUE_SIZE: u16 = 256;
 const RX: usize = 0;
 const TX: usize = 1;
 /// Largest payload accepted from the guest per packet.

@@ -4,9 +4,9 @@
 //! between the queues and the muxer, `event_handler` the thread that wakes the device
 //! when a host socket is ready.
 
-pub mod csm;
+pub(crate) mod csm;
 pub mod device;
-pub mod event_handler;
+pub(crate) mod event_handler;
 pub mod packet;
 pub mod unix;
 

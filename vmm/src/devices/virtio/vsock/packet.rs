@@ -3,34 +3,34 @@
 //! through virtio-vsock's checked `VsockPacket`).
 
 /// The host's CID.
-pub const HOST_CID: u64 = 2;
+pub(crate) const HOST_CID: u64 = 2;
 /// Stream sockets, the only type supported.
-pub const TYPE_STREAM: u16 = 1;
+pub(crate) const TYPE_STREAM: u16 = 1;
 
 /// Operations.
 pub mod op {
     /// Connection request.
-    pub const REQUEST: u16 = 1;
+    pub(crate) const REQUEST: u16 = 1;
     /// Connection accepted.
-    pub const RESPONSE: u16 = 2;
+    pub(crate) const RESPONSE: u16 = 2;
     /// Connection reset.
     pub const RST: u16 = 3;
     /// No more data in one or both directions.
     pub const SHUTDOWN: u16 = 4;
     /// Data.
-    pub const RW: u16 = 5;
+    pub(crate) const RW: u16 = 5;
     /// Credit announcement.
-    pub const CREDIT_UPDATE: u16 = 6;
+    pub(crate) const CREDIT_UPDATE: u16 = 6;
     /// Credit announcement wanted.
-    pub const CREDIT_REQUEST: u16 = 7;
+    pub(crate) const CREDIT_REQUEST: u16 = 7;
 }
 
 /// SHUTDOWN flags: the sender will receive / send no more.
-pub const SHUTDOWN_BOTH: u32 = 3;
+pub(crate) const SHUTDOWN_BOTH: u32 = 3;
 
 /// One packet, host side.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct Pkt {
+pub(crate) struct Pkt {
     /// Source CID.
     pub src_cid: u64,
     /// Destination CID.

@@ -28,23 +28,23 @@ use super::super::csm::{ConnState, Connection, CONN_BUF_ALLOC};
 use super::super::packet::{op, Pkt, HOST_CID, SHUTDOWN_BOTH, TYPE_STREAM};
 
 /// Longest `CONNECT <port>\n` line accepted.
-pub const MAX_HANDSHAKE: usize = 32;
+pub(crate) const MAX_HANDSHAKE: usize = 32;
 /// Most host clients that have connected but not yet sent their whole `CONNECT` line;
 /// more are closed at once (they see EOF and may retry).
-pub const MAX_HANDSHAKES: usize = 64;
+pub(crate) const MAX_HANDSHAKES: usize = 64;
 /// Most control packets (RST, RESPONSE, REQUEST) queued for the guest. A guest that floods
 /// us with bad packets, or opens and resets connections, while posting no rx buffers must
 /// not grow host memory without bound: beyond this, new resets are dropped and new
 /// connections refused (the guest is misbehaving anyway).
-pub const MAX_CONTROL: usize = 1024;
+pub(crate) const MAX_CONTROL: usize = 1024;
 /// Most connections at once, in any state and either direction. Each holds a host stream
 /// (an fd); a guest that opens connections and never closes them meets this limit, not
 /// husk-vmm's fd limit. The agent needs a handful.
-pub const MAX_CONNECTIONS: usize = 512;
+pub(crate) const MAX_CONNECTIONS: usize = 512;
 /// How long a host-initiated connection waits for the guest's answer. Until the guest's
 /// vsock driver is up nobody answers; the client then sees EOF and retries rather than
 /// hanging on a request the guest may never see.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Host ports handed out for host-initiated connections start here (as Firecracker's do).
 const FIRST_LOCAL_PORT: u32 = 1 << 30;
 
@@ -233,12 +233,12 @@ impl Muxer {
     }
 
     /// Has `connector` open the host ends of guest-initiated connections.
-    pub fn set_connector(&mut self, connector: Arc<dyn HostConnector>) {
+    pub(crate) fn set_connector(&mut self, connector: Arc<dyn HostConnector>) {
         self.connector = connector;
     }
 
     /// The epoll fd that becomes readable when a host stream needs attention.
-    pub fn epoll_fd(&self) -> RawFd {
+    pub(crate) fn epoll_fd(&self) -> RawFd {
         self.epoll.as_raw_fd()
     }
 
@@ -253,7 +253,8 @@ impl Muxer {
     }
 
     /// Open connections.
-    pub fn connection_count(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn connection_count(&self) -> usize {
         self.conns.len()
     }
 
@@ -341,7 +342,7 @@ impl Muxer {
     }
 
     /// Handles a packet the guest sent.
-    pub fn send_pkt(&mut self, pkt: &Pkt) {
+    pub(crate) fn send_pkt(&mut self, pkt: &Pkt) {
         let key = (pkt.dst_port, pkt.src_port);
         if pkt.dst_cid != HOST_CID || pkt.src_cid != self.guest_cid || pkt.type_ != TYPE_STREAM {
             // Not for us, or not a stream: refuse unless it is itself a reset.
@@ -501,12 +502,13 @@ impl Muxer {
     }
 
     /// Sets how long host-initiated connections wait for the guest (tests use a short one).
-    pub fn set_connect_timeout(&mut self, timeout: Duration) {
+    #[cfg(test)]
+    pub(crate) fn set_connect_timeout(&mut self, timeout: Duration) {
         self.connect_timeout = timeout;
     }
 
     /// How long until the next unanswered host connection times out, if any waits.
-    pub fn next_timeout(&self) -> Option<Duration> {
+    pub(crate) fn next_timeout(&self) -> Option<Duration> {
         self.conns
             .values()
             .filter(|c| c.state == ConnState::Connecting)
@@ -541,7 +543,7 @@ impl Muxer {
     }
 
     /// Takes the host-side events that are ready (without blocking).
-    pub fn poll_host(&mut self) {
+    pub(crate) fn poll_host(&mut self) {
         self.expire_connecting();
         let mut events = vec![EpollEvent::default(); 32];
         loop {
@@ -601,7 +603,7 @@ impl Muxer {
     }
 
     /// Whether a packet for the guest is ready.
-    pub fn has_pending_rx(&self) -> bool {
+    pub(crate) fn has_pending_rx(&self) -> bool {
         !self.control.is_empty()
             || self.conns.values().any(|c| {
                 c.state == ConnState::Established
@@ -610,7 +612,7 @@ impl Muxer {
     }
 
     /// The next packet for the guest, with at most `max_data` bytes of payload.
-    pub fn recv_pkt(&mut self, max_data: u32) -> Option<Pkt> {
+    pub(crate) fn recv_pkt(&mut self, max_data: u32) -> Option<Pkt> {
         if let Some(mut p) = self.control.pop_front() {
             if let Some(c) = self.conns.get_mut(&(p.src_port, p.dst_port)) {
                 p.fwd_cnt = c.fwd_cnt_for_header();
