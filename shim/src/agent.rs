@@ -45,7 +45,7 @@ pub fn short() -> ttrpc::context::Context {
 }
 
 /// A context without deadline, for long polls.
-pub fn long_poll() -> ttrpc::context::Context {
+pub(crate) fn long_poll() -> ttrpc::context::Context {
     ttrpc::context::Context::default()
 }
 

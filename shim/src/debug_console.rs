@@ -37,7 +37,7 @@ const RECORD: &str = "debug-console.json";
 
 /// What `console` needs to know about a running sandbox.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Record {
+pub(crate) struct Record {
     pub debug_console: bool,
     /// The configuration file the sandbox was started with (as [`Config::source_name`]).
     pub config: String,
@@ -58,7 +58,7 @@ impl Record {
 }
 
 /// Copies the shell into the sandbox's shared directory, where the agent looks for it.
-pub fn share_shell(dir: &SandboxDir, shell: &Path) -> std::io::Result<PathBuf> {
+pub(crate) fn share_shell(dir: &SandboxDir, shell: &Path) -> std::io::Result<PathBuf> {
     use std::os::unix::fs::PermissionsExt;
     let to = dir.mounts().join(DEBUG_SHELL_IN_SHARE);
     if let Some(parent) = to.parent() {

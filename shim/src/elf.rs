@@ -13,7 +13,7 @@ const PT_INTERP: u32 = 3;
 /// Why `path` cannot run in the guest without a dynamic loader, if it cannot: it must be a
 /// 64-bit little-endian x86-64 ELF without a `PT_INTERP` program header (static or
 /// static-pie). Reads the ELF and program headers only.
-pub fn check_static(path: &Path) -> Result<(), String> {
+pub(crate) fn check_static(path: &Path) -> Result<(), String> {
     let mut f = std::fs::File::open(path).map_err(|e| e.to_string())?;
     let mut h = [0u8; 64];
     if f.read_exact(&mut h).is_err() || &h[..4] != b"\x7fELF" {

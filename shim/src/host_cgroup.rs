@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 /// VM's processes die asynchronously (SIGKILL, and PDEATHSIG when the VM thread ends) just
 /// before the shim leaves, and a cgroup with a task in it cannot be removed (EBUSY). Without
 /// the wait, one CRI pod in 300 left its cgroup behind in the soak.
-pub const LEAF_PATIENCE: Duration = Duration::from_secs(2);
+pub(crate) const LEAF_PATIENCE: Duration = Duration::from_secs(2);
 
 /// Removes the cgroup `dir` (the sandbox's own, the leaf), retrying while it is busy with
 /// tasks on their way out, for up to [`LEAF_PATIENCE`].
@@ -142,7 +142,7 @@ fn hierarchies() -> Vec<Hierarchy> {
 
 /// The sandbox's cgroup, joined.
 #[derive(Debug)]
-pub struct HostCgroup {
+pub(crate) struct HostCgroup {
     path: String,
     joined: Vec<(Hierarchy, Vec<PathBuf>)>,
 }
@@ -192,14 +192,10 @@ impl HostCgroup {
         Ok(me)
     }
 
-    pub fn path(&self) -> &str {
-        &self.path
-    }
-
     /// Moves process `pid` and every process below it (a pooled VM's keeper, its jail
     /// supervisors, QEMU or husk-vmm and the helpers) into this cgroup, in every hierarchy.
     /// Parents go first, so a child forked meanwhile is born inside.
-    pub fn adopt_tree(&self, pid: u32) -> Result<(), CgroupError> {
+    pub(crate) fn adopt_tree(&self, pid: u32) -> Result<(), CgroupError> {
         let mut pids = vec![pid];
         let mut i = 0;
         while i < pids.len() {

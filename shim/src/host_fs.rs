@@ -74,7 +74,7 @@ fn owned(fd: libc::c_long) -> OwnedFd {
 /// middle of the path, nor as its last component: `RESOLVE_NO_SYMLINKS` refuses that with
 /// ELOOP even for `O_PATH`, which `O_NOFOLLOW` would not) and without leaving `dir`. `flags`
 /// are `open(2)` flags (`O_CLOEXEC` is always added).
-pub fn open_beneath(
+pub(crate) fn open_beneath(
     dir: &impl AsRawFd,
     rel: &Path,
     flags: libc::c_int,
@@ -100,7 +100,7 @@ pub fn open_beneath(
 }
 
 /// Opens the directory `path` itself, refusing a symlink as its last component.
-pub fn open_dir(path: &Path) -> std::io::Result<OwnedFd> {
+pub(crate) fn open_dir(path: &Path) -> std::io::Result<OwnedFd> {
     let p = cstr(path)?;
     // SAFETY: `p` is NUL-terminated and alive for the call; open returns a new fd or -1.
     let fd = check(
@@ -137,7 +137,7 @@ fn parent_fd(dir: &impl AsRawFd, parent: &Path) -> std::io::Result<OwnedFd> {
 
 /// Creates the directory `rel` beneath `dir` (its parent must exist, with no symlink on the
 /// way) and returns an `O_PATH` fd of it. An existing entry of that name is an error.
-pub fn mkdir_beneath(
+pub(crate) fn mkdir_beneath(
     dir: &impl AsRawFd,
     rel: &Path,
     mode: libc::mode_t,
@@ -155,7 +155,7 @@ pub fn mkdir_beneath(
 
 /// Creates the empty regular file `rel` beneath `dir` exclusively (never truncating or
 /// following anything that is there) and returns an `O_PATH` fd of it.
-pub fn create_file_beneath(
+pub(crate) fn create_file_beneath(
     dir: &impl AsRawFd,
     rel: &Path,
     mode: libc::mode_t,
@@ -180,7 +180,7 @@ pub fn create_file_beneath(
 
 /// Mount attributes for [`bind_onto`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct BindAttrs {
+pub(crate) struct BindAttrs {
     pub readonly: bool,
     pub nosuid: bool,
     pub nodev: bool,
@@ -193,7 +193,7 @@ pub struct BindAttrs {
 /// Binds `source` (a host path given by containerd or the pod spec: followed as runc would)
 /// onto the mount point `target` (an fd from this module), recursively when `recursive`, and
 /// applies `attrs` to the whole tree: a read-only bind is read-only in every submount too.
-pub fn bind_onto(
+pub(crate) fn bind_onto(
     source: &Path,
     target: &OwnedFd,
     recursive: bool,
@@ -228,11 +228,6 @@ pub fn bind_onto(
     move_onto(&tree, target)
 }
 
-/// `mount_setattr(fd, "", AT_EMPTY_PATH | AT_RECURSIVE, set)`.
-pub fn set_attrs(tree: &OwnedFd, set: u64) -> std::io::Result<()> {
-    setattr(tree, set, 0)
-}
-
 /// `mount_setattr(fd, "", AT_EMPTY_PATH | AT_RECURSIVE, set, propagation)`.
 fn setattr(tree: &OwnedFd, set: u64, propagation: u64) -> std::io::Result<()> {
     let attr = MountAttr {
@@ -258,7 +253,7 @@ fn setattr(tree: &OwnedFd, set: u64, propagation: u64) -> std::io::Result<()> {
 
 /// Attaches the detached mount tree `tree` (from open_tree or fsmount) on the mount point
 /// `target`, both given as fds.
-pub fn move_onto(tree: &OwnedFd, target: &OwnedFd) -> std::io::Result<()> {
+pub(crate) fn move_onto(tree: &OwnedFd, target: &OwnedFd) -> std::io::Result<()> {
     // SAFETY: both paths are the static empty string; both fds are open.
     check(unsafe {
         libc::syscall(
@@ -275,7 +270,7 @@ pub fn move_onto(tree: &OwnedFd, target: &OwnedFd) -> std::io::Result<()> {
 
 /// Attributes of a new mount made by [`FsContext::mount`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct MountAttrs {
+pub(crate) struct MountAttrs {
     pub readonly: bool,
     pub nosuid: bool,
     pub nodev: bool,
@@ -302,7 +297,7 @@ impl MountAttrs {
 /// parameter (no page-sized limit on the whole option string, unlike `mount(2)`), then
 /// `FSCONFIG_CMD_CREATE` and `fsmount`, which gives a detached mount for [`move_onto`].
 #[derive(Debug)]
-pub struct FsContext {
+pub(crate) struct FsContext {
     fd: OwnedFd,
 }
 
@@ -345,12 +340,12 @@ impl FsContext {
     }
 
     /// `fsconfig(FSCONFIG_SET_STRING, key, value)` (the kernel takes values under 256 bytes).
-    pub fn set_string(&self, key: &str, value: &str) -> std::io::Result<()> {
+    pub(crate) fn set_string(&self, key: &str, value: &str) -> std::io::Result<()> {
         self.config(FSCONFIG_SET_STRING, Some(key), Some(value))
     }
 
     /// `fsconfig(FSCONFIG_SET_FLAG, key)`.
-    pub fn set_flag(&self, key: &str) -> std::io::Result<()> {
+    pub(crate) fn set_flag(&self, key: &str) -> std::io::Result<()> {
         self.config(FSCONFIG_SET_FLAG, Some(key), None)
     }
 
@@ -395,7 +390,7 @@ impl FsContext {
 
 /// The `/proc/self/fd/N` path of `fd`, for the classic mount(2) when a file system (an
 /// overlay) has to be mounted on a mount point held as an fd.
-pub fn proc_fd_path(fd: &OwnedFd) -> std::path::PathBuf {
+pub(crate) fn proc_fd_path(fd: &OwnedFd) -> std::path::PathBuf {
     std::path::PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()))
 }
 

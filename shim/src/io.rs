@@ -421,7 +421,7 @@ fn relay_stdin(client: AgentClient, cid: String, eid: String, path: String) {
 }
 
 /// Opens and closes the write end of a stdin fifo, waking a relay blocked in `open`.
-pub fn unblock_stdin(path: &str) {
+pub(crate) fn unblock_stdin(path: &str) {
     if !path.is_empty() {
         let _ = OpenOptions::new()
             .write(true)

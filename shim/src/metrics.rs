@@ -34,14 +34,14 @@ use serde::{Deserialize, Serialize};
 use crate::sandbox::Sandbox;
 
 /// Version of the [`Snapshot`] document; the monitor skips a shim that speaks another.
-pub const SNAPSHOT_VERSION: u32 = 1;
+pub(crate) const SNAPSHOT_VERSION: u32 = 1;
 
 /// Deadline of a `GetGuestStats` call.
-pub const GUEST_STATS_TIMEOUT: Duration = Duration::from_secs(2);
+pub(crate) const GUEST_STATS_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Upper bounds (seconds) of the agent call latency histogram: a `Check` is ~0.3 ms under QEMU
 /// TCG here, a `CreateContainer` tens to hundreds of ms, and a short call's deadline is 30 s.
-pub const RPC_BUCKETS: [f64; 14] = [
+pub(crate) const RPC_BUCKETS: [f64; 14] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0, 30.0,
 ];
 
@@ -60,7 +60,7 @@ pub struct Histogram {
 }
 
 impl Histogram {
-    pub fn observe(&mut self, seconds: f64, failed: bool) {
+    pub(crate) fn observe(&mut self, seconds: f64, failed: bool) {
         if self.buckets.len() != RPC_BUCKETS.len() {
             self.buckets = vec![0; RPC_BUCKETS.len()];
         }
@@ -152,7 +152,7 @@ static BOOT: Mutex<Option<Boot>> = Mutex::new(None);
 static OOM_EVENTS: AtomicU64 = AtomicU64::new(0);
 
 /// Records one agent call.
-pub fn observe_rpc(method: &'static str, took: Duration, failed: bool) {
+pub(crate) fn observe_rpc(method: &'static str, took: Duration, failed: bool) {
     RPC.lock()
         .unwrap_or_else(|e| e.into_inner())
         .entry(method)
@@ -161,7 +161,7 @@ pub fn observe_rpc(method: &'static str, took: Duration, failed: bool) {
 }
 
 /// Records the sandbox's boot times (once it is up).
-pub fn record_boot(sandbox_start: Duration, vm_boot: Duration, guest_boot_ms: u64) {
+pub(crate) fn record_boot(sandbox_start: Duration, vm_boot: Duration, guest_boot_ms: u64) {
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default();
@@ -174,7 +174,7 @@ pub fn record_boot(sandbox_start: Duration, vm_boot: Duration, guest_boot_ms: u6
 }
 
 /// Counts one OOM event forwarded to containerd.
-pub fn oom_event() {
+pub(crate) fn oom_event() {
     OOM_EVENTS.fetch_add(1, Ordering::Relaxed);
 }
 

@@ -39,7 +39,7 @@ use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use crate::host_fs;
 
 /// Where the guest sees `shared/`.
-pub const GUEST_SHARED: &str = "/run/husk/shared";
+pub(crate) const GUEST_SHARED: &str = "/run/husk/shared";
 
 #[derive(Debug, thiserror::Error)]
 pub enum DirError {
@@ -72,7 +72,7 @@ fn sys(what: &'static str, path: &Path) -> impl FnOnce(nix::Error) -> DirError {
 }
 
 /// Ids become path components: refuse anything that could climb out.
-pub fn check_id(id: &str) -> Result<(), DirError> {
+pub(crate) fn check_id(id: &str) -> Result<(), DirError> {
     if id.is_empty()
         || id == "."
         || id == ".."
@@ -108,7 +108,7 @@ impl SandboxDir {
     }
 
     /// The empty mount point of the jails' roots.
-    pub fn jail_root(&self) -> PathBuf {
+    pub(crate) fn jail_root(&self) -> PathBuf {
         self.root.join("jail")
     }
 
@@ -123,17 +123,17 @@ impl SandboxDir {
     }
 
     /// An `O_PATH` fd of [`Self::mounts`], the base every host-side path is resolved from.
-    pub fn mounts_fd(&self) -> Result<OwnedFd, DirError> {
+    pub(crate) fn mounts_fd(&self) -> Result<OwnedFd, DirError> {
         let path = self.mounts();
         host_fs::open_dir(&path).map_err(io("opening", &path))
     }
 
     /// The shim's metrics socket (`crate::metrics`), root-only like the directory.
-    pub fn metrics_socket(&self) -> PathBuf {
+    pub(crate) fn metrics_socket(&self) -> PathBuf {
         self.root.join("metrics.sock")
     }
 
-    pub fn pids_file(&self) -> PathBuf {
+    pub(crate) fn pids_file(&self) -> PathBuf {
         self.root.join("vm.pids")
     }
 
@@ -203,7 +203,7 @@ impl SandboxDir {
     }
 
     /// Records the PIDs of the VM's processes, each with the program it runs now.
-    pub fn write_pids(&self, pids: &[u32]) -> Result<(), DirError> {
+    pub(crate) fn write_pids(&self, pids: &[u32]) -> Result<(), DirError> {
         let text: String = pids
             .iter()
             .map(|p| match std::fs::read_link(format!("/proc/{p}/exe")) {
@@ -215,7 +215,7 @@ impl SandboxDir {
     }
 
     /// The recorded PIDs, with their programs where known.
-    pub fn read_pids(&self) -> Vec<(u32, Option<PathBuf>)> {
+    pub(crate) fn read_pids(&self) -> Vec<(u32, Option<PathBuf>)> {
         std::fs::read_to_string(self.pids_file())
             .unwrap_or_default()
             .lines()
@@ -241,7 +241,7 @@ impl SandboxDir {
 
     /// Unmounts everything under the sandbox directory, removes it and gives back the
     /// sandbox's jail id. Idempotent.
-    pub fn destroy(&self) -> Result<(), DirError> {
+    pub(crate) fn destroy(&self) -> Result<(), DirError> {
         unmount_under(&self.root)?;
         if self.root.exists() {
             std::fs::remove_dir_all(&self.root).map_err(io("removing", &self.root))?;
@@ -290,7 +290,7 @@ fn unescape_mountinfo(s: &str) -> String {
 }
 
 /// Detaches every mount at or under `dir` (stacked mounts included).
-pub fn unmount_under(dir: &Path) -> Result<(), DirError> {
+pub(crate) fn unmount_under(dir: &Path) -> Result<(), DirError> {
     for _ in 0..16 {
         let mounts = mounts_under(dir);
         if mounts.is_empty() {

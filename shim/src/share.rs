@@ -58,7 +58,7 @@ pub enum ShareError {
 
 /// Mounts containerd's rootfs mounts for `cid` (or binds the bundle's `rootfs/` when
 /// containerd mounted it already) under `mounts/<cid>/rootfs`.
-pub fn mount_rootfs(
+pub(crate) fn mount_rootfs(
     dir: &SandboxDir,
     cid: &str,
     mounts: &[ContainerdMount],
@@ -257,7 +257,11 @@ pub fn bind_plan(cid: &str, spec: &Value) -> Result<Vec<Bind>, ShareError> {
 
 /// Shares every bind mount of `spec` with the guest and rewrites its source to the guest's
 /// path. Returns the rewritten spec as JSON for the agent.
-pub fn share_bind_mounts(dir: &SandboxDir, cid: &str, spec: &mut Value) -> Result<(), ShareError> {
+pub(crate) fn share_bind_mounts(
+    dir: &SandboxDir,
+    cid: &str,
+    spec: &mut Value,
+) -> Result<(), ShareError> {
     // Every bind checked before the first is mounted.
     bind_plan(cid, spec)?;
     let Some(mounts) = spec.get_mut("mounts").and_then(Value::as_array_mut) else {
@@ -363,7 +367,7 @@ fn host_propagation(options: &[&str]) -> u64 {
 }
 
 /// Reads the bundle's config.json.
-pub fn read_spec(bundle: &Path, cid: &str) -> Result<Value, ShareError> {
+pub(crate) fn read_spec(bundle: &Path, cid: &str) -> Result<Value, ShareError> {
     let path = bundle.join("config.json");
     let text = std::fs::read(&path).map_err(|e| ShareError::Spec {
         cid: cid.into(),
@@ -398,7 +402,7 @@ pub fn parse_spec(text: &[u8], cid: &str) -> Result<Value, ShareError> {
 }
 
 /// The annotation `ctr` users group containers into one sandbox with.
-pub const ANNOTATION_SANDBOX_ID: &str = "io.husk.sandbox-id";
+pub(crate) const ANNOTATION_SANDBOX_ID: &str = "io.husk.sandbox-id";
 
 /// The sandbox a container belongs to; `None` when the container is its own sandbox.
 ///

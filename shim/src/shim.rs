@@ -31,7 +31,7 @@ use crate::task::Service;
 
 /// Exit status `delete` reports for a task whose shim is gone: killed (128 + SIGKILL), as
 /// containerd's own shims do.
-pub const DELETED_EXIT: u32 = 137;
+pub(crate) const DELETED_EXIT: u32 = 137;
 
 const TASK_V3: &str = "/containerd.task.v3.Task/";
 const TASK_V2: &str = "/containerd.task.v2.Task/";

@@ -11,7 +11,7 @@ use std::time::Duration;
 use crate::metrics::{Snapshot, SNAPSHOT_VERSION};
 
 /// How long a shim may take to answer (it asks its guest, with a shorter deadline).
-pub const SHIM_TIMEOUT: Duration = Duration::from_secs(2);
+pub(crate) const SHIM_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// A larger answer is not a snapshot.
 const MAX_SNAPSHOT: u64 = 4 << 20;
@@ -78,7 +78,7 @@ pub struct Stat {
 
 /// Parses /proc/PID/stat. `comm` is in parentheses and may hold spaces or `)`: the last `)`
 /// ends it.
-pub fn parse_stat(text: &str) -> Option<Stat> {
+pub(crate) fn parse_stat(text: &str) -> Option<Stat> {
     let open = text.find('(')?;
     let close = text.rfind(')')?;
     let comm = text.get(open + 1..close)?.to_string();
@@ -94,7 +94,7 @@ pub fn parse_stat(text: &str) -> Option<Stat> {
 }
 
 /// Every process's stat, by PID.
-pub fn scan_proc() -> HashMap<u32, Stat> {
+pub(crate) fn scan_proc() -> HashMap<u32, Stat> {
     let mut out = HashMap::new();
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return out;
@@ -135,7 +135,7 @@ pub fn tree(procs: &HashMap<u32, Stat>, root: u32) -> Vec<u32> {
 }
 
 /// `Key:   123 kB` of /proc/PID/smaps_rollup (or status), in bytes.
-pub fn kib_field(text: &str, key: &str) -> Option<u64> {
+pub(crate) fn kib_field(text: &str, key: &str) -> Option<u64> {
     text.lines()
         .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
@@ -143,7 +143,7 @@ pub fn kib_field(text: &str, key: &str) -> Option<u64> {
 }
 
 /// `key: 123` of /proc/PID/io.
-pub fn io_field(text: &str, key: &str) -> Option<u64> {
+pub(crate) fn io_field(text: &str, key: &str) -> Option<u64> {
     text.lines()
         .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
         .and_then(|v| v.trim().parse().ok())
@@ -187,7 +187,7 @@ fn role_in_tree(pid: u32, stat: &Stat, shim_pid: u32, shim_exe: Option<&Path>) -
 /// The processes of the tree under `shim_pid` and, for a VM from the warm pool, the tree
 /// under its keeper `keeper_pid`, summed by role. A process that exits while it is read still
 /// counts with what was read of it.
-pub fn usage(
+pub(crate) fn usage(
     procs: &HashMap<u32, Stat>,
     shim_pid: u32,
     keeper_pid: Option<u32>,
@@ -236,7 +236,7 @@ pub fn usage(
 }
 
 /// The sandbox directories under the state root (everything but dot entries).
-pub fn sandbox_dirs(state_root: &Path) -> Vec<PathBuf> {
+pub(crate) fn sandbox_dirs(state_root: &Path) -> Vec<PathBuf> {
     let mut v: Vec<PathBuf> = std::fs::read_dir(state_root)
         .into_iter()
         .flatten()
@@ -251,7 +251,7 @@ pub fn sandbox_dirs(state_root: &Path) -> Vec<PathBuf> {
 
 /// Why a sandbox was skipped in a scrape.
 #[derive(Debug, thiserror::Error)]
-pub enum FetchError {
+pub(crate) enum FetchError {
     #[error("{socket}: {source}")]
     Io {
         socket: PathBuf,
@@ -269,7 +269,7 @@ pub enum FetchError {
 }
 
 /// Asks the shim of the sandbox in `dir` for its snapshot.
-pub fn fetch(dir: &Path) -> Result<Snapshot, FetchError> {
+pub(crate) fn fetch(dir: &Path) -> Result<Snapshot, FetchError> {
     let socket = dir.join("metrics.sock");
     let io = |source| FetchError::Io {
         socket: socket.clone(),

@@ -33,7 +33,7 @@ use text::{count_value, Desc, Exposition, Kind};
 use crate::metrics::{Snapshot, RPC_BUCKETS};
 
 /// Where the monitor listens unless told (`--listen`).
-pub const DEFAULT_LISTEN: &str = "127.0.0.1:9891";
+pub(crate) const DEFAULT_LISTEN: &str = "127.0.0.1:9891";
 
 /// At most this many scrapes are served at once; more get 503.
 const MAX_CLIENTS: usize = 4;
@@ -41,8 +41,9 @@ const MAX_CLIENTS: usize = 4;
 macro_rules! families {
     ($($id:ident = $name:literal, $kind:ident, $help:literal;)*) => {
         $(const $id: Desc = Desc { name: $name, kind: Kind::$kind, help: $help };)*
-        /// Every metric family the monitor writes.
-        pub const FAMILIES: &[Desc] = &[$($id),*];
+        /// Every metric family the monitor writes (the tests check the docs against it).
+        #[cfg_attr(not(test), allow(dead_code))]
+        pub(crate) const FAMILIES: &[Desc] = &[$($id),*];
     };
 }
 
@@ -301,7 +302,7 @@ pub fn render(scrape: &Scrape) -> String {
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum MonitorError {
+pub(crate) enum MonitorError {
     #[error("monitor: {0}\nusage: containerd-shim-husk-v2 monitor [--listen ADDR:PORT] [--state-root DIR] [--once]")]
     Usage(String),
     #[error("monitor: listening on {addr}: {source} — pick a free port with --listen")]
@@ -322,7 +323,7 @@ pub struct Options {
     pub once: bool,
 }
 
-pub fn parse_args(args: &[std::ffi::OsString]) -> Result<Options, MonitorError> {
+pub(crate) fn parse_args(args: &[std::ffi::OsString]) -> Result<Options, MonitorError> {
     let mut o = Options {
         listen: DEFAULT_LISTEN.into(),
         state_root: None,

@@ -5,7 +5,7 @@ use std::fmt::Write;
 
 /// A metric family's type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
+pub(crate) enum Kind {
     Counter,
     Gauge,
     Histogram,
@@ -23,7 +23,7 @@ impl Kind {
 
 /// A family: its name, type and help text.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Desc {
+pub(crate) struct Desc {
     pub name: &'static str,
     pub kind: Kind,
     pub help: &'static str,
@@ -41,12 +41,12 @@ struct Family {
 /// An exposition being built: samples may be added in any order; each family is written once,
 /// in the order its first sample came.
 #[derive(Default)]
-pub struct Exposition {
+pub(crate) struct Exposition {
     families: Vec<Family>,
 }
 
 /// `\`, `"` and newline escaped, as a label value needs.
-pub fn escape_label(v: &str) -> String {
+pub(crate) fn escape_label(v: &str) -> String {
     let mut s = String::with_capacity(v.len());
     for c in v.chars() {
         match c {
@@ -64,7 +64,7 @@ fn escape_help(v: &str) -> String {
 }
 
 /// A sample value: integers without a fraction, `+Inf`/`-Inf`/`NaN` as the format spells them.
-pub fn format_value(v: f64) -> String {
+pub(crate) fn format_value(v: f64) -> String {
     if v.is_nan() {
         "NaN".into()
     } else if v.is_infinite() {
@@ -108,7 +108,7 @@ impl Exposition {
     /// Adds a histogram: `bounds[i]` with the count of observations `<= bounds[i]` not counted
     /// in an earlier bucket (`per_bucket`, made cumulative here), the count above the last
     /// bound (`over`), and the sum.
-    pub fn histogram(
+    pub(crate) fn histogram(
         &mut self,
         desc: Desc,
         labels: &[(&'static str, &str)],
@@ -161,7 +161,7 @@ impl Exposition {
 
 /// A count as a sample value (exact below 2^53, which no counter here reaches).
 #[allow(clippy::cast_precision_loss)]
-pub fn count_value(n: u64) -> f64 {
+pub(crate) fn count_value(n: u64) -> f64 {
     n as f64
 }
 

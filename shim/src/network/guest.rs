@@ -44,7 +44,7 @@ pub fn routes(link: &Link) -> Vec<Route> {
         .collect()
 }
 
-pub fn mac_string(mac: &[u8; 6]) -> String {
+pub(crate) fn mac_string(mac: &[u8; 6]) -> String {
     mac.iter()
         .map(|b| format!("{b:02x}"))
         .collect::<Vec<_>>()
@@ -64,7 +64,7 @@ pub fn port_forward() -> PortForward {
 /// then all routes in one call. With `port_forward`, the first NIC is the guest end of it.
 /// `guest_macs[i]`, if given, is the MAC the `i`-th guest NIC has now (a pooled VM's): the
 /// agent finds it by that and gives it the veth's.
-pub fn configure(
+pub(crate) fn configure(
     client: &AgentClient,
     links: &[Link],
     port_forward: bool,

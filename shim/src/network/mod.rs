@@ -17,7 +17,7 @@
 //! [`tap`] (creating taps), [`tc`] (the redirects), [`guest`] (the agent calls),
 //! [`port_forward`] and [`nft`] (CRI's PortForward into the guest).
 
-pub mod endpoint;
+pub(crate) mod endpoint;
 pub mod guest;
 pub mod netns;
 pub use husk_nft as nft;
@@ -100,7 +100,7 @@ pub struct Endpoint {
 
 /// The sandbox's network on the host side.
 #[derive(Debug, Default)]
-pub struct Network {
+pub(crate) struct Network {
     netns: Option<PathBuf>,
     endpoints: Vec<Endpoint>,
     /// Whether [`port_forward::install`] succeeded on the first endpoint's tap (the guest NIC
@@ -121,7 +121,7 @@ pub struct PooledNic {
 
 /// How many interfaces CNI left in the spec's network namespace (0 without one): how many
 /// NICs the sandbox's VM needs.
-pub fn interface_count(spec: &Value) -> Result<usize, NetworkError> {
+pub(crate) fn interface_count(spec: &Value) -> Result<usize, NetworkError> {
     let Some(path) = netns_path(spec) else {
         return Ok(0);
     };
@@ -241,7 +241,7 @@ impl Network {
     /// `keeper_netns`) into the spec's network namespace, one per CNI interface, and mirrors
     /// them as [`Self::setup`] does; the agent then gives each guest NIC its veth's MAC. A
     /// spec without a netns path leaves the taps where they are and the guest NICs down.
-    pub fn setup_pooled(
+    pub(crate) fn setup_pooled(
         spec: &Value,
         keeper_netns: &Path,
         nics: &[PooledNic],
@@ -328,12 +328,12 @@ impl Network {
         self.netns.as_deref()
     }
 
-    pub fn endpoints(&self) -> &[Endpoint] {
+    pub(crate) fn endpoints(&self) -> &[Endpoint] {
         &self.endpoints
     }
 
     /// The VM's NICs: each tap, with its veth's MAC.
-    pub fn vm_nets(&self) -> Vec<NetConfig> {
+    pub(crate) fn vm_nets(&self) -> Vec<NetConfig> {
         self.endpoints
             .iter()
             .filter_map(|e| {
@@ -347,7 +347,7 @@ impl Network {
 
     /// Gives the guest NICs the veths' addresses, MTU and routes (and the first one the guest
     /// end of the port-forward link).
-    pub fn configure_guest(&self, client: &AgentClient) -> Result<(), NetworkError> {
+    pub(crate) fn configure_guest(&self, client: &AgentClient) -> Result<(), NetworkError> {
         let mut links: Vec<Link> = self.endpoints.iter().map(|e| e.veth.clone()).collect();
         if self.port_forward {
             if let Some(first) = links.first_mut() {
@@ -409,7 +409,7 @@ impl Network {
 /// and filters on them) and the ingress qdisc of each interface whose ingress filters redirect
 /// to one of them or to an interface that no longer exists (the tap went with the VM).
 /// Interfaces without such a redirect are not touched. Idempotent.
-pub fn cleanup_leftovers(spec: &Value) -> Result<(), NetworkError> {
+pub(crate) fn cleanup_leftovers(spec: &Value) -> Result<(), NetworkError> {
     let Some(path) = netns_path(spec) else {
         return Ok(());
     };

@@ -82,13 +82,13 @@ use super::nft::{self, Chain, Expr, Hook};
 use super::NetworkError;
 
 /// The host end (the tap's address in the pod netns).
-pub const HOST_ADDR: Ipv4Addr = Ipv4Addr::new(169, 254, 231, 1);
+pub(crate) const HOST_ADDR: Ipv4Addr = Ipv4Addr::new(169, 254, 231, 1);
 /// The guest end (an extra address of the guest NIC).
-pub const GUEST_ADDR: Ipv4Addr = Ipv4Addr::new(169, 254, 231, 2);
+pub(crate) const GUEST_ADDR: Ipv4Addr = Ipv4Addr::new(169, 254, 231, 2);
 /// The link's prefix length: 169.254.231.0/30.
-pub const PREFIX: u8 = 30;
+pub(crate) const PREFIX: u8 = 30;
 /// Our nf_tables table in the pod netns (family `ip`).
-pub const TABLE: &str = "husk_port_forward";
+pub(crate) const TABLE: &str = "husk_port_forward";
 
 /// The ingress qdisc's handle, `ffff:`, and the filters' priorities (before the redirect,
 /// which the kernel gives priority 49152).
@@ -116,7 +116,7 @@ fn overlaps(net: Ipv4Addr, prefix: u8) -> bool {
 
 /// What of CNI's configuration overlaps 169.254.231.0/30, if anything: an address, or a route
 /// other than the default route (which the more specific /30 does not disturb).
-pub fn conflict(links: &[Link]) -> Option<String> {
+pub(crate) fn conflict(links: &[Link]) -> Option<String> {
     for l in links {
         for (ip, p) in &l.addresses {
             if let IpAddr::V4(v4) = ip {
@@ -240,7 +240,7 @@ pub async fn install(h: &Handle, tap: (&str, u32), veth: (&str, u32)) -> Result<
 }
 
 /// Deletes our NAT table from the calling thread's netns (the pod's); none there is fine.
-pub fn remove_nat() -> Result<(), NetworkError> {
+pub(crate) fn remove_nat() -> Result<(), NetworkError> {
     nft::delete_table(TABLE).map_err(|e| NetworkError::Nft {
         what: format!("deleting table ip {TABLE}"),
         source: e,

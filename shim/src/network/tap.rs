@@ -19,7 +19,7 @@ const IFF_NO_PI: libc::c_short = 0x1000;
 /// between the guest and the host stack; QEMU sees the flag on the fd and uses it.
 const IFF_VNET_HDR: libc::c_short = 0x4000;
 /// Longest interface name (IFNAMSIZ without the NUL).
-pub const MAX_NAME: usize = 15;
+pub(crate) const MAX_NAME: usize = 15;
 
 /// `struct ifreq` as `TUNSETIFF` reads it: the name, then the flags (the rest of the union
 /// pads it to 40 bytes on 64-bit Linux).

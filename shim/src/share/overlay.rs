@@ -31,10 +31,10 @@ use nix::mount::MsFlags;
 use crate::host_fs::{self, FsContext, MountAttrs};
 
 /// The longest option string `mount(2)` takes: one page, less the terminating NUL.
-pub const MAX_DATA: usize = 4095;
+pub(crate) const MAX_DATA: usize = 4095;
 
 #[derive(Debug, thiserror::Error)]
-pub enum OverlayError {
+pub(crate) enum OverlayError {
     #[error("the overlay mount options name no lowerdir (options: {0:?})")]
     NoLowerdir(String),
     #[error("lowerdir has an empty layer path (options: {0:?})")]
