@@ -267,6 +267,17 @@ impl std::fmt::Debug for Sandbox {
     }
 }
 
+/// `what at N ms` for each step of a bring-up (times since its start: network setup since
+/// the bring-up's, the rest since the VM was started or claimed), then the total.
+fn steps_text(steps: &[(&str, Duration)], total: Duration) -> String {
+    let mut parts: Vec<String> = steps
+        .iter()
+        .map(|(what, at)| format!("{what} at {} ms", at.as_millis()))
+        .collect();
+    parts.push(format!("bring-up {} ms", total.as_millis()));
+    parts.join(", ")
+}
+
 fn first_line(s: &str) -> &str {
     s.lines().next().unwrap_or("")
 }
@@ -456,6 +467,9 @@ impl Sandbox {
         })?;
         let nets = network.vm_nets();
         let vm_started = std::time::Instant::now();
+        // Where the bring-up's time goes, for the log line below (#17's breakdown).
+        let mut steps: Vec<(&str, Duration)> = vec![("network setup", bring_up.elapsed())];
+        let pooled_vm = pooled.as_ref().map(|p| p.claimed.vmid.clone());
         let (mut vm, backend_name, keep_tx): (Box<dyn Vm>, String, Option<mpsc::Sender<()>>) =
             match pooled {
                 // Claimed: its NICs' taps are already the VM's (moved in above).
@@ -519,6 +533,14 @@ impl Sandbox {
                     (vm, backend_name, Some(keep_tx))
                 }
             };
+        steps.push((
+            if pooled_vm.is_some() {
+                "claimed VM taken over"
+            } else {
+                "VM started"
+            },
+            vm_started.elapsed(),
+        ));
         let console = vm.console_log().to_path_buf();
         let root = dir.vm();
         let guest_err = |step: &'static str, message: String| SandboxError::Guest {
@@ -565,6 +587,7 @@ impl Sandbox {
             return Err(guest_err("connecting to the agent", what));
         }
         let vm_boot = vm_started.elapsed();
+        steps.push(("agent ready", vm_boot));
         let left = deadline
             .saturating_duration_since(std::time::Instant::now())
             .max(Duration::from_secs(5));
@@ -578,6 +601,7 @@ impl Sandbox {
                 ));
             }
         };
+        steps.push(("agent connected", vm_started.elapsed()));
         let req = CreateSandboxRequest {
             sandbox_id: id.to_string(),
             hostname: hostname.to_string(),
@@ -587,6 +611,7 @@ impl Sandbox {
             let _ = vm.kill();
             return Err(guest_err("CreateSandbox", agent::describe(&e)));
         }
+        steps.push(("CreateSandbox", vm_started.elapsed()));
         if let Err(e) = network.configure_guest(agent.client()) {
             let _ = vm.kill();
             return Err(guest_err(
@@ -597,9 +622,13 @@ impl Sandbox {
         let guest_boot_ms = ready.map_or(0, |r| r.since_boot_ms);
         crate::metrics::record_boot(bring_up.elapsed(), vm_boot, guest_boot_ms);
         log::info!(
-            "sandbox {id}: VM {vm_pid} on {} with {vcpus} vCPU, {memory_mib} MiB; agent {}",
+            "sandbox {id}: VM {vm_pid} on {} with {vcpus} vCPU, {memory_mib} MiB; agent {}; {}; {}",
             backend_name,
-            agent.agent_version
+            agent.agent_version,
+            pooled_vm.map_or("booted cold".to_string(), |v| format!(
+                "{v} from the warm pool"
+            )),
+            steps_text(&steps, bring_up.elapsed())
         );
         Ok(Self {
             id: id.to_string(),

@@ -99,9 +99,14 @@ struct Holder {
 
 impl Holder {
     fn start(dir: &Path) -> Self {
+        Self::start_from(dir, &shim_binary())
+    }
+
+    /// The holder of `program` (a copy of the shim, for the upgrade test).
+    fn start_from(dir: &Path, program: &Path) -> Self {
         let config = config_file(dir);
         let log = dir.join("holder.log");
-        let child = Command::new(shim_binary())
+        let child = Command::new(program)
             .args(["pool", "run", "--config"])
             .arg(&config)
             .stdin(Stdio::null())
@@ -135,10 +140,14 @@ impl Holder {
                     return;
                 }
             }
+            let log = self.log();
+            assert!(
+                !log.contains("another pool holder runs"),
+                "a pool holder this test did not start holds /run/husk/.pool: stop it first\n{log}"
+            );
             assert!(
                 Instant::now() < deadline,
-                "{n} pooled VMs not ready within 90 s; holder log:\n{}",
-                self.log()
+                "{n} pooled VMs not ready within 90 s; holder log:\n{log}"
             );
             std::thread::sleep(Duration::from_millis(200));
         }
@@ -507,6 +516,45 @@ fn a_changed_configuration_ends_the_holder_and_its_vms() {
         holder
             .log()
             .contains("changed: the pool is now 2 VM(s) of 1 vCPU, 320 MiB"),
+        "{}",
+        holder.log()
+    );
+    for vmid in held {
+        vm_gone(&vmid);
+    }
+    wait_until(
+        "the pooled VMs' directories and jail ids to go",
+        Duration::from_secs(10),
+        || {
+            let (dirs, ids) = pool_leftovers();
+            dirs.is_empty() && ids.is_empty()
+        },
+    );
+}
+
+#[test]
+fn an_upgrade_of_the_binary_ends_the_holder_and_its_vms() {
+    require_root("the pool boots VMs and mounts their shares");
+    let t = tempfile::tempdir().unwrap();
+    let program = t.path().join("containerd-shim-husk-v2");
+    std::fs::copy(shim_binary(), &program).unwrap();
+    let mut holder = Holder::start_from(t.path(), &program);
+    holder.wait_ready(2);
+    let held: Vec<String> = holder.status()["vms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["vmid"].as_str().unwrap().to_string())
+        .collect();
+    // An upgrade: a new file renamed over the old one.
+    let new = t.path().join("new");
+    std::fs::copy(shim_binary(), &new).unwrap();
+    std::fs::rename(&new, &program).unwrap();
+    wait_until("the holder to end", Duration::from_secs(15), || {
+        holder.child.try_wait().unwrap().is_some()
+    });
+    assert!(
+        holder.log().contains("was replaced (an upgrade)"),
         "{}",
         holder.log()
     );

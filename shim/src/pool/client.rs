@@ -69,8 +69,16 @@ pub fn claim(
             return None;
         }
     };
+    let asked = Instant::now();
     match ask(config, &conn, sid, shape) {
-        Ok(p) => Some(p),
+        Ok(p) => {
+            log::info!(
+                "sandbox {sid}: claimed {} from the warm pool in {} ms",
+                p.claimed.vmid,
+                asked.elapsed().as_millis()
+            );
+            Some(p)
+        }
         Err(why) => {
             log::info!("sandbox {sid}: boots cold — the pool: {why}");
             // A claim cut short (the holder died in the middle) may have renamed a VM's
@@ -124,7 +132,7 @@ pub fn start_holder(config: &Config) -> Result<(), PoolError> {
         .append(true)
         .open(&paths.log)
         .map_err(super::io("opening", &paths.log))?;
-    let exe = std::env::current_exe().map_err(super::io("finding", Path::new("/proc/self/exe")))?;
+    let exe = super::program_path().map_err(super::io("finding", Path::new("/proc/self/exe")))?;
     let mut cmd = Command::new(&exe);
     cmd.args(["pool", "run"]);
     if let Some(p) = &config.source {

@@ -132,16 +132,12 @@ pub fn run(config: Config) -> Result<(), PoolError> {
         state: Mutex::new(State::default()),
         changed: Condvar::new(),
     });
-    if let Some(path) = holder.config.source.clone() {
-        let watched = holder.clone();
-        std::thread::Builder::new()
-            .name("config".into())
-            .spawn(move || watch_config(&watched, &path))
-            .map_err(super::io(
-                "starting the configuration watch of",
-                &holder.paths.dir,
-            ))?;
-    }
+    let watched = holder.clone();
+    let path = holder.config.source.clone();
+    std::thread::Builder::new()
+        .name("watch".into())
+        .spawn(move || watch_config(&watched, path.as_deref()))
+        .map_err(super::io("starting the watch thread of", &holder.paths.dir))?;
     let filler = holder.clone();
     std::thread::Builder::new()
         .name("fill".into())
@@ -172,15 +168,23 @@ fn pool_of(config: &Config) -> Result<(Shape, usize), String> {
     ))
 }
 
-/// Ends the holder when its configuration file now asks for another pool (shape or size):
+/// Ends the holder when its program file was replaced (an upgrade: a shim of the new version
+/// then starts a new holder), or when its configuration file now asks for another pool (shape or size):
 /// its VMs die with it (their keepers see it gone), and the next shim that wants a VM starts
 /// a holder of the new configuration (a DaemonSet restarts it). A file that cannot be read
 /// or parsed meanwhile changes nothing: the holder keeps what it has and says why.
-fn watch_config(h: &Holder, path: &std::path::Path) {
+fn watch_config(h: &Holder, path: Option<&std::path::Path>) {
     let mtime = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-    let mut seen = mtime(path);
+    let mut seen = path.and_then(mtime);
     loop {
         std::thread::sleep(CONFIG_POLL);
+        if super::program_replaced() {
+            log::warn!(
+                "this program was replaced (an upgrade) — exiting, so that a holder of the new version takes over (the VMs held now die with this one)"
+            );
+            std::process::exit(0);
+        }
+        let Some(path) = path else { continue };
         let now = mtime(path);
         if now == seen {
             continue;
@@ -281,8 +285,9 @@ fn fill(h: &Arc<Holder>) {
 }
 
 fn spawn_keeper(h: &Holder, vmid: &str) -> Result<(std::process::Child, UnixStream), PoolError> {
-    let exe =
-        std::env::current_exe().map_err(super::io("finding", &PathBuf::from("/proc/self/exe")))?;
+    // The holder's own program file, even once an upgrade replaced it: a keeper speaks its
+    // holder's version of the protocol (the holder itself exits soon after an upgrade).
+    let exe = PathBuf::from("/proc/self/exe");
     let (ours, theirs) =
         UnixStream::pair().map_err(super::io("creating a socketpair in", &h.paths.dir))?;
     let mut cmd = Command::new(&exe);

@@ -191,6 +191,26 @@ impl Shape {
     }
 }
 
+/// The link of `/proc/self/exe` marks a program file that was replaced (an upgrade) or
+/// removed since the process started.
+const DELETED: &str = " (deleted)";
+
+/// This program's path as installed now: after an upgrade replaced the file, the new one at the
+/// same path (the holder a shim starts is the installed version).
+pub fn program_path() -> std::io::Result<PathBuf> {
+    let exe = std::fs::read_link("/proc/self/exe")?;
+    let s = exe.to_string_lossy();
+    Ok(match s.strip_suffix(DELETED) {
+        Some(p) => PathBuf::from(p),
+        None => exe,
+    })
+}
+
+/// Whether this process's program file was replaced or removed since it started.
+pub fn program_replaced() -> bool {
+    std::fs::read_link("/proc/self/exe").is_ok_and(|e| e.to_string_lossy().ends_with(DELETED))
+}
+
 fn usage() -> String {
     "usage: containerd-shim-husk-v2 pool [run|start|status] [--config FILE]\n  run     the pool holder, in the foreground (for a DaemonSet or a service manager)\n  start   the holder, detached (what a shim does when it finds none); returns at once\n  status  what the running holder holds".into()
 }
