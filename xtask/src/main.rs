@@ -103,6 +103,9 @@ enum Cmd {
         /// Boot this husk-vmm instead of target/release/husk-vmm (to compare builds).
         #[arg(long)]
         husk_vmm: Option<std::path::PathBuf>,
+        /// QEMU boots first (in the warm-up round and every even round).
+        #[arg(long)]
+        qemu_first: bool,
         /// L1's /sys/kernel/mm/transparent_hugepage/shmem_enabled (default `advise`, as on a
         /// husk node; `never` is Debian's default).
         #[arg(long)]
@@ -127,6 +130,8 @@ enum Cmd {
         dir: std::path::PathBuf,
         #[arg(long)]
         show_console: bool,
+        #[arg(long)]
+        qemu_first: bool,
     },
 }
 
@@ -157,6 +162,7 @@ fn main() {
             cmdline,
             show_console,
             husk_vmm,
+            qemu_first,
             l1_shmem_thp,
         } => {
             let mut o = nested::linux_boot::Options::new(rounds);
@@ -165,6 +171,7 @@ fn main() {
             }
             o.show_console = show_console;
             o.husk_vmm = husk_vmm;
+            o.qemu_first = qemu_first;
             o.l1_shmem_thp = l1_shmem_thp;
             nested::linux_boot::print(&o)
         }
@@ -177,6 +184,7 @@ fn main() {
             cmdline,
             dir,
             show_console,
+            qemu_first,
         } => nested::probe::main(
             &nested::probe::Probe {
                 husk_vmm,
@@ -186,6 +194,7 @@ fn main() {
                 cmdline,
                 show_console,
                 dir,
+                qemu_first,
             },
             rounds,
         ),

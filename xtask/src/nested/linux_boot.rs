@@ -62,6 +62,8 @@ pub struct Options {
     pub show_console: bool,
     /// Another husk-vmm than the release build (to compare two builds).
     pub husk_vmm: Option<PathBuf>,
+    /// QEMU boots first (in round 0, the warm-up, and every even round).
+    pub qemu_first: bool,
     /// L1's `shmem_enabled` (transparent huge pages for shared memory) when not `advise`,
     /// which L1's stage 2 sets as on a husk node (to compare: `never`, Debian's default).
     pub l1_shmem_thp: Option<String>,
@@ -74,6 +76,7 @@ impl Options {
             cmdline: probe::CMDLINE.to_string(),
             show_console: false,
             husk_vmm: None,
+            qemu_first: false,
             l1_shmem_thp: None,
         }
     }
@@ -107,6 +110,7 @@ fn direct(o: &Options) -> Result<Measured> {
         cmdline: cmdline.to_string(),
         show_console,
         dir: dir.clone(),
+        qemu_first: o.qemu_first,
     };
     let mut m = Measured {
         place: "hardware KVM".into(),
@@ -165,7 +169,12 @@ fn nested(o: &Options) -> Result<Measured> {
     body += &format!(
         "{BIN_DIR}/xtask boot-probe --rounds {rounds} --husk-vmm {BIN_DIR}/husk-vmm --qemu {BIN_DIR}/qemu-system-x86_64 --kernel {GUEST_KERNEL} --initrd {GUEST_INITRAMFS} --dir /tmp --cmdline {}{} </dev/null >&3 2>&1\n",
         quote(cmdline),
-        if show_console { " --show-console" } else { "" }
+        match (show_console, o.qemu_first) {
+            (false, false) => "",
+            (true, false) => " --show-console",
+            (false, true) => " --qemu-first",
+            (true, true) => " --show-console --qemu-first",
+        }
     );
     let cpio = dir.join("l1.cpio");
     initramfs::build(
@@ -274,6 +283,13 @@ pub fn print(o: &Options) -> Result<()> {
             col(&|x| kib(x.rss_outside_kib)),
             col(&|x| kib(x.pss_kib)),
         );
+        if let Some(w) = m.samples.iter().find(|s| s.vmm == vmm && s.round == 0) {
+            println!(
+                "    warm-up (round 0): ready {:.0} ms, kernel → agent {} ms",
+                w.ready_ms,
+                w.kernel_to_agent_ms.map_or("-".into(), |v| v.to_string())
+            );
+        }
         if let Some(c) = s.last().and_then(|x| x.counters.as_ref()) {
             println!("    last husk-vmm counters: {c}");
         }
