@@ -379,6 +379,21 @@ fn killing_the_holder_leaves_nothing_and_the_next_start_works() {
         || status(&config).is_some(),
     );
     let again = u32::try_from(status(&config).unwrap()["holder_pid"].as_u64().unwrap()).unwrap();
+    // Its log (its stderr, in /run: memory) is rotated once past 4 MiB.
+    let log = Path::new(POOL).join("pool.log");
+    let rotated = Path::new(POOL).join("pool.log.1");
+    let _ = std::fs::remove_file(&rotated);
+    {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new().append(true).open(&log).unwrap();
+        f.write_all(&vec![b'#'; 5 << 20]).unwrap();
+    }
+    wait_until("pool.log to be rotated", Duration::from_secs(15), || {
+        rotated.exists()
+            && std::fs::read_to_string(&log).is_ok_and(|l| l.contains("pool.log rotated"))
+    });
+    assert!(std::fs::metadata(&log).unwrap().len() < 1 << 20);
+    std::fs::remove_file(&rotated).unwrap();
     kill(again);
     wait_until(
         "the second holder's VMs to go",

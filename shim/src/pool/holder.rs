@@ -178,6 +178,7 @@ fn watch_config(h: &Holder, path: Option<&std::path::Path>) {
     let mut seen = path.and_then(mtime);
     loop {
         std::thread::sleep(CONFIG_POLL);
+        rotate_log(&h.paths);
         if super::program_replaced() {
             log::warn!(
                 "this program was replaced (an upgrade) — exiting, so that a holder of the new version takes over (the VMs held now die with this one)"
@@ -210,6 +211,48 @@ fn watch_config(h: &Holder, path: Option<&std::path::Path>) {
                 path.display()
             ),
         }
+    }
+}
+
+/// The most `pool.log` holds before it is rotated (it lives in /run, i.e. in memory).
+const LOG_CAP: u64 = 4 << 20;
+
+/// When the holder's stderr is `pool.log` (a holder a shim started) and the file has grown
+/// past [`LOG_CAP`]: renames it to `pool.log.1` (replacing the previous one) and continues in
+/// a new `pool.log`, so the log never holds more than twice the cap. Keepers started before
+/// write on into `pool.log.1`.
+fn rotate_log(paths: &PoolPaths) {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::MetadataExt;
+    let Ok(ours) = nix::sys::stat::fstat(libc::STDERR_FILENO) else {
+        return;
+    };
+    let Ok(file) = std::fs::metadata(&paths.log) else {
+        return;
+    };
+    if (file.dev(), file.ino()) != (ours.st_dev, ours.st_ino) || file.len() <= LOG_CAP {
+        return;
+    }
+    let old = paths.log.with_extension("log.1");
+    let fresh = std::fs::rename(&paths.log, &old).and_then(|()| {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&paths.log)
+    });
+    match fresh {
+        Ok(f) => {
+            // SAFETY: dup2 onto this process's own stderr; `f` stays open across the call and
+            // no Rust object owns fd 2 (std's stderr writes through the fd number).
+            let r = unsafe { libc::dup2(f.as_raw_fd(), libc::STDERR_FILENO) };
+            if r >= 0 {
+                log::info!(
+                    "pool.log rotated: the previous lines are in {}",
+                    old.display()
+                );
+            }
+        }
+        Err(e) => log::error!("rotating {}: {e}", paths.log.display()),
     }
 }
 
