@@ -87,13 +87,13 @@ pub fn host() -> Result<()> {
     vmm().map(drop)
 }
 
-/// The static husk-vmm: built for the explicit host target (so only its own crates get
+/// Builds husk-vmm as a static-pie for the explicit host target (so only its own crates get
 /// crt-static: build scripts and proc macros stay dynamic host programs, and the other
-/// binaries' build is untouched), then put at `target/release/husk-vmm`. Returns that path.
-pub fn vmm() -> Result<PathBuf> {
-    step("build: husk-vmm (release, static-pie)");
-    run(Command::new(paths::cargo())
-        .current_dir(paths::workspace())
+/// binaries' build is untouched), in the release or the debug profile; returns the path
+/// cargo wrote it to, checked static.
+fn static_vmm(release: bool) -> Result<PathBuf> {
+    let mut cmd = Command::new(paths::cargo());
+    cmd.current_dir(paths::workspace())
         .env(
             "CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS",
             "-C target-feature=+crt-static",
@@ -101,22 +101,36 @@ pub fn vmm() -> Result<PathBuf> {
         .args([
             "build",
             "--quiet",
-            "--release",
             "-p",
             "husk-vmm",
             "--bin",
             "husk-vmm",
             "--target",
             HOST_TARGET,
-        ]))?;
-    let target = paths::workspace().join("target");
-    let built = target.join(HOST_TARGET).join("release").join("husk-vmm");
+        ]);
+    if release {
+        cmd.arg("--release");
+    }
+    run(&mut cmd)?;
+    let built = paths::workspace()
+        .join("target")
+        .join(HOST_TARGET)
+        .join(if release { "release" } else { "debug" })
+        .join("husk-vmm");
     if !is_static(&built)? {
         bail!(
             "{} is dynamically linked; crt-static did not take (is glibc's libc.a installed? apt-get install libc6-dev)",
             built.display()
         );
     }
+    Ok(built)
+}
+
+/// The static husk-vmm, put at `target/release/husk-vmm`. Returns that path.
+pub fn vmm() -> Result<PathBuf> {
+    step("build: husk-vmm (release, static-pie)");
+    let built = static_vmm(true)?;
+    let target = paths::workspace().join("target");
     let dest = target.join("release").join("husk-vmm");
     std::fs::create_dir_all(target.join("release"))?;
     // Copied under a temporary name and renamed: a husk-vmm starting meanwhile sees either
@@ -130,6 +144,14 @@ pub fn vmm() -> Result<PathBuf> {
         std::fs::metadata(&dest)?.len() / 1024
     );
     Ok(dest)
+}
+
+/// The static husk-vmm in the debug profile, for the tests (`HUSK_VMM`): the same binary as
+/// users run but for the debug-only hooks `tests/tests/vmm_seccomp.rs` drives
+/// (`husk_vmm::debug_hooks`). Returns its path.
+pub fn vmm_for_tests() -> Result<PathBuf> {
+    step("build: husk-vmm for the tests (debug, static-pie)");
+    static_vmm(false)
 }
 
 pub fn build_all() -> Result<PathBuf> {

@@ -140,9 +140,12 @@ pub fn run(with_setup: bool, filter: Option<&str>) -> Result<()> {
             " (tier 4 afterwards, nested: this host has no hardware KVM)"
         }
     ));
+    // The tier-2 tests run the static husk-vmm users get (with the debug hooks they need).
+    let husk_vmm = crate::binaries::vmm_for_tests()?;
     let mut cmd = Command::new(paths::cargo());
     cmd.current_dir(paths::workspace())
         .args(["test", "--workspace", "--no-fail-fast"])
+        .env("HUSK_VMM", &husk_vmm)
         .env("HUSK_KERNEL", paths::vmlinux())
         .env("HUSK_INITRAMFS", paths::initramfs())
         .env("HUSK_IMAGES", paths::images())
