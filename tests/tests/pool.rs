@@ -280,6 +280,22 @@ fn pooled_starts_and_the_pools_bounds() {
                 .exists(),
         "the pooled VM's directory is the sandbox's"
     );
+    // Pause and resume reach the pooled VM through its keeper.
+    h.ctd.ctr_ok(&["task", "pause", &sb]);
+    assert!(
+        h.ctd
+            .ctr_ok(&["task", "ls"])
+            .lines()
+            .any(|l| l.starts_with(&sb) && l.contains("PAUSED")),
+        "{}",
+        h.ctd.ctr_ok(&["task", "ls"])
+    );
+    h.ctd.ctr_ok(&["task", "resume", &sb]);
+    assert_eq!(
+        h.ctd
+            .ctr_ok(&["task", "exec", "--exec-id", "r", &sb, "echo", "resumed"]),
+        "resumed\n"
+    );
     // The node's metrics count the pooled VM's processes for the sandbox, under its keeper.
     let metrics = Command::new(shim_binary())
         .args(["monitor", "--once"])
