@@ -94,6 +94,7 @@ pub fn checks() -> Vec<Check> {
     ));
     v.push(isolation(&report.backend));
     v.push(tier4(&report.kind));
+    v.push(guest_ram_pages());
     v.push(pool());
     v.push(program(
         "qemu-system-x86_64",
@@ -190,6 +191,35 @@ pub fn checks() -> Vec<Check> {
         ),
     });
     v
+}
+
+const SHMEM_ENABLED: &str = "/sys/kernel/mm/transparent_hugepage/shmem_enabled";
+
+/// The selected word of `shmem_enabled` (`always within_size [advise] never deny force`).
+pub fn selected_mode(text: &str) -> Option<&str> {
+    text.split_whitespace()
+        .find_map(|w| w.strip_prefix('[')?.strip_suffix(']'))
+}
+
+/// Whether husk-vmm's guest RAM (a memfd it marks `MADV_HUGEPAGE`) gets 2 MiB pages here:
+/// a hint, never a failure — 4 KiB pages only make the guest's boot slower (BENCHMARKS.md,
+/// "Linux boot on husk-vmm in L1").
+fn guest_ram_pages() -> Check {
+    const WHAT: &str = "guest RAM pages (husk-vmm)";
+    let text = std::fs::read_to_string(SHMEM_ENABLED).unwrap_or_default();
+    match selected_mode(&text) {
+        Some(m @ ("always" | "within_size" | "advise" | "force")) => {
+            check(true, WHAT, format!("2 MiB (shmem_enabled={m})"))
+        }
+        Some(m) => check(
+            true,
+            WHAT,
+            format!(
+                "4 KiB (shmem_enabled={m}); for 2 MiB pages and a quicker guest boot: echo advise > {SHMEM_ENABLED}"
+            ),
+        ),
+        None => check(true, WHAT, "4 KiB (this kernel has no transparent huge pages)"),
+    }
 }
 
 /// The warm pool (`[pool]` in the shim's configuration), as `containerd-shim-husk-v2 pool
@@ -292,4 +322,22 @@ pub fn run() -> Result<()> {
     }
     println!("husk can run on this host.");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_selected_shmem_mode() {
+        assert_eq!(
+            selected_mode("always within_size [advise] never deny force\n"),
+            Some("advise")
+        );
+        assert_eq!(
+            selected_mode("always within_size advise [never] deny force"),
+            Some("never")
+        );
+        assert_eq!(selected_mode(""), None);
+    }
 }
