@@ -485,10 +485,18 @@ fn killing_a_pooled_vm_or_a_claiming_shim_leaves_nothing() {
         .spawn()
         .unwrap();
     let mut vm = None;
-    wait_until("the claim", Duration::from_secs(30), || {
+    // Polled every 2 ms: the shim is then still bringing the sandbox up (moving the VM into
+    // its cgroup, connecting to the agent, CreateSandbox: ~150 ms here) when it is killed.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while vm.is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "no claim for {victim}:\n{}",
+            holder.log()
+        );
+        std::thread::sleep(Duration::from_millis(2));
         vm = holder.claimed_by(&victim);
-        vm.is_some()
-    });
+    }
     let marker = format!("-id\0{victim}\0");
     for p in processes_mentioning(&victim) {
         let cmd = std::fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
