@@ -234,6 +234,42 @@ pub(crate) fn jail_for(
     })
 }
 
+/// The VM while a bring-up may still fail: dropped, it kills the VM (every failure after the
+/// VM started ends it, whatever the step); [`KillOnDrop::keep`] hands it on once the sandbox
+/// is up.
+struct KillOnDrop(Option<Box<dyn Vm>>);
+
+impl KillOnDrop {
+    fn keep(mut self) -> Box<dyn Vm> {
+        self.0.take().expect("a KillOnDrop holds its VM until kept")
+    }
+}
+
+impl std::ops::Deref for KillOnDrop {
+    type Target = Box<dyn Vm>;
+    fn deref(&self) -> &Self::Target {
+        self.0
+            .as_ref()
+            .expect("a KillOnDrop holds its VM until kept")
+    }
+}
+
+impl std::ops::DerefMut for KillOnDrop {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        self.0
+            .as_mut()
+            .expect("a KillOnDrop holds its VM until kept")
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(vm) = self.0.as_mut() {
+            let _ = vm.kill();
+        }
+    }
+}
+
 /// What `start` checked before creating anything, for `start_in`.
 struct Prepared {
     programs: Programs,
@@ -470,7 +506,7 @@ impl Sandbox {
         // Where the bring-up's time goes, for the log line below (#17's breakdown).
         let mut steps: Vec<(&str, Duration)> = vec![("network setup", bring_up.elapsed())];
         let pooled_vm = pooled.as_ref().map(|p| p.claimed.vmid.clone());
-        let (mut vm, backend_name, keep_tx): (Box<dyn Vm>, String, Option<mpsc::Sender<()>>) =
+        let (vm, backend_name, keep_tx): (Box<dyn Vm>, String, Option<mpsc::Sender<()>>) =
             match pooled {
                 // Claimed: its NICs' taps are already the VM's (moved in above).
                 Some(p) => (Box::new(p.vm), p.claimed.backend, None),
@@ -541,6 +577,9 @@ impl Sandbox {
             },
             vm_started.elapsed(),
         ));
+        // From here on, a failure kills the VM (then the VM thread and the network go, as they
+        // are dropped after it).
+        let mut vm = KillOnDrop(Some(vm));
         let console = vm.console_log().to_path_buf();
         let root = dir.vm();
         let guest_err = |step: &'static str, message: String| SandboxError::Guest {
@@ -561,7 +600,6 @@ impl Sandbox {
             log::warn!("sandbox {id}: recording the debug console's state: {e}");
         }
         let Some(socket) = vm.vsock_socket().map(PathBuf::from) else {
-            let _ = vm.kill();
             return Err(guest_err(
                 "connecting to the agent",
                 "the VM has no vsock device".into(),
@@ -576,7 +614,6 @@ impl Sandbox {
         let ready = husk_hypervisor::console::wait_for_ready(vm.as_mut(), timeout);
         if let Err(e) = &ready {
             let ended = vm.wait(Some(Duration::ZERO)).ok().flatten();
-            let _ = vm.kill();
             let what = match ended {
                 Some(status) => format!("the VM ended ({status}) before its agent answered"),
                 None => format!(
@@ -594,7 +631,6 @@ impl Sandbox {
         let agent = match Agent::connect(&socket, left) {
             Ok(a) => a,
             Err(e) => {
-                let _ = vm.kill();
                 return Err(guest_err(
                     "connecting to the agent",
                     format!("the agent said it was ready, but: {e}"),
@@ -608,12 +644,10 @@ impl Sandbox {
             ..Default::default()
         };
         if let Err(e) = agent.client().create_sandbox(agent::short(), &req) {
-            let _ = vm.kill();
             return Err(guest_err("CreateSandbox", agent::describe(&e)));
         }
         steps.push(("CreateSandbox", vm_started.elapsed()));
         if let Err(e) = network.configure_guest(agent.client()) {
-            let _ = vm.kill();
             return Err(guest_err(
                 "configuring the guest network",
                 crate::network::chain(&e),
@@ -633,7 +667,7 @@ impl Sandbox {
         Ok(Self {
             id: id.to_string(),
             dir,
-            vm: Mutex::new(vm),
+            vm: Mutex::new(vm.keep()),
             vm_pid,
             keeper_pid,
             agent,
@@ -737,6 +771,61 @@ impl Sandbox {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    /// A VM that only counts the kills it gets.
+    #[derive(Debug)]
+    struct CountingVm(std::sync::Arc<std::sync::atomic::AtomicU32>);
+
+    impl Vm for CountingVm {
+        fn pid(&self) -> u32 {
+            0
+        }
+        fn console_log(&self) -> &Path {
+            Path::new("/dev/null")
+        }
+        fn vsock_socket(&self) -> Option<&Path> {
+            None
+        }
+        fn console_write(&mut self, _: &[u8]) -> husk_hypervisor::Result<()> {
+            Ok(())
+        }
+        fn pause(&mut self) -> husk_hypervisor::Result<()> {
+            Ok(())
+        }
+        fn resume(&mut self) -> husk_hypervisor::Result<()> {
+            Ok(())
+        }
+        fn wait(&mut self, _: Option<Duration>) -> husk_hypervisor::Result<Option<ExitStatus>> {
+            Ok(None)
+        }
+        fn stop(&mut self, _: Duration) -> husk_hypervisor::Result<ExitStatus> {
+            self.kill()
+        }
+        fn kill(&mut self) -> husk_hypervisor::Result<ExitStatus> {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            use std::os::unix::process::ExitStatusExt;
+            Ok(ExitStatus::from_raw(9))
+        }
+    }
+
+    #[test]
+    fn a_failed_bring_up_kills_its_vm_and_a_kept_one_lives() {
+        let kills = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let count = || kills.load(std::sync::atomic::Ordering::SeqCst);
+        let failed = || -> Result<(), &'static str> {
+            let vm = KillOnDrop(Some(Box::new(CountingVm(kills.clone()))));
+            assert_eq!(vm.pid(), 0);
+            Err("CreateSandbox")?;
+            drop(vm.keep());
+            Ok(())
+        };
+        assert!(failed().is_err());
+        assert_eq!(count(), 1, "the failed bring-up killed its VM once");
+        let kept = KillOnDrop(Some(Box::new(CountingVm(kills.clone())))).keep();
+        assert_eq!(count(), 1, "a kept VM is not killed");
+        drop(kept);
+        assert_eq!(count(), 1);
+    }
 
     #[test]
     fn host_namespaces_are_refused_by_name() {
