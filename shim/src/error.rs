@@ -9,8 +9,9 @@ pub fn chain(e: &dyn std::error::Error) -> String {
     let mut src = e.source();
     while let Some(x) = src {
         let next = x.to_string();
-        // A message that already repeats its source's text is not repeated again.
-        if !s.ends_with(&next) {
+        // A message that already carries its source's text (the vmm's style, or an error
+        // whose message is built from its own chain) is not repeated again.
+        if !s.contains(&next) {
             s.push_str(": ");
             s.push_str(&next);
         }
@@ -35,5 +36,29 @@ mod tests {
             c.starts_with("starting qemu-system-x86_64: ") && c.contains("Permission denied"),
             "{c}"
         );
+    }
+
+    #[test]
+    fn a_sandbox_step_carries_its_whole_cause_once() {
+        let spawn = husk_hypervisor::Error::Spawn {
+            program: "qemu-system-x86_64".into(),
+            source: std::io::Error::from_raw_os_error(libc::EACCES),
+        };
+        let e = crate::sandbox::SandboxError::Step {
+            sid: "sb".into(),
+            step: "starting the VM",
+            source: Box::new(spawn.into()),
+        };
+        let text = e.to_string();
+        assert!(
+            text.starts_with("sandbox sb: starting the VM: starting qemu-system-x86_64: ")
+                && text.ends_with("Permission denied (os error 13)"),
+            "{text}"
+        );
+        assert_eq!(chain(&e), text, "the printer adds nothing the message has");
+        let os = std::error::Error::source(&e)
+            .and_then(std::error::Error::source)
+            .expect("the OS error is still a source");
+        assert!(os.downcast_ref::<std::io::Error>().is_some(), "{os:?}");
     }
 }

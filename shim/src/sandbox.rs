@@ -28,11 +28,14 @@ use crate::sandbox_dir::SandboxDir;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SandboxError {
-    #[error("sandbox {sid}: {step}: {message}")]
+    /// A step of the bring-up failed; the message carries the whole cause (only text reaches
+    /// containerd), the source keeps it typed.
+    #[error("sandbox {sid}: {step}: {}", crate::error::chain(source))]
     Step {
         sid: String,
         step: &'static str,
-        message: String,
+        #[source]
+        source: Box<StepSource>,
     },
     #[error("sandbox {sid}: {step}: {message}\n--- last lines of the guest console ({console}) ---\n{tail}")]
     Guest {
@@ -42,6 +45,41 @@ pub enum SandboxError {
         console: PathBuf,
         tail: String,
     },
+}
+
+/// What made a step of the bring-up fail.
+#[derive(Debug, thiserror::Error)]
+pub enum StepSource {
+    /// The pod or the state asks for what the shim refuses; the text says why and the fix.
+    #[error("{0}")]
+    Refused(String),
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    Dir(#[from] crate::sandbox_dir::DirError),
+    #[error(transparent)]
+    Cgroup(#[from] crate::host_cgroup::CgroupError),
+    #[error(transparent)]
+    Network(#[from] crate::network::NetworkError),
+    #[error(transparent)]
+    Hypervisor(#[from] husk_hypervisor::Error),
+    #[error("{}: {source}", path.display())]
+    Path {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    /// The VM thread ended without a word.
+    #[error(transparent)]
+    VmThread(#[from] mpsc::RecvError),
+}
+
+impl From<String> for StepSource {
+    fn from(why: String) -> Self {
+        Self::Refused(why)
+    }
 }
 
 /// vCPUs and memory for a sandbox: the configured base plus the pod's limits.
@@ -216,17 +254,18 @@ pub(crate) fn jail_for(
     sid: &str,
     dir: &SandboxDir,
 ) -> Result<JailSpec, SandboxError> {
-    let fail = |message: String| SandboxError::Step {
+    let fail = |source: StepSource| SandboxError::Step {
         sid: sid.to_string(),
         step: "preparing the VM's jail",
-        message,
+        source: Box::new(source),
     };
     let id = JailIds::new(&config.state_root)
         .claim(sid)
-        .map_err(|e| fail(e.to_string()))?;
+        .map_err(|e| fail(e.into()))?;
     let vm = dir.vm();
-    std::os::unix::fs::lchown(&vm, Some(id), Some(id))
-        .map_err(|e| fail(format!("{}: {e}", vm.display())))?;
+    if let Err(source) = std::os::unix::fs::lchown(&vm, Some(id), Some(id)) {
+        return Err(fail(StepSource::Path { path: vm, source }));
+    }
     Ok(JailSpec {
         uid: id,
         gid: id,
@@ -267,6 +306,19 @@ impl Drop for KillOnDrop {
         if let Some(vm) = self.0.as_mut() {
             let _ = vm.kill();
         }
+    }
+}
+
+/// How a failure of `step` becomes the sandbox's error.
+fn step_error<E: Into<StepSource>>(
+    sid: &str,
+    step: &'static str,
+) -> impl FnOnce(E) -> SandboxError {
+    let sid = sid.to_string();
+    move |e| SandboxError::Step {
+        sid,
+        step,
+        source: Box::new(e.into()),
     }
 }
 
@@ -350,29 +402,19 @@ impl Sandbox {
         spec: &Value,
         hostname: &str,
     ) -> Result<Self, SandboxError> {
-        let step_err = |step: &'static str| {
-            let sid = id.to_string();
-            move |e: &dyn std::fmt::Display| SandboxError::Step {
-                sid,
-                step,
-                message: e.to_string(),
-            }
-        };
         // What the spec asks for that a VM cannot give is refused before anything exists.
-        host_namespaces(spec).map_err(|e| step_err("checking the pod's namespaces")(&e))?;
+        host_namespaces(spec).map_err(step_error(id, "checking the pod's namespaces"))?;
         let (vcpus, memory_mib) =
-            size_for(config, spec).map_err(|e| step_err("sizing the VM from the pod")(&e))?;
+            size_for(config, spec).map_err(step_error(id, "sizing the VM from the pod"))?;
         // The configuration's programs first: a wrong path fails here, before anything exists.
-        let programs = config
-            .programs()
-            .map_err(|e| step_err("configuration")(&e))?;
+        let programs = config.programs().map_err(step_error(id, "configuration"))?;
         let debug_shell = config
             .debug_shell()
-            .map_err(|e| step_err("configuration")(&e))?;
+            .map_err(step_error(id, "configuration"))?;
         let dir =
-            SandboxDir::new(&config.state_root, id).map_err(|e| step_err("state directory")(&e))?;
+            SandboxDir::new(&config.state_root, id).map_err(step_error(id, "state directory"))?;
         if dir.root().exists() {
-            return Err(step_err("state directory")(&format!(
+            return Err(step_error(id, "state directory")(format!(
                 "{} exists: another shim runs this sandbox, or a dead one was not cleaned up (`ctr task delete` runs the cleanup)",
                 dir.root().display()
             )));
@@ -404,18 +446,10 @@ impl Sandbox {
         dir: &SandboxDir,
         pooled: Option<crate::pool::client::Pooled>,
     ) -> Result<Self, SandboxError> {
-        let step_err = |step: &'static str| {
-            let sid = id.to_string();
-            move |e: &dyn std::fmt::Display| SandboxError::Step {
-                sid,
-                step,
-                message: e.to_string(),
-            }
-        };
         if pooled.is_none() {
             dir.create().map_err(|e| {
                 let _ = dir.destroy();
-                step_err("state directory")(&e)
+                step_error(id, "state directory")(e)
             })?;
         }
         let keeper_pid = pooled.as_ref().map(|p| p.claimed.keeper_pid);
@@ -432,7 +466,7 @@ impl Sandbox {
                 Err(e) => {
                     drop(pooled);
                     let _ = dir.destroy();
-                    return Err(step_err("host cgroup")(&e));
+                    return Err(step_error(id, "host cgroup")(e));
                 }
             },
             None => None,
@@ -465,17 +499,15 @@ impl Sandbox {
         let sid = id.to_string();
         let keeper_pid = pooled.as_ref().map(|p| p.claimed.keeper_pid);
         let bring_up = std::time::Instant::now();
-        let (vcpus, memory_mib) = size_for(config, spec).map_err(|message| SandboxError::Step {
-            sid: sid.clone(),
-            step: "sizing the VM from the pod",
-            message,
-        })?;
+        let (vcpus, memory_mib) =
+            size_for(config, spec).map_err(step_error(&sid, "sizing the VM from the pod"))?;
         let mut cmdline_extra = String::new();
         if let Some(shell) = &prepared.debug_shell {
-            debug_console::share_shell(&dir, shell).map_err(|e| SandboxError::Step {
-                sid: sid.clone(),
-                step: "sharing the debug console's shell",
-                message: format!("{}: {e}", shell.display()),
+            debug_console::share_shell(&dir, shell).map_err(|source| {
+                step_error(&sid, "sharing the debug console's shell")(StepSource::Path {
+                    path: shell.clone(),
+                    source,
+                })
             })?;
             cmdline_extra = debug_console::kernel_params();
         }
@@ -496,11 +528,7 @@ impl Sandbox {
             ),
             None => Network::setup(spec),
         }
-        .map_err(|e| SandboxError::Step {
-            sid: sid.clone(),
-            step: "setting up the pod network",
-            message: crate::network::chain(&e),
-        })?;
+        .map_err(step_error(&sid, "setting up the pod network"))?;
         let nets = network.vm_nets();
         let vm_started = std::time::Instant::now();
         // Where the bring-up's time goes, for the log line below (#17's breakdown).
@@ -511,12 +539,8 @@ impl Sandbox {
                 // Claimed: its NICs' taps are already the VM's (moved in above).
                 Some(p) => (Box::new(p.vm), p.claimed.backend, None),
                 None => {
-                    let backend =
-                        backend(config, &prepared.programs).map_err(|e| SandboxError::Step {
-                            sid: sid.clone(),
-                            step: "choosing the hypervisor",
-                            message: crate::error::chain(&e),
-                        })?;
+                    let backend = backend(config, &prepared.programs)
+                        .map_err(step_error(&sid, "choosing the hypervisor"))?;
                     let jail = if config.jail {
                         Some(jail_for(config, &sid, &dir)?)
                     } else {
@@ -545,26 +569,11 @@ impl Sandbox {
                             let _ = vm_tx.send(backend.start(&vm_config));
                             let _ = keep_rx.recv();
                         })
-                        .map_err(|e| SandboxError::Step {
-                            sid: sid.clone(),
-                            step: "starting the VM thread",
-                            message: e.to_string(),
-                        })?;
-                    let started = vm_rx.recv().map_err(|e| SandboxError::Step {
-                        sid: sid.clone(),
-                        step: "starting the VM",
-                        message: e.to_string(),
-                    });
-                    let vm = match started {
+                        .map_err(step_error(&sid, "starting the VM thread"))?;
+                    let vm = match vm_rx.recv() {
                         Ok(Ok(vm)) => vm,
-                        Ok(Err(e)) => {
-                            return Err(SandboxError::Step {
-                                sid,
-                                step: "starting the VM",
-                                message: crate::error::chain(&e),
-                            })
-                        }
-                        Err(e) => return Err(e),
+                        Ok(Err(e)) => return Err(step_error(&sid, "starting the VM")(e)),
+                        Err(e) => return Err(step_error(&sid, "starting the VM")(e)),
                     };
                     (vm, backend_name, Some(keep_tx))
                 }
