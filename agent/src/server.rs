@@ -88,7 +88,7 @@ impl Agent for Service {
 
     fn create_sandbox(&self, _: &TtrpcContext, r: CreateSandboxRequest) -> R<Empty> {
         self.engine
-            .create_sandbox(&r.sandbox_id, &r.hostname)
+            .create_sandbox(&r.sandbox_id, &r.hostname, r.provisional)
             .map_err(map)?;
         Ok(Empty::new())
     }

@@ -510,3 +510,37 @@ fn rootfs_propagation_as_runc() {
         assert!(!leaked, "{prop}: the container's mount reached the host");
     }
 }
+
+/// A sandbox made ahead of its pod (the warm pool: `provisional`) is taken over by the next
+/// CreateSandbox — its id and hostname — and its containers see that hostname; a sandbox that
+/// is not provisional is never taken over.
+#[test]
+fn a_provisional_sandbox_is_taken_over_by_its_pod() {
+    use husk_protocols::agent::CreateSandboxRequest;
+    let h = HostAgent::start();
+    h.rootfs("late");
+    let ctx = || husk_protocols::ttrpc::context::with_timeout(10_000_000_000);
+    let create = |id: &str, host: &str, provisional: bool| {
+        h.agent.client.create_sandbox(
+            ctx(),
+            &CreateSandboxRequest {
+                sandbox_id: id.into(),
+                hostname: host.into(),
+                provisional,
+                ..Default::default()
+            },
+        )
+    };
+    create("vm-1", "", true).unwrap();
+    create("pod", "late-host", false).unwrap();
+    let (code, msg) = status_of(create("again", "x", false));
+    assert_eq!(code, Code::ALREADY_EXISTS, "{msg}");
+    let mut s = sh("hostname");
+    s["linux"]["namespaces"] = json!([
+        { "type": "pid" }, { "type": "mount" },
+        { "type": "ipc", "path": "/proc/999999/ns/ipc" }, { "type": "uts", "path": "/proc/999999/ns/uts" },
+        { "type": "network", "path": "/var/run/netns/cni-0000" }
+    ]);
+    let out = h.agent.run("late", &s);
+    assert_eq!(out.stdout_str(), "late-host\n", "{out:?}");
+}

@@ -132,6 +132,9 @@ fn a_cri_pod_on_a_cni_network_starts_in_a_pooled_vm() {
     // The pod's containers share the VM, and its NIC has the pod's address.
     let (code, out, _) = pod.exec(&app, &["wget", "-q", "-O", "-", "http://127.0.0.1:8080/"]);
     assert_eq!((code, out.as_str()), (0, "hello-from-the-pool\n"));
+    // The pod's hostname, set when its CreateSandbox took over the pooled VM's sandbox.
+    let (_, host, _) = pod.exec(&app, &["hostname"]);
+    assert_eq!(host, "pooled\n");
     let (_, addrs, _) = pod.exec(&app, &["ip", "-o", "addr", "show", "eth0"]);
     assert!(addrs.contains(&format!("inet {ip}/")), "{addrs}");
     let _ = web;

@@ -93,6 +93,8 @@ pub enum StepError {
     SandboxHolder(#[source] spawn::Error),
     #[error("starting the sandbox namespaces: sandbox holder answered {0:?}")]
     SandboxAnswer(Option<String>),
+    #[error("taking over the provisional sandbox: setting its hostname: {0}")]
+    TakeOver(#[source] std::io::Error),
     #[error("encoding the helper config: {0}")]
     HelperConfig(#[source] serde_json::Error),
     #[error("the container helper answered {0:?}")]
@@ -144,6 +146,21 @@ pub enum PidNamespaceError {
 }
 
 type Result<T> = std::result::Result<T, Error>;
+
+/// Sets `hostname` in the uts namespace of process `pid` (the sandbox holder), from a thread
+/// of its own that enters that namespace and then ends: the agent's other threads keep theirs.
+fn set_hostname_of(pid: i32, hostname: &str) -> std::io::Result<()> {
+    use std::os::fd::AsFd;
+    let ns = std::fs::File::open(format!("/proc/{pid}/ns/uts"))?;
+    let name = hostname.to_string();
+    std::thread::spawn(move || -> std::io::Result<()> {
+        nix::sched::setns(ns.as_fd(), CloneFlags::CLONE_NEWUTS)?;
+        nix::unistd::sethostname(&name)?;
+        Ok(())
+    })
+    .join()
+    .unwrap_or_else(|_| Err(std::io::Error::other("the hostname thread panicked")))
+}
 
 fn failed<E: Into<StepError>>(id: &str) -> impl Fn(E) -> Error + '_ {
     move |e| Error::Failed {
@@ -244,6 +261,9 @@ struct Sandbox {
     /// The sandbox id: also the id of the pod's own (pause) container, if it runs here.
     id: String,
     pause_pid: i32,
+    /// Made ahead of its pod (`CreateSandboxRequest.provisional`): the next CreateSandbox
+    /// takes it over.
+    provisional: bool,
 }
 
 /// All containers of the sandbox.
@@ -406,11 +426,23 @@ impl Engine {
             .ok_or_else(|| Error::NotFound(id.into()))
     }
 
-    /// Starts the holder of the pod's shared uts and ipc namespaces.
-    pub fn create_sandbox(&self, id: &str, hostname: &str) -> Result<()> {
+    /// Starts the holder of the pod's shared uts and ipc namespaces. A provisional sandbox
+    /// (made ahead of its pod) is taken over by the next CreateSandbox that is not: it gets
+    /// that id, and the hostname is set in its uts namespace (an empty one leaves the guest's,
+    /// as a new sandbox would).
+    pub fn create_sandbox(&self, id: &str, hostname: &str, provisional: bool) -> Result<()> {
         let mut sb = lock(&self.sandbox);
-        if sb.is_some() {
-            return Err(Error::Exists(format!("sandbox {id}")));
+        if let Some(s) = sb.as_mut() {
+            if !s.provisional || provisional {
+                return Err(Error::Exists(format!("sandbox {id}")));
+            }
+            if !hostname.is_empty() {
+                set_hostname_of(s.pause_pid, hostname)
+                    .map_err(|e| failed(id)(StepError::TakeOver(e)))?;
+            }
+            s.id = id.into();
+            s.provisional = false;
+            return Ok(());
         }
         let null =
             std::fs::File::open("/dev/null").map_err(|e| failed(id)(StepError::DevNull(e)))?;
@@ -439,6 +471,7 @@ impl Engine {
         *sb = Some(Sandbox {
             id: id.into(),
             pause_pid: pid,
+            provisional,
         });
         Ok(())
     }

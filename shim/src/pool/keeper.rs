@@ -207,7 +207,7 @@ fn run(config: &Config, args: &Args, mut conn: UnixStream) -> Result<(), PoolErr
         roots: vec![dir.root().to_path_buf()],
         jail_owners: vec![owner_name.clone()],
     };
-    let booted = boot(config, &dir, &owner_name);
+    let booted = boot(config, &dir, &owner_name, &args.vmid);
     let (mut vm, event) = match booted {
         Ok(v) => v,
         Err(e) => {
@@ -360,11 +360,38 @@ fn status_reply(r: husk_hypervisor::Result<Option<std::process::ExitStatus>>) ->
     }
 }
 
+/// Asks the pooled VM's agent for a provisional sandbox (see `CreateSandboxRequest`), on a
+/// connection of its own that ends here.
+fn provisional_sandbox(vm: &dyn Vm, vmid: &str) -> Result<(), String> {
+    let socket = vm
+        .vsock_socket()
+        .ok_or("the VM has no vsock device")?
+        .to_path_buf();
+    let agent = crate::agent::Agent::connect(&socket, Duration::from_secs(10))
+        .map_err(|e| format!("connecting to the agent: {e}"))?;
+    let req = husk_protocols::agent::CreateSandboxRequest {
+        sandbox_id: vmid.to_string(),
+        provisional: true,
+        ..Default::default()
+    };
+    agent
+        .client()
+        .create_sandbox(crate::agent::short(), &req)
+        .map_err(|e| {
+            format!(
+                "CreateSandbox (provisional): {}",
+                crate::agent::describe(&e)
+            )
+        })?;
+    Ok(())
+}
+
 /// Starts the VM of the configuration's default shape in `dir` and waits for its agent.
 fn boot(
     config: &Config,
     dir: &SandboxDir,
     owner: &str,
+    vmid: &str,
 ) -> Result<(Box<dyn Vm>, KeeperEvent), String> {
     // The holder's shape (`Shape::default_of`): the base size, no NIC, no debug console.
     let (vcpus, memory_mib) = crate::sandbox::size_for(config, &serde_json::json!({}))?;
@@ -431,6 +458,12 @@ fn boot(
             });
         }
     };
+    // The pod's sandbox (its uts and ipc namespaces' holder) is made now, off the claim's
+    // path: the claiming shim's CreateSandbox then only takes it over (its id and hostname).
+    if let Err(e) = provisional_sandbox(vm.as_ref(), vmid) {
+        let _ = vm.kill();
+        return Err(e);
+    }
     let rel = |p: &Path| {
         p.strip_prefix(dir.vm())
             .map(Path::to_path_buf)
