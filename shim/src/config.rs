@@ -23,8 +23,6 @@ pub enum ConfigError {
     },
     #[error("{path}: invalid configuration: {message}")]
     Parse { path: PathBuf, message: String },
-    #[error("{path}: backend = {value:?} — use one of auto, qemu-tcg, qemu-kvm, husk-vmm")]
-    Backend { path: PathBuf, value: String },
     /// A configured program that cannot be run.
     #[error("{file}: {key} = {path:?}: {reason} — correct the path, or remove the line to use the {program} {found}")]
     Program {
@@ -44,15 +42,30 @@ pub enum ConfigError {
     },
 }
 
-/// Which backend starts the VM.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Which backend starts the VM: `backend = "auto" | "qemu-tcg" | "qemu-kvm" | "husk-vmm"`
+/// (another value is refused when the file is read, naming the key and the choices).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum Backend {
-    /// What `cargo xtask doctor` says this host runs best.
+    /// What `cargo xtask doctor` says this host runs best (also an empty value).
+    #[default]
+    #[serde(alias = "")]
     Auto,
     QemuTcg,
     QemuKvm,
     /// husk's own VMM (hardware KVM only).
     HuskVmm,
+}
+
+impl std::fmt::Display for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Auto => "auto",
+            Self::QemuTcg => "qemu-tcg",
+            Self::QemuKvm => "qemu-kvm",
+            Self::HuskVmm => "husk-vmm",
+        })
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -63,7 +76,7 @@ pub struct Config {
     /// Guest initramfs (husk-agent as /init).
     pub initramfs: PathBuf,
     /// `auto`, `qemu-tcg`, `qemu-kvm` or `husk-vmm`.
-    pub backend: String,
+    pub backend: Backend,
     /// vCPUs of a sandbox before its pod's CPU limits are added.
     pub vcpus: u32,
     /// Guest memory of a sandbox, MiB, before its pod's memory limit is added.
@@ -148,7 +161,7 @@ impl Default for Config {
         Self {
             kernel: "/usr/share/husk/vmlinux".into(),
             initramfs: "/usr/share/husk/initramfs.cpio".into(),
-            backend: "auto".into(),
+            backend: Backend::Auto,
             vcpus: 1,
             memory_mib: 256,
             agent_timeout_secs: 60,
@@ -195,12 +208,6 @@ impl Config {
             path: path.clone(),
             message: e.to_string(),
         })?;
-        config
-            .backend_kind()
-            .map_err(|value| ConfigError::Backend {
-                path: path.clone(),
-                value,
-            })?;
         config.source = Some(path);
         Ok(config)
     }
@@ -267,16 +274,6 @@ impl Config {
             })?;
         Ok(Some(path.clone()))
     }
-
-    pub fn backend_kind(&self) -> Result<Backend, String> {
-        match self.backend.as_str() {
-            "auto" | "" => Ok(Backend::Auto),
-            "qemu-tcg" => Ok(Backend::QemuTcg),
-            "qemu-kvm" => Ok(Backend::QemuKvm),
-            "husk-vmm" => Ok(Backend::HuskVmm),
-            other => Err(other.to_string()),
-        }
-    }
 }
 
 /// The config path in containerd's runtime options: a protobuf `runtimeoptions.v1.Options`
@@ -330,12 +327,12 @@ mod tests {
         let c = Config::load(Some(&p)).unwrap();
         assert_eq!(c.vcpus, 2);
         assert_eq!(c.memory_mib, 256);
-        assert_eq!(c.backend_kind(), Ok(Backend::QemuTcg));
+        assert_eq!(c.backend, Backend::QemuTcg);
         std::fs::write(&p, "backend = \"husk-vmm\"\n").unwrap();
-        assert_eq!(
-            Config::load(Some(&p)).unwrap().backend_kind(),
-            Ok(Backend::HuskVmm)
-        );
+        assert_eq!(Config::load(Some(&p)).unwrap().backend, Backend::HuskVmm);
+        std::fs::write(&p, "backend = \"\"\n").unwrap();
+        assert_eq!(Config::load(Some(&p)).unwrap().backend, Backend::Auto);
+        assert_eq!(Backend::QemuKvm.to_string(), "qemu-kvm");
     }
 
     #[test]
@@ -347,7 +344,13 @@ mod tests {
         assert!(e.contains("c.toml") && e.contains("vcpu"), "{e}");
         std::fs::write(&p, "backend = \"firecracker\"\n").unwrap();
         let e = Config::load(Some(&p)).unwrap_err().to_string();
-        assert!(e.contains("qemu-tcg"), "{e}");
+        assert!(
+            e.contains("c.toml") && e.contains("backend") && e.contains("firecracker"),
+            "{e}"
+        );
+        for choice in ["auto", "qemu-tcg", "qemu-kvm", "husk-vmm"] {
+            assert!(e.contains(choice), "{e}");
+        }
         let e = Config::load(Some(&d.path().join("none.toml")))
             .unwrap_err()
             .to_string();

@@ -614,7 +614,7 @@ mod tests {
 
     fn holder(state_root: &std::path::Path) -> Holder {
         let config = Config {
-            backend: "qemu-tcg".into(),
+            backend: crate::config::Backend::QemuTcg,
             state_root: state_root.to_path_buf(),
             pool: crate::config::PoolConfig { size: 2 },
             ..Config::default()

@@ -307,7 +307,7 @@ mod tests {
     #[test]
     fn shapes_differ_by_any_field_and_a_debug_console_is_never_pooled() {
         let c = Config {
-            backend: "qemu-tcg".into(),
+            backend: crate::config::Backend::QemuTcg,
             ..Config::default()
         };
         let a = Shape::of(&c, 1, 256, 0).unwrap();
