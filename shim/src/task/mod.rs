@@ -1,7 +1,7 @@
 //! containerd's task API (shim v2) mapped onto the sandbox's VM and agent.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use containerd_shim::api::{
@@ -245,24 +245,66 @@ pub fn publish(publisher: &RemotePublisher, ns: &str, topic: &str, event: Box<dy
     }
 }
 
-impl Task for Service {
-    fn create(
-        &self,
-        _ctx: &TtrpcContext,
-        req: CreateTaskRequest,
-    ) -> TtrpcResult<CreateTaskResponse> {
+/// What Create's request is, checked before anything is made.
+struct CreateChecked {
+    cid: String,
+    bundle: PathBuf,
+    spec: serde_json::Value,
+    config: Config,
+    sid: String,
+}
+
+/// Create's guest side: the rootfs and bind mounts shared, then CreateContainer. The caller
+/// undoes what is left on an error.
+fn create_in_guest(
+    sb: &Arc<Sandbox>,
+    cid: &str,
+    req: &CreateTaskRequest,
+    bundle: &Path,
+    spec: &mut serde_json::Value,
+) -> TtrpcResult<()> {
+    let shared = share::mount_rootfs(&sb.dir, cid, &req.rootfs, bundle)
+        .and_then(|_| share::share_bind_mounts(&sb.dir, cid, spec));
+    if let Err(e) = shared {
+        // A field of the spec the shim cannot honour is the caller's to change.
+        let code = match e {
+            share::ShareError::Field { .. } => Code::INVALID_ARGUMENT,
+            _ => Code::INTERNAL,
+        };
+        return Err(err(code, e.to_string()));
+    }
+    let agent_req = CreateContainerRequest {
+        container_id: cid.to_string(),
+        oci_spec_json: serde_json::to_vec(spec).unwrap_or_default(),
+        terminal: req.terminal,
+        ..Default::default()
+    };
+    sb.agent
+        .client()
+        .create_container(short(), &agent_req)
+        .map(|_| ())
+        .map_err(|e| {
+            err(
+                Code::INTERNAL,
+                format!("container {cid}: CreateContainer: {}", describe(&e)),
+            )
+        })
+}
+
+impl Service {
+    /// Create's checks: the id, the bundle's spec, the configuration, not a known container,
+    /// the sandbox it names.
+    fn check_create(&self, req: &CreateTaskRequest) -> TtrpcResult<CreateChecked> {
+        let invalid = |e: &dyn std::fmt::Display| err(Code::INVALID_ARGUMENT, e.to_string());
         let cid = req.id.clone();
-        crate::sandbox_dir::check_id(&cid)
-            .map_err(|e| err(Code::INVALID_ARGUMENT, e.to_string()))?;
+        crate::sandbox_dir::check_id(&cid).map_err(|e| invalid(&e))?;
         let bundle = PathBuf::from(&req.bundle);
-        let mut spec = share::read_spec(&bundle, &cid)
-            .map_err(|e| err(Code::INVALID_ARGUMENT, e.to_string()))?;
+        let spec = share::read_spec(&bundle, &cid).map_err(|e| invalid(&e))?;
         let config_path = req
             .options
             .as_ref()
             .and_then(|o| config_path_from_options(&o.value));
-        let config = Config::load(config_path.as_deref())
-            .map_err(|e| err(Code::INVALID_ARGUMENT, e.to_string()))?;
+        let config = Config::load(config_path.as_deref()).map_err(|e| invalid(&e))?;
         if self.inner().containers.contains_key(&cid) {
             return Err(err(
                 Code::ALREADY_EXISTS,
@@ -270,12 +312,29 @@ impl Task for Service {
             ));
         }
         let sid = share::sandbox_of(&spec)
-            .map_err(|e| err(Code::INVALID_ARGUMENT, e.to_string()))?
+            .map_err(|e| invalid(&e))?
             .unwrap_or_else(|| cid.clone());
+        Ok(CreateChecked {
+            cid,
+            bundle,
+            spec,
+            config,
+            sid,
+        })
+    }
 
+    /// This shim's sandbox, started now by its first container (`true`); a container of
+    /// another sandbox is refused.
+    fn sandbox_for(
+        &self,
+        config: &Config,
+        sid: &str,
+        cid: &str,
+        spec: &serde_json::Value,
+    ) -> TtrpcResult<(Arc<Sandbox>, bool)> {
         let (sb, new_sandbox) = match self.inner().sandbox.clone() {
             Some(sb) => (sb, false),
-            None => (self.start_sandbox(&config, &sid, &spec)?, true),
+            None => (self.start_sandbox(config, sid, spec)?, true),
         };
         if sb.id != sid {
             return Err(err(
@@ -286,50 +345,25 @@ impl Task for Service {
                 ),
             ));
         }
-        let undo = |sb: &Arc<Sandbox>| {
-            let _ = sb.dir.remove_container(&cid);
-            if new_sandbox {
-                sb.destroy();
-            }
-        };
-        let shared = share::mount_rootfs(&sb.dir, &cid, &req.rootfs, &bundle)
-            .and_then(|_| share::share_bind_mounts(&sb.dir, &cid, &mut spec));
-        if let Err(e) = shared {
-            undo(&sb);
-            // A field of the spec the shim cannot honour is the caller's to change.
-            let code = match e {
-                share::ShareError::Field { .. } => Code::INVALID_ARGUMENT,
-                _ => Code::INTERNAL,
-            };
-            return Err(err(code, e.to_string()));
-        }
-        let agent_req = CreateContainerRequest {
-            container_id: cid.clone(),
-            oci_spec_json: serde_json::to_vec(&spec).unwrap_or_default(),
-            terminal: req.terminal,
-            ..Default::default()
-        };
-        if let Err(e) = sb.agent.client().create_container(short(), &agent_req) {
-            undo(&sb);
-            return Err(err(
-                Code::INTERNAL,
-                format!("container {cid}: CreateContainer: {}", describe(&e)),
-            ));
-        }
+        Ok((sb, new_sandbox))
+    }
+
+    /// Records the created container (and a new sandbox) and publishes TaskCreate.
+    fn register(&self, sb: &Arc<Sandbox>, new_sandbox: bool, req: CreateTaskRequest) {
         let stdio = StdioPaths {
             stdin: req.stdin.clone(),
             stdout: req.stdout.clone(),
             stderr: req.stderr.clone(),
             terminal: req.terminal,
         };
-        let init = Proc::new(&cid, "", stdio, Vec::new());
+        let init = Proc::new(&req.id, "", stdio, Vec::new());
         {
             let mut inner = self.inner();
             if new_sandbox {
                 inner.sandbox = Some(sb.clone());
             }
             inner.containers.insert(
-                cid.clone(),
+                req.id.clone(),
                 Container {
                     bundle: req.bundle.clone(),
                     init,
@@ -340,7 +374,7 @@ impl Task for Service {
         self.publish(
             topics::TASK_CREATE_EVENT_TOPIC,
             Box::new(TaskCreate {
-                container_id: cid,
+                container_id: req.id,
                 bundle: req.bundle,
                 rootfs: req.rootfs,
                 io: MessageField::some(TaskIO {
@@ -354,6 +388,31 @@ impl Task for Service {
                 ..Default::default()
             }),
         );
+    }
+}
+
+impl Task for Service {
+    fn create(
+        &self,
+        _ctx: &TtrpcContext,
+        req: CreateTaskRequest,
+    ) -> TtrpcResult<CreateTaskResponse> {
+        let CreateChecked {
+            cid,
+            bundle,
+            mut spec,
+            config,
+            sid,
+        } = self.check_create(&req)?;
+        let (sb, new_sandbox) = self.sandbox_for(&config, &sid, &cid, &spec)?;
+        if let Err(e) = create_in_guest(&sb, &cid, &req, &bundle, &mut spec) {
+            let _ = sb.dir.remove_container(&cid);
+            if new_sandbox {
+                sb.destroy();
+            }
+            return Err(e);
+        }
+        self.register(&sb, new_sandbox, req);
         Ok(CreateTaskResponse {
             pid: sb.vm_pid,
             ..Default::default()
