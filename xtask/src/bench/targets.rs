@@ -253,8 +253,12 @@ pub fn annotate(s: &mut [Scenario]) {
             format!(
                 "Not targets, but far behind runc: the write reaches {:.0} % of runc's and stdout \
                  {:.0} %. Under TCG the guest's own CPU work is emulated: the container makes its \
-                 bytes at {} MiB/s with no relay at all, and stdout moves {} MiB/s: {}. Not \
-                 profiled further in this run.",
+                 bytes at {} MiB/s with no relay at all, and stdout moves {} MiB/s: {}. The \
+                 host's side of the relay (shim, vhost-device-vsock, ctr) uses a few % of a \
+                 core; the limit is the guest's one emulated vCPU, which runs the writer, the \
+                 agent's pipe reads and ttrpc replies and the guest kernel's vsock sends (at \
+                 most 64 KiB in flight: vhost-device-vsock's credit) in turn \
+                 (docs/FIELD-NOTES.md, \"stdout under TCG\").",
                 w / wb * 100.0,
                 o / ob * 100.0,
                 fmt_num(m),
