@@ -309,6 +309,93 @@ impl Drop for KillOnDrop {
     }
 }
 
+/// What the guest's kernel command line gets beyond the base: the debug console's parameters
+/// (its shell shared first), then the configured ones, which win.
+fn cmdline_extra(
+    config: &Config,
+    prepared: &Prepared,
+    dir: &SandboxDir,
+    sid: &str,
+) -> Result<String, SandboxError> {
+    let mut extra = String::new();
+    if let Some(shell) = &prepared.debug_shell {
+        debug_console::share_shell(dir, shell).map_err(|source| {
+            step_error(sid, "sharing the debug console's shell")(StepSource::Path {
+                path: shell.clone(),
+                source,
+            })
+        })?;
+        extra = debug_console::kernel_params();
+    }
+    // The configured parameters last: they win over the debug console's loglevel.
+    if !config.kernel_params.trim().is_empty() {
+        if !extra.is_empty() {
+            extra.push(' ');
+        }
+        extra.push_str(config.kernel_params.trim());
+    }
+    Ok(extra)
+}
+
+/// A VM [`boot_cold`] started: dropping `keep` ends the thread its processes are tied to.
+struct ColdVm {
+    vm: Box<dyn Vm>,
+    backend: String,
+    keep: mpsc::Sender<()>,
+}
+
+/// Boots a VM for the sandbox (not from the pool): the backend, the jail, then the backend's
+/// start on a thread that lives as long as the sandbox — the VM's processes die with the
+/// thread that started them, which ends when the returned `keep` sender is dropped.
+fn boot_cold(
+    config: &Config,
+    prepared: &Prepared,
+    dir: &SandboxDir,
+    sid: &str,
+    cmdline_extra: String,
+    (vcpus, memory_mib): (u32, u32),
+    nets: Vec<husk_hypervisor::NetConfig>,
+) -> Result<ColdVm, SandboxError> {
+    let backend =
+        backend(config, &prepared.programs).map_err(step_error(sid, "choosing the hypervisor"))?;
+    let jail = if config.jail {
+        Some(jail_for(config, sid, dir)?)
+    } else {
+        None
+    };
+    let vm_config = VmConfig {
+        kernel: config.kernel.clone(),
+        initramfs: config.initramfs.clone(),
+        cmdline_extra,
+        vcpus,
+        memory_mib,
+        state_dir: dir.vm(),
+        shared_dir: Some(dir.shared()),
+        vsock: true,
+        nets,
+        jail,
+    };
+    let backend_name = backend.name();
+    let (vm_tx, vm_rx) = mpsc::channel();
+    let (keep_tx, keep_rx) = mpsc::channel::<()>();
+    std::thread::Builder::new()
+        .name(format!("vm-{sid}"))
+        .spawn(move || {
+            let _ = vm_tx.send(backend.start(&vm_config));
+            let _ = keep_rx.recv();
+        })
+        .map_err(step_error(sid, "starting the VM thread"))?;
+    match vm_rx.recv() {
+        Ok(Ok(vm)) => Ok(ColdVm {
+            vm,
+            backend: backend_name,
+            keep: keep_tx,
+        }),
+        Ok(Err(e)) => Err(step_error(sid, "starting the VM")(e)),
+        Err(e) => Err(step_error(sid, "starting the VM")(e)),
+    }
+}
+
 /// How a failure of `step` becomes the sandbox's error.
 fn step_error<E: Into<StepSource>>(
     sid: &str,
@@ -501,23 +588,7 @@ impl Sandbox {
         let bring_up = std::time::Instant::now();
         let (vcpus, memory_mib) =
             size_for(config, spec).map_err(step_error(&sid, "sizing the VM from the pod"))?;
-        let mut cmdline_extra = String::new();
-        if let Some(shell) = &prepared.debug_shell {
-            debug_console::share_shell(&dir, shell).map_err(|source| {
-                step_error(&sid, "sharing the debug console's shell")(StepSource::Path {
-                    path: shell.clone(),
-                    source,
-                })
-            })?;
-            cmdline_extra = debug_console::kernel_params();
-        }
-        // The configured parameters last: they win over the debug console's loglevel.
-        if !config.kernel_params.trim().is_empty() {
-            if !cmdline_extra.is_empty() {
-                cmdline_extra.push(' ');
-            }
-            cmdline_extra.push_str(config.kernel_params.trim());
-        }
+        let cmdline_extra = cmdline_extra(config, prepared, &dir, &sid)?;
         // Before the VM: it gets the taps. Dropped (torn down) on any failure below.
         let network = match &pooled {
             // A pooled VM's taps are moved in from its keeper's network namespace.
@@ -539,43 +610,16 @@ impl Sandbox {
                 // Claimed: its NICs' taps are already the VM's (moved in above).
                 Some(p) => (Box::new(p.vm), p.claimed.backend, None),
                 None => {
-                    let backend = backend(config, &prepared.programs)
-                        .map_err(step_error(&sid, "choosing the hypervisor"))?;
-                    let jail = if config.jail {
-                        Some(jail_for(config, &sid, &dir)?)
-                    } else {
-                        None
-                    };
-                    let vm_config = VmConfig {
-                        kernel: config.kernel.clone(),
-                        initramfs: config.initramfs.clone(),
+                    let cold = boot_cold(
+                        config,
+                        prepared,
+                        &dir,
+                        &sid,
                         cmdline_extra,
-                        vcpus,
-                        memory_mib,
-                        state_dir: dir.vm(),
-                        shared_dir: Some(dir.shared()),
-                        vsock: true,
+                        (vcpus, memory_mib),
                         nets,
-                        jail,
-                    };
-                    // The VM's processes die with the thread that started them: give them a thread that
-                    // lives exactly as long as the sandbox.
-                    let backend_name = backend.name();
-                    let (vm_tx, vm_rx) = mpsc::channel();
-                    let (keep_tx, keep_rx) = mpsc::channel::<()>();
-                    std::thread::Builder::new()
-                        .name(format!("vm-{id}"))
-                        .spawn(move || {
-                            let _ = vm_tx.send(backend.start(&vm_config));
-                            let _ = keep_rx.recv();
-                        })
-                        .map_err(step_error(&sid, "starting the VM thread"))?;
-                    let vm = match vm_rx.recv() {
-                        Ok(Ok(vm)) => vm,
-                        Ok(Err(e)) => return Err(step_error(&sid, "starting the VM")(e)),
-                        Err(e) => return Err(step_error(&sid, "starting the VM")(e)),
-                    };
-                    (vm, backend_name, Some(keep_tx))
+                    )?;
+                    (cold.vm, cold.backend, Some(cold.keep))
                 }
             };
         steps.push((
