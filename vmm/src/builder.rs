@@ -1,4 +1,4 @@
-//! Putting a VM together from a [`VmConfig`] and running it to its end, each thread under
+//! Putting a VM together from a [`MachineConfig`] and running it to its end, each thread under
 //! the seccomp filter of its kind ([`crate::seccomp`]).
 
 use std::fs::OpenOptions;
@@ -10,7 +10,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::arch::layout::SERIAL_IRQ;
 use crate::arch::mptable;
 use crate::boot::{self, BootSource};
-use crate::config::VmConfig;
+use crate::config::MachineConfig;
 use crate::device_manager::MmioDeviceManager;
 use crate::devices::bus::Bus;
 use crate::devices::legacy::i8042::{I8042, I8042_BASE, I8042_LEN};
@@ -26,7 +26,7 @@ use crate::seccomp::{Filters, SeccompError, ThreadKind};
 use crate::vstate::memory::{create_guest_ram, GuestRam};
 use crate::vstate::run_state::{install_kick_handler, RunState};
 use crate::vstate::vcpu::{ExitCounters, Vcpu, VcpuShared};
-use crate::vstate::vm::{open_kvm, Vm};
+use crate::vstate::vm::{open_kvm, KvmVm};
 
 /// Errors while building a VM.
 #[derive(Debug, thiserror::Error)]
@@ -109,7 +109,7 @@ pub struct Confinement {
 pub struct Vmm {
     vcpus: Vec<Vcpu>,
     shared: VcpuShared,
-    vm: Vm,
+    vm: KvmVm,
     ram: GuestRam,
 }
 
@@ -119,12 +119,12 @@ impl Vmm {
     ///
     /// Guest RAM is registered with KVM on a short-lived thread of its own while this one
     /// builds the rest (devices, kernel and initramfs, vCPUs): registering it is the slowest
-    /// step of a VM's start and only `KVM_RUN` needs it ([`Vm::register_ram`]). That thread
+    /// step of a VM's start and only `KVM_RUN` needs it ([`KvmVm::register_ram`]). That thread
     /// touches nothing the guest wrote (no vCPU has run yet) and ends before this returns.
-    pub fn build(cfg: &VmConfig, confinement: &Confinement) -> Result<Self, BuildError> {
+    pub fn build(cfg: &MachineConfig, confinement: &Confinement) -> Result<Self, BuildError> {
         let kvm = open_kvm()?;
         let ram = create_guest_ram(cfg.memory_mib)?;
-        let vm = Vm::without_ram(kvm)?;
+        let vm = KvmVm::without_ram(kvm)?;
         let (vcpus, shared) = thread::scope(|s| {
             let slots = thread::Builder::new()
                 .name("ram-slots".into())
@@ -149,9 +149,9 @@ impl Vmm {
 
     /// Everything of [`Self::build`] but RAM registration.
     fn build_on(
-        cfg: &VmConfig,
+        cfg: &MachineConfig,
         confinement: &Confinement,
-        vm: &Vm,
+        vm: &KvmVm,
         ram: &GuestRam,
     ) -> Result<(Vec<Vcpu>, VcpuShared), BuildError> {
         let filters = &confinement.filters;

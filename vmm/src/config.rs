@@ -16,7 +16,7 @@ pub const DEFAULT_MEMORY_MIB: u64 = 128;
 
 /// A VM's configuration.
 #[derive(Debug, Clone)]
-pub struct VmConfig {
+pub struct MachineConfig {
     /// The ELF kernel.
     pub kernel: PathBuf,
     /// The initramfs.
@@ -40,14 +40,14 @@ pub struct VmConfig {
     /// The guest's vsock CID.
     pub vsock_cid: u64,
     /// virtio-net cards, each on its tap with its MAC.
-    pub net: Vec<NetConfig>,
+    pub net: Vec<NicConfig>,
     /// virtio-fs devices: (tag, vhost-user socket of its backend).
     pub fs: Vec<(String, PathBuf)>,
 }
 
 /// A virtio-net card.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NetConfig {
+pub struct NicConfig {
     /// Tap name (opened, or created if missing).
     pub tap: String,
     /// The guest's MAC address.
@@ -57,7 +57,7 @@ pub struct NetConfig {
 /// The MAC a card gets when none is given: locally administered, "husk".
 pub const DEFAULT_MAC: [u8; 6] = [0x02, 0x68, 0x75, 0x73, 0x6b, 0x00];
 
-impl VmConfig {
+impl MachineConfig {
     /// A configuration with every default, booting `kernel`.
     pub fn new(kernel: PathBuf) -> Self {
         Self {
@@ -97,7 +97,7 @@ mod tests {
 
     #[test]
     fn cmdline_is_defaults_then_devices_then_extra() {
-        let mut c = VmConfig::new("vmlinux".into());
+        let mut c = MachineConfig::new("vmlinux".into());
         c.cmdline_extra = Some("quiet".into());
         let s = c.cmdline(&["virtio_mmio.device=4K@0xd0000000:5".into()]);
         assert!(s.starts_with(DEFAULT_CMDLINE));

@@ -22,5 +22,5 @@ pub mod seccomp;
 pub mod vstate;
 
 pub use builder::{BuildError, Confinement, Vmm};
-pub use config::VmConfig;
+pub use config::MachineConfig;
 pub use exit::ExitReason;

@@ -10,7 +10,7 @@ use husk_vmm::broker::{Broker, BrokerConfig, Owned};
 use husk_vmm::config::{DEFAULT_MEMORY_MIB, DEFAULT_VCPUS};
 use husk_vmm::exit::{die_with_parent, TerminationSignals};
 use husk_vmm::seccomp::{self, Filters};
-use husk_vmm::{Confinement, ExitReason, VmConfig, Vmm};
+use husk_vmm::{Confinement, ExitReason, MachineConfig, Vmm};
 
 /// husk's KVM microVM monitor.
 #[derive(Debug, Parser)]
@@ -117,7 +117,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitReason> {
                 mac
             }
         };
-        net.push(husk_vmm::config::NetConfig {
+        net.push(husk_vmm::config::NicConfig {
             tap: tap.clone(),
             mac,
         });
@@ -132,7 +132,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitReason> {
     {
         return Ok(ExitReason::HostShutdown);
     }
-    let cfg = VmConfig {
+    let cfg = MachineConfig {
         kernel: cli.kernel,
         initrd: cli.initrd,
         cmdline_extra: cli.cmdline,

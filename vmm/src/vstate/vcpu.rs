@@ -66,7 +66,7 @@ pub struct Vcpu {
 impl Vcpu {
     /// Creates vCPU `index` and configures it; the boot vCPU (index 0) gets the entry state.
     pub fn new(
-        vm: &super::vm::Vm,
+        vm: &super::vm::KvmVm,
         mem: &GuestMemoryMmap,
         supported_cpuid: &CpuId,
         emulated: cpuid::Emulated,

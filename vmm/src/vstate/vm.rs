@@ -56,14 +56,14 @@ pub fn open_kvm() -> Result<Kvm, VmError> {
 
 /// A VM with its interrupt controllers and RAM in place.
 #[derive(Debug)]
-pub struct Vm {
+pub struct KvmVm {
     /// The KVM system handle.
     pub kvm: Kvm,
     /// The VM handle.
     pub fd: VmFd,
 }
 
-impl Vm {
+impl KvmVm {
     /// Creates the VM, its irqchip and PIT, and registers `ram`.
     pub fn new(kvm: Kvm, ram: &GuestRam) -> Result<Self, VmError> {
         let vm = Self::without_ram(kvm)?;
