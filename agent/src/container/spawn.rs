@@ -143,10 +143,18 @@ pub fn spawn(mode: &str, flags: CloneFlags, stdio: [RawFd; 3]) -> Result<(i32, U
         // SAFETY: as above.
         unsafe { libc::_exit(127) }
     });
+    // The child shares our memory until its execve (CLONE_VM) and we wait until then
+    // (CLONE_VFORK), as posix_spawn does: a plain fork copies the agent's page tables and then
+    // takes a copy-on-write fault for each page either side writes, which under TCG (an
+    // emulated guest CPU) cost more than the helper's whole exec. Its stack is `stack`,
+    // which outlives it since we wait.
+    let clone_flags = flags | CloneFlags::CLONE_VM | CloneFlags::CLONE_VFORK;
     let (pid, ()) = exits().spawn_registered(|| {
-        // SAFETY: the child runs the closure above, which calls only async-signal-safe
-        // functions before execve, on its own stack; SIGCHLD makes it a normal child.
-        let pid = unsafe { nix::sched::clone(child, &mut stack, flags, Some(libc::SIGCHLD)) }
+        // SAFETY: the child runs the closure above on its own stack, calling only
+        // async-signal-safe functions (dup2, execve, _exit) that write nothing of ours but
+        // errno; SIGCHLD makes it a normal child. The agent installs no signal handlers, so a
+        // signal before its execve cannot run our code on its stack.
+        let pid = unsafe { nix::sched::clone(child, &mut stack, clone_flags, Some(libc::SIGCHLD)) }
             .map_err(|source| Error::Clone { flags, source })?;
         Ok((pid.as_raw(), ()))
     })?;
