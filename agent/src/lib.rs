@@ -8,7 +8,7 @@ pub mod container;
 pub mod debug_console;
 pub mod guest_info;
 pub mod logging;
-pub mod network;
+pub(crate) mod network;
 pub mod pid1;
 pub mod power;
 pub mod reaper;

@@ -28,12 +28,12 @@ pub mod io;
 pub mod metrics;
 pub mod monitor;
 pub mod network;
-pub mod pool;
+pub(crate) mod pool;
 pub mod sandbox;
 pub mod sandbox_dir;
 pub mod share;
 pub mod shim;
-pub mod task;
+pub(crate) mod task;
 
 /// The runtime name containerd resolves to this binary.
 pub const RUNTIME_ID: &str = "io.containerd.husk.v2";

@@ -8,18 +8,18 @@
 //! or an MMIO register is validated, and a bad one fails that request, never the VMM.
 
 pub mod api;
-pub mod arch;
-pub mod boot;
+pub(crate) mod arch;
+pub(crate) mod boot;
 pub mod broker;
-pub mod builder;
+pub(crate) mod builder;
 pub mod config;
 #[cfg(debug_assertions)]
 pub mod debug_hooks;
-pub mod device_manager;
+pub(crate) mod device_manager;
 pub mod devices;
 pub mod exit;
 pub mod seccomp;
-pub mod vstate;
+pub(crate) mod vstate;
 
 pub use builder::{BuildError, Confinement, Vmm};
 pub use config::MachineConfig;

@@ -56,15 +56,12 @@ pub fn ram_ranges(size: u64) -> Vec<(GuestAddress, u64)> {
     }
 }
 
-/// Guest RAM and the memfd behind it.
+/// Guest RAM, mapped from a shared memfd (each region holds its own handle of it, which the
+/// vhost-user backends are given).
 #[derive(Debug)]
 pub struct GuestRam {
     /// The mapped memory.
     pub mem: GuestMemoryMmap,
-    /// The memfd backing it (kept for vhost-user backends).
-    pub file: File,
-    /// RAM size in bytes.
-    pub size: u64,
 }
 
 /// Creates `size_mib` MiB of guest RAM backed by a shared memfd.
@@ -103,7 +100,7 @@ pub fn create_guest_ram(size_mib: u64) -> Result<GuestRam, MemoryError> {
     for region in mem.iter() {
         advise_huge_pages(region.as_ptr(), region.len());
     }
-    Ok(GuestRam { mem, file, size })
+    Ok(GuestRam { mem })
 }
 
 /// Asks for transparent huge pages on a guest RAM mapping. Best effort: a kernel without
@@ -118,8 +115,10 @@ fn advise_huge_pages(addr: *mut u8, len: u64) {
 }
 
 /// The page size shared memory gets on this host for an `madvise(MADV_HUGEPAGE)`d mapping,
-/// from the selected word of `shmem_enabled` (`always within_size [advise] never deny force`).
-pub fn shmem_huge_pages(shmem_enabled: &str) -> bool {
+/// from the selected word of `shmem_enabled` (`always within_size [advise] never deny force`):
+/// what the tests expect of the mapping.
+#[cfg(test)]
+fn shmem_huge_pages(shmem_enabled: &str) -> bool {
     let selected = shmem_enabled
         .split_whitespace()
         .find_map(|w| w.strip_prefix('[')?.strip_suffix(']'));
@@ -216,7 +215,9 @@ mod tests {
         // The write is visible through the memfd, which only holds for a shared mapping.
         let mut buf = [0u8; 4];
         use std::os::unix::fs::FileExt;
-        ram.file.read_exact_at(&mut buf, 0x1000).unwrap();
+        let region = ram.mem.iter().next().unwrap();
+        let file = region.file_offset().expect("a file-backed region").file();
+        file.read_exact_at(&mut buf, 0x1000).unwrap();
         assert_eq!(u32::from_le_bytes(buf), 0xdead_beef);
     }
 }

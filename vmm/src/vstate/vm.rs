@@ -64,13 +64,6 @@ pub struct KvmVm {
 }
 
 impl KvmVm {
-    /// Creates the VM, its irqchip and PIT, and registers `ram`.
-    pub fn new(kvm: Kvm, ram: &GuestRam) -> Result<Self, VmError> {
-        let vm = Self::without_ram(kvm)?;
-        vm.register_ram(ram)?;
-        Ok(vm)
-    }
-
     /// Creates the VM with its irqchip and PIT, but no RAM yet ([`Self::register_ram`]).
     pub fn without_ram(kvm: Kvm) -> Result<Self, VmError> {
         let fd = kvm.create_vm().map_err(kvm_op("create VM"))?;
