@@ -318,6 +318,14 @@ impl Env {
                 }
                 let _ = std::fs::remove_dir_all(&d);
             }
+            // Its jail uid's record too, which the shim gives back only when it cleans up.
+            let jail_ids = husk_hypervisor::jail::JailIds::new(Path::new("/run/husk"));
+            if let Some(uid) = jail_ids.of(&id) {
+                found.push(format!(
+                    "{id}: its jail id {uid} was still claimed; released"
+                ));
+                jail_ids.release(&id);
+            }
         }
         for m in mounts_under(&self.dir) {
             let _ = nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH);
