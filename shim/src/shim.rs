@@ -178,11 +178,31 @@ pub fn delete(flags: &Flags) -> DeleteResponse {
         // containerd logs stderr; the response stays valid so its teardown goes on.
         eprintln!("containerd-shim-husk-v2: cleaning up {}: {e}", flags.id);
     }
+    remove_dead_socket(&bundle);
     DeleteResponse {
         pid: 0,
         exit_status: DELETED_EXIT,
         exited_at: MessageField::some(Timestamp::now()),
         ..Default::default()
+    }
+}
+
+/// The shim's task socket (the bundle's `address`, which containerd wrote) once no shim
+/// serves it any more: a shim killed with SIGKILL cannot remove its own, and containerd leaves
+/// it to the shim's `delete`, as containerd's runc shim does. A socket something still
+/// accepts on (the sandbox's shim serving its other containers) stays.
+fn remove_dead_socket(bundle: &Path) {
+    let Ok(address) = std::fs::read_to_string(bundle.join("address")) else {
+        return;
+    };
+    let path = Path::new(socket_path(address.trim()));
+    let is_socket = std::fs::symlink_metadata(path)
+        .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()));
+    if is_socket
+        && UnixStream::connect(path)
+            .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused)
+    {
+        let _ = std::fs::remove_file(path);
     }
 }
 

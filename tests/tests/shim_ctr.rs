@@ -4,7 +4,7 @@
 //! under its task — and leaves no VM process, mount or /run/husk directory behind.
 
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -282,6 +282,18 @@ fn a_killed_shim_is_cleaned_up_by_delete() {
     let id = unique("shimkill");
     h.run_idle(&id, &[]);
     assert!(!mounts_under(&Path::new("/run/husk").join(&id)).is_empty());
+    // The shim's task socket, which a killed shim cannot remove itself.
+    let address = std::fs::read_to_string(
+        h.ctd
+            .dir()
+            .join("state/io.containerd.runtime.v2.task")
+            .join(&h.ctd.namespace)
+            .join(&id)
+            .join("address"),
+    )
+    .unwrap();
+    let socket = PathBuf::from(address.trim().trim_start_matches("unix://"));
+    assert!(socket.exists(), "{}", socket.display());
     let shim = processes_mentioning(&id)
         .into_iter()
         .find(|p| {
@@ -309,6 +321,11 @@ fn a_killed_shim_is_cleaned_up_by_delete() {
         std::thread::sleep(Duration::from_millis(100));
     }
     h.ctd.ctr_ok(&["containers", "delete", &id]);
+    assert!(
+        !socket.exists(),
+        "the killed shim's socket {} was left",
+        socket.display()
+    );
 }
 
 #[test]
