@@ -57,6 +57,7 @@ pub struct Netns {
 impl Netns {
     pub fn new(prefix: &str) -> Self {
         let name = unique(prefix);
+        crate::stale::record("netns", &name);
         ip(&["netns", "add", &name]);
         Self { name }
     }
@@ -99,6 +100,7 @@ impl Drop for Netns {
             .args(["netns", "del", &self.name])
             .stderr(Stdio::null())
             .status();
+        crate::stale::done("netns", &self.name);
     }
 }
 
@@ -150,6 +152,7 @@ impl BridgeNetwork {
         assert!(Path::new(CNI_PATH).join("bridge").is_file(), "{CNI_PATH}/bridge: missing — install Debian's containernetworking-plugins (`cargo xtask setup` does)");
         let n = free_subnet();
         let bridge = unique("hskbr");
+        crate::stale::record("link", &bridge);
         Self {
             name: format!("husk-test-{bridge}"),
             subnet: format!("10.213.{n}.0/24"),
@@ -247,6 +250,7 @@ impl Drop for BridgeNetwork {
             .args(["link", "del", &self.bridge])
             .stderr(Stdio::null())
             .status();
+        crate::stale::done("link", &self.bridge);
     }
 }
 

@@ -34,6 +34,7 @@ impl PrivateContainerd {
             .tempdir()
             .expect("creating a temporary directory");
         let base = dir.path();
+        crate::stale::record("dir", &base.to_string_lossy());
         let config = base.join("config.toml");
         std::fs::write(
             &config,
@@ -240,5 +241,12 @@ impl Drop for PrivateContainerd {
         }
         let _sweep = CgroupSweep(self.namespace.clone());
         self.stop();
+        // What a failed test left running under this containerd (a runc task's shim and its
+        // overlay rootfs, a husk shim and its sandbox) goes with it.
+        let dir = self.dir.path().to_string_lossy().into_owned();
+        crate::stale::sweep_dir(self.dir.path());
+        // runc's root for this namespace (containerd's runc shim makes it and leaves it).
+        let _ = std::fs::remove_dir(Path::new("/run/containerd/runc").join(&self.namespace));
+        crate::stale::done("dir", &dir);
     }
 }

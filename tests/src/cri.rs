@@ -71,6 +71,7 @@ impl CriContainerd {
             .tempdir()
             .unwrap();
         let base = dir.path().to_path_buf();
+        crate::stale::record("dir", &base.to_string_lossy());
         let bridge = TestBridge::new();
         // The shim under its runtime name, and its configuration.
         let shims = base.join("bin");
@@ -269,6 +270,7 @@ impl Drop for CriContainerd {
         for m in crate::husk::mounts_under(self.dir.path()).into_iter().rev() {
             let _ = nix::mount::umount2(m.as_str(), nix::mount::MntFlags::MNT_DETACH);
         }
+        crate::stale::done("dir", &self.dir.path().to_string_lossy());
     }
 }
 

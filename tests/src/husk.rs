@@ -55,6 +55,7 @@ impl HuskContainerd {
             .prefix("husk-bin-")
             .tempdir()
             .unwrap();
+        crate::stale::record("dir", &bin.path().to_string_lossy());
         let shim = shim_binary();
         for name in ["containerd-shim-husk-v2", "containerd-shim-kata-v2"] {
             std::os::unix::fs::symlink(&shim, bin.path().join(name)).unwrap();
@@ -123,6 +124,7 @@ impl Drop for HuskContainerd {
             &format!("-namespace\0{}\0", self.ctd.namespace),
             &self.ctd.namespace,
         );
+        crate::stale::done("dir", &self._bin.path().to_string_lossy());
     }
 }
 

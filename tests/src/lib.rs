@@ -14,6 +14,7 @@ pub mod guest;
 pub mod husk;
 pub mod leaks;
 pub mod procs;
+pub mod stale;
 pub mod vmm;
 
 use std::path::{Path, PathBuf};

@@ -398,6 +398,14 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("husk-broker-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
+        // Removed however the test ends (a failed assertion left it behind).
+        struct RemoveOnDrop(std::path::PathBuf);
+        impl Drop for RemoveOnDrop {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_dir_all(&self.0);
+            }
+        }
+        let _remove = RemoveOnDrop(dir.clone());
         let vsock = dir.join("v.sock");
         let api = dir.join("api.sock");
         std::fs::write(&vsock, b"").unwrap();
@@ -428,6 +436,5 @@ mod tests {
             matches!(e.kind(), io::ErrorKind::BrokenPipe),
             "after finish: {e}"
         );
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
