@@ -7,11 +7,14 @@
 //!   on a full pipe. See [`Sink`] for how a fifo is opened, written and closed.
 //! - stdin: a thread reads the fifo and calls `WriteStdin`; EOF on the fifo becomes
 //!   `CloseStdin`, so EOF reaches the process.
-//! - the waiter calls `WaitProcess`, then joins the output threads: the exit is reported only
-//!   after all output has been written to the fifos and taken from them by their reader (or
-//!   nobody came for it in time). (A stream a leftover background process holds open still
-//!   ends: the agent ends it once the process has ended and the stream is drained.) The fifos
-//!   are closed when containerd deletes the process ([`Outputs::close`]) in any case.
+//! - the waiter calls `WaitProcess`, then waits for the output threads: the exit is reported
+//!   only after all output has been written to the fifos and taken from them by their reader
+//!   (or nobody came for it in time). A stream that goes on after the process ended — a
+//!   background process it left holds the pipe and keeps writing, or a guest withholds the
+//!   end — gets a bounded time and amount from the agent ([`AfterExit`]); then its end is not
+//!   waited for, as under runc, whose shim reports an exec's exit while a background child
+//!   still writes. The fifos are closed when containerd deletes the process
+//!   ([`Outputs::close`]) in any case.
 
 use std::fs::{File, OpenOptions};
 use std::io::{ErrorKind, Read, Write};
@@ -20,7 +23,6 @@ use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use husk_protocols::agent::{
@@ -85,6 +87,106 @@ const PATIENCE: Patience = Patience {
 
 /// How long a relay waits for room in a full fifo between looks at [`Slot::closed`].
 const SLICE: Duration = Duration::from_millis(50);
+
+/// What a stream may still bring once its process has ended, before the relay stops taking
+/// it and the exit is reported without its end.
+///
+/// An honest agent ends a stream 250 ms after the process ended and the pipe went quiet
+/// (`AFTER_EXIT_IDLE` in `agent/src/container/stdio.rs`), after at most the 1 MiB its pipe
+/// held (`PIPE_SIZE` there): both well inside these bounds. What exceeds them is a
+/// background process the exited one left (an exec's `cmd &`), which under runc also keeps
+/// writing after the exit is reported, or a guest that will not end the stream; neither may
+/// keep the exit from containerd. Time the relay spends writing to the fifo (a slow reader)
+/// does not count: only the wait for the agent does.
+#[derive(Clone, Copy, Debug)]
+struct AfterExit {
+    /// Time spent waiting for the agent's next chunk after the exit.
+    wait: Duration,
+    /// Bytes taken from the agent after the exit.
+    bytes: usize,
+}
+
+const AFTER_EXIT: AfterExit = AfterExit {
+    wait: Duration::from_secs(1),
+    bytes: 2 << 20,
+};
+
+/// The end of a process, shared by its waiter and its output relays.
+#[derive(Debug, Default)]
+struct Ending {
+    exited_at: Mutex<Option<Instant>>,
+}
+
+impl Ending {
+    fn mark(&self) {
+        self.exited_at
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_or_insert_with(Instant::now);
+    }
+
+    fn at(&self) -> Option<Instant> {
+        *self.exited_at.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// One relay's dealings with the agent since its process ended, for the relay's own budget
+/// and for the waiter, which must not wait on a relay stuck in an unanswered call.
+#[derive(Debug, Default)]
+struct Asking {
+    inner: Mutex<AskingState>,
+    /// Set when the relay has returned.
+    done: AtomicBool,
+}
+
+#[derive(Debug, Default)]
+struct AskingState {
+    /// Since when the relay has been waiting for the agent, while it is.
+    since: Option<Instant>,
+    /// Time waited for the agent after the exit, calls that ended only.
+    waited: Duration,
+    /// Bytes taken after the exit.
+    bytes: usize,
+}
+
+impl Asking {
+    fn lock(&self) -> std::sync::MutexGuard<'_, AskingState> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn begin(&self) {
+        self.lock().since = Some(Instant::now());
+    }
+
+    /// The call begun by [`Asking::begin`] returned `bytes`.
+    fn end(&self, ending: &Ending, bytes: usize) {
+        let exited_at = ending.at();
+        let mut s = self.lock();
+        let since = s.since.take();
+        if let (Some(exit), Some(since)) = (exited_at, since) {
+            s.waited += Instant::now().saturating_duration_since(since.max(exit));
+            s.bytes += bytes;
+        }
+    }
+
+    /// What it has waited for the agent after the exit, counting a call still in flight, and
+    /// the bytes it took; `None` before the exit.
+    fn after_exit(&self, ending: &Ending) -> Option<(Duration, usize)> {
+        let exit = ending.at()?;
+        let s = self.lock();
+        let open = s
+            .since
+            .map(|since| Instant::now().saturating_duration_since(since.max(exit)))
+            .unwrap_or_default();
+        Some((s.waited + open, s.bytes))
+    }
+
+    /// Whether the stream has had all it may have after the exit.
+    fn over(&self, ending: &Ending, budget: AfterExit) -> bool {
+        self.after_exit(ending)
+            .is_some_and(|(waited, bytes)| waited > budget.wait || bytes > budget.bytes)
+    }
+}
 
 /// Where one output stream goes.
 ///
@@ -308,15 +410,18 @@ enum Stream {
 }
 
 /// The relay of one output stream, apart from where its bytes come from: `next` returns the
-/// next chunk and whether the stream has ended. Returns once the stream has ended and the
-/// fifo is closed ([`Slot::finish`]).
+/// next chunk and whether the stream has ended. Returns once the stream has ended (or had
+/// all it may have after the process's exit, [`AfterExit`]) and the fifo is closed
+/// ([`Slot::finish`]).
 fn relay(
     what: &str,
     path: &str,
     slot: &Slot,
     patience: Patience,
+    watch: (&Ending, &Asking, AfterExit),
     mut next: impl FnMut() -> Result<(Vec<u8>, bool), String>,
 ) {
+    let (ending, asking, budget) = watch;
     if !path.is_empty() {
         match Sink::open(path, what) {
             Ok(s) => {
@@ -330,7 +435,18 @@ fn relay(
         }
     }
     loop {
-        match next() {
+        if asking.over(ending, budget) {
+            log::warn!(
+                "{what}: the stream is still open well after the process ended (a background \
+                 process holds it, or the guest does not end it); its output is no longer \
+                 relayed and the exit is reported"
+            );
+            break;
+        }
+        asking.begin();
+        let chunk = next();
+        asking.end(ending, chunk.as_ref().map_or(0, |(d, _)| d.len()));
+        match chunk {
             Ok((data, eof)) => {
                 if !data.is_empty() {
                     slot.write_all(&data, patience, what);
@@ -346,16 +462,54 @@ fn relay(
         }
     }
     slot.finish(patience, what);
+    asking.done.store(true, Ordering::SeqCst);
+}
+
+/// Waits until every relay in `relays` has returned, or the ones left are stuck in a call to
+/// the agent for longer than the budget allows after the exit (`ending` is marked): those are
+/// left to end when the connection does. `done` gets a message each time a relay returns.
+fn wait_relays(
+    relays: &[Arc<Asking>],
+    ending: &Ending,
+    budget: AfterExit,
+    done: &std::sync::mpsc::Receiver<()>,
+    what: &str,
+) {
+    loop {
+        let left: Vec<&Arc<Asking>> = relays
+            .iter()
+            .filter(|a| !a.done.load(Ordering::SeqCst))
+            .collect();
+        if left.is_empty() {
+            return;
+        }
+        if left.iter().all(|a| a.over(ending, budget)) {
+            log::warn!(
+                "{what}: the guest has not answered for an output stream {:?} after the process \
+                 ended; the exit is reported without its end",
+                budget.wait
+            );
+            return;
+        }
+        let _ = done.recv_timeout(Duration::from_millis(25));
+    }
+}
+
+/// What a relay thread shares with the waiter.
+struct RelayWatch {
+    ending: Arc<Ending>,
+    asking: Arc<Asking>,
+    done: std::sync::mpsc::Sender<()>,
 }
 
 fn relay_output(
     client: AgentClient,
-    cid: String,
-    eid: String,
+    (cid, eid): (String, String),
     stream: Stream,
     path: String,
     slot: Arc<Slot>,
-) -> JoinHandle<()> {
+    watch: RelayWatch,
+) {
     std::thread::spawn(move || {
         let req = ReadStreamRequest {
             container_id: cid.clone(),
@@ -364,15 +518,28 @@ fn relay_output(
             ..Default::default()
         };
         let what = format!("{cid}/{eid}: {stream:?}");
-        relay(&what, &path, &slot, PATIENCE, || {
-            match stream {
-                Stream::Stdout => client.read_stdout(long_poll(), &req),
-                Stream::Stderr => client.read_stderr(long_poll(), &req),
-            }
-            .map(|r| (r.data, r.eof))
-            .map_err(|e| describe(&e))
-        });
-    })
+        let RelayWatch {
+            ending,
+            asking,
+            done,
+        } = watch;
+        relay(
+            &what,
+            &path,
+            &slot,
+            PATIENCE,
+            (&ending, &asking, AFTER_EXIT),
+            || {
+                match stream {
+                    Stream::Stdout => client.read_stdout(long_poll(), &req),
+                    Stream::Stderr => client.read_stderr(long_poll(), &req),
+                }
+                .map(|r| (r.data, r.eof))
+                .map_err(|e| describe(&e))
+            },
+        );
+        let _ = done.send(());
+    });
 }
 
 fn relay_stdin(client: AgentClient, cid: String, eid: String, path: String) {
@@ -431,8 +598,8 @@ pub(crate) fn unblock_stdin(path: &str) {
 }
 
 /// Starts the relays and the waiter of a started process. `on_exit` runs once, with the
-/// agent's answer to `WaitProcess`, after all output reached the fifos.
-/// Returns the handle that closes the fifos.
+/// agent's answer to `WaitProcess`, after all output reached the fifos (or what is left of it
+/// outlived the process beyond [`AfterExit`]). Returns the handle that closes the fifos.
 pub fn start(
     client: AgentClient,
     cid: &str,
@@ -441,29 +608,37 @@ pub fn start(
     on_exit: impl FnOnce(Result<WaitProcessResponse, String>) + Send + 'static,
 ) -> Outputs {
     let mut outputs = Outputs::default();
-    outputs.fifos.push(Arc::default());
-    let mut relays = vec![relay_output(
-        client.clone(),
-        cid.into(),
-        eid.into(),
-        Stream::Stdout,
-        stdio.stdout.clone(),
-        outputs.fifos[0].clone(),
-    )];
+    let ending = Arc::new(Ending::default());
+    let (done_tx, done) = std::sync::mpsc::channel();
     // With a terminal the pty merges stderr into stdout.
-    if !stdio.terminal {
-        relays.push(relay_output(
+    let streams: &[(Stream, &String)] = if stdio.terminal {
+        &[(Stream::Stdout, &stdio.stdout)]
+    } else {
+        &[
+            (Stream::Stdout, &stdio.stdout),
+            (Stream::Stderr, &stdio.stderr),
+        ]
+    };
+    let mut relays = Vec::new();
+    for (stream, path) in streams {
+        let slot = Arc::new(Slot::default());
+        let asking = Arc::new(Asking::default());
+        outputs.fifos.push(slot.clone());
+        relays.push(asking.clone());
+        relay_output(
             client.clone(),
-            cid.into(),
-            eid.into(),
-            Stream::Stderr,
-            stdio.stderr.clone(),
-            {
-                outputs.fifos.push(Arc::default());
-                outputs.fifos[1].clone()
+            (cid.into(), eid.into()),
+            *stream,
+            (*path).clone(),
+            slot,
+            RelayWatch {
+                ending: ending.clone(),
+                asking,
+                done: done_tx.clone(),
             },
-        ));
+        );
     }
+    drop(done_tx);
     if !stdio.stdin.is_empty() {
         relay_stdin(client.clone(), cid.into(), eid.into(), stdio.stdin.clone());
     }
@@ -473,13 +648,13 @@ pub fn start(
         ..Default::default()
     };
     let stdin = stdio.stdin.clone();
+    let what = format!("{cid}/{eid}");
     std::thread::spawn(move || {
         let result = client
             .wait_process(long_poll(), &req)
             .map_err(|e| describe(&e));
-        for r in relays {
-            let _ = r.join();
-        }
+        ending.mark();
+        wait_relays(&relays, &ending, AFTER_EXIT, &done, &what);
         unblock_stdin(&stdin);
         on_exit(result);
     });
@@ -538,7 +713,8 @@ mod tests {
             std::thread::spawn(move || {
                 let slot = Slot::default();
                 let mut it = chunks.into_iter().peekable();
-                relay("test", &path, &slot, patience, || {
+                let watch = (&Ending::default(), &Asking::default(), AFTER_EXIT);
+                relay("test", &path, &slot, patience, watch, || {
                     let c = it.next().unwrap_or_default();
                     count.fetch_add(1, Ordering::SeqCst);
                     Ok((c, it.peek().is_none()))
@@ -690,7 +866,8 @@ mod tests {
         let path = p.clone();
         std::thread::spawn(move || {
             let mut chunks = megabyte().into_iter().peekable();
-            relay("test", &path, &slot, QUICK, || {
+            let watch = (&Ending::default(), &Asking::default(), AFTER_EXIT);
+            relay("test", &path, &slot, QUICK, watch, || {
                 let c = chunks.next().unwrap_or_default();
                 Ok((c, chunks.peek().is_none()))
             });
@@ -722,5 +899,178 @@ mod tests {
         );
         relay.ended("the relay ended");
         assert_eq!(std::fs::read(&p).unwrap(), b"ab");
+    }
+
+    /// A short budget for the tests.
+    const SOON: AfterExit = AfterExit {
+        wait: Duration::from_millis(300),
+        bytes: 1 << 20,
+    };
+
+    /// Runs a relay into a regular file (no reader to wait for) with `next`, after the
+    /// process has ended; returns how long it took, or fails after 10 s.
+    fn relay_after_exit(
+        next: impl FnMut() -> Result<(Vec<u8>, bool), String> + Send + 'static,
+    ) -> Duration {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("log");
+        std::fs::write(&p, b"").unwrap();
+        let (tx, rx) = mpsc::channel();
+        let t = Instant::now();
+        std::thread::spawn(move || {
+            let ending = Ending::default();
+            ending.mark();
+            let slot = Slot::default();
+            relay(
+                "test",
+                p.to_str().unwrap(),
+                &slot,
+                QUICK,
+                (&ending, &Asking::default(), SOON),
+                next,
+            );
+            let _ = tx.send(());
+        });
+        rx.recv_timeout(Duration::from_secs(10))
+            .expect("the relay stopped taking a stream that goes on after the exit");
+        t.elapsed()
+    }
+
+    #[test]
+    fn a_stream_a_background_process_keeps_writing_ends_after_the_exit() {
+        // `sh -c 'while :; do echo x; sleep 0.05; done & exit 0'`: the agent keeps the stream.
+        let took = relay_after_exit(|| {
+            std::thread::sleep(Duration::from_millis(50));
+            Ok((b"x\n".to_vec(), false))
+        });
+        assert!(took >= SOON.wait, "stopped before the budget: {took:?}");
+    }
+
+    #[test]
+    fn a_guest_that_floods_after_the_exit_gets_a_bounded_amount() {
+        let mut n = 0usize;
+        relay_after_exit(move || {
+            n += 1;
+            assert!(n < 1000, "took {n} chunks of 64 KiB after the exit");
+            Ok((vec![b'y'; 64 << 10], false))
+        });
+    }
+
+    #[test]
+    fn a_stream_that_ends_after_the_exit_is_relayed_whole() {
+        // What an honest agent does: the pipe's last bytes, then the end.
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("log");
+        std::fs::write(&p, b"").unwrap();
+        let ending = Ending::default();
+        ending.mark();
+        let mut chunks = vec![b"a".to_vec(), b"b".to_vec(), b"c".to_vec()].into_iter();
+        relay(
+            "test",
+            p.to_str().unwrap(),
+            &Slot::default(),
+            QUICK,
+            (&ending, &Asking::default(), SOON),
+            || {
+                std::thread::sleep(Duration::from_millis(50));
+                let c = chunks.next();
+                Ok((c.clone().unwrap_or_default(), c.is_none()))
+            },
+        );
+        assert_eq!(std::fs::read(&p).unwrap(), b"abc");
+    }
+
+    #[test]
+    fn a_slow_reader_after_the_exit_does_not_count_against_the_stream() {
+        // The exit came before the output was read; the reader then pauses longer than the
+        // after-exit budget while the fifo is full: nothing is lost.
+        let d = tempfile::tempdir().unwrap();
+        let p = fifo(d.path());
+        let mut reader = open_reader(&p);
+        let chunks = megabyte();
+        let want: Vec<u8> = chunks.concat();
+        let (tx, rx) = mpsc::channel();
+        let path = p.clone();
+        std::thread::spawn(move || {
+            let ending = Ending::default();
+            ending.mark();
+            let mut it = chunks.into_iter().peekable();
+            relay(
+                "test",
+                &path,
+                &Slot::default(),
+                Patience {
+                    no_reader: Duration::from_secs(10),
+                    drain: Duration::from_secs(10),
+                },
+                (&ending, &Asking::default(), SOON),
+                || {
+                    let c = it.next().unwrap_or_default();
+                    Ok((c, it.peek().is_none()))
+                },
+            );
+            let _ = tx.send(());
+        });
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; 256 * 1024];
+        for i in 0.. {
+            if i < 2 {
+                std::thread::sleep(SOON.wait * 2);
+            }
+            match reader.read(&mut buf).unwrap() {
+                0 => break,
+                n => got.extend_from_slice(&buf[..n]),
+            }
+        }
+        assert!(got == want, "got {} of {} bytes", got.len(), want.len());
+        rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    }
+
+    #[test]
+    fn the_waiter_does_not_wait_on_a_call_the_guest_never_answers() {
+        let ending = Ending::default();
+        let (done_tx, done) = mpsc::channel();
+        let answered = Arc::new(Asking::default());
+        let stuck = Arc::new(Asking::default());
+        stuck.begin(); // a ReadStdout the guest never answers
+        let relays = vec![answered.clone(), stuck.clone()];
+        // Before the exit, a stuck call is waited for.
+        let (r, e) = (relays.clone(), Arc::new(ending));
+        let (tx, rx) = mpsc::channel();
+        let e2 = e.clone();
+        std::thread::spawn(move || {
+            wait_relays(&r, &e2, SOON, &done, "test");
+            let _ = tx.send(Instant::now());
+        });
+        answered.done.store(true, Ordering::SeqCst);
+        done_tx.send(()).unwrap();
+        assert!(
+            rx.recv_timeout(SOON.wait * 2).is_err(),
+            "gave up before the exit"
+        );
+        let exit = Instant::now();
+        e.mark();
+        let returned = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the waiter waited for ever on a call the guest never answers");
+        assert!(returned - exit >= SOON.wait);
+    }
+
+    #[test]
+    fn the_waiter_returns_as_soon_as_the_relays_have() {
+        let ending = Ending::default();
+        let (done_tx, done) = mpsc::channel();
+        let a = Arc::new(Asking::default());
+        let t = Instant::now();
+        std::thread::spawn({
+            let a = a.clone();
+            move || {
+                std::thread::sleep(Duration::from_millis(100));
+                a.done.store(true, Ordering::SeqCst);
+                let _ = done_tx.send(());
+            }
+        });
+        wait_relays(&[a], &ending, SOON, &done, "test");
+        assert!(t.elapsed() >= Duration::from_millis(100));
     }
 }

@@ -5,9 +5,13 @@
 //!   user and groups, cwd, env and rlimits are the same as under runc;
 //! - an image whose `/etc` is a symlink to `/` and whose volume destination is a dangling
 //!   symlink to `/run/husk`: the mounts land inside the container's root on both (the
-//!   symlinks are followed *inside* it), with the same view from the container.
+//!   symlinks are followed *inside* it), with the same view from the container;
+//! - an exec that leaves a background process writing to its stdout ends on both.
 
+use std::io::Read;
 use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
 
 use husk_rootfs_builder::image::{build, ImageSpec};
 use husk_rootfs_builder::tree::{Content, Tree};
@@ -167,4 +171,83 @@ fn symlinks_in_an_image_never_redirect_a_mount_out_of_its_root() {
         seen[1].2
     );
     assert_eq!(std::fs::read_to_string(&file).unwrap(), "127.0.0.1 bound\n");
+}
+
+/// Runs `ctr ARGS` to its end, failing the test if it takes longer than `bound`: its exit
+/// code and stdout.
+fn ctr_within(h: &HuskContainerd, args: &[&str], bound: Duration) -> (Option<i32>, String) {
+    let mut child = h
+        .ctd
+        .ctr_command(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("running ctr");
+    let mut stdout = child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stdout.read_to_string(&mut s);
+        s
+    });
+    let t = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if t.elapsed() > bound {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("ctr {args:?} did not end within {bound:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    (status.code(), reader.join().unwrap())
+}
+
+/// An exec that leaves a background process writing to its stdout (`cmd &`, then exit):
+/// under runc the exec's exit is reported and `ctr task exec` returns while the background
+/// process goes on; husk must not wait for a stream that never ends (it used to, for ever:
+/// the agent ends a stream only once it goes quiet after the exit).
+#[test]
+fn an_exec_that_leaves_a_writer_behind_still_ends() {
+    require_root("containerd");
+    let h = HuskContainerd::start();
+    for runtime in RUNTIMES {
+        let id = unique("bgwriter", runtime);
+        h.ctd.ctr_ok(&[
+            "run",
+            "-d",
+            "--runtime",
+            runtime,
+            BUSYBOX,
+            &id,
+            "sleep",
+            "1000",
+        ]);
+        let t = Instant::now();
+        let (code, out) = ctr_within(
+            &h,
+            &[
+                "task",
+                "exec",
+                "--exec-id",
+                "bg",
+                &id,
+                "sh",
+                "-c",
+                "(while :; do echo more; usleep 50000; done) & echo started; exit 3",
+            ],
+            Duration::from_secs(60),
+        );
+        eprintln!("{runtime}: the exec ended after {:?}", t.elapsed());
+        assert_eq!(code, Some(3), "{runtime}: exit status; output:\n{out}");
+        assert!(out.starts_with("started\n"), "{runtime}: output:\n{out}");
+        // The container still works: the background writer did not wedge it.
+        let again = h
+            .ctd
+            .ctr_ok(&["task", "exec", "--exec-id", "again", &id, "echo", "ok"]);
+        assert_eq!(again, "ok\n", "{runtime}");
+        h.remove(&id);
+    }
 }
