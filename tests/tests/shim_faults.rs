@@ -5,7 +5,9 @@
 //! - containerd restarted with pods running: the pods keep running, exec works, a kill is
 //!   reported;
 //! - a guest stalled (its VMM stopped with SIGSTOP) past the agent call deadline: a SIGKILL of
-//!   the task ends the sandbox once that deadline has passed, and containerd sees the exit.
+//!   the task ends the sandbox once that deadline has passed, and containerd sees the exit;
+//! - a SIGKILL the agent acknowledges but that cannot end the process (stuck on a virtio-fs
+//!   request whose server is stopped): the shim kills the VM after its bound.
 //!
 //! Each case prints the measured time; the bounds are generous (a loaded 2-core machine), the
 //! figures are what to compare between runs.
@@ -225,6 +227,56 @@ fn a_stalled_guest_is_ended_when_a_kill_outlives_the_agent_deadline() {
             nix::unistd::Pid::from_raw(vmm as i32),
             nix::sys::signal::Signal::SIGCONT,
         );
+    }
+    delete(&h, &id);
+}
+
+/// The shim's bound on a SIGKILL of the sandbox's init that the agent acknowledged but that
+/// brings no exit (`shim/src/task/mod.rs` `KILL_BOUND`).
+const KILL_BOUND: Duration = Duration::from_secs(10);
+
+#[test]
+fn a_kill_the_guest_acknowledges_but_cannot_carry_out_still_ends_the_sandbox() {
+    require_root("containerd");
+    let h = HuskContainerd::start();
+    let id = unique("unkillable");
+    // Looks up a new name in the rootfs (virtio-fs) over and over, each a FUSE request no
+    // cache can answer: once virtiofsd stops answering, the process sits in uninterruptible
+    // sleep on a request already handed to the device, where SIGKILL cannot reach it; the
+    // agent itself stays responsive.
+    h.ctd.ctr_ok(&[
+        "run",
+        "-d",
+        "--runtime",
+        "io.containerd.husk.v2",
+        husk_tests::husk::BUSYBOX,
+        &id,
+        "sh",
+        "-c",
+        "i=0; while :; do i=$((i+1)); test -e /absent-$i; done",
+    ]);
+    // Let the loop get going (the shell's own start reads the rootfs too).
+    std::thread::sleep(Duration::from_millis(1500));
+    let server = find(&id, Target::VirtiofsdServer);
+    kill(server, nix::sys::signal::Signal::SIGSTOP);
+    std::thread::sleep(Duration::from_millis(1500));
+    let killed = Instant::now();
+    let out = h.ctd.ctr(&["task", "kill", "-s", "SIGKILL", &id]);
+    assert!(
+        out.status.success(),
+        "the agent did not acknowledge the SIGKILL: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let took = time_to_exit(&h, &id, killed, KILL_BOUND + Duration::from_secs(20));
+    eprintln!("SIGKILL of a process stuck on a virtio-fs request: exit seen after {took:?}");
+    // Before the bound it would have been the process's own end: then the stall did not
+    // happen and this test shows nothing.
+    assert!(
+        took >= KILL_BOUND - Duration::from_secs(1),
+        "the exit came before the shim's bound ({took:?}): did the process not stall?"
+    );
+    if stat(server).is_some() {
+        kill(server, nix::sys::signal::Signal::SIGCONT);
     }
     delete(&h, &id);
 }

@@ -3,6 +3,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use containerd_shim::api::{
     CloseIORequest, ConnectRequest, ConnectResponse, CreateTaskRequest, CreateTaskResponse,
@@ -50,6 +51,14 @@ pub const UNKNOWN_EXIT: u32 = 255;
 
 /// The signal number of SIGKILL (what containerd's KillRequest carries).
 const SIGKILL: u32 = 9;
+
+/// How long the sandbox's own init may outlive a SIGKILL the agent acknowledged before the
+/// VM is killed instead. A guest can acknowledge and not deliver (root in it controls the
+/// agent), or the process can sit in uninterruptible sleep (a virtio-fs request its server
+/// never answers); either way the kill must still end the pod, as it would under runc.
+/// Ample for an honest guest under TCG on a loaded host: the exit normally follows in
+/// milliseconds.
+const KILL_BOUND: Duration = Duration::from_secs(10);
 
 fn err(code: Code, msg: impl Into<String>) -> ttrpc::Error {
     ttrpc::Error::RpcStatus(ttrpc::get_status(code, msg.into()))
@@ -243,6 +252,27 @@ pub fn publish(publisher: &RemotePublisher, ns: &str, topic: &str, event: Box<dy
     if let Err(e) = publisher.publish(Context::default(), topic, ns, event) {
         log::warn!("publishing {topic}: {e}");
     }
+}
+
+/// After a SIGKILL of the sandbox's init that the agent acknowledged: if no exit follows
+/// within [`KILL_BOUND`], kills the VM (see there); its watcher then reports the exit.
+fn enforce_kill(p: Arc<Proc>, sb: Arc<Sandbox>) {
+    if !p.claim_kill_watch() {
+        return;
+    }
+    std::thread::spawn(move || {
+        if p.wait_exit(KILL_BOUND) || sb.is_destroyed() {
+            return;
+        }
+        log::error!(
+            "{}: no exit {KILL_BOUND:?} after a SIGKILL the agent acknowledged (a process in \
+             uninterruptible sleep, or a guest that did not deliver it); killing the VM of \
+             sandbox {}",
+            p.cid,
+            sb.id
+        );
+        sb.kill_vm();
+    });
 }
 
 /// What Create's request is, checked before anything is made.
@@ -566,6 +596,9 @@ impl Task for Service {
                     describe(&e)
                 ),
             ));
+        }
+        if req.signal == SIGKILL && req.exec_id.is_empty() && req.id == sb.id {
+            enforce_kill(p, sb);
         }
         Ok(Empty::new())
     }

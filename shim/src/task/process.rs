@@ -37,6 +37,8 @@ pub(super) struct Proc {
     pub(super) exited: Condvar,
     /// The output fifos once the process runs; closed when containerd deletes it.
     pub(super) outputs: Mutex<Option<crate::io::Outputs>>,
+    /// Whether a SIGKILL's outcome is being watched.
+    kill_watched: std::sync::atomic::AtomicBool,
 }
 
 impl Proc {
@@ -53,7 +55,26 @@ impl Proc {
             }),
             exited: Condvar::new(),
             outputs: Mutex::new(None),
+            kill_watched: Default::default(),
         })
+    }
+
+    /// Waits up to `bound` for the exit; whether it came.
+    pub(super) fn wait_exit(&self, bound: std::time::Duration) -> bool {
+        let s = self.state();
+        let (s, _) = self
+            .exited
+            .wait_timeout_while(s, bound, |s| s.exit.is_none())
+            .unwrap_or_else(|e| e.into_inner());
+        s.exit.is_some()
+    }
+
+    /// Claims the one watch of a SIGKILL's outcome ([`super::Service::kill`]): true for the
+    /// first caller only, so repeated kills do not pile up watchers.
+    pub(super) fn claim_kill_watch(&self) -> bool {
+        !self
+            .kill_watched
+            .swap(true, std::sync::atomic::Ordering::SeqCst)
     }
 
     pub(super) fn state(&self) -> MutexGuard<'_, ProcState> {
@@ -123,5 +144,38 @@ pub(super) fn exit_of(s: &ProcState) -> (u32, MessageField<Timestamp>) {
     match &s.exit {
         Some((code, at)) => (*code, MessageField::some(at.clone())),
         None => (0, MessageField::none()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    fn proc_() -> Arc<Proc> {
+        Proc::new("c", "", StdioPaths::default(), Vec::new())
+    }
+
+    #[test]
+    fn wait_exit_sees_an_exit_that_comes_and_gives_up_on_one_that_does_not() {
+        let p = proc_();
+        let t = Instant::now();
+        assert!(!p.wait_exit(Duration::from_millis(200)));
+        assert!(t.elapsed() >= Duration::from_millis(200));
+        let q = p.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            q.set_exit(137);
+        });
+        assert!(p.wait_exit(Duration::from_secs(10)));
+        // Already ended: at once.
+        assert!(p.wait_exit(Duration::ZERO));
+    }
+
+    #[test]
+    fn a_kill_watch_is_claimed_once() {
+        let p = proc_();
+        assert!(p.claim_kill_watch());
+        assert!(!p.claim_kill_watch());
     }
 }
