@@ -68,6 +68,10 @@ enum Cmd {
         /// Fewer runs, for a CI smoke test; writes to target/husk/bench/ instead.
         #[arg(long)]
         quick: bool,
+        /// Only the steps that make these scenarios (numbers as in BENCHMARKS.md, e.g.
+        /// `--only 5` or `--only 5,12`); the report then goes where `--quick` writes it.
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<u32>,
     },
     /// Soak: N create/start/exec/stop/delete cycles (ctr and CRI pods) with leak accounting.
     Soak {
@@ -148,7 +152,7 @@ fn main() {
         Cmd::Demo => demo::run(),
         Cmd::Check => check::run(),
         Cmd::Test { no_setup, filter } => testing::run(!no_setup, filter.as_deref()),
-        Cmd::Bench { quick } => bench::run(quick),
+        Cmd::Bench { quick, only } => bench::Only::new(&only).and_then(|o| bench::run(quick, &o)),
         Cmd::Soak {
             cycles,
             parallel,

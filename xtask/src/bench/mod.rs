@@ -7,6 +7,10 @@
 //! (scenario 4's instruments), [`procfs`] (processes and their memory), [`stats`],
 //! [`results`], [`report`] (Markdown + JSON) and [`chart`] (SVG). Figures are never written
 //! by hand: the report is rendered from the samples of the run.
+//!
+//! `--only 5,12` runs only the steps that make those scenarios (one step can make several:
+//! 2 and 4, 3, 5 and 9 come together) and writes its report where `--quick` writes, never
+//! over BENCHMARKS.md.
 
 pub mod breakdown;
 pub mod chart;
@@ -154,7 +158,56 @@ pub(crate) fn utc_now() -> String {
         .unwrap_or_default()
 }
 
-pub fn run(quick: bool) -> Result<()> {
+/// The bench's steps: the scenarios each one makes, in the order they run.
+const STEPS: [&[u32]; 9] = [
+    &[1],
+    &[2, 4],
+    &[3, 5, 9],
+    &[6],
+    &[7],
+    &[10],
+    &[11],
+    &[12],
+    &[8],
+];
+
+/// Which scenarios a run makes: every one, or those `--only` names.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Only(Vec<u32>);
+
+impl Only {
+    /// `numbers` from `--only` (empty: every scenario). A number no step makes is refused,
+    /// naming the numbers there are.
+    pub fn new(numbers: &[u32]) -> Result<Self> {
+        let known: Vec<u32> = STEPS.iter().flat_map(|s| s.iter().copied()).collect();
+        if let Some(n) = numbers.iter().find(|n| !known.contains(n)) {
+            let mut k = known.clone();
+            k.sort_unstable();
+            bail!(
+                "--only {n}: no scenario has that number — give some of {}",
+                k.iter().map(u32::to_string).collect::<Vec<_>>().join(", ")
+            );
+        }
+        Ok(Self(numbers.to_vec()))
+    }
+
+    /// Whether every scenario runs.
+    pub fn all(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Whether the step that makes `scenarios` runs.
+    pub fn wants(&self, scenarios: &[u32]) -> bool {
+        self.all() || scenarios.iter().any(|n| self.0.contains(n))
+    }
+
+    /// Whether any step under the private containerd runs (every one but scenario 8's).
+    fn wants_containerd(&self) -> bool {
+        STEPS.iter().filter(|s| **s != [8]).any(|s| self.wants(s))
+    }
+}
+
+pub fn run(quick: bool, only: &Only) -> Result<()> {
     if !nix::unistd::Uid::effective().is_root() {
         bail!("cargo xtask bench needs root (containerd, virtiofsd, /run/husk) — run it as root");
     }
@@ -181,7 +234,6 @@ pub fn run(quick: bool) -> Result<()> {
     let mut busy = busy_processes();
     let load_start = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
 
-    let leftovers: Vec<String>;
     let mut done: Vec<Scenario> = Vec::new();
     let mut not_done: Vec<String> = Vec::new();
     let note_busy = |busy: &mut Vec<String>| {
@@ -201,108 +253,128 @@ pub fn run(quick: bool) -> Result<()> {
             }
         }
     };
-    {
+    let leftovers: Vec<String> = if only.wants_containerd() {
         step("bench: private containerd with husk and runc");
         let env = env::Env::start()?;
-        step(&format!(
-            "bench 1: container start, {} runs each",
-            plan.start
-        ));
-        match scenarios::container_start(&env, &sides, plan.start) {
-            Ok(s) => done.push(s),
-            Err(e) => not_done.push(format!("1. Container start: failed in this run: {e:#}")),
-        }
-        note_failures(&mut done, 1);
-        note_busy(&mut busy);
-        step(&format!(
-            "bench 2 + 4: time to first output and husk's boot breakdown, {} runs each",
-            plan.first_output
-        ));
-        match scenarios::first_output(&env, &sides, plan.first_output) {
-            Ok((s2, s4)) => {
-                done.push(s2);
-                done.push(s4);
+        if only.wants(&[1]) {
+            step(&format!(
+                "bench 1: container start, {} runs each",
+                plan.start
+            ));
+            match scenarios::container_start(&env, &sides, plan.start) {
+                Ok(s) => done.push(s),
+                Err(e) => not_done.push(format!("1. Container start: failed in this run: {e:#}")),
             }
-            Err(e) => not_done.push(format!(
-                "2 and 4. Time to first output, boot breakdown: failed in this run: {e:#}"
-            )),
+            note_failures(&mut done, 1);
+            note_busy(&mut busy);
         }
-        note_failures(&mut done, 2);
-        note_busy(&mut busy);
-        step(&format!(
-            "bench 3 + 5 + 9: {} idle pod(s) per side, {} execs each",
-            plan.idle_pods, plan.execs
-        ));
-        match scenarios::idle_pods(&env, &sides, plan.idle_pods, plan.execs) {
-            Ok(s) => done.extend(s),
-            Err(e) => not_done.push(format!(
-                "3, 5 and 9. Exec latency, pod memory, shim alone: failed in this run: {e:#}"
-            )),
+        if only.wants(&[2, 4]) {
+            step(&format!(
+                "bench 2 + 4: time to first output and husk's boot breakdown, {} runs each",
+                plan.first_output
+            ));
+            match scenarios::first_output(&env, &sides, plan.first_output) {
+                Ok((s2, s4)) => {
+                    done.push(s2);
+                    done.push(s4);
+                }
+                Err(e) => not_done.push(format!(
+                    "2 and 4. Time to first output, boot breakdown: failed in this run: {e:#}"
+                )),
+            }
+            note_failures(&mut done, 2);
+            note_busy(&mut busy);
         }
-        note_failures(&mut done, 3);
-        note_busy(&mut busy);
-        step(&format!("bench 6: density, {} pods per side", plan.density));
-        match scenarios::density(&env, &sides, plan.density) {
-            Ok(s) => done.push(s),
-            Err(e) => not_done.push(format!("6. Density: failed in this run: {e:#}")),
+        if only.wants(&[3, 5, 9]) {
+            step(&format!(
+                "bench 3 + 5 + 9: {} idle pod(s) per side, {} execs each",
+                plan.idle_pods, plan.execs
+            ));
+            match scenarios::idle_pods(&env, &sides, plan.idle_pods, plan.execs) {
+                Ok(s) => done.extend(s),
+                Err(e) => not_done.push(format!(
+                    "3, 5 and 9. Exec latency, pod memory, shim alone: failed in this run: {e:#}"
+                )),
+            }
+            note_failures(&mut done, 3);
+            note_busy(&mut busy);
         }
-        note_busy(&mut busy);
-        step(&format!(
-            "bench 7: I/O, {} MiB, {} run(s) each",
-            plan.io_mib, plan.io_rounds
-        ));
-        match io::run(&env, &sides, plan.io_rounds, plan.io_mib) {
-            Ok(s) => done.push(s),
-            Err(e) => not_done.push(format!("7. I/O: failed in this run: {e:#}")),
+        if only.wants(&[6]) {
+            step(&format!("bench 6: density, {} pods per side", plan.density));
+            match scenarios::density(&env, &sides, plan.density) {
+                Ok(s) => done.push(s),
+                Err(e) => not_done.push(format!("6. Density: failed in this run: {e:#}")),
+            }
+            note_busy(&mut busy);
         }
-        note_failures(&mut done, 7);
-        note_busy(&mut busy);
-        step(&format!(
-            "bench 10: pod network, {} requests and {} MiB sends each",
-            plan.net_rounds, plan.net_mib
-        ));
-        match network::run(&env, &sides, plan.net_rounds, plan.net_mib) {
-            Ok(s) => done.push(s),
-            Err(e) => not_done.push(format!("10. Pod network: failed in this run: {e:#}")),
+        if only.wants(&[7]) {
+            step(&format!(
+                "bench 7: I/O, {} MiB, {} run(s) each",
+                plan.io_mib, plan.io_rounds
+            ));
+            match io::run(&env, &sides, plan.io_rounds, plan.io_mib) {
+                Ok(s) => done.push(s),
+                Err(e) => not_done.push(format!("7. I/O: failed in this run: {e:#}")),
+            }
+            note_failures(&mut done, 7);
+            note_busy(&mut busy);
         }
-        note_failures(&mut done, 10);
-        note_busy(&mut busy);
-        step(&format!(
-            "bench 11: the jail's cost, {} runs each",
-            plan.start.div_ceil(2)
-        ));
-        match jail::run(&env, plan.start.div_ceil(2)) {
-            Ok(s) => done.push(s),
-            Err(e) => not_done.push(format!("11. The jail's cost: failed in this run: {e:#}")),
+        if only.wants(&[10]) {
+            step(&format!(
+                "bench 10: pod network, {} requests and {} MiB sends each",
+                plan.net_rounds, plan.net_mib
+            ));
+            match network::run(&env, &sides, plan.net_rounds, plan.net_mib) {
+                Ok(s) => done.push(s),
+                Err(e) => not_done.push(format!("10. Pod network: failed in this run: {e:#}")),
+            }
+            note_failures(&mut done, 10);
+            note_busy(&mut busy);
         }
-        note_failures(&mut done, 11);
-        note_busy(&mut busy);
-        step(&format!(
-            "bench 12: the warm pool, {} runs each",
-            plan.first_output
-        ));
-        match pool::run(&env, plan.first_output) {
-            Ok(s) => done.push(s),
-            Err(e) => not_done.push(format!("12. The warm pool: failed in this run: {e:#}")),
+        if only.wants(&[11]) {
+            step(&format!(
+                "bench 11: the jail's cost, {} runs each",
+                plan.start.div_ceil(2)
+            ));
+            match jail::run(&env, plan.start.div_ceil(2)) {
+                Ok(s) => done.push(s),
+                Err(e) => not_done.push(format!("11. The jail's cost: failed in this run: {e:#}")),
+            }
+            note_failures(&mut done, 11);
+            note_busy(&mut busy);
         }
-        note_failures(&mut done, 12);
-        note_busy(&mut busy);
+        if only.wants(&[12]) {
+            step(&format!(
+                "bench 12: the warm pool, {} runs each",
+                plan.first_output
+            ));
+            match pool::run(&env, plan.first_output) {
+                Ok(s) => done.push(s),
+                Err(e) => not_done.push(format!("12. The warm pool: failed in this run: {e:#}")),
+            }
+            note_failures(&mut done, 12);
+            note_busy(&mut busy);
+        }
         step("bench: stopping containerd, removing what the bench made");
-        leftovers = env.shutdown();
-    }
+        env.shutdown()
+    } else {
+        Vec::new()
+    };
     if runner::interrupted() {
         bail!("interrupted: everything the bench started was removed; no report written");
     }
-    step(&format!(
-        "bench 8: VMM alone, {} runs each; our Linux guest, {} rounds",
-        plan.vmm, plan.vmm_linux
-    ));
-    match vmm::run(plan.vmm, plan.vmm_mem, plan.vmm_linux, kvm_kind) {
-        Ok(s) => done.push(s),
-        Err(e) => not_done.push(format!("8. VMM alone: failed in this run: {e:#}")),
+    if only.wants(&[8]) {
+        step(&format!(
+            "bench 8: VMM alone, {} runs each; our Linux guest, {} rounds",
+            plan.vmm, plan.vmm_linux
+        ));
+        match vmm::run(plan.vmm, plan.vmm_mem, plan.vmm_linux, kvm_kind) {
+            Ok(s) => done.push(s),
+            Err(e) => not_done.push(format!("8. VMM alone: failed in this run: {e:#}")),
+        }
+        note_failures(&mut done, 8);
+        note_busy(&mut busy);
     }
-    note_failures(&mut done, 8);
-    note_busy(&mut busy);
     if runner::interrupted() {
         bail!("interrupted: everything the bench started was removed; no report written");
     }
@@ -333,12 +405,14 @@ pub fn run(quick: bool) -> Result<()> {
         date,
         machine: machine(),
         quick,
+        only: only.0.clone(),
         load_note,
         scenarios: done,
         not_done,
     };
 
-    let (md, dir) = if quick {
+    // A partial run never replaces the committed report.
+    let (md, dir) = if quick || !only.all() {
         let d = paths::artifacts().join("bench");
         (d.join("BENCHMARKS.md"), d.join("benchmarks"))
     } else {
@@ -386,3 +460,26 @@ pub fn run(quick: bool) -> Result<()> {
 }
 
 mod targets;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_runs_the_steps_that_make_the_named_scenarios() {
+        let all = Only::new(&[]).unwrap();
+        assert!(all.all() && all.wants(&[8]) && all.wants_containerd());
+        let five = Only::new(&[5]).unwrap();
+        assert!(five.wants(&[3, 5, 9]));
+        assert!(!five.wants(&[1]) && !five.wants(&[8]));
+        assert!(five.wants_containerd());
+        let eight = Only::new(&[8]).unwrap();
+        assert!(eight.wants(&[8]) && !eight.wants_containerd());
+    }
+
+    #[test]
+    fn only_refuses_a_number_no_scenario_has() {
+        let e = Only::new(&[5, 13]).unwrap_err().to_string();
+        assert!(e.contains("--only 13") && e.contains("1, 2, 3"), "{e}");
+    }
+}

@@ -133,19 +133,22 @@ impl Drop for Holder {
 }
 
 /// What the pooled VM `vmid` holds on the host: (PSS outside guest RAM of its keeper and every
-/// process of the VM, guest RAM touched), KiB.
-fn pooled_vm_memory(keeper: u32, vmid: &str) -> (u64, u64) {
+/// process of the VM, guest RAM touched, the keeper's own PSS), KiB.
+fn pooled_vm_memory(keeper: u32, vmid: &str) -> (u64, u64, u64) {
     let needle = format!("/run/husk/.pool/{vmid}/");
-    let (mut pss, mut guest) = (0, 0);
+    let (mut pss, mut guest, mut keeper_pss) = (0, 0, 0);
     for p in procfs::processes()
         .iter()
         .filter(|p| p.pid == keeper || p.argv.iter().any(|a| a.contains(&needle)))
     {
         let m = procfs::mem(p.pid).unwrap_or_default();
         pss += m.pss_kib;
+        if p.pid == keeper {
+            keeper_pss = m.pss_kib;
+        }
         guest = guest.max(m.guest_rss_kib);
     }
-    (pss, guest)
+    (pss, guest, keeper_pss)
 }
 
 pub fn run(env: &Env, rounds: usize) -> Result<Scenario> {
@@ -217,7 +220,7 @@ pub fn run(env: &Env, rounds: usize) -> Result<Scenario> {
     sc.rows
         .push(row("first output (echo hi)", "ms", labels, first));
     let pooled_runs = holder.claims();
-    let (mut pss, mut guest) = (Vec::new(), Vec::new());
+    let (mut pss, mut guest, mut keeper_pss) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..rounds.div_ceil(3).max(1) {
         let s = holder.full()?;
         // Let the guest settle after its boot, as scenario 5 does.
@@ -226,9 +229,10 @@ pub fn run(env: &Env, rounds: usize) -> Result<Scenario> {
         let (Some(vmid), Some(keeper)) = (vm["vmid"].as_str(), vm["keeper_pid"].as_u64()) else {
             bail!("the pool's status names no VM: {s}");
         };
-        let (p, g) = pooled_vm_memory(u32::try_from(keeper).unwrap_or(0), vmid);
+        let (p, g, k) = pooled_vm_memory(u32::try_from(keeper).unwrap_or(0), vmid);
         pss.push(mib(p));
         guest.push(mib(g));
+        keeper_pss.push(mib(k));
         // A fresh VM for the next sample: claim this one away with a run.
         run_husk(&pooled, &env.new_id("poolmem"), &["/bin/true"])?;
     }
@@ -237,6 +241,8 @@ pub fn run(env: &Env, rounds: usize) -> Result<Scenario> {
         "MiB",
         pss,
     ));
+    sc.rows
+        .push(husk_row("of which its keeper process", "MiB", keeper_pss));
     sc.rows.push(husk_row(
         "a pooled VM waiting: guest RAM touched",
         "MiB",

@@ -18,6 +18,17 @@ pub struct Mem {
     /// is QEMU's translated-code buffer).
     pub anon_max_rss_kib: u64,
     pub anon_max_size_kib: u64,
+    /// Anonymous pages outside guest RAM (smaps' `Anonymous`: heap, malloc arenas, stacks,
+    /// written copies of file pages): memory only this process has, whatever else runs.
+    pub anon_kib: u64,
+    /// RSS of anonymous executable mappings: under TCG, QEMU's translated-code buffer.
+    pub code_buffer_kib: u64,
+    /// PSS of file pages (mappings with a path, guest RAM excepted), without the anonymous
+    /// copies among them: page cache that every process mapping the same file shares.
+    pub file_pss_kib: u64,
+    /// Of `file_pss_kib`, the files [`parse_smaps_with`] was asked to single out (the guest
+    /// kernel and initramfs a VMM keeps mapped).
+    pub named_files_pss_kib: u64,
 }
 
 /// Whether a smaps mapping is guest RAM: a memfd (`/memfd:husk-guest-ram`, QEMU's
@@ -26,18 +37,47 @@ fn is_guest_ram(path: &str) -> bool {
     path.starts_with("/memfd:")
 }
 
-/// Splits the text of /proc/PID/smaps into [`Mem`].
-pub fn parse_smaps(text: &str) -> Mem {
+/// Whether a mapping's path is one of `names`: the same path, or the same file name (a jailed
+/// VMM sees the kernel at the path it was bound to, which /proc may show from its own root).
+fn is_named(path: &str, names: &[&str]) -> bool {
+    let base = |p: &str| p.rsplit('/').next().unwrap_or(p).to_string();
+    names
+        .iter()
+        .any(|n| !n.is_empty() && (path == *n || base(path) == base(n)))
+}
+
+/// Splits the text of /proc/PID/smaps into [`Mem`], with the PSS of the files `names`
+/// counted apart as well.
+pub fn parse_smaps_with(text: &str, names: &[&str]) -> Mem {
     let mut m = Mem::default();
     let (mut guest, mut anon, mut size) = (false, false, 0);
+    let (mut file, mut named, mut exec) = (false, false, false);
+    // A file mapping's PSS and anonymous pages, settled when its block ends.
+    let (mut pss, mut anon_pages) = (0u64, 0u64);
+    let settle = |m: &mut Mem, file: bool, named: bool, pss: u64, anon_pages: u64| {
+        if file {
+            let f = pss.saturating_sub(anon_pages);
+            m.file_pss_kib += f;
+            if named {
+                m.named_files_pss_kib += f;
+            }
+        }
+    };
     for line in text.lines() {
         let mut words = line.split_whitespace();
         let Some(first) = words.next() else { continue };
         if !first.ends_with(':') && first.contains('-') {
+            settle(&mut m, file, named, pss, anon_pages);
+            (pss, anon_pages) = (0, 0);
             // A mapping header: range perms offset dev inode [path].
-            let path = line.split_whitespace().nth(5).unwrap_or("");
+            let mut fields = line.split_whitespace();
+            let perms = fields.nth(1).unwrap_or("");
+            let path = fields.nth(3).unwrap_or("");
             guest = is_guest_ram(path);
             anon = path.is_empty();
+            exec = perms.contains('x');
+            file = path.starts_with('/') && !guest;
+            named = file && is_named(path, names);
             continue;
         }
         let kib = || {
@@ -49,26 +89,42 @@ pub fn parse_smaps(text: &str) -> Mem {
         };
         match (first, guest) {
             ("Size:", _) => size = kib(),
-            ("Pss:", false) => m.pss_kib += kib(),
+            ("Pss:", false) => {
+                m.pss_kib += kib();
+                pss = kib();
+            }
             ("Rss:", false) => {
                 m.rss_kib += kib();
                 if anon && kib() > m.anon_max_rss_kib {
                     m.anon_max_rss_kib = kib();
                     m.anon_max_size_kib = size;
                 }
+                if anon && exec {
+                    m.code_buffer_kib += kib();
+                }
+            }
+            ("Anonymous:", false) => {
+                m.anon_kib += kib();
+                anon_pages = kib();
             }
             ("Pss:", true) => m.guest_pss_kib += kib(),
             ("Rss:", true) => m.guest_rss_kib += kib(),
             _ => {}
         }
     }
+    settle(&mut m, file, named, pss, anon_pages);
     m
 }
 
 pub fn mem(pid: u32) -> Option<Mem> {
+    mem_with(pid, &[])
+}
+
+/// [`mem`], with the files `names` counted apart ([`Mem::named_files_pss_kib`]).
+pub fn mem_with(pid: u32, names: &[&str]) -> Option<Mem> {
     std::fs::read_to_string(format!("/proc/{pid}/smaps"))
         .ok()
-        .map(|t| parse_smaps(&t))
+        .map(|t| parse_smaps_with(&t, names))
 }
 
 /// A field of /proc/PID/status as a number (e.g. `Threads`, `VmRSS` in kB).
@@ -158,15 +214,77 @@ Rss:               36000 kB
 Pss:               36000 kB
 ";
         assert_eq!(
-            parse_smaps(t),
+            parse_smaps_with(t, &[]),
             Mem {
                 pss_kib: 36404,
                 rss_kib: 36804,
                 guest_pss_kib: 20000,
                 guest_rss_kib: 40000,
                 anon_max_rss_kib: 36000,
-                anon_max_size_kib: 1048576
+                anon_max_size_kib: 1048576,
+                file_pss_kib: 400,
+                ..Mem::default()
             }
         );
+    }
+
+    /// QEMU under TCG, cut down from a real smaps: its program (one written page), the guest
+    /// kernel and initramfs it keeps mapped, guest RAM, the heap, the rwx code buffer.
+    const QEMU: &str = "\
+5625f73c0000-5625f750f000 r--p 00c94000 fe:00 10199064                   /usr/bin/qemu-system-x86_64
+Size:               1340 kB
+Rss:                1004 kB
+Pss:                1004 kB
+Anonymous:          1004 kB
+5625f750f000-5625f78b8000 rw-p 00de3000 fe:00 10199064                   /usr/bin/qemu-system-x86_64
+Size:               3748 kB
+Rss:                1216 kB
+Pss:                1216 kB
+Anonymous:          1212 kB
+5625f9e75000-5625fa55a000 rw-p 00000000 00:00 0                          [heap]
+Size:               7060 kB
+Rss:                4104 kB
+Pss:                4104 kB
+Anonymous:          4104 kB
+7fc3b9600000-7fc3b9ac4000 r--p 00000000 fe:00 5515719                    /usr/share/husk/initramfs.cpio
+Size:               4880 kB
+Rss:                4880 kB
+Pss:                4880 kB
+Anonymous:             0 kB
+7fc3b9c00000-7fc3bacf6000 rw-p 00000000 fe:00 1181039                    /var/cache/husk/kernel/6afac8203be33d57/vmlinux
+Size:              17368 kB
+Rss:               10624 kB
+Pss:                5312 kB
+Anonymous:             0 kB
+7fc3bafff000-7fc3cafff000 rw-s 00000000 00:01 17685                      /memfd:memory-backend-memfd (deleted)
+Size:             262144 kB
+Rss:               34608 kB
+Pss:               34488 kB
+Anonymous:             0 kB
+7fc3cb000000-7fc3cbfff000 rwxp 00000000 00:00 0 
+Size:              16380 kB
+Rss:               16380 kB
+Pss:               16380 kB
+Anonymous:         16380 kB
+";
+
+    #[test]
+    fn smaps_split_anonymous_memory_the_code_buffer_and_named_files() {
+        let m = parse_smaps_with(
+            QEMU,
+            &["/usr/share/husk/vmlinux", "/usr/share/husk/initramfs.cpio"],
+        );
+        assert_eq!(m.pss_kib, 1004 + 1216 + 4104 + 4880 + 5312 + 16380);
+        assert_eq!(m.anon_kib, 1004 + 1212 + 4104 + 16380);
+        assert_eq!(m.code_buffer_kib, 16380);
+        // The program's written pages are its own, not page cache: 4 KiB of it is file.
+        assert_eq!(m.file_pss_kib, 4 + 4880 + 5312);
+        // The kernel matched by its file name, the initramfs by its path.
+        assert_eq!(m.named_files_pss_kib, 4880 + 5312);
+        assert_eq!((m.guest_rss_kib, m.guest_pss_kib), (34608, 34488));
+        // Nothing asked for, nothing singled out; the rest is the same.
+        let plain = parse_smaps_with(QEMU, &[]);
+        assert_eq!(plain.named_files_pss_kib, 0);
+        assert_eq!(plain.file_pss_kib, m.file_pss_kib);
     }
 }

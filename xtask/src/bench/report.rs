@@ -49,8 +49,20 @@ pub fn render(r: &Results, json_name: &str, svg_name: &str) -> String {
     let _ = writeln!(out, "# husk benchmarks\n");
     let _ = writeln!(
         out,
-        "Written by `cargo xtask bench{}` on {} UTC, on {}.\n{}\n",
+        "Written by `cargo xtask bench{}{}` on {} UTC, on {}.\n{}\n",
         if r.quick { " --quick" } else { "" },
+        if r.only.is_empty() {
+            String::new()
+        } else {
+            format!(
+                " --only {}",
+                r.only
+                    .iter()
+                    .map(u32::to_string)
+                    .collect::<Vec<_>>()
+                    .join(",")
+            )
+        },
         r.date,
         r.machine,
         r.load_note
@@ -98,7 +110,8 @@ pub fn render(r: &Results, json_name: &str, svg_name: &str) -> String {
         out,
         "## Reproduce\n\n`cargo xtask bench` (as root; it builds what it needs, starts a private \
          containerd with husk and runc, and removes every container, VM and directory it made). \
-         `cargo xtask bench --quick` runs fewer iterations."
+         `cargo xtask bench --quick` runs fewer iterations; `--only 5` (or `--only 5,12`) only \
+         the steps that make those scenarios. Both write to target/husk/bench/ instead."
     );
     out
 }
@@ -167,10 +180,22 @@ mod tests {
             date: "2026-11-29 05:00".into(),
             machine: "test box".into(),
             quick: true,
+            only: Vec::new(),
             load_note: "quiet".into(),
             scenarios: vec![s],
             not_done: vec!["7. I/O: later".into()],
         }
+    }
+
+    #[test]
+    fn a_partial_run_says_which_scenarios_it_ran() {
+        let mut r = results();
+        r.only = vec![5, 12];
+        let md = render(&r, "b.json", "b.svg");
+        assert!(
+            md.contains("`cargo xtask bench --quick --only 5,12` on 2026-11-29"),
+            "{md}"
+        );
     }
 
     #[test]

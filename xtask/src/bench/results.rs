@@ -69,6 +69,8 @@ pub struct Results {
     pub date: String,
     pub machine: String,
     pub quick: bool,
+    /// The scenarios `--only` asked for (empty: all).
+    pub only: Vec<u32>,
     /// Other compilers or benchmarks seen running while this one ran.
     pub load_note: String,
     pub scenarios: Vec<Scenario>,

@@ -158,18 +158,68 @@ pub fn first_output(env: &Env, sides: &Sides, rounds: usize) -> Result<(Scenario
     Ok((s2, s4))
 }
 
+/// Scenario 5's rows that split the VMM's PSS (targets.rs reads them by these names).
+pub(super) const VMM_CODE_BUFFER: &str =
+    "VMM: anonymous executable mappings (TCG's translated-code buffer)";
+pub(super) const VMM_BOOT_FILES: &str =
+    "VMM: guest kernel and initramfs files it keeps mapped (page cache)";
+pub(super) const VMM_PROGRAM: &str = "VMM: its program and libraries (page cache)";
+pub(super) const VMM_OTHER_ANON: &str =
+    "VMM: other anonymous memory (heap, malloc arenas, thread stacks, written data)";
+
 /// One idle pod's processes, measured.
 pub(super) struct PodMem {
     /// PSS outside guest RAM, summed over the pod's host processes, KiB.
     pub(super) total: u64,
+    /// Of `total`, anonymous memory (heap, arenas, stacks, buffers, written copies of file
+    /// pages): the pod's own, which a second pod does not share.
+    anon: u64,
+    /// Of `total`, file pages (programs, libraries, the guest kernel and initramfs): page
+    /// cache, split among every process that maps the same file, other pods' included.
+    file: u64,
     /// husk: guest RAM touched (RSS of the memfd in the VMM).
     pub(super) guest_touched: u64,
     shim_pss: u64,
     shim_threads: u64,
     /// (executable, PSS KiB) of each other process.
     parts: Vec<(String, u64)>,
-    /// The VMM's largest anonymous mapping: (RSS, size) KiB.
-    vmm_anon: (u64, u64),
+    /// The VMM's memory, if the pod has one.
+    vmm: Option<VmmMem>,
+}
+
+/// Where the VMM's PSS outside guest RAM is, KiB.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub(super) struct VmmMem {
+    /// Anonymous executable mappings: under TCG, the translated-code buffer.
+    code_buffer: u64,
+    /// The guest kernel and initramfs files (QEMU keeps them mapped: the kernel's ELF
+    /// segments as ROMs it copies into guest RAM at reset, the initramfs for fw_cfg).
+    boot_files: u64,
+    /// Its program and shared libraries: file pages.
+    program: u64,
+    /// Every other anonymous page: heap, malloc arenas, thread stacks, written data.
+    other_anon: u64,
+}
+
+impl VmmMem {
+    /// Splits a VMM's [`Mem`] measured with its kernel and initramfs named.
+    fn of(m: &Mem) -> Self {
+        Self {
+            code_buffer: m.code_buffer_kib,
+            boot_files: m.named_files_pss_kib,
+            program: m.file_pss_kib.saturating_sub(m.named_files_pss_kib),
+            other_anon: m.anon_kib.saturating_sub(m.code_buffer_kib),
+        }
+    }
+}
+
+/// The values of a VMM's `-kernel` and `-initrd` (QEMU) or `--kernel` and `--initramfs`
+/// (husk-vmm) arguments.
+fn boot_files(argv: &[String]) -> Vec<&str> {
+    argv.windows(2)
+        .filter(|w| ["-kernel", "-initrd", "--kernel", "--initramfs"].contains(&w[0].as_str()))
+        .map(|w| w[1].as_str())
+        .collect()
 }
 
 pub(super) fn measure_pod(side: usize, id: &str) -> Result<PodMem> {
@@ -191,27 +241,38 @@ pub(super) fn measure_pod(side: usize, id: &str) -> Result<PodMem> {
         all.iter().filter(|p| p.ppid == shim).collect()
     };
     let mut total = shim_mem.pss_kib;
+    let (mut anon, mut file) = (shim_mem.anon_kib, shim_mem.file_pss_kib);
     let mut guest_touched = 0;
-    let mut vmm_anon = (0, 0);
+    let mut vmm = None;
     // Summed per executable: virtiofsd, for one, runs as two processes.
     let mut parts: std::collections::BTreeMap<String, u64> = Default::default();
     for p in others {
-        let m: Mem = procfs::mem(p.pid).unwrap_or_default();
+        let is_vmm = p.exe.starts_with("qemu-system") || p.exe == "husk-vmm";
+        let names = if is_vmm {
+            boot_files(&p.argv)
+        } else {
+            Vec::new()
+        };
+        let m: Mem = procfs::mem_with(p.pid, &names).unwrap_or_default();
         total += m.pss_kib;
+        anon += m.anon_kib;
+        file += m.file_pss_kib;
         guest_touched = guest_touched.max(m.guest_rss_kib);
         *parts.entry(p.exe.clone()).or_default() += m.pss_kib;
-        if p.exe.starts_with("qemu-system") || p.exe == "husk-vmm" {
-            vmm_anon = (m.anon_max_rss_kib, m.anon_max_size_kib);
+        if is_vmm {
+            vmm = Some(VmmMem::of(&m));
         }
     }
     let parts = parts.into_iter().collect();
     Ok(PodMem {
         total,
+        anon,
+        file,
         guest_touched,
         shim_pss: shim_mem.pss_kib,
         shim_threads: procfs::status_field(shim, "Threads").unwrap_or(0),
         parts,
-        vmm_anon,
+        vmm,
     })
 }
 
@@ -251,7 +312,9 @@ pub fn idle_pods(env: &Env, sides: &Sides, rounds: usize, execs: usize) -> Resul
     let mut shim_pss = [Vec::new(), Vec::new()];
     let mut threads = [Vec::new(), Vec::new()];
     let mut guest = Vec::new();
-    let mut anon = (Vec::new(), Vec::new());
+    let mut anon = [Vec::new(), Vec::new()];
+    let mut file = [Vec::new(), Vec::new()];
+    let mut vmm: [Vec<f64>; 4] = Default::default();
     let mut parts: std::collections::BTreeMap<String, Vec<f64>> = Default::default();
     let mut exec = [Vec::new(), Vec::new()];
     for r in 0..rounds {
@@ -274,13 +337,21 @@ pub fn idle_pods(env: &Env, sides: &Sides, rounds: usize, execs: usize) -> Resul
             for side in 0..2 {
                 let m = measure_pod(side, &ids[side])?;
                 total[side].push(mib(m.total));
+                anon[side].push(mib(m.anon));
+                file[side].push(mib(m.file));
                 shim_pss[side].push(mib(m.shim_pss));
                 #[allow(clippy::cast_precision_loss)]
                 threads[side].push(m.shim_threads as f64);
                 if side == 0 {
                     guest.push(mib(m.guest_touched));
-                    anon.0.push(mib(m.vmm_anon.0));
-                    anon.1.push(mib(m.vmm_anon.1));
+                    if let Some(v) = m.vmm {
+                        for (i, kib) in [v.code_buffer, v.boot_files, v.program, v.other_anon]
+                            .into_iter()
+                            .enumerate()
+                        {
+                            vmm[i].push(mib(kib));
+                        }
+                    }
                     for (exe, kib) in m.parts {
                         parts.entry(exe).or_default().push(mib(kib));
                     }
@@ -316,16 +387,33 @@ pub fn idle_pods(env: &Env, sides: &Sides, rounds: usize, execs: usize) -> Resul
         .push(sides.row("ctr task exec /bin/true", "ms", exec));
     s5.rows
         .push(sides.row("pod PSS outside guest RAM", "MiB", total));
+    s5.rows.push(sides.row(
+        "of which anonymous (the pod's own: heap, arenas, stacks, buffers)",
+        "MiB",
+        anon,
+    ));
+    s5.rows.push(sides.row(
+        "of which file pages (programs, libraries, guest kernel and initramfs: shared with every pod)",
+        "MiB",
+        file,
+    ));
     s5.rows
         .push(sides.husk_row("guest RAM touched (memfd RSS)", "MiB", guest));
     for (exe, v) in parts {
         s5.rows
             .push(sides.husk_row(&format!("of which {exe} PSS"), "MiB", v));
     }
-    s5.rows
-        .push(sides.husk_row("VMM's largest anonymous mapping, RSS", "MiB", anon.0));
-    s5.rows
-        .push(sides.husk_row("VMM's largest anonymous mapping, size", "MiB", anon.1));
+    if !vmm[0].is_empty() {
+        let [code, boot, program, other] = vmm;
+        for (what, v) in [
+            (VMM_CODE_BUFFER, code),
+            (VMM_BOOT_FILES, boot),
+            (VMM_PROGRAM, program),
+            (VMM_OTHER_ANON, other),
+        ] {
+            s5.rows.push(sides.husk_row(what, "MiB", v));
+        }
+    }
     s9.rows.push(sides.row("shim PSS", "MiB", shim_pss));
     s9.rows.push(sides.row("shim threads", "threads", threads));
     Ok([s3, s5, s9])
@@ -434,4 +522,59 @@ pub fn density(env: &Env, sides: &Sides, pods: usize) -> Result<Scenario> {
         }
     }
     Ok(sc)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_vmms_boot_files_are_the_values_of_its_kernel_and_initramfs_arguments() {
+        let argv: Vec<String> = [
+            "qemu-system-x86_64",
+            "-m",
+            "256M",
+            "-kernel",
+            "/usr/share/husk/vmlinux",
+            "-initrd",
+            "/usr/share/husk/initramfs.cpio",
+        ]
+        .map(String::from)
+        .to_vec();
+        assert_eq!(
+            boot_files(&argv),
+            ["/usr/share/husk/vmlinux", "/usr/share/husk/initramfs.cpio"]
+        );
+        let vmm: Vec<String> = ["husk-vmm", "--kernel", "/k", "--initramfs", "/i"]
+            .map(String::from)
+            .to_vec();
+        assert_eq!(boot_files(&vmm), ["/k", "/i"]);
+        assert!(boot_files(&["virtiofsd".to_string()]).is_empty());
+    }
+
+    #[test]
+    fn a_vmms_memory_splits_into_four_parts_that_add_up_to_its_pss() {
+        let m = Mem {
+            pss_kib: 60_000,
+            anon_kib: 30_000,
+            code_buffer_kib: 16_000,
+            file_pss_kib: 30_000,
+            named_files_pss_kib: 15_000,
+            ..Mem::default()
+        };
+        let v = VmmMem::of(&m);
+        assert_eq!(
+            v,
+            VmmMem {
+                code_buffer: 16_000,
+                boot_files: 15_000,
+                program: 15_000,
+                other_anon: 14_000
+            }
+        );
+        assert_eq!(
+            v.code_buffer + v.boot_files + v.program + v.other_anon,
+            m.pss_kib
+        );
+    }
 }
