@@ -115,6 +115,13 @@ enum Cmd {
         #[arg(long)]
         l1_shmem_thp: Option<String>,
     },
+    /// The nested tier of `cargo xtask test` alone: the tier-4 tests (Linux and the full stack
+    /// on husk-vmm) in an L1 VM under QEMU TCG with emulated AMD SVM, on the host's `/`
+    /// read-only. Run `cargo xtask build` first.
+    NestedTest {
+        /// Only tier-4 tests whose name contains this.
+        filter: Option<String>,
+    },
     /// Inside L1: the boot probe `nested-boot` runs (samples on stdout).
     #[command(hide = true)]
     BootProbe {
@@ -161,6 +168,7 @@ fn main() {
         } => soak::run(cycles, parallel, !no_setup, record),
         Cmd::Install => install::run(),
         Cmd::Doctor => doctor::run(),
+        Cmd::NestedTest { filter } => nested::run_alone(filter.as_deref()),
         Cmd::NestedBoot {
             rounds,
             cmdline,

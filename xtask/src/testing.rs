@@ -298,7 +298,7 @@ mod tests {
             &nested::Outcome {
                 passed: vec!["linux_a".into()],
                 failed: vec![("linux_b".into(), "failed in L1 (x)".into())],
-                l1_up: None,
+                ..nested::Outcome::default()
             },
         );
         assert_eq!(t.passed, 2);

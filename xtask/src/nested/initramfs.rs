@@ -1,17 +1,22 @@
-//! L1's initramfs: busybox, the KVM modules, the programs L1 runs (for the tests: the tier-4
-//! test binaries with husk-vmm and virtiofsd; for the boot probe: xtask, husk-vmm and QEMU
-//! with its firmware) and the shared libraries `ldd` names for them, our guest vmlinux and
-//! initramfs, and the two-stage init that runs them.
+//! L1's initramfs: busybox, L1's modules ([`super::l1::MODULES`] and their dependencies),
+//! and the two-stage init that makes L1's root and runs stage 2's body in it. Two kinds of
+//! root ([`Root`]):
 //!
-//! Why pack the files instead of exporting the host's `/` to L1 (9p or virtio-fs): the
-//! Debian kernel has 9p and virtio-pci only as modules (eight more to load, in order), a
-//! virtio-fs export needs a second virtiofsd on the host, and the whole set here is ~100 MB
-//! after `objcopy --strip-debug` — unpacked by L1's kernel in a fraction of its boot. It is
-//! also exactly the measured recipe (FIELD-NOTES), and L1 then sees nothing of the host.
-//! The full-stack subset (containerd, runc, CNI plugins) is where an export of `/` pays off.
+//! - **The host's `/`, read-only** (the nested tier's tests): QEMU exports `/` over virtio-9p
+//!   (`readonly=on`: L1 cannot write a byte of the host), stage 1 mounts it under a tmpfs
+//!   overlay and switch_roots into that, and stage 2 mounts fresh tmpfs on `/tmp`, `/run`,
+//!   `/var/tmp` and `/var/lib/containerd` (containerd's overlay snapshots and the shim's
+//!   state want a real filesystem under them, not an overlay). containerd, runc, ctr, the CNI
+//!   plugins, the shim, husk-vmm, virtiofsd, the test binaries, the guest kernel and images
+//!   are then at their host paths, with no second install: the full stack runs as on a node.
+//!   Only busybox (for the stages) and the modules are packed (~20 MB).
+//! - **Packed** (the boot probe, `cargo xtask nested-boot`): the programs L1 runs (xtask,
+//!   husk-vmm, QEMU with its firmware) and the shared libraries `ldd` names for them, our
+//!   guest vmlinux and initramfs (~100 MB after `objcopy --strip-debug`). L1 then sees
+//!   nothing of the host, and it is exactly the measured recipe (FIELD-NOTES).
 //!
-//! The root is moved to a tmpfs before anything runs: virtiofsd's namespace sandbox cannot
-//! pivot_root out of an initramfs (rootfs) root.
+//! Either way the root is not the initramfs when anything runs: virtiofsd's namespace sandbox
+//! cannot pivot_root out of an initramfs (rootfs) root.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -20,7 +25,7 @@ use anyhow::{bail, Context, Result};
 use husk_rootfs_builder::initramfs::write_cpio;
 use husk_rootfs_builder::tree::{Content, Tree};
 
-use super::l1::{L1Kernel, MODULES};
+use super::l1::L1Kernel;
 use super::TestBinary;
 use crate::run::output;
 
@@ -34,6 +39,19 @@ const MODULE_DIR: &str = "/nested/modules";
 pub const RESULTS_TTY: &str = "/dev/ttyS1";
 /// Every marker line on the results port starts with this.
 pub const MARKER: &str = "HUSK-NESTED";
+/// The 9p mount tag of the host's `/` ([`Root::HostExport`]).
+pub const EXPORT_TAG: &str = "hostroot";
+
+/// Where L1's root comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Root {
+    /// Everything L1 runs is in the initramfs.
+    Packed,
+    /// The host's `/` over read-only virtio-9p with a tmpfs overlay; `programs`, `files` and
+    /// the guest kernel and initramfs of [`Inputs`] are then not packed (L1 sees them at
+    /// their host paths).
+    HostExport,
+}
 
 /// A program for L1's `BIN_DIR`, with the libraries `ldd` names for it.
 pub struct Program {
@@ -56,6 +74,7 @@ impl Program {
 /// What goes into L1.
 pub struct Inputs<'a> {
     pub l1: &'a L1Kernel,
+    pub root: Root,
     pub busybox: PathBuf,
     pub programs: Vec<Program>,
     /// Host files L1 gets at the same path (QEMU's firmware).
@@ -64,6 +83,9 @@ pub struct Inputs<'a> {
     pub guest_initramfs: PathBuf,
     /// What stage 2 runs once L1 is up ([`tests_body`], or the boot probe).
     pub body: String,
+    /// Environment stage 2 exports before `body` (with [`Root::HostExport`]: the host's
+    /// `PATH`, the artefacts' paths).
+    pub env: Vec<(String, String)>,
 }
 
 /// The libraries (and the program interpreter) in `ldd`'s output, by the path the host's
@@ -149,9 +171,93 @@ exec /newroot/bin/busybox switch_root /newroot /stage2
     )
 }
 
-/// Stage 2: mounts, KVM modules, then `body` with a `say` for marker lines on COM2
-/// (whose fd 3 is COM2), then `DONE` and power-off.
-pub fn stage2(body: &str, lib_path: &str) -> String {
+/// The names under `MODULE_DIR` of L1's modules, in load order.
+fn module_names(l1: &L1Kernel) -> Vec<String> {
+    l1.modules
+        .iter()
+        .filter_map(|m| Some(m.file_stem()?.to_string_lossy().into_owned()))
+        .collect()
+}
+
+/// Stage 1 of [`Root::HostExport`], L1's `/init`: loads every module (virtio-pci and 9p are
+/// modules in Debian's kernel), mounts the host's `/` read-only with a tmpfs over it, copies
+/// busybox and stage 2 there, and switch_roots into it. A failure says why on COM2.
+pub fn stage1_export(modules: &[String]) -> String {
+    format!(
+        r#"#!/bin/busybox sh
+# husk nested tier, L1 stage 1 (written by cargo xtask test): the root becomes the host's /
+# (virtio-9p, read-only) under a tmpfs overlay.
+B=/bin/busybox
+$B mount -t devtmpfs devtmpfs /dev
+fail() {{ echo "{MARKER} FAIL $*" >{RESULTS_TTY}; $B dmesg | $B tail -n 20; $B sleep 0.2; $B poweroff -f; }}
+for m in {modules}; do
+    $B insmod {MODULE_DIR}/$m.ko || fail "insmod $m.ko failed"
+done
+$B mkdir -p /host /upper
+$B mount -t 9p -o trans=virtio,version=9p2000.L,ro,cache=loose,msize=512000 {EXPORT_TAG} /host \
+    || fail "mounting the host's / (virtio-9p tag {EXPORT_TAG}) failed"
+$B mount -t tmpfs -o mode=0755 upper /upper
+$B mkdir -p /upper/data /upper/work
+$B mount -t overlay -o lowerdir=/host,upperdir=/upper/data,workdir=/upper/work root /newroot \
+    || fail "the tmpfs overlay on the host's / failed"
+$B mkdir -p /newroot/nested/bin
+$B cp /bin/busybox /newroot/nested/bin/busybox
+$B cp /stage2 /newroot/nested/stage2
+$B mount --move /dev /newroot/dev
+exec $B switch_root /newroot /nested/stage2
+"#,
+        modules = modules.join(" "),
+    )
+}
+
+fn exports(env: &[(String, String)]) -> String {
+    env.iter()
+        .map(|(k, v)| format!("export {k}={}\n", quote(v)))
+        .collect()
+}
+
+/// Stage 2 of [`Root::HostExport`]: fresh filesystems where the stack writes, loopback up,
+/// `env`, then `body` with `say` for marker lines on COM2 (fd 3), then `DONE` and power-off.
+pub fn stage2_export(body: &str, env: &[(String, String)]) -> String {
+    let mut s = format!(
+        r#"#!/nested/bin/busybox sh
+# husk nested tier, L1 stage 2 (written by cargo xtask test), on the host's / (read-only).
+B=/nested/bin/busybox
+$B mount -t proc proc /proc
+read -r stage2_at _ </proc/uptime
+$B mount -t sysfs sysfs /sys
+$B mount -t tmpfs -o mode=1777 tmp /tmp
+$B mount -t tmpfs -o mode=0755 run /run
+$B mount -t tmpfs -o mode=1777 vartmp /var/tmp
+$B mkdir -p /var/lib/containerd /dev/pts /dev/shm
+$B mount -t tmpfs -o mode=0711 containerd /var/lib/containerd
+$B mount -t tmpfs -o mode=1777 shm /dev/shm
+$B mount -t devpts devpts /dev/pts
+$B mount -t cgroup2 cgroup2 /sys/fs/cgroup
+$B mount -t debugfs debugfs /sys/kernel/debug
+$B ip link set lo up
+exec 3>{RESULTS_TTY}
+say() {{ echo "{MARKER} $*" >&3; }}
+bye() {{ exec 3>&-; $B sleep 0.2; $B poweroff -f; }}
+fail() {{ say "FAIL $*"; $B dmesg | $B tail -n 20; bye; }}
+[ -c /dev/kvm ] || fail "no /dev/kvm after loading kvm-amd"
+# As a husk node is set up (deploy/README.md): shared memory (husk-vmm's memfd guest RAM)
+# may have transparent huge pages where the VMM asks for them.
+echo advise >/sys/kernel/mm/transparent_hugepage/shmem_enabled || fail "setting shmem_enabled"
+say "L1 up $($B cut -d' ' -f1 /proc/uptime) s (root: the host's / over 9p at $stage2_at s), $($B grep -c ^processor /proc/cpuinfo) CPU, $($B free -m | $B awk '/Mem:/ {{print $2}}') MiB, kvm_amd nested=$($B cat /sys/module/kvm_amd/parameters/nested) npt=$($B cat /sys/module/kvm_amd/parameters/npt)"
+export HOME=/root TMPDIR=/tmp RUST_BACKTRACE=1
+{exports}cd /tmp
+"#,
+        exports = exports(env),
+    );
+    s += body;
+    s += "say DONE\nbye\n";
+    s
+}
+
+/// Stage 2 of [`Root::Packed`]: mounts, L1's modules, then `body` with a `say` for marker
+/// lines on COM2 (whose fd 3 is COM2), then `DONE` and power-off.
+pub fn stage2(body: &str, lib_path: &str, modules: &[String]) -> String {
     let mut s = format!(
         r#"#!/bin/busybox sh
 # husk nested tier, L1 stage 2 (written by cargo xtask test).
@@ -183,7 +289,7 @@ export HOME=/root TMPDIR=/tmp RUST_BACKTRACE=1 LD_LIBRARY_PATH={lib_path}
 export HUSK_KERNEL={GUEST_KERNEL} HUSK_INITRAMFS={GUEST_INITRAMFS} HUSK_VMM={BIN_DIR}/husk-vmm
 cd /tmp
 "#,
-        modules = MODULES.join(" "),
+        modules = modules.join(" "),
         lib_path = quote(lib_path),
     );
     s += body;
@@ -191,18 +297,66 @@ cd /tmp
     s
 }
 
-/// Stage 2's body for the nested tier: each test binary with its tests, results on COM2.
+/// Stage 2's body for the nested tier: each test binary (at its host path: [`Root::HostExport`])
+/// run once per test, one at a time, results on COM2 (uncoloured: it is a terminal, and the
+/// tally reads libtest's plain `ok`), each test's time on L1's clock
+/// (`TOOK <test> <seconds>`), the binary's worst exit code in its `END` line.
 pub fn tests_body(binaries: &[TestBinary]) -> String {
     let mut s = String::new();
     for b in binaries {
-        let tests: Vec<String> = b.tests.iter().map(|t| quote(t)).collect();
-        s += &format!(
-            "say \"BEGIN {name}\"\n{BIN_DIR}/{name} --include-ignored --exact --test-threads=1 {tests} </dev/null >&3\nsay \"END {name} $?\"\n",
-            name = b.name,
-            tests = tests.join(" "),
-        );
+        s += &format!("say \"BEGIN {}\"\nrc=0\n", b.name);
+        for t in &b.tests {
+            s += &format!(
+                "t0=$(cut -d' ' -f1 /proc/uptime)\n{exe} --include-ignored --exact --test-threads=1 --color never {test} </dev/null >&3 || rc=$?\nsay \"TOOK {name} $(awk -v a=\"$t0\" -v b=\"$(cut -d' ' -f1 /proc/uptime)\" 'BEGIN {{ printf \"%.1f\", b - a }}')\"\n",
+                exe = quote(&b.path.to_string_lossy()),
+                test = quote(t),
+                name = t,
+            );
+        }
+        s += &format!("say \"END {} $rc\"\n", b.name);
     }
     s
+}
+
+/// The programs (stripped where asked, into `work`), the files, the guest kernel and
+/// initramfs of a [`Root::Packed`] L1.
+fn pack_programs(inputs: &Inputs, t: &mut Tree, work: &Path) -> Result<()> {
+    let host = |p: &Path| Content::HostFile(p.to_path_buf());
+    for p in &inputs.programs {
+        let path = if p.strip {
+            stripped(&p.path, work, &p.name)?
+        } else {
+            p.path.clone()
+        };
+        t.file(&format!("{BIN_DIR}/{}", p.name), host(&path), 0o755)?;
+    }
+    for f in &inputs.files {
+        t.file(&f.to_string_lossy(), host(f), 0o644)?;
+    }
+    t.file(GUEST_KERNEL, host(&inputs.guest_kernel), 0o644)?;
+    t.file(GUEST_INITRAMFS, host(&inputs.guest_initramfs), 0o644)?;
+    Ok(())
+}
+
+/// The shared libraries of the packed programs, packed at the paths the host's loader found
+/// them (and the interpreter at its PT_INTERP path): L1 has no ld.so.cache, and glibc's
+/// built-in search covers /lib/x86_64-linux-gnu. Returns them.
+fn pack_libraries(inputs: &Inputs, t: &mut Tree) -> Result<Vec<PathBuf>> {
+    let mut libs = Vec::new();
+    for p in &inputs.programs {
+        // A stripped copy has the original's dynamic section: ask about the original.
+        libs.extend(libraries(&p.path)?);
+    }
+    libs.sort();
+    libs.dedup();
+    for lib in &libs {
+        t.file(
+            &lib.to_string_lossy(),
+            Content::HostFile(lib.clone()),
+            0o755,
+        )?;
+    }
+    Ok(libs)
 }
 
 /// Writes L1's initramfs to `dest`, using `work` for stripped copies.
@@ -217,54 +371,42 @@ pub fn build(inputs: &Inputs, dest: &Path, work: &Path) -> Result<()> {
             inputs.busybox.display()
         );
     }
-    let mut programs = Vec::new();
-    for p in &inputs.programs {
-        let path = if p.strip {
-            stripped(&p.path, work, &p.name)?
-        } else {
-            p.path.clone()
-        };
-        programs.push((p.name.clone(), path));
-    }
-    let mut libs = Vec::new();
-    for (name, path) in &programs {
-        t.file(&format!("{BIN_DIR}/{name}"), host(path), 0o755)?;
-        libs.extend(libraries(path)?);
-    }
-    libs.sort();
-    libs.dedup();
-    for lib in &libs {
-        // At the path the host's loader found it (and the interpreter at its PT_INTERP path):
-        // L1 has no ld.so.cache, and glibc's built-in search covers /lib/x86_64-linux-gnu.
-        t.file(&lib.to_string_lossy(), host(lib), 0o755)?;
-    }
-    for (m, ko) in MODULES.iter().zip(&inputs.l1.modules) {
+    let modules = module_names(inputs.l1);
+    for (m, ko) in modules.iter().zip(&inputs.l1.modules) {
         t.file(&format!("{MODULE_DIR}/{m}.ko"), host(ko), 0o644)?;
     }
-    for f in &inputs.files {
-        t.file(&f.to_string_lossy(), host(f), 0o644)?;
-    }
-    t.file(GUEST_KERNEL, host(&inputs.guest_kernel), 0o644)?;
-    t.file(GUEST_INITRAMFS, host(&inputs.guest_initramfs), 0o644)?;
-    t.file(
-        "stage2",
-        Content::Bytes(stage2(&inputs.body, &lib_path_var(&libs)).into_bytes()),
-        0o755,
-    )?;
-    let top_level: Vec<String> = {
-        let mut v: Vec<String> = t
-            .iter()
-            .filter(|(p, _)| p.components().count() == 1)
-            .map(|(p, _)| p.to_string_lossy().into_owned())
-            .collect();
-        v.sort();
-        v
+    let init = match inputs.root {
+        Root::HostExport => {
+            if !inputs.programs.is_empty() || !inputs.files.is_empty() {
+                bail!("L1 on the host's / takes programs and files from there: pack none");
+            }
+            t.file(
+                "stage2",
+                Content::Bytes(stage2_export(&inputs.body, &inputs.env).into_bytes()),
+                0o755,
+            )?;
+            stage1_export(&modules)
+        }
+        Root::Packed => {
+            pack_programs(inputs, &mut t, work)?;
+            let lib_path = lib_path_var(&pack_libraries(inputs, &mut t)?);
+            let mut body = exports(&inputs.env);
+            body += &inputs.body;
+            t.file(
+                "stage2",
+                Content::Bytes(stage2(&body, &lib_path, &modules).into_bytes()),
+                0o755,
+            )?;
+            let mut top_level: Vec<String> = t
+                .iter()
+                .filter(|(p, _)| p.components().count() == 1)
+                .map(|(p, _)| p.to_string_lossy().into_owned())
+                .collect();
+            top_level.sort();
+            stage1(&top_level)
+        }
     };
-    t.file(
-        "init",
-        Content::Bytes(stage1(&top_level).into_bytes()),
-        0o755,
-    )?;
+    t.file("init", Content::Bytes(init.into_bytes()), 0o755)?;
     for dir in ["dev", "newroot"] {
         t.dir(dir, 0o755)?;
     }
@@ -307,23 +449,53 @@ mod tests {
     }
 
     #[test]
-    fn stage2_runs_each_binary_with_its_tests_exactly() {
+    fn stage2_runs_each_test_of_each_binary_exactly_and_times_it() {
         let b = [TestBinary {
             name: "husk_vmm_linux".into(),
-            path: PathBuf::from("/x"),
+            path: PathBuf::from("/w/target/debug/deps/husk_vmm_linux-0a"),
             tests: vec!["a".into(), "m::b".into()],
         }];
-        let s = stage2(&tests_body(&b), "/lib/x86_64-linux-gnu");
-        assert!(s.contains(
-            "/nested/bin/husk_vmm_linux --include-ignored --exact --test-threads=1 'a' 'm::b' </dev/null >&3\n"
-        ));
-        assert!(s.contains("say \"BEGIN husk_vmm_linux\""));
-        assert!(s.contains("say \"END husk_vmm_linux $?\""));
+        let mods: Vec<String> = ["irqbypass", "ccp", "kvm", "kvm-amd"]
+            .map(String::from)
+            .to_vec();
+        let s = stage2(&tests_body(&b), "/lib/x86_64-linux-gnu", &mods);
+        for t in ["'a'", "'m::b'"] {
+            assert!(s.contains(&format!(
+                "'/w/target/debug/deps/husk_vmm_linux-0a' --include-ignored --exact --test-threads=1 --color never {t} </dev/null >&3 || rc=$?\n"
+            )));
+        }
+        assert!(s.contains("say \"TOOK m::b $(awk"));
+        assert!(s.contains("say \"BEGIN husk_vmm_linux\"\nrc=0\n"));
+        assert!(s.contains("say \"END husk_vmm_linux $rc\""));
         assert!(s.contains("insmod /nested/modules/$m.ko"));
         assert!(s.contains("echo advise >/sys/kernel/mm/transparent_hugepage/shmem_enabled"));
         assert!(s.contains("for m in irqbypass ccp kvm kvm-amd;"));
         assert!(s.trim_end().ends_with("say DONE\nbye"));
         let s1 = stage1(&["bin".into(), "nested".into(), "stage2".into()]);
         assert!(s1.contains("mv /bin /nested /stage2 /newroot/"));
+    }
+
+    #[test]
+    fn the_host_export_stages_mount_the_host_read_only_under_tmpfs() {
+        let s1 = stage1_export(&["virtio".into(), "9p".into(), "overlay".into()]);
+        assert!(s1.contains("for m in virtio 9p overlay;"));
+        assert!(s1.contains("mount -t 9p -o trans=virtio,version=9p2000.L,ro,"));
+        assert!(s1.contains("lowerdir=/host,upperdir=/upper/data,workdir=/upper/work"));
+        assert!(s1.contains("exec $B switch_root /newroot /nested/stage2"));
+        let env = vec![
+            ("PATH".to_string(), "/usr/bin:/bin".to_string()),
+            ("HUSK_IMAGES".to_string(), "/w/it's".to_string()),
+        ];
+        let s2 = stage2_export("echo body\n", &env);
+        for dir in ["/tmp", "/run", "/var/tmp", "/var/lib/containerd"] {
+            assert!(
+                s2.lines()
+                    .any(|l| l.starts_with("$B mount -t tmpfs") && l.ends_with(&format!(" {dir}"))),
+                "{dir}: {s2}"
+            );
+        }
+        assert!(s2.contains("export PATH='/usr/bin:/bin'\nexport HUSK_IMAGES='/w/it'\\''s'\n"));
+        assert!(s2.contains("[ -c /dev/kvm ] || fail"));
+        assert!(s2.trim_end().ends_with("echo body\nsay DONE\nbye"));
     }
 }

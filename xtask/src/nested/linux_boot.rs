@@ -180,6 +180,7 @@ fn nested(o: &Options) -> Result<Measured> {
     initramfs::build(
         &initramfs::Inputs {
             l1: &l1,
+            root: initramfs::Root::Packed,
             busybox,
             programs: vec![
                 Program::new("xtask", xtask, true),
@@ -190,6 +191,7 @@ fn nested(o: &Options) -> Result<Measured> {
             guest_kernel: paths::vmlinux(),
             guest_initramfs: paths::initramfs(),
             body,
+            env: Vec::new(),
         },
         &cpio,
         &dir.join("work"),
@@ -197,7 +199,14 @@ fn nested(o: &Options) -> Result<Measured> {
     let _ = std::fs::remove_dir_all(dir.join("work"));
     // L1 up in ~5 s; each boot ~3–6 s in L1 plus the settle time; generous for a loaded host.
     let deadline = Duration::from_secs(120 + 2 * 30 * (rounds as u64 + 1));
-    let results = super::boot(&qemu, &l1.vmlinux, &cpio, &dir, deadline)?;
+    let results = super::boot(
+        &qemu,
+        &l1.vmlinux,
+        &cpio,
+        &dir,
+        deadline,
+        initramfs::Root::Packed,
+    )?;
     let mut m = Measured {
         place: format!(
             "nested: one L1 VM under QEMU TCG (`-cpu max`, emulated AMD SVM), {}, L1 up at {}",

@@ -5,10 +5,18 @@
 //!
 //! The steps: find the test executables that hold the tier-4 tests (`cargo test --no-run
 //! --message-format=json`, then `<exe> --list --ignored`), take the release husk-vmm, get the L1 kernel
-//! ([`l1`], cached), pack L1's initramfs ([`initramfs`]), boot L1 once and run every binary
-//! with `--include-ignored --exact <its tests>`. Results come back on L1's second serial port
+//! ([`l1`], cached), pack L1's small initramfs ([`initramfs`]: busybox and modules), boot L1
+//! once on the host's `/` (read-only virtio-9p, a tmpfs overlay: containerd, runc, the CNI
+//! plugins, the shim and the test binaries at their host paths) and run each test with
+//! `<exe> --include-ignored --exact <test>`. Results come back on L1's second serial port
 //! as libtest's own lines between marker lines ([`L1Results`]); L1's console (first port)
 //! is kept for the failure report.
+//!
+//! The tier-4 tests are Linux on husk-vmm (`tests/tests/husk_vmm_linux.rs`) and the full
+//! stack on husk-vmm (`tests/tests/husk_vmm_stack.rs`: containerd, `ctr run`, exec, stdio,
+//! exit codes, a CNI pod network with HTTP from L1, nothing left behind) — a handful of
+//! tests, not the tier-3 suite again: under TCG each L2 boot costs seconds, and the tier-3
+//! files already run every path on QEMU; what is new here is the VMM under them.
 
 pub mod bzimage;
 pub mod initramfs;
@@ -30,8 +38,8 @@ use crate::{paths, run};
 /// How the summary labels a test that passed here.
 pub const LABEL: &str = "nested, emulated SVM";
 
-/// L1's shape: the measured recipe. One vCPU (`-smp 2` does not help on 2 cores); 1 GiB holds
-/// the tmpfs root (~100 MB) and a 256 MiB L2.
+/// L1's shape: the measured recipe. One vCPU (`-smp 2` does not help on 2 cores). Memory: see
+/// [`memory`].
 const QEMU_ARGS: &[&str] = &[
     "-accel",
     "tcg,thread=multi",
@@ -41,8 +49,6 @@ const QEMU_ARGS: &[&str] = &[
     "q35",
     "-smp",
     "1",
-    "-m",
-    "1G",
     "-nodefaults",
     "-no-user-config",
     "-display",
@@ -52,6 +58,35 @@ const QEMU_ARGS: &[&str] = &[
     "none",
 ];
 const L1_CMDLINE: &str = "console=ttyS0 panic=-1 loglevel=4";
+
+/// L1's memory: packed, 1 GiB holds the tmpfs root (~100 MB) and a 256 MiB L2. On the host's
+/// `/`, 2 GiB: the page cache of what L1 reads over 9p (containerd, the test binary: ~150
+/// MB), containerd's snapshots and state on tmpfs, a few L2s of 256 MiB each at once
+/// (`ctr run` of one pod while another is deleted). QEMU's TCG allocates it as L1 touches it.
+fn memory(root: initramfs::Root) -> &'static str {
+    match root {
+        initramfs::Root::Packed => "1G",
+        initramfs::Root::HostExport => "2G",
+    }
+}
+
+/// QEMU's arguments for L1's root: the host's `/` as read-only virtio-9p (`multidevs=remap`:
+/// `/` spans several host filesystems, whose inode numbers would collide in L1).
+fn root_args(root: initramfs::Root) -> Vec<String> {
+    let mut v = vec!["-m".to_string(), memory(root).to_string()];
+    if root == initramfs::Root::HostExport {
+        v.extend([
+            "-fsdev".to_string(),
+            "local,id=hostroot,path=/,security_model=none,readonly=on,multidevs=remap".to_string(),
+            "-device".to_string(),
+            format!(
+                "virtio-9p-pci,fsdev=hostroot,mount_tag={}",
+                initramfs::EXPORT_TAG
+            ),
+        ]);
+    }
+    v
+}
 
 /// A test executable and the tier-4 tests in it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -72,6 +107,8 @@ pub struct Outcome {
     pub failed: Vec<Failed>,
     /// L1 boot to its stage 2 ready line, as L1's own uptime said.
     pub l1_up: Option<String>,
+    /// `(test, seconds)`: each test's time in L1, on L1's clock.
+    pub took: Vec<(String, String)>,
 }
 
 /// `(target name, executable)` of every test artifact in cargo's JSON messages.
@@ -104,6 +141,10 @@ pub struct L1Results {
     pub l1_up: Option<String>,
     /// `(binary, exit code)` per `END` marker.
     pub ended: Vec<(String, i32)>,
+    /// `(test, seconds)` per `TOOK` marker.
+    pub took: Vec<(String, String)>,
+    /// L1's QEMU: its peak resident set on the host, KiB.
+    pub qemu_peak_rss_kib: Option<u64>,
     pub fail: Option<String>,
     pub done: bool,
     /// The boot probe's samples (JSON) and failed boots.
@@ -128,6 +169,10 @@ impl L1Results {
                 self.ended
                     .push((bin.to_string(), code.trim().parse().unwrap_or(-1)));
             }
+        } else if let Some(took) = m.strip_prefix("TOOK ") {
+            if let Some((test, secs)) = took.rsplit_once(' ') {
+                self.took.push((test.to_string(), secs.to_string()));
+            }
         } else if let Some(why) = m.strip_prefix("FAIL ") {
             self.fail = Some(why.to_string());
         } else if let Some(json) = m.strip_prefix("SAMPLE ") {
@@ -143,6 +188,7 @@ impl L1Results {
     pub fn outcome(&self, binaries: &[TestBinary]) -> Outcome {
         let mut o = Outcome {
             l1_up: self.l1_up.clone(),
+            took: self.took.clone(),
             ..Outcome::default()
         };
         for b in binaries {
@@ -255,6 +301,65 @@ fn find_binaries(names: &[String]) -> Result<(Vec<TestBinary>, Vec<Failed>)> {
     Ok((found, missing))
 }
 
+/// The tier-4 tests of the workspace whose names contain `filter`: libtest lists each
+/// ignored test (`--list --ignored`), and running those names without `--ignored` prints
+/// each one's reason without running it (`test NAME ... ignored, tier 4: …`).
+pub fn tier4_tests(filter: Option<&str>) -> Result<Vec<String>> {
+    let (json, build_error) = cargo_json(&["test", "--workspace", "--no-run", "--no-fail-fast"])?;
+    if let Some(e) = build_error {
+        bail!("building the test executables: {e}");
+    }
+    let mut names = Vec::new();
+    for (_, exe) in parse_test_artifacts(&json) {
+        let list = output(Command::new(&exe).args(["--list", "--ignored"]))
+            .with_context(|| format!("listing the ignored tests of {}", exe.display()))?;
+        let ignored: Vec<String> = parse_list(&list)
+            .into_iter()
+            .filter(|t| filter.map_or(true, |f| t.contains(f)))
+            .collect();
+        if ignored.is_empty() {
+            continue;
+        }
+        let reasons = output(Command::new(&exe).arg("--exact").args(&ignored))
+            .with_context(|| format!("reading why {} ignores its tests", exe.display()))?;
+        let mut tally = Tally::default();
+        reasons.lines().for_each(|l| tally.line(l));
+        names.extend(tally.tier4());
+    }
+    Ok(names)
+}
+
+/// `cargo xtask nested-test [FILTER]`: the nested tier alone (after `cargo xtask build`), with
+/// the summary `cargo xtask test` gives its tests.
+pub fn run_alone(filter: Option<&str>) -> Result<()> {
+    let start = Instant::now();
+    let names = tier4_tests(filter)?;
+    if names.is_empty() {
+        bail!(
+            "no tier-4 test{} — tier-4 tests are #[ignore = \"tier 4: …\"]",
+            filter.map_or(String::new(), |f| format!(" matches {f:?}"))
+        );
+    }
+    let outcome = run(&names)?;
+    println!();
+    println!("==> nested tier summary ({})", elapsed(start));
+    for n in &outcome.passed {
+        println!("    passed ({LABEL}): {n}");
+    }
+    for (n, why) in &outcome.failed {
+        println!("    FAILED: {n} ({LABEL}): {why}");
+    }
+    println!(
+        "summary: {} passed, {} failed",
+        outcome.passed.len(),
+        outcome.failed.len()
+    );
+    if !outcome.failed.is_empty() {
+        bail!("the nested tier failed");
+    }
+    Ok(())
+}
+
 /// The last `n` lines of a file, for a failure report.
 fn tail(path: &Path, n: usize) -> String {
     let text = std::fs::read(path)
@@ -295,8 +400,6 @@ pub fn run(names: &[String]) -> Result<Outcome> {
     )?;
     let busybox = paths::find_program("busybox")
         .context("busybox not found — apt-get install busybox-static (cargo xtask setup)")?;
-    let virtiofsd = paths::find_program("virtiofsd")
-        .context("virtiofsd not found — cargo install --locked virtiofsd (cargo xtask setup)")?;
     // The static release build `cargo xtask build` made (the one users run; demo::prepare,
     // which `cargo xtask test` runs first, built it).
     let husk_vmm = linux_boot::husk_vmm()?;
@@ -307,29 +410,36 @@ pub fn run(names: &[String]) -> Result<Outcome> {
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let cpio = dir.join("l1.cpio");
     let packed = Instant::now();
-    let mut programs = vec![
-        initramfs::Program::new("husk-vmm", husk_vmm, true),
-        initramfs::Program::new("virtiofsd", virtiofsd, false),
+    // L1 sees the host's `/`: the programs are where the host has them, found as the main run
+    // finds them (its PATH), the artefacts where the main run's tests take them.
+    let env: Vec<(String, String)> = vec![
+        ("PATH".into(), std::env::var("PATH").unwrap_or_default()),
+        ("HUSK_VMM".into(), husk_vmm.display().to_string()),
+        ("HUSK_KERNEL".into(), paths::vmlinux().display().to_string()),
+        (
+            "HUSK_INITRAMFS".into(),
+            paths::initramfs().display().to_string(),
+        ),
+        ("HUSK_IMAGES".into(), paths::images().display().to_string()),
     ];
-    for b in &binaries {
-        programs.push(initramfs::Program::new(&b.name, b.path.clone(), true));
-    }
     initramfs::build(
         &initramfs::Inputs {
             l1: &l1,
+            root: initramfs::Root::HostExport,
             busybox,
-            programs,
+            programs: Vec::new(),
             files: Vec::new(),
             guest_kernel: paths::vmlinux(),
             guest_initramfs: paths::initramfs(),
             body: initramfs::tests_body(&binaries),
+            env,
         },
         &cpio,
         &dir.join("work"),
     )?;
     let _ = std::fs::remove_dir_all(dir.join("work"));
     println!(
-        "    L1: {} + {} ({:.0} MB, packed in {})",
+        "    L1: {} + {} ({:.0} MB, packed in {}), root: the host's / read-only over virtio-9p",
         l1.package,
         cpio.display(),
         std::fs::metadata(&cpio).map_or(0.0, |m| m.len() as f64 / 1e6),
@@ -339,7 +449,14 @@ pub fn run(names: &[String]) -> Result<Outcome> {
     let tests: usize = binaries.iter().map(|b| b.tests.len()).sum();
     // L1 boots in ~3 s, each test boots L2 in 3–7 s; a test's own deadlines are well inside.
     let deadline = Duration::from_secs(120 + 240 * tests as u64);
-    let results = boot(&qemu, &l1.vmlinux, &cpio, &dir, deadline)?;
+    let results = boot(
+        &qemu,
+        &l1.vmlinux,
+        &cpio,
+        &dir,
+        deadline,
+        initramfs::Root::HostExport,
+    )?;
     let mut outcome = results.outcome(&binaries);
     outcome.failed.append(&mut outcome_missing);
     let took = elapsed(start);
@@ -349,6 +466,12 @@ pub fn run(names: &[String]) -> Result<Outcome> {
         outcome.failed.len(),
         outcome.l1_up.as_deref().unwrap_or("?")
     );
+    for (test, secs) in &outcome.took {
+        println!("    in L1: {test} took {secs} s");
+    }
+    if let Some(kib) = results.qemu_peak_rss_kib {
+        println!("    L1's QEMU peak RSS on the host: {} MiB", kib / 1024);
+    }
     if !outcome.failed.is_empty() {
         println!(
             "    L1 results port ({}), last lines:\n{}",
@@ -371,6 +494,14 @@ fn indent(s: &str) -> String {
         .join("\n")
 }
 
+/// `VmHWM` (peak resident set, KiB) in a `/proc/<pid>/status`.
+fn vm_hwm_kib(status: &str) -> Option<u64> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
 /// Boots L1, follows its results port until L1 powers off or the deadline passes.
 pub fn boot(
     qemu: &Path,
@@ -378,12 +509,14 @@ pub fn boot(
     cpio: &Path,
     dir: &Path,
     deadline: Duration,
+    root: initramfs::Root,
 ) -> Result<L1Results> {
     let console = dir.join("console.log");
     let results_log = dir.join("results.log");
     let stderr_log = dir.join("qemu.log");
     let mut cmd = Command::new(qemu);
     cmd.args(QEMU_ARGS)
+        .args(root_args(root))
         .arg("-serial")
         .arg(format!("file:{}", console.display()))
         .arg("-serial")
@@ -423,6 +556,13 @@ pub fn boot(
     let mut done_at: Option<Instant> = None;
     let status = loop {
         feed(&mut results);
+        // QEMU's peak RSS so far (its VmHWM; read while it still runs): L1's cost to the host.
+        if let Some(kib) = std::fs::read_to_string(format!("/proc/{}/status", child.id()))
+            .ok()
+            .and_then(|st| vm_hwm_kib(&st))
+        {
+            results.qemu_peak_rss_kib = Some(kib);
+        }
         if let Some(st) = child.try_wait()? {
             break Some(st);
         }
@@ -548,6 +688,20 @@ mod tests {
                 ),
             ]
         );
+    }
+
+    #[test]
+    fn reads_test_times_and_the_peak_rss() {
+        let mut r = L1Results::default();
+        r.line("HUSK-NESTED TOOK m::a_test 14.2");
+        assert_eq!(r.took, [("m::a_test".to_string(), "14.2".to_string())]);
+        let o = r.outcome(&[]);
+        assert_eq!(o.took, r.took);
+        assert_eq!(
+            vm_hwm_kib("Name:\tqemu\nVmPeak:\t 3000 kB\nVmHWM:\t  812345 kB\n"),
+            Some(812345)
+        );
+        assert_eq!(vm_hwm_kib("Name:\tqemu\n"), None);
     }
 
     #[test]
