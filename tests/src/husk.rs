@@ -145,14 +145,18 @@ pub fn end_shims(marker: &str, namespace: &str) {
             .position(|a| *a == "-id")
             .and_then(|i| args.get(i + 1))
         {
-            ids.push(id.to_string());
+            // The shim runs in its bundle, where `delete` finds what to clean up (the task
+            // socket named in the bundle's `address` file among them).
+            let bundle = std::fs::read_link(format!("/proc/{pid}/cwd"))
+                .unwrap_or_else(|_| std::path::PathBuf::from("/"));
+            ids.push((id.to_string(), bundle));
         }
         let _ = nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(pid as i32),
             nix::sys::signal::Signal::SIGKILL,
         );
     }
-    for id in ids {
+    for (id, bundle) in ids {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         while !processes_mentioning(&format!("/run/husk/{id}/")).is_empty()
             && std::time::Instant::now() < deadline
@@ -161,7 +165,11 @@ pub fn end_shims(marker: &str, namespace: &str) {
         }
         let _ = std::process::Command::new(shim_binary())
             .args(["-namespace", namespace, "-id", &id, "delete"])
-            .current_dir("/")
+            .current_dir(if bundle.is_dir() {
+                bundle.as_path()
+            } else {
+                std::path::Path::new("/")
+            })
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .status();
