@@ -180,5 +180,16 @@ fn an_exec_is_in_the_containers_namespaces_and_cgroup() {
     );
     g.agent.signal("ns", "sleeper", 9);
     g.agent.wait("ns", "sleeper");
+    // The helpers run at a fixed layout (their code's translations are reused under TCG);
+    // what they exec does not: an exec and a container's init get the default persona, so
+    // their addresses are randomized as usual.
+    let p = json!({ "user": {"uid": 0, "gid": 0}, "args": ["cat", "/proc/self/personality"], "env": ["PATH=/bin"], "cwd": "/" });
+    let out = exec(&g, "ns", "persona", &p);
+    assert_eq!((out.status, out.stdout_str().as_str()), (0, "00000000\n"));
     g.agent.remove("ns", true).unwrap();
+    g.rootfs("init-persona");
+    let out = g
+        .agent
+        .run("init-persona", &spec(&["cat", "/proc/self/personality"]));
+    assert_eq!((out.status, out.stdout_str().as_str()), (0, "00000000\n"));
 }

@@ -259,6 +259,7 @@ fn join_cgroup(cg: &Option<PathBuf>) -> Result<(), Error> {
 }
 
 pub fn main(mode: &str) -> ! {
+    spawn::clear_fixed_layout();
     reset_signals();
     set_cloexec(spawn::SYNC_FD);
     let mut sync = sync_stream();

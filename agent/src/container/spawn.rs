@@ -105,6 +105,36 @@ fn dup_high(fd: RawFd) -> Result<OwnedFd, Error> {
     Ok(unsafe { OwnedFd::from_raw_fd(n) })
 }
 
+/// The agent's execution domain with `ADDR_NO_RANDOMIZE`: what a helper is exec'd with, so
+/// that every helper's image sits at the same address.
+///
+/// Why: under QEMU TCG the guest's code runs as translations cached by guest *virtual*
+/// address. The agent is a static PIE; exec'd at a random base each time, every helper's code
+/// was translated afresh (a few MiB of translation per container and per exec) and filled
+/// QEMU's 16 MiB translation buffer, whose flush then costs every later step its
+/// retranslation too. At one address, the second helper reuses the first one's translations.
+/// The helper clears the flag again first thing ([`clear_fixed_layout`]), so the container's
+/// own processes get a randomized layout as usual.
+fn fixed_layout_persona() -> libc::c_ulong {
+    // SAFETY: personality(0xffffffff) only reads this task's persona.
+    let current = unsafe { libc::personality(0xffff_ffff) };
+    let current = libc::c_ulong::try_from(current).unwrap_or(0);
+    current | libc::c_ulong::try_from(libc::ADDR_NO_RANDOMIZE).unwrap_or(0)
+}
+
+/// Helper side: drops `ADDR_NO_RANDOMIZE` (see [`fixed_layout_persona`]) so that nothing the
+/// helper execs (the container's process) inherits it.
+pub(crate) fn clear_fixed_layout() {
+    // SAFETY: personality(0xffffffff) only reads this task's persona.
+    let current = unsafe { libc::personality(0xffff_ffff) };
+    let flag = libc::c_int::try_from(libc::ADDR_NO_RANDOMIZE).unwrap_or(0);
+    if current != -1 && current & flag != 0 {
+        let cleared = libc::c_ulong::try_from(current & !flag).unwrap_or(0);
+        // SAFETY: as above, setting this task's own persona.
+        unsafe { libc::personality(cleared) };
+    }
+}
+
 /// Clones a helper in new namespaces `flags` with `stdio` as its fds 0-2. Returns its PID
 /// (registered with the reaper) and the agent's end of the sync socket.
 pub fn spawn(mode: &str, flags: CloneFlags, stdio: [RawFd; 3]) -> Result<(i32, UnixStream), Error> {
@@ -128,8 +158,11 @@ pub fn spawn(mode: &str, flags: CloneFlags, stdio: [RawFd; 3]) -> Result<(i32, U
     let argv = [argv0.as_ptr(), argv1.as_ptr(), std::ptr::null()];
     let envp = [std::ptr::null::<libc::c_char>()];
     let mut stack = vec![0u8; STACK_SIZE];
+    let persona = fixed_layout_persona();
     let child = Box::new(|| -> isize {
         // Only async-signal-safe calls from here to execve.
+        // SAFETY: personality(2) only sets this task's execution domain flags; a plain syscall.
+        unsafe { libc::personality(persona) };
         for (target, fd) in (0 as libc::c_int..).zip(raw.iter()) {
             // SAFETY: dup2 on fds this process holds; target < 4.
             if unsafe { libc::dup2(*fd, target) } < 0 {
@@ -401,6 +434,36 @@ mod tests {
             .unwrap_err();
         assert!(matches!(e, Error::TimedOut), "{e}");
         assert!(e.to_string().contains("timed out"), "{e}");
+    }
+
+    /// A helper's image is exec'd without address randomization, and the helper takes the
+    /// flag off again so that the container's process is randomized as usual. (A persona is
+    /// per task: a thread of its own keeps the test's.)
+    #[test]
+    fn helpers_run_at_a_fixed_layout_and_their_execs_do_not() {
+        let flag = libc::ADDR_NO_RANDOMIZE;
+        std::thread::spawn(move || {
+            // SAFETY: reading and setting this thread's own persona.
+            let get = || unsafe { libc::personality(0xffff_ffff) };
+            let before = get();
+            assert_eq!(before & flag, 0, "the test runs randomized");
+            let fixed = fixed_layout_persona();
+            assert_eq!(
+                i64::try_from(fixed).unwrap(),
+                i64::from(before | flag),
+                "only the flag is added"
+            );
+            // SAFETY: as above.
+            unsafe { libc::personality(fixed) };
+            assert_ne!(get() & flag, 0);
+            clear_fixed_layout();
+            assert_eq!(get(), before);
+            // Clearing a persona without the flag leaves it as it is.
+            clear_fixed_layout();
+            assert_eq!(get(), before);
+        })
+        .join()
+        .unwrap();
     }
 
     fn tempfile_like() -> std::fs::File {
