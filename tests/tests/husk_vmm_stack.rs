@@ -3,14 +3,14 @@
 //! run` with stdin, stdout, stderr and the exit code, `ctr task exec`, a CNI bridge pod
 //! network (a netns the test makes) whose tap husk-vmm takes as an fd, HTTP from the host
 //! into the pod and through the port-forward link (127.0.0.1 in the pod netns), the guest
-//! NIC with the veth's MAC, and nothing left behind afterwards: no
+//! NIC with the veth's MAC, pause/resume, a killed VMM, and nothing left behind afterwards: no
 //! process, mount, /run/husk directory or jail id, no tap or qdisc in the pod netns, no
 //! shim socket.
 //!
 //! Which subset, and why: tier 3 (`shim_ctr.rs`, `net_cni.rs`, …) runs every path of the
-//! shim on QEMU; what is new here is the VMM under them, so these two tests take the paths
-//! where the backend matters (the VM's start and end, vsock stdio and exec, the tap fd)
-//! once each. On our kvm_pvm machines they run inside the nested tier's L1 (QEMU TCG with
+//! shim on QEMU; what is new here is the VMM under them, so these three tests take the paths
+//! where the backend matters (the VM's start and end, vsock stdio and exec, pause/resume
+//! through the VMM's control API, the tap fd, the VMM's crash) once each. On our kvm_pvm machines they run inside the nested tier's L1 (QEMU TCG with
 //! emulated AMD SVM, the host's `/` read-only, `xtask/src/nested/`), where every L2 boot
 //! costs seconds of the CI budget; more would repeat tier 3 at ten times its price.
 //!
@@ -79,9 +79,8 @@ fn parent(pid: u32) -> Option<u32> {
         .and_then(|p| p.trim().parse().ok())
 }
 
-/// The VMM processes of sandbox `id`: every process below its shim (`-id <id>` on the
-/// command line), by name.
-fn vmms_of(id: &str) -> Vec<String> {
+/// The processes below sandbox `id`'s shim (`-id <id>` on its command line): `(pid, name)`.
+fn below_shim(id: &str) -> Vec<(u32, String)> {
     let marker = format!("\0-id\0{id}\0");
     let mut names = Vec::new();
     for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
@@ -92,7 +91,7 @@ fn vmms_of(id: &str) -> Vec<String> {
         let mut hops = 0;
         while let Some(p) = up.filter(|p| *p > 1 && hops < 16) {
             if field(p, "cmdline").contains(&marker) {
-                names.push(field(pid, "comm").trim().to_string());
+                names.push((pid, field(pid, "comm").trim().to_string()));
                 break;
             }
             up = parent(p);
@@ -103,19 +102,50 @@ fn vmms_of(id: &str) -> Vec<String> {
 }
 
 /// Sandbox `id` runs on husk-vmm, not QEMU.
-fn assert_on_husk_vmm(id: &str) {
-    let below = vmms_of(id);
+/// Returns the husk-vmm's PID.
+fn assert_on_husk_vmm(id: &str) -> u32 {
+    let below = below_shim(id);
+    let vmm = below.iter().find(|(_, n)| n == "husk-vmm");
     assert!(
-        below.iter().any(|n| n == "husk-vmm") && !below.iter().any(|n| n.starts_with("qemu")),
+        vmm.is_some() && !below.iter().any(|(_, n)| n.starts_with("qemu")),
         "sandbox {id} is not on husk-vmm: the processes below its shim are {below:?}"
     );
+    vmm.map_or(0, |(pid, _)| *pid)
+}
+
+/// `ctr task ls`'s status of task `id` (RUNNING, PAUSED, STOPPED, …).
+fn task_status(h: &HuskContainerd, id: &str) -> String {
+    h.ctd
+        .ctr_ok(&["task", "ls"])
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(id))
+        .and_then(|l| l.split_whitespace().nth(2))
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// Waits up to `secs` for task `id` to reach `status`.
+fn wait_status(h: &HuskContainerd, id: &str, status: &str, secs: u64) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let now = task_status(h, id);
+        if now == status {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "task {id} is {now:?}, not {status} after {secs} s: {}",
+            h.ctd.ctr_ok(&["task", "ls"])
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// `ctr run --rm` with stdin, stdout, stderr and the exit code; then a detached container
-/// with `ctr task exec`; each sandbox gone after, its shim socket too.
+/// with `ctr task exec`, pause and resume; each sandbox gone after, its shim socket too.
 #[test]
 #[ignore = "tier 4: needs hardware KVM (VT-x/AMD-V); this host's /dev/kvm is kvm_pvm or missing, where our stock Linux guest cannot run on husk-vmm"]
-fn ctr_run_and_exec_on_husk_vmm_with_stdio_and_exit_codes() {
+fn ctr_run_exec_pause_resume_on_husk_vmm_with_stdio_and_exit_codes() {
     require_hardware_kvm();
     require_root("containerd");
     let sockets = shim_sockets();
@@ -334,4 +364,41 @@ fn a_pod_network_on_husk_vmm_serves_http_to_the_host() {
         sockets,
         "shim sockets left in /run/containerd/s"
     );
+}
+
+/// kill -9 of a pod's husk-vmm (a crash): its task stops, and delete leaves nothing — no
+/// process, mount, directory or jail id, no tap or qdisc in the pod netns.
+#[test]
+#[ignore = "tier 4: needs hardware KVM (VT-x/AMD-V); this host's /dev/kvm is kvm_pvm or missing, where our stock Linux guest cannot run on husk-vmm"]
+fn a_pod_whose_husk_vmm_is_killed_stops_and_leaves_nothing() {
+    require_hardware_kvm();
+    require_root("network namespaces, CNI and containerd");
+    let h = HuskContainerd::start_with_config(CONFIG);
+    let ns = Netns::new("hvkill");
+    let mut net = BridgeNetwork::new(1500);
+    net.attach(&ns);
+    let id = unique("hvkill");
+    let with_ns = format!("network:{}", ns.path().display());
+    h.run_idle(&id, &["--with-ns", &with_ns]);
+    let vmm = assert_on_husk_vmm(&id);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(vmm).unwrap()),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    wait_status(&h, &id, "STOPPED", 30);
+    h.ctd.ctr_ok(&["task", "delete", &id]);
+    h.ctd.ctr_ok(&["containers", "delete", &id]);
+    assert_sandbox_gone(&id);
+    let links = ns.ip(&["link", "show"]);
+    assert!(
+        !links.contains("tap0_husk"),
+        "tap left in the pod netns: {links}"
+    );
+    let qdiscs = ns.tc(&["qdisc", "show", "dev", "eth0"]);
+    assert!(
+        !qdiscs.contains("ingress"),
+        "ingress qdisc left on the veth: {qdiscs}"
+    );
+    net.detach(&ns);
 }
