@@ -9,7 +9,10 @@
 //!   state want a real filesystem under them, not an overlay). containerd, runc, ctr, the CNI
 //!   plugins, the shim, husk-vmm, virtiofsd, the test binaries, the guest kernel and images
 //!   are then at their host paths, with no second install: the full stack runs as on a node.
-//!   Only busybox (for the stages) and the modules are packed (~20 MB).
+//!   Only busybox (for the stages) and the modules are packed (~9 MB). What L1 can see: every
+//!   file of the host (QEMU runs as root); L1 runs only this tree's tests and their guests
+//!   from our own images, so a test run must not happen on a host whose files those may not
+//!   read. Nothing L1 writes reaches the host.
 //! - **Packed** (the boot probe, `cargo xtask nested-boot`): the programs L1 runs (xtask,
 //!   husk-vmm, QEMU with its firmware) and the shared libraries `ldd` names for them, our
 //!   guest vmlinux and initramfs (~100 MB after `objcopy --strip-debug`). L1 then sees
