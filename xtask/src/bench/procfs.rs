@@ -31,10 +31,19 @@ pub struct Mem {
     pub named_files_pss_kib: u64,
 }
 
-/// Whether a smaps mapping is guest RAM: a memfd (`/memfd:husk-guest-ram`, QEMU's
-/// `/memfd:mem`), which only the VMM and the vhost-user helpers that map guest memory have.
+/// Whether a smaps mapping is guest RAM: husk-vmm's memfd (`/memfd:husk-guest-ram`) or
+/// QEMU's (`/memfd:memory-backend-memfd`, its object's type name), which only the VMM and the
+/// vhost-user helpers that map guest memory have. Any other memfd counts as the process's
+/// own memory: QEMU's TCG with `split-wx=on`, for one, keeps its code buffer in a memfd.
 fn is_guest_ram(path: &str) -> bool {
-    path.starts_with("/memfd:")
+    ["/memfd:husk-guest-ram", "/memfd:memory-backend-memfd"]
+        .iter()
+        .any(|name| {
+            path == *name
+                || path
+                    .strip_prefix(name)
+                    .is_some_and(|rest| rest.starts_with(' '))
+        })
 }
 
 /// Whether a mapping's path is one of `names`: the same path, or the same file name (a jailed
@@ -127,6 +136,35 @@ pub fn mem_with(pid: u32, names: &[&str]) -> Option<Mem> {
         .map(|t| parse_smaps_with(&t, names))
 }
 
+/// PSS of a process's anonymous pages and of its file pages (`Pss_Anon`, `Pss_File` of
+/// /proc/PID/smaps_rollup), KiB: exact where smaps' per-mapping `Anonymous` counts a page
+/// that a forked child shares in full. Guest RAM (a memfd: `Pss_Shmem`) is in neither.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Split {
+    pub anon_kib: u64,
+    pub file_kib: u64,
+}
+
+/// Reads [`Split`] from the text of /proc/PID/smaps_rollup.
+pub fn parse_rollup(text: &str) -> Split {
+    let field = |key: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    Split {
+        anon_kib: field("Pss_Anon:"),
+        file_kib: field("Pss_File:"),
+    }
+}
+
+pub fn split(pid: u32) -> Option<Split> {
+    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .ok()
+        .map(|t| parse_rollup(&t))
+}
+
 /// A field of /proc/PID/status as a number (e.g. `Threads`, `VmRSS` in kB).
 pub fn status_field(pid: u32, key: &str) -> Option<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -200,7 +238,7 @@ mod tests {
 Size:               1024 kB
 Rss:                 800 kB
 Pss:                 400 kB
-7f0000000000-7f0010000000 rw-s 00000000 00:01 9    /memfd:mem (deleted)
+7f0000000000-7f0010000000 rw-s 00000000 00:01 9    /memfd:memory-backend-memfd (deleted)
 Size:             262144 kB
 Rss:               40000 kB
 Pss:               20000 kB
@@ -267,6 +305,38 @@ Rss:               16380 kB
 Pss:               16380 kB
 Anonymous:         16380 kB
 ";
+
+    #[test]
+    fn only_the_vmms_guest_ram_memfds_are_guest_ram() {
+        assert!(is_guest_ram("/memfd:husk-guest-ram"));
+        assert!(is_guest_ram("/memfd:husk-guest-ram (deleted)"));
+        assert!(is_guest_ram("/memfd:memory-backend-memfd (deleted)"));
+        assert!(!is_guest_ram("/memfd:tcg-jit (deleted)"));
+        assert!(!is_guest_ram("/memfd:husk-guest-ram-not"));
+        assert!(!is_guest_ram("/usr/bin/qemu-system-x86_64"));
+    }
+
+    #[test]
+    fn rollup_gives_anonymous_and_file_pss() {
+        let t = "\
+559ce31cb000-7ffcfce7e000 ---p 00000000 00:00 0                          [rollup]
+Rss:               70000 kB
+Pss:               60000 kB
+Pss_Dirty:         30000 kB
+Pss_Anon:          29000 kB
+Pss_File:          21000 kB
+Pss_Shmem:         10000 kB
+Anonymous:         29500 kB
+";
+        assert_eq!(
+            parse_rollup(t),
+            Split {
+                anon_kib: 29000,
+                file_kib: 21000
+            }
+        );
+        assert_eq!(parse_rollup(""), Split::default());
+    }
 
     #[test]
     fn smaps_split_anonymous_memory_the_code_buffer_and_named_files() {

@@ -241,7 +241,8 @@ pub(super) fn measure_pod(side: usize, id: &str) -> Result<PodMem> {
         all.iter().filter(|p| p.ppid == shim).collect()
     };
     let mut total = shim_mem.pss_kib;
-    let (mut anon, mut file) = (shim_mem.anon_kib, shim_mem.file_pss_kib);
+    let shim_split = procfs::split(shim).unwrap_or_default();
+    let (mut anon, mut file) = (shim_split.anon_kib, shim_split.file_kib);
     let mut guest_touched = 0;
     let mut vmm = None;
     // Summed per executable: virtiofsd, for one, runs as two processes.
@@ -254,9 +255,10 @@ pub(super) fn measure_pod(side: usize, id: &str) -> Result<PodMem> {
             Vec::new()
         };
         let m: Mem = procfs::mem_with(p.pid, &names).unwrap_or_default();
+        let split = procfs::split(p.pid).unwrap_or_default();
         total += m.pss_kib;
-        anon += m.anon_kib;
-        file += m.file_pss_kib;
+        anon += split.anon_kib;
+        file += split.file_kib;
         guest_touched = guest_touched.max(m.guest_rss_kib);
         *parts.entry(p.exe.clone()).or_default() += m.pss_kib;
         if is_vmm {
