@@ -42,7 +42,10 @@ pub(crate) const BASE_CMDLINE: &str =
 /// guest filled 36 MiB of it; with 16 MiB, QEMU's PSS at the agent's ready line fell from
 /// ~98 to ~78 MiB on the 2-core development host (measured 2026-12-06, smaps: the buffer is
 /// the anonymous 16 MiB mapping). A full buffer is flushed and retranslated: a cost in
-/// speed for guests that run much code, which TCG guests are not meant for.
+/// speed for guests that run much code, which TCG guests are not meant for. Smaller costs
+/// every cold start: the boot to the ready line flushes 16 MiB once, 8 MiB five times, for
+/// ~200 ms more of QEMU's CPU time (docs/FIELD-NOTES.md, "Where an idle pod's host memory
+/// is"); larger costs a pod what the buffer holds once used.
 pub(crate) const TCG_ACCEL: &str = "tcg,tb-size=16";
 
 /// `-sandbox`: every optional part of QEMU's seccomp filter denied.
