@@ -59,6 +59,14 @@ impl CriContainerd {
 
     /// With extra lines at the top of the shim's configuration (`husk.toml` in [`Self::dir`]).
     pub fn start_with_husk_config(extra: &str) -> Self {
+        Self::start_with_handlers(extra, &[])
+    }
+
+    /// [`Self::start_with_husk_config`], plus a husk runtime handler per `(name, extra)`, each
+    /// with its own configuration (`<name>.toml` in [`Self::dir`], handed to the shim as the
+    /// runtime's `options.ConfigPath`, as a cluster names one per RuntimeClass): `extra`
+    /// lines, then the same kernel and initramfs.
+    pub fn start_with_handlers(extra: &str, handlers: &[(&str, &str)]) -> Self {
         let bin = require_program("containerd", "containerd");
         require_program("ctr", "containerd");
         require_program("runc", "runc");
@@ -87,6 +95,26 @@ impl CriContainerd {
             ),
         )
         .unwrap();
+        let mut more_runtimes = String::new();
+        for (name, extra) in handlers {
+            let path = base.join(format!("{name}.toml"));
+            std::fs::write(
+                &path,
+                format!(
+                    "{extra}kernel = \"{}\"\ninitramfs = \"{}\"\n",
+                    kernel().display(),
+                    initramfs().display()
+                ),
+            )
+            .unwrap();
+            more_runtimes.push_str(&format!(
+                "    [plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.{name}]\n      \
+                 runtime_type = \"io.containerd.husk.v2\"\n      \
+                 [plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.{name}.options]\n        \
+                 ConfigPath = \"{}\"\n",
+                path.display()
+            ));
+        }
         let cni = base.join("cni");
         std::fs::create_dir(&cni).unwrap();
         std::fs::write(
@@ -123,7 +151,7 @@ state = "{b}/state"
     [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.husk]
       runtime_type = "io.containerd.husk.v2"
       pod_annotations = ["io.husk.*"]
-  [plugins."io.containerd.grpc.v1.cri".cni]
+{more_runtimes}  [plugins."io.containerd.grpc.v1.cri".cni]
     bin_dir = "/usr/lib/cni"
     conf_dir = "{b}/cni"
 "#,

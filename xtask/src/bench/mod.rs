@@ -14,6 +14,7 @@
 
 pub mod breakdown;
 pub mod chart;
+pub mod cri_pool;
 pub mod env;
 pub mod io;
 pub mod jail;
@@ -159,7 +160,7 @@ pub(crate) fn utc_now() -> String {
 }
 
 /// The bench's steps: the scenarios each one makes, in the order they run.
-const STEPS: [&[u32]; 9] = [
+const STEPS: [&[u32]; 10] = [
     &[1],
     &[2, 4],
     &[3, 5, 9],
@@ -168,8 +169,13 @@ const STEPS: [&[u32]; 9] = [
     &[10],
     &[11],
     &[12],
+    &[13],
     &[8],
 ];
+
+/// The steps that run without the bench's containerd: scenario 8 (VMMs alone) and 13 (its own
+/// containerd with CRI on).
+const OWN_SETUP: [&[u32]; 2] = [&[8], &[13]];
 
 /// Which scenarios a run makes: every one, or those `--only` names.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -201,9 +207,12 @@ impl Only {
         self.all() || scenarios.iter().any(|n| self.0.contains(n))
     }
 
-    /// Whether any step under the private containerd runs (every one but scenario 8's).
+    /// Whether any step under the bench's containerd runs (every one but [`OWN_SETUP`]).
     fn wants_containerd(&self) -> bool {
-        STEPS.iter().filter(|s| **s != [8]).any(|s| self.wants(s))
+        STEPS
+            .iter()
+            .filter(|s| !OWN_SETUP.contains(s))
+            .any(|s| self.wants(s))
     }
 }
 
@@ -363,6 +372,20 @@ pub fn run(quick: bool, only: &Only) -> Result<()> {
     if runner::interrupted() {
         bail!("interrupted: everything the bench started was removed; no report written");
     }
+    if only.wants(&[13]) {
+        let rounds = plan.first_output.div_ceil(2);
+        step(&format!(
+            "bench 13: a CRI pod start with the warm pool, {rounds} runs each"
+        ));
+        match cri_pool::run_scenario(rounds) {
+            Ok(s) => done.push(s),
+            Err(e) => not_done.push(format!(
+                "13. A CRI pod start with the warm pool: failed in this run: {e:#}"
+            )),
+        }
+        note_failures(&mut done, 13);
+        note_busy(&mut busy);
+    }
     if only.wants(&[8]) {
         step(&format!(
             "bench 8: VMM alone, {} runs each; our Linux guest, {} rounds",
@@ -475,11 +498,14 @@ mod tests {
         assert!(five.wants_containerd());
         let eight = Only::new(&[8]).unwrap();
         assert!(eight.wants(&[8]) && !eight.wants_containerd());
+        // Scenario 13 starts a containerd of its own.
+        let cri = Only::new(&[13]).unwrap();
+        assert!(cri.wants(&[13]) && !cri.wants(&[12]) && !cri.wants_containerd());
     }
 
     #[test]
     fn only_refuses_a_number_no_scenario_has() {
-        let e = Only::new(&[5, 13]).unwrap_err().to_string();
-        assert!(e.contains("--only 13") && e.contains("1, 2, 3"), "{e}");
+        let e = Only::new(&[5, 14]).unwrap_err().to_string();
+        assert!(e.contains("--only 14") && e.contains("1, 2, 3"), "{e}");
     }
 }
