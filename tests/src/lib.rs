@@ -11,6 +11,7 @@ pub mod containerd;
 #[cfg(feature = "cri")]
 pub mod cri;
 pub mod guest;
+pub mod http;
 pub mod husk;
 pub mod leaks;
 pub mod procs;

@@ -443,11 +443,7 @@ fn pod_mac(cri: &CriContainerd, cid: &str) -> String {
 /// GET / from this thread's netns with short timeouts: the body, or `None` if nothing
 /// answered (refused, unreachable, timed out).
 fn http_get(addr: std::net::SocketAddr) -> Option<String> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    s.write_all(b"GET / HTTP/1.0\r\n\r\n").ok()?;
-    let mut v = Vec::new();
-    s.read_to_end(&mut v).ok()?;
+    let v = husk_tests::http::get(addr, Duration::from_secs(3)).ok()?;
     Some(String::from_utf8_lossy(&body(&v).1).into_owned())
 }
 

@@ -18,13 +18,13 @@
 //! `cargo xtask test` runs them directly on hardware-KVM hosts and in L1 elsewhere (the
 //! summary says `passed (nested, emulated SVM)`); `cargo xtask nested-test` runs only them.
 
-use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::io::Write;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use husk_hypervisor::host::{self, HostKind};
 use husk_tests::cni::{BridgeNetwork, Netns};
+use husk_tests::http;
 use husk_tests::husk::{assert_sandbox_gone, HuskContainerd, BUSYBOX};
 use husk_tests::require_root;
 
@@ -233,48 +233,6 @@ fn ctr_run_exec_pause_resume_on_husk_vmm_with_stdio_and_exit_codes() {
     );
 }
 
-/// `GET /` over HTTP/1.0, retried until `timeout` (the guest boots and starts httpd).
-fn http_get(ip: Ipv4Addr, port: u16, timeout: Duration) -> String {
-    let deadline = Instant::now() + timeout;
-    let addr = SocketAddr::from((ip, port));
-    let mut last = String::new();
-    while Instant::now() < deadline {
-        let attempt = (|| -> std::io::Result<String> {
-            let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-            s.set_read_timeout(Some(Duration::from_secs(10)))?;
-            s.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
-            let mut body = String::new();
-            s.read_to_string(&mut body)?;
-            Ok(body)
-        })();
-        match attempt {
-            Ok(b) if b.contains(PAGE) => return b,
-            Ok(b) => last = b,
-            Err(e) => last = e.to_string(),
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    panic!("http://{addr}/ did not answer with the page within {timeout:?}; last: {last}");
-}
-
-/// Dials 127.0.0.1:`port` inside `ns` (as containerd's CRI PortForward does, from a thread
-/// that entered the netns) and reads an HTTP/1.0 answer to `GET /` to its end.
-fn dial_in_netns(ns: &Netns, port: u16) -> std::io::Result<Vec<u8>> {
-    let f = std::fs::File::open(ns.path())?;
-    std::thread::spawn(move || {
-        nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET)?;
-        let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-        s.set_read_timeout(Some(Duration::from_secs(10)))?;
-        s.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
-        let mut v = Vec::new();
-        s.read_to_end(&mut v)?;
-        Ok(v)
-    })
-    .join()
-    .expect("the netns thread panicked")
-}
-
 /// The MAC address in `ip link show` output.
 fn mac_in(ip_link: &str) -> String {
     ip_link
@@ -321,7 +279,7 @@ fn a_pod_network_on_husk_vmm_serves_http_to_the_host() {
             ns.ip(&["link", "show"]).contains("tap0_husk"),
             "no tap in the pod netns"
         );
-        let page = http_get(a.ip, 8080, Duration::from_secs(90));
+        let page = http::get_until((a.ip, 8080).into(), PAGE, Duration::from_secs(90));
         assert!(page.contains(PAGE), "{page}");
         let out = h.ctd.ctr_ok(&[
             "task",
@@ -339,7 +297,7 @@ fn a_pod_network_on_husk_vmm_serves_http_to_the_host() {
         );
         // containerd's CRI PortForward path: 127.0.0.1 dialled in the pod netns reaches the
         // guest's httpd through the shim's NAT link on the same tap.
-        let page = dial_in_netns(&ns, 8080).expect("127.0.0.1:8080 in the pod netns");
+        let page = http::get_in_netns(&ns.path(), 8080).expect("127.0.0.1:8080 in the pod netns");
         assert!(text(&page).contains(PAGE), "{}", text(&page));
     }));
     h.remove(&id);

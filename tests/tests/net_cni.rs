@@ -9,12 +9,13 @@
 
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use husk_tests::cni::{host_link_exists, BridgeNetwork, Netns};
 use husk_tests::containerd::PrivateContainerd;
+use husk_tests::http;
 use husk_tests::husk::{processes_mentioning, HuskContainerd, BUSYBOX};
 use husk_tests::require_root;
 
@@ -144,48 +145,6 @@ impl Drop for Pod<'_> {
     }
 }
 
-/// `GET /` over HTTP/1.0, retried until `timeout` (the guest boots and starts httpd).
-fn http_get(ip: Ipv4Addr, port: u16, timeout: Duration) -> String {
-    let deadline = Instant::now() + timeout;
-    let addr = SocketAddr::from((ip, port));
-    let mut last = String::new();
-    while Instant::now() < deadline {
-        let attempt = (|| -> std::io::Result<String> {
-            let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-            s.set_read_timeout(Some(Duration::from_secs(10)))?;
-            s.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
-            let mut body = String::new();
-            s.read_to_string(&mut body)?;
-            Ok(body)
-        })();
-        match attempt {
-            Ok(b) if b.contains(PAGE) => return b,
-            Ok(b) => last = b,
-            Err(e) => last = e.to_string(),
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    panic!("http://{addr}/ did not answer with the page within {timeout:?}; last: {last}");
-}
-
-/// Dials 127.0.0.1:`port` inside `ns` — as containerd 1.6's CRI PortForward does, from a
-/// thread that entered the netns — and reads an HTTP/1.0 answer to `GET /` to its end.
-fn dial_in_netns(ns: &Netns, port: u16) -> std::io::Result<Vec<u8>> {
-    let f = std::fs::File::open(ns.path())?;
-    std::thread::spawn(move || {
-        nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET)?;
-        let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-        s.set_read_timeout(Some(Duration::from_secs(10)))?;
-        s.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
-        let mut v = Vec::new();
-        s.read_to_end(&mut v)?;
-        Ok(v)
-    })
-    .join()
-    .expect("the netns thread panicked")
-}
-
 /// The port-forward link's route in the guest (169.254.231.0/30 on eth0), as
 /// `/proc/net/route` writes it.
 fn port_forward_route() -> (String, String, String, String) {
@@ -257,7 +216,7 @@ fn net_pod_serves_http_reaches_its_gateway_and_mirrors_the_veth() {
 
         // Host → pod IP → guest httpd.
         let started = Instant::now();
-        let body = http_get(a.ip, 8080, Duration::from_secs(90));
+        let body = http::get_until((a.ip, 8080).into(), PAGE, Duration::from_secs(90));
         assert!(body.starts_with("HTTP/1.") && body.contains(PAGE), "{body}");
         eprintln!(
             "first HTTP answer from {}:8080 {:?} after ctr run returned",
@@ -269,7 +228,7 @@ fn net_pod_serves_http_reaches_its_gateway_and_mirrors_the_veth() {
         let mut times: Vec<Duration> = (0..20)
             .map(|_| {
                 let t = Instant::now();
-                http_get(a.ip, 8080, Duration::from_secs(30));
+                http::get_until((a.ip, 8080).into(), PAGE, Duration::from_secs(30));
                 t.elapsed()
             })
             .collect();
@@ -356,14 +315,14 @@ fn net_pod_serves_http_reaches_its_gateway_and_mirrors_the_veth() {
 
         // containerd's PortForward path: 127.0.0.1 in the pod netns reaches the guest's
         // server; a port nobody listens on is refused at once (by the guest).
-        let page = dial_in_netns(&ns, 8080).expect("127.0.0.1:8080 in the pod netns");
+        let page = http::get_in_netns(&ns.path(), 8080).expect("127.0.0.1:8080 in the pod netns");
         let page = String::from_utf8_lossy(&page);
         assert!(
             page.starts_with("HTTP/1.") && page.trim_end().ends_with(PAGE),
             "{page}"
         );
         let t = Instant::now();
-        let e = dial_in_netns(&ns, 8081).expect_err("nobody listens on 8081");
+        let e = http::get_in_netns(&ns.path(), 8081).expect_err("nobody listens on 8081");
         assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{e}");
         assert!(
             t.elapsed() < Duration::from_secs(3),
@@ -406,7 +365,7 @@ fn net_two_pods_on_one_bridge_reach_each_other() {
     let (a, b) = (net.attach(&ns_a), net.attach(&ns_b));
     let web = Pod::run(&h.ctd, "netpa", Some(&ns_a), HTTPD);
     let client = Pod::run(&h.ctd, "netpb", Some(&ns_b), "exec sleep 1000");
-    http_get(a.ip, 8080, Duration::from_secs(90));
+    http::get_until((a.ip, 8080).into(), PAGE, Duration::from_secs(90));
     // B → A over TCP, A → B with ICMP, both through both guests' virtio-net.
     // (busybox-static's wget crashes in its name lookup; nc speaks the request by hand.)
     let page = client.exec_ok(&format!(
@@ -456,7 +415,8 @@ fn net_without_a_netns_the_guest_has_loopback_only() {
 /// the netns's own loopback). With the NAT left behind and the tap gone, the dial would be
 /// rewritten to an address with no route, and fail otherwise.
 fn assert_no_port_forward_nat(ns: &Netns, when: &str) {
-    let e = dial_in_netns(ns, 8080).expect_err("nothing listens in the pod netns itself");
+    let e =
+        http::get_in_netns(&ns.path(), 8080).expect_err("nothing listens in the pod netns itself");
     assert_eq!(
         e.kind(),
         std::io::ErrorKind::ConnectionRefused,
@@ -531,7 +491,10 @@ fn net_a_dead_vm_or_a_dead_shim_leaves_nothing_in_the_netns() {
     // reaches the guest's httpd.
     eventually(
         "127.0.0.1:8080 in the pod netns never reached the guest's httpd",
-        || dial_in_netns(&ns, 8080).is_ok_and(|p| String::from_utf8_lossy(&p).contains(PAGE)),
+        || {
+            http::get_in_netns(&ns.path(), 8080)
+                .is_ok_and(|p| String::from_utf8_lossy(&p).contains(PAGE))
+        },
     );
     let shim = process_of("containerd-shim-husk-v2", &pod.id);
     sigkill(shim);

@@ -3,12 +3,12 @@
 //! the veth, the guest NIC given the veth's MAC and addresses — serves HTTP to the node, its
 //! two containers share the VM, and removing it leaves nothing behind.
 
-use std::io::{Read, Write};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use husk_tests::cri::{sweep_cgroups, CriContainerd, CriPod};
+use husk_tests::http;
 use husk_tests::husk::{assert_sandbox_gone, processes_mentioning, shim_binary};
 use husk_tests::require_root;
 
@@ -31,16 +31,6 @@ impl Drop for Holder {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-fn http_get(addr: &str) -> std::io::Result<String> {
-    let mut s =
-        std::net::TcpStream::connect_timeout(&addr.parse().unwrap(), Duration::from_secs(2))?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    s.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
-    let mut out = String::new();
-    s.read_to_string(&mut out)?;
-    Ok(out)
 }
 
 #[test]
@@ -113,21 +103,11 @@ fn a_cri_pod_on_a_cni_network_starts_in_a_pooled_vm() {
         )),
         "pod IP {ip:?}"
     );
-    let mut got = Err(std::io::Error::other("not tried"));
-    for _ in 0..50 {
-        got = http_get(&format!("{ip}:8080"));
-        if got
-            .as_ref()
-            .is_ok_and(|b| b.contains("hello-from-the-pool"))
-        {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    assert!(
-        got.as_ref()
-            .is_ok_and(|b| b.contains("hello-from-the-pool")),
-        "HTTP into the pooled pod at {ip}: {got:?}"
+    let ip_addr: std::net::Ipv4Addr = ip.parse().expect("the pod IP");
+    http::get_until(
+        (ip_addr, 8080).into(),
+        "hello-from-the-pool",
+        Duration::from_secs(10),
     );
     // The pod's containers share the VM, and its NIC has the pod's address.
     let (code, out, _) = pod.exec(&app, &["wget", "-q", "-O", "-", "http://127.0.0.1:8080/"]);
