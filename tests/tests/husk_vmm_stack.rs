@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use husk_hypervisor::host::{self, HostKind};
 use husk_tests::cni::{BridgeNetwork, Netns};
 use husk_tests::http;
-use husk_tests::husk::{assert_sandbox_gone, HuskContainerd, BUSYBOX};
+use husk_tests::husk::{assert_sandbox_gone, debug_console, HuskContainerd, BUSYBOX};
 use husk_tests::require_root;
 
 const RUNTIME: &str = "io.containerd.husk.v2";
@@ -142,14 +142,15 @@ fn wait_status(h: &HuskContainerd, id: &str, status: &str, secs: u64) {
 }
 
 /// `ctr run --rm` with stdin, stdout, stderr and the exit code; then a detached container
-/// with `ctr task exec`, pause and resume; each sandbox gone after, its shim socket too.
+/// with `ctr task exec`, pause and resume, and the debug console; each sandbox gone after,
+/// its shim socket too.
 #[test]
 #[ignore = "tier 4: needs hardware KVM (VT-x/AMD-V); this host's /dev/kvm is kvm_pvm or missing, where our stock Linux guest cannot run on husk-vmm"]
 fn ctr_run_exec_pause_resume_on_husk_vmm_with_stdio_and_exit_codes() {
     require_hardware_kvm();
     require_root("containerd");
     let sockets = shim_sockets();
-    let h = HuskContainerd::start_with_config(CONFIG);
+    let h = HuskContainerd::start_with_config(&format!("{CONFIG}\ndebug_console = true\n"));
 
     let id = unique("hvrun");
     let mut child = h
@@ -221,6 +222,27 @@ fn ctr_run_exec_pause_resume_on_husk_vmm_with_stdio_and_exit_codes() {
     assert!(
         text(&out.stderr).contains("exec-err"),
         "{}",
+        text(&out.stderr)
+    );
+    // Pause and resume go through husk-vmm's control API; an exec works after.
+    h.ctd.ctr_ok(&["task", "pause", &id]);
+    wait_status(&h, &id, "PAUSED", 30);
+    h.ctd.ctr_ok(&["task", "resume", &id]);
+    wait_status(&h, &id, "RUNNING", 30);
+    let after = h
+        .ctd
+        .ctr_ok(&["task", "exec", "--exec-id", "e2", &id, "echo", "resumed"]);
+    assert_eq!(after, "resumed\n");
+    // The debug console: a root shell in the guest over husk-vmm's hybrid vsock.
+    let out = debug_console(
+        &id,
+        b"echo $((6 * 7)); cat /proc/1/comm; exit\n",
+        Duration::from_secs(60),
+    );
+    let console = text(&out.stdout);
+    assert!(
+        out.status.success() && console.contains("42") && console.contains("init"),
+        "debug console: {console}\n{}",
         text(&out.stderr)
     );
     h.remove(&id);
