@@ -7,7 +7,7 @@
 //! in a clean power-off, with the reason on the console.
 //!
 //! The same binary has three more roles:
-//! - `husk-agent init|exec|pause`: the container helper, re-executed by the agent inside a
+//! - `husk-agent init|exec|warm`: the container helper, re-executed by the agent inside a
 //!   container's namespaces (see `container::spawn`);
 //! - `husk-agent serve --listen unix:///PATH --shared-dir DIR [--cgroup-root DIR]`: the API
 //!   on a unix socket outside a VM, for the host-side container tests (root needed).
@@ -26,7 +26,7 @@ use husk_protocols::AGENT_VSOCK_PORT;
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     match args.get(1).map(String::as_str) {
-        Some(mode @ ("init" | "exec" | "pause")) => container::helper::main(mode),
+        Some(mode @ ("init" | "exec" | "warm")) => container::helper::main(mode),
         Some("serve") => serve(&args[2..]),
         _ => {}
     }

@@ -12,7 +12,8 @@
 //!     LABEL=INITRAMFS[,VAR=VALUE...] [LABEL=INITRAMFS[,VAR=VALUE...] ...]
 //! ```
 //! Each `VAR=VALUE` is set in the environment for that variant's boots only (e.g. `PATH` to
-//! try another QEMU).
+//! try another QEMU). `HUSK_LAT_PROVISIONAL` set: a provisional CreateSandbox first, untimed,
+//! as the warm pool's keeper makes one, which the timed CreateSandbox then takes over.
 //! HUSK_KERNEL as for the tests. Root, QEMU and virtiofsd as for `agent_vm`. A measuring
 //! tool, not a test: it asserts only that each step worked.
 
@@ -79,6 +80,20 @@ fn round(containers: usize, execs: usize, out: &mut BTreeMap<String, Vec<f64>>) 
     let jit_booted = jit(g.vm.pid());
     let mut put = |k: &str, d: Duration| out.entry(k.to_string()).or_default().push(ms(d));
     put("0 boot to agent connected", t.elapsed());
+    // As the warm pool's keeper does before any pod claims the VM (untimed).
+    if std::env::var_os("HUSK_LAT_PROVISIONAL").is_some() {
+        g.agent
+            .client
+            .create_sandbox(
+                context::with_timeout(120_000_000_000),
+                &CreateSandboxRequest {
+                    sandbox_id: "pooled".into(),
+                    provisional: true,
+                    ..Default::default()
+                },
+            )
+            .expect("provisional CreateSandbox");
+    }
     let t = Instant::now();
     g.agent
         .client

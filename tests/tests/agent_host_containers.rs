@@ -544,3 +544,86 @@ fn a_provisional_sandbox_is_taken_over_by_its_pod() {
     let out = h.agent.run("late", &s);
     assert_eq!(out.stdout_str(), "late-host\n", "{out:?}");
 }
+
+/// The children of `agent` in a uts namespace other than its own: its sandbox holders.
+fn holders_of(agent: u32) -> Vec<u32> {
+    let uts = |pid: u32| std::fs::read_link(format!("/proc/{pid}/ns/uts")).ok();
+    let own = uts(agent);
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            // After the command's closing parenthesis: state, then the parent's PID.
+            let ppid = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok());
+            ppid == Some(agent) && uts(*pid).is_some() && uts(*pid) != own
+        })
+        .collect()
+}
+
+/// The sandbox holder (a clone of the agent, no exec) keeps none of the agent's fds, holds
+/// the pod's hostname, is taken over rather than doubled, refuses a hostname Linux cannot
+/// take before starting anything, and is gone after DestroySandbox.
+#[test]
+fn the_sandbox_holder_keeps_no_fd_and_ends_with_the_sandbox() {
+    use husk_protocols::agent::{CreateSandboxRequest, DestroySandboxRequest};
+    let h = HostAgent::start();
+    let agent = h.child.id();
+    let ctx = || husk_protocols::ttrpc::context::with_timeout(10_000_000_000);
+    let create = |id: &str, host: &str, provisional: bool| {
+        h.agent.client.create_sandbox(
+            ctx(),
+            &CreateSandboxRequest {
+                sandbox_id: id.into(),
+                hostname: host.into(),
+                provisional,
+                ..Default::default()
+            },
+        )
+    };
+    let (code, msg) = status_of(create("pod", &"h".repeat(65), false));
+    assert_eq!(code, Code::INVALID_ARGUMENT, "{msg}");
+    assert!(msg.contains("at most 64"), "{msg}");
+    assert!(
+        holders_of(agent).is_empty(),
+        "a refused sandbox left a holder"
+    );
+    create("vm-1", "first-host", true).unwrap();
+    let holders = holders_of(agent);
+    assert_eq!(holders.len(), 1, "{holders:?}");
+    let pid = holders[0];
+    let fds: Vec<_> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.file_name()))
+        .collect();
+    assert!(fds.is_empty(), "the holder keeps fds {fds:?}");
+    let (code, msg) = status_of(create("pod", &"h".repeat(65), false));
+    assert_eq!(code, Code::INVALID_ARGUMENT, "{msg}");
+    create("pod", "pod-host", false).unwrap();
+    assert_eq!(
+        holders_of(agent),
+        vec![pid],
+        "taken over, not started again"
+    );
+    let mut s = sh("hostname");
+    s["linux"]["namespaces"] = json!([
+        { "type": "pid" }, { "type": "mount" },
+        { "type": "ipc", "path": "/proc/999999/ns/ipc" }, { "type": "uts", "path": "/proc/999999/ns/uts" }
+    ]);
+    let out = h.run("c", &s);
+    assert_eq!(out.stdout_str(), "pod-host\n", "{out:?}");
+    h.agent
+        .client
+        .destroy_sandbox(ctx(), &DestroySandboxRequest::new())
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while Path::new(&format!("/proc/{pid}")).exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the holder {pid} outlived DestroySandbox"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

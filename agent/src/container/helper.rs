@@ -1,4 +1,4 @@
-//! The container helper: the agent's binary re-executed as `husk-agent init|exec|pause` in a
+//! The container helper: the agent's binary re-executed as `husk-agent init|exec|warm` in a
 //! container's namespaces (see `spawn`). Single-threaded; everything it does ends in the
 //! container's process image or in `error <message>` on the sync socket and exit 1.
 //!
@@ -9,7 +9,9 @@
 //! - `exec`: joins a running container's namespaces and cgroup, opens the terminal if it has
 //!   one, forks (entering a PID namespace takes effect for children only), reports
 //!   `pid <global pid>` and mirrors the process's exit so the agent can wait for it.
-//! - `pause`: holds the sandbox's shared namespaces (uts, ipc) for the pod's life.
+//! - `warm`: reads its (empty) config, reports `ready` and exits: run once in a pooled VM so
+//!   that under QEMU TCG the first container's helper finds the start of a helper translated
+//!   (see `Engine::create_sandbox`).
 //!
 //! A terminal is a pty of the container's own devpts, as with runc: the helper opens the
 //! container's `/dev/ptmx` (so `tty` names a `/dev/pts/N` the container sees), makes the slave
@@ -36,7 +38,7 @@ const NEEDS_PTMX: &str = "the container needs a devpts mounted at /dev/pts (the 
 /// sync socket, which the agent returns as the request's error.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("unknown helper mode {0:?} — the agent runs its helpers as init, exec or pause")]
+    #[error("unknown helper mode {0:?} — the agent runs its helpers as init, exec or warm")]
     Mode(String),
     #[error(transparent)]
     Sync(#[from] spawn::Error),
@@ -68,8 +70,6 @@ pub enum Error {
         #[source]
         source: nix::errno::Errno,
     },
-    #[error("hostname is not UTF-8")]
-    HostnameUtf8,
     #[error("the spec has no process — give the container a process")]
     NoProcess,
     #[error(transparent)]
@@ -266,7 +266,7 @@ pub fn main(mode: &str) -> ! {
     let r = match mode {
         "init" => init(&mut sync),
         "exec" => exec(&mut sync),
-        "pause" => pause(&mut sync),
+        "warm" => warm(&mut sync),
         other => Err(Error::Mode(other.into())),
     };
     match r {
@@ -405,6 +405,12 @@ fn set_oom_score_adj(adj: Option<i32>) -> Result<(), Error> {
     Ok(())
 }
 
+fn warm(sync: &mut UnixStream) -> Result<Never, Error> {
+    spawn::read_config(sync)?;
+    sync.write_all(b"ready\n").map_err(Error::Ready)?;
+    std::process::exit(0)
+}
+
 fn exec(sync: &mut UnixStream) -> Result<Never, Error> {
     let cfg: ExecConfig =
         serde_json::from_slice(&spawn::read_config(sync)?).map_err(Error::Config)?;
@@ -500,22 +506,6 @@ fn exec(sync: &mut UnixStream) -> Result<Never, Error> {
                 }
             }
         }
-    }
-}
-
-fn pause(sync: &mut UnixStream) -> Result<Never, Error> {
-    let hostname = String::from_utf8(spawn::read_config(sync)?).map_err(|_| Error::HostnameUtf8)?;
-    if !hostname.is_empty() {
-        if let Err(source) = nix::unistd::sethostname(&hostname) {
-            return Err(Error::Hostname {
-                name: hostname,
-                source,
-            });
-        }
-    }
-    sync.write_all(b"ready\n").map_err(Error::Ready)?;
-    loop {
-        nix::unistd::pause();
     }
 }
 

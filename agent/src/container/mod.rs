@@ -23,6 +23,7 @@ pub mod caps;
 pub mod cgroup;
 pub mod exec;
 pub mod helper;
+pub mod holder;
 pub(crate) mod inroot;
 pub mod mounts;
 pub mod oom;
@@ -90,9 +91,7 @@ pub enum StepError {
     #[error("opening /dev/null: {0} — the guest's /dev is the agent's devtmpfs")]
     DevNull(#[source] std::io::Error),
     #[error("starting the sandbox namespaces: {0}")]
-    SandboxHolder(#[source] spawn::Error),
-    #[error("starting the sandbox namespaces: sandbox holder answered {0:?}")]
-    SandboxAnswer(Option<String>),
+    SandboxHolder(#[source] holder::Error),
     #[error("taking over the provisional sandbox: setting its hostname: {0}")]
     TakeOver(#[source] std::io::Error),
     #[error("encoding the helper config: {0}")]
@@ -260,7 +259,7 @@ pub struct Config {
 struct Sandbox {
     /// The sandbox id: also the id of the pod's own (pause) container, if it runs here.
     id: String,
-    pause_pid: i32,
+    holder: holder::Holder,
     /// Made ahead of its pod (`CreateSandboxRequest.provisional`): the next CreateSandbox
     /// takes it over.
     provisional: bool,
@@ -436,43 +435,41 @@ impl Engine {
             if !s.provisional || provisional {
                 return Err(Error::Exists(format!("sandbox {id}")));
             }
+            if hostname.len() > holder::MAX_HOSTNAME {
+                return Err(Error::Invalid {
+                    id: id.into(),
+                    what: holder::Error::HostnameTooLong(hostname.into()).to_string(),
+                });
+            }
             if !hostname.is_empty() {
-                set_hostname_of(s.pause_pid, hostname)
+                set_hostname_of(s.holder.pid(), hostname)
                     .map_err(|e| failed(id)(StepError::TakeOver(e)))?;
             }
             s.id = id.into();
             s.provisional = false;
             return Ok(());
         }
-        let null =
-            std::fs::File::open("/dev/null").map_err(|e| failed(id)(StepError::DevNull(e)))?;
-        use std::os::fd::AsRawFd;
-        let fd = null.as_raw_fd();
-        let (pid, sock) = spawn::spawn(
-            "pause",
-            CloneFlags::CLONE_NEWUTS | CloneFlags::CLONE_NEWIPC,
-            [fd, fd, fd],
-        )
-        .map_err(failed(id))?;
-        let mut sync = Sync::new(sock);
-        let r = sync
-            .send_config(hostname.as_bytes())
-            .and_then(|()| sync.recv(SETUP_TIMEOUT));
-        match r {
-            Ok(Some(l)) if l == "ready" => {}
-            other => {
-                kill_and_reap(pid);
-                return Err(failed(id)(match other {
-                    Err(e) => StepError::SandboxHolder(e),
-                    Ok(l) => StepError::SandboxAnswer(l),
-                }));
-            }
-        }
+        let holder = holder::Holder::start(hostname).map_err(|e| match e {
+            holder::Error::HostnameTooLong(_) => Error::Invalid {
+                id: id.into(),
+                what: e.to_string(),
+            },
+            e => failed(id)(StepError::SandboxHolder(e)),
+        })?;
         *sb = Some(Sandbox {
             id: id.into(),
-            pause_pid: pid,
+            holder,
             provisional,
         });
+        drop(sb);
+        if provisional {
+            // A pool's VM, before its pod: the holder is no helper any more (no exec), so
+            // start one helper now, off the pod's path, that its first container's finds
+            // translated under TCG. Only a speed-up: a failure is logged, not returned.
+            if let Err(e) = warm_helper() {
+                println!("husk-agent: warning: sandbox {id}: warming the helper: {e}");
+            }
+        }
         Ok(())
     }
 
@@ -482,9 +479,8 @@ impl Engine {
         for id in ids {
             let _ = self.remove(&id, true);
         }
-        if let Some(sb) = lock(&self.sandbox).take() {
-            kill_and_reap(sb.pause_pid);
-        }
+        // Dropping the holder kills and reaps it.
+        drop(lock(&self.sandbox).take());
     }
 
     /// CreateContainer: everything up to the point where the process would exec.
@@ -566,7 +562,7 @@ impl Engine {
 
     /// Clone flags, namespaces to join, and whether to set the hostname.
     fn namespaces(&self, id: &str, spec: &Spec) -> Result<Namespaces> {
-        let pause = lock(&self.sandbox).as_ref().map(|s| s.pause_pid);
+        let pause = lock(&self.sandbox).as_ref().map(|s| s.holder.pid());
         namespaces(id, spec, pause, || self.sandbox_pid_namespace(id))
     }
 
@@ -921,6 +917,24 @@ fn recv_pty(sync: &mut Sync) -> std::result::Result<Stdio, StepError> {
 }
 
 /// SIGKILL, then wait for the reaper to see the end (bounded), then forget the status.
+/// Runs a `warm` helper to its end (see `helper`).
+fn warm_helper() -> std::result::Result<(), StepError> {
+    let null = std::fs::File::open("/dev/null").map_err(StepError::DevNull)?;
+    use std::os::fd::AsRawFd;
+    let fd = null.as_raw_fd();
+    let (pid, sock) = spawn::spawn("warm", CloneFlags::empty(), [fd, fd, fd])?;
+    let mut sync = Sync::new(sock);
+    let r = sync
+        .send_config(b"")
+        .and_then(|()| sync.recv(SETUP_TIMEOUT));
+    kill_and_reap(pid);
+    match r {
+        Ok(Some(l)) if l == "ready" => Ok(()),
+        Ok(l) => Err(StepError::HelperAnswered(l.unwrap_or_default())),
+        Err(e) => Err(e.into()),
+    }
+}
+
 fn kill_and_reap(pid: i32) {
     if exits().exited(pid).is_none() {
         let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
