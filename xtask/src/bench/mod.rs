@@ -464,19 +464,29 @@ pub fn run(quick: bool, only: &Only) -> Result<()> {
             })
         })
         .collect();
-    if let Err(e) = chart::write_svg(
-        &dir.join(svg_name),
-        "Start latency: husk and runc under one containerd (empirical CDF)",
-        &chart_series,
-    ) {
-        eprintln!("bench: no chart: {e:#}");
-    }
+    let charted = !chart_series.is_empty()
+        && match chart::write_svg(
+            &dir.join(svg_name),
+            "Start latency: husk and runc under one containerd (empirical CDF)",
+            &chart_series,
+        ) {
+            Ok(()) => true,
+            Err(e) => {
+                eprintln!("bench: no chart: {e:#}");
+                false
+            }
+        };
+    let svg_name = if charted { svg_name } else { "" };
     report::write(&results, &md, &json, svg_name)?;
     step(&format!(
-        "bench: wrote {}, {} and {}",
+        "bench: wrote {} and {}{}",
         md.display(),
         json.display(),
-        dir.join(svg_name).display()
+        if charted {
+            format!(", {}", dir.join(svg_name).display())
+        } else {
+            String::new()
+        }
     ));
     print!("{}", report::render(&results, "bench.json", svg_name));
     Ok(())

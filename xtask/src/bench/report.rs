@@ -67,15 +67,25 @@ pub fn render(r: &Results, json_name: &str, svg_name: &str) -> String {
         r.machine,
         r.load_note
     );
+    // No chart when the run made none (`--only` without scenarios 1 and 2).
+    let charted = if svg_name.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "; the start-latency distributions are charted in \
+             [`benchmarks/{svg_name}`](benchmarks/{svg_name})"
+        )
+    };
     let _ = writeln!(
         out,
-        "Every sample is in [`benchmarks/{json_name}`](benchmarks/{json_name}); the start-latency \
-         distributions are charted in [`benchmarks/{svg_name}`](benchmarks/{svg_name}). Each \
+        "Every sample is in [`benchmarks/{json_name}`](benchmarks/{json_name}){charted}. Each \
          scenario alternates husk and the baseline (A B A B …) so that drift of a shared \
          machine hits both. Medians and p95 (nearest rank) are over the runs shown; the ratio is \
          husk's median over the baseline's. Targets are goals, not assertions.\n"
     );
-    let _ = writeln!(out, "![start latency](benchmarks/{svg_name})\n");
+    if !svg_name.is_empty() {
+        let _ = writeln!(out, "![start latency](benchmarks/{svg_name})\n");
+    }
     for s in &r.scenarios {
         let _ = writeln!(out, "## {}. {}\n", s.number, s.title);
         let _ = writeln!(out, "{}\n", s.method);
@@ -191,11 +201,14 @@ mod tests {
     fn a_partial_run_says_which_scenarios_it_ran() {
         let mut r = results();
         r.only = vec![5, 12];
-        let md = render(&r, "b.json", "b.svg");
+        let md = render(&r, "b.json", "");
         assert!(
             md.contains("`cargo xtask bench --quick --only 5,12` on 2026-11-29"),
             "{md}"
         );
+        // It made no chart, and links none.
+        assert!(!md.contains(".svg"), "{md}");
+        assert!(md.contains("(benchmarks/b.json). Each scenario"), "{md}");
     }
 
     #[test]
