@@ -81,6 +81,19 @@ pub fn start_virtiofsd(
     socket: &Path,
     log: &Path,
 ) -> Result<Supervised> {
+    let mut p = spawn_virtiofsd(program, shared_dir, socket, log)?;
+    wait_for_socket(&mut p, socket, log)?;
+    Ok(p)
+}
+
+/// [`start_virtiofsd`] without waiting for the socket: for a caller that starts other
+/// helpers meanwhile and then waits ([`wait_for_socket`]).
+pub fn spawn_virtiofsd(
+    program: Option<&Path>,
+    shared_dir: &Path,
+    socket: &Path,
+    log: &Path,
+) -> Result<Supervised> {
     let program = self::program(program, VIRTIOFSD)?;
     let (out, err) = log_file(log)?;
     let mut cmd = Command::new(program);
@@ -92,9 +105,7 @@ pub fn start_virtiofsd(
         .stdin(Stdio::null())
         .stdout(out)
         .stderr(err);
-    let mut p = Supervised::spawn(VIRTIOFSD, cmd)?;
-    wait_for_socket(&mut p, socket, log)?;
-    Ok(p)
+    Supervised::spawn(VIRTIOFSD, cmd)
 }
 
 /// virtiofsd's pid file beside its socket (the lock in it is released once virtiofsd is

@@ -20,14 +20,14 @@ use crate::{Result, GUEST_CID};
 pub(crate) use crate::helpers::VIRTIOFSD;
 pub(crate) const VHOST_DEVICE_VSOCK: &str = "vhost-device-vsock";
 
-/// Starts virtiofsd (`program`, else found) on `shared_dir`, sandboxed in its own namespaces,
-/// and waits for its socket.
-pub fn start_virtiofsd(
+/// Starts virtiofsd (`program`, else found) on `shared_dir`, sandboxed in its own namespaces;
+/// the caller waits for its socket ([`wait_for_virtiofsd`]).
+pub fn spawn_virtiofsd(
     program: Option<&Path>,
     shared_dir: &Path,
     paths: &Paths,
 ) -> Result<Supervised> {
-    crate::helpers::start_virtiofsd(
+    crate::helpers::spawn_virtiofsd(
         program,
         shared_dir,
         &paths.virtiofsd_sock,
@@ -35,14 +35,20 @@ pub fn start_virtiofsd(
     )
 }
 
+/// Waits for the socket of the virtiofsd [`spawn_virtiofsd`] started.
+pub fn wait_for_virtiofsd(p: &mut Supervised, paths: &Paths) -> Result<()> {
+    wait_for_socket(p, &paths.virtiofsd_sock, &paths.virtiofsd_log)
+}
+
 /// Starts vhost-device-vsock (`program`, else found) with the hybrid-vsock socket at
-/// `paths.vsock_sock`, and waits for its vhost-user socket. One process per VM: guests of
-/// different VMs never see each other.
+/// `paths.vsock_sock`; the caller waits for its vhost-user socket
+/// ([`wait_for_vhost_vsock`]). One process per VM: guests of different VMs never see each
+/// other.
 ///
 /// With a jail it runs as the sandbox's unprivileged uid in a root that holds only the VM's
 /// state directory (its sockets) and the system's libraries, with no network namespace of
 /// the host: it only speaks on unix sockets.
-pub(crate) fn start_vhost_vsock(
+pub(crate) fn spawn_vhost_vsock(
     program: Option<&Path>,
     paths: &Paths,
     jail: Option<&JailSpec>,
@@ -64,7 +70,10 @@ pub(crate) fn start_vhost_vsock(
         .stdin(Stdio::null())
         .stdout(out)
         .stderr(err);
-    let mut p = Supervised::spawn(VHOST_DEVICE_VSOCK, cmd)?;
-    wait_for_socket(&mut p, &paths.vhost_vsock_sock, &paths.vhost_vsock_log)?;
-    Ok(p)
+    Supervised::spawn(VHOST_DEVICE_VSOCK, cmd)
+}
+
+/// Waits for the socket of the vhost-device-vsock [`spawn_vhost_vsock`] started.
+pub(crate) fn wait_for_vhost_vsock(p: &mut Supervised, paths: &Paths) -> Result<()> {
+    wait_for_socket(p, &paths.vhost_vsock_sock, &paths.vhost_vsock_log)
 }

@@ -99,23 +99,23 @@ impl Hypervisor for Qemu {
                 )));
             }
         }
-        // Helpers first: QEMU connects to their sockets at start.
+        // Helpers first: QEMU connects to their sockets at start. Both are spawned before
+        // either is waited for, so their starts overlap.
         let mut helpers = Vec::new();
         let started = (|| -> Result<()> {
-            if let Some(dir) = &config.shared_dir {
-                helpers.push(Helper {
-                    process: helpers::start_virtiofsd(self.virtiofsd.as_deref(), dir, &paths)?,
-                    log: paths.virtiofsd_log.clone(),
-                });
-                if let Some(j) = &config.jail {
-                    // virtiofsd runs as root (it serves files with their owners); the jailed
-                    // QEMU must be able to connect to its socket.
-                    crate::jail::give_socket(&paths.virtiofsd_sock, j)?;
+            let fs = match &config.shared_dir {
+                Some(dir) => {
+                    helpers.push(Helper {
+                        process: helpers::spawn_virtiofsd(self.virtiofsd.as_deref(), dir, &paths)?,
+                        log: paths.virtiofsd_log.clone(),
+                    });
+                    Some(helpers.len() - 1)
                 }
-            }
-            if config.vsock {
+                None => None,
+            };
+            let vsock = if config.vsock {
                 helpers.push(Helper {
-                    process: helpers::start_vhost_vsock(
+                    process: helpers::spawn_vhost_vsock(
                         self.vhost_vsock.as_deref(),
                         &paths,
                         config.jail.as_ref(),
@@ -123,6 +123,20 @@ impl Hypervisor for Qemu {
                     )?,
                     log: paths.vhost_vsock_log.clone(),
                 });
+                Some(helpers.len() - 1)
+            } else {
+                None
+            };
+            if let Some(i) = fs {
+                helpers::wait_for_virtiofsd(&mut helpers[i].process, &paths)?;
+                if let Some(j) = &config.jail {
+                    // virtiofsd runs as root (it serves files with their owners); the jailed
+                    // QEMU must be able to connect to its socket.
+                    crate::jail::give_socket(&paths.virtiofsd_sock, j)?;
+                }
+            }
+            if let Some(i) = vsock {
+                helpers::wait_for_vhost_vsock(&mut helpers[i].process, &paths)?;
             }
             Ok(())
         })();
