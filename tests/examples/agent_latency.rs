@@ -14,6 +14,9 @@
 //! Each `VAR=VALUE` is set in the environment for that variant's boots only (e.g. `PATH` to
 //! try another QEMU). `HUSK_LAT_PROVISIONAL` set: a provisional CreateSandbox first, untimed,
 //! as the warm pool's keeper makes one, which the timed CreateSandbox then takes over.
+//! `HUSK_LAT_CMDLINE=husk.log=debug` adds to the guest's command line; the agent's
+//! CreateContainer step lines (`steps`) are then printed after each round (the serial console
+//! is slow under TCG: time with it off).
 //! HUSK_KERNEL as for the tests. Root, QEMU and virtiofsd as for `agent_vm`. A measuring
 //! tool, not a test: it asserts only that each step worked.
 
@@ -76,7 +79,8 @@ fn jit(pid: u32) -> Option<(f64, f64)> {
 /// One guest: its steps' times, by step name.
 fn round(containers: usize, execs: usize, out: &mut BTreeMap<String, Vec<f64>>) {
     let t = Instant::now();
-    let g = Guest::boot(256);
+    let cmdline = std::env::var("HUSK_LAT_CMDLINE").unwrap_or_default();
+    let g = Guest::boot_with(256, &cmdline);
     let jit_booted = jit(g.vm.pid());
     let mut put = |k: &str, d: Duration| out.entry(k.to_string()).or_default().push(ms(d));
     put("0 boot to agent connected", t.elapsed());
@@ -163,6 +167,10 @@ fn round(containers: usize, execs: usize, out: &mut BTreeMap<String, Vec<f64>>) 
         put("9 TCG code at end (MiB)", c1);
         put("9 TCG flushes at ready", f0);
         put("9 TCG flushes after ready", f1 - f0);
+    }
+    // The agent's per-step lines (with `husk.log=debug` in HUSK_LAT_CMDLINE).
+    for l in g.console().lines().filter(|l| l.contains(" steps (ms): ")) {
+        eprintln!("  {}", l.trim());
     }
     // QEMU's whole PSS after all this (guest RAM it touched included), in MiB as "ms".
     let rollup =

@@ -26,6 +26,11 @@ pub struct Guest {
 impl Guest {
     /// Boots a guest (`memory_mib`) and connects to its agent.
     pub fn boot(memory_mib: u32) -> Self {
+        Self::boot_with(memory_mib, "")
+    }
+
+    /// [`Guest::boot`] with more kernel command line (e.g. `husk.log=debug`).
+    pub fn boot_with(memory_mib: u32, cmdline_extra: &str) -> Self {
         crate::require_root("virtiofsd's sandbox and the guest's containers need root");
         crate::require_program("qemu-system-x86_64", "qemu-system-x86");
         let accel = host::detect().backend.qemu_accel();
@@ -35,7 +40,7 @@ impl Guest {
         let cfg = VmConfig {
             kernel: crate::kernel(),
             initramfs: crate::initramfs(),
-            cmdline_extra: String::new(),
+            cmdline_extra: cmdline_extra.into(),
             vcpus: 1,
             memory_mib,
             state_dir: dir.path().to_path_buf(),

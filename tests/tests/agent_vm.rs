@@ -658,3 +658,43 @@ fn rootfs_propagation_as_runc_in_the_guest() {
         );
     }
 }
+
+/// At debug level the agent logs where each CreateContainer spent its time, its own steps and
+/// its helper's, in order and in ms since the request (`agent/src/container/steps.rs`).
+#[test]
+fn debug_level_logs_a_creates_steps() {
+    let g = Guest::boot_with(256, husk_protocols::DEBUG_LOG_FLAG);
+    g.rootfs("traced");
+    let out = g.agent.run("traced", &spec(&["true"]));
+    assert_eq!(out.status, 0);
+    let console = g.console();
+    let line = console
+        .lines()
+        .find(|l| l.contains("CreateContainer traced steps (ms): "))
+        .unwrap_or_else(|| panic!("no steps line in the console:\n{console}"));
+    let steps: Vec<(&str, f64)> = line
+        .split_once("steps (ms): ")
+        .unwrap()
+        .1
+        .split(", ")
+        .map(|s| {
+            let (name, ms) = s.trim().rsplit_once(' ').unwrap();
+            (name, ms.parse::<f64>().unwrap())
+        })
+        .collect();
+    let names: Vec<&str> = steps.iter().map(|(n, _)| *n).collect();
+    for want in [
+        "checked",
+        "spawned",
+        "helper config read",
+        "helper mounts: pivot root",
+        "ready",
+    ] {
+        assert!(names.contains(&want), "{want} missing in {line}");
+    }
+    assert_eq!(names.last(), Some(&"ready"), "{line}");
+    assert!(
+        steps.windows(2).all(|w| w[0].1 <= w[1].1),
+        "not in time order: {line}"
+    );
+}

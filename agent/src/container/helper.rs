@@ -29,7 +29,7 @@ use nix::sched::{setns, CloneFlags};
 use oci_spec::runtime::{LinuxSeccomp, PosixRlimitType, Process, Spec};
 use serde::{Deserialize, Serialize};
 
-use super::{caps, inroot, mounts, seccomp, spawn, spec, stdio};
+use super::{caps, inroot, mounts, seccomp, spawn, spec, stdio, steps};
 
 /// What a container without a terminal device of its own should have.
 const NEEDS_PTMX: &str = "the container needs a devpts mounted at /dev/pts (the OCI default mounts have one) or a /dev/ptmx of its own";
@@ -207,6 +207,9 @@ pub(crate) struct InitConfig {
     /// Set the spec's hostname (the container has its own uts namespace).
     pub set_hostname: bool,
     pub terminal: bool,
+    /// Send the agent a `steps` line before `ready` (debug level, see `steps`).
+    #[serde(default)]
+    pub steps: bool,
 }
 
 /// What `exec` is told: built by [`super::exec::config`], which says where each part comes from.
@@ -259,6 +262,7 @@ fn join_cgroup(cg: &Option<PathBuf>) -> Result<(), Error> {
 }
 
 pub fn main(mode: &str) -> ! {
+    steps::mark("main");
     spawn::clear_fixed_layout();
     reset_signals();
     set_cloexec(spawn::SYNC_FD);
@@ -280,6 +284,7 @@ enum Never {}
 fn init(sync: &mut UnixStream) -> Result<Never, Error> {
     let cfg: InitConfig =
         serde_json::from_slice(&spawn::read_config(sync)?).map_err(Error::Config)?;
+    steps::mark("config read");
     join_cgroup(&cfg.cgroup)?;
     for (flag, path) in &cfg.join {
         let f = std::fs::File::open(path).map_err(|source| Error::OpenNamespace {
@@ -304,6 +309,7 @@ fn init(sync: &mut UnixStream) -> Result<Never, Error> {
             })?;
         }
     }
+    steps::mark("namespaces");
     let process = cfg.spec.process().clone().ok_or(Error::NoProcess)?;
     // Things that need the guest's /proc, before it is gone with the old root.
     set_oom_score_adj(process.oom_score_adj())?;
@@ -318,6 +324,7 @@ fn init(sync: &mut UnixStream) -> Result<Never, Error> {
             })?;
         }
     }
+    steps::mark("sysctls");
     mounts::build(&cfg.spec, &cfg.rootfs)?;
     if cfg.terminal {
         // After pivot_root: the container's /dev/ptmx.
@@ -326,6 +333,11 @@ fn init(sync: &mut UnixStream) -> Result<Never, Error> {
         drop(slave);
         controlling_tty()?;
         spawn::send_fd(sync, "pty", master.as_raw_fd())?;
+        steps::mark("terminal");
+    }
+    if cfg.steps {
+        sync.write_all(format!("{}\n", steps::line()).as_bytes())
+            .map_err(Error::Ready)?;
     }
     sync.write_all(b"ready\n").map_err(Error::Ready)?;
     let mut line = [0u8; 6];

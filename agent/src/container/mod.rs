@@ -31,6 +31,7 @@ pub mod seccomp;
 pub mod spawn;
 pub mod spec;
 pub mod stdio;
+pub mod steps;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -489,6 +490,7 @@ impl Engine {
             id: id.into(),
             what,
         };
+        let mut trace = steps::Trace::new();
         let spec = check_create(id, spec_json)?;
         // The request's flag or the spec's own `process.terminal`.
         let terminal = terminal
@@ -516,12 +518,26 @@ impl Engine {
                 return Err(Error::Exists(id.into()));
             }
         }
-        let r = self.create_reserved(id, spec, rootfs, terminal);
+        if let Some(t) = trace.as_mut() {
+            t.mark("checked");
+        }
+        let r = self.create_reserved(id, spec, rootfs, terminal, &mut trace);
+        if let Some(t) = trace.as_mut() {
+            t.mark(if r.is_ok() { "ready" } else { "failed" });
+            crate::logging::debug!("CreateContainer {id} steps (ms): {}", t.render());
+        }
         lock(&self.creating).remove(id);
         r
     }
 
-    fn create_reserved(&self, id: &str, spec: Spec, rootfs: PathBuf, terminal: bool) -> Result<()> {
+    fn create_reserved(
+        &self,
+        id: &str,
+        spec: Spec,
+        rootfs: PathBuf,
+        terminal: bool,
+        trace: &mut Option<steps::Trace>,
+    ) -> Result<()> {
         let invalid = |what: String| Error::Invalid {
             id: id.into(),
             what,
@@ -544,7 +560,10 @@ impl Engine {
                 return Err(failed(id)(e));
             }
         }
-        let made = self.spawn_init(id, spec, rootfs, cgroup.clone(), ns, terminal);
+        if let Some(t) = trace.as_mut() {
+            t.mark("cgroup");
+        }
+        let made = self.spawn_init(id, spec, rootfs, cgroup.clone(), ns, terminal, trace);
         match made {
             Ok(c) => {
                 lock(&self.containers).insert(id.into(), Arc::new(c));
@@ -594,6 +613,7 @@ impl Engine {
         cgroup: Option<Cgroup>,
         ns: Namespaces,
         terminal: bool,
+        trace: &mut Option<steps::Trace>,
     ) -> Result<Container> {
         // A terminal comes from the helper, out of the container's devpts (see `recv_pty`).
         let (pipes, ends) = Stdio::for_helper(terminal).map_err(failed(id))?;
@@ -609,6 +629,9 @@ impl Engine {
             None => spawn::spawn("init", ns.flags, fds),
         };
         let (pid, sock) = spawned.map_err(failed(id))?;
+        if let Some(t) = trace.as_mut() {
+            t.mark("spawned");
+        }
         drop(ends);
         let inherited = exec::Inherited::from_spec(&spec);
         let cfg = InitConfig {
@@ -619,11 +642,15 @@ impl Engine {
             join: ns.join,
             set_hostname: ns.set_hostname,
             terminal,
+            steps: trace.is_some(),
         };
         let setup = (|| -> std::result::Result<(Sync, Stdio), StepError> {
             let mut sync = Sync::new(sock);
             let json = serde_json::to_vec(&cfg).map_err(StepError::HelperConfig)?;
             sync.send_config(&json)?;
+            if let Some(t) = trace.as_mut() {
+                t.mark("config sent");
+            }
             let stdio = match pipes {
                 Some(s) => s,
                 None => {
@@ -635,7 +662,14 @@ impl Engine {
                     s
                 }
             };
-            match sync.recv(SETUP_TIMEOUT)? {
+            let mut answer = sync.recv(SETUP_TIMEOUT)?;
+            if let (Some(l), Some(t)) = (&answer, trace.as_mut()) {
+                if l.starts_with("steps ") {
+                    t.add_helper(l);
+                    answer = sync.recv(SETUP_TIMEOUT)?;
+                }
+            }
+            match answer {
                 Some(l) if l == "ready" => Ok((sync, stdio)),
                 Some(l) => Err(StepError::HelperAnswered(l)),
                 None => Err(StepError::HelperEnded(

@@ -19,6 +19,7 @@ use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use oci_spec::runtime::{LinuxDevice, LinuxDeviceType, Mount, Spec};
 
 use super::inroot::{self, Make, Root};
+use super::steps::mark;
 
 /// Why the container's file system view could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -570,10 +571,13 @@ pub fn build(spec: &Spec, rootfs: &Path) -> Result<()> {
     // Held from here on: the bind just made (a mount made through an fd of what is under it
     // would not be seen in the container).
     let root = Root::new(rootfs)?;
+    mark("mounts: rootfs bound");
     for m in spec.mounts().as_deref().unwrap_or(&[]) {
         mount_one(&root, m)?;
     }
+    mark("mounts: the spec's");
     default_devices(&root)?;
+    mark("mounts: default devices");
     devices(&root, linux.devices().as_deref().unwrap_or(&[]))?;
     // runc makes the process's working directory if the image lacks it.
     if let Some(p) = spec.process() {
@@ -583,9 +587,13 @@ pub fn build(spec: &Spec, rootfs: &Path) -> Result<()> {
             Err(e) => return Err(e.into()),
         }
     }
+    mark("mounts: devices and cwd");
     mask(&root, linux.masked_paths().as_deref().unwrap_or(&[]))?;
+    mark("mounts: masked");
     readonly(&root, linux.readonly_paths().as_deref().unwrap_or(&[]))?;
+    mark("mounts: read-only");
     pivot_root(&root)?;
+    mark("mounts: pivot_root");
     // As runc: the root's own propagation once it is the root (made on the old root's mount
     // it would have reached the guest's namespace); private it is already.
     if let Some(p) = prop.filter(|p| !p.contains(MsFlags::MS_PRIVATE)) {
