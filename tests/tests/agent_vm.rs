@@ -392,6 +392,17 @@ fn cgroup_namespace_shows_the_containers_own_subtree() {
     g.agent.exec("cg", "look2", &p).unwrap();
     let out = g.agent.collect("cg", "look2");
     assert_eq!(out.stdout_str(), "0::/\n83886080\nown-subtree\n", "{out:?}");
+    // The guest's cgroup2 is mounted favordynmods (a process's move into a cgroup does not
+    // wait for an RCU grace period): the option is the super block's, so the container's
+    // mount shows it.
+    let p = json!({ "user": {"uid": 0, "gid": 0}, "args": ["grep", "cgroup2", "/proc/self/mountinfo"], "env": ["PATH=/bin"], "cwd": "/" });
+    g.agent.exec("cg", "opts", &p).unwrap();
+    let out = g.agent.collect("cg", "opts");
+    assert!(
+        out.stdout_str().contains("favordynmods"),
+        "{}",
+        out.stdout_str()
+    );
     g.agent.remove("cg", true).unwrap();
 
     // A cgroup namespace by path (the host's, as CRI writes it) keeps the guest's view.
