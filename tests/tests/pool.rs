@@ -136,6 +136,14 @@ impl Holder {
                     held <= 2,
                     "the pool holds {held} VMs, more than its size 2: {s}"
                 );
+                // A VM boots at the lowest CPU priority, and is put back once ready.
+                for vm in s["vms"].as_array().into_iter().flatten() {
+                    let want = if vm["state"] == "ready" { 0 } else { 19 };
+                    assert!(
+                        vm["nice"].is_null() || vm["nice"] == want,
+                        "pooled VM's priority: {vm}"
+                    );
+                }
                 if s["ready"].as_u64() == Some(n) {
                     return;
                 }
@@ -228,6 +236,21 @@ fn pooled_starts_and_the_pools_bounds() {
     let t = tempfile::tempdir().unwrap();
     let holder = Holder::start(t.path());
     holder.wait_ready(2);
+    // Every thread of a ready VM's QEMU is back at the normal priority.
+    for vm in holder.status()["vms"].as_array().unwrap() {
+        let qemu = qemu_of(vm["vmid"].as_str().unwrap());
+        for task in std::fs::read_dir(format!("/proc/{qemu}/task"))
+            .unwrap()
+            .flatten()
+        {
+            let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+            let nice = stat
+                .rsplit_once(") ")
+                .and_then(|(_, r)| r.split_whitespace().nth(16))
+                .unwrap_or_default();
+            assert_eq!(nice, "0", "a ready pooled VM's QEMU thread: {stat}");
+        }
+    }
 
     // Two at once: each gets a VM of its own, both pooled.
     let (a, b) = (unique("pool-a"), unique("pool-b"));

@@ -343,6 +343,13 @@ fn spawn_keeper(h: &Holder, vmid: &str) -> Result<(std::process::Child, UnixStre
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .current_dir("/");
+    // Boots in the background (super::priority): everything it starts inherits this.
+    // SAFETY: pre_exec runs one async-signal-safe syscall.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+            super::priority::set_own_nice(super::priority::BOOT_NICE)
+        });
+    }
     let child = cmd.spawn().map_err(super::io("starting", &exe))?;
     Ok((child, ours))
 }
@@ -375,6 +382,12 @@ fn watch(h: &Arc<Holder>, vmid: String, mut child: std::process::Child) {
             }) => {
                 if let Some(s) = st.slots.iter_mut().find(|s| s.vmid == vmid) {
                     log::info!("{vmid} ready: VM {vm_pid}, {} ms since its keeper started (guest {guest_boot_ms} ms)", s.since.elapsed().as_millis());
+                    // Booted: a pod may claim it any moment, and must not share the lowest
+                    // priority with the next VM's boot.
+                    let failed = super::priority::renice_tree(s.keeper_pid, 0);
+                    if failed > 0 {
+                        log::warn!("{vmid}: {failed} of its threads kept the boot's low CPU priority (setpriority failed)");
+                    }
                     s.state = SlotState::Ready {
                         vm_pid,
                         backend,
@@ -589,6 +602,8 @@ fn status(h: &Holder) -> serde_json::Value {
                 "state": state,
                 "keeper_pid": s.keeper_pid,
                 "vm_pid": vm_pid,
+                // The keeper's CPU priority: 19 while booting, 0 once ready.
+                "nice": super::priority::nice_of(s.keeper_pid),
                 "for_ms": u64::try_from(s.since.elapsed().as_millis()).unwrap_or(u64::MAX),
             })
         })

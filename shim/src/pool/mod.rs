@@ -42,6 +42,7 @@
 pub mod client;
 pub mod holder;
 pub mod keeper;
+pub mod priority;
 pub mod wire;
 
 use std::path::{Path, PathBuf};
