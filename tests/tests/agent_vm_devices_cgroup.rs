@@ -255,6 +255,10 @@ fn update_container_replaces_the_device_program_of_a_running_container() {
     // is no longer attached (attached programs must all allow).
     update(&g, json!({ "devices": [{ "allow": false, "access": "rwm" }, { "allow": true, "type": "c", "major": 1, "minor": 11, "access": "w" }] })).unwrap();
     assert_eq!(probe(&g), "kmsg-ok\nnull-ok\n");
+    // The same rules again: the agent loads each distinct program once, so this replaces the
+    // attached program by itself, which the kernel allows.
+    update(&g, json!({ "devices": [{ "allow": false, "access": "rwm" }, { "allow": true, "type": "c", "major": 1, "minor": 11, "access": "w" }] })).unwrap();
+    assert_eq!(probe(&g), "kmsg-ok\nnull-ok\n");
 
     // Resources without devices leave the program alone.
     update(&g, json!({ "pids": { "limit": 100 } })).unwrap();

@@ -31,6 +31,7 @@
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::Path;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use oci_spec::runtime::{LinuxDeviceCgroup, LinuxDeviceType};
 
@@ -328,6 +329,33 @@ pub fn compile(rules: &[LinuxDeviceCgroup]) -> Result<Vec<Insn>, Error> {
 /// Loads `prog` and makes it the cgroup's only device program: in place of the one attached
 /// (atomically), or beside several (then the old ones are detached: while both are attached,
 /// access is what both allow, never more).
+/// How many loaded programs [`loaded`] keeps.
+const PROGRAM_CACHE: usize = 8;
+
+/// Loaded device programs with their instructions, least recently used first.
+static LOADED: Mutex<Vec<(Vec<Insn>, Arc<OwnedFd>)>> = Mutex::new(Vec::new());
+
+/// `prog` loaded into the kernel, once per distinct program: a pod's containers (every `ctr`
+/// container too) carry the same rules, and one program may be attached to any number of
+/// cgroups, so the load and its verifier run (~5 ms of a container's creation under TCG) are
+/// paid once. The rules are pod-spec input: at most [`PROGRAM_CACHE`] programs are kept, the
+/// least recently used dropped (a cgroup it is attached to keeps it alive in the kernel).
+fn loaded(prog: &[Insn]) -> Result<Arc<OwnedFd>, bpf_syscall::Error> {
+    let mut cache = LOADED.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some(i) = cache.iter().position(|(p, _)| p.as_slice() == prog) {
+        let hit = cache.remove(i);
+        let fd = hit.1.clone();
+        cache.push(hit);
+        return Ok(fd);
+    }
+    let fd = Arc::new(bpf_syscall::load_device_program(prog)?);
+    if cache.len() >= PROGRAM_CACHE {
+        cache.remove(0);
+    }
+    cache.push((prog.to_vec(), fd.clone()));
+    Ok(fd)
+}
+
 pub fn install(cgroup: &Path, prog: &[Insn]) -> Result<(), Error> {
     let ctx = |source: bpf_syscall::Error| Error::Bpf {
         path: cgroup.to_path_buf(),
@@ -345,12 +373,20 @@ pub fn install(cgroup: &Path, prog: &[Insn]) -> Result<(), Error> {
         .map(|id| bpf_syscall::prog_by_id(id).map(|fd| (id, fd)))
         .collect::<Result<_, _>>()
         .map_err(ctx)?;
-    let new = bpf_syscall::load_device_program(prog).map_err(ctx)?;
     match old.as_slice() {
         [(_, one)] => {
+            // Replacing a program by itself (an update with the same rules) is allowed.
+            let new = loaded(prog).map_err(ctx)?;
             bpf_syscall::attach(dir.as_fd(), new.as_fd(), Some(one.as_fd())).map_err(ctx)?
         }
+        [] => {
+            let new = loaded(prog).map_err(ctx)?;
+            bpf_syscall::attach(dir.as_fd(), new.as_fd(), None).map_err(ctx)?
+        }
         _ => {
+            // Several (not all ours): a program of our cache may be among them, and the
+            // kernel refuses to attach one twice; a fresh one never is.
+            let new = bpf_syscall::load_device_program(prog).map_err(ctx)?;
             bpf_syscall::attach(dir.as_fd(), new.as_fd(), None).map_err(ctx)?;
             for (id, fd) in &old {
                 bpf_syscall::detach(dir.as_fd(), fd.as_fd(), *id).map_err(ctx)?;
@@ -369,6 +405,31 @@ mod tests {
 
     fn rules(json: &str) -> Vec<LinuxDeviceCgroup> {
         serde_json::from_str(json).unwrap()
+    }
+
+    /// Each distinct program is loaded once and reused; the cache keeps the most recently
+    /// used [`PROGRAM_CACHE`]. (Loads real programs: root, as the other tests here.)
+    #[test]
+    fn a_program_is_loaded_once_and_the_cache_is_bounded() {
+        let prog = |major: i64| {
+            compile(&rules(&format!(
+                r#"[{{"allow": false, "access": "rwm"}}, {{"allow": true, "type": "c", "major": {major}, "minor": 3, "access": "rwm"}}]"#
+            )))
+            .unwrap()
+        };
+        // Majors no other test uses, so the shared cache's other entries do not matter.
+        let first = loaded(&prog(9001)).unwrap();
+        assert!(Arc::ptr_eq(&first, &loaded(&prog(9001)).unwrap()));
+        assert!(!Arc::ptr_eq(&first, &loaded(&prog(9002)).unwrap()));
+        for major in 9003..9003 + i64::try_from(PROGRAM_CACHE).unwrap() {
+            loaded(&prog(major)).unwrap();
+        }
+        let cache = LOADED.lock().unwrap();
+        assert!(cache.len() <= PROGRAM_CACHE);
+        assert!(
+            !cache.iter().any(|(_, fd)| Arc::ptr_eq(fd, &first)),
+            "the least recently used program stayed"
+        );
     }
 
     /// containerd 1.6's default for `ctr run`: oci.populateDefaultUnixSpec's deny-all, then
