@@ -7,13 +7,14 @@
 use std::net::{IpAddr, Ipv4Addr};
 
 use futures_util::stream::TryStreamExt;
-use husk_protocols::agent::{Interface, IpAddress, Route};
-use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
-use rtnetlink::packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
-use rtnetlink::packet_route::route::{
-    RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteType,
+use husk_netlink::{
+    address_of, link_mac, link_mtu, link_name, mac_string, main_routes, route_destination,
+    route_gateway, route_oif, route_source,
 };
-use rtnetlink::packet_route::AddressFamily;
+use husk_protocols::agent::{Interface, IpAddress, Route};
+use rtnetlink::packet_route::address::AddressMessage;
+use rtnetlink::packet_route::link::{LinkFlags, LinkMessage};
+use rtnetlink::packet_route::route::{RouteMessage, RouteProtocol};
 use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
 
 /// Errors name the interface or route and the netlink step.
@@ -68,13 +69,6 @@ fn run<T>(f: impl AsyncFnOnce(Handle) -> Result<T>) -> Result<T> {
     })
 }
 
-fn mac_string(b: &[u8]) -> String {
-    b.iter()
-        .map(|x| format!("{x:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
-}
-
 fn parse_mac(s: &str) -> Result<Vec<u8>> {
     let v: std::result::Result<Vec<u8>, _> =
         s.split(':').map(|p| u8::from_str_radix(p, 16)).collect();
@@ -103,32 +97,6 @@ pub fn parse_cidr(s: &str) -> Result<(IpAddr, u8)> {
     Ok((ip, p))
 }
 
-fn link_name(l: &LinkMessage) -> String {
-    l.attributes
-        .iter()
-        .find_map(|a| {
-            if let LinkAttribute::IfName(n) = a {
-                Some(n.clone())
-            } else {
-                None
-            }
-        })
-        .unwrap_or_default()
-}
-
-fn link_mac(l: &LinkMessage) -> String {
-    l.attributes
-        .iter()
-        .find_map(|a| {
-            if let LinkAttribute::Address(m) = a {
-                Some(mac_string(m))
-            } else {
-                None
-            }
-        })
-        .unwrap_or_default()
-}
-
 async fn links(h: &Handle) -> Result<Vec<LinkMessage>> {
     h.link()
         .get()
@@ -148,41 +116,12 @@ async fn addresses(h: &Handle, index: u32) -> Result<Vec<AddressMessage>> {
         .map_err(nl(format!("listing addresses of link {index}")))
 }
 
-fn address_of(a: &AddressMessage) -> Option<IpAddr> {
-    let local = a.attributes.iter().find_map(|x| {
-        if let AddressAttribute::Local(ip) = x {
-            Some(*ip)
-        } else {
-            None
-        }
-    });
-    local.or_else(|| {
-        a.attributes.iter().find_map(|x| {
-            if let AddressAttribute::Address(ip) = x {
-                Some(*ip)
-            } else {
-                None
-            }
-        })
-    })
-}
-
 async fn describe(h: &Handle, l: &LinkMessage) -> Result<Interface> {
     let addrs = addresses(h, l.header.index).await?;
     Ok(Interface {
         name: link_name(l),
-        mac: link_mac(l),
-        mtu: l
-            .attributes
-            .iter()
-            .find_map(|a| {
-                if let LinkAttribute::Mtu(m) = a {
-                    Some(*m)
-                } else {
-                    None
-                }
-            })
-            .unwrap_or(0),
+        mac: link_mac(l).map(mac_string).unwrap_or_default(),
+        mtu: link_mtu(l).unwrap_or(0),
         up: l.header.flags.contains(LinkFlags::Up),
         addresses: addrs
             .iter()
@@ -305,7 +244,7 @@ pub fn update_interface(
         let all = links(&h).await?;
         let link = all
             .iter()
-            .find(|l| link_mac(l) == mac_string(&find))
+            .find(|l| link_mac(l) == Some(find.as_slice()))
             .ok_or_else(|| {
                 Error::Invalid(format!("no interface with MAC {}", mac_string(&find)))
             })?;
@@ -372,87 +311,14 @@ fn invalid<E: std::fmt::Display>(what: &str) -> impl Fn(E) -> Error + '_ {
     move |e| Error::Invalid(format!("{what}: {e}"))
 }
 
-fn route_addr(a: &RouteAddress) -> Option<IpAddr> {
-    match a {
-        RouteAddress::Inet(v4) => Some(IpAddr::V4(*v4)),
-        RouteAddress::Inet6(v6) => Some(IpAddr::V6(*v6)),
-        _ => None,
-    }
-}
-
-fn oif(r: &RouteMessage) -> Option<u32> {
-    r.attributes.iter().find_map(|a| {
-        if let RouteAttribute::Oif(i) = a {
-            Some(*i)
-        } else {
-            None
-        }
-    })
-}
-
-async fn main_routes(h: &Handle) -> Result<Vec<RouteMessage>> {
-    let mut out = Vec::new();
-    for fam in [
-        RouteMessageBuilder::<std::net::Ipv4Addr>::new().build(),
-        RouteMessageBuilder::<std::net::Ipv6Addr>::new().build(),
-    ] {
-        let rs: Vec<RouteMessage> = h
-            .route()
-            .get(fam)
-            .execute()
-            .try_collect()
-            .await
-            .map_err(nl("listing routes"))?;
-        out.extend(
-            rs.into_iter()
-                .filter(|r| r.header.table == 254 && r.header.kind == RouteType::Unicast),
-        );
-    }
-    Ok(out)
-}
-
 fn describe_route(r: &RouteMessage, names: &std::collections::HashMap<u32, String>) -> Route {
-    let dst = r.attributes.iter().find_map(|a| {
-        if let RouteAttribute::Destination(d) = a {
-            route_addr(d)
-        } else {
-            None
-        }
-    });
-    let dst = match dst {
-        Some(ip) => format!("{ip}/{}", r.header.destination_prefix_length),
-        None if r.header.address_family == AddressFamily::Inet6 => "::/0".into(),
-        None => "0.0.0.0/0".into(),
-    };
     Route {
-        destination: dst,
-        gateway: r
-            .attributes
-            .iter()
-            .find_map(|a| {
-                if let RouteAttribute::Gateway(g) = a {
-                    route_addr(g)
-                } else {
-                    None
-                }
-            })
-            .map(|g| g.to_string())
-            .unwrap_or_default(),
-        device: oif(r)
+        destination: route_destination(r),
+        gateway: route_gateway(r).map(|g| g.to_string()).unwrap_or_default(),
+        device: route_oif(r)
             .and_then(|i| names.get(&i).cloned())
             .unwrap_or_default(),
-        source: r
-            .attributes
-            .iter()
-            .find_map(|a| {
-                if let RouteAttribute::PrefSource(s) = a {
-                    route_addr(s)
-                } else {
-                    None
-                }
-            })
-            .map(|s| s.to_string())
-            .unwrap_or_default(),
+        source: route_source(r).map(|s| s.to_string()).unwrap_or_default(),
         ..Default::default()
     }
 }
@@ -482,9 +348,9 @@ pub fn update_routes(want: &[Route]) -> Result<Vec<Route>> {
             })?;
             devs.insert(i);
         }
-        for old in main_routes(&h).await? {
+        for old in main_routes(&h).await.map_err(nl("listing routes"))? {
             if old.header.protocol != RouteProtocol::Kernel
-                && oif(&old).is_some_and(|i| devs.contains(&i))
+                && route_oif(&old).is_some_and(|i| devs.contains(&i))
             {
                 h.route()
                     .del(old)
@@ -523,7 +389,8 @@ pub fn update_routes(want: &[Route]) -> Result<Vec<Route>> {
             h.route().add(b.build()).execute().await.map_err(nl(what))?;
         }
         Ok(main_routes(&h)
-            .await?
+            .await
+            .map_err(nl("listing routes"))?
             .iter()
             .map(|r| describe_route(r, &names))
             .collect())

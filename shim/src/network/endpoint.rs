@@ -5,13 +5,15 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 
 use futures_util::TryStreamExt;
-use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage, AddressScope};
-use rtnetlink::packet_route::link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage};
-use rtnetlink::packet_route::route::{
-    RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteType,
+use rtnetlink::packet_route::address::{AddressMessage, AddressScope};
+use rtnetlink::packet_route::link::{InfoKind, LinkFlags, LinkMessage};
+use rtnetlink::packet_route::route::{RouteMessage, RouteProtocol};
+use rtnetlink::Handle;
+
+use husk_netlink::{
+    address_of, link_kind, link_mac, link_mtu, link_name, main_routes, route_destination,
+    route_gateway, route_oif, route_source,
 };
-use rtnetlink::packet_route::AddressFamily;
-use rtnetlink::{Handle, RouteMessageBuilder};
 
 use super::NetworkError;
 
@@ -45,90 +47,11 @@ fn nl(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> NetworkError 
     move |source| NetworkError::Netlink { what, source }
 }
 
-fn name(l: &LinkMessage) -> String {
-    l.attributes
-        .iter()
-        .find_map(|a| {
-            if let LinkAttribute::IfName(n) = a {
-                Some(n.clone())
-            } else {
-                None
-            }
-        })
-        .unwrap_or_default()
-}
-
-fn kind(l: &LinkMessage) -> Option<InfoKind> {
-    l.attributes.iter().find_map(|a| match a {
-        LinkAttribute::LinkInfo(infos) => infos.iter().find_map(|i| {
-            if let LinkInfo::Kind(k) = i {
-                Some(k.clone())
-            } else {
-                None
-            }
-        }),
-        _ => None,
-    })
-}
-
-fn route_addr(a: &RouteAddress) -> Option<IpAddr> {
-    match a {
-        RouteAddress::Inet(v4) => Some(IpAddr::V4(*v4)),
-        RouteAddress::Inet6(v6) => Some(IpAddr::V6(*v6)),
-        _ => None,
-    }
-}
-
-fn address_of(a: &AddressMessage) -> Option<IpAddr> {
-    let local = a.attributes.iter().find_map(|x| {
-        if let AddressAttribute::Local(ip) = x {
-            Some(*ip)
-        } else {
-            None
-        }
-    });
-    local.or_else(|| {
-        a.attributes.iter().find_map(|x| {
-            if let AddressAttribute::Address(ip) = x {
-                Some(*ip)
-            } else {
-                None
-            }
-        })
-    })
-}
-
 fn describe_route(r: &RouteMessage) -> Route {
-    let dst = r.attributes.iter().find_map(|a| {
-        if let RouteAttribute::Destination(d) = a {
-            route_addr(d)
-        } else {
-            None
-        }
-    });
-    let destination = match dst {
-        Some(ip) => format!("{ip}/{}", r.header.destination_prefix_length),
-        None if r.header.address_family == AddressFamily::Inet6 => "::/0".into(),
-        None => "0.0.0.0/0".into(),
-    };
-    let gateway = r.attributes.iter().find_map(|a| {
-        if let RouteAttribute::Gateway(g) = a {
-            route_addr(g)
-        } else {
-            None
-        }
-    });
-    let source = r.attributes.iter().find_map(|a| {
-        if let RouteAttribute::PrefSource(s) = a {
-            route_addr(s)
-        } else {
-            None
-        }
-    });
     Route {
-        destination,
-        gateway: gateway.map(|g| g.to_string()).unwrap_or_default(),
-        source: source.map(|s| s.to_string()).unwrap_or_default(),
+        destination: route_destination(r),
+        gateway: route_gateway(r).map(|g| g.to_string()).unwrap_or_default(),
+        source: route_source(r).map(|s| s.to_string()).unwrap_or_default(),
     }
 }
 
@@ -136,8 +59,8 @@ fn describe_route(r: &RouteMessage) -> Route {
 /// has no peer CNI could have configured).
 fn is_endpoint(l: &LinkMessage) -> bool {
     !l.header.flags.contains(LinkFlags::Loopback)
-        && !matches!(kind(l), Some(InfoKind::Tun))
-        && name(l) != "lo"
+        && !matches!(link_kind(l), Some(InfoKind::Tun))
+        && link_name(l) != "lo"
 }
 
 /// The interfaces of the current netns that the guest should mirror, ordered by index.
@@ -156,55 +79,26 @@ pub async fn scan(h: &Handle) -> Result<Vec<Link>, NetworkError> {
         .try_collect()
         .await
         .map_err(nl("listing the addresses"))?;
-    let mut routes: Vec<RouteMessage> = Vec::new();
-    for fam in [
-        RouteMessageBuilder::<std::net::Ipv4Addr>::new().build(),
-        RouteMessageBuilder::<std::net::Ipv6Addr>::new().build(),
-    ] {
-        let rs: Vec<RouteMessage> = h
-            .route()
-            .get(fam)
-            .execute()
-            .try_collect()
-            .await
-            .map_err(nl("listing the routes"))?;
-        routes.extend(rs.into_iter().filter(|r| {
-            r.header.table == 254
-                && r.header.kind == RouteType::Unicast
-                && r.header.protocol != RouteProtocol::Kernel
-        }));
-    }
+    // CNI's routes: the kernel's own prefix routes for the addresses the guest makes again.
+    let routes: Vec<RouteMessage> = main_routes(h)
+        .await
+        .map_err(nl("listing the routes"))?
+        .into_iter()
+        .filter(|r| r.header.protocol != RouteProtocol::Kernel)
+        .collect();
     let mut by_index: HashMap<u32, Vec<Route>> = HashMap::new();
     for r in &routes {
-        if let Some(oif) = r.attributes.iter().find_map(|a| {
-            if let RouteAttribute::Oif(i) = a {
-                Some(*i)
-            } else {
-                None
-            }
-        }) {
+        if let Some(oif) = route_oif(r) {
             by_index.entry(oif).or_default().push(describe_route(r));
         }
     }
     let mut out = Vec::new();
     for l in links.iter().filter(|l| is_endpoint(l)) {
-        let n = name(l);
-        let mac = l
-            .attributes
-            .iter()
-            .find_map(|a| if let LinkAttribute::Address(m) = a { <[u8; 6]>::try_from(m.as_slice()).ok() } else { None })
+        let n = link_name(l);
+        let mac = link_mac(l)
+            .and_then(|m| <[u8; 6]>::try_from(m).ok())
             .ok_or_else(|| NetworkError::Unsupported(format!("interface {n} has no Ethernet MAC address: only Ethernet interfaces (veth, macvlan, …) can be mirrored to the guest")))?;
-        let mtu = l
-            .attributes
-            .iter()
-            .find_map(|a| {
-                if let LinkAttribute::Mtu(m) = a {
-                    Some(*m)
-                } else {
-                    None
-                }
-            })
-            .unwrap_or(1500);
+        let mtu = link_mtu(l).unwrap_or(1500);
         let addresses = addrs
             .iter()
             .filter(|a| a.header.index == l.header.index && a.header.scope != AddressScope::Link)
@@ -234,6 +128,6 @@ pub async fn index_of(h: &Handle, name: &str) -> Result<Option<u32>, NetworkErro
         .map_err(nl("listing the interfaces"))?;
     Ok(links
         .iter()
-        .find(|l| self::name(l) == name)
+        .find(|l| link_name(l) == name)
         .map(|l| l.header.index))
 }

@@ -14,7 +14,7 @@ use crate::agent;
 pub fn interface(link: &Link) -> Interface {
     Interface {
         name: link.name.clone(),
-        mac: mac_string(&link.mac),
+        mac: husk_netlink::mac_string(&link.mac),
         mtu: link.mtu,
         up: true,
         addresses: link
@@ -42,13 +42,6 @@ pub fn routes(link: &Link) -> Vec<Route> {
             ..Default::default()
         })
         .collect()
-}
-
-pub(crate) fn mac_string(mac: &[u8; 6]) -> String {
-    mac.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
 }
 
 /// The guest end of port-forward, for the first NIC (see `port_forward.rs`).
@@ -81,7 +74,11 @@ pub(crate) fn configure(
             client
                 .update_interface(agent::short(), &req)
                 .map_err(|e| NetworkError::Guest {
-                    what: format!("UpdateInterface {} ({})", link.name, mac_string(&link.mac)),
+                    what: format!(
+                        "UpdateInterface {} ({})",
+                        link.name,
+                        husk_netlink::mac_string(&link.mac)
+                    ),
                     message: agent::describe(&e),
                 })?;
         if !got.up || got.mtu != link.mtu {

@@ -310,7 +310,7 @@ impl Network {
             log::info!(
                 "network: {} ({}, mtu {}, {:?}) ↔ {} in {}",
                 e.veth.name,
-                guest::mac_string(&e.veth.mac),
+                husk_netlink::mac_string(&e.veth.mac),
                 e.veth.mtu,
                 e.veth.addresses,
                 e.tap_name,
