@@ -146,7 +146,10 @@ mod tests {
     #[test]
     fn a_link_is_read_by_name_mac_mtu_and_kind() {
         let mut l = LinkMessage::default();
-        assert_eq!((link_name(&l), link_mac(&l), link_mtu(&l)), (String::new(), None, None));
+        assert_eq!(
+            (link_name(&l), link_mac(&l), link_mtu(&l)),
+            (String::new(), None, None)
+        );
         l.attributes = vec![
             LinkAttribute::IfName("eth0".into()),
             LinkAttribute::Address(vec![0x0a, 0x58, 0, 0, 0, 0xff]),
