@@ -114,6 +114,10 @@ enum Cmd {
         /// husk node; `never` is Debian's default).
         #[arg(long)]
         l1_shmem_thp: Option<String>,
+        /// L1 frees memory without clearing it (Debian's default) instead of with
+        /// init_on_free=1: later guests then pay for TCG dropping an earlier guest's code.
+        #[arg(long)]
+        l1_keep_freed: bool,
     },
     /// The nested tier of `cargo xtask test` alone: the tier-4 tests (Linux and the full stack
     /// on husk-vmm) in an L1 VM under QEMU TCG with emulated AMD SVM, on the host's `/`
@@ -176,6 +180,7 @@ fn main() {
             husk_vmm,
             qemu_first,
             l1_shmem_thp,
+            l1_keep_freed,
         } => {
             let mut o = nested::linux_boot::Options::new(rounds);
             if let Some(c) = cmdline {
@@ -185,6 +190,7 @@ fn main() {
             o.husk_vmm = husk_vmm;
             o.qemu_first = qemu_first;
             o.l1_shmem_thp = l1_shmem_thp;
+            o.l1_keep_freed = l1_keep_freed;
             nested::linux_boot::print(&o)
         }
         Cmd::BootProbe {

@@ -67,6 +67,29 @@ pub struct Options {
     /// L1's `shmem_enabled` (transparent huge pages for shared memory) when not `advise`,
     /// which L1's stage 2 sets as on a husk node (to compare: `never`, Debian's default).
     pub l1_shmem_thp: Option<String>,
+    /// L1 frees memory without clearing it (Debian's default) instead of with
+    /// [`L1_CLEAR_FREED`]: to see what that costs the guests that boot after the first.
+    pub l1_keep_freed: bool,
+}
+
+/// L1 clears the pages it frees (`init_on_free=1`). Without it every guest but L1's first runs
+/// ~2× slower, whichever the VMM: its RAM is L1 memory an earlier guest ran code from, L0's
+/// TCG still holds translations of that code, and while a page holds any, every store to it
+/// (L1 clearing the page for its new owner, byte by byte) goes through TCG's slow path that
+/// looks the translations up and drops them (docs/FIELD-NOTES.md, "Where our guest's boot goes
+/// in L1"). Cleared when freed, the page has lost its translations before the next guest asks
+/// for it, so each boot is measured as the first one is; the clearing falls in the teardown of
+/// the VM before, which nothing times. A property of TCG under L1, not of either VMM: on
+/// hardware KVM there are no translations to drop.
+pub const L1_CLEAR_FREED: &str = "init_on_free=1";
+
+/// The boot probe's additions to L1's kernel command line.
+fn l1_args(o: &Options) -> Vec<&'static str> {
+    if o.l1_keep_freed {
+        Vec::new()
+    } else {
+        vec![L1_CLEAR_FREED]
+    }
 }
 
 impl Options {
@@ -78,6 +101,7 @@ impl Options {
             husk_vmm: None,
             qemu_first: false,
             l1_shmem_thp: None,
+            l1_keep_freed: false,
         }
     }
 
@@ -206,11 +230,17 @@ fn nested(o: &Options) -> Result<Measured> {
         &dir,
         deadline,
         initramfs::Root::Packed,
+        &l1_args(o),
     )?;
     let mut m = Measured {
         place: format!(
-            "nested: one L1 VM under QEMU TCG (`-cpu max`, emulated AMD SVM), {}, L1 up at {}",
+            "nested: one L1 VM under QEMU TCG (`-cpu max`, emulated AMD SVM), {}{}, L1 up at {}",
             l1.package,
+            if o.l1_keep_freed {
+                ", freed memory not cleared (Debian's default)"
+            } else {
+                ", init_on_free=1"
+            },
             results.l1_up.as_deref().unwrap_or("?")
         ),
         nested: true,
@@ -307,4 +337,24 @@ pub fn print(o: &Options) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn l1_clears_freed_memory_unless_told_to_keep_it() {
+        let mut o = Options::new(1);
+        assert_eq!(l1_args(&o), vec!["init_on_free=1"]);
+        o.l1_keep_freed = true;
+        assert!(l1_args(&o).is_empty());
+    }
+
+    #[test]
+    fn median_takes_the_middle() {
+        assert_eq!(median(&[]), None);
+        assert_eq!(median(&[3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), Some(2.5));
+    }
 }

@@ -59,6 +59,14 @@ const QEMU_ARGS: &[&str] = &[
 ];
 const L1_CMDLINE: &str = "console=ttyS0 panic=-1 loglevel=4";
 
+/// L1's kernel command line: [`L1_CMDLINE`] and `extra`.
+fn l1_cmdline(extra: &[&str]) -> String {
+    std::iter::once(L1_CMDLINE)
+        .chain(extra.iter().copied())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// L1's memory: packed, 1 GiB holds the tmpfs root (~100 MB) and a 256 MiB L2. On the host's
 /// `/`, 2 GiB: the page cache of what L1 reads over 9p (containerd, the test binary: ~150
 /// MB), containerd's snapshots and state on tmpfs, a few L2s of 256 MiB each at once
@@ -456,6 +464,7 @@ pub fn run(names: &[String]) -> Result<Outcome> {
         &dir,
         deadline,
         initramfs::Root::HostExport,
+        &[],
     )?;
     let mut outcome = results.outcome(&binaries);
     outcome.failed.append(&mut outcome_missing);
@@ -502,7 +511,8 @@ fn vm_hwm_kib(status: &str) -> Option<u64> {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
-/// Boots L1, follows its results port until L1 powers off or the deadline passes.
+/// Boots L1 (`l1_args` added to its kernel command line), follows its results port until L1
+/// powers off or the deadline passes.
 pub fn boot(
     qemu: &Path,
     vmlinux: &Path,
@@ -510,6 +520,7 @@ pub fn boot(
     dir: &Path,
     deadline: Duration,
     root: initramfs::Root,
+    l1_args: &[&str],
 ) -> Result<L1Results> {
     let console = dir.join("console.log");
     let results_log = dir.join("results.log");
@@ -526,7 +537,7 @@ pub fn boot(
         .arg("-initrd")
         .arg(cpio)
         .arg("-append")
-        .arg(L1_CMDLINE)
+        .arg(l1_cmdline(l1_args))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&stderr_log)?);
@@ -615,6 +626,15 @@ pub fn boot(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn l1_cmdline_adds_the_extra_arguments() {
+        assert_eq!(l1_cmdline(&[]), L1_CMDLINE);
+        assert_eq!(
+            l1_cmdline(&["init_on_free=1"]),
+            "console=ttyS0 panic=-1 loglevel=4 init_on_free=1"
+        );
+    }
 
     fn bin(name: &str, tests: &[&str]) -> TestBinary {
         TestBinary {
