@@ -33,6 +33,16 @@ pub enum ConfigError {
         program: &'static str,
         found: &'static str,
     },
+    /// A number outside what the key allows.
+    #[error("{file}: {key} = {value}: must be between {min} and {max} — {why}")]
+    Range {
+        file: String,
+        key: &'static str,
+        value: u64,
+        min: u64,
+        max: u64,
+        why: &'static str,
+    },
     /// The debug console's shell cannot run in the guest.
     #[error("{file}: debug_shell = {path:?}: {reason} — the guest has no shell and no dynamic loader of its own: give a statically linked shell (Debian's busybox-static installs /bin/busybox), or set debug_console = false")]
     DebugShell {
@@ -117,6 +127,11 @@ pub struct Config {
     pub max_vcpus: u32,
     /// Most guest memory (MiB) a sandbox may get through annotations (0: the host's memory).
     pub max_memory_mib: u32,
+    /// QEMU TCG's translation buffer, MiB (only when the guest is emulated): the guest's
+    /// code working set must fit or TCG retranslates everything each time it fills — 48
+    /// holds a husk guest's (containers and execs included); 16 saves ~27 MiB per active pod
+    /// at ~3× the container start (docs/FIELD-NOTES.md). 4 to 2048.
+    pub tcg_buffer_mib: u32,
     /// The warm pool of pre-booted VMs (`crate::pool`); off (size 0) unless configured.
     pub pool: PoolConfig,
     /// The file this was read from; `None`: no file, the defaults.
@@ -135,6 +150,9 @@ pub struct PoolConfig {
     /// How many booted VMs the pool keeps ready; 0: no pool.
     pub size: u32,
 }
+
+/// `tcg_buffer_mib`'s range.
+const TCG_BUFFER_MIB: (u32, u32) = (4, 2048);
 
 /// The `*_path` keys: (key, program, how it is found when the key is empty).
 const PROGRAM_KEYS: [(&str, &str, &str); 4] = [
@@ -182,6 +200,7 @@ impl Default for Config {
             ],
             max_vcpus: 0,
             max_memory_mib: 0,
+            tcg_buffer_mib: husk_hypervisor::qemu::cmdline::DEFAULT_TCG_BUFFER_MIB,
             pool: PoolConfig::default(),
             source: None,
         }
@@ -209,7 +228,24 @@ impl Config {
             message: e.to_string(),
         })?;
         config.source = Some(path);
+        config.check_ranges()?;
         Ok(config)
+    }
+
+    /// The numbers whose range serde cannot say.
+    fn check_ranges(&self) -> Result<(), ConfigError> {
+        let (min, max) = TCG_BUFFER_MIB;
+        if !(min..=max).contains(&self.tcg_buffer_mib) {
+            return Err(ConfigError::Range {
+                file: self.source_name(),
+                key: "tcg_buffer_mib",
+                value: u64::from(self.tcg_buffer_mib),
+                min: u64::from(min),
+                max: u64::from(max),
+                why: "QEMU refuses a smaller translation buffer, and a larger one only reserves memory no husk guest fills",
+            });
+        }
+        Ok(())
     }
 
     /// The file to name in messages: the one read, or the default path when there was none.
@@ -355,6 +391,18 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("none.toml"), "{e}");
+        for bad in [0, 3, 2049] {
+            std::fs::write(&p, format!("tcg_buffer_mib = {bad}\n")).unwrap();
+            let e = Config::load(Some(&p)).unwrap_err().to_string();
+            assert!(
+                e.contains("c.toml")
+                    && e.contains(&format!("tcg_buffer_mib = {bad}"))
+                    && e.contains("between 4 and 2048"),
+                "{e}"
+            );
+        }
+        std::fs::write(&p, "tcg_buffer_mib = 16\n").unwrap();
+        assert_eq!(Config::load(Some(&p)).unwrap().tcg_buffer_mib, 16);
     }
 
     #[test]

@@ -242,7 +242,11 @@ pub(crate) fn backend(
         );
     }
     Ok(match choice {
-        BackendChoice::Qemu(accel) => Box::new(Qemu::with_programs(accel, programs)?),
+        BackendChoice::Qemu(accel) => {
+            let mut q = Qemu::with_programs(accel, programs)?;
+            q.tcg_buffer_mib = config.tcg_buffer_mib;
+            Box::new(q)
+        }
         BackendChoice::HuskVmm => Box::new(HuskVmm::with_programs(programs)?),
     })
 }

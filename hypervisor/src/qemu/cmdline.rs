@@ -38,15 +38,21 @@ use crate::{Accel, VmConfig, SHARED_FS_TAG};
 pub(crate) const BASE_CMDLINE: &str =
     "console=ttyS0 reboot=t panic=-1 quiet no_timer_check dummy.numdummies=0";
 
-/// TCG with a 16 MiB translation buffer. QEMU's default reserves 1 GiB and a booted husk
-/// guest filled 36 MiB of it; with 16 MiB, QEMU's PSS at the agent's ready line fell from
-/// ~98 to ~78 MiB on the 2-core development host (measured 2026-12-06, smaps: the buffer is
-/// the anonymous 16 MiB mapping). A full buffer is flushed and retranslated: a cost in
-/// speed for guests that run much code, which TCG guests are not meant for. Smaller costs
-/// every cold start: the boot to the ready line flushes 16 MiB once, 8 MiB five times, for
-/// ~200 ms more of QEMU's CPU time (docs/FIELD-NOTES.md, "Where an idle pod's host memory
-/// is"); larger costs a pod what the buffer holds once used.
-pub(crate) const TCG_ACCEL: &str = "tcg,tb-size=16";
+/// TCG's translation buffer, MiB, unless configured (`tcg_buffer_mib`). QEMU's default
+/// reserves 1 GiB. What matters is the guest's code working set: a booted husk guest holds
+/// ~24.5 MiB of translations at the agent's ready line, and starting containers and execs
+/// brings it to ~43 MiB; a smaller buffer is flushed and everything retranslated whenever it
+/// fills. Measured on the 2-core development host (docs/FIELD-NOTES.md, "Container creation
+/// under TCG"): at 16 MiB TCG flushed ~9 times over 3 creates and 3 execs and a container's
+/// create → first output took 409 ms, at 64 MiB 102 ms; from 48 MiB up nothing is flushed.
+/// The buffer costs a pod what it holds (up to its size, anonymous memory): 48 MiB bounds
+/// that at the working set. A host short of memory rather than time sets 16 (boot then
+/// flushes once; 8 flushes five times and costs every boot ~200 ms more).
+pub const DEFAULT_TCG_BUFFER_MIB: u32 = 48;
+
+fn tcg_accel(buffer_mib: u32) -> String {
+    format!("tcg,tb-size={buffer_mib}")
+}
 
 /// `-sandbox`: every optional part of QEMU's seccomp filter denied.
 pub(crate) const SANDBOX: &str =
@@ -102,7 +108,12 @@ impl Paths {
 
 /// QEMU's arguments (without the program name). `console_out`: the fd (inherited by QEMU
 /// under the same number) the guest's serial output goes to.
-pub fn args(config: &VmConfig, accel: Accel, paths: &Paths, console_out: RawFd) -> Vec<OsString> {
+pub fn args(
+    config: &VmConfig,
+    (accel, tcg_buffer_mib): (Accel, u32),
+    paths: &Paths,
+    console_out: RawFd,
+) -> Vec<OsString> {
     let mem = config.memory_mib;
     let mut cmdline = BASE_CMDLINE.to_string();
     if !config.cmdline_extra.trim().is_empty() {
@@ -110,8 +121,8 @@ pub fn args(config: &VmConfig, accel: Accel, paths: &Paths, console_out: RawFd) 
         cmdline.push_str(config.cmdline_extra.trim());
     }
     let (accel, cpu) = match accel {
-        Accel::Kvm => ("kvm", "host,-arch-capabilities"),
-        Accel::Tcg => (TCG_ACCEL, "max"),
+        Accel::Kvm => ("kvm".to_string(), "host,-arch-capabilities"),
+        Accel::Tcg => (tcg_accel(tcg_buffer_mib), "max"),
     };
     let mut a: Vec<OsString> = Vec::new();
     let mut push = |s: &str| a.push(s.into());
@@ -122,7 +133,7 @@ pub fn args(config: &VmConfig, accel: Accel, paths: &Paths, console_out: RawFd) 
     push("-m");
     push(&format!("{mem}M"));
     push("-accel");
-    push(accel);
+    push(&accel);
     push("-cpu");
     push(cpu);
     push("-smp");
@@ -213,11 +224,16 @@ mod tests {
 
     fn joined(accel: Accel) -> String {
         let c = cfg();
-        args(&c, accel, &Paths::new(&c.state_dir), 9)
-            .iter()
-            .map(|s| s.to_string_lossy().into_owned())
-            .collect::<Vec<_>>()
-            .join(" ")
+        args(
+            &c,
+            (accel, DEFAULT_TCG_BUFFER_MIB),
+            &Paths::new(&c.state_dir),
+            9,
+        )
+        .iter()
+        .map(|s| s.to_string_lossy().into_owned())
+        .collect::<Vec<_>>()
+        .join(" ")
     }
 
     #[test]
@@ -227,7 +243,7 @@ mod tests {
             "-M microvm,x-option-roms=off,isa-serial=on,rtc=on,acpi=off,memory-backend=mem",
             "memory-backend-memfd,id=mem,size=384M,share=on",
             "-m 384M",
-            "-accel tcg,tb-size=16 -cpu max -smp 2",
+            "-accel tcg,tb-size=48 -cpu max -smp 2",
             "-no-reboot",
             "-add-fd fd=9,set=1 -chardev socket,id=con0,path=/run/husk/abc/console.sock,server=on,wait=off,logfile=/dev/fdset/1,logappend=on -serial chardev:con0",
             "-append console=ttyS0 reboot=t panic=-1 quiet no_timer_check dummy.numdummies=0 husk.timeout=5 -kernel",
@@ -241,11 +257,16 @@ mod tests {
     fn devices_only_when_asked_and_the_tag_is_set_on_the_qemu_side() {
         let mut c = cfg();
         let line = |c: &VmConfig| {
-            args(c, Accel::Tcg, &Paths::new(&c.state_dir), 9)
-                .iter()
-                .map(|s| s.to_string_lossy().into_owned())
-                .collect::<Vec<_>>()
-                .join(" ")
+            args(
+                c,
+                (Accel::Tcg, DEFAULT_TCG_BUFFER_MIB),
+                &Paths::new(&c.state_dir),
+                9,
+            )
+            .iter()
+            .map(|s| s.to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+            .join(" ")
         };
         assert!(!line(&c).contains("vhost-user"));
         c.shared_dir = Some("/run/husk/abc/shared".into());
@@ -277,11 +298,13 @@ mod tests {
                 mac: [0xaa, 0xbb, 0xcc, 0xdd, 0xee, 0xff],
             },
         ];
-        let l = args(&c, Accel::Tcg, &Paths::new(&c.state_dir), 9)
+        let l = args(&c, (Accel::Tcg, 16), &Paths::new(&c.state_dir), 9)
             .iter()
             .map(|s| s.to_string_lossy().into_owned())
             .collect::<Vec<_>>()
             .join(" ");
+        // A configured translation buffer reaches the command line.
+        assert!(l.contains("-accel tcg,tb-size=16 "), "{l}");
         for want in [
             format!("-netdev tap,fd={fa},id=net0 -device virtio-net-device,netdev=net0,mac=02:00:00:00:00:0a"),
             format!("-netdev tap,fd={fb},id=net1 -device virtio-net-device,netdev=net1,mac=aa:bb:cc:dd:ee:ff"),
@@ -289,7 +312,7 @@ mod tests {
             assert!(l.contains(&want), "missing {want:?} in {l}");
         }
         c.nets.clear();
-        let l = args(&c, Accel::Tcg, &Paths::new(&c.state_dir), 9)
+        let l = args(&c, (Accel::Tcg, 16), &Paths::new(&c.state_dir), 9)
             .iter()
             .map(|s| s.to_string_lossy().into_owned())
             .collect::<Vec<_>>()

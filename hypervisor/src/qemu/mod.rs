@@ -47,6 +47,8 @@ pub struct Qemu {
     pub virtiofsd: Option<PathBuf>,
     /// vhost-device-vsock to run; `None`: found at each start.
     pub vhost_vsock: Option<PathBuf>,
+    /// TCG's translation buffer, MiB (see [`cmdline::DEFAULT_TCG_BUFFER_MIB`]); unused with KVM.
+    pub tcg_buffer_mib: u32,
 }
 
 impl Qemu {
@@ -70,6 +72,7 @@ impl Qemu {
             accel,
             virtiofsd: programs.virtiofsd.clone(),
             vhost_vsock: programs.vhost_vsock.clone(),
+            tcg_buffer_mib: cmdline::DEFAULT_TCG_BUFFER_MIB,
         })
     }
 }
@@ -162,7 +165,12 @@ impl Hypervisor for Qemu {
                 .map_err(Error::io(format!("opening {}", paths.qemu_log.display())))?;
             let mut cmd = qemu_command(
                 &self.program,
-                cmdline::args(config, self.accel, &paths, console_out.as_raw_fd()),
+                cmdline::args(
+                    config,
+                    (self.accel, self.tcg_buffer_mib),
+                    &paths,
+                    console_out.as_raw_fd(),
+                ),
             );
             cmd.stdin(Stdio::null()).stdout(log).stderr(log2);
             if let Some(j) = &config.jail {
