@@ -3,6 +3,9 @@
 //!
 //! Protocol: one request per line (`pause`, `resume`, `shutdown`, `counters`, `state`),
 //! one JSON object per line in reply, always with `"ok"`; failures add `"error"`.
+//! `counters` answers `vm_exits` by kind, each device's counters, and
+//! `first_entry_monotonic_ns`: `CLOCK_MONOTONIC` when vCPU 0 first entered the guest (null
+//! before), for a launcher to see how long husk-vmm took to start it.
 //! docs/ARCHITECTURE.md: this line protocol stands in for ttrpc until the `protocols`
 //! crate carries a VMM service, and maps one to one onto it.
 //!
@@ -111,6 +114,9 @@ impl ApiContext {
                 "interrupted": e.interrupted.load(Ordering::Relaxed),
                 "other": e.other.load(Ordering::Relaxed),
             },
+            // CLOCK_MONOTONIC (ns) of vCPU 0's first guest entry; null before it.
+            "first_entry_monotonic_ns": Some(e.first_entry_ns.load(Ordering::Relaxed))
+                .filter(|ns| *ns != 0),
             "devices": devices,
         })
     }
@@ -248,6 +254,17 @@ mod tests {
         let r = c.handle("counters");
         assert_eq!(r["counters"]["vm_exits"]["pio"], json!(7));
         assert!(r["counters"]["devices"].is_object());
+    }
+
+    #[test]
+    fn the_first_guest_entry_is_null_until_it_happens() {
+        let (c, _rx) = ctx();
+        let r = c.handle("counters");
+        assert_eq!(r["counters"]["first_entry_monotonic_ns"], Value::Null);
+        let now = crate::vstate::vcpu::monotonic_ns();
+        c.exits.first_entry_ns.store(now, Ordering::Relaxed);
+        let r = c.handle("counters");
+        assert_eq!(r["counters"]["first_entry_monotonic_ns"], json!(now));
     }
 
     #[test]

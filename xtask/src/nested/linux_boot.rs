@@ -329,6 +329,10 @@ pub fn print(o: &Options) -> Result<()> {
                 w.kernel_to_agent_ms.map_or("-".into(), |v| v.to_string())
             );
         }
+        let starts: Vec<f64> = s.iter().filter_map(|x| x.vmm_start_ms).collect();
+        if let Some(m) = median(&starts) {
+            println!("    spawn → first guest entry (the VMM's own start), median: {m:.0} ms");
+        }
         if let Some(c) = s.last().and_then(|x| x.counters.as_ref()) {
             println!("    last husk-vmm counters: {c}");
         }

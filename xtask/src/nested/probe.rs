@@ -82,6 +82,30 @@ pub struct Sample {
     /// Time the machine's CPUs were idle between spawn and the ready line (summed over CPUs).
     #[serde(default)]
     pub idle_ms: Option<f64>,
+    /// Spawn → husk-vmm's vCPU 0 about to enter the guest for the first time: husk-vmm's own
+    /// start (its `first_entry_monotonic_ns` against the clock read at spawn).
+    #[serde(default)]
+    pub vmm_start_ms: Option<f64>,
+}
+
+/// `CLOCK_MONOTONIC` in ns, the clock husk-vmm stamps its first guest entry with.
+fn monotonic_ns() -> Option<u64> {
+    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).ok()?;
+    let (s, ns) = (
+        u64::try_from(t.tv_sec()).ok()?,
+        u64::try_from(t.tv_nsec()).ok()?,
+    );
+    Some(s * 1_000_000_000 + ns)
+}
+
+/// Spawn (`spawned_ns`) → the first guest entry husk-vmm's counters report, in ms.
+fn start_ms(counters: &serde_json::Value, spawned_ns: u64) -> Option<f64> {
+    let entry = counters
+        .get("counters")?
+        .get("first_entry_monotonic_ns")?
+        .as_u64()?;
+    #[allow(clippy::cast_precision_loss)] // ns of a boot: far below 2^52
+    entry.checked_sub(spawned_ns).map(|d| d as f64 / 1e6)
 }
 
 /// What to boot, with which programs.
@@ -165,12 +189,18 @@ impl Probe {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         let idle_at_spawn = idle_ms();
+        let spawned_ns = monotonic_ns();
         let start = Instant::now();
         let mut child = cmd
             .spawn()
             .with_context(|| format!("starting {}", crate::run::show(&cmd)))?;
         let res = self.follow(vmm, round, &mut child, start).map(|mut s| {
             s.idle_ms = s.idle_ms.zip(idle_at_spawn).map(|(a, b)| a - b);
+            s.vmm_start_ms = s
+                .counters
+                .as_ref()
+                .zip(spawned_ns)
+                .and_then(|(c, ns)| start_ms(c, ns));
             s
         });
         // Our own child, by its handle.
@@ -231,6 +261,7 @@ impl Probe {
             kvm_stats,
             vmm_cpu_ms: ready.2,
             idle_ms: ready.3,
+            vmm_start_ms: None,
         })
     }
 }
@@ -449,12 +480,34 @@ mod tests {
             kvm_stats: [("exits".to_string(), 5)].into(),
             vmm_cpu_ms: Some(800.0),
             idle_ms: Some(10.0),
+            vmm_start_ms: Some(210.0),
         };
         let line = serde_json::to_string(&s).unwrap();
         assert!(line.contains("\"vmm\":\"husk-vmm\""), "{line}");
         let back: Sample = serde_json::from_str(&line).unwrap();
         assert_eq!(back.ready_ms, 900.5);
         assert_eq!(back.vmm, Vmm::Husk);
+        assert_eq!(back.vmm_start_ms, Some(210.0));
+        // A sample from an older probe (no start figure) still reads.
+        let old = line.replace(",\"vmm_start_ms\":210.0", "");
+        assert!(!old.contains("vmm_start_ms"), "{old}");
+        let back: Sample = serde_json::from_str(&old).unwrap();
+        assert_eq!(back.vmm_start_ms, None);
+    }
+
+    #[test]
+    fn husk_vmms_start_is_its_first_guest_entry_less_the_spawn() {
+        let c = serde_json::json!({"ok": true, "counters": {"first_entry_monotonic_ns": 5_250_000_000_u64}});
+        assert_eq!(start_ms(&c, 5_000_000_000), Some(250.0));
+        // Not entered yet, an older husk-vmm, or a clock that went the wrong way: nothing.
+        let none = serde_json::json!({"ok": true, "counters": {"first_entry_monotonic_ns": null}});
+        assert_eq!(start_ms(&none, 1), None);
+        assert_eq!(
+            start_ms(&serde_json::json!({"ok": true, "counters": {}}), 1),
+            None
+        );
+        assert_eq!(start_ms(&c, 6_000_000_000), None);
+        assert!(monotonic_ns().unwrap() > 0);
     }
 
     #[test]
