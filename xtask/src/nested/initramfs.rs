@@ -89,6 +89,10 @@ pub struct Inputs<'a> {
     /// Environment stage 2 exports before `body` (with [`Root::HostExport`]: the host's
     /// `PATH`, the artefacts' paths).
     pub env: Vec<(String, String)>,
+    /// With [`Root::HostExport`]: host directories that stay visible at their paths although
+    /// stage 2 covers `/tmp`, `/run`, `/var/tmp` with fresh tmpfs (the workspace, when CI's
+    /// clone is under `/tmp`).
+    pub keep: Vec<PathBuf>,
 }
 
 /// The libraries (and the program interpreter) in `ldd`'s output, by the path the host's
@@ -221,7 +225,14 @@ fn exports(env: &[(String, String)]) -> String {
 
 /// Stage 2 of [`Root::HostExport`]: fresh filesystems where the stack writes, loopback up,
 /// `env`, then `body` with `say` for marker lines on COM2 (fd 3), then `DONE` and power-off.
-pub fn stage2_export(body: &str, env: &[(String, String)]) -> String {
+pub fn stage2_export(body: &str, env: &[(String, String)], keep: &[PathBuf]) -> String {
+    // Each kept directory is bound aside before the tmpfs mounts and moved back after.
+    let (mut aside, mut back) = (String::new(), String::new());
+    for (i, k) in keep.iter().enumerate() {
+        let k = quote(&k.to_string_lossy());
+        aside += &format!("$B mkdir -p /nested/keep/{i} && $B mount --bind {k} /nested/keep/{i} || keep_failed=\"$keep_failed {k}\"\n");
+        back += &format!("$B mkdir -p {k} && $B mount --move /nested/keep/{i} {k} || keep_failed=\"$keep_failed {k}\"\n");
+    }
     let mut s = format!(
         r#"#!/nested/bin/busybox sh
 # husk nested tier, L1 stage 2 (written by cargo xtask test), on the host's / (read-only).
@@ -229,12 +240,13 @@ B=/nested/bin/busybox
 $B mount -t proc proc /proc
 read -r stage2_at _ </proc/uptime
 $B mount -t sysfs sysfs /sys
-$B mount -t tmpfs -o mode=1777 tmp /tmp
+keep_failed=
+{aside}$B mount -t tmpfs -o mode=1777 tmp /tmp
 $B mount -t tmpfs -o mode=0755 run /run
 $B mount -t tmpfs -o mode=1777 vartmp /var/tmp
 $B mkdir -p /var/lib/containerd /dev/pts /dev/shm
 $B mount -t tmpfs -o mode=0711 containerd /var/lib/containerd
-$B mount -t tmpfs -o mode=1777 shm /dev/shm
+{back}$B mount -t tmpfs -o mode=1777 shm /dev/shm
 $B mount -t devpts devpts /dev/pts
 $B mount -t cgroup2 cgroup2 /sys/fs/cgroup
 $B mount -t debugfs debugfs /sys/kernel/debug
@@ -243,6 +255,7 @@ exec 3>{RESULTS_TTY}
 say() {{ echo "{MARKER} $*" >&3; }}
 bye() {{ exec 3>&-; $B sleep 0.2; $B poweroff -f; }}
 fail() {{ say "FAIL $*"; $B dmesg | $B tail -n 20; bye; }}
+[ -z "$keep_failed" ] || fail "keeping the host's$keep_failed visible under the fresh tmpfs failed"
 [ -c /dev/kvm ] || fail "no /dev/kvm after loading kvm-amd"
 # As a husk node is set up (deploy/README.md): shared memory (husk-vmm's memfd guest RAM)
 # may have transparent huge pages where the VMM asks for them.
@@ -385,7 +398,7 @@ pub fn build(inputs: &Inputs, dest: &Path, work: &Path) -> Result<()> {
             }
             t.file(
                 "stage2",
-                Content::Bytes(stage2_export(&inputs.body, &inputs.env).into_bytes()),
+                Content::Bytes(stage2_export(&inputs.body, &inputs.env, &inputs.keep).into_bytes()),
                 0o755,
             )?;
             stage1_export(&modules)
@@ -489,7 +502,7 @@ mod tests {
             ("PATH".to_string(), "/usr/bin:/bin".to_string()),
             ("HUSK_IMAGES".to_string(), "/w/it's".to_string()),
         ];
-        let s2 = stage2_export("echo body\n", &env);
+        let s2 = stage2_export("echo body\n", &env, &[PathBuf::from("/tmp/ci clone")]);
         for dir in ["/tmp", "/run", "/var/tmp", "/var/lib/containerd"] {
             assert!(
                 s2.lines()
@@ -499,6 +512,20 @@ mod tests {
         }
         assert!(s2.contains("export PATH='/usr/bin:/bin'\nexport HUSK_IMAGES='/w/it'\\''s'\n"));
         assert!(s2.contains("[ -c /dev/kvm ] || fail"));
+        // A kept directory (CI's clone under /tmp) is bound aside before the tmpfs covers
+        // /tmp and moved back after; a failure fails L1 naming it.
+        let line = |needle: &str| {
+            s2.lines()
+                .position(|l| l.contains(needle))
+                .unwrap_or_else(|| panic!("{needle}: {s2}"))
+        };
+        let (aside, tmp, back) = (
+            line("mount --bind '/tmp/ci clone' /nested/keep/0"),
+            line("mount -t tmpfs -o mode=1777 tmp /tmp"),
+            line("mount --move /nested/keep/0 '/tmp/ci clone'"),
+        );
+        assert!(aside < tmp && tmp < back, "{s2}");
+        assert!(s2.contains("[ -z \"$keep_failed\" ] || fail"));
         assert!(s2.trim_end().ends_with("echo body\nsay DONE\nbye"));
     }
 }

@@ -216,6 +216,7 @@ fn nested(o: &Options) -> Result<Measured> {
             guest_initramfs: paths::initramfs(),
             body,
             env: Vec::new(),
+            keep: Vec::new(),
         },
         &cpio,
         &dir.join("work"),

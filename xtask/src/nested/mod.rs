@@ -96,6 +96,31 @@ fn root_args(root: initramfs::Root) -> Vec<String> {
     v
 }
 
+/// What L1 must keep seeing at its host path under the fresh tmpfs of `/tmp`, `/run` and
+/// `/var/tmp`: the workspace (CI clones it anywhere, `/tmp` included), and the directory of
+/// each test binary and artefact outside it (a `CARGO_TARGET_DIR` elsewhere). Nested paths
+/// collapse into the outermost.
+fn kept_dirs(binaries: &[TestBinary], husk_vmm: &Path) -> Vec<PathBuf> {
+    let mut dirs = vec![paths::workspace()];
+    let files = binaries.iter().map(|b| b.path.clone()).chain([
+        husk_vmm.to_path_buf(),
+        paths::vmlinux(),
+        paths::initramfs(),
+    ]);
+    dirs.extend(files.filter_map(|f| f.parent().map(Path::to_path_buf)));
+    dirs.push(paths::images());
+    outermost(dirs)
+}
+
+/// `dirs` without those inside another of them, sorted.
+fn outermost(mut dirs: Vec<PathBuf>) -> Vec<PathBuf> {
+    dirs.sort();
+    dirs.dedup();
+    let all = dirs.clone();
+    dirs.retain(|d| !all.iter().any(|o| o != d && d.starts_with(o)));
+    dirs
+}
+
 /// A test executable and the tier-4 tests in it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TestBinary {
@@ -441,6 +466,7 @@ pub fn run(names: &[String]) -> Result<Outcome> {
             guest_initramfs: paths::initramfs(),
             body: initramfs::tests_body(&binaries),
             env,
+            keep: kept_dirs(&binaries, &husk_vmm),
         },
         &cpio,
         &dir.join("work"),
@@ -626,6 +652,23 @@ pub fn boot(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kept_directories_are_the_outermost_ones() {
+        let p = |s: &str| PathBuf::from(s);
+        assert_eq!(
+            outermost(vec![
+                p("/tmp/ci/target/debug/deps"),
+                p("/tmp/ci"),
+                p("/srv/target/release"),
+                p("/tmp/ci"),
+                p("/tmp/cix"),
+            ]),
+            [p("/srv/target/release"), p("/tmp/ci"), p("/tmp/cix")]
+        );
+        // The workspace is always kept, whatever else is.
+        assert!(kept_dirs(&[], Path::new("/x/husk-vmm")).contains(&paths::workspace()));
+    }
 
     #[test]
     fn l1_cmdline_adds_the_extra_arguments() {
