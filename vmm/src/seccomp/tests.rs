@@ -36,11 +36,20 @@ fn end_of(kind: Option<ThreadKind>, call: fn()) -> End {
             None => broker_filter(),
         };
         let code = match f {
-            Ok(f) if seccompiler::apply_filter(&f).is_ok() => {
-                call();
-                0
+            Ok(f) => {
+                let applied = seccompiler::apply_filter(&f).is_ok();
+                // Never freed: a free() under the filter may trim the heap (brk, munmap,
+                // madvise — whichever the allocator's state at the fork calls for), which the
+                // filter kills, and the test would read that as the call under test killed.
+                std::mem::forget(f);
+                if applied {
+                    call();
+                    0
+                } else {
+                    3
+                }
             }
-            _ => 3,
+            Err(_) => 3,
         };
         // SAFETY: _exit is always safe to call.
         unsafe { libc::_exit(code) };
