@@ -258,6 +258,18 @@ fn a_kill_the_guest_acknowledges_but_cannot_carry_out_still_ends_the_sandbox() {
     // Let the loop get going (the shell's own start reads the rootfs too).
     std::thread::sleep(Duration::from_millis(1500));
     let server = find(&id, Target::VirtiofsdServer);
+    // However the test ends, the server is let go on again: a stopped virtiofsd would sit on
+    // the SIGTERM its parent's end sends it for ever.
+    struct Resume(u32);
+    impl Drop for Resume {
+        fn drop(&mut self) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(self.0 as i32),
+                nix::sys::signal::Signal::SIGCONT,
+            );
+        }
+    }
+    let _resume = Resume(server);
     kill(server, nix::sys::signal::Signal::SIGSTOP);
     std::thread::sleep(Duration::from_millis(1500));
     let killed = Instant::now();
@@ -275,8 +287,6 @@ fn a_kill_the_guest_acknowledges_but_cannot_carry_out_still_ends_the_sandbox() {
         took >= KILL_BOUND - Duration::from_secs(1),
         "the exit came before the shim's bound ({took:?}): did the process not stall?"
     );
-    if stat(server).is_some() {
-        kill(server, nix::sys::signal::Signal::SIGCONT);
-    }
+    drop(_resume);
     delete(&h, &id);
 }
