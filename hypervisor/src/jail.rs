@@ -409,13 +409,25 @@ impl JailIds {
             .bytes()
             .fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b)))
             % JAIL_ID_COUNT;
+        let create = |id: u32| {
+            let open = || {
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .open(self.dir.join(id.to_string()))
+            };
+            match open() {
+                // The last release removed the directory after our create_dir_all.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    std::fs::create_dir_all(&self.dir)?;
+                    open()
+                }
+                r => r,
+            }
+        };
         for i in 0..JAIL_ID_COUNT {
             let id = FIRST_JAIL_ID + (start + i) % JAIL_ID_COUNT;
-            match std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(self.dir.join(id.to_string()))
-            {
+            match create(id) {
                 Ok(mut f) => {
                     f.write_all(sandbox.as_bytes())
                         .map_err(Error::io(format!("writing {}", self.dir.display())))?;
@@ -464,11 +476,13 @@ impl JailIds {
         Ok(id)
     }
 
-    /// Gives back the id `sandbox` holds. Idempotent.
+    /// Gives back the id `sandbox` holds, and the directory with the last one. Idempotent.
     pub fn release(&self, sandbox: &str) {
         if let Some(id) = self.of(sandbox) {
             let _ = std::fs::remove_file(self.dir.join(id.to_string()));
         }
+        // Fails while another id is held; a claim racing with it makes the directory again.
+        let _ = std::fs::remove_dir(&self.dir);
     }
 }
 
@@ -502,6 +516,11 @@ mod tests {
         ids.release("a");
         assert_eq!(ids.of("a"), None);
         assert_eq!(ids.of("b"), Some(b));
+        // The last release takes the directory with it; a claim makes it again.
+        assert!(ids.dir.exists());
+        ids.release("b");
+        assert!(!ids.dir.exists(), "an empty .jail-ids is left behind");
+        assert!(ids.claim("e").is_ok());
     }
 
     /// A jailed `sh` sees only its root, runs as the jail's uid with no capabilities and

@@ -171,7 +171,8 @@ impl Holder {
             .map(str::to_string)
     }
 
-    /// Kills the holder; waits until every VM it held unclaimed is gone.
+    /// Stops the holder (SIGTERM, as a service manager would); waits until every VM it held
+    /// unclaimed is gone, and checks it left nothing under `.pool/`.
     fn end(&mut self) {
         if self.child.try_wait().ok().flatten().is_some() {
             return;
@@ -185,11 +186,20 @@ impl Holder {
                 })
             })
             .unwrap_or_default();
-        kill(self.child.id());
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).unwrap()),
+            nix::sys::signal::Signal::SIGTERM,
+        );
         let _ = self.child.wait();
         for vmid in held {
             vm_gone(&vmid);
         }
+        // The last keeper removes its VM directory only as it ends.
+        wait_until(
+            "the ended holder's .pool/ to be gone",
+            Duration::from_secs(10),
+            || !Path::new(POOL).exists(),
+        );
     }
 }
 

@@ -28,7 +28,11 @@ struct Holder(Child);
 
 impl Drop for Holder {
     fn drop(&mut self) {
-        let _ = self.0.kill();
+        // SIGTERM: the holder removes what it keeps under .pool/ as it ends.
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(i32::try_from(self.0.id()).unwrap()),
+            nix::sys::signal::Signal::SIGTERM,
+        );
         let _ = self.0.wait();
     }
 }

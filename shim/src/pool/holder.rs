@@ -97,13 +97,25 @@ pub fn run(config: Config) -> Result<(), PoolError> {
         ))
     })?;
     let paths = PoolPaths::new(&config.state_root);
-    paths.create()?;
-    let lock = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&paths.lock)
-        .map_err(super::io("opening", &paths.lock))?;
+    // SIGTERM and SIGINT end the holder through `leave` (a thread of their own), not by
+    // default: blocked here, before any thread starts, so every thread inherits the mask.
+    let mut ending = nix::sys::signal::SigSet::empty();
+    ending.add(nix::sys::signal::Signal::SIGTERM);
+    ending.add(nix::sys::signal::Signal::SIGINT);
+    ending
+        .thread_block()
+        .map_err(|e| PoolError::Config(format!("blocking SIGTERM: {e}")))?;
+    let open_lock = || {
+        paths.create()?;
+        std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&paths.lock)
+            .map_err(super::io("opening", &paths.lock))
+    };
+    // Once more if the last keeper of an ended holder removed the empty directory between.
+    let lock = open_lock().or_else(|_| open_lock())?;
     let lock = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusiveNonblock)
         .map_err(|_| PoolError::Running(paths.dir.clone()))?;
     sweep(&paths, &config);
@@ -132,6 +144,17 @@ pub fn run(config: Config) -> Result<(), PoolError> {
         state: Mutex::new(State::default()),
         changed: Condvar::new(),
     });
+    let signalled = holder.paths.clone();
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            let sig = ending.wait();
+            leave(&signalled, &format!("{sig:?}"));
+        })
+        .map_err(super::io(
+            "starting the signal thread of",
+            &holder.paths.dir,
+        ))?;
     let watched = holder.clone();
     let path = holder.config.source.clone();
     std::thread::Builder::new()
@@ -155,6 +178,14 @@ pub fn run(config: Config) -> Result<(), PoolError> {
     }
     drop(lock);
     Ok(())
+}
+
+/// Ends the holder: its unclaimed VMs die with it (each keeper holds a pidfd of it), and what
+/// it keeps under `.pool/` goes first ([`PoolPaths::remove`]).
+fn leave(paths: &PoolPaths, why: &str) -> ! {
+    log::info!("exiting ({why}); the unclaimed VMs end with this holder");
+    paths.remove();
+    std::process::exit(0);
 }
 
 /// How often the holder looks at its configuration file.
@@ -183,7 +214,7 @@ fn watch_config(h: &Holder, path: Option<&std::path::Path>) {
             log::warn!(
                 "this program was replaced (an upgrade) — exiting, so that a holder of the new version takes over (the VMs held now die with this one)"
             );
-            std::process::exit(0);
+            leave(&h.paths, "upgrade");
         }
         let Some(path) = path else { continue };
         let now = mtime(path);
@@ -204,7 +235,7 @@ fn watch_config(h: &Holder, path: Option<&std::path::Path>) {
                     shape.memory_mib,
                     shape.backend
                 );
-                std::process::exit(0);
+                leave(&h.paths, "configuration changed");
             }
             Err(e) => log::error!(
                 "{} changed but cannot be used ({e}); the pool keeps its configuration",

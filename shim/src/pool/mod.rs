@@ -102,6 +102,18 @@ impl PoolPaths {
         }
     }
 
+    /// What a holder that ends leaves: nothing. Its socket first (no client reaches a holder
+    /// that is gone), then its logs, then the lock file — the last, so that a holder starting
+    /// meanwhile, which must first take the lock on a new file, never loses what it made —
+    /// then the directory, unless a keeper's VM directory is still on its way out.
+    pub fn remove(&self) {
+        let logs = [self.log.clone(), self.log.with_extension("log.1")];
+        for f in [&self.socket].into_iter().chain(&logs).chain([&self.lock]) {
+            let _ = std::fs::remove_file(f);
+        }
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+
     /// Creates the directory (0700) if needed.
     pub fn create(&self) -> Result<(), PoolError> {
         use std::os::unix::fs::{DirBuilderExt, PermissionsExt};

@@ -118,7 +118,11 @@ impl Holder {
 
 impl Drop for Holder {
     fn drop(&mut self) {
-        let _ = self.child.kill();
+        // SIGTERM: the holder removes what it keeps under .pool/ as it ends.
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).unwrap_or(0)),
+            nix::sys::signal::Signal::SIGTERM,
+        );
         let _ = self.child.wait();
         // Its keepers kill their VMs when they see it gone.
         let deadline = Instant::now() + Duration::from_secs(20);
