@@ -242,7 +242,11 @@ fn an_exec_that_leaves_a_writer_behind_still_ends() {
         );
         eprintln!("{runtime}: the exec ended after {:?}", t.elapsed());
         assert_eq!(code, Some(3), "{runtime}: exit status; output:\n{out}");
-        assert!(out.starts_with("started\n"), "{runtime}: output:\n{out}");
+        // The background loop may print before `echo started` runs.
+        assert!(
+            out.lines().any(|l| l == "started"),
+            "{runtime}: output:\n{out}"
+        );
         // The container still works: the background writer did not wedge it.
         let again = h
             .ctd
