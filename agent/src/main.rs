@@ -9,6 +9,8 @@
 //! The same binary has three more roles:
 //! - `husk-agent init|exec|warm`: the container helper, re-executed by the agent inside a
 //!   container's namespaces (see `container::spawn`);
+//! - `husk-agent rehearse`: the process of a pooled VM's rehearsal container (see
+//!   `container::rehearsal`);
 //! - `husk-agent serve --listen unix:///PATH --shared-dir DIR [--cgroup-root DIR]`: the API
 //!   on a unix socket outside a VM, for the host-side container tests (root needed).
 
@@ -27,6 +29,7 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     match args.get(1).map(String::as_str) {
         Some(mode @ ("init" | "exec" | "warm")) => container::helper::main(mode),
+        Some(container::rehearsal::MODE) => container::rehearsal::process_main(),
         Some("serve") => serve(&args[2..]),
         _ => {}
     }
@@ -67,6 +70,10 @@ fn pid1_main() -> ! {
     let engine = container::Engine::new(container::Config {
         shared_dir: PathBuf::from(pid1::SHARED_DIR),
         cgroup_root: Some(PathBuf::from(pid1::CGROUP_ROOT)),
+        rehearsal: Some(container::rehearsal::Place {
+            dir: PathBuf::from(pid1::REHEARSAL_DIR),
+            binary: PathBuf::from(pid1::AGENT_BINARY),
+        }),
     });
     let info = guest_info::GuestInfo::read();
     let service = server::Service {
@@ -186,6 +193,7 @@ fn serve(args: &[String]) -> ! {
     let engine = container::Engine::new(container::Config {
         shared_dir: shared,
         cgroup_root,
+        rehearsal: None,
     });
     let service = server::Service {
         engine,

@@ -12,6 +12,13 @@ pub const SHARED_FS_TAG: &str = "husk-shared";
 /// Where cgroup2 is mounted.
 pub const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 
+/// Where a pooled VM's rehearsal container lives while it runs: on the tmpfs root, beside
+/// the agent's binary that it hard-links (`container::rehearsal`).
+pub const REHEARSAL_DIR: &str = "/.husk-rehearsal";
+
+/// The agent's binary on the tmpfs root (copied there by [`switch_to_tmpfs_root`]).
+pub const AGENT_BINARY: &str = "/init";
+
 /// Why the guest's PID 1 setup failed. The kernel is ours (`guest-kernel-config/`): most of
 /// these mean a kernel built without the option the message names, or a full guest.
 #[derive(Debug, thiserror::Error)]

@@ -709,3 +709,66 @@ fn debug_level_logs_a_creates_steps() {
         "not in time order: {line}"
     );
 }
+
+/// A pooled VM's provisional CreateSandbox rehearses a container's creation
+/// (`agent/src/container/rehearsal.rs`): the rehearsal's create runs to its end (its steps
+/// line at debug level), and nothing of it is left for the pod — no warning, no cgroup, its id
+/// free — while the pod that takes the sandbox over runs its containers as ever.
+#[test]
+fn a_provisional_sandbox_rehearses_a_container_and_leaves_nothing_of_it() {
+    let g = Guest::boot_with(256, husk_protocols::DEBUG_LOG_FLAG);
+    let sandbox = |id: &str, provisional: bool| {
+        g.agent
+            .client
+            .create_sandbox(
+                ctx(),
+                &CreateSandboxRequest {
+                    sandbox_id: id.into(),
+                    hostname: "pod-host".into(),
+                    provisional,
+                    ..Default::default()
+                },
+            )
+            .unwrap_or_else(|e| panic!("CreateSandbox {id}: {e:?}"))
+    };
+    sandbox("vm-1", true);
+    let console = g.console();
+    let line = console
+        .lines()
+        .find(|l| l.contains("CreateContainer husk-rehearsal steps (ms): "))
+        .unwrap_or_else(|| panic!("no rehearsal in the console:\n{console}"));
+    let last = line.rsplit(", ").next().unwrap_or_default();
+    assert!(
+        last.starts_with("ready "),
+        "the rehearsal's create did not end ready: {line}"
+    );
+    assert!(
+        !console.contains("rehearsal: "),
+        "the rehearsal warned:\n{console}"
+    );
+    sandbox("pod", false);
+    // The guest's cgroup tree as a container that keeps the guest's cgroup namespace sees it:
+    // its own cgroup and nothing else under husk/.
+    g.rootfs("probe");
+    let mut s =
+        sh("cd /sys/fs/cgroup/husk && for d in *; do test -d $d && echo $d; done; hostname");
+    s["linux"]["namespaces"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({ "type": "cgroup", "path": "/proc/4242/ns/cgroup" }));
+    s["mounts"].as_array_mut().unwrap().push(json!({ "destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup", "options": ["nosuid", "noexec", "nodev", "ro"] }));
+    let out = g.agent.run("probe", &s);
+    assert_eq!(
+        (out.status, out.stdout_str().as_str()),
+        (0, "probe\npod-host\n"),
+        "{out:?}"
+    );
+    // The rehearsal's id is free again.
+    g.rootfs("husk-rehearsal");
+    let out = g.agent.run("husk-rehearsal", &sh("echo mine"));
+    assert_eq!(
+        (out.status, out.stdout_str().as_str()),
+        (0, "mine\n"),
+        "{out:?}"
+    );
+}

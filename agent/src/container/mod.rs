@@ -27,6 +27,7 @@ pub mod holder;
 pub(crate) mod inroot;
 pub mod mounts;
 pub mod oom;
+pub mod rehearsal;
 pub mod seccomp;
 pub mod spawn;
 pub mod spec;
@@ -254,6 +255,9 @@ pub struct Config {
     /// The cgroup2 mount whose `husk` child holds the containers; `None` runs without cgroups
     /// (the host tests, whose hosts use cgroup v1).
     pub cgroup_root: Option<PathBuf>,
+    /// Where a provisional sandbox rehearses a container's creation ([`rehearsal`]). `None`
+    /// (the agent outside a VM, on a host's file system) only warms a helper.
+    pub rehearsal: Option<rehearsal::Place>,
 }
 
 #[derive(Debug)]
@@ -464,11 +468,17 @@ impl Engine {
         });
         drop(sb);
         if provisional {
-            // A pool's VM, before its pod: the holder is no helper any more (no exec), so
-            // start one helper now, off the pod's path, that its first container's finds
-            // translated under TCG. Only a speed-up: a failure is logged, not returned.
-            if let Err(e) = warm_helper() {
-                println!("husk-agent: warning: sandbox {id}: warming the helper: {e}");
+            // A pool's VM, before its pod: walk a container's creation once, off the pod's
+            // path, so that its first container's finds it translated under TCG (see
+            // `rehearsal`); without a rehearsal directory (the agent outside a VM), at least
+            // a helper's start (the holder is no helper: no exec). Only a speed-up: a
+            // failure is logged, not returned.
+            let warmed = match &self.config.rehearsal {
+                Some(place) => rehearsal::run(self, place),
+                None => warm_helper().map_err(|e| format!("warming the helper: {e}")),
+            };
+            if let Err(e) = warmed {
+                println!("husk-agent: warning: sandbox {id}: rehearsal: {e}");
             }
         }
         Ok(())
@@ -490,15 +500,7 @@ impl Engine {
             id: id.into(),
             what,
         };
-        let mut trace = steps::Trace::new();
         let spec = check_create(id, spec_json)?;
-        // The request's flag or the spec's own `process.terminal`.
-        let terminal = terminal
-            || spec
-                .process()
-                .as_ref()
-                .and_then(|p| p.terminal())
-                .unwrap_or(false);
         let rootfs = self.config.shared_dir.join(id).join("rootfs");
         if !rootfs.is_dir() {
             return Err(invalid(format!(
@@ -509,6 +511,20 @@ impl Engine {
         let rootfs = rootfs
             .canonicalize()
             .map_err(|e| invalid(format!("rootfs {}: {e}", rootfs.display())))?;
+        self.create_at(id, spec, rootfs, terminal)
+    }
+
+    /// CreateContainer of a checked spec on a resolved rootfs (the shared directory's, or
+    /// the rehearsal's own).
+    fn create_at(&self, id: &str, spec: Spec, rootfs: PathBuf, terminal: bool) -> Result<()> {
+        let mut trace = steps::Trace::new();
+        // The request's flag or the spec's own `process.terminal`.
+        let terminal = terminal
+            || spec
+                .process()
+                .as_ref()
+                .and_then(|p| p.terminal())
+                .unwrap_or(false);
         // Reserve the id, and do the slow part without holding the table: other containers'
         // RPCs go on meanwhile.
         {
