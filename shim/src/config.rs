@@ -127,10 +127,11 @@ pub struct Config {
     pub max_vcpus: u32,
     /// Most guest memory (MiB) a sandbox may get through annotations (0: the host's memory).
     pub max_memory_mib: u32,
-    /// QEMU TCG's translation buffer, MiB (only when the guest is emulated): the guest's
-    /// code working set must fit or TCG retranslates everything each time it fills — 48
-    /// holds a husk guest's (containers and execs included); 16 saves ~27 MiB per active pod
-    /// at ~3× the container start (docs/FIELD-NOTES.md). 4 to 2048.
+    /// QEMU TCG's translation buffer, MiB (only when the guest is emulated; default
+    /// `husk_hypervisor::qemu::cmdline::DEFAULT_TCG_BUFFER_MIB`, 32): what does not fit of the
+    /// guest's code working set is retranslated each time the buffer fills — 48 holds a husk
+    /// guest's whole (containers and execs included) for ~8 MiB more per pod; 16 saves
+    /// ~16 MiB at ~3× the container start (docs/FIELD-NOTES.md). 4 to 2048.
     pub tcg_buffer_mib: u32,
     /// The warm pool of pre-booted VMs (`crate::pool`); off (size 0) unless configured.
     pub pool: PoolConfig,

@@ -40,15 +40,20 @@ pub(crate) const BASE_CMDLINE: &str =
 
 /// TCG's translation buffer, MiB, unless configured (`tcg_buffer_mib`). QEMU's default
 /// reserves 1 GiB. What matters is the guest's code working set: a booted husk guest holds
-/// ~24.5 MiB of translations at the agent's ready line, and starting containers and execs
+/// ~24.5–29 MiB of translations at the agent's ready line, and starting containers and execs
 /// brings it to ~43 MiB; a smaller buffer is flushed and everything retranslated whenever it
-/// fills. Measured on the 2-core development host (docs/FIELD-NOTES.md, "Container creation
-/// under TCG"): at 16 MiB TCG flushed ~9 times over 3 creates and 3 execs and a container's
-/// create → first output took 409 ms, at 64 MiB 102 ms; from 48 MiB up nothing is flushed.
-/// The buffer costs a pod what it holds (up to its size, anonymous memory): 48 MiB bounds
-/// that at the working set. A host short of memory rather than time sets 16 (boot then
-/// flushes once; 8 flushes five times and costs every boot ~200 ms more).
-pub const DEFAULT_TCG_BUFFER_MIB: u32 = 48;
+/// fills, and the buffer costs a pod what it holds (up to its size, anonymous memory). Measured
+/// on the 2-core development host (docs/FIELD-NOTES.md, "Container creation under TCG" and
+/// "Where an idle pod's host memory is under TCG"): at 16 MiB TCG flushed ~9 times over 3
+/// creates and 3 execs (create → first output 409 ms); at 32 the boot fits and the first
+/// container's start flushes once (a cold pod's create → first output ~310 ms against ~230 at
+/// 48, bench scenario 4), and 10 idle pods cost 53 MiB each against 61 at 48 (scenario 6). A
+/// warm pool's VMs rehearse a container before their claim (the agent's `rehearsal`), so a
+/// pooled start is as quick at 32 as at 48 (first output ~200 ms, scenario 12). So 32: the
+/// memory target with the pool's speed. A host short of time rather than memory sets 48 (no
+/// flush); one short of memory 16 (boot then flushes once; 8 flushes five times and costs
+/// every boot ~200 ms more).
+pub const DEFAULT_TCG_BUFFER_MIB: u32 = 32;
 
 fn tcg_accel(buffer_mib: u32) -> String {
     format!("tcg,tb-size={buffer_mib}")
@@ -243,7 +248,7 @@ mod tests {
             "-M microvm,x-option-roms=off,isa-serial=on,rtc=on,acpi=off,memory-backend=mem",
             "memory-backend-memfd,id=mem,size=384M,share=on",
             "-m 384M",
-            "-accel tcg,tb-size=48 -cpu max -smp 2",
+            "-accel tcg,tb-size=32 -cpu max -smp 2",
             "-no-reboot",
             "-add-fd fd=9,set=1 -chardev socket,id=con0,path=/run/husk/abc/console.sock,server=on,wait=off,logfile=/dev/fdset/1,logappend=on -serial chardev:con0",
             "-append console=ttyS0 reboot=t panic=-1 quiet no_timer_check dummy.numdummies=0 husk.timeout=5 -kernel",
