@@ -63,7 +63,7 @@ const FULL: Plan = Plan {
     idle_pods: 5,
     execs: 6,
     density: 10,
-    io_rounds: 3,
+    io_rounds: 5,
     net_rounds: 20,
     net_mib: 64,
     io_mib: 256,
