@@ -191,6 +191,10 @@ impl Jail {
         let ops = self.plan()?;
         let root = c(&self.root)?;
         let (uid, gid) = (self.uid, self.gid);
+        // The thread that will spawn the command (`apply` is called on it, as every caller
+        // does right before `Supervised::spawn`): the jailed program dies with it.
+        // SAFETY: gettid(2) has no arguments and cannot fail.
+        let spawner = unsafe { libc::gettid() };
         let mut flags = libc::CLONE_NEWNS | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS;
         if self.new_net {
             flags |= libc::CLONE_NEWNET;
@@ -295,7 +299,7 @@ impl Jail {
                     ok(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0))
                 };
                 if child > 0 {
-                    supervise(child, &drop_privileges);
+                    supervise(child, spawner, &drop_privileges);
                 }
                 drop_privileges()?;
                 Ok(())
@@ -321,9 +325,16 @@ extern "C" fn forward(sig: libc::c_int) {
 /// the program ended (same exit code, or the same signal). Only async-signal-safe calls: it
 /// is a fork of a multi-threaded process. Never returns.
 ///
+/// `spawner` is the thread of the parent process that spawned the jail (the parent-death
+/// signal's "parent" is that thread, not the process).
+///
 /// # Safety
 /// Only to be called in a freshly forked child, before exec.
-unsafe fn supervise(child: libc::pid_t, drop_privileges: &dyn Fn() -> std::io::Result<()>) -> ! {
+unsafe fn supervise(
+    child: libc::pid_t,
+    spawner: libc::pid_t,
+    drop_privileges: &dyn Fn() -> std::io::Result<()>,
+) -> ! {
     // SAFETY: plain system calls on this process's own state (the whole block); the
     // sigaction struct is zeroed, then given a valid handler.
     unsafe {
@@ -334,9 +345,15 @@ unsafe fn supervise(child: libc::pid_t, drop_privileges: &dyn Fn() -> std::io::R
         }
         // After the uid change, which clears the parent-death signal (set before it, it was
         // gone: a killed shim left its jailed helpers running). A parent that died before the
-        // prctl is seen as a changed parent PID.
+        // prctl is seen as a changed parent PID; a spawning thread that ended before it while
+        // its process lives (the signal is tied to the thread) as that thread gone (tgkill
+        // with no signal: ESRCH; EPERM, from our new uid, means it is there). The jail's setup
+        // before this takes milliseconds: a thread ending right after the spawn (a test's)
+        // fell in that window under load.
         libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
-        if libc::getppid() != parent {
+        let spawner_gone = libc::syscall(libc::SYS_tgkill, parent, spawner, 0) != 0
+            && *libc::__errno_location() == libc::ESRCH;
+        if libc::getppid() != parent || spawner_gone {
             libc::kill(child, libc::SIGKILL);
             libc::_exit(128 + libc::SIGKILL);
         }
