@@ -232,6 +232,26 @@ pub fn annotate(s: &mut [Scenario]) {
             ),
         );
     }
+    // 6 (#17): the same per-pod target where pods share a node (and so their page cache).
+    let all = row(s, 6, "all started pods, PSS");
+    let tcg = all.is_some_and(|r| r.husk.backend.contains("TCG"));
+    if let (Some(total), Some(n)) = (med(all), med(row(s, 6, "pods started"))) {
+        if n >= 1.0 {
+            let target = if tcg { 60.0 } else { 24.0 };
+            push(
+                s,
+                6,
+                format!(
+                    "Target: ≤ {} MiB PSS per pod outside the guest's touched RAM{}, here with \
+                     {} pods on the node sharing their page cache: {}.",
+                    fmt_num(target),
+                    if tcg { " under TCG (#17)" } else { "" },
+                    format!("{n:.0}"),
+                    verdict(total / n, target, "MiB", true)
+                ),
+            );
+        }
+    }
     // 9: shim below runc's.
     let shim = row(s, 9, "shim PSS");
     if let (Some(h), Some(b)) = (med(shim), base_med(shim)) {
@@ -303,6 +323,22 @@ pub fn annotate(s: &mut [Scenario]) {
             ),
         );
     }
+    // 7 (#17): stdout relay at least half of what the container itself makes.
+    if let (Some(o), Some(m)) = (med(row(s, 7, "stdout")), med(row(s, 7, "head -c"))) {
+        let pct = o / m * 100.0;
+        push(
+            s,
+            7,
+            format!(
+                "Target (#17): stdout relayed at ≥ 50 % of the rate the container makes its bytes \
+                 on the same host: {} ({:.0} %: {} MiB/s against {} MiB/s, medians).",
+                if pct >= 50.0 { "met" } else { "missed" },
+                pct,
+                fmt_num(o),
+                fmt_num(m)
+            ),
+        );
+    }
     // 9: the shim's start.
     if let Some(p0) = p[0] {
         push(
@@ -350,6 +386,91 @@ pub fn annotate(s: &mut [Scenario]) {
                 fmt_num(b),
                 b / h
             ),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bench::results::Series;
+
+    fn series(backend: &str, samples: &[f64]) -> Series {
+        Series {
+            backend: backend.into(),
+            samples: samples.to_vec(),
+        }
+    }
+
+    fn scenario(number: u32, rows: &[(&str, &[f64], Option<&[f64]>)]) -> Scenario {
+        let mut s = Scenario::new(number, "t", "m");
+        for (metric, husk, base) in rows {
+            s.rows.push(Row {
+                metric: (*metric).into(),
+                unit: "x".into(),
+                husk: series("husk (qemu/TCG)", husk),
+                baseline: base.map(|b| series("runc", b)),
+            });
+        }
+        s
+    }
+
+    #[test]
+    fn density_and_stdout_are_judged_against_issue_17s_targets() {
+        let mut s = vec![
+            scenario(
+                6,
+                &[
+                    (
+                        "all started pods, PSS outside guest RAM",
+                        &[530.0],
+                        Some(&[36.0]),
+                    ),
+                    ("pods started of 10", &[10.0], Some(&[10.0])),
+                ],
+            ),
+            scenario(
+                7,
+                &[
+                    (
+                        "stdout to the host, 256 MiB",
+                        &[14.0, 14.1, 14.2],
+                        Some(&[200.0]),
+                    ),
+                    (
+                        "head -c 256M >/dev/null in the container",
+                        &[25.0, 25.1, 25.2],
+                        Some(&[300.0]),
+                    ),
+                ],
+            ),
+        ];
+        annotate(&mut s);
+        let six = s[0].notes.join("\n");
+        assert!(
+            six.contains("with 10 pods") && six.contains("met (53.0 MiB against 60.0 MiB)"),
+            "{six}"
+        );
+        let seven = s[1].notes.join("\n");
+        assert!(
+            seven.contains("Target (#17): stdout") && seven.contains(": met (56 %"),
+            "{seven}"
+        );
+        // Over the line: missed.
+        s[0].rows[0].husk.samples = vec![650.0];
+        s[1].rows[0].husk.samples = vec![10.0];
+        s[0].notes.clear();
+        s[1].notes.clear();
+        annotate(&mut s);
+        assert!(
+            s[0].notes.join("\n").contains("missed: 65.0 MiB"),
+            "{:?}",
+            s[0].notes
+        );
+        assert!(
+            s[1].notes.join("\n").contains(": missed (40 %"),
+            "{:?}",
+            s[1].notes
         );
     }
 }
