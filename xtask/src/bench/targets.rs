@@ -243,10 +243,9 @@ pub fn annotate(s: &mut [Scenario]) {
                 6,
                 format!(
                     "Target: ≤ {} MiB PSS per pod outside the guest's touched RAM{}, here with \
-                     {} pods on the node sharing their page cache: {}.",
+                     {n:.0} pods on the node sharing their page cache: {}.",
                     fmt_num(target),
                     if tcg { " under TCG (#17)" } else { "" },
-                    format!("{n:.0}"),
                     verdict(total / n, target, "MiB", true)
                 ),
             );
