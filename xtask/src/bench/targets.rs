@@ -401,7 +401,10 @@ mod tests {
         }
     }
 
-    fn scenario(number: u32, rows: &[(&str, &[f64], Option<&[f64]>)]) -> Scenario {
+    /// A metric's name, husk's samples, the baseline's.
+    type Samples<'a> = (&'a str, &'a [f64], Option<&'a [f64]>);
+
+    fn scenario(number: u32, rows: &[Samples]) -> Scenario {
         let mut s = Scenario::new(number, "t", "m");
         for (metric, husk, base) in rows {
             s.rows.push(Row {
