@@ -6,7 +6,7 @@
 //! It must never exit: when PID 1 exits the kernel panics. Every fatal error therefore ends
 //! in a clean power-off, with the reason on the console.
 //!
-//! The same binary has three more roles:
+//! The same binary has more roles:
 //! - `husk-agent init|exec|warm`: the container helper, re-executed by the agent inside a
 //!   container's namespaces (see `container::spawn`);
 //! - `husk-agent rehearse`: the process of a pooled VM's rehearsal container (see
