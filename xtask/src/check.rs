@@ -2,8 +2,9 @@
 //! clippy on every target with warnings as errors, and the unit tests of every crate.
 //!
 //! Unit tests are the `#[cfg(test)]` modules of each crate's library and binaries: they need
-//! no VM, no containerd and nothing `setup` installs beyond protoc (the tests crate's CRI
-//! client). Everything under a crate's `tests/` — the VM, containerd and CRI tiers of
+//! no VM, no containerd and nothing `setup` installs beyond [`setup::CHECK_PACKAGES`] (protoc,
+//! busybox-static, cpio), which `check` installs itself: it runs first in CI, on a machine
+//! with nothing else installed. Everything under a crate's `tests/` — the VM, containerd and CRI tiers of
 //! `tests/tests/`, `protocols/tests/`, `xtask/tests/` — runs in `cargo xtask test`.
 //!
 //! All three run even when one fails, so one CI run shows every problem.

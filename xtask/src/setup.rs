@@ -98,13 +98,27 @@ pub fn run() -> Result<()> {
     Ok(())
 }
 
-/// What `cargo xtask check` needs beyond Rust: rustfmt, clippy, and protoc (the CRI client
-/// of the tests crate, which clippy compiles). Not the rest of `run`'s list.
+/// Debian packages the unit tests use (`cargo xtask check` runs them before `setup`): protoc
+/// (the tests crate's CRI client, which clippy compiles too), busybox-static (the image
+/// builder's tests build a busybox image) and cpio (the initramfs writer's test reads its
+/// archive back with the cpio tool). Each is also in [`APT_PACKAGES`].
+pub const CHECK_PACKAGES: &[&str] = &["protobuf-compiler", "busybox-static", "cpio"];
+
+/// What `cargo xtask check` needs beyond Rust: rustfmt, clippy, and [`CHECK_PACKAGES`]. Not
+/// the rest of `run`'s list.
 pub fn for_check() -> Result<()> {
     rust_components()?;
-    if !apt_installed("protobuf-compiler") {
-        step("setup: protoc, for clippy and the tests crate's CRI client");
-        apt_install(&["protobuf-compiler"])?;
+    let missing: Vec<&str> = CHECK_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| !apt_installed(p))
+        .collect();
+    if !missing.is_empty() {
+        step(&format!(
+            "setup: {}, for clippy and the unit tests",
+            missing.join(" ")
+        ));
+        apt_install(&missing)?;
     }
     Ok(())
 }
@@ -180,4 +194,19 @@ fn nix_is_root() -> bool {
     output(Command::new("id").arg("-u"))
         .map(|s| s.trim() == "0")
         .unwrap_or(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn what_check_installs_setup_installs_too() {
+        for p in CHECK_PACKAGES {
+            assert!(
+                APT_PACKAGES.iter().any(|(q, _)| q == p),
+                "{p} is installed by `check` but missing from setup's list"
+            );
+        }
+    }
 }

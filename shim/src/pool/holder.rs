@@ -660,10 +660,9 @@ mod tests {
 
     fn holder(state_root: &std::path::Path) -> Holder {
         let config = Config {
-            backend: crate::config::Backend::QemuTcg,
             state_root: state_root.to_path_buf(),
             pool: crate::config::PoolConfig { size: 2 },
-            ..Config::default()
+            ..crate::pool::tests::tcg_config()
         };
         Holder {
             shape: Shape::default_of(&config).unwrap(),

@@ -314,15 +314,22 @@ fn init_log(config: &Config, who: String) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// A TCG configuration whose QEMU is named, so that a shape resolves on a host without
+    /// QEMU installed (`cargo xtask check` runs unit tests before `setup`). Nothing runs it.
+    pub(crate) fn tcg_config() -> Config {
+        Config {
+            backend: crate::config::Backend::QemuTcg,
+            qemu_path: PathBuf::from("/bin/sh"),
+            ..Config::default()
+        }
+    }
 
     #[test]
     fn shapes_differ_by_any_field_and_a_debug_console_is_never_pooled() {
-        let c = Config {
-            backend: crate::config::Backend::QemuTcg,
-            ..Config::default()
-        };
+        let c = tcg_config();
         let a = Shape::of(&c, 1, 256, 0).unwrap();
         let pooled = Shape::default_of(&c).unwrap();
         assert!(
