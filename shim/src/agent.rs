@@ -6,6 +6,7 @@
 //! control calls of another container.
 
 use std::os::fd::IntoRawFd;
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -66,6 +67,11 @@ impl std::fmt::Debug for Agent {
 
 fn open(socket: &Path, timeout: Duration) -> Result<AgentClient, AgentError> {
     let stream = husk_hypervisor::vsock::connect_retry(socket, AGENT_VSOCK_PORT, timeout)?;
+    client_on(stream, socket)
+}
+
+/// A ttrpc client on a connection whose hybrid-vsock handshake is done.
+fn client_on(stream: UnixStream, socket: &Path) -> Result<AgentClient, AgentError> {
     let client = ttrpc::Client::new(stream.into_raw_fd()).map_err(|e| AgentError::Client {
         socket: socket.to_path_buf(),
         message: e.to_string(),
@@ -77,7 +83,18 @@ impl Agent {
     /// Connects (retrying until `timeout`: the guest may still be booting) and checks that the
     /// agent speaks our API version.
     pub fn connect(socket: &Path, timeout: Duration) -> Result<Self, AgentError> {
-        let control = TimedClient::new(open(socket, timeout)?);
+        Self::checked(open(socket, timeout)?, socket)
+    }
+
+    /// [`Agent::connect`] over a connection opened already (a pooled VM's, from its keeper:
+    /// the handshake done, nothing sent on it). `socket`: where later connections are made.
+    pub fn over(stream: UnixStream, socket: &Path) -> Result<Self, AgentError> {
+        Self::checked(client_on(stream, socket)?, socket)
+    }
+
+    /// Checks that the agent on `client` speaks our API version.
+    fn checked(client: AgentClient, socket: &Path) -> Result<Self, AgentError> {
+        let control = TimedClient::new(client);
         let req = CheckRequest {
             api_version: API_VERSION,
             ..Default::default()

@@ -609,6 +609,8 @@ impl Sandbox {
         // Where the bring-up's time goes, for the log line below (#17's breakdown).
         let mut steps: Vec<(&str, Duration)> = vec![("network setup", bring_up.elapsed())];
         let pooled_vm = pooled.as_ref().map(|p| p.claimed.vmid.clone());
+        let mut pooled = pooled;
+        let kept_agent = pooled.as_mut().and_then(|p| p.agent.take());
         let (vm, backend_name, keep_tx): (Box<dyn Vm>, String, Option<mpsc::Sender<()>>) =
             match pooled {
                 // Claimed: its NICs' taps are already the VM's (moved in above).
@@ -685,7 +687,21 @@ impl Sandbox {
         let left = deadline
             .saturating_duration_since(std::time::Instant::now())
             .max(Duration::from_secs(5));
-        let agent = match Agent::connect(&socket, left) {
+        // A pooled VM's keeper opened the connection while the VM waited; should it not answer,
+        // a connection of our own is tried as for a cold VM.
+        let over_kept = kept_agent.map(|stream| {
+            Agent::over(stream, &socket).map_err(|e| {
+                log::warn!(
+                    "sandbox {id}: the agent connection its keeper opened: {e}; connecting anew"
+                );
+            })
+        });
+        let kept = matches!(over_kept, Some(Ok(_)));
+        let connected = match over_kept {
+            Some(Ok(a)) => Ok(a),
+            _ => Agent::connect(&socket, left),
+        };
+        let agent = match connected {
             Ok(a) => a,
             Err(e) => {
                 return Err(guest_err(
@@ -713,9 +729,14 @@ impl Sandbox {
         let guest_boot_ms = ready.map_or(0, |r| r.since_boot_ms);
         crate::metrics::record_boot(bring_up.elapsed(), vm_boot, guest_boot_ms);
         log::info!(
-            "sandbox {id}: VM {vm_pid} on {} with {vcpus} vCPU, {memory_mib} MiB; agent {}; {}; {}",
+            "sandbox {id}: VM {vm_pid} on {} with {vcpus} vCPU, {memory_mib} MiB; agent {}{}; {}; {}",
             backend_name,
             agent.agent_version,
+            if kept {
+                " over the connection its keeper opened"
+            } else {
+                ""
+            },
             pooled_vm.map_or("booted cold".to_string(), |v| format!(
                 "{v} from the warm pool"
             )),

@@ -1,4 +1,7 @@
-//! Times the agent's own steps in a real TCG guest, alternating guest images: CreateSandbox,
+//! Times the agent's own steps in a real TCG guest, alternating guest images: new agent
+//! connections (the hybrid-vsock handshake, then the first Check on it and a second: a
+//! connection opened before `HUSK_LAT_IDLE_MS` of waiting, as a pooled VM's keeper opens its
+//! claimer's, then three opened after it, the last left to settle 100 ms), CreateSandbox,
 //! then for each container CreateContainer, StartContainer, the first byte of stdout, and
 //! RemoveContainer, and ExecProcess → first output in a running container. Each round boots
 //! one guest per image (in turn, so load drift hits all alike) and reports medians per image.
@@ -97,6 +100,52 @@ fn round(containers: usize, execs: usize, out: &mut BTreeMap<String, Vec<f64>>) 
                 },
             )
             .expect("provisional CreateSandbox");
+    }
+    let sock = g.vm.vsock_socket().expect("vsock socket").to_path_buf();
+    // A connection made before the wait, as a pooled VM's keeper could hold one for its claim.
+    let pre = husk_hypervisor::vsock::connect(
+        &sock,
+        husk_protocols::AGENT_VSOCK_PORT,
+        Duration::from_secs(30),
+    )
+    .expect("vsock connect");
+    // As a pooled VM waits for its claim (HUSK_LAT_IDLE_MS, default none).
+    if let Some(ms) = std::env::var("HUSK_LAT_IDLE_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        std::thread::sleep(Duration::from_millis(ms));
+    }
+    let t = Instant::now();
+    let pre = husk_tests::agent::Agent::from_stream(pre);
+    pre.check();
+    put("0 connected before the wait: first Check", t.elapsed());
+    let t = Instant::now();
+    pre.check();
+    put("0 connected before the wait: Check again", t.elapsed());
+    // A new connection, as the shim makes one at a claim or cold start: the hybrid-vsock
+    // handshake (vhost-device-vsock asks the guest, the agent accepts), then Check on it, then
+    // Check again (one bare round trip on a connection that is up).
+    for (label, settle) in [("", 0), (" (2nd)", 0), (" (settled 100 ms)", 100)] {
+        let t = Instant::now();
+        let s = husk_hypervisor::vsock::connect(
+            &sock,
+            husk_protocols::AGENT_VSOCK_PORT,
+            Duration::from_secs(30),
+        )
+        .expect("vsock connect");
+        put(&format!("0a vsock connect (handshake){label}"), t.elapsed());
+        std::thread::sleep(Duration::from_millis(settle));
+        let t = Instant::now();
+        let second = husk_tests::agent::Agent::from_stream(s);
+        second.check();
+        put(
+            &format!("0b ttrpc client + first Check{label}"),
+            t.elapsed(),
+        );
+        let t = Instant::now();
+        second.check();
+        put(&format!("0c Check again{label}"), t.elapsed());
     }
     let t = Instant::now();
     g.agent

@@ -159,6 +159,11 @@ impl Agent {
         Self::from_fd(s.into_raw_fd())
     }
 
+    /// Over a connected stream (a hybrid-vsock connection after its handshake).
+    pub fn from_stream(s: std::os::unix::net::UnixStream) -> Self {
+        Self::from_fd(s.into_raw_fd())
+    }
+
     fn from_fd(fd: i32) -> Self {
         Self {
             client: AgentClient::new(ttrpc::Client::new(fd).expect("ttrpc client")),

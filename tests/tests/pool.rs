@@ -278,6 +278,20 @@ fn pooled_starts_and_the_pools_bounds() {
         holder.log()
     );
     assert_ne!(va, vb, "two sandboxes got the same VM");
+    // Each used the agent connection its VM's keeper opened while the VM waited.
+    let log = h.ctd.log();
+    for id in [&a, &b] {
+        assert!(
+            log.lines()
+                .any(|l| l.contains(&format!("sandbox {id}: VM "))
+                    && l.contains("over the connection its keeper opened")),
+            "{id} did not take its keeper's agent connection:\n{}",
+            log.lines()
+                .filter(|l| l.contains(id.as_str()))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+    }
     for (id, vm) in [(&a, &va), (&b, &vb)] {
         assert_sandbox_gone(id);
         vm_gone(vm.as_ref().unwrap());

@@ -24,6 +24,9 @@ const CLAIM_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct Pooled {
     pub claimed: Claimed,
     pub vm: KeptVm,
+    /// The agent connection its keeper opened while the VM waited (`None`: the keeper could
+    /// not pass it; the sandbox connects itself).
+    pub agent: Option<UnixStream>,
 }
 
 /// Asks the pool for a VM for sandbox `sid` of this size; `None` (logged with the reason):
@@ -115,11 +118,16 @@ fn ask(config: &Config, conn: &UnixStream, sid: &str, shape: Shape) -> Result<Po
     let (Some(claimed), Some(fd)) = (reply.claimed, fd) else {
         return Err("the holder's answer lacks the VM or its keeper's connection".into());
     };
-    Ok(Pooled {
-        // Where the VM's directory now is: computed here, never taken from the answer.
-        vm: KeptVm::new(fd, &claimed, &vm_dir(config, sid)?),
-        claimed,
-    })
+    // Where the VM's directory now is: computed here, never taken from the answer.
+    let mut vm = KeptVm::new(fd, &claimed, &vm_dir(config, sid)?);
+    let agent = match vm.take_agent_connection() {
+        Ok(c) => Some(c),
+        Err(why) => {
+            log::info!("sandbox {sid}: connects to the agent itself — the keeper: {why}");
+            None
+        }
+    };
+    Ok(Pooled { vm, claimed, agent })
 }
 
 /// Starts a detached holder for `config` (its own session, stdout and stderr to the pool's
@@ -250,6 +258,23 @@ impl KeptVm {
                     exited: Some(status.into_raw()),
                 })
             }
+        }
+    }
+
+    /// The agent connection the keeper opened for the claimer (once; see
+    /// `KeeperRequest::AgentConnection`).
+    fn take_agent_connection(&mut self) -> Result<UnixStream, String> {
+        let conn = self.conn.as_mut().ok_or("its connection is gone")?;
+        let _ = conn.set_read_timeout(Some(CLAIM_TIMEOUT));
+        wire::write_msg(conn, &KeeperRequest::AgentConnection {})
+            .map_err(|e| format!("asking: {e}"))?;
+        let (reply, fd) = wire::recv_msg_with_fd::<KeeperReply>(conn)
+            .map_err(|e| format!("reading the answer: {e}"))?;
+        match (reply, fd) {
+            (Some(r), Some(fd)) if r.ok => Ok(UnixStream::from(fd)),
+            (Some(r), _) if !r.ok => Err(r.error.unwrap_or_else(|| "refused".into())),
+            (Some(_), _) => Err("its answer came without the connection".into()),
+            (None, _) => Err("it closed without answering".into()),
         }
     }
 

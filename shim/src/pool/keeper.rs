@@ -10,7 +10,8 @@
 //!   directory (wherever it was renamed to, if it is still the same directory) and the jail
 //!   id's record are removed, the keeper exits.
 //! - A request: `handover` (from the holder: the owner becomes the claiming shim's pid),
-//!   then from the shim `status`, `pause`, `resume`, `stop`, `kill`, `exit`
+//!   then from the shim `agent_connection` (once: the agent connection the keeper opened
+//!   while the VM waited, passed over), `status`, `pause`, `resume`, `stop`, `kill`, `exit`
 //!   ([`super::wire::KeeperRequest`]). `exit`, or the connection closing while the owner
 //!   lives, ends the VM and the keeper but leaves the directory: a living owner cleans up
 //!   its own sandbox, as it does for a cold VM.
@@ -211,7 +212,11 @@ fn run(config: &Config, args: &Args, mut conn: UnixStream) -> Result<(), PoolErr
         jail_owners: vec![owner_name.clone()],
     };
     let booted = boot(config, &dir, &owner_name, &args.vmid);
-    let (mut vm, event) = match booted {
+    let Booted {
+        mut vm,
+        event,
+        mut agent_conn,
+    } = match booted {
         Ok(v) => v,
         Err(e) => {
             let _ = wire::write_msg(&mut conn, &KeeperEvent::Failed { error: e.clone() });
@@ -274,7 +279,22 @@ fn run(config: &Config, args: &Args, mut conn: UnixStream) -> Result<(), PoolErr
         if claimed && !matches!(req, KeeperRequest::Handover { .. }) {
             delivered = true;
         }
+        // The agent connection travels with its reply; every other reply is a plain line.
+        let mut passing: Option<UnixStream> = None;
         let reply = match req {
+            KeeperRequest::AgentConnection {} if !claimed => reply_err(
+                "not handed over: only the claiming shim takes the agent connection".into(),
+            ),
+            KeeperRequest::AgentConnection {} => match agent_conn.take() {
+                Some(c) => {
+                    passing = Some(c);
+                    KeeperReply {
+                        ok: true,
+                        ..Default::default()
+                    }
+                }
+                None => reply_err("the agent connection was taken already".into()),
+            },
             KeeperRequest::Handover { pid, dir } if !claimed => match pidfd_open(pid) {
                 Ok(fd) => {
                     owner = fd;
@@ -320,7 +340,13 @@ fn run(config: &Config, args: &Args, mut conn: UnixStream) -> Result<(), PoolErr
                 return Ok(());
             }
         };
-        if wire::write_msg(&mut conn, &reply).is_err() {
+        let sent = match &passing {
+            Some(c) => wire::send_msg_with_fd(&conn, &reply, c.as_raw_fd()),
+            None => wire::write_msg(&mut conn, &reply),
+        };
+        // The keeper's copy closes here: the claiming shim holds the only one.
+        drop(passing);
+        if sent.is_err() {
             let dying = readable(&[&owner], Duration::from_millis(300))[0];
             end(
                 &mut vm,
@@ -389,13 +415,18 @@ fn provisional_sandbox(vm: &dyn Vm, vmid: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Starts the VM of the configuration's default shape in `dir` and waits for its agent.
-fn boot(
-    config: &Config,
-    dir: &SandboxDir,
-    owner: &str,
-    vmid: &str,
-) -> Result<(Box<dyn Vm>, KeeperEvent), String> {
+/// A pooled VM, booted and ready for a claim.
+struct Booted {
+    vm: Box<dyn Vm>,
+    /// What the holder is told (`KeeperEvent::Ready`).
+    event: KeeperEvent,
+    /// The claimer's agent connection (see `KeeperRequest::AgentConnection`).
+    agent_conn: Option<UnixStream>,
+}
+
+/// Starts the VM of the configuration's default shape in `dir`, waits for its agent, makes
+/// the provisional sandbox and opens the connection its claimer will use.
+fn boot(config: &Config, dir: &SandboxDir, owner: &str, vmid: &str) -> Result<Booted, String> {
     // The holder's shape (`Shape::default_of`): the base size, no NIC, no debug console.
     let (vcpus, memory_mib) = crate::sandbox::size_for(config, &serde_json::json!({}))?;
     let programs = config.programs().map_err(|e| e.to_string())?;
@@ -467,6 +498,23 @@ fn boot(
         let _ = vm.kill();
         return Err(e);
     }
+    // The claimer's agent connection, opened now so that the guest's side of it is up and
+    // settled before the claim (see `KeeperRequest::AgentConnection`). Nothing is sent on it
+    // here: its ttrpc stream starts with the claimer's first call.
+    let agent_conn = match vm.vsock_socket() {
+        Some(socket) => match husk_hypervisor::vsock::connect_retry(
+            socket,
+            husk_protocols::AGENT_VSOCK_PORT,
+            Duration::from_secs(10),
+        ) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                let _ = vm.kill();
+                return Err(format!("opening the claimer's agent connection: {e}"));
+            }
+        },
+        None => None,
+    };
     let rel = |p: &Path| {
         p.strip_prefix(dir.vm())
             .map(Path::to_path_buf)
@@ -489,7 +537,11 @@ fn boot(
         guest_boot_ms: ready.since_boot_ms,
         nics: nics.into_iter().map(|(_, nic)| nic).collect(),
     };
-    Ok((vm, event))
+    Ok(Booted {
+        vm,
+        event,
+        agent_conn,
+    })
 }
 
 #[cfg(test)]
