@@ -227,6 +227,46 @@ fn mounts_under(dir: &Path) -> Vec<PathBuf> {
     v
 }
 
+/// Every thread's stack of a process left behind, by gdb where it is installed, into
+/// `target/husk/bench/stacks-<pid>.txt`: what it waits for, for the report.
+fn backtraces(pid: u32) -> Option<PathBuf> {
+    let out = Command::new("gdb")
+        .args([
+            "-p",
+            &pid.to_string(),
+            "-batch",
+            "-ex",
+            "thread apply all bt",
+        ])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .ok()?;
+    let file = crate::paths::workspace().join(format!("target/husk/bench/stacks-{pid}.txt"));
+    std::fs::create_dir_all(file.parent()?).ok()?;
+    std::fs::write(&file, [out.stdout, out.stderr].concat()).ok()?;
+    Some(file)
+}
+
+/// A process's threads, as `name/wchan` (the kernel function each waits in), for a report.
+fn threads_of(pid: u32) -> String {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return "gone".into();
+    };
+    let mut out: Vec<String> = tasks
+        .flatten()
+        .map(|t| {
+            let read = |f: &str| {
+                std::fs::read_to_string(t.path().join(f))
+                    .map(|s| s.trim().to_string())
+                    .unwrap_or_default()
+            };
+            format!("{}/{}", read("comm"), read("wchan"))
+        })
+        .collect();
+    out.sort();
+    out.join(" ")
+}
+
 /// Ends `pids` (processes our containerd's shims started): SIGTERM, then SIGKILL after 5 s.
 fn end_processes(pids: &[u32]) {
     use nix::sys::signal::{kill, Signal};
@@ -288,6 +328,7 @@ impl Env {
             .iter()
             .cloned()
             .collect();
+        let stopped = Instant::now();
         let all = super::procfs::processes();
         for id in ids {
             let needle = format!("/run/husk/{id}/");
@@ -300,15 +341,38 @@ impl Env {
                 })
                 .collect();
             if !left.is_empty() {
+                // What each was doing (its threads' names and kernel wait channels), then a
+                // grace of 3 s: a process that ends by itself was slow, one that does not was
+                // stuck. Either is reported.
                 let names: Vec<String> = left
                     .iter()
-                    .map(|p| format!("{} ({})", p.exe, p.pid))
+                    .map(|p| format!("{} ({}: {})", p.exe, p.pid, threads_of(p.pid)))
                     .collect();
+                let pids: Vec<u32> = left.iter().map(|p| p.pid).collect();
+                for p in &pids {
+                    if let Some(f) = backtraces(*p) {
+                        found.push(format!("the threads' stacks of {p}: {}", f.display()));
+                    }
+                }
+                let alive = |p: &u32| Path::new(&format!("/proc/{p}")).exists();
+                let grace = Instant::now() + Duration::from_secs(3);
+                while pids.iter().any(alive) && Instant::now() < grace {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                let fate = if pids.iter().any(alive) {
+                    "still running 3 s later; ended".to_string()
+                } else {
+                    format!(
+                        "it ended by itself {} ms after containerd stopped",
+                        stopped.elapsed().as_millis()
+                    )
+                };
                 found.push(format!(
-                    "{id}: still running after its container was removed: {}; ended",
+                    "{id}: still running after its container was removed and containerd \
+                     stopped: {}; {fate}",
                     names.join(", ")
                 ));
-                end_processes(&left.iter().map(|p| p.pid).collect::<Vec<_>>());
+                end_processes(&pids);
             }
             let d = Path::new("/run/husk").join(&id);
             if d.exists() {
@@ -329,6 +393,17 @@ impl Env {
         }
         for m in mounts_under(&self.dir) {
             let _ = nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH);
+        }
+        if !found.is_empty() {
+            // containerd's log (the shims' lines included) outlives the bench's directory.
+            let keep =
+                crate::paths::workspace().join("target/husk/bench/containerd-left-behind.log");
+            if std::fs::create_dir_all(keep.parent().unwrap_or(Path::new(".")))
+                .and_then(|()| std::fs::copy(self.dir.join("containerd.log"), &keep))
+                .is_ok()
+            {
+                found.push(format!("containerd's log kept in {}", keep.display()));
+            }
         }
         let _ = std::fs::remove_dir_all(&self.dir);
         for f in &found {
