@@ -277,8 +277,8 @@ pub fn serve(flags: &Flags) -> Result<(), ShimError> {
 
 /// How long the shim waits for ttrpc's sync server to shut down before it exits anyway.
 /// `ttrpc` 0.10's `Server::shutdown` joins its reaper thread, which joins every connection's
-/// handler thread. In 3 of ten runs of bench scenario 12 (some 80 husk shims each; before and
-/// after the warm pool's agent-connection change alike) one shim stayed after its container
+/// handler thread. In 3 of 13 runs of bench scenario 12 (some 80 husk shims each; 2 of 8 with
+/// the warm pool's agent-connection change, 1 of 5 without it) one shim stayed after its container
 /// was removed: its stacks (gdb) showed the main thread joining the reaper, one connection's
 /// `client_handler` waiting on its control channel and that connection's writer on its
 /// response channel, the reader and the workers gone, i.e. a wakeup the handler never got.

@@ -67,12 +67,13 @@ fn apt_installed(pkg: &str) -> bool {
         .unwrap_or(false)
 }
 
+/// Those of `packages` that dpkg does not have installed.
+fn not_installed<'a>(packages: impl IntoIterator<Item = &'a str>) -> Vec<&'a str> {
+    packages.into_iter().filter(|p| !apt_installed(p)).collect()
+}
+
 pub fn missing_apt() -> Vec<&'static str> {
-    APT_PACKAGES
-        .iter()
-        .map(|(p, _)| *p)
-        .filter(|p| !apt_installed(p))
-        .collect()
+    not_installed(APT_PACKAGES.iter().map(|(p, _)| *p))
 }
 
 pub fn run() -> Result<()> {
@@ -108,11 +109,7 @@ pub const CHECK_PACKAGES: &[&str] = &["protobuf-compiler", "busybox-static", "cp
 /// the rest of `run`'s list.
 pub fn for_check() -> Result<()> {
     rust_components()?;
-    let missing: Vec<&str> = CHECK_PACKAGES
-        .iter()
-        .copied()
-        .filter(|p| !apt_installed(p))
-        .collect();
+    let missing = not_installed(CHECK_PACKAGES.iter().copied());
     if !missing.is_empty() {
         step(&format!(
             "setup: {}, for clippy and the unit tests",
@@ -179,11 +176,7 @@ fn apt_install(packages: &[&str]) -> Result<()> {
             .args(["install", "-y", "-q", "--no-install-recommends"])
             .args(packages),
     )?;
-    let still: Vec<&str> = packages
-        .iter()
-        .copied()
-        .filter(|p| !apt_installed(p))
-        .collect();
+    let still = not_installed(packages.iter().copied());
     if !still.is_empty() {
         bail!("apt-get did not install: {}", still.join(" "));
     }

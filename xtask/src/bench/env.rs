@@ -238,7 +238,7 @@ fn backtraces(pid: u32) -> Option<PathBuf> {
             "-ex",
             "thread apply all bt",
         ])
-        .stdin(std::process::Stdio::null())
+        .stdin(Stdio::null())
         .output()
         .ok()?;
     let file = crate::paths::workspace().join(format!("target/husk/bench/stacks-{pid}.txt"));
