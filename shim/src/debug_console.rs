@@ -13,7 +13,9 @@
 //! handshake, puts the local terminal in raw mode when stdin is one, and relays bytes both
 //! ways until the guest closes the connection (the shell has exited). The end of a
 //! non-terminal stdin reaches the shell as the terminal's EOF character (^D), as it would from
-//! a keyboard.
+//! a keyboard. At a terminal, `~.` at the start of a line detaches (ssh's escape: a shell that
+//! hangs, or a guest that stops reading, cannot keep the terminal; `~~` sends one `~`); the
+//! agent then hangs up the shell.
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -133,11 +135,18 @@ fn attach(config_path: Option<&Path>, sid: &str) -> Result<(), String> {
     let conn =
         husk_hypervisor::vsock::connect(&socket, DEBUG_CONSOLE_VSOCK_PORT, Duration::from_secs(10))
             .map_err(|e| format!("sandbox {sid}: {}", error_chain(&e)))?;
-    let _raw = RawTerminal::enter();
-    if _raw.is_some() {
-        eprint!("[husk: root shell in sandbox {sid}'s guest; `exit` ends it]\r\n");
+    let raw = RawTerminal::enter();
+    if raw.is_some() {
+        eprint!(
+            "[husk: root shell in sandbox {sid}'s guest; `exit` ends it, ~. at the start of a line detaches]\r\n"
+        );
     }
-    relay(conn)
+    let escape = raw.is_some().then(Escape::default);
+    let ended = relay(conn, escape)?;
+    if raw.is_some() && ended == Ended::Detached {
+        eprint!("[husk: detached from sandbox {sid}'s guest]\r\n");
+    }
+    Ok(())
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {
@@ -151,15 +160,73 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-/// Relays stdin to the guest (its end as ^D) and the guest to stdout, until the guest closes.
-fn relay(conn: std::os::unix::net::UnixStream) -> Result<(), String> {
+/// How a console session ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ended {
+    /// The guest closed the connection (the shell exited, or the VM went away).
+    ByGuest,
+    /// The user typed the escape to detach.
+    Detached,
+}
+
+/// ssh's escape on what the user types: `~` right after Enter (or first of all) is held; a `.`
+/// after it detaches, a second `~` sends one, anything else sends the `~` and itself.
+#[derive(Debug)]
+struct Escape {
+    at_line_start: bool,
+    held_tilde: bool,
+}
+
+impl Default for Escape {
+    fn default() -> Self {
+        Self {
+            at_line_start: true,
+            held_tilde: false,
+        }
+    }
+}
+
+impl Escape {
+    /// Appends to `out` what of `input` goes to the guest; true when the user asked to
+    /// detach (what follows the escape is dropped).
+    fn feed(&mut self, input: &[u8], out: &mut Vec<u8>) -> bool {
+        for &b in input {
+            if self.held_tilde {
+                self.held_tilde = false;
+                match b {
+                    b'.' => return true,
+                    b'~' => {
+                        out.push(b'~');
+                        self.at_line_start = false;
+                        continue;
+                    }
+                    _ => out.push(b'~'),
+                }
+            } else if self.at_line_start && b == b'~' {
+                self.held_tilde = true;
+                continue;
+            }
+            out.push(b);
+            self.at_line_start = matches!(b, b'\r' | b'\n');
+        }
+        false
+    }
+}
+
+/// Relays stdin to the guest (its end as ^D) and the guest to stdout, until the guest closes
+/// or, with `escape`, the user detaches.
+fn relay(conn: std::os::unix::net::UnixStream, escape: Option<Escape>) -> Result<Ended, String> {
     let mut to_guest = conn
         .try_clone()
         .map_err(|e| format!("dup connection: {e}"))?;
+    let detached = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let detach = detached.clone();
     // Not joined: a blocked read of the terminal must not keep us once the shell has gone.
     std::thread::spawn(move || {
+        let mut escape = escape;
         let mut stdin = std::io::stdin().lock();
         let mut buf = [0u8; 4096];
+        let mut out = Vec::with_capacity(buf.len() + 1);
         loop {
             match stdin.read(&mut buf) {
                 Ok(0) => {
@@ -168,7 +235,21 @@ fn relay(conn: std::os::unix::net::UnixStream) -> Result<(), String> {
                     return;
                 }
                 Ok(n) => {
-                    if to_guest.write_all(&buf[..n]).is_err() {
+                    out.clear();
+                    let leave = match escape.as_mut() {
+                        Some(e) => e.feed(&buf[..n], &mut out),
+                        None => {
+                            out.extend_from_slice(&buf[..n]);
+                            false
+                        }
+                    };
+                    if to_guest.write_all(&out).is_err() {
+                        return;
+                    }
+                    if leave {
+                        // Closing our side ends the read below; the agent hangs up the shell.
+                        detach.store(true, std::sync::atomic::Ordering::SeqCst);
+                        let _ = to_guest.shutdown(std::net::Shutdown::Both);
                         return;
                     }
                 }
@@ -177,12 +258,19 @@ fn relay(conn: std::os::unix::net::UnixStream) -> Result<(), String> {
             }
         }
     });
+    let ended = || {
+        if detached.load(std::sync::atomic::Ordering::SeqCst) {
+            Ended::Detached
+        } else {
+            Ended::ByGuest
+        }
+    };
     let mut from_guest = conn;
     let mut stdout = std::io::stdout().lock();
     let mut buf = [0u8; 16 * 1024];
     loop {
         match from_guest.read(&mut buf) {
-            Ok(0) => return Ok(()),
+            Ok(0) => return Ok(ended()),
             Ok(n) => {
                 stdout
                     .write_all(&buf[..n])
@@ -191,7 +279,7 @@ fn relay(conn: std::os::unix::net::UnixStream) -> Result<(), String> {
             }
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             // The guest side went away abruptly (the VM ended): the session is over.
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return Ok(ended()),
             Err(e) => return Err(format!("reading from the guest: {e}")),
         }
     }
@@ -229,6 +317,34 @@ impl Drop for RawTerminal {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn typed(chunks: &[&[u8]]) -> (Vec<u8>, bool) {
+        let mut e = Escape::default();
+        let mut out = Vec::new();
+        for c in chunks {
+            if e.feed(c, &mut out) {
+                return (out, true);
+            }
+        }
+        (out, false)
+    }
+
+    #[test]
+    fn tilde_dot_at_the_start_of_a_line_detaches() {
+        assert_eq!(typed(&[b"~."]), (vec![], true));
+        assert_eq!(typed(&[b"ls\r~.rest"]), (b"ls\r".to_vec(), true));
+        assert_eq!(typed(&[b"ls\n", b"~", b"."]), (b"ls\n".to_vec(), true));
+    }
+
+    #[test]
+    fn a_tilde_anywhere_else_or_doubled_is_sent_as_typed() {
+        assert_eq!(typed(&[b"echo a~.b\r"]), (b"echo a~.b\r".to_vec(), false));
+        assert_eq!(typed(&[b"~~."]), (b"~.".to_vec(), false));
+        assert_eq!(typed(&[b"~", b"x"]), (b"~x".to_vec(), false));
+        assert_eq!(typed(&[b"\r~/bin\r"]), (b"\r~/bin\r".to_vec(), false));
+        // ^C (the shell's interrupt) passes through and does not start a line.
+        assert_eq!(typed(&[b"\x03~."]), (b"\x03~.".to_vec(), false));
+    }
 
     #[test]
     fn the_record_round_trips() {
