@@ -29,6 +29,8 @@ pub struct Tally {
     pub passes: Vec<String>,
     /// Tier-4 tests that passed in the nested tier (also counted in `passed`).
     pub nested_passed: Vec<String>,
+    /// What the nested tier had to do besides run the tests (an L1 that hung and was replaced).
+    pub nested_notes: Vec<String>,
     /// `(test name, reason)` of tests that were ignored.
     pub not_run: Vec<(String, String)>,
     pub failures: Vec<String>,
@@ -125,6 +127,7 @@ impl Tally {
             self.failures
                 .push(format!("{n} ({}): {why}", nested::LABEL));
         }
+        self.nested_notes.extend(outcome.l1_hangs.iter().cloned());
     }
 }
 
@@ -192,6 +195,9 @@ pub fn run(with_setup: bool, filter: Option<&str>) -> Result<()> {
     println!("==> test summary ({})", elapsed(start));
     for n in &tally.nested_passed {
         println!("    passed ({}): {n}", nested::LABEL);
+    }
+    for n in &tally.nested_notes {
+        println!("    note ({}): {n}", nested::LABEL);
     }
     for f in &tally.failures {
         println!("    FAILED: {f}");
