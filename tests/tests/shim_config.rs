@@ -112,6 +112,24 @@ impl TerminalConsole {
     }
 }
 
+impl TerminalConsole {
+    /// How the console process ended, reading its output meanwhile; fails the test if it is
+    /// still running at `deadline` (`when`: what should have ended it).
+    fn wait_end(&mut self, deadline: Instant, when: &str) -> std::process::ExitStatus {
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "console did not end {when}: {:?}",
+                self.seen
+            );
+            self.read_until(Instant::now() + Duration::from_millis(100), |_| false);
+        }
+    }
+}
+
 impl Drop for TerminalConsole {
     fn drop(&mut self) {
         if self.child.try_wait().ok().flatten().is_none() {
@@ -286,17 +304,7 @@ fn the_debug_console_is_a_root_shell_in_the_guest() {
         "{:?}",
         t.seen
     );
-    let status = loop {
-        if let Some(s) = t.child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "console did not end after `exit`: {:?}",
-            t.seen
-        );
-        t.read_until(Instant::now() + Duration::from_millis(100), |_| false);
-    };
+    let status = t.wait_end(deadline, "after `exit`");
     assert!(status.success(), "{status}: {:?}", t.seen);
     let after = nix::sys::termios::tcgetattr(&t.slave).unwrap();
     assert!(
@@ -320,17 +328,7 @@ fn the_debug_console_is_a_root_shell_in_the_guest() {
         t.seen
     );
     t.write(b"\r~.");
-    let status = loop {
-        if let Some(s) = t.child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "console did not detach on ~.: {:?}",
-            t.seen
-        );
-        t.read_until(Instant::now() + Duration::from_millis(100), |_| false);
-    };
+    let status = t.wait_end(deadline, "on ~.");
     t.read_until(Instant::now() + Duration::from_secs(2), |s| {
         s.contains("detached")
     });

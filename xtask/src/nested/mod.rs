@@ -64,7 +64,7 @@ const L1_STALL: Duration = Duration::from_secs(150);
 const WEDGE_LOOK_EVERY: Duration = Duration::from_secs(5);
 /// L1 boots a nested run may take: a hung L1 is replaced by a fresh one for the tests it had
 /// not finished (see [`run`]).
-const L1_ATTEMPTS: usize = 5;
+const L1_ATTEMPTS: usize = 8;
 const L1_CMDLINE: &str = "console=ttyS0 panic=-1 loglevel=4";
 
 /// L1's kernel command line: [`L1_CMDLINE`] and `extra`.
