@@ -542,7 +542,10 @@ pub fn run(names: &[String]) -> Result<Outcome> {
         if outcome.l1_hangs.is_empty() {
             String::new()
         } else {
-            format!("; {} L1 hung and was replaced", outcome.l1_hangs.len())
+            match outcome.l1_hangs.len() {
+                1 => "; 1 L1 hung and was replaced".to_string(),
+                n => format!("; {n} L1s hung and were replaced"),
+            }
         }
     );
     for (test, secs) in &outcome.took {
