@@ -110,9 +110,7 @@ impl TerminalConsole {
         }
         true
     }
-}
 
-impl TerminalConsole {
     /// How the console process ended, reading its output meanwhile; fails the test if it is
     /// still running at `deadline` (`when`: what should have ended it).
     fn wait_end(&mut self, deadline: Instant, when: &str) -> std::process::ExitStatus {
@@ -327,6 +325,7 @@ fn the_debug_console_is_a_root_shell_in_the_guest() {
         "no prompt: {:?}",
         t.seen
     );
+    let before = t.before.clone();
     t.write(b"\r~.");
     let status = t.wait_end(deadline, "on ~.");
     t.read_until(Instant::now() + Duration::from_secs(2), |s| {

@@ -469,8 +469,8 @@ pub fn run(names: &[String]) -> Result<Outcome> {
     let mut pending = binaries;
     for attempt in 1..=L1_ATTEMPTS {
         let last = attempt == L1_ATTEMPTS;
-        let (results, tried) = run_in_l1(&l1, &qemu, &busybox, &husk_vmm, &pending, &dir)?;
-        let o = results.outcome(&tried);
+        let results = run_in_l1(&l1, &qemu, &busybox, &husk_vmm, &pending, &dir)?;
+        let o = results.outcome(&pending);
         outcome.l1_up = outcome.l1_up.or(o.l1_up);
         outcome.took.extend(o.took);
         outcome.passed.extend(o.passed);
@@ -499,7 +499,7 @@ pub fn run(names: &[String]) -> Result<Outcome> {
             // its one vCPU halted over a timer interrupt it never takes (QEMU's emulated SVM,
             // FIELD-NOTES), below anything the test or husk-vmm can do; the summary names each
             // one. Silence for any other reason (a test that hangs) fails as it is.
-            let (unfinished, rerun) = unfinished(tried, &results.tally);
+            let (unfinished, rerun) = unfinished(std::mem::take(&mut pending), &results.tally);
             outcome.failed.extend(
                 o.failed
                     .into_iter()
@@ -573,8 +573,7 @@ fn unfinished(tried: Vec<TestBinary>, tally: &Tally) -> (Vec<String>, Vec<TestBi
     (names, rerun)
 }
 
-/// Packs an L1 that runs `binaries`' tests and boots it; what came back, and the tests asked
-/// for.
+/// Packs an L1 that runs `binaries`' tests and boots it; what came back.
 fn run_in_l1(
     l1: &l1::L1Kernel,
     qemu: &Path,
@@ -582,7 +581,7 @@ fn run_in_l1(
     husk_vmm: &Path,
     binaries: &[TestBinary],
     dir: &Path,
-) -> Result<(L1Results, Vec<TestBinary>)> {
+) -> Result<L1Results> {
     let cpio = dir.join("l1.cpio");
     let packed = Instant::now();
     // L1 sees the host's `/`: the programs are where the host has them, found as the main run
@@ -624,7 +623,7 @@ fn run_in_l1(
     let tests: usize = binaries.iter().map(|b| b.tests.len()).sum();
     // L1 boots in ~3 s, each test boots L2 in 3–7 s; a test's own deadlines are well inside.
     let deadline = Duration::from_secs(120 + 240 * tests as u64);
-    let results = boot(
+    boot(
         qemu,
         &l1.vmlinux,
         &cpio,
@@ -632,13 +631,12 @@ fn run_in_l1(
         deadline,
         initramfs::Root::HostExport,
         &[],
-    )?;
-    Ok((results, binaries.to_vec()))
+    )
 }
 
-/// What L1's QEMU says about its vCPU, sampled a few times a second apart (whether it is stuck
-/// in L2 — `HF2`/`SVMI` in the flags, a fixed RIP — or in L1 itself), saved to `save` in full;
-/// returns a summary for the report.
+/// What L1's QEMU says about its vCPU, sampled three times a second apart (registers, the
+/// instructions at RIP, the local APIC: whether RIP moves, what is pending), saved to `save` in
+/// full; returns the registers' and instructions' lines for the report.
 fn hung_l1_report(monitor: &Path, save: &Path) -> String {
     let mut full = String::new();
     for i in 0..3 {
@@ -777,7 +775,9 @@ pub fn boot(
     let console = dir.join("console.log");
     let results_log = dir.join("results.log");
     let stderr_log = dir.join("qemu.log");
-    let monitor = dir.join("monitor.sock");
+    // In /tmp, not `dir`: a socket path longer than 107 bytes cannot be bound, and CI may
+    // clone the workspace anywhere. One L1 at a time per runner process.
+    let monitor = PathBuf::from(format!("/tmp/husk-l1-monitor-{}.sock", std::process::id()));
     let _ = std::fs::remove_file(&monitor);
     let mut cmd = Command::new(qemu);
     cmd.args(QEMU_ARGS)
@@ -872,6 +872,7 @@ pub fn boot(
         }
         std::thread::sleep(Duration::from_millis(200));
     };
+    let _ = std::fs::remove_file(&monitor);
     feed(&mut results);
     if !pending.trim().is_empty() {
         results.line(pending.trim_end());
