@@ -1,11 +1,13 @@
 //! The sandbox's cgroup on the host (the spec's `linux.cgroupsPath`), on cgroup v1, hybrid and
 //! v2 hosts.
 //!
-//! The shim moves itself into that cgroup before it starts the VM, so the VMM (QEMU or
-//! husk-vmm), virtiofsd and vhost-device-vsock inherit it: the pod's whole host-side cost is
-//! accounted (and limitable) where the kubelet looks for it — Kata's `sandbox_cgroup_only`.
-//! On teardown the shim moves back to where it came from and removes the directories it
-//! created.
+//! The VMM (QEMU or husk-vmm), virtiofsd and vhost-device-vsock are born in that cgroup (the
+//! thread that starts them enters it first) and the shim moves itself in while the VM boots:
+//! the pod's whole host-side cost is accounted (and limitable) where the kubelet looks for
+//! it — Kata's `sandbox_cgroup_only`. Moving a process waits for an RCU grace period (the
+//! kernel's process-wide cgroup lock), 6–14 ms on this host, which a cold start used to wait
+//! for; a thread moving itself in a v1 hierarchy does not (docs/FIELD-NOTES.md). On teardown
+//! the shim moves back to where it came from and removes the directories it created.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -48,6 +50,8 @@ pub enum CgroupError {
 #[derive(Debug, Clone)]
 struct Hierarchy {
     mount: PathBuf,
+    /// cgroup2 (the unified hierarchy).
+    v2: bool,
     cpuset_v1: bool,
     /// This process's cgroup in it before joining (relative to the mount).
     original: String,
@@ -114,6 +118,7 @@ fn hierarchies() -> Vec<Hierarchy> {
         match fstype {
             "cgroup2" => v.push(Hierarchy {
                 mount: mount.into(),
+                v2: true,
                 cpuset_v1: false,
                 original: own_for(true, &[]),
             }),
@@ -130,6 +135,7 @@ fn hierarchies() -> Vec<Hierarchy> {
                 }
                 v.push(Hierarchy {
                     mount: mount.into(),
+                    v2: false,
                     cpuset_v1: controllers.contains(&"cpuset"),
                     original: own_for(false, &controllers),
                 });
@@ -140,7 +146,8 @@ fn hierarchies() -> Vec<Hierarchy> {
     v
 }
 
-/// The sandbox's cgroup, joined.
+/// The sandbox's cgroup: made in every hierarchy, then entered in two steps so that a start
+/// does not wait for the move that is slow ([`HostCgroup::create`]).
 #[derive(Debug)]
 pub(crate) struct HostCgroup {
     path: String,
@@ -152,9 +159,115 @@ fn io(path: &Path, what: &'static str) -> impl FnOnce(std::io::Error) -> CgroupE
     move |source| CgroupError::Io { path, what, source }
 }
 
+/// How one thread enters the sandbox's cgroup before it starts the VM's processes, which are
+/// born where it is ([`HostCgroup::entry`]): in a v1 hierarchy that thread alone moves
+/// (`tasks`, `0`: the kernel skips the process-wide lock whose taking waits for an RCU grace
+/// period, 6–14 ms on this host, for a thread that moves itself); in a v2 hierarchy whose
+/// cgroup accounts something (a thread cannot leave its process's domain there) the whole
+/// process does, as before. A v2 hierarchy that enables no controller for the sandbox's
+/// cgroup (the hybrid layout's) is left to [`Settling`]: nothing is counted there.
+#[derive(Debug, Clone)]
+pub(crate) struct Entry {
+    thread_files: Vec<PathBuf>,
+    process_files: Vec<PathBuf>,
+}
+
+impl Entry {
+    /// Moves the calling thread (or, see above, its process) in.
+    pub(crate) fn enter(&self) -> Result<(), CgroupError> {
+        for f in &self.thread_files {
+            std::fs::write(f, "0").map_err(io(f, "moving the VM's starting thread into"))?;
+        }
+        for f in &self.process_files {
+            std::fs::write(f, std::process::id().to_string()).map_err(io(f, "joining"))?;
+        }
+        Ok(())
+    }
+}
+
+/// The process-wide part of joining, on a thread of its own while the VM boots or is taken
+/// over ([`HostCgroup::settle`]): the shim itself, then every process below `tree` (the
+/// VM's, born inside already in the hierarchies [`Entry`] covered; a pooled VM's keeper and
+/// all below it), in every hierarchy. Dropped, it waits for that thread, so the cgroup is
+/// never left (or removed) while a move is on its way.
+#[derive(Debug)]
+pub(crate) struct Settling(Option<SettlingState>);
+
+#[derive(Debug)]
+enum SettlingState {
+    Running(std::thread::JoinHandle<Result<(), CgroupError>>),
+    /// No thread could be started, so the moves were made at once.
+    Done(Result<(), CgroupError>),
+}
+
+impl Settling {
+    /// Waits for the moves; their first failure.
+    pub(crate) fn wait(mut self) -> Result<(), CgroupError> {
+        match self.0.take() {
+            Some(SettlingState::Running(t)) => t.join().unwrap_or_else(|_| {
+                Err(CgroupError::Io {
+                    path: PathBuf::from("/proc/self/cgroup"),
+                    what: "moving the sandbox's processes in",
+                    source: std::io::Error::other("the thread moving them panicked"),
+                })
+            }),
+            Some(SettlingState::Done(r)) => r,
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Settling {
+    fn drop(&mut self) {
+        if let Some(SettlingState::Running(t)) = self.0.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Every pid in the process tree under `root` (`root` first; parents before children).
+fn tree(root: u32) -> Vec<u32> {
+    let mut pids = vec![root];
+    let mut i = 0;
+    while i < pids.len() {
+        let p = pids[i];
+        i += 1;
+        for task in std::fs::read_dir(format!("/proc/{p}/task"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let children =
+                std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+            for c in children
+                .split_whitespace()
+                .filter_map(|c| c.parse::<u32>().ok())
+            {
+                if !pids.contains(&c) {
+                    pids.push(c);
+                }
+            }
+        }
+    }
+    pids
+}
+
+/// Writes each pid into `procs`; one that is gone meanwhile is skipped.
+fn move_pids(procs: &Path, pids: &[u32]) -> Result<(), CgroupError> {
+    for p in pids {
+        match std::fs::write(procs, p.to_string()) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {}
+            Err(e) => return Err(io(procs, "moving the sandbox's processes into")(e)),
+        }
+    }
+    Ok(())
+}
+
 impl HostCgroup {
-    /// Creates `cgroups_path` in every hierarchy and moves this process into it.
-    pub fn join(cgroups_path: &str) -> Result<Self, CgroupError> {
+    /// Creates `cgroups_path` in every hierarchy; no process moves yet ([`Self::entry`],
+    /// [`Self::settle`]). What it created is removed again on failure.
+    pub fn create(cgroups_path: &str) -> Result<Self, CgroupError> {
         let path = normalise(cgroups_path)?;
         let mut me = Self {
             path: path.clone(),
@@ -181,58 +294,69 @@ impl HostCgroup {
                     }
                 }
             }
-            let procs = dir.join("cgroup.procs");
-            let joined = std::fs::write(&procs, std::process::id().to_string());
             me.joined.push((h, created));
-            if let Err(e) = joined {
-                me.leave();
-                return Err(io(&procs, "joining")(e));
-            }
         }
         Ok(me)
     }
 
-    /// Moves process `pid` and every process below it (a pooled VM's keeper, its jail
-    /// supervisors, QEMU or husk-vmm and the helpers) into this cgroup, in every hierarchy.
-    /// Parents go first, so a child forked meanwhile is born inside.
-    pub(crate) fn adopt_tree(&self, pid: u32) -> Result<(), CgroupError> {
-        let mut pids = vec![pid];
-        let mut i = 0;
-        while i < pids.len() {
-            let p = pids[i];
-            i += 1;
-            for task in std::fs::read_dir(format!("/proc/{p}/task"))
-                .into_iter()
-                .flatten()
-                .flatten()
-            {
-                let children =
-                    std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
-                pids.extend(
-                    children
-                        .split_whitespace()
-                        .filter_map(|c| c.parse::<u32>().ok()),
-                );
-            }
-        }
-        for (h, _) in &self.joined {
-            let procs = h
-                .mount
-                .join(self.path.trim_start_matches('/'))
-                .join("cgroup.procs");
-            for p in &pids {
-                match std::fs::write(&procs, p.to_string()) {
-                    Ok(()) => {}
-                    // Gone meanwhile: nothing to move.
-                    Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {}
-                    Err(e) => return Err(io(&procs, "moving a pooled VM's process into")(e)),
-                }
-            }
-        }
-        Ok(())
+    /// `name` in the sandbox's cgroup of each hierarchy.
+    fn files(&self, name: &str) -> Vec<PathBuf> {
+        self.joined
+            .iter()
+            .map(|(h, _)| self.dir(h).join(name))
+            .collect()
     }
 
-    /// Moves this process back where it was and removes the directories `join` created (the
+    fn dir(&self, h: &Hierarchy) -> PathBuf {
+        h.mount.join(self.path.trim_start_matches('/'))
+    }
+
+    /// What the thread that starts the VM runs first ([`Entry`]).
+    pub(crate) fn entry(&self) -> Entry {
+        let mut e = Entry {
+            thread_files: Vec::new(),
+            process_files: Vec::new(),
+        };
+        for (h, _) in &self.joined {
+            let dir = self.dir(h);
+            if !h.v2 {
+                e.thread_files.push(dir.join("tasks"));
+            } else if std::fs::read_to_string(dir.join("cgroup.controllers"))
+                .map_or(true, |c| !c.trim().is_empty())
+            {
+                e.process_files.push(dir.join("cgroup.procs"));
+            }
+        }
+        e
+    }
+
+    /// Starts the process-wide moves ([`Settling`]): this process, then the tree under
+    /// `tree` (this process for a VM it started, a pooled VM's keeper).
+    pub(crate) fn settle(&self, tree_root: u32) -> Settling {
+        let procs = self.files("cgroup.procs");
+        let run = move || -> Result<(), CgroupError> {
+            let me = std::process::id();
+            for f in &procs {
+                move_pids(f, &[me])?;
+            }
+            let pids = tree(tree_root);
+            for f in &procs {
+                move_pids(f, &pids)?;
+            }
+            Ok(())
+        };
+        let run = std::sync::Arc::new(run);
+        let on_thread = run.clone();
+        match std::thread::Builder::new()
+            .name("host-cgroup".into())
+            .spawn(move || on_thread())
+        {
+            Ok(t) => Settling(Some(SettlingState::Running(t))),
+            Err(_) => Settling(Some(SettlingState::Done(run()))),
+        }
+    }
+
+    /// Moves this process back where it was and removes the directories `create` made (the
     /// sandbox's own once its last processes are gone, see [`LEAF_PATIENCE`]).
     pub fn leave(&mut self) {
         for (h, created) in self.joined.drain(..) {
@@ -284,6 +408,66 @@ mod tests {
         assert!(!hierarchies().is_empty(), "no cgroup file system mounted?");
     }
 
+    /// Where `/proc/<pid>` or `/proc/<pid>/task/<tid>` is, hierarchy by hierarchy (the
+    /// named systemd one left out).
+    fn places(proc_dir: &str) -> Vec<String> {
+        std::fs::read_to_string(format!("{proc_dir}/cgroup"))
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| !l.contains(":name="))
+            .map(|l| l.splitn(3, ':').nth(2).unwrap_or("").to_string())
+            .collect()
+    }
+
+    #[test]
+    fn the_vm_thread_brings_its_children_and_settling_moves_the_rest() {
+        assert!(
+            nix::unistd::Uid::effective().is_root(),
+            "this test makes host cgroups: run it as root (cargo xtask test)"
+        );
+        let path = format!("/husk-unit-{}/settle", std::process::id());
+        let mut c = HostCgroup::create(&path).unwrap();
+        let v2_accounts = c.entry().process_files.len();
+        let entry = c.entry();
+        // What a VM thread does: enter, then start a process (which is born inside).
+        let (child, thread_places) = std::thread::spawn(move || {
+            entry.enter().unwrap();
+            let tid = nix::unistd::gettid();
+            let child = std::process::Command::new("sleep")
+                .arg("0.3")
+                .spawn()
+                .unwrap();
+            (child, places(&format!("/proc/self/task/{tid}")))
+        })
+        .join()
+        .unwrap();
+        let mut child = child;
+        let v1_count = hierarchies().iter().filter(|h| !h.v2).count();
+        let inside = |ps: &[String]| ps.iter().filter(|p| **p == path).count();
+        // Every v1 hierarchy (and a v2 one that accounts) holds the thread and its child;
+        // the rest of this process is still where it was.
+        assert_eq!(inside(&thread_places), v1_count + v2_accounts);
+        assert_eq!(
+            inside(&places(&format!("/proc/{}", child.id()))),
+            v1_count + v2_accounts
+        );
+        let main = format!("/proc/self/task/{}", std::process::id());
+        assert_eq!(inside(&places(&main)), v2_accounts);
+        // Settling: this process, and the tree under it, everywhere.
+        c.settle(std::process::id()).wait().unwrap();
+        let all = hierarchies().len();
+        assert_eq!(inside(&places(&main)), all);
+        assert_eq!(inside(&places(&format!("/proc/{}", child.id()))), all);
+        c.leave();
+        let _ = child.wait();
+        assert_eq!(inside(&places(&main)), 0, "did not move back");
+        for h in hierarchies() {
+            let leaf = h.mount.join(path.trim_start_matches('/'));
+            assert!(!leaf.exists(), "{} left behind", leaf.display());
+            assert!(!leaf.parent().unwrap().exists());
+        }
+    }
+
     #[test]
     fn leaving_waits_for_the_last_processes_to_be_gone() {
         assert!(
@@ -291,7 +475,8 @@ mod tests {
             "this test makes host cgroups: run it as root (cargo xtask test)"
         );
         let path = format!("/husk-unit-{}/leaf", std::process::id());
-        let mut c = HostCgroup::join(&path).unwrap();
+        let mut c = HostCgroup::create(&path).unwrap();
+        c.settle(std::process::id()).wait().unwrap();
         // A process of the sandbox still exiting when the shim leaves: it inherited the
         // cgroup and ends a moment later.
         let mut child = std::process::Command::new("sleep")

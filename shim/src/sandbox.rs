@@ -350,7 +350,8 @@ struct ColdVm {
 
 /// Boots a VM for the sandbox (not from the pool): the backend, the jail, then the backend's
 /// start on a thread that lives as long as the sandbox — the VM's processes die with the
-/// thread that started them, which ends when the returned `keep` sender is dropped.
+/// thread that started them, which ends when the returned `keep` sender is dropped. That
+/// thread enters the pod's host cgroup first (`cgroup`), so the VM's processes are born in it.
 fn boot_cold(
     config: &Config,
     prepared: &Prepared,
@@ -358,7 +359,10 @@ fn boot_cold(
     sid: &str,
     cmdline_extra: String,
     (vcpus, memory_mib): (u32, u32),
-    nets: Vec<husk_hypervisor::NetConfig>,
+    (nets, cgroup): (
+        Vec<husk_hypervisor::NetConfig>,
+        Option<crate::host_cgroup::Entry>,
+    ),
 ) -> Result<ColdVm, SandboxError> {
     let backend =
         backend(config, &prepared.programs).map_err(step_error(sid, "choosing the hypervisor"))?;
@@ -382,10 +386,17 @@ fn boot_cold(
     let backend_name = backend.name();
     let (vm_tx, vm_rx) = mpsc::channel();
     let (keep_tx, keep_rx) = mpsc::channel::<()>();
+    let thread_sid = sid.to_string();
     std::thread::Builder::new()
         .name(format!("vm-{sid}"))
         .spawn(move || {
-            let _ = vm_tx.send(backend.start(&vm_config));
+            // Into the pod's host cgroup first: what this thread starts is born there.
+            if let Some(Err(e)) = cgroup.map(|c| c.enter()) {
+                let _ = vm_tx.send(Err(step_error(&thread_sid, "host cgroup")(e)));
+                return;
+            }
+            let started = backend.start(&vm_config);
+            let _ = vm_tx.send(started.map_err(step_error(&thread_sid, "starting the VM")));
             let _ = keep_rx.recv();
         })
         .map_err(step_error(sid, "starting the VM thread"))?;
@@ -395,7 +406,7 @@ fn boot_cold(
             backend: backend_name,
             keep: keep_tx,
         }),
-        Ok(Err(e)) => Err(step_error(sid, "starting the VM")(e)),
+        Ok(Err(e)) => Err(e),
         Err(e) => Err(step_error(sid, "starting the VM")(e)),
     }
 }
@@ -543,16 +554,16 @@ impl Sandbox {
                 step_error(id, "state directory")(e)
             })?;
         }
-        let keeper_pid = pooled.as_ref().map(|p| p.claimed.keeper_pid);
-        // Join the pod's host cgroup first: the VM's processes inherit it. A pooled VM's
-        // processes (its keeper and all below it) are moved in.
+        let bring_up = std::time::Instant::now();
+        // The pod's host cgroup first: the thread that starts a cold VM enters it, so the
+        // VM's processes are born inside; the shim itself and a pooled VM's processes (its
+        // keeper and all below it) are moved in while the VM boots or is taken over
+        // (`HostCgroup::settle`, waited for before the sandbox is up).
         let cgroup = match spec["linux"]["cgroupsPath"]
             .as_str()
             .filter(|p| !p.is_empty())
         {
-            Some(p) => match HostCgroup::join(p)
-                .and_then(|c| keeper_pid.map_or(Ok(()), |k| c.adopt_tree(k)).map(|()| c))
-            {
+            Some(p) => match HostCgroup::create(p) {
                 Ok(c) => Some(c),
                 Err(e) => {
                     drop(pooled);
@@ -562,7 +573,14 @@ impl Sandbox {
             },
             None => None,
         };
-        let started = Self::start_in(config, prepared, id, spec, hostname, dir.clone(), pooled);
+        let started = Self::start_in(
+            config,
+            prepared,
+            (id, spec, hostname),
+            dir.clone(),
+            pooled,
+            (cgroup.as_ref(), bring_up),
+        );
         match started {
             Ok(mut s) => {
                 s.cgroup = Mutex::new(cgroup);
@@ -578,18 +596,19 @@ impl Sandbox {
         }
     }
 
+    /// The bring-up proper: network, VM (cold or claimed), agent. `bring_up`: when the
+    /// sandbox's start began (its host cgroup made since).
     fn start_in(
         config: &Config,
         prepared: &Prepared,
-        id: &str,
-        spec: &Value,
-        hostname: &str,
+        (id, spec, hostname): (&str, &Value, &str),
         dir: SandboxDir,
         pooled: Option<crate::pool::client::Pooled>,
+        (cgroup, bring_up): (Option<&HostCgroup>, std::time::Instant),
     ) -> Result<Self, SandboxError> {
         let sid = id.to_string();
         let keeper_pid = pooled.as_ref().map(|p| p.claimed.keeper_pid);
-        let bring_up = std::time::Instant::now();
+        let cgroup_made = bring_up.elapsed();
         let (vcpus, memory_mib) =
             size_for(config, spec).map_err(step_error(&sid, "sizing the VM from the pod"))?;
         let cmdline_extra = cmdline_extra(config, prepared, &dir, &sid)?;
@@ -607,7 +626,10 @@ impl Sandbox {
         let nets = network.vm_nets();
         let vm_started = std::time::Instant::now();
         // Where the bring-up's time goes, for the log line below (#17's breakdown).
-        let mut steps: Vec<(&str, Duration)> = vec![("network setup", bring_up.elapsed())];
+        let mut steps: Vec<(&str, Duration)> = vec![
+            ("host cgroup made", cgroup_made),
+            ("network setup", bring_up.elapsed()),
+        ];
         let pooled_vm = pooled.as_ref().map(|p| p.claimed.vmid.clone());
         let mut pooled = pooled;
         let kept_agent = pooled.as_mut().and_then(|p| p.agent.take());
@@ -623,7 +645,7 @@ impl Sandbox {
                         &sid,
                         cmdline_extra,
                         (vcpus, memory_mib),
-                        nets,
+                        (nets, cgroup.map(HostCgroup::entry)),
                     )?;
                     (cold.vm, cold.backend, Some(cold.keep))
                 }
@@ -636,6 +658,9 @@ impl Sandbox {
             },
             vm_started.elapsed(),
         ));
+        // The rest of the cgroup moves meanwhile: the shim, and the VM's processes where they
+        // were not born inside. Dropped on a failure below, it is waited for first.
+        let settling = cgroup.map(|c| c.settle(keeper_pid.unwrap_or_else(std::process::id)));
         // From here on, a failure kills the VM (then the VM thread and the network go, as they
         // are dropped after it).
         let mut vm = KillOnDrop(Some(vm));
@@ -725,6 +750,10 @@ impl Sandbox {
                 "configuring the guest network",
                 crate::network::chain(&e),
             ));
+        }
+        if let Some(s) = settling {
+            s.wait().map_err(step_error(&sid, "host cgroup"))?;
+            steps.push(("host cgroup joined", vm_started.elapsed()));
         }
         let guest_boot_ms = ready.map_or(0, |r| r.since_boot_ms);
         crate::metrics::record_boot(bring_up.elapsed(), vm_boot, guest_boot_ms);
