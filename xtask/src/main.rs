@@ -148,6 +148,15 @@ enum Cmd {
         #[arg(long)]
         qemu_first: bool,
     },
+    /// Inside the nested tier's L1: idle pods on husk-vmm and on runc, their host memory
+    /// (bench scenario 14).
+    #[command(hide = true)]
+    PodProbe {
+        #[arg(long)]
+        rounds: usize,
+        #[arg(long)]
+        husk_vmm: std::path::PathBuf,
+    },
 }
 
 fn main() {
@@ -193,6 +202,7 @@ fn main() {
             o.l1_keep_freed = l1_keep_freed;
             nested::linux_boot::print(&o)
         }
+        Cmd::PodProbe { rounds, husk_vmm } => nested::pod_probe::main(&husk_vmm, rounds),
         Cmd::BootProbe {
             rounds,
             husk_vmm,

@@ -19,6 +19,7 @@ pub mod env;
 pub mod io;
 pub mod jail;
 pub mod network;
+pub mod pod_kvm;
 pub mod pool;
 pub mod procfs;
 pub mod report;
@@ -55,6 +56,8 @@ struct Plan {
     vmm: usize,
     vmm_mem: usize,
     vmm_linux: usize,
+    /// Pods per side in scenario 14 (after a warm-up).
+    pod_kvm: usize,
 }
 
 const FULL: Plan = Plan {
@@ -70,6 +73,7 @@ const FULL: Plan = Plan {
     vmm: 30,
     vmm_mem: 5,
     vmm_linux: 8,
+    pod_kvm: 3,
 };
 const QUICK: Plan = Plan {
     start: 3,
@@ -84,6 +88,7 @@ const QUICK: Plan = Plan {
     vmm: 3,
     vmm_mem: 1,
     vmm_linux: 1,
+    pod_kvm: 1,
 };
 
 /// Compilers and other benchmarks running beside us (they share the 2 cores).
@@ -162,7 +167,7 @@ pub(crate) fn utc_now() -> String {
 /// The bench's steps: the scenarios each one makes, in the order they run. A new scenario
 /// adds its step here (or its number to the step that makes it) and runs under
 /// `if only.wants(&[N])` in [`run`]; `--only` refuses a number that is not here.
-const STEPS: [&[u32]; 10] = [
+const STEPS: [&[u32]; 11] = [
     &[1],
     &[2, 4],
     &[3, 5, 9],
@@ -173,11 +178,12 @@ const STEPS: [&[u32]; 10] = [
     &[12],
     &[13],
     &[8],
+    &[14],
 ];
 
-/// The steps that run without the bench's containerd: scenario 8 (VMMs alone) and 13 (its own
-/// containerd with CRI on).
-const OWN_SETUP: [&[u32]; 2] = [&[8], &[13]];
+/// The steps that run without the bench's containerd: scenario 8 (VMMs alone), 13 (its own
+/// containerd with CRI on) and 14 (its own containerd where husk-vmm runs pods: L1 here).
+const OWN_SETUP: [&[u32]; 3] = [&[8], &[13], &[14]];
 
 /// Which scenarios a run makes: every one, or those `--only` names.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -400,6 +406,19 @@ pub fn run(quick: bool, only: &Only) -> Result<()> {
         note_failures(&mut done, 8);
         note_busy(&mut busy);
     }
+    if only.wants(&[14]) {
+        step(&format!(
+            "bench 14: a pod on husk-vmm, host memory, {} pod(s) per side",
+            plan.pod_kvm
+        ));
+        match pod_kvm::run(plan.pod_kvm) {
+            Ok(s) => done.push(s),
+            Err(e) => not_done.push(format!(
+                "14. A pod on husk-vmm: host memory: failed in this run: {e:#}"
+            )),
+        }
+        note_busy(&mut busy);
+    }
     if runner::interrupted() {
         bail!("interrupted: everything the bench started was removed; no report written");
     }
@@ -513,11 +532,14 @@ mod tests {
         // Scenario 13 starts a containerd of its own.
         let cri = Only::new(&[13]).unwrap();
         assert!(cri.wants(&[13]) && !cri.wants(&[12]) && !cri.wants_containerd());
+        // So does 14 (in L1 here).
+        let kvm = Only::new(&[14]).unwrap();
+        assert!(kvm.wants(&[14]) && !kvm.wants(&[8]) && !kvm.wants_containerd());
     }
 
     #[test]
     fn only_refuses_a_number_no_scenario_has() {
-        let e = Only::new(&[5, 14]).unwrap_err().to_string();
-        assert!(e.contains("--only 14") && e.contains("1, 2, 3"), "{e}");
+        let e = Only::new(&[5, 15]).unwrap_err().to_string();
+        assert!(e.contains("--only 15") && e.contains("1, 2, 3"), "{e}");
     }
 }

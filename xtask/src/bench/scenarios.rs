@@ -167,22 +167,25 @@ pub(super) const VMM_PROGRAM: &str = "VMM: its program and libraries (page cache
 pub(super) const VMM_OTHER_ANON: &str =
     "VMM: other anonymous memory (heap, malloc arenas, thread stacks, written data)";
 
+/// How a pod's parts name the jail's supervisors (forks of the shim, one per jailed program).
+pub(crate) const JAIL_SUPERVISORS: &str = "jail supervisors (forks of the shim)";
+
 /// One idle pod's processes, measured.
-pub(super) struct PodMem {
+pub(crate) struct PodMem {
     /// PSS outside guest RAM, summed over the pod's host processes, KiB.
-    pub(super) total: u64,
+    pub(crate) total: u64,
     /// Of `total`, anonymous memory (heap, arenas, stacks, buffers, written copies of file
     /// pages): the pod's own, which a second pod does not share.
-    anon: u64,
+    pub(crate) anon: u64,
     /// Of `total`, file pages (programs, libraries, the guest kernel and initramfs): page
     /// cache, split among every process that maps the same file, other pods' included.
-    file: u64,
+    pub(crate) file: u64,
     /// husk: guest RAM touched (RSS of the memfd in the VMM).
-    pub(super) guest_touched: u64,
-    shim_pss: u64,
+    pub(crate) guest_touched: u64,
+    pub(crate) shim_pss: u64,
     shim_threads: u64,
     /// (executable, PSS KiB) of each other process.
-    parts: Vec<(String, u64)>,
+    pub(crate) parts: Vec<(String, u64)>,
     /// The VMM's memory, if the pod has one.
     vmm: Option<VmmMem>,
 }
@@ -222,7 +225,7 @@ fn boot_files(argv: &[String]) -> Vec<&str> {
         .collect()
 }
 
-pub(super) fn measure_pod(side: usize, id: &str) -> Result<PodMem> {
+pub(crate) fn measure_pod(side: usize, id: &str) -> Result<PodMem> {
     let all = procfs::processes();
     let shim_exe = if side == 0 {
         "containerd-shim-husk"
@@ -232,10 +235,20 @@ pub(super) fn measure_pod(side: usize, id: &str) -> Result<PodMem> {
     let shim = procfs::shim_of(&all, shim_exe, id)
         .with_context(|| format!("no {shim_exe} process for {id}"))?;
     let shim_mem = procfs::mem(shim).context("reading the shim's smaps")?;
+    let shim_name = all
+        .iter()
+        .find(|p| p.pid == shim)
+        .map(|p| p.exe.clone())
+        .unwrap_or_default();
     let others: Vec<&procfs::Proc> = if side == 0 {
+        // The VM's processes, and the shim's own children: a jailed program's supervisor is a
+        // fork of the shim that stays (see the jail), sharing the shim's pages copy-on-write,
+        // so PSS splits those pages between them.
         let needle = format!("/run/husk/{id}/");
         all.iter()
-            .filter(|p| p.pid != shim && p.argv.iter().any(|a| a.contains(&needle)))
+            .filter(|p| {
+                p.pid != shim && (p.ppid == shim || p.argv.iter().any(|a| a.contains(&needle)))
+            })
             .collect()
     } else {
         all.iter().filter(|p| p.ppid == shim).collect()
@@ -260,7 +273,12 @@ pub(super) fn measure_pod(side: usize, id: &str) -> Result<PodMem> {
         anon += split.anon_kib;
         file += split.file_kib;
         guest_touched = guest_touched.max(m.guest_rss_kib);
-        *parts.entry(p.exe.clone()).or_default() += m.pss_kib;
+        let part = if p.exe == shim_name {
+            JAIL_SUPERVISORS.to_string()
+        } else {
+            p.exe.clone()
+        };
+        *parts.entry(part).or_default() += m.pss_kib;
         if is_vmm {
             vmm = Some(VmmMem::of(&m));
         }

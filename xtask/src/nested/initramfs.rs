@@ -146,7 +146,8 @@ fn stripped(program: &Path, work: &Path, name: &str) -> Result<PathBuf> {
     Ok(dest)
 }
 
-fn quote(s: &str) -> String {
+/// `s` quoted for L1's shell.
+pub(crate) fn quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
 }
 

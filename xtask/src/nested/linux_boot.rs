@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use husk_hypervisor::host::{self, HostKind};
 
-use super::initramfs::{self, Program, BIN_DIR, GUEST_INITRAMFS, GUEST_KERNEL};
+use super::initramfs::{self, quote, Program, BIN_DIR, GUEST_INITRAMFS, GUEST_KERNEL};
 use super::probe::{self, Probe, Sample};
 use crate::paths;
 use crate::run::{elapsed, step};
@@ -154,10 +154,6 @@ fn direct(o: &Options) -> Result<Measured> {
     });
     let _ = std::fs::remove_dir_all(&dir);
     Ok(m)
-}
-
-fn quote(s: &str) -> String {
-    format!("'{}'", s.replace('\'', r"'\''"))
 }
 
 fn nested(o: &Options) -> Result<Measured> {

@@ -22,6 +22,7 @@ pub mod bzimage;
 pub mod initramfs;
 pub mod l1;
 pub mod linux_boot;
+pub mod pod_probe;
 pub mod probe;
 
 use std::io::Read;
