@@ -408,6 +408,9 @@ mod tests {
         assert!(!hierarchies().is_empty(), "no cgroup file system mounted?");
     }
 
+    /// The tests below move this whole test process between cgroups: one at a time.
+    static MOVES: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
     /// Where `/proc/<pid>` or `/proc/<pid>/task/<tid>` is, hierarchy by hierarchy (the
     /// named systemd one left out).
     fn places(proc_dir: &str) -> Vec<String> {
@@ -425,7 +428,8 @@ mod tests {
             nix::unistd::Uid::effective().is_root(),
             "this test makes host cgroups: run it as root (cargo xtask test)"
         );
-        let path = format!("/husk-unit-{}/settle", std::process::id());
+        let _one = MOVES.lock().unwrap_or_else(|e| e.into_inner());
+        let path = format!("/husk-unit-{}-settle/leaf", std::process::id());
         let mut c = HostCgroup::create(&path).unwrap();
         let v2_accounts = c.entry().process_files.len();
         let entry = c.entry();
@@ -474,7 +478,8 @@ mod tests {
             nix::unistd::Uid::effective().is_root(),
             "this test makes host cgroups: run it as root (cargo xtask test)"
         );
-        let path = format!("/husk-unit-{}/leaf", std::process::id());
+        let _one = MOVES.lock().unwrap_or_else(|e| e.into_inner());
+        let path = format!("/husk-unit-{}-leave/leaf", std::process::id());
         let mut c = HostCgroup::create(&path).unwrap();
         c.settle(std::process::id()).wait().unwrap();
         // A process of the sandbox still exiting when the shim leaves: it inherited the
