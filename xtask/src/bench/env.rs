@@ -214,6 +214,47 @@ impl Env {
     }
 }
 
+impl Env {
+    /// The bench namespace's host cgroups: ctr gives each container `/<namespace>/<id>`, and
+    /// runc removes its leaf but leaves `/<namespace>` behind in every hierarchy (as it leaves
+    /// `/default` under a plain containerd); ours is removed once its containers are gone. A
+    /// container's leaf still there is reported (and removed when empty).
+    fn remove_namespace_cgroups(&self) -> Vec<String> {
+        let mut found = Vec::new();
+        for mount in cgroup_mounts() {
+            let ns = mount.join(&self.namespace);
+            let Ok(entries) = std::fs::read_dir(&ns) else {
+                continue;
+            };
+            for leaf in entries.flatten().filter(|e| e.path().is_dir()) {
+                let removed = std::fs::remove_dir(leaf.path()).is_ok();
+                found.push(format!(
+                    "host cgroup {} was left behind{}",
+                    leaf.path().display(),
+                    if removed { "; removed" } else { " (busy)" }
+                ));
+            }
+            if let Err(e) = std::fs::remove_dir(&ns) {
+                found.push(format!("host cgroup {}: not removed: {e}", ns.display()));
+            }
+        }
+        found
+    }
+}
+
+/// Where each cgroup hierarchy is mounted (v1 and v2), from /proc/self/mountinfo.
+fn cgroup_mounts() -> Vec<PathBuf> {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let (pre, post) = l.split_once(" - ")?;
+            let mount = pre.split(' ').nth(4)?;
+            matches!(post.split(' ').next()?, "cgroup" | "cgroup2").then(|| PathBuf::from(mount))
+        })
+        .collect()
+}
+
 /// Mount points under `dir` (from /proc/self/mountinfo), deepest first.
 fn mounts_under(dir: &Path) -> Vec<PathBuf> {
     let mut v: Vec<PathBuf> = std::fs::read_to_string("/proc/self/mountinfo")
@@ -394,6 +435,7 @@ impl Env {
         for m in mounts_under(&self.dir) {
             let _ = nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH);
         }
+        found.extend(self.remove_namespace_cgroups());
         if !found.is_empty() {
             // containerd's log (the shims' lines included) outlives the bench's directory.
             let keep =
