@@ -196,8 +196,10 @@ fn nested(o: &Options) -> Result<Measured> {
             (true, true) => " --show-console --qemu-first",
         }
     );
-    let cpio = dir.join("l1.cpio");
-    initramfs::build(
+    // L1 up in ~5 s; each boot ~3–6 s in L1 plus the settle time; generous for a loaded host.
+    let deadline = Duration::from_secs(120 + 2 * 30 * (rounds as u64 + 1));
+    let results = super::pack_and_boot(
+        &qemu,
         &initramfs::Inputs {
             l1: &l1,
             root: initramfs::Root::Packed,
@@ -214,22 +216,12 @@ fn nested(o: &Options) -> Result<Measured> {
             env: Vec::new(),
             keep: Vec::new(),
         },
-        &cpio,
-        &dir.join("work"),
-    )?;
-    let _ = std::fs::remove_dir_all(dir.join("work"));
-    // L1 up in ~5 s; each boot ~3–6 s in L1 plus the settle time; generous for a loaded host.
-    let deadline = Duration::from_secs(120 + 2 * 30 * (rounds as u64 + 1));
-    let results = super::boot(
-        &qemu,
-        &l1.vmlinux,
-        &cpio,
         &dir,
         deadline,
-        initramfs::Root::Packed,
         &l1_args(o),
     )?;
-    let mut m = Measured {
+    let (samples, failed) = results.parse_samples()?;
+    let m = Measured {
         place: format!(
             "nested: one L1 VM under QEMU TCG (`-cpu max`, emulated AMD SVM), {}{}, L1 up at {}",
             l1.package,
@@ -241,16 +233,9 @@ fn nested(o: &Options) -> Result<Measured> {
             results.l1_up.as_deref().unwrap_or("?")
         ),
         nested: true,
-        failed: results.failed_samples.clone(),
-        ..Measured::default()
+        samples,
+        failed,
     };
-    for s in &results.samples {
-        m.samples
-            .push(serde_json::from_str(s).with_context(|| format!("a sample from L1: {s}"))?);
-    }
-    if let Some(f) = &results.fail {
-        m.failed.push(format!("L1: {f}"));
-    }
     println!(
         "    nested boot: {} sample(s), {} failed, in {}",
         m.samples.len(),

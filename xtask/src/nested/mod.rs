@@ -204,6 +204,21 @@ pub struct L1Results {
 }
 
 impl L1Results {
+    /// A probe's samples (JSON, as `T`), and what failed: its failed samples, then L1's own
+    /// failure if it had one.
+    pub fn parse_samples<T: serde::de::DeserializeOwned>(&self) -> Result<(Vec<T>, Vec<String>)> {
+        let samples = self
+            .samples
+            .iter()
+            .map(|s| serde_json::from_str(s).with_context(|| format!("a sample from L1: {s}")))
+            .collect::<Result<Vec<T>>>()?;
+        let mut failed = self.failed_samples.clone();
+        if let Some(f) = &self.fail {
+            failed.push(format!("L1: {f}"));
+        }
+        Ok((samples, failed))
+    }
+
     pub fn line(&mut self, line: &str) {
         let line = line.trim_end_matches('\r');
         let Some(m) = line
@@ -572,6 +587,29 @@ fn unfinished(tried: Vec<TestBinary>, tally: &Tally) -> (Vec<String>, Vec<TestBi
         })
         .collect();
     (names, rerun)
+}
+
+/// Packs `inputs` into `dir/l1.cpio` (its work directory removed after) and boots L1 on it
+/// ([`boot`]): for a probe whose samples come back on the results port.
+pub fn pack_and_boot(
+    qemu: &Path,
+    inputs: &initramfs::Inputs,
+    dir: &Path,
+    deadline: Duration,
+    l1_args: &[&str],
+) -> Result<L1Results> {
+    let cpio = dir.join("l1.cpio");
+    initramfs::build(inputs, &cpio, &dir.join("work"))?;
+    let _ = std::fs::remove_dir_all(dir.join("work"));
+    boot(
+        qemu,
+        &inputs.l1.vmlinux,
+        &cpio,
+        dir,
+        deadline,
+        inputs.root,
+        l1_args,
+    )
 }
 
 /// Packs an L1 that runs `binaries`' tests and boots it; what came back.

@@ -12,7 +12,6 @@
 //! scenario 5's pod alone. Inside L1 it runs as `xtask pod-probe …` and writes one
 //! `HUSK-NESTED SAMPLE <json>` line per pod on its stdout, L1's results port.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -20,8 +19,7 @@ use anyhow::{bail, Context, Result};
 use husk_hypervisor::host::{self, HostKind};
 use serde::{Deserialize, Serialize};
 
-use super::initramfs::{self, MARKER};
-use super::probe::SAMPLE;
+use super::initramfs;
 use crate::bench::env::{Env, HUSK_RUNTIME, RUNC_RUNTIME};
 use crate::bench::scenarios::measure_pod;
 use crate::paths;
@@ -166,18 +164,9 @@ fn one_pod(env: &Env, side: Side, round: usize) -> Result<PodSample> {
 
 /// The `xtask pod-probe` entry point (inside L1): samples as marker lines on stdout.
 pub fn main(husk_vmm: &Path, rounds: usize) -> Result<()> {
-    let r = run(husk_vmm, rounds, |s| {
-        match s {
-            Ok(s) => println!(
-                "{MARKER} {SAMPLE} {}",
-                serde_json::to_string(&s).expect("a sample serialises")
-            ),
-            Err(e) => println!("{MARKER} {SAMPLE}-FAILED {e:#}"),
-        }
-        let _ = std::io::stdout().flush();
-    });
+    let r = run(husk_vmm, rounds, super::probe::emit);
     if let Err(e) = &r {
-        println!("{MARKER} {SAMPLE}-FAILED {e:#}");
+        super::probe::emit::<PodSample>(Err(anyhow::anyhow!("{e:#}")));
     }
     r
 }
@@ -240,8 +229,10 @@ fn nested(husk_vmm: &Path, rounds: usize) -> Result<Measured> {
             .iter()
             .filter_map(|p| p.parent().map(PathBuf::from)),
     );
-    let cpio = dir.join("l1.cpio");
-    initramfs::build(
+    // L1 up in ~5 s, containerd in a few, each husk-vmm pod's start and removal ~10–20 s in L1.
+    let deadline = Duration::from_secs(180 + 2 * 60 * (rounds as u64 + 1));
+    let results = super::pack_and_boot(
+        &qemu,
         &initramfs::Inputs {
             l1: &l1,
             root: initramfs::Root::HostExport,
@@ -254,37 +245,20 @@ fn nested(husk_vmm: &Path, rounds: usize) -> Result<Measured> {
             env,
             keep: super::outermost(keep),
         },
-        &cpio,
-        &dir.join("work"),
-    )?;
-    let _ = std::fs::remove_dir_all(dir.join("work"));
-    // L1 up in ~5 s, containerd in a few, each husk-vmm pod's start and removal ~10–20 s in L1.
-    let deadline = Duration::from_secs(180 + 2 * 60 * (rounds as u64 + 1));
-    let results = super::boot(
-        &qemu,
-        &l1.vmlinux,
-        &cpio,
         &dir,
         deadline,
-        initramfs::Root::HostExport,
         &[],
     )?;
-    let mut m = Measured {
+    let (samples, failed) = results.parse_samples()?;
+    let m = Measured {
         place: format!(
             "nested: one L1 VM under QEMU TCG (`-cpu max`, emulated AMD SVM), {}, L1 up at {}",
             l1.package,
             results.l1_up.as_deref().unwrap_or("?")
         ),
-        failed: results.failed_samples.clone(),
-        ..Measured::default()
+        samples,
+        failed,
     };
-    for s in &results.samples {
-        m.samples
-            .push(serde_json::from_str(s).with_context(|| format!("a sample from L1: {s}"))?);
-    }
-    if let Some(f) = &results.fail {
-        m.failed.push(format!("L1: {f}"));
-    }
     println!(
         "    nested pod memory: {} sample(s), {} failed, in {}",
         m.samples.len(),

@@ -437,18 +437,22 @@ pub fn run(probe: &Probe, rounds: usize, mut emit: impl FnMut(Result<Sample>)) {
 
 /// The `xtask boot-probe` entry point (inside L1): samples as marker lines on stdout.
 pub fn main(probe: &Probe, rounds: usize) -> Result<()> {
-    let marker = super::initramfs::MARKER;
-    run(probe, rounds, |s| {
-        match s {
-            Ok(s) => println!(
-                "{marker} {SAMPLE} {}",
-                serde_json::to_string(&s).expect("a sample serialises")
-            ),
-            Err(e) => println!("{marker} {SAMPLE}-FAILED {e:#}"),
-        }
-        let _ = std::io::stdout().flush();
-    });
+    run(probe, rounds, emit);
     Ok(())
+}
+
+/// A probe's sample (or why it failed) as a marker line on stdout, L1's results port
+/// ([`super::L1Results::parse_samples`] reads it).
+pub fn emit<T: Serialize>(s: Result<T>) {
+    let marker = super::initramfs::MARKER;
+    match s {
+        Ok(s) => println!(
+            "{marker} {SAMPLE} {}",
+            serde_json::to_string(&s).expect("a sample serialises")
+        ),
+        Err(e) => println!("{marker} {SAMPLE}-FAILED {e:#}"),
+    }
+    let _ = std::io::stdout().flush();
 }
 
 #[cfg(test)]
