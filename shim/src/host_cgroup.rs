@@ -252,6 +252,20 @@ fn tree(root: u32) -> Vec<u32> {
     pids
 }
 
+/// [`Settling`]'s moves: this process into each of `procs`, then every process under
+/// `tree_root` (for a cold VM this process itself: its only lasting children are the VM's,
+/// as the warm pool's holder is started detached).
+fn move_in(procs: &[PathBuf], tree_root: u32) -> Result<(), CgroupError> {
+    for f in procs {
+        move_pids(f, &[std::process::id()])?;
+    }
+    let pids = tree(tree_root);
+    for f in procs {
+        move_pids(f, &pids)?;
+    }
+    Ok(())
+}
+
 /// Writes each pid into `procs`; one that is gone meanwhile is skipped.
 fn move_pids(procs: &Path, pids: &[u32]) -> Result<(), CgroupError> {
     for p in pids {
@@ -334,25 +348,13 @@ impl HostCgroup {
     /// `tree` (this process for a VM it started, a pooled VM's keeper).
     pub(crate) fn settle(&self, tree_root: u32) -> Settling {
         let procs = self.files("cgroup.procs");
-        let run = move || -> Result<(), CgroupError> {
-            let me = std::process::id();
-            for f in &procs {
-                move_pids(f, &[me])?;
-            }
-            let pids = tree(tree_root);
-            for f in &procs {
-                move_pids(f, &pids)?;
-            }
-            Ok(())
-        };
-        let run = std::sync::Arc::new(run);
-        let on_thread = run.clone();
+        let on_thread = procs.clone();
         match std::thread::Builder::new()
             .name("host-cgroup".into())
-            .spawn(move || on_thread())
+            .spawn(move || move_in(&on_thread, tree_root))
         {
             Ok(t) => Settling(Some(SettlingState::Running(t))),
-            Err(_) => Settling(Some(SettlingState::Done(run()))),
+            Err(_) => Settling(Some(SettlingState::Done(move_in(&procs, tree_root)))),
         }
     }
 

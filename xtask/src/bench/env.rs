@@ -49,9 +49,9 @@ impl Env {
         std::fs::write(
             &husk_config,
             format!(
-                "kernel = \"{}\"\ninitramfs = \"{}\"\n",
-                paths::vmlinux().display(),
-                paths::initramfs().display()
+                "kernel = {}\ninitramfs = {}\n",
+                toml_string(&paths::vmlinux().to_string_lossy()),
+                toml_string(&paths::initramfs().to_string_lossy())
             ),
         )?;
         let config = dir.join("containerd.toml");
@@ -253,6 +253,22 @@ fn cgroup_mounts() -> Vec<PathBuf> {
             matches!(post.split(' ').next()?, "cgroup" | "cgroup2").then(|| PathBuf::from(mount))
         })
         .collect()
+}
+
+/// `s` as a TOML basic string (quoted, `"` `\\` and control characters escaped), for the husk
+/// configurations the bench writes.
+pub fn toml_string(s: &str) -> String {
+    let mut out = String::from("\"");
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if c.is_control() => out.push_str(&format!("\\u{:04X}", u32::from(c))),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
 }
 
 /// Mount points under `dir` (from /proc/self/mountinfo), deepest first.

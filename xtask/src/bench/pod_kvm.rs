@@ -46,27 +46,21 @@ pub fn run(rounds: usize) -> Result<Scenario> {
         format!("husk, husk-vmm ({where_})"),
         format!("runc ({where_})"),
     );
-    let both = |metric: &str, f: &dyn Fn(&PodSample) -> Option<u64>| Row {
+    // A row of husk's pods and, with `runc`, runc's beside it.
+    let row = |metric: &str, runc: bool, f: &dyn Fn(&PodSample) -> Option<u64>| Row {
         metric: metric.into(),
         unit: "MiB".into(),
         husk: Series {
             backend: h.clone(),
             samples: series(&m, Side::HuskVmm, f),
         },
-        baseline: Some(Series {
+        baseline: runc.then(|| Series {
             backend: r.clone(),
             samples: series(&m, Side::Runc, f),
         }),
     };
-    let husk_only = |metric: &str, f: &dyn Fn(&PodSample) -> Option<u64>| Row {
-        metric: metric.into(),
-        unit: "MiB".into(),
-        husk: Series {
-            backend: h.clone(),
-            samples: series(&m, Side::HuskVmm, f),
-        },
-        baseline: None,
-    };
+    let both = |metric: &str, f: &dyn Fn(&PodSample) -> Option<u64>| row(metric, true, f);
+    let husk_only = |metric: &str, f: &dyn Fn(&PodSample) -> Option<u64>| row(metric, false, f);
     let mut sc = Scenario::new(
         14,
         "A pod on husk-vmm: host memory",

@@ -20,7 +20,7 @@ use husk_hypervisor::host::{self, HostKind};
 use serde::{Deserialize, Serialize};
 
 use super::initramfs;
-use crate::bench::env::{Env, HUSK_RUNTIME, RUNC_RUNTIME};
+use crate::bench::env::{toml_string, Env, HUSK_RUNTIME, RUNC_RUNTIME};
 use crate::bench::scenarios::measure_pod;
 use crate::paths;
 use crate::run::{elapsed, step};
@@ -81,21 +81,6 @@ fn husk_vmm_config(husk_vmm: &Path) -> String {
         "backend = \"husk-vmm\"\nhusk_vmm_path = {}\n",
         toml_string(&husk_vmm.to_string_lossy())
     )
-}
-
-/// `s` as a TOML basic string.
-fn toml_string(s: &str) -> String {
-    let mut out = String::from("\"");
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if c.is_control() => out.push_str(&format!("\\u{:04X}", u32::from(c))),
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
 }
 
 /// Measures `rounds` pods per side after a warm-up round, under a private containerd whose
