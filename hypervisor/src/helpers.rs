@@ -9,7 +9,7 @@
 //! `~/.cargo/bin` (where `cargo install` puts them).
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use crate::process::Supervised;
@@ -19,6 +19,8 @@ pub(crate) const VIRTIOFSD: &str = "virtiofsd";
 
 /// How long a helper may take to create its socket.
 const SOCKET_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often [`wait_for_socket`] looks.
+const SOCKET_POLL: Duration = Duration::from_micros(250);
 
 /// Finds `name` on PATH or in cargo's bin directory ([`crate::lookup::find_program`]).
 pub fn find(name: &str) -> Result<PathBuf> {
@@ -96,7 +98,7 @@ pub fn spawn_virtiofsd(
 ) -> Result<Supervised> {
     let program = self::program(program, VIRTIOFSD)?;
     let (out, err) = log_file(log)?;
-    let mut cmd = Command::new(program);
+    let mut cmd = crate::process::vm_command(&program);
     cmd.arg("--shared-dir")
         .arg(shared_dir)
         .arg("--socket-path")
@@ -140,7 +142,10 @@ pub fn wait_for_socket(p: &mut Supervised, sock: &Path, log: &Path) -> Result<()
                 log.display()
             )));
         }
-        std::thread::sleep(Duration::from_millis(2));
+        // A helper's socket appears a few ms after its spawn, and the VMM waits for it on
+        // every cold start: a short poll (a stat and a non-blocking wait) loses at most
+        // this much of that start.
+        std::thread::sleep(SOCKET_POLL);
     }
 }
 

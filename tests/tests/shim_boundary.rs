@@ -278,6 +278,42 @@ fn the_vm_side_processes_are_jailed_and_the_task_pid_is_the_vmms() {
         "2",
         "QEMU runs without its seccomp filter"
     );
+    // None of the shim's environment reaches them (containerd gives every shim
+    // TTRPC_ADDRESS and LD_LIBRARY_PATH=/opt/containerd/lib:, whose empty entry is the
+    // working directory), and none runs from the task's bundle.
+    for p in vm_procs.iter().copied() {
+        let name = exe_name(p);
+        if !["qemu-system-x86_64", "vhost-device-vsock", "virtiofsd"].contains(&name.as_str()) {
+            continue;
+        }
+        let environ = std::fs::read(format!("/proc/{p}/environ")).unwrap();
+        let vars: Vec<String> = environ
+            .split(|b| *b == 0)
+            .filter(|v| !v.is_empty())
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+            .collect();
+        assert!(
+            vars.iter().any(|v| v.starts_with("PATH=")),
+            "{name} ({p}): no PATH in {vars:?}"
+        );
+        for v in &vars {
+            let key = v.split('=').next().unwrap_or_default();
+            assert!(
+                ["PATH", "MALLOC_ARENA_MAX", "G_SLICE"].contains(&key),
+                "{name} ({p}) inherited {v:?}; its environment: {vars:?}"
+            );
+        }
+        if name == "virtiofsd" {
+            // Not jailed by us: its working directory is the host's `/` (or, in its
+            // sandbox, the share's root), never the shim's.
+            let cwd = std::fs::read_link(format!("/proc/{p}/cwd")).unwrap();
+            assert!(
+                cwd == Path::new("/") || cwd.ends_with("shared"),
+                "virtiofsd ({p}) runs in {}",
+                cwd.display()
+            );
+        }
+    }
     assert!(
         virtiofsd.iter().any(|p| ["mnt", "net", "pid"]
             .iter()

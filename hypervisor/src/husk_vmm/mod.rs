@@ -16,7 +16,7 @@ use std::fs::File;
 use std::io::Write;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Stdio};
+use std::process::{ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use nix::fcntl::OFlag;
@@ -200,7 +200,7 @@ fn spawn(
     // guest's input open); the read end loses the flag when it becomes husk-vmm's stdin.
     let (read, write): (OwnedFd, OwnedFd) = nix::unistd::pipe2(OFlag::O_CLOEXEC)
         .map_err(|e| Error::io("creating the console input pipe")(e.into()))?;
-    let mut cmd = Command::new(program);
+    let mut cmd = crate::process::vm_command(program);
     cmd.args(args::args(config, paths))
         .stdin(Stdio::from(read))
         .stdout(Stdio::from(console_out))

@@ -9,7 +9,7 @@
 //! then in `~/.cargo/bin` (where `cargo install` puts them).
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 
 use super::cmdline::Paths;
 use crate::helpers::{log_file, program, wait_for_socket};
@@ -56,7 +56,7 @@ pub(crate) fn spawn_vhost_vsock(
 ) -> Result<Supervised> {
     let program = self::program(program, VHOST_DEVICE_VSOCK)?;
     let (out, err) = log_file(&paths.vhost_vsock_log)?;
-    let mut cmd = Command::new(&program);
+    let mut cmd = crate::process::vm_command(&program);
     if let Some(j) = jail {
         j.for_process(&program, state_dir, &[], false)
             .apply(&mut cmd)?;

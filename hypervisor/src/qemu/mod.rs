@@ -247,9 +247,10 @@ impl Hypervisor for Qemu {
 pub(crate) const QEMU_ENV: [(&str, &str); 2] =
     [("MALLOC_ARENA_MAX", "1"), ("G_SLICE", "always-malloc")];
 
-/// QEMU with its arguments and [`QEMU_ENV`]; the rest of its environment is the caller's.
+/// QEMU with its arguments; its environment is [`QEMU_ENV`] and `PATH`
+/// ([`crate::process::vm_command`]), nothing of the caller's.
 fn qemu_command(program: &Path, args: Vec<std::ffi::OsString>) -> Command {
-    let mut cmd = Command::new(program);
+    let mut cmd = crate::process::vm_command(program);
     cmd.args(args).envs(QEMU_ENV);
     cmd
 }
