@@ -10,6 +10,9 @@ pub struct GuestInfo {
     pub kernel_release: String,
     pub vcpus: usize,
     pub mem_total_kib: u64,
+    /// The kernel's current clocksource (`tsc`, `kvm-clock`, `refined-jiffies` …); empty if
+    /// sysfs does not say.
+    pub clocksource: String,
 }
 
 impl GuestInfo {
@@ -31,11 +34,17 @@ impl GuestInfo {
             .ok()
             .and_then(|s| mem_total_kib(&s))
             .unwrap_or(0);
+        let clocksource = std::fs::read_to_string(
+            "/sys/devices/system/clocksource/clocksource0/current_clocksource",
+        )
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default();
         Self {
             since_boot_ms,
             kernel_release,
             vcpus,
             mem_total_kib,
+            clocksource,
         }
     }
 
@@ -167,6 +176,7 @@ mod tests {
             kernel_release: "6.1.192".into(),
             vcpus: 2,
             mem_total_kib: 240000,
+            clocksource: "tsc-early".into(),
         };
         assert!(info
             .ready_line()

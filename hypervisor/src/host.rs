@@ -18,8 +18,12 @@ use crate::Accel;
 /// What /dev/kvm gave when probed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KvmProbe {
-    /// A VM and a vCPU were created.
-    Usable { api_version: i32 },
+    /// A VM and a vCPU were created. `tsc_khz`: the vCPU's TSC rate as KVM reports it
+    /// (`KVM_GET_TSC_KHZ`: the host's own unless scaled), where it does.
+    Usable {
+        api_version: i32,
+        tsc_khz: Option<u32>,
+    },
     /// Not usable, with the reason and the fix.
     Unusable(String),
 }
@@ -72,6 +76,8 @@ pub struct HostReport {
     pub backend: BackendChoice,
     /// Why that backend, in one sentence.
     pub why: String,
+    /// The TSC rate (kHz) a guest under QEMU's TCG should be told ([`invariant_tsc_khz`]).
+    pub guest_tsc_khz: Option<u32>,
 }
 
 /// Opens /dev/kvm and creates a VM with one vCPU.
@@ -94,12 +100,42 @@ pub(crate) fn probe_kvm() -> KvmProbe {
         Ok(vm) => vm,
         Err(e) => return KvmProbe::Unusable(format!("/dev/kvm: KVM_CREATE_VM failed: {e}")),
     };
-    if let Err(e) = vm.create_vcpu(0) {
-        return KvmProbe::Unusable(format!("/dev/kvm: KVM_CREATE_VCPU failed: {e}"));
-    }
+    let vcpu = match vm.create_vcpu(0) {
+        Ok(v) => v,
+        Err(e) => return KvmProbe::Unusable(format!("/dev/kvm: KVM_CREATE_VCPU failed: {e}")),
+    };
+    let tsc_khz = kvm
+        .check_extension(kvm_ioctls::Cap::GetTscKhz)
+        .then(|| vcpu.get_tsc_khz().ok())
+        .flatten()
+        .filter(|k| *k > 0);
     KvmProbe::Usable {
         api_version: kvm.get_api_version(),
+        tsc_khz,
     }
+}
+
+/// The rate of the host's TSC, kHz, where a guest under QEMU's TCG may be told it
+/// (`tsc_early_khz`): under TCG the guest's `rdtsc` reads the host's TSC, so this is the
+/// guest's TSC rate too. Only where the host's TSC is invariant (`constant_tsc` and
+/// `nonstop_tsc` in /proc/cpuinfo: it ticks at one rate in every power state) and KVM reports
+/// the rate (`KVM_GET_TSC_KHZ` on a fresh vCPU is the host kernel's own `tsc_khz`). Told
+/// nothing, the guest measures its TSC against its emulated PIT while it boots, and on a
+/// busy host (a few guests booting at once on 2 cores) that measurement fails: the guest then
+/// marks its TSC unstable and keeps time in 4 ms jiffies (docs/FIELD-NOTES.md, "QEMU TCG
+/// (no KVM) runs our guest").
+pub fn invariant_tsc_khz(kvm: &KvmProbe, cpuinfo: &str) -> Option<u32> {
+    let KvmProbe::Usable { tsc_khz, .. } = kvm else {
+        return None;
+    };
+    let flags: Vec<&str> = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("flags"))
+        .map(|l| l.split_whitespace().collect())
+        .unwrap_or_default();
+    (flags.contains(&"constant_tsc") && flags.contains(&"nonstop_tsc"))
+        .then_some(*tsc_khz)
+        .flatten()
 }
 
 /// Classifies the host from what the probe, sysfs and /proc/cpuinfo say.
@@ -152,11 +188,13 @@ pub fn detect() -> HostReport {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let kind = classify(&kvm, Path::new("/sys/module"), &cpuinfo);
     let (backend, why) = choose_backend(&kind);
+    let guest_tsc_khz = invariant_tsc_khz(&kvm, &cpuinfo);
     HostReport {
         kvm,
         kind,
         backend,
         why,
+        guest_tsc_khz,
     }
 }
 
@@ -172,7 +210,44 @@ mod tests {
         d
     }
 
-    const USABLE: KvmProbe = KvmProbe::Usable { api_version: 12 };
+    const USABLE: KvmProbe = KvmProbe::Usable {
+        api_version: 12,
+        tsc_khz: Some(2_596_142),
+    };
+
+    #[test]
+    fn a_tcg_guest_is_told_the_tsc_rate_only_where_it_is_invariant() {
+        let both = "flags\t\t: fpu tsc constant_tsc rep_good nonstop_tsc cpuid";
+        assert_eq!(invariant_tsc_khz(&USABLE, both), Some(2_596_142));
+        assert_eq!(
+            invariant_tsc_khz(&USABLE, "flags : fpu tsc constant_tsc"),
+            None
+        );
+        assert_eq!(
+            invariant_tsc_khz(&USABLE, "flags : fpu tsc nonstop_tsc"),
+            None
+        );
+        let unreported = KvmProbe::Usable {
+            api_version: 12,
+            tsc_khz: None,
+        };
+        assert_eq!(invariant_tsc_khz(&unreported, both), None);
+        assert_eq!(
+            invariant_tsc_khz(&KvmProbe::Unusable("x".into()), both),
+            None
+        );
+    }
+
+    #[test]
+    fn this_hosts_probe_reports_a_plausible_rate() {
+        // Where /dev/kvm works and says: a TSC between 100 MHz and 10 GHz.
+        if let KvmProbe::Usable {
+            tsc_khz: Some(k), ..
+        } = probe_kvm()
+        {
+            assert!((100_000..10_000_000).contains(&k), "{k} kHz");
+        }
+    }
 
     #[test]
     fn pvm_wins_over_cpu_flags() {

@@ -216,15 +216,19 @@ pub(crate) fn backend(
     config: &Config,
     programs: &Programs,
 ) -> Result<Box<dyn Hypervisor + Send>, husk_hypervisor::Error> {
+    // Probed at every sandbox start, not cached: `detect` (open /dev/kvm, create a VM and a
+    // vCPU, read /proc/cpuinfo) measured 0.7 ms median, 1.6 ms at most over 90 calls on the
+    // 2-core kvm_pvm development host — nothing next to a VM boot, and a cache would need
+    // invalidating when KVM modules change. Needed where the backend is chosen here, and
+    // under TCG for the TSC rate the guest is told.
+    let report = matches!(config.backend, Backend::Auto | Backend::QemuTcg).then(host::detect);
     let choice = match config.backend {
         Backend::QemuKvm => BackendChoice::Qemu(Accel::Kvm),
         Backend::QemuTcg => BackendChoice::Qemu(Accel::Tcg),
         Backend::HuskVmm => BackendChoice::HuskVmm,
-        // Probed at every sandbox start, not cached: `detect` (open /dev/kvm, create a VM and
-        // a vCPU, read /proc/cpuinfo) measured 0.7 ms median, 1.6 ms at most over 90 calls on
-        // the 2-core kvm_pvm development host — nothing next to a VM boot, and a cache would
-        // need invalidating when KVM modules change.
-        Backend::Auto => host::detect().backend,
+        Backend::Auto => report
+            .as_ref()
+            .map_or_else(|| host::detect().backend, |r| r.backend),
     };
     if choice == BackendChoice::Qemu(Accel::Tcg) {
         if !config.allow_emulation {
@@ -245,6 +249,7 @@ pub(crate) fn backend(
         BackendChoice::Qemu(accel) => {
             let mut q = Qemu::with_programs(accel, programs)?;
             q.tcg_buffer_mib = config.tcg_buffer_mib;
+            q.guest_tsc_khz = report.and_then(|r| r.guest_tsc_khz);
             Box::new(q)
         }
         BackendChoice::HuskVmm => Box::new(HuskVmm::with_programs(programs)?),

@@ -33,7 +33,8 @@ impl Guest {
     pub fn boot_with(memory_mib: u32, cmdline_extra: &str) -> Self {
         crate::require_root("virtiofsd's sandbox and the guest's containers need root");
         crate::require_program("qemu-system-x86_64", "qemu-system-x86");
-        let accel = host::detect().backend.qemu_accel();
+        let host = host::detect();
+        let accel = host.backend.qemu_accel();
         let dir = tempfile::tempdir().unwrap();
         let shared = dir.path().join("shared");
         std::fs::create_dir(&shared).unwrap();
@@ -50,10 +51,9 @@ impl Guest {
             jail: None,
         };
         let t0 = std::time::Instant::now();
-        let mut vm = Qemu::new(accel)
-            .expect("qemu backend")
-            .start(&cfg)
-            .expect("starting the VM");
+        let mut qemu = Qemu::new(accel).expect("qemu backend");
+        qemu.guest_tsc_khz = host.guest_tsc_khz;
+        let mut vm = qemu.start(&cfg).expect("starting the VM");
         let ready = wait_for_ready(vm.as_mut(), BOOT_TIMEOUT).expect("agent ready line");
         let boot = t0.elapsed();
         let sock = vm.vsock_socket().expect("vsock socket").to_path_buf();

@@ -19,6 +19,46 @@ fn ctx() -> context::Context {
     context::with_timeout(120_000_000_000)
 }
 
+/// Guests that boot together on a busy host keep a clock that is not jiffies: under TCG
+/// each guest is told the host's TSC rate (where the host's TSC is invariant) instead of
+/// measuring it against its emulated PIT, which fails when the vCPU is starved (four guests
+/// booting at once on the 2-core development host: all four fell back to 4 ms jiffies
+/// before). Under KVM the guest has kvm-clock.
+#[test]
+fn guests_booted_together_keep_a_fine_clock() {
+    let host = husk_hypervisor::host::detect();
+    let tcg = host.backend.qemu_accel() == husk_hypervisor::Accel::Tcg;
+    if tcg {
+        assert!(
+            host.guest_tsc_khz.is_some(),
+            "this host's TSC rate is unknown to husk ({:?}): the test needs an invariant TSC and /dev/kvm to read it",
+            host.kvm
+        );
+    }
+    let guests: Vec<std::thread::JoinHandle<String>> = (0..4)
+        .map(|_| {
+            std::thread::spawn(|| {
+                let g = Guest::boot(256);
+                g.agent
+                    .client
+                    .get_guest_details(ctx(), &GuestDetailsRequest::new())
+                    .unwrap()
+                    .clocksource
+            })
+        })
+        .collect();
+    let clocks: Vec<String> = guests.into_iter().map(|g| g.join().unwrap()).collect();
+    let fine: &[&str] = if tcg {
+        &["tsc-early", "tsc"]
+    } else {
+        &["kvm-clock", "tsc-early", "tsc"]
+    };
+    assert!(
+        clocks.iter().all(|c| fine.contains(&c.as_str())),
+        "guests booted together run on {clocks:?}, not {fine:?}"
+    );
+}
+
 #[test]
 fn versions_details_round_trip_and_destroy_powers_off() {
     let mut g = Guest::boot(256);
@@ -32,6 +72,7 @@ fn versions_details_round_trip_and_destroy_powers_off() {
         .unwrap();
     assert_eq!(d.api_version, husk_protocols::API_VERSION);
     assert!(d.kernel_release.starts_with("6.1."), "{d:?}");
+    assert!(!d.clocksource.is_empty(), "{d:?}");
     for ctl in ["cpu", "memory", "pids"] {
         assert!(
             d.cgroup_controllers.iter().any(|c| c == ctl),

@@ -5,7 +5,8 @@ use std::path::Path;
 use std::process::Command;
 
 use anyhow::{bail, Result};
-use husk_hypervisor::host::{self, HostKind, KvmProbe};
+use husk_hypervisor::host::{self, BackendChoice, HostKind, KvmProbe};
+use husk_hypervisor::Accel;
 
 use crate::paths;
 
@@ -51,10 +52,9 @@ fn program(name: &str, arg: &str, fix: &str) -> Check {
 /// What stands between a guest and the host with this backend. Under TCG it is QEMU's
 /// emulator, which QEMU's security policy does not cover (it treats only KVM guests as a
 /// security boundary): said plainly, with the switch that refuses it.
-fn isolation(backend: &husk_hypervisor::host::BackendChoice) -> Check {
-    use husk_hypervisor::host::BackendChoice;
+fn isolation(backend: &BackendChoice) -> Check {
     match backend {
-        BackendChoice::Qemu(husk_hypervisor::Accel::Tcg) => check(
+        BackendChoice::Qemu(Accel::Tcg) => check(
             true,
             "isolation",
             "the guest runs under QEMU's TCG emulator: the boundary is then the emulator, which \
@@ -74,7 +74,7 @@ pub fn checks() -> Vec<Check> {
     let report = host::detect();
     let mut v = Vec::new();
     v.push(match &report.kvm {
-        KvmProbe::Usable { api_version } => check(
+        KvmProbe::Usable { api_version, .. } => check(
             true,
             "/dev/kvm",
             format!("present; a VM and a vCPU were created (KVM API {api_version})"),
@@ -93,6 +93,20 @@ pub fn checks() -> Vec<Check> {
         format!("{} — {}", report.backend, report.why),
     ));
     v.push(isolation(&report.backend));
+    if report.backend == BackendChoice::Qemu(Accel::Tcg) {
+        // Informational either way: a guest without the rate still runs, with a coarse clock
+        // when the host is busy.
+        v.push(check(
+            true,
+            "guest clock (TCG)",
+            match report.guest_tsc_khz {
+                Some(k) => format!(
+                    "the host's invariant TSC, {k} kHz, is given to each guest (tsc_early_khz), so a guest keeps a TSC clock however busy the host"
+                ),
+                None => "the host's TSC is not known to be invariant (constant_tsc, nonstop_tsc) or KVM does not report its rate: each guest measures its TSC against its PIT, and on a busy host falls back to a 4 ms jiffies clock".into(),
+            },
+        ));
+    }
     v.push(tier4(&report.kind));
     v.push(guest_ram_pages());
     v.push(pool());

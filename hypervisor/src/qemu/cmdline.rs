@@ -55,6 +55,23 @@ pub(crate) const BASE_CMDLINE: &str =
 /// every boot ~200 ms more).
 pub const DEFAULT_TCG_BUFFER_MIB: u32 = 32;
 
+/// How QEMU runs the guest: the accelerator, and what only TCG uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Acceleration {
+    pub accel: Accel,
+    /// TCG's translation buffer, MiB ([`DEFAULT_TCG_BUFFER_MIB`]).
+    pub tcg_buffer_mib: u32,
+    /// The host's invariant TSC rate, kHz ([`crate::host::invariant_tsc_khz`]), which a TCG
+    /// guest reads as its own: told it (`tsc_early_khz`, and `tsc=reliable` so the kernel's
+    /// clocksource watchdog, whose jiffies lag on a busy host, does not overrule it), the
+    /// guest neither measures its TSC against its PIT nor falls back to jiffies when that
+    /// measurement fails. Six guests booting at once on the 2-core development host: all six
+    /// marked their TSC unstable and kept time in 4 ms steps without it, none with it
+    /// (docs/FIELD-NOTES.md, "QEMU TCG (no KVM) runs our guest"). With KVM the guest has
+    /// kvm-clock and is told nothing.
+    pub tsc_khz: Option<u32>,
+}
+
 fn tcg_accel(buffer_mib: u32) -> String {
     format!("tcg,tb-size={buffer_mib}")
 }
@@ -115,12 +132,21 @@ impl Paths {
 /// under the same number) the guest's serial output goes to.
 pub fn args(
     config: &VmConfig,
-    (accel, tcg_buffer_mib): (Accel, u32),
+    acceleration: Acceleration,
     paths: &Paths,
     console_out: RawFd,
 ) -> Vec<OsString> {
+    let Acceleration {
+        accel,
+        tcg_buffer_mib,
+        tsc_khz,
+    } = acceleration;
     let mem = config.memory_mib;
     let mut cmdline = BASE_CMDLINE.to_string();
+    if let (Accel::Tcg, Some(khz)) = (accel, tsc_khz) {
+        // Before the caller's extras: a `kernel_params` of the user's may still override it.
+        cmdline.push_str(&format!(" tsc_early_khz={khz} tsc=reliable"));
+    }
     if !config.cmdline_extra.trim().is_empty() {
         cmdline.push(' ');
         cmdline.push_str(config.cmdline_extra.trim());
@@ -227,23 +253,26 @@ mod tests {
         }
     }
 
-    fn joined(accel: Accel) -> String {
+    fn tcg(tcg_buffer_mib: u32) -> Acceleration {
+        Acceleration {
+            accel: Accel::Tcg,
+            tcg_buffer_mib,
+            tsc_khz: None,
+        }
+    }
+
+    fn joined(acceleration: Acceleration) -> String {
         let c = cfg();
-        args(
-            &c,
-            (accel, DEFAULT_TCG_BUFFER_MIB),
-            &Paths::new(&c.state_dir),
-            9,
-        )
-        .iter()
-        .map(|s| s.to_string_lossy().into_owned())
-        .collect::<Vec<_>>()
-        .join(" ")
+        args(&c, acceleration, &Paths::new(&c.state_dir), 9)
+            .iter()
+            .map(|s| s.to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+            .join(" ")
     }
 
     #[test]
     fn tcg_line_has_the_measured_settings() {
-        let l = joined(Accel::Tcg);
+        let l = joined(tcg(DEFAULT_TCG_BUFFER_MIB));
         for want in [
             "-M microvm,x-option-roms=off,isa-serial=on,rtc=on,acpi=off,memory-backend=mem",
             "memory-backend-memfd,id=mem,size=384M,share=on",
@@ -262,16 +291,11 @@ mod tests {
     fn devices_only_when_asked_and_the_tag_is_set_on_the_qemu_side() {
         let mut c = cfg();
         let line = |c: &VmConfig| {
-            args(
-                c,
-                (Accel::Tcg, DEFAULT_TCG_BUFFER_MIB),
-                &Paths::new(&c.state_dir),
-                9,
-            )
-            .iter()
-            .map(|s| s.to_string_lossy().into_owned())
-            .collect::<Vec<_>>()
-            .join(" ")
+            args(c, tcg(DEFAULT_TCG_BUFFER_MIB), &Paths::new(&c.state_dir), 9)
+                .iter()
+                .map(|s| s.to_string_lossy().into_owned())
+                .collect::<Vec<_>>()
+                .join(" ")
         };
         assert!(!line(&c).contains("vhost-user"));
         c.shared_dir = Some("/run/husk/abc/shared".into());
@@ -303,7 +327,7 @@ mod tests {
                 mac: [0xaa, 0xbb, 0xcc, 0xdd, 0xee, 0xff],
             },
         ];
-        let l = args(&c, (Accel::Tcg, 16), &Paths::new(&c.state_dir), 9)
+        let l = args(&c, tcg(16), &Paths::new(&c.state_dir), 9)
             .iter()
             .map(|s| s.to_string_lossy().into_owned())
             .collect::<Vec<_>>()
@@ -317,7 +341,7 @@ mod tests {
             assert!(l.contains(&want), "missing {want:?} in {l}");
         }
         c.nets.clear();
-        let l = args(&c, (Accel::Tcg, 16), &Paths::new(&c.state_dir), 9)
+        let l = args(&c, tcg(16), &Paths::new(&c.state_dir), 9)
             .iter()
             .map(|s| s.to_string_lossy().into_owned())
             .collect::<Vec<_>>()
@@ -327,6 +351,28 @@ mod tests {
 
     #[test]
     fn kvm_line_masks_arch_capabilities() {
-        assert!(joined(Accel::Kvm).contains("-accel kvm -cpu host,-arch-capabilities"));
+        let kvm = Acceleration {
+            accel: Accel::Kvm,
+            tsc_khz: Some(2_596_142),
+            ..tcg(DEFAULT_TCG_BUFFER_MIB)
+        };
+        let l = joined(kvm);
+        assert!(l.contains("-accel kvm -cpu host,-arch-capabilities"), "{l}");
+        assert!(!l.contains("tsc"), "a KVM guest has kvm-clock: {l}");
+    }
+
+    #[test]
+    fn a_tcg_guest_is_told_the_hosts_tsc_rate_when_known() {
+        let told = joined(Acceleration {
+            tsc_khz: Some(2_596_142),
+            ..tcg(DEFAULT_TCG_BUFFER_MIB)
+        });
+        assert!(
+            told.contains(
+                "-append console=ttyS0 reboot=t panic=-1 quiet no_timer_check dummy.numdummies=0 tsc_early_khz=2596142 tsc=reliable husk.timeout=5 -kernel"
+            ),
+            "{told}"
+        );
+        assert!(!joined(tcg(DEFAULT_TCG_BUFFER_MIB)).contains("tsc"));
     }
 }

@@ -49,6 +49,9 @@ pub struct Qemu {
     pub vhost_vsock: Option<PathBuf>,
     /// TCG's translation buffer, MiB (see [`cmdline::DEFAULT_TCG_BUFFER_MIB`]); unused with KVM.
     pub tcg_buffer_mib: u32,
+    /// The host's invariant TSC rate, told to a TCG guest (see [`cmdline::Acceleration`]):
+    /// the caller's, from [`crate::host::detect`]; `None` leaves the guest to measure it.
+    pub guest_tsc_khz: Option<u32>,
 }
 
 impl Qemu {
@@ -73,6 +76,7 @@ impl Qemu {
             virtiofsd: programs.virtiofsd.clone(),
             vhost_vsock: programs.vhost_vsock.clone(),
             tcg_buffer_mib: cmdline::DEFAULT_TCG_BUFFER_MIB,
+            guest_tsc_khz: None,
         })
     }
 }
@@ -167,7 +171,11 @@ impl Hypervisor for Qemu {
                 &self.program,
                 cmdline::args(
                     config,
-                    (self.accel, self.tcg_buffer_mib),
+                    cmdline::Acceleration {
+                        accel: self.accel,
+                        tcg_buffer_mib: self.tcg_buffer_mib,
+                        tsc_khz: self.guest_tsc_khz,
+                    },
                     &paths,
                     console_out.as_raw_fd(),
                 ),
