@@ -8,7 +8,8 @@
 //! table's lock across the spawn: see [`Exits::spawn_registered`].
 
 use std::collections::HashMap;
-use std::sync::{Condvar, Mutex, MutexGuard, OnceLock};
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
 use nix::sys::signal::{SigSet, Signal};
@@ -32,10 +33,24 @@ impl Exit {
     }
 }
 
+/// A registered process: its exit once reaped, and the eventfd [`Exits::ended_fd`] handed
+/// out, if any, which becomes readable then.
+#[derive(Default)]
+struct Slot {
+    exit: Option<Exit>,
+    ended: Option<Arc<OwnedFd>>,
+}
+
 #[derive(Default)]
 pub struct Exits {
-    table: Mutex<HashMap<i32, Option<Exit>>>,
+    table: Mutex<HashMap<i32, Slot>>,
     changed: Condvar,
+}
+
+/// Makes `fd` (an eventfd) readable for good: nobody reads it, so it stays so.
+fn signal(fd: &OwnedFd) {
+    // Cannot fail but by overflowing the counter, which one write per exit never does.
+    let _ = nix::unistd::write(fd.as_fd(), &1u64.to_ne_bytes());
 }
 
 static EXITS: OnceLock<Exits> = OnceLock::new();
@@ -45,7 +60,7 @@ pub fn exits() -> &'static Exits {
 }
 
 impl Exits {
-    fn lock(&self) -> MutexGuard<'_, HashMap<i32, Option<Exit>>> {
+    fn lock(&self) -> MutexGuard<'_, HashMap<i32, Slot>> {
         self.table
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -59,16 +74,45 @@ impl Exits {
     ) -> Result<(i32, T), E> {
         let mut t = self.lock();
         let (pid, v) = spawn()?;
-        t.insert(pid, None);
+        t.insert(pid, Slot::default());
         Ok((pid, v))
     }
 
     fn record(&self, pid: i32, exit: Exit) {
         let mut t = self.lock();
         if let Some(slot) = t.get_mut(&pid) {
-            *slot = Some(exit);
+            slot.exit = Some(exit);
+            if let Some(fd) = &slot.ended {
+                signal(fd);
+            }
             self.changed.notify_all();
         }
+    }
+
+    /// A file descriptor that becomes readable (and stays so) once the registered process
+    /// `pid` has ended, for a thread that waits in `poll` for that or for something else
+    /// (a stream of the process): it then needs no timeout to notice the end. `None`: `pid`
+    /// is not registered, or no eventfd could be made (the caller looks at [`Self::exited`]
+    /// from time to time instead).
+    pub fn ended_fd(&self, pid: i32) -> Option<Arc<OwnedFd>> {
+        let mut t = self.lock();
+        let slot = t.get_mut(&pid)?;
+        if let Some(fd) = &slot.ended {
+            return Some(fd.clone());
+        }
+        let fd = Arc::new(
+            nix::sys::eventfd::EventFd::from_value_and_flags(
+                0,
+                nix::sys::eventfd::EfdFlags::EFD_CLOEXEC,
+            )
+            .ok()?
+            .into(),
+        );
+        if slot.exit.is_some() {
+            signal(&fd);
+        }
+        slot.ended = Some(fd.clone());
+        Some(fd)
     }
 
     /// Waits for a registered process to end, up to `timeout` (forever with `None`). The
@@ -77,8 +121,8 @@ impl Exits {
         let mut t = self.lock();
         let deadline = timeout.map(|d| std::time::Instant::now() + d);
         loop {
-            match t.get(&pid) {
-                Some(Some(e)) => return Some(*e),
+            match t.get(&pid).map(|s| s.exit) {
+                Some(Some(e)) => return Some(e),
                 Some(None) => {}
                 None => return None,
             }
@@ -103,11 +147,18 @@ impl Exits {
 
     /// The exit, if the process has ended (never blocks).
     pub fn exited(&self, pid: i32) -> Option<Exit> {
-        self.lock().get(&pid).copied().flatten()
+        self.lock().get(&pid).and_then(|s| s.exit)
     }
 
+    /// Drops `pid`'s slot. A thread still waiting on its exit fd is woken as if it had
+    /// ended: nobody waits for the process any more.
     pub(crate) fn forget(&self, pid: i32) {
-        self.lock().remove(&pid);
+        if let Some(Slot {
+            ended: Some(fd), ..
+        }) = self.lock().remove(&pid)
+        {
+            signal(&fd);
+        }
     }
 }
 
@@ -149,4 +200,48 @@ pub fn start() -> Result<(), Error> {
         })
         .map_err(Error::Thread)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn readable(fd: &OwnedFd) -> bool {
+        use std::os::fd::AsRawFd;
+        let mut p = libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: poll on one pollfd we own, no waiting.
+        unsafe { libc::poll(&mut p, 1, 0) == 1 }
+    }
+
+    #[test]
+    fn the_exit_fd_becomes_readable_when_the_exit_is_recorded() {
+        let exits = Exits::default();
+        // Not registered: no fd, the caller looks instead.
+        assert!(exits.ended_fd(41).is_none());
+        for pid in [42, 43] {
+            exits.spawn_registered(|| Ok::<_, ()>((pid, ()))).unwrap();
+        }
+        let fd = exits.ended_fd(42).unwrap();
+        assert!(!readable(&fd));
+        assert!(
+            Arc::ptr_eq(&fd, &exits.ended_fd(42).unwrap()),
+            "one fd per process"
+        );
+        exits.record(42, Exit::Code(0));
+        assert!(readable(&fd) && readable(&fd), "stays readable");
+        // Asked for after the exit: readable at once.
+        exits.record(43, Exit::Signal(9));
+        assert!(readable(&exits.ended_fd(43).unwrap()));
+        exits.forget(42);
+        assert!(readable(&fd), "a holder's fd outlives the slot");
+        // Forgotten before it ended (a process that would not die): its waiters are woken.
+        exits.spawn_registered(|| Ok::<_, ()>((44, ()))).unwrap();
+        let fd = exits.ended_fd(44).unwrap();
+        exits.forget(44);
+        assert!(readable(&fd));
+    }
 }

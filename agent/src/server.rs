@@ -323,9 +323,13 @@ impl Service {
         } else {
             r.max_len.min(MAX_READ_CHUNK)
         } as usize;
-        match p.stdio.read(err, max, || {
-            crate::reaper::exits().exited(p.wait_pid).is_some()
-        }) {
+        let exits = crate::reaper::exits();
+        let exit_fd = exits.ended_fd(p.wait_pid);
+        let ending = crate::container::stdio::Ending {
+            ended: || exits.exited(p.wait_pid).is_some(),
+            fd: exit_fd.as_deref().map(std::os::fd::AsFd::as_fd),
+        };
+        match p.stdio.read(err, max, ending) {
             Ok(Some(data)) => Ok(ReadStreamResponse {
                 data,
                 eof: false,

@@ -14,7 +14,7 @@
 
 use std::fs::File;
 use std::io::Write;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -93,8 +93,21 @@ const COALESCE_ENOUGH: usize = 512 << 10;
 /// leaves them ample time.)
 pub(crate) const AFTER_EXIT_IDLE: Duration = Duration::from_millis(250);
 
-/// How often a blocked read looks whether the process has ended.
+/// How often a blocked read looks whether the process has ended, where no exit fd tells it
+/// ([`Ending::fd`]).
 const EXIT_CHECK: Duration = Duration::from_millis(100);
+
+/// How a blocked read learns that the process has ended: `fd` (the reaper's
+/// [`crate::reaper::Exits::ended_fd`]) becomes readable then, so the read sleeps in `poll`
+/// on the stream and it with no timeout at all: an idle container's two streams cost its
+/// guest no wake-up (looking every [`EXIT_CHECK`] instead woke an idle pod's vCPU 20 times a
+/// second for its init's stdout and stderr alone, and 20 more per exec that ran; under TCG
+/// each wake-up is emulated: docs/FIELD-NOTES.md, "Where an idle pod's host memory is under
+/// TCG"). `ended` answers where there is no such fd, and after it fired.
+pub struct Ending<'a, F: Fn() -> bool> {
+    pub ended: F,
+    pub fd: Option<BorrowedFd<'a>>,
+}
 
 fn pipe() -> Result<(OwnedFd, OwnedFd), Error> {
     let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(Error::Pipe)?;
@@ -146,18 +159,59 @@ fn gather(f: &File, max: usize) {
     }
 }
 
-/// Waits until `f` is readable (bytes or EOF): true; false once the process has `ended` and
-/// `f` then stays silent for [`AFTER_EXIT_IDLE`].
-fn wait_readable(f: &File, ended: &impl Fn() -> bool) -> bool {
+/// Waits until `f` or `exit` is readable; `(f readable, exit readable)`. Retries on EINTR.
+fn readable_or_ended(f: &File, exit: BorrowedFd<'_>) -> (bool, bool) {
+    let mut p = [
+        libc::pollfd {
+            fd: f.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: exit.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    loop {
+        // SAFETY: poll on two pollfds we own; both fds are open for the call.
+        let n = unsafe { libc::poll(p.as_mut_ptr(), 2, -1) };
+        if n > 0 {
+            return (p[0].revents != 0, p[1].revents != 0);
+        }
+        if n < 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+            // Nothing to wait on (cannot happen with two open fds): say "ended", and the
+            // caller's timed wait decides.
+            return (false, true);
+        }
+    }
+}
+
+/// Waits until `f` is readable (bytes or EOF): true; false once the process has ended
+/// ([`Ending`]) and `f` then stays silent for [`AFTER_EXIT_IDLE`].
+fn wait_readable<F: Fn() -> bool>(f: &File, ending: &Ending<'_, F>) -> bool {
     let mut silent_since: Option<Instant> = None;
     loop {
-        if readable(f, EXIT_CHECK) {
+        if let (Some(exit), None) = (ending.fd, silent_since) {
+            match readable_or_ended(f, exit) {
+                (true, _) => return true,
+                (false, _) => silent_since = Some(Instant::now()),
+            }
+            continue;
+        }
+        let wait = match silent_since {
+            // After the end: only as long as the rest of the idle time.
+            Some(t) => match AFTER_EXIT_IDLE.checked_sub(t.elapsed()) {
+                Some(left) if !left.is_zero() => left,
+                _ => return false,
+            },
+            None => EXIT_CHECK,
+        };
+        if readable(f, wait) {
             return true;
         }
-        match silent_since {
-            None if ended() => silent_since = Some(Instant::now()),
-            Some(t) if t.elapsed() >= AFTER_EXIT_IDLE => return false,
-            _ => {}
+        if silent_since.is_none() && (ending.ended)() {
+            silent_since = Some(Instant::now());
         }
     }
 }
@@ -246,19 +300,19 @@ impl Stdio {
 
     /// Reads up to `max` bytes of stdout (`err`: stderr), blocking until there are some.
     /// `Ok(None)`: the stream has ended.
-    /// `ended` says whether the process has ended (see [`AFTER_EXIT_IDLE`]).
-    pub fn read(
+    /// `ending` says when the process has ended (see [`AFTER_EXIT_IDLE`]).
+    pub fn read<F: Fn() -> bool>(
         &self,
         err: bool,
         max: usize,
-        ended: impl Fn() -> bool,
+        ending: Ending<'_, F>,
     ) -> Result<Option<Vec<u8>>, Error> {
         let m = if err { &self.stderr } else { &self.stdout };
         let mut g = m.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let Some(f) = g.as_mut() else {
             return Ok(None);
         };
-        if !wait_readable(f, &ended) {
+        if !wait_readable(f, &ending) {
             *g = None;
             return Ok(None);
         }
@@ -324,6 +378,52 @@ pub(crate) fn set_winsize(fd: RawFd, rows: u16, cols: u16) -> Result<(), Error> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::fd::AsFd;
+
+    /// An end that is only looked at (no exit fd).
+    fn checked<F: Fn() -> bool>(ended: F) -> Ending<'static, F> {
+        Ending { ended, fd: None }
+    }
+
+    #[test]
+    fn with_an_exit_fd_a_silent_stream_waits_without_looking() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let (stdio, ends) = Stdio::pipes().unwrap();
+        let exit: OwnedFd = nix::sys::eventfd::EventFd::from_value_and_flags(
+            0,
+            nix::sys::eventfd::EfdFlags::EFD_CLOEXEC,
+        )
+        .unwrap()
+        .into();
+        let fire = exit.try_clone().unwrap();
+        let looked = AtomicUsize::new(0);
+        let ender = std::thread::spawn(move || {
+            std::thread::sleep(EXIT_CHECK * 4);
+            nix::unistd::write(&fire, &1u64.to_ne_bytes()).unwrap();
+        });
+        let t = Instant::now();
+        let ending = Ending {
+            ended: || {
+                looked.fetch_add(1, Ordering::SeqCst);
+                true
+            },
+            fd: Some(exit.as_fd()),
+        };
+        // `ends` (a leftover process's copy) keeps the pipe open: the read ends by the exit.
+        assert_eq!(stdio.read(false, 1024, ending).unwrap(), None);
+        assert!(
+            t.elapsed() >= EXIT_CHECK * 4 + AFTER_EXIT_IDLE,
+            "{:?}",
+            t.elapsed()
+        );
+        assert_eq!(
+            looked.load(Ordering::SeqCst),
+            0,
+            "the read looked at the process instead of sleeping on its exit fd"
+        );
+        ender.join().unwrap();
+        drop(ends);
+    }
 
     fn write_child_stdout(ends: &ChildEnds, data: &[u8]) {
         let mut f = File::from(ends.fds[1].try_clone().unwrap());
@@ -337,10 +437,13 @@ mod tests {
         write_child_stdout(&ends, b"last words");
         let t = Instant::now();
         assert_eq!(
-            stdio.read(false, 1024, || true).unwrap().as_deref(),
+            stdio
+                .read(false, 1024, checked(|| true))
+                .unwrap()
+                .as_deref(),
             Some(&b"last words"[..])
         );
-        assert_eq!(stdio.read(false, 1024, || true).unwrap(), None);
+        assert_eq!(stdio.read(false, 1024, checked(|| true)).unwrap(), None);
         assert!(t.elapsed() >= AFTER_EXIT_IDLE, "ended before the idle time");
         drop(ends);
     }
@@ -353,7 +456,7 @@ mod tests {
         drop(ends);
         let mut got = Vec::new();
         let mut replies = 0;
-        while let Some(chunk) = stdio.read(false, 128 << 10, || false).unwrap() {
+        while let Some(chunk) = stdio.read(false, 128 << 10, checked(|| false)).unwrap() {
             assert!(
                 !chunk.is_empty() && chunk.len() <= 128 << 10,
                 "{}",
@@ -378,7 +481,10 @@ mod tests {
             }
             ends
         });
-        let first = stdio.read(false, 1 << 20, || false).unwrap().unwrap();
+        let first = stdio
+            .read(false, 1 << 20, checked(|| false))
+            .unwrap()
+            .unwrap();
         let ends = writer.join().unwrap();
         assert!(
             first.len() > 4096,
@@ -387,7 +493,7 @@ mod tests {
         );
         drop(ends);
         let mut total = first.len();
-        while let Some(c) = stdio.read(false, 1 << 20, || false).unwrap() {
+        while let Some(c) = stdio.read(false, 1 << 20, checked(|| false)).unwrap() {
             total += c.len();
         }
         assert_eq!(total, 65 * 4096);
@@ -402,11 +508,14 @@ mod tests {
             ends
         });
         assert_eq!(
-            stdio.read(false, 1024, || false).unwrap().as_deref(),
+            stdio
+                .read(false, 1024, checked(|| false))
+                .unwrap()
+                .as_deref(),
             Some(&b"later"[..])
         );
         drop(writer.join().unwrap());
         // All writers gone: a plain EOF.
-        assert_eq!(stdio.read(false, 1024, || false).unwrap(), None);
+        assert_eq!(stdio.read(false, 1024, checked(|| false)).unwrap(), None);
     }
 }

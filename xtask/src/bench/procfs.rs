@@ -220,6 +220,30 @@ pub fn processes() -> Vec<Proc> {
     v
 }
 
+/// User + system CPU time of process `pid` (all its threads), from /proc/PID/stat.
+pub fn cpu_ms(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command (which may hold spaces) start after the last ')'.
+    let rest = stat.rsplit_once(')')?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after ')' (0-based 11, 12).
+    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    #[allow(clippy::cast_precision_loss)]
+    Some(ticks as f64 * 1000.0 / clock_ticks())
+}
+
+/// The kernel's clock ticks per second (`_SC_CLK_TCK`), the unit of /proc's CPU times.
+pub fn clock_ticks() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let t = unsafe { nix::libc::sysconf(nix::libc::_SC_CLK_TCK) };
+    #[allow(clippy::cast_precision_loss)]
+    if t > 0 {
+        t as f64
+    } else {
+        100.0
+    }
+}
+
 /// The shim serving container `id`: a process of executable `shim` with `-id <id>`.
 pub fn shim_of(all: &[Proc], shim: &str, id: &str) -> Option<u32> {
     all.iter()

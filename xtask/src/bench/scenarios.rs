@@ -225,21 +225,20 @@ fn boot_files(argv: &[String]) -> Vec<&str> {
         .collect()
 }
 
-pub(crate) fn measure_pod(side: usize, id: &str) -> Result<PodMem> {
-    let all = procfs::processes();
+/// The processes of pod `id` on `side`: its shim, and the rest (husk: the VM's processes and
+/// the shim's own children; runc: the shim's children).
+fn pod_processes<'a>(
+    all: &'a [procfs::Proc],
+    side: usize,
+    id: &str,
+) -> Result<(u32, Vec<&'a procfs::Proc>)> {
     let shim_exe = if side == 0 {
         "containerd-shim-husk"
     } else {
         "containerd-shim-runc"
     };
-    let shim = procfs::shim_of(&all, shim_exe, id)
+    let shim = procfs::shim_of(all, shim_exe, id)
         .with_context(|| format!("no {shim_exe} process for {id}"))?;
-    let shim_mem = procfs::mem(shim).context("reading the shim's smaps")?;
-    let shim_name = all
-        .iter()
-        .find(|p| p.pid == shim)
-        .map(|p| p.exe.clone())
-        .unwrap_or_default();
     let others: Vec<&procfs::Proc> = if side == 0 {
         // The VM's processes, and the shim's own children: a jailed program's supervisor is a
         // fork of the shim that stays (see the jail), sharing the shim's pages copy-on-write,
@@ -253,6 +252,28 @@ pub(crate) fn measure_pod(side: usize, id: &str) -> Result<PodMem> {
     } else {
         all.iter().filter(|p| p.ppid == shim).collect()
     };
+    Ok((shim, others))
+}
+
+/// User + system CPU time (ms) that pod `id`'s processes have used so far.
+pub(crate) fn pod_cpu_ms(side: usize, id: &str) -> Result<f64> {
+    let all = procfs::processes();
+    let (shim, others) = pod_processes(&all, side, id)?;
+    Ok(std::iter::once(shim)
+        .chain(others.iter().map(|p| p.pid))
+        .filter_map(procfs::cpu_ms)
+        .sum())
+}
+
+pub(crate) fn measure_pod(side: usize, id: &str) -> Result<PodMem> {
+    let all = procfs::processes();
+    let (shim, others) = pod_processes(&all, side, id)?;
+    let shim_mem = procfs::mem(shim).context("reading the shim's smaps")?;
+    let shim_name = all
+        .iter()
+        .find(|p| p.pid == shim)
+        .map(|p| p.exe.clone())
+        .unwrap_or_default();
     let mut total = shim_mem.pss_kib;
     let shim_split = procfs::split(shim).unwrap_or_default();
     let (mut anon, mut file) = (shim_split.anon_kib, shim_split.file_kib);
@@ -301,6 +322,10 @@ pub(super) fn mib(kib: u64) -> f64 {
     kib as f64 / 1024.0
 }
 
+/// How long scenario 5 watches an idle pod's CPU time. The pod's processes are read at its
+/// start and end, so its own reading (a walk of /proc) is not in it.
+const IDLE_CPU_WINDOW: Duration = Duration::from_secs(5);
+
 /// Scenarios 3, 5 and 9: idle pods (one `sleep` container each), measured, then exec'd into.
 #[allow(clippy::needless_range_loop)] // side indexes several arrays at once
 pub fn idle_pods(env: &Env, sides: &Sides, rounds: usize, execs: usize) -> Result<[Scenario; 3]> {
@@ -315,13 +340,17 @@ pub fn idle_pods(env: &Env, sides: &Sides, rounds: usize, execs: usize) -> Resul
     let mut s5 = Scenario::new(
         5,
         "Host memory per idle pod",
-        "One idle `sleep` container per pod, measured 3 s after `ctr run -d` returned. husk: PSS \
+        format!(
+            "One idle `sleep` container per pod, measured 3 s after `ctr run -d` returned. husk: PSS \
          outside guest RAM summed over containerd-shim-husk-v2, QEMU, virtiofsd and \
          vhost-device-vsock (guest RAM is the shared memfd they all map; its touched pages \
          are shown separately, as the RSS of that memfd). runc: PSS of containerd-shim-runc-v2 \
          plus the container's processes. From /proc/PID/smaps. PSS splits each shared page \
          among every process that maps it, other engineers' QEMUs on this machine included, \
-         so it moves with what else runs.",
+         so it moves with what else runs. Then the CPU time the same processes use while the \
+         pod idles, over the next {IDLE_CPU_WINDOW:?} (ms of CPU per second: 10 is 1 % of a \
+         core)."
+        ),
     );
     let mut s9 = Scenario::new(
         9,
@@ -337,6 +366,7 @@ pub fn idle_pods(env: &Env, sides: &Sides, rounds: usize, execs: usize) -> Resul
     let mut vmm: [Vec<f64>; 4] = Default::default();
     let mut parts: std::collections::BTreeMap<String, Vec<f64>> = Default::default();
     let mut exec = [Vec::new(), Vec::new()];
+    let mut idle_cpu = [Vec::new(), Vec::new()];
     for r in 0..rounds {
         let ids = [env.new_id("idle"), env.new_id("idle")];
         let res = (|| -> Result<()> {
@@ -385,6 +415,12 @@ pub fn idle_pods(env: &Env, sides: &Sides, rounds: usize, execs: usize) -> Resul
                     m.shim_threads
                 );
             }
+            let before = [pod_cpu_ms(0, &ids[0])?, pod_cpu_ms(1, &ids[1])?];
+            std::thread::sleep(IDLE_CPU_WINDOW);
+            for side in 0..2 {
+                let used = pod_cpu_ms(side, &ids[side])? - before[side];
+                idle_cpu[side].push(used / IDLE_CPU_WINDOW.as_secs_f64());
+            }
             let mut n = 0;
             let v = alternate("exec", sides.labels(), "ms", 0, execs, |side| {
                 n += 1;
@@ -419,6 +455,11 @@ pub fn idle_pods(env: &Env, sides: &Sides, rounds: usize, execs: usize) -> Resul
     ));
     s5.rows
         .push(sides.husk_row("guest RAM touched (memfd RSS)", "MiB", guest));
+    s5.rows.push(sides.row(
+        "CPU while the pod idles (ms of CPU per second)",
+        "ms/s",
+        idle_cpu,
+    ));
     for (exe, v) in parts {
         s5.rows
             .push(sides.husk_row(&format!("of which {exe} PSS"), "MiB", v));

@@ -226,7 +226,9 @@ impl Probe {
             let left = BOOT_DEADLINE.saturating_sub(start.elapsed());
             match rx.recv_timeout(left) {
                 Ok(Event::FirstByte(t)) => first = Some(t),
-                Ok(Event::Ready(t, line)) => break (t, line, cpu_ms(child.id()), idle_ms()),
+                Ok(Event::Ready(t, line)) => {
+                    break (t, line, procfs::cpu_ms(child.id()), idle_ms())
+                }
                 Err(mpsc::RecvTimeoutError::Timeout) => {
                     bail!("no `husk-agent ready:` line within {BOOT_DEADLINE:?}")
                 }
@@ -266,29 +268,6 @@ impl Probe {
     }
 }
 
-/// User + system CPU time of process `pid` (all its threads), from /proc/PID/stat.
-fn cpu_ms(pid: u32) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command (which may hold spaces) start after the last ')'.
-    let rest = stat.rsplit_once(')')?.1;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    // utime and stime are fields 14 and 15 of the line, 12 and 13 after ')' (0-based 11, 12).
-    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
-    #[allow(clippy::cast_precision_loss)]
-    Some(ticks as f64 * 1000.0 / clock_ticks())
-}
-
-fn clock_ticks() -> f64 {
-    // SAFETY: sysconf has no preconditions.
-    let t = unsafe { nix::libc::sysconf(nix::libc::_SC_CLK_TCK) };
-    #[allow(clippy::cast_precision_loss)]
-    if t > 0 {
-        t as f64
-    } else {
-        100.0
-    }
-}
-
 /// Idle time of all CPUs so far, from /proc/stat's `cpu` line (idle + iowait).
 fn idle_ms() -> Option<f64> {
     let stat = std::fs::read_to_string("/proc/stat").ok()?;
@@ -299,7 +278,7 @@ fn idle_ms() -> Option<f64> {
         .filter_map(|v| v.parse().ok())
         .collect();
     #[allow(clippy::cast_precision_loss)]
-    Some((f.get(3)? + f.get(4)?) as f64 * 1000.0 / clock_ticks())
+    Some((f.get(3)? + f.get(4)?) as f64 * 1000.0 / procfs::clock_ticks())
 }
 
 /// KVM's debugfs directory of each VM is `<pid>-<vm fd>`; its files hold one number each.
