@@ -97,5 +97,24 @@ pub mod agent_ttrpc {
     include!(concat!(env!("OUT_DIR"), "/agent_ttrpc.rs"));
 }
 
+/// The same client as [`agent_ttrpc::AgentClient`], async on tokio: its connection waits in
+/// the runtime's epoll, where the sync client's receiver thread wakes every 10 ms (ttrpc
+/// 0.10's `POLL_MAX_TIME`) for as long as the connection lives.
+#[allow(
+    clippy::all,
+    clippy::pedantic,
+    missing_docs,
+    non_camel_case_types,
+    non_snake_case,
+    unused_imports,
+    unused_results,
+    unused_mut,
+    dead_code,
+    unknown_lints
+)]
+pub mod agent_ttrpc_async {
+    include!(concat!(env!("OUT_DIR"), "/async/agent_ttrpc.rs"));
+}
+
 pub use protobuf;
 pub use ttrpc;

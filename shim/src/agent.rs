@@ -5,13 +5,13 @@
 //! a connection with a bounded pool of threads, and blocked long polls must never starve the
 //! control calls of another container.
 
-use std::os::fd::IntoRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 use std::time::Duration;
 
-use husk_protocols::agent::CheckRequest;
-use husk_protocols::agent_ttrpc::AgentClient;
+use husk_protocols::agent::{self as pb, CheckRequest};
+use husk_protocols::agent_ttrpc_async;
 
 use crate::metrics::TimedClient;
 use husk_protocols::ttrpc;
@@ -65,6 +65,82 @@ impl std::fmt::Debug for Agent {
     }
 }
 
+/// The tokio runtime every agent connection of this shim lives on: one worker thread, whose
+/// epoll waits on all of them. ttrpc 0.10's sync client gives each connection a receiver
+/// thread that polls its socket with a 10 ms timeout (`POLL_MAX_TIME`) for as long as the
+/// connection lives: an idle pod's shim (the control connection, the OOM watch and one per
+/// process) woke ~300 times a second for nothing and used ~1 % of a core
+/// (docs/FIELD-NOTES.md, "Where an idle pod's host memory is under TCG").
+fn runtime() -> Result<&'static tokio::runtime::Runtime, String> {
+    static RUNTIME: OnceLock<Result<tokio::runtime::Runtime, String>> = OnceLock::new();
+    RUNTIME
+        .get_or_init(|| {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .thread_name("agent-io")
+                .enable_all()
+                .build()
+                .map_err(|e| format!("starting the agent connections' runtime: {e}"))
+        })
+        .as_ref()
+        .map_err(Clone::clone)
+}
+
+/// A connection to the agent, called from the shim's (blocking) threads: ttrpc's async
+/// client on [`runtime`], each call waited for on the calling thread. Clones share the
+/// connection; it closes when the last clone goes.
+#[derive(Clone)]
+pub struct AgentClient {
+    inner: agent_ttrpc_async::AgentClient,
+    runtime: &'static tokio::runtime::Runtime,
+}
+
+macro_rules! blocking_calls {
+    ($($method:ident($req:ty) -> $resp:ty;)*) => {
+        impl AgentClient {
+            $(
+                #[doc = concat!("`", stringify!($method), "`, waited for on this thread.")]
+                pub fn $method(
+                    &self,
+                    ctx: ttrpc::context::Context,
+                    req: &$req,
+                ) -> ttrpc::Result<$resp> {
+                    self.runtime.block_on(self.inner.$method(ctx, req))
+                }
+            )*
+        }
+    };
+}
+
+blocking_calls! {
+    check(pb::CheckRequest) -> pb::CheckResponse;
+    get_guest_details(pb::GuestDetailsRequest) -> pb::GuestDetails;
+    create_sandbox(pb::CreateSandboxRequest) -> pb::Empty;
+    destroy_sandbox(pb::DestroySandboxRequest) -> pb::Empty;
+    create_container(pb::CreateContainerRequest) -> pb::Empty;
+    start_container(pb::ContainerRef) -> pb::ProcessStarted;
+    remove_container(pb::RemoveContainerRequest) -> pb::Empty;
+    pause_container(pb::ContainerRef) -> pb::Empty;
+    resume_container(pb::ContainerRef) -> pb::Empty;
+    update_container(pb::UpdateContainerRequest) -> pb::Empty;
+    stats_container(pb::ContainerRef) -> pb::ContainerStats;
+    list_processes(pb::ContainerRef) -> pb::ProcessList;
+    exec_process(pb::ExecProcessRequest) -> pb::ProcessStarted;
+    signal_process(pb::SignalProcessRequest) -> pb::Empty;
+    wait_process(pb::ProcessRef) -> pb::WaitProcessResponse;
+    write_stdin(pb::WriteStdinRequest) -> pb::WriteStdinResponse;
+    close_stdin(pb::ProcessRef) -> pb::Empty;
+    read_stdout(pb::ReadStreamRequest) -> pb::ReadStreamResponse;
+    read_stderr(pb::ReadStreamRequest) -> pb::ReadStreamResponse;
+    tty_win_resize(pb::TtyWinResizeRequest) -> pb::Empty;
+    update_interface(pb::UpdateInterfaceRequest) -> pb::Interface;
+    update_routes(pb::UpdateRoutesRequest) -> pb::Routes;
+    list_interfaces(pb::ListInterfacesRequest) -> pb::Interfaces;
+    set_guest_date_time(pb::SetGuestDateTimeRequest) -> pb::Empty;
+    get_oom_event(pb::GetOOMEventRequest) -> pb::OOMEvent;
+    get_guest_stats(pb::GuestStatsRequest) -> pb::GuestStats;
+}
+
 fn open(socket: &Path, timeout: Duration) -> Result<AgentClient, AgentError> {
     let stream = husk_hypervisor::vsock::connect_retry(socket, AGENT_VSOCK_PORT, timeout)?;
     client_on(stream, socket)
@@ -72,11 +148,21 @@ fn open(socket: &Path, timeout: Duration) -> Result<AgentClient, AgentError> {
 
 /// A ttrpc client on a connection whose hybrid-vsock handshake is done.
 fn client_on(stream: UnixStream, socket: &Path) -> Result<AgentClient, AgentError> {
-    let client = ttrpc::Client::new(stream.into_raw_fd()).map_err(|e| AgentError::Client {
+    let failed = |message: String| AgentError::Client {
         socket: socket.to_path_buf(),
-        message: e.to_string(),
-    })?;
-    Ok(AgentClient::new(client))
+        message,
+    };
+    let runtime = runtime().map_err(failed)?;
+    // The socket is registered with the runtime's reactor, and the client starts its
+    // connection task there.
+    let _in_runtime = runtime.enter();
+    let socket =
+        ttrpc::r#async::transport::Socket::try_from(stream).map_err(|e| failed(e.to_string()))?;
+    let client = ttrpc::r#async::Client::new(socket);
+    Ok(AgentClient {
+        inner: agent_ttrpc_async::AgentClient::new(client),
+        runtime,
+    })
 }
 
 impl Agent {

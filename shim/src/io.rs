@@ -25,10 +25,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::agent::AgentClient;
 use husk_protocols::agent::{
     ProcessRef, ReadStreamRequest, WaitProcessResponse, WriteStdinRequest,
 };
-use husk_protocols::agent_ttrpc::AgentClient;
 
 use crate::agent::{describe, long_poll, short};
 

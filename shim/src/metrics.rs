@@ -26,8 +26,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use crate::agent::AgentClient;
 use husk_protocols::agent as pb;
-use husk_protocols::agent_ttrpc::AgentClient;
 use husk_protocols::ttrpc;
 use serde::{Deserialize, Serialize};
 

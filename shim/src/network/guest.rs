@@ -1,10 +1,10 @@
 //! Giving the guest NIC what the veth had: the agent's `UpdateInterface` (matched by MAC:
 //! name, MTU, addresses, up) and `UpdateRoutes` (the veth's routes, default route included).
 
+use crate::agent::AgentClient;
 use husk_protocols::agent::{
     Interface, IpAddress, PortForward, Route, UpdateInterfaceRequest, UpdateRoutesRequest,
 };
-use husk_protocols::agent_ttrpc::AgentClient;
 
 use super::endpoint::Link;
 use super::NetworkError;

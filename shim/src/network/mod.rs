@@ -29,8 +29,8 @@ use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use crate::agent::AgentClient;
 use husk_hypervisor::NetConfig;
-use husk_protocols::agent_ttrpc::AgentClient;
 use rtnetlink::LinkUnspec;
 use serde_json::Value;
 
