@@ -71,7 +71,7 @@ impl std::fmt::Debug for Agent {
 /// connection lives: an idle pod's shim (the control connection, the OOM watch and one per
 /// process) woke ~300 times a second for nothing and used ~1 % of a core
 /// (docs/FIELD-NOTES.md, "Where an idle pod's host memory is under TCG").
-fn runtime() -> Result<&'static tokio::runtime::Runtime, String> {
+pub(crate) fn runtime() -> Result<&'static tokio::runtime::Runtime, String> {
     static RUNTIME: OnceLock<Result<tokio::runtime::Runtime, String>> = OnceLock::new();
     RUNTIME
         .get_or_init(|| {

@@ -21,7 +21,6 @@ use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
 use containerd_shim::protos::protobuf::{Message, MessageField};
 use containerd_shim::protos::shim::shim_ttrpc::create_task;
 use containerd_shim::protos::ttrpc::Server;
-use containerd_shim::publisher::RemotePublisher;
 use containerd_shim::{ExitSignal, Flags, StartOpts, Task};
 
 use crate::config::Config;
@@ -242,7 +241,7 @@ pub fn serve(flags: &Flags) -> Result<(), ShimError> {
     let ttrpc_address = std::env::var("TTRPC_ADDRESS").map_err(|_| {
         ShimError::Other("TTRPC_ADDRESS is not set: the shim must be started by containerd".into())
     })?;
-    let publisher = RemotePublisher::new(&ttrpc_address)?;
+    let publisher = crate::task::events::Publisher::connect(&ttrpc_address)?;
     let exit = Arc::new(ExitSignal::default());
     let task: Arc<dyn Task + Send + Sync> =
         Arc::new(Service::new(&flags.namespace, publisher, exit.clone()));

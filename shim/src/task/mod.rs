@@ -23,7 +23,6 @@ use containerd_shim::protos::protobuf::well_known_types::any::Any;
 use containerd_shim::protos::protobuf::{Message, MessageDyn, MessageField};
 use containerd_shim::protos::topics;
 use containerd_shim::protos::types::task::ProcessInfo;
-use containerd_shim::publisher::RemotePublisher;
 use containerd_shim::{Context, ExitSignal, Task, TtrpcContext, TtrpcResult};
 use husk_protocols::agent::{
     ContainerRef, CreateContainerRequest, ExecProcessRequest as AgentExec, GetOOMEventRequest,
@@ -38,9 +37,12 @@ use crate::io::{self, StdioPaths};
 use crate::sandbox::Sandbox;
 use crate::share;
 
+pub(crate) mod events;
 mod metrics;
 mod process;
 mod watch;
+
+use events::Publisher;
 
 use process::{exit_of, Container, Proc};
 use watch::watch_vm;
@@ -95,13 +97,13 @@ struct Inner {
 
 pub struct Service {
     namespace: String,
-    publisher: Arc<RemotePublisher>,
+    publisher: Arc<Publisher>,
     exit: Arc<ExitSignal>,
     inner: Arc<Mutex<Inner>>,
 }
 
 impl Service {
-    pub fn new(namespace: &str, publisher: RemotePublisher, exit: Arc<ExitSignal>) -> Self {
+    pub fn new(namespace: &str, publisher: Publisher, exit: Arc<ExitSignal>) -> Self {
         Self {
             namespace: namespace.into(),
             publisher: Arc::new(publisher),
@@ -248,7 +250,7 @@ impl Service {
     }
 }
 
-pub fn publish(publisher: &RemotePublisher, ns: &str, topic: &str, event: Box<dyn MessageDyn>) {
+pub fn publish(publisher: &Publisher, ns: &str, topic: &str, event: Box<dyn MessageDyn>) {
     if let Err(e) = publisher.publish(Context::default(), topic, ns, event) {
         log::warn!("publishing {topic}: {e}");
     }

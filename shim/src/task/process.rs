@@ -4,12 +4,12 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
+use super::events::Publisher;
 use containerd_shim::api::Status;
 use containerd_shim::protos::events::task::TaskExit;
 use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
 use containerd_shim::protos::protobuf::MessageField;
 use containerd_shim::protos::topics;
-use containerd_shim::publisher::RemotePublisher;
 
 use super::publish;
 use crate::io::StdioPaths;
@@ -94,7 +94,7 @@ impl Proc {
     }
 
     /// Records the exit and tells containerd (once, whoever sees the end first).
-    pub(super) fn finish(&self, status: u32, publisher: &RemotePublisher, ns: &str) {
+    pub(super) fn finish(&self, status: u32, publisher: &Publisher, ns: &str) {
         if !self.set_exit(status) {
             return;
         }

@@ -3,7 +3,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use containerd_shim::publisher::RemotePublisher;
+use super::events::Publisher;
 
 use super::process::Proc;
 use super::{Inner, UNKNOWN_EXIT};
@@ -15,7 +15,7 @@ use crate::sandbox::Sandbox;
 pub(super) fn watch_vm(
     sb: Arc<Sandbox>,
     inner: Arc<Mutex<Inner>>,
-    publisher: Arc<RemotePublisher>,
+    publisher: Arc<Publisher>,
     ns: String,
 ) {
     let weak = Arc::downgrade(&sb);
