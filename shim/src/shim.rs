@@ -6,8 +6,9 @@
 //! registered as `containerd.task.v3.Task` — while containerd 1.6 (Debian 12's) reads a bare
 //! address and calls `containerd.task.v2.Task`. The messages of both versions are the same, so
 //! the task service is registered under both names and `start` prints the bare address, which
-//! every containerd understands. The crate's pieces (flags, spawn, logger, publisher, the
-//! generated service) are still used.
+//! every containerd understands. The crate's pieces (flags, spawn, logger, the generated
+//! service) are still used; events go out through `task::events` (an async ttrpc client:
+//! the crate's sync publisher polls its socket every 10 ms).
 
 use std::io::Write;
 use std::os::fd::IntoRawFd;
