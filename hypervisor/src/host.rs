@@ -116,18 +116,23 @@ pub(crate) fn probe_kvm() -> KvmProbe {
 }
 
 /// The rate of the host's TSC, kHz, where a guest under QEMU's TCG may be told it
-/// (`tsc_early_khz`): under TCG the guest's `rdtsc` reads the host's TSC, so this is the
-/// guest's TSC rate too. Only where the host's TSC is invariant (`constant_tsc` and
-/// `nonstop_tsc` in /proc/cpuinfo: it ticks at one rate in every power state) and KVM reports
-/// the rate (`KVM_GET_TSC_KHZ` on a fresh vCPU is the host kernel's own `tsc_khz`). Told
+/// (`tsc_early_khz`, and `tsc=reliable`): under TCG the guest's `rdtsc` reads the host's TSC,
+/// so this is the guest's TSC rate too. Only where the host's TSC is invariant (`constant_tsc`
+/// and `nonstop_tsc` in /proc/cpuinfo: it ticks at one rate in every power state), the host's
+/// own kernel keeps time with it (`clocksource`: its current clocksource is `tsc`, so it found
+/// the CPUs' TSCs in step, which a vCPU thread that moves between them relies on), and KVM
+/// reports the rate (`KVM_GET_TSC_KHZ` on a fresh vCPU is the host kernel's own `tsc_khz`). Told
 /// nothing, the guest measures its TSC against its emulated PIT while it boots, and on a
 /// busy host (a few guests booting at once on 2 cores) that measurement fails: the guest then
 /// marks its TSC unstable and keeps time in 4 ms jiffies (docs/FIELD-NOTES.md, "QEMU TCG
 /// (no KVM) runs our guest").
-pub fn invariant_tsc_khz(kvm: &KvmProbe, cpuinfo: &str) -> Option<u32> {
+pub fn invariant_tsc_khz(kvm: &KvmProbe, cpuinfo: &str, clocksource: &str) -> Option<u32> {
     let KvmProbe::Usable { tsc_khz, .. } = kvm else {
         return None;
     };
+    if clocksource.trim() != "tsc" {
+        return None;
+    }
     let flags: Vec<&str> = cpuinfo
         .lines()
         .find(|l| l.starts_with("flags"))
@@ -188,7 +193,10 @@ pub fn detect() -> HostReport {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let kind = classify(&kvm, Path::new("/sys/module"), &cpuinfo);
     let (backend, why) = choose_backend(&kind);
-    let guest_tsc_khz = invariant_tsc_khz(&kvm, &cpuinfo);
+    let clocksource =
+        std::fs::read_to_string("/sys/devices/system/clocksource/clocksource0/current_clocksource")
+            .unwrap_or_default();
+    let guest_tsc_khz = invariant_tsc_khz(&kvm, &cpuinfo, &clocksource);
     HostReport {
         kvm,
         kind,
@@ -218,24 +226,24 @@ mod tests {
     #[test]
     fn a_tcg_guest_is_told_the_tsc_rate_only_where_it_is_invariant() {
         let both = "flags\t\t: fpu tsc constant_tsc rep_good nonstop_tsc cpuid";
-        assert_eq!(invariant_tsc_khz(&USABLE, both), Some(2_596_142));
-        assert_eq!(
-            invariant_tsc_khz(&USABLE, "flags : fpu tsc constant_tsc"),
-            None
-        );
-        assert_eq!(
-            invariant_tsc_khz(&USABLE, "flags : fpu tsc nonstop_tsc"),
-            None
-        );
+        assert_eq!(invariant_tsc_khz(&USABLE, both, "tsc\n"), Some(2_596_142));
+        for one in [
+            "flags : fpu tsc constant_tsc",
+            "flags : fpu tsc nonstop_tsc",
+        ] {
+            assert_eq!(invariant_tsc_khz(&USABLE, one, "tsc\n"), None, "{one}");
+        }
+        // The host's kernel does not keep time with its TSC (or cannot say).
+        for other in ["hpet\n", "kvm-clock\n", ""] {
+            assert_eq!(invariant_tsc_khz(&USABLE, both, other), None, "{other:?}");
+        }
         let unreported = KvmProbe::Usable {
             api_version: 12,
             tsc_khz: None,
         };
-        assert_eq!(invariant_tsc_khz(&unreported, both), None);
-        assert_eq!(
-            invariant_tsc_khz(&KvmProbe::Unusable("x".into()), both),
-            None
-        );
+        assert_eq!(invariant_tsc_khz(&unreported, both, "tsc\n"), None);
+        let unusable = KvmProbe::Unusable("x".into());
+        assert_eq!(invariant_tsc_khz(&unusable, both, "tsc\n"), None);
     }
 
     #[test]

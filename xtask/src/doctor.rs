@@ -103,7 +103,7 @@ pub fn checks() -> Vec<Check> {
                 Some(k) => format!(
                     "the host's invariant TSC, {k} kHz, is given to each guest (tsc_early_khz), so a guest keeps a TSC clock however busy the host"
                 ),
-                None => "the host's TSC is not known to be invariant (constant_tsc, nonstop_tsc) or KVM does not report its rate: each guest measures its TSC against its PIT, and on a busy host falls back to a 4 ms jiffies clock".into(),
+                None => "the host's TSC is not known to be invariant (constant_tsc, nonstop_tsc), the host's kernel does not keep time with it (its clocksource is not tsc), or KVM does not report its rate: each guest measures its TSC against its PIT, and on a busy host falls back to a 4 ms jiffies clock".into(),
             },
         ));
     }
