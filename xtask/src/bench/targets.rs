@@ -60,12 +60,15 @@ pub fn annotate(s: &mut [Scenario]) {
             s,
             12,
             format!(
-                "Target (#17): first output with the pool ≤ 3× runc's on this host (TCG): {}. \
+                "Target (#17): first output with the pool ≤ 3× runc's on this host (TCG): {} \
+                 ({:.2}× runc's {} ms; the limit is 3× that). \
                  What remains is the runtime's own path — shim start, the claim (one round trip \
                  to the holder and one to the keeper), vsock connect and CreateSandbox, the \
                  rootfs share, the container's create and start in an emulated guest — and \
                  teardown does not count here. On hardware KVM the target is 1.2×.",
-                verdict(h, 3.0 * b, "ms", true)
+                verdict(h, 3.0 * b, "ms", true),
+                h / b,
+                fmt_num(b)
             ),
         );
     }
