@@ -61,59 +61,46 @@ pub const DEBUG_LOG_FLAG: &str = "husk.log=debug";
 /// at 4 MiB).
 pub const MAX_READ_CHUNK: u32 = 1 << 20;
 
-/// The messages.
-#[allow(
-    clippy::all,
-    clippy::pedantic,
-    missing_docs,
-    non_camel_case_types,
-    non_snake_case,
-    non_upper_case_globals,
-    unused_imports,
-    unused_results,
-    unused_mut,
-    dead_code,
-    trivial_casts,
-    unknown_lints
-)]
-pub mod agent {
-    include!(concat!(env!("OUT_DIR"), "/agent.rs"));
+/// A module of generated code from OUT_DIR, with the lints that code does not meet allowed
+/// (the generated files' own inner attributes are stripped by build.rs).
+macro_rules! generated {
+    ($(#[$doc:meta])* $name:ident = $file:literal) => {
+        $(#[$doc])*
+        #[allow(
+            clippy::all,
+            clippy::pedantic,
+            missing_docs,
+            non_camel_case_types,
+            non_snake_case,
+            non_upper_case_globals,
+            unused_imports,
+            unused_results,
+            unused_mut,
+            dead_code,
+            trivial_casts,
+            unknown_lints
+        )]
+        pub mod $name {
+            include!(concat!(env!("OUT_DIR"), $file));
+        }
+    };
 }
 
-/// The ttrpc client (`AgentClient`) and server glue (`Agent` trait, `create_agent`).
-#[allow(
-    clippy::all,
-    clippy::pedantic,
-    missing_docs,
-    non_camel_case_types,
-    non_snake_case,
-    unused_imports,
-    unused_results,
-    unused_mut,
-    dead_code,
-    unknown_lints
-)]
-pub mod agent_ttrpc {
-    include!(concat!(env!("OUT_DIR"), "/agent_ttrpc.rs"));
+generated! {
+    /// The messages.
+    agent = "/agent.rs"
 }
 
-/// The same client as [`agent_ttrpc::AgentClient`], async on tokio: its connection waits in
-/// the runtime's epoll, where the sync client's receiver thread wakes every 10 ms (ttrpc
-/// 0.10's `POLL_MAX_TIME`) for as long as the connection lives.
-#[allow(
-    clippy::all,
-    clippy::pedantic,
-    missing_docs,
-    non_camel_case_types,
-    non_snake_case,
-    unused_imports,
-    unused_results,
-    unused_mut,
-    dead_code,
-    unknown_lints
-)]
-pub mod agent_ttrpc_async {
-    include!(concat!(env!("OUT_DIR"), "/async/agent_ttrpc.rs"));
+generated! {
+    /// The ttrpc client (`AgentClient`) and server glue (`Agent` trait, `create_agent`).
+    agent_ttrpc = "/agent_ttrpc.rs"
+}
+
+generated! {
+    /// The same client as [`agent_ttrpc::AgentClient`], async on tokio: its connection waits in
+    /// the runtime's epoll, where the sync client's receiver thread wakes every 10 ms (ttrpc
+    /// 0.10's `POLL_MAX_TIME`) for as long as the connection lives.
+    agent_ttrpc_async = "/async/agent_ttrpc.rs"
 }
 
 pub use protobuf;
