@@ -10,9 +10,6 @@ pub struct GuestInfo {
     pub kernel_release: String,
     pub vcpus: usize,
     pub mem_total_kib: u64,
-    /// The kernel's current clocksource (`tsc`, `kvm-clock`, `refined-jiffies` …); empty if
-    /// sysfs does not say.
-    pub clocksource: String,
 }
 
 impl GuestInfo {
@@ -34,17 +31,11 @@ impl GuestInfo {
             .ok()
             .and_then(|s| mem_total_kib(&s))
             .unwrap_or(0);
-        let clocksource = std::fs::read_to_string(
-            "/sys/devices/system/clocksource/clocksource0/current_clocksource",
-        )
-        .map(|s| s.trim().to_string())
-        .unwrap_or_default();
         Self {
             since_boot_ms,
             kernel_release,
             vcpus,
             mem_total_kib,
-            clocksource,
         }
     }
 
@@ -60,6 +51,14 @@ impl GuestInfo {
             env!("CARGO_PKG_VERSION")
         )
     }
+}
+
+/// The kernel's current clocksource (`tsc`, `kvm-clock`, `refined-jiffies` …); empty if sysfs
+/// does not say. Read when asked (`GetGuestDetails`), not on the way to the ready line.
+pub fn clocksource() -> String {
+    std::fs::read_to_string("/sys/devices/system/clocksource/clocksource0/current_clocksource")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
 }
 
 /// Number of CPUs in a kernel CPU list such as `0-3,5`.
@@ -176,7 +175,6 @@ mod tests {
             kernel_release: "6.1.192".into(),
             vcpus: 2,
             mem_total_kib: 240000,
-            clocksource: "tsc-early".into(),
         };
         assert!(info
             .ready_line()

@@ -72,7 +72,7 @@ impl Agent for Service {
             mem_total_kib: i.mem_total_kib,
             ready_ms: self.ready_ms,
             cgroup_controllers: self.cgroup_controllers.clone(),
-            clocksource: i.clocksource,
+            clocksource: crate::guest_info::clocksource(),
             ..Default::default()
         })
     }

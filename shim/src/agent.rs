@@ -71,7 +71,7 @@ impl std::fmt::Debug for Agent {
 /// connection lives: an idle pod's shim (the control connection, the OOM watch and one per
 /// process) woke ~300 times a second for nothing and used ~1 % of a core
 /// (docs/FIELD-NOTES.md, "Where an idle pod's host memory is under TCG").
-pub(crate) fn runtime() -> Result<&'static tokio::runtime::Runtime, String> {
+fn runtime() -> Result<&'static tokio::runtime::Runtime, String> {
     static RUNTIME: OnceLock<Result<tokio::runtime::Runtime, String>> = OnceLock::new();
     RUNTIME
         .get_or_init(|| {
@@ -146,19 +146,25 @@ fn open(socket: &Path, timeout: Duration) -> Result<AgentClient, AgentError> {
     client_on(stream, socket)
 }
 
+/// ttrpc's async client on `stream`, living on [`runtime`] (which it returns too): the
+/// socket is registered with the runtime's reactor, and the client starts its connection
+/// task there. For the agent's connections and containerd's event service alike.
+pub(crate) fn async_client(
+    stream: UnixStream,
+) -> Result<(ttrpc::r#async::Client, &'static tokio::runtime::Runtime), String> {
+    let runtime = runtime()?;
+    let _in_runtime = runtime.enter();
+    let socket = ttrpc::r#async::transport::Socket::try_from(stream)
+        .map_err(|e| format!("registering the connection with the runtime: {e}"))?;
+    Ok((ttrpc::r#async::Client::new(socket), runtime))
+}
+
 /// A ttrpc client on a connection whose hybrid-vsock handshake is done.
 fn client_on(stream: UnixStream, socket: &Path) -> Result<AgentClient, AgentError> {
-    let failed = |message: String| AgentError::Client {
+    let (client, runtime) = async_client(stream).map_err(|message| AgentError::Client {
         socket: socket.to_path_buf(),
         message,
-    };
-    let runtime = runtime().map_err(failed)?;
-    // The socket is registered with the runtime's reactor, and the client starts its
-    // connection task there.
-    let _in_runtime = runtime.enter();
-    let socket =
-        ttrpc::r#async::transport::Socket::try_from(stream).map_err(|e| failed(e.to_string()))?;
-    let client = ttrpc::r#async::Client::new(socket);
+    })?;
     Ok(AgentClient {
         inner: agent_ttrpc_async::AgentClient::new(client),
         runtime,

@@ -12,6 +12,8 @@ use containerd_shim::protos::shim::events::ForwardRequest;
 use containerd_shim::protos::shim_async::EventsClient;
 use containerd_shim::protos::ttrpc;
 use containerd_shim::util::{connect, convert_to_any, timestamp};
+use std::os::fd::FromRawFd;
+use std::os::unix::net::UnixStream;
 
 /// The shim's connection to containerd's event service.
 pub struct Publisher {
@@ -22,12 +24,12 @@ pub struct Publisher {
 impl Publisher {
     /// Connects to containerd's ttrpc address (`TTRPC_ADDRESS`).
     pub fn connect(address: &str) -> Result<Self, containerd_shim::Error> {
-        let runtime = crate::agent::runtime().map_err(containerd_shim::Error::Other)?;
         let fd = connect(address)?;
-        let _in_runtime = runtime.enter();
         // SAFETY: `fd` is the connected unix socket `connect` just returned, which nothing
-        // else owns; the client takes it over.
-        let client = unsafe { ttrpc::r#async::Client::from_raw_unix_socket_fd(fd) };
+        // else owns; the stream takes it over (and closes it if anything below fails).
+        let stream = unsafe { UnixStream::from_raw_fd(fd) };
+        let (client, runtime) =
+            crate::agent::async_client(stream).map_err(containerd_shim::Error::Other)?;
         Ok(Self {
             client: EventsClient::new(client),
             runtime,
