@@ -281,6 +281,11 @@ fn move_pids(procs: &Path, pids: &[u32]) -> Result<(), CgroupError> {
 impl HostCgroup {
     /// Creates `cgroups_path` in every hierarchy; no process moves yet ([`Self::entry`],
     /// [`Self::settle`]). What it created is removed again on failure.
+    ///
+    /// Other shims create and remove the same ancestors at the same time (the sandboxes of one
+    /// containerd namespace share `/<namespace>`): an ancestor another shim made a moment ago
+    /// is used as it is, and one another shim removes under our feet is made again
+    /// ([`make_path`]).
     pub fn create(cgroups_path: &str) -> Result<Self, CgroupError> {
         let path = normalise(cgroups_path)?;
         let mut me = Self {
@@ -289,26 +294,12 @@ impl HostCgroup {
         };
         for h in hierarchies() {
             let mut created = Vec::new();
-            let mut dir = h.mount.clone();
-            for comp in path.split('/').filter(|c| !c.is_empty()) {
-                let parent = dir.clone();
-                dir.push(comp);
-                if !dir.exists() {
-                    if let Err(e) = std::fs::create_dir(&dir) {
-                        me.joined.push((h.clone(), created));
-                        me.leave();
-                        return Err(io(&dir, "creating")(e));
-                    }
-                    created.push(dir.clone());
-                    if h.cpuset_v1 {
-                        for f in ["cpuset.cpus", "cpuset.mems"] {
-                            let v = std::fs::read_to_string(parent.join(f)).unwrap_or_default();
-                            let _ = std::fs::write(dir.join(f), v.trim());
-                        }
-                    }
-                }
-            }
+            let made = make_path(&h, &path, &mut created);
             me.joined.push((h, created));
+            if let Err(e) = made {
+                me.leave();
+                return Err(e);
+            }
         }
         Ok(me)
     }
@@ -377,6 +368,57 @@ impl HostCgroup {
             }
         }
     }
+}
+
+/// How often [`make_path`] starts again when an ancestor it walked through was removed by
+/// another shim's teardown before it could make the next directory in it.
+const MAKE_PATH_ATTEMPTS: usize = 5;
+
+/// Makes each directory of `path` under `h`'s mount that is missing, recording in `created`
+/// the ones this call made. In a v1 cpuset hierarchy every directory on the way, made now or
+/// found, gets its parent's cpus and mems if it has none: a task cannot join a cpuset without
+/// them (ENOSPC), and a directory can be found without them when the shim that made it was
+/// killed before it copied them, or is copying them right now.
+fn make_path(h: &Hierarchy, path: &str, created: &mut Vec<PathBuf>) -> Result<(), CgroupError> {
+    let mut attempt = 0;
+    'walk: loop {
+        attempt += 1;
+        let mut dir = h.mount.clone();
+        for comp in path.split('/').filter(|c| !c.is_empty()) {
+            let parent = dir.clone();
+            dir.push(comp);
+            match std::fs::create_dir(&dir) {
+                Ok(()) => created.push(dir.clone()),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::NotFound && attempt < MAKE_PATH_ATTEMPTS =>
+                {
+                    continue 'walk;
+                }
+                Err(e) => return Err(io(&dir, "creating")(e)),
+            }
+            if h.cpuset_v1 {
+                inherit_cpuset(&parent, &dir)?;
+            }
+        }
+        return Ok(());
+    }
+}
+
+/// Copies `parent`'s `cpuset.cpus` and `cpuset.mems` into `dir` where `dir`'s are empty (a
+/// cpuset directory starts empty unless its parent sets `cgroup.clone_children`).
+fn inherit_cpuset(parent: &Path, dir: &Path) -> Result<(), CgroupError> {
+    for f in ["cpuset.cpus", "cpuset.mems"] {
+        let file = dir.join(f);
+        let own = std::fs::read_to_string(&file).map_err(io(&file, "reading"))?;
+        if !own.trim().is_empty() {
+            continue;
+        }
+        let from = parent.join(f);
+        let v = std::fs::read_to_string(&from).map_err(io(&from, "reading"))?;
+        std::fs::write(&file, v.trim()).map_err(io(&file, "copying its parent's value into"))?;
+    }
+    Ok(())
 }
 
 /// After a shim crash: removes the sandbox's leaf cgroup (its processes are gone).
@@ -472,6 +514,67 @@ mod tests {
             assert!(!leaf.exists(), "{} left behind", leaf.display());
             assert!(!leaf.parent().unwrap().exists());
         }
+    }
+
+    #[test]
+    fn a_cpuset_parent_left_without_cpus_is_filled_and_the_vm_thread_can_join() {
+        assert!(
+            nix::unistd::Uid::effective().is_root(),
+            "this test makes host cgroups: run it as root (cargo xtask test)"
+        );
+        let cpuset = hierarchies()
+            .into_iter()
+            .find(|h| h.cpuset_v1)
+            .expect("this test is for hosts with a v1 cpuset hierarchy, as CI's is");
+        let _one = MOVES.lock().unwrap_or_else(|e| e.into_inner());
+        // What a shim killed between making the namespace's directory and copying its
+        // parent's cpus into it leaves: a directory no task can join (ENOSPC).
+        let parent = format!("/husk-unit-{}-cpuset", std::process::id());
+        let parent_dir = cpuset.mount.join(parent.trim_start_matches('/'));
+        std::fs::create_dir(&parent_dir).unwrap();
+        // Not made by the HostCgroup, so not removed by it: removed here, whatever happens.
+        struct Remove(PathBuf);
+        impl Drop for Remove {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_dir(self.0.join("leaf"));
+                let _ = std::fs::remove_dir(&self.0);
+            }
+        }
+        let _remove = Remove(parent_dir.clone());
+        let cpus = |d: &Path| std::fs::read_to_string(d.join("cpuset.cpus")).unwrap();
+        assert_eq!(cpus(&parent_dir).trim(), "", "the host sets clone_children");
+        let path = format!("{parent}/leaf");
+        let mut c = HostCgroup::create(&path).unwrap();
+        assert_eq!(cpus(&parent_dir), cpus(&cpuset.mount));
+        assert_eq!(cpus(&parent_dir.join("leaf")), cpus(&cpuset.mount));
+        let entry = c.entry();
+        let joined = std::thread::spawn(move || entry.enter()).join().unwrap();
+        c.leave();
+        joined.unwrap();
+    }
+
+    #[test]
+    fn directories_found_are_used_and_only_those_made_are_recorded() {
+        let h = hierarchies()
+            .into_iter()
+            .next()
+            .expect("no cgroup file system mounted?");
+        // make_path against a scratch tree standing in for a mount: a directory another shim
+        // made is used and left out of what leave() removes; a missing one is made.
+        let t = tempfile::tempdir().unwrap();
+        let h = Hierarchy {
+            mount: t.path().to_path_buf(),
+            cpuset_v1: false,
+            ..h
+        };
+        std::fs::create_dir(t.path().join("ns")).unwrap();
+        let mut created = Vec::new();
+        make_path(&h, "/ns/a", &mut created).unwrap();
+        assert_eq!(created, vec![t.path().join("ns/a")]);
+        std::fs::remove_dir_all(t.path().join("ns")).unwrap();
+        let mut created = Vec::new();
+        make_path(&h, "/ns/b", &mut created).unwrap();
+        assert_eq!(created, vec![t.path().join("ns"), t.path().join("ns/b")]);
     }
 
     #[test]

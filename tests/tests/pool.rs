@@ -215,6 +215,17 @@ fn run_rm(h: &HuskContainerd, id: &str, options: &[&str], script: &str) -> (Stri
     args.extend_from_slice(options);
     args.extend_from_slice(&[BUSYBOX, id, "sh", "-c", script]);
     let out = h.ctd.ctr(&args);
+    if !out.status.success() {
+        // Shown only when the test fails: what ctr said and what containerd and the shim logged.
+        let log = h.ctd.log();
+        let tail: Vec<&str> = log.lines().rev().take(80).collect();
+        eprintln!(
+            "ctr run {id} ended with {}: {}\ncontainerd's log, last lines:\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr),
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        );
+    }
     (
         String::from_utf8_lossy(&out.stdout).into_owned(),
         out.status.code().unwrap_or(-1),
@@ -567,7 +578,8 @@ fn killing_a_pooled_vm_or_a_claiming_shim_leaves_nothing() {
     assert_eq!(
         run_rm(&h, &next, &[], "echo after"),
         ("after\n".to_string(), 0),
-        "{err}"
+        "the killed claim's ctr said: {err}\nthe holder's log:\n{}",
+        holder.log()
     );
     assert_sandbox_gone(&next);
 }
