@@ -256,6 +256,14 @@ pub trait Vm: Send + std::fmt::Debug {
     /// Waits for the VM to end by itself (the guest powered off), up to `timeout` if given.
     /// `Ok(None)`: still running when the timeout passed.
     fn wait(&mut self, timeout: Option<Duration>) -> Result<Option<ExitStatus>>;
+    /// A descriptor of its own (the caller closes it) that turns readable once the VM has
+    /// ended, for a caller that sleeps until then instead of calling [`Vm::wait`] now and
+    /// then; [`Vm::wait`] still gives the status. `None` where something must call `wait`
+    /// now and then for the VM to be looked after (a backend that notices a helper's end only
+    /// there), or where the kernel has no pidfds.
+    fn exit_fd(&self) -> Option<std::os::fd::OwnedFd> {
+        None
+    }
     /// Ends the VM in order (the monitor is asked to quit), killing it if it has not ended
     /// after `grace`; every helper process is ended and reaped.
     fn stop(&mut self, grace: Duration) -> Result<ExitStatus>;

@@ -1,7 +1,7 @@
 //! Child processes a backend starts (QEMU, and later virtiofsd and vhost-device-vsock):
 //! tied to the starting thread's life, ended and reaped on every path.
 
-use std::os::fd::RawFd;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command, ExitStatus};
@@ -12,12 +12,55 @@ use nix::unistd::Pid;
 
 use crate::{Error, Result};
 
+/// A pidfd of process `pid` (`pidfd_open(2)`, Linux 5.3): readable once the process has
+/// ended, whoever its parent is, and never about another process that reuses the pid.
+pub fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
+    let pid =
+        libc::pid_t::try_from(pid).map_err(|_| std::io::Error::from_raw_os_error(libc::ESRCH))?;
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1; no memory
+    // is passed.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let fd = i32::try_from(fd).map_err(|_| std::io::Error::from_raw_os_error(libc::EBADF))?;
+    // SAFETY: the kernel just returned this new descriptor; nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Which of `fds` are readable (or hung up) within `timeout`, `None` waiting as long as it
+/// takes; an interrupted wait (EINTR) counts as none.
+pub fn readable(fds: &[&dyn AsFd], timeout: Option<Duration>) -> Vec<bool> {
+    let mut p: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|f| libc::pollfd {
+            fd: f.as_fd().as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    // Rounded up: a wait of 0.4 ms must not become a busy poll of 0 ms.
+    let ms = timeout.map_or(-1, |t| {
+        i32::try_from(t.as_micros().div_ceil(1000)).unwrap_or(i32::MAX)
+    });
+    let n = libc::nfds_t::try_from(p.len()).unwrap_or(0);
+    // SAFETY: `p` is a live array of `n` pollfd structs for the duration of the call.
+    let r = unsafe { libc::poll(p.as_mut_ptr(), n, ms) };
+    if r <= 0 {
+        return vec![false; fds.len()];
+    }
+    p.iter().map(|x| x.revents != 0).collect()
+}
+
 /// A child process that is killed and reaped when dropped, unless it was already reaped.
 #[derive(Debug)]
 pub struct Supervised {
     name: String,
     child: Child,
     status: Option<ExitStatus>,
+    /// A pidfd of the child, which waits sleep on instead of polling; `None` where the
+    /// kernel has no pidfd_open (before 5.3), and waits poll.
+    exited: Option<OwnedFd>,
 }
 
 impl Supervised {
@@ -38,11 +81,20 @@ impl Supervised {
             program: name.to_string(),
             source,
         })?;
+        // The child is not reaped before this (only `try_wait` reaps): the pid is still its.
+        let exited = pidfd_open(child.id()).ok();
         Ok(Self {
             name: name.to_string(),
             child,
             status: None,
+            exited,
         })
+    }
+
+    /// A descriptor that turns readable once the child has ended (a pidfd), for a caller
+    /// that waits for several things at once; `None` on a kernel without pidfds.
+    pub fn exit_fd(&self) -> Option<BorrowedFd<'_>> {
+        self.exited.as_ref().map(AsFd::as_fd)
     }
 
     pub fn pid(&self) -> u32 {
@@ -91,8 +143,8 @@ impl Supervised {
             self.status = Some(s);
             return Ok(Some(s));
         };
-        // std has no timed wait; poll with a short, growing interval (1 ms .. 20 ms), which
-        // costs nothing measurable next to a VM's shutdown.
+        // std has no timed wait: sleep on the pidfd until the child ends; without one, poll
+        // with a short, growing interval (1 ms .. 20 ms).
         let deadline = Instant::now() + timeout;
         let mut pause = Duration::from_millis(1);
         loop {
@@ -103,8 +155,15 @@ impl Supervised {
             if now >= deadline {
                 return Ok(None);
             }
-            std::thread::sleep(pause.min(deadline - now));
-            pause = (pause * 2).min(Duration::from_millis(20));
+            match &self.exited {
+                Some(fd) => {
+                    readable(&[fd], Some(deadline - now));
+                }
+                None => {
+                    std::thread::sleep(pause.min(deadline - now));
+                    pause = (pause * 2).min(Duration::from_millis(20));
+                }
+            }
         }
     }
 
@@ -239,6 +298,38 @@ mod tests {
         cmd.arg("-P");
         let out = cmd.output().unwrap();
         assert_eq!(String::from_utf8_lossy(&out.stdout), "/\n");
+    }
+
+    #[test]
+    fn a_pidfd_turns_readable_when_its_process_ends() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("60")
+            .spawn()
+            .unwrap();
+        let fd = pidfd_open(child.id()).unwrap();
+        assert_eq!(
+            readable(&[&fd], Some(Duration::from_millis(50))),
+            vec![false]
+        );
+        child.kill().unwrap();
+        assert_eq!(readable(&[&fd], Some(Duration::from_secs(5))), vec![true]);
+        child.wait().unwrap();
+    }
+
+    #[test]
+    fn a_timed_wait_sleeps_until_the_child_ends_not_until_the_timeout() {
+        let mut cmd = Command::new("sleep");
+        cmd.arg("0.2");
+        let mut p = Supervised::spawn("sleep", cmd).unwrap();
+        let exit = p.exit_fd().expect("a pidfd on this kernel");
+        assert_eq!(readable(&[&exit], Some(Duration::ZERO)), vec![false]);
+        let started = Instant::now();
+        assert!(p.wait(Some(Duration::from_secs(20))).unwrap().is_some());
+        assert!(started.elapsed() < Duration::from_secs(5));
+        assert_eq!(
+            readable(&[&p.exit_fd().unwrap()], Some(Duration::ZERO)),
+            vec![true]
+        );
     }
 
     #[test]

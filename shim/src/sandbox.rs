@@ -806,6 +806,11 @@ impl Sandbox {
         vm.wait(Some(Duration::ZERO)).ok().flatten()
     }
 
+    /// A descriptor that turns readable once the VM has ended ([`husk_hypervisor::Vm::exit_fd`]).
+    pub fn vm_exit_fd(&self) -> Option<std::os::fd::OwnedFd> {
+        self.vm.lock().unwrap_or_else(|e| e.into_inner()).exit_fd()
+    }
+
     pub fn console_tail(&self) -> String {
         let vm = self.vm.lock().unwrap_or_else(|e| e.into_inner());
         husk_hypervisor::console::tail(vm.console_log(), 20)

@@ -11,17 +11,16 @@ pub mod helpers;
 pub mod qmp;
 
 use std::io::Write;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::console::ConsoleRelay;
-use crate::process::Supervised;
+use crate::process::{readable, Supervised};
 use crate::{Accel, Error, Hypervisor, Programs, Result, Vm, VmConfig};
 use cmdline::Paths;
 use qmp::Qmp;
@@ -223,19 +222,21 @@ impl Hypervisor for Qemu {
             helpers,
             helper_exit: None,
         }));
-        let quit = Arc::new(AtomicBool::new(false));
+        // The watcher's end turns readable when the VM handle drops the other (`finish`).
+        let (quit, quit_seen) =
+            UnixStream::pair().map_err(Error::io("making the helper watcher's quit socket"))?;
         let watcher = {
-            let (procs, quit) = (procs.clone(), quit.clone());
+            let procs = procs.clone();
             std::thread::Builder::new()
                 .name("qemu-helper-watch".into())
-                .spawn(move || watch(&procs, &quit))
+                .spawn(move || watch(&procs, &quit_seen))
                 .map_err(Error::io("starting the helper watcher thread"))?
         };
         let pid = procs.lock().map(|p| p.qemu.program_pid()).unwrap_or(0);
         Ok(Box::new(QemuVm {
             pid,
             procs,
-            quit,
+            quit: Some(quit),
             watcher: Some(watcher),
             qmp: Some(qmp),
             console,
@@ -287,7 +288,7 @@ struct Procs {
     helper_exit: Option<HelperExit>,
 }
 
-/// How often the watcher looks at the helpers.
+/// How often the watcher looks at the helpers where the kernel has no pidfds.
 const WATCH_INTERVAL: Duration = Duration::from_millis(50);
 /// After a helper ends, how long QEMU gets to end by itself before it counts as a crash
 /// (virtiofsd ends when QEMU disconnects, slightly before QEMU is reaped).
@@ -300,9 +301,27 @@ fn lock(procs: &Mutex<Procs>) -> MutexGuard<'_, Procs> {
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-fn watch(procs: &Mutex<Procs>, quit: &AtomicBool) {
+/// Descriptors that turn readable when QEMU or a helper ends (their pidfds, duplicated so
+/// that the watcher sleeps on them without holding the lock); `None` where the kernel has no
+/// pidfds, and the watcher looks every [`WATCH_INTERVAL`] instead.
+fn exit_fds(p: &Procs) -> Option<(OwnedFd, Vec<OwnedFd>)> {
+    let dup = |s: &Supervised| s.exit_fd().and_then(|f| f.try_clone_to_owned().ok());
+    let qemu = dup(&p.qemu)?;
+    let helpers = p
+        .helpers
+        .iter()
+        .map(|h| dup(&h.process))
+        .collect::<Option<Vec<_>>>()?;
+    Some((qemu, helpers))
+}
+
+/// The watcher: sleeps until QEMU or a helper ends or `quit` turns readable (the VM handle
+/// closed its end). A helper that ends gives QEMU [`HELPER_EXIT_GRACE`] to end by itself,
+/// then QEMU is stopped. An idle pod's watcher does not wake up at all.
+fn watch(procs: &Mutex<Procs>, quit: &UnixStream) {
+    let fds = exit_fds(&lock(procs));
     let mut first_seen: Option<Instant> = None;
-    while !quit.load(Ordering::SeqCst) {
+    loop {
         {
             let mut p = lock(procs);
             if !matches!(p.qemu.try_wait(), Ok(None)) {
@@ -330,7 +349,23 @@ fn watch(procs: &Mutex<Procs>, quit: &AtomicBool) {
                 }
             }
         }
-        std::thread::sleep(WATCH_INTERVAL);
+        let mut wait_on: Vec<&dyn AsFd> = vec![quit];
+        let timeout = match (&fds, first_seen) {
+            // A helper has ended (its pidfd stays readable): QEMU's end or the grace's.
+            (Some((qemu, _)), Some(since)) => {
+                wait_on.push(qemu);
+                Some(HELPER_EXIT_GRACE.saturating_sub(since.elapsed()))
+            }
+            (Some((qemu, helpers)), None) => {
+                wait_on.push(qemu);
+                wait_on.extend(helpers.iter().map(|h| h as &dyn AsFd));
+                None
+            }
+            (None, _) => Some(WATCH_INTERVAL),
+        };
+        if readable(&wait_on, timeout)[0] {
+            return;
+        }
     }
 }
 
@@ -404,7 +439,8 @@ fn remove_sockets(paths: &Paths) {
 pub(crate) struct QemuVm {
     pid: u32,
     procs: Arc<Mutex<Procs>>,
-    quit: Arc<AtomicBool>,
+    /// Dropped to end the watcher.
+    quit: Option<UnixStream>,
     watcher: Option<JoinHandle<()>>,
     qmp: Option<Qmp>,
     /// Writes the guest's console output to `console.log`, capped.
@@ -429,7 +465,7 @@ impl QemuVm {
         }
         self.finished = true;
         self.qmp = None;
-        self.quit.store(true, Ordering::SeqCst);
+        self.quit = None;
         if let Some(w) = self.watcher.take() {
             let _ = w.join();
         }
@@ -505,6 +541,14 @@ impl Vm for QemuVm {
             });
         }
         Ok(Some(status))
+    }
+
+    /// QEMU's pidfd: the watcher stops QEMU when a helper ends, so QEMU's end covers it.
+    fn exit_fd(&self) -> Option<OwnedFd> {
+        lock(&self.procs)
+            .qemu
+            .exit_fd()
+            .and_then(|f| f.try_clone_to_owned().ok())
     }
 
     fn stop(&mut self, grace: Duration) -> Result<ExitStatus> {

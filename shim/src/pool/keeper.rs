@@ -24,6 +24,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use husk_hypervisor::process::{pidfd_open, readable};
 use husk_hypervisor::{Vm, VmConfig};
 
 use super::wire::{self, KeeperEvent, KeeperReply, KeeperRequest};
@@ -31,40 +32,8 @@ use super::{PoolError, PoolPaths};
 use crate::config::Config;
 use crate::sandbox_dir::SandboxDir;
 
-/// A pidfd of process `pid` (`pidfd_open(2)`): readable once the process has ended.
-pub fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
-    let pid =
-        libc::pid_t::try_from(pid).map_err(|_| std::io::Error::from_raw_os_error(libc::ESRCH))?;
-    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1; no memory
-    // is passed.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    let fd = i32::try_from(fd).map_err(|_| std::io::Error::from_raw_os_error(libc::EBADF))?;
-    // SAFETY: the kernel just returned this new descriptor; nothing else owns it.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-/// Which of `fds` are readable within `timeout` (EINTR counts as none).
-pub fn readable(fds: &[&dyn AsFd], timeout: Duration) -> Vec<bool> {
-    let mut p: Vec<libc::pollfd> = fds
-        .iter()
-        .map(|f| libc::pollfd {
-            fd: f.as_fd().as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        })
-        .collect();
-    let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
-    let n = libc::nfds_t::try_from(p.len()).unwrap_or(0);
-    // SAFETY: `p` is a live array of `n` pollfd structs for the duration of the call.
-    let r = unsafe { libc::poll(p.as_mut_ptr(), n, ms) };
-    if r <= 0 {
-        return vec![false; fds.len()];
-    }
-    p.iter().map(|x| x.revents != 0).collect()
-}
+/// How often a pooled VM is looked at where its backend gives no exit descriptor.
+const POOLED_VM_LOOK: Duration = Duration::from_millis(200);
 
 /// The keeper's arguments.
 #[derive(Debug)]
@@ -241,8 +210,21 @@ fn run(config: &Config, args: &Args, mut conn: UnixStream) -> Result<(), PoolErr
         }
         log::info!("{why}: the VM is gone, the keeper exits");
     };
+    // Asleep until something happens: the owner dies, a request comes, or, while pooled, the
+    // VM ends (where its backend gives a descriptor for that; else it is looked at every
+    // POOLED_VM_LOOK). A claimed VM is the claimer's to watch.
+    let vm_exit = vm.exit_fd();
     loop {
-        let ready = readable(&[&owner, &conn], Duration::from_millis(200));
+        let mut wait_on: Vec<&dyn AsFd> = vec![&owner, &conn];
+        let timeout = match (&vm_exit, claimed) {
+            (_, true) => None,
+            (Some(exit), false) => {
+                wait_on.push(exit);
+                None
+            }
+            (None, false) => Some(POOLED_VM_LOOK),
+        };
+        let ready = readable(&wait_on, timeout);
         if ready[0] {
             end(&mut vm, &left, true, "the owner died");
             return Ok(());
@@ -266,7 +248,7 @@ fn run(config: &Config, args: &Args, mut conn: UnixStream) -> Result<(), PoolErr
             Ok(None) | Err(_) => {
                 // The connection closed: an owner that lives keeps its directory; one that is
                 // dying (its files close just before its pidfd turns readable) does not.
-                let dying = readable(&[&owner], Duration::from_millis(300))[0];
+                let dying = readable(&[&owner], Some(Duration::from_millis(300)))[0];
                 end(
                     &mut vm,
                     &left,
@@ -347,7 +329,7 @@ fn run(config: &Config, args: &Args, mut conn: UnixStream) -> Result<(), PoolErr
         // The keeper's copy closes here: the claiming shim holds the only one.
         drop(passing);
         if sent.is_err() {
-            let dying = readable(&[&owner], Duration::from_millis(300))[0];
+            let dying = readable(&[&owner], Some(Duration::from_millis(300)))[0];
             end(
                 &mut vm,
                 &left,
@@ -547,19 +529,6 @@ fn boot(config: &Config, dir: &SandboxDir, owner: &str, vmid: &str) -> Result<Bo
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_pidfd_turns_readable_when_its_process_ends() {
-        let mut child = std::process::Command::new("sleep")
-            .arg("60")
-            .spawn()
-            .unwrap();
-        let fd = pidfd_open(child.id()).unwrap();
-        assert_eq!(readable(&[&fd], Duration::from_millis(50)), vec![false]);
-        child.kill().unwrap();
-        assert_eq!(readable(&[&fd], Duration::from_secs(5)), vec![true]);
-        child.wait().unwrap();
-    }
 
     #[test]
     fn leftovers_are_removed_only_where_the_same_directory_still_is() {

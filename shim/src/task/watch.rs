@@ -3,11 +3,19 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use husk_hypervisor::process::readable;
+
 use super::events::Publisher;
 
 use super::process::Proc;
 use super::{Inner, UNKNOWN_EXIT};
 use crate::sandbox::Sandbox;
+
+/// How often the VM is looked at where its backend gives no exit descriptor (husk-vmm, whose
+/// virtiofsd is looked after in `wait`; a pooled VM, whose keeper answers for it).
+const POLL_INTERVAL: Duration = Duration::from_millis(250);
+/// The longest the watcher sleeps on an exit descriptor before it looks anyway.
+const EXIT_FD_RECHECK: Duration = Duration::from_secs(5);
 
 /// Watches the VM: if it ends while containers run, every unfinished process exits with
 /// [`UNKNOWN_EXIT`] (its waiter also sees the broken connection) — this thread makes sure even
@@ -19,9 +27,19 @@ pub(super) fn watch_vm(
     ns: String,
 ) {
     let weak = Arc::downgrade(&sb);
+    let exit = sb.vm_exit_fd();
     drop(sb);
     std::thread::spawn(move || loop {
-        std::thread::sleep(Duration::from_millis(250));
+        // Asleep until the VM ends where the backend says when (QEMU's pidfd: an idle pod's
+        // shim does not wake for it); else, and for a sandbox gone without its VM ending
+        // (which cannot last: its VM is killed with it), a look every so often.
+        let woken = match &exit {
+            Some(fd) => readable(&[fd], Some(EXIT_FD_RECHECK))[0],
+            None => {
+                std::thread::sleep(POLL_INTERVAL);
+                false
+            }
+        };
         let Some(sb) = weak.upgrade() else {
             return;
         };
@@ -29,6 +47,10 @@ pub(super) fn watch_vm(
             return;
         }
         let Some(status) = sb.vm_exited() else {
+            if woken {
+                // Readable, yet not ended as `wait` sees it: no busy loop over it.
+                std::thread::sleep(POLL_INTERVAL);
+            }
             continue;
         };
         log::error!(
