@@ -373,6 +373,12 @@ unsafe fn supervise(
             sa.sa_flags = libc::SA_RESTART;
             libc::sigaction(sig, &sa, std::ptr::null_mut());
         }
+        // The mask is the spawning thread's (a pool keeper's blocks SIGTERM and SIGINT), and
+        // a blocked signal would never be forwarded; unblocked only now that the handlers
+        // are there. (The program's own is emptied in `Supervised::spawn`.)
+        let mut none: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut none);
+        libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
         let mut status = 0;
         while libc::waitpid(child, &mut status, 0) < 0 {
             if *libc::__errno_location() != libc::EINTR {
@@ -662,5 +668,63 @@ mod tests {
             );
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
+    }
+
+    #[test]
+    fn a_sigterm_reaches_the_jailed_program_whatever_its_spawner_blocked() {
+        assert!(
+            nix::unistd::Uid::effective().is_root(),
+            "this test builds a jail: run it as root (cargo xtask test)"
+        );
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("jail");
+        let state = d.path().join("state");
+        std::fs::create_dir_all(&root).unwrap();
+        std::fs::create_dir_all(&state).unwrap();
+        std::os::unix::fs::chown(&state, Some(FIRST_JAIL_ID + 2), Some(FIRST_JAIL_ID + 2)).unwrap();
+        let jail = Jail {
+            uid: FIRST_JAIL_ID + 2,
+            gid: FIRST_JAIL_ID + 2,
+            root,
+            rw_dirs: vec![state.clone()],
+            ro_files: vec![],
+            kvm: false,
+            new_net: true,
+        };
+        let ready = state.join("trapped");
+        let script = format!(
+            "trap 'exit 7' TERM; : > {}; while :; do sleep 0.05; done",
+            ready.display()
+        );
+        // Spawned by a thread that blocks SIGTERM, as a pool keeper's threads do (and that
+        // lives on: the jail dies with the thread that started it).
+        let status = std::thread::spawn(move || {
+            let mut term = nix::sys::signal::SigSet::empty();
+            term.add(nix::sys::signal::Signal::SIGTERM);
+            term.thread_block().unwrap();
+            let mut cmd = Command::new("/bin/sh");
+            cmd.args(["-c", &script]);
+            jail.apply(&mut cmd).unwrap();
+            let mut p = crate::process::Supervised::spawn("sh", cmd).unwrap();
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+            while !ready.exists() {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the program never set its trap"
+                );
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            p.signal(nix::sys::signal::Signal::SIGTERM).unwrap();
+            let status = p.wait(Some(std::time::Duration::from_secs(10))).unwrap();
+            let _ = p.kill();
+            status
+        })
+        .join()
+        .unwrap();
+        assert_eq!(
+            status.and_then(|s| s.code()),
+            Some(7),
+            "the SIGTERM was not forwarded (or not taken) by the supervisor"
+        );
     }
 }

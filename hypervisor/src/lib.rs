@@ -257,10 +257,11 @@ pub trait Vm: Send + std::fmt::Debug {
     /// `Ok(None)`: still running when the timeout passed.
     fn wait(&mut self, timeout: Option<Duration>) -> Result<Option<ExitStatus>>;
     /// A descriptor of its own (the caller closes it) that turns readable once the VM has
-    /// ended, for a caller that sleeps until then instead of calling [`Vm::wait`] now and
-    /// then; [`Vm::wait`] still gives the status. `None` where something must call `wait`
-    /// now and then for the VM to be looked after (a backend that notices a helper's end only
-    /// there), or where the kernel has no pidfds.
+    /// ended or something happened that [`Vm::wait`] must look at (a helper ended: `wait`
+    /// counts down its grace, so a caller woken while `wait` still says running looks again a
+    /// little later rather than at once); for a caller that sleeps until then instead of
+    /// calling `wait` now and then. `None` where the kernel has no pidfds, or the backend has
+    /// nothing to sleep on: call `wait` now and then.
     fn exit_fd(&self) -> Option<std::os::fd::OwnedFd> {
         None
     }

@@ -52,6 +52,50 @@ pub fn readable(fds: &[&dyn AsFd], timeout: Option<Duration>) -> Vec<bool> {
     p.iter().map(|x| x.revents != 0).collect()
 }
 
+/// One descriptor that is readable while any of `fds` is (an epoll instance holding them),
+/// for a caller that sleeps on a single descriptor.
+pub fn any_readable(fds: &[BorrowedFd<'_>]) -> std::io::Result<OwnedFd> {
+    // SAFETY: epoll_create1 takes flags and returns a new descriptor or -1.
+    let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+    if ep < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just returned this new descriptor; nothing else owns it.
+    let ep = unsafe { OwnedFd::from_raw_fd(ep) };
+    for fd in fds {
+        let mut ev = libc::epoll_event {
+            events: libc::EPOLLIN as u32,
+            u64: 0,
+        };
+        // SAFETY: `ep` and `fd` are open descriptors; `ev` lives for the call.
+        if unsafe { libc::epoll_ctl(ep.as_raw_fd(), libc::EPOLL_CTL_ADD, fd.as_raw_fd(), &mut ev) }
+            < 0
+        {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(ep)
+}
+
+/// Empties the calling thread's signal mask. For a child between fork and exec (async-signal-
+/// safe): a child inherits the mask of the thread that forks it, and std's `Command` does not
+/// reset it. The pool's holder blocks SIGTERM and SIGINT in every thread (it takes them on a
+/// thread of its own) and its keepers inherit that (they end with their owner, not by
+/// signal); the QEMU a keeper started had them blocked too, so the SIGTERM that stops a VM
+/// whose helper ended stayed pending and the VM ran on.
+pub(crate) fn unblock_signals() -> std::io::Result<()> {
+    // SAFETY: sigemptyset fills the set on our stack; sigprocmask reads it and writes no
+    // old set (null).
+    unsafe {
+        let mut none: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut none);
+        if libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut()) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
 /// A child process that is killed and reaped when dropped, unless it was already reaped.
 #[derive(Debug)]
 pub struct Supervised {
@@ -67,14 +111,15 @@ impl Supervised {
     /// Spawns `cmd`, asking the kernel to SIGKILL the child if the spawning thread dies, so a
     /// crashed shim never leaves a VM behind.
     pub fn spawn(name: &str, mut cmd: Command) -> Result<Self> {
-        // SAFETY: the closure runs between fork and exec and only calls prctl(2), which is
-        // async-signal-safe; it touches no memory of the parent.
+        // SAFETY: the closure runs between fork and exec and only calls prctl(2),
+        // sigemptyset(3) and sigprocmask(2), which are async-signal-safe; it touches only a
+        // sigset on its own stack.
         unsafe {
             cmd.pre_exec(|| {
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
-                Ok(())
+                unblock_signals()
             });
         }
         let child = cmd.spawn().map_err(|source| Error::Spawn {
@@ -330,6 +375,47 @@ mod tests {
             readable(&[&p.exit_fd().unwrap()], Some(Duration::ZERO)),
             vec![true]
         );
+    }
+
+    #[test]
+    fn one_descriptor_for_several_turns_readable_when_any_does() {
+        let spawn = |secs: &str| {
+            let mut cmd = Command::new("sleep");
+            cmd.arg(secs);
+            Supervised::spawn("sleep", cmd).unwrap()
+        };
+        let (mut long, mut short) = (spawn("60"), spawn("0.1"));
+        let any = any_readable(&[long.exit_fd().unwrap(), short.exit_fd().unwrap()]).unwrap();
+        assert_eq!(readable(&[&any], Some(Duration::ZERO)), vec![false]);
+        assert_eq!(readable(&[&any], Some(Duration::from_secs(20))), vec![true]);
+        assert!(short.wait(Some(Duration::ZERO)).unwrap().is_some());
+        assert!(long.try_wait().unwrap().is_none());
+        long.kill().unwrap();
+    }
+
+    #[test]
+    fn a_child_starts_with_no_signal_blocked_whatever_its_spawner_blocks() {
+        let blocked = std::thread::spawn(|| {
+            let mut term = nix::sys::signal::SigSet::empty();
+            term.add(Signal::SIGTERM);
+            term.add(Signal::SIGINT);
+            term.thread_block().unwrap();
+            let mut cmd = Command::new("sleep");
+            cmd.arg("60");
+            let p = Supervised::spawn("sleep", cmd).unwrap();
+            let status = std::fs::read_to_string(format!("/proc/{}/status", p.pid())).unwrap();
+            let mask = status
+                .lines()
+                .find_map(|l| l.strip_prefix("SigBlk:"))
+                .unwrap()
+                .trim()
+                .to_string();
+            drop(p);
+            mask
+        })
+        .join()
+        .unwrap();
+        assert_eq!(blocked, "0000000000000000");
     }
 
     #[test]

@@ -6,7 +6,6 @@
 //! everything started before it, and its error carries the tail of the guest console.
 
 use std::path::{Path, PathBuf};
-use std::process::ExitStatus;
 use std::sync::mpsc;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -800,10 +799,15 @@ impl Sandbox {
         }
     }
 
-    /// The VM's exit status if it has ended.
-    pub fn vm_exited(&self) -> Option<ExitStatus> {
+    /// How the VM ended, if it has: its exit status, or why it was stopped (a device helper
+    /// that ended first, which `wait` reports as an error) or cannot be waited for.
+    pub fn vm_exited(&self) -> Option<String> {
         let mut vm = self.vm.lock().unwrap_or_else(|e| e.into_inner());
-        vm.wait(Some(Duration::ZERO)).ok().flatten()
+        match vm.wait(Some(Duration::ZERO)) {
+            Ok(None) => None,
+            Ok(Some(status)) => Some(status.to_string()),
+            Err(e) => Some(crate::error::chain(&e)),
+        }
     }
 
     /// A descriptor that turns readable once the VM has ended ([`husk_hypervisor::Vm::exit_fd`]).
@@ -888,6 +892,7 @@ impl Sandbox {
 mod tests {
     use super::*;
     use serde_json::json;
+    use std::process::ExitStatus;
 
     /// A VM that only counts the kills it gets.
     #[derive(Debug)]

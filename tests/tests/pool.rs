@@ -585,6 +585,80 @@ fn killing_a_pooled_vm_or_a_claiming_shim_leaves_nothing() {
 }
 
 #[test]
+fn a_pooled_vm_whose_virtiofsd_dies_is_ended_and_replaced() {
+    require_root("the pool boots VMs and mounts their shares");
+    let h = HuskContainerd::start_with_config(EXTRA);
+    let t = tempfile::tempdir().unwrap();
+    let holder = Holder::start(t.path());
+    holder.wait_ready(2);
+    let kill_virtiofsd = |dir: &str| {
+        let helpers: Vec<u32> = processes_mentioning(dir)
+            .into_iter()
+            .filter(|p| {
+                std::fs::read_link(format!("/proc/{p}/exe"))
+                    .is_ok_and(|e| e.to_string_lossy().ends_with("/virtiofsd"))
+            })
+            .collect();
+        assert!(!helpers.is_empty(), "no virtiofsd under {dir}");
+        for p in helpers {
+            kill(p);
+        }
+    };
+
+    // Claimed: the keeper stops the VM, and the claiming shim, asleep on the VM's pidfd,
+    // ends the task and says why.
+    let sb = unique("pool-fsd");
+    h.run_idle(&sb, &[]);
+    let vm = holder.claimed_by(&sb).expect("pooled");
+    // (Its processes' command lines still name the directory where it was pooled.)
+    kill_virtiofsd(&format!("{POOL}/{vm}/"));
+    wait_until("the task to end", Duration::from_secs(15), || {
+        h.ctd
+            .ctr_ok(&["task", "ls"])
+            .lines()
+            .any(|l| l.starts_with(&sb) && l.contains("STOPPED"))
+    });
+    let said = |log: String| {
+        log.lines()
+            .find(|l| l.contains(&format!("sandbox {sb}: the VM ended (")))
+            .map(str::to_string)
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while said(h.ctd.log()).is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let line =
+        said(h.ctd.log()).unwrap_or_else(|| panic!("no word of the VM's end:\n{}", h.ctd.log()));
+    assert!(line.contains("virtiofsd"), "{line}");
+    h.remove(&sb);
+    assert_sandbox_gone(&sb);
+    vm_gone(&vm);
+
+    // Pooled, unclaimed.
+    holder.wait_ready(2);
+    let pooled = holder.status()["vms"][0]["vmid"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    kill_virtiofsd(&format!("{POOL}/{pooled}/"));
+    // Its keeper stops the VM after the helper's grace, ends, and the holder boots another:
+    // a VM without its share is never handed to a sandbox.
+    vm_gone(&pooled);
+    wait_until(
+        "the VM's directory to go (its keeper to end)",
+        Duration::from_secs(15),
+        || !Path::new(POOL).join(&pooled).exists(),
+    );
+    holder.wait_ready(2);
+    assert_eq!(holder.status()["died"], 1, "{}", holder.log());
+    assert!(
+        holder.log().contains("the VM ended while pooled"),
+        "{}",
+        holder.log()
+    );
+}
+
+#[test]
 fn a_changed_configuration_ends_the_holder_and_its_vms() {
     require_root("the pool boots VMs and mounts their shares");
     let t = tempfile::tempdir().unwrap();

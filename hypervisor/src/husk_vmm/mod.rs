@@ -405,6 +405,16 @@ impl Vm for HuskVmmVm {
         Ok(Some(status))
     }
 
+    /// Readable once husk-vmm or virtiofsd has ended: `wait` then either reports the end or
+    /// counts down virtiofsd's grace (and a caller looks again until it has passed).
+    fn exit_fd(&self) -> Option<OwnedFd> {
+        let mut fds = vec![self.vmm.as_ref()?.exit_fd()?];
+        if let Some(fsd) = &self.virtiofsd {
+            fds.push(fsd.exit_fd()?);
+        }
+        crate::process::any_readable(&fds).ok()
+    }
+
     fn stop(&mut self, grace: Duration) -> Result<ExitStatus> {
         if self.vmm().try_wait()?.is_none() {
             // An orderly shutdown through the API; a signal if the API does not answer.

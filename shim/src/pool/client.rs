@@ -209,6 +209,9 @@ pub struct KeptVm {
     console: PathBuf,
     vsock: Option<PathBuf>,
     exited: Option<ExitStatus>,
+    /// A pidfd of the VM's program, opened at the claim: the keeper stops the VM when a
+    /// helper of it ends, so the VM's end covers the rest.
+    program: Option<OwnedFd>,
 }
 
 impl KeptVm {
@@ -220,6 +223,7 @@ impl KeptVm {
             console: vm_dir.join(&claimed.console),
             vsock: claimed.vsock.as_ref().map(|v| vm_dir.join(v)),
             exited: None,
+            program: husk_hypervisor::process::pidfd_open(claimed.vm_pid).ok(),
         }
     }
 
@@ -349,6 +353,9 @@ impl Vm for KeptVm {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+    fn exit_fd(&self) -> Option<OwnedFd> {
+        self.program.as_ref()?.try_clone().ok()
     }
     fn stop(&mut self, grace: Duration) -> husk_hypervisor::Result<ExitStatus> {
         let grace_ms = u64::try_from(grace.as_millis()).unwrap_or(u64::MAX);

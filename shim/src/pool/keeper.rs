@@ -210,34 +210,49 @@ fn run(config: &Config, args: &Args, mut conn: UnixStream) -> Result<(), PoolErr
         }
         log::info!("{why}: the VM is gone, the keeper exits");
     };
-    // Asleep until something happens: the owner dies, a request comes, or, while pooled, the
-    // VM ends (where its backend gives a descriptor for that; else it is looked at every
-    // POOLED_VM_LOOK). A claimed VM is the claimer's to watch.
+    // Asleep until something happens: the owner dies, a request comes, or the VM ends (where
+    // its backend gives a descriptor for that; else a pooled VM is looked at every
+    // POOLED_VM_LOOK, and a claimed one whenever its claimer asks). Looking at it is what
+    // stops it when a device helper of it has ended (`Vm::wait`), claimed or not.
     let vm_exit = vm.exit_fd();
+    let mut vm_ended = false;
     loop {
         let mut wait_on: Vec<&dyn AsFd> = vec![&owner, &conn];
-        let timeout = match (&vm_exit, claimed) {
-            (_, true) => None,
-            (Some(exit), false) => {
+        let timeout = match &vm_exit {
+            Some(exit) if !vm_ended => {
                 wait_on.push(exit);
                 None
             }
-            (None, false) => Some(POOLED_VM_LOOK),
+            None if !claimed => Some(POOLED_VM_LOOK),
+            _ => None,
         };
         let ready = readable(&wait_on, timeout);
         if ready[0] {
             end(&mut vm, &left, true, "the owner died");
             return Ok(());
         }
-        if !claimed {
-            if let Ok(Some(status)) = vm.wait(Some(Duration::ZERO)) {
-                end(
-                    &mut vm,
-                    &left,
-                    true,
-                    &format!("the VM ended while pooled ({status})"),
-                );
-                return Ok(());
+        let vm_woke = ready.get(2).copied().unwrap_or(false);
+        if !vm_ended && (!claimed || vm_woke) {
+            let ended = match vm.wait(Some(Duration::ZERO)) {
+                Ok(None) => None,
+                Ok(Some(status)) => Some(status.to_string()),
+                Err(e) => Some(crate::error::chain(&e)),
+            };
+            match ended {
+                Some(how) if !claimed => {
+                    end(
+                        &mut vm,
+                        &left,
+                        true,
+                        &format!("the VM ended while pooled ({how})"),
+                    );
+                    return Ok(());
+                }
+                // The claimer learns it when it asks (Status), as it would of its own VM.
+                Some(_) => vm_ended = true,
+                // Woken by a helper's end: `wait` counts down its grace; look again soon.
+                None if vm_woke => std::thread::sleep(POOLED_VM_LOOK),
+                None => {}
             }
         }
         if !ready[1] {
