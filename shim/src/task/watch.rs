@@ -11,8 +11,9 @@ use super::process::Proc;
 use super::{Inner, UNKNOWN_EXIT};
 use crate::sandbox::Sandbox;
 
-/// How often the VM is looked at where its backend gives no exit descriptor (husk-vmm, whose
-/// virtiofsd is looked after in `wait`; a pooled VM, whose keeper answers for it).
+/// How often the VM is looked at where its backend gives no exit descriptor (a kernel
+/// without pidfds), and again after a wake-up that `wait` does not call an end (a helper's
+/// grace counting down).
 const POLL_INTERVAL: Duration = Duration::from_millis(250);
 /// The longest the watcher sleeps on an exit descriptor before it looks anyway.
 const EXIT_FD_RECHECK: Duration = Duration::from_secs(5);
