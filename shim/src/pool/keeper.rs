@@ -4,8 +4,8 @@
 //! keeper creates the VM's directory (`.pool/<vmid>/`, laid out like a sandbox's), starts the
 //! VM on its main thread (so QEMU / husk-vmm and the helpers, tied to that thread by
 //! `PR_SET_PDEATHSIG`, die with the keeper and only with it), waits for the agent's ready
-//! line and says so on the connection. From then on it watches two things: a pidfd of its
-//! owner, and the connection.
+//! line and says so on the connection. From then on it sleeps on three things: a pidfd of
+//! its owner, the connection, and the VM's exit descriptor (`Vm::exit_fd`).
 //! - The owner dies (the holder, or later the claiming shim): the VM is killed, the VM's
 //!   directory (wherever it was renamed to, if it is still the same directory) and the jail
 //!   id's record are removed, the keeper exits.
@@ -15,8 +15,9 @@
 //!   ([`super::wire::KeeperRequest`]). `exit`, or the connection closing while the owner
 //!   lives, ends the VM and the keeper but leaves the directory: a living owner cleans up
 //!   its own sandbox, as it does for a cold VM.
-//! - The VM ends by itself while unclaimed: the keeper cleans up and exits (the holder
-//!   boots another). While claimed it stays, to report the exit status to its shim.
+//! - The VM ends by itself while unclaimed, or is stopped because a device helper of it
+//!   ended: the keeper cleans up and exits (the holder boots another). While claimed it
+//!   stays, to report the exit status to its shim.
 
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
