@@ -516,8 +516,13 @@ impl Vm for QemuVm {
     }
 
     fn wait(&mut self, timeout: Option<Duration>) -> Result<Option<ExitStatus>> {
-        // Polled, not blocking: the watcher thread needs the lock in between.
+        // Not a blocking wait under the lock, which the watcher thread needs in between:
+        // asleep on QEMU's pidfd (a copy) outside it, or polled where there is none.
         let deadline = timeout.map(|t| Instant::now() + t);
+        let exit = match timeout {
+            Some(t) if t.is_zero() => None,
+            _ => self.exit_fd(),
+        };
         let mut pause = Duration::from_millis(1);
         let status = loop {
             if let Some(s) = lock(&self.procs).qemu.try_wait()? {
@@ -527,9 +532,16 @@ impl Vm for QemuVm {
             if deadline.is_some_and(|d| now >= d) {
                 return Ok(None);
             }
-            let left = deadline.map_or(pause, |d| d - now);
-            std::thread::sleep(pause.min(left));
-            pause = (pause * 2).min(Duration::from_millis(20));
+            match &exit {
+                Some(fd) => {
+                    readable(&[fd], deadline.map(|d| d - now));
+                }
+                None => {
+                    let left = deadline.map_or(pause, |d| d - now);
+                    std::thread::sleep(pause.min(left));
+                    pause = (pause * 2).min(Duration::from_millis(20));
+                }
+            }
         };
         self.finish();
         if let Some(h) = self.helper_exit() {
