@@ -433,7 +433,11 @@ pub fn tail(log: &Path, n: usize) -> String {
     if from > 0 && !lines.is_empty() {
         lines.remove(0); // begun mid-line
     }
-    lines[lines.len().saturating_sub(n)..].join("\n")
+    // The guest wrote it: its control characters escaped (see `guest_text`).
+    crate::guest_text::bounded(
+        &lines[lines.len().saturating_sub(n)..].join("\n"),
+        usize::try_from(TAIL_READ).unwrap_or(usize::MAX),
+    )
 }
 
 /// How often [`wait_for_line`] looks at the log. The agent's ready line starts the shim's

@@ -23,6 +23,7 @@
 //! Every process a backend starts is reaped: on stop, on kill, and when the [`Vm`] is dropped.
 
 pub mod console;
+pub mod guest_text;
 pub mod helpers;
 pub mod host;
 pub mod husk_vmm;

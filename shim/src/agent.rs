@@ -35,7 +35,12 @@ pub enum AgentError {
 /// Turns a ttrpc error into a readable message (the agent's status message when it has one).
 pub fn describe(e: &ttrpc::Error) -> String {
     match e {
-        ttrpc::Error::RpcStatus(s) => format!("{:?}: {}", s.code(), s.message()),
+        // The guest's words: bounded and escaped before they reach a log or containerd.
+        ttrpc::Error::RpcStatus(s) => format!(
+            "{:?}: {}",
+            s.code(),
+            husk_hypervisor::guest_text::message(s.message())
+        ),
         other => other.to_string(),
     }
 }
@@ -198,13 +203,13 @@ impl Agent {
         if resp.api_version != API_VERSION {
             return Err(AgentError::Version {
                 agent: resp.api_version,
-                agent_version: resp.agent_version,
+                agent_version: husk_hypervisor::guest_text::message(&resp.agent_version),
             });
         }
         Ok(Self {
             socket: socket.to_path_buf(),
             control,
-            agent_version: resp.agent_version,
+            agent_version: husk_hypervisor::guest_text::message(&resp.agent_version),
         })
     }
 

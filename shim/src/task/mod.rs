@@ -16,8 +16,8 @@ use containerd_shim::protos::cgroups_v2::metrics::{
     CPUStat, IOEntry, IOStat, MemoryEvents, MemoryStat, Metrics, PidsStat,
 };
 use containerd_shim::protos::events::task::{
-    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskIO, TaskOOM, TaskPaused,
-    TaskResumed, TaskStart,
+    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskIO, TaskPaused, TaskResumed,
+    TaskStart,
 };
 use containerd_shim::protos::protobuf::well_known_types::any::Any;
 use containerd_shim::protos::protobuf::{Message, MessageDyn, MessageField};
@@ -25,13 +25,13 @@ use containerd_shim::protos::topics;
 use containerd_shim::protos::types::task::ProcessInfo;
 use containerd_shim::{Context, ExitSignal, Task, TtrpcContext, TtrpcResult};
 use husk_protocols::agent::{
-    ContainerRef, CreateContainerRequest, ExecProcessRequest as AgentExec, GetOOMEventRequest,
-    ProcessRef, RemoveContainerRequest, SignalProcessRequest, TtyWinResizeRequest,
-    UpdateContainerRequest, WaitProcessResponse,
+    ContainerRef, CreateContainerRequest, ExecProcessRequest as AgentExec, ProcessRef,
+    RemoveContainerRequest, SignalProcessRequest, TtyWinResizeRequest, UpdateContainerRequest,
+    WaitProcessResponse,
 };
 use husk_protocols::ttrpc::{self, Code};
 
-use crate::agent::{describe, long_poll, short};
+use crate::agent::{describe, short};
 use crate::config::{config_path_from_options, Config};
 use crate::io::{self, StdioPaths};
 use crate::sandbox::Sandbox;
@@ -39,11 +39,13 @@ use crate::share;
 
 pub(crate) mod events;
 mod metrics;
+mod oom;
 mod process;
 mod watch;
 
 use events::Publisher;
 
+use oom::watch_oom;
 use process::{exit_of, Container, Proc};
 use watch::watch_vm;
 
@@ -169,7 +171,12 @@ impl Service {
             Sandbox::start(config, sid, spec, hostname)
                 .map_err(|e| err(Code::INTERNAL, e.to_string()))?,
         );
-        self.watch_oom(&sb);
+        watch_oom(
+            &sb,
+            self.inner.clone(),
+            self.publisher.clone(),
+            self.namespace.clone(),
+        );
         metrics::serve(&sb, &self.inner);
         watch_vm(
             sb.clone(),
@@ -178,25 +185,6 @@ impl Service {
             self.namespace.clone(),
         );
         Ok(sb)
-    }
-
-    fn watch_oom(&self, sb: &Arc<Sandbox>) {
-        let Ok(client) = sb.agent.connection() else {
-            log::warn!("sandbox {}: no connection for OOM events", sb.id);
-            return;
-        };
-        let publisher = self.publisher.clone();
-        let ns = self.namespace.clone();
-        std::thread::spawn(move || {
-            while let Ok(ev) = client.get_oom_event(long_poll(), &GetOOMEventRequest::default()) {
-                crate::metrics::oom_event();
-                let e = TaskOOM {
-                    container_id: ev.container_id,
-                    ..Default::default()
-                };
-                publish(&publisher, &ns, topics::TASK_OOM_EVENT_TOPIC, Box::new(e));
-            }
-        });
     }
 
     /// Starts the stdio relays and the waiter of a started process.

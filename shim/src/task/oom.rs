@@ -1,0 +1,170 @@
+//! The sandbox's OOM events: the agent reports each OOM kill in the guest on a long poll of
+//! its own, and the shim publishes it to containerd as `TaskOOM` (which the kubelet shows as
+//! the container's `OOMKilled`). The guest names the container and sets the pace, and root in
+//! the guest controls both: an event is published only for a container of this sandbox, and
+//! at most [`EVENTS_PER_SECOND`] a second.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use containerd_shim::protos::events::task::TaskOOM;
+use containerd_shim::protos::topics;
+use husk_protocols::agent::GetOOMEventRequest;
+
+use super::events::Publisher;
+use super::{publish, Inner};
+use crate::agent::long_poll;
+use crate::sandbox::Sandbox;
+
+/// The most OOM events one sandbox publishes a second. Past it the watch waits out the
+/// second before it asks for the next: the guest's further events wait in the guest, and a
+/// guest that makes them up cannot flood containerd's event service through the shim.
+const EVENTS_PER_SECOND: u32 = 10;
+
+/// Asks the agent for OOM events until the connection ends, on a thread of its own.
+pub(super) fn watch_oom(
+    sb: &Arc<Sandbox>,
+    inner: Arc<Mutex<Inner>>,
+    publisher: Arc<Publisher>,
+    ns: String,
+) {
+    let Ok(client) = sb.agent.connection() else {
+        log::warn!("sandbox {}: no connection for OOM events", sb.id);
+        return;
+    };
+    let sid = sb.id.clone();
+    std::thread::spawn(move || {
+        let mut gate = Gate::new(Instant::now());
+        while let Ok(ev) = client.get_oom_event(long_poll(), &GetOOMEventRequest::default()) {
+            let known = inner
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .containers
+                .contains_key(&ev.container_id);
+            match gate.admit(known) {
+                Verdict::Publish => {
+                    crate::metrics::oom_event();
+                    let e = TaskOOM {
+                        container_id: ev.container_id,
+                        ..Default::default()
+                    };
+                    publish(&publisher, &ns, topics::TASK_OOM_EVENT_TOPIC, Box::new(e));
+                }
+                Verdict::Drop { dropped, say } => {
+                    if say {
+                        log::warn!(
+                            "sandbox {sid}: the guest reported an OOM kill of {:?}, which is no container of this sandbox: not published ({dropped} so far)",
+                            husk_hypervisor::guest_text::message(&ev.container_id)
+                        );
+                    }
+                }
+            }
+            if let Some(pause) = gate.pause(Instant::now()) {
+                std::thread::sleep(pause);
+            }
+        }
+    });
+}
+
+/// What becomes of one event from the guest.
+#[derive(Debug, PartialEq, Eq)]
+enum Verdict {
+    Publish,
+    /// Not a container of this sandbox; `say`: log it (the 1st, 2nd, 4th, 8th … such event,
+    /// so that a guest making them up cannot flood the log either).
+    Drop {
+        dropped: u64,
+        say: bool,
+    },
+}
+
+/// The watch's bookkeeping: which events pass, and when to pause.
+#[derive(Debug)]
+struct Gate {
+    window: Instant,
+    in_window: u32,
+    dropped: u64,
+}
+
+impl Gate {
+    fn new(now: Instant) -> Self {
+        Self {
+            window: now,
+            in_window: 0,
+            dropped: 0,
+        }
+    }
+
+    fn admit(&mut self, known: bool) -> Verdict {
+        self.in_window += 1;
+        if known {
+            return Verdict::Publish;
+        }
+        self.dropped += 1;
+        Verdict::Drop {
+            dropped: self.dropped,
+            say: self.dropped.is_power_of_two(),
+        }
+    }
+
+    /// After an event: how long to wait before asking for the next, if the second's events
+    /// are used up (a new second starts after it).
+    fn pause(&mut self, now: Instant) -> Option<Duration> {
+        let second = Duration::from_secs(1);
+        if now.duration_since(self.window) >= second {
+            self.window = now;
+            self.in_window = 0;
+            return None;
+        }
+        if self.in_window < EVENTS_PER_SECOND {
+            return None;
+        }
+        let left = second - now.duration_since(self.window);
+        self.window += second;
+        self.in_window = 0;
+        Some(left)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_this_sandboxs_containers_pass_and_the_log_hears_of_few_of_the_rest() {
+        let mut g = Gate::new(Instant::now());
+        assert_eq!(g.admit(true), Verdict::Publish);
+        let said: Vec<u64> = (0..1000)
+            .filter_map(|_| match g.admit(false) {
+                Verdict::Drop { dropped, say: true } => Some(dropped),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(said, vec![1, 2, 4, 8, 16, 32, 64, 128, 256, 512]);
+    }
+
+    #[test]
+    fn a_flood_is_paced_to_the_limit_a_trickle_is_not() {
+        let t0 = Instant::now();
+        let mut g = Gate::new(t0);
+        // A trickle: one event every 200 ms, never a pause.
+        for i in 1..=20 {
+            g.admit(true);
+            assert_eq!(g.pause(t0 + Duration::from_millis(200 * i)), None);
+        }
+        // A flood within one instant: the limit's worth, then a wait for the second's end.
+        let t1 = t0 + Duration::from_secs(10);
+        let mut g = Gate::new(t1);
+        let mut paused = Duration::ZERO;
+        let mut now = t1;
+        for _ in 0..(EVENTS_PER_SECOND * 5) {
+            g.admit(false);
+            if let Some(p) = g.pause(now) {
+                paused += p;
+                now += p;
+            }
+        }
+        // 50 events at 10 a second: at least 4 seconds waited.
+        assert!(paused >= Duration::from_secs(4), "{paused:?}");
+    }
+}
