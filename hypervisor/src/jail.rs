@@ -546,10 +546,9 @@ mod tests {
         assert!(ids.claim("e").is_ok());
     }
 
-    /// A jailed `sh` sees only its root, runs as the jail's uid with no capabilities and
-    /// no_new_privs, in its own mount and network namespaces, and cannot write the system.
-    #[test]
-    fn a_jailed_process_has_no_root_and_sees_only_its_files() {
+    /// A jail of uid and gid `id` in a scratch directory, with an empty root and one
+    /// writable state directory (returned) that `id` owns. Needs root.
+    fn jail_with_state(id: u32) -> (tempfile::TempDir, Jail, std::path::PathBuf) {
         assert!(
             nix::unistd::Uid::effective().is_root(),
             "this test builds a jail: run it as root (cargo xtask test)"
@@ -559,18 +558,26 @@ mod tests {
         let state = d.path().join("state");
         std::fs::create_dir_all(&root).unwrap();
         std::fs::create_dir_all(&state).unwrap();
-        std::os::unix::fs::chown(&state, Some(FIRST_JAIL_ID), Some(FIRST_JAIL_ID)).unwrap();
-        let secret = d.path().join("secret");
-        std::fs::write(&secret, "host").unwrap();
+        std::os::unix::fs::chown(&state, Some(id), Some(id)).unwrap();
         let jail = Jail {
-            uid: FIRST_JAIL_ID,
-            gid: FIRST_JAIL_ID,
+            uid: id,
+            gid: id,
             root,
             rw_dirs: vec![state.clone()],
             ro_files: vec![],
             kvm: false,
             new_net: true,
         };
+        (d, jail, state)
+    }
+
+    /// A jailed `sh` sees only its root, runs as the jail's uid with no capabilities and
+    /// no_new_privs, in its own mount and network namespaces, and cannot write the system.
+    #[test]
+    fn a_jailed_process_has_no_root_and_sees_only_its_files() {
+        let (d, jail, state) = jail_with_state(FIRST_JAIL_ID);
+        let secret = d.path().join("secret");
+        std::fs::write(&secret, "host").unwrap();
         let script = format!(
             "grep -E '^(Uid|CapEff|NoNewPrivs)' /proc/self/status 2>/dev/null; \
              id -u; echo ok > {s}/w && echo wrote; \
@@ -672,25 +679,7 @@ mod tests {
 
     #[test]
     fn a_sigterm_reaches_the_jailed_program_whatever_its_spawner_blocked() {
-        assert!(
-            nix::unistd::Uid::effective().is_root(),
-            "this test builds a jail: run it as root (cargo xtask test)"
-        );
-        let d = tempfile::tempdir().unwrap();
-        let root = d.path().join("jail");
-        let state = d.path().join("state");
-        std::fs::create_dir_all(&root).unwrap();
-        std::fs::create_dir_all(&state).unwrap();
-        std::os::unix::fs::chown(&state, Some(FIRST_JAIL_ID + 2), Some(FIRST_JAIL_ID + 2)).unwrap();
-        let jail = Jail {
-            uid: FIRST_JAIL_ID + 2,
-            gid: FIRST_JAIL_ID + 2,
-            root,
-            rw_dirs: vec![state.clone()],
-            ro_files: vec![],
-            kvm: false,
-            new_net: true,
-        };
+        let (_d, jail, state) = jail_with_state(FIRST_JAIL_ID + 2);
         let ready = state.join("trapped");
         let script = format!(
             "trap 'exit 7' TERM; : > {}; while :; do sleep 0.05; done",

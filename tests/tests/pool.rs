@@ -250,6 +250,48 @@ fn vm_gone(vmid: &str) {
     );
 }
 
+/// Starts an idle pod `sb` in a pooled VM, ends that VM with `end` (given its vmid) and waits
+/// for the task to stop; returns the vmid. The caller then removes it ([`remove_claimed`]).
+fn end_claimed(h: &HuskContainerd, holder: &Holder, sb: &str, end: impl FnOnce(&str)) -> String {
+    h.run_idle(sb, &[]);
+    let vm = holder.claimed_by(sb).expect("pooled");
+    end(&vm);
+    wait_until("the task to end", Duration::from_secs(15), || {
+        h.ctd
+            .ctr_ok(&["task", "ls"])
+            .lines()
+            .any(|l| l.starts_with(sb) && l.contains("STOPPED"))
+    });
+    vm
+}
+
+/// Removes the stopped pod `sb` of [`end_claimed`]: nothing of it or of its VM is left.
+fn remove_claimed(h: &HuskContainerd, sb: &str, vm: &str) {
+    h.remove(sb);
+    assert_sandbox_gone(sb);
+    vm_gone(vm);
+}
+
+/// Ends an unclaimed VM of the pool with `end` (given its vmid): its keeper ends and removes
+/// its directory, and the holder boots another, counting `died` VMs so far.
+fn end_pooled(holder: &Holder, died: u64, end: impl FnOnce(&str)) {
+    holder.wait_ready(2);
+    let pooled = holder.status()["vms"][0]["vmid"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    end(&pooled);
+    vm_gone(&pooled);
+    // Its VM's processes end before the keeper removes the directory and exits.
+    wait_until(
+        "the ended VM's directory to go (its keeper to end)",
+        Duration::from_secs(15),
+        || !Path::new(POOL).join(&pooled).exists(),
+    );
+    holder.wait_ready(2);
+    assert_eq!(holder.status()["died"], died, "{}", holder.log());
+}
+
 #[test]
 fn pooled_starts_and_the_pools_bounds() {
     require_root("the pool boots VMs and mounts their shares");
@@ -495,35 +537,11 @@ fn killing_a_pooled_vm_or_a_claiming_shim_leaves_nothing() {
 
     // A claimed VM's QEMU killed: the task ends, delete leaves nothing.
     let sb = unique("pool-qemu");
-    h.run_idle(&sb, &[]);
-    let vm = holder.claimed_by(&sb).expect("pooled");
-    kill(qemu_of(&vm));
-    wait_until("the task to end", Duration::from_secs(15), || {
-        h.ctd
-            .ctr_ok(&["task", "ls"])
-            .lines()
-            .any(|l| l.starts_with(&sb) && l.contains("STOPPED"))
-    });
-    h.remove(&sb);
-    assert_sandbox_gone(&sb);
-    vm_gone(&vm);
+    let vm = end_claimed(&h, &holder, &sb, |vm| kill(qemu_of(vm)));
+    remove_claimed(&h, &sb, &vm);
 
     // An unclaimed VM's QEMU killed: its keeper ends, the holder boots another.
-    holder.wait_ready(2);
-    let pooled = holder.status()["vms"][0]["vmid"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    kill(qemu_of(&pooled));
-    vm_gone(&pooled);
-    // Its VM's processes end before the keeper removes the directory and exits.
-    wait_until(
-        "the killed VM's directory to go",
-        Duration::from_secs(10),
-        || !Path::new(POOL).join(&pooled).exists(),
-    );
-    holder.wait_ready(2);
-    assert_eq!(holder.status()["died"], 1);
+    end_pooled(&holder, 1, |vm| kill(qemu_of(vm)));
 
     // The claiming shim killed right after its claim.
     let victim = unique("pool-victim");
@@ -606,17 +624,11 @@ fn a_pooled_vm_whose_virtiofsd_dies_is_ended_and_replaced() {
     };
 
     // Claimed: the keeper stops the VM, and the claiming shim, asleep on the VM's pidfd,
-    // ends the task and says why.
+    // ends the task and says why. (The VM's processes' command lines still name the
+    // directory where it was pooled.)
     let sb = unique("pool-fsd");
-    h.run_idle(&sb, &[]);
-    let vm = holder.claimed_by(&sb).expect("pooled");
-    // (Its processes' command lines still name the directory where it was pooled.)
-    kill_virtiofsd(&format!("{POOL}/{vm}/"));
-    wait_until("the task to end", Duration::from_secs(15), || {
-        h.ctd
-            .ctr_ok(&["task", "ls"])
-            .lines()
-            .any(|l| l.starts_with(&sb) && l.contains("STOPPED"))
+    let vm = end_claimed(&h, &holder, &sb, |vm| {
+        kill_virtiofsd(&format!("{POOL}/{vm}/"))
     });
     let said = |log: String| {
         log.lines()
@@ -630,27 +642,11 @@ fn a_pooled_vm_whose_virtiofsd_dies_is_ended_and_replaced() {
     let line =
         said(h.ctd.log()).unwrap_or_else(|| panic!("no word of the VM's end:\n{}", h.ctd.log()));
     assert!(line.contains("virtiofsd"), "{line}");
-    h.remove(&sb);
-    assert_sandbox_gone(&sb);
-    vm_gone(&vm);
+    remove_claimed(&h, &sb, &vm);
 
-    // Pooled, unclaimed.
-    holder.wait_ready(2);
-    let pooled = holder.status()["vms"][0]["vmid"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    kill_virtiofsd(&format!("{POOL}/{pooled}/"));
-    // Its keeper stops the VM after the helper's grace, ends, and the holder boots another:
-    // a VM without its share is never handed to a sandbox.
-    vm_gone(&pooled);
-    wait_until(
-        "the VM's directory to go (its keeper to end)",
-        Duration::from_secs(15),
-        || !Path::new(POOL).join(&pooled).exists(),
-    );
-    holder.wait_ready(2);
-    assert_eq!(holder.status()["died"], 1, "{}", holder.log());
+    // Unclaimed: its keeper stops the VM after the helper's grace and ends, and the holder
+    // boots another: a VM without its share is never handed to a sandbox.
+    end_pooled(&holder, 1, |vm| kill_virtiofsd(&format!("{POOL}/{vm}/")));
     assert!(
         holder.log().contains("the VM ended while pooled"),
         "{}",
