@@ -28,12 +28,15 @@ pub(super) fn watch_oom(
     publisher: Arc<Publisher>,
     ns: String,
 ) {
-    let Ok(client) = sb.agent.connection() else {
-        log::warn!("sandbox {}: no connection for OOM events", sb.id);
-        return;
-    };
     let sid = sb.id.clone();
+    let agent = sb.agent.clone();
+    // The connection is opened on the watch's own thread: the container's start does not
+    // wait for it (a new connection costs the emulated guest ~5 ms under TCG).
     std::thread::spawn(move || {
+        let Ok(client) = agent.connection() else {
+            log::warn!("sandbox {sid}: no connection for OOM events");
+            return;
+        };
         let mut gate = Gate::new(Instant::now());
         while let Ok(ev) = client.get_oom_event(long_poll(), &GetOOMEventRequest::default()) {
             let known = inner
