@@ -645,7 +645,7 @@ fn a_pooled_vm_whose_virtiofsd_dies_is_ended_and_replaced() {
     remove_claimed(&h, &sb, &vm);
 
     // Unclaimed: its keeper stops the VM after the helper's grace and ends, and the holder
-    // boots another: a VM without its share is never handed to a sandbox.
+    // boots another (a VM without its share is not kept for a sandbox).
     end_pooled(&holder, 1, |vm| kill_virtiofsd(&format!("{POOL}/{vm}/")));
     assert!(
         holder.log().contains("the VM ended while pooled"),
