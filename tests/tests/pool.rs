@@ -519,12 +519,23 @@ fn killing_the_holder_leaves_nothing_and_the_next_start_works() {
                 && status(&config).is_none()
         },
     );
+    // A holder killed cannot remove its files; the last of its VMs' keepers does.
+    wait_until(
+        "the killed holder's socket, lock and log to go",
+        Duration::from_secs(10),
+        || {
+            ["pool.sock", "holder.lock", "pool.log"]
+                .iter()
+                .all(|f| !Path::new(POOL).join(f).exists())
+        },
+    );
 
     h.remove(&keep);
     assert_sandbox_gone(&keep);
     vm_gone(&claimed);
     let (dirs, ids) = pool_leftovers();
     assert!(dirs.is_empty() && ids.is_empty(), "left: {dirs:?} {ids:?}");
+    assert!(!Path::new(POOL).exists(), "{POOL} is left");
 }
 
 #[test]

@@ -105,19 +105,7 @@ pub fn run(config: Config) -> Result<(), PoolError> {
     ending
         .thread_block()
         .map_err(|e| PoolError::Config(format!("blocking SIGTERM: {e}")))?;
-    let open_lock = || {
-        paths.create()?;
-        std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&paths.lock)
-            .map_err(super::io("opening", &paths.lock))
-    };
-    // Once more if the last keeper of an ended holder removed the empty directory between.
-    let lock = open_lock().or_else(|_| open_lock())?;
-    let lock = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusiveNonblock)
-        .map_err(|_| PoolError::Running(paths.dir.clone()))?;
+    let lock = paths.lock_holder()?;
     sweep(&paths, &config);
     match std::fs::remove_file(&paths.socket) {
         Ok(()) => {}

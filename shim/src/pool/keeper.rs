@@ -137,9 +137,9 @@ impl Leftovers {
         for owner in &self.jail_owners {
             ids.release(owner);
         }
-        // The last VM of a holder that has ended takes `.pool/` with it (while a holder runs,
-        // its socket and lock keep the directory from being empty).
-        let _ = std::fs::remove_dir(PoolPaths::new(&self.state_root).dir);
+        // The last VM of a holder that has ended takes `.pool/` with it, and those of one that
+        // was killed its socket, lock and log first (while a holder runs, they are its own).
+        PoolPaths::new(&self.state_root).remove_abandoned();
     }
 }
 

@@ -47,6 +47,7 @@ pub mod wire;
 
 use std::path::{Path, PathBuf};
 
+use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
@@ -112,6 +113,59 @@ impl PoolPaths {
             let _ = std::fs::remove_file(f);
         }
         let _ = std::fs::remove_dir(&self.dir);
+    }
+
+    /// Takes the holder's lock, or says that a live holder has it ([`PoolError::Running`]).
+    /// If the lock file was removed between opening and locking it (by a holder ending, or by
+    /// the last keeper of a killed one: [`PoolPaths::remove_abandoned`]), the lock is taken
+    /// again on the file that is there now, so that two holders never lock different files.
+    pub fn lock_holder(&self) -> Result<Flock<std::fs::File>, PoolError> {
+        use std::os::unix::fs::MetadataExt;
+        const ATTEMPTS: usize = 5;
+        for _ in 0..ATTEMPTS {
+            // Made again if the last keeper of an ended holder removed it meanwhile.
+            self.create()?;
+            let file = match std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&self.lock)
+            {
+                Ok(f) => f,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(io("opening", &self.lock)(e)),
+            };
+            let locked = Flock::lock(file, FlockArg::LockExclusiveNonblock)
+                .map_err(|_| PoolError::Running(self.dir.clone()))?;
+            let still_there = match (locked.metadata(), std::fs::symlink_metadata(&self.lock)) {
+                (Ok(ours), Ok(now)) => (ours.dev(), ours.ino()) == (now.dev(), now.ino()),
+                _ => false,
+            };
+            if still_there {
+                return Ok(locked);
+            }
+        }
+        Err(io("locking", &self.lock)(std::io::Error::other(format!(
+            "removed or replaced while it was being locked, {ATTEMPTS} times"
+        ))))
+    }
+
+    /// What a holder that was killed (SIGKILL, the OOM killer) left, since it could not
+    /// [`remove`](PoolPaths::remove) it itself: if no holder holds the lock, its socket, logs
+    /// and lock file go, under the lock (a holder starting meanwhile locks the file it makes
+    /// anew: [`PoolPaths::lock_holder`]), and the directory if nothing else is in it. With a
+    /// live holder, only an empty directory goes. Each keeper calls it as it cleans up, so the
+    /// last VM of a killed holder takes the holder's files with it.
+    pub fn remove_abandoned(&self) {
+        let free = std::fs::File::open(&self.lock)
+            .ok()
+            .and_then(|f| Flock::lock(f, FlockArg::LockExclusiveNonblock).ok());
+        match free {
+            Some(_held) => self.remove(),
+            None => {
+                let _ = std::fs::remove_dir(&self.dir);
+            }
+        }
     }
 
     /// Creates the directory (0700) if needed.
@@ -370,5 +424,53 @@ pub(crate) mod tests {
         assert_eq!(p.socket, Path::new("/run/husk/.pool/pool.sock"));
         assert!(POOL_DIR.starts_with('.'));
         assert_eq!(jail_owner("vm-1"), ".pool/vm-1");
+    }
+
+    /// What a killed holder leaves: its lock file, socket and log.
+    fn killed_holders_files(p: &PoolPaths) {
+        let lock = p.lock_holder().unwrap();
+        std::fs::write(&p.socket, "").unwrap();
+        std::fs::write(&p.log, "lines\n").unwrap();
+        std::fs::write(p.log.with_extension("log.1"), "older lines\n").unwrap();
+        drop(lock);
+    }
+
+    #[test]
+    fn a_killed_holders_files_go_with_the_last_keeper_and_only_then() {
+        let root = tempfile::tempdir().unwrap();
+        let p = PoolPaths::new(root.path());
+        killed_holders_files(&p);
+        // A keeper's VM directory is still there: the holder's files go, the directory stays.
+        let vm = p.vm_dir("vm-1");
+        std::fs::create_dir(&vm).unwrap();
+        p.remove_abandoned();
+        assert!(!p.socket.exists() && !p.log.exists() && !p.lock.exists());
+        assert!(!p.log.with_extension("log.1").exists());
+        assert!(p.dir.exists());
+        // The last keeper: nothing is left.
+        std::fs::remove_dir(&vm).unwrap();
+        p.remove_abandoned();
+        assert!(!p.dir.exists());
+    }
+
+    #[test]
+    fn a_live_holders_files_are_left_alone() {
+        let root = tempfile::tempdir().unwrap();
+        let p = PoolPaths::new(root.path());
+        let held = p.lock_holder().unwrap();
+        std::fs::write(&p.socket, "").unwrap();
+        p.remove_abandoned();
+        assert!(p.socket.exists() && p.lock.exists());
+        assert!(matches!(p.lock_holder(), Err(PoolError::Running(_))));
+        drop(held);
+        // Its successor, after a keeper took the dead one's files, locks a file of its own.
+        p.remove_abandoned();
+        let next = p.lock_holder().unwrap();
+        use std::os::unix::fs::MetadataExt;
+        let (ours, there) = (
+            next.metadata().unwrap(),
+            std::fs::metadata(&p.lock).unwrap(),
+        );
+        assert_eq!((ours.dev(), ours.ino()), (there.dev(), there.ino()));
     }
 }
