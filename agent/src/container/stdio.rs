@@ -53,6 +53,8 @@ pub struct Stdio {
     stdin: Mutex<Option<File>>,
     stdout: Mutex<Option<File>>,
     stderr: Mutex<Option<File>>,
+    /// When a read first found the process ended (see [`AFTER_EXIT_MOST`]).
+    exit_seen: Mutex<Option<Instant>>,
     /// A handle on the pty master (also behind stdin/stdout) for window resizes, so a resize
     /// never waits behind a blocked read.
     pty: Option<File>,
@@ -93,6 +95,15 @@ const COALESCE_ENOUGH: usize = 512 << 10;
 /// leaves them ample time.)
 pub(crate) const AFTER_EXIT_IDLE: Duration = Duration::from_millis(250);
 
+/// After the process ended, how long its streams are relayed at most while something keeps
+/// writing to them (a background process it left, `cmd &`): from then on a stream ends as
+/// soon as its pipe is empty. What the process itself wrote is in the pipe before it ends
+/// and is read first, so none of it is cut. Bounded here in the guest, where the time is
+/// the guest's own: the host's bound (`AFTER_EXIT` in `shim/src/io.rs`) can then be a
+/// generous backstop against a guest that does not end its streams, and a host too busy to
+/// run the guest promptly does not cut an honest process's last output short.
+pub(crate) const AFTER_EXIT_MOST: Duration = Duration::from_secs(1);
+
 /// How often a blocked read looks whether the process has ended, where no exit fd tells it
 /// ([`Ending::fd`]).
 const EXIT_CHECK: Duration = Duration::from_millis(100);
@@ -127,6 +138,17 @@ fn readable(fd: &File, timeout: Duration) -> bool {
     let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
     // SAFETY: poll on one pollfd we own.
     unsafe { libc::poll(&mut p, 1, ms) > 0 }
+}
+
+/// Whether `fd` is readable right now (no wait).
+fn fd_readable(fd: BorrowedFd<'_>) -> bool {
+    let mut p = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: poll on one pollfd for an fd borrowed for the call, no timeout.
+    unsafe { libc::poll(&mut p, 1, 0) > 0 }
 }
 
 /// Bytes in the pipe (or pty) `f` that nobody has read yet (0 if it cannot say).
@@ -227,6 +249,7 @@ impl Stdio {
                 stdin: Mutex::new(Some(File::from(in_w))),
                 stdout: Mutex::new(Some(File::from(out_r))),
                 stderr: Mutex::new(Some(File::from(err_r))),
+                exit_seen: Mutex::new(None),
                 pty: None,
             },
             ChildEnds {
@@ -246,6 +269,7 @@ impl Stdio {
             stdin: Mutex::new(Some(m2)),
             stdout: Mutex::new(Some(master)),
             stderr: Mutex::new(None),
+            exit_seen: Mutex::new(None),
             pty: Some(m3),
         })
     }
@@ -312,6 +336,10 @@ impl Stdio {
         let Some(f) = g.as_mut() else {
             return Ok(None);
         };
+        if self.past_exit(&ending) && unread(f) == 0 {
+            *g = None;
+            return Ok(None);
+        }
         if !wait_readable(f, &ending) {
             *g = None;
             return Ok(None);
@@ -352,6 +380,25 @@ impl Stdio {
             unsafe { buf.set_len(n) };
             return Ok(Some(buf));
         }
+    }
+
+    /// Whether the process ended more than [`AFTER_EXIT_MOST`] ago, as first seen by a read.
+    /// With an exit fd, looks at it (no wait) rather than at the process.
+    fn past_exit<F: Fn() -> bool>(&self, ending: &Ending<'_, F>) -> bool {
+        let mut seen = self
+            .exit_seen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if seen.is_none() {
+            let ended = match ending.fd {
+                Some(fd) => fd_readable(fd),
+                None => (ending.ended)(),
+            };
+            if ended {
+                *seen = Some(Instant::now());
+            }
+        }
+        seen.is_some_and(|t| t.elapsed() >= AFTER_EXIT_MOST)
     }
 
     pub fn resize(&self, rows: u16, cols: u16) -> Result<(), Error> {
@@ -517,5 +564,59 @@ mod tests {
         drop(writer.join().unwrap());
         // All writers gone: a plain EOF.
         assert_eq!(stdio.read(false, 1024, checked(|| false)).unwrap(), None);
+    }
+
+    #[test]
+    fn a_background_writer_keeps_the_stream_only_for_a_while_after_the_exit() {
+        // `sh -c '(while :; do echo more; sleep 0.05; done) & exit 0'`: the leftover writes
+        // more often than the idle time, so only the bound ends its stream.
+        let (stdio, ends) = Stdio::pipes().unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let writer = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    write_child_stdout(&ends, b"more\n");
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            })
+        };
+        let t = Instant::now();
+        let mut replies = 0;
+        while stdio.read(false, 1024, checked(|| true)).unwrap().is_some() {
+            replies += 1;
+            assert!(
+                t.elapsed() < AFTER_EXIT_MOST * 5,
+                "the stream went on for {:?} after the exit",
+                t.elapsed()
+            );
+        }
+        assert!(
+            t.elapsed() >= AFTER_EXIT_MOST,
+            "ended early: {:?}",
+            t.elapsed()
+        );
+        assert!(replies > 1, "{replies}");
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        writer.join().unwrap();
+    }
+
+    #[test]
+    fn what_the_process_wrote_comes_whole_however_late_it_is_read() {
+        // A host too busy to ask for the output promptly: the bound has passed when most
+        // of the process's own output is still in the pipe; all of it still comes.
+        let (stdio, ends) = Stdio::pipes().unwrap();
+        let data: Vec<u8> = (0..200u32 << 10).map(|i| (i % 251) as u8).collect();
+        write_child_stdout(&ends, &data);
+        let mut got = stdio
+            .read(false, 16 << 10, checked(|| true))
+            .unwrap()
+            .unwrap();
+        std::thread::sleep(AFTER_EXIT_MOST + Duration::from_millis(100));
+        while let Some(c) = stdio.read(false, 16 << 10, checked(|| true)).unwrap() {
+            got.extend_from_slice(&c);
+        }
+        assert!(got == data, "got {} of {} bytes", got.len(), data.len());
+        drop(ends);
     }
 }
