@@ -39,6 +39,11 @@ pub fn claim(
     memory_mib: u32,
 ) -> Option<Pooled> {
     if config.pool.size == 0 {
+        // A holder killed while it had no VM (no keeper to take its files) left its socket,
+        // lock and log; with the pool no longer configured no holder comes to take them
+        // over, so the next sandbox removes them (nothing when there are none, or when a
+        // holder still runs: [`PoolPaths::remove_abandoned`]).
+        PoolPaths::new(&config.state_root).remove_abandoned();
         return None;
     }
     let nics = match crate::network::interface_count(spec) {
@@ -375,4 +380,29 @@ pub fn vm_dir(config: &Config, sid: &str) -> Result<PathBuf, String> {
     SandboxDir::new(&config.state_root, sid)
         .map(|d| d.vm())
         .map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn with_the_pool_unconfigured_a_sandbox_removes_a_killed_holders_files() {
+        let root = tempfile::tempdir().unwrap();
+        let config = Config {
+            state_root: root.path().to_path_buf(),
+            ..Config::default()
+        };
+        assert_eq!(config.pool.size, 0);
+        let p = PoolPaths::new(root.path());
+        super::super::tests::killed_holders_files(&p);
+        assert!(claim(&config, "sb", &Value::Null, 1, 256).is_none());
+        assert!(!p.dir.exists(), "the killed holder's files are still there");
+        // And a live holder's are left alone.
+        let held = p.lock_holder().unwrap();
+        std::fs::write(&p.socket, "").unwrap();
+        assert!(claim(&config, "sb", &Value::Null, 1, 256).is_none());
+        assert!(p.socket.exists() && p.lock.exists());
+        drop(held);
+    }
 }

@@ -427,7 +427,7 @@ pub(crate) mod tests {
     }
 
     /// What a killed holder leaves: its lock file, socket and log.
-    fn killed_holders_files(p: &PoolPaths) {
+    pub(super) fn killed_holders_files(p: &PoolPaths) {
         let lock = p.lock_holder().unwrap();
         std::fs::write(&p.socket, "").unwrap();
         std::fs::write(&p.log, "lines\n").unwrap();
