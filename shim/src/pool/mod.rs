@@ -119,8 +119,11 @@ impl PoolPaths {
     /// If the lock file was removed between opening and locking it (by a holder ending, or by
     /// the last keeper of a killed one: [`PoolPaths::remove_abandoned`]), the lock is taken
     /// again on the file that is there now, so that two holders never lock different files.
+    ///
+    /// `.pool/` is root's alone (0700) and no guest's share lies in it but inside a VM's
+    /// own directory; the lock file is still never followed if it is a symlink.
     pub fn lock_holder(&self) -> Result<Flock<std::fs::File>, PoolError> {
-        use std::os::unix::fs::MetadataExt;
+        use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
         const ATTEMPTS: usize = 5;
         for _ in 0..ATTEMPTS {
             // Made again if the last keeper of an ended holder removed it meanwhile.
@@ -129,6 +132,7 @@ impl PoolPaths {
                 .create(true)
                 .truncate(false)
                 .write(true)
+                .custom_flags(libc::O_NOFOLLOW)
                 .open(&self.lock)
             {
                 Ok(f) => f,
@@ -157,7 +161,11 @@ impl PoolPaths {
     /// live holder, only an empty directory goes. Each keeper calls it as it cleans up, so the
     /// last VM of a killed holder takes the holder's files with it.
     pub fn remove_abandoned(&self) {
-        let free = std::fs::File::open(&self.lock)
+        use std::os::unix::fs::OpenOptionsExt;
+        let free = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&self.lock)
             .ok()
             .and_then(|f| Flock::lock(f, FlockArg::LockExclusiveNonblock).ok());
         match free {
@@ -451,6 +459,20 @@ pub(crate) mod tests {
         std::fs::remove_dir(&vm).unwrap();
         p.remove_abandoned();
         assert!(!p.dir.exists());
+    }
+
+    #[test]
+    fn a_symlink_in_place_of_the_lock_file_is_never_followed() {
+        let root = tempfile::tempdir().unwrap();
+        let p = PoolPaths::new(root.path());
+        p.create().unwrap();
+        let target = root.path().join("elsewhere");
+        std::fs::write(&target, "keep").unwrap();
+        std::os::unix::fs::symlink(&target, &p.lock).unwrap();
+        assert!(p.lock_holder().is_err(), "locked through a symlink");
+        p.remove_abandoned();
+        assert_eq!(std::fs::read_to_string(&target).unwrap(), "keep");
+        assert!(std::fs::symlink_metadata(&p.lock).unwrap().is_symlink());
     }
 
     #[test]

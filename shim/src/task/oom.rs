@@ -4,6 +4,7 @@
 //! the guest controls both: an event is published only for a container of this sandbox, and
 //! at most [`EVENTS_PER_SECOND`] a second.
 
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -37,7 +38,7 @@ pub(super) fn watch_oom(
             log::warn!("sandbox {sid}: no connection for OOM events");
             return;
         };
-        let mut gate = Gate::new(Instant::now());
+        let mut gate = Gate::default();
         while let Ok(ev) = client.get_oom_event(long_poll(), &GetOOMEventRequest::default()) {
             let known = inner
                 .lock()
@@ -82,24 +83,15 @@ enum Verdict {
 }
 
 /// The watch's bookkeeping: which events pass, and when to pause.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 struct Gate {
-    window: Instant,
-    in_window: u32,
+    /// When the last [`EVENTS_PER_SECOND`] events came (at most that many).
+    recent: VecDeque<Instant>,
     dropped: u64,
 }
 
 impl Gate {
-    fn new(now: Instant) -> Self {
-        Self {
-            window: now,
-            in_window: 0,
-            dropped: 0,
-        }
-    }
-
     fn admit(&mut self, known: bool) -> Verdict {
-        self.in_window += 1;
         if known {
             return Verdict::Publish;
         }
@@ -110,22 +102,21 @@ impl Gate {
         }
     }
 
-    /// After an event: how long to wait before asking for the next, if the second's events
-    /// are used up (a new second starts after it).
+    /// After an event at `now`: how long to wait before asking for the next, so that no
+    /// second (any second, not only whole ones from the first event) holds more than
+    /// [`EVENTS_PER_SECOND`] events: the next may come once the oldest of the last that
+    /// many is a second old.
     fn pause(&mut self, now: Instant) -> Option<Duration> {
-        let second = Duration::from_secs(1);
-        if now.duration_since(self.window) >= second {
-            self.window = now;
-            self.in_window = 0;
+        let limit = EVENTS_PER_SECOND as usize;
+        self.recent.push_back(now);
+        if self.recent.len() > limit {
+            self.recent.pop_front();
+        }
+        if self.recent.len() < limit {
             return None;
         }
-        if self.in_window < EVENTS_PER_SECOND {
-            return None;
-        }
-        let left = second - now.duration_since(self.window);
-        self.window += second;
-        self.in_window = 0;
-        Some(left)
+        let next = self.recent[0] + Duration::from_secs(1);
+        (next > now).then(|| next - now)
     }
 }
 
@@ -135,7 +126,7 @@ mod tests {
 
     #[test]
     fn only_this_sandboxs_containers_pass_and_the_log_hears_of_few_of_the_rest() {
-        let mut g = Gate::new(Instant::now());
+        let mut g = Gate::default();
         assert_eq!(g.admit(true), Verdict::Publish);
         let said: Vec<u64> = (0..1000)
             .filter_map(|_| match g.admit(false) {
@@ -149,7 +140,7 @@ mod tests {
     #[test]
     fn a_flood_is_paced_to_the_limit_a_trickle_is_not() {
         let t0 = Instant::now();
-        let mut g = Gate::new(t0);
+        let mut g = Gate::default();
         // A trickle: one event every 200 ms, never a pause.
         for i in 1..=20 {
             g.admit(true);
@@ -157,7 +148,7 @@ mod tests {
         }
         // A flood within one instant: the limit's worth, then a wait for the second's end.
         let t1 = t0 + Duration::from_secs(10);
-        let mut g = Gate::new(t1);
+        let mut g = Gate::default();
         let mut paused = Duration::ZERO;
         let mut now = t1;
         for _ in 0..(EVENTS_PER_SECOND * 5) {
@@ -169,5 +160,33 @@ mod tests {
         }
         // 50 events at 10 a second: at least 4 seconds waited.
         assert!(paused >= Duration::from_secs(4), "{paused:?}");
+        // However they are spaced, never more than the limit within any one second.
+        let t2 = t1 + Duration::from_secs(100);
+        let mut g = Gate::default();
+        let mut times = Vec::new();
+        let mut now = t2;
+        // A second not used up (nine events, 100 ms apart), one event just after it, then
+        // a burst 1 ms apart.
+        let gaps = std::iter::repeat_n(100, 8)
+            .chain([250])
+            .chain(std::iter::repeat_n(1, 30));
+        for gap in gaps {
+            g.admit(true);
+            times.push(now);
+            now += g
+                .pause(now)
+                .unwrap_or(Duration::ZERO)
+                .max(Duration::from_millis(gap));
+        }
+        for (i, t) in times.iter().enumerate() {
+            let within = times[i..]
+                .iter()
+                .take_while(|u| u.duration_since(*t) < Duration::from_secs(1))
+                .count();
+            assert!(
+                within <= EVENTS_PER_SECOND as usize,
+                "{within} within a second of event {i}"
+            );
+        }
     }
 }
