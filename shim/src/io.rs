@@ -94,8 +94,9 @@ const SLICE: Duration = Duration::from_millis(50);
 /// An honest agent ends a stream 250 ms after the process ended and the pipe went quiet
 /// (`AFTER_EXIT_IDLE` in `agent/src/container/stdio.rs`), and, while a background process
 /// the exited one left (an exec's `cmd &`) keeps writing, at the first empty pipe 1 s after
-/// the exit (`AFTER_EXIT_MOST` there; runc's shim likewise stops copying then), after at
-/// most the 1 MiB its pipe held (`PIPE_SIZE` there). Those bounds are the guest's, measured
+/// the exit (`AFTER_EXIT_MOST` there; runc's shim too ends such an exec, after 2.07 s in
+/// `shim_runc_parity::an_exec_that_leaves_a_writer_behind_still_ends`, husk's after 1.47 s),
+/// after at most the 1 MiB its pipe held (`PIPE_SIZE` there). Those bounds are the guest's, measured
 /// in its own time; these are the host's backstop against a guest that will not end a
 /// stream, which may not keep the exit from containerd for long. The wait is generous
 /// because the host's clock also counts the time the host itself keeps the guest from

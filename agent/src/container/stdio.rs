@@ -14,7 +14,7 @@
 
 use std::fs::File;
 use std::io::Write;
-use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -128,27 +128,16 @@ fn pipe() -> Result<(OwnedFd, OwnedFd), Error> {
     Ok((r, w))
 }
 
-/// Whether `fd` has bytes (or EOF) within `timeout`.
-fn readable(fd: &File, timeout: Duration) -> bool {
+/// Whether `fd` has bytes (or EOF) within `timeout` (zero: right now, no wait).
+fn readable(fd: impl AsFd, timeout: Duration) -> bool {
     let mut p = libc::pollfd {
-        fd: fd.as_raw_fd(),
+        fd: fd.as_fd().as_raw_fd(),
         events: libc::POLLIN,
         revents: 0,
     };
     let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
-    // SAFETY: poll on one pollfd we own.
+    // SAFETY: poll on one pollfd we own, for an fd borrowed for the call.
     unsafe { libc::poll(&mut p, 1, ms) > 0 }
-}
-
-/// Whether `fd` is readable right now (no wait).
-fn fd_readable(fd: BorrowedFd<'_>) -> bool {
-    let mut p = libc::pollfd {
-        fd: fd.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: poll on one pollfd for an fd borrowed for the call, no timeout.
-    unsafe { libc::poll(&mut p, 1, 0) > 0 }
 }
 
 /// Bytes in the pipe (or pty) `f` that nobody has read yet (0 if it cannot say).
@@ -391,7 +380,7 @@ impl Stdio {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         if seen.is_none() {
             let ended = match ending.fd {
-                Some(fd) => fd_readable(fd),
+                Some(fd) => readable(fd, Duration::ZERO),
                 None => (ending.ended)(),
             };
             if ended {
