@@ -543,6 +543,21 @@ fn a_provisional_sandbox_is_taken_over_by_its_pod() {
     ]);
     let out = h.agent.run("late", &s);
     assert_eq!(out.stdout_str(), "late-host\n", "{out:?}");
+    // The takeover set the hostname from one of the agent's threads, which entered the
+    // holder's uts namespace for it: every thread is back in the agent's own.
+    let agent = h.child.id();
+    let own = std::fs::read_link(format!("/proc/{agent}/ns/uts")).unwrap();
+    for task in std::fs::read_dir(format!("/proc/{agent}/task")).unwrap() {
+        let task = task.unwrap().path();
+        if let Ok(ns) = std::fs::read_link(task.join("ns/uts")) {
+            assert_eq!(
+                ns,
+                own,
+                "{} stayed in the pod's uts namespace",
+                task.display()
+            );
+        }
+    }
 }
 
 /// The children of `agent` in a uts namespace other than its own: its sandbox holders.

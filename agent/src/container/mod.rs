@@ -148,19 +148,24 @@ pub enum PidNamespaceError {
 
 type Result<T> = std::result::Result<T, Error>;
 
-/// Sets `hostname` in the uts namespace of process `pid` (the sandbox holder), from a thread
-/// of its own that enters that namespace and then ends: the agent's other threads keep theirs.
+/// Sets `hostname` in the uts namespace of process `pid` (the sandbox holder): the calling
+/// thread enters that namespace, sets the name and goes back to its own. A uts namespace is a
+/// thread's own to enter (unlike a mount namespace), so the agent's other threads are never in
+/// it. No thread is started for it: under TCG a thread's start and end cost a pooled claim's
+/// CreateSandbox most of its time (FIELD-NOTES, "A pooled claim's hostname"). Should the way
+/// back fail, this thread would keep the pod's hostname for what it does later (a holder it
+/// clones copies it, then sets its own); the error says so.
 fn set_hostname_of(pid: i32, hostname: &str) -> std::io::Result<()> {
-    use std::os::fd::AsFd;
-    let ns = std::fs::File::open(format!("/proc/{pid}/ns/uts"))?;
-    let name = hostname.to_string();
-    std::thread::spawn(move || -> std::io::Result<()> {
-        nix::sched::setns(ns.as_fd(), CloneFlags::CLONE_NEWUTS)?;
-        nix::unistd::sethostname(&name)?;
-        Ok(())
-    })
-    .join()
-    .unwrap_or_else(|_| Err(std::io::Error::other("the hostname thread panicked")))
+    let target = std::fs::File::open(format!("/proc/{pid}/ns/uts"))?;
+    let own = std::fs::File::open("/proc/thread-self/ns/uts")?;
+    nix::sched::setns(&target, CloneFlags::CLONE_NEWUTS)?;
+    let set = nix::unistd::sethostname(hostname);
+    nix::sched::setns(&own, CloneFlags::CLONE_NEWUTS).map_err(|e| {
+        std::io::Error::other(format!(
+            "returning to the agent's uts namespace after setting the hostname: {e}"
+        ))
+    })?;
+    Ok(set?)
 }
 
 fn failed<E: Into<StepError>>(id: &str) -> impl Fn(E) -> Error + '_ {
