@@ -19,8 +19,8 @@ fn main() {
         .customize(Customize::default())
         .run()
         .expect("generating the agent API from protos/agent.proto");
-    // The client once more, async (on tokio), into a directory of its own: the shim's
-    // connections to the agent (see the async_client module in lib.rs).
+    // Client and server once more, async (on tokio), into a directory of its own: the shim's
+    // connections to the agent and the agent's server (see agent_ttrpc_async in lib.rs).
     let async_out = Path::new(&out).join("async");
     std::fs::create_dir_all(&async_out).expect("creating OUT_DIR/async");
     Codegen::new()
@@ -29,11 +29,11 @@ fn main() {
         .include("protos")
         .rust_protobuf()
         .customize(Customize {
-            async_client: true,
+            async_all: true,
             ..Customize::default()
         })
         .run()
-        .expect("generating the async agent client from protos/agent.proto");
+        .expect("generating the async agent client and server from protos/agent.proto");
     for name in ["agent.rs", "agent_ttrpc.rs", "async/agent_ttrpc.rs"] {
         let path = Path::new(&out).join(name);
         let text = std::fs::read_to_string(&path).expect("generated file");

@@ -8,7 +8,8 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use husk_protocols::ttrpc::{self, MethodHandler, Request, TtrpcContext};
+use husk_protocols::ttrpc::r#async::{MethodHandler, Service, TtrpcContext};
+use husk_protocols::ttrpc::{self, Request, Response};
 use husk_protocols::DEBUG_LOG_FLAG;
 
 static DEBUG: AtomicBool = AtomicBool::new(false);
@@ -40,33 +41,36 @@ pub(crate) use debug;
 /// flood the serial console (slow under TCG) and bury the requests that tell a story.
 /// `GetGuestStats` is asked after every metrics scrape.
 const NOT_LOGGED: &[&str] = &[
-    "/ReadStdout",
-    "/ReadStderr",
-    "/WriteStdin",
-    "/GetOOMEvent",
-    "/GetGuestStats",
+    "ReadStdout",
+    "ReadStderr",
+    "WriteStdin",
+    "GetOOMEvent",
+    "GetGuestStats",
 ];
 
-/// Wraps each method so that, at debug level, every request is logged once answered.
-pub fn log_requests(
-    methods: HashMap<String, Box<dyn MethodHandler + Send + Sync>>,
-) -> HashMap<String, Box<dyn MethodHandler + Send + Sync>> {
-    methods
-        .into_iter()
-        .map(|(name, inner)| {
-            if !is_logged(&name) {
-                return (name, inner);
-            }
-            let short = name.rsplit('/').next().unwrap_or(&name).to_string();
-            let logged: Box<dyn MethodHandler + Send + Sync> =
-                Box::new(Logged { name: short, inner });
-            (name, logged)
-        })
-        .collect()
+/// Wraps each method of each service so that, at debug level, every request is logged once
+/// answered.
+pub fn log_requests(mut services: HashMap<String, Service>) -> HashMap<String, Service> {
+    for service in services.values_mut() {
+        service.methods = std::mem::take(&mut service.methods)
+            .into_iter()
+            .map(|(name, inner)| {
+                if !is_logged(&name) {
+                    return (name, inner);
+                }
+                let logged: Box<dyn MethodHandler + Send + Sync> = Box::new(Logged {
+                    name: name.clone(),
+                    inner,
+                });
+                (name, logged)
+            })
+            .collect();
+    }
+    services
 }
 
 fn is_logged(method: &str) -> bool {
-    !NOT_LOGGED.iter().any(|n| method.ends_with(n))
+    !NOT_LOGGED.contains(&method)
 }
 
 struct Logged {
@@ -74,11 +78,12 @@ struct Logged {
     inner: Box<dyn MethodHandler + Send + Sync>,
 }
 
+#[async_trait::async_trait]
 impl MethodHandler for Logged {
-    fn handler(&self, ctx: TtrpcContext, req: Request) -> ttrpc::Result<()> {
+    async fn handler(&self, ctx: TtrpcContext, req: Request) -> ttrpc::Result<Response> {
         let started = Instant::now();
         let size = req.payload.len();
-        let r = self.inner.handler(ctx, req);
+        let r = self.inner.handler(ctx, req).await;
         // Failed requests are on the console already (server::map); this is the trace.
         debug!(
             "{} ({size} bytes) answered in {:?}",
@@ -102,8 +107,8 @@ mod tests {
 
     #[test]
     fn stream_requests_are_not_logged() {
-        assert!(is_logged("/husk.agent.v1.Agent/CreateContainer"));
-        assert!(!is_logged("/husk.agent.v1.Agent/ReadStdout"));
-        assert!(!is_logged("/husk.agent.v1.Agent/GetOOMEvent"));
+        assert!(is_logged("CreateContainer"));
+        assert!(!is_logged("ReadStdout"));
+        assert!(!is_logged("GetOOMEvent"));
     }
 }

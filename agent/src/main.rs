@@ -18,11 +18,8 @@ use husk_agent::{container, debug_console, guest_info, logging, pid1, power, rea
 
 use std::io::BufRead;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
-use husk_protocols::agent_ttrpc::create_agent;
-use husk_protocols::ttrpc;
 use husk_protocols::AGENT_VSOCK_PORT;
 
 fn main() {
@@ -83,13 +80,9 @@ fn pid1_main() -> ! {
         cgroup_controllers: controllers,
     };
     // No vsock device (a VM without one): the console requests below still work.
-    let server = match start_server(&format!("vsock://-1:{AGENT_VSOCK_PORT}"), service) {
-        Ok(s) => Some(s),
-        Err(e) => {
-            println!("husk-agent: not serving the API: {e}");
-            None
-        }
-    };
+    if let Err(e) = server::start(&format!("vsock://-1:{AGENT_VSOCK_PORT}"), service) {
+        println!("husk-agent: not serving the API: {e}");
+    }
     if debug_console::enabled(&cmdline) {
         let shell =
             std::path::Path::new(pid1::SHARED_DIR).join(husk_protocols::DEBUG_SHELL_IN_SHARE);
@@ -122,44 +115,9 @@ fn pid1_main() -> ! {
         }
     }
     // No console input (closed or unreadable): serve until DestroySandbox or the timeout.
-    let _keep = server;
     loop {
         std::thread::park();
     }
-}
-
-/// Why the agent API cannot be served.
-#[derive(Debug, thiserror::Error)]
-enum ServeError {
-    #[error("binding {addr}: {source} — the guest kernel needs CONFIG_VIRTIO_VSOCKETS (a unix socket's directory must exist for `serve`)")]
-    Bind {
-        addr: String,
-        #[source]
-        source: ttrpc::Error,
-    },
-    #[error("starting the ttrpc server on {addr}: {source}")]
-    Start {
-        addr: String,
-        #[source]
-        source: ttrpc::Error,
-    },
-}
-
-fn start_server(addr: &str, service: server::Service) -> Result<ttrpc::Server, ServeError> {
-    let mut s = ttrpc::Server::new()
-        .bind(addr)
-        .map_err(|source| ServeError::Bind {
-            addr: addr.into(),
-            source,
-        })?
-        .register_service(logging::log_requests(create_agent(Arc::new(service))))
-        // Reads and waits block in their handler: keep enough threads for a pod's streams.
-        .set_thread_count_max(256);
-    s.start().map_err(|source| ServeError::Start {
-        addr: addr.into(),
-        source,
-    })?;
-    Ok(s)
 }
 
 /// `husk-agent serve`: the API outside a VM (host tests). Exits on DestroySandbox.
@@ -201,13 +159,10 @@ fn serve(args: &[String]) -> ! {
         on_destroy: server::OnDestroy::Exit,
         cgroup_controllers: Vec::new(),
     };
-    let _server = match start_server(&listen, service) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("husk-agent serve: {e}");
-            std::process::exit(1);
-        }
-    };
+    if let Err(e) = server::start(&listen, service) {
+        eprintln!("husk-agent serve: {e}");
+        std::process::exit(1);
+    }
     eprintln!("husk-agent serve: listening on {listen}");
     loop {
         std::thread::park();

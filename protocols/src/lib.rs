@@ -99,7 +99,9 @@ generated! {
 generated! {
     /// The same client as [`agent_ttrpc::AgentClient`], async on tokio: its connection waits in
     /// the runtime's epoll, where the sync client's receiver thread wakes every 10 ms (ttrpc
-    /// 0.10's `POLL_MAX_TIME`) for as long as the connection lives.
+    /// 0.10's `POLL_MAX_TIME`) for as long as the connection lives. And the server glue the
+    /// agent serves with (`Agent` trait, `create_agent`): a connection is tasks on the agent's
+    /// runtime, where ttrpc's sync server starts four threads for each one.
     agent_ttrpc_async = "/async/agent_ttrpc.rs"
 }
 
