@@ -111,4 +111,22 @@ mod tests {
         assert!(!is_logged("ReadStdout"));
         assert!(!is_logged("GetOOMEvent"));
     }
+
+    /// The names above are the keys the generated server files its methods under: a name
+    /// that is not one would be logged after all, at a line per stdio chunk.
+    #[test]
+    fn the_unlogged_names_are_the_servers_method_keys() {
+        struct Defaults;
+        #[async_trait::async_trait]
+        impl husk_protocols::agent_ttrpc_async::Agent for Defaults {}
+        let services =
+            husk_protocols::agent_ttrpc_async::create_agent(std::sync::Arc::new(Defaults));
+        let methods: Vec<&String> = services.values().flat_map(|s| s.methods.keys()).collect();
+        for name in NOT_LOGGED {
+            assert!(
+                methods.iter().any(|m| m.as_str() == *name),
+                "{name} is no method key of the server: {methods:?}"
+            );
+        }
+    }
 }

@@ -2,11 +2,11 @@
 //! [`Engine`](crate::container::Engine) and its errors onto ttrpc status codes.
 //!
 //! ttrpc's async server runs a connection as tasks on the agent's one runtime thread
-//! (main.rs), where its sync server started four threads for each connection before it read
+//! (see [`start`]), where its sync server started four threads for each connection before it read
 //! the first request: under TCG, a cold pod's first connection spent ~10–14 ms of ~80 on
 //! them (FIELD-NOTES, "A task-based server instead"). A request that can block — a long poll,
 //! a wait, a container's creation, a netlink call — runs on one of the runtime's blocking
-//! threads, which stay for further requests while there are any; one that answers from
+//! threads, which tokio keeps for further requests until one has idled 10 s; one that answers from
 //! memory or `/proc`, and a sandbox's creation (a clone, the one request of a cold start's
 //! path besides `Check`), runs on the runtime thread itself, where it costs no hop between
 //! threads on a guest's single vCPU.
