@@ -8,6 +8,7 @@
 //! programs the caller names ([`crate::Programs`]), else found on PATH, then in
 //! `~/.cargo/bin` (where `cargo install` puts them).
 
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -17,7 +18,7 @@ use crate::{Error, Result};
 
 pub(crate) const VIRTIOFSD: &str = "virtiofsd";
 
-/// How long a helper may take to create its socket.
+/// How long a helper may take to listen on its socket.
 const SOCKET_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often [`wait_for_socket`] looks.
 const SOCKET_POLL: Duration = Duration::from_micros(250);
@@ -76,7 +77,7 @@ pub(crate) fn log_file(path: &Path) -> Result<(Stdio, Stdio)> {
 
 /// Starts virtiofsd (`program`, else the one [`find`] finds) on `shared_dir`, sandboxed in
 /// its own namespaces, serving vhost-user on `socket` and logging to `log`; returns once the
-/// socket exists.
+/// socket listens.
 pub fn start_virtiofsd(
     program: Option<&Path>,
     shared_dir: &Path,
@@ -118,9 +119,28 @@ pub(crate) fn virtiofsd_pid_file(socket: &Path) -> PathBuf {
     PathBuf::from(p)
 }
 
-/// Waits until `sock` exists; if `p` exits first, the error carries what it logged.
+/// Waits until the helper `p` listens on `sock`; if `p` exits first, the error carries what
+/// it logged.
+///
+/// The socket's file appears at `bind(2)`, before `listen(2)`: a VMM that connects in between
+/// is refused (QEMU then exits with "Connection refused"), which a helper preempted between
+/// the two on a loaded host makes happen. Connecting to find out is no answer: a vhost-user
+/// backend takes its first connection for its frontend's. So this waits for the file, then
+/// for the kernel's table of unix sockets to show one listening at that path
+/// ([`listening_at`]).
+///
+/// That table is per network namespace, and a socket stays in the one it was made in. A
+/// helper makes it either where it started, which is the namespace of the thread that
+/// spawned it and now waits here (virtiofsd, which then moves into a network namespace of
+/// its own), or where it now is (a jailed helper, which a jail put in its own before exec).
+/// So both tables are read: `/proc/thread-self/net/unix` and `/proc/<pid>/net/unix`.
 pub fn wait_for_socket(p: &mut Supervised, sock: &Path, log: &Path) -> Result<()> {
     let deadline = Instant::now() + SOCKET_TIMEOUT;
+    let tables = [
+        PathBuf::from(format!("/proc/{}/net/unix", p.pid())),
+        PathBuf::from("/proc/thread-self/net/unix"),
+    ];
+    let path = sock.as_os_str().as_bytes();
     loop {
         if let Some(status) = p.try_wait()? {
             let out = std::fs::read_to_string(log).unwrap_or_default();
@@ -130,29 +150,159 @@ pub fn wait_for_socket(p: &mut Supervised, sock: &Path, log: &Path) -> Result<()
                 out.trim()
             )));
         }
-        if sock.exists() {
+        // Unreadable (the helper ending as we look) is "not yet": the exit is seen above.
+        if sock.exists()
+            && tables
+                .iter()
+                .any(|t| std::fs::read(t).is_ok_and(|t| listening_at(&t, path)))
+        {
             return Ok(());
         }
         if Instant::now() >= deadline {
             let _ = p.kill();
+            let what = if sock.exists() {
+                "listening on its socket"
+            } else {
+                "a socket"
+            };
             return Err(Error::Config(format!(
-                "{}: no socket {} within {SOCKET_TIMEOUT:?} — see {}",
+                "{}: not {what} {} within {SOCKET_TIMEOUT:?} — see {}",
                 p.name(),
                 sock.display(),
                 log.display()
             )));
         }
         // A helper's socket appears a few ms after its spawn, and the VMM waits for it on
-        // every cold start: a short poll (a stat and a non-blocking wait) loses at most
-        // this much of that start.
+        // every cold start: a short poll (a stat, a read of the table once the file is there,
+        // and a non-blocking wait) loses at most this much of that start.
         std::thread::sleep(SOCKET_POLL);
     }
+}
+
+/// Whether `table`, the text of a `/proc/<pid>/net/unix`, has a listening socket bound at
+/// `path`. Each line after the header is `Num: RefCount Protocol Flags Type St Inode Path`;
+/// a socket that listens has `__SO_ACCEPTCON` (0x10000) in its flags. The path is the rest
+/// of the line, so this compares whole lines' tails, never a prefix. Parsed here: the procfs
+/// crate's `UnixNetEntry` drops the flags, and its state (`St`) is the same for a socket that
+/// is only bound.
+fn listening_at(table: &[u8], path: &[u8]) -> bool {
+    const SO_ACCEPTCON: u32 = 1 << 16;
+    table.split(|&b| b == b'\n').skip(1).any(|line| {
+        let mut rest = line;
+        let mut fields = [&[][..]; 7];
+        for f in fields.iter_mut() {
+            rest = trim_start(rest);
+            let end = rest
+                .iter()
+                .position(u8::is_ascii_whitespace)
+                .unwrap_or(rest.len());
+            (*f, rest) = rest.split_at(end);
+        }
+        let flags = std::str::from_utf8(fields[3])
+            .ok()
+            .and_then(|f| u32::from_str_radix(f, 16).ok());
+        flags.is_some_and(|f| f & SO_ACCEPTCON != 0) && rest.strip_prefix(b" ") == Some(path)
+    })
+}
+
+fn trim_start(b: &[u8]) -> &[u8] {
+    let start = b
+        .iter()
+        .position(|c| !c.is_ascii_whitespace())
+        .unwrap_or(b.len());
+    &b[start..]
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn a_socket_counts_once_it_listens_at_exactly_its_path() {
+        // Lines as the kernel prints them (`%pK: %08X %08X %08X %04X %02X %5lu` and the
+        // path), from a host with a listener, a connected socket and a longer path.
+        let table = b"Num       RefCount Protocol Flags    Type St Inode Path\n\
+            0000000000000000: 00000002 00000000 00010000 0001 01  4242 /run/husk/a/vm/fs.sock\n\
+            0000000000000000: 00000003 00000000 00000000 0001 03  4243 /run/husk/b/vm/fs.sock\n\
+            0000000000000000: 00000002 00000000 00010000 0001 01 14244 /run/husk/c/vm/fs.sock.x\n\
+            0000000000000000: 00000002 00000000 00000000 0002 01 14245\n";
+        assert!(listening_at(table, b"/run/husk/a/vm/fs.sock"));
+        // Bound (and connected), not listening.
+        assert!(!listening_at(table, b"/run/husk/b/vm/fs.sock"));
+        // Only a longer path listens.
+        assert!(!listening_at(table, b"/run/husk/c/vm/fs.sock"));
+        assert!(!listening_at(table, b"/run/husk/c/vm/fs"));
+        assert!(!listening_at(b"", b"/run/husk/a/vm/fs.sock"));
+    }
+
+    /// A helper (Python) that binds `sock`, takes a second to listen, then waits for one
+    /// connection. `netns` is when it moves to a network namespace of its own: "first" (as a
+    /// jailed helper is), "after-bind" (virtiofsd moves after it listens: a table read late
+    /// enough finds nothing in its namespace, and this makes every read that late) or "never".
+    fn binds_then_listens(sock: &Path, netns: &str) -> Supervised {
+        let mut cmd = std::process::Command::new("python3");
+        cmd.args([
+            "-c",
+            "import ctypes, os, socket, sys, time\n\
+             unshare = ctypes.CDLL(None, use_errno=True).unshare\n\
+             flags = 0x40000000 | (0 if os.geteuid() == 0 else 0x10000000)\n\
+             def own_netns():\n\
+             \x20   assert unshare(flags) == 0, ctypes.get_errno()\n\
+             if sys.argv[2] == 'first': own_netns()\n\
+             s = socket.socket(socket.AF_UNIX)\n\
+             s.bind(sys.argv[1])\n\
+             if sys.argv[2] == 'after-bind': own_netns()\n\
+             time.sleep(1)\n\
+             s.listen()\n\
+             s.accept()\n",
+        ])
+        .arg(sock)
+        .arg(netns);
+        Supervised::spawn("binds-then-listens", cmd).unwrap()
+    }
+
+    #[test]
+    fn a_helper_is_waited_for_until_it_listens_not_until_it_binds() {
+        // The socket's file exists for a second before the helper listens: a VMM connecting
+        // then would be refused. Wherever the helper's socket is, it is found.
+        for netns in ["never", "first", "after-bind"] {
+            let d = tempfile::tempdir().unwrap();
+            let sock = d.path().join("helper.sock");
+            let log = d.path().join("helper.log");
+            let mut p = binds_then_listens(&sock, netns);
+            wait_for_socket(&mut p, &sock, &log).unwrap_or_else(|e| panic!("{netns}: {e}"));
+            std::os::unix::net::UnixStream::connect(&sock).unwrap_or_else(|e| {
+                panic!("{netns}: the helper listens once wait_for_socket returns: {e}")
+            });
+            let status = p.wait(Some(Duration::from_secs(10))).unwrap();
+            assert!(status.unwrap().success(), "{netns}: {status:?}");
+        }
+    }
+
+    #[test]
+    fn a_helper_that_exits_before_listening_is_an_error_with_its_log() {
+        let d = tempfile::tempdir().unwrap();
+        let sock = d.path().join("helper.sock");
+        let log = d.path().join("helper.log");
+        std::fs::write(&log, "cannot serve: no such device\n").unwrap();
+        let mut cmd = std::process::Command::new("python3");
+        cmd.args([
+            "-c",
+            "import socket, sys\n\
+             socket.socket(socket.AF_UNIX).bind(sys.argv[1])\n\
+             sys.exit(3)\n",
+        ])
+        .arg(&sock);
+        let mut p = Supervised::spawn("exits", cmd).unwrap();
+        let e = wait_for_socket(&mut p, &sock, &log)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("exits exited at start") && e.contains("cannot serve: no such device"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn programs_are_checked_before_use() {
