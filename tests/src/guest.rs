@@ -1,7 +1,7 @@
 //! A booted guest with the agent reachable over vsock: the VM (qemu backend, virtio-fs on
 //! `<state>/shared`, vsock), its state directory, and a connected agent client.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use husk_hypervisor::console::{wait_for_ready, ReadyLine};
@@ -10,6 +10,30 @@ use husk_hypervisor::qemu::Qemu;
 use husk_hypervisor::{Hypervisor, Vm, VmConfig};
 
 use crate::agent::{busybox_rootfs, Agent};
+
+/// The line the guest of [`silent_initramfs`] prints once its /init runs.
+pub const SILENT_INIT_UP: &str = "silent-init-up";
+
+/// Writes `dir/silent.cpio`: an initramfs whose /init (busybox sh) boots, prints
+/// [`SILENT_INIT_UP`] on the console and sleeps, never serving the agent API nor printing
+/// its ready line. Returns its path.
+pub fn silent_initramfs(dir: &Path) -> PathBuf {
+    use husk_rootfs_builder::initramfs::write_cpio;
+    use husk_rootfs_builder::tree::{Content, Tree};
+    let busybox = crate::require_program("busybox", "busybox-static");
+    let mut t = Tree::new();
+    let init = format!("#!/bin/sh\necho {SILENT_INIT_UP}\nexec sleep 1000\n");
+    t.file("init", Content::Bytes(init.into_bytes()), 0o755)
+        .unwrap();
+    t.file("bin/busybox", Content::HostFile(busybox), 0o755)
+        .unwrap();
+    t.symlink("bin/sh", "busybox").unwrap();
+    t.symlink("bin/sleep", "busybox").unwrap();
+    t.char_dev("dev/console", 5, 1, 0o600).unwrap();
+    let cpio = dir.join("silent.cpio");
+    std::fs::write(&cpio, write_cpio(&t, Vec::new()).unwrap()).unwrap();
+    cpio
+}
 
 /// TCG boots our kernel in ~1 s here; leave room for a loaded 2-core machine.
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(90);

@@ -4,7 +4,8 @@
 //!   containers in a pooled VM; a sandbox of another size boots cold; the pool never holds
 //!   more than its size;
 //! - killing the holder (its unclaimed VMs die, a claimed one runs on, nothing is left, the
-//!   next start works and starts a holder again), killing a claimed VM's QEMU, an unclaimed
+//!   next start works and starts a holder again), killing the holder while its VMs boot (they
+//!   end at once, not when their boot would), killing a claimed VM's QEMU, an unclaimed
 //!   one's, and a claiming shim right after its claim: nothing is left behind (processes,
 //!   mounts, directories, jail ids) and the next start works.
 //!
@@ -16,6 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use husk_tests::guest::{silent_initramfs, SILENT_INIT_UP};
 use husk_tests::husk::{
     assert_sandbox_gone, processes_mentioning, shim_binary, HuskContainerd, BUSYBOX,
 };
@@ -32,13 +34,18 @@ fn unique(name: &str) -> String {
 
 /// The same file the test's containerd gives its shims (same keys, same values).
 fn config_file(dir: &Path) -> PathBuf {
+    config_file_of(dir, &initramfs(), "")
+}
+
+/// [`config_file`] with another initramfs and `more` keys.
+fn config_file_of(dir: &Path, initramfs: &Path, more: &str) -> PathBuf {
     let p = dir.join("pool-config.toml");
     std::fs::write(
         &p,
         format!(
-            "{EXTRA}\nkernel = \"{}\"\ninitramfs = \"{}\"\n",
+            "{EXTRA}\nkernel = \"{}\"\ninitramfs = \"{}\"\n{more}",
             kernel().display(),
-            initramfs().display()
+            initramfs.display()
         ),
     )
     .unwrap();
@@ -104,7 +111,11 @@ impl Holder {
 
     /// The holder of `program` (a copy of the shim, for the upgrade test).
     fn start_from(dir: &Path, program: &Path) -> Self {
-        let config = config_file(dir);
+        Self::start_with(dir, program, config_file(dir))
+    }
+
+    /// The holder of `program` with the configuration file `config`.
+    fn start_with(dir: &Path, program: &Path, config: PathBuf) -> Self {
         let log = dir.join("holder.log");
         let child = Command::new(program)
             .args(["pool", "run", "--config"])
@@ -536,6 +547,69 @@ fn killing_the_holder_leaves_nothing_and_the_next_start_works() {
     let (dirs, ids) = pool_leftovers();
     assert!(dirs.is_empty() && ids.is_empty(), "left: {dirs:?} {ids:?}");
     assert!(!Path::new(POOL).exists(), "{POOL} is left");
+}
+
+#[test]
+fn killing_the_holder_while_its_vms_boot_ends_them_at_once() {
+    require_root("the pool boots VMs and mounts their shares");
+    // Guests that never get ready: their keepers would wait for them until the agent's
+    // deadline (10 minutes here) unless they watch the holder while the guest boots.
+    let t = tempfile::tempdir().unwrap();
+    let silent = silent_initramfs(t.path());
+    let config = config_file_of(t.path(), &silent, "agent_timeout_secs = 600\n");
+    let mut holder = Holder::start_with(t.path(), &shim_binary(), config);
+    let mut booting: Vec<String> = Vec::new();
+    wait_until(
+        "two pooled guests to be up and not ready",
+        Duration::from_secs(90),
+        || {
+            let Some(s) = status(&holder.config) else {
+                return false;
+            };
+            booting = s["vms"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|vm| vm["state"] == "booting")
+                .filter_map(|vm| vm["vmid"].as_str().map(str::to_string))
+                .collect();
+            booting.len() == 2
+                && booting.iter().all(|vm| {
+                    std::fs::read_to_string(Path::new(POOL).join(vm).join("vm/console.log"))
+                        .is_ok_and(|c| c.contains(SILENT_INIT_UP))
+                })
+        },
+    );
+    // The holder's children: a keeper per VM (a jail's supervisor, a fork of a keeper that
+    // never execs, has a keeper's arguments too).
+    let holder_pid = holder.child.id();
+    let keepers: Vec<u32> = processes_mentioning(&format!("--holder\0{holder_pid}\0"))
+        .into_iter()
+        .filter(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/stat")).is_ok_and(|st| {
+                st.rsplit_once(')')
+                    .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+                    == Some(&holder_pid.to_string())
+            })
+        })
+        .collect();
+    assert_eq!(keepers.len(), 2, "a keeper per booting VM: {keepers:?}");
+    holder.child.kill().unwrap();
+    holder.child.wait().unwrap();
+    wait_until(
+        "the booting VMs, their keepers and .pool/ to go",
+        Duration::from_secs(20),
+        || {
+            !keepers.iter().any(|&k| husk_tests::process_alive(k))
+                && processes_mentioning(&format!("{POOL}/vm-")).is_empty()
+                && !Path::new(POOL).exists()
+        },
+    );
+    let (dirs, ids) = pool_leftovers();
+    assert!(dirs.is_empty() && ids.is_empty(), "left: {dirs:?} {ids:?}");
+    for vm in booting {
+        vm_gone(&vm);
+    }
 }
 
 #[test]

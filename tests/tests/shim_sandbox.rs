@@ -7,12 +7,11 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use husk_rootfs_builder::initramfs::write_cpio;
-use husk_rootfs_builder::tree::{Content, Tree};
+use husk_tests::guest::{silent_initramfs, SILENT_INIT_UP};
 use husk_tests::husk::{
     assert_sandbox_gone, mounts_under, processes_mentioning, HuskContainerd, BUSYBOX,
 };
-use husk_tests::{require_program, require_root};
+use husk_tests::require_root;
 
 const RUNTIME: &str = "io.containerd.husk.v2";
 
@@ -166,23 +165,9 @@ fn task_events_reach_containerd() {
 #[test]
 fn an_agent_that_never_answers_is_a_deadline_error_and_leaves_nothing() {
     require_root("containerd");
-    let busybox = require_program("busybox", "busybox-static");
     // A guest whose /init boots but never serves the agent API.
     let dir = tempfile::tempdir().unwrap();
-    let mut t = Tree::new();
-    t.file(
-        "init",
-        Content::Bytes(b"#!/bin/sh\necho silent-init-up\nexec sleep 1000\n".to_vec()),
-        0o755,
-    )
-    .unwrap();
-    t.file("bin/busybox", Content::HostFile(busybox), 0o755)
-        .unwrap();
-    t.symlink("bin/sh", "busybox").unwrap();
-    t.symlink("bin/sleep", "busybox").unwrap();
-    t.char_dev("dev/console", 5, 1, 0o600).unwrap();
-    let cpio = dir.path().join("silent.cpio");
-    std::fs::write(&cpio, write_cpio(&t, Vec::new()).unwrap()).unwrap();
+    let cpio = silent_initramfs(dir.path());
     let h = HuskContainerd::start_with_config(&format!(
         "initramfs = \"{}\"\nagent_timeout_secs = 5\n",
         cpio.display()
@@ -199,7 +184,7 @@ fn an_agent_that_never_answers_is_a_deadline_error_and_leaves_nothing() {
     );
     assert!(err.contains("did not answer within 5s"), "{err}");
     assert!(
-        err.contains("silent-init-up"),
+        err.contains(SILENT_INIT_UP),
         "the error carries the console tail: {err}"
     );
     assert_sandbox_gone(&id);

@@ -4,7 +4,8 @@
 //! keeper creates the VM's directory (`.pool/<vmid>/`, laid out like a sandbox's), starts the
 //! VM on its main thread (so QEMU / husk-vmm and the helpers, tied to that thread by
 //! `PR_SET_PDEATHSIG`, die with the keeper and only with it), waits for the agent's ready
-//! line and says so on the connection. From then on it sleeps on three things: a pidfd of
+//! line and says so on the connection; a holder that dies meanwhile ends the boot at once
+//! (the VM is killed, everything removed). From then on it sleeps on three things: a pidfd of
 //! its owner, the connection, and the VM's exit descriptor (`Vm::exit_fd`).
 //! - The owner dies (the holder, or later the claiming shim): the VM is killed, the VM's
 //!   directory (wherever it was renamed to, if it is still the same directory) and the jail
@@ -181,14 +182,19 @@ fn run(config: &Config, args: &Args, mut conn: UnixStream) -> Result<(), PoolErr
         roots: vec![dir.root().to_path_buf()],
         jail_owners: vec![owner_name.clone()],
     };
-    let booted = boot(config, &dir, &owner_name, &args.vmid);
+    let booted = boot(config, &dir, &owner_name, &args.vmid, &owner);
     let Booted {
         mut vm,
         event,
         mut agent_conn,
     } = match booted {
         Ok(v) => v,
-        Err(e) => {
+        Err(BootError::OwnerDied) => {
+            left.remove();
+            log::info!("the holder died while the VM booted: the VM is gone, the keeper exits");
+            return Ok(());
+        }
+        Err(BootError::Failed(e)) => {
             let _ = wire::write_msg(&mut conn, &KeeperEvent::Failed { error: e.clone() });
             left.remove();
             return Err(fail(e));
@@ -422,9 +428,33 @@ struct Booted {
     agent_conn: Option<UnixStream>,
 }
 
+/// Why a pooled VM is not ready for a claim.
+#[derive(Debug)]
+enum BootError {
+    /// The holder died before the VM was ready (the VM is killed at once: a boot can take
+    /// seconds, and nobody is left to report to).
+    OwnerDied,
+    /// The VM could not be started or its agent made ready: what the holder is told.
+    Failed(String),
+}
+
+impl From<String> for BootError {
+    fn from(e: String) -> Self {
+        Self::Failed(e)
+    }
+}
+
 /// Starts the VM of the configuration's default shape in `dir`, waits for its agent, makes
-/// the provisional sandbox and opens the connection its claimer will use.
-fn boot(config: &Config, dir: &SandboxDir, owner: &str, vmid: &str) -> Result<Booted, String> {
+/// the provisional sandbox and opens the connection its claimer will use. `holder` (a pidfd)
+/// is watched throughout: while the guest boots, and between the steps after it.
+fn boot(
+    config: &Config,
+    dir: &SandboxDir,
+    owner: &str,
+    vmid: &str,
+    holder: &OwnedFd,
+) -> Result<Booted, BootError> {
+    let holder_died = || readable(&[holder], Some(Duration::ZERO))[0];
     // The holder's shape (`Shape::default_of`): the base size, no NIC, no debug console.
     let (vcpus, memory_mib) = crate::sandbox::size_for(config, &serde_json::json!({}))?;
     let programs = config.programs().map_err(|e| e.to_string())?;
@@ -474,27 +504,43 @@ fn boot(config: &Config, dir: &SandboxDir, owner: &str, vmid: &str) -> Result<Bo
         .start(&vm_config)
         .map_err(|e| format!("starting the VM: {}", crate::error::chain(&e)))?;
     let timeout = Duration::from_secs(config.agent_timeout_secs);
-    let ready = match husk_hypervisor::console::wait_for_ready(vm.as_mut(), timeout) {
+    // `wait_for_ready`, which also ends when the holder dies.
+    let log = vm.console_log().to_path_buf();
+    let waited = husk_hypervisor::console::wait_for_line(
+        &log,
+        timeout,
+        || matches!(vm.wait(Some(Duration::ZERO)), Ok(None)) && !holder_died(),
+        husk_hypervisor::console::ReadyLine::parse,
+    );
+    let ready = match waited {
         Ok(r) => r,
+        Err(_) if holder_died() => {
+            let _ = vm.kill();
+            return Err(BootError::OwnerDied);
+        }
         Err(e) => {
             let ended = vm.wait(Some(Duration::ZERO)).ok().flatten();
             let _ = vm.kill();
             let tail = husk_hypervisor::console::tail(&dir.vm().join("console.log"), 10);
-            return Err(match ended {
+            return Err(BootError::Failed(match ended {
                 Some(s) => {
                     format!("the VM ended ({s}) before its agent was ready; console:\n{tail}")
                 }
                 None => {
                     format!("the agent was not ready within {timeout:?}: {e}; console:\n{tail}")
                 }
-            });
+            }));
         }
     };
     // The pod's sandbox (its uts and ipc namespaces' holder) is made now, off the claim's
     // path: the claiming shim's CreateSandbox then only takes it over (its id and hostname).
     if let Err(e) = provisional_sandbox(vm.as_ref(), vmid) {
         let _ = vm.kill();
-        return Err(e);
+        return Err(if holder_died() {
+            BootError::OwnerDied
+        } else {
+            BootError::Failed(e)
+        });
     }
     // The claimer's agent connection, opened now so that the guest's side of it is up and
     // settled before the claim (see `KeeperRequest::AgentConnection`). Nothing is sent on it
@@ -508,7 +554,9 @@ fn boot(config: &Config, dir: &SandboxDir, owner: &str, vmid: &str) -> Result<Bo
             Ok(c) => Some(c),
             Err(e) => {
                 let _ = vm.kill();
-                return Err(format!("opening the claimer's agent connection: {e}"));
+                return Err(BootError::Failed(format!(
+                    "opening the claimer's agent connection: {e}"
+                )));
             }
         },
         None => None,
