@@ -45,6 +45,16 @@ pub fn describe(e: &ttrpc::Error) -> String {
     }
 }
 
+/// Whether a call failed because its connection is closed or broken: the request may not
+/// have reached the agent, and a new connection may do better. Not a deadline (the agent
+/// may still be working on it) nor an answer from the agent.
+pub fn connection_broke(e: &ttrpc::Error) -> bool {
+    matches!(
+        e,
+        ttrpc::Error::Socket(_) | ttrpc::Error::LocalClosed | ttrpc::Error::RemoteClosed
+    )
+}
+
 /// A context with the short-call deadline.
 pub fn short() -> ttrpc::context::Context {
     ttrpc::context::with_duration(CALL_TIMEOUT)
@@ -185,8 +195,23 @@ impl Agent {
 
     /// [`Agent::connect`] over a connection opened already (a pooled VM's, from its keeper:
     /// the handshake done, nothing sent on it). `socket`: where later connections are made.
-    pub fn over(stream: UnixStream, socket: &Path) -> Result<Self, AgentError> {
-        Self::checked(client_on(stream, socket)?, socket)
+    /// `agent_version`: the agent's, if the keeper checked this VM's agent's API version
+    /// already; then nothing is asked here, and a connection that broke shows at its first
+    /// call ([`connection_broke`]).
+    pub fn over(
+        stream: UnixStream,
+        socket: &Path,
+        agent_version: Option<String>,
+    ) -> Result<Self, AgentError> {
+        let client = client_on(stream, socket)?;
+        match agent_version {
+            Some(v) => Ok(Self {
+                socket: socket.to_path_buf(),
+                control: TimedClient::new(client),
+                agent_version: husk_hypervisor::guest_text::message(&v),
+            }),
+            None => Self::checked(client, socket),
+        }
     }
 
     /// Checks that the agent on `client` speaks our API version.
@@ -221,5 +246,59 @@ impl Agent {
     /// A new connection, for one process's long polls.
     pub fn connection(&self) -> Result<AgentClient, AgentError> {
         open(&self.socket, CALL_TIMEOUT)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use husk_protocols::agent::CreateSandboxRequest;
+
+    fn sandbox() -> CreateSandboxRequest {
+        CreateSandboxRequest {
+            sandbox_id: "sb".into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_kept_connection_that_broke_shows_as_broken_at_its_first_call() {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        drop(theirs);
+        let agent = Agent::over(
+            ours,
+            Path::new("/run/husk/x/vm/vsock.sock"),
+            Some("0.1.0".into()),
+        )
+        .expect("no call is made: the keeper checked the version");
+        assert_eq!(agent.agent_version, "0.1.0");
+        let e = agent
+            .client()
+            .create_sandbox(short(), &sandbox())
+            .expect_err("nobody is at the other end");
+        assert!(connection_broke(&e), "{e:?}");
+    }
+
+    #[test]
+    fn a_call_that_is_not_answered_in_time_is_no_broken_connection() {
+        // The agent may still be working on it: sending it again could do it twice.
+        let (ours, _theirs) = UnixStream::pair().unwrap();
+        let agent = Agent::over(
+            ours,
+            Path::new("/run/husk/x/vm/vsock.sock"),
+            Some("0.1.0".into()),
+        )
+        .unwrap();
+        let e = agent
+            .client()
+            .create_sandbox(
+                ttrpc::context::with_duration(Duration::from_millis(200)),
+                &sandbox(),
+            )
+            .expect_err("nobody answers");
+        assert!(!connection_broke(&e), "{e:?}");
+        let status =
+            ttrpc::Error::RpcStatus(ttrpc::get_status(ttrpc::Code::ALREADY_EXISTS, "sandbox sb"));
+        assert!(!connection_broke(&status));
     }
 }

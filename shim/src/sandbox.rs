@@ -718,19 +718,19 @@ impl Sandbox {
             .max(Duration::from_secs(5));
         // A pooled VM's keeper opened the connection while the VM waited; should it not answer,
         // a connection of our own is tried as for a cold VM.
-        let over_kept = kept_agent.map(|stream| {
-            Agent::over(stream, &socket).map_err(|e| {
+        let over_kept = kept_agent.map(|k| {
+            Agent::over(k.stream, &socket, k.agent_version).map_err(|e| {
                 log::warn!(
                     "sandbox {id}: the agent connection its keeper opened: {e}; connecting anew"
                 );
             })
         });
-        let kept = matches!(over_kept, Some(Ok(_)));
+        let mut kept = matches!(over_kept, Some(Ok(_)));
         let connected = match over_kept {
             Some(Ok(a)) => Ok(a),
             _ => Agent::connect(&socket, left),
         };
-        let agent = match connected {
+        let mut agent = match connected {
             Ok(a) => a,
             Err(e) => {
                 return Err(guest_err(
@@ -745,7 +745,30 @@ impl Sandbox {
             hostname: hostname.to_string(),
             ..Default::default()
         };
-        if let Err(e) = agent.client().create_sandbox(agent::short(), &req) {
+        let mut created = agent.client().create_sandbox(agent::short(), &req);
+        // A kept connection the keeper already checked is first used here: had it broken
+        // while the VM waited, the request may not have reached the agent, so it is sent
+        // again on a new connection (one that did arrive makes the second fail as a sandbox
+        // that exists, never a second sandbox).
+        if kept && created.as_ref().is_err_and(agent::connection_broke) {
+            log::warn!(
+                "sandbox {id}: the agent connection its keeper opened: {}; connecting anew",
+                created
+                    .as_ref()
+                    .err()
+                    .map(agent::describe)
+                    .unwrap_or_default()
+            );
+            agent = Agent::connect(&socket, left).map_err(|e| {
+                guest_err(
+                    "connecting to the agent",
+                    format!("the agent said it was ready, but: {e}"),
+                )
+            })?;
+            kept = false;
+            created = agent.client().create_sandbox(agent::short(), &req);
+        }
+        if let Err(e) = created {
             return Err(guest_err("CreateSandbox", agent::describe(&e)));
         }
         steps.push(("CreateSandbox", vm_started.elapsed()));

@@ -26,7 +26,17 @@ pub struct Pooled {
     pub vm: KeptVm,
     /// The agent connection its keeper opened while the VM waited (`None`: the keeper could
     /// not pass it; the sandbox connects itself).
-    pub agent: Option<UnixStream>,
+    pub agent: Option<KeptAgent>,
+}
+
+/// The agent connection a pooled VM's keeper opened for its claimer.
+#[derive(Debug)]
+pub struct KeptAgent {
+    /// Connected (the vsock handshake done), nothing sent on it yet.
+    pub stream: UnixStream,
+    /// The agent's version, if the keeper checked this VM's agent's API version: the
+    /// claimer's `Check` would be a round trip into the guest for what is known.
+    pub agent_version: Option<String>,
 }
 
 /// Asks the pool for a VM for sandbox `sid` of this size; `None` (logged with the reason):
@@ -236,8 +246,8 @@ impl KeptVm {
         let Some(conn) = self.conn.as_mut() else {
             return Ok(KeeperReply {
                 ok: true,
-                error: None,
                 exited: self.exited.map(|s| s.into_raw()),
+                ..Default::default()
             });
         };
         let _ = conn.set_read_timeout(Some(Duration::from_secs(90)));
@@ -263,8 +273,8 @@ impl KeptVm {
                     .get_or_insert(ExitStatus::from_raw(libc::SIGKILL));
                 Ok(KeeperReply {
                     ok: true,
-                    error: None,
                     exited: Some(status.into_raw()),
+                    ..Default::default()
                 })
             }
         }
@@ -272,7 +282,7 @@ impl KeptVm {
 
     /// The agent connection the keeper opened for the claimer (once; see
     /// `KeeperRequest::AgentConnection`).
-    fn take_agent_connection(&mut self) -> Result<UnixStream, String> {
+    fn take_agent_connection(&mut self) -> Result<KeptAgent, String> {
         let conn = self.conn.as_mut().ok_or("its connection is gone")?;
         let _ = conn.set_read_timeout(Some(CLAIM_TIMEOUT));
         wire::write_msg(conn, &KeeperRequest::AgentConnection {})
@@ -280,7 +290,10 @@ impl KeptVm {
         let (reply, fd) = wire::recv_msg_with_fd::<KeeperReply>(conn)
             .map_err(|e| format!("reading the answer: {e}"))?;
         match (reply, fd) {
-            (Some(r), Some(fd)) if r.ok => Ok(UnixStream::from(fd)),
+            (Some(r), Some(fd)) if r.ok => Ok(KeptAgent {
+                stream: UnixStream::from(fd),
+                agent_version: r.agent_version,
+            }),
             (Some(r), _) if !r.ok => Err(r.error.unwrap_or_else(|| "refused".into())),
             (Some(_), _) => Err("its answer came without the connection".into()),
             (None, _) => Err("it closed without answering".into()),

@@ -187,6 +187,7 @@ fn run(config: &Config, args: &Args, mut conn: UnixStream) -> Result<(), PoolErr
         mut vm,
         event,
         mut agent_conn,
+        agent_version,
     } = match booted {
         Ok(v) => v,
         Err(BootError::OwnerDied) => {
@@ -294,6 +295,7 @@ fn run(config: &Config, args: &Args, mut conn: UnixStream) -> Result<(), PoolErr
                     passing = Some(c);
                     KeeperReply {
                         ok: true,
+                        agent_version: Some(agent_version.clone()),
                         ..Default::default()
                     }
                 }
@@ -367,7 +369,7 @@ fn reply_err(e: String) -> KeeperReply {
     KeeperReply {
         ok: false,
         error: Some(e),
-        exited: None,
+        ..Default::default()
     }
 }
 
@@ -386,16 +388,17 @@ fn status_reply(r: husk_hypervisor::Result<Option<std::process::ExitStatus>>) ->
     match r {
         Ok(s) => KeeperReply {
             ok: true,
-            error: None,
             exited: s.map(|s| s.into_raw()),
+            ..Default::default()
         },
         Err(e) => reply_err(crate::error::chain(&e)),
     }
 }
 
 /// Asks the pooled VM's agent for a provisional sandbox (see `CreateSandboxRequest`), on a
-/// connection of its own that ends here.
-fn provisional_sandbox(vm: &dyn Vm, vmid: &str) -> Result<(), String> {
+/// connection of its own that ends here. Returns the agent's version (`Agent::connect`
+/// checked that it speaks our API).
+fn provisional_sandbox(vm: &dyn Vm, vmid: &str) -> Result<String, String> {
     let socket = vm
         .vsock_socket()
         .ok_or("the VM has no vsock device")?
@@ -416,7 +419,7 @@ fn provisional_sandbox(vm: &dyn Vm, vmid: &str) -> Result<(), String> {
                 crate::agent::describe(&e)
             )
         })?;
-    Ok(())
+    Ok(agent.agent_version)
 }
 
 /// A pooled VM, booted and ready for a claim.
@@ -426,6 +429,8 @@ struct Booted {
     event: KeeperEvent,
     /// The claimer's agent connection (see `KeeperRequest::AgentConnection`).
     agent_conn: Option<UnixStream>,
+    /// The agent's version, passed with that connection.
+    agent_version: String,
 }
 
 /// Why a pooled VM is not ready for a claim.
@@ -534,14 +539,17 @@ fn boot(
     };
     // The pod's sandbox (its uts and ipc namespaces' holder) is made now, off the claim's
     // path: the claiming shim's CreateSandbox then only takes it over (its id and hostname).
-    if let Err(e) = provisional_sandbox(vm.as_ref(), vmid) {
-        let _ = vm.kill();
-        return Err(if holder_died() {
-            BootError::OwnerDied
-        } else {
-            BootError::Failed(e)
-        });
-    }
+    let agent_version = match provisional_sandbox(vm.as_ref(), vmid) {
+        Ok(v) => v,
+        Err(e) => {
+            let _ = vm.kill();
+            return Err(if holder_died() {
+                BootError::OwnerDied
+            } else {
+                BootError::Failed(e)
+            });
+        }
+    };
     // The claimer's agent connection, opened now so that the guest's side of it is up and
     // settled before the claim (see `KeeperRequest::AgentConnection`). Nothing is sent on it
     // here: its ttrpc stream starts with the claimer's first call.
@@ -587,6 +595,7 @@ fn boot(
         vm,
         event,
         agent_conn,
+        agent_version,
     })
 }
 

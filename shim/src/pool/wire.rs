@@ -111,6 +111,7 @@ pub enum KeeperRequest {
     /// ready (vsock handshake done, nothing sent on it), passed with the reply (`SCM_RIGHTS`).
     /// The guest's side of a new connection (its ttrpc server's threads) costs ~20 ms under
     /// TCG on first use, ~2 ms once settled: made while the VM waits, off the claim's path.
+    /// The reply carries the agent's version ([`KeeperReply::agent_version`]).
     AgentConnection {},
     /// The owner is done: the keeper kills what is left and exits (the owner cleans up).
     Exit {},
@@ -125,6 +126,10 @@ pub struct KeeperReply {
     /// Raw wait status of the VM program, once it ended.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exited: Option<i32>,
+    /// With the agent connection: the agent's version, from the keeper's own `Check` of this
+    /// VM's agent (whose API version matched), so that the claimer does not ask again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_version: Option<String>,
 }
 
 /// Reads one line (without its `\n`). `Ok(None)`: the peer closed before sending a byte.
