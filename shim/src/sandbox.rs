@@ -716,8 +716,9 @@ impl Sandbox {
         let left = deadline
             .saturating_duration_since(std::time::Instant::now())
             .max(Duration::from_secs(5));
-        // A pooled VM's keeper opened the connection while the VM waited; should it not answer,
-        // a connection of our own is tried as for a cold VM.
+        // A pooled VM's keeper opened the connection while the VM waited (and checked the
+        // agent's version); should it not work, a connection of our own is tried as for a
+        // cold VM, here or at its first call below.
         let over_kept = kept_agent.map(|k| {
             Agent::over(k.stream, &socket, k.agent_version).map_err(|e| {
                 log::warn!(
