@@ -45,14 +45,32 @@ pub fn describe(e: &ttrpc::Error) -> String {
     }
 }
 
+/// Whether `stream` is open at both ends with nothing waiting to be read (a poll that does
+/// not wait).
+fn quiet_and_open(stream: &UnixStream) -> bool {
+    use std::os::fd::AsRawFd;
+    let mut p = libc::pollfd {
+        fd: stream.as_raw_fd(),
+        events: libc::POLLIN | libc::POLLRDHUP,
+        revents: 0,
+    };
+    // SAFETY: one live pollfd for the duration of the call; a zero timeout never blocks.
+    let n = unsafe { libc::poll(&mut p, 1, 0) };
+    n == 0
+}
+
 /// Whether a call failed because its connection is closed or broken: the request may not
 /// have reached the agent, and a new connection may do better. Not a deadline (the agent
 /// may still be working on it) nor an answer from the agent.
 pub fn connection_broke(e: &ttrpc::Error) -> bool {
-    matches!(
-        e,
-        ttrpc::Error::Socket(_) | ttrpc::Error::LocalClosed | ttrpc::Error::RemoteClosed
-    )
+    match e {
+        ttrpc::Error::Socket(_) | ttrpc::Error::LocalClosed | ttrpc::Error::RemoteClosed => true,
+        // ttrpc 0.10's async client, for a request on a connection whose task has ended
+        // (its far end closed), has no variant of its own: "reserve channel capacity failed:
+        // channel closed". The unit tests below pin it.
+        ttrpc::Error::Others(m) => m.ends_with("channel closed"),
+        _ => false,
+    }
 }
 
 /// A context with the short-call deadline.
@@ -203,6 +221,16 @@ impl Agent {
         socket: &Path,
         agent_version: Option<String>,
     ) -> Result<Self, AgentError> {
+        if agent_version.is_some() {
+            // Nothing is asked, so a connection whose far end is gone is found here, before a
+            // request goes out: the caller then connects anew with nothing sent.
+            if !quiet_and_open(&stream) {
+                return Err(AgentError::Client {
+                    socket: socket.to_path_buf(),
+                    message: "the kept connection was closed or sent unasked".into(),
+                });
+            }
+        }
         let client = client_on(stream, socket)?;
         match agent_version {
             Some(v) => Ok(Self {
@@ -261,22 +289,39 @@ mod tests {
         }
     }
 
+    const SOCKET: &str = "/run/husk/x/vm/vsock.sock";
+
     #[test]
-    fn a_kept_connection_that_broke_shows_as_broken_at_its_first_call() {
+    fn a_kept_connection_closed_before_use_is_refused_with_nothing_sent() {
         let (ours, theirs) = UnixStream::pair().unwrap();
         drop(theirs);
-        let agent = Agent::over(
-            ours,
-            Path::new("/run/husk/x/vm/vsock.sock"),
-            Some("0.1.0".into()),
-        )
-        .expect("no call is made: the keeper checked the version");
+        let e = Agent::over(ours, Path::new(SOCKET), Some("0.1.0".into())).unwrap_err();
+        assert!(e.to_string().contains("closed"), "{e}");
+        // Something sent unasked is refused too: ttrpc would take it for an answer.
+        let (ours, mut theirs) = UnixStream::pair().unwrap();
+        std::io::Write::write_all(&mut theirs, b"x").unwrap();
+        assert!(Agent::over(ours, Path::new(SOCKET), Some("0.1.0".into())).is_err());
+        // A live, quiet one is taken, with the version given and nothing asked.
+        let (ours, _theirs) = UnixStream::pair().unwrap();
+        let agent = Agent::over(ours, Path::new(SOCKET), Some("0.1.0".into())).unwrap();
         assert_eq!(agent.agent_version, "0.1.0");
-        let e = agent
-            .client()
-            .create_sandbox(short(), &sandbox())
-            .expect_err("nobody is at the other end");
-        assert!(connection_broke(&e), "{e:?}");
+    }
+
+    #[test]
+    fn a_connection_that_breaks_under_a_call_shows_as_broken() {
+        // At once (the client may not have seen the end yet) and after its connection task
+        // has seen it: ttrpc words the two differently; both count.
+        for wait in [Duration::ZERO, Duration::from_millis(200)] {
+            let (ours, theirs) = UnixStream::pair().unwrap();
+            let agent = Agent::over(ours, Path::new(SOCKET), Some("0.1.0".into())).unwrap();
+            drop(theirs);
+            std::thread::sleep(wait);
+            let e = agent
+                .client()
+                .create_sandbox(short(), &sandbox())
+                .expect_err("nobody is at the other end");
+            assert!(connection_broke(&e), "after {wait:?}: {e:?}");
+        }
     }
 
     #[test]
