@@ -46,7 +46,7 @@ pub fn describe(e: &ttrpc::Error) -> String {
 }
 
 /// Whether `stream` is open at both ends with nothing waiting to be read (a poll that does
-/// not wait).
+/// not wait). A poll that fails counts as not: the caller then connects anew.
 fn quiet_and_open(stream: &UnixStream) -> bool {
     use std::os::fd::AsRawFd;
     let mut p = libc::pollfd {
@@ -328,12 +328,7 @@ mod tests {
     fn a_call_that_is_not_answered_in_time_is_no_broken_connection() {
         // The agent may still be working on it: sending it again could do it twice.
         let (ours, _theirs) = UnixStream::pair().unwrap();
-        let agent = Agent::over(
-            ours,
-            Path::new("/run/husk/x/vm/vsock.sock"),
-            Some("0.1.0".into()),
-        )
-        .unwrap();
+        let agent = Agent::over(ours, Path::new(SOCKET), Some("0.1.0".into())).unwrap();
         let e = agent
             .client()
             .create_sandbox(
